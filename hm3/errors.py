@@ -1,0 +1,31 @@
+"""The project's error types.
+
+Every failure a user can cause (bad paths, bad configs, incompatible models, bad
+numbers) raises an :class:`Hm3Error` subclass whose message names the file,
+tensor, key or value at fault. The CLI prints the message and exits non-zero;
+anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class Hm3Error(Exception):
+    """Base class: a problem with the user's input, reported without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(Hm3Error):
+    """A recipe or run config that is malformed, refers to unknown keys or holds values out of range."""
+
+
+class CheckpointError(Hm3Error):
+    """A model directory that is missing, unreadable, corrupt or holds invalid tensors."""
+
+
+class IncompatibleModelsError(Hm3Error):
+    """Models that cannot be merged together (architecture, shapes, tensor sets differ)."""
+
+
+class OutputExistsError(Hm3Error):
+    """The output path already exists and ``--overwrite`` was not given."""

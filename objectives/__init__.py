@@ -1,0 +1,1 @@
+"""Task definitions (data, prompt, decoding, scorer) that hm3 optimises for."""

@@ -1,0 +1,82 @@
+"""What an objective is: data splits + prompt format + decoding + scorer.
+
+An objective knows nothing about models. Evaluators (``hm3.eval``) turn its
+examples into model calls according to its :attr:`Objective.decoding`, then
+hand the raw outputs back to :meth:`Objective.score` and
+:meth:`Objective.aggregate`. Scores are in [0, 1] so objectives can share one
+Pareto front and one hypervolume protocol.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item of a task.
+
+    ``target`` is the reference answer (used by scorers and, for Fisher
+    estimation, as the continuation whose log-likelihood is differentiated).
+    ``choices`` is set for multiple-choice objectives only.
+    """
+
+    id: str
+    prompt: str
+    target: str
+    choices: tuple[str, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Greedy generation of at most ``max_new_tokens``, cut at the first stop string."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """Pick the choice with the highest log-likelihood given the prompt."""
+
+    length_normalized: bool = False
+
+
+Decoding = Generate | LogLikelihood
+
+
+class Objective(ABC):
+    """A task hm3 optimises for.
+
+    Subclasses set :attr:`name` (``"zoo:math"``, ``"gsm8k"`` …) and
+    :attr:`decoding`, and implement :meth:`examples` and :meth:`score`.
+    """
+
+    name: str
+    decoding: Decoding
+    description: str = ""
+
+    @abstractmethod
+    def examples(self, split: str) -> Sequence[Example]:
+        """All examples of ``split`` (one of :data:`SPLITS`), in a fixed order."""
+
+    @abstractmethod
+    def score(self, example: Example, output: str) -> float:
+        """Score of one output in [0, 1].
+
+        ``output`` is the generated text after stop-string truncation, or the
+        chosen choice's text for log-likelihood objectives.
+        """
+
+    def aggregate(self, examples: Sequence[Example], outputs: Sequence[str]) -> float:
+        """Task score over a set of examples; the mean of per-example scores unless a
+        metric is corpus-level (chrF)."""
+        if not examples:
+            raise ValueError(f"{self.name}: cannot aggregate zero examples")
+        return sum(self.score(e, o) for e, o in zip(examples, outputs, strict=True)) / len(examples)
