@@ -29,3 +29,7 @@ class IncompatibleModelsError(Hm3Error):
 
 class OutputExistsError(Hm3Error):
     """The output path already exists and ``--overwrite`` was not given."""
+
+
+class SandboxUnavailableError(Hm3Error):
+    """The code sandbox cannot be set up safely here (no unprivileged user can run Python, no ``unshare``)."""
