@@ -18,7 +18,8 @@ Layers, outermost first:
    project's interpreter often lives where ``nobody`` cannot read it (``/root/.pyenv``), so the
    child runs the first interpreter that ``nobody`` can execute (the standard library suffices).
 3. **Resource limits** set before ``exec``: RLIMIT_CPU (SIGXCPU, then SIGKILL), RLIMIT_AS (a memory
-   hog gets MemoryError), RLIMIT_FSIZE (also bounds the captured output), RLIMIT_NPROC, RLIMIT_CORE=0.
+   hog gets MemoryError), RLIMIT_FSIZE (writes fail with EFBIG; also bounds the captured output),
+   RLIMIT_NPROC, RLIMIT_CORE=0.
 4. **A wall-clock timeout** that SIGKILLs the whole process group (``os.killpg``), which catches
    sleeping or I/O-bound code that the CPU limit does not see.
 5. **A fresh working directory**, ``HOME`` and ``TMPDIR`` (deleted afterwards) and a scrubbed
@@ -30,8 +31,10 @@ Layers, outermost first:
 Fallback, weaker: when not root, or ``unshare`` is missing or refused (containers without
 CAP_SYS_ADMIN), there are no namespaces. The network is then blocked only by the audit hook,
 and a process that calls ``setsid`` escapes the process-group kill (it still dies of its own
-CPU limit). RLIMIT_NPROC counts all processes of the user, so under a normal account a low
-``max_processes`` may also refuse forks of the user's other work... but it does bound a fork bomb.
+CPU limit, or lives on if it sleeps). RLIMIT_NPROC counts *all* processes of the user, so under a
+normal account it bounds a fork bomb but a low ``max_processes`` can also refuse the program's forks
+because of the user's other processes. In every mode, writes into world-writable directories
+(``/tmp``, ``/dev/shm``) are stopped only by the audit hook: there is no mount namespace.
 """
 
 from __future__ import annotations
