@@ -33,3 +33,15 @@ class OutputExistsError(Hm3Error):
 
 class SandboxUnavailableError(Hm3Error):
     """The code sandbox cannot be set up safely here (no unprivileged user can run Python, no ``unshare``)."""
+
+
+class StoreError(Hm3Error):
+    """A run store (``RUN_DIR/hm3.sqlite``) that is missing, corrupt, from another schema version, or misused."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the run directory's write lock (one writer per run directory)."""
+
+
+class SplitTooSmallError(Hm3Error):
+    """A data split with too few examples for the subset asked of it."""
