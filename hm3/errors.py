@@ -31,6 +31,10 @@ class OutputExistsError(Hm3Error):
     """The output path already exists and ``--overwrite`` was not given."""
 
 
+class DataFileError(Hm3Error):
+    """A task data file (JSONL) that is missing, unreadable, malformed, or lacks the split asked for."""
+
+
 class SandboxUnavailableError(Hm3Error):
     """The code sandbox cannot be set up safely here (no unprivileged user can run Python, no ``unshare``)."""
 

@@ -1,0 +1,52 @@
+"""HumanEval adapter: bundled data, user files, and pass@1 through the real sandbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from hm3.errors import DataFileError
+from objectives.humaneval import DECODING, HumanEvalObjective
+
+PROBLEM = {
+    "task_id": "Tiny/0",
+    "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
+    "canonical_solution": "    return a + b\n",
+    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "entry_point": "add",
+    "split": "test",
+}
+
+
+def _sandbox_or_skip():
+    try:
+        from hm3.eval.sandbox import check_program
+    except ImportError as exc:  # written in parallel by another engineer
+        pytest.skip(f"hm3.eval.sandbox.check_program is not available yet: {exc}")
+    return check_program
+
+
+def test_bundled_problems_load_without_download():
+    objective = HumanEvalObjective()
+    validation, test = objective.examples("validation"), objective.examples("test")
+    ids = [e.id for e in validation] + [e.id for e in test]
+    assert len(ids) == len(set(ids)) == 164
+    assert objective.name == "humaneval"
+    assert objective.decoding == DECODING
+    assert validation[0].meta["entry_point"] and "def check" in validation[0].meta["test"]
+
+
+def test_correct_and_wrong_completions(write_jsonl):
+    _sandbox_or_skip()
+    objective = HumanEvalObjective(write_jsonl("he.jsonl", [PROBLEM]))
+    (example,) = objective.examples("test")
+    assert example.prompt == PROBLEM["prompt"]
+    assert objective.score(example, "    return a + b\n") == 1.0
+    assert objective.score(example, "    return a - b\n") == 0.0
+    assert objective.score(example, "    return (\n") == 0.0  # syntax error
+    assert objective.aggregate([example, example], ["    return a + b\n", "    return a * b\n"]) == 0.5
+
+
+def test_bad_entry_point_names_line(write_jsonl):
+    path = write_jsonl("he.jsonl", [PROBLEM, dict(PROBLEM, task_id="Tiny/1", entry_point="not valid")])
+    with pytest.raises(DataFileError, match=r"he\.jsonl, line 2: field entry_point 'not valid'"):
+        HumanEvalObjective(path)
