@@ -1,0 +1,279 @@
+"""Writing merged models as sharded safetensors directories, atomically.
+
+Everything is built in a hidden temporary sibling of the output directory and
+renamed into place only when complete, so an interrupted or failed merge never
+leaves a half-written model that a later step could mistake for a real one.
+Tensors are buffered one shard at a time (memory ~ one shard, two with the
+background writer) because a merge streams tensors and must not hold the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from hm3.errors import CheckpointError, OutputExistsError
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files a model directory needs besides its weights to be usable for generation; copied when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class StagedDirectory:
+    """A directory built under a temporary sibling name and renamed to its real name only on :meth:`commit`."""
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        if self._exists(self.out_dir) and not overwrite:
+            raise OutputExistsError(
+                f"output directory already exists: {self.out_dir} (use --overwrite to replace it)"
+            )
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+
+    @staticmethod
+    def _exists(p: Path) -> bool:
+        return p.exists() or p.is_symlink()
+
+    def commit(self) -> Path:
+        """Move the finished directory into place; an old one (overwrite) is replaced only now."""
+        if not self._exists(self.out_dir):
+            os.rename(self.tmp, self.out_dir)
+            return self.out_dir
+        if not self.overwrite:
+            self.abort()
+            raise OutputExistsError(f"output directory appeared while writing: {self.out_dir}")
+        old = self.out_dir.parent / f".{self.out_dir.name}.old-{secrets.token_hex(4)}"
+        os.rename(self.out_dir, old)
+        try:
+            os.rename(self.tmp, self.out_dir)
+        except OSError:
+            os.rename(old, self.out_dir)
+            raise
+        _remove(old)
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Remove the partial directory, leaving no trace of the failed write."""
+        _remove(self.tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError as e:
+        raise CheckpointError(f"cannot write shard {path}: {e}") from None
+
+
+def config_with_dtype(config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """``config`` with its dtype entry set to ``dtype`` (transformers 5 says ``dtype``, 4 ``torch_dtype``)."""
+    out = dict(config)
+    if dtype is None:
+        return out
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["torch_dtype"]
+    for k in keys:
+        out[k] = name
+    return out
+
+
+class CheckpointWriter:
+    """Stream tensors into a Hugging Face model directory that appears atomically on successful exit.
+
+    With ``background=True`` shard files are written by one background thread while
+    the caller keeps adding tensors (so disk writes overlap merging); an error in that
+    thread is raised by the next :meth:`add` or on exit. The writer owns the tensors
+    passed to :meth:`add`: do not modify them afterwards.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        config: dict[str, Any],
+        overwrite: bool = False,
+        max_shard_bytes: int = 2_000_000_000,
+        tokenizer_from: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        extra_files: dict[str, str] | None = None,
+        background: bool = False,
+    ):
+        if max_shard_bytes <= 0:
+            raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        if tokenizer_from is not None and not Path(tokenizer_from).is_dir():
+            raise CheckpointError(f"tokenizer source is not a directory: {tokenizer_from}")
+        for fname in extra_files or {}:
+            if (
+                Path(fname).name != fname
+                or fname in (CONFIG_FILE, INDEX_FILE)
+                or fname.endswith(".safetensors")
+            ):
+                raise CheckpointError(
+                    f"extra file name {fname!r} must be a plain file name not used by the model"
+                )
+        self.out_dir = Path(out_dir)
+        self.config = config
+        self.max_shard_bytes = max_shard_bytes
+        self.tokenizer_from = Path(tokenizer_from) if tokenizer_from is not None else None
+        self.dtype = dtype
+        self.extra_files = dict(extra_files or {})
+        self._stage = StagedDirectory(self.out_dir, overwrite=overwrite)  # refuses an existing output first
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._buffer_storages: set[int] = set()
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+        self._total_bytes = 0
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-writer") if background else None
+        )
+        self._pending: Future[None] | None = None
+        self._done = False
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a full shard is written out (in the background thread if enabled)."""
+        self._check_background()
+        if self._done:
+            raise CheckpointError(f"writer for {self.out_dir} is already closed; cannot add {name}")
+        if name in self._names:
+            raise CheckpointError(f"tensor {name} added twice to {self.out_dir}")
+        t = self._standalone(tensor)
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self._buffer_storages.add(t.untyped_storage().data_ptr())
+        self._names.add(name)
+        self._total_bytes += nbytes
+
+    def _standalone(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor owning exactly its own storage, as safetensors requires (no views, no sharing)."""
+        t = tensor.detach()
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.cpu()
+        owns_storage = (
+            t.is_contiguous()
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        )
+        if not owns_storage or t.untyped_storage().data_ptr() in self._buffer_storages:
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
+
+    def _flush(self) -> None:
+        path = self._stage.tmp / f"shard-{len(self._shards):05d}.safetensors"  # final name needs the count
+        tensors, self._buffer = self._buffer, {}
+        self._buffer_bytes = 0
+        self._buffer_storages = set()
+        self._shards.append((path, list(tensors)))
+        if self._executor is None:
+            _write_shard(tensors, path)
+            return
+        self._wait_pending()  # bounds memory: at most one shard writing while the next one fills
+        self._pending = self._executor.submit(_write_shard, tensors, path)
+
+    def _wait_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _check_background(self) -> None:
+        if self._pending is not None and self._pending.done():
+            self._wait_pending()
+
+    def finish(self) -> Path:
+        """Write the last shard, index, config, tokenizer and extra files, then move the directory into place."""
+        if self._buffer:
+            self._flush()
+        self._wait_pending()
+        self._shutdown()
+        self._done = True
+        if not self._shards:
+            raise CheckpointError(
+                f"no tensors were added; refusing to write an empty model to {self.out_dir}"
+            )
+        weight_map = self._name_shards()
+        tmp = self._stage.tmp
+        if len(self._shards) > 1:
+            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(
+            json.dumps(config_with_dtype(self.config, self.dtype), indent=2) + "\n"
+        )
+        if self.tokenizer_from is not None:
+            for fname in TOKENIZER_FILES:
+                if (self.tokenizer_from / fname).is_file():
+                    shutil.copyfile(self.tokenizer_from / fname, tmp / fname)
+        for fname, text in self.extra_files.items():
+            (tmp / fname).write_text(text)
+        return self._stage.commit()
+
+    def _name_shards(self) -> dict[str, str]:
+        """Rename temporary shards to the HF scheme now that their count is known; name -> shard file."""
+        n = len(self._shards)
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(path, path.with_name(final))
+            weight_map.update(dict.fromkeys(names, final))
+        return weight_map
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def abort(self) -> None:
+        """Discard everything written so far (waits for the background thread so nothing lands afterwards)."""
+        self._done = True
+        self._buffer = {}
+        self._shutdown()
+        self._pending = None
+        self._stage.abort()
