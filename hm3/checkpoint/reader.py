@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,7 @@ class Checkpoint:
         self.format = fmt  # "safetensors" or "bin"
         self._tensors = tensors
         self._handles: dict[Path, Any] = {}  # shard -> safe_open handle or mmapped .bin state dict
+        self._lock = threading.Lock()  # the engine may read from a prefetch thread
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._tensors)} tensors, {self.format})"
@@ -223,15 +225,18 @@ class Checkpoint:
         return self._tensors[stored]
 
     def _handle(self, shard: Path) -> Any:
-        if shard not in self._handles:
-            if self.format == "safetensors":
-                try:
-                    self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
-                except (OSError, SafetensorError) as e:
-                    raise CheckpointError(f"{shard}: cannot open safetensors file: {e}") from None
-            else:
-                self._handles[shard] = _load_bin(shard)
-        return self._handles[shard]
+        with self._lock:
+            if shard not in self._handles:
+                self._handles[shard] = self._open_shard(shard)
+            return self._handles[shard]
+
+    def _open_shard(self, shard: Path) -> Any:
+        if self.format == "bin":
+            return _load_bin(shard)
+        try:
+            return safe_open(str(shard), framework="pt", device="cpu")
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{shard}: cannot open safetensors file: {e}") from None
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -101,3 +102,29 @@ def test_different_seeds_differ(tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     with open_checkpoint(v1) as c1, open_checkpoint(v2) as c2:
         assert not torch.equal(c1.get(name), c2.get(name))
+
+
+def test_sharded_bin_with_index(tmp_path):
+    src = build_random_llama(tmp_path / "src", save_format="bin", **SPEC)
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    names = list(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    out = tmp_path / "sharded_bin"
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())
+    for fname, part in halves.items():
+        torch.save({n: state[n] for n in part}, out / fname)
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.tensor_names() == list(weight_map)
+        for n in names:
+            assert ckpt.shard_of(n) == weight_map[n]
+            assert torch.equal(ckpt.get(n), state[n])
+
+
+def test_builder_refuses_existing_output(tiny_llama):
+    from hm3.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match=str(tiny_llama)):
+        build_random_llama(tiny_llama, **SPEC)

@@ -186,3 +186,14 @@ def test_duplicate_tensor_and_empty_model_refused(tmp_path):
         pass
     assert not (tmp_path / "dup").exists() and not (tmp_path / "empty").exists()
     assert _leftovers(tmp_path, "dup") == [] and _leftovers(tmp_path, "empty") == []
+
+
+def test_shards_are_flushed_while_adding(tmp_path):
+    """Memory stays ~one shard: full shards reach disk before the writer is finished."""
+    with CheckpointWriter(tmp_path / "out", config={}, max_shard_bytes=64) as w:
+        for i in range(4):
+            w.add(f"t{i}", torch.full((16,), float(i)))  # 64 bytes each: one shard per tensor
+        staged = [p for p in w._stage.tmp.iterdir() if p.suffix == ".safetensors"]
+        assert len(staged) == 3 and not w._buffer.keys() - {"t3"}
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4
