@@ -1,0 +1,145 @@
+"""Streaming executor: run a :class:`~hm3.merge.plan.MergePlan` tensor by tensor to disk.
+
+Peak memory is O(models × largest tensor) plus the writer's shard buffer: one
+tensor of every input is in memory at a time (and the next one being read
+ahead). Reading, merging and writing overlap: a reader thread loads the next
+job's tensors while the main thread merges the current one, and the writer
+flushes shards on its own thread. The merge math itself runs on torch's
+intra-op threads (both cores) and optionally on a GPU (``device="cuda"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hm3.checkpoint import CheckpointWriter, check_finite
+from hm3.config import MergeConfig, load_merge_config
+from hm3.errors import CheckpointError
+from hm3.merge.methods import TensorInputs
+from hm3.merge.plan import MergePlan, TensorJob, dare_generator, plan_merge
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    out_dir: Path
+    tensors: int
+    seconds: float
+
+
+class _FisherSource:
+    """Lazy access to per-model Fisher tensors stored as safetensors files."""
+
+    def __init__(self, files: list[Path], stack: ExitStack):
+        self.files = files
+        self.handles = []
+        for f in files:
+            try:
+                self.handles.append(stack.enter_context(safe_open(str(f), framework="pt")))
+            except Exception as err:  # safetensors raises several private error types
+                raise CheckpointError(f"cannot read Fisher file {f}: {err}") from None
+
+    def get(self, name: str) -> list[torch.Tensor]:
+        out = []
+        for f, h in zip(self.files, self.handles, strict=True):
+            if name not in h.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                raise CheckpointError(f"Fisher file {f} has no tensor {name!r}")
+            t = h.get_tensor(name).float()
+            if (t < 0).any() or not torch.isfinite(t).all():
+                raise CheckpointError(f"Fisher tensor {name!r} in {f} has negative or non-finite entries")
+            out.append(t)
+        return out
+
+
+def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | None, device: torch.device):
+    def load(ckpt) -> torch.Tensor:
+        t = ckpt.get(job.name)
+        check_finite(job.name, t, str(ckpt.path))
+        if plan.compute_dtype is not None:
+            t = t.to(plan.compute_dtype)
+        return t.to(device, non_blocking=True)
+
+    base = load(plan.base) if plan.base is not None else None
+    tensors = [load(c) for c in plan.inputs]
+    fishers = [f.to(device) for f in fisher.get(job.name)] if fisher is not None else None
+    return base, tensors, fishers
+
+
+def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers) -> torch.Tensor:
+    """Merge one tensor: the method's pure function on already-loaded inputs."""
+    inputs = TensorInputs(
+        name=job.name,
+        base=base,
+        tensors=tensors,
+        model_params=job.model_params,
+        params=job.params,
+        fishers=fishers,
+        generators=(lambda k: dare_generator(plan.seed, job.name, k)) if plan.method.uses_randomness else None,
+    )
+    with torch.no_grad():
+        return plan.method.fn(inputs)
+
+
+def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` in plan order, reading the next job's inputs ahead."""
+    dev = torch.device(device)
+    with ExitStack() as stack:
+        fisher = _FisherSource(plan.fisher_files, stack) if plan.fisher_files else None
+        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-read"))
+        jobs = plan.jobs
+        pending = reader.submit(_load_job_inputs, plan, jobs[0], fisher, dev) if jobs else None
+        for i, job in enumerate(jobs):
+            base, tensors, fishers = pending.result()
+            pending = reader.submit(_load_job_inputs, plan, jobs[i + 1], fisher, dev) if i + 1 < len(jobs) else None
+            out = run_job(plan, job, base, tensors, fishers)
+            del base, tensors, fishers
+            if plan.out_dtype is not None:
+                out = out.to(plan.out_dtype)
+            yield job.name, out
+
+
+def merge_to_disk(
+    config: MergeConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    seed: int | None = None,
+    config_dir: Path | None = None,
+    max_shard_bytes: int = 1_000_000_000,
+    progress: bool = False,
+) -> MergeReport:
+    """Execute a recipe and write an HF checkpoint atomically to ``out_dir``."""
+    start = time.perf_counter()
+    if not isinstance(config, MergeConfig):
+        config_dir = Path(config).parent if config_dir is None else config_dir
+        config = load_merge_config(config)
+    out_dir = Path(out_dir)
+    plan = plan_merge(config, config_dir=config_dir, seed=seed)
+    try:
+        tokenizer_from = plan.base.path if plan.base is not None else plan.inputs[0].path
+        with CheckpointWriter(
+            out_dir,
+            config=plan.output_config,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            tokenizer_from=tokenizer_from,
+            extra_files={"hm3_recipe.yml": config.to_yaml()},
+            background=True,
+        ) as writer:
+            n = 0
+            for name, tensor in iter_merged(plan, device=device):
+                writer.add(name, tensor.cpu())
+                n += 1
+                if progress and n % 50 == 0:
+                    print(f"  merged {n}/{len(plan.jobs)} tensors", flush=True)
+    finally:
+        plan.close()
+    return MergeReport(out_dir=out_dir, tensors=n, seconds=time.perf_counter() - start)

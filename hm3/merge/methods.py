@@ -1,0 +1,308 @@
+"""The merge-method registry: name -> parameter spec + per-tensor function.
+
+Each method is a thin adapter from resolved recipe numbers to the pure
+equations in :mod:`hm3.merge.ops`; it never reads files or picks devices. The
+defaults equal mergekit 0.1.5's for the methods both tools have, so a mergekit
+config means the same thing in hm3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hm3.errors import ConfigError
+from hm3.merge import ops
+
+#: Weights beyond this magnitude are refused as almost certainly typos.
+MAX_ABS_WEIGHT = 10.0
+RESCALE_MODES = ("l1", "inverse", "none")
+
+
+def _check_weight(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"must be a number, got {v!r}"
+    return None if abs(v) <= MAX_ABS_WEIGHT else f"must lie in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}], got {v}"
+
+
+def _check_density(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"must be a number, got {v!r}"
+    return None if 0.0 <= v <= 1.0 else f"must lie in [0, 1], got {v}"
+
+
+def _check_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+def _check_number(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) else f"must be a number, got {v!r}"
+
+
+def _check_rescale_mode(v: Any) -> str | None:
+    return None if v in RESCALE_MODES else f"must be one of {', '.join(RESCALE_MODES)}, got {v!r}"
+
+
+def _check_path(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else f"must be a path to a safetensors file, got {v!r}"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter: where it lives, its default and its validity check."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], str | None]
+    required: bool = False
+    hm3_only: bool = False  # not part of mergekit's schema: blocks export to mergekit
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """Everything a method needs for one output tensor, already resolved to numbers."""
+
+    name: str
+    base: torch.Tensor | None
+    tensors: Sequence[torch.Tensor]  # the non-base models (all models for ``linear``/``fisher``)
+    model_params: Sequence[dict[str, Any]]
+    params: dict[str, Any]
+    fishers: Sequence[torch.Tensor] | None = None
+    generators: Callable[[int], torch.Generator] | None = None  # DARE: per-model seeded RNG
+    deltas: Sequence[torch.Tensor] | None = None  # precomputed task vectors (in-memory path)
+
+
+MergeFn = Callable[[TensorInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MergeFn
+    needs_base: bool
+    params: tuple[ParamSpec, ...]
+    model_params: tuple[ParamSpec, ...]
+    uses_randomness: bool = False
+    supports_fisher: bool = False
+    requires_fisher: bool = False
+    mergekit_name: str | None = None  # None: mergekit cannot express it
+    doc: str = field(default="", compare=False)
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def model_param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.model_params if p.name == name), None)
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, **spec: Any) -> Callable[[MergeFn], MergeFn]:
+    """Register ``fn`` as merge method ``name`` (mergekit-style decorator registry)."""
+
+    def register(fn: MergeFn) -> MergeFn:
+        if name in MERGE_METHODS:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        MERGE_METHODS[name] = MergeMethod(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), **spec)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(MERGE_METHODS))
+        raise ConfigError(f"unknown merge_method {name!r}; known methods: {known}") from None
+
+
+def all_parameter_names() -> set[str]:
+    return {p.name for m in MERGE_METHODS.values() for p in (*m.params, *m.model_params)}
+
+
+# --- parameter sets ------------------------------------------------------------------------------------
+
+WEIGHT = ParamSpec("weight", None, _check_weight, required=True)
+DENSITY = ParamSpec("density", 1.0, _check_density)
+FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True)
+LAMBDA = ParamSpec("lambda", 1.0, _check_number)
+INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
+RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
+
+
+def _gta_params(*, normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
+    return (
+        ParamSpec("normalize", normalize, _check_bool),
+        ParamSpec("rescale", rescale, _check_bool),
+        LAMBDA,
+        INT8_MASK,
+        RESCALE_MODE,
+    )
+
+
+def _weights(x: TensorInputs) -> list[float]:
+    return [float(p["weight"]) for p in x.model_params]
+
+
+def _densities(x: TensorInputs) -> list[float]:
+    return [float(p["density"]) for p in x.model_params]
+
+
+def _rescale(x: TensorInputs) -> str:
+    """hm3's ``rescale_mode`` wins; otherwise mergekit's boolean ``rescale`` (true = L1)."""
+    mode = x.params.get("rescale_mode")
+    if mode is not None:
+        return mode
+    return "l1" if x.params["rescale"] else "none"
+
+
+def _importance(x: TensorInputs) -> torch.Tensor | None:
+    return ops.fisher_importance(x.fishers) if x.fishers is not None else None
+
+
+def _deltas(x: TensorInputs) -> list[torch.Tensor]:
+    if x.deltas is not None:
+        return list(x.deltas)
+    assert x.base is not None
+    return [ops.task_vector(t, x.base) for t in x.tensors]
+
+
+def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
+    assert x.generators is not None
+    mode = _rescale(x)
+    return [
+        ops.dare(d, dens, generator=x.generators(k), rescale=mode)
+        for k, (d, dens) in enumerate(zip(_deltas(x), _densities(x), strict=True))
+    ]
+
+
+def _weighted_sum(x: TensorInputs, deltas: list[torch.Tensor], *, elect: bool) -> torch.Tensor:
+    """Σ_k w_k τ_k (optionally sign-elected, Fisher-importance weighted, normalised, λ-scaled) + θ_base."""
+    assert x.base is not None
+    stacked = torch.stack(deltas)
+    weights = torch.tensor(_weights(x), dtype=stacked.dtype, device=stacked.device)
+    shape = (-1,) + (1,) * (stacked.dim() - 1)
+    eff_weights = weights.view(shape)
+    importance = _importance(x)
+    if importance is not None:
+        eff_weights = eff_weights * importance.to(stacked.dtype)
+    weighted = stacked * eff_weights
+    if elect:
+        sign = ops.elect_sign(weighted)
+        mixed = ops.disjoint_merge(weighted, eff_weights, sign, normalize=x.params["normalize"])
+    else:
+        mixed = weighted.sum(0)
+        if x.params["normalize"]:
+            divisor = eff_weights.expand_as(weighted).sum(0) if importance is not None else weights.sum()
+            mixed = mixed / torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    lam = float(x.params["lambda"])
+    if lam != 1.0:
+        mixed = mixed * lam
+    return (x.base + mixed).to(x.base.dtype)
+
+
+# --- the methods ------------------------------------------------------------------------------------
+
+
+@merge_method(
+    "linear",
+    needs_base=False,
+    params=(ParamSpec("normalize", True, _check_bool),),
+    model_params=(WEIGHT,),
+    mergekit_name="linear",
+)
+def _linear(x: TensorInputs) -> torch.Tensor:
+    """θ = Σ_k w_k θ_k (/ Σ_k w_k when normalize)."""
+    return ops.linear(x.tensors, _weights(x), normalize=x.params["normalize"])
+
+
+@merge_method(
+    "task_arithmetic",
+    needs_base=True,
+    params=_gta_params(normalize=False, rescale=False),
+    model_params=(WEIGHT, FISHER),
+    supports_fisher=True,
+    mergekit_name="task_arithmetic",
+)
+def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
+    """θ = θ_base + λ Σ_k w_k τ_k; with Fisher tensors, DF-Merge's weighting."""
+    if x.fishers is None:
+        return ops.task_arithmetic(
+            x.base, _deltas(x), _weights(x), normalize=x.params["normalize"], lam=float(x.params["lambda"])
+        )
+    return _weighted_sum(x, _deltas(x), elect=False)
+
+
+@merge_method(
+    "ties",
+    needs_base=True,
+    params=_gta_params(normalize=True, rescale=False),
+    model_params=(WEIGHT, DENSITY, FISHER),
+    supports_fisher=True,
+    mergekit_name="ties",
+)
+def _ties(x: TensorInputs) -> torch.Tensor:
+    """TIES: trim to top-density magnitude, elect sign, disjoint (weighted) mean."""
+    trimmed = [ops.trim(d, dens) for d, dens in zip(_deltas(x), _densities(x), strict=True)]
+    return _weighted_sum(x, trimmed, elect=True)
+
+
+@merge_method(
+    "dare_ties",
+    needs_base=True,
+    params=_gta_params(normalize=False, rescale=True),
+    model_params=(WEIGHT, DENSITY, FISHER),
+    uses_randomness=True,
+    supports_fisher=True,
+    mergekit_name="dare_ties",
+)
+def _dare_ties(x: TensorInputs) -> torch.Tensor:
+    """DARE random drop + rescale, then TIES sign election and disjoint merge."""
+    return _weighted_sum(x, _dare_deltas(x), elect=True)
+
+
+@merge_method(
+    "dare_linear",
+    needs_base=True,
+    params=_gta_params(normalize=False, rescale=True),
+    model_params=(WEIGHT, DENSITY, FISHER),
+    uses_randomness=True,
+    supports_fisher=True,
+    mergekit_name="dare_linear",
+)
+def _dare_linear(x: TensorInputs) -> torch.Tensor:
+    """DARE random drop + rescale, then task arithmetic."""
+    return _weighted_sum(x, _dare_deltas(x), elect=False)
+
+
+@merge_method(
+    "fisher",
+    needs_base=False,
+    params=(),
+    model_params=(WEIGHT, FISHER),
+    supports_fisher=True,
+    requires_fisher=True,
+)
+def _fisher(x: TensorInputs) -> torch.Tensor:
+    """Fisher merging: θ = Σ_k F_k w_k θ_k / Σ_k F_k w_k."""
+    assert x.fishers is not None
+    return ops.fisher_merge(x.tensors, x.fishers, _weights(x))
+
+
+@merge_method(
+    "df_merge",
+    needs_base=True,
+    params=(),
+    model_params=(WEIGHT, FISHER),
+    supports_fisher=True,
+    requires_fisher=True,
+)
+def _df_merge(x: TensorInputs) -> torch.Tensor:
+    """DF-Merge: θ_base + M Σ_i F_i(λ_i) λ_i τ_i / Σ_i F_i(λ_i), with λ_i = the model's weight."""
+    assert x.fishers is not None
+    return ops.df_merge(x.base, _deltas(x), x.fishers, _weights(x)).to(x.base.dtype)

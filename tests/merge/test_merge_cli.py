@@ -1,0 +1,272 @@
+"""`hm3 merge` end to end: outputs that load, DARE determinism, and every bad input.
+
+Each bad input must give a clear message naming what is at fault, a non-zero
+exit, and leave no output directory (nor a temporary sibling) behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
+from hm3.cli import main
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    base = build_random_llama(root / "base", hidden_size=32, num_layers=2, vocab_size=64, seed=0)
+    out = {"base": base}
+    for i in (1, 2):
+        out[f"m{i}"] = build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.05)
+    return out
+
+
+def _load(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _recipe(zoo, method="ties", **model_params) -> dict:
+    params = {"weight": 0.5, "density": 0.5} | model_params
+    return {
+        "merge_method": method,
+        "base_model": str(zoo["base"]),
+        "models": [{"model": str(zoo[m]), "parameters": dict(params)} for m in ("m1", "m2")],
+    }
+
+
+def _write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "recipe.yml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def _run_fail(capsys, tmp_path, recipe_path, *must_mention: str, out_name="out"):
+    out = tmp_path / out_name
+    code = main(["merge", str(recipe_path), str(out)])
+    err = capsys.readouterr().err
+    assert code != 0
+    for m in must_mention:
+        assert m in err, f"{m!r} not in: {err}"
+    assert "Traceback" not in err
+    if out_name == "out":
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "temporary output left behind"
+    return err
+
+
+def test_merged_model_loads_with_finite_logits(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(_write(tmp_path, _recipe(zoo, "dare_ties"))), str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.arange(10).unsqueeze(0)).logits
+    assert torch.isfinite(logits).all()
+    assert (out / "config.json").exists() and (out / "hm3_recipe.yml").exists()
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_same_seed_is_deterministic_and_different_seed_differs(zoo, tmp_path, method):
+    recipe = _write(tmp_path, _recipe(zoo, method) | {"seed": 3})
+    assert main(["merge", str(recipe), str(tmp_path / "a")]) == 0
+    assert main(["merge", str(recipe), str(tmp_path / "b")]) == 0
+    assert main(["merge", str(recipe), str(tmp_path / "c"), "--seed", "4"]) == 0
+    a, b, c = _load(tmp_path / "a"), _load(tmp_path / "b"), _load(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_dare_kept_fraction_and_l1_norm(zoo, tmp_path):
+    """dare_linear with one model, weight 1: output - base is the DARE'd task vector itself."""
+    density = 0.3
+    recipe = {
+        "merge_method": "dare_linear",
+        "base_model": str(zoo["base"]),
+        "models": [{"model": str(zoo["m1"]), "parameters": {"weight": 1.0, "density": density}}],
+        "seed": 11,
+    }
+    for mode in ("l1", "inverse"):
+        recipe["parameters"] = {"rescale_mode": mode}
+        out = tmp_path / mode
+        assert main(["merge", str(_write(tmp_path, recipe)), str(out)]) == 0
+        merged, base, m1 = _load(out), _load(zoo["base"]), _load(zoo["m1"])
+        name = "model.layers.0.mlp.up_proj.weight"
+        tau = m1[name] - base[name]
+        tau_hat = merged[name] - base[name]
+        kept = (tau_hat != 0).float().mean().item()
+        n = tau.numel()
+        assert abs(kept - density) < 4 * math.sqrt(density * (1 - density) / n)
+        if mode == "l1":
+            torch.testing.assert_close(tau_hat.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=0)
+        else:
+            mask = tau_hat != 0
+            torch.testing.assert_close(tau_hat[mask], tau[mask] / density, rtol=1e-4, atol=1e-6)
+
+
+def test_export_refuses_what_mergekit_cannot_express(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo, "dare_ties") | {"parameters": {"rescale_mode": "inverse"}}
+    code = main(["export-mergekit", str(_write(tmp_path, recipe)), str(tmp_path / "mk.yml")])
+    assert code != 0 and "inverse" in capsys.readouterr().err
+    assert not (tmp_path / "mk.yml").exists()
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_missing_config(tmp_path, capsys):
+    _run_fail(capsys, tmp_path, tmp_path / "nope.yml", "nope.yml")
+
+
+def test_missing_model_path(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(tmp_path / "no_such_model")
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "no_such_model")
+
+
+def test_not_a_model_directory(zoo, tmp_path, capsys):
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    recipe = _recipe(zoo)
+    recipe["models"][0]["model"] = str(empty)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "empty_dir")
+
+
+def test_truncated_safetensors(zoo, tmp_path, capsys):
+    bad = build_finetuned_variant(zoo["base"], tmp_path / "truncated", seed=5)
+    f = next(bad.glob("*.safetensors"))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    recipe = _recipe(zoo)
+    recipe["models"][0]["model"] = str(bad)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "truncated")
+
+
+def test_garbage_safetensors(zoo, tmp_path, capsys):
+    bad = build_finetuned_variant(zoo["base"], tmp_path / "garbage", seed=5)
+    next(bad.glob("*.safetensors")).write_bytes(b"\x00" * 64)
+    recipe = _recipe(zoo)
+    recipe["models"][0]["model"] = str(bad)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "garbage")
+
+
+@pytest.mark.parametrize(
+    "kwargs,mention",
+    [
+        ({"hidden_size": 48}, "hidden"),
+        ({"num_layers": 3}, "layer"),
+        ({"vocab_size": 80}, "vocab"),
+    ],
+)
+def test_incompatible_models(zoo, tmp_path, capsys, kwargs, mention):
+    spec = {"hidden_size": 32, "num_layers": 2, "vocab_size": 64, "seed": 9} | kwargs
+    other = build_random_llama(tmp_path / "other", **spec)
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(other)
+    err = _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "other")
+    assert mention in err.lower()
+
+
+def test_different_architecture(zoo, tmp_path, capsys):
+    other = build_finetuned_variant(zoo["base"], tmp_path / "arch", seed=5)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["model_type"] = "mistral"
+    (other / "config.json").write_text(json.dumps(cfg))
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(other)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "arch")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_missing_or_extra_tensor(zoo, tmp_path, capsys, change):
+    other = build_finetuned_variant(zoo["base"], tmp_path / change, seed=5)
+    f = next(other.glob("*.safetensors"))
+    state = load_file(f)
+    if change == "missing":
+        del state["model.layers.1.mlp.down_proj.weight"]
+        mention = "model.layers.1.mlp.down_proj.weight"
+    else:
+        state["model.layers.1.extra.weight"] = torch.zeros(2)
+        mention = "model.layers.1.extra.weight"
+    save_file(state, f, metadata={"format": "pt"})
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(other)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), mention)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_inputs(zoo, tmp_path, capsys, value):
+    other = build_finetuned_variant(zoo["base"], tmp_path / "nan", seed=5)
+    f = next(other.glob("*.safetensors"))
+    state = load_file(f)
+    state["model.layers.0.self_attn.q_proj.weight"][3, 4] = value
+    save_file(state, f, metadata={"format": "pt"})
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(other)
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "model.layers.0.self_attn.q_proj.weight")
+
+
+@pytest.mark.parametrize(
+    "params,mention",
+    [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight")],
+)
+def test_out_of_range_parameters(zoo, tmp_path, capsys, params, mention):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, **params)), mention)
+
+
+def test_nan_parameter(zoo, tmp_path, capsys):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo) | {"parameters": {"lambda": float("nan")}}), "lambda")
+
+
+def test_unknown_method(zoo, tmp_path, capsys):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, "frankenmerge")), "frankenmerge", "ties")
+
+
+def test_unknown_config_key(zoo, tmp_path, capsys):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo) | {"merge_mehtod": "ties"}), "merge_mehtod")
+
+
+def test_unknown_parameter(zoo, tmp_path, capsys):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, densty=0.3)), "densty")
+
+
+def test_missing_weight(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo)
+    del recipe["models"][0]["parameters"]["weight"]
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "weight", str(zoo["m1"]))
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    _run_fail(capsys, tmp_path, _write(tmp_path, "merge_method: [ties\n"), "recipe.yml")
+
+
+def test_output_exists_refused_unless_overwrite(zoo, tmp_path, capsys):
+    recipe = _write(tmp_path, _recipe(zoo))
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["merge", str(recipe), str(out)]) != 0
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert main(["merge", str(recipe), str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_console_script_exit_code(zoo, tmp_path):
+    """The installed `hm3` command itself exits non-zero without a traceback."""
+    exe = Path(sys.executable).parent / "hm3"
+    proc = subprocess.run([str(exe), "merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "missing.yml" in proc.stderr and "Traceback" not in proc.stderr

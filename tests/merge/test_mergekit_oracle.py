@@ -1,0 +1,142 @@
+"""`hm3 merge` against `mergekit-yaml` on the same tiny models and the same configs.
+
+mergekit is the test oracle (dev extra): for the methods both tools have, an
+unchanged mergekit config must give mergekit's tensors (max abs diff <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
+from hm3.cli import main
+
+pytestmark = pytest.mark.mergekit
+
+MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
+
+
+def _load_dir(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("oracle")
+    base = build_random_llama(root / "base", hidden_size=48, num_layers=3, vocab_size=96, seed=0)
+    out = {"base": base}
+    for i in (1, 2, 3):
+        out[f"m{i}"] = build_finetuned_variant(base, root / f"m{i}", seed=10 + i, scale=0.05)
+    return out
+
+
+def _configs(m: dict[str, Path]) -> dict[str, dict]:
+    b, m1, m2, m3 = (str(m[k]) for k in ("base", "m1", "m2", "m3"))
+    return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.5}},
+                {"model": m2, "parameters": {"weight": 0.3}},
+                {"model": m3, "parameters": {"weight": 0.2}},
+            ],
+            "dtype": "float32",
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.7}},
+                {"model": m2, "parameters": {"weight": [0.2, 0.9]}},  # gradient over depth
+                {"model": m3, "parameters": {"weight": -0.3}},
+            ],
+            "parameters": {"lambda": 0.8},
+            "dtype": "float32",
+        },
+        "ties_normalize": {
+            "merge_method": "ties",
+            "base_model": b,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": m2, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.4}], "density": 0.7}},
+                {"model": m3, "parameters": {"weight": 0.3, "density": [0.2, 0.8, 0.4]}},
+            ],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+        "ties_no_normalize": {
+            "merge_method": "ties",
+            "base_model": b,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": m2, "parameters": {"weight": 0.5, "density": 0.3}},
+                {"model": m3, "parameters": {"weight": 0.3, "density": 0.9}},
+            ],
+            "parameters": {"normalize": False, "int8_mask": True},
+            "dtype": "float32",
+        },
+        "ties_defaults": {  # base listed among models: skipped as a task vector, as in mergekit
+            "merge_method": "ties",
+            "base_model": b,
+            "models": [
+                {"model": b},
+                {"model": m1, "parameters": {"weight": 1.0, "density": 0.4}},
+                {"model": m2, "parameters": {"weight": 1.0, "density": 0.4}},
+            ],
+        },
+    }
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults"])
+def test_hm3_equals_mergekit(models, tmp_path, name):
+    if not MERGEKIT_YAML.exists():
+        pytest.skip("mergekit-yaml not installed (dev extra)")
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_configs(models)[name]))
+    mk_out, hm_out = tmp_path / "mergekit", tmp_path / "hm3"
+    proc = subprocess.run(
+        [str(MERGEKIT_YAML), str(cfg), str(mk_out), "--quiet", "--no-lazy-unpickle"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["merge", str(cfg), str(hm_out)]) == 0
+    ours, theirs = _load_dir(hm_out), _load_dir(mk_out)
+    assert set(ours) == set(theirs)
+    worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
+    assert worst <= 1e-5, f"{name}: max abs diff {worst}"
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype, k
+
+
+def test_exported_config_runs_in_mergekit(models, tmp_path):
+    """hm3-only keys translate (rescale_mode) and the export merges to the same tensors as hm3."""
+    if not MERGEKIT_YAML.exists():
+        pytest.skip("mergekit-yaml not installed (dev extra)")
+    recipe = _configs(models)["ties_normalize"] | {"seed": 7}
+    recipe["parameters"] = {"normalize": True, "rescale_mode": "none"}
+    src = tmp_path / "hm3.yml"
+    src.write_text(yaml.safe_dump(recipe))
+    exported = tmp_path / "mk.yml"
+    assert main(["export-mergekit", str(src), str(exported)]) == 0
+    data = yaml.safe_load(exported.read_text())
+    assert "seed" not in data and data["parameters"] == {"normalize": True, "rescale": False}
+    mk_out = tmp_path / "mk_out"
+    proc = subprocess.run([str(MERGEKIT_YAML), str(exported), str(mk_out), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["merge", str(src), str(tmp_path / "hm3_out")]) == 0
+    ours, theirs = _load_dir(tmp_path / "hm3_out"), _load_dir(mk_out)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+    shutil.rmtree(mk_out)
