@@ -1,0 +1,542 @@
+"""Merge operators as pure tensor functions: each one is an equation of METHODS.md.
+
+Notation: ``θ_base`` the base tensor, ``τ_k = θ_k − θ_base`` the task vector of model
+k, ``w_k`` its weight, ``ρ_k`` its density, ``λ`` a global scale, ``F_k`` a diagonal
+Fisher. The functions take tensors and plain numbers and return a new tensor; they
+read no files, pick no device and parse no config, so the streaming engine, the
+in-memory search path and the tests all run the very same arithmetic.
+
+Where mergekit 0.1.5 has the method, the numerics follow it (its defaults, its
+guards against division by zero, its dtype handling; see
+``mergekit/merge_methods/generalized_task_arithmetic.py``, ``linear.py`` and
+``sparsify.py``). Two deliberate differences, both documented where they occur:
+TIES finds its magnitude threshold by selection instead of a full sort (same kept
+set for distinct magnitudes; a fixed tie rule otherwise), and DARE draws its mask
+from an explicit ``torch.Generator`` so that a seed reproduces a merge.
+
+Inputs are never modified; in-place operations touch only intermediates created
+here. Inputs are assumed finite and of equal shapes: the caller validates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hm3.errors import ConfigError
+
+RescaleMode = Literal["l1", "inverse", "none"]
+RESCALE_MODES: tuple[str, ...] = ("l1", "inverse", "none")
+
+#: mergekit skips the L1 rescale of a DARE-sparsified tensor when either norm is below this.
+L1_RESCALE_EPS = 1e-7
+#: mergekit's task-arithmetic divisor: a weight sum smaller than this in magnitude counts as 1.
+WEIGHT_SUM_EPS = 1e-8
+#: Low bits of the float32 pattern left to the second pass of the radix selection:
+#: the first pass histograms the remaining 15 high bits (sign is always 0 for |τ|).
+_RADIX_LOW_BITS = 16
+
+
+# --- common pieces ---------------------------------------------------------------------------------------
+
+
+def task_vector(theta: Tensor, base: Tensor) -> Tensor:
+    """τ = θ − θ_base: what fine-tuning added to the base, the unit every merge method mixes."""
+    return theta - base
+
+
+def _require_same_length(**sequences: Sequence) -> int:
+    """Number of models, after checking every per-model sequence has one entry per model."""
+    lengths = {name: len(seq) for name, seq in sequences.items()}
+    if len(set(lengths.values())) != 1:
+        shown = ", ".join(f"{n}={v}" for n, v in lengths.items())
+        raise ConfigError(f"merge inputs disagree on the number of models: {shown}")
+    count = next(iter(lengths.values()))
+    if count == 0:
+        raise ConfigError("a merge needs at least one model; got none")
+    return count
+
+
+def _model_axis(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
+    """Per-model numbers as an ``[M, 1, …, 1]`` tensor that broadcasts over stacked ``[M, *like.shape]``.
+
+    The values are rounded to ``like``'s dtype, as mergekit rounds its weights to the
+    tensor dtype before multiplying.
+    """
+    if isinstance(values, Tensor):
+        t = values.to(dtype=like.dtype, device=like.device)
+    else:
+        t = torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
+    return t.reshape((-1,) + (1,) * like.dim())
+
+
+def _broadcast_over_models(weights: Tensor, stacked: Tensor) -> Tensor:
+    """Accept weights as ``[M]``, ``[M, 1, …]`` or full ``[M, …]`` and make them broadcast over ``stacked``."""
+    if weights.dim() == 1 and stacked.dim() > 1:
+        return weights.reshape((-1,) + (1,) * (stacked.dim() - 1))
+    return weights
+
+
+def _finish(base: Tensor, mixed: Tensor, lam: float) -> Tensor:
+    """θ_base + λ·mixed, in the base's dtype; ``mixed`` must be a fresh intermediate (scaled in place).
+
+    As in mergekit, λ = 1 skips the multiplication, so the default is bit-exact.
+    """
+    if lam != 1:
+        mixed.mul_(lam)
+    return (base + mixed).to(base.dtype)
+
+
+def _safe_weight_sum(total: Tensor) -> Tensor:
+    """mergekit's task-arithmetic normaliser: a sum that is (almost) zero divides by 1 instead."""
+    return total.masked_fill(total.abs() < WEIGHT_SUM_EPS, 1)
+
+
+# --- linear and task arithmetic ---------------------------------------------------------------------------
+
+
+def linear(thetas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True) -> Tensor:
+    """Model soup: θ = Σ_k w_k θ_k, divided by Σ_k w_k when ``normalize`` (mergekit's default).
+
+    Like mergekit, the sum is accumulated in float32 (float64 for float64 inputs) so
+    half-precision checkpoints do not lose bits, then cast back to the input dtype.
+    A zero weight sum cannot be normalised and is refused rather than returning NaN.
+    """
+    _require_same_length(thetas=thetas, weights=weights)
+    first = thetas[0]
+    acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor([float(v) for v in weights], dtype=acc_dtype, device=first.device)
+    total = torch.zeros_like(first, dtype=acc_dtype)
+    for theta, w_k in zip(thetas, w, strict=True):
+        total.addcmul_(theta, w_k)
+    if normalize:
+        w_sum = w.sum()
+        if float(w_sum) == 0.0:
+            raise ConfigError(
+                f"linear merge with normalize: the weights {list(weights)} sum to 0, so they cannot be "
+                "normalised; change the weights or set normalize: false"
+            )
+        total.div_(w_sum)
+    return total.to(first.dtype)
+
+
+def _weighted_delta_sum(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float,
+    importance: Tensor | None,
+) -> Tensor:
+    """θ_base + λ Σ_k w_k I_k τ_k (/ Σ_k w_k I_k), without stacking the deltas when I is absent.
+
+    I (``importance``, stacked ``[M, …]``) is the per-parameter Fisher reweighting of
+    :func:`fisher_importance`; without it this is mergekit's generalized task arithmetic
+    with no consensus step.
+    """
+    w = _model_axis(weights, base).reshape(-1)
+    mixed: Tensor | None = None
+    for k, delta in enumerate(deltas):
+        term = delta * w[k]
+        if importance is not None:
+            term.mul_(importance[k])
+        mixed = term if mixed is None else mixed.add_(term)
+    assert mixed is not None
+    if normalize:
+        divisor = w.sum() if importance is None else (_model_axis(w, base) * importance).sum(0)
+        mixed.div_(_safe_weight_sum(divisor))
+    return _finish(base, mixed, lam)
+
+
+def task_arithmetic(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = False,
+    lam: float = 1.0,
+    importance: Tensor | None = None,
+) -> Tensor:
+    """Task arithmetic: θ = θ_base + λ Σ_k w_k τ_k (/ Σ_k w_k when ``normalize``, a near-zero sum counting as 1).
+
+    With ``importance = fisher_importance(F)`` it is DF-Merge (see there for why).
+    """
+    _require_same_length(deltas=deltas, weights=weights)
+    return _weighted_delta_sum(base, deltas, weights, normalize=normalize, lam=lam, importance=importance)
+
+
+# --- TIES ---------------------------------------------------------------------------------------------------
+
+
+def _kept_count(numel: int, density: float) -> int:
+    """mergekit's k: ``max(1, int(density·numel))`` — a positive density keeps at least one entry."""
+    return max(1, int(density * numel))
+
+
+def _radix_kth_largest(keys: Tensor, k: int) -> tuple[Tensor, int]:
+    """The k-th largest of non-negative int32 ``keys`` (flat) and how many keys are ≥ it.
+
+    Two counting passes instead of a sort: a histogram of the high bits finds the
+    bucket that holds the k-th largest key, then an O(m) selection runs over only
+    the m keys in that bucket (a small fraction of n for real weight deltas).
+    """
+    high = keys >> _RADIX_LOW_BITS
+    counts = torch.bincount(high, minlength=1 << (31 - _RADIX_LOW_BITS))
+    # at_or_above[j] = number of keys in the j+1 highest buckets
+    at_or_above = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(at_or_above, k))
+    bucket = counts.numel() - 1 - j
+    n_above = int(at_or_above[j]) - int(counts[bucket])
+    in_bucket = keys[high == bucket]
+    del high
+    rank = k - n_above  # the k-th largest overall is the rank-th largest in the bucket
+    threshold = torch.kthvalue(in_bucket, in_bucket.numel() - rank + 1).values
+    return threshold, n_above + int((in_bucket >= threshold).sum())
+
+
+def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
+    """Keep-mask (bool, shape of ``delta``) of the k = max(1, int(density·numel)) largest |τ| entries.
+
+    TIES step 1 needs only the magnitude of the k-th largest entry, not an order of
+    all entries, so instead of mergekit's full argsort (O(n log n), most of a TIES
+    merge's time) the threshold is found by selection. float16/bfloat16/float32
+    magnitudes are compared through their float32 bit patterns (for x ≥ 0 the
+    IEEE-754 patterns, read as int32, order like the numbers) with a two-pass radix
+    selection (:func:`_radix_kth_largest`); float64 uses ``torch.kthvalue``. Both
+    are exact: for distinct magnitudes the mask equals mergekit's.
+
+    Ties at the threshold: exactly k entries are kept, as in mergekit; among entries
+    whose magnitude equals the threshold the lowest flat indices are kept. mergekit's
+    unstable argsort keeps an unspecified subset of them instead, so on tied
+    magnitudes the two may keep different (equal-magnitude) entries.
+    Edge cases as mergekit: density ≥ 1 keeps everything, density ≤ 0 nothing.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = _kept_count(n, density)
+    magnitude = delta.abs().reshape(-1)
+    if magnitude.dtype in (torch.float16, torch.bfloat16):
+        magnitude = magnitude.float()  # exact; mergekit also ranks half-precision magnitudes in float32
+    if magnitude.dtype == torch.float32:
+        keys = magnitude.view(torch.int32)
+        threshold, n_kept = _radix_kth_largest(keys, k)
+        keep = keys >= threshold
+    else:
+        keys = magnitude
+        threshold = torch.kthvalue(keys, n - k + 1).values
+        keep = keys >= threshold
+        n_kept = int(keep.sum())
+    excess = n_kept - k
+    if excess > 0:  # drop the highest-index entries tied at the threshold
+        tied = (keys == threshold).nonzero().reshape(-1)
+        keep[tied[tied.numel() - excess :]] = False
+    return keep.reshape(delta.shape)
+
+
+def trim(delta: Tensor, density: float, *, out: Tensor | None = None) -> Tensor:
+    """TIES step 1: zero all but the top-``density`` fraction of τ by magnitude (no rescaling).
+
+    ``out`` (optional, like torch's) receives the result, so TIES can trim straight
+    into its stacked buffer; without it density ≥ 1 returns ``delta`` itself.
+    """
+    if density >= 1:
+        return delta if out is None else out.copy_(delta)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta) if out is None else out.zero_()
+    keep = magnitude_threshold(delta, density)
+    zero = delta.new_zeros(())
+    return torch.where(keep, delta, zero) if out is None else torch.where(keep, delta, zero, out=out)
+
+
+def elect_sign(weighted_deltas: Tensor) -> Tensor:
+    """TIES step 3: γ = sign(Σ_k w_k τ_k) over stacked ``[M, …]`` deltas, a zero sum counting as +.
+
+    Returned in the deltas' dtype with values in {−1, +1}: every parameter gets a
+    direction, so the disjoint merge below is defined everywhere.
+    """
+    return weighted_deltas.sum(0).ge_(0).mul_(2).sub_(1)
+
+
+def disjoint_merge(
+    weighted_deltas: Tensor,
+    weights: Tensor,
+    sign: Tensor,
+    *,
+    normalize: bool,
+    importance: Tensor | None = None,
+) -> Tensor:
+    """TIES step 4: Σ_k [sign(w_k τ_k) = γ] w_k τ_k, divided by Σ_k [sign(w_k τ_k) = γ] w_k when ``normalize``.
+
+    ``weighted_deltas`` are the stacked ``[M, …]`` products w_k τ_k; ``weights`` the w_k
+    as ``[M]``, ``[M, 1, …]`` or per-parameter ``[M, …]``. Entries that are exactly zero
+    (trimmed or dropped) have sign 0 and never agree, so they neither add to the sum
+    nor to the divisor; a parameter where no model agrees divides by 1 (as mergekit).
+    ``importance`` (stacked ``[M, …]``, see :func:`fisher_importance`) replaces w_k by
+    w_k·I_k in both sums; γ should then have been elected on the reweighted deltas.
+    Returns the mixed delta (add it to θ_base).
+    """
+    weights = _broadcast_over_models(weights, weighted_deltas)
+    if importance is not None:
+        weights = weights * importance
+        aligned = (weighted_deltas * importance).mul_(sign)
+    else:
+        aligned = weighted_deltas * sign
+    return _merge_aligned(aligned, weights, sign, normalize=normalize)
+
+
+def _merge_aligned(aligned: Tensor, weights: Tensor, sign: Tensor, *, normalize: bool) -> Tensor:
+    """Disjoint merge from ``aligned = γ ⊙ w τ`` (a fresh ``[M, …]`` buffer, consumed).
+
+    Agreement is ``γ·w_k τ_k > 0`` (γ = ±1, so zeros never agree) and
+    Σ_k [agree] w_k τ_k = γ ⊙ Σ_k max(γ·w_k τ_k, 0): clamping in place replaces a
+    mask plus a masked copy of all M deltas; adding the non-agreeing zeros leaves the
+    sums bit-identical to mergekit's ``(deltas * mask).sum(0)``.
+    """
+    aligned.clamp_(min=0)
+    mixed = aligned.sum(0).mul_(sign)
+    if normalize:
+        divisor = aligned.sign_().mul_(weights).sum(0)  # Σ_k [agree_k] w_k
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    return mixed
+
+
+def _sign_consensus_merge(
+    base: Tensor,
+    sparse_deltas: Tensor,
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float,
+    importance: Tensor | None,
+) -> Tensor:
+    """TIES steps 2–4 on freshly stacked sparse deltas ``[M, …]``, computed in that buffer."""
+    w = _model_axis(weights, base)
+    if importance is not None:
+        w = w * importance.to(base.dtype)
+    weighted = sparse_deltas.mul_(w)
+    sign = elect_sign(weighted)
+    return _finish(base, _merge_aligned(weighted.mul_(sign), w, sign, normalize=normalize), lam)
+
+
+def _stacked(rows: Iterable[Tensor], count: int, like: Tensor) -> Tensor:
+    """Stack per-model tensors into one fresh ``[M, …]`` buffer, one row at a time (no list + stack copy)."""
+    out = like.new_empty((count, *like.shape))
+    for k, row in enumerate(rows):
+        out[k] = row
+    return out
+
+
+def ties(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    lam: float = 1.0,
+    importance: Tensor | None = None,
+) -> Tensor:
+    """TIES-Merging: θ = θ_base + λ · disjoint_merge(w ⊙ trim(τ, ρ), γ) with γ = elect_sign(w ⊙ trim(τ, ρ)).
+
+    ``normalize`` (mergekit's default for ties) divides each parameter by the summed
+    weights of the models that agree with γ. ``importance`` gives the Fisher-weighted
+    variant (w_k → w_k·I_k; see :func:`fisher_importance`).
+    """
+    count = _require_same_length(deltas=deltas, weights=weights, densities=densities)
+    stacked = base.new_empty((count, *base.shape))
+    for k, (delta, rho) in enumerate(zip(deltas, densities, strict=True)):
+        trim(delta, rho, out=stacked[k])
+    return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
+
+
+# --- DARE ---------------------------------------------------------------------------------------------------
+
+
+def _check_rescale(rescale: str) -> None:
+    if rescale not in RESCALE_MODES:
+        raise ConfigError(f"unknown DARE rescale mode {rescale!r}; choose one of {', '.join(RESCALE_MODES)}")
+
+
+def dare_keep_mask(delta: Tensor, density: float, *, generator: torch.Generator) -> Tensor:
+    """DARE's keep mask m ~ Bernoulli(density), i.i.d. per entry, drawn from ``generator`` (bool, shape of ``delta``).
+
+    ``rand < density`` is a Bernoulli draw and the cheapest one torch offers on CPU;
+    the generator (on ``delta``'s device) makes a seed reproduce the mask exactly.
+    """
+    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+    return u < density
+
+
+def dare(
+    delta: Tensor,
+    density: float,
+    *,
+    generator: torch.Generator,
+    rescale: RescaleMode = "l1",
+) -> Tensor:
+    """DARE: τ̂ = m ⊙ τ with m ~ Bernoulli(density), then rescaled.
+
+    ``rescale``: ``"inverse"`` is the paper's τ̂ = m ⊙ τ / density (so E[τ̂] = τ);
+    ``"l1"`` is mergekit's default, τ̂ scaled so that ‖τ̂‖₁ = ‖τ‖₁ (skipped when either
+    norm is below 1e-7, as mergekit does); ``"none"`` keeps m ⊙ τ (mergekit with
+    ``rescale: false``). density ≥ 1 returns τ unchanged, density ≤ 0 zeros.
+    float16 is processed in float32 (as mergekit does on CPU) and cast back.
+    """
+    _check_rescale(rescale)
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    work = delta.float() if delta.dtype == torch.float16 else delta
+    kept = work * dare_keep_mask(work, density, generator=generator)
+    if rescale == "inverse":
+        kept.div_(density)
+    elif rescale == "l1":
+        before = torch.linalg.vector_norm(work, ord=1)
+        after = torch.linalg.vector_norm(kept, ord=1)
+        if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+            kept.mul_(before / after)
+    return kept.to(delta.dtype)
+
+
+def _dare_each(
+    deltas: Sequence[Tensor], densities: Sequence[float], generator: torch.Generator, rescale: RescaleMode
+) -> Iterator[Tensor]:
+    """DARE every τ_k in model order, so one generator seed fixes all masks of a merge."""
+    _check_rescale(rescale)  # before the first draw, even when every density is 1
+    for delta, density in zip(deltas, densities, strict=True):
+        yield dare(delta, density, generator=generator, rescale=rescale)
+
+
+def dare_ties(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    generator: torch.Generator,
+    rescale: RescaleMode = "l1",
+    normalize: bool = False,
+    lam: float = 1.0,
+    importance: Tensor | None = None,
+) -> Tensor:
+    """DARE-TIES (mergekit's ``dare_ties``): DARE-sparsify each τ_k, then TIES sign election and disjoint merge.
+
+    The masks are drawn from ``generator`` model by model in order, so one seed fixes
+    the whole merge. mergekit's defaults: L1 rescale on, normalize off.
+    """
+    count = _require_same_length(deltas=deltas, weights=weights, densities=densities)
+    stacked = _stacked(_dare_each(deltas, densities, generator, rescale), count, base)
+    return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
+
+
+def dare_linear(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    generator: torch.Generator,
+    rescale: RescaleMode = "l1",
+    normalize: bool = False,
+    lam: float = 1.0,
+    importance: Tensor | None = None,
+) -> Tensor:
+    """DARE + task arithmetic (mergekit's ``dare_linear``): θ_base + λ Σ_k w_k DARE(τ_k, ρ_k)."""
+    _require_same_length(deltas=deltas, weights=weights, densities=densities)
+    sparse = list(_dare_each(deltas, densities, generator, rescale))
+    return _weighted_delta_sum(base, sparse, weights, normalize=normalize, lam=lam, importance=importance)
+
+
+# --- Fisher-weighted merging ----------------------------------------------------------------------------------
+
+
+def _fisher_dtype(*tensors: Tensor) -> torch.dtype:
+    """At least float32: Fisher values span many orders of magnitude and half precision underflows them."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def fisher_merge(
+    thetas: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Fisher merging (Matena & Raffel): θ = Σ_k F_k w_k θ_k / Σ_k F_k w_k, with F_k + eps.
+
+    The eps keeps parameters to which no model is sensitive (F = 0 everywhere) at the
+    plain weighted average instead of 0/0. Computed in float32 or wider, returned in
+    the dtype of ``thetas[0]``. Weights should be positive (a sum of zero divides by zero).
+    """
+    _require_same_length(thetas=thetas, fishers=fishers, weights=weights)
+    dtype = _fisher_dtype(thetas[0], fishers[0])
+    numerator: Tensor | None = None
+    denominator: Tensor | None = None
+    for theta, fisher, w in zip(thetas, fishers, weights, strict=True):
+        fw = fisher.to(dtype).add(eps).mul_(float(w))
+        term = fw * theta
+        numerator = term if numerator is None else numerator.add_(term)
+        denominator = fw if denominator is None else denominator.add_(fw)
+    assert numerator is not None and denominator is not None
+    return numerator.div_(denominator).to(thetas[0].dtype)
+
+
+def df_merge(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    coefficients: Sequence[float],
+    *,
+    eps: float = 1e-12,
+) -> Tensor:
+    """DF-Merge (Lee et al., 2025): θ* = θ_base + M · Σ_i F_i λ_i τ_i / Σ_i F_i, with F_i + eps.
+
+    F_i is the diagonal Fisher of the scaled model θ_base + λ_i τ_i (computed
+    elsewhere). With all F_i equal the Fisher factors cancel and this is task
+    arithmetic with weights λ_i — the reason for the factor M.
+    """
+    count = _require_same_length(deltas=deltas, fishers=fishers, coefficients=coefficients)
+    dtype = _fisher_dtype(base, fishers[0])
+    numerator: Tensor | None = None
+    denominator: Tensor | None = None
+    for delta, fisher, lam_i in zip(deltas, fishers, coefficients, strict=True):
+        f = fisher.to(dtype).add(eps)
+        term = f * delta
+        term.mul_(float(lam_i))
+        numerator = term if numerator is None else numerator.add_(term)
+        denominator = f if denominator is None else denominator.add_(f)
+    assert numerator is not None and denominator is not None
+    mixed = numerator.mul_(count).div_(denominator)
+    return (base + mixed).to(base.dtype)
+
+
+def fisher_importance(fishers: Sequence[Tensor], *, eps: float = 1e-12) -> Tensor:
+    """Per-parameter model importance I_k = M (F_k + eps) / Σ_j (F_j + eps), stacked ``[M, …]``.
+
+    Why this is the right reweighting: DF-Merge's update can be rewritten as
+        M Σ_i F_i λ_i τ_i / Σ_j F_j = Σ_i λ_i (M F_i / Σ_j F_j) τ_i = Σ_i λ_i I_i τ_i,
+    i.e. task arithmetic whose weight λ_i is multiplied, parameter by parameter, by
+    I_i. The I_k are positive and average to 1 over the models, so they only
+    redistribute each parameter's weight towards the models whose loss is most
+    sensitive to it. hm3 applies the same substitution w_k → w_k·I_k inside TIES and
+    DARE-TIES (sign election and disjoint merge, see :func:`disjoint_merge`), which
+    gives a Fisher-weighted (DARE-)TIES with two exact limits: with F = I (all F_k
+    equal) every I_k = 1 and it is plain (DARE-)TIES; with density 1, no sign
+    election and no normalisation it is exactly DF-Merge.
+    """
+    count = _require_same_length(fishers=fishers)
+    stacked = torch.stack(list(fishers)).to(_fisher_dtype(*fishers))  # fresh: safe to update in place
+    stacked.add_(eps)
+    total = stacked.sum(0)
+    return stacked.mul_(count).div_(total)

@@ -1,0 +1,422 @@
+"""The merge operators against their equations (hand-computed numbers) and against mergekit's own functions.
+
+Hand-made examples pin the semantics (which entries TIES keeps, how signs are
+elected, what normalisation divides by); the ``mergekit`` tests pin the numerics
+to mergekit 0.1.5 on random tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hm3.errors import ConfigError
+from hm3.merge import ops
+
+
+def t(*rows) -> torch.Tensor:
+    """float32 tensor from numbers (1-D) or lists (2-D)."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- task vector, linear, task arithmetic -------------------------------------------------------------------
+
+
+def test_task_vector_is_difference():
+    assert torch.equal(ops.task_vector(t(3.0, -1.0), t(1.0, 1.0)), t(2.0, -2.0))
+
+
+def test_linear_normalized_and_not():
+    thetas = [t(1.0, 2.0), t(3.0, 4.0)]
+    assert torch.allclose(ops.linear(thetas, [1.0, 3.0]), t(2.5, 3.5))
+    assert torch.allclose(ops.linear(thetas, [1.0, 3.0], normalize=False), t(10.0, 14.0))
+
+
+def test_linear_keeps_half_dtype_and_refuses_zero_weight_sum():
+    thetas = [t(1.0, 2.0).bfloat16(), t(3.0, 4.0).bfloat16()]
+    out = ops.linear(thetas, [0.5, 0.5])
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.float(), t(2.0, 3.0))
+    with pytest.raises(ConfigError, match="sum to 0"):
+        ops.linear(thetas, [1.0, -1.0])
+
+
+def test_task_arithmetic_weights_lambda_and_normalize():
+    base = t(1.0, 1.0)
+    deltas = [t(1.0, -2.0), t(2.0, 2.0)]
+    # Σ w τ = [0.5 + 0.5, -1 + 0.5] = [1, -0.5]
+    assert torch.allclose(ops.task_arithmetic(base, deltas, [0.5, 0.25]), t(2.0, 0.5))
+    assert torch.allclose(ops.task_arithmetic(base, deltas, [0.5, 0.25], lam=2.0), t(3.0, 0.0))
+    normalized = ops.task_arithmetic(base, deltas, [0.5, 0.25], normalize=True, lam=2.0)
+    assert torch.allclose(normalized, t(1.0 + 2.0 / 0.75, 1.0 - 1.0 / 0.75))
+    # a zero weight sum cannot be normalised: mergekit divides by 1 instead
+    zero_sum = ops.task_arithmetic(base, deltas, [1.0, -1.0], normalize=True)
+    assert torch.allclose(zero_sum, t(0.0, -3.0))
+
+
+def test_mismatched_model_counts_are_refused():
+    with pytest.raises(ConfigError, match="deltas=2, weights=1"):
+        ops.task_arithmetic(t(0.0), [t(1.0), t(2.0)], [1.0])
+
+
+# --- TIES ---------------------------------------------------------------------------------------------------
+
+TAU1 = t([1.0, -2.0, 3.0], [-4.0, 0.5, 0.0])
+TAU2 = t([-3.0, 1.0, 2.0], [1.0, -0.5, 6.0])
+
+
+def test_trim_keeps_top_k_by_magnitude():
+    # density 0.5 of 6 entries: k = 3
+    assert torch.equal(ops.trim(TAU1, 0.5), t([0.0, -2.0, 3.0], [-4.0, 0.0, 0.0]))
+    assert torch.equal(ops.trim(TAU2, 0.5), t([-3.0, 0.0, 2.0], [0.0, 0.0, 6.0]))
+    assert torch.equal(ops.trim(TAU1, 0.01), t([0.0, 0.0, 0.0], [-4.0, 0.0, 0.0]))  # k = max(1, 0)
+
+
+@pytest.mark.parametrize("density", [1.0, 1.5])
+def test_trim_density_at_least_one_is_identity(density):
+    assert torch.equal(ops.trim(TAU1, density), TAU1)
+    assert ops.magnitude_threshold(TAU1, density).all()
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1])
+def test_trim_density_zero_or_less_is_zero(density):
+    assert torch.equal(ops.trim(TAU1, density), torch.zeros_like(TAU1))
+    assert not ops.magnitude_threshold(TAU1, density).any()
+
+
+def test_trim_out_writes_into_buffer():
+    out = torch.full((2, 3), 7.0)
+    ops.trim(TAU1, 0.5, out=out)
+    assert torch.equal(out, t([0.0, -2.0, 3.0], [-4.0, 0.0, 0.0]))
+
+
+def test_threshold_ties_keep_exactly_k_lowest_indices_first():
+    delta = t(3.0, -1.0, 1.0, 1.0, -2.0)
+    # k = 3: 3 and -2 surely, then one of the three |1|: the lowest index
+    assert ops.magnitude_threshold(delta, 0.6).tolist() == [True, True, False, False, True]
+    assert ops.magnitude_threshold(torch.ones(10), 0.35).tolist() == [True] * 3 + [False] * 7
+    assert (
+        ops.magnitude_threshold(torch.ones(10, dtype=torch.float64), 0.35).tolist()
+        == [True] * 3 + [False] * 7
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.93])
+def test_threshold_equals_full_sort(dtype, density):
+    """The selection keeps exactly k entries, and every kept magnitude ≥ every dropped one."""
+    g = gen(3)
+    # magnitudes spanning many binades, with exact ties from the coarse dtypes
+    delta = (torch.randn(301, 67, generator=g) * torch.exp(4 * torch.randn(301, 67, generator=g))).to(dtype)
+    keep = ops.magnitude_threshold(delta, density)
+    k = max(1, int(density * delta.numel()))
+    mag = delta.abs().double()
+    assert int(keep.sum()) == k
+    assert mag[keep].min() >= mag[~keep].max()
+    order = torch.argsort(mag.reshape(-1), descending=True, stable=True)
+    expected = torch.zeros(delta.numel(), dtype=torch.bool)
+    expected[order[:k]] = True
+    if dtype in (torch.float32, torch.float64):  # distinct magnitudes (almost surely): the same mask
+        assert torch.unique(mag).numel() == mag.numel()
+        assert torch.equal(keep.reshape(-1), expected)
+
+
+def test_threshold_bucket_boundary_and_zeros():
+    # k-th largest is the smallest key of its radix bucket, and half the entries are zero
+    delta = torch.cat([torch.zeros(50), torch.tensor([2.0**-3] * 5), torch.tensor([2.0**-3 + 2.0**-20]) * 1])
+    keep = ops.magnitude_threshold(delta, 6 / 56)
+    assert keep[50:].all() and not keep[:50].any()
+    keep = ops.magnitude_threshold(torch.zeros(8), 0.5)
+    assert keep.tolist() == [True] * 4 + [False] * 4  # exactly k, even of zeros; trim still gives zeros
+
+
+def test_elect_sign_zero_sum_counts_as_plus():
+    weighted = torch.stack([t(2.0, -1.0, 0.0), t(-2.0, -1.0, 0.0)])
+    assert torch.equal(ops.elect_sign(weighted), t(1.0, -1.0, 1.0))
+
+
+def test_disjoint_merge_zero_sum_and_zero_entries():
+    weighted = torch.stack([t(2.0, -1.0, 0.0), t(-2.0, -1.0, 0.0)])
+    sign = ops.elect_sign(weighted)
+    w = torch.tensor([1.0, 1.0])
+    # col 0: only +2 agrees with +; col 1: both; col 2: nobody (divisor 0 -> 1)
+    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=False), t(2.0, -2.0, 0.0))
+    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=True), t(2.0, -1.0, 0.0))
+
+
+def test_ties_by_hand_2x3():
+    w = [1.0, 0.5]
+    # trimmed (density 0.5): w τ1 = [[0,-2,3],[-4,0,0]], w τ2 = [[-1.5,0,1],[0,0,3]]
+    # Σ = [[-1.5,-2,4],[-4,0,3]] -> γ = [[-,-,+],[-,+,+]]
+    weighted = torch.stack([t([0.0, -2.0, 3.0], [-4.0, 0.0, 0.0]), t([-1.5, 0.0, 1.0], [0.0, 0.0, 3.0])])
+    sign = ops.elect_sign(weighted)
+    assert torch.equal(sign, t([-1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]))
+    sums = t([-1.5, -2.0, 4.0], [-4.0, 0.0, 3.0])
+    divisors = t([0.5, 1.0, 1.5], [1.0, 1.0, 0.5])  # agreeing weights; (1,1): nobody -> 1
+    base = t([10.0, 10.0, 10.0], [0.0, 0.0, 0.0])
+    assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5], normalize=False), base + sums)
+    assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5]), base + sums / divisors)
+    assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5], lam=0.5), base + 0.5 * sums / divisors)
+    assert torch.equal(ops.disjoint_merge(weighted, torch.tensor(w), sign, normalize=False), sums)
+
+
+def test_ties_does_not_modify_inputs_and_keeps_dtype():
+    base = torch.zeros(2, 3, dtype=torch.bfloat16)
+    d1, d2 = TAU1.bfloat16(), TAU2.bfloat16()
+    c1, c2 = d1.clone(), d2.clone()
+    out = ops.ties(base, [d1, d2], [1.0, 0.5], [0.5, 1.0])
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(d1, c1) and torch.equal(d2, c2)
+
+
+# --- DARE ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tau() -> torch.Tensor:
+    return torch.randn(400, 250, generator=gen(0))  # 100k entries
+
+
+@pytest.mark.parametrize("rescale", ["l1", "inverse", "none"])
+def test_dare_same_seed_same_output_different_seed_differs(tau, rescale):
+    a = ops.dare(tau, 0.3, generator=gen(1), rescale=rescale)
+    b = ops.dare(tau, 0.3, generator=gen(1), rescale=rescale)
+    c = ops.dare(tau, 0.3, generator=gen(2), rescale=rescale)
+    assert torch.equal(a, b)
+    assert not torch.equal((a != 0), (c != 0))
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.9])
+def test_dare_kept_fraction_is_binomial(tau, density):
+    kept = int((ops.dare(tau, density, generator=gen(5), rescale="none") != 0).sum())
+    n = tau.numel()
+    assert abs(kept - density * n) <= 5 * math.sqrt(n * density * (1 - density))
+
+
+def test_dare_l1_rescale_preserves_norm(tau):
+    out = ops.dare(tau, 0.3, generator=gen(7), rescale="l1")
+    assert torch.isclose(out.abs().sum(), tau.abs().sum(), rtol=1e-5)
+    kept = out != 0
+    ratio = out[kept] / tau[kept]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # one common factor
+    assert not torch.isclose(ratio[0], torch.tensor(1.0))
+
+
+def test_dare_inverse_rescale_is_exact_one_over_density(tau):
+    out = ops.dare(tau, 0.25, generator=gen(7), rescale="inverse")
+    kept = out != 0
+    assert torch.equal(out[kept], tau[kept] / 0.25)
+    none = ops.dare(tau, 0.25, generator=gen(7), rescale="none")
+    assert torch.equal(none[kept], tau[kept]) and torch.equal(none != 0, kept)
+
+
+def test_dare_inverse_is_unbiased():
+    # E[τ̂] = τ: for constant τ = c the mean of τ̂ is c·(kept fraction)/density
+    n, density, c = 200_000, 0.3, 0.7
+    out = ops.dare(torch.full((n,), c), density, generator=gen(11), rescale="inverse")
+    rel_sd = math.sqrt((1 - density) / (n * density))
+    assert abs(float(out.mean()) / c - 1) <= 5 * rel_sd
+
+
+def test_dare_edges_and_bad_mode(tau):
+    assert ops.dare(tau, 1.0, generator=gen(0)) is tau
+    assert torch.equal(ops.dare(tau, 0.0, generator=gen(0)), torch.zeros_like(tau))
+    zeros = ops.dare(torch.zeros(100), 0.5, generator=gen(0), rescale="l1")  # norms below eps: no 0/0
+    assert torch.equal(zeros, torch.zeros(100))
+    half = ops.dare(tau.half(), 0.5, generator=gen(0))
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    with pytest.raises(ConfigError, match="'l2'"):
+        ops.dare(tau, 0.5, generator=gen(0), rescale="l2")  # type: ignore[arg-type]
+
+
+def test_dare_ties_and_linear_are_seeded(tau):
+    base = torch.zeros_like(tau)
+    deltas = [tau, -0.5 * tau + 0.1]
+    for fn in (ops.dare_ties, ops.dare_linear):
+        a = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(4))
+        b = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(4))
+        c = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(5))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dare_linear_equals_task_arithmetic_of_dare_deltas(tau):
+    base = torch.ones_like(tau)
+    deltas = [tau, 2 * tau]
+    g = gen(9)
+    sparse = [
+        ops.dare(d, rho, generator=g, rescale="inverse") for d, rho in zip(deltas, [0.4, 0.7], strict=True)
+    ]
+    expected = base + 0.8 * (0.5 * sparse[0] + 0.25 * sparse[1])
+    out = ops.dare_linear(base, deltas, [0.5, 0.25], [0.4, 0.7], generator=gen(9), rescale="inverse", lam=0.8)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+# --- Fisher-weighted merging --------------------------------------------------------------------------------
+
+F1, F2 = t(1.0, 3.0), t(3.0, 1.0)
+
+
+def test_fisher_merge_by_hand_and_uniform_fisher_is_weighted_average():
+    thetas = [t(1.0, 2.0), t(3.0, 6.0)]
+    assert torch.allclose(ops.fisher_merge(thetas, [F1, F2], [1.0, 1.0]), t(2.5, 3.0))
+    assert torch.allclose(ops.fisher_merge(thetas, [F1, F2], [2.0, 1.0]), t(11 / 5, 18 / 7))
+    ones = [torch.ones(2), torch.ones(2)]
+    assert torch.allclose(ops.fisher_merge(thetas, ones, [2.0, 1.0]), ops.linear(thetas, [2.0, 1.0]))
+    zeros = [torch.zeros(2), torch.zeros(2)]  # nobody sensitive: eps keeps the weighted average
+    assert torch.allclose(ops.fisher_merge(thetas, zeros, [2.0, 1.0]), ops.linear(thetas, [2.0, 1.0]))
+
+
+def test_df_merge_by_hand_and_identity_fisher_is_task_arithmetic():
+    base, deltas, lam = t(0.0, 1.0), [t(1.0, 2.0), t(3.0, -2.0)], [0.5, 1.0]
+    # M Σ F λ τ / Σ F = 2 · [0.5 + 9, 3 - 2] / [4, 4]
+    assert torch.allclose(ops.df_merge(base, deltas, [F1, F2], lam), t(4.75, 1.5))
+    ones = [torch.ones(2), torch.ones(2)]
+    assert torch.allclose(ops.df_merge(base, deltas, ones, lam), ops.task_arithmetic(base, deltas, lam))
+
+
+def test_fisher_importance_by_hand_and_mean_one():
+    imp = ops.fisher_importance([F1, F2])
+    assert torch.allclose(imp, torch.stack([t(0.5, 1.5), t(1.5, 0.5)]))
+    big = ops.fisher_importance([torch.rand(50, generator=gen(k)) for k in range(3)])
+    assert torch.allclose(big.mean(0), torch.ones(50))
+    assert torch.equal(ops.fisher_importance([torch.ones(3)] * 3), torch.ones(3, 3))
+
+
+def test_importance_weighted_task_arithmetic_is_df_merge():
+    g = gen(2)
+    base = torch.randn(40, generator=g)
+    deltas = [torch.randn(40, generator=g) for _ in range(3)]
+    fishers = [torch.rand(40, generator=g) ** 3 for _ in range(3)]
+    lam = [0.3, 0.9, 0.5]
+    imp = ops.fisher_importance(fishers)
+    expected = ops.df_merge(base, deltas, fishers, lam)
+    assert torch.allclose(ops.task_arithmetic(base, deltas, lam, importance=imp), expected, atol=1e-6)
+    # density 1 and no sign election: Fisher-weighted DARE-linear is DF-Merge too
+    dl = ops.dare_linear(base, deltas, lam, [1.0] * 3, generator=g, importance=imp)
+    assert torch.allclose(dl, expected, atol=1e-6)
+
+
+def test_fisher_weighted_ties_by_hand():
+    imp = ops.fisher_importance([F1, F2])  # [[0.5, 1.5], [1.5, 0.5]]
+    deltas = [t(1.0, -1.0), t(1.0, 2.0)]
+    # w I τ: [0.5, -1.5], [1.5, 1.0] -> γ = [+, -]; col 0 both agree, col 1 only model 1
+    base = torch.zeros(2)
+    out = ops.ties(base, deltas, [1.0, 1.0], [1.0, 1.0], normalize=False, importance=imp)
+    assert torch.allclose(out, t(2.0, -1.5))
+    out = ops.ties(base, deltas, [1.0, 1.0], [1.0, 1.0], importance=imp)
+    assert torch.allclose(out, t(2.0 / 2.0, -1.5 / 1.5))
+    weighted = torch.stack([t(1.0, -1.0), t(1.0, 2.0)])
+    sign = ops.elect_sign(weighted * imp)
+    direct = ops.disjoint_merge(weighted, torch.ones(2), sign, normalize=True, importance=imp)
+    assert torch.allclose(direct, t(1.0, -1.0))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_weighted_ties_with_uniform_fisher_is_ties(normalize):
+    g = gen(6)
+    base = torch.randn(30, 20, generator=g)
+    deltas = [torch.randn(30, 20, generator=g) for _ in range(3)]
+    w, rho = [0.7, 0.4, 1.1], [0.3, 0.5, 0.8]
+    imp = ops.fisher_importance([torch.full((30, 20), 2.5)] * 3)
+    plain = ops.ties(base, deltas, w, rho, normalize=normalize)
+    assert torch.equal(ops.ties(base, deltas, w, rho, normalize=normalize, importance=imp), plain)
+    a = ops.dare_ties(base, deltas, w, rho, generator=gen(1), normalize=normalize)
+    b = ops.dare_ties(base, deltas, w, rho, generator=gen(1), normalize=normalize, importance=imp)
+    assert torch.equal(a, b)
+
+
+# --- mergekit as the oracle ---------------------------------------------------------------------------------
+
+
+def _random_models(seed: int, count: int = 3, shape=(37, 29)):
+    g = gen(seed)
+    base = torch.randn(*shape, generator=g) * 0.02
+    return base, [base + torch.randn(*shape, generator=g) * 0.01 for _ in range(count)]
+
+
+def _mk_params(weights, densities=None, **shared):
+    p = {"weight": {k + 1: w for k, w in enumerate(weights)}, **shared}
+    if densities is not None:
+        p["density"] = {k + 1: d for k, d in enumerate(densities)}
+    return p
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
+def test_trim_equals_mergekit_magnitude(density):
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    for seed in range(3):
+        delta = torch.randn(53, 41, generator=gen(seed))
+        assert torch.unique(delta.abs()).numel() == delta.numel()
+        assert torch.equal(ops.trim(delta, density), sparsify.magnitude(delta, density))
+
+
+@pytest.mark.mergekit
+def test_elect_and_disjoint_equal_mergekit_get_mask():
+    gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
+    g = gen(8)
+    weighted = torch.randn(4, 30, 20, generator=g)
+    weighted[weighted.abs() < 0.3] = 0  # sparse entries, as after trimming
+    weighted[:, 0, :4] = torch.tensor([1.0, -1.0, 0.0, 0.0]).view(4, 1)  # a zero sum
+    w = torch.tensor([0.5, 1.0, 0.8, 0.3]).view(4, 1, 1)
+    mask = gta.get_mask(weighted, method="sum")
+    sign = ops.elect_sign(weighted)
+    assert torch.equal(weighted.sign() == sign, mask)
+    expected = (weighted * mask).sum(0)
+    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=False), expected)
+    divisor = (w * mask).sum(0)
+    divisor[divisor == 0] = 1
+    assert torch.equal(ops.disjoint_merge(weighted, w.view(-1), sign, normalize=True), expected / divisor)
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("normalize", "lam"), [(True, 1.0), (False, 1.0), (True, 0.6), (False, 1.3)])
+def test_ties_task_arithmetic_linear_equal_mergekit(normalize, lam):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = _random_models(seed=int(lam * 10) + normalize)
+    deltas = [ops.task_vector(m, base) for m in models]
+    w, rho = [0.6, 0.3, 0.9], [0.2, 0.5, 0.9]
+    shared = {"normalize": normalize, "lambda": lam}
+
+    mk_ties = api.merge_tensors(
+        [base, *models], "ties", parameters=_mk_params(w, rho, **shared), base_index=0
+    )
+    hm3_ties = ops.ties(base, deltas, w, rho, normalize=normalize, lam=lam)
+    assert (hm3_ties - mk_ties).abs().max() <= 1e-6
+
+    mk_ta = api.merge_tensors(
+        [base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0
+    )
+    hm3_ta = ops.task_arithmetic(base, deltas, w, normalize=normalize, lam=lam)
+    assert (hm3_ta - mk_ta).abs().max() <= 1e-6
+
+    mk_lin = api.merge_tensors(models, "linear", parameters={"weight": w, "normalize": normalize})
+    assert (ops.linear(models, w, normalize=normalize) - mk_lin).abs().max() <= 1e-6
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(True, False), (False, False), (True, True)])
+def test_dare_with_fixed_masks_equals_mergekit(monkeypatch, method, rescale, normalize):
+    """mergekit draws its DARE masks with torch.bernoulli; feed it the masks hm3 draws from the same seed."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = _random_models(seed=21)
+    deltas = [ops.task_vector(m, base) for m in models]
+    w, rho = [0.6, 0.3, 0.9], [0.2, 0.5, 0.7]
+    g = gen(33)
+    masks = [ops.dare_keep_mask(d, r, generator=g) for d, r in zip(deltas, rho, strict=True)]
+    served = iter(masks)
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: next(served).to(p.dtype))
+    params = _mk_params(w, rho, normalize=normalize, rescale=rescale)
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    assert next(served, None) is None  # mergekit consumed exactly one mask per model
+    mode = "l1" if rescale else "none"
+    fn = ops.dare_ties if method == "dare_ties" else ops.dare_linear
+    out = fn(base, deltas, w, rho, generator=gen(33), rescale=mode, normalize=normalize)
+    assert (out - expected).abs().max() <= 1e-6
