@@ -1,0 +1,1 @@
+"""Level-1 parameter search: search space, Pareto/HV protocol, optimisers (model-agnostic)."""

@@ -1,0 +1,164 @@
+"""The optimiser interface shared by every level-1 search method.
+
+Contract (identical for all methods, so benchmarks compare like with like):
+
+* the search space is the unit cube ``[0, 1]^d``; scores are MAXIMISED, one column per
+  objective (the driver normalises them with :func:`hm3.search.pareto.normalise`, so by
+  default the base model sits at 0 and the ideal point at 1);
+* ``budget`` = number of candidate evaluations, initial design included; ``ask`` never
+  hands out a point beyond it;
+* protocol: ``X = ask(n)`` → evaluate → ``tell(X, Y)``; one batch in flight at a time;
+* **resume by replay**: an optimiser's state is a pure function of its constructor
+  arguments and the ``(x, y)`` history. Each ask derives its randomness from
+  ``(seed, evaluations so far)`` (:meth:`Optimizer.rng_seed`), never from a long-lived RNG,
+  so after a crash ``from_history(...)`` followed by ``ask`` yields exactly the points an
+  uninterrupted run would have asked next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+
+from hm3.errors import ConfigError
+
+DTYPE = torch.float64
+
+
+class Optimizer(ABC):
+    """Ask/tell optimiser over the unit cube with exact budget accounting."""
+
+    #: Registry name (``bo-mo``, ``random``, …).
+    name: ClassVar[str]
+
+    def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
+        if space_dim < 1:
+            raise ConfigError(f"{self.name}: the search space has no dimension (d = {space_dim})")
+        if n_objectives < 1:
+            raise ConfigError(f"{self.name}: need at least one objective, got {n_objectives}")
+        if budget < 1:
+            raise ConfigError(f"{self.name}: budget must be >= 1 evaluation, got {budget}")
+        if options:
+            raise ConfigError(f"{self.name}: unknown optimiser option(s): {', '.join(sorted(options))}")
+        self.d = space_dim
+        self.k = n_objectives
+        self.seed = int(seed)
+        self.budget = int(budget)
+        self.X = torch.empty(0, space_dim, dtype=DTYPE)
+        self.Y = torch.empty(0, n_objectives, dtype=DTYPE)
+        self._pending = 0
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    @property
+    def n_evaluated(self) -> int:
+        return len(self.X)
+
+    @property
+    def remaining(self) -> int:
+        """Evaluations still allowed (points asked but not yet told count as spent)."""
+        return self.budget - self.n_evaluated - self._pending
+
+    def rng_seed(self, salt: int = 0) -> int:
+        """Seed for the next ask: a hash of (seed, evaluations so far, salt) — what makes replay exact."""
+        digest = hashlib.sha256(f"{self.seed}:{self.n_evaluated}:{salt}".encode()).digest()
+        return int.from_bytes(digest[:7], "little")
+
+    @contextmanager
+    def seeded_torch(self, salt: int = 0) -> Iterator[None]:
+        """Run botorch/gpytorch code (which draws from torch's global RNG) under :meth:`rng_seed`."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.rng_seed(salt))
+            yield
+
+    # --- protocol ---------------------------------------------------------------------------------
+
+    def ask(self, n: int = 1) -> torch.Tensor:
+        """Up to ``n`` new points (``m × d``, in the unit cube), ``1 <= m <= n``.
+
+        Generational methods may return fewer than ``n`` at a generation boundary.
+        """
+        if self._pending:
+            raise RuntimeError(
+                f"{self.name}: tell() the {self._pending} pending point(s) before asking again"
+            )
+        if n < 1:
+            raise ValueError(f"ask(n) needs n >= 1, got {n}")
+        if self.remaining < 1:
+            raise RuntimeError(f"{self.name}: budget of {self.budget} evaluations exhausted")
+        X = self._ask(min(n, self.remaining)).to(DTYPE).clamp(0.0, 1.0)
+        if X.dim() != 2 or X.shape[1] != self.d or not 1 <= len(X) <= min(n, self.remaining):
+            raise RuntimeError(
+                f"{self.name}: internal error, asked {n} points, produced shape {tuple(X.shape)}"
+            )
+        self._pending = len(X)
+        return X
+
+    def tell(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """Record evaluated points (the pending batch, or any history when replaying)."""
+        X = torch.as_tensor(X, dtype=DTYPE).reshape(-1, self.d)
+        Y = torch.as_tensor(Y, dtype=DTYPE).reshape(-1, self.k)
+        if len(X) != len(Y):
+            raise ValueError(f"{self.name}: tell() got {len(X)} points but {len(Y)} score rows")
+        if not torch.isfinite(Y).all():
+            raise ValueError(f"{self.name}: scores hold NaN or Inf")
+        if self.n_evaluated + len(X) > self.budget:
+            raise RuntimeError(
+                f"{self.name}: telling {len(X)} more points would exceed the budget of {self.budget}"
+            )
+        self._observe(X, Y)
+        self.X = torch.cat([self.X, X])
+        self.Y = torch.cat([self.Y, Y])
+        self._pending = max(0, self._pending - len(X))
+
+    @classmethod
+    def from_history(
+        cls, X: torch.Tensor, Y: torch.Tensor, space_dim: int, n_objectives: int, **kwargs: Any
+    ) -> Optimizer:
+        """Rebuild an optimiser after a crash: construct it as before, then replay every evaluation."""
+        opt = cls(space_dim, n_objectives, **kwargs)
+        if len(X):
+            opt.tell(X, Y)
+        return opt
+
+    # --- what each method supplies ------------------------------------------------------------------
+
+    @abstractmethod
+    def _ask(self, n: int) -> torch.Tensor:
+        """``m × d`` points, ``1 <= m <= n``; deterministic given the history (use ``rng_seed``)."""
+
+    def _observe(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """Hook for methods with state beyond the history (called before X, Y are appended)."""
+        return None
+
+
+def run(
+    optimizer: Optimizer,
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
+    budget: int | None = None,
+    *,
+    batch_size: int = 1,
+    on_result: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spend ``budget`` evaluations (default: all that remain) and return every ``(X, Y)``.
+
+    ``evaluate`` maps an ``m × d`` batch to ``m × k`` maximised scores; ``on_result`` sees
+    each told batch (the driver commits it to the run store there).
+    """
+    target = optimizer.n_evaluated + (optimizer.remaining if budget is None else budget)
+    if target > optimizer.budget:
+        raise ConfigError(
+            f"run budget {budget} exceeds the optimiser's remaining {optimizer.remaining} evaluations"
+        )
+    while optimizer.n_evaluated < target:
+        X = optimizer.ask(min(batch_size, target - optimizer.n_evaluated))
+        Y = torch.as_tensor(evaluate(X), dtype=DTYPE).reshape(len(X), optimizer.k)
+        optimizer.tell(X, Y)
+        if on_result is not None:
+            on_result(X, Y)
+    return optimizer.X, optimizer.Y

@@ -1,0 +1,76 @@
+"""Pareto set and hm3's HV protocol against hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hm3.errors import ConfigError
+from hm3.search.pareto import hypervolume, non_dominated, normalise, protocol_hypervolume
+
+
+def test_non_dominated_keeps_trade_offs_and_drops_dominated():
+    F = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.4, 0.4], [1.0, 0.0]])
+    # [0.4, 0.4] is dominated by [0.5, 0.5]; the duplicate of [1, 0] is kept
+    assert non_dominated(F).tolist() == [0, 1, 2, 4]
+
+
+def test_non_dominated_3d_and_empty():
+    F = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0.5, 0.5, 0.4]], dtype=float)
+    assert non_dominated(F).tolist() == [0, 1, 2, 3]
+    assert non_dominated(np.zeros((0, 3))).tolist() == []
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        ([[0.5, 0.5]], 0.25),  # single point: its box
+        ([[1.0, 0.5], [0.5, 1.0]], 0.5 + 0.5 - 0.25),  # two boxes overlapping in [0,.5]^2
+        ([[1.0, 0.5], [0.5, 1.0], [0.4, 0.4]], 0.75),  # dominated point adds nothing
+        ([[1.0, 0.5], [-0.2, 2.0]], 0.5),  # below the reference on one axis: nothing
+        ([[0.0, 0.7]], 0.0),  # on the reference: nothing
+    ],
+)
+def test_hypervolume_2d(points, expected):
+    assert hypervolume(np.array(points)) == pytest.approx(expected)
+
+
+def test_hypervolume_3d():
+    single = np.array([[0.5, 0.4, 0.2]])
+    assert hypervolume(single) == pytest.approx(0.04)
+    # two boxes: 1×1×0.5 and 0.5×0.5×1; overlap 0.5×0.5×0.5
+    two = np.array([[1.0, 1.0, 0.5], [0.5, 0.5, 1.0]])
+    assert hypervolume(two) == pytest.approx(0.5 + 0.25 - 0.125)
+    assert hypervolume(np.vstack([two, [[0.2, 0.2, 0.2]]])) == pytest.approx(0.625)
+    assert hypervolume(np.vstack([two, [[2.0, 2.0, -0.1]]])) == pytest.approx(0.625)
+
+
+def test_hypervolume_with_explicit_reference():
+    assert hypervolume(np.array([[2.0, 3.0]]), ref=np.array([1.0, 1.0])) == pytest.approx(2.0)
+
+
+def test_normalise_puts_base_at_zero_and_ideal_at_one():
+    base, ideal = np.array([10.0, 0.2]), np.array([30.0, 0.6])
+    F = np.array([[10.0, 0.2], [30.0, 0.6], [20.0, 0.4]])
+    assert normalise(F, base, ideal) == pytest.approx(np.array([[0, 0], [1, 1], [0.5, 0.5]]))
+
+
+def test_normalise_guards_ideal_equal_to_base():
+    out = normalise(np.array([[0.5, 0.7]]), np.array([0.5, 0.5]), np.array([1.0, 0.5]))
+    assert np.all(np.isfinite(out))
+    assert out[0].tolist() == pytest.approx([0.0, 0.2])
+
+
+def test_protocol_hypervolume_counts_only_merges_beating_the_base():
+    base, ideal = np.array([0.3, 0.3]), np.array([0.7, 0.5])
+    F = np.array([[0.5, 0.4], [0.8, 0.2]])  # 2nd point is below base on objective 2
+    assert protocol_hypervolume(F, base, ideal) == pytest.approx(0.5 * 0.5)
+
+
+def test_bad_shapes_raise_config_errors():
+    with pytest.raises(ConfigError, match="matrix"):
+        non_dominated(np.array([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="NaN"):
+        hypervolume(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ConfigError, match="one entry per objective"):
+        normalise(np.zeros((1, 2)), np.zeros(3), np.ones(2))

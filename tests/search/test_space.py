@@ -1,0 +1,142 @@
+"""SearchSpace: vector <-> recipe, layer-group filters, fixed coefficients, config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hm3.errors import ConfigError
+from hm3.search.space import SearchSpace, layer_group_filters, parse_search_space
+
+MODELS = ["expert_a", "expert_b", "expert_c"]
+
+
+def _space(**kw) -> SearchSpace:
+    return parse_search_space({"models": MODELS, "base_model": "base", **kw})
+
+
+def test_dim_bounds_and_names():
+    s = _space(weight_bounds=[[0, 1], [0, 2], [0.5, 1]])
+    assert s.dim == 6 and s.merge_method == "dare_ties"
+    assert s.bounds.shape == (2, 6)
+    assert s.bounds[:, 1].tolist() == [0.0, 2.0]
+    assert s.bounds[:, 3].tolist() == [0.1, 1.0]  # default density bounds
+    assert s.param_names()[0] == "weight[expert_a][g0]" and s.param_names()[3] == "density[expert_a][g0]"
+    fixed = _space(density=0.3, dare=False)
+    assert fixed.dim == 3 and fixed.merge_method == "ties"
+
+
+def test_to_recipe_maps_unit_cube_into_bounds():
+    s = _space(weight_bounds=[[0, 1], [0, 2], [0.5, 1]], seed=7)
+    recipe = s.to_recipe(torch.tensor([0.5, 0.5, 0.0, 0.0, 1.0, 0.5]))
+    assert recipe["merge_method"] == "dare_ties" and recipe["base_model"] == "base" and recipe["seed"] == 7
+    params = [m["parameters"] for m in recipe["models"]]
+    assert [p["weight"] for p in params] == pytest.approx([0.5, 1.0, 0.5])
+    assert [p["density"] for p in params] == pytest.approx([0.1, 1.0, 0.55])
+    assert "parameters" not in recipe  # l1 rescale is mergekit's default: nothing hm3-only
+
+
+def test_hm3_only_keys_appear_when_chosen():
+    s = _space(rescale_mode="inverse", fisher=True, normalize=True)
+    recipe = s.to_recipe(
+        torch.full((6,), 0.5), fisher_paths=["fa.safetensors", "fb.safetensors", "fc.safetensors"]
+    )
+    assert recipe["parameters"] == {"normalize": True, "rescale_mode": "inverse"}
+    assert recipe["models"][1]["parameters"]["fisher"] == "fb.safetensors"
+    with pytest.raises(ConfigError, match="one Fisher file per model"):
+        s.to_recipe(torch.full((6,), 0.5))
+    df = _space(fisher=True, df_merge=True, dare=False)
+    assert df.dim == 3
+    r = df.to_recipe(torch.ones(3), fisher_paths=["a", "b", "c"])
+    assert r["merge_method"] == "df_merge" and "density" not in r["models"][0]["parameters"]
+
+
+def test_round_trip_plain_and_layer_groups():
+    for s in (_space(), _space(layer_granularity=2, num_layers=4), _space(density=0.5, dare=False)):
+        x = torch.rand(s.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert torch.allclose(s.from_recipe(s.to_recipe(x)), x, atol=1e-12)
+
+
+def test_layer_group_filters():
+    assert layer_group_filters(4, 2) == [["layers.0.", "layers.1."], ["layers.2.", "layers.3."]]
+    assert layer_group_filters(3, 3) == [["layers.0.", "layers.1.", "layers.2."]]
+    with pytest.raises(ConfigError, match="does not divide"):
+        layer_group_filters(5, 2)
+
+
+def test_layer_group_recipe_resolves_per_layer_in_mergekit():
+    """mergekit itself (the oracle) must read the filters as one value per layer group."""
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration, evaluate_setting
+
+    s = _space(layer_granularity=2, num_layers=12)
+    assert s.n_groups == 6 and s.dim == 36
+    x = torch.linspace(0, 1, s.dim, dtype=torch.float64)
+    recipe = s.to_recipe(x)
+    MergeConfiguration.model_validate(recipe)  # mergekit accepts the schema
+    values = s.decode(x)
+    weight_b = recipe["models"][1]["parameters"]["weight"]
+    from mergekit.config import ConditionalParameter
+
+    conds = [ConditionalParameter(**c) for c in weight_b]
+    for layer in range(12):
+        got = evaluate_setting(f"model.layers.{layer}.mlp.up_proj.weight", conds, validate=float)
+        assert got == pytest.approx(values["weight"][1][layer // 2]), layer
+    # outside the layers: the first group's value (mergekit's t = 0 rule)
+    assert evaluate_setting("model.embed_tokens.weight", conds, validate=float) == pytest.approx(
+        values["weight"][1][0]
+    )
+
+
+def test_fixed_coefficients_sets_weights_to_lambda():
+    s = _space(layer_granularity=1, num_layers=2)
+    x = s.fixed_coefficients([0.2, 0.3, 0.5])
+    vals = s.decode(x)
+    assert [w for row in vals["weight"] for w in row] == pytest.approx([0.2, 0.2, 0.3, 0.3, 0.5, 0.5])
+    assert vals["density"][0] == pytest.approx([0.55, 0.55])  # middle of [0.1, 1]
+    assert s.decode(s.fixed_coefficients([0.2, 0.3, 0.5], density=0.9))["density"][2] == pytest.approx(
+        [0.9, 0.9]
+    )
+    with pytest.raises(ConfigError, match="one per model"):
+        s.fixed_coefficients([0.5, 0.5])
+    with pytest.raises(ConfigError, match="outside its bounds"):
+        _space(weight_bounds=[0.0, 0.4]).fixed_coefficients([0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"weight_bounds": [1.0, 0.0]}, "reversed"),
+        ({"density_bounds": [[0.1, 1.0], [0.9, 0.2], [0.1, 1.0]]}, "density_bounds of 'expert_b'.*reversed"),
+        ({"weight_bounds": [[0, 1], [0, 1]]}, "2 entries but there are 3 models"),
+        ({"density_bounds": [0.0, 1.5]}, r"within \[0.0, 1.0\]"),
+        ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"layer_granularity": 2}, "needs num_layers"),
+        ({"layer_granularity": 3, "num_layers": 4}, "does not divide"),
+        ({"df_merge": True}, "df_merge needs fisher"),
+        ({"density": 0.0}, "density must lie"),
+    ],
+)
+def test_invalid_spaces(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _space(**extra)
+
+
+def test_invalid_points_and_foreign_recipes():
+    s = _space()
+    with pytest.raises(ConfigError, match="has 2 coordinates"):
+        s.to_recipe([0.5, 0.5])
+    with pytest.raises(ConfigError, match=r"density\[expert_a\]\[g0\] = 1.5"):
+        s.to_recipe([0.5, 0.5, 0.5, 1.5, 0.5, 0.5])
+    recipe = s.to_recipe(torch.full((6,), 0.5))
+    with pytest.raises(ConfigError, match="models"):
+        s.from_recipe({**recipe, "models": recipe["models"][:2]})
+    with pytest.raises(ConfigError, match="merge_method"):
+        s.from_recipe({**recipe, "merge_method": "ties"})
+    wide = {**recipe, "models": [{"model": m, "parameters": {"weight": 3.0, "density": 0.5}} for m in MODELS]}
+    with pytest.raises(ConfigError, match="outside its bounds"):
+        s.from_recipe(wide)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_search_space(["not", "a", "mapping"])
+    with pytest.raises(ConfigError, match="missing required key 'base_model'"):
+        parse_search_space({"models": MODELS})
