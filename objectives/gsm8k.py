@@ -1,8 +1,9 @@
 """GSM8K-format grade-school maths from a user's JSONL file, scored by numeric answer match.
 
 Records: ``{"question": str, "answer": str}`` where ``answer`` ends with ``#### <number>`` (the GSM8K
-convention; the worked solution before it is ignored). Optional ``"id"`` and ``"split"`` fields follow
-:mod:`objectives.jsonl`.
+convention). The whole answer is the example's target (the continuation Fisher estimation uses); the
+number after ``####`` is what outputs are scored against. Optional ``"id"`` and ``"split"`` fields
+follow :mod:`objectives.jsonl`.
 
 Prompt (zero-shot): ``"Question: <question>\\nAnswer:"``; greedy generation of up to 256 tokens, cut
 at the next ``Question:``.
@@ -74,11 +75,17 @@ class Gsm8kObjective(FileObjective):
     @staticmethod
     def to_example(example_id: str, data: dict[str, Any]) -> Example:
         require_strings(data, ("question", "answer"))
+        answer = data["answer"]
+        # The full worked answer is the target (the continuation Fisher estimation differentiates);
+        # the scorer compares against the number after its '####', kept in meta.
         return Example(
-            id=example_id, prompt=prompt_for(data["question"]), target=target_number(data["answer"])
+            id=example_id,
+            prompt=prompt_for(data["question"]),
+            target=answer,
+            meta={"number": target_number(answer)},
         )
 
     def score(self, example: Example, output: str) -> float:
         """1.0 when the extracted answer equals the gold number, else 0.0 (also for no number)."""
         predicted = extract_answer(output)
-        return float(predicted is not None and predicted == normalize_number(example.target))
+        return float(predicted is not None and predicted == normalize_number(example.meta["number"]))

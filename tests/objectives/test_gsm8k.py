@@ -26,7 +26,8 @@ def _target(objective, example_id):
 def test_prompt_decoding_and_target(objective):
     example = _target(objective, "a")
     assert example.prompt == "Question: How many?\nAnswer:"
-    assert example.target == "1,234"
+    assert example.target == "12 * 100 + 34 = 1234\n#### 1,234"
+    assert example.meta["number"] == "1,234"
     assert objective.decoding == Generate(max_new_tokens=256, stop=("\n\nQuestion:", "Question:"))
     assert objective.name.startswith("gsm8k:")
 

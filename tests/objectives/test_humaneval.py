@@ -50,3 +50,11 @@ def test_bad_entry_point_names_line(write_jsonl):
     path = write_jsonl("he.jsonl", [PROBLEM, dict(PROBLEM, task_id="Tiny/1", entry_point="not valid")])
     with pytest.raises(DataFileError, match=r"he\.jsonl, line 2: field entry_point 'not valid'"):
         HumanEvalObjective(path)
+
+
+def test_bundled_canonical_solutions_pass_and_empty_output_fails():
+    _sandbox_or_skip()
+    objective = HumanEvalObjective()
+    examples = objective.examples("test")[:2]
+    assert all(objective.score(e, e.target) == 1.0 for e in examples)
+    assert objective.score(examples[0], "") == 0.0  # docstring-only function returns None
