@@ -7,12 +7,15 @@ read no files, pick no device and parse no config, so the streaming engine, the
 in-memory search path and the tests all run the very same arithmetic.
 
 Where mergekit 0.1.5 has the method, the numerics follow it (its defaults, its
-guards against division by zero, its dtype handling; see
+guards against division by zero, its dtype handling and rounding order; see
 ``mergekit/merge_methods/generalized_task_arithmetic.py``, ``linear.py`` and
-``sparsify.py``). Two deliberate differences, both documented where they occur:
-TIES finds its magnitude threshold by selection instead of a full sort (same kept
-set for distinct magnitudes; a fixed tie rule otherwise), and DARE draws its mask
-from an explicit ``torch.Generator`` so that a seed reproduces a merge.
+``sparsify.py``): linear, task arithmetic and TIES give mergekit's tensors bit for
+bit in float32, bfloat16 and float16 (tests/merge/test_ops.py). Deliberate
+differences, each documented where it occurs: TIES finds its magnitude threshold by
+selection instead of a full sort (same kept set for distinct magnitudes; a fixed
+tie rule otherwise); DARE draws its mask from an explicit ``torch.Generator`` so
+that a seed reproduces a merge; a normalised linear merge whose weights sum to zero
+is refused instead of returning inf/NaN.
 
 Inputs are never modified; in-place operations touch only intermediates created
 here. Inputs are assumed finite and of equal shapes: the caller validates them.
@@ -139,13 +142,17 @@ def _weighted_delta_sum(
     with no consensus step.
     """
     w = _model_axis(weights, base).reshape(-1)
-    mixed: Tensor | None = None
+    # Half precision: each product is rounded, the sum accumulated in float32 and rounded once,
+    # which is what mergekit's ``deltas.mul_(w).sum(0)`` does; float32 needs no conversion.
+    acc_dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+    acc: Tensor | None = None
     for k, delta in enumerate(deltas):
         term = delta * w[k]
         if importance is not None:
             term.mul_(importance[k])
-        mixed = term if mixed is None else mixed.add_(term)
-    assert mixed is not None
+        acc = term.to(acc_dtype) if acc is None else acc.add_(term)
+    assert acc is not None
+    mixed = acc.to(base.dtype)
     if normalize:
         divisor = w.sum() if importance is None else (_model_axis(w, base) * importance).sum(0)
         mixed.div_(_safe_weight_sum(divisor))
