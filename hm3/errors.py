@@ -49,3 +49,7 @@ class StoreLockedError(StoreError):
 
 class SplitTooSmallError(Hm3Error):
     """A data split with too few examples for the subset asked of it."""
+
+
+class BackendError(Hm3Error):
+    """An evaluator backend that cannot be opened (not installed, model/tokenizer mismatch) or was misused."""

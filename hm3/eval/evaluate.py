@@ -1,0 +1,107 @@
+"""Score one objective with one backend: the loop every search and ``hm3 eval`` runs.
+
+The objective decides *what* to ask (its examples and decoding); the backend
+answers in batches; the objective scores the answers. Keeping the loop here,
+apart from both, means a new objective or a new backend never touches the other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hm3.errors import DataFileError, SplitTooSmallError
+from hm3.eval.backend import Backend, check_output_count
+from objectives.base import Example, Generate, LogLikelihood, Objective
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One objective's score on (a subset of) one split, with what is needed to store or audit it."""
+
+    objective: str
+    split: str
+    score: float
+    count: int
+    seconds: float
+    example_ids: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def evaluate_objective(
+    backend: Backend, objective: Objective, split: str, indices: Sequence[int] | None = None
+) -> EvalResult:
+    """Score ``objective`` on ``split`` (all examples, or those at ``indices``) with ``backend``."""
+    start = time.perf_counter()
+    examples = select_examples(objective, split, indices)
+    outputs = model_outputs(backend, objective, examples)
+    score = objective.aggregate(examples, outputs)
+    return EvalResult(
+        objective=objective.name,
+        split=split,
+        score=float(score),
+        count=len(examples),
+        seconds=time.perf_counter() - start,
+        example_ids=tuple(e.id for e in examples),
+        outputs=tuple(outputs),
+    )
+
+
+def select_examples(objective: Objective, split: str, indices: Sequence[int] | None) -> list[Example]:
+    """The examples asked for, refusing indices the split does not have (never silently fewer)."""
+    examples = list(objective.examples(split))
+    if indices is None:
+        chosen = examples
+    else:
+        bad = [i for i in indices if not 0 <= i < len(examples)]
+        if bad:
+            raise SplitTooSmallError(
+                f"objective {objective.name!r} split {split!r} has {len(examples)} examples; "
+                f"indices out of range: {bad[:5]}"
+            )
+        chosen = [examples[i] for i in indices]
+    if not chosen:
+        raise SplitTooSmallError(f"objective {objective.name!r} split {split!r}: no examples to evaluate")
+    return chosen
+
+
+def model_outputs(backend: Backend, objective: Objective, examples: Sequence[Example]) -> list[str]:
+    """One output string per example, produced the way the objective's decoding says."""
+    decoding = objective.decoding
+    if isinstance(decoding, Generate):
+        outputs = backend.generate(
+            [e.prompt for e in examples], max_new_tokens=decoding.max_new_tokens, stop=decoding.stop
+        )
+        check_output_count("generate", len(outputs), len(examples))
+        return list(outputs)
+    if isinstance(decoding, LogLikelihood):
+        return choose_by_loglikelihood(backend, objective.name, examples, decoding.length_normalized)
+    raise TypeError(f"objective {objective.name!r} has unsupported decoding {decoding!r}")
+
+
+def choose_by_loglikelihood(
+    backend: Backend, objective_name: str, examples: Sequence[Example], length_normalized: bool
+) -> list[str]:
+    """For each example, the choice with the highest log-likelihood given the prompt (first on ties).
+
+    Length normalisation divides by the choice's length in characters, as
+    lm-evaluation-harness's ``acc_norm`` does: tokenizer-independent, so hf and
+    vLLM (and different models) normalise identically.
+    """
+    requests: list[tuple[str, str]] = []
+    for e in examples:
+        if not e.choices:
+            raise DataFileError(f"objective {objective_name!r} example {e.id!r} has no choices to score")
+        requests += [(e.prompt, c) for c in e.choices]
+    scores = backend.loglikelihood(requests)
+    check_output_count("loglikelihood", len(scores), len(requests))
+    chosen, offset = [], 0
+    for e in examples:
+        choices = e.choices or ()
+        values = scores[offset : offset + len(choices)]
+        if length_normalized:
+            values = [v / max(len(c), 1) for v, c in zip(values, choices, strict=True)]
+        chosen.append(choices[max(range(len(values)), key=values.__getitem__)])
+        offset += len(choices)
+    return chosen

@@ -1,0 +1,201 @@
+"""The transformers backend: batched greedy generation and log-likelihood on a live ``nn.Module``.
+
+It is the reference backend (everything runs wherever transformers does) and
+the fastest for the search loop's weight swaps, because the in-memory merge
+path writes straight into :meth:`HFBackend.live_parameters`. Prompts are sorted
+by length before batching (less padding) and answers restored to input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hm3.errors import BackendError, CheckpointError
+from hm3.eval.backend import (
+    as_torch_dtype,
+    check_generate_args,
+    check_model_dir,
+    check_output_count,
+    check_tokenizer_fits,
+    decode_generated,
+    encode_pair,
+    encode_prompt,
+    generation_eos_ids,
+    load_tokenizer,
+    validate_state,
+)
+
+
+class HFBackend:
+    """A transformers causal LM and its tokenizer, scored greedily in batches."""
+
+    name = "hf"
+
+    def __init__(
+        self, model: Any, tokenizer: Any, *, batch_size: int = 32, model_dir: str | Path = "<model>"
+    ):
+        if batch_size < 1:
+            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.model_dir = Path(model_dir)
+        check_tokenizer_fits(tokenizer, model.get_input_embeddings().num_embeddings, model_dir)
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = generation_eos_ids(model_dir, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, dtype: torch.dtype | str = torch.float32, batch_size: int = 32
+    ) -> HFBackend:
+        """Model and tokenizer from the same directory (a tokenizer from elsewhere is not trusted)."""
+        from transformers import AutoModelForCausalLM
+
+        path = check_model_dir(model_dir)
+        tokenizer = load_tokenizer(path)
+        try:
+            with _quiet_progress():
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=as_torch_dtype(dtype))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: transformers cannot load the model ({e})") from e
+        return cls(model, tokenizer, batch_size=batch_size, model_dir=path)
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations of ``prompts`` (new text only, cut at the first stop string)."""
+        check_generate_args(prompts, max_new_tokens)
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        outputs: list[str] = [""] * len(encoded)
+        for batch in _length_sorted_batches([len(e) for e in encoded], self.batch_size):
+            new_ids = self._generate_ids([encoded[i] for i in batch], max_new_tokens, stop)
+            for i, ids in zip(batch, new_ids, strict=True):
+                outputs[i] = decode_generated(self.tokenizer, ids, self.eos_ids, stop)
+        return outputs
+
+    def _generate_ids(
+        self, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str]
+    ) -> list[list[int]]:
+        from transformers import GenerationConfig
+
+        input_ids, mask = _left_pad(batch, self.pad_id)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+            stop_strings=[s for s in stop if s] or None,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer
+            )
+        return [row[input_ids.shape[1] :].tolist() for row in out]
+
+    # --- log-likelihood ---------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """``sum log p(continuation | context)`` per request, one forward pass per batch."""
+        pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        scores: list[float] = [0.0] * len(pairs)
+        lengths = [len(c) + len(t) for c, t in pairs]
+        for batch in _length_sorted_batches(lengths, self.batch_size):
+            for i, s in zip(batch, self._batch_loglikelihood([pairs[i] for i in batch]), strict=True):
+                scores[i] = s
+        check_output_count("loglikelihood", len(scores), len(requests))
+        return scores
+
+    def _batch_loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Left-padded so every continuation ends at the last position: only the logits of the
+        last ``max continuation + 1`` positions are computed (the full vocab × length tensor
+        would dominate memory for real vocabularies)."""
+        input_ids, mask = _left_pad([c + t for c, t in pairs], self.pad_id)
+        keep = max(len(t) for _, t in pairs) + 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+            ).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
+        scores = []
+        for row, (_, cont) in enumerate(pairs):
+            targets = torch.tensor(cont)
+            picked = logprobs[row, keep - 1 - len(cont) :].gather(-1, targets[:, None])
+            scores.append(float(picked.sum()))
+        return scores
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def live_parameters(self) -> dict[str, torch.Tensor]:
+        """The model's own parameter tensors by checkpoint name; ``copy_`` into them swaps weights.
+
+        A tied ``lm_head`` is the embedding tensor itself, so it appears once, under the
+        embedding's name, exactly as in a tied checkpoint's safetensors.
+        """
+        return dict(self.model.named_parameters())
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the live parameters (no new tensors, no reload).
+
+        Everything is validated before the first copy, so a bad state leaves the model unchanged.
+        """
+        params = self.live_parameters()
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        updates = validate_state(state, shapes, tied_head=self._is_tied(), model_dir=self.model_dir)
+        with torch.no_grad():
+            for name, tensor in updates.items():
+                params[name].copy_(tensor)
+
+    def _is_tied(self) -> bool:
+        head = self.model.get_output_embeddings()
+        return head is not None and head.weight is self.model.get_input_embeddings().weight
+
+    def close(self) -> None:
+        """Drop the model so its memory can be reclaimed (the backend is unusable afterwards)."""
+        self.model = None
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Loading weights" bar: a search loads models often and the bar is noise in its log."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, longest first (an OOM shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Padding is masked out, so any id works when the tokenizer defines none."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
