@@ -140,3 +140,38 @@ def test_invalid_points_and_foreign_recipes():
         parse_search_space(["not", "a", "mapping"])
     with pytest.raises(ConfigError, match="missing required key 'base_model'"):
         parse_search_space({"models": MODELS})
+
+
+def test_recipes_are_valid_hm3_merge_configs():
+    """The merge engine's own parser accepts every kind of recipe the space writes."""
+    from hm3.config import parse_merge_config
+    from hm3.merge.parameters import evaluate_setting, resolve
+
+    spaces = [
+        _space(),
+        _space(rescale_mode="inverse", normalize=False, fisher=True),
+        _space(layer_granularity=1, num_layers=3, dare=False),
+        _space(fisher=True, df_merge=True, dare=False),
+    ]
+    for s in spaces:
+        x = torch.full((s.dim,), 0.25, dtype=torch.float64)
+        fishers = [f"{m}.fisher.safetensors" for m in MODELS] if s.fisher else None
+        cfg = parse_merge_config(s.to_recipe(x, fisher_paths=fishers), source="recipe")
+        assert cfg.merge_method == s.merge_method and [m.model for m in cfg.models] == MODELS
+    layered = spaces[2]
+    x = torch.linspace(0, 1, layered.dim, dtype=torch.float64)
+    cfg = parse_merge_config(layered.to_recipe(x))
+    expected = layered.decode(x)["weight"][2]
+    for layer in range(3):
+        got = resolve(
+            cfg,
+            "weight",
+            tensor_name=f"model.layers.{layer}.self_attn.q_proj.weight",
+            t=0.0,
+            model="expert_c",
+            default=None,
+        )
+        assert got == pytest.approx(expected[layer])
+    assert evaluate_setting("lm_head.weight", cfg.models[2].parameters["weight"], 0.0) == pytest.approx(
+        expected[0]
+    )

@@ -1,0 +1,318 @@
+"""Level 1: the multi-objective search over merge coefficients, end to end.
+
+``run_level1`` glues the pieces: the in-memory merger (base + task vectors held
+once), one live model behind an evaluator backend, the run store (every score
+committed as it arrives), an ask/tell optimiser over the unit cube, and the
+outputs (front table, hypervolume, plots, recipes).
+
+Scores handed to optimisers are normalised by the HV protocol of
+:mod:`hm3.search.pareto` (base model = 0, per-task best expert = 1), so every
+optimiser sees the same scale and the same reference point.
+
+Crash and resume: each told point is also recorded as a ``level1_tell`` event
+(candidate id and unit-cube point). ``--resume`` replays those events into a
+fresh optimiser — whose asks are a function of the history only — so the
+continued run asks exactly what the uninterrupted one would have, and the
+store's cache turns re-scoring of a half-scored candidate into look-ups.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from hm3.atomic import atomic_write_text
+from hm3.config import parse_merge_config
+from hm3.errors import ConfigError
+from hm3.eval.backend import open_backend
+from hm3.merge.inmemory import InMemoryMerger
+from hm3.report import plot_front, write_csv
+from hm3.search.optimizers import get_optimizer
+from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
+from hm3.search.preferences import dirichlet_preferences
+from hm3.search.run_config import RunConfig
+from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
+from hm3.store import CandidateRef, RunStore
+from objectives.registry import get_objective
+
+TELL_EVENT = "level1_tell"
+STORE_FILE = "hm3.sqlite"
+
+
+@dataclass
+class Level1Result:
+    run_dir: Path
+    objective_names: list[str]
+    X: np.ndarray  # unit-cube points, in evaluation order
+    Y: np.ndarray  # raw validation scores
+    candidate_ids: list[int]
+    front_ids: list[int]
+    base: np.ndarray
+    ideal: np.ndarray
+    hv_trace: list[float]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Level1Context:
+    """Everything a level-1 (and later level-2) run keeps loaded: store, merger, backend, scorer."""
+
+    def __init__(self, cfg: RunConfig, store: RunStore, *, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.store = store
+        self.log = log
+        space = cfg.search_space
+        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objective_names = [o.name for o in self.objectives]
+        log(f"loading base + {len(space.models)} experts into memory ({cfg.models[space.base_model]})")
+        self.merger = InMemoryMerger(
+            cfg.models[space.base_model],
+            [cfg.models[r] for r in space.models],
+            base_ref=space.base_model,
+            model_refs=list(space.models),
+        )
+        self.backend = open_backend(
+            cfg.evaluation.backend, cfg.models[space.base_model], batch_size=cfg.evaluation.batch_size
+        )
+        self.live = self.backend.live_parameters()
+        self.scorer = CandidateScorer(self.backend, self.objectives, store)
+        self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
+        self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
+
+    # --- installing weights into the live model ----------------------------------------------------
+
+    def install_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.live is not None:
+            with torch.no_grad():
+                for name, t in state.items():
+                    self.live[name].copy_(t)
+        else:
+            self.backend.load_state(state)
+
+    def install_recipe(self, recipe: dict) -> None:
+        config = parse_merge_config(recipe, source="candidate recipe")
+        if self.live is not None:
+            self.merger.merge_into(self.live, config)
+        else:
+            self.backend.load_state(self.merger.merged_state(config))
+
+    def reference_state(self, ref: str) -> dict[str, torch.Tensor]:
+        """The base (``ref`` = base ref) or one expert, rebuilt from base + task vector."""
+        m = self.merger
+        if ref == m.base_ref:
+            return m.base
+        k = m.model_refs.index(ref)
+        return {n: m.base[n] + m.deltas[n][k] for n in m.tensor_names}
+
+    # --- scoring -------------------------------------------------------------------------------------
+
+    def reference_candidate(self, ref: str) -> CandidateRef:
+        return self.store.add_candidate({"reference_model": ref}, "reference")
+
+    def score_reference(self, ref: str, plan: SplitPlan) -> np.ndarray:
+        return self.scorer.score(
+            self.reference_candidate(ref), lambda: self.install_state(self.reference_state(ref)), plan
+        )
+
+    def score_recipe(self, candidate: CandidateRef | int, recipe: dict, plan: SplitPlan) -> np.ndarray:
+        return self.scorer.score(candidate, lambda: self.install_recipe(recipe), plan)
+
+    def references(self, plan: SplitPlan) -> dict[str, np.ndarray]:
+        """Scores of the base and of every expert on ``plan`` (cached in the store)."""
+        refs = [self.cfg.search_space.base_model, *self.cfg.search_space.models]
+        return {ref: self.score_reference(ref, plan) for ref in refs}
+
+
+def _optimizer_options(cfg: RunConfig, ctx: Level1Context, space_dim: int, k: int) -> dict[str, Any]:
+    opts = dict(cfg.optimizer.options)
+    if cfg.optimizer.name == "hm3-fixed" and "points" not in opts:
+        # HM3's own parameter stage: coefficients = λ for λ ~ Dirichlet(1), one per budgeted evaluation.
+        n_models = len(cfg.search_space.models)
+        if n_models != k:
+            raise ConfigError(
+                f"hm3-fixed sets each model's coefficient to its task's preference: it needs one expert per "
+                f"objective, got {n_models} models and {k} objectives"
+            )
+        lams = dirichlet_preferences(cfg.optimizer.budget, k, seed=cfg.seed)
+        opts["points"] = torch.stack([cfg.search_space.fixed_coefficients(lam.tolist()) for lam in lams])
+    return opts
+
+
+def _replayed(store: RunStore) -> list[tuple[int, list[float]]]:
+    return [(e.payload["candidate"], e.payload["x"]) for e in store.events(TELL_EVENT)]
+
+
+def open_run_store(run_dir: Path, cfg: RunConfig, *, resume: bool) -> RunStore:
+    exists = (run_dir / STORE_FILE).exists()
+    if exists and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new RUN_DIR")
+    if resume and not exists:
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume ({STORE_FILE} not found)")
+    return RunStore.open(run_dir, config=cfg.canonical(), seed=cfg.seed)
+
+
+def run_level1(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Level1Result:
+    """Run (or resume) the level-1 search of ``cfg`` in ``run_dir`` and write its outputs.
+
+    ``stop_after`` ends the process-local loop after that many new evaluations
+    (used to test resumption); the outputs are then not written.
+    """
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    opt_cls = get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
+    space = cfg.search_space
+    if space.fisher:
+        raise ConfigError("fisher: true is not wired into the level-1 driver yet")
+    with open_run_store(run_dir, cfg, resume=resume) as store:
+        ctx = Level1Context(cfg, store, log=log)
+        k = len(ctx.objectives)
+        log("scoring the base model and the experts (reference points)")
+        refs_val = ctx.references(ctx.validation)
+        base = refs_val[space.base_model]
+        ideal = np.max(np.stack([refs_val[r] for r in space.models]), axis=0)
+        log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
+
+        optimizer = opt_cls(
+            space.dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, ctx, space.dim, k)
+        )
+        X: list[list[float]] = []
+        Y: list[np.ndarray] = []
+        ids: list[int] = []
+        hv_trace: list[float] = []
+        for cid, x in _replayed(store):
+            _, recipe = store.candidate(cid)
+            y = ctx.scorer.cached(cid, ctx.validation)
+            if y is None:
+                raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")
+            optimizer.tell(torch.tensor([x]), torch.tensor(normalise(y[None], base, ideal)))
+            X.append(x)
+            Y.append(y)
+            ids.append(cid)
+            hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+        if X:
+            log(f"resumed: {len(X)} evaluations replayed from the store")
+
+        bar = _progress(progress, total=cfg.optimizer.budget, initial=len(X))
+        new = 0
+        while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
+            x = optimizer.ask(1)
+            recipe = space.to_recipe(x[0])
+            cand = store.add_candidate(recipe, "merge")
+            y = ctx.score_recipe(cand, recipe, ctx.validation)
+            optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))
+            store.add_event(TELL_EVENT, {"candidate": cand.id, "x": x[0].tolist()})
+            X.append(x[0].tolist())
+            Y.append(y)
+            ids.append(cand.id)
+            hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+            new += 1
+            if bar is not None:
+                bar.set_postfix_str(f"HV {hv_trace[-1]:.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        Xa, Ya = np.array(X), np.stack(Y) if Y else np.empty((0, k))
+        result = Level1Result(
+            run_dir=run_dir,
+            objective_names=ctx.objective_names,
+            X=Xa,
+            Y=Ya,
+            candidate_ids=ids,
+            front_ids=[],
+            base=base,
+            ideal=ideal,
+            hv_trace=hv_trace,
+        )
+        if optimizer.remaining > 0:
+            return result
+        write_outputs(ctx, result, refs_val, seconds=time.perf_counter() - start, resumed=bool(resume))
+        return result
+
+
+def _progress(enabled: bool, *, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="level 1", unit="eval", file=sys.stderr, dynamic_ncols=True)
+
+
+def write_outputs(
+    ctx: Level1Context, result: Level1Result, refs_val: dict[str, np.ndarray], *, seconds: float, resumed: bool
+) -> None:
+    """front.csv, summary.json, front.png and recipes/ — each written atomically."""
+    cfg, store, run_dir = ctx.cfg, ctx.store, result.run_dir
+    names = result.objective_names
+    unique: dict[int, np.ndarray] = {}
+    for cid, y in zip(result.candidate_ids, result.Y, strict=True):
+        unique[cid] = y
+    cids = list(unique)
+    Yu = np.stack([unique[c] for c in cids])
+    front_ids = [cids[i] for i in non_dominated(Yu)]
+    result.front_ids = front_ids
+    ctx.log(f"front: {len(front_ids)} of {len(cids)} distinct candidates; scoring them on the test split")
+    refs_test = ctx.references(ctx.test)
+    rows = []
+    for cid in front_ids:
+        _, recipe = store.candidate(cid)
+        y_test = ctx.score_recipe(cid, recipe, ctx.test)
+        recipe_path = run_dir / "recipes" / f"candidate-{cid}.yml"
+        atomic_write_text(recipe_path, yaml.safe_dump(recipe, sort_keys=False))
+        row: dict[str, Any] = {"candidate": cid, "level": 1}
+        row |= {f"{n}_val": float(v) for n, v in zip(names, unique[cid], strict=True)}
+        row |= {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
+        row["recipe"] = str(recipe_path.relative_to(run_dir))
+        rows.append(row)
+    df = pd.DataFrame(rows).sort_values(f"{names[0]}_val", ascending=False)
+    write_csv(df, run_dir / "front.csv")
+    space = cfg.search_space
+    base_t = refs_test[space.base_model]
+    ideal_t = np.max(np.stack([refs_test[r] for r in space.models]), axis=0)
+    test_front = df[[f"{n}_test" for n in names]].to_numpy()
+    summary = {
+        "optimizer": cfg.optimizer.name,
+        "seed": cfg.seed,
+        "budget": cfg.optimizer.budget,
+        "evaluations": len(result.candidate_ids),
+        "distinct_candidates": len(cids),
+        "front_size": len(front_ids),
+        "objectives": names,
+        "hv_validation": protocol_hypervolume(Yu, result.base, result.ideal),
+        "hv_test_front": protocol_hypervolume(test_front, base_t, ideal_t) if len(test_front) else 0.0,
+        "hv_trace_validation": result.hv_trace,
+        "reference_validation": {r: v.tolist() for r, v in refs_val.items()},
+        "reference_test": {r: v.tolist() for r, v in refs_test.items()},
+        "evaluated_examples_this_process": ctx.scorer.evaluated_examples,
+        "wall_seconds_this_process": seconds,
+        "resumed": resumed,
+        "hv_protocol": "objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
+        "reference point = base model (0); pymoo HV",
+    }
+    result.summary = summary
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    plot_front(
+        run_dir / "front.png",
+        names,
+        candidates=Yu,
+        front=Yu[[cids.index(c) for c in front_ids]],
+        references=refs_val,
+        title=f"level 1 ({cfg.optimizer.name}, {len(result.candidate_ids)} evaluations, validation)",
+    )
+    ctx.log(f"wrote {run_dir / 'front.csv'}, summary.json, front.png, recipes/ (HV {summary['hv_validation']:.4f})")

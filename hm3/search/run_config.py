@@ -1,0 +1,125 @@
+"""The run config of a search (``hm3 search param CONFIG.yml RUN_DIR``).
+
+A frozen pydantic model, validated completely before any evaluation starts:
+unknown keys, unknown optimisers, reversed bounds, budgets below the initial
+design, objectives that cannot be resolved and preference vectors of the wrong
+shape are all reported up front. The same object is stored in the run store,
+so a resume with a different config is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hm3.errors import ConfigError
+from hm3.search.space import SearchSpace
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EvaluationConfig(_Frozen):
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(64, ge=1)
+    validation_examples: int | None = Field(
+        64, ge=1, description="first N examples of the validation split scored per candidate (None: all)"
+    )
+    test_examples: int | None = Field(None, ge=1, description="first N test examples for the final front (None: all)")
+
+
+class OptimizerConfig(_Frozen):
+    name: str = "bo-mo"
+    budget: int = Field(50, ge=1, description="candidate evaluations, initial design included")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FisherConfig(_Frozen):
+    examples: int = Field(30, ge=1, description="validation examples per task (DF-Merge: 30)")
+    coefficient_step: float = Field(
+        0.05, gt=0, le=1, description="Fisher of θ_base + λτ is cached on a λ grid of this step"
+    )
+
+
+class RunConfig(_Frozen):
+    """Models, objectives, search space, optimiser and evaluation of one level-1 run."""
+
+    models: dict[str, str] = Field(description="model ref -> local directory (base and experts)")
+    objectives: list[str] = Field(min_length=1)
+    experts: dict[str, str] = Field(
+        default_factory=dict,
+        description="expert ref -> the objective it was fine-tuned for (Fisher examples); optional",
+    )
+    search_space: SearchSpace
+    optimizer: OptimizerConfig = OptimizerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    fisher: FisherConfig = FisherConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _refs(self) -> RunConfig:
+        space = self.search_space
+        for ref in [space.base_model, *space.models]:
+            if ref not in self.models:
+                raise ValueError(f"search_space names model {ref!r}, which 'models' does not define")
+        for ref, objective in self.experts.items():
+            if ref not in space.models:
+                raise ValueError(f"experts: {ref!r} is not one of search_space.models")
+            if objective not in self.objectives:
+                raise ValueError(f"experts: {ref!r} serves {objective!r}, which is not in 'objectives'")
+        if space.fisher and set(self.experts) != set(space.models):
+            raise ValueError("fisher: true needs 'experts' to name the objective of every model")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """JSON-ready form stored in the run store (what a resume is compared against)."""
+        return json.loads(self.model_dump_json())
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: invalid run config:\n  " + "\n  ".join(dict.fromkeys(lines))
+
+
+def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a mapping; relative model paths are taken relative to ``base_dir`` (the config's folder)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a run config must be a mapping")
+    data = dict(data)
+    if base_dir is not None and isinstance(data.get("models"), dict):
+        data["models"] = {
+            ref: str(p if Path(p).is_absolute() or Path(p).exists() else base_dir / p)
+            for ref, p in data["models"].items()
+        }
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"run config not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a run config must be a mapping")
+    opt = dict(data.get("optimizer") or {})
+    for key in ("name", "budget"):
+        if overrides.get(key) is not None:
+            opt[key] = overrides[key]
+    if opt:
+        data["optimizer"] = opt
+    return parse_run_config(data, source=str(p), base_dir=p.parent)

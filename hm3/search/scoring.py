@@ -1,0 +1,82 @@
+"""Scoring candidates through one loaded model, with every score remembered in the run store.
+
+A candidate is anything the store can hash (a merge recipe, a layer path, a
+reference model). :meth:`CandidateScorer.score` asks the store first and only
+when some objective is missing calls ``install`` — which puts the candidate's
+weights into the live model — and evaluates. A resumed run therefore never
+re-merges or re-scores what a crashed run already committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hm3.eval.backend import Backend
+from hm3.eval.evaluate import evaluate_objective, select_examples
+from hm3.store import CandidateRef, RunStore
+from objectives.base import Objective
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which examples of which split a score is computed on (fixed for a whole run)."""
+
+    split: str
+    indices: Mapping[str, list[int]]  # objective name -> example indices
+
+
+def first_n(objectives: Sequence[Objective], split: str, n: int | None) -> SplitPlan:
+    """The first ``n`` examples of ``split`` of every objective (all when ``n`` is None)."""
+    indices = {}
+    for obj in objectives:
+        total = len(obj.examples(split))
+        indices[obj.name] = list(range(total if n is None else min(n, total)))
+    return SplitPlan(split=split, indices=indices)
+
+
+class CandidateScorer:
+    def __init__(self, backend: Backend, objectives: Sequence[Objective], store: RunStore):
+        self.backend = backend
+        self.objectives = list(objectives)
+        self.store = store
+        self.evaluated_examples = 0  # examples actually run through the model (not cache hits)
+        self.cache_hits = 0
+
+    def _ids(self, obj: Objective, plan: SplitPlan) -> list[str]:
+        return [e.id for e in select_examples(obj, plan.split, plan.indices[obj.name])]
+
+    def cached(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
+        """Stored scores of every objective, or None if any is missing."""
+        out = []
+        for obj in self.objectives:
+            ev = self.store.get_evaluation(candidate, obj.name, plan.split, self._ids(obj, plan))
+            if ev is None:
+                return None
+            out.append(ev.score)
+        return np.array(out)
+
+    def score(self, candidate: CandidateRef | int, install: Callable[[], None], plan: SplitPlan) -> np.ndarray:
+        """Scores (one per objective, in objective order) of ``candidate`` on ``plan``."""
+        installed = False
+        scores = []
+        for obj in self.objectives:
+            ran = False
+
+            def compute(obj=obj) -> tuple[float, int]:
+                nonlocal installed, ran
+                if not installed:
+                    install()
+                    installed = True
+                result = evaluate_objective(self.backend, obj, plan.split, plan.indices[obj.name])
+                self.evaluated_examples += result.count
+                ran = True
+                return result.score, result.count
+
+            ids = self._ids(obj, plan)
+            ev = self.store.evaluate_cached(candidate, obj.name, plan.split, ids, compute, backend=self.backend.name)
+            self.cache_hits += 0 if ran else 1
+            scores.append(ev.score)
+        return np.array(scores)
