@@ -71,6 +71,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_objectives(args: argparse.Namespace) -> int:
+    from objectives.registry import list_objectives
+
+    for name, desc in list_objectives():
+        print(f"{name:<24} {desc}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from hm3.eval.backend import open_backend
+    from hm3.eval.evaluate import evaluate_objective
+    from objectives.registry import parse_objectives
+
+    _set_threads(args.threads)
+    objectives = parse_objectives(args.objectives)  # unknown objectives fail before the model loads
+    backend = open_backend(args.backend, args.model_dir, batch_size=args.batch_size)
+    try:
+        results = []
+        for obj in objectives:
+            n = len(obj.examples(args.split))
+            indices = list(range(min(args.limit, n))) if args.limit else None
+            r = evaluate_objective(backend, obj, args.split, indices)
+            results.append(r)
+            if not args.json:
+                print(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s")
+    finally:
+        backend.close()
+    if args.json:
+        rows = [
+            {"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds}
+            for r in results
+        ]
+        print(json.dumps({"model": str(args.model_dir), "backend": args.backend, "results": rows}, indent=2))
+    return 0
+
+
+def cmd_search_param(args: argparse.Namespace) -> int:
+    from hm3.search.level1 import run_level1
+    from hm3.search.run_config import load_run_config
+
+    _set_threads(args.threads)
+    cfg = load_run_config(args.config, name=args.optimizer, budget=args.budget)
+    result = run_level1(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+    s = result.summary
+    print(
+        f"level 1 ({s['optimizer']}): {s['evaluations']} evaluations, front of {s['front_size']}, "
+        f"HV validation {s['hv_validation']:.4f}, HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hm3", description="Hierarchical multi-objective model merging")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -94,6 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("methods", help="list the merge methods")
     ms.set_defaults(func=cmd_methods)
+
+    o = sub.add_parser("objectives", help="list the built-in objectives and data adapters")
+    o.set_defaults(func=cmd_objectives)
+
+    ev = sub.add_parser("eval", help="score a model directory on objectives")
+    ev.add_argument("model_dir")
+    ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,zoo:code,gsm8k:data.jsonl")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--limit", type=int, default=None, help="first N examples of the split")
+    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.set_defaults(func=cmd_eval)
+
+    se = sub.add_parser("search", help="searches: 'search param' = level 1 (merge coefficients)")
+    se_sub = se.add_subparsers(dest="level", metavar="LEVEL", required=True)
+    sp = se_sub.add_parser("param", help="multi-objective search over merge coefficients (level 1)")
+    sp.add_argument("config", help="run config YAML (see experiments/configs/)")
+    sp.add_argument("run_dir", help="run directory: store, front.csv, summary.json, front.png, recipes/")
+    sp.add_argument("--optimizer", default=None, help="bo-mo, bo-tcheby, df-merge, nsga2, random, hm3-fixed")
+    sp.add_argument("--budget", type=int, default=None, help="candidate evaluations (overrides the config)")
+    sp.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    sp.add_argument("--quiet", action="store_true", help="no progress output")
+    sp.add_argument("--threads", type=int, default=None)
+    sp.set_defaults(func=cmd_search_param)
 
     d = sub.add_parser("demo", help="the embedded default: build tiny models locally and merge them")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -1,0 +1,64 @@
+"""Front tables (pandas) and pairwise front plots (matplotlib), written atomically."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hm3.atomic import atomic_write_text
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def plot_front(
+    path: Path,
+    objective_names: Sequence[str],
+    candidates: np.ndarray,
+    front: np.ndarray,
+    references: Mapping[str, np.ndarray],
+    *,
+    title: str = "",
+) -> Path:
+    """One panel per pair of objectives: all candidates, the front, and reference models marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(objective_names)
+    pairs = list(itertools.combinations(range(k), 2)) or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+    markers = itertools.cycle(["s", "^", "D", "v", "P", "X"])
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        if len(candidates):
+            ax.scatter(candidates[:, i], candidates[:, j], s=12, c="0.7", label="evaluated")
+        if len(front):
+            order = np.argsort(front[:, i])
+            ax.plot(front[order, i], front[order, j], "o-", c="tab:red", ms=5, lw=1, label="Pareto front")
+        for (name, scores), marker in zip(references.items(), markers, strict=False):
+            ax.scatter([scores[i]], [scores[j]], marker=marker, s=60, edgecolors="k", label=name, zorder=5)
+        ax.set_xlabel(objective_names[i])
+        ax.set_ylabel(objective_names[j])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
