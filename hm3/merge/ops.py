@@ -23,7 +23,8 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -332,12 +333,14 @@ def _sign_consensus_merge(
     return _finish(base, _merge_aligned(weighted.mul_(sign), w, sign, normalize=normalize), lam)
 
 
-def _stacked(rows: Iterable[Tensor], count: int, like: Tensor) -> Tensor:
-    """Stack per-model tensors into one fresh ``[M, …]`` buffer, one row at a time (no list + stack copy)."""
-    out = like.new_empty((count, *like.shape))
-    for k, row in enumerate(rows):
-        out[k] = row
-    return out
+def _sparsified_stack(
+    base: Tensor, deltas: Sequence[Tensor], densities: Sequence[float], sparsify: Callable[..., Tensor]
+) -> Tensor:
+    """``[M, …]`` buffer whose row k is ``sparsify(τ_k, ρ_k)``, written in place (no list + stack copy)."""
+    stacked = base.new_empty((len(deltas), *base.shape))
+    for k, (delta, density) in enumerate(zip(deltas, densities, strict=True)):
+        sparsify(delta, density, out=stacked[k])
+    return stacked
 
 
 def ties(
@@ -356,10 +359,8 @@ def ties(
     weights of the models that agree with γ. ``importance`` gives the Fisher-weighted
     variant (w_k → w_k·I_k; see :func:`fisher_importance`).
     """
-    count = _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    stacked = base.new_empty((count, *base.shape))
-    for k, (delta, rho) in enumerate(zip(deltas, densities, strict=True)):
-        trim(delta, rho, out=stacked[k])
+    _require_same_length(deltas=deltas, weights=weights, densities=densities)
+    stacked = _sparsified_stack(base, deltas, densities, trim)
     return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
 
 
@@ -377,8 +378,12 @@ def dare_keep_mask(delta: Tensor, density: float, *, generator: torch.Generator)
     ``rand < density`` is a Bernoulli draw and the cheapest one torch offers on CPU;
     the generator (on ``delta``'s device) makes a seed reproduce the mask exactly.
     """
-    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    return u < density
+    return _uniforms(delta, generator) < density
+
+
+def _uniforms(delta: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
+    """The U(0, 1) draws behind DARE's mask: one per entry, float32 whatever ``delta``'s dtype."""
+    return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
 
 
 def dare(
@@ -387,6 +392,7 @@ def dare(
     *,
     generator: torch.Generator,
     rescale: RescaleMode = "l1",
+    out: Tensor | None = None,
 ) -> Tensor:
     """DARE: τ̂ = m ⊙ τ with m ~ Bernoulli(density), then rescaled.
 
@@ -394,15 +400,21 @@ def dare(
     ``"l1"`` is mergekit's default, τ̂ scaled so that ‖τ̂‖₁ = ‖τ‖₁ (skipped when either
     norm is below 1e-7, as mergekit does); ``"none"`` keeps m ⊙ τ (mergekit with
     ``rescale: false``). density ≥ 1 returns τ unchanged, density ≤ 0 zeros.
-    float16 is processed in float32 (as mergekit does on CPU) and cast back.
+    float16 is processed in float32 (as mergekit does on CPU) and cast back. ``out``
+    (optional) receives the result, as in :func:`trim`.
     """
     _check_rescale(rescale)
     if density >= 1:
-        return delta
+        return delta if out is None else out.copy_(delta)
     if density <= 0:
-        return torch.zeros_like(delta)
+        return torch.zeros_like(delta) if out is None else out.zero_()
     work = delta.float() if delta.dtype == torch.float16 else delta
-    kept = work * dare_keep_mask(work, density, generator=generator)
+    if work.dtype == torch.float32:
+        # draw into the result's buffer and turn the draws into m ⊙ τ in place: no other full-size tensor
+        buffer = out if out is not None and out.dtype == torch.float32 else None
+        kept = _uniforms(work, generator, out=buffer).lt_(density).mul_(work)
+    else:
+        kept = torch.where(_uniforms(work, generator) < density, work, work.new_zeros(()))
     if rescale == "inverse":
         kept.div_(density)
     elif rescale == "l1":
@@ -410,16 +422,9 @@ def dare(
         after = torch.linalg.vector_norm(kept, ord=1)
         if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
             kept.mul_(before / after)
-    return kept.to(delta.dtype)
-
-
-def _dare_each(
-    deltas: Sequence[Tensor], densities: Sequence[float], generator: torch.Generator, rescale: RescaleMode
-) -> Iterator[Tensor]:
-    """DARE every τ_k in model order, so one generator seed fixes all masks of a merge."""
-    _check_rescale(rescale)  # before the first draw, even when every density is 1
-    for delta, density in zip(deltas, densities, strict=True):
-        yield dare(delta, density, generator=generator, rescale=rescale)
+    if out is None:
+        return kept.to(delta.dtype)
+    return kept if kept is out else out.copy_(kept)
 
 
 def dare_ties(
@@ -439,8 +444,9 @@ def dare_ties(
     The masks are drawn from ``generator`` model by model in order, so one seed fixes
     the whole merge. mergekit's defaults: L1 rescale on, normalize off.
     """
-    count = _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    stacked = _stacked(_dare_each(deltas, densities, generator, rescale), count, base)
+    _require_same_length(deltas=deltas, weights=weights, densities=densities)
+    _check_rescale(rescale)  # before any draw, even when every density is 1
+    stacked = _sparsified_stack(base, deltas, densities, partial(dare, generator=generator, rescale=rescale))
     return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
 
 
@@ -458,7 +464,10 @@ def dare_linear(
 ) -> Tensor:
     """DARE + task arithmetic (mergekit's ``dare_linear``): θ_base + λ Σ_k w_k DARE(τ_k, ρ_k)."""
     _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    sparse = list(_dare_each(deltas, densities, generator, rescale))
+    _check_rescale(rescale)
+    sparse = [
+        dare(d, rho, generator=generator, rescale=rescale) for d, rho in zip(deltas, densities, strict=True)
+    ]
     return _weighted_delta_sum(base, sparse, weights, normalize=normalize, lam=lam, importance=importance)
 
 

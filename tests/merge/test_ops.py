@@ -241,6 +241,16 @@ def test_dare_edges_and_bad_mode(tau):
         ops.dare(tau, 0.5, generator=gen(0), rescale="l2")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_dare_into_out_buffer_equals_fresh_result(tau, dtype, density):
+    x = tau[:50].to(dtype)
+    out = torch.full_like(x, 7.0)
+    ops.dare(x, density, generator=gen(3), out=out)
+    assert torch.equal(out, ops.dare(x, density, generator=gen(3)))
+    assert torch.equal(ops.dare(x, 0.4, generator=gen(3)) != 0, ops.dare_keep_mask(x, 0.4, generator=gen(3)))
+
+
 def test_dare_ties_and_linear_are_seeded(tau):
     base = torch.zeros_like(tau)
     deltas = [tau, -0.5 * tau + 0.1]
