@@ -51,7 +51,11 @@ class HFBackend:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, dtype: torch.dtype | str = torch.float32, batch_size: int = 32
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype | str = torch.float32,
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
     ) -> HFBackend:
         """Model and tokenizer from the same directory (a tokenizer from elsewhere is not trusted)."""
         from transformers import AutoModelForCausalLM
@@ -63,7 +67,7 @@ class HFBackend:
                 model = AutoModelForCausalLM.from_pretrained(str(path), dtype=as_torch_dtype(dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: transformers cannot load the model ({e})") from e
-        return cls(model, tokenizer, batch_size=batch_size, model_dir=path)
+        return cls(model.to(device), tokenizer, batch_size=batch_size, model_dir=path)
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -93,7 +97,10 @@ class HFBackend:
         )
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer
+                input_ids=input_ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
+                generation_config=config,
+                tokenizer=self.tokenizer,
             )
         return [row[input_ids.shape[1] :].tolist() for row in out]
 
@@ -117,10 +124,14 @@ class HFBackend:
         input_ids, mask = _left_pad([c + t for c, t in pairs], self.pad_id)
         keep = max(len(t) for _, t in pairs) + 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.model.device
         with torch.inference_mode():
             logits = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
-            ).logits
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=keep,
+            ).logits.cpu()
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
         scores = []
         for row, (_, cont) in enumerate(pairs):

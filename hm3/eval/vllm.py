@@ -75,7 +75,7 @@ class VLLMBackend:
         *,
         batch_size: int = 32,
         seed: int = 0,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         **engine_kw: Any,
     ):
         if batch_size < 1:
@@ -87,6 +87,8 @@ class VLLMBackend:
             self._tied_head = ckpt.tied_embeddings and LM_HEAD not in self._shapes
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
+        if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
+            enforce_eager = not torch.cuda.is_available()
         vllm = import_vllm()
         self._vllm = vllm
         dtype_name = str(as_torch_dtype(dtype)).removeprefix("torch.")
@@ -130,6 +132,8 @@ class VLLMBackend:
     def _run(self, token_ids: list[list[int]], params: Any) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
+        if not token_ids:
+            return []
         results = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False
         )

@@ -192,3 +192,21 @@ def test_open_backend_dispatch(models):
 def test_open_backend_vllm_without_vllm_is_a_clear_error(models):
     with pytest.raises(BackendError, match="not importable"):
         open_backend("vllm", models["a"])
+
+
+@pytest.mark.parametrize("which", ["a", "tied_a"])
+def test_live_parameter_names_are_the_checkpoint_names(models, which):
+    """The in-memory merge path addresses tensors by checkpoint name: both sets must coincide."""
+    from hm3.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(models[which]) as ckpt:
+        names = set(ckpt.tensor_names())
+        shapes = {n: tuple(ckpt.shape(n)) for n in names}
+    params = HFBackend.from_pretrained(models[which]).live_parameters()
+    assert set(params) == names
+    assert {n: tuple(p.shape) for n, p in params.items()} == shapes
+
+
+def test_empty_request_lists_give_empty_answers(backend_a):
+    assert backend_a.generate([], max_new_tokens=4) == []
+    assert backend_a.loglikelihood([]) == []
