@@ -26,6 +26,11 @@ from objectives.choice import ChoiceObjective  # noqa: E402
 from objectives.translation import TranslationObjective  # noqa: E402
 
 PROMPTS = ["hello", "a much longer prompt than the others", "x", "12+34=", "the cat sat on", "hello there"]
+# Longer than one KV block (128 tokens on CPU): only full blocks enter vLLM's prefix cache, so only
+# prompts like these can show stale keys/values after a weight reload.
+LONG_PROMPTS = [
+    ("the quick brown fox jumps over the lazy dog. " * 4) + tail for tail in ("one", "two", "three")
+]
 REQUESTS = [("hello", " world"), ("", "abc"), ("Question: 2+2\nAnswer:", " 4"), ("q", "a long continuation")]
 
 
@@ -107,16 +112,17 @@ def test_bad_state_is_refused_before_reload(engine, models, hf):
 def test_reload_then_fresh_engine(engine, models, hf):
     """In-place reload (after the prefix cache holds the old weights' keys/values) equals a fresh
     engine on the new weights, and both equal transformers. Closes the module's engine: keep last."""
-    engine.generate(PROMPTS, max_new_tokens=8)  # fill the prefix cache with the old weights' KV
+    prompts = PROMPTS + LONG_PROMPTS
+    engine.generate(prompts, max_new_tokens=8)  # fill the prefix cache with the old weights' KV
     engine.load_state(load_file(models["b"] / "model.safetensors"))
-    reloaded = engine.generate(PROMPTS, max_new_tokens=24)
+    reloaded = engine.generate(prompts, max_new_tokens=24)
     reloaded_ll = engine.loglikelihood(REQUESTS)
-    assert reloaded == hf["b"].generate(PROMPTS, max_new_tokens=24)
-    assert reloaded != hf["a"].generate(PROMPTS, max_new_tokens=24)
+    assert reloaded == hf["b"].generate(prompts, max_new_tokens=24)
+    assert reloaded != hf["a"].generate(prompts, max_new_tokens=24)
     engine.close()
     fresh = VLLMBackend(models["b"], batch_size=8)
     try:
-        assert fresh.generate(PROMPTS, max_new_tokens=24) == reloaded
+        assert fresh.generate(prompts, max_new_tokens=24) == reloaded
         assert fresh.loglikelihood(REQUESTS) == pytest.approx(reloaded_ll, rel=1e-5, abs=1e-5)
     finally:
         fresh.close()
