@@ -172,6 +172,10 @@ def _deltas(x: TensorInputs) -> list[torch.Tensor]:
     return [ops.task_vector(t, x.base) for t in x.tensors]
 
 
+def _gta_options(x: TensorInputs) -> dict[str, Any]:
+    return {"normalize": x.params["normalize"], "lam": float(x.params["lambda"]), "importance": _importance(x)}
+
+
 def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
     assert x.generators is not None
     mode = _rescale(x)
@@ -179,31 +183,6 @@ def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
         ops.dare(d, dens, generator=x.generators(k), rescale=mode)
         for k, (d, dens) in enumerate(zip(_deltas(x), _densities(x), strict=True))
     ]
-
-
-def _weighted_sum(x: TensorInputs, deltas: list[torch.Tensor], *, elect: bool) -> torch.Tensor:
-    """Σ_k w_k τ_k (optionally sign-elected, Fisher-importance weighted, normalised, λ-scaled) + θ_base."""
-    assert x.base is not None
-    stacked = torch.stack(deltas)
-    weights = torch.tensor(_weights(x), dtype=stacked.dtype, device=stacked.device)
-    shape = (-1,) + (1,) * (stacked.dim() - 1)
-    eff_weights = weights.view(shape)
-    importance = _importance(x)
-    if importance is not None:
-        eff_weights = eff_weights * importance.to(stacked.dtype)
-    weighted = stacked * eff_weights
-    if elect:
-        sign = ops.elect_sign(weighted)
-        mixed = ops.disjoint_merge(weighted, eff_weights, sign, normalize=x.params["normalize"])
-    else:
-        mixed = weighted.sum(0)
-        if x.params["normalize"]:
-            divisor = eff_weights.expand_as(weighted).sum(0) if importance is not None else weights.sum()
-            mixed = mixed / torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    lam = float(x.params["lambda"])
-    if lam != 1.0:
-        mixed = mixed * lam
-    return (x.base + mixed).to(x.base.dtype)
 
 
 # --- the methods ------------------------------------------------------------------------------------
@@ -231,11 +210,7 @@ def _linear(x: TensorInputs) -> torch.Tensor:
 )
 def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
     """θ = θ_base + λ Σ_k w_k τ_k; with Fisher tensors, DF-Merge's weighting."""
-    if x.fishers is None:
-        return ops.task_arithmetic(
-            x.base, _deltas(x), _weights(x), normalize=x.params["normalize"], lam=float(x.params["lambda"])
-        )
-    return _weighted_sum(x, _deltas(x), elect=False)
+    return ops.task_arithmetic(x.base, _deltas(x), _weights(x), **_gta_options(x))
 
 
 @merge_method(
@@ -248,8 +223,7 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
 )
 def _ties(x: TensorInputs) -> torch.Tensor:
     """TIES: trim to top-density magnitude, elect sign, disjoint (weighted) mean."""
-    trimmed = [ops.trim(d, dens) for d, dens in zip(_deltas(x), _densities(x), strict=True)]
-    return _weighted_sum(x, trimmed, elect=True)
+    return ops.ties(x.base, _deltas(x), _weights(x), _densities(x), **_gta_options(x))
 
 
 @merge_method(
@@ -263,7 +237,8 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 )
 def _dare_ties(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then TIES sign election and disjoint merge."""
-    return _weighted_sum(x, _dare_deltas(x), elect=True)
+    deltas = _dare_deltas(x)  # already sparsified: TIES' own trim keeps everything (density 1)
+    return ops.ties(x.base, deltas, _weights(x), [1.0] * len(deltas), **_gta_options(x))
 
 
 @merge_method(
@@ -277,7 +252,7 @@ def _dare_ties(x: TensorInputs) -> torch.Tensor:
 )
 def _dare_linear(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then task arithmetic."""
-    return _weighted_sum(x, _dare_deltas(x), elect=False)
+    return ops.task_arithmetic(x.base, _dare_deltas(x), _weights(x), **_gta_options(x))
 
 
 @merge_method(

@@ -254,6 +254,14 @@ def _progress(enabled: bool, *, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="level 1", unit="eval", file=sys.stderr, dynamic_ncols=True)
 
 
+def recipe_with_paths(recipe: dict, models: dict[str, str]) -> dict:
+    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model paths)."""
+    out = dict(recipe)
+    out["base_model"] = str(Path(models[recipe["base_model"]]).resolve())
+    out["models"] = [m | {"model": str(Path(models[m["model"]]).resolve())} for m in recipe["models"]]
+    return out
+
+
 def write_outputs(
     ctx: Level1Context, result: Level1Result, refs_val: dict[str, np.ndarray], *, seconds: float, resumed: bool
 ) -> None:
@@ -274,7 +282,7 @@ def write_outputs(
         _, recipe = store.candidate(cid)
         y_test = ctx.score_recipe(cid, recipe, ctx.test)
         recipe_path = run_dir / "recipes" / f"candidate-{cid}.yml"
-        atomic_write_text(recipe_path, yaml.safe_dump(recipe, sort_keys=False))
+        atomic_write_text(recipe_path, yaml.safe_dump(recipe_with_paths(recipe, cfg.models), sort_keys=False))
         row: dict[str, Any] = {"candidate": cid, "level": 1}
         row |= {f"{n}_val": float(v) for n, v in zip(names, unique[cid], strict=True)}
         row |= {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}

@@ -1,0 +1,145 @@
+"""The level-1 driver end to end on tiny models: outputs, re-merge fidelity, config errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from hm3.checkpoint.synthetic import build_finetuned_variant
+from hm3.errors import ConfigError
+from hm3.eval.evaluate import evaluate_objective
+from hm3.eval.hf import HFBackend
+from hm3.merge.engine import merge_to_disk
+from hm3.search.level1 import run_level1
+from hm3.search.pareto import non_dominated
+from hm3.search.run_config import parse_run_config
+from hm3.store import RunStore
+from objectives.registry import get_objective
+from tests.eval.tiny_lm import build_tiny_lm
+
+WORDS = "ab ba abc cab bca aab bba cc".split()
+
+
+def _pairs(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(24):
+            src = " ".join(rng.choice(WORDS, 3))
+            f.write(json.dumps({"id": f"{seed}-{i}", "source": src, "target": src[::-1], "split": "validation" if i < 12 else "test"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("level1")
+    base = build_tiny_lm(root / "base", seed=0)
+    models = {"base": str(base)}
+    for i in (1, 2):
+        models[f"m{i}"] = str(build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.5))
+    objectives = [f"translation:{_pairs(root / f't{s}.jsonl', s)}" for s in (1, 2)]
+    return root, models, objectives
+
+
+def _config(setup, **optimizer) -> dict:
+    _, models, objectives = setup
+    return {
+        "models": models,
+        "objectives": objectives,
+        "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": True},
+        "optimizer": {"name": "random", "budget": 5} | optimizer,
+        "evaluation": {"validation_examples": 6, "test_examples": 6, "batch_size": 8},
+        "seed": 3,
+    }
+
+
+def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_path):
+    cfg = parse_run_config(_config(setup))
+    result = run_level1(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for f in ("front.csv", "summary.json", "front.png", "hm3.sqlite"):
+        assert (run / f).exists(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["evaluations"] == 5 and len(summary["hv_trace_validation"]) == 5
+    front = pd.read_csv(run / "front.csv")
+    val_cols = [c for c in front.columns if c.endswith("_val")]
+    assert len(val_cols) == 2 and len(front) == summary["front_size"] >= 1
+    # the front is non-dominated among everything evaluated
+    assert len(non_dominated(front[val_cols].to_numpy())) == len(front)
+    # every front point re-merges from its recipe file (hm3 merge) to the score stored
+    row = front.iloc[0]
+    merged = merge_to_disk(run / row["recipe"], tmp_path / "remerged").out_dir
+    backend = HFBackend.from_pretrained(merged, batch_size=8)
+    for spec, col in zip(cfg.objectives, val_cols, strict=True):
+        r = evaluate_objective(backend, get_objective(spec), "validation", list(range(6)))
+        assert r.score == pytest.approx(row[col], abs=1e-9)
+    assert result.front_ids
+
+
+def test_config_errors_reported_before_any_evaluation(setup, tmp_path):
+    bad = [
+        (_config(setup, name="simulated-annealing"), "simulated-annealing"),
+        (_config(setup) | {"search_space": {"base_model": "base", "models": ["m1", "m9"]}}, "m9"),
+        (_config(setup) | {"search_space": {"base_model": "base", "models": ["m1"], "weight_bounds": [1, 0]}}, "reversed"),
+        (_config(setup) | {"objectivs": []}, "objectivs"),
+    ]
+    for data, mention in bad:
+        with pytest.raises(ConfigError, match=mention):
+            run_level1(parse_run_config(data), tmp_path / "never", progress=False)
+        assert not (tmp_path / "never" / "hm3.sqlite").exists()
+
+
+def test_budget_below_initial_design_refused(setup, tmp_path):
+    with pytest.raises(ConfigError, match="budget"):
+        run_level1(parse_run_config(_config(setup, name="bo-mo", budget=3)), tmp_path / "r", progress=False)
+
+
+def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):
+    run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False, stop_after=1)
+    with pytest.raises(ConfigError, match="budget"):
+        run_level1(parse_run_config(_config(setup, budget=4)), tmp_path / "r", resume=True, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False)
+
+
+def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path):
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(yaml.safe_dump(_config(setup, budget=6)))
+    hm3 = Path(sys.executable).parent / "hm3"
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(hm3), "search", "param", str(cfg_path), str(run), "--quiet"], start_new_session=True)
+    deadline = time.time() + 240
+    told = 0
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "hm3.sqlite").exists():
+            with RunStore.open(run, readonly=True) as s:
+                told = len(s.events("level1_tell"))
+            if told >= 2:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with RunStore.open(run, readonly=True) as s:
+        before = {(e.candidate_id, e.objective, e.split) for e in s.evaluations()}
+    assert len(before) >= 2 * 2
+    resumed = run_level1(parse_run_config(yaml.safe_load(cfg_path.read_text())), run, resume=True, progress=False)
+    with RunStore.open(run, readonly=True) as s:
+        rows = s.evaluations()
+        tells = s.events("level1_tell")
+    keys = [(e.candidate_id, e.objective, e.split) for e in rows]
+    assert len(keys) == len(set(keys)), "an evaluation was repeated"
+    assert before <= set(keys), "an evaluation was lost"
+    assert len(tells) == 6
+    straight = run_level1(parse_run_config(yaml.safe_load(cfg_path.read_text())), tmp_path / "straight", progress=False)
+    np.testing.assert_allclose(resumed.X, straight.X, rtol=0, atol=0)
+    np.testing.assert_allclose(resumed.Y, straight.Y, rtol=0, atol=0)
