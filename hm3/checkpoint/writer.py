@@ -3,8 +3,13 @@
 Everything is built in a hidden temporary sibling of the output directory and
 renamed into place only when complete, so an interrupted or failed merge never
 leaves a half-written model that a later step could mistake for a real one.
-Tensors are buffered one shard at a time (memory ~ one shard, two with the
-background writer) because a merge streams tensors and must not hold the model.
+A merge streams tensors and must not hold the model. Given the output ``layout``
+(every tensor's name, shape and dtype, which a merge plan knows before it starts)
+the shard files are created with their headers up front and each tensor's bytes
+go to their offset as soon as it is added: memory O(one tensor), plus at most
+``_QUEUE_TENSORS`` waiting for the background thread. Without a layout, tensors
+are buffered one shard at a time (memory ~ one shard, two with the background
+writer) and each full shard is written by ``safetensors``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import os
 import secrets
 import shutil
+from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from hm3.checkpoint.safetensors_format import (
+    ShardLayout,
+    TensorSlot,
+    create_shard,
+    plan_layout,
+    tensor_bytes,
+    write_at,
+)
 from hm3.errors import CheckpointError, OutputExistsError
 
 CONFIG_FILE = "config.json"
@@ -40,6 +55,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+# Tensors a layout writer lets wait for its background thread: enough to overlap merging with writing,
+# few enough that memory stays O(tensor).
+_QUEUE_TENSORS = 2
 
 
 class StagedDirectory:
@@ -109,13 +127,75 @@ def config_with_dtype(config: dict[str, Any], dtype: torch.dtype | None) -> dict
     return out
 
 
+class _PresizedShards:
+    """Shard files created at their final size from a layout; tensors land at their offsets in any order."""
+
+    def __init__(self, directory: Path, shards: list[ShardLayout], slots: dict[str, TensorSlot]):
+        n = len(shards)
+        self.files = [
+            directory / (SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+            for i in range(1, n + 1)
+        ]
+        self.shards = shards
+        self.slots = slots
+        self.fds: list[int] = []
+        try:
+            for path, layout in zip(self.files, shards, strict=True):
+                self.fds.append(create_shard(path, layout))
+        except CheckpointError:
+            self.close()
+            raise
+
+    def check(self, name: str, tensor: torch.Tensor, out_dtype: torch.dtype | None) -> None:
+        """Refuse a tensor the layout did not announce, or announced with another shape or dtype."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"tensor {name} is not in the output layout given to the writer")
+        shape, dtype = tuple(tensor.shape), _stored_dtype(tensor.dtype, out_dtype)
+        if shape != slot.shape or dtype != slot.dtype:
+            raise CheckpointError(
+                f"tensor {name} is {list(shape)} {dtype} but the output layout says {list(slot.shape)} "
+                f"{slot.dtype}"
+            )
+
+    def write(self, name: str, tensor: torch.Tensor, out_dtype: torch.dtype | None) -> None:
+        """Convert (if asked) and put the tensor's bytes at its offset; runs on the writer thread."""
+        slot = self.slots[name]
+        t = tensor.detach().cpu()
+        if out_dtype is not None and t.is_floating_point():
+            t = t.to(out_dtype)
+        write_at(
+            self.fds[slot.shard],
+            tensor_bytes(t),
+            slot.begin,
+            where=f"tensor {name} to {self.files[slot.shard]}",
+        )
+
+    def weight_map(self) -> dict[str, str]:
+        return {name: path.name for path, s in zip(self.files, self.shards, strict=True) for name in s.names}
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _stored_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is stored in: the writer's ``dtype`` applies to floating-point tensors only."""
+    return out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+
+
 class CheckpointWriter:
     """Stream tensors into a Hugging Face model directory that appears atomically on successful exit.
 
-    With ``background=True`` shard files are written by one background thread while
-    the caller keeps adding tensors (so disk writes overlap merging); an error in that
-    thread is raised by the next :meth:`add` or on exit. The writer owns the tensors
-    passed to :meth:`add`: do not modify them afterwards.
+    ``layout`` lists every tensor to be added as ``(name, shape, dtype)``, the dtype being that of
+    the tensor passed to :meth:`add` (``dtype`` conversion is applied on top). With it, tensors are
+    written to disk as they arrive and memory stays O(tensor); without it, O(shard).
+
+    With ``background=True`` disk writes run on one background thread while the caller keeps
+    adding tensors (so writing overlaps merging); an error in that thread is raised by the next
+    :meth:`add` or on exit. The writer owns the tensors passed to :meth:`add`: do not modify them
+    afterwards.
     """
 
     def __init__(
@@ -129,6 +209,7 @@ class CheckpointWriter:
         dtype: torch.dtype | None = None,
         extra_files: dict[str, str] | None = None,
         background: bool = False,
+        layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
     ):
         if max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -143,6 +224,12 @@ class CheckpointWriter:
                 raise CheckpointError(
                     f"extra file name {fname!r} must be a plain file name not used by the model"
                 )
+        planned = None
+        if layout is not None:
+            if not layout:
+                raise CheckpointError(f"empty output layout; refusing to write an empty model to {out_dir}")
+            stored = [(n, shape, _stored_dtype(dt, dtype)) for n, shape, dt in layout]
+            planned = plan_layout(stored, max_shard_bytes)  # validated before the output is touched
         self.out_dir = Path(out_dir)
         self.config = config
         self.max_shard_bytes = max_shard_bytes
@@ -159,8 +246,15 @@ class CheckpointWriter:
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-writer") if background else None
         )
-        self._pending: Future[None] | None = None
+        self._pending: deque[Future[None]] = deque()
         self._done = False
+        self._presized: _PresizedShards | None = None
+        if planned is not None:
+            try:
+                self._presized = _PresizedShards(self._stage.tmp, *planned)
+            except BaseException:
+                self.abort()
+                raise
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -176,12 +270,17 @@ class CheckpointWriter:
             raise
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a full shard is written out (in the background thread if enabled)."""
+        """Write one tensor (layout) or queue it in the current shard, writing the shard once full."""
         self._check_background()
         if self._done:
             raise CheckpointError(f"writer for {self.out_dir} is already closed; cannot add {name}")
         if name in self._names:
             raise CheckpointError(f"tensor {name} added twice to {self.out_dir}")
+        if self._presized is not None:
+            self._presized.check(name, tensor, self.dtype)
+            self._names.add(name)
+            self._submit(_QUEUE_TENSORS, self._presized.write, name, tensor, self.dtype)
+            return
         t = self._standalone(tensor)
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
@@ -213,35 +312,44 @@ class CheckpointWriter:
         self._buffer_bytes = 0
         self._buffer_storages = set()
         self._shards.append((path, list(tensors)))
+        # bounds memory: at most one shard writing while the next one fills
+        self._submit(1, _write_shard, tensors, path)
+
+    def _submit(self, limit: int, fn: Any, *args: Any) -> None:
+        """Run ``fn`` now, or on the writer thread once fewer than ``limit`` writes are waiting there."""
         if self._executor is None:
-            _write_shard(tensors, path)
+            fn(*args)
             return
-        self._wait_pending()  # bounds memory: at most one shard writing while the next one fills
-        self._pending = self._executor.submit(_write_shard, tensors, path)
+        while len(self._pending) >= limit:
+            self._pending.popleft().result()
+        self._pending.append(self._executor.submit(fn, *args))
 
     def _wait_pending(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        while self._pending:
+            self._pending.popleft().result()
 
     def _check_background(self) -> None:
-        if self._pending is not None and self._pending.done():
-            self._wait_pending()
+        """Raise a background write's error now rather than after the rest of the merge."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
 
     def finish(self) -> Path:
-        """Write the last shard, index, config, tokenizer and extra files, then move the directory into place."""
+        """Write what is left, the index, config, tokenizer and extra files, then move the directory into place."""
         if self._buffer:
             self._flush()
         self._wait_pending()
         self._shutdown()
         self._done = True
-        if not self._shards:
+        if self._presized is not None:
+            weight_map = self._finish_presized(self._presized)
+        elif not self._shards:
             raise CheckpointError(
                 f"no tensors were added; refusing to write an empty model to {self.out_dir}"
             )
-        weight_map = self._name_shards()
+        else:
+            weight_map = self._name_shards()
         tmp = self._stage.tmp
-        if len(self._shards) > 1:
+        if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(
@@ -254,6 +362,18 @@ class CheckpointWriter:
         for fname, text in self.extra_files.items():
             (tmp / fname).write_text(text)
         return self._stage.commit()
+
+    def _finish_presized(self, presized: _PresizedShards) -> dict[str, str]:
+        """Refuse a model with tensors of the layout never added (their bytes would read as zeros)."""
+        presized.close()
+        missing = [n for n in presized.slots if n not in self._names]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"{len(missing)} tensor(s) of the output layout were never added to {self.out_dir}: {shown}"
+            )
+        self._total_bytes = sum(s.nbytes for s in presized.slots.values())
+        return presized.weight_map()
 
     def _name_shards(self) -> dict[str, str]:
         """Rename temporary shards to the HF scheme now that their count is known; name -> shard file."""
@@ -275,5 +395,7 @@ class CheckpointWriter:
         self._done = True
         self._buffer = {}
         self._shutdown()
-        self._pending = None
+        self._pending.clear()
+        if self._presized is not None:
+            self._presized.close()
         self._stage.abort()

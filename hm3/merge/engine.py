@@ -133,6 +133,16 @@ def merge_to_disk(
             tokenizer_from=tokenizer_from,
             extra_files={"hm3_recipe.yml": config.to_yaml()},
             background=True,
+            # output specs up front let the writer stream each tensor to disk: methods return the
+            # reference's (base's, else first input's) dtype after compute_dtype conversion
+            layout=[
+                (
+                    j.name,
+                    plan.reference.shape(j.name),
+                    plan.out_dtype or plan.compute_dtype or plan.reference.dtype(j.name),
+                )
+                for j in plan.jobs
+            ],
         ) as writer:
             n = 0
             for name, tensor in iter_merged(plan, device=device):

@@ -194,3 +194,36 @@ def test_check_finite(value):
     with pytest.raises(CheckpointError, match="NaN/Inf in tensor w of model modelA"):
         check_finite("w", t, "modelA")
     check_finite("ids", torch.arange(3), "modelA")  # integer tensors cannot hold NaN
+
+
+@pytest.mark.parametrize(
+    "finite",
+    [
+        torch.full((4,), 3e38),  # the float32 sum overflows to Inf, yet every entry is finite
+        torch.full((4,), 60000.0, dtype=torch.float16),
+        torch.full((4,), -3e38, dtype=torch.bfloat16),
+        torch.zeros(0, 3),
+        torch.tensor([0.5, -1.0]).to(torch.float8_e4m3fn),
+        torch.tensor([1 + 2j]),
+    ],
+)
+def test_check_finite_accepts_large_and_unusual_finite_tensors(finite):
+    check_finite("w", finite, "modelA")
+
+
+@pytest.mark.parametrize(
+    ("bad", "counts"),
+    [
+        (
+            torch.cat([torch.ones(3_000_000), torch.tensor([float("nan"), float("inf"), float("-inf")])]),
+            "1 NaN, 2 Inf",
+        ),
+        (torch.tensor([float("nan"), 1.0, float("nan")], dtype=torch.bfloat16), "2 NaN, 0 Inf"),
+        (torch.tensor([float("nan"), 1.0]).to(torch.float8_e5m2), "1 NaN, 0 Inf"),
+        (torch.tensor([float("inf"), 1.0]).to(torch.float8_e5m2), "0 NaN, 1 Inf"),
+        (torch.tensor([complex(float("nan"), 0.0)]), "1 NaN, 0 Inf"),
+    ],
+)
+def test_check_finite_counts_bad_values_exactly(bad, counts):
+    with pytest.raises(CheckpointError, match=f"NaN/Inf in tensor w of model modelA \\({counts} values\\)"):
+        check_finite("w", bad, "modelA")
