@@ -7,6 +7,7 @@ as they pull in transformers).
 from hm3.checkpoint.layers import layer_index, layer_tensor_names, rename_layer
 from hm3.checkpoint.reader import (
     Checkpoint,
+    SafetensorsFile,
     TensorInfo,
     check_compatible,
     check_finite,
@@ -18,6 +19,7 @@ from hm3.checkpoint.writer import CheckpointWriter, StagedDirectory, config_with
 __all__ = [
     "Checkpoint",
     "CheckpointWriter",
+    "SafetensorsFile",
     "StagedDirectory",
     "TensorInfo",
     "check_compatible",

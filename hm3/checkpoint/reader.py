@@ -243,6 +243,37 @@ class Checkpoint:
         return _ShardFile(shard)
 
 
+class SafetensorsFile:
+    """A lone safetensors file (e.g. a Fisher side file) read tensor by tensor with the same bounded memory.
+
+    ``safe_open`` would keep every page read resident until closed, i.e. O(file) for a pass over it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"safetensors file not found: {self.path}")
+        self._tensors = read_safetensors_header(self.path)
+        self._file = _ShardFile(self.path)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.path} has no tensor {name}")
+        return self._file.read(name, self._tensors[name])
+
+
 class _ShardFile:
     """One safetensors file, each tensor read with ``pread`` straight into a new tensor.
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hm3.checkpoint.writer as writer_module
-from hm3.checkpoint import CheckpointWriter, open_checkpoint
+from hm3.checkpoint import CheckpointWriter, SafetensorsFile, open_checkpoint
 from hm3.errors import CheckpointError
 
 IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7]])
@@ -233,6 +233,22 @@ def test_reader_returns_every_dtype_as_safetensors_does(tmp_path):
             )  # bitwise
 
 
+def test_lone_safetensors_file(tmp_path):
+    tensors = _mixed_tensors()
+    save_file(tensors, tmp_path / "fisher.safetensors")
+    with SafetensorsFile(tmp_path / "fisher.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(f.get(name).reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        with pytest.raises(CheckpointError, match="fisher.safetensors has no tensor nope"):
+            f.get("nope")
+    with pytest.raises(CheckpointError, match="not found: .*missing.safetensors"):
+        SafetensorsFile(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05" + b"\x00" * 7 + b"{oops")
+    with pytest.raises(CheckpointError, match="bad.safetensors: corrupt"):
+        SafetensorsFile(tmp_path / "bad.safetensors")
+
+
 def test_reader_owns_its_tensors(tiny_llama):
     """Returned tensors are independent writable memory: changing one changes neither the file nor a re-read."""
     with open_checkpoint(tiny_llama) as ckpt:
@@ -260,7 +276,7 @@ def test_file_truncated_after_open_is_an_error_not_a_crash(tiny_llama, tmp_path)
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from hm3.checkpoint import CheckpointWriter, open_checkpoint
+    from hm3.checkpoint import CheckpointWriter, SafetensorsFile, open_checkpoint
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
