@@ -53,3 +53,7 @@ class SplitTooSmallError(Hm3Error):
 
 class BackendError(Hm3Error):
     """An evaluator backend that cannot be opened (not installed, model/tokenizer mismatch) or was misused."""
+
+
+class FisherError(Hm3Error):
+    """A diagonal Fisher that cannot be estimated (no examples, non-finite gradients) or a bad Fisher file."""
