@@ -314,3 +314,30 @@ def test_cached_fisher_for_coefficient_uses_the_rounded_coefficient(dirs, merger
     _assert_close(a, direct)
     assert all(a[n] is b[n] for n in a)  # second call served from memory
     assert len(list((tmp_path / "fisher").iterdir())) == 1
+
+
+def test_fishers_set_on_the_in_memory_merger_give_df_merge(dirs, merger, tokenizer):
+    live = _model(dirs["base"])
+    lam = [0.5, 0.8]
+    fishers = {
+        ref: fisher_for_coefficient(merger, live, i, lam[i], tokenizer, MC[1:], LogLikelihood())
+        for i, ref in enumerate(merger.model_refs)
+    }
+    recipe = parse_merge_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [
+                {"model": ref, "parameters": {"weight": lam[i], "fisher": f"{ref}.safetensors"}}
+                for i, ref in enumerate(merger.model_refs)
+            ],
+        }
+    )
+    merger.set_fishers(fishers)
+    try:
+        merged = merger.merged_state(recipe)
+    finally:
+        merger.set_fishers(None)
+    for n in merger.tensor_names:
+        expected = ops.df_merge(merger.base[n], merger.deltas[n], [fishers["m1"][n], fishers["m2"][n]], lam)
+        torch.testing.assert_close(merged[n], expected, rtol=1e-5, atol=1e-6)
