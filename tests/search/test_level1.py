@@ -30,12 +30,17 @@ from tests.eval.tiny_lm import build_tiny_lm
 WORDS = "ab ba abc cab bca aab bba cc".split()
 
 
-def _pairs(path: Path, seed: int) -> Path:
+def _questions(path: Path, seed: int) -> Path:
+    """Multiple-choice questions: scored by log-likelihood (one forward pass), so the test stays fast."""
     rng = np.random.default_rng(seed)
     with path.open("w") as f:
         for i in range(24):
-            src = " ".join(rng.choice(WORDS, 3))
-            f.write(json.dumps({"id": f"{seed}-{i}", "source": src, "target": src[::-1], "split": "validation" if i < 12 else "test"}) + "\n")
+            choices = [" ".join(rng.choice(WORDS, 2)) for _ in range(4)]
+            if len(set(choices)) < 4:
+                choices = [f"{c} {k}" for k, c in enumerate(choices)]
+            record = {"id": f"{seed}-{i}", "question": " ".join(rng.choice(WORDS, 3)), "choices": choices,
+                      "answer": int(rng.integers(4)), "split": "validation" if i < 12 else "test"}
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -46,7 +51,7 @@ def setup(tmp_path_factory):
     models = {"base": str(base)}
     for i in (1, 2):
         models[f"m{i}"] = str(build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.5))
-    objectives = [f"translation:{_pairs(root / f't{s}.jsonl', s)}" for s in (1, 2)]
+    objectives = [f"choice:{_questions(root / f'q{s}.jsonl', s)}" for s in (1, 2)]
     return root, models, objectives
 
 
@@ -57,7 +62,7 @@ def _config(setup, **optimizer) -> dict:
         "objectives": objectives,
         "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": True},
         "optimizer": {"name": "random", "budget": 5} | optimizer,
-        "evaluation": {"validation_examples": 6, "test_examples": 6, "batch_size": 8},
+        "evaluation": {"validation_examples": 12, "test_examples": 12, "batch_size": 16},
         "seed": 3,
     }
 
@@ -78,9 +83,9 @@ def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_pat
     # every front point re-merges from its recipe file (hm3 merge) to the score stored
     row = front.iloc[0]
     merged = merge_to_disk(run / row["recipe"], tmp_path / "remerged").out_dir
-    backend = HFBackend.from_pretrained(merged, batch_size=8)
+    backend = HFBackend.from_pretrained(merged, batch_size=16)
     for spec, col in zip(cfg.objectives, val_cols, strict=True):
-        r = evaluate_objective(backend, get_objective(spec), "validation", list(range(6)))
+        r = evaluate_objective(backend, get_objective(spec), "validation", list(range(12)))
         assert r.score == pytest.approx(row[col], abs=1e-9)
     assert result.front_ids
 
