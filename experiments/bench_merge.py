@@ -127,22 +127,20 @@ def main() -> None:
         results[key]["peak_rss_mb"].append(rss)
         print(f"  {key:22s} {wall:7.2f} s  {rss:7.0f} MB", flush=True)
 
+    floor_cmd = [sys.executable, __file__, "--work", str(args.work), "--floor-only", str(args.work / "floor")]
     for method in ("ties", "dare_ties"):
         cfg = args.work / f"{method}.yml"
         cfg.write_text(yaml.safe_dump(recipe(paths, method)))
         hm3_cmd = [str(BIN / "hm3"), "merge", str(cfg), str(args.work / f"hm3_{method}"), "--overwrite"]
         mk_out = args.work / f"mk_{method}"
         mk_cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(mk_out), "--quiet"]
-        print(f"{method}: warm-up, then {args.reps} alternating rounds", flush=True)
-        run_timed(hm3_cmd)  # warm the page cache for both
+        print(f"{method}: warm-up, then {args.reps} rounds of hm3, mergekit, floor", flush=True)
+        run_timed(hm3_cmd)  # warm the page cache
         for _ in range(args.reps):
             record(f"hm3_{method}", hm3_cmd)
             subprocess.run(["rm", "-rf", str(mk_out)], check=True)
             record(f"mergekit_{method}", mk_cmd)
-    floor_cmd = [sys.executable, __file__, "--work", str(args.work), "--floor-only", str(args.work / "floor")]
-    print("floor (read 3 models, write 1, one elementwise op):", flush=True)
-    for _ in range(args.reps):
-        record("floor", floor_cmd)
+            record(f"floor_{method}_round", floor_cmd)  # the floor measured in the same rounds (same load)
 
     print("in-memory path (per candidate, into a live LlamaForCausalLM):", flush=True)
     inmem = in_memory_timing(paths, args.reps)
@@ -150,7 +148,7 @@ def main() -> None:
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in results.items()}
     ratios = {}
     for method in ("ties", "dare_ties"):
-        h, m, f = med[f"hm3_{method}"], med[f"mergekit_{method}"], med["floor"]
+        h, m, f = med[f"hm3_{method}"], med[f"mergekit_{method}"], med[f"floor_{method}_round"]
         ratios[method] = {
             "wall_vs_mergekit": h["wall_s"] / m["wall_s"],
             "rss_vs_mergekit": h["peak_rss_mb"] / m["peak_rss_mb"],
