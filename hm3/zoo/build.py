@@ -1,0 +1,305 @@
+"""``hm3 zoo build DIR``: train the tiny base and experts, measure the quality bar, write ``zoo.json``.
+
+Layout of DIR: ``base/``, ``math/``, ``code/``, ``translation/`` (HF model
+directories: safetensors, config.json, the character tokenizer) and
+``zoo.json`` (models, objectives, spec + its hash, the 4×3 score matrices on
+validation and test, the TIES-grid result and whether the quality bar holds).
+A DIR whose zoo.json carries the same spec hash is reused, not rebuilt. The
+whole zoo is built in a sibling temporary directory and renamed into place, so
+DIR is never half-built.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hm3.atomic import atomic_write_text
+from hm3.errors import ConfigError, OutputExistsError
+from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
+from objectives.zoo import ZOO_TASKS, zoo_objective
+
+MODELS = ("base", *ZOO_TASKS)
+TASK_SEED = 0  # the zoo trains and scores on the canonical zoo:<task> data; the zoo seed varies the weights
+TIES_WEIGHTS = (0.5, 1.0)
+TIES_DENSITIES = (0.5, 0.8, 1.0)
+TIES_NORMALIZE = (True, False)
+# the contract every zoo is measured against (issue 3): specialised experts, a weak base, mergeable experts
+MIN_EXPERT_MARGIN = 0.2
+MIN_TIES_GAIN_KEPT = 0.5
+
+Matrix = dict[str, dict[str, float]]  # model -> task -> score
+
+
+@dataclass(frozen=True)
+class ZooManifest:
+    """What ``zoo.json`` holds; model paths are relative to the zoo directory."""
+
+    format: int
+    spec: dict[str, Any]
+    spec_hash: str
+    models: dict[str, str]
+    experts: dict[str, str]  # objective name -> model name
+    objectives: list[str]
+    scores_validation: Matrix
+    scores_test: Matrix
+    ties_grid: list[dict[str, Any]]
+    ties_best: dict[str, Any]
+    quality_bar: dict[str, Any]
+    build_seconds: float
+    load_average: float | None  # 1-minute load when the build started: timings on a shared machine
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, path: str | Path) -> ZooManifest:
+        """The manifest in ``path`` (a zoo directory or its zoo.json)."""
+        path = Path(path)
+        path = path / "zoo.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no zoo here (build one with 'hm3 zoo build')") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{path}: not a zoo manifest of this hm3 version ({e})") from None
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+
+def score_models(backend, states: Mapping[str, Mapping[str, torch.Tensor]], split: str, n: int) -> Matrix:
+    """Every model (a state swapped into ``backend``) on the first ``n`` examples of every zoo task."""
+    from hm3.eval.evaluate import evaluate_objective
+
+    objectives = {t: zoo_objective(t, seed=TASK_SEED) for t in ZOO_TASKS}
+    matrix: Matrix = {}
+    for name, state in states.items():
+        backend.load_state(state)
+        matrix[name] = {t: evaluate_objective(backend, o, split, range(n)).score for t, o in objectives.items()}
+    return matrix
+
+
+def ties_states(
+    base: Mapping[str, torch.Tensor], experts: list[Mapping[str, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """TIES merges of the experts over the density × weight grid (one weight and density for all).
+
+    With mergekit's ``normalize`` (the disjoint mean) a uniform weight cancels out, so
+    the grid runs it once per density; without it the weight scales the sign-elected sum.
+    """
+    from hm3.merge.ops import ties
+
+    grid: dict[str, dict[str, torch.Tensor]] = {}
+    for normalize, d, w in itertools.product(TIES_NORMALIZE, TIES_DENSITIES, TIES_WEIGHTS):
+        if normalize and w != TIES_WEIGHTS[-1]:
+            continue
+        k = len(experts)
+        grid[f"ties d={d} " + ("normalized" if normalize else f"w={w}")] = {
+            name: ties(b, [e[name] - b for e in experts], [w] * k, [d] * k, normalize=normalize)
+            for name, b in base.items()
+        }
+    return grid
+
+
+def quality_bar(matrix: Matrix, ties_scores: Mapping[str, float]) -> dict[str, Any]:
+    """The zoo's contract, per task: expert margin >= 0.2, base below expert, TIES keeps >= 50% of the gain."""
+    checks: dict[str, Any] = {}
+    for t in ZOO_TASKS:
+        margin = matrix[t][t] - max(matrix[m][t] for m in matrix if m != t)
+        gain = matrix[t][t] - matrix["base"][t]
+        kept = (ties_scores[t] - matrix["base"][t]) / gain if gain > 0 else 0.0
+        checks[t] = {
+            "expert_margin": round(margin, 4),
+            "expert_gain_over_base": round(gain, 4),
+            "ties_gain_kept": round(kept, 4),
+            "ok": margin >= MIN_EXPERT_MARGIN and gain > 0 and kept >= MIN_TIES_GAIN_KEPT,
+        }
+    return {"ok": all(c["ok"] for c in checks.values()), "checks": checks,
+            "thresholds": {"expert_margin": MIN_EXPERT_MARGIN, "ties_gain_kept": MIN_TIES_GAIN_KEPT}}
+
+
+# --- building --------------------------------------------------------------------------------------
+
+
+def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor]]]:
+    """(tokenizer, model, state dict of every zoo model): the base on the mixture, then each expert."""
+    from hm3.zoo.tokenizer import build_char_tokenizer
+    from hm3.zoo.train import encode_examples, expert_data, new_model, train
+
+    tokenizer = build_char_tokenizer()
+    train_sets = {t: encode_examples(tokenizer, zoo_objective(t, seed=TASK_SEED).examples("train")) for t in ZOO_TASKS}
+    mixture = [x for t in ZOO_TASKS for x in train_sets[t]]
+    common = dict(batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, log=log)
+    t0 = time.perf_counter()
+    log(f"pretraining the base on the task mixture ({spec.base_steps} steps)")
+    model = new_model(spec)
+    train(model, mixture, steps=spec.base_steps, lr=spec.base_lr, seed=spec.seed, **common)
+    states = {"base": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    for i, task in enumerate(ZOO_TASKS):
+        log(f"fine-tuning the {task} expert from the base ({spec.expert_steps} steps)")
+        model.load_state_dict(states["base"])
+        data = expert_data(train_sets, task, spec.replay_fraction)
+        train(model, data, steps=spec.expert_steps, lr=spec.expert_lr, seed=spec.seed * 1000 + i + 1, **common)
+        states[task] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    log(f"trained in {time.perf_counter() - t0:.1f} s")
+    return tokenizer, model, states
+
+
+def _load_average() -> float | None:
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _build_into(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> ZooManifest:
+    start = time.perf_counter()
+    load = _load_average()
+    threads = torch.get_num_threads()
+    # one thread: a model this small gains little from two, and on a shared machine two threads
+    # that wait on each other are many times slower (and bit-for-bit reproducibility is simpler)
+    torch.set_num_threads(1)
+    try:
+        tokenizer, model, states = train_zoo(spec, log)
+        manifest = _save_and_score(directory, spec, tokenizer, model, states, log)
+    finally:
+        torch.set_num_threads(threads)
+    return replace(manifest, build_seconds=round(time.perf_counter() - start, 2), load_average=load)
+
+
+def _save_and_score(directory: Path, spec: ZooSpec, tokenizer, model, states, log) -> ZooManifest:
+    from hm3.eval.hf import HFBackend
+
+    for name in MODELS:
+        model.load_state_dict(states[name])
+        model.save_pretrained(str(directory / name))
+        tokenizer.save_pretrained(str(directory / name))
+    log("scoring the 4 models and a TIES grid of the experts on the 3 tasks")
+    t0 = time.perf_counter()
+    backend = HFBackend.from_pretrained(directory / "base", batch_size=spec.eval_examples)
+    n = spec.eval_examples
+    val = score_models(backend, states, "validation", n)
+    test = score_models(backend, states, "test", n)
+    grid = score_models(backend, ties_states(states["base"], [states[t] for t in ZOO_TASKS]), "validation", n)
+    backend.close()
+    log(f"scored in {time.perf_counter() - t0:.1f} s")
+    best_name = max(grid, key=lambda k: sum(grid[k].values()))
+    bar = quality_bar(val, grid[best_name])
+    return ZooManifest(
+        format=ZOO_FORMAT,
+        spec=spec.as_dict(),
+        spec_hash=spec.hash(),
+        models={name: name for name in MODELS},
+        experts={f"zoo:{t}": t for t in ZOO_TASKS},
+        objectives=[f"zoo:{t}" for t in ZOO_TASKS],
+        scores_validation=val,
+        scores_test=test,
+        ties_grid=[{"merge": k, **v} for k, v in grid.items()],
+        ties_best={"merge": best_name, **grid[best_name]},
+        quality_bar=bar,
+        build_seconds=0.0,
+        load_average=None,
+    )
+
+
+def _cached(directory: Path, spec: ZooSpec) -> ZooManifest | None:
+    """The manifest of a finished zoo with this spec at ``directory``, else None."""
+    if not (directory / "zoo.json").is_file():
+        return None
+    try:
+        manifest = ZooManifest.read(directory)
+    except ConfigError:
+        return None
+    return manifest if manifest.spec_hash == spec.hash() else None
+
+
+def _publish(built: Path, out: Path) -> None:
+    """Move (or copy, from a cache) a finished zoo to ``out``: temp sibling, then rename."""
+    tmp = out.parent / f".{out.name}.{time.time_ns()}.tmp"
+    shutil.copytree(built, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def build_zoo(
+    out_dir: str | Path,
+    *,
+    size: str = "micro",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    **spec_overrides: Any,
+) -> ZooManifest:
+    """Build (or reuse) the zoo at ``out_dir`` and return its manifest.
+
+    Reused when ``out_dir/zoo.json`` (or ``cache_dir/<spec hash>/zoo.json``) has the
+    same spec hash. A directory holding anything else is refused unless
+    ``overwrite``. The score matrix and quality bar are printed (``progress``) and
+    stored; a zoo that misses the bar is still written, flagged ``quality_bar.ok = false``.
+    """
+    spec = zoo_spec(size, seed, **spec_overrides)
+    log = (lambda m: print(f"[zoo] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    out = Path(out_dir)
+    found = _cached(out, spec)
+    if found is not None:
+        log(f"{out} already holds this zoo (spec {spec.hash()}): reused")
+        return found
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out} exists and does not hold a {size} zoo with seed {seed}; "
+                                "choose an empty directory or use --overwrite")
+    cached_dir = Path(cache_dir) / spec.hash() if cache_dir is not None else None
+    manifest = _cached(cached_dir, spec) if cached_dir is not None else None
+    if manifest is not None:
+        log(f"copying the cached zoo {cached_dir}")
+        _publish(cached_dir, out)
+        return manifest
+    target = cached_dir or out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f".{target.name}.{time.time_ns()}.building"
+    work.mkdir()
+    try:
+        log(f"building the {size} zoo (seed {seed}, spec {spec.hash()}) in {out}")
+        manifest = _build_into(work, spec, log)
+        atomic_write_text(work / "zoo.json", manifest.to_json())
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if cached_dir is not None:
+        _publish(cached_dir, out)
+    log(format_report(manifest))
+    if not manifest.quality_bar["ok"]:
+        log("WARNING: this zoo does NOT meet its quality bar (zoo.json quality_bar.ok = false)")
+    return manifest
+
+
+def format_report(manifest: ZooManifest) -> str:
+    """The score matrices, the best TIES merge and the quality-bar verdict, as a table."""
+    lines = []
+    for split, matrix in (("validation", manifest.scores_validation), ("test", manifest.scores_test)):
+        lines.append(f"{split:<12}" + "".join(f"{t:>13}" for t in ZOO_TASKS))
+        lines += [f"{m:<12}" + "".join(f"{row[t]:13.3f}" for t in ZOO_TASKS) for m, row in matrix.items()]
+    best = manifest.ties_best
+    lines.append(f"{'TIES best':<12}" + "".join(f"{best[t]:13.3f}" for t in ZOO_TASKS) + f"   ({best['merge']}, validation)")
+    checks = manifest.quality_bar["checks"]
+    verdict = "met" if manifest.quality_bar["ok"] else "NOT MET"
+    lines.append(f"quality bar {verdict}: " + "; ".join(
+        f"{t} margin {c['expert_margin']:.2f}, TIES keeps {c['ties_gain_kept']:.0%}" for t, c in checks.items()))
+    lines.append(f"built in {manifest.build_seconds:.0f} s (load average {manifest.load_average} at start)")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Building the zoo: layout, loading, manifest, caching, refusal, quality-bar arithmetic, and the bar itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hm3.errors import ConfigError, OutputExistsError
+from hm3.zoo.build import MODELS, ZooManifest, build_zoo, quality_bar, ties_states
+from hm3.zoo.spec import zoo_spec
+from objectives.zoo import ZOO_TASKS
+
+# a few optimiser steps: enough to exercise every stage in seconds (its scores mean nothing)
+QUICK = dict(base_steps=6, expert_steps=4, eval_examples=4)
+
+
+@pytest.fixture(scope="module")
+def quick_zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    return out, build_zoo(out, seed=0, progress=False, **QUICK)
+
+
+def test_layout_manifest_and_models_load_with_transformers(quick_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, manifest = quick_zoo
+    assert ZooManifest.read(out) == manifest
+    data = json.loads((out / "zoo.json").read_text())
+    assert data["objectives"] == ["zoo:math", "zoo:code", "zoo:translation"]
+    assert data["spec_hash"] == zoo_spec("micro", 0, **QUICK).hash()
+    for split in ("scores_validation", "scores_test"):
+        assert set(data[split]) == set(MODELS)
+        assert all(set(row) == set(ZOO_TASKS) and all(0 <= v <= 1 for v in row.values()) for row in data[split].values())
+    assert len(data["ties_grid"]) == 9 and data["ties_best"]["merge"] in {g["merge"] for g in data["ties_grid"]}
+    assert isinstance(data["quality_bar"]["ok"], bool)
+    for name in MODELS:
+        model = AutoModelForCausalLM.from_pretrained(str(out / name))
+        tok = AutoTokenizer.from_pretrained(str(out / name))
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert (out / name / "model.safetensors").is_file()
+        assert model.get_input_embeddings().num_embeddings == len(tok)
+    assert not list(out.parent.glob(".*building"))  # no temporary directory left behind
+
+
+def test_experts_differ_from_the_base(quick_zoo):
+    out, _ = quick_zoo
+    base = _weights(out / "base")
+    for task in ZOO_TASKS:
+        expert = _weights(out / task)
+        assert any(not torch.equal(base[k], expert[k]) for k in base)
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_same_spec_is_reused_not_rebuilt(quick_zoo, monkeypatch):
+    import hm3.zoo.build as build
+
+    out, manifest = quick_zoo
+    monkeypatch.setattr(build, "_build_into", lambda *a, **k: pytest.fail("rebuilt a cached zoo"))
+    assert build_zoo(out, seed=0, progress=False, **QUICK) == manifest
+
+
+def test_cache_dir_builds_once_and_copies_and_builds_are_deterministic(quick_zoo, tmp_path, monkeypatch):
+    import hm3.zoo.build as build
+
+    out, manifest = quick_zoo
+    first = build_zoo(tmp_path / "a", seed=0, cache_dir=tmp_path / "cache", progress=False, **QUICK)
+    assert (tmp_path / "cache" / first.spec_hash / "zoo.json").is_file()
+    for name in MODELS:  # a second, independent build of the same spec: the same weights and scores
+        a, b = _weights(out / name), _weights(tmp_path / "a" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.scores_validation == manifest.scores_validation
+    monkeypatch.setattr(build, "_build_into", lambda *a, **k: pytest.fail("rebuilt a cached zoo"))
+    second = build_zoo(tmp_path / "b", seed=0, cache_dir=tmp_path / "cache", progress=False, **QUICK)
+    assert second == first and (tmp_path / "b" / "math" / "model.safetensors").is_file()
+
+
+def test_other_content_is_refused_and_bad_specs_are_config_errors(quick_zoo, tmp_path):
+    out, _ = quick_zoo
+    with pytest.raises(OutputExistsError, match="does not hold a micro zoo with seed 5"):
+        build_zoo(out, seed=5, progress=False, **QUICK)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=str(tmp_path)):
+        build_zoo(tmp_path, progress=False, **QUICK)
+    with pytest.raises(ConfigError, match="unknown zoo size 'huge'"):
+        build_zoo(tmp_path / "x", size="huge")
+    with pytest.raises(ConfigError, match="seed"):
+        zoo_spec("micro", -1)
+    with pytest.raises(ConfigError, match="hiden_size"):
+        zoo_spec("micro", 0, hiden_size=3)
+
+
+def test_spec_hash_changes_with_any_setting():
+    a = zoo_spec("micro", 0)
+    assert a.hash() == zoo_spec("micro", 0).hash()
+    assert len({a.hash(), zoo_spec("micro", 1).hash(), zoo_spec("small", 0).hash(),
+                zoo_spec("micro", 0, expert_lr=1e-4).hash()}) == 4
+
+
+def test_quality_bar_arithmetic_on_a_hand_matrix():
+    matrix = {
+        "base": {"math": 0.1, "code": 0.1, "translation": 0.4},
+        "math": {"math": 0.9, "code": 0.1, "translation": 0.4},
+        "code": {"math": 0.2, "code": 0.7, "translation": 0.4},
+        "translation": {"math": 0.1, "code": 0.2, "translation": 0.9},
+    }
+    good = quality_bar(matrix, {"math": 0.5, "code": 0.4, "translation": 0.65})
+    assert good["ok"]
+    assert good["checks"]["math"]["expert_margin"] == pytest.approx(0.7)
+    assert good["checks"]["code"]["ties_gain_kept"] == pytest.approx(0.5)
+    assert not quality_bar(matrix, {"math": 0.5, "code": 0.39, "translation": 0.65})["ok"]  # code keeps < 50%
+    matrix["code"]["math"] = 0.75  # the code model nearly as good at math as the math expert
+    bad = quality_bar(matrix, {"math": 0.5, "code": 0.4, "translation": 0.65})
+    assert not bad["ok"] and not bad["checks"]["math"]["ok"] and bad["checks"]["code"]["ok"]
+
+
+def test_ties_grid_of_identical_experts_recovers_the_expert():
+    base = {"w": torch.zeros(4, 4)}
+    expert = {"w": torch.arange(16.0).reshape(4, 4) - 8}
+    grid = ties_states(base, [expert, expert, expert])
+    assert torch.equal(grid["ties d=1.0 normalized"]["w"], expert["w"])
+    assert torch.allclose(grid["ties d=1.0 w=0.5"]["w"], 1.5 * expert["w"])  # unnormalised: the weighted sum
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="micro zoo does not yet meet the issue-3 quality bar (see report)")
+def test_micro_zoo_meets_the_quality_bar(tmp_path):
+    manifest = build_zoo(tmp_path / "zoo", size="micro", seed=0, progress=False)
+    assert manifest.quality_bar["ok"], manifest.quality_bar
