@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import sys
 import time
@@ -158,8 +159,6 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
 
 def _load_average() -> float | None:
     try:
-        import os
-
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
