@@ -27,7 +27,7 @@ from hm3.store import RunStore
 from objectives.registry import get_objective
 from tests.eval.tiny_lm import build_tiny_lm
 
-WORDS = "ab ba abc cab bca aab bba cc".split()
+WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bba", "cc"]
 
 
 def _questions(path: Path, seed: int) -> Path:
