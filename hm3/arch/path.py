@@ -1,0 +1,440 @@
+"""Layer paths: a model assembled from decoder layers taken from a pool of models of one architecture.
+
+A path is HM3's architecture-level candidate: hops ``(model, layer)`` over a pool holding the K
+experts and, last (index K), the level-1 merge for the preference at hand. Embeddings, final norm
+and LM head always come from that merge. Layers may be reordered, repeated and mixed freely, so a
+path of length T is an ordinary decoder of depth T: it materialises
+
+* in memory (:func:`build_path_model`): a transformers model whose T layers *share* the pool's
+  tensors, so evaluating a candidate costs no copy of its weights;
+* on disk (:func:`export_path`): a plain Hugging Face checkpoint with ``num_hidden_layers = T``
+  that transformers and vLLM load unchanged, and beside it mergekit's passthrough ``slices``
+  config that rebuilds the same tensors from the pool directories.
+
+Per-hop scales -- what they mean and why
+---------------------------------------
+A pre-norm decoder layer (Llama, Mistral, Qwen2/3) computes ``h = x + A(norm1(x))`` then
+``y = h + M(norm2(h))``. Sakana's data-flow merge scales the hidden state entering each
+transition, ``x -> s * x``. That is *not* a change of the layer's weights: the residual path has
+no weights, and the scaled ``s * x`` travels on to every later layer. Because every branch input
+is RMS-normalised, ``norm(c * x) = norm(x)`` holds only up to the norm's ``eps``, so the input
+scales are equivalent to weighting every later layer's branch outputs by ``1 / prod(s)`` -- up
+to ``eps``, never exactly (the eps is one config value for all layers, so it cannot be rescaled
+per layer either).
+
+hm3 therefore defines the scale in the form that *is* exactly a weight change: ``scales[t] = w``
+multiplies hop t's two residual branches, ``y = h + w * M(...)`` with ``h = x + w * A(...)``;
+that is, it multiplies the weights (and biases) of the branch output projections ``o_proj`` and
+``down_proj``. In memory it is applied by forward hooks (no copy of the shared weights); on export
+it is folded into those two tensors, and mergekit's passthrough ``scale`` parameter does the same.
+Every sequence of Sakana input scales has a branch-scale equivalent (up to eps):
+:func:`branch_scales_from_input_scales`. Architectures with norms *after* their branches (Gemma
+2/3's sandwich norms) would undo the fold, so scales are refused for any model type not known to
+be pre-norm only (:data:`SCALABLE_MODEL_TYPES`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from hm3.checkpoint.layers import layer_index, layer_tensor_names, rename_layer
+from hm3.checkpoint.reader import Checkpoint, open_checkpoint
+from hm3.checkpoint.writer import CheckpointWriter
+from hm3.errors import ConfigError, IncompatibleModelsError
+
+MERGEKIT_CONFIG_FILE = "mergekit_passthrough.yml"
+PATH_FILE = "hm3_path.json"
+# Pre-norm-only decoders: every branch input is normalised and nothing normalises a branch output,
+# so scaling o_proj/down_proj scales exactly the layer's contribution to the residual stream.
+SCALABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Name fragments of the projections ending a layer's attention and MLP branches.
+BRANCH_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
+# Config entries that fix the width of a layer: layers of models differing in any cannot be chained.
+WIDTH_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """An inference path: hop t runs layer ``hops[t][1]`` of pool model ``hops[t][0]``.
+
+    ``scales`` (optional, one per hop) weights each hop's residual branches (module docstring);
+    None means all 1, the plain path.
+    """
+
+    hops: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON/YAML or an RL policy) but store hashable tuples, so paths can key caches.
+        object.__setattr__(self, "hops", tuple((int(m), int(layer)) for m, layer in self.hops))
+        if self.scales is not None:
+            object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def __len__(self) -> int:
+        return len(self.hops)
+
+    @classmethod
+    def of_model(cls, model: int, num_layers: int) -> LayerPath:
+        """The path running all layers of one pool model in order (the model itself)."""
+        return cls(tuple((model, i) for i in range(num_layers)))
+
+    def scale(self, t: int) -> float:
+        """Branch scale of hop ``t`` (1.0 without scales)."""
+        return 1.0 if self.scales is None else self.scales[t]
+
+    def validate(self, pool_size: int, num_layers: int | Sequence[int], t_max: int | None = None) -> None:
+        """Refuse a path that cannot be built over this pool, with the reason (ConfigError).
+
+        ``num_layers`` is the layer count of every pool model, or one count per model.
+        """
+        counts = [num_layers] * pool_size if isinstance(num_layers, int) else list(num_layers)
+        if len(counts) != pool_size:
+            raise ConfigError(f"{len(counts)} layer counts given for a pool of {pool_size} models")
+        if t_max is not None and t_max < 1:
+            raise ConfigError(f"T_max must be >= 1, got {t_max}")
+        if not self.hops:
+            raise ConfigError("empty layer path: a path needs at least one hop (T >= 1)")
+        if t_max is not None and len(self.hops) > t_max:
+            raise ConfigError(f"layer path has {len(self.hops)} hops, more than T_max = {t_max}")
+        for t, (m, layer) in enumerate(self.hops):
+            if not 0 <= m < pool_size:
+                raise ConfigError(f"hop {t}: model index {m} out of range for a pool of {pool_size} models")
+            if not 0 <= layer < counts[m]:
+                raise ConfigError(
+                    f"hop {t}: layer index {layer} out of range for pool model {m} with {counts[m]} layers"
+                )
+        if self.scales is not None:
+            if len(self.scales) != len(self.hops):
+                raise ConfigError(f"{len(self.scales)} scales given for a path of {len(self.hops)} hops")
+            for t, s in enumerate(self.scales):
+                if not (math.isfinite(s) and s > 0):
+                    raise ConfigError(f"hop {t}: scale {s!r} must be finite and positive")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hops": [list(h) for h in self.hops],
+            "scales": None if self.scales is None else list(self.scales),
+        }
+
+
+def branch_scales_from_input_scales(input_scales: Sequence[float]) -> tuple[float, ...]:
+    """Sakana-style input scales ``s_t`` (hidden state entering hop t times ``s_t``) as branch scales.
+
+    Scaling the stream by ``s_t`` before hop t scales it by ``c_t = s_1 ... s_t`` from then on;
+    as branch inputs are RMS-normalised this equals weighting the branches of hop t by ``1 / c_t``
+    (the final norm removes the leftover ``c_T``). Exact for a norm without eps; with eps the
+    difference is of relative order eps / mean(x^2).
+    """
+    out, c = [], 1.0
+    for s in input_scales:
+        c *= float(s)
+        out.append(1.0 / c)
+    return tuple(out)
+
+
+def is_branch_output(tensor_name: str) -> bool:
+    """Whether a layer tensor ends an attention or MLP branch (what a hop's scale multiplies)."""
+    return any(frag in tensor_name for frag in BRANCH_OUTPUTS)
+
+
+def check_pool_widths(configs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+    """Refuse a pool whose models differ in model type or layer width, naming each model's sizes."""
+    problems = []
+    for key in ("model_type", *WIDTH_KEYS):
+        values = [c.get(key) for c in configs]
+        if len({json.dumps(v) for v in values if v is not None}) > 1:
+            problems.append(f"{key}: " + ", ".join(f"{n}={v}" for n, v in zip(names, values, strict=True)))
+    if problems:
+        raise IncompatibleModelsError("pool models have different widths: " + "; ".join(problems))
+
+
+def _layer_signature(shapes: Mapping[str, tuple[int, ...]], layer: int) -> dict[str, tuple[int, ...]]:
+    """Tensors of one layer keyed by their name within the layer ('mlp.up_proj.weight' -> shape)."""
+    return {rename_layer(n, 0): shapes[n] for n in layer_tensor_names(shapes, layer)}
+
+
+def check_pool_layers(shapes: Sequence[Mapping[str, tuple[int, ...]]], names: Sequence[str]) -> list[int]:
+    """Layer counts of the pool models, refusing any layer whose tensors differ from the merge's layer 0.
+
+    The config check names the sizes; this one catches what configs do not say (an extra bias, a
+    different head layout) so a hop can never produce a model that fails to load.
+    """
+    reference = _layer_signature(shapes[-1], 0)
+    counts = []
+    for shape_map, name in zip(shapes, names, strict=True):
+        indices = {i for i in map(layer_index, shape_map) if i is not None}
+        count = max(indices) + 1 if indices else 0
+        for layer in range(count):
+            sig = _layer_signature(shape_map, layer)
+            if sig != reference:
+                diff = sorted(set(sig.items()) ^ set(reference.items()))[:4]
+                raise IncompatibleModelsError(
+                    f"layer {layer} of pool model {name} does not match layer 0 of the merge {names[-1]}: "
+                    + ", ".join(f"{n} {list(s)}" for n, s in diff)
+                )
+        counts.append(count)
+    return counts
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One output tensor of a path and where it comes from."""
+
+    name: str  # name in the path model
+    model: int  # pool index
+    source: str  # name in that pool model
+    scale: float  # multiplies the tensor (branch outputs of a scaled hop); 1.0 otherwise
+
+
+def plan_path_tensors(pool_names: Sequence[Sequence[str]], path: LayerPath) -> list[TensorSource]:
+    """Every tensor of the path model: the merge's non-layer tensors, then each hop's layer renamed to t."""
+    merge = len(pool_names) - 1
+    plan = [TensorSource(n, merge, n, 1.0) for n in pool_names[merge] if layer_index(n) is None]
+    for t, (m, layer) in enumerate(path.hops):
+        for src in layer_tensor_names(pool_names[m], layer):
+            scale = path.scale(t) if is_branch_output(src) else 1.0
+            plan.append(TensorSource(rename_layer(src, t), m, src, scale))
+    return plan
+
+
+def path_config(merge_config: Mapping[str, Any], path: LayerPath) -> dict[str, Any]:
+    """The merge's config for a depth-T model: ``num_hidden_layers = T``, per-layer entries remapped."""
+    config = dict(merge_config)
+    config["num_hidden_layers"] = len(path.hops)
+    if isinstance(config.get("layer_types"), list):  # e.g. Qwen2 sliding/full attention per layer
+        config["layer_types"] = [merge_config["layer_types"][layer] for _, layer in path.hops]
+    return config
+
+
+def _check_scalable(path: LayerPath, model_type: str | None) -> None:
+    if (
+        path.scales is not None
+        and any(s != 1.0 for s in path.scales)
+        and model_type not in SCALABLE_MODEL_TYPES
+    ):
+        raise ConfigError(
+            f"per-hop scales are only defined for pre-norm models ({', '.join(sorted(SCALABLE_MODEL_TYPES))}); "
+            f"model type {model_type!r} may normalise branch outputs, which would undo the scale"
+        )
+
+
+@dataclass(frozen=True)
+class LayerPool:
+    """Models of one architecture whose layers a path draws on; the last one is the level-1 merge.
+
+    Construction refuses models of different widths, so every path over the pool is well formed.
+    """
+
+    states: tuple[Mapping[str, torch.Tensor], ...]
+    config: dict[str, Any]  # the merge's: embeddings, norm, head and attention settings come from it
+    names: tuple[str, ...]
+    num_layers: tuple[int, ...]
+
+    @classmethod
+    def from_states(
+        cls,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        configs: Sequence[Mapping[str, Any]],
+        names: Sequence[str] | None = None,
+    ) -> LayerPool:
+        """A pool over state dicts (shared, never copied) with their configs; the merge last."""
+        if not states:
+            raise ConfigError("empty layer pool: it needs at least the level-1 merge")
+        if len(configs) != len(states):
+            raise ConfigError(f"{len(configs)} configs given for a pool of {len(states)} models")
+        names = tuple(names) if names is not None else tuple(f"model {i}" for i in range(len(states)))
+        check_pool_widths(configs, names)
+        shapes = [{n: tuple(t.shape) for n, t in s.items()} for s in states]
+        counts = check_pool_layers(shapes, names)
+        return cls(tuple(states), _config_dict(configs[-1]), names, tuple(counts))
+
+    @classmethod
+    def from_models(cls, models: Sequence[nn.Module], names: Sequence[str] | None = None) -> LayerPool:
+        """A pool over loaded transformers models; paths share their parameters."""
+        states = [{n: p.detach() for n, p in m.state_dict(keep_vars=True).items()} for m in models]
+        return cls.from_states(states, [_config_dict(m.config) for m in models], names)
+
+    @classmethod
+    def load(cls, dirs: Sequence[str | Path]) -> LayerPool:
+        """A pool read from model directories (every tensor in memory once; the merge last)."""
+        states, configs = [], []
+        for d in dirs:
+            with open_checkpoint(d) as ckpt:
+                states.append({n: ckpt.get(n) for n in ckpt.tensor_names()})
+                configs.append(ckpt.config)
+        return cls.from_states(states, configs, [str(d) for d in dirs])
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return dict(config) if isinstance(config, Mapping) else config.to_dict()
+
+
+def build_path_model(pool: LayerPool, path: LayerPath, *, t_max: int | None = None) -> nn.Module:
+    """The path as a live transformers causal LM whose tensors are the pool's own (no copies).
+
+    The model is built on the meta device (nothing allocated for its T layers) and each parameter
+    is then replaced by the pool tensor the plan names, so ``data_ptr`` equality holds and memory
+    does not grow with T. Attention ``layer_idx`` is the hop's position, so the KV cache works.
+    Do not train it: the pool's weights would change under every path sharing them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path.validate(len(pool.states), pool.num_layers, t_max)
+    _check_scalable(path, pool.config.get("model_type"))
+    raw = path_config(pool.config, path)
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    plan = plan_path_tensors([list(s) for s in pool.states], path)
+    for src in plan:
+        _assign_parameter(model, src.name, pool.states[src.model][src.source], pool.names[src.model])
+    if config.tie_word_embeddings:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _materialise_buffers(model, device=model.get_input_embeddings().weight.device)
+    for t in range(len(path.hops)):
+        if path.scale(t) != 1.0:
+            _hook_branch_scale(model.model.layers[t], path.scale(t))
+    return model.eval()
+
+
+def _assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
+    """Make ``tensor`` (not a copy) the parameter ``name`` of ``model``; refuse a shape mismatch."""
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        raise IncompatibleModelsError(f"tensor {name} of {source} has no place in the path model") from None
+    current = owner._parameters.get(leaf)
+    if current is None:
+        raise IncompatibleModelsError(f"tensor {name} of {source} has no place in the path model")
+    if current.shape != tensor.shape:
+        raise IncompatibleModelsError(
+            f"tensor {name} of {source} is {list(tensor.shape)}, the path model expects {list(current.shape)}"
+        )
+    owner._parameters[leaf] = nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild the modules whose buffers (rotary frequencies) were left on the meta device."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "config"):
+                raise IncompatibleModelsError(
+                    f"cannot build a path model for {type(model).__name__}: buffer module {name} is not "
+                    "rebuildable from the config"
+                )
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, type(module)(config=module.config).to(device))
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise IncompatibleModelsError(
+            f"the pool does not provide tensor(s) {', '.join(meta[:5])} of {type(model).__name__}"
+        )
+
+
+def _hook_branch_scale(layer: nn.Module, scale: float) -> None:
+    """Multiply the outputs of the layer's branch output projections by ``scale`` (= scaling their weights)."""
+
+    def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * scale
+
+    found = [m for n, m in layer.named_modules() if any(f"{n}." == frag for frag in BRANCH_OUTPUTS)]
+    if len(found) != len(BRANCH_OUTPUTS):
+        raise IncompatibleModelsError(
+            f"{type(layer).__name__} lacks the branch outputs {', '.join(BRANCH_OUTPUTS)}; cannot scale it"
+        )
+    for module in found:
+        module.register_forward_hook(hook)
+
+
+def mergekit_passthrough_config(
+    pool_dirs: Sequence[str | Path], path: LayerPath, dtype: str
+) -> dict[str, Any]:
+    """mergekit's passthrough ``slices`` config building the same model as :func:`export_path`.
+
+    mergekit takes embeddings from the first slice's model and final norm and LM head from the last
+    one's, so the path is framed by two empty slices (``layer_range: [0, 0]``) of the merge.
+    """
+    dirs = [str(Path(d).resolve()) for d in pool_dirs]
+    slices: list[dict[str, Any]] = [_empty_slice(dirs[-1])]
+    for t, (m, layer) in enumerate(path.hops):
+        source: dict[str, Any] = {"model": dirs[m], "layer_range": [layer, layer + 1]}
+        if path.scale(t) != 1.0:
+            w = path.scale(t)
+            source["parameters"] = {"scale": [{"filter": f.rstrip("."), "value": w} for f in BRANCH_OUTPUTS]}
+        slices.append({"sources": [source]})
+    slices.append(_empty_slice(dirs[-1]))
+    return {"merge_method": "passthrough", "dtype": dtype, "slices": slices}
+
+
+def _empty_slice(model_dir: str) -> dict[str, Any]:
+    """A slice of no layers: only selects the model mergekit reads embeddings or the head from."""
+    return {"sources": [{"model": model_dir, "layer_range": [0, 0]}]}
+
+
+def export_path(
+    pool_dirs: Sequence[str | Path],
+    path: LayerPath,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    t_max: int | None = None,
+) -> Path:
+    """Write the path as a plain HF checkpoint (tokenizer from the merge, the last pool directory).
+
+    Scales are folded into ``o_proj``/``down_proj`` (computed in float32, stored in the tensor's
+    dtype). Beside the weights: ``mergekit_passthrough.yml`` and ``hm3_path.json`` (hops, scales,
+    pool). Tensors stream one at a time; the directory appears only when complete.
+    """
+    if not pool_dirs:
+        raise ConfigError("empty layer pool: it needs at least the level-1 merge")
+    ckpts = [open_checkpoint(d) for d in pool_dirs]
+    try:
+        return _export(ckpts, path, Path(out_dir), overwrite=overwrite, t_max=t_max)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
+def _export(
+    ckpts: list[Checkpoint], path: LayerPath, out_dir: Path, *, overwrite: bool, t_max: int | None
+) -> Path:
+    names = [str(c.path) for c in ckpts]
+    check_pool_widths([c.config for c in ckpts], names)
+    counts = check_pool_layers([{n: c.shape(n) for n in c.tensor_names()} for c in ckpts], names)
+    path.validate(len(ckpts), counts, t_max)
+    merge = ckpts[-1]
+    _check_scalable(path, merge.config.get("model_type"))
+    plan = plan_path_tensors([c.tensor_names() for c in ckpts], path)
+    layout = [(s.name, ckpts[s.model].shape(s.source), ckpts[s.model].dtype(s.source)) for s in plan]
+    dtype = str(merge.dtype(plan[0].source)).removeprefix("torch.")
+    extra = {
+        MERGEKIT_CONFIG_FILE: yaml.safe_dump(
+            mergekit_passthrough_config(names, path, dtype), sort_keys=False
+        ),
+        PATH_FILE: json.dumps({**path.to_json(), "pool": [str(Path(n).resolve()) for n in names]}, indent=2)
+        + "\n",
+    }
+    with CheckpointWriter(
+        out_dir,
+        config=path_config(merge.config, path),
+        overwrite=overwrite,
+        tokenizer_from=merge.path,
+        extra_files=extra,
+        layout=layout,
+    ) as writer:
+        for src in plan:
+            tensor = ckpts[src.model].get(src.source)
+            if src.scale != 1.0:
+                tensor = (tensor.float() * src.scale).to(tensor.dtype)
+            writer.add(src.name, tensor)
+    return out_dir
