@@ -294,3 +294,16 @@ def test_tokenizer_and_generation_files_come_from_the_merge(pool_dirs, tmp_path)
     (merge / "tokenizer_config.json").write_text('{"marker": "merge"}')
     out = export_path([pool_dirs[0], merge], LayerPath(((0, 0),)), tmp_path / "out")
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"marker": "merge"}
+
+
+def test_tied_embeddings_stay_tied_in_memory_and_on_disk(tmp_path, ids):
+    base = build_random_llama(
+        tmp_path / "base", hidden_size=32, num_layers=2, vocab_size=64, tie_word_embeddings=True, seed=4
+    )
+    dirs = [build_finetuned_variant(base, tmp_path / f"m{i}", seed=30 + i, scale=0.2) for i in range(2)]
+    path = LayerPath(((0, 1), (1, 0), (0, 1)))
+    model = build_path_model(LayerPool.load(dirs), path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = export_path(dirs, path, tmp_path / "out")
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    assert torch.allclose(_logits(model, ids), _logits(_load(out), ids), atol=1e-5, rtol=0)
