@@ -461,7 +461,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         ]
     loads = [result.get(k, [None])[0] for k in ("load_average_start", "load_average_end")]
     lines.append(
-        f"{result['machine']['cpu_count']} cores; 1-min load average {fmt(loads[0], '.2f')} at start, {fmt(loads[1], '.2f')} at end"
+        f"{result['machine']['cpu_count']} cores; 1-min load average "
+        f"{fmt(loads[0], '.2f')} at start, {fmt(loads[1], '.2f')} at end"
     )
     return "\n".join(lines)
 
