@@ -84,6 +84,9 @@ class Level1Context:
             cfg.evaluation.backend, cfg.models[space.base_model], batch_size=cfg.evaluation.batch_size
         )
         self.live = self.backend.live_parameters()
+        # Level 2 points the hf backend at path models that share the pool's tensors; level-1 installs
+        # write into this model's own parameters, so they put it back first.
+        self.live_model = getattr(self.backend, "model", None)
         self.scorer = CandidateScorer(self.backend, self.objectives, store)
         self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
         self.fisher_cache = None
@@ -97,7 +100,12 @@ class Level1Context:
 
     # --- installing weights into the live model ----------------------------------------------------
 
+    def restore_live_model(self) -> None:
+        if self.live_model is not None:
+            self.backend.model = self.live_model
+
     def install_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.restore_live_model()
         if self.live is not None:
             with torch.no_grad():
                 for name, t in state.items():
@@ -105,17 +113,26 @@ class Level1Context:
         else:
             self.backend.load_state(state)
 
-    def install_recipe(self, recipe: dict) -> None:
+    def _parse_recipe(self, recipe: dict):
         config = parse_merge_config(recipe, source="candidate recipe")
         fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models}
         if any(fisher_files.values()):
             from hm3.fisher import load_fisher
 
             self.merger.set_fishers({ref: load_fisher(path) for ref, path in fisher_files.items()})
+        return config
+
+    def install_recipe(self, recipe: dict) -> None:
+        config = self._parse_recipe(recipe)
+        self.restore_live_model()
         if self.live is not None:
             self.merger.merge_into(self.live, config)
         else:
             self.backend.load_state(self.merger.merged_state(config))
+
+    def merged_state(self, recipe: dict) -> dict[str, torch.Tensor]:
+        """The recipe's merge as new tensors (level 2 puts it in a layer pool beside the experts)."""
+        return self.merger.merged_state(self._parse_recipe(recipe))
 
     def reference_state(self, ref: str) -> dict[str, torch.Tensor]:
         """The base (``ref`` = base ref) or one expert, rebuilt from base + task vector."""
@@ -211,73 +228,92 @@ def run_level1(
     """
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    opt_cls = get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
-    space = cfg.search_space
+    get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
     with open_run_store(run_dir, cfg, resume=resume) as store:
-        ctx = Level1Context(cfg, store, log=log)
-        k = len(ctx.objectives)
-        log("scoring the base model and the experts (reference points)")
-        refs_val = ctx.references(ctx.validation)
-        base = refs_val[space.base_model]
-        ideal = np.max(np.stack([refs_val[r] for r in space.models]), axis=0)
-        log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
+        ctx = Level1Context(cfg, store, log=_logger(progress))
+        return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
 
-        optimizer = opt_cls(
-            space.dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, ctx, space.dim, k)
-        )
-        X: list[list[float]] = []
-        Y: list[np.ndarray] = []
-        ids: list[int] = []
-        hv_trace: list[float] = []
-        for cid, x in _replayed(store):
-            _, recipe = store.candidate(cid)
-            y = ctx.scorer.cached(cid, ctx.validation)
-            if y is None:
-                raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")
-            optimizer.tell(torch.tensor([x]), torch.tensor(normalise(y[None], base, ideal)))
-            X.append(x)
-            Y.append(y)
-            ids.append(cid)
-            hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
-        if X:
-            log(f"resumed: {len(X)} evaluations replayed from the store")
 
-        bar = _progress(progress, total=cfg.optimizer.budget, initial=len(X))
-        new = 0
-        while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
-            x = optimizer.ask(1)
-            recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
-            cand = store.add_candidate(recipe, "merge")
-            y = ctx.score_recipe(cand, recipe, ctx.validation)
-            optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))
-            store.add_event(TELL_EVENT, {"candidate": cand.id, "x": x[0].tolist()})
-            X.append(x[0].tolist())
-            Y.append(y)
-            ids.append(cand.id)
-            hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
-            new += 1
-            if bar is not None:
-                bar.set_postfix_str(f"HV {hv_trace[-1]:.4f}")
-                bar.update(1)
+def _logger(enabled: bool) -> Callable[[str], None]:
+    return (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if enabled else (lambda msg: None)
+
+
+def search_level1(
+    ctx: Level1Context,
+    out_dir: Path,
+    *,
+    resume: bool,
+    progress: bool = True,
+    stop_after: int | None = None,
+    start: float | None = None,
+) -> Level1Result:
+    """The level-1 loop over an open context (its store may be shared with a two-level run);
+    outputs go to ``out_dir``. Resumes from the ``level1_tell`` events already in the store."""
+    start = time.perf_counter() if start is None else start
+    cfg, store, log = ctx.cfg, ctx.store, ctx.log
+    opt_cls = get_optimizer(cfg.optimizer.name)
+    space = cfg.search_space
+    k = len(ctx.objectives)
+    log("scoring the base model and the experts (reference points)")
+    refs_val = ctx.references(ctx.validation)
+    base = refs_val[space.base_model]
+    ideal = np.max(np.stack([refs_val[r] for r in space.models]), axis=0)
+    log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
+
+    optimizer = opt_cls(
+        space.dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, ctx, space.dim, k)
+    )
+    X: list[list[float]] = []
+    Y: list[np.ndarray] = []
+    ids: list[int] = []
+    hv_trace: list[float] = []
+    for cid, x in _replayed(store):
+        y = ctx.scorer.cached(cid, ctx.validation)
+        if y is None:
+            raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")
+        optimizer.tell(torch.tensor([x]), torch.tensor(normalise(y[None], base, ideal)))
+        X.append(x)
+        Y.append(y)
+        ids.append(cid)
+        hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+    if X:
+        log(f"resumed: {len(X)} evaluations replayed from the store")
+
+    bar = _progress(progress, total=cfg.optimizer.budget, initial=len(X))
+    new = 0
+    while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
+        x = optimizer.ask(1)
+        recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
+        cand = store.add_candidate(recipe, "merge")
+        y = ctx.score_recipe(cand, recipe, ctx.validation)
+        optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))
+        store.add_event(TELL_EVENT, {"candidate": cand.id, "x": x[0].tolist()})
+        X.append(x[0].tolist())
+        Y.append(y)
+        ids.append(cand.id)
+        hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+        new += 1
         if bar is not None:
-            bar.close()
-        Xa, Ya = np.array(X), np.stack(Y) if Y else np.empty((0, k))
-        result = Level1Result(
-            run_dir=run_dir,
-            objective_names=ctx.objective_names,
-            X=Xa,
-            Y=Ya,
-            candidate_ids=ids,
-            front_ids=[],
-            base=base,
-            ideal=ideal,
-            hv_trace=hv_trace,
-        )
-        if optimizer.remaining > 0:
-            return result
-        write_outputs(ctx, result, refs_val, seconds=time.perf_counter() - start, resumed=bool(resume))
+            bar.set_postfix_str(f"HV {hv_trace[-1]:.4f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    Xa, Ya = np.array(X), np.stack(Y) if Y else np.empty((0, k))
+    result = Level1Result(
+        run_dir=Path(out_dir),
+        objective_names=ctx.objective_names,
+        X=Xa,
+        Y=Ya,
+        candidate_ids=ids,
+        front_ids=[],
+        base=base,
+        ideal=ideal,
+        hv_trace=hv_trace,
+    )
+    if optimizer.remaining > 0:
         return result
+    write_outputs(ctx, result, refs_val, seconds=time.perf_counter() - start, resumed=bool(resume))
+    return result
 
 
 def _progress(enabled: bool, *, total: int, initial: int):
