@@ -1,0 +1,199 @@
+"""Level-1 search benchmark (issue 4): hypervolume vs evaluations for every optimiser, several seeds.
+
+Each (optimiser, seed) is one ordinary ``run_level1`` in its own run directory under ``--work``, so
+every score is in a run store and an interrupted benchmark resumes where it stopped (a finished
+run is read back from its ``summary.json``; an unfinished one is continued with ``resume=True``).
+
+Protocol (the same for every optimiser): the zoo's base and experts, the HV protocol of
+:mod:`hm3.search.pareto` (base = 0, best expert = 1 per task, reference point = the base), DARE-TIES
+coefficients and densities in the same search space, the first ``--validation-examples`` of each
+validation split per candidate. HV after n evaluations is the HV of everything evaluated so far
+(the ``hv_trace_validation`` of each run). ``random`` and ``nsga2`` run to ``--long-budget``; the others
+to ``--budget``. The target: ``bo-mo`` at ``--budget`` reaches the HV that ``random`` and ``nsga2``
+reach at ``--long-budget`` (4x sample efficiency with the defaults 50 / 200).
+``df-merge`` is DF-Merge proper (Fisher-weighted task arithmetic, BO on the mean score); Fisher
+weighting on DARE-TIES is ablated with ``bo-mo`` on vs off.
+
+Usage::
+
+    .venv/bin/python experiments/bench_search_param.py --zoo runs/zoo-small [--seeds 0,1,2]
+        [--budget 50] [--long-budget 200] [--validation-examples 32] [--optimizers ...]
+        [--work runs/bench_search_param] [--out experiments/results/bench_search_param.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hm3.atomic import atomic_write_text
+from hm3.search.level1 import run_level1
+from hm3.search.run_config import parse_run_config
+
+OPTIMIZERS = ("bo-mo", "bo-tcheby", "df-merge", "nsga2", "random", "hm3-fixed")
+LONG = ("random", "nsga2")
+
+
+def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse.Namespace, fisher: bool) -> dict:
+    space: dict[str, Any] = {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0],
+                             "density_bounds": [0.2, 1.0], "fisher": fisher}
+    if optimizer == "df-merge":  # DF-Merge proper: Fisher-weighted task arithmetic, λ_i in [0, 1], no drop step
+        space = {"dare": False, "fisher": True, "df_merge": True, "weight_bounds": [0.0, 1.0]}
+    return {
+        "zoo": str(zoo.resolve()),
+        "search_space": space,
+        "optimizer": {"name": optimizer, "budget": budget},
+        "evaluation": {"backend": "hf", "validation_examples": args.validation_examples,
+                       "test_examples": args.test_examples, "batch_size": 64},
+        "fisher": {"examples": args.fisher_examples},
+        "seed": seed,
+    }
+
+
+def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args, fisher: bool = False) -> dict:
+    name = f"{optimizer}{'-fisher' if fisher else ''}-s{seed}-b{budget}"
+    run_dir = work / name
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        summary["reused"] = True
+        return summary
+    cfg = parse_run_config(run_config(zoo, optimizer, seed, budget, args, fisher), source=name)
+    start = time.perf_counter()
+    result = run_level1(cfg, run_dir, resume=(run_dir / "hm3.sqlite").exists(), progress=not args.quiet)
+    summary = dict(result.summary)
+    summary["bench_wall_seconds"] = time.perf_counter() - start
+    summary["reused"] = False
+    return summary
+
+
+def hv_at(trace: list[float], n: int) -> float:
+    return float(trace[min(n, len(trace)) - 1]) if trace else 0.0
+
+
+def aggregate(runs: dict[str, list[dict]], checkpoints: list[int]) -> dict[str, Any]:
+    table = {}
+    for key, summaries in runs.items():
+        row = {}
+        for n in checkpoints:
+            if all(len(s["hv_trace_validation"]) >= n for s in summaries):
+                vals = [hv_at(s["hv_trace_validation"], n) for s in summaries]
+                row[str(n)] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+        row["hv_test_front"] = statistics.fmean(s["hv_test_front"] for s in summaries)
+        row["seconds_per_eval"] = statistics.fmean(
+            s["wall_seconds_this_process"] / max(1, s["evaluations"]) for s in summaries if not s.get("reused")
+        ) if any(not s.get("reused") for s in summaries) else None
+        table[key] = row
+    return table
+
+
+def plot(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, summaries in runs.items():
+        n = min(len(s["hv_trace_validation"]) for s in summaries)
+        traces = np.array([s["hv_trace_validation"][:n] for s in summaries])
+        x = np.arange(1, n + 1)
+        ax.plot(x, traces.mean(0), label=key, lw=1.5)
+        ax.fill_between(x, traces.min(0), traces.max(0), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (validation, hm3 protocol)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-small"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=int, default=50)
+    p.add_argument("--long-budget", type=int, default=200)
+    p.add_argument("--validation-examples", type=int, default=32)
+    p.add_argument("--test-examples", type=int, default=64)
+    p.add_argument("--fisher-examples", type=int, default=30)
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--no-fisher-ablation", action="store_true")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_search_param"))
+    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_search_param.json"))
+    p.add_argument("--plot", type=Path, default=Path("docs/bench_search_param.png"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not (args.zoo / "zoo.json").is_file():
+        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size small", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    started = time.time()
+    runs: dict[str, list[dict]] = {}
+    plan = [(o, s, args.long_budget if o in LONG else args.budget, False) for o in optimizers for s in seeds]
+    if not args.no_fisher_ablation:
+        plan += [("bo-mo", s, args.budget, True) for s in seeds]
+    for i, (opt, seed, budget, fisher) in enumerate(plan, 1):
+        key = f"{opt}{' +fisher' if fisher else ''}"
+        print(f"[bench] {i}/{len(plan)}: {key} seed {seed} budget {budget}", file=sys.stderr, flush=True)
+        runs.setdefault(key, []).append(one_run(args.zoo, args.work, opt, seed, budget, args, fisher))
+    checkpoints = sorted(n for n in {10, 25, args.budget, 100, args.long_budget} if n <= args.long_budget)
+    table = aggregate(runs, checkpoints)
+    out = {
+        "benchmark": "bench_search_param",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
+        "seeds": seeds, "budget": args.budget, "long_budget": args.long_budget,
+        "validation_examples": args.validation_examples,
+        "table": table,
+        "target": {
+            "bo-mo_at_budget": table.get("bo-mo", {}).get(str(args.budget)),
+            "random_at_long": table.get("random", {}).get(str(args.long_budget)),
+            "nsga2_at_long": table.get("nsga2", {}).get(str(args.long_budget)),
+        },
+        "runs": {k: [{"seed": s["seed"], "hv_trace_validation": s["hv_trace_validation"],
+                      "hv_test_front": s["hv_test_front"], "evaluations": s["evaluations"],
+                      "wall_seconds": s["wall_seconds_this_process"]} for s in v] for k, v in runs.items()},
+        "bench_wall_seconds": time.time() - started,
+    }
+    t = out["target"]
+    if t["bo-mo_at_budget"] and t["random_at_long"] and t["nsga2_at_long"]:
+        bo = t["bo-mo_at_budget"]["mean"]
+        out["target"]["ratio_bo_to_random"] = bo / t["random_at_long"]["mean"] if t["random_at_long"]["mean"] else None
+        out["target"]["ratio_bo_to_nsga2"] = bo / t["nsga2_at_long"]["mean"] if t["nsga2_at_long"]["mean"] else None
+        out["target"]["met"] = bo > 0 and bo >= t["random_at_long"]["mean"] and bo >= t["nsga2_at_long"]["mean"]
+    atomic_write_text(args.out, json.dumps(out, indent=2))
+    plot(runs, args.plot)
+    print(f"{'optimiser':<16}" + "".join(f"{'HV@' + str(n):>12}" for n in checkpoints) + f"{'HV test':>10}")
+    for key, row in table.items():
+        cells = "".join(f"{row[str(n)]['mean']:>12.4f}" if str(n) in row else f"{'':>12}" for n in checkpoints)
+        print(f"{key:<16}{cells}{row['hv_test_front']:>10.4f}")
+    print(f"target: {json.dumps(out['target'])}")
+    print(f"-> {args.out}, {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
