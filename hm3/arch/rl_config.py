@@ -1,0 +1,111 @@
+"""Settings of the level-2 search (layer paths found by RL), one frozen pydantic model.
+
+Every value the papers leave open is a field here with its default and where that default
+comes from: **[HM3]** / **[RMM]** the paper or its code, **[design]** this project's choice.
+The model is frozen so a run can store it and refuse a resume under different settings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Level2Config(BaseModel):
+    """Environment, networks and PPO of the architecture-level search."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["hm3", "rmm"] = Field(
+        "hm3",
+        description="hm3: any (model, layer) hop, Gaussian proto-action + Wolpertinger [HM3]; "
+        "rmm: take/skip/back over block positions with a categorical policy [RMM]",
+    )
+    # --- environment -------------------------------------------------------------------------------
+    t_max: int | None = Field(
+        None,
+        description="HM3 maximum path length T_max (not given by the paper) [design]; None means the layer "
+        "count of the pool models. RMM ignores it",
+    )
+    beta1: float = Field(0.01, ge=0, description="HM3 length penalty β1 per hop on normalised scores [design]")
+    rmm_back_penalty: float = Field(
+        -10.0,
+        description="RMM reward for backing past block 0 (or ending with an empty path) [RMM code: -10, "
+        "on its 0-100 accuracy scale]",
+    )
+    rmm_max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="RMM step cap so skip/back loops end [design]; None means 3 × the layer count",
+    )
+    # --- Dynamic Average Reward --------------------------------------------------------------------
+    dar: bool = Field(True, description="smooth terminal rewards with RMM's Dynamic Average Reward [RMM]")
+    data_scale: float = Field(
+        0.1, gt=0, le=1, description="DAR data scale s: fraction of the split per evaluation [RMM code: 0.1]"
+    )
+    dar_alpha: float = Field(0.8, ge=0, lt=1, description="DAR α in a_i = α·i/N [RMM code: 0.8]")
+    offline_episodes: int = Field(
+        1000,
+        ge=1,
+        description="planned offline pretraining episodes (λ ~ Dirichlet(1) per episode); DAR's N offline "
+        "[HM3: Max_iter = 1000]",
+    )
+    online_episodes: int = Field(
+        100, ge=1, description="planned online fine-tuning episodes for one requested λ; DAR's N online [design]"
+    )
+    # --- networks ----------------------------------------------------------------------------------
+    gru_hidden: int = Field(64, ge=1, description="GRU state size of the path encoder [design]")
+    embed_dim: int = Field(
+        16, ge=1, description="size of each part of a hop embedding [emb(m); emb(l); proj φ] [design]"
+    )
+    mlp_hidden: int = Field(
+        64, ge=1, description="width of the two tanh layers of every head [RMM code: 64-64 tanh]"
+    )
+    knn: int = Field(8, ge=1, description="Wolpertinger M′: nearest discrete actions to the proto-action [design]")
+    epsilon: float = Field(
+        0.1, ge=0, le=1, description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design]"
+    )
+    proto_std_init: float = Field(
+        0.5, gt=0, description="initial std of the Gaussian proto-action (a learned, state-free log std) [design]"
+    )
+    # --- PPO ---------------------------------------------------------------------------------------
+    gamma: float = Field(0.99, ge=0, le=1, description="discount γ [HM3, RMM: 0.99]")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE λ [design]; 1.0 gives RMM's Monte-Carlo returns")
+    clip: float = Field(0.2, gt=0, description="PPO clip ε [RMM code: 0.2]")
+    c1: float = Field(0.5, ge=0, description="value-loss coefficient c1 [design; RMM code: 0.5]")
+    c2: float = Field(0.01, ge=0, description="entropy-bonus coefficient c2 [design; RMM code: 1e-4]")
+    lr_policy: float = Field(3e-4, gt=0, description="Adam lr of the actor and the shared encoder [RMM code]")
+    lr_value: float = Field(1e-3, gt=0, description="Adam lr of the critic heads [RMM code]")
+    epochs: int = Field(10, ge=1, description="PPO epochs per update, full batch [design; RMM code: 40]")
+    episodes_per_update: int = Field(8, ge=1, description="episodes collected per PPO update [design; RMM: 4]")
+    max_grad_norm: float = Field(0.5, gt=0, description="gradient-norm clip per step [design]")
+    normalize_advantages: bool = Field(True, description="standardise advantages over each update's batch [design]")
+
+    @field_validator("t_max")
+    @classmethod
+    def _t_max_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"t_max must be >= 1, got {value}")
+        return value
+
+    @classmethod
+    def rmm_defaults(cls, **overrides: object) -> Level2Config:
+        """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns."""
+        values: dict[str, object] = {
+            "mode": "rmm",
+            "episodes_per_update": 4,
+            "epochs": 40,
+            "c2": 1e-4,
+            "gae_lambda": 1.0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def resolved_t_max(self, num_layers: int) -> int:
+        """T_max for a pool whose models have ``num_layers`` layers."""
+        return self.t_max if self.t_max is not None else num_layers
+
+    def resolved_rmm_max_steps(self, num_layers: int) -> int:
+        """RMM's step cap for a pool whose models have ``num_layers`` layers."""
+        return self.rmm_max_steps if self.rmm_max_steps is not None else 3 * num_layers
