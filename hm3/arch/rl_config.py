@@ -64,7 +64,11 @@ class Level2Config(BaseModel):
     )
     knn: int = Field(8, ge=1, description="Wolpertinger M′: nearest discrete actions to the proto-action [design]")
     epsilon: float = Field(
-        0.1, ge=0, le=1, description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design]"
+        0.2,
+        ge=0,
+        le=1,
+        description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design: on the "
+        "3×3 toy 0.2 found the optimum in 4/4 seeds within 2000 episodes, 0.1 in 3/4]",
     )
     proto_std_init: float = Field(
         0.5, gt=0, description="initial std of the Gaussian proto-action (a learned, state-free log std) [design]"
