@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from hm3.errors import OutputExistsError
 
 
-def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", *, overwrite: bool = True) -> Iterator[IO]:
+    """A file object on a temporary sibling of ``path``; renamed onto ``path`` only if the block succeeds."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output file already exists: {path} (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
+    with atomic_open(path, "w", overwrite=overwrite) as f:
+        f.write(text)
+    return Path(path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -15,3 +17,35 @@ def tiny_llama(tmp_path_factory) -> Path:
     return build_random_llama(
         tmp_path_factory.mktemp("tiny_llama") / "base", hidden_size=32, num_layers=2, vocab_size=64, seed=0
     )
+
+
+WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bba", "cc"]
+
+
+def _questions(path: Path, seed: int) -> Path:
+    """Multiple-choice questions: scored by log-likelihood (one forward pass), so the test stays fast."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(24):
+            choices = [" ".join(rng.choice(WORDS, 2)) for _ in range(4)]
+            if len(set(choices)) < 4:
+                choices = [f"{c} {k}" for k, c in enumerate(choices)]
+            record = {"id": f"{seed}-{i}", "question": " ".join(rng.choice(WORDS, 3)), "choices": choices,
+                      "answer": int(rng.integers(4)), "split": "validation" if i < 12 else "test"}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """(root, model dirs {base, m1, m2}, two choice objectives): a tiny base, two variants, scored fast."""
+    from hm3.checkpoint.synthetic import build_finetuned_variant
+    from tests.eval.tiny_lm import build_tiny_lm
+
+    root = tmp_path_factory.mktemp("tiny_family")
+    base = build_tiny_lm(root / "base", seed=0)
+    models = {"base": str(base)}
+    for i in (1, 2):
+        models[f"m{i}"] = str(build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.5))
+    objectives = [f"choice:{_questions(root / f'q{s}.jsonl', s)}" for s in (1, 2)]
+    return root, models, objectives

@@ -32,8 +32,6 @@ episodes collected since the last update, so a resumed run repeats an uninterrup
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ from hm3.arch.env import PathEnv, check_preference
 from hm3.arch.path import LayerPath
 from hm3.arch.policy import PathPolicy, collate
 from hm3.arch.rl_config import Level2Config
+from hm3.atomic import atomic_open
 
 
 @dataclass
@@ -261,19 +260,9 @@ class PPOTrainer:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`state_dict` atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_open(path, "wb") as f:
+            torch.save(self.state_dict(), f)
+        return Path(path)
 
     def load(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(path, weights_only=True))

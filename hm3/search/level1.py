@@ -204,13 +204,18 @@ def _replayed(store: RunStore) -> list[tuple[int, list[float]]]:
     return [(e.payload["candidate"], e.payload["x"]) for e in store.events(TELL_EVENT)]
 
 
-def open_run_store(run_dir: Path, cfg: RunConfig, *, resume: bool) -> RunStore:
+def open_run_store(
+    run_dir: Path, config: dict[str, Any], seed: int, *, resume: bool, check: Callable[[Path], Any] | None = None
+) -> RunStore:
+    """The run's store: a new run needs a fresh RUN_DIR, ``--resume`` an existing one (``check``ed first)."""
     exists = (run_dir / STORE_FILE).exists()
     if exists and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new RUN_DIR")
     if resume and not exists:
         raise ConfigError(f"--resume: {run_dir} holds no run to resume ({STORE_FILE} not found)")
-    return RunStore.open(run_dir, config=cfg.canonical(), seed=cfg.seed)
+    if exists and check is not None:
+        check(run_dir)
+    return RunStore.open(run_dir, config=config, seed=seed)
 
 
 def run_level1(
@@ -229,7 +234,7 @@ def run_level1(
     run_dir = Path(run_dir)
     start = time.perf_counter()
     get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
-    with open_run_store(run_dir, cfg, resume=resume) as store:
+    with open_run_store(run_dir, cfg.canonical(), cfg.seed, resume=resume) as store:
         ctx = Level1Context(cfg, store, log=_logger(progress))
         return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
 

@@ -127,7 +127,8 @@ def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | No
         raise ConfigError(_format(err, source)) from None
 
 
-def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A run config file's YAML mapping (missing file, bad YAML and non-mappings named)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"run config not found: {p}")
@@ -137,6 +138,12 @@ def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a run config must be a mapping")
+    return data
+
+
+def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
+    p = Path(path)
+    data = read_config_file(p)
     opt = dict(data.get("optimizer") or {})
     for key in ("name", "budget"):
         if overrides.get(key) is not None:

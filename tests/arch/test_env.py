@@ -104,7 +104,7 @@ def test_rmm_back_past_zero_is_penalised_without_evaluation() -> None:
     env, scorer = make_env("rmm")
     env.reset()
     obs, reward, done, _, info = env.step(env.back_action)
-    assert done and reward == -10.0 and not info["evaluated"] and info["scores"] is None
+    assert done and reward == env.config.rmm_back_penalty == -0.1 and not info["evaluated"] and info["scores"] is None
     assert not obs["position"].any() and scorer.calls == []
 
 
@@ -118,7 +118,7 @@ def test_rmm_step_cap_scores_what_is_there_and_empty_paths_are_penalised() -> No
     env.reset()
     for action in (env.skip_action, env.skip_action, env.skip_action):  # the cap ends it, no block taken
         _, reward, done, _, info = env.step(action)
-    assert done and reward == -10.0 and not info["evaluated"] and len(scorer.calls) == 1
+    assert done and reward == env.config.rmm_back_penalty == -0.1 and not info["evaluated"] and len(scorer.calls) == 1
 
 
 def test_dar_matches_its_formula() -> None:

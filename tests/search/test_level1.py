@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from hm3.checkpoint.synthetic import build_finetuned_variant
 from hm3.errors import ConfigError, StoreError
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
@@ -25,34 +24,11 @@ from hm3.search.pareto import non_dominated
 from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 from objectives.registry import get_objective
-from tests.eval.tiny_lm import build_tiny_lm
-
-WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bba", "cc"]
-
-
-def _questions(path: Path, seed: int) -> Path:
-    """Multiple-choice questions: scored by log-likelihood (one forward pass), so the test stays fast."""
-    rng = np.random.default_rng(seed)
-    with path.open("w") as f:
-        for i in range(24):
-            choices = [" ".join(rng.choice(WORDS, 2)) for _ in range(4)]
-            if len(set(choices)) < 4:
-                choices = [f"{c} {k}" for k, c in enumerate(choices)]
-            record = {"id": f"{seed}-{i}", "question": " ".join(rng.choice(WORDS, 3)), "choices": choices,
-                      "answer": int(rng.integers(4)), "split": "validation" if i < 12 else "test"}
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("level1")
-    base = build_tiny_lm(root / "base", seed=0)
-    models = {"base": str(base)}
-    for i in (1, 2):
-        models[f"m{i}"] = str(build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.5))
-    objectives = [f"choice:{_questions(root / f'q{s}.jsonl', s)}" for s in (1, 2)]
-    return root, models, objectives
+def setup(tiny_family):
+    return tiny_family
 
 
 def _config(setup, **optimizer) -> dict:

@@ -1,0 +1,53 @@
+"""Stored candidates -> Hugging Face checkpoints on disk (``hm3 export``, ``hm3 request``).
+
+A level-1 point is a merge recipe: :func:`hm3.merge.engine.merge_to_disk` writes it. A level-2
+point is a layer path over the experts and a frame (the level-1 merge it was found with, or the
+base): the frame is merged into a scratch directory first (beside the output, removed afterwards),
+then :func:`hm3.arch.path.export_path` writes the path with its mergekit passthrough config.
+Both writers publish their output directory only when it is complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hm3.arch.path import LayerPath, export_path
+from hm3.config import parse_merge_config
+from hm3.errors import OutputExistsError
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
+
+
+def write_merge(recipe: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """A merge recipe with absolute model paths -> a checkpoint directory."""
+    from hm3.merge.engine import merge_to_disk
+
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    merge_to_disk(parse_merge_config(dict(recipe), source="stored recipe"), out_dir, overwrite=overwrite)
+    return out_dir
+
+
+def write_path(point: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """A path point file (``points/point-N.json`` layout) -> a checkpoint directory of depth T."""
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    data = point["path"]
+    path = LayerPath(hops=data["hops"], scales=data.get("scales"))
+    experts = list(point["experts"].values())
+    if point["frame_recipe"] is None:
+        return export_path([*experts, point["base_model"]], path, out_dir, overwrite=overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.frame-", dir=out_dir.parent))
+    try:
+        frame_dir = write_merge(point["frame_recipe"], scratch / "frame")
+        return export_path([*experts, frame_dir], path, out_dir, overwrite=overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

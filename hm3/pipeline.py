@@ -1,0 +1,446 @@
+"""The two-level run (``hm3 run CONFIG.yml RUN_DIR``): level 1 → level 2 → test split → the final front.
+
+Stages, each resumable from the run store and the checkpoints in ``RUN_DIR/level2/``:
+
+1. **Level 1** -- the multi-objective search over merge coefficients (:mod:`hm3.search.level1`),
+   outputs under ``RUN_DIR/level1/``. Skipped when ``level2.pool`` is ``experts`` (level 2 alone).
+2. **Offline pretraining** -- one λ-conditioned policy over λ ~ Dirichlet(1) per episode; the pool
+   is the experts plus the level-1 merge chosen for each episode's λ. Saved as ``level2/policy.pt``.
+3. **Online fine-tuning** -- for each of N preference vectors, the pretrained policy is fine-tuned
+   with that λ fixed; the best path found (by its reward) and the policy's final greedy path are kept.
+4. **Final front** -- every level-1 candidate and every kept path, scored on the whole validation
+   plan; the non-dominated set is re-scored on the test split. ``RUN_DIR`` then holds
+   ``front.csv``, ``candidates.csv``, ``summary.json``, ``front.png`` and ``points/`` (one recipe or
+   path file per front point, which ``hm3 export`` materialises).
+
+Every score goes through the run store, so a killed run resumes without repeating an evaluation:
+the RL stages restart from their last checkpoint (saved after every PPO update) and the episodes
+replayed since then find their scores in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hm3.arch.level2 import (
+    PATH_KIND,
+    FrameKey,
+    PathEvaluator,
+    PoolSet,
+    merge_for_preference,
+    path_from_recipe,
+)
+from hm3.arch.path import LayerPath
+from hm3.arch.rl_config import Level2Config
+from hm3.atomic import atomic_open, atomic_write_text
+from hm3.errors import ConfigError
+from hm3.report import plot_front, write_csv
+from hm3.search.level1 import STORE_FILE, Level1Context, open_run_store, recipe_with_paths, search_level1
+from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
+from hm3.search.preferences import dirichlet_preferences, validate_preferences
+from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
+from hm3.store import RunStore
+
+#: Bumped when the layout of a run directory changes; other versions are refused with a message.
+RUN_FORMAT = 1
+STAGE_EVENT = "stage_done"
+POLICY_FILE = "policy.pt"
+
+
+class Level2Section(BaseModel):
+    """The ``level2:`` section of a run config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool: Literal["experts+merge", "experts"] = Field(
+        "experts+merge",
+        description="experts+merge: HM3 (level-1 merge for λ in the pool); experts: level 2 alone, "
+        "no level-1 search, the base model frames the paths",
+    )
+    preferences: int | list[list[float]] = Field(
+        4, description="N preference vectors λ ~ Dirichlet(1) (seeded), or an explicit list"
+    )
+    rl: Level2Config = Level2Config()
+
+
+class TwoLevelConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    level1: RunConfig
+    level2: Level2Section
+
+    def canonical(self) -> dict[str, Any]:
+        return {"format": RUN_FORMAT, "level1": self.level1.canonical(),
+                "level2": json.loads(self.level2.model_dump_json())}
+
+    def preferences(self) -> np.ndarray:
+        k = len(self.level1.objectives)
+        prefs = self.level2.preferences
+        if isinstance(prefs, int):
+            if prefs < 1:
+                raise ConfigError(f"level2.preferences must be >= 1, got {prefs}")
+            return dirichlet_preferences(prefs, k, seed=self.level1.seed + 7919).numpy()
+        return validate_preferences(prefs, k).numpy()
+
+
+def parse_two_level_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> TwoLevelConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a run config must be a mapping")
+    data = dict(data)
+    raw_l2 = data.pop("level2", None) or {}
+    level1 = parse_run_config(data, source=source, base_dir=base_dir)
+    try:
+        level2 = Level2Section.model_validate(raw_l2)
+    except ValidationError as err:
+        lines = [f"level2.{'.'.join(str(p) for p in e['loc'])}: "
+                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{source}: invalid run config:\n  " + "\n  ".join(lines)) from None
+    cfg = TwoLevelConfig(level1=level1, level2=level2)
+    cfg.preferences()  # wrong-length or non-normalised vectors: refused before anything runs
+    return cfg
+
+
+def load_two_level_config(path: str | Path) -> TwoLevelConfig:
+    return parse_two_level_config(read_config_file(path), source=str(path), base_dir=Path(path).parent)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def check_run_format(run_dir: Path) -> dict[str, Any]:
+    """The stored two-level config; refuses level-1-only runs and other run-format versions."""
+    with RunStore.open(run_dir, readonly=True) as store:
+        config = store.config() or {}
+    if "level2" not in config:
+        raise ConfigError(f"{run_dir} holds a level-1 search ('hm3 search param'), not a two-level 'hm3 run'")
+    if config.get("format") != RUN_FORMAT:
+        raise ConfigError(
+            f"{run_dir} was written by another hm3 version (run format {config.get('format')}, this hm3 reads "
+            f"format {RUN_FORMAT}); re-run it with the version that wrote it, or start a new run"
+        )
+    return config
+
+
+def _stages_done(store: RunStore) -> set[str]:
+    return {e.payload["stage"] for e in store.events(STAGE_EVENT)}
+
+
+class TwoLevelRun:
+    """State shared by the stages of one run (store, models, evaluators)."""
+
+    def __init__(self, cfg: TwoLevelConfig, run_dir: Path, store: RunStore, log: Callable[[str], None],
+                 progress: bool):
+        self.cfg, self.run_dir, self.store, self.log, self.progress = cfg, run_dir, store, log, progress
+        self.l2 = cfg.level2
+        self.rl = cfg.level2.rl
+        self.ctx = Level1Context(cfg.level1, store, log=log)
+        self.names = self.ctx.objective_names
+        self.level2_dir = run_dir / "level2"
+        self.level2_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- stage 1 ----------------------------------------------------------------------------------
+
+    def level1(self, resume: bool) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+        """Level-1 candidates' validation scores, base and ideal (references when level 1 is skipped)."""
+        space = self.cfg.level1.search_space
+        if self.l2.pool == "experts":
+            refs = self.ctx.references(self.ctx.validation)
+            base = refs[space.base_model]
+            ideal = np.max(np.stack([refs[r] for r in space.models]), axis=0)
+            return {}, base, ideal
+        result = search_level1(self.ctx, self.run_dir / "level1", resume=resume, progress=self.progress)
+        self._mark("level1")
+        scores = dict(zip(result.candidate_ids, result.Y, strict=True))
+        return scores, result.base, result.ideal
+
+    # --- stages 2 and 3 -----------------------------------------------------------------------------
+
+    def _trainer(self, evaluator: PathEvaluator, pools: PoolSet, features: torch.Tensor, lam: np.ndarray | None,
+                 frame_front: dict[int, np.ndarray], seed: int):
+        from hm3.arch.env import PathEnv
+        from hm3.arch.policy import PathPolicy
+        from hm3.arch.ppo import PPOTrainer
+
+        k = len(self.names)
+        holder: dict[str, Any] = {}
+
+        def frame_of() -> FrameKey:
+            if not frame_front:
+                return "base"
+            return merge_for_preference(holder["env"].lam, frame_front)
+
+        env = PathEnv(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
+                      scorer=evaluator.scorer_for(frame_of), config=self.rl, lam=lam, seed=seed)
+        holder["env"] = env
+        with torch.random.fork_rng():  # the initial weights follow the run's seed, not the global RNG
+            torch.manual_seed(seed)
+            policy = PathPolicy(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
+                                layer_features=features, config=self.rl)
+        return PPOTrainer(env, policy, self.rl, seed=seed)
+
+    def _train(self, trainer, evaluator: PathEvaluator, episodes: int, ckpt: Path, label: str) -> None:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            trainer.load_state_dict(state["trainer"])
+            evaluator.load_state_dict(state["evaluator"])
+            self.log(f"{label}: resumed at episode {trainer.episode} from {ckpt.name}")
+        remaining = episodes - trainer.episode
+        if remaining <= 0:
+            return
+        bar = _progress(self.progress, total=episodes, initial=trainer.episode, desc=label)
+
+        def on_update(stats: dict) -> None:
+            _save(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
+            if bar is not None:
+                bar.update(trainer.episode - bar.n)
+                best = trainer.best
+                if best is not None:
+                    bar.set_postfix_str(f"best reward {best[0]:.3f}")
+
+        trainer.train(remaining, on_update=on_update)
+        on_update({})
+        if bar is not None:
+            bar.close()
+
+    # --- stage 4 ----------------------------------------------------------------------------------
+
+    def full_scores(self, evaluator: PathEvaluator, path: LayerPath, frame: FrameKey, split: str) -> np.ndarray:
+        plan = self.ctx.validation if split == "validation" else self.ctx.test
+        return evaluator.raw_scores(path, frame, plan)
+
+    def _mark(self, stage: str) -> None:
+        if stage not in _stages_done(self.store):
+            self.store.add_event(STAGE_EVENT, {"stage": stage})
+
+
+def _save(path: Path, obj: Any) -> None:
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _progress(enabled: bool, *, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole two-level search; returns the summary written to ``summary.json``."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
+        run = TwoLevelRun(cfg, run_dir, store, log, progress)
+        level1_scores, base, ideal = run.level1(resume)
+        l1_ids = list(level1_scores)
+        front_ids = [l1_ids[i] for i in non_dominated(np.stack(list(level1_scores.values())))] if l1_ids else []
+        frame_front = {cid: normalise(level1_scores[cid][None], base, ideal)[0] for cid in front_ids}
+        frames: list[FrameKey] = list(front_ids) if front_ids else ["base"]
+        pools = PoolSet(run.ctx)
+        features = pools.features(frames)
+        rl = cfg.level2.rl
+        t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+
+        def evaluator(seed: int) -> PathEvaluator:
+            return PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale,
+                                 seed=seed, t_max=t_max)
+
+        # stage 2: offline pretraining over λ ~ Dirichlet(1)
+        pre_eval = evaluator(cfg.level1.seed)
+        pre = run._trainer(pre_eval, pools, features, None, frame_front, cfg.level1.seed)
+        log(f"level 2: pretraining the λ-conditioned policy ({rl.offline_episodes} episodes, "
+            f"pool = {len(pools.expert_refs)} experts + {'level-1 merge' if front_ids else 'base'})")
+        run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain.pt", "pretrain")
+        _save(run.level2_dir / POLICY_FILE, {
+            "policy": pre.policy.state_dict(), "config": rl.model_dump(mode="json"),
+            "pool_size": pools.size, "num_layers": pools.num_layers, "objectives": run.names,
+            "frames": frames, "frame_front": {int(c): v.tolist() for c, v in frame_front.items()},
+            "layer_features": features, "base": base.tolist(), "ideal": ideal.tolist(),
+            "expert_refs": pools.expert_refs,
+        })
+        run._mark("pretrain")
+
+        # stage 3: online fine-tuning per preference vector
+        kept: dict[int, dict[str, Any]] = {}  # candidate id -> where it came from
+        lams = cfg.preferences()
+        for i, lam in enumerate(lams):
+            online_eval = evaluator(cfg.level1.seed + 1 + i)
+            tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i)
+            ckpt = run.level2_dir / f"online-{i}.pt"
+            if not ckpt.exists():
+                tr.policy.load_state_dict(pre.policy.state_dict())
+            frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+            run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
+            paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
+            for path in (p for p in paths if p.hops):  # RMM's greedy rollout may back out: no path
+                cand = online_eval.candidate(path, frame)
+                kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
+            run._mark(f"online-{i}")
+
+        # stage 4: final front over both levels
+        log("final front: scoring kept paths on the whole validation plan")
+        final_eval = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
+                                   t_max=t_max)
+        rows: dict[int, dict[str, Any]] = {}
+        for cid, y in level1_scores.items():
+            rows[cid] = {"candidate": cid, "level": 1, "kind": "merge", "val": y}
+        for cid in kept:
+            _, recipe = store.candidate(cid)
+            path, frame = path_from_recipe(recipe)
+            rows[cid] = {"candidate": cid, "level": 2, "kind": PATH_KIND, "val": run.full_scores(final_eval, path,
+                         frame, "validation"), "hops": len(path.hops), "frame": frame}
+        summary = _write_final(run, final_eval, rows, base, ideal, start, kept, level1_scores)
+        run._mark("final")
+        return summary
+
+
+def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dict[str, Any]], base: np.ndarray, ideal: np.ndarray,
+                 start: float, kept: dict[int, dict[str, Any]], level1_scores: dict[int, np.ndarray]) -> dict[str, Any]:
+    cfg, names, store, run_dir = run.cfg, run.names, run.store, run.run_dir
+    ids = list(rows)
+    Y = np.stack([rows[c]["val"] for c in ids])
+    front_ids = [ids[i] for i in non_dominated(Y)]
+    run.log(f"front: {len(front_ids)} of {len(ids)} candidates; scoring them on the test split")
+    space = cfg.level1.search_space
+    refs_test = run.ctx.references(run.ctx.test)
+    refs_val = run.ctx.references(run.ctx.validation)
+    table, all_rows = [], []
+    for cid in ids:
+        r = rows[cid]
+        row = {"point": cid, "level": r["level"], "kind": r["kind"]}
+        row |= {f"{n}_val": float(v) for n, v in zip(names, r["val"], strict=True)}
+        all_rows.append(row)
+    for cid in front_ids:
+        r = rows[cid]
+        _, recipe = store.candidate(cid)
+        if r["kind"] == "merge":
+            y_test = run.ctx.score_recipe(cid, recipe, run.ctx.test)
+            file = run_dir / "points" / f"point-{cid}.yml"
+            atomic_write_text(file, yaml.safe_dump(recipe_with_paths(recipe, cfg.level1.models), sort_keys=False))
+        else:
+            path, frame = path_from_recipe(recipe)
+            y_test = run.full_scores(evaluator, path, frame, "test")
+            file = run_dir / "points" / f"point-{cid}.json"
+            atomic_write_text(file, json.dumps(path_point_file(recipe, store, cfg.level1), indent=2))
+        row = {"point": cid, "level": r["level"], "kind": r["kind"]}
+        row |= {f"{n}_val": float(v) for n, v in zip(names, r["val"], strict=True)}
+        row |= {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
+        row["file"] = str(file.relative_to(run_dir))
+        table.append(row)
+    run.ctx.restore_live_model()
+    df = pd.DataFrame(table).sort_values(f"{names[0]}_val", ascending=False)
+    write_csv(df, run_dir / "front.csv")
+    write_csv(pd.DataFrame(all_rows), run_dir / "candidates.csv")
+    base_t = refs_test[space.base_model]
+    ideal_t = np.max(np.stack([refs_test[r] for r in space.models]), axis=0)
+    l1 = np.stack(list(level1_scores.values())) if level1_scores else np.empty((0, len(names)))
+    l2 = np.stack([rows[c]["val"] for c in kept]) if kept else np.empty((0, len(names)))
+    summary = {
+        "run_format": RUN_FORMAT,
+        "objectives": names,
+        "pool": cfg.level2.pool,
+        "mode": cfg.level2.rl.mode,
+        "candidates": len(ids),
+        "front_size": len(front_ids),
+        "front_levels": {str(lv): int(sum(rows[c]["level"] == lv for c in front_ids)) for lv in (1, 2)},
+        "hv_validation": protocol_hypervolume(Y, base, ideal),
+        "hv_validation_level1": protocol_hypervolume(l1, base, ideal),
+        "hv_validation_level2": protocol_hypervolume(l2, base, ideal),
+        "hv_test_front": protocol_hypervolume(df[[f"{n}_test" for n in names]].to_numpy(), base_t, ideal_t),
+        "preferences": cfg.preferences().tolist(),
+        "level2_paths": {str(c): v for c, v in kept.items()},
+        "reference_validation": {r: v.tolist() for r, v in refs_val.items()},
+        "reference_test": {r: v.tolist() for r, v in refs_test.items()},
+        "base_validation": base.tolist(),
+        "ideal_validation": ideal.tolist(),
+        "evaluated_examples_this_process": run.ctx.scorer.evaluated_examples,
+        "wall_seconds_this_process": time.perf_counter() - start,
+        "hv_protocol": "objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
+        "reference point = base model (0); pymoo HV",
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    replot(run_dir)
+    run.log(f"wrote {run_dir}/front.csv, candidates.csv, summary.json, front.png, points/ "
+            f"(HV validation {summary['hv_validation']:.4f}: level 1 {summary['hv_validation_level1']:.4f}, "
+            f"level 2 {summary['hv_validation_level2']:.4f})")
+    return summary
+
+
+def path_point_file(recipe: dict[str, Any], store: RunStore, cfg: RunConfig) -> dict[str, Any]:
+    """A front path as a self-contained file: hops, expert directories and the frame (a recipe or the base)."""
+    frame = recipe["frame"]
+    frame_recipe = None if frame == "base" else recipe_with_paths(store.candidate(int(frame))[1], cfg.models)
+    return {
+        "path": recipe["path"],
+        "experts": {ref: str(Path(cfg.models[ref]).resolve()) for ref in recipe["experts"]},
+        "frame": frame,
+        "frame_recipe": frame_recipe,
+        "base_model": str(Path(cfg.models[cfg.search_space.base_model]).resolve()),
+    }
+
+
+# --- reading a finished run -------------------------------------------------------------------------
+
+
+def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The front table and summary of a finished run (refuses unfinished runs, naming what is missing)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STORE_FILE).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory ({STORE_FILE} not found)")
+    check_run_format(run_dir)
+    missing = [f for f in ("front.csv", "summary.json", "candidates.csv") if not (run_dir / f).is_file()]
+    if missing:
+        with RunStore.open(run_dir, readonly=True) as store:
+            done = sorted(_stages_done(store))
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run ({', '.join(missing)} missing; stages done: "
+            f"{', '.join(done) or 'none'}); finish it with: hm3 run CONFIG.yml {run_dir} --resume"
+        )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return pd.read_csv(run_dir / "front.csv"), summary
+
+
+def replot(run_dir: str | Path) -> Path:
+    """front.png again from candidates.csv, front.csv and the summary's reference scores."""
+    run_dir = Path(run_dir)
+    df, summary = read_front(run_dir)
+    cands = pd.read_csv(run_dir / "candidates.csv")
+    names = summary["objectives"]
+    cols = [f"{n}_val" for n in names]
+    return plot_front(
+        run_dir / "front.png", names, candidates=cands[cols].to_numpy(), front=df[cols].to_numpy(),
+        references={r: np.array(v) for r, v in summary["reference_validation"].items()},
+        title=f"two-level front ({summary['candidates']} candidates, validation)",
+    )
+
+
+def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Materialise front point ``point`` of a finished run as a Hugging Face checkpoint."""
+    from hm3.materialise import write_merge, write_path
+
+    run_dir = Path(run_dir)
+    df, _ = read_front(run_dir)
+    rows = df[df["point"] == point]
+    if rows.empty:
+        raise ConfigError(f"{run_dir}: no front point {point}; front points: {', '.join(map(str, df['point']))}")
+    file = run_dir / rows.iloc[0]["file"]
+    if not file.is_file():
+        raise ConfigError(f"{run_dir}: the file of front point {point} is missing: {file}")
+    if file.suffix == ".json":
+        return write_path(json.loads(file.read_text()), out_dir, overwrite=overwrite)
+    return write_merge(yaml.safe_load(file.read_text()), out_dir, overwrite=overwrite)
+

@@ -1,0 +1,262 @@
+"""The two-level run end to end on tiny models: outputs, front, export, requests, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe
+from hm3.arch.path import LayerPool, build_path_model
+from hm3.cli import main
+from hm3.errors import ConfigError
+from hm3.pipeline import parse_two_level_config, read_front, run_two_level
+from hm3.request import answer_request, parse_preference
+from hm3.search.pareto import non_dominated, normalise
+from hm3.store import RunStore
+
+RL = {"offline_episodes": 8, "online_episodes": 4, "episodes_per_update": 4, "epochs": 2, "data_scale": 0.5}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_family):
+    _, paths, objectives = tiny_family
+    return paths, objectives
+
+
+def _config(models, **level2) -> dict:
+    paths, objectives = models
+    return {
+        "models": paths,
+        "objectives": objectives,
+        "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
+        "optimizer": {"name": "random", "budget": 4},
+        "evaluation": {"validation_examples": 8, "test_examples": 8, "batch_size": 16},
+        "seed": 1,
+        "level2": {"preferences": 2, "rl": dict(RL)} | level2,
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(models, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    summary = run_two_level(parse_two_level_config(_config(models)), run, progress=False)
+    return run, summary
+
+
+def test_outputs_front_and_both_levels(finished):
+    run, summary = finished
+    for f in ("front.csv", "candidates.csv", "summary.json", "front.png", "hm3.sqlite", "level2/policy.pt",
+              "level1/front.csv"):
+        assert (run / f).exists(), f
+    front, s = read_front(run)
+    assert s == json.loads((run / "summary.json").read_text()) and s["front_size"] == len(front)
+    val = [c for c in front.columns if c.endswith("_val")]
+    cands = pd.read_csv(run / "candidates.csv")
+    # the front is exactly the non-dominated set of every candidate of both levels
+    all_val = cands[val].to_numpy()
+    expected = set(cands["point"].iloc[non_dominated(all_val)])
+    assert set(front["point"]) == expected
+    assert set(cands["level"]) == {1, 2}
+    # level 1 alone never beats the union; the union's HV is at least each level's
+    assert s["hv_validation"] >= max(s["hv_validation_level1"], s["hv_validation_level2"]) - 1e-12
+    assert all(np.isfinite(front[[c.replace("_val", "_test") for c in val]].to_numpy()).ravel())
+    assert len(s["level2_paths"]) >= 2
+
+
+def test_level2_paths_are_scored_as_their_models(finished, models):
+    """A stored path score equals scoring the in-memory path model from scratch."""
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+    from hm3.merge.inmemory import InMemoryMerger
+    from objectives.registry import get_objective
+
+    run, summary = finished
+    paths, objectives = models
+    cid = int(next(iter(summary["level2_paths"])))
+    with RunStore.open(run, readonly=True) as store:
+        _, recipe = store.candidate(cid)
+        evals = [e for e in store.evaluations(cid) if e.split == "validation" and e.count == 8]
+        frame_recipe = None if recipe["frame"] == "base" else store.candidate(int(recipe["frame"]))[1]
+    path, frame = path_from_recipe(recipe)
+    merger = InMemoryMerger(paths["base"], [paths["m1"], paths["m2"]], base_ref="base", model_refs=["m1", "m2"])
+    from hm3.config import parse_merge_config
+
+    frame_state = merger.base if frame_recipe is None else merger.merged_state(parse_merge_config(frame_recipe))
+    experts = [{n: merger.base[n] + merger.deltas[n][k] for n in merger.tensor_names} for k in range(2)]
+    pool = LayerPool.from_states([*experts, frame_state], [merger.config] * 3)
+    backend = HFBackend.from_pretrained(paths["base"], batch_size=16)
+    backend.model = build_path_model(pool, path)
+    for e in evals:
+        obj = get_objective(next(o for o in objectives if get_objective(o).name == e.objective))
+        r = evaluate_objective(backend, obj, "validation", list(range(8)))
+        assert r.score == pytest.approx(e.score, abs=1e-9)
+    assert len(evals) == 2
+
+
+def test_front_and_export_cli(finished, tmp_path, capsys):
+    run, _ = finished
+    assert main(["front", str(run)]) == 0
+    out = capsys.readouterr().out
+    front = pd.read_csv(run / "front.csv")
+    assert "HV validation" in out and str(front["point"].iloc[0]) in out
+    from transformers import AutoModelForCausalLM
+
+    for _, row in front.iterrows():
+        dest = tmp_path / f"p{row['point']}"
+        assert main(["export", str(run), "--point", str(row["point"]), str(dest)]) == 0
+        model = AutoModelForCausalLM.from_pretrained(dest)
+        assert torch.isfinite(model(torch.arange(5)[None]).logits).all()
+        if row["kind"] == PATH_KIND:
+            hops = json.loads((run / row["file"]).read_text())["path"]["hops"]
+            assert model.config.num_hidden_layers == len(hops)
+    assert main(["export", str(run), "--point", "99999", str(tmp_path / "x")]) != 0
+    assert "no front point 99999" in capsys.readouterr().err
+
+
+def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, capsys):
+    run, summary = finished
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    start = time.perf_counter()
+    names = summary["objectives"]
+    prefer = f"{names[0]}=0.7,{names[1]}=0.3"
+    ans = answer_request(run, prefer, tmp_path / "answer", budget=0, progress=False)
+    elapsed = time.perf_counter() - start
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) == before
+    assert ans.evaluations == 0 and ans.predicted is not None and ans.measured is None
+    assert (tmp_path / "answer" / "config.json").is_file()
+    assert elapsed < 30  # generous: the benchmark measures the real latency
+    # the answer is the best predicted option for λ: no front point is better on Σ λ f̂
+    front = pd.read_csv(run / "front.csv")
+    base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    lam = np.array([0.7, 0.3])
+    f_hat = normalise(front[[f"{n}_val" for n in names]].to_numpy(float), base, ideal)
+    best_front = float((f_hat @ lam).max())
+    assert ans.details["weighted_normalised_score"] >= best_front - 1e-12
+    assert main(["request", str(run), "--prefer", prefer, str(tmp_path / "cli")]) == 0
+    assert "0 new evaluations" in capsys.readouterr().out
+
+
+def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
+    run, summary = finished
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    ans = answer_request(run, f"{names[0]}=0.2,{names[1]}=0.8", tmp_path / "tuned", budget=4, progress=False)
+    assert ans.measured is not None and ans.evaluations >= 4
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) > before
+        assert store.events("request")
+
+
+def test_preference_parsing():
+    objs = ["zoo:math", "zoo:code", "zoo:translation"]
+    lam, notes = parse_preference("math=0.6,code=0.3,translation=0.1", objs)
+    assert lam.tolist() == pytest.approx([0.6, 0.3, 0.1]) and not notes
+    lam, notes = parse_preference("math=3,code=1", objs)
+    assert lam.tolist() == pytest.approx([0.75, 0.25, 0]) and any("normalised" in n for n in notes)
+    assert any("translation" in n for n in notes)
+    for bad, msg in [("physics=1", "unknown objective 'physics'"), ("math=-1", "non-negative"),
+                     ("math=0,code=0", "all weights are zero"), ("math", "NAME=WEIGHT"),
+                     ("math=1,math=2", "twice"), ("math=x", "not a number"), ("", "empty")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_preference(bad, objs)
+
+
+def test_bad_input(models, finished, tmp_path):
+    for level2, msg in [
+        ({"rl": {"t_max": 0}}, "t_max must be >= 1"),
+        ({"preferences": [[0.5, 0.5, 0.0]]}, "one per objective"),
+        ({"preferences": [[0.5, 0.6]]}, "sums to"),
+        ({"poool": "experts"}, "level2.poool: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_two_level_config(_config(models, **level2))
+    run, _ = finished
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_two_level(parse_two_level_config(_config(models)), run, progress=False)
+    with pytest.raises(ConfigError, match="differing keys"):
+        run_two_level(parse_two_level_config(_config(models, preferences=3)), run, resume=True, progress=False)
+    # a run from another format version, and an unfinished run
+    other = tmp_path / "other"
+    with RunStore.open(other, config={"format": 999, "level1": {}, "level2": {}}, seed=1):
+        pass
+    with pytest.raises(ConfigError, match="another hm3 version"):
+        read_front(other)
+    unfinished = tmp_path / "unfinished"
+    with RunStore.open(unfinished, config={"format": 1, "level1": {}, "level2": {}}, seed=1):
+        pass
+    with pytest.raises(ConfigError, match="unfinished run.*--resume"):
+        read_front(unfinished)
+    with pytest.raises(ConfigError, match="a level-1 search"):
+        with RunStore.open(tmp_path / "l1", config={"models": {}}, seed=1):
+            pass
+        read_front(tmp_path / "l1")
+
+
+def test_tchebycheff_merge_choice():
+    cands = {3: np.array([1.0, 0.0]), 5: np.array([0.0, 1.0]), 7: np.array([0.6, 0.6])}
+    assert merge_for_preference(np.array([1.0, 0.0]), cands) == 3
+    assert merge_for_preference(np.array([0.0, 1.0]), cands) == 5
+    assert merge_for_preference(np.array([0.5, 0.5]), cands) == 7
+
+
+def test_level2_alone_uses_the_base_as_frame(models, tmp_path):
+    s = run_two_level(parse_two_level_config(_config(models, pool="experts", preferences=1)), tmp_path / "r",
+                      progress=False)
+    assert s["front_levels"]["1"] == 0 and s["hv_validation_level1"] == 0.0
+    assert all(v["frame"] == "base" for v in s["level2_paths"].values())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path):
+    cfg_path = tmp_path / "cfg.yml"
+    data = _config(models, rl=RL | {"offline_episodes": 16})
+    cfg_path.write_text(yaml.safe_dump(data))
+    reference = run_two_level(parse_two_level_config(data), tmp_path / "reference", progress=False)
+    hm3 = Path(sys.executable).parent / "hm3"
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(hm3), "run", str(cfg_path), str(run), "--quiet"], start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "level2" / "pretrain.pt").exists():
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with RunStore.open(run, readonly=True) as s:
+        before = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
+    assert main(["run", str(cfg_path), str(run), "--resume", "--quiet"]) == 0
+    with RunStore.open(run, readonly=True) as s:
+        after = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
+    with RunStore.open(tmp_path / "reference", readonly=True) as s:
+        uninterrupted = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
+    assert after[: len(before)] == before  # nothing lost
+    assert len(after) == len(set(after))  # nothing evaluated twice (the store refuses duplicates anyway)
+    assert sorted(after) == sorted(uninterrupted)  # the same evaluations as a run never killed
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["hv_validation"] == pytest.approx(reference["hv_validation"])
+    assert pd.read_csv(run / "front.csv")["point"].tolist() == pd.read_csv(tmp_path / "reference" / "front.csv")[
+        "point"].tolist()
+
+
+
+def test_shipped_two_level_configs_parse():
+    from hm3.pipeline import load_two_level_config
+
+    cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
+    assert cfg.level2.rl.t_max == 36 and cfg.level1.evaluation.backend == "hf"
+    assert cfg.preferences().shape == (5, 2)
