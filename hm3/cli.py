@@ -67,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hm3.demo import run_demo
 
     _set_threads(args.threads)
-    run_demo(Path(args.out), overwrite=args.overwrite)
+    run_demo(Path(args.out), zoo=Path(args.zoo) if args.zoo else None, size=args.size, overwrite=args.overwrite)
     return 0
 
 
@@ -121,6 +121,61 @@ def cmd_search_param(args: argparse.Namespace) -> int:
         f"level 1 ({s['optimizer']}): {s['evaluations']} evaluations, front of {s['front_size']}, "
         f"HV validation {s['hv_validation']:.4f}, HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv"
     )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hm3.pipeline import load_two_level_config, run_two_level
+
+    _set_threads(args.threads)
+    cfg = load_two_level_config(args.config)
+    s = run_two_level(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+    print(
+        f"two-level run: {s['candidates']} candidates, front of {s['front_size']} "
+        f"(level 1: {s['front_levels']['1']}, level 2: {s['front_levels']['2']}); HV validation "
+        f"{s['hv_validation']:.4f} (level 1 alone {s['hv_validation_level1']:.4f}, level-2 paths "
+        f"{s['hv_validation_level2']:.4f}), HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv"
+    )
+    return 0
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from hm3.pipeline import read_front, replot
+
+    df, summary = read_front(args.run_dir)
+    png = replot(args.run_dir)
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
+        print(df.to_string(index=False))
+    print(f"HV validation {summary['hv_validation']:.4f}, HV test (front) {summary['hv_test_front']:.4f}; plot -> {png}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hm3.pipeline import export_point
+
+    out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite)
+    print(f"front point {args.point} -> {out}")
+    return 0
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from hm3.request import answer_request
+
+    _set_threads(args.threads)
+    a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    names = [f"{k}" for k in a.details.get("objectives", [])]
+    for note in a.notes:
+        print(f"note: {note}")
+    print(f"preference λ = {', '.join(f'{n}={v:.3f}' for n, v in zip(names, a.lam, strict=True))}")
+    print(f"answer: {a.source} ({a.kind})")
+    if a.predicted is not None:
+        print("predicted validation scores: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, a.predicted, strict=True)))
+    if a.measured is not None:
+        print("measured validation scores: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, a.measured, strict=True)))
+    print(f"{a.evaluations} new evaluations, {a.seconds:.1f} s -> {a.out_dir}")
     return 0
 
 
@@ -192,6 +247,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=None)
     sp.set_defaults(func=cmd_search_param)
 
+    r = sub.add_parser("run", help="the two-level search: level 1 (merges) -> level 2 (layer paths) -> front")
+    r.add_argument("config", help="run config YAML with a level2: section (see experiments/configs/)")
+    r.add_argument("run_dir", help="run directory: store, front.csv, summary.json, front.png, points/")
+    r.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--threads", type=int, default=None)
+    r.set_defaults(func=cmd_run)
+
+    fr = sub.add_parser("front", help="print a finished run's front table and rewrite its plot")
+    fr.add_argument("run_dir")
+    fr.set_defaults(func=cmd_front)
+
+    ex = sub.add_parser("export", help="write a front point of a run as a Hugging Face checkpoint")
+    ex.add_argument("run_dir")
+    ex.add_argument("--point", type=int, required=True, help="point id (the 'point' column of front.csv)")
+    ex.add_argument("out_dir")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    rq = sub.add_parser("request", help="a merged model for a preference, e.g. --prefer math=0.6,code=0.4")
+    rq.add_argument("run_dir")
+    rq.add_argument("--prefer", required=True, help="objective weights NAME=W,... (short names: math, code, ...)")
+    rq.add_argument("out_dir")
+    rq.add_argument("--budget", type=int, default=0, help="online fine-tuning episodes (0: answer at once)")
+    rq.add_argument("--overwrite", action="store_true")
+    rq.add_argument("--quiet", action="store_true")
+    rq.add_argument("--threads", type=int, default=None)
+    rq.set_defaults(func=cmd_request)
+
     z = sub.add_parser("zoo", help="the embedded tiny model zoo (built locally, nothing downloaded)")
     z_sub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     zb = z_sub.add_parser("build", help="train the tiny base + math/code/translation experts into DIR")
@@ -207,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     zi.add_argument("--overwrite", action="store_true")
     zi.set_defaults(func=cmd_zoo_import_smollm2)
 
-    d = sub.add_parser("demo", help="the embedded default: build tiny models locally and merge them")
+    d = sub.add_parser("demo", help="the embedded default: build the small zoo, run the two-level search on it")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--zoo", default=None, help="zoo directory (default runs/zoo-SIZE; reused when built)")
+    d.add_argument("--size", default="small", choices=["micro", "small"])
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)

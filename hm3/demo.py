@@ -1,53 +1,81 @@
-"""The embedded default job (README Quick start, line 1).
+"""The embedded default job (README Quick start, line 1): the whole two-level search on the zoo.
 
-For now: build a tiny base model and two "fine-tuned" variants locally (no
-download), merge them with TIES through the same recipe path as ``hm3 merge``,
-check the result loads in transformers, and print where everything went.
-Later stages grow this into the full two-level search on the model zoo.
+1. Build the small zoo (a tiny Llama base + math, code and translation experts, trained locally;
+   nothing is downloaded), or reuse it when ``--zoo`` already holds the same spec.
+2. ``hm3 run`` on it with :data:`DEMO_CONFIG`: level 1 (bo-mo over DARE-TIES coefficients and
+   densities) -> level 2 (the λ-conditioned policy pretrained offline, fine-tuned for a few
+   preferences) -> test split -> the two-level front (table, plot, recipes and paths).
+3. A preference request at budget 0 (``math=0.6,code=0.3,translation=0.1``), written as a
+   Hugging Face checkpoint.
+
+The config is written beside the run (``OUT/config.yml``), so the same run can be repeated or
+resumed with ``hm3 run OUT/config.yml OUT/run --resume``.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
-from hm3.config import parse_merge_config
+import yaml
+
 from hm3.errors import OutputExistsError
 
+#: Sized to finish within ~15 minutes on 2 CPU cores including the small zoo's build
+#: (docs/BENCHMARKS.md quotes measured times).
+DEMO_CONFIG: dict[str, Any] = {
+    "search_space": {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0], "density_bounds": [0.2, 1.0]},
+    "optimizer": {"name": "bo-mo", "budget": 30},
+    "evaluation": {"backend": "hf", "validation_examples": 32, "test_examples": 100, "batch_size": 64},
+    "seed": 0,
+    "level2": {
+        "pool": "experts+merge",
+        "preferences": 3,
+        "rl": {"offline_episodes": 48, "online_episodes": 16, "episodes_per_update": 8, "epochs": 4,
+               "data_scale": 0.25},
+    },
+}
+DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
 
-def run_demo(out: Path, *, overwrite: bool = False) -> Path:
-    from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
-    from hm3.merge.engine import merge_to_disk
 
-    if out.exists():
+def run_demo(out: Path, *, zoo: Path | None = None, size: str = "small", overwrite: bool = False) -> Path:
+    from hm3.pipeline import parse_two_level_config, read_front, run_two_level
+    from hm3.request import answer_request
+    from hm3.zoo.build import build_zoo
+
+    start = time.perf_counter()
+    zoo = zoo or Path("runs") / f"zoo-{size}"
+    run_dir, request_dir = out / "run", out / "request-model"
+    if run_dir.exists():
         if not overwrite:
-            raise OutputExistsError(f"demo output already exists: {out} (use --overwrite to replace it)")
+            raise OutputExistsError(
+                f"demo output already exists: {out} (use --overwrite to replace it, or resume it with "
+                f"hm3 run {out / 'config.yml'} {run_dir} --resume)"
+            )
         shutil.rmtree(out)
-    models = out / "models"
-    print(f"[demo] building a tiny Llama base model and two variants in {models}")
-    base = build_random_llama(models / "base", hidden_size=64, num_layers=4, vocab_size=256, seed=0)
-    experts = [build_finetuned_variant(base, models / f"expert{i}", seed=i, scale=0.02) for i in (1, 2)]
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(base),
-        "models": [{"model": str(e), "parameters": {"weight": 0.5, "density": 0.6}} for e in experts],
-        "parameters": {"normalize": True},
-        "dtype": "float32",
-    }
-    config = parse_merge_config(recipe, source="demo recipe")
-    recipe_path = out / "recipe.yml"
-    recipe_path.write_text(config.to_yaml())
-    merged = out / "merged"
-    report = merge_to_disk(config, merged)
-    print(f"[demo] TIES merge of {len(experts)} models: {report.tensors} tensors in {report.seconds:.2f} s")
+    print(f"[demo] 1/3 the {size} model zoo in {zoo} (built locally, reused when already there)", flush=True)
+    build_zoo(zoo, size=size, seed=0)
+    data = {"zoo": str(zoo.resolve()), **DEMO_CONFIG}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    print(f"[demo] 2/3 two-level search -> {run_dir} (config: {out / 'config.yml'})", flush=True)
+    summary = run_two_level(parse_two_level_config(data, source="demo config"), run_dir)
+    front, _ = read_front(run_dir)
+    import pandas as pd
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    logits = model(torch.arange(8).unsqueeze(0)).logits
-    if not torch.isfinite(logits).all():
-        raise RuntimeError("merged model produced non-finite logits")
-    print(f"[demo] recipe: {recipe_path}")
-    print(f"[demo] merged model (Hugging Face format, loads in transformers): {merged}")
-    return merged
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
+        print(front.to_string(index=False))
+    print(
+        f"[demo] front: {summary['front_size']} points (level 1: {summary['front_levels']['1']}, level 2: "
+        f"{summary['front_levels']['2']}); HV validation {summary['hv_validation']:.4f} (level-1 candidates alone "
+        f"{summary['hv_validation_level1']:.4f}); plot {run_dir / 'front.png'}"
+    )
+    print(f"[demo] 3/3 request --prefer {DEMO_REQUEST} (budget 0)", flush=True)
+    ans = answer_request(run_dir, DEMO_REQUEST, request_dir, budget=0, overwrite=True, progress=False)
+    scores = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["objectives"], ans.predicted, strict=True))
+    print(f"[demo] answer: {ans.source}; predicted validation scores {scores}; {ans.seconds:.1f} s -> {request_dir}")
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s. Next: hm3 front {run_dir} | "
+          f"hm3 export {run_dir} --point ID OUT | hm3 request {run_dir} --prefer code=1 OUT")
+    return run_dir

@@ -1,0 +1,281 @@
+"""Two-level benchmark (issue 5): level 1 alone vs level 2 alone vs both, with and without DAR,
+and budget-0 preference requests vs a dedicated search for the same λ.
+
+Every arm runs through the product's own entry points (``run_level1``, ``run_two_level``,
+``answer_request``) in its own run directory under ``--work``; a finished arm is read back from its
+``summary.json``, so an interrupted benchmark resumes.
+
+Budget accounting. An *evaluation* is one candidate scored on one set of examples of every
+objective (a level-1 merge on the validation plan, a level-2 reward on a DAR subset or on the whole
+plan, a kept path re-scored on the whole plan). It is read from the run store: distinct
+(candidate, example set) validation evaluations divided by the number of objectives, so cache hits
+are not counted. Each arm's configured budget is chosen so its evaluations match ``--budget``
+(``level1_budget + offline + N·online + up to 2N finals``); the counts are reported, not assumed.
+*Evaluated examples* is the number of examples run through the model on validation (every
+objective), the cost DAR cuts.
+
+Arms (3 seeds each by default):
+
+* ``level1``: bo-mo with the whole budget;
+* ``level2-only``: paths over the experts, framed by the base (``pool: experts``), DAR on / off;
+* ``both``: bo-mo with ``--level1-share`` of the budget, then level 2 (HM3), DAR on / off.
+
+HV is the validation HV of the union of everything each arm evaluated on the whole validation
+plan (hm3's protocol); the test HV of the final front is reported too.
+
+Requests: for each of ``--request-prefs`` λ, ``hm3 request --budget 0`` on the ``both``+DAR run
+(timed in-process and as a CLI subprocess) vs a *dedicated search* for that λ alone: ``df-merge``
+BO on ``Σ λ_k f_k`` with ``--dedicated-budget`` evaluations, followed by online level-2 fine-tuning
+from a fresh (not pretrained) policy with λ fixed. Both answers are written as checkpoints and
+scored by the same code on the same validation examples; the ratio of their ``Σ_k λ_k f̂_k``
+(normalised scores) is reported with both wall times.
+
+Usage::
+
+    .venv/bin/python experiments/bench_two_level.py --zoo runs/zoo-small [--seeds 0,1,2] [--budget 80]
+        [--validation-examples 32] [--work runs/bench_two_level] [--out experiments/results/bench_two_level.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hm3.atomic import atomic_write_text
+from hm3.pipeline import parse_two_level_config, run_two_level
+from hm3.search.level1 import run_level1
+from hm3.search.pareto import normalise
+from hm3.search.run_config import parse_run_config
+from hm3.store import RunStore
+
+REQUEST_PREFS = ([0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.34, 0.33, 0.33])
+
+
+def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict[str, Any]:
+    return {
+        "zoo": str(args.zoo.resolve()),
+        "search_space": {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0],
+                         "density_bounds": [0.2, 1.0]},
+        "optimizer": {"name": "bo-mo", "budget": level1_budget},
+        "evaluation": {"backend": "hf", "validation_examples": args.validation_examples,
+                       "test_examples": args.test_examples, "batch_size": 64},
+        "seed": seed,
+    }
+
+
+def level2_section(args: argparse.Namespace, pool: str, dar: bool, episodes: int) -> dict[str, Any]:
+    """Split ``episodes`` level-2 evaluations: half offline, the rest online over N λ (minus finals)."""
+    n = args.preferences
+    online = max(4, (episodes // 2 - 2 * n) // n)
+    offline = max(8, episodes - n * online - 2 * n)
+    return {"pool": pool, "preferences": n,
+            "rl": {"dar": dar, "data_scale": args.data_scale, "offline_episodes": offline,
+                   "online_episodes": online, "episodes_per_update": 8, "epochs": 4}}
+
+
+def evaluations(run_dir: Path, k: int) -> tuple[float, int]:
+    """(evaluations, evaluated validation examples) from the store (module docstring)."""
+    with RunStore.open(run_dir, readonly=True) as store:
+        rows = [e for e in store.evaluations() if e.split == "validation"]
+    return len({(e.candidate_id, e.example_set) for e in rows}) / k, sum(e.count for e in rows)
+
+
+def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> dict[str, Any]:
+    run_dir = args.work / f"{name}-s{seed}"
+    done = run_dir / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    resume = (run_dir / "hm3.sqlite").exists()
+    if two_level:
+        s = run_two_level(parse_two_level_config(data, source=name), run_dir, resume=resume, progress=not args.quiet)
+        hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
+    else:
+        s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
+        hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
+    n_evals, n_examples = evaluations(run_dir, len(objectives))
+    out = {"arm": name, "seed": seed, "hv_validation": hv, "hv_test_front": hv_test, "evaluations": n_evals,
+           "evaluated_examples": n_examples, "wall_seconds": time.perf_counter() - start, "resumed": resume,
+           "summary": {k: v for k, v in s.items() if k.startswith("hv") or k in ("front_size", "front_levels")}}
+    atomic_write_text(done, json.dumps(out, indent=2))
+    return out
+
+
+def score_model(model_dir: Path, objectives: list[str], n: int) -> np.ndarray:
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+    from objectives.registry import get_objective
+
+    backend = HFBackend.from_pretrained(model_dir, batch_size=64)
+    out = []
+    for spec in objectives:
+        obj = get_objective(spec)
+        total = len(obj.examples("validation"))
+        out.append(evaluate_objective(backend, obj, "validation", list(range(min(n, total)))).score)
+    return np.array(out)
+
+
+def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
+    from hm3.request import answer_request
+
+    summary = json.loads((both_dir / "summary.json").read_text())
+    with RunStore.open(both_dir, readonly=True) as store:
+        objectives = store.config()["level1"]["objectives"]
+    base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    rows = []
+    for i, lam in enumerate(REQUEST_PREFS):
+        lam = np.array(lam) / sum(lam)
+        prefer = ",".join(f"{n.split(':')[-1]}={v:.4f}" for n, v in zip(summary["objectives"], lam, strict=True))
+        out_dir = args.work / f"request-s{seed}-{i}"
+        record_file = args.work / f"request-s{seed}-{i}.json"
+        if record_file.is_file():
+            rows.append(json.loads(record_file.read_text()))
+            continue
+        ans = answer_request(both_dir, prefer, out_dir, budget=0, overwrite=True, progress=False)
+        cli_start = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(both_dir), "--prefer", prefer,
+                        str(out_dir) + "-cli", "--overwrite", "--quiet"], check=True, capture_output=True)
+        cli_seconds = time.perf_counter() - cli_start
+        req_raw = score_model(out_dir, objectives, args.validation_examples)
+        # dedicated search for this λ: df-merge on Σλf, then level 2 online from a fresh policy
+        ded_dir = args.work / f"dedicated-s{seed}-{i}"
+        ded_start = time.perf_counter()
+        data = base_config(args, seed, args.dedicated_budget)
+        data["optimizer"] = {"name": "df-merge", "budget": args.dedicated_budget, "options": {"weights": lam.tolist()}}
+        data["level2"] = {"pool": "experts+merge", "preferences": [lam.tolist()],
+                          "rl": {"dar": True, "data_scale": args.data_scale, "offline_episodes": 1,
+                                 "online_episodes": args.dedicated_episodes, "episodes_per_update": 8, "epochs": 4}}
+        resume = (ded_dir / "hm3.sqlite").exists()
+        if not (ded_dir / "summary.json").is_file():
+            run_two_level(parse_two_level_config(data, source="dedicated"), ded_dir, resume=resume,
+                          progress=not args.quiet)
+        ded_seconds = time.perf_counter() - ded_start
+        front = __import__("pandas").read_csv(ded_dir / "front.csv")
+        val_cols = [f"{n}_val" for n in summary["objectives"]]
+        f_hat = normalise(front[val_cols].to_numpy(float), base, ideal)
+        best = int(np.argmax(f_hat @ lam))
+        ded_raw = front[val_cols].to_numpy(float)[best]
+        req_s = float(lam @ normalise(req_raw[None], base, ideal)[0])
+        ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
+        row = {"seed": seed, "lam": lam.tolist(), "request_answer": ans.source, "request_seconds": ans.seconds,
+               "request_cli_seconds": cli_seconds, "request_scalarised": req_s, "dedicated_scalarised": ded_s,
+               "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
+               "dedicated_point_level": int(front.iloc[best]["level"]), "request_raw": req_raw.tolist(),
+               "dedicated_raw": ded_raw.tolist()}
+        atomic_write_text(record_file, json.dumps(row, indent=2))
+        rows.append(row)
+    return rows
+
+
+def mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-small"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=int, default=80, help="evaluations per arm")
+    p.add_argument("--level1-share", type=float, default=0.5)
+    p.add_argument("--preferences", type=int, default=3)
+    p.add_argument("--data-scale", type=float, default=0.1)
+    p.add_argument("--validation-examples", type=int, default=40)
+    p.add_argument("--test-examples", type=int, default=64)
+    p.add_argument("--dedicated-budget", type=int, default=30)
+    p.add_argument("--dedicated-episodes", type=int, default=24)
+    p.add_argument("--arms", default="level1,level2-only,level2-only-nodar,both,both-nodar")
+    p.add_argument("--no-requests", action="store_true")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_two_level"))
+    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_two_level.json"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not (args.zoo / "zoo.json").is_file():
+        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size small", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a for a in args.arms.split(",") if a]
+    started = time.time()
+    l1_budget = max(16, round(args.budget * args.level1_share))
+    results: dict[str, list[dict]] = {}
+    req_rows: list[dict] = []
+    for seed in seeds:
+        for name in arms:
+            print(f"[bench] seed {seed}: {name}", file=sys.stderr, flush=True)
+            if name == "level1":
+                results.setdefault(name, []).append(arm(args, name, seed, base_config(args, seed, args.budget), False))
+                continue
+            pool = "experts" if name.startswith("level2-only") else "experts+merge"
+            dar = not name.endswith("nodar")
+            episodes = args.budget if pool == "experts" else args.budget - l1_budget
+            data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, episodes)}
+            results.setdefault(name, []).append(arm(args, name, seed, data, True))
+        if not args.no_requests and "both" in arms:
+            req_rows += requests(args, seed, args.work / f"both-s{seed}")
+    table = {
+        name: {"hv_validation": mean([r["hv_validation"] for r in rows]),
+               "hv_validation_min": min(r["hv_validation"] for r in rows),
+               "hv_validation_max": max(r["hv_validation"] for r in rows),
+               "hv_test_front": mean([r["hv_test_front"] for r in rows]),
+               "evaluations": mean([r["evaluations"] for r in rows]),
+               "evaluated_examples": mean([r["evaluated_examples"] for r in rows]),
+               "wall_seconds": mean([r["wall_seconds"] for r in rows]), "seeds": [r["seed"] for r in rows]}
+        for name, rows in results.items()
+    }
+    targets: dict[str, Any] = {}
+    if "both" in table and "level1" in table:
+        targets["two_levels_beat_level1_hv"] = table["both"]["hv_validation"] > table["level1"]["hv_validation"]
+    for with_dar, without in (("both", "both-nodar"), ("level2-only", "level2-only-nodar")):
+        if with_dar in table and without in table:
+            a, b = table[with_dar], table[without]
+            targets[f"dar_{with_dar}"] = {
+                "example_reduction": b["evaluated_examples"] / a["evaluated_examples"],
+                "hv_loss_fraction": (b["hv_validation"] - a["hv_validation"]) / b["hv_validation"]
+                if b["hv_validation"] else None,
+            }
+    if req_rows:
+        targets["request"] = {
+            "mean_ratio": mean([r["ratio"] for r in req_rows]),
+            "min_ratio": min(r["ratio"] for r in req_rows if r["ratio"] is not None),
+            "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
+            "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
+            "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
+        }
+    out = {
+        "benchmark": "bench_two_level",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "table": table, "targets": targets, "arms": results, "requests": req_rows,
+        "bench_wall_seconds": time.time() - started,
+    }
+    atomic_write_text(args.out, json.dumps(out, indent=2))
+    print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'evals':>8}{'examples':>10}{'seconds':>9}")
+    for name, row in table.items():
+        print(f"{name:<20}{row['hv_validation']:>10.4f}{row['hv_test_front']:>10.4f}{row['evaluations']:>8.1f}"
+              f"{row['evaluated_examples']:>10.0f}{row['wall_seconds']:>9.0f}")
+    print(f"targets: {json.dumps(targets, indent=1)}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
