@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -74,34 +75,50 @@ def test_outputs_front_and_both_levels(finished):
     assert len(s["level2_paths"]) >= 2
 
 
-def test_level2_paths_are_scored_as_their_models(finished, models):
-    """A stored path score equals scoring the in-memory path model from scratch."""
+def _check_path_scores_against_hf(run: Path, summary: dict, models) -> int:
+    """Every stored whole-validation score of a kept path equals scoring its path model from scratch."""
+    from hm3.config import parse_merge_config
     from hm3.eval.evaluate import evaluate_objective
     from hm3.eval.hf import HFBackend
     from hm3.merge.inmemory import InMemoryMerger
     from objectives.registry import get_objective
 
-    run, summary = finished
     paths, objectives = models
-    cid = int(next(iter(summary["level2_paths"])))
-    with RunStore.open(run, readonly=True) as store:
-        _, recipe = store.candidate(cid)
-        evals = [e for e in store.evaluations(cid) if e.split == "validation" and e.count == 8]
-        frame_recipe = None if recipe["frame"] == "base" else store.candidate(int(recipe["frame"]))[1]
-    path, frame = path_from_recipe(recipe)
     merger = InMemoryMerger(paths["base"], [paths["m1"], paths["m2"]], base_ref="base", model_refs=["m1", "m2"])
-    from hm3.config import parse_merge_config
-
-    frame_state = merger.base if frame_recipe is None else merger.merged_state(parse_merge_config(frame_recipe))
     experts = [{n: merger.base[n] + merger.deltas[n][k] for n in merger.tensor_names} for k in range(2)]
-    pool = LayerPool.from_states([*experts, frame_state], [merger.config] * 3)
     backend = HFBackend.from_pretrained(paths["base"], batch_size=16)
-    backend.model = build_path_model(pool, path)
-    for e in evals:
-        obj = get_objective(next(o for o in objectives if get_objective(o).name == e.objective))
-        r = evaluate_objective(backend, obj, "validation", list(range(8)))
-        assert r.score == pytest.approx(e.score, abs=1e-9)
-    assert len(evals) == 2
+    checked = 0
+    for cid in map(int, summary["level2_paths"]):
+        with RunStore.open(run, readonly=True) as store:
+            _, recipe = store.candidate(cid)
+            evals = [e for e in store.evaluations(cid) if e.split == "validation" and e.count == 8]
+            frame_recipe = None if recipe["frame"] == "base" else store.candidate(int(recipe["frame"]))[1]
+        path, _ = path_from_recipe(recipe)
+        frame = merger.base if frame_recipe is None else merger.merged_state(parse_merge_config(frame_recipe))
+        backend.model = build_path_model(LayerPool.from_states([*experts, frame], [merger.config] * 3), path)
+        for e in evals:
+            obj = get_objective(next(o for o in objectives if get_objective(o).name == e.objective))
+            assert evaluate_objective(backend, obj, "validation", list(range(8))).score == pytest.approx(e.score, abs=1e-9)
+            checked += 1
+    return checked
+
+
+def test_level2_paths_are_scored_as_their_models(finished, models):
+    run, summary = finished
+    assert _check_path_scores_against_hf(run, summary, models) >= 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_two_level_run_on_the_vllm_backend(models, tmp_path):
+    """Level 2 on vLLM: paths are swapped into the fixed-depth engine padded with identity layers;
+    their stored scores equal the hf path models'."""
+    data = _config(models, preferences=1) | {"evaluation": {"backend": "vllm", "validation_examples": 8,
+                                                          "test_examples": 8, "batch_size": 16}}
+    summary = run_two_level(parse_two_level_config(data), tmp_path / "run", progress=False)
+    assert _check_path_scores_against_hf(tmp_path / "run", summary, models) >= 2
+    too_long = _config(models, rl=RL | {"t_max": 3}) | {"evaluation": data["evaluation"]}
+    with pytest.raises(ConfigError, match="t_max must be <= 2"):
+        run_two_level(parse_two_level_config(too_long), tmp_path / "long", progress=False)
 
 
 def test_front_and_export_cli(finished, tmp_path, capsys):
@@ -258,5 +275,5 @@ def test_shipped_two_level_configs_parse():
     from hm3.pipeline import load_two_level_config
 
     cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
-    assert cfg.level2.rl.t_max == 36 and cfg.level1.evaluation.backend == "hf"
+    assert cfg.level2.rl.t_max == 28 and cfg.level1.evaluation.backend == "vllm"
     assert cfg.preferences().shape == (5, 2)

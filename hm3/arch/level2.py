@@ -8,7 +8,8 @@ reward vectors only; this module connects them to models, evaluators and the run
   the base model (``"base"``) when level 2 runs alone. The frame is pool index K and supplies
   embeddings, final norm and LM head (:mod:`hm3.arch.path`).
 * :class:`PathEvaluator` -- scores a path by pointing the hf backend at an in-memory path model
-  (shared tensors, no copy), through :class:`~hm3.search.scoring.CandidateScorer`, so every score
+  (shared tensors, no copy), or by swapping the path's weights, padded to the models' depth with
+  identity layers, into a vLLM engine (:func:`hm3.arch.path.path_state`), through :class:`~hm3.search.scoring.CandidateScorer`, so every score
   is committed to the run store and found there again when the same path recurs on the same
   examples. Rewards use Dynamic Average Reward subsets (RMM) of the validation plan.
 * :func:`merge_for_preference` -- HM3's per-λ choice of the level-1 merge: the evaluated level-1
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.arch.path import LayerPath, LayerPool, build_path_model
+from hm3.arch.path import LayerPath, LayerPool, build_path_model, path_state
 from hm3.errors import ConfigError
 from hm3.eval.subsets import CyclingSubsets
 from hm3.search.pareto import normalise
@@ -151,10 +152,14 @@ class PathEvaluator:
         t_max: int | None = None,
         state: Mapping[str, Any] | None = None,
     ):
-        if getattr(ctx.backend, "model", None) is None:
+        # hf: each path becomes an in-memory path model (shared tensors). Other backends (vLLM) keep one
+        # engine of the pool models' depth L and receive the path's weights padded with identity layers.
+        self.in_memory = getattr(ctx.backend, "model", None) is not None
+        if not self.in_memory and t_max is not None and t_max > pools.num_layers:
             raise ConfigError(
-                "level 2 evaluates paths as in-memory transformers models: set evaluation.backend to 'hf' "
-                "(paths of varying depth cannot be swapped into a vLLM engine in place)"
+                f"with the {ctx.backend.name} backend level 2 runs paths in an engine of the models' depth "
+                f"({pools.num_layers} layers), so t_max must be <= {pools.num_layers}, got {t_max}; use the hf "
+                "backend for longer paths"
             )
         self.ctx = ctx
         self.pools = pools
@@ -180,7 +185,11 @@ class PathEvaluator:
         return self.ctx.store.add_candidate(path_recipe(path, frame, self.pools.expert_refs), PATH_KIND)
 
     def install(self, path: LayerPath, frame: FrameKey) -> None:
-        self.ctx.backend.model = build_path_model(self.pools.pool(frame), path, t_max=self.t_max)
+        pool = self.pools.pool(frame)
+        if self.in_memory:
+            self.ctx.backend.model = build_path_model(pool, path, t_max=self.t_max)
+        else:
+            self.ctx.backend.load_state(path_state(pool, path, depth=self.pools.num_layers))
 
     def raw_scores(self, path: LayerPath, frame: FrameKey, plan: SplitPlan) -> np.ndarray:
         """Scores on ``plan`` (from the store when already there)."""

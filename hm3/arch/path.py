@@ -306,6 +306,29 @@ def build_path_model(pool: LayerPool, path: LayerPath, *, t_max: int | None = No
     return model.eval()
 
 
+def path_state(pool: LayerPool, path: LayerPath, *, depth: int | None = None) -> dict[str, torch.Tensor]:
+    """The path's tensors by checkpoint name (scales folded in), padded to ``depth`` layers.
+
+    Padding hops are *identity layers*: the frame's layer 0 with its branch output projections
+    (``o_proj``, ``down_proj``, and their biases) set to zero, so ``h = x + 0`` and ``y = h + 0``
+    exactly. A fixed-depth engine (vLLM, which cannot change depth in place) loaded with a model of
+    ``depth`` layers therefore runs any path of T <= depth hops unchanged after a weight swap.
+    Unscaled tensors are the pool's own (no copy).
+    """
+    path.validate(len(pool.states), pool.num_layers, depth)
+    _check_scalable(path, pool.config.get("model_type"))
+    state: dict[str, torch.Tensor] = {}
+    for src in plan_path_tensors([list(s) for s in pool.states], path):
+        tensor = pool.states[src.model][src.source]
+        state[src.name] = tensor if src.scale == 1.0 else (tensor.float() * src.scale).to(tensor.dtype)
+    frame = pool.states[-1]
+    for t in range(len(path.hops), depth or 0):
+        for name in layer_tensor_names(list(frame), 0):
+            tensor = frame[name]
+            state[rename_layer(name, t)] = torch.zeros_like(tensor) if is_branch_output(name) else tensor
+    return state
+
+
 def _assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
     """Make ``tensor`` (not a copy) the parameter ``name`` of ``model``; refuse a shape mismatch."""
     owner_name, _, leaf = name.rpartition(".")

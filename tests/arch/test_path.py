@@ -307,3 +307,24 @@ def test_tied_embeddings_stay_tied_in_memory_and_on_disk(tmp_path, ids):
     out = export_path(dirs, path, tmp_path / "out")
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
     assert torch.allclose(_logits(model, ids), _logits(_load(out), ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "path", [MIXED_PATHS["single_hop"], LayerPath(((2, 1), (0, 2)), scales=(0.5, 1.7))], ids=["single", "scaled"]
+)
+def test_path_state_padded_with_identity_layers_runs_unchanged_at_fixed_depth(pool, pool_dirs, ids, path):
+    """A depth-L model loaded with a T < L path's state padded by identity hops gives the path's logits
+    (how a fixed-depth engine such as vLLM runs level-2 paths)."""
+    from hm3.arch.path import path_state
+
+    fixed = AutoModelForCausalLM.from_pretrained(pool_dirs[-1])  # depth NUM_LAYERS
+    state = path_state(pool, path, depth=NUM_LAYERS)
+    assert set(state) == set(fixed.state_dict()) and len(path_state(pool, path)) < len(state)
+    fixed.load_state_dict(state)
+    got, want = _logits(fixed.eval(), ids), _logits(build_path_model(pool, path), ids)
+    if path.scales is None:
+        assert torch.equal(got, want)  # identity layers add exact zeros
+    else:  # the scale folded into weights vs applied to outputs: equal up to rounding
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="more than T_max"):
+        path_state(pool, MIXED_PATHS["deeper_than_models"], depth=NUM_LAYERS)
