@@ -48,6 +48,7 @@ from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
 from hm3.search.level1 import STORE_FILE, Level1Context, open_run_store, recipe_with_paths, search_level1
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
+from hm3.search.posterior import POSTERIOR_FILE, fit_level1_posterior
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
@@ -118,6 +119,16 @@ def load_two_level_config(path: str | Path) -> TwoLevelConfig:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+def stored_two_level_config(store: RunStore) -> TwoLevelConfig:
+    """The config a run was created with, parsed again from its store."""
+    stored = store.config()
+    if not stored or "level1" not in stored:
+        raise ConfigError(f"run store {store.path} holds no two-level config")
+    data = dict(stored["level1"])
+    data["level2"] = stored["level2"]
+    return parse_two_level_config(data, source=f"{store.path} (stored config)")
+
+
 def check_run_format(run_dir: Path) -> dict[str, Any]:
     """The stored two-level config; refuses level-1-only runs and other run-format versions."""
     with RunStore.open(run_dir, readonly=True) as store:
@@ -160,8 +171,13 @@ class TwoLevelRun:
             ideal = np.max(np.stack([refs[r] for r in space.models]), axis=0)
             return {}, base, ideal
         result = search_level1(self.ctx, self.run_dir / "level1", resume=resume, progress=self.progress)
-        self._mark("level1")
         scores = dict(zip(result.candidate_ids, result.Y, strict=True))
+        posterior_file = self.run_dir / "level1" / POSTERIOR_FILE
+        if not posterior_file.is_file():  # the BO posterior budget-0 requests draw on (hm3/request.py)
+            posterior = fit_level1_posterior(self.store, scores, result.base, result.ideal)
+            if posterior is not None:
+                _save(posterior_file, posterior)
+        self._mark("level1")
         return scores, result.base, result.ideal
 
     # --- stages 2 and 3 -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ How a request is answered, and why:
   subsets of its training episodes); a path the store has never seen has no prediction and is not chosen over a predicted point. The answer maximises
   the preference-weighted normalised score ``Σ_k λ_k f̂_k`` -- the reward level 2 was trained on,
   without the length penalty. The store is opened read-only: nothing is evaluated or written there.
+  The level-1 BO posterior adds one more option: the merge its GPs predict best for λ, compared by
+  the lower confidence bound of its predicted score (:func:`posterior_option`).
 * **Budget N > 0**: the pretrained policy is fine-tuned online for N episodes with λ fixed (the
   same machinery as the run's online stage); its greedy and best paths are then scored on the
   whole validation plan (those 1-2 extra evaluations are reported beside the budget) and compete
@@ -33,9 +35,10 @@ from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_recipe
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
-from hm3.pipeline import POLICY_FILE, path_point_file, read_front
+from hm3.pipeline import POLICY_FILE, path_point_file, read_front, stored_two_level_config
 from hm3.search.level1 import recipe_with_paths
 from hm3.search.pareto import normalise
+from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.store import RunStore, content_hash
 
 _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
@@ -175,10 +178,7 @@ def answer_request(
     frame = merge_for_preference(lam, frame_front) if frame_front else "base"
 
     with RunStore.open(run_dir, readonly=True) as store:
-        config = store.config()
-        from hm3.pipeline import parse_two_level_config
-
-        cfg = parse_two_level_config(_restore_config(config), source=f"{run_dir} (stored config)")
+        cfg = stored_two_level_config(store)
         options: list[tuple[float, str, str, np.ndarray, Any]] = []
         for _, row in front.iterrows():
             raw = np.array([row[f"{n}_val"] for n in names])
@@ -196,6 +196,13 @@ def answer_request(
             else:
                 notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
                              "so it has no prediction; answered from the front")
+            posterior_file = run_dir / "level1" / POSTERIOR_FILE
+            posterior = torch.load(posterior_file, weights_only=False) if posterior_file.is_file() else None
+            proposal = posterior_option(posterior, cfg.level1.search_space, lam, base, ideal)
+            if proposal is not None:
+                bound, recipe, predicted = proposal
+                options.append((bound, "level-1 BO posterior proposal (unevaluated merge)", "merge", predicted,
+                                recipe))
             score, source, kind, raw, what = max(options, key=lambda o: o[0])
             stored = store.candidate(what)[1] if isinstance(what, int) else what
     measured = None
@@ -215,15 +222,6 @@ def answer_request(
         out_dir=out_dir, evaluations=evaluations, seconds=time.perf_counter() - start, notes=notes,
         details={"weighted_normalised_score": score, "frame": frame, "objectives": names},
     )
-
-
-def _restore_config(stored: dict[str, Any] | None) -> dict[str, Any]:
-    """The stored canonical two-level config as a config mapping ``parse_two_level_config`` reads."""
-    if not stored or "level1" not in stored:
-        raise ConfigError("the run store holds no two-level config")
-    data = dict(stored["level1"])
-    data["level2"] = stored["level2"]
-    return data
 
 
 def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,

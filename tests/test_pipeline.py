@@ -21,7 +21,7 @@ from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe
 from hm3.arch.path import LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
-from hm3.pipeline import parse_two_level_config, read_front, run_two_level
+from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
 from hm3.request import answer_request, parse_preference
 from hm3.search.pareto import non_dominated, normalise
 from hm3.store import RunStore
@@ -277,3 +277,31 @@ def test_shipped_two_level_configs_parse():
     cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
     assert cfg.level2.rl.t_max == 28 and cfg.level1.evaluation.backend == "vllm"
     assert cfg.preferences().shape == (5, 2)
+
+
+def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path):
+    """The saved GPs rebuild without fitting, reproduce the stored scores at the evaluated points,
+    and their proposal is a recipe hm3 merges."""
+    from hm3.config import parse_merge_config
+    from hm3.materialise import write_merge
+    from hm3.search.level1 import recipe_with_paths
+    from hm3.search.optimizers.bayes import make_gp
+    from hm3.search.posterior import POSTERIOR_FILE, posterior_option
+
+    run, summary = finished
+    saved = torch.load(run / "level1" / POSTERIOR_FILE, weights_only=False)
+    assert saved["X"].shape[0] == 4 and saved["F"].shape == (4, 2)
+    gp = make_gp(saved["X"], saved["F"][:, :1])
+    gp.load_state_dict(saved["gp_states"][0])
+    gp.eval()
+    with torch.no_grad():
+        mean = gp.posterior(saved["X"]).mean[:, 0]
+    assert torch.allclose(mean, saved["F"][:, 0], atol=0.2)  # a GP through noisy points, near them
+    with RunStore.open(run, readonly=True) as store:
+        cfg = stored_two_level_config(store)
+    base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    bound, recipe, predicted = posterior_option(saved, cfg.level1.search_space, np.array([0.5, 0.5]), base, ideal)
+    assert np.isfinite(bound) and predicted.shape == (2,)
+    parse_merge_config(recipe_with_paths(recipe, cfg.level1.models))
+    assert (write_merge(recipe_with_paths(recipe, cfg.level1.models), tmp_path / "m") / "config.json").is_file()
+

@@ -29,14 +29,22 @@ from hm3.search.optimizers.random import sobol_points
 MC_SAMPLES = 64
 
 
-def fit_gp(X: torch.Tensor, y: torch.Tensor) -> SingleTaskGP:
-    """A Matérn-5/2 GP fitted to one objective column ``y`` (n × 1) by marginal likelihood."""
-    model = SingleTaskGP(
+def make_gp(X: torch.Tensor, y: torch.Tensor) -> SingleTaskGP:
+    """The (unfitted) Matérn-5/2 GP hm3 uses for one objective column ``y`` (n × 1).
+
+    A fitted model is rebuilt from its saved ``state_dict`` with this same constructor.
+    """
+    return SingleTaskGP(
         X,
         y,
         covar_module=get_matern_kernel_with_gamma_prior(ard_num_dims=X.shape[-1]),
         outcome_transform=Standardize(m=1),
     )
+
+
+def fit_gp(X: torch.Tensor, y: torch.Tensor) -> SingleTaskGP:
+    """A Matérn-5/2 GP fitted to one objective column ``y`` (n × 1) by marginal likelihood."""
+    model = make_gp(X, y)
     with warnings.catch_warnings():
         # small designs routinely trigger botorch's "data not standardised"/conditioning notices
         warnings.simplefilter("ignore")
