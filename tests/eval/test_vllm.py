@@ -1,29 +1,30 @@
 """The vLLM backend, for real, against the transformers backend on tiny random models in float32.
 
-Skipped only where vLLM is not installed. Run it in the vLLM environment:
-``.venv-vllm/bin/python -m pytest tests/eval/test_vllm.py``. One engine is shared by the module
-(each start costs seconds); the last test closes it and starts a fresh one.
+The engine tests skip only where vLLM is not installed (the head-size check runs everywhere). Run them
+in the vLLM environment: ``.venv/bin/python -m pytest tests/eval/test_vllm.py``. One engine is shared
+by the module (each start costs seconds); the last test closes it and starts a fresh one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_lm import build_tiny_lm
+from tiny_lm import VOCAB_SIZE, build_tiny_lm, save_char_tokenizer
 
-pytest.importorskip("vllm")
+from hm3.errors import BackendError, CheckpointError
+from hm3.eval.backend import open_backend
+from hm3.eval.evaluate import evaluate_objective
+from hm3.eval.hf import HFBackend
+from hm3.eval.vllm import CPU_HEAD_SIZES, VLLMBackend, check_head_dim, head_dim_of
+from objectives.choice import ChoiceObjective
+from objectives.translation import TranslationObjective
 
-from hm3.errors import CheckpointError  # noqa: E402
-from hm3.eval.backend import open_backend  # noqa: E402
-from hm3.eval.evaluate import evaluate_objective  # noqa: E402
-from hm3.eval.hf import HFBackend  # noqa: E402
-from hm3.eval.vllm import VLLMBackend  # noqa: E402
-from objectives.choice import ChoiceObjective  # noqa: E402
-from objectives.translation import TranslationObjective  # noqa: E402
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 PROMPTS = ["hello", "a much longer prompt than the others", "x", "12+34=", "the cat sat on", "hello there"]
 # Longer than one KV block (128 tokens on CPU): only full blocks enter vLLM's prefix cache, so only
@@ -34,8 +35,34 @@ LONG_PROMPTS = [
 REQUESTS = [("hello", " world"), ("", "abc"), ("Question: 2+2\nAnswer:", " 4"), ("q", "a long continuation")]
 
 
+def test_head_dim_from_config_and_check_names_model_size_and_supported_sizes(tmp_path):
+    assert head_dim_of({"hidden_size": 64, "num_attention_heads": 4}) == 16
+    assert head_dim_of({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}) == 32
+    assert head_dim_of({"text_config": {"hidden_size": 128, "num_attention_heads": 2}}) == 64
+    assert head_dim_of({"num_attention_heads": 2}) is None
+    check_head_dim(tmp_path, 32, CPU_HEAD_SIZES)
+    check_head_dim(tmp_path, 16, None)  # no known limit (e.g. on a GPU): nothing to refuse
+    with pytest.raises(BackendError, match=rf"{tmp_path}: head_dim 16 .*supported head sizes: 32, 64, 80"):
+        check_head_dim(tmp_path, 16, CPU_HEAD_SIZES)
+
+
+@needs_vllm
+def test_unsupported_head_dim_is_refused_before_the_engine_starts(tmp_path):
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the head-size limit is vLLM's CPU attention's")
+    from hm3.checkpoint.synthetic import build_random_llama
+
+    model = build_random_llama(tmp_path / "m", hidden_size=64, num_heads=4, vocab_size=VOCAB_SIZE)  # head_dim 16
+    save_char_tokenizer(model, vocab_size=VOCAB_SIZE)
+    with pytest.raises(BackendError, match=rf"{model}: head_dim 16 is not supported"):
+        VLLMBackend(model)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("vllm")
     root = tmp_path_factory.mktemp("vllm_models")
     return {"a": build_tiny_lm(root / "a", seed=0), "b": build_tiny_lm(root / "b", seed=1)}
 
