@@ -30,6 +30,10 @@ from objectives.translation import corpus_chrf, sentence_chrf
 ZOO_TASKS = ("math", "code", "translation")
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 STOP = ("\n",)
+# Longest answer + its stop newline (one token per character): math "1008", code "-18", translation
+# 4 words of up to 4 letters. Tight bounds keep generation short; a bound below an answer's length
+# would cap every model's score (the old shared 12 cut translations off).
+MAX_NEW_TOKENS = {"math": 5, "code": 4, "translation": 20}
 
 
 # --- the tiny program language of zoo:code ---------------------------------------------------------
@@ -153,7 +157,7 @@ class ZooObjective(Objective):
         self.task = task
         self.seed = seed
         self.name = f"zoo:{task}" if seed == 0 else f"zoo:{task}@{seed}"
-        self.decoding = Generate(max_new_tokens=12, stop=STOP)
+        self.decoding = Generate(max_new_tokens=MAX_NEW_TOKENS[task], stop=STOP)
         self.description = {
             "math": "zoo: three-digit number plus/minus a digit, exact match",
             "code": "zoo: value printed by a 4-statement straight-line program, exact match",

@@ -7,6 +7,7 @@ import pytest
 from hm3.errors import ConfigError
 from objectives.base import Generate
 from objectives.zoo import (
+    MAX_NEW_TOKENS,
     SPLIT_SIZES,
     ZOO_TASKS,
     lexicon,
@@ -43,6 +44,14 @@ def test_prompts_carry_their_task_tag_and_decoding_stops_at_newline(task, tag):
     assert all(e.prompt.startswith(tag) and e.prompt.endswith("=") for e in obj.examples("validation"))
     assert isinstance(obj.decoding, Generate) and obj.decoding.stop == ("\n",)
     assert zoo_objective(task, seed=2).name == f"zoo:{task}@2"
+
+
+@pytest.mark.parametrize("task", ZOO_TASKS)
+def test_max_new_tokens_fits_every_answer_and_its_stop_newline(task):
+    """One token per character: a budget shorter than an answer would cap a perfect model's score."""
+    obj = zoo_objective(task)
+    longest = max(len(e.target) for split in SPLIT_SIZES for e in obj.examples(split))
+    assert obj.decoding.max_new_tokens == MAX_NEW_TOKENS[task] == longest + 1
 
 
 def test_math_targets_are_the_arithmetic_results():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hm3.errors import ConfigError, OutputExistsError
-from hm3.zoo.build import MODELS, ZooManifest, build_zoo, quality_bar, ties_states
+from hm3.zoo.build import MODELS, ZooManifest, best_merge, build_zoo, quality_bar, ties_states
 from hm3.zoo.spec import zoo_spec
 from objectives.zoo import ZOO_TASKS
 
@@ -120,6 +120,21 @@ def test_quality_bar_arithmetic_on_a_hand_matrix():
     assert not bad["ok"] and not bad["checks"]["math"]["ok"] and bad["checks"]["code"]["ok"]
 
 
+def test_best_merge_is_the_one_with_the_best_worst_task():
+    matrix = {
+        "base": {"math": 0.0, "code": 0.0, "translation": 0.5},
+        "math": {"math": 1.0, "code": 0.0, "translation": 0.5},
+        "code": {"math": 0.0, "code": 1.0, "translation": 0.5},
+        "translation": {"math": 0.0, "code": 0.0, "translation": 1.0},
+    }
+    grid = {
+        "lopsided": {"math": 1.0, "code": 0.1, "translation": 1.0},  # best total, keeps 10% of code's gain
+        "even": {"math": 0.6, "code": 0.5, "translation": 0.8},
+        "even, lower total": {"math": 0.5, "code": 0.5, "translation": 0.75},
+    }
+    assert best_merge(matrix, grid) == "even"
+
+
 def test_ties_grid_of_identical_experts_recovers_the_expert():
     base = {"w": torch.zeros(4, 4)}
     expert = {"w": torch.arange(16.0).reshape(4, 4) - 8}
@@ -128,8 +143,24 @@ def test_ties_grid_of_identical_experts_recovers_the_expert():
     assert torch.allclose(grid["ties d=1.0 w=0.5"]["w"], 1.5 * expert["w"])  # unnormalised: the weighted sum
 
 
+@pytest.fixture(scope="module")
+def micro_zoo(tmp_path_factory) -> ZooManifest:
+    """The real micro zoo, seed 0 (~1 min on 2 quiet cores): built once for the tests below."""
+    return build_zoo(tmp_path_factory.mktemp("micro") / "zoo", size="micro", seed=0, progress=False)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="micro zoo does not yet meet the issue-3 quality bar (see report)")
-def test_micro_zoo_meets_the_quality_bar(tmp_path):
-    manifest = build_zoo(tmp_path / "zoo", size="micro", seed=0, progress=False)
-    assert manifest.quality_bar["ok"], manifest.quality_bar
+def test_micro_zoo_experts_lead_and_the_best_ties_merge_beats_the_base(micro_zoo):
+    """The parts of the bar the micro zoo meets: every expert gains >= 0.2 over the base on its own task
+    and is the best model there, and the chosen TIES merge beats the base on every task."""
+    val = micro_zoo.scores_validation
+    for task in ZOO_TASKS:
+        assert val[task][task] - val["base"][task] >= 0.2, (task, val)
+        assert val[task][task] == max(row[task] for row in val.values()), (task, val)
+        assert micro_zoo.ties_best[task] > val["base"][task], (task, micro_zoo.ties_best)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="micro zoo does not yet meet the whole issue-3 bar (see hm3/zoo/spec.py)")
+def test_micro_zoo_meets_the_quality_bar(micro_zoo):
+    assert micro_zoo.quality_bar["ok"], micro_zoo.quality_bar
