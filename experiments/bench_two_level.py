@@ -81,7 +81,7 @@ def level2_section(args: argparse.Namespace, pool: str, dar: bool, episodes: int
     offline = max(8, episodes - n * online - 2 * n)
     return {"pool": pool, "preferences": n,
             "rl": {"dar": dar, "data_scale": args.data_scale, "offline_episodes": offline,
-                   "online_episodes": online, "episodes_per_update": 8, "epochs": 4}}
+                   "online_episodes": online, "episodes_per_update": 8, "epochs": 4, "t_max": args.t_max}}
 
 
 def evaluations(run_dir: Path, k: int) -> tuple[float, int]:
@@ -155,7 +155,8 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         data["optimizer"] = {"name": "df-merge", "budget": args.dedicated_budget, "options": {"weights": lam.tolist()}}
         data["level2"] = {"pool": "experts+merge", "preferences": [lam.tolist()],
                           "rl": {"dar": True, "data_scale": args.data_scale, "offline_episodes": 1,
-                                 "online_episodes": args.dedicated_episodes, "episodes_per_update": 8, "epochs": 4}}
+                                 "online_episodes": args.dedicated_episodes, "episodes_per_update": 8, "epochs": 4,
+                                 "t_max": args.t_max}}
         resume = (ded_dir / "hm3.sqlite").exists()
         if not (ded_dir / "summary.json").is_file():
             run_two_level(parse_two_level_config(data, source="dedicated"), ded_dir, resume=resume,
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level1-share", type=float, default=0.5)
     p.add_argument("--preferences", type=int, default=3)
     p.add_argument("--data-scale", type=float, default=0.1)
+    p.add_argument("--t-max", type=int, default=None, help="level-2 T_max (default: the models' layer count)")
     p.add_argument("--validation-examples", type=int, default=40)
     p.add_argument("--test-examples", type=int, default=64)
     p.add_argument("--dedicated-budget", type=int, default=30)

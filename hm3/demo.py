@@ -33,8 +33,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "level2": {
         "pool": "experts+merge",
         "preferences": 3,
+        # the zoo models have 2 layers: paths of up to 4 hops may repeat and reorder them
         "rl": {"offline_episodes": 48, "online_episodes": 16, "episodes_per_update": 8, "epochs": 4,
-               "data_scale": 0.25},
+               "data_scale": 0.25, "t_max": 4},
     },
 }
 DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
