@@ -129,6 +129,10 @@ class VLLMBackend:
         with open_checkpoint(self.model_dir) as ckpt:
             self._shapes = {n: ckpt.shape(n) for n in ckpt.tensor_names()}
             self._tied_head = ckpt.tied_embeddings and LM_HEAD not in self._shapes
+            # the embedding tensor that also serves as the head, if the checkpoint ties them
+            self._tied_embedding = (
+                next((n for n in self._shapes if n.endswith("embed_tokens.weight")), None) if self._tied_head else None
+            )
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
             head_dim = head_dim_of(ckpt.config)
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
@@ -193,6 +197,13 @@ class VLLMBackend:
         be reused for prompts sharing a prefix and corrupt later outputs.
         """
         updates = validate_state(state, self._shapes, tied_head=self._tied_head, model_dir=self.model_dir)
+        if self._tied_embedding is not None:
+            # A tied head shares the embedding's parameter, but on CPU vLLM computes logits from its own
+            # prepacked copy of it, made when that layer's weights are processed. Reloading a checkpoint
+            # without lm_head.weight leaves the head layer unloaded ("ParallelLMHead: Failed to load
+            # weights") and the logits keep the old embedding; loading the embedding under the head's
+            # name too re-packs it (tests/eval/test_vllm.py checks the swapped model against transformers).
+            updates[LM_HEAD] = updates[self._tied_embedding]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(updates.items())})
         self.llm.reset_prefix_cache()
 

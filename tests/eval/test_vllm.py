@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny_lm import VOCAB_SIZE, build_tiny_lm, save_char_tokenizer
 
 from hm3.errors import BackendError, CheckpointError
-from hm3.eval.backend import open_backend
+from hm3.eval.backend import LM_HEAD, open_backend
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.eval.vllm import CPU_HEAD_SIZES, VLLMBackend, check_head_dim, head_dim_of
@@ -138,7 +138,7 @@ def test_bad_state_is_refused_before_reload(engine, models, hf):
 
 def test_reload_then_fresh_engine(engine, models, hf):
     """In-place reload (after the prefix cache holds the old weights' keys/values) equals a fresh
-    engine on the new weights, and both equal transformers. Closes the module's engine: keep last."""
+    engine on the new weights, and both equal transformers. Closes the module's engine: keep after its users."""
     prompts = PROMPTS + LONG_PROMPTS
     engine.generate(prompts, max_new_tokens=8)  # fill the prefix cache with the old weights' KV
     engine.load_state(load_file(models["b"] / "model.safetensors"))
@@ -153,3 +153,31 @@ def test_reload_then_fresh_engine(engine, models, hf):
         assert fresh.loglikelihood(REQUESTS) == pytest.approx(reloaded_ll, rel=1e-5, abs=1e-5)
     finally:
         fresh.close()
+
+
+def test_reload_into_a_tied_embedding_model_updates_the_head(tmp_path, engine):
+    """SmolLM2-style tied head (``tie_word_embeddings``, no lm_head.weight in the checkpoint): after a
+    reload the logits must come from the new embedding. vLLM's CPU head computes from a prepacked copy
+    of the weight, so without the backend's fix the swapped model matched neither a nor b. Runs after
+    test_reload_then_fresh_engine has closed the module's engine (one engine per process at a time)."""
+    engine.close()  # already closed when the whole module runs; needed when this test runs alone
+    tied = {k: build_tiny_lm(tmp_path / k, seed=s, tie_word_embeddings=True) for k, s in (("a", 0), ("b", 1))}
+    state = {k: load_file(d / "model.safetensors") for k, d in tied.items()}
+    embedding = "model.embed_tokens.weight"
+    assert LM_HEAD not in state["b"] and not torch.equal(state["a"][embedding], state["b"][embedding])
+    hf = {k: HFBackend.from_pretrained(d, batch_size=4) for k, d in tied.items()}
+    prompts = PROMPTS + LONG_PROMPTS
+    texts = {k: b.generate(prompts, max_new_tokens=24) for k, b in hf.items()}
+    scores = {k: b.loglikelihood(REQUESTS) for k, b in hf.items()}
+    # the two models are told apart by both checks (tied random models mostly echo their input,
+    # so the log-likelihoods are the sharper one)
+    assert texts["a"] != texts["b"] and scores["a"] != pytest.approx(scores["b"], rel=1e-3, abs=1e-3)
+    backend = VLLMBackend(tied["a"], batch_size=8)
+    try:
+        assert backend.generate(prompts, max_new_tokens=24) == texts["a"]
+        for swap_to in ("b", "a"):  # and back: the head follows every swap
+            backend.load_state(state[swap_to])
+            assert backend.generate(prompts, max_new_tokens=24) == texts[swap_to]
+            assert backend.loglikelihood(REQUESTS) == pytest.approx(scores[swap_to], rel=1e-4, abs=1e-4)
+    finally:
+        backend.close()
