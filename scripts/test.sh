@@ -3,6 +3,8 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# idle OpenMP workers sleep instead of spinning (see hm3/__init__.py): tests and experiments import torch first
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 scripts/setup.sh
 .venv/bin/ruff check hm3 objectives tests experiments
 exec .venv/bin/python -m pytest "$@"

@@ -144,9 +144,8 @@ def test_ties_grid_of_identical_experts_recovers_the_expert():
 
 
 @pytest.fixture(scope="module")
-def micro_zoo(tmp_path_factory) -> ZooManifest:
-    """The real micro zoo, seed 0 (~1 min on 2 quiet cores): built once for the tests below."""
-    return build_zoo(tmp_path_factory.mktemp("micro") / "zoo", size="micro", seed=0, progress=False)
+def micro_zoo(micro_zoo_dir) -> ZooManifest:
+    return ZooManifest.read(micro_zoo_dir)
 
 
 @pytest.mark.slow

@@ -1,0 +1,29 @@
+"""The embedded default job (README Quick start line 1), run end to end on the micro zoo."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from hm3.cli import main
+from hm3.errors import OutputExistsError
+
+
+@pytest.mark.slow
+def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--zoo", str(micro_zoo_dir), "--size", "micro", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    run = out / "run"
+    front = pd.read_csv(run / "front.csv")
+    assert len(front) >= 1 and str(front["point"].iloc[0]) in printed  # the table was printed
+    assert (run / "front.png").stat().st_size > 0 and (out / "request-model" / "config.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["candidates"] > 30 and len(summary["level2_paths"]) >= 3  # both levels ran
+    assert "[demo] answer:" in printed and "predicted validation scores" in printed
+    with pytest.raises(OutputExistsError, match="--resume"):
+        from hm3.demo import run_demo
+
+        run_demo(out, zoo=micro_zoo_dir, size="micro")
