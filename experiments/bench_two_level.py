@@ -5,14 +5,15 @@ Every arm runs through the product's own entry points (``run_level1``, ``run_two
 ``answer_request``) in its own run directory under ``--work``; a finished arm is read back from its
 ``summary.json``, so an interrupted benchmark resumes.
 
-Budget accounting. An *evaluation* is one candidate scored on one set of examples of every
-objective (a level-1 merge on the validation plan, a level-2 reward on a DAR subset or on the whole
-plan, a kept path re-scored on the whole plan). It is read from the run store: distinct
-(candidate, example set) validation evaluations divided by the number of objectives, so cache hits
-are not counted. Each arm's configured budget is chosen so its evaluations match ``--budget``
-(``level1_budget + offline + N·online + up to 2N finals``); the counts are reported, not assumed.
-*Evaluated examples* is the number of examples run through the model on validation (every
-objective), the cost DAR cuts.
+Budget accounting. The budget ``--budget`` is in *full-evaluation equivalents*: validation examples
+run through the model divided by (objectives × ``--validation-examples``), i.e. what the budget would
+buy of whole-plan evaluations. Level 1 spends one per merge; a DAR reward costs ``data_scale`` of
+one, so with DAR level 2 runs ~1/s times more episodes for the same cost (RMM's point). Arms with
+level 2 get their episode counts from the DAR cost (``level2_section``); the no-DAR arms run the
+*same* episodes, which cost ~1/s times more examples: that is the DAR ablation (equal episodes,
+examples and HV compared). All counts are read back from the run store (cache hits excluded) and
+reported, not assumed: *evaluations* (distinct candidate × example-set, per objective), *evaluated
+examples*, full-evaluation equivalents, and the level-2 (path) share of each.
 
 Arms (3 seeds each by default):
 
@@ -74,21 +75,33 @@ def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict
     }
 
 
-def level2_section(args: argparse.Namespace, pool: str, dar: bool, episodes: int) -> dict[str, Any]:
-    """Split ``episodes`` level-2 evaluations: half offline, the rest online over N λ (minus finals)."""
+def level2_section(args: argparse.Namespace, pool: str, dar: bool, equivalents: float) -> dict[str, Any]:
+    """Level-2 settings spending ``equivalents`` full evaluations *with DAR*: E episodes at ``data_scale``
+    of the examples each, after the 2N whole-plan evaluations of the kept paths. A no-DAR arm runs the
+    same E episodes (so it pays ~1/s times the examples: the DAR ablation compares equal episodes)."""
     n = args.preferences
-    online = max(4, (episodes // 2 - 2 * n) // n)
-    offline = max(8, episodes - n * online - 2 * n)
+    episodes = max(16, round((equivalents - 2 * n) / args.data_scale))
+    offline = episodes // 2
+    online = max(1, (episodes - offline) // n)
     return {"pool": pool, "preferences": n,
             "rl": {"dar": dar, "data_scale": args.data_scale, "offline_episodes": offline,
                    "online_episodes": online, "episodes_per_update": 8, "epochs": 4, "t_max": args.t_max}}
 
 
-def evaluations(run_dir: Path, k: int) -> tuple[float, int]:
-    """(evaluations, evaluated validation examples) from the store (module docstring)."""
+def evaluations(run_dir: Path, k: int, per_objective: int) -> dict[str, float]:
+    """Evaluation counts from the store (module docstring), all and level-2 paths only."""
     with RunStore.open(run_dir, readonly=True) as store:
         rows = [e for e in store.evaluations() if e.split == "validation"]
-    return len({(e.candidate_id, e.example_set) for e in rows}) / k, sum(e.count for e in rows)
+        paths = {c.id for c in store.candidates("path")}
+    level2 = [e for e in rows if e.candidate_id in paths]
+    examples = sum(e.count for e in rows)
+    return {
+        "evaluations": len({(e.candidate_id, e.example_set) for e in rows}) / k,
+        "evaluated_examples": examples,
+        "full_evaluation_equivalents": examples / (k * per_objective),
+        "level2_evaluations": len({(e.candidate_id, e.example_set) for e in level2}) / k,
+        "level2_examples": sum(e.count for e in level2),
+    }
 
 
 def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> dict[str, Any]:
@@ -104,9 +117,9 @@ def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> di
     else:
         s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
-    n_evals, n_examples = evaluations(run_dir, len(objectives))
-    out = {"arm": name, "seed": seed, "hv_validation": hv, "hv_test_front": hv_test, "evaluations": n_evals,
-           "evaluated_examples": n_examples, "wall_seconds": time.perf_counter() - start, "resumed": resume,
+    out = {"arm": name, "seed": seed, "hv_validation": hv, "hv_test_front": hv_test,
+           **evaluations(run_dir, len(objectives), args.validation_examples),
+           "wall_seconds": time.perf_counter() - start, "resumed": resume,
            "summary": {k: v for k, v in s.items() if k.startswith("hv") or k in ("front_size", "front_levels")}}
     atomic_write_text(done, json.dumps(out, indent=2))
     return out
@@ -226,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pool = "experts" if name.startswith("level2-only") else "experts+merge"
             dar = not name.endswith("nodar")
-            episodes = args.budget if pool == "experts" else args.budget - l1_budget
-            data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, episodes)}
+            equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
+            data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
             results.setdefault(name, []).append(arm(args, name, seed, data, True))
         if not args.no_requests and "both" in arms:
             req_rows += requests(args, seed, args.work / f"both-s{seed}")
@@ -236,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                "hv_validation_min": min(r["hv_validation"] for r in rows),
                "hv_validation_max": max(r["hv_validation"] for r in rows),
                "hv_test_front": mean([r["hv_test_front"] for r in rows]),
-               "evaluations": mean([r["evaluations"] for r in rows]),
-               "evaluated_examples": mean([r["evaluated_examples"] for r in rows]),
+               **{key: mean([r[key] for r in rows]) for key in (
+                   "evaluations", "evaluated_examples", "full_evaluation_equivalents", "level2_evaluations",
+                   "level2_examples")},
                "wall_seconds": mean([r["wall_seconds"] for r in rows]), "seeds": [r["seed"] for r in rows]}
         for name, rows in results.items()
     }
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if with_dar in table and without in table:
             a, b = table[with_dar], table[without]
             targets[f"dar_{with_dar}"] = {
-                "example_reduction": b["evaluated_examples"] / a["evaluated_examples"],
+                "level2_example_reduction": b["level2_examples"] / a["level2_examples"],
                 "hv_loss_fraction": (b["hv_validation"] - a["hv_validation"]) / b["hv_validation"]
                 if b["hv_validation"] else None,
             }
@@ -270,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         "bench_wall_seconds": time.time() - started,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'evals':>8}{'examples':>10}{'seconds':>9}")
+    print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'full-eq':>9}{'L2 evals':>9}{'L2 examples':>12}{'seconds':>9}")
     for name, row in table.items():
-        print(f"{name:<20}{row['hv_validation']:>10.4f}{row['hv_test_front']:>10.4f}{row['evaluations']:>8.1f}"
-              f"{row['evaluated_examples']:>10.0f}{row['wall_seconds']:>9.0f}")
+        print(f"{name:<20}{row['hv_validation']:>10.4f}{row['hv_test_front']:>10.4f}"
+              f"{row['full_evaluation_equivalents']:>9.1f}{row['level2_evaluations']:>9.1f}"
+              f"{row['level2_examples']:>12.0f}{row['wall_seconds']:>9.0f}")
     print(f"targets: {json.dumps(targets, indent=1)}")
     print(f"-> {args.out}")
     return 0
