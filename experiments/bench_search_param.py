@@ -184,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         out["target"]["ratio_bo_to_random"] = bo / t["random_at_long"]["mean"] if t["random_at_long"]["mean"] else None
         out["target"]["ratio_bo_to_nsga2"] = bo / t["nsga2_at_long"]["mean"] if t["nsga2_at_long"]["mean"] else None
         out["target"]["met"] = bo > 0 and bo >= t["random_at_long"]["mean"] and bo >= t["nsga2_at_long"]["mean"]
+    if "bo-mo" in runs:  # sample efficiency: evaluations a peer's mean trace needs to reach bo-mo's mean HV at --budget
+        target = statistics.fmean(hv_at(s["hv_trace_validation"], args.budget) for s in runs["bo-mo"])
+        reach = {}
+        for key in (k for k in runs if k != "bo-mo"):
+            n = min(len(s["hv_trace_validation"]) for s in runs[key])
+            mean_trace = np.mean([s["hv_trace_validation"][:n] for s in runs[key]], axis=0)
+            hit = np.nonzero(mean_trace >= target)[0]
+            reach[key] = int(hit[0]) + 1 if len(hit) else None
+        out["target"]["evaluations_to_reach_bo_mo"] = {"bo_mo_hv": target, "evaluations": reach}
     atomic_write_text(args.out, json.dumps(out, indent=2))
     plot(runs, args.plot)
     print(f"{'optimiser':<16}" + "".join(f"{'HV@' + str(n):>12}" for n in checkpoints) + f"{'HV test':>10}")
