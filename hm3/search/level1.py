@@ -38,7 +38,7 @@ from hm3.eval.backend import open_backend
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
 from hm3.search.optimizers import get_optimizer
-from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
+from hm3.search.pareto import degenerate_objectives, non_dominated, normalise, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
@@ -264,6 +264,9 @@ def search_level1(
     base = refs_val[space.base_model]
     ideal = np.max(np.stack([refs_val[r] for r in space.models]), axis=0)
     log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
+    for i in degenerate_objectives(base, ideal):
+        log(f"WARNING: no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
+            "rewards use it in raw units, and a merge must not fall below the base there to count")
 
     optimizer = opt_cls(
         space.dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, ctx, space.dim, k)

@@ -29,7 +29,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from hm3.errors import ConfigError
 
-#: Below this gap between ideal and base an objective is treated as degenerate (see ``normalise``).
+#: At or below this gap between ideal and base an objective is treated as degenerate (see ``normalise``).
 DEGENERATE_SPAN = 1e-12
 
 
@@ -58,9 +58,10 @@ def non_dominated(F: np.ndarray) -> np.ndarray:
 def normalise(F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """Map scores so that ``lower`` (the base model) → 0 and ``upper`` (the ideal point) → 1.
 
-    An objective on which no expert differs from the base (``upper == lower``) has no
-    natural scale; it is left in raw units (span 1) rather than divided by ~0, which
-    would let noise dominate the hypervolume.
+    An objective on which no expert beats the base (``upper <= lower``: the experts are equal
+    to it, or worse, as on a saturated task) has no natural scale; it is left in raw units
+    (span 1) rather than divided by ~0 or by a negative gap, which would let noise dominate
+    or flip the objective's direction (a worse score counted as better).
     """
     F = _as_matrix(F)
     lower = np.asarray(lower, dtype=float).reshape(-1)
@@ -70,9 +71,19 @@ def normalise(F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray
         raise ConfigError(
             f"base scores ({lower.size}) and ideal point ({upper.size}) need one entry per objective ({k})"
         )
-    span = upper - lower
-    span = np.where(np.abs(span) <= DEGENERATE_SPAN, 1.0, span)
-    return (F - lower) / span
+    return (F - lower) / normalisation_span(lower, upper)
+
+
+def normalisation_span(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Per-objective divisor of :func:`normalise`: ``upper − lower``, or 1 where that is not positive."""
+    span = np.asarray(upper, dtype=float).reshape(-1) - np.asarray(lower, dtype=float).reshape(-1)
+    return np.where(span <= DEGENERATE_SPAN, 1.0, span)
+
+
+def degenerate_objectives(lower: np.ndarray, upper: np.ndarray) -> list[int]:
+    """Objectives on which no expert beats the base (left in raw units by :func:`normalise`)."""
+    span = np.asarray(upper, dtype=float).reshape(-1) - np.asarray(lower, dtype=float).reshape(-1)
+    return [int(i) for i in np.nonzero(span <= DEGENERATE_SPAN)[0]]
 
 
 def hypervolume(F_norm: np.ndarray, ref: np.ndarray | None = None) -> float:

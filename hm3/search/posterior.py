@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.search.pareto import normalise
+from hm3.search.pareto import normalisation_span, normalise
 from hm3.store import RunStore
 
 POSTERIOR_FILE = "posterior.pt"
@@ -71,5 +71,5 @@ def posterior_option(
     w = torch.tensor(lam, dtype=torch.float64)
     lcb = mu @ w - torch.sqrt((var * w**2).sum(1))
     best = int(torch.argmax(lcb))
-    predicted = base + mu[best].numpy() * np.where(np.abs(ideal - base) > 1e-12, ideal - base, 1.0)
+    predicted = base + mu[best].numpy() * normalisation_span(base, ideal)
     return float(lcb[best]), space.to_recipe(grid[best]), predicted

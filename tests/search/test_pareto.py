@@ -74,3 +74,12 @@ def test_bad_shapes_raise_config_errors():
         hypervolume(np.array([[np.nan, 1.0]]))
     with pytest.raises(ConfigError, match="one entry per objective"):
         normalise(np.zeros((1, 2)), np.zeros(3), np.ones(2))
+
+
+def test_normalise_keeps_direction_when_no_expert_beats_the_base():
+    """A saturated task (ideal below base) stays in raw units, higher still better — found on the
+    small zoo, where a 0.42 translation score was normalised to +46 through the negative gap."""
+    base, ideal = np.array([0.1, 0.996]), np.array([0.5, 0.983])
+    F = normalise(np.array([[0.3, 0.418], [0.3, 0.99]]), base, ideal)
+    assert F[0, 0] == pytest.approx(0.5) and F[0, 1] == pytest.approx(0.418 - 0.996)
+    assert F[1, 1] > F[0, 1]
