@@ -192,6 +192,43 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) -> None:
+    """HV per arm (validation and test, every seed) and request/dedicated score ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if requests_rows else 1, figsize=(11 if requests_rows else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    names = list(results)
+    for offset, key, colour in ((-0.18, "hv_validation", "tab:blue"), (0.18, "hv_test_front", "tab:orange")):
+        for i, name in enumerate(names):
+            vals = [r[key] for r in results[name]]
+            ax.bar(i + offset, float(np.mean(vals)), width=0.34, color=colour,
+                   label=key.replace("hv_", "HV ").replace("_front", "") if i == 0 else None)
+            ax.scatter([i + offset] * len(vals), vals, s=10, c="k", zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    ax.set_ylabel("hypervolume (hm3 protocol)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    if requests_rows:
+        ax = axes[0][1]
+        ratios = [r["ratio"] for r in requests_rows]
+        ax.scatter(range(len(ratios)), ratios, c="tab:green")
+        ax.axhline(0.95, ls="--", c="0.5", label="target 0.95")
+        ax.set_xlabel("request (seed × λ)")
+        ax.set_ylabel("budget-0 request / dedicated search (Σλf̂)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def mean(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.fmean(xs) if xs else None
@@ -214,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-requests", action="store_true")
     p.add_argument("--work", type=Path, default=Path("runs/bench_two_level"))
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench_two_level.json"))
+    p.add_argument("--plot", type=Path, default=Path("docs/bench_two_level.png"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -284,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         "bench_wall_seconds": time.time() - started,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2))
+    plot(results, req_rows, args.plot)
     print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'full-eq':>9}{'L2 evals':>9}{'L2 examples':>12}{'seconds':>9}")
     for name, row in table.items():
         print(f"{name:<20}{row['hv_validation']:>10.4f}{row['hv_test_front']:>10.4f}"
               f"{row['full_evaluation_equivalents']:>9.1f}{row['level2_evaluations']:>9.1f}"
               f"{row['level2_examples']:>12.0f}{row['wall_seconds']:>9.0f}")
     print(f"targets: {json.dumps(targets, indent=1)}")
-    print(f"-> {args.out}")
+    print(f"-> {args.out}, {args.plot}")
     return 0
 
 
