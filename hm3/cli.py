@@ -291,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     zi.add_argument("--overwrite", action="store_true")
     zi.set_defaults(func=cmd_zoo_import_smollm2)
 
-    d = sub.add_parser("demo", help="the embedded default: build the small zoo, run the two-level search on it")
+    d = sub.add_parser("demo", help="the embedded default: build the micro zoo, run the two-level search on it")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--zoo", default=None, help="zoo directory (default runs/zoo-SIZE; reused when built)")
-    d.add_argument("--size", default="small", choices=["micro", "small"])
+    d.add_argument("--size", default="micro", choices=["micro", "small"], help="zoo size (default micro, see hm3/demo.py)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)
