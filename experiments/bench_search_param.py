@@ -16,8 +16,8 @@ weighting on DARE-TIES is ablated with ``bo-mo`` on vs off.
 
 Usage::
 
-    .venv/bin/python experiments/bench_search_param.py --zoo runs/zoo-small [--seeds 0,1,2]
-        [--budget 50] [--long-budget 200] [--validation-examples 32] [--optimizers ...]
+    .venv/bin/python experiments/bench_search_param.py [--zoo runs/zoo-micro] [--seeds 0,1,2]
+        [--budget 50] [--long-budget 200] [--validation-examples 64] [--optimizers ...]
         [--work runs/bench_search_param] [--out experiments/results/bench_search_param.json]
 """
 
@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zoo_bench import add_zoo_bench_args, prepare
 
 from hm3.atomic import atomic_write_text
+from hm3.report import save_figure
 from hm3.search.level1 import run_level1
 from hm3.search.run_config import parse_run_config
 
@@ -116,36 +118,19 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-small"))
-    p.add_argument("--seeds", default="0,1,2")
+    add_zoo_bench_args(p, "bench_search_param")
     p.add_argument("--budget", type=int, default=50)
     p.add_argument("--long-budget", type=int, default=200)
-    p.add_argument("--validation-examples", type=int, default=32)
-    p.add_argument("--test-examples", type=int, default=64)
     p.add_argument("--fisher-examples", type=int, default=30)
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--no-fisher-ablation", action="store_true")
-    p.add_argument("--work", type=Path, default=Path("runs/bench_search_param"))
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_search_param.json"))
-    p.add_argument("--plot", type=Path, default=Path("docs/bench_search_param.png"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if not (args.zoo / "zoo.json").is_file():
-        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size small", file=sys.stderr)
+    if not prepare(args):
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     optimizers = [o for o in args.optimizers.split(",") if o]

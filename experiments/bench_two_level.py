@@ -24,7 +24,7 @@ Arms (3 seeds each by default):
 HV is the validation HV of the union of everything each arm evaluated on the whole validation
 plan (hm3's protocol); the test HV of the final front is reported too.
 
-Requests: for each of ``--request-prefs`` λ, ``hm3 request --budget 0`` on the ``both``+DAR run
+Requests: for each λ of ``REQUEST_PREFS``, ``hm3 request --budget 0`` on the ``both``+DAR run
 (timed in-process and as a CLI subprocess) vs a *dedicated search* for that λ alone: ``df-merge``
 BO on ``Σ λ_k f_k`` with ``--dedicated-budget`` evaluations, followed by online level-2 fine-tuning
 from a fresh (not pretrained) policy with λ fixed. Both answers are written as checkpoints and
@@ -33,8 +33,8 @@ scored by the same code on the same validation examples; the ratio of their ``Σ
 
 Usage::
 
-    .venv/bin/python experiments/bench_two_level.py --zoo runs/zoo-small [--seeds 0,1,2] [--budget 80]
-        [--validation-examples 32] [--work runs/bench_two_level] [--out experiments/results/bench_two_level.json]
+    .venv/bin/python experiments/bench_two_level.py [--zoo runs/zoo-micro] [--seeds 0,1,2] [--budget 80]
+        [--validation-examples 64] [--work runs/bench_two_level] [--out experiments/results/bench_two_level.json]
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zoo_bench import add_zoo_bench_args, prepare
 
 from hm3.atomic import atomic_write_text
 from hm3.pipeline import parse_two_level_config, run_two_level
+from hm3.report import save_figure
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
 from hm3.search.run_config import parse_run_config
@@ -222,11 +224,7 @@ def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) 
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def mean(xs: list[float]) -> float | None:
@@ -236,33 +234,19 @@ def mean(xs: list[float]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-small"))
-    p.add_argument("--seeds", default="0,1,2")
+    add_zoo_bench_args(p, "bench_two_level")
     p.add_argument("--budget", type=int, default=80, help="evaluations per arm")
     p.add_argument("--level1-share", type=float, default=0.5)
     p.add_argument("--preferences", type=int, default=3)
     p.add_argument("--data-scale", type=float, default=0.1)
-    p.add_argument("--t-max", type=int, default=None, help="level-2 T_max (default: the models' layer count)")
-    p.add_argument("--validation-examples", type=int, default=40)
-    p.add_argument("--test-examples", type=int, default=64)
+    p.add_argument("--t-max", type=int, default=4, help="level-2 T_max (the zoo models have 2 layers)")
     p.add_argument("--dedicated-budget", type=int, default=30)
     p.add_argument("--dedicated-episodes", type=int, default=24)
     p.add_argument("--arms", default="level1,level2-only,level2-only-nodar,both,both-nodar")
     p.add_argument("--no-requests", action="store_true")
-    p.add_argument("--work", type=Path, default=Path("runs/bench_two_level"))
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_two_level.json"))
-    p.add_argument("--plot", type=Path, default=Path("docs/bench_two_level.png"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if not (args.zoo / "zoo.json").is_file():
-        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size small", file=sys.stderr)
+    if not prepare(args):
         return 2
-    args.work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
     started = time.time()

@@ -1,0 +1,33 @@
+"""What the zoo benchmarks share: their common command-line options and the start-up checks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_zoo_bench_args(p: argparse.ArgumentParser, name: str, *, validation: int = 64, test: int = 200) -> None:
+    """--zoo, --seeds, example counts, --work/--out/--plot named after the benchmark, --threads, --quiet."""
+    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-micro"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--validation-examples", type=int, default=validation)
+    p.add_argument("--test-examples", type=int, default=test)
+    p.add_argument("--work", type=Path, default=Path(f"runs/{name}"))
+    p.add_argument("--out", type=Path, default=Path(f"experiments/results/{name}.json"))
+    p.add_argument("--plot", type=Path, default=Path(f"docs/{name}.png"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def prepare(args: argparse.Namespace) -> bool:
+    """Set torch's threads; False (after saying how to build it) when the zoo is missing."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not (args.zoo / "zoo.json").is_file():
+        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size micro", file=sys.stderr)
+        return False
+    args.work.mkdir(parents=True, exist_ok=True)
+    return True
