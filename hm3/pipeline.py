@@ -259,69 +259,97 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     run_dir = Path(run_dir)
     start = time.perf_counter()
     log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    check_depth(cfg)  # before the store, the models and any evaluation
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress)
-        level1_scores, base, ideal = run.level1(resume)
-        l1_ids = list(level1_scores)
-        front_ids = [l1_ids[i] for i in non_dominated(np.stack(list(level1_scores.values())))] if l1_ids else []
-        frame_front = {cid: normalise(level1_scores[cid][None], base, ideal)[0] for cid in front_ids}
-        frames: list[FrameKey] = list(front_ids) if front_ids else ["base"]
-        pools = PoolSet(run.ctx)
-        features = pools.features(frames)
-        rl = cfg.level2.rl
-        t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+        try:
+            return _run_stages(cfg, run, store, resume, start, log)
+        finally:
+            run.ctx.backend.close()  # a vLLM engine holds process-wide state until closed
 
-        def evaluator(seed: int) -> PathEvaluator:
-            return PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale,
-                                 seed=seed, t_max=t_max)
 
-        # stage 2: offline pretraining over λ ~ Dirichlet(1)
-        pre_eval = evaluator(cfg.level1.seed)
-        pre = run._trainer(pre_eval, pools, features, None, frame_front, cfg.level1.seed)
-        log(f"level 2: pretraining the λ-conditioned policy ({rl.offline_episodes} episodes, "
-            f"pool = {len(pools.expert_refs)} experts + {'level-1 merge' if front_ids else 'base'})")
-        run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain.pt", "pretrain")
-        _save(run.level2_dir / POLICY_FILE, {
-            "policy": pre.policy.state_dict(), "config": rl.model_dump(mode="json"),
-            "pool_size": pools.size, "num_layers": pools.num_layers, "objectives": run.names,
-            "frames": frames, "frame_front": {int(c): v.tolist() for c, v in frame_front.items()},
-            "layer_features": features, "base": base.tolist(), "ideal": ideal.tolist(),
-            "expert_refs": pools.expert_refs,
-        })
-        run._mark("pretrain")
+def check_depth(cfg: TwoLevelConfig) -> None:
+    """Refuse T_max above the models' depth on a fixed-depth engine (vLLM) before anything runs."""
+    from hm3.checkpoint.reader import open_checkpoint
 
-        # stage 3: online fine-tuning per preference vector
-        kept: dict[int, dict[str, Any]] = {}  # candidate id -> where it came from
-        lams = cfg.preferences()
-        for i, lam in enumerate(lams):
-            online_eval = evaluator(cfg.level1.seed + 1 + i)
-            tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i)
-            ckpt = run.level2_dir / f"online-{i}.pt"
-            if not ckpt.exists():
-                tr.policy.load_state_dict(pre.policy.state_dict())
-            frame = merge_for_preference(lam, frame_front) if frame_front else "base"
-            run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
-            paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
-            for path in (p for p in paths if p.hops):  # RMM's greedy rollout may back out: no path
-                cand = online_eval.candidate(path, frame)
-                kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
-            run._mark(f"online-{i}")
+    rl = cfg.level2.rl
+    if cfg.level1.evaluation.backend == "hf" or rl.mode != "hm3" or rl.t_max is None:
+        return
+    base = cfg.level1.models[cfg.level1.search_space.base_model]
+    with open_checkpoint(base) as ckpt:
+        depth = ckpt.num_layers
+    if rl.t_max > depth:
+        raise ConfigError(
+            f"level2.rl.t_max = {rl.t_max}: with the {cfg.level1.evaluation.backend} backend level 2 runs paths "
+            f"in an engine of the models' depth ({depth} layers, {base}), so t_max must be <= {depth}; use the "
+            "hf backend for longer paths"
+        )
 
-        # stage 4: final front over both levels
-        log("final front: scoring kept paths on the whole validation plan")
-        final_eval = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
-                                   t_max=t_max)
-        rows: dict[int, dict[str, Any]] = {}
-        for cid, y in level1_scores.items():
-            rows[cid] = {"candidate": cid, "level": 1, "kind": "merge", "val": y}
-        for cid in kept:
-            _, recipe = store.candidate(cid)
-            path, frame = path_from_recipe(recipe)
-            rows[cid] = {"candidate": cid, "level": 2, "kind": PATH_KIND, "val": run.full_scores(final_eval, path,
-                         frame, "validation"), "hops": len(path.hops), "frame": frame}
-        summary = _write_final(run, final_eval, rows, base, ideal, start, kept, level1_scores)
-        run._mark("final")
-        return summary
+
+def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: bool, start: float,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """Stages 1-4 over an open run (module docstring)."""
+    level1_scores, base, ideal = run.level1(resume)
+    l1_ids = list(level1_scores)
+    front_ids = [l1_ids[i] for i in non_dominated(np.stack(list(level1_scores.values())))] if l1_ids else []
+    frame_front = {cid: normalise(level1_scores[cid][None], base, ideal)[0] for cid in front_ids}
+    frames: list[FrameKey] = list(front_ids) if front_ids else ["base"]
+    pools = PoolSet(run.ctx)
+    features = pools.features(frames)
+    rl = cfg.level2.rl
+    t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+
+    def evaluator(seed: int) -> PathEvaluator:
+        return PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale,
+                             seed=seed, t_max=t_max)
+
+    # stage 2: offline pretraining over λ ~ Dirichlet(1)
+    pre_eval = evaluator(cfg.level1.seed)
+    pre = run._trainer(pre_eval, pools, features, None, frame_front, cfg.level1.seed)
+    log(f"level 2: pretraining the λ-conditioned policy ({rl.offline_episodes} episodes, "
+        f"pool = {len(pools.expert_refs)} experts + {'level-1 merge' if front_ids else 'base'})")
+    run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain.pt", "pretrain")
+    _save(run.level2_dir / POLICY_FILE, {
+        "policy": pre.policy.state_dict(), "config": rl.model_dump(mode="json"),
+        "pool_size": pools.size, "num_layers": pools.num_layers, "objectives": run.names,
+        "frames": frames, "frame_front": {int(c): v.tolist() for c, v in frame_front.items()},
+        "layer_features": features, "base": base.tolist(), "ideal": ideal.tolist(),
+        "expert_refs": pools.expert_refs,
+    })
+    run._mark("pretrain")
+
+    # stage 3: online fine-tuning per preference vector
+    kept: dict[int, dict[str, Any]] = {}  # candidate id -> where it came from
+    lams = cfg.preferences()
+    for i, lam in enumerate(lams):
+        online_eval = evaluator(cfg.level1.seed + 1 + i)
+        tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i)
+        ckpt = run.level2_dir / f"online-{i}.pt"
+        if not ckpt.exists():
+            tr.policy.load_state_dict(pre.policy.state_dict())
+        frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+        run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
+        paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
+        for path in (p for p in paths if p.hops):  # RMM's greedy rollout may back out: no path
+            cand = online_eval.candidate(path, frame)
+            kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
+        run._mark(f"online-{i}")
+
+    # stage 4: final front over both levels
+    log("final front: scoring kept paths on the whole validation plan")
+    final_eval = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
+                               t_max=t_max)
+    rows: dict[int, dict[str, Any]] = {}
+    for cid, y in level1_scores.items():
+        rows[cid] = {"candidate": cid, "level": 1, "kind": "merge", "val": y}
+    for cid in kept:
+        _, recipe = store.candidate(cid)
+        path, frame = path_from_recipe(recipe)
+        rows[cid] = {"candidate": cid, "level": 2, "kind": PATH_KIND, "val": run.full_scores(final_eval, path,
+                     frame, "validation"), "hops": len(path.hops), "frame": frame}
+    summary = _write_final(run, final_eval, rows, base, ideal, start, kept, level1_scores)
+    run._mark("final")
+    return summary
 
 
 def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dict[str, Any]], base: np.ndarray, ideal: np.ndarray,

@@ -229,10 +229,6 @@ def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame
     """Online fine-tuning for ``budget`` episodes; measured whole-validation scores of its paths."""
     import sys
 
-    from hm3.arch.env import PathEnv
-    from hm3.arch.level2 import PathEvaluator, PoolSet
-    from hm3.arch.policy import PathPolicy
-    from hm3.arch.ppo import PPOTrainer
     from hm3.search.level1 import Level1Context
 
     log = (lambda m: print(f"[hm3] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -240,33 +236,47 @@ def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame
     k = len(saved["objectives"])
     with RunStore.open(run_dir) as store:
         ctx = Level1Context(cfg.level1, store, log=log)
-        pools = PoolSet(ctx)
-        t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
-        seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
-        ev = PathEvaluator(ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
-                           t_max=t_max)
-        env = PathEnv(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                      scorer=ev.scorer_for(lambda: frame), config=rl, lam=lam, seed=seed)
-        policy = PathPolicy(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                            layer_features=saved["layer_features"], config=rl)
-        policy.load_state_dict(saved["policy"])
-        trainer = PPOTrainer(env, policy, rl, seed=seed)
-        log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
-        trainer.train(budget)
-        evaluations = budget
-        paths = {trainer.greedy_path(lam)} | ({trainer.best[1]} if trainer.best is not None else set())
-        paths = {p for p in paths if p.hops}  # RMM's greedy rollout may back out: no path
-        measured_options = []
-        for path in paths:
-            before = ctx.scorer.evaluated_examples
-            raw = ev.raw_scores(path, frame, ctx.validation)
-            evaluations += int(ctx.scorer.evaluated_examples > before)
-            recipe = path_recipe(path, frame, pools.expert_refs)
-            measured_options.append((_weighted(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
-                                     PATH_KIND, raw, recipe))
-        ctx.restore_live_model()
-        best = max([*options, *measured_options], key=lambda o: o[0])
-        score, source, kind, raw, what = best
-        stored = store.candidate(what)[1] if isinstance(what, int) else what
-        store.add_event("request", {"lam": lam.tolist(), "budget": budget, "answer": source, "score": score})
+        try:
+            return _tune_and_measure(ctx, store, saved, lam, frame, budget, options, base, ideal, rl, k, log)
+        finally:
+            ctx.backend.close()
+
+
+def _tune_and_measure(ctx, store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
+                      options: list, base: np.ndarray, ideal: np.ndarray, rl, k: int, log):
+    """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full."""
+    from hm3.arch.env import PathEnv
+    from hm3.arch.level2 import PathEvaluator, PoolSet
+    from hm3.arch.policy import PathPolicy
+    from hm3.arch.ppo import PPOTrainer
+
+    pools = PoolSet(ctx)
+    t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+    seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
+    ev = PathEvaluator(ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
+                       t_max=t_max)
+    env = PathEnv(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
+                  scorer=ev.scorer_for(lambda: frame), config=rl, lam=lam, seed=seed)
+    policy = PathPolicy(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
+                        layer_features=saved["layer_features"], config=rl)
+    policy.load_state_dict(saved["policy"])
+    trainer = PPOTrainer(env, policy, rl, seed=seed)
+    log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
+    trainer.train(budget)
+    evaluations = budget
+    paths = {trainer.greedy_path(lam)} | ({trainer.best[1]} if trainer.best is not None else set())
+    paths = {p for p in paths if p.hops}  # RMM's greedy rollout may back out: no path
+    measured_options = []
+    for path in paths:
+        before = ctx.scorer.evaluated_examples
+        raw = ev.raw_scores(path, frame, ctx.validation)
+        evaluations += int(ctx.scorer.evaluated_examples > before)
+        recipe = path_recipe(path, frame, pools.expert_refs)
+        measured_options.append((_weighted(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
+                                 PATH_KIND, raw, recipe))
+    ctx.restore_live_model()
+    best = max([*options, *measured_options], key=lambda o: o[0])
+    score, source, kind, raw, what = best
+    stored = store.candidate(what)[1] if isinstance(what, int) else what
+    store.add_event("request", {"lam": lam.tolist(), "budget": budget, "answer": source, "score": score})
     return score, source, kind, raw, stored, raw, evaluations

@@ -117,8 +117,9 @@ def test_two_level_run_on_the_vllm_backend(models, tmp_path):
     summary = run_two_level(parse_two_level_config(data), tmp_path / "run", progress=False)
     assert _check_path_scores_against_hf(tmp_path / "run", summary, models) >= 2
     too_long = _config(models, rl=RL | {"t_max": 3}) | {"evaluation": data["evaluation"]}
-    with pytest.raises(ConfigError, match="t_max must be <= 2"):
+    with pytest.raises(ConfigError, match="t_max must be <= 2"):  # refused before any model is loaded
         run_two_level(parse_two_level_config(too_long), tmp_path / "long", progress=False)
+    assert not (tmp_path / "long").exists()
 
 
 def test_front_and_export_cli(finished, tmp_path, capsys):

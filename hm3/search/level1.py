@@ -236,7 +236,10 @@ def run_level1(
     get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
     with open_run_store(run_dir, cfg.canonical(), cfg.seed, resume=resume) as store:
         ctx = Level1Context(cfg, store, log=_logger(progress))
-        return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
+        try:
+            return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
+        finally:
+            ctx.backend.close()  # a vLLM engine holds process-wide state until closed
 
 
 def _logger(enabled: bool) -> Callable[[str], None]:
