@@ -469,6 +469,7 @@ def replot(run_dir: str | Path) -> Path:
         run_dir / "front.png", names, candidates=cands[cols].to_numpy(), front=df[cols].to_numpy(),
         references={r: np.array(v) for r, v in summary["reference_validation"].items()},
         title=f"two-level front ({summary['candidates']} candidates, validation)",
+        paths=(df["level"] == 2).to_numpy(),
     )
 
 
