@@ -38,15 +38,24 @@ from hm3.arch.level2 import (
     FrameKey,
     PathEvaluator,
     PoolSet,
+    build_trainer,
     merge_for_preference,
     path_from_recipe,
 )
 from hm3.arch.path import LayerPath
+from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_open, atomic_write_text
 from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
-from hm3.search.level1 import STORE_FILE, Level1Context, open_run_store, recipe_with_paths, search_level1
+from hm3.search.level1 import (
+    STORE_FILE,
+    Level1Context,
+    open_run_store,
+    recipe_with_paths,
+    search_level1,
+    stderr_logger,
+)
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
 from hm3.search.posterior import POSTERIOR_FILE, fit_level1_posterior
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
@@ -164,11 +173,8 @@ class TwoLevelRun:
 
     def level1(self, resume: bool) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
         """Level-1 candidates' validation scores, base and ideal (references when level 1 is skipped)."""
-        space = self.cfg.level1.search_space
         if self.l2.pool == "experts":
-            refs = self.ctx.references(self.ctx.validation)
-            base = refs[space.base_model]
-            ideal = np.max(np.stack([refs[r] for r in space.models]), axis=0)
+            _, base, ideal = self.ctx.reference_points(self.ctx.validation)
             return {}, base, ideal
         result = search_level1(self.ctx, self.run_dir / "level1", resume=resume, progress=self.progress)
         scores = dict(zip(result.candidate_ids, result.Y, strict=True))
@@ -183,27 +189,18 @@ class TwoLevelRun:
     # --- stages 2 and 3 -----------------------------------------------------------------------------
 
     def _trainer(self, evaluator: PathEvaluator, pools: PoolSet, features: torch.Tensor, lam: np.ndarray | None,
-                 frame_front: dict[int, np.ndarray], seed: int):
-        from hm3.arch.env import PathEnv
-        from hm3.arch.policy import PathPolicy
-        from hm3.arch.ppo import PPOTrainer
+                 frame_front: dict[int, np.ndarray], seed: int, policy_state: dict | None = None) -> PPOTrainer:
+        holder: dict[str, PPOTrainer] = {}
 
-        k = len(self.names)
-        holder: dict[str, Any] = {}
+        def frame_of() -> FrameKey:  # the frame follows the episode's λ (sampled per episode offline)
+            return merge_for_preference(holder["trainer"].env.lam, frame_front) if frame_front else "base"
 
-        def frame_of() -> FrameKey:
-            if not frame_front:
-                return "base"
-            return merge_for_preference(holder["env"].lam, frame_front)
-
-        env = PathEnv(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                      scorer=evaluator.scorer_for(frame_of), config=self.rl, lam=lam, seed=seed)
-        holder["env"] = env
-        with torch.random.fork_rng():  # the initial weights follow the run's seed, not the global RNG
-            torch.manual_seed(seed)
-            policy = PathPolicy(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                                layer_features=features, config=self.rl)
-        return PPOTrainer(env, policy, self.rl, seed=seed)
+        holder["trainer"] = build_trainer(
+            pool_size=pools.size, num_layers=pools.num_layers, n_objectives=len(self.names),
+            layer_features=features, config=self.rl, scorer=evaluator.scorer_for(frame_of), lam=lam, seed=seed,
+            policy_state=policy_state,
+        )
+        return holder["trainer"]
 
     def _train(self, trainer, evaluator: PathEvaluator, episodes: int, ckpt: Path, label: str) -> None:
         if ckpt.exists():
@@ -258,7 +255,7 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     """Run (or resume) the whole two-level search; returns the summary written to ``summary.json``."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    log = (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    log = stderr_logger(progress)
     check_depth(cfg)  # before the store, the models and any evaluation
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress)
@@ -323,10 +320,10 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     lams = cfg.preferences()
     for i, lam in enumerate(lams):
         online_eval = evaluator(cfg.level1.seed + 1 + i)
-        tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i)
+        # from the pretrained policy (a checkpoint of this stage, if any, replaces it in _train)
+        tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i,
+                          policy_state=pre.policy.state_dict())
         ckpt = run.level2_dir / f"online-{i}.pt"
-        if not ckpt.exists():
-            tr.policy.load_state_dict(pre.policy.state_dict())
         frame = merge_for_preference(lam, frame_front) if frame_front else "base"
         run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
         paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
@@ -359,15 +356,14 @@ def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dic
     Y = np.stack([rows[c]["val"] for c in ids])
     front_ids = [ids[i] for i in non_dominated(Y)]
     run.log(f"front: {len(front_ids)} of {len(ids)} candidates; scoring them on the test split")
-    space = cfg.level1.search_space
-    refs_test = run.ctx.references(run.ctx.test)
+    refs_test, base_t, ideal_t = run.ctx.reference_points(run.ctx.test)
     refs_val = run.ctx.references(run.ctx.validation)
-    table, all_rows = [], []
-    for cid in ids:
-        r = rows[cid]
-        row = {"point": cid, "level": r["level"], "kind": r["kind"]}
-        row |= {f"{n}_val": float(v) for n, v in zip(names, r["val"], strict=True)}
-        all_rows.append(row)
+    val_rows = {
+        cid: {"point": cid, "level": r["level"], "kind": r["kind"]}
+        | {f"{n}_val": float(v) for n, v in zip(names, r["val"], strict=True)}
+        for cid, r in rows.items()
+    }
+    table = []
     for cid in front_ids:
         r = rows[cid]
         _, recipe = store.candidate(cid)
@@ -380,17 +376,12 @@ def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dic
             y_test = run.full_scores(evaluator, path, frame, "test")
             file = run_dir / "points" / f"point-{cid}.json"
             atomic_write_text(file, json.dumps(path_point_file(recipe, store, cfg.level1), indent=2))
-        row = {"point": cid, "level": r["level"], "kind": r["kind"]}
-        row |= {f"{n}_val": float(v) for n, v in zip(names, r["val"], strict=True)}
-        row |= {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
-        row["file"] = str(file.relative_to(run_dir))
-        table.append(row)
+        table.append(val_rows[cid] | {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
+                     | {"file": str(file.relative_to(run_dir))})
     run.ctx.restore_live_model()
     df = pd.DataFrame(table).sort_values(f"{names[0]}_val", ascending=False)
     write_csv(df, run_dir / "front.csv")
-    write_csv(pd.DataFrame(all_rows), run_dir / "candidates.csv")
-    base_t = refs_test[space.base_model]
-    ideal_t = np.max(np.stack([refs_test[r] for r in space.models]), axis=0)
+    write_csv(pd.DataFrame(list(val_rows.values())), run_dir / "candidates.csv")
     l1 = np.stack(list(level1_scores.values())) if level1_scores else np.empty((0, len(names)))
     l2 = np.stack([rows[c]["val"] for c in kept]) if kept else np.empty((0, len(names)))
     summary = {

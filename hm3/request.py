@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_recipe
+from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path_recipe
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
+from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError
 from hm3.pipeline import POLICY_FILE, path_point_file, read_front, stored_two_level_config
 from hm3.search.level1 import recipe_with_paths
@@ -139,22 +140,16 @@ def load_policy(run_dir: Path) -> dict[str, Any]:
 
 def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
     """The pretrained policy's deterministic path for λ (its env has no scorer: nothing is evaluated)."""
-    from hm3.arch.env import PathEnv
-    from hm3.arch.policy import PathPolicy
-    from hm3.arch.ppo import PPOTrainer
-
-    config = Level2Config.model_validate(saved["config"])
-    k = len(saved["objectives"])
 
     def no_evaluation(_path: LayerPath) -> np.ndarray:
         raise RuntimeError("a budget-0 request must not evaluate anything")
 
-    env = PathEnv(pool_size=saved["pool_size"], num_layers=saved["num_layers"], n_objectives=k,
-                  scorer=no_evaluation, config=config, lam=lam, seed=0)
-    policy = PathPolicy(pool_size=saved["pool_size"], num_layers=saved["num_layers"], n_objectives=k,
-                        layer_features=saved["layer_features"], config=config)
-    policy.load_state_dict(saved["policy"])
-    return PPOTrainer(env, policy, config, seed=0).greedy_path(lam)
+    trainer = build_trainer(
+        pool_size=saved["pool_size"], num_layers=saved["num_layers"], n_objectives=len(saved["objectives"]),
+        layer_features=saved["layer_features"], config=Level2Config.model_validate(saved["config"]),
+        scorer=no_evaluation, lam=lam, seed=0, policy_state=saved["policy"],
+    )
+    return trainer.greedy_path(lam)
 
 
 def answer_request(
@@ -216,7 +211,7 @@ def answer_request(
         with RunStore.open(run_dir, readonly=True) as store:
             point = path_point_file(stored, store, cfg.level1)
         write_path(point, out_dir, overwrite=overwrite)
-        (out_dir / "hm3_request.json").write_text(json.dumps({"lam": lam.tolist(), "source": source}, indent=2))
+        atomic_write_text(out_dir / "hm3_request.json", json.dumps({"lam": lam.tolist(), "source": source}, indent=2))
     return RequestAnswer(
         lam=lam, source=source, kind=kind, predicted=None if measured is not None else raw, measured=measured,
         out_dir=out_dir, evaluations=evaluations, seconds=time.perf_counter() - start, notes=notes,
@@ -227,11 +222,9 @@ def answer_request(
 def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
                options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
     """Online fine-tuning for ``budget`` episodes; measured whole-validation scores of its paths."""
-    import sys
+    from hm3.search.level1 import Level1Context, stderr_logger
 
-    from hm3.search.level1 import Level1Context
-
-    log = (lambda m: print(f"[hm3] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    log = stderr_logger(progress)
     rl = cfg.level2.rl
     k = len(saved["objectives"])
     with RunStore.open(run_dir) as store:
@@ -245,22 +238,17 @@ def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame
 def _tune_and_measure(ctx, store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
                       options: list, base: np.ndarray, ideal: np.ndarray, rl, k: int, log):
     """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full."""
-    from hm3.arch.env import PathEnv
     from hm3.arch.level2 import PathEvaluator, PoolSet
-    from hm3.arch.policy import PathPolicy
-    from hm3.arch.ppo import PPOTrainer
 
     pools = PoolSet(ctx)
     t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
     seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
     ev = PathEvaluator(ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
                        t_max=t_max)
-    env = PathEnv(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                  scorer=ev.scorer_for(lambda: frame), config=rl, lam=lam, seed=seed)
-    policy = PathPolicy(pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k,
-                        layer_features=saved["layer_features"], config=rl)
-    policy.load_state_dict(saved["policy"])
-    trainer = PPOTrainer(env, policy, rl, seed=seed)
+    trainer = build_trainer(
+        pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k, layer_features=saved["layer_features"],
+        config=rl, scorer=ev.scorer_for(lambda: frame), lam=lam, seed=seed, policy_state=saved["policy"],
+    )
     log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
     trainer.train(budget)
     evaluations = budget

@@ -35,7 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hm3.arch.env import PathEnv, PathScorer
 from hm3.arch.path import LayerPath, LayerPool, build_path_model, path_state
+from hm3.arch.policy import PathPolicy
+from hm3.arch.ppo import PPOTrainer
+from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
 from hm3.eval.subsets import CyclingSubsets
 from hm3.search.pareto import normalise
@@ -124,6 +128,32 @@ class PoolSet:
             expert_phi = phi[:-1] if expert_phi is None else expert_phi
             frame_phis.append(phi[-1])
         return torch.cat([expert_phi, torch.stack(frame_phis).mean(0, keepdim=True)])
+
+
+def build_trainer(
+    *,
+    pool_size: int,
+    num_layers: int,
+    n_objectives: int,
+    layer_features: torch.Tensor,
+    config: Level2Config,
+    scorer: PathScorer,
+    lam: np.ndarray | None,
+    seed: int,
+    policy_state: Mapping[str, Any] | None = None,
+) -> PPOTrainer:
+    """Env, λ-conditioned policy and PPO trainer over one pool, built alike by the run's stages and by
+    requests. The policy's initial weights follow ``seed``, not the global RNG (a resumed run must
+    equal an uninterrupted one); ``policy_state`` -- a pretrained policy -- replaces them."""
+    env = PathEnv(pool_size=pool_size, num_layers=num_layers, n_objectives=n_objectives, scorer=scorer,
+                  config=config, lam=lam, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        policy = PathPolicy(pool_size=pool_size, num_layers=num_layers, n_objectives=n_objectives,
+                            layer_features=layer_features, config=config)
+    if policy_state is not None:
+        policy.load_state_dict(policy_state)
+    return PPOTrainer(env, policy, config, seed=seed)
 
 
 def path_recipe(path: LayerPath, frame: FrameKey, expert_refs: Sequence[str]) -> dict[str, Any]:

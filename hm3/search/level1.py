@@ -184,6 +184,12 @@ class Level1Context:
         refs = [self.cfg.search_space.base_model, *self.cfg.search_space.models]
         return {ref: self.score_reference(ref, plan) for ref in refs}
 
+    def reference_points(self, plan: SplitPlan) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """(reference scores, base, ideal) on ``plan``: the HV protocol's 0 and 1 (best expert per task)."""
+        refs = self.references(plan)
+        space = self.cfg.search_space
+        return refs, refs[space.base_model], np.max(np.stack([refs[r] for r in space.models]), axis=0)
+
 
 def _optimizer_options(cfg: RunConfig, ctx: Level1Context, space_dim: int, k: int) -> dict[str, Any]:
     opts = dict(cfg.optimizer.options)
@@ -235,14 +241,15 @@ def run_level1(
     start = time.perf_counter()
     get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
     with open_run_store(run_dir, cfg.canonical(), cfg.seed, resume=resume) as store:
-        ctx = Level1Context(cfg, store, log=_logger(progress))
+        ctx = Level1Context(cfg, store, log=stderr_logger(progress))
         try:
             return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
         finally:
             ctx.backend.close()  # a vLLM engine holds process-wide state until closed
 
 
-def _logger(enabled: bool) -> Callable[[str], None]:
+def stderr_logger(enabled: bool) -> Callable[[str], None]:
+    """``[hm3] message`` lines on stderr (progress output), or a no-op."""
     return (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if enabled else (lambda msg: None)
 
 
@@ -263,9 +270,7 @@ def search_level1(
     space = cfg.search_space
     k = len(ctx.objectives)
     log("scoring the base model and the experts (reference points)")
-    refs_val = ctx.references(ctx.validation)
-    base = refs_val[space.base_model]
-    ideal = np.max(np.stack([refs_val[r] for r in space.models]), axis=0)
+    refs_val, base, ideal = ctx.reference_points(ctx.validation)
     log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
     for i in degenerate_objectives(base, ideal):
         log(f"WARNING: no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
@@ -357,7 +362,7 @@ def write_outputs(
     front_ids = [cids[i] for i in non_dominated(Yu)]
     result.front_ids = front_ids
     ctx.log(f"front: {len(front_ids)} of {len(cids)} distinct candidates; scoring them on the test split")
-    refs_test = ctx.references(ctx.test)
+    refs_test, base_t, ideal_t = ctx.reference_points(ctx.test)
     rows = []
     for cid in front_ids:
         _, recipe = store.candidate(cid)
@@ -371,9 +376,6 @@ def write_outputs(
         rows.append(row)
     df = pd.DataFrame(rows).sort_values(f"{names[0]}_val", ascending=False)
     write_csv(df, run_dir / "front.csv")
-    space = cfg.search_space
-    base_t = refs_test[space.base_model]
-    ideal_t = np.max(np.stack([refs_test[r] for r in space.models]), axis=0)
     test_front = df[[f"{n}_test" for n in names]].to_numpy()
     summary = {
         "optimizer": cfg.optimizer.name,
