@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "table": table, "targets": targets, "arms": results, "requests": req_rows,
-        "bench_wall_seconds": time.time() - started,
+        # this invocation only: arms finished by an earlier invocation are read back, not re-run
+        "this_invocation_wall_seconds": time.time() - started,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2))
     plot(results, req_rows, args.plot)

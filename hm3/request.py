@@ -117,11 +117,10 @@ def _weighted(lam: np.ndarray, raw: np.ndarray, base: np.ndarray, ideal: np.ndar
 
 def _stored_prediction(store: RunStore, recipe: dict[str, Any], objectives: Sequence[str]) -> np.ndarray | None:
     """Validation scores the store holds for a candidate recipe (none are computed here)."""
-    digest = content_hash(recipe, what="path recipe")
-    match = [c for c in store.candidates(PATH_KIND) if c.content_hash == digest]
-    if not match:
+    match = store.find_candidate(recipe)
+    if match is None or match.kind != PATH_KIND:
         return None
-    evals = store.evaluations(match[0].id)
+    evals = store.evaluations(match.id)
     out = []
     for obj in objectives:
         rows = [e for e in evals if e.objective == obj and e.split == "validation"]

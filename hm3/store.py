@@ -500,6 +500,12 @@ class RunStore:
             raise StoreError(f"no candidate with id {candidate_id} in {self.path}")
         return CandidateRef(row[0], row[1], row[2]), json.loads(row[3])
 
+    def find_candidate(self, recipe: Mapping[str, Any]) -> CandidateRef | None:
+        """The stored candidate with this recipe, or None; never writes (works on read-only stores)."""
+        digest = content_hash(_to_json_data(recipe, what="recipe"), what="recipe")
+        row = self._query_one("SELECT id, content_hash, kind FROM candidates WHERE content_hash=?", (digest,))
+        return None if row is None else CandidateRef(*row)
+
     def candidates(self, kind: str | None = None) -> list[CandidateRef]:
         """All candidates (optionally of one kind) in insertion order."""
         rows = self._query_all(
