@@ -144,10 +144,14 @@ def hf_threads() -> int:
     return torch.get_num_threads()
 
 
-def open_timed(kind: str, model_dir: Path, dtype: torch.dtype, batch_size: int) -> tuple[Backend, float]:
+def open_timed(
+    kind: str, model_dir: Path, dtype: torch.dtype, batch_size: int, vllm_compile: bool = False
+) -> tuple[Backend, float]:
+    """A backend and its opening time; ``vllm_compile`` lets vLLM compile its graph (eager otherwise)."""
     if kind == "hf":
         hf_threads()
-    seconds, backend = timed(open_backend, kind, model_dir, dtype=dtype, batch_size=batch_size)
+    kw = {"enforce_eager": not vllm_compile} if kind == "vllm" else {}
+    seconds, backend = timed(open_backend, kind, model_dir, dtype=dtype, batch_size=batch_size, **kw)
     return backend, seconds
 
 
@@ -342,11 +346,12 @@ def bench_smollm2_dtype(
     max_new_tokens: int,
     reps: int,
     log: Callable[[str], None],
+    vllm_compile: bool = False,
 ) -> dict[str, Any]:
     """Open both backends at ``dtype``; ``reps`` rounds of hf and vLLM generation (alternating), swaps."""
     batch = len(prompts)
     hf, hf_open = open_timed("hf", model_dir, dtype, batch)
-    vllm, vllm_open = open_timed("vllm", model_dir, dtype, batch)
+    vllm, vllm_open = open_timed("vllm", model_dir, dtype, batch, vllm_compile)
     state = {k: v.to(dtype) for k, v in read_state(model_dir).items()}
     warm = {
         "hf": timed(hf.generate, prompts[:2], max_new_tokens=4)[0],
@@ -452,7 +457,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         s = s["summary"]
         lines += [
             f"SmolLM2-135M-Instruct {dtype}: {result['smollm2']['prompts']} prompts, "
-            f"max_new_tokens {result['smollm2']['max_new_tokens']}, greedy",
+            f"max_new_tokens {result['smollm2']['max_new_tokens']}, greedy, "
+            f"vLLM {result['smollm2'].get('vllm_mode', 'eager')}",
             f"  tok/s hf {fmt(s['hf_tokens_per_s'], '.0f')}  vllm {fmt(s['vllm_tokens_per_s'], '.0f')}  "
             f"vllm/hf {fmt(s['vllm_over_hf_tokens_per_s'], '.2f')} (target>=2)  "
             f"outputs identical {s['outputs_identical']}",
@@ -496,6 +502,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--dtypes", default=None, help="SmolLM2 dtypes (default float32,bfloat16; --quick: float32)"
+    )
+    p.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="SmolLM2: let vLLM compile (enforce_eager=False; hm3's CPU default is eager, which starts faster)",
     )
     p.add_argument("--skip-zoo", action="store_true")
     p.add_argument("--skip-smollm2", action="store_true")
@@ -550,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 args.max_new_tokens,
                 args.bf16_reps if d == "bfloat16" else args.smol_reps,
                 log,
+                args.vllm_compile,
             )
             for d in args.dtypes.split(",")
         }
@@ -557,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "model_dir": str(model_dir),
             "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
+            "vllm_mode": "compiled" if args.vllm_compile else "eager",
             "by_dtype": by_dtype,
         }
     result["total_s"] = time.perf_counter() - start
