@@ -1,8 +1,11 @@
 """What a zoo is made of: model dimensions, training schedule, seed — and the hash that names a build.
 
-Two zoos with the same spec hash hold the same weights (training is seeded and
-single-threaded-deterministic), so a directory whose ``zoo.json`` carries the
-hash is reused instead of rebuilt. ``ZOO_FORMAT`` is part of the hash: bump it
+Two zoos built with the same spec hash *on the same kind of CPU* hold the same
+weights (training is seeded, with a fixed thread count), so a directory whose
+``zoo.json`` carries the hash is reused instead of rebuilt. Across CPUs the
+float kernels differ and so do the weights and scores: the micro zoo built on
+2026-11-24 (AMD EPYC, AVX2) scored differently from the one session 2 measured,
+under the same hash. ``zoo.json`` records the scores of the build at hand. ``ZOO_FORMAT`` is part of the hash: bump it
 whenever the tasks or the training code change what a spec produces.
 """
 
