@@ -1,12 +1,45 @@
-"""Fixtures shared across test folders: tiny models built on the fly (nothing is downloaded)."""
+"""Fixtures shared across test folders: tiny models built on the fly (nothing is downloaded), and a
+real ``kill -9`` of an ``hm3`` command for the crash-and-resume tests."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+@pytest.fixture
+def sigkill_hm3() -> Callable[..., None]:
+    """``sigkill_hm3(args, ready, timeout)``: start ``hm3 *args`` in its own process group, poll
+    ``ready()`` until it holds, then SIGKILL the whole group (a real crash: no handler runs).
+
+    Fails the test if the command ends, or ``ready()`` never holds, before the kill.
+    """
+
+    def run(args: Sequence[str], ready: Callable[[], bool], timeout: float = 300) -> None:
+        hm3 = Path(sys.executable).parent / "hm3"
+        proc = subprocess.Popen([str(hm3), *args], start_new_session=True)
+        deadline = time.time() + timeout
+        reached = False
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                reached = True
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the command finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert reached, f"the kill point was not reached within {timeout} s"
+
+    return run
 
 
 @pytest.fixture(scope="session")

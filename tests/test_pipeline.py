@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -239,22 +235,14 @@ def test_level2_alone_uses_the_base_as_frame(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path):
+def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigkill_hm3):
     cfg_path = tmp_path / "cfg.yml"
     data = _config(models, rl=RL | {"offline_episodes": 16})
     cfg_path.write_text(yaml.safe_dump(data))
     reference = run_two_level(parse_two_level_config(data), tmp_path / "reference", progress=False)
-    hm3 = Path(sys.executable).parent / "hm3"
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(hm3), "run", str(cfg_path), str(run), "--quiet"], start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "level2" / "pretrain.pt").exists():
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed during level-2 pretraining, after its first checkpoint
+    sigkill_hm3(["run", str(cfg_path), str(run), "--quiet"], lambda: (run / "level2" / "pretrain.pt").exists())
     with RunStore.open(run, readonly=True) as s:
         before = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
     assert main(["run", str(cfg_path), str(run), "--resume", "--quiet"]) == 0

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -92,27 +86,21 @@ def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):
         run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False)
 
 
-def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path):
+def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_hm3):
     cfg_path = tmp_path / "cfg.yml"
     cfg_path.write_text(yaml.safe_dump(_config(setup, budget=6)))
-    hm3 = Path(sys.executable).parent / "hm3"
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(hm3), "search", "param", str(cfg_path), str(run), "--quiet"], start_new_session=True)
-    deadline = time.time() + 240
-    told = 0
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "hm3.sqlite").exists():
-            try:
-                with RunStore.open(run, readonly=True) as s:
-                    told = len(s.events("level1_tell"))
-            except StoreError:  # the writer is still creating the schema
-                pass
-            if told >= 2:
-                break
-        time.sleep(0.2)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def two_told() -> bool:
+        if not (run / "hm3.sqlite").exists():
+            return False
+        try:
+            with RunStore.open(run, readonly=True) as s:
+                return len(s.events("level1_tell")) >= 2
+        except StoreError:  # the writer is still creating the schema
+            return False
+
+    sigkill_hm3(["search", "param", str(cfg_path), str(run), "--quiet"], two_told, timeout=240)
     with RunStore.open(run, readonly=True) as s:
         before = {(e.candidate_id, e.objective, e.split) for e in s.evaluations()}
     assert len(before) >= 2 * 2
