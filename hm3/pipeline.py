@@ -41,6 +41,7 @@ from hm3.arch.level2 import (
     build_trainer,
     merge_for_preference,
     path_from_recipe,
+    small_reward_subsets,
 )
 from hm3.arch.path import LayerPath
 from hm3.arch.ppo import PPOTrainer
@@ -295,6 +296,11 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     features = pools.features(frames)
     rl = cfg.level2.rl
     t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+    small = small_reward_subsets(run.ctx.validation, rl.data_scale) if rl.dar else {}
+    if small:
+        log("WARNING: DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
+            + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier than the "
+            "differences between paths: raise rl.data_scale or evaluation.validation_examples")
 
     def evaluator(seed: int) -> PathEvaluator:
         return PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale,

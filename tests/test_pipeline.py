@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe
+from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe, small_reward_subsets
 from hm3.arch.path import LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
@@ -225,6 +225,15 @@ def test_tchebycheff_merge_choice():
     assert merge_for_preference(np.array([1.0, 0.0]), cands) == 3
     assert merge_for_preference(np.array([0.0, 1.0]), cands) == 5
     assert merge_for_preference(np.array([0.5, 0.5]), cands) == 7
+
+
+def test_small_dar_subsets_are_flagged():
+    from hm3.search.scoring import SplitPlan
+
+    plan = SplitPlan(split="validation", indices={"a": list(range(128)), "b": list(range(400))})
+    assert small_reward_subsets(plan, 0.05) == {"a": 6}  # 0.05 × 400 = 20 examples is enough
+    assert small_reward_subsets(plan, 0.125) == {}  # 16 of 128
+    assert small_reward_subsets(plan, 0.1, minimum=50) == {"a": 13, "b": 40}
 
 
 def test_level2_alone_uses_the_base_as_frame(models, tmp_path):

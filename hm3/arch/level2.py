@@ -41,13 +41,16 @@ from hm3.arch.policy import PathPolicy
 from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
-from hm3.eval.subsets import CyclingSubsets
+from hm3.eval.subsets import CyclingSubsets, subset_size
 from hm3.search.pareto import normalise
 from hm3.search.scoring import SplitPlan
 from hm3.store import CandidateRef
 
 PATH_KIND = "path"
 FrameKey = int | str  # a level-1 candidate id, or "base"
+# Below this many examples per objective a DAR reward's noise (a 0/1 score's standard error is up to
+# 0.5/sqrt(n)) exceeds the differences between paths measured on the zoo (docs/BENCHMARKS.md).
+DAR_MIN_REWARD_EXAMPLES = 16
 
 
 def layer_features(
@@ -72,6 +75,17 @@ def layer_features(
     mean = phi.mean(dim=(0, 1), keepdim=True)
     std = phi.std(dim=(0, 1), keepdim=True).clamp_min(1e-6)
     return (phi - mean) / std
+
+
+def small_reward_subsets(plan: SplitPlan, data_scale: float,
+                         minimum: int = DAR_MIN_REWARD_EXAMPLES) -> dict[str, int]:
+    """Objectives whose DAR reward subsets would hold fewer than ``minimum`` examples: name -> size.
+
+    RMM's data scales (0.1, 0.01) assume datasets of thousands of examples; on a validation plan of
+    a hundred they leave a handful of examples per reward, too few to tell paths apart.
+    """
+    sizes = {name: subset_size(len(idx), data_scale) for name, idx in plan.indices.items()}
+    return {name: n for name, n in sizes.items() if n < minimum}
 
 
 def merge_for_preference(lam: np.ndarray, candidates: Mapping[int, np.ndarray]) -> int:
