@@ -49,6 +49,8 @@ LONG = ("random", "nsga2")
 def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse.Namespace, fisher: bool) -> dict:
     space: dict[str, Any] = {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0],
                              "density_bounds": [0.2, 1.0], "fisher": fisher}
+    if args.normalize:  # TIES's disjoint mean: only the ratios of the weights matter, never their sum
+        space["normalize"] = True
     if optimizer == "df-merge":  # DF-Merge proper: Fisher-weighted task arithmetic, λ_i in [0, 1], no drop step
         space = {"dare": False, "fisher": True, "df_merge": True, "weight_bounds": [0.0, 1.0]}
     return {
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fisher-examples", type=int, default=30)
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--no-fisher-ablation", action="store_true")
+    p.add_argument("--normalize", action="store_true",
+                   help="DARE-TIES with normalize: true (mergekit's default for ties; dare_ties defaults to false)")
     args = p.parse_args(argv)
     if not prepare(args):
         return 2
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
         "seeds": seeds, "budget": args.budget, "long_budget": args.long_budget,
         "validation_examples": args.validation_examples,
+        "search_space_normalize": args.normalize,
         "table": table,
         "target": {
             "bo-mo_at_budget": table.get("bo-mo", {}).get(str(args.budget)),

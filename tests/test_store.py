@@ -78,6 +78,10 @@ def test_candidates_are_idempotent_by_content(tmp_path: Path) -> None:
         assert store.candidates("path") == [path]
         ref, recipe = store.candidate(path.id)
         assert ref == path and recipe == {"layers": [[0, 1], [2, 1]]}
+    with RunStore.open(tmp_path, readonly=True) as store:  # found by content, key order aside, without writing
+        assert store.find_candidate({"weights": {"m2": 0.25, "m1": 0.5}, "method": "ties"}) == a
+        assert store.find_candidate({"layers": [[0, 1], [2, 1]]}) == path
+        assert store.find_candidate({"layers": [[0, 1]]}) is None
 
 
 def test_recorded_evaluations_are_immutable(tmp_path: Path) -> None:
