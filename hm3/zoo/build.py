@@ -39,8 +39,9 @@ MIN_EXPERT_MARGIN = 0.2
 MIN_TIES_GAIN_KEPT = 0.5
 
 # Always this many threads, whatever the machine: float sums depend on the thread count, so a fixed
-# count keeps "same spec hash, same weights" on one kind of CPU (other CPUs' kernels still differ). Two make a step ~1.5x faster than one on a quiet machine
-# (64-wide micro step: 25 vs 37 ms); on a loaded one they wait on each other and gain less.
+# count keeps "same spec hash, same weights" on one kind of CPU (other CPUs' kernels still differ).
+# Two make a step ~1.5x faster than one on a quiet machine (64-wide micro step: 25 vs 37 ms in
+# session 2; 43 vs 56 ms on the slower machine of session 3); on a loaded one they gain less.
 BUILD_THREADS = 2
 
 Matrix = dict[str, dict[str, float]]  # model -> task -> score

@@ -5,8 +5,9 @@ weights (training is seeded, with a fixed thread count), so a directory whose
 ``zoo.json`` carries the hash is reused instead of rebuilt. Across CPUs the
 float kernels differ and so do the weights and scores: the micro zoo built on
 2026-11-24 (AMD EPYC, AVX2) scored differently from the one session 2 measured,
-under the same hash. ``zoo.json`` records the scores of the build at hand. ``ZOO_FORMAT`` is part of the hash: bump it
-whenever the tasks or the training code change what a spec produces.
+under the same hash. ``zoo.json`` records the scores of the build at hand.
+``ZOO_FORMAT`` is part of the hash: bump it whenever the tasks or the training
+code change what a spec produces.
 """
 
 from __future__ import annotations
