@@ -38,7 +38,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "preferences": 3,
         # the zoo models have 2 layers: paths of up to 4 hops may repeat and reorder them
         "rl": {"offline_episodes": 48, "online_episodes": 16, "episodes_per_update": 8, "epochs": 4,
-               "data_scale": 0.25, "t_max": 4},
+               "data_scale": 0.5, "t_max": 4},  # 16 of the 32 examples per reward (DAR_MIN_REWARD_EXAMPLES)
     },
 }
 DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
