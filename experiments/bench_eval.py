@@ -548,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "spec": manifest.spec,
             "spec_hash": manifest.spec_hash,
             "quality_bar_ok": manifest.quality_bar["ok"],
+            "scores_validation": manifest.scores_validation,  # the spec hash names a recipe, not these weights
             **bench_zoo(args.zoo, args.rounds, args.examples, args.batch_size, log),
         }
     if not args.skip_smollm2:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare
+from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
 from hm3.report import save_figure
@@ -53,10 +53,11 @@ def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse
         space["normalize"] = True
     if optimizer == "df-merge":  # DF-Merge proper: Fisher-weighted task arithmetic, λ_i in [0, 1], no drop step
         space = {"dare": False, "fisher": True, "df_merge": True, "weight_bounds": [0.0, 1.0]}
+    options = args.bo_options if optimizer == "bo-mo" else {}
     return {
         "zoo": str(zoo.resolve()),
         "search_space": space,
-        "optimizer": {"name": optimizer, "budget": budget},
+        "optimizer": {"name": optimizer, "budget": budget, **({"options": options} if options else {})},
         "evaluation": {"backend": "hf", "validation_examples": args.validation_examples,
                        "test_examples": args.test_examples, "batch_size": 64},
         "fisher": {"examples": args.fisher_examples},
@@ -65,7 +66,8 @@ def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse
 
 
 def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args, fisher: bool = False) -> dict:
-    name = f"{optimizer}{'-fisher' if fisher else ''}-s{seed}-b{budget}"
+    tag = options_tag(args.bo_options) if optimizer == "bo-mo" else ""
+    name = f"{optimizer}{'-fisher' if fisher else ''}{tag}-s{seed}-b{budget}"
     run_dir = work / name
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
@@ -79,6 +81,11 @@ def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args,
     summary["bench_wall_seconds"] = time.perf_counter() - start
     summary["reused"] = False
     return summary
+
+
+def options_tag(options: dict[str, Any]) -> str:
+    """A run-directory suffix naming non-default optimiser options (none for the defaults)."""
+    return "".join(f"-{k}{v}" for k, v in sorted(options.items()))
 
 
 def hv_at(trace: list[float], n: int) -> float:
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fisher-ablation", action="store_true")
     p.add_argument("--normalize", action="store_true",
                    help="DARE-TIES with normalize: true (mergekit's default for ties; dare_ties defaults to false)")
+    p.add_argument("--bo-options", type=json.loads, default={},
+                   help='JSON options for bo-mo, e.g. \'{"n_init": 8, "num_restarts": 10}\' (its ablations)')
     args = p.parse_args(argv)
     if not prepare(args):
         return 2
@@ -153,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_search_param",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
-        "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
+        "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "seeds": seeds, "budget": args.budget, "long_budget": args.long_budget,
         "validation_examples": args.validation_examples,
         "search_space_normalize": args.normalize,
+        "bo_mo_options": args.bo_options,
         "table": table,
         "target": {
             "bo-mo_at_budget": table.get("bo-mo", {}).get(str(args.budget)),

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare
+from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
 from hm3.pipeline import parse_two_level_config, run_two_level
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_two_level",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
-        "zoo": str(args.zoo), "zoo_spec": json.loads((args.zoo / "zoo.json").read_text()).get("spec"),
+        "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "table": table, "targets": targets, "arms": results, "requests": req_rows,
         # this invocation only: arms finished by an earlier invocation are read back, not re-run

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_zoo_bench_args(p: argparse.ArgumentParser, name: str, *, validation: int = 64, test: int = 200) -> None:
@@ -31,3 +33,15 @@ def prepare(args: argparse.Namespace) -> bool:
         return False
     args.work.mkdir(parents=True, exist_ok=True)
     return True
+
+
+def zoo_record(zoo: Path) -> dict[str, Any]:
+    """What a result file must say about the zoo it ran on: its spec *and* this build's own scores.
+
+    The spec hash names a recipe, not weights (float kernels differ between CPUs), so two builds
+    with one hash can score differently; the score matrix and the quality bar identify the build.
+    """
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    return {"path": str(zoo), "spec": manifest.get("spec"), "spec_hash": manifest.get("spec_hash"),
+            "scores_validation": manifest.get("scores_validation"), "ties_best": manifest.get("ties_best"),
+            "quality_bar": manifest.get("quality_bar"), "build_seconds": manifest.get("build_seconds")}
