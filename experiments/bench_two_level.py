@@ -29,7 +29,12 @@ Requests: for each λ of ``REQUEST_PREFS``, ``hm3 request --budget 0`` on the ``
 BO on ``Σ λ_k f_k`` with ``--dedicated-budget`` evaluations, followed by online level-2 fine-tuning
 from a fresh (not pretrained) policy with λ fixed. Both answers are written as checkpoints and
 scored by the same code on the same validation examples; the ratio of their ``Σ_k λ_k f̂_k``
-(normalised scores) is reported with both wall times.
+(normalised scores) is reported with both wall times. The dedicated search's ``df-merge`` runs in the
+run's own DARE-TIES space (its GP + log-EI on the λ-weighted score, no Fisher weighting), so the
+comparison isolates what answering from a finished run loses against searching again for λ.
+Each request is also answered with ``--refine R`` for each R of ``--request-refine`` (R merge
+evaluations of λ-scalarised BO warm-started from the run's level-1 data), each on its own copy of the
+run, and scored the same way.
 
 Usage::
 
@@ -43,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -155,7 +161,10 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         out_dir = args.work / f"request-s{seed}-{i}"
         record_file = args.work / f"request-s{seed}-{i}.json"
         if record_file.is_file():
-            rows.append(json.loads(record_file.read_text()))
+            row = json.loads(record_file.read_text())
+            if add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir):
+                atomic_write_text(record_file, json.dumps(row, indent=2))
+            rows.append(row)
             continue
         ans = answer_request(both_dir, prefer, out_dir, budget=0, overwrite=True, progress=False)
         cli_start = time.perf_counter()
@@ -189,9 +198,40 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
                "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
                "dedicated_point_level": int(front.iloc[best]["level"]), "request_raw": req_raw.tolist(),
                "dedicated_raw": ded_raw.tolist()}
+        add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
         atomic_write_text(record_file, json.dumps(row, indent=2))
         rows.append(row)
     return rows
+
+
+def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectives: list[str], base: np.ndarray,
+                ideal: np.ndarray, out_dir: Path) -> bool:
+    """Requests with ``--refine R`` for each R of ``--request-refine`` that ``row`` lacks; True if any was added.
+
+    Each runs on its own copy of the run, so one request's refinements never warm-start another's
+    (in the product they would: that is the point of storing them).
+    """
+    from hm3.request import answer_request
+
+    added = False
+    refined = row.setdefault("refined", {})
+    lam = np.array(row["lam"])
+    for r in (int(v) for v in args.request_refine.split(",") if v):
+        if str(r) in refined:
+            continue
+        copy = Path(f"{out_dir}-refine{r}-run")
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(both_dir, copy, ignore=shutil.ignore_patterns("hm3.lock"))
+        ans = answer_request(copy, prefer, Path(f"{out_dir}-refine{r}"), refine=r, overwrite=True, progress=False)
+        raw = score_model(Path(f"{out_dir}-refine{r}"), objectives, args.validation_examples)
+        s = float(lam @ normalise(raw[None], base, ideal)[0])
+        refined[str(r)] = {"scalarised": s, "ratio": s / row["dedicated_scalarised"] if row["dedicated_scalarised"] > 0
+                           else None, "seconds": ans.seconds, "evaluations": ans.evaluations, "answer": ans.source,
+                           "raw": raw.tolist()}
+        shutil.rmtree(copy)
+        added = True
+    return added
 
 
 def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) -> None:
@@ -244,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dedicated-episodes", type=int, default=24)
     p.add_argument("--arms", default="level1,level2-only,level2-only-nodar,both,both-nodar")
     p.add_argument("--no-requests", action="store_true")
+    p.add_argument("--request-refine", default="4,8",
+                   help="also answer each request with --refine R (merge evaluations), for each R listed")
     args = p.parse_args(argv)
     if not prepare(args):
         return 2
@@ -295,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
             "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
             "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
+            "refined": {
+                r: {"mean_ratio": mean([row["refined"][r]["ratio"] for row in req_rows]),
+                    "min_ratio": min(row["refined"][r]["ratio"] for row in req_rows),
+                    "mean_seconds": mean([row["refined"][r]["seconds"] for row in req_rows]),
+                    "mean_evaluations": mean([row["refined"][r]["evaluations"] for row in req_rows])}
+                for r in sorted({r for row in req_rows for r in row.get("refined", {})}, key=int)
+                if all(r in row.get("refined", {}) for row in req_rows)
+            },
         }
     out = {
         "benchmark": "bench_two_level",

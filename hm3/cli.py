@@ -164,8 +164,8 @@ def cmd_request(args: argparse.Namespace) -> int:
     from hm3.request import answer_request
 
     _set_threads(args.threads)
-    a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, overwrite=args.overwrite,
-                       progress=not args.quiet)
+    a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
+                       overwrite=args.overwrite, progress=not args.quiet)
     names = [f"{k}" for k in a.details.get("objectives", [])]
     for note in a.notes:
         print(f"note: {note}")
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--prefer", required=True, help="objective weights NAME=W,... (short names: math, code, ...)")
     rq.add_argument("out_dir")
     rq.add_argument("--budget", type=int, default=0, help="online fine-tuning episodes (0: answer at once)")
+    rq.add_argument("--refine", type=int, default=0,
+                    help="whole-plan evaluations of λ-scalarised BO over the run's merges, warm-started "
+                         "with every merge the run evaluated (0: none)")
     rq.add_argument("--overwrite", action="store_true")
     rq.add_argument("--quiet", action="store_true")
     rq.add_argument("--threads", type=int, default=None)

@@ -16,6 +16,13 @@ How a request is answered, and why:
   same machinery as the run's online stage); its greedy and best paths are then scored on the
   whole validation plan (those 1-2 extra evaluations are reported beside the budget) and compete
   with the front points on measured scores.
+* **Refine M > 0** (``--refine M``): M whole-plan evaluations of λ-scalarised BO over the run's
+  merge space (``df-merge``'s GP + log-EI on ``Σ_k λ_k f̂_k``), its GP warm-started with every merge
+  the run (and earlier refinements) evaluated, so no initial design is spent. Why: a budget-0 answer
+  is only as good as the run's front near λ, and a search focused on one λ beats a front spread
+  over all of them (``docs/BENCHMARKS.md``); a few focused evaluations close most of that gap.
+  Refinements are stored as ``request_merge`` events, never as level-1 evaluations, so a resumed
+  run replays exactly its own history.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from hm3.search.pareto import normalise
 from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.store import RunStore, content_hash
 
+REFINE_EVENT = "request_merge"
 _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
 
 
@@ -152,8 +160,8 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
 
 
 def answer_request(
-    run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, overwrite: bool = False,
-    progress: bool = True,
+    run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
+    overwrite: bool = False, progress: bool = True,
 ) -> RequestAnswer:
     from hm3.materialise import write_merge, write_path
 
@@ -161,6 +169,8 @@ def answer_request(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if budget < 0:
         raise ConfigError(f"--budget must be >= 0, got {budget}")
+    if refine < 0:
+        raise ConfigError(f"--refine must be >= 0, got {refine}")
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
     front, summary = read_front(run_dir)
@@ -180,7 +190,7 @@ def answer_request(
             options.append((_weighted(lam, raw, base, ideal), f"front point {cid} (level {row['level']})",
                             row["kind"], raw, cid))
         evaluations = 0
-        if budget == 0:
+        if budget == 0 and refine == 0:
             path = greedy_path(saved, lam)
             recipe = path_recipe(path, frame, saved["expert_refs"])
             predicted = _stored_prediction(store, recipe, names) if path.hops else None
@@ -200,9 +210,9 @@ def answer_request(
             score, source, kind, raw, what = max(options, key=lambda o: o[0])
             stored = store.candidate(what)[1] if isinstance(what, int) else what
     measured = None
-    if budget > 0:
-        score, source, kind, raw, stored, measured, evaluations = _fine_tune(
-            cfg, run_dir, saved, lam, frame, budget, options, base, ideal, progress
+    if budget > 0 or refine > 0:
+        score, source, kind, raw, stored, measured, evaluations = _search(
+            cfg, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
         )
     if kind == "merge":
         write_merge(recipe_with_paths(stored, cfg.level1.models), out_dir, overwrite=overwrite)
@@ -218,25 +228,76 @@ def answer_request(
     )
 
 
-def _fine_tune(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
-               options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
-    """Online fine-tuning for ``budget`` episodes; measured whole-validation scores of its paths."""
+def _search(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, budget: int, refine: int,
+            options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
+    """Spend the request's evaluations (merge refinement, then online fine-tuning) and pick the best
+    of them and the front points on measured validation scores."""
     from hm3.search.level1 import Level1Context, stderr_logger
 
     log = stderr_logger(progress)
-    rl = cfg.level2.rl
-    k = len(saved["objectives"])
     with RunStore.open(run_dir) as store:
         ctx = Level1Context(cfg.level1, store, log=log)
         try:
-            return _tune_and_measure(ctx, store, saved, lam, frame, budget, options, base, ideal, rl, k, log)
+            measured: list = []
+            evaluations = 0
+            if refine > 0:
+                found, n = _refine_merges(ctx, store, lam, refine, base, ideal, log)
+                measured += found
+                evaluations += n
+            if budget > 0:
+                found, n = _tune_and_measure(ctx, saved, lam, frame, budget, base, ideal, cfg.level2.rl,
+                                             len(saved["objectives"]), log)
+                measured += found
+                evaluations += n
+            score, source, kind, raw, what = max([*options, *measured], key=lambda o: o[0])
+            stored = store.candidate(what)[1] if isinstance(what, int) else what
+            store.add_event("request", {"lam": lam.tolist(), "budget": budget, "refine": refine, "answer": source,
+                                        "score": score})
+            return score, source, kind, raw, stored, raw, evaluations
         finally:
             ctx.backend.close()
 
 
-def _tune_and_measure(ctx, store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
-                      options: list, base: np.ndarray, ideal: np.ndarray, rl, k: int, log):
-    """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full."""
+def _refine_merges(ctx, store: RunStore, lam: np.ndarray, n: int, base: np.ndarray, ideal: np.ndarray, log):
+    """``n`` evaluations of λ-scalarised BO over the run's merge space, warm-started with every merge
+    evaluation the run holds (level 1 and earlier refinements); returns (options, new evaluations)."""
+    from hm3.search.level1 import TELL_EVENT
+    from hm3.search.optimizers.df_merge import DfMerge
+
+    space = ctx.cfg.search_space
+    history = [(e.payload["candidate"], e.payload["x"]) for e in store.events(TELL_EVENT)]
+    history += [(e.payload["candidate"], e.payload["x"]) for e in store.events(REFINE_EVENT)]
+    X, Y = [], []
+    for cid, x in dict(history).items():  # a candidate refined twice is one observation
+        y = ctx.scorer.cached(cid, ctx.validation)
+        if y is not None:
+            X.append(x)
+            Y.append(normalise(y[None], base, ideal)[0])
+    seed = int(content_hash({"lam": lam.round(6).tolist(), "refine": n, "history": len(X)})[:8], 16)
+    opt = DfMerge(space.dim, len(lam), seed=seed, budget=len(X) + n, weights=lam.tolist(), n_init=1)
+    if X:
+        opt.tell(torch.tensor(X, dtype=torch.float64), torch.tensor(np.array(Y), dtype=torch.float64))
+    log(f"refining merges for λ={np.round(lam, 3).tolist()}: {n} evaluations, GP warm-started with {len(X)}")
+    options, evaluations = [], 0
+    for i in range(n):
+        x = opt.ask(1)
+        recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
+        cand = store.add_candidate(recipe, "merge")
+        before = ctx.scorer.evaluated_examples
+        y = ctx.score_recipe(cand, recipe, ctx.validation)
+        evaluations += int(ctx.scorer.evaluated_examples > before)
+        opt.tell(x, torch.tensor(normalise(y[None], base, ideal), dtype=torch.float64))
+        store.add_event(REFINE_EVENT, {"candidate": cand.id, "x": x[0].tolist(), "lam": lam.tolist(),
+                                       "warm_start": len(X)})
+        options.append((_weighted(lam, y, base, ideal), f"refined merge {cand.id} (request BO {i + 1}/{n})",
+                        "merge", y, cand.id))
+    return options, evaluations
+
+
+def _tune_and_measure(ctx, saved: dict[str, Any], lam: np.ndarray, frame, budget: int, base: np.ndarray,
+                      ideal: np.ndarray, rl, k: int, log):
+    """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full;
+    returns (options, evaluations: the episodes plus the whole-plan scorings)."""
     from hm3.arch.level2 import PathEvaluator, PoolSet
 
     pools = PoolSet(ctx)
@@ -262,8 +323,4 @@ def _tune_and_measure(ctx, store: RunStore, saved: dict[str, Any], lam: np.ndarr
         measured_options.append((_weighted(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
                                  PATH_KIND, raw, recipe))
     ctx.restore_live_model()
-    best = max([*options, *measured_options], key=lambda o: o[0])
-    score, source, kind, raw, what = best
-    stored = store.candidate(what)[1] if isinstance(what, int) else what
-    store.add_event("request", {"lam": lam.tolist(), "budget": budget, "answer": source, "score": score})
-    return score, source, kind, raw, stored, raw, evaluations
+    return measured_options, evaluations

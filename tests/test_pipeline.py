@@ -175,6 +175,33 @@ def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
         assert store.events("request")
 
 
+def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_path, capsys):
+    run, summary = finished
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        tells = len(store.events("level1_tell"))
+        refined_before = len(store.events("request_merge"))
+    prefer = f"{names[0]}=0.9,{names[1]}=0.1"
+    ans = answer_request(run, prefer, tmp_path / "refined", refine=2, progress=False)
+    assert ans.measured is not None and 0 <= ans.evaluations <= 2  # a proposal already stored is not re-scored
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.events("level1_tell")) == tells  # level 1's own history is untouched
+        refined = store.events("request_merge")[refined_before:]
+        assert len(refined) == 2
+        # the GP saw every level-1 merge (and earlier refinements), so no initial design was spent
+        assert refined[0].payload["warm_start"] == tells + refined_before
+        assert store.events("request")[-1].payload["refine"] == 2
+    # the answer is the best measured option: nothing on the front or among the refinements beats it
+    base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    lam = np.array([0.9, 0.1])
+    front = pd.read_csv(run / "front.csv")
+    best_front = float((normalise(front[[f"{n}_val" for n in names]].to_numpy(float), base, ideal) @ lam).max())
+    assert ans.details["weighted_normalised_score"] >= best_front - 1e-12
+    assert (tmp_path / "refined" / "config.json").is_file()
+    assert main(["request", str(run), "--prefer", prefer, str(tmp_path / "cli"), "--refine", "-1"]) != 0
+    assert "--refine must be >= 0" in capsys.readouterr().err
+
+
 def test_preference_parsing():
     objs = ["zoo:math", "zoo:code", "zoo:translation"]
     lam, notes = parse_preference("math=0.6,code=0.3,translation=0.1", objs)
