@@ -5,8 +5,10 @@ Two modes share one class (``config.mode``):
 **hm3** (HM3's architecture MDP). ``action_space = Discrete(P·L + 1)`` for a pool of P models with
 L layers each: action ``m·L + l`` appends hop (m, l) -- any model, any layer, repeats and reorders
 allowed -- and the last action, :attr:`PathEnv.stop_action`, ends the path. STOP as the first
-action is refused with ValueError (a path needs a hop; policies mask it). The path also ends when
-it reaches T_max hops. Reward at the end: ``R = Σ_k λ_k f_k − β1·T``.
+action ends the episode with ``rmm_back_penalty`` (−0.1) and no evaluation, as an empty RMM path does (a
+path needs a hop; hm3's policies mask it, and a penalty rather than an exception keeps every action
+of ``action_space`` valid, as gymnasium's contract and its env checker require). The path also ends
+when it reaches T_max hops. Reward at the end: ``R = Σ_k λ_k f_k − β1·T``.
 
 **rmm** (RMM's merging map). ``action_space = Discrete(P + 2)``: action ``i < P`` appends block k
 (the current position) of model i and advances k; ``P`` skips (advances k); ``P + 1`` goes back
@@ -152,9 +154,7 @@ class PathEnv(gym.Env):
         state.steps += 1
         if self.config.mode == "hm3":
             if action == self.stop_action:
-                if not state.hops:
-                    raise ValueError("STOP as the first action: a path needs at least one hop")
-                state.done = True
+                state.done = True  # with no hop yet, _finish ends it with the penalty
                 return
             state.hops.append(divmod(action, self.num_layers))
             state.done = len(state.hops) >= self.horizon

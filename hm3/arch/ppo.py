@@ -92,16 +92,25 @@ class PPOTrainer:
             )
         self.env, self.policy, self.config = env, policy, config
         self.rng = torch.Generator().manual_seed(seed)
-        critic = policy.critic_parameters()
-        critic_ids = {id(p) for p in critic}
-        rest = [p for p in policy.parameters() if id(p) not in critic_ids]
-        self.optimizer = torch.optim.Adam(
-            [{"params": rest, "lr": config.lr_policy}, {"params": critic, "lr": config.lr_value}]
-        )
+        self._optimizer: torch.optim.Adam | None = None
         self.episode = 0
         self.updates = 0
         self.buffer: list[Episode] = []
         self.best: tuple[float, LayerPath, np.ndarray] | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Adam:
+        """Adam over the actor (lr_policy) and the critic (lr_value), made on first use: constructing
+        one imports torch._dynamo (~1.7 s), which a budget-0 request, that only rolls out the
+        pretrained policy, never needs."""
+        if self._optimizer is None:
+            critic = self.policy.critic_parameters()
+            critic_ids = {id(p) for p in critic}
+            rest = [p for p in self.policy.parameters() if id(p) not in critic_ids]
+            self._optimizer = torch.optim.Adam(
+                [{"params": rest, "lr": self.config.lr_policy}, {"params": critic, "lr": self.config.lr_value}]
+            )
+        return self._optimizer
 
     # --- training ---------------------------------------------------------------------------------
     def train(self, episodes: int, *, on_update: Callable[[dict], None] | None = None) -> list[dict]:

@@ -31,7 +31,8 @@ class Level2Config(BaseModel):
     beta1: float = Field(0.01, ge=0, description="HM3 length penalty β1 per hop on normalised scores [design]")
     rmm_back_penalty: float = Field(
         -0.1,
-        description="RMM reward for backing past block 0 (or ending with an empty path): RMM's code gives -10 "
+        description="RMM reward for backing past block 0 (or ending with an empty path, in either mode: "
+        "hm3's STOP before any hop too): RMM's code gives -10 "
         "on its 0-100 accuracy scale; hm3's rewards are normalised scores (base 0, best expert 1), so -0.1 is "
         "the same penalty [design]",
     )

@@ -52,8 +52,11 @@ def test_hm3_hops_stop_and_reward() -> None:
     assert env.action_space.n == 3 * 4 + 1
     obs, _ = env.reset()
     assert obs["length"] == 0 and (obs["models"] == -1).all() and (obs["layers"] == -1).all()
-    with pytest.raises(ValueError, match="STOP as the first action"):
-        env.step(env.stop_action)
+    # STOP before any hop: the episode ends with the penalty and nothing is scored (no exception:
+    # gymnasium's checker and random agents may take any action of the action space)
+    _, reward, done, _, info = env.step(env.stop_action)
+    assert done and not info["evaluated"] and reward == info["raw_reward"] == env.config.rmm_back_penalty
+    assert scorer.calls == []
     env.reset()
     obs, reward, done, _, info = env.step(env.hop_action(2, 3))
     assert (reward, done, info) == (0.0, False, {})
