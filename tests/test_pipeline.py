@@ -202,6 +202,21 @@ def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_
     assert "--refine must be >= 0" in capsys.readouterr().err
 
 
+def test_a_path_predicted_from_few_examples_competes_by_its_lower_bound():
+    from hm3.request import _lower_bound
+
+    base, ideal, lam = np.array([0.2, 0.5]), np.array([0.6, 0.9]), np.array([0.75, 0.25])
+    means = np.array([0.5, 0.7])
+    plain = float(lam @ ((means - base) / (ideal - base)))
+    # one standard error of a [0, 1] score over n examples is at most 0.5/√n, per objective's span 0.4
+    six = _lower_bound(lam, means, np.array([6.0, 6.0]), base, ideal)
+    assert six == pytest.approx(plain - np.sqrt(np.sum((lam * 0.5 / np.sqrt(6) / 0.4) ** 2)))
+    many = _lower_bound(lam, means, np.array([1e8, 1e8]), base, ideal)
+    assert six < many < plain and many == pytest.approx(plain, abs=1e-4)
+    # a front point measured 0.1 lower on the whole plan beats a path seen on 6 examples per task
+    assert float(lam @ ((means - 0.1 * 0.4 - base) / (ideal - base))) > six
+
+
 def test_preference_parsing():
     objs = ["zoo:math", "zoo:code", "zoo:translation"]
     lam, notes = parse_preference("math=0.6,code=0.3,translation=0.1", objs)
