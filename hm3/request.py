@@ -8,8 +8,9 @@ How a request is answered, and why:
   is what the run store already knows of it: the count-weighted mean of every validation score
   stored for it (its whole-validation score, if level 2 kept it, dominates by count; else the
   subsets of its training episodes), and it competes by that mean minus one standard error for
-  the examples behind it (:func:`_lower_bound`), so a path seen on a few DAR subsets does not win
-  by luck; a path the store has never seen has no prediction and is not chosen. The answer
+  the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets does
+  not win by luck -- its plain mean from ~6 examples per task once won a request that measured
+  0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no prediction and is not chosen. The answer
   maximises the preference-weighted normalised score ``Σ_k λ_k f̂_k`` -- the reward level 2 was
   trained on, without the length penalty. The store is opened read-only: nothing is evaluated or written there.
   The level-1 BO posterior adds one more option: the merge its GPs predict best for λ, compared by
@@ -46,8 +47,9 @@ from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError
 from hm3.pipeline import POLICY_FILE, path_point_file, read_front, stored_two_level_config
+from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import recipe_with_paths
-from hm3.search.pareto import normalisation_span, normalise
+from hm3.search.pareto import normalise
 from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.store import RunStore, content_hash
 
@@ -125,38 +127,6 @@ def _weighted(lam: np.ndarray, raw: np.ndarray, base: np.ndarray, ideal: np.ndar
     return float(np.dot(lam, normalise(np.asarray(raw, dtype=float)[None], base, ideal)[0]))
 
 
-def _stored_prediction(
-    store: RunStore, recipe: dict[str, Any], objectives: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """(count-weighted mean validation scores, examples behind each) the store holds for a path
-    recipe, or None; nothing is computed here."""
-    match = store.find_candidate(recipe)
-    if match is None or match.kind != PATH_KIND:
-        return None
-    evals = store.evaluations(match.id)
-    means, counts = [], []
-    for obj in objectives:
-        rows = [e for e in evals if e.objective == obj and e.split == "validation"]
-        if not rows:
-            return None
-        counts.append(sum(e.count for e in rows))
-        means.append(sum(e.score * e.count for e in rows) / counts[-1])
-    return np.array(means), np.array(counts, dtype=float)
-
-
-def _lower_bound(lam: np.ndarray, means: np.ndarray, counts: np.ndarray, base: np.ndarray, ideal: np.ndarray) -> float:
-    """``Σ_k λ_k f̂_k`` of a prediction from ``counts`` examples, minus one standard error.
-
-    Scores lie in [0, 1], so the standard error of a mean over n examples is at most 0.5/√n; on
-    the normalised scale it is divided by each objective's span. Why: a path the policy met only in
-    training has scores on a few DAR subsets (≈6 examples per task at data scale 0.05), whose noise
-    is larger than the differences between candidates; compared by its plain mean it won a request
-    it then lost by a factor of 2.7 when measured (``docs/BENCHMARKS.md``).
-    """
-    se = 0.5 / np.sqrt(np.maximum(counts, 1.0)) / normalisation_span(base, ideal)
-    return _weighted(lam, means, base, ideal) - float(np.sqrt(np.sum((lam * se) ** 2)))
-
-
 def load_policy(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "level2" / POLICY_FILE
     if not path.is_file():
@@ -212,10 +182,11 @@ def answer_request(
         if budget == 0 and refine == 0:
             path = greedy_path(saved, lam)
             recipe = path_recipe(path, frame, saved["expert_refs"])
-            known = _stored_prediction(store, recipe, names) if path.hops else None
+            match = store.find_candidate(recipe) if path.hops else None
+            known = stored_estimate(store, match, names) if match is not None and match.kind == PATH_KIND else None
             if known is not None:
                 predicted, counts = known
-                options.append((_lower_bound(lam, predicted, counts, base, ideal),
+                options.append((lower_bound(lam, known, base, ideal),
                                 f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples "
                                 "per objective)", PATH_KIND, predicted, recipe))
             else:

@@ -19,6 +19,7 @@ from hm3.cli import main
 from hm3.errors import ConfigError
 from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
 from hm3.request import answer_request, parse_preference
+from hm3.search.estimates import lower_bound, stored_estimate, stored_estimates
 from hm3.search.pareto import non_dominated, normalise
 from hm3.store import RunStore
 
@@ -203,18 +204,36 @@ def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_
 
 
 def test_a_path_predicted_from_few_examples_competes_by_its_lower_bound():
-    from hm3.request import _lower_bound
-
     base, ideal, lam = np.array([0.2, 0.5]), np.array([0.6, 0.9]), np.array([0.75, 0.25])
     means = np.array([0.5, 0.7])
     plain = float(lam @ ((means - base) / (ideal - base)))
     # one standard error of a [0, 1] score over n examples is at most 0.5/√n, per objective's span 0.4
-    six = _lower_bound(lam, means, np.array([6.0, 6.0]), base, ideal)
+    six = lower_bound(lam, (means, np.array([6.0, 6.0])), base, ideal)
     assert six == pytest.approx(plain - np.sqrt(np.sum((lam * 0.5 / np.sqrt(6) / 0.4) ** 2)))
-    many = _lower_bound(lam, means, np.array([1e8, 1e8]), base, ideal)
+    many = lower_bound(lam, (means, np.array([1e8, 1e8])), base, ideal)
     assert six < many < plain and many == pytest.approx(plain, abs=1e-4)
     # a front point measured 0.1 lower on the whole plan beats a path seen on 6 examples per task
     assert float(lam @ ((means - 0.1 * 0.4 - base) / (ideal - base))) > six
+
+
+def test_stored_estimates_are_count_weighted_means_of_every_stored_score(finished):
+    run, summary = finished
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        paths = store.candidates(PATH_KIND)
+        estimates = stored_estimates(store, names, "validation", paths)
+        assert estimates and set(estimates) <= {p.id for p in paths}
+        for cid, (means, counts) in estimates.items():
+            rows = store.evaluations(cid, split="validation")
+            for k, name in enumerate(names):
+                mine = [e for e in rows if e.objective == name]
+                assert counts[k] == sum(e.count for e in mine)
+                assert means[k] == pytest.approx(sum(e.score * e.count for e in mine) / counts[k])
+            alone = stored_estimate(store, cid, names)
+            assert alone is not None and np.allclose(alone[0], means) and np.array_equal(alone[1], counts)
+        # a path met in several episodes pools its subsets: more examples than one DAR subset holds
+        assert max(int(c.min()) for _, c in estimates.values()) > min(int(c.min()) for _, c in estimates.values())
+        assert stored_estimate(store, 10**9, names) is None
 
 
 def test_preference_parsing():
