@@ -229,10 +229,11 @@ class TwoLevelRun:
         if bar is not None:
             bar.close()
 
-    def best_known_path(self, lam: np.ndarray, frame: FrameKey, base: np.ndarray,
-                        ideal: np.ndarray) -> LayerPath | None:
-        """The path over ``frame`` whose stored validation scores (every DAR subset of every episode
-        so far, pretraining included) give the best lower bound of ``Σ_k λ_k f̂_k``.
+    def best_known_path(self, lam: np.ndarray, frame: FrameKey, base: np.ndarray, ideal: np.ndarray,
+                        exclude: LayerPath | None = None) -> LayerPath | None:
+        """The path over ``frame`` (other than ``exclude``) whose stored validation scores (every DAR
+        subset of every episode so far, pretraining included) give the best lower bound of
+        ``Σ_k λ_k f̂_k``.
 
         Why not the trainer's best single reward: on subsets of a few examples the highest of
         hundreds of noisy rewards is mostly luck, and a kept path costs a whole-plan evaluation.
@@ -244,7 +245,7 @@ class TwoLevelRun:
             if cand.id not in estimates:
                 continue
             path, path_frame = path_from_recipe(self.store.candidate(cand.id)[1])
-            if path_frame != frame or not path.hops:
+            if path_frame != frame or not path.hops or path == exclude:
                 continue
             value = lower_bound(lam, estimates[cand.id], base, ideal)
             if best is None or value > best[0]:
@@ -360,8 +361,9 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         # stages have added to (that could pick another path than an uninterrupted run)
         chosen = next((e.payload["candidates"] for e in store.events(KEPT_EVENT) if e.payload["index"] == i), None)
         if chosen is None:
-            best = run.best_known_path(lam, frame, base, ideal)
-            paths = [tr.greedy_path(lam)] + ([best] if best is not None else [])
+            greedy = tr.greedy_path(lam)
+            best = run.best_known_path(lam, frame, base, ideal, exclude=greedy)  # two distinct paths
+            paths = [greedy] + ([best] if best is not None else [])
             # RMM's greedy rollout may back out: no path
             chosen = [online_eval.candidate(path, frame).id for path in paths if path.hops]
             store.add_event(KEPT_EVENT, {"index": i, "candidates": chosen})
