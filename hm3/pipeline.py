@@ -49,7 +49,6 @@ from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_open, atomic_write_text
 from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
-from hm3.search.estimates import lower_bound, stored_estimates
 from hm3.search.level1 import (
     STORE_FILE,
     Level1Context,
@@ -67,7 +66,6 @@ from hm3.store import RunStore
 #: Bumped when the layout of a run directory changes; other versions are refused with a message.
 RUN_FORMAT = 1
 STAGE_EVENT = "stage_done"
-KEPT_EVENT = "level2_kept"  # the paths an online stage keeps for the final front (candidate ids)
 POLICY_FILE = "policy.pt"
 
 
@@ -229,29 +227,6 @@ class TwoLevelRun:
         if bar is not None:
             bar.close()
 
-    def best_known_path(self, lam: np.ndarray, frame: FrameKey, base: np.ndarray, ideal: np.ndarray,
-                        exclude: LayerPath | None = None) -> LayerPath | None:
-        """The path over ``frame`` (other than ``exclude``) whose stored validation scores (every DAR
-        subset of every episode so far, pretraining included) give the best lower bound of
-        ``Σ_k λ_k f̂_k``.
-
-        Why not the trainer's best single reward: on subsets of a few examples the highest of
-        hundreds of noisy rewards is mostly luck, and a kept path costs a whole-plan evaluation.
-        """
-        paths = self.store.candidates(PATH_KIND)
-        estimates = stored_estimates(self.store, self.names, "validation", paths)
-        best: tuple[float, LayerPath] | None = None
-        for cand in paths:
-            if cand.id not in estimates:
-                continue
-            path, path_frame = path_from_recipe(self.store.candidate(cand.id)[1])
-            if path_frame != frame or not path.hops or path == exclude:
-                continue
-            value = lower_bound(lam, estimates[cand.id], base, ideal)
-            if best is None or value > best[0]:
-                best = (value, path)
-        return None if best is None else best[1]
-
     # --- stage 4 ----------------------------------------------------------------------------------
 
     def full_scores(self, evaluator: PathEvaluator, path: LayerPath, frame: FrameKey, split: str) -> np.ndarray:
@@ -357,18 +332,10 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         ckpt = run.level2_dir / f"online-{i}.pt"
         frame = merge_for_preference(lam, frame_front) if frame_front else "base"
         run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
-        # the choice is committed: on resume it is read back, not re-made from a store that later
-        # stages have added to (that could pick another path than an uninterrupted run)
-        chosen = next((e.payload["candidates"] for e in store.events(KEPT_EVENT) if e.payload["index"] == i), None)
-        if chosen is None:
-            greedy = tr.greedy_path(lam)
-            best = run.best_known_path(lam, frame, base, ideal, exclude=greedy)  # two distinct paths
-            paths = [greedy] + ([best] if best is not None else [])
-            # RMM's greedy rollout may back out: no path
-            chosen = [online_eval.candidate(path, frame).id for path in paths if path.hops]
-            store.add_event(KEPT_EVENT, {"index": i, "candidates": chosen})
-        for cid in chosen:
-            kept.setdefault(cid, {"lam": lam.tolist(), "frame": frame})
+        paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
+        for path in (p for p in paths if p.hops):  # RMM's greedy rollout may back out: no path
+            cand = online_eval.candidate(path, frame)
+            kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
         run._mark(f"online-{i}")
 
     # stage 4: final front over both levels

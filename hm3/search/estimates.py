@@ -1,9 +1,9 @@
 """What the run store knows of a candidate scored on example subsets: its mean and a lower bound.
 
 Level 2 scores paths on Dynamic Average Reward subsets of a few examples each, and a path met in
-several episodes has several such scores. Two places rank paths by them -- the two-level run, when
-it picks the paths to keep and score in full, and a budget-0 request -- and neither may be fooled
-by one lucky subset, so both compare the count-weighted mean *minus one standard error*. Scores lie
+several episodes has several such scores. A budget-0 request ranks the policy's path by them
+against measured front points and must not be fooled by one lucky subset, so it compares the
+count-weighted mean *minus one standard error*. Scores lie
 in [0, 1], so the standard error of a mean over n examples is at most 0.5/√n (a Bernoulli score at
 p = 0.5); on hm3's normalised scale it is divided by each objective's span (base to best expert).
 """
