@@ -10,10 +10,10 @@ How a request is answered, and why:
   subsets of its training episodes), and it competes by that mean minus one standard error for
   the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets does
   not win by luck -- its plain mean from ~6 examples per task once won a request that measured
-  0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no prediction and is not chosen. The answer
-  maximises the preference-weighted normalised score ``Σ_k λ_k f̂_k`` -- the reward level 2 was
-  trained on, without the length penalty. The store is opened read-only: nothing is evaluated or written there.
-  The level-1 BO posterior adds one more option: the merge its GPs predict best for λ, compared by
+  0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no
+  prediction and is not chosen. The answer maximises the preference-weighted normalised score
+  ``Σ_k λ_k f̂_k`` -- the reward level 2 was trained on, without the length penalty. The store is
+  opened read-only: nothing is evaluated or written there. The level-1 BO posterior adds one more option: the merge its GPs predict best for λ, compared by
   the lower confidence bound of its predicted score (:func:`posterior_option`).
 * **Budget N > 0**: the pretrained policy is fine-tuned online for N episodes with λ fixed (the
   same machinery as the run's online stage); its greedy and best paths are then scored on the
