@@ -13,8 +13,9 @@ How a request is answered, and why:
   0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no
   prediction and is not chosen. The answer maximises the preference-weighted normalised score
   ``Σ_k λ_k f̂_k`` -- the reward level 2 was trained on, without the length penalty. The store is
-  opened read-only: nothing is evaluated or written there. The level-1 BO posterior adds one more option: the merge its GPs predict best for λ, compared by
-  the lower confidence bound of its predicted score (:func:`posterior_option`).
+  opened read-only: nothing is evaluated or written there. The level-1 BO posterior adds one more
+  option: the merge its GPs predict best for λ, compared by the lower confidence bound of its
+  predicted score (:func:`posterior_option`).
 * **Budget N > 0**: the pretrained policy is fine-tuned online for N episodes with λ fixed (the
   same machinery as the run's online stage); its greedy and best paths are then scored on the
   whole validation plan (those 1-2 extra evaluations are reported beside the budget) and compete
