@@ -50,7 +50,7 @@ from hm3.errors import ConfigError
 from hm3.pipeline import POLICY_FILE, path_point_file, read_front, stored_two_level_config
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import recipe_with_paths
-from hm3.search.pareto import normalise
+from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.store import RunStore, content_hash
 
@@ -124,10 +124,6 @@ class RequestAnswer:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _weighted(lam: np.ndarray, raw: np.ndarray, base: np.ndarray, ideal: np.ndarray) -> float:
-    return float(np.dot(lam, normalise(np.asarray(raw, dtype=float)[None], base, ideal)[0]))
-
-
 def load_policy(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "level2" / POLICY_FILE
     if not path.is_file():
@@ -177,7 +173,7 @@ def answer_request(
         for _, row in front.iterrows():
             raw = np.array([row[f"{n}_val"] for n in names])
             cid = int(row["point"])
-            options.append((_weighted(lam, raw, base, ideal), f"front point {cid} (level {row['level']})",
+            options.append((weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {row['level']})",
                             row["kind"], raw, cid))
         evaluations = 0
         if budget == 0 and refine == 0:
@@ -254,12 +250,11 @@ def _search(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, b
 def _refine_merges(ctx, store: RunStore, lam: np.ndarray, n: int, base: np.ndarray, ideal: np.ndarray, log):
     """``n`` evaluations of λ-scalarised BO over the run's merge space, warm-started with every merge
     evaluation the run holds (level 1 and earlier refinements); returns (options, new evaluations)."""
-    from hm3.search.level1 import TELL_EVENT
+    from hm3.search.level1 import told_points
     from hm3.search.optimizers.df_merge import DfMerge
 
     space = ctx.cfg.search_space
-    history = [(e.payload["candidate"], e.payload["x"]) for e in store.events(TELL_EVENT)]
-    history += [(e.payload["candidate"], e.payload["x"]) for e in store.events(REFINE_EVENT)]
+    history = told_points(store) + told_points(store, REFINE_EVENT)
     X, Y = [], []
     for cid, x in dict(history).items():  # a candidate refined twice is one observation
         y = ctx.scorer.cached(cid, ctx.validation)
@@ -274,15 +269,13 @@ def _refine_merges(ctx, store: RunStore, lam: np.ndarray, n: int, base: np.ndarr
     options, evaluations = [], 0
     for i in range(n):
         x = opt.ask(1)
-        recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
-        cand = store.add_candidate(recipe, "merge")
         before = ctx.scorer.evaluated_examples
-        y = ctx.score_recipe(cand, recipe, ctx.validation)
+        cand, y = ctx.score_point(x[0])
         evaluations += int(ctx.scorer.evaluated_examples > before)
         opt.tell(x, torch.tensor(normalise(y[None], base, ideal), dtype=torch.float64))
         store.add_event(REFINE_EVENT, {"candidate": cand.id, "x": x[0].tolist(), "lam": lam.tolist(),
                                        "warm_start": len(X)})
-        options.append((_weighted(lam, y, base, ideal), f"refined merge {cand.id} (request BO {i + 1}/{n})",
+        options.append((weighted_normalised(lam, y, base, ideal), f"refined merge {cand.id} (request BO {i + 1}/{n})",
                         "merge", y, cand.id))
     return options, evaluations
 
@@ -313,7 +306,7 @@ def _tune_and_measure(ctx, saved: dict[str, Any], lam: np.ndarray, frame, budget
         raw = ev.raw_scores(path, frame, ctx.validation)
         evaluations += int(ctx.scorer.evaluated_examples > before)
         recipe = path_recipe(path, frame, pools.expert_refs)
-        measured_options.append((_weighted(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
+        measured_options.append((weighted_normalised(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
                                  PATH_KIND, raw, recipe))
     ctx.restore_live_model()
     return measured_options, evaluations

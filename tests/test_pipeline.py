@@ -19,7 +19,7 @@ from hm3.cli import main
 from hm3.errors import ConfigError
 from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
 from hm3.request import answer_request, parse_preference
-from hm3.search.estimates import lower_bound, stored_estimate, stored_estimates
+from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.pareto import non_dominated, normalise
 from hm3.store import RunStore
 
@@ -221,16 +221,16 @@ def test_stored_estimates_are_count_weighted_means_of_every_stored_score(finishe
     names = summary["objectives"]
     with RunStore.open(run, readonly=True) as store:
         paths = store.candidates(PATH_KIND)
-        estimates = stored_estimates(store, names, "validation", paths)
-        assert estimates and set(estimates) <= {p.id for p in paths}
+        estimates = {p.id: e for p in paths if (e := stored_estimate(store, p, names)) is not None}
+        assert estimates
         for cid, (means, counts) in estimates.items():
             rows = store.evaluations(cid, split="validation")
             for k, name in enumerate(names):
                 mine = [e for e in rows if e.objective == name]
                 assert counts[k] == sum(e.count for e in mine)
                 assert means[k] == pytest.approx(sum(e.score * e.count for e in mine) / counts[k])
-            alone = stored_estimate(store, cid, names)
-            assert alone is not None and np.allclose(alone[0], means) and np.array_equal(alone[1], counts)
+            by_id = stored_estimate(store, cid, names)  # an id or a CandidateRef
+            assert by_id is not None and np.allclose(by_id[0], means) and np.array_equal(by_id[1], counts)
         # a path met in several episodes pools its subsets: more examples than one DAR subset holds
         assert max(int(c.min()) for _, c in estimates.values()) > min(int(c.min()) for _, c in estimates.values())
         assert stored_estimate(store, 10**9, names) is None

@@ -179,6 +179,14 @@ class Level1Context:
     def score_recipe(self, candidate: CandidateRef | int, recipe: dict, plan: SplitPlan) -> np.ndarray:
         return self.scorer.score(candidate, lambda: self.install_recipe(recipe), plan)
 
+    def score_point(self, x: torch.Tensor) -> tuple[CandidateRef, np.ndarray]:
+        """The merge of unit-cube point ``x`` (Fisher-weighted when the space says so), stored as a
+        candidate and scored on the validation plan (from the store when already there)."""
+        space = self.cfg.search_space
+        recipe = self.fisher_recipe(x) if space.fisher else space.to_recipe(x)
+        cand = self.store.add_candidate(recipe, "merge")
+        return cand, self.score_recipe(cand, recipe, self.validation)
+
     def references(self, plan: SplitPlan) -> dict[str, np.ndarray]:
         """Scores of the base and of every expert on ``plan`` (cached in the store)."""
         refs = [self.cfg.search_space.base_model, *self.cfg.search_space.models]
@@ -206,8 +214,9 @@ def _optimizer_options(cfg: RunConfig, ctx: Level1Context, space_dim: int, k: in
     return opts
 
 
-def _replayed(store: RunStore) -> list[tuple[int, list[float]]]:
-    return [(e.payload["candidate"], e.payload["x"]) for e in store.events(TELL_EVENT)]
+def told_points(store: RunStore, event: str = TELL_EVENT) -> list[tuple[int, list[float]]]:
+    """(candidate id, unit-cube point) of every ``event`` (level 1's tells by default), in order."""
+    return [(e.payload["candidate"], e.payload["x"]) for e in store.events(event)]
 
 
 def open_run_store(
@@ -283,7 +292,7 @@ def search_level1(
     Y: list[np.ndarray] = []
     ids: list[int] = []
     hv_trace: list[float] = []
-    for cid, x in _replayed(store):
+    for cid, x in told_points(store):
         y = ctx.scorer.cached(cid, ctx.validation)
         if y is None:
             raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")
@@ -299,9 +308,7 @@ def search_level1(
     new = 0
     while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
         x = optimizer.ask(1)
-        recipe = ctx.fisher_recipe(x[0]) if space.fisher else space.to_recipe(x[0])
-        cand = store.add_candidate(recipe, "merge")
-        y = ctx.score_recipe(cand, recipe, ctx.validation)
+        cand, y = ctx.score_point(x[0])
         optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))
         store.add_event(TELL_EVENT, {"candidate": cand.id, "x": x[0].tolist()})
         X.append(x[0].tolist())

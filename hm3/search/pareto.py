@@ -80,6 +80,11 @@ def normalisation_span(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return np.where(span <= DEGENERATE_SPAN, 1.0, span)
 
 
+def weighted_normalised(lam: np.ndarray, raw: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
+    """``Σ_k λ_k f̂_k`` of one score vector: the scalarisation requests and level-2 rewards rank by."""
+    return float(np.dot(lam, normalise(np.asarray(raw, dtype=float)[None], lower, upper)[0]))
+
+
 def degenerate_objectives(lower: np.ndarray, upper: np.ndarray) -> list[int]:
     """Objectives on which no expert beats the base (left in raw units by :func:`normalise`)."""
     span = np.asarray(upper, dtype=float).reshape(-1) - np.asarray(lower, dtype=float).reshape(-1)

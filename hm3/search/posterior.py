@@ -26,10 +26,10 @@ def fit_level1_posterior(
     """GPs (one per objective, the optimisers' Matérn-5/2) on the level-1 points and their normalised
     validation scores, as data + fitted state dicts: saved with the run so a request rebuilds the
     posterior without fitting. None with fewer than 4 points."""
+    from hm3.search.level1 import told_points
     from hm3.search.optimizers.bayes import fit_gp
 
-    told = [(e.payload["candidate"], e.payload["x"]) for e in store.events("level1_tell")]
-    told = [(c, x) for c, x in told if c in level1_scores]
+    told = [(c, x) for c, x in told_points(store) if c in level1_scores]
     if len(told) < 4:
         return None
     X = torch.tensor([x for _, x in told], dtype=torch.float64)
