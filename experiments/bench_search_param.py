@@ -12,7 +12,9 @@ validation split per candidate. HV after n evaluations is the HV of everything e
 to ``--budget``. The target: ``bo-mo`` at ``--budget`` reaches the HV that ``random`` and ``nsga2``
 reach at ``--long-budget`` (4x sample efficiency with the defaults 50 / 200).
 ``df-merge`` is DF-Merge proper (Fisher-weighted task arithmetic, BO on the mean score); Fisher
-weighting on DARE-TIES is ablated with ``bo-mo`` on vs off.
+weighting on DARE-TIES is ablated with ``bo-mo`` on vs off, and ``bo-mo``'s initial design (by default
+the preference design of :func:`hm3.search.level1.preference_design`) against a plain Sobol design
+(``bo-mo sobol-design``).
 
 Usage::
 
@@ -44,6 +46,7 @@ from hm3.search.run_config import parse_run_config
 
 OPTIMIZERS = ("bo-mo", "bo-tcheby", "df-merge", "nsga2", "random", "hm3-fixed")
 LONG = ("random", "nsga2")
+SOBOL_ARM = "bo-mo sobol-design"  # the design ablation: bo-mo with a Sobol initial design
 
 
 def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse.Namespace, fisher: bool) -> dict:
@@ -67,6 +70,10 @@ def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse
 
 def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args, fisher: bool = False) -> dict:
     tag = options_tag(args.bo_options) if optimizer == "bo-mo" else ""
+    if optimizer == SOBOL_ARM:
+        optimizer = "bo-mo"
+        args = argparse.Namespace(**{**vars(args), "bo_options": {**args.bo_options, "initial_design": "sobol"}})
+        tag = options_tag(args.bo_options)
     name = f"{optimizer}{'-fisher' if fisher else ''}{tag}-s{seed}-b{budget}"
     run_dir = work / name
     summary_file = run_dir / "summary.json"
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fisher-examples", type=int, default=30)
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--no-fisher-ablation", action="store_true")
+    p.add_argument("--no-design-ablation", action="store_true",
+                   help="skip bo-mo with a Sobol initial design (run by default beside bo-mo)")
     p.add_argument("--normalize", action="store_true",
                    help="DARE-TIES with normalize: true (mergekit's default for ties; dare_ties defaults to false)")
     p.add_argument("--bo-options", type=json.loads, default={},
@@ -152,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(o, s, args.long_budget if o in LONG else args.budget, False) for o in optimizers for s in seeds]
     if not args.no_fisher_ablation:
         plan += [("bo-mo", s, args.budget, True) for s in seeds]
+    if not args.no_design_ablation and "bo-mo" in optimizers:
+        plan += [(SOBOL_ARM, s, args.budget, False) for s in seeds]
     for i, (opt, seed, budget, fisher) in enumerate(plan, 1):
         key = f"{opt}{' +fisher' if fisher else ''}"
         print(f"[bench] {i}/{len(plan)}: {key} seed {seed} budget {budget}", file=sys.stderr, flush=True)

@@ -52,6 +52,7 @@ from hm3.report import plot_front, write_csv
 from hm3.search.level1 import (
     STORE_FILE,
     Level1Context,
+    make_optimizer,
     open_run_store,
     recipe_with_paths,
     search_level1,
@@ -258,6 +259,7 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     start = time.perf_counter()
     log = stderr_logger(progress)
     check_depth(cfg)  # before the store, the models and any evaluation
+    make_optimizer(cfg.level1)  # likewise the optimiser and its options
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress)
         try:

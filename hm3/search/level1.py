@@ -37,11 +37,13 @@ from hm3.errors import ConfigError
 from hm3.eval.backend import open_backend
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
-from hm3.search.optimizers import get_optimizer
+from hm3.search.optimizers import Optimizer, get_optimizer
+from hm3.search.optimizers.random import sobol_points
 from hm3.search.pareto import degenerate_objectives, non_dominated, normalise, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
+from hm3.search.space import SearchSpace
 from hm3.store import CandidateRef, RunStore
 from objectives.registry import get_objective
 
@@ -199,7 +201,16 @@ class Level1Context:
         return refs, refs[space.base_model], np.max(np.stack([refs[r] for r in space.models]), axis=0)
 
 
-def _optimizer_options(cfg: RunConfig, ctx: Level1Context, space_dim: int, k: int) -> dict[str, Any]:
+def make_optimizer(cfg: RunConfig) -> Optimizer:
+    """The configured optimiser, fresh; called once up front so option errors (budget below the
+    initial design, unknown options, bad designs) are refused before any evaluation."""
+    k, dim = len(cfg.objectives), cfg.search_space.dim
+    return get_optimizer(cfg.optimizer.name)(
+        dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, k)
+    )
+
+
+def _optimizer_options(cfg: RunConfig, k: int) -> dict[str, Any]:
     opts = dict(cfg.optimizer.options)
     if cfg.optimizer.name == "hm3-fixed" and "points" not in opts:
         # HM3's own parameter stage: coefficients = λ for λ ~ Dirichlet(1), one per budgeted evaluation.
@@ -211,7 +222,43 @@ def _optimizer_options(cfg: RunConfig, ctx: Level1Context, space_dim: int, k: in
             )
         lams = dirichlet_preferences(cfg.optimizer.budget, k, seed=cfg.seed)
         opts["points"] = torch.stack([cfg.search_space.fixed_coefficients(lam.tolist()) for lam in lams])
+    from hm3.search.optimizers.bayes import BayesOptimizer  # botorch: imported only where BO runs
+
+    is_bo = issubclass(get_optimizer(cfg.optimizer.name), BayesOptimizer)
+    design = opts.pop("initial_design", "auto")
+    if design not in INITIAL_DESIGNS:
+        raise ConfigError(f"optimizer.options.initial_design must be one of {', '.join(INITIAL_DESIGNS)}, "
+                          f"got {design!r}")
+    if design != "auto" and not is_bo:
+        raise ConfigError(f"initial_design is an option of the BO optimisers, not of {cfg.optimizer.name!r}")
+    if design == "auto":
+        design = "preferences" if is_bo and cfg.search_space.holds_simplex else "sobol"
+    if design == "preferences":
+        opts["initial_points"] = preference_design(cfg.search_space, cfg.optimizer.budget, seed=cfg.seed)
     return opts
+
+
+#: Initial designs of the BO optimisers (``optimizer.options.initial_design``); ``auto`` (the default)
+#: is ``preferences`` where every model's weight bounds hold [0, 1], else ``sobol``.
+INITIAL_DESIGNS = ("auto", "sobol", "preferences")
+
+
+def preference_design(space: SearchSpace, n: int, *, seed: int) -> torch.Tensor:
+    """``n`` unit-cube points whose weights are λ ~ Dirichlet(1) and whose other coordinates are Sobol.
+
+    HM3's parameter stage merges with coefficients = λ (``hm3-fixed``); as a BO initial
+    design those points start the surrogate where merges are known to work (weights on
+    the simplex, i.e. a convex combination of the task vectors) instead of spreading
+    the first evaluations over the whole box, where large or near-zero weight sums
+    waste them. The rest of the space (densities) keeps its space-filling Sobol values,
+    and later BO steps search the whole box as before.
+    """
+    points = sobol_points(space.dim, seed=seed, start=0, n=n)
+    lams = dirichlet_preferences(n, len(space.models), seed=seed)
+    n_weights = len(space.models) * space.n_groups  # weights come first in the vector layout
+    for i, lam in enumerate(lams):
+        points[i, :n_weights] = space.fixed_coefficients(lam.tolist())[:n_weights]
+    return points
 
 
 def told_points(store: RunStore, event: str = TELL_EVENT) -> list[tuple[int, list[float]]]:
@@ -248,7 +295,7 @@ def run_level1(
     """
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    get_optimizer(cfg.optimizer.name)  # unknown optimiser: refused before anything is loaded
+    make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
     with open_run_store(run_dir, cfg.canonical(), cfg.seed, resume=resume) as store:
         ctx = Level1Context(cfg, store, log=stderr_logger(progress))
         try:
@@ -275,8 +322,6 @@ def search_level1(
     outputs go to ``out_dir``. Resumes from the ``level1_tell`` events already in the store."""
     start = time.perf_counter() if start is None else start
     cfg, store, log = ctx.cfg, ctx.store, ctx.log
-    opt_cls = get_optimizer(cfg.optimizer.name)
-    space = cfg.search_space
     k = len(ctx.objectives)
     log("scoring the base model and the experts (reference points)")
     refs_val, base, ideal = ctx.reference_points(ctx.validation)
@@ -285,9 +330,7 @@ def search_level1(
         log(f"WARNING: no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
             "rewards use it in raw units, and a merge must not fall below the base there to count")
 
-    optimizer = opt_cls(
-        space.dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **_optimizer_options(cfg, ctx, space.dim, k)
-    )
+    optimizer = make_optimizer(cfg)
     X: list[list[float]] = []
     Y: list[np.ndarray] = []
     ids: list[int] = []

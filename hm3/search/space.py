@@ -143,6 +143,12 @@ class SearchSpace(BaseModel):
         return list(value) if isinstance(value, list) else [value] * len(self.models)
 
     @property
+    def holds_simplex(self) -> bool:
+        """Whether every weight vector on the simplex lies inside the weight bounds (each holds [0, 1]):
+        then λ-weighted merges (HM3's ``coefficients = λ``) are points of this space."""
+        return all(lo <= 0.0 and hi >= 1.0 for lo, hi in self._model_bounds("weight_bounds"))
+
+    @property
     def bounds(self) -> torch.Tensor:
         """Physical ``[lower; upper]`` of each coordinate, shape ``2 × dim`` (float64)."""
         fields = ["weight_bounds"] + (["density_bounds"] if self.searches_density else [])

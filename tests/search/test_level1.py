@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from hm3.errors import ConfigError, StoreError
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.merge.engine import merge_to_disk
-from hm3.search.level1 import run_level1
+from hm3.search.level1 import make_optimizer, preference_design, run_level1
+from hm3.search.optimizers.random import sobol_points
 from hm3.search.pareto import non_dominated
 from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
@@ -73,9 +75,51 @@ def test_config_errors_reported_before_any_evaluation(setup, tmp_path):
         assert not (tmp_path / "never" / "hm3.sqlite").exists()
 
 
-def test_budget_below_initial_design_refused(setup, tmp_path):
-    with pytest.raises(ConfigError, match="budget"):
-        run_level1(parse_run_config(_config(setup, name="bo-mo", budget=3)), tmp_path / "r", progress=False)
+@pytest.mark.parametrize(
+    ("optimizer", "mention"),
+    [
+        ({"name": "bo-mo", "budget": 3}, "budget 3 must exceed the initial design"),
+        ({"name": "bo-mo", "options": {"initial_design": "latin"}}, "initial_design must be one of"),
+        ({"name": "random", "options": {"initial_design": "preferences"}}, "option of the BO optimisers"),
+        ({"name": "bo-mo", "options": {"acquisition": "ei"}}, "unknown optimiser option"),
+    ],
+)
+def test_optimizer_option_errors_refused_before_any_evaluation(setup, tmp_path, optimizer, mention):
+    with pytest.raises(ConfigError, match=mention):
+        run_level1(parse_run_config(_config(setup, **optimizer)), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "hm3.sqlite").exists()
+
+
+def test_preference_design_puts_the_weights_on_the_simplex(setup):
+    cfg = parse_run_config(_config(setup, name="bo-mo", budget=20, options={"initial_design": "preferences"}))
+    X = preference_design(cfg.search_space, 12, seed=3)
+    values = [cfg.search_space.decode(x) for x in X]
+    sums = [sum(w for row in v["weight"] for w in row) for v in values]
+    assert sums == pytest.approx([1.0] * 12)
+    densities = np.array([[d for row in v["density"] for d in row] for v in values])
+    assert densities.std(axis=0).min() > 0.1  # densities still spread (Sobol), not fixed
+    assert torch.equal(X, preference_design(cfg.search_space, 12, seed=3))  # a pure function of the seed
+    first = make_optimizer(cfg).ask(4)  # the run's design: budget-many points, first n_init evaluated
+    assert torch.equal(first, preference_design(cfg.search_space, 20, seed=cfg.seed)[:4])
+
+
+@pytest.mark.parametrize(
+    ("weight_bounds", "design", "expected"),
+    [
+        ([0.0, 1.0], None, "preferences"),  # auto: the simplex fits the bounds
+        ([0.0, 0.8], None, "sobol"),  # auto: λ = (1, 0) would fall outside them
+        ([0.0, 1.0], "sobol", "sobol"),
+    ],
+)
+def test_initial_design_auto_uses_preferences_where_the_simplex_fits(setup, weight_bounds, design, expected):
+    data = _config(setup, name="bo-mo", budget=20, options={"initial_design": design} if design else {})
+    data["search_space"]["weight_bounds"] = weight_bounds
+    cfg = parse_run_config(data)
+    first = make_optimizer(cfg).ask(3)
+    if expected == "preferences":
+        assert torch.equal(first, preference_design(cfg.search_space, 20, seed=cfg.seed)[:3])
+    else:
+        assert torch.equal(first, sobol_points(cfg.search_space.dim, seed=cfg.seed, start=0, n=3))
 
 
 def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):

@@ -120,6 +120,15 @@ def test_dirichlet_preferences_are_on_the_simplex_and_seeded():
     assert torch.equal(lam, dirichlet_preferences(50, 3, seed=0))
 
 
+@pytest.mark.parametrize("name", ["bo-mo", "bo-tcheby", "df-merge"])
+def test_bo_initial_design_uses_given_points_then_the_model(name):
+    points = torch.rand(7, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    opt = get_optimizer(name)(D, 2, seed=0, budget=9, **(_options(name, 9) | {"initial_points": points}))
+    X, _ = run(opt, normalised_scores, batch_size=2)
+    assert torch.equal(X[:6], points[:6])  # n_init = 6 of the 7 given, in order
+    assert not any(torch.allclose(X[6], p) for p in points)  # then the surrogate's own choice
+
+
 def test_df_merge_scalarises_with_given_weights():
     opt = get_optimizer("df-merge")(D, 2, seed=0, budget=12, weights=[0.25, 0.75])
     assert opt.n_init == 10
@@ -137,6 +146,8 @@ def test_df_merge_scalarises_with_given_weights():
         ("df-merge", {"weights": [0.2, 0.2]}, 20, "sums to 0.4"),
         ("nsga2", {"pop_size": 20}, 10, "smaller than one population"),
         ("hm3-fixed", {"points": [[0.5, 0.5, 0.5]]}, 2, "exceeds the 1 fixed point"),
+        ("bo-mo", {"n_init": 3, "initial_points": [[0.5, 0.5, 0.5]] * 2}, 8, "at least n_init = 3 points"),
+        ("bo-mo", {"n_init": 1, "initial_points": [[0.5, 1.5, 0.5]]}, 8, "must lie in the unit cube"),
         ("random", {"colour": 1}, 5, "unknown optimiser option"),
         ("random", {}, 0, "budget must be >= 1"),
     ],

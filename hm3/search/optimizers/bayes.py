@@ -1,4 +1,9 @@
-"""What the three BO methods share: a Sobol initial design, GP surrogates, acquisition optimisation.
+"""What the three BO methods share: an initial design, GP surrogates, acquisition optimisation.
+
+The initial design is a scrambled Sobol sequence over the unit cube unless the driver
+passes ``initial_points`` (the run config's ``initial_design: preferences``, built by
+:func:`hm3.search.level1.preference_design`): then the first ``n_init`` of those are
+evaluated instead, and the surrogate takes over from there as usual.
 
 Surrogates are botorch ``SingleTaskGP`` with a Matérn-5/2 ARD kernel (Gamma priors, as
 botorch used by default before 0.12 and as DF-Merge uses) and ``Standardize`` on the
@@ -57,7 +62,7 @@ def unit_bounds(d: int) -> torch.Tensor:
 
 
 class BayesOptimizer(Optimizer):
-    """Sobol initial design of ``n_init`` points, then one model-based step per ask."""
+    """An initial design of ``n_init`` points (Sobol or given), then one model-based step per ask."""
 
     def __init__(
         self,
@@ -72,7 +77,9 @@ class BayesOptimizer(Optimizer):
         self.n_init = int(options.pop("n_init", default_n_init))
         self.num_restarts = int(options.pop("num_restarts", 4))
         self.raw_samples = int(options.pop("raw_samples", 128))
+        initial = options.pop("initial_points", None)
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        self.initial_points = None if initial is None else torch.as_tensor(initial, dtype=DTYPE)
         if self.n_init < 1:
             raise ConfigError(f"{self.name}: n_init must be >= 1, got {self.n_init}")
         if self.n_init >= budget:
@@ -80,10 +87,21 @@ class BayesOptimizer(Optimizer):
                 f"{self.name}: budget {budget} must exceed the initial design of n_init = {self.n_init} "
                 "points (the budget counts the initial design)"
             )
+        if self.initial_points is not None:
+            ip = self.initial_points
+            if ip.ndim != 2 or ip.shape[1] != space_dim or len(ip) < self.n_init:
+                raise ConfigError(
+                    f"{self.name}: initial_points must be at least n_init = {self.n_init} points of "
+                    f"dimension {space_dim}, got shape {tuple(ip.shape)}"
+                )
+            if ((ip < 0) | (ip > 1)).any():
+                raise ConfigError(f"{self.name}: initial_points must lie in the unit cube")
 
     def _ask(self, n: int) -> torch.Tensor:
         if self.n_evaluated < self.n_init:  # stop at the design's end: the model needs its results
             m = min(n, self.n_init - self.n_evaluated)
+            if self.initial_points is not None:
+                return self.initial_points[self.n_evaluated : self.n_evaluated + m].clone()
             return sobol_points(self.d, seed=self.seed, start=self.n_evaluated, n=m)
         return self._model_ask(n)
 
