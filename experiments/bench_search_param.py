@@ -69,11 +69,10 @@ def run_config(zoo: Path, optimizer: str, seed: int, budget: int, args: argparse
 
 
 def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args, fisher: bool = False) -> dict:
-    tag = options_tag(args.bo_options) if optimizer == "bo-mo" else ""
     if optimizer == SOBOL_ARM:
         optimizer = "bo-mo"
         args = argparse.Namespace(**{**vars(args), "bo_options": {**args.bo_options, "initial_design": "sobol"}})
-        tag = options_tag(args.bo_options)
+    tag = options_tag(args.bo_options) if optimizer == "bo-mo" else ""
     name = f"{optimizer}{'-fisher' if fisher else ''}{tag}-s{seed}-b{budget}"
     run_dir = work / name
     summary_file = run_dir / "summary.json"

@@ -38,6 +38,7 @@ from hm3.eval.backend import open_backend
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
 from hm3.search.optimizers import Optimizer, get_optimizer
+from hm3.search.optimizers.bayes import BayesOptimizer
 from hm3.search.optimizers.random import sobol_points
 from hm3.search.pareto import degenerate_objectives, non_dominated, normalise, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences
@@ -222,8 +223,6 @@ def _optimizer_options(cfg: RunConfig, k: int) -> dict[str, Any]:
             )
         lams = dirichlet_preferences(cfg.optimizer.budget, k, seed=cfg.seed)
         opts["points"] = torch.stack([cfg.search_space.fixed_coefficients(lam.tolist()) for lam in lams])
-    from hm3.search.optimizers.bayes import BayesOptimizer  # botorch: imported only where BO runs
-
     is_bo = issubclass(get_optimizer(cfg.optimizer.name), BayesOptimizer)
     design = opts.pop("initial_design", "auto")
     if design not in INITIAL_DESIGNS:

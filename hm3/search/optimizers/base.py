@@ -30,6 +30,12 @@ from hm3.errors import ConfigError
 DTYPE = torch.float64
 
 
+def require_unit_cube(points: torch.Tensor, what: str) -> None:
+    """Refuse given points (fixed points, an initial design) outside ``[0, 1]^d``, naming them."""
+    if ((points < 0) | (points > 1)).any():
+        raise ConfigError(f"{what} must lie in the unit cube")
+
+
 class Optimizer(ABC):
     """Ask/tell optimiser over the unit cube with exact budget accounting."""
 

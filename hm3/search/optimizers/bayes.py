@@ -27,7 +27,7 @@ from botorch.optim import optimize_acqf
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer
+from hm3.search.optimizers.base import DTYPE, Optimizer, require_unit_cube
 from hm3.search.optimizers.random import sobol_points
 
 #: Quasi-MC samples for the Monte-Carlo acquisition functions.
@@ -94,8 +94,7 @@ class BayesOptimizer(Optimizer):
                     f"{self.name}: initial_points must be at least n_init = {self.n_init} points of "
                     f"dimension {space_dim}, got shape {tuple(ip.shape)}"
                 )
-            if ((ip < 0) | (ip > 1)).any():
-                raise ConfigError(f"{self.name}: initial_points must lie in the unit cube")
+            require_unit_cube(ip, f"{self.name}: initial_points")
 
     def _ask(self, n: int) -> torch.Tensor:
         if self.n_evaluated < self.n_init:  # stop at the design's end: the model needs its results

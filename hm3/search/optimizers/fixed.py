@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer
+from hm3.search.optimizers.base import DTYPE, Optimizer, require_unit_cube
 
 
 class Fixed(Optimizer):
@@ -31,8 +31,7 @@ class Fixed(Optimizer):
         if self.points is None or len(self.points) < budget:
             n = 0 if self.points is None else len(self.points)
             raise ConfigError(f"hm3-fixed: budget {budget} exceeds the {n} fixed point(s) given")
-        if ((self.points < 0) | (self.points > 1)).any():
-            raise ConfigError("hm3-fixed: points must lie in the unit cube")
+        require_unit_cube(self.points, "hm3-fixed: points")
 
     def _ask(self, n: int) -> torch.Tensor:
         return self.points[self.n_evaluated : self.n_evaluated + n].clone()
