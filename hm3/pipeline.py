@@ -20,15 +20,15 @@ replayed since then find their scores in the store.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,6 +63,9 @@ from hm3.search.posterior import POSTERIOR_FILE, fit_level1_posterior
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
+
+if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
+    import pandas as pd
 
 #: Bumped when the layout of a run directory changes; other versions are refused with a message.
 RUN_FORMAT = 1
@@ -387,6 +390,8 @@ def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dic
         table.append(val_rows[cid] | {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
                      | {"file": str(file.relative_to(run_dir))})
     run.ctx.restore_live_model()
+    import pandas as pd
+
     df = pd.DataFrame(table).sort_values(f"{names[0]}_val", ascending=False)
     write_csv(df, run_dir / "front.csv")
     write_csv(pd.DataFrame(list(val_rows.values())), run_dir / "candidates.csv")
@@ -439,8 +444,8 @@ def path_point_file(recipe: dict[str, Any], store: RunStore, cfg: RunConfig) -> 
 # --- reading a finished run -------------------------------------------------------------------------
 
 
-def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The front table and summary of a finished run (refuses unfinished runs, naming what is missing)."""
+def finished_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The summary of a finished run (refuses unfinished runs, naming what is missing)."""
     run_dir = Path(run_dir)
     if not (run_dir / STORE_FILE).is_file():
         raise ConfigError(f"{run_dir} is not a run directory ({STORE_FILE} not found)")
@@ -453,13 +458,30 @@ def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             f"{run_dir} holds an unfinished run ({', '.join(missing)} missing; stages done: "
             f"{', '.join(done) or 'none'}); finish it with: hm3 run CONFIG.yml {run_dir} --resume"
         )
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return pd.read_csv(run_dir / "front.csv"), summary
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The front table and summary of a finished run (refuses unfinished runs, naming what is missing)."""
+    import pandas as pd
+
+    summary = finished_summary(run_dir)
+    return pd.read_csv(Path(run_dir) / "front.csv"), summary
+
+
+def read_front_rows(run_dir: str | Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """:func:`read_front` as rows of strings, for callers that must start fast (a preference
+    request): the standard library's csv reader instead of pandas."""
+    summary = finished_summary(run_dir)
+    with open(Path(run_dir) / "front.csv", newline="") as f:
+        return list(csv.DictReader(f)), summary
 
 
 def replot(run_dir: str | Path) -> Path:
     """front.png again from candidates.csv, front.csv and the summary's reference scores."""
     run_dir = Path(run_dir)
+    import pandas as pd
+
     df, summary = read_front(run_dir)
     cands = pd.read_csv(run_dir / "candidates.csv")
     names = summary["objectives"]

@@ -7,11 +7,14 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from hm3.atomic import atomic_write_text
+
+if TYPE_CHECKING:  # pandas only for the hint: importing it costs a preference request ~0.5 s
+    import pandas as pd
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:

@@ -47,7 +47,7 @@ from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError
-from hm3.pipeline import POLICY_FILE, path_point_file, read_front, stored_two_level_config
+from hm3.pipeline import POLICY_FILE, path_point_file, read_front_rows, stored_two_level_config
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
@@ -159,7 +159,7 @@ def answer_request(
         raise ConfigError(f"--refine must be >= 0, got {refine}")
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
-    front, summary = read_front(run_dir)
+    front, summary = read_front_rows(run_dir)
     names = summary["objectives"]
     lam, notes = parse_preference(prefer, names)
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
@@ -170,8 +170,8 @@ def answer_request(
     with RunStore.open(run_dir, readonly=True) as store:
         cfg = stored_two_level_config(store)
         options: list[tuple[float, str, str, np.ndarray, Any]] = []
-        for _, row in front.iterrows():
-            raw = np.array([row[f"{n}_val"] for n in names])
+        for row in front:
+            raw = np.array([float(row[f"{n}_val"]) for n in names])
             cid = int(row["point"])
             options.append((weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {row['level']})",
                             row["kind"], raw, cid))

@@ -164,6 +164,26 @@ def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, caps
     assert "0 new evaluations" in capsys.readouterr().out
 
 
+def test_request_budget_0_in_a_fresh_process_leaves_the_search_libraries_unimported(finished, tmp_path):
+    """A fresh ``hm3 request`` pays for every import: budget 0 needs neither the BO stack (the saved
+    posterior predictions stand in for the GPs) nor pandas, which cost seconds on a 2-core CPU."""
+    import subprocess
+    import sys
+
+    run, summary = finished
+    names = summary["objectives"]
+    script = (
+        "import sys\n"
+        "from hm3.cli import main\n"
+        f"rc = main(['request', {str(run)!r}, '--prefer', '{names[0]}=0.4,{names[1]}=0.6', {str(tmp_path / 'a')!r},"
+        " '--quiet'])\n"
+        "print(rc, sorted(m for m in ('botorch', 'gpytorch', 'pandas', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+    assert (tmp_path / "a" / "config.json").is_file()
+
+
 def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
     run, summary = finished
     names = summary["objectives"]
@@ -345,7 +365,7 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     from hm3.materialise import write_merge
     from hm3.search.level1 import recipe_with_paths
     from hm3.search.optimizers.bayes import make_gp
-    from hm3.search.posterior import POSTERIOR_FILE, posterior_option
+    from hm3.search.posterior import POSTERIOR_FILE, posterior_option, upgrade_posterior_file
 
     run, summary = finished
     saved = torch.load(run / "level1" / POSTERIOR_FILE, weights_only=False)
@@ -361,6 +381,17 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     bound, recipe, predicted = posterior_option(saved, cfg.level1.search_space, np.array([0.5, 0.5]), base, ideal)
     assert np.isfinite(bound) and predicted.shape == (2,)
+    # the saved grid predictions are the GPs' own: a run saved without them (older hm3) rebuilds the
+    # GPs and gets the same proposal
+    older = {k: saved[k] for k in ("X", "F", "gp_states")}
+    again = posterior_option(older, cfg.level1.search_space, np.array([0.5, 0.5]), base, ideal)
+    assert again[0] == pytest.approx(bound, abs=1e-9) and again[1] == recipe
+    np.testing.assert_allclose(again[2], predicted, atol=1e-9)
+    torch.save(older, tmp_path / "old.pt")
+    assert upgrade_posterior_file(tmp_path / "old.pt") and not upgrade_posterior_file(tmp_path / "old.pt")
+    upgraded = torch.load(tmp_path / "old.pt", weights_only=False)
+    for key in ("grid", "mean", "variance"):
+        torch.testing.assert_close(upgraded[key], saved[key])
     parse_merge_config(recipe_with_paths(recipe, cfg.level1.models))
     assert (write_merge(recipe_with_paths(recipe, cfg.level1.models), tmp_path / "m") / "config.json").is_file()
 

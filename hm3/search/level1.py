@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 
@@ -38,7 +37,6 @@ from hm3.eval.backend import open_backend
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
 from hm3.search.optimizers import Optimizer, get_optimizer
-from hm3.search.optimizers.bayes import BayesOptimizer
 from hm3.search.optimizers.random import sobol_points
 from hm3.search.pareto import degenerate_objectives, non_dominated, normalise, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences
@@ -223,6 +221,8 @@ def _optimizer_options(cfg: RunConfig, k: int) -> dict[str, Any]:
             )
         lams = dirichlet_preferences(cfg.optimizer.budget, k, seed=cfg.seed)
         opts["points"] = torch.stack([cfg.search_space.fixed_coefficients(lam.tolist()) for lam in lams])
+    from hm3.search.optimizers.bayes import BayesOptimizer  # here: botorch stays out of a request's imports
+
     is_bo = issubclass(get_optimizer(cfg.optimizer.name), BayesOptimizer)
     design = opts.pop("initial_design", "auto")
     if design not in INITIAL_DESIGNS:
@@ -423,6 +423,8 @@ def write_outputs(
         row |= {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
         row["recipe"] = str(recipe_path.relative_to(run_dir))
         rows.append(row)
+    import pandas as pd  # here: a preference request imports this module and needs no pandas
+
     df = pd.DataFrame(rows).sort_values(f"{names[0]}_val", ascending=False)
     write_csv(df, run_dir / "front.csv")
     test_front = df[[f"{n}_test" for n in names]].to_numpy()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers import OPTIMIZERS, get_optimizer, run, tchebycheff
+from hm3.search.optimizers import OPTIMIZERS, get_optimizer, run
+from hm3.search.optimizers.bo_tcheby import tchebycheff
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences
 
@@ -43,6 +44,11 @@ def _options(name: str, budget: int) -> dict:
 
 def _make(name: str, *, budget: int, seed: int = 0):
     return get_optimizer(name)(D, 2, seed=seed, budget=budget, **_options(name, budget))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_registry_names_match_the_classes(name):
+    assert get_optimizer(name).name == name
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
