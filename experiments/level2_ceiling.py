@@ -37,6 +37,7 @@ from hm3.arch.level2 import PathEvaluator, PoolSet
 from hm3.arch.path import LayerPath
 from hm3.atomic import atomic_write_text
 from hm3.pipeline import TwoLevelRun, stored_two_level_config
+from hm3.search.level1 import make_optimizer
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.store import RunStore
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with RunStore.open(work) as store:
         cfg = stored_two_level_config(store)
-        run = TwoLevelRun(cfg, work, store, log=lambda m: None, progress=False)
+        run = TwoLevelRun(cfg, work, store, log=lambda m: None, progress=False,
+                          optimizer=make_optimizer(cfg.level1))
         scores, base, ideal = run.level1(resume=True)  # read back: level 1 is finished
         ids = list(scores)
         y1 = np.stack([scores[i] for i in ids])

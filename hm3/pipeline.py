@@ -58,6 +58,7 @@ from hm3.search.level1 import (
     search_level1,
     stderr_logger,
 )
+from hm3.search.optimizers import Optimizer
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
 from hm3.search.posterior import POSTERIOR_FILE, fit_level1_posterior
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
@@ -165,8 +166,9 @@ class TwoLevelRun:
     """State shared by the stages of one run (store, models, evaluators)."""
 
     def __init__(self, cfg: TwoLevelConfig, run_dir: Path, store: RunStore, log: Callable[[str], None],
-                 progress: bool):
+                 progress: bool, optimizer: Optimizer):
         self.cfg, self.run_dir, self.store, self.log, self.progress = cfg, run_dir, store, log, progress
+        self.optimizer = optimizer  # level 1's, fresh
         self.l2 = cfg.level2
         self.rl = cfg.level2.rl
         self.ctx = Level1Context(cfg.level1, store, log=log)
@@ -181,7 +183,8 @@ class TwoLevelRun:
         if self.l2.pool == "experts":
             _, base, ideal = self.ctx.reference_points(self.ctx.validation)
             return {}, base, ideal
-        result = search_level1(self.ctx, self.run_dir / "level1", resume=resume, progress=self.progress)
+        result = search_level1(self.ctx, self.run_dir / "level1", self.optimizer, resume=resume,
+                               progress=self.progress)
         scores = dict(zip(result.candidate_ids, result.Y, strict=True))
         posterior_file = self.run_dir / "level1" / POSTERIOR_FILE
         if not posterior_file.is_file():  # the BO posterior budget-0 requests draw on (hm3/request.py)
@@ -262,9 +265,9 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     start = time.perf_counter()
     log = stderr_logger(progress)
     check_depth(cfg)  # before the store, the models and any evaluation
-    make_optimizer(cfg.level1)  # likewise the optimiser and its options
+    optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
-        run = TwoLevelRun(cfg, run_dir, store, log, progress)
+        run = TwoLevelRun(cfg, run_dir, store, log, progress, optimizer)
         try:
             return _run_stages(cfg, run, store, resume, start, log)
         finally:

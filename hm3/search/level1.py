@@ -294,11 +294,12 @@ def run_level1(
     """
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
+    optimizer = make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
     with open_run_store(run_dir, cfg.canonical(), cfg.seed, resume=resume) as store:
         ctx = Level1Context(cfg, store, log=stderr_logger(progress))
         try:
-            return search_level1(ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after, start=start)
+            return search_level1(ctx, run_dir, optimizer, resume=resume, progress=progress, stop_after=stop_after,
+                                 start=start)
         finally:
             ctx.backend.close()  # a vLLM engine holds process-wide state until closed
 
@@ -311,6 +312,7 @@ def stderr_logger(enabled: bool) -> Callable[[str], None]:
 def search_level1(
     ctx: Level1Context,
     out_dir: Path,
+    optimizer: Optimizer,
     *,
     resume: bool,
     progress: bool = True,
@@ -318,7 +320,9 @@ def search_level1(
     start: float | None = None,
 ) -> Level1Result:
     """The level-1 loop over an open context (its store may be shared with a two-level run);
-    outputs go to ``out_dir``. Resumes from the ``level1_tell`` events already in the store."""
+    outputs go to ``out_dir``. ``optimizer`` is fresh (:func:`make_optimizer`, which the callers run
+    before opening anything so option errors come first); the ``level1_tell`` events already in the
+    store are replayed into it, which is how a run resumes."""
     start = time.perf_counter() if start is None else start
     cfg, store, log = ctx.cfg, ctx.store, ctx.log
     k = len(ctx.objectives)
@@ -329,7 +333,8 @@ def search_level1(
         log(f"WARNING: no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
             "rewards use it in raw units, and a merge must not fall below the base there to count")
 
-    optimizer = make_optimizer(cfg)
+    if optimizer.n_evaluated:
+        raise ValueError("search_level1 needs a fresh optimizer: the run store's history is replayed into it")
     X: list[list[float]] = []
     Y: list[np.ndarray] = []
     ids: list[int] = []
