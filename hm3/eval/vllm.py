@@ -204,6 +204,10 @@ class VLLMBackend:
             # weights") and the logits keep the old embedding; loading the embedding under the head's
             # name too re-packs it (tests/eval/test_vllm.py checks the swapped model against transformers).
             updates[LM_HEAD] = updates[self._tied_embedding]
+        # vLLM may log "RotaryEmbedding: Failed to load weights" here (SmolLM2): its rotary layer holds a
+        # computed cos/sin cache that no checkpoint carries, and the reloader puts the layer's previous
+        # tensors back (vllm/model_executor/model_loader/reload/layerwise.py), which is right: merging
+        # changes no rotary setting. Swapped outputs match transformers' (tests/eval/test_vllm.py).
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(updates.items())})
         self.llm.reset_prefix_cache()
 
