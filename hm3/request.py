@@ -55,6 +55,7 @@ from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.store import RunStore, content_hash
 
 REFINE_EVENT = "request_merge"
+REQUEST_RECORD = "hm3_request.json"  # written into OUT_DIR beside the model
 _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
 
 
@@ -209,7 +210,16 @@ def answer_request(
         with RunStore.open(run_dir, readonly=True) as store:
             point = path_point_file(stored, store, cfg.level1)
         write_path(point, out_dir, overwrite=overwrite)
-        atomic_write_text(out_dir / "hm3_request.json", json.dumps({"lam": lam.tolist(), "source": source}, indent=2))
+    # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
+    scores = measured if measured is not None else raw
+    record = {
+        "run": str(run_dir.resolve()), "preference": dict(zip(names, lam.tolist(), strict=True)), "notes": notes,
+        "budget": budget, "refine": refine, "new_evaluations": evaluations, "answer": source, "kind": kind,
+        "validation_scores": dict(zip(names, np.asarray(scores, dtype=float).tolist(), strict=True)),
+        "scores_are": "measured" if measured is not None else "predicted (stored)",
+        "weighted_normalised_score": score,
+    }
+    atomic_write_text(out_dir / REQUEST_RECORD, json.dumps(record, indent=2))
     return RequestAnswer(
         lam=lam, source=source, kind=kind, predicted=None if measured is not None else raw, measured=measured,
         out_dir=out_dir, evaluations=evaluations, seconds=time.perf_counter() - start, notes=notes,

@@ -152,6 +152,11 @@ def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, caps
         assert len(store.evaluations()) == before
     assert ans.evaluations == 0 and ans.predicted is not None and ans.measured is None
     assert (tmp_path / "answer" / "config.json").is_file()
+    record = json.loads((tmp_path / "answer" / "hm3_request.json").read_text())
+    assert record["preference"] == {names[0]: pytest.approx(0.7), names[1]: pytest.approx(0.3)}
+    assert record["answer"] == ans.source and record["new_evaluations"] == 0
+    assert record["scores_are"].startswith("predicted")
+    assert list(record["validation_scores"].values()) == pytest.approx(list(ans.predicted))
     assert elapsed < 30  # generous: the benchmark measures the real latency
     # the answer is the best predicted option for λ: no front point is better on Σ λ f̂
     front = pd.read_csv(run / "front.csv")
@@ -191,6 +196,10 @@ def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
         before = len(store.evaluations())
     ans = answer_request(run, f"{names[0]}=0.2,{names[1]}=0.8", tmp_path / "tuned", budget=4, progress=False)
     assert ans.measured is not None and ans.evaluations >= 4
+    record = json.loads((tmp_path / "tuned" / "hm3_request.json").read_text())
+    assert record["scores_are"] == "measured" and record["budget"] == 4
+    assert record["new_evaluations"] == ans.evaluations
+    assert list(record["validation_scores"].values()) == pytest.approx(list(ans.measured))
     with RunStore.open(run, readonly=True) as store:
         assert len(store.evaluations()) > before
         assert store.events("request")
