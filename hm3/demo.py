@@ -11,8 +11,11 @@
 3. A preference request at budget 0 (``math=0.6,code=0.3,translation=0.1``), written as a
    Hugging Face checkpoint.
 
-The config is written beside the run (``OUT/config.yml``), so the same run can be repeated or
-resumed with ``hm3 run OUT/config.yml OUT/run --resume``.
+The config is written beside the run (``OUT/config.yml``). Running the demo again with the same
+config resumes that run (``hm3 run OUT/config.yml OUT/run --resume``): a demo killed half-way
+continues where it stopped, and a finished one is read back from its run store without a new
+evaluation, then prints its front and answers the request again. An OUT holding another config
+is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from hm3.atomic import atomic_write_text
 from hm3.errors import OutputExistsError
 
 #: Sized to finish well within 15 minutes on 2 CPU cores including the zoo's build
@@ -47,25 +51,32 @@ DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
 def run_demo(out: Path, *, zoo: Path | None = None, size: str = "micro", overwrite: bool = False) -> Path:
     from hm3.pipeline import parse_two_level_config, read_front, run_two_level
     from hm3.request import answer_request
+    from hm3.search.level1 import STORE_FILE
     from hm3.zoo.build import build_zoo
 
     start = time.perf_counter()
     zoo = zoo or Path("runs") / f"zoo-{size}"
-    run_dir, request_dir = out / "run", out / "request-model"
-    if run_dir.exists():
-        if not overwrite:
-            raise OutputExistsError(
-                f"demo output already exists: {out} (use --overwrite to replace it, or resume it with "
-                f"hm3 run {out / 'config.yml'} {run_dir} --resume)"
-            )
+    run_dir, request_dir, config_file = out / "run", out / "request-model", out / "config.yml"
+    data = {"zoo": str(zoo.resolve()), **DEMO_CONFIG}
+    resume = False
+    if run_dir.exists() and overwrite:
         shutil.rmtree(out)
+    elif run_dir.exists():
+        earlier = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+        if earlier != data:
+            raise OutputExistsError(
+                f"demo output already exists: {out}, from another demo config ({config_file} "
+                f"{'differs' if earlier is not None else 'is missing'}); use --overwrite to replace it, "
+                f"or --out for a new folder"
+            )
+        resume = (run_dir / STORE_FILE).is_file()  # else it stopped before its first evaluation
     print(f"[demo] 1/3 the {size} model zoo in {zoo} (built locally, reused when already there)", flush=True)
     build_zoo(zoo, size=size, seed=0)
-    data = {"zoo": str(zoo.resolve()), **DEMO_CONFIG}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yml").write_text(yaml.safe_dump(data, sort_keys=False))
-    print(f"[demo] 2/3 two-level search -> {run_dir} (config: {out / 'config.yml'})", flush=True)
-    summary = run_two_level(parse_two_level_config(data, source="demo config"), run_dir)
+    atomic_write_text(config_file, yaml.safe_dump(data, sort_keys=False))
+    what = "resuming the earlier demo run (same config; nothing evaluated twice)" if resume else "two-level search"
+    print(f"[demo] 2/3 {what} -> {run_dir} (config: {config_file})", flush=True)
+    summary = run_two_level(parse_two_level_config(data, source="demo config"), run_dir, resume=resume)
     front, _ = read_front(run_dir)
     import pandas as pd
 

@@ -23,7 +23,19 @@ def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp
     summary = json.loads((run / "summary.json").read_text())
     assert summary["candidates"] > 30 and len(summary["level2_paths"]) >= 3  # both levels ran
     assert "[demo] answer:" in printed and "predicted validation scores" in printed
-    with pytest.raises(OutputExistsError, match="--resume"):
-        from hm3.demo import run_demo
+    from hm3.demo import run_demo
+    from hm3.store import RunStore
 
-        run_demo(out, zoo=micro_zoo_dir, size="micro")
+    # line 1 of the README again: the same config resumes the finished run, evaluating nothing twice
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    run_demo(out, zoo=micro_zoo_dir, size="micro")
+    again = capsys.readouterr().out
+    assert "resuming the earlier demo run" in again and "[demo] answer:" in again
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) == before
+    assert pd.read_csv(run / "front.csv").equals(front)
+    # another config in the same folder is refused before anything is built or run
+    with pytest.raises(OutputExistsError, match="another demo config.*--overwrite"):
+        run_demo(out, zoo=tmp_path / "another-zoo", size="micro")
+    assert not (tmp_path / "another-zoo").exists()
