@@ -343,7 +343,9 @@ def search_level1(
         y = ctx.scorer.cached(cid, ctx.validation)
         if y is None:
             raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")
-        optimizer.tell(torch.tensor([x]), torch.tensor(normalise(y[None], base, ideal)))
+        # float64 as asked: torch.tensor(list) would make float32, and a model-based optimiser's next
+        # point depends on every digit of its history (a resumed run must ask what an uninterrupted one did)
+        optimizer.tell(torch.tensor([x], dtype=torch.float64), torch.tensor(normalise(y[None], base, ideal)))
         X.append(x)
         Y.append(y)
         ids.append(cid)

@@ -159,3 +159,19 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_h
     straight = run_level1(parse_run_config(yaml.safe_load(cfg_path.read_text())), tmp_path / "straight", progress=False)
     np.testing.assert_allclose(resumed.X, straight.X, rtol=0, atol=0)
     np.testing.assert_allclose(resumed.Y, straight.Y, rtol=0, atol=0)
+
+
+def test_resumed_bo_run_asks_exactly_the_points_of_an_uninterrupted_one(setup, tmp_path):
+    """A model-based optimiser's next point depends on every digit of the history it is told: the
+    replay after a stop must hand it the float64 points it asked, not float32 copies (which once
+    moved a resumed demo's BO step by 4e-4 and its whole front after it)."""
+    data = _config(setup, name="bo-mo", budget=5, options={"n_init": 2, "num_restarts": 2, "raw_samples": 16})
+
+    def told(run) -> list[list[float]]:
+        with RunStore.open(run, readonly=True) as store:
+            return [e.payload["x"] for e in store.events("level1_tell")]
+
+    run_level1(parse_run_config(data), tmp_path / "straight", progress=False)
+    run_level1(parse_run_config(data), tmp_path / "stopped", progress=False, stop_after=3)  # design + 1 BO step
+    run_level1(parse_run_config(data), tmp_path / "stopped", resume=True, progress=False)
+    assert told(tmp_path / "stopped") == told(tmp_path / "straight")
