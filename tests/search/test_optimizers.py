@@ -192,3 +192,29 @@ def test_bo_mo_beats_random_in_hypervolume_at_equal_budget():
             front = F[non_dominated(F)]
             hv[name].append(protocol_hypervolume(front, BASE.numpy(), IDEAL.numpy()))
     assert np.mean(hv["bo-mo"]) > np.mean(hv["random"]), hv
+
+
+def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(tmp_path, monkeypatch, capsys):
+    """torch's cpp_extension lock left by a process killed while botorch built its kernel made every
+    later run wait forever (seen in session 6 after a kill -9 during a demo's first bo-mo step)."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    from hm3.search.optimizers.bayes import clear_stale_kernel_lock
+
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    lock = tmp_path / "logei_fused_ext" / "lock"
+    assert clear_stale_kernel_lock() is None  # no lock: nothing to do
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_kernel_lock() == lock and not lock.exists()
+    assert "stale build lock" in capsys.readouterr().err
+    lock.touch()  # young: waited for until it counts as stale
+    start = time.monotonic()
+    assert clear_stale_kernel_lock(stale_after=0.5, poll=0.1) == lock
+    assert time.monotonic() - start >= 0.3
+    assert "waiting for botorch's fused-kernel build lock" in capsys.readouterr().err

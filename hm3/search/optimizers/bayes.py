@@ -14,7 +14,10 @@ acquisition optimiser uses few restarts and raw samples (``num_restarts=4``,
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +58,54 @@ def fit_gp(X: torch.Tensor, y: torch.Tensor) -> SingleTaskGP:
         warnings.simplefilter("ignore")
         fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
     return model
+
+
+#: A build of botorch's fused qLogNEHVI kernel takes ~1 min on 2 cores; a build lock older than this
+#: was left by a killed process.
+STALE_BUILD_LOCK_SECONDS = 300.0
+_kernel_lock_checked = False
+
+
+def clear_stale_kernel_lock(*, stale_after: float = STALE_BUILD_LOCK_SECONDS, poll: float = 1.0) -> Path | None:
+    """Remove the build lock of botorch's fused kernel if a killed process left it; the path if removed.
+
+    botorch builds (or re-checks) its fused C++ kernel with torch's ``cpp_extension``, which holds a
+    lock file in the build directory meanwhile. A process killed in that window (the first
+    ``bo-mo`` step of a run: ~1 min whenever the kernel is rebuilt) leaves the file behind, and
+    every later process then waits on it forever without a word. Here a young lock is waited for
+    (another process may be building), saying so; one older than ``stale_after`` is removed.
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private, so guarded
+
+        lock = Path(_get_build_directory("logei_fused_ext", verbose=False)) / "lock"
+    except Exception:  # noqa: BLE001 - a torch without this helper: nothing to check
+        return None
+    told = False
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the other process finished
+            return None
+        if age >= stale_after:
+            lock.unlink(missing_ok=True)
+            print(f"[hm3] removed a stale build lock of botorch's fused kernel ({age:.0f} s old, left by a "
+                  f"killed process): {lock}", file=sys.stderr, flush=True)
+            return lock
+        if not told:
+            print(f"[hm3] waiting for botorch's fused-kernel build lock {lock} (another process is building; "
+                  f"taken as stale after {stale_after:.0f} s)", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(poll, stale_after - age))
+    return None
+
+
+def check_kernel_lock_once() -> None:
+    """:func:`clear_stale_kernel_lock`, once per process (the first model-based ``bo-mo`` step)."""
+    global _kernel_lock_checked
+    if not _kernel_lock_checked:
+        _kernel_lock_checked = True
+        clear_stale_kernel_lock()
 
 
 def unit_bounds(d: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from botorch.sampling import SobolQMCNormalSampler
 
 from hm3.errors import ConfigError
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, fit_gp
+from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, check_kernel_lock_once, fit_gp
 
 
 class BoMo(BayesOptimizer):
@@ -39,6 +39,7 @@ class BoMo(BayesOptimizer):
             raise ConfigError(f"bo-mo: ref_point needs {n_objectives} entries, got {ref!r}")
 
     def _model_ask(self, n: int) -> torch.Tensor:
+        check_kernel_lock_once()  # qLogNEHVI loads botorch's fused kernel, which a killed build can block
         with self.seeded_torch():
             model = ModelListGP(*(fit_gp(self.X, self.Y[:, j : j + 1]) for j in range(self.k)))
             acqf = qLogNoisyExpectedHypervolumeImprovement(
