@@ -155,6 +155,10 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
     with RunStore.open(both_dir, readonly=True) as store:
         objectives = store.config()["level1"]["objectives"]
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    # a run saved by an hm3 that kept only the level-1 GPs' state gets their grid predictions (same GPs,
+    # same answers), so the fresh-process time is that of a run made today
+    if (both_dir / "level1" / POSTERIOR_FILE).is_file():
+        upgrade_posterior_file(both_dir / "level1" / POSTERIOR_FILE)
     rows = []
     for i, lam in enumerate(REQUEST_PREFS):
         lam = np.array(lam) / sum(lam)
@@ -200,7 +204,8 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         req_s = float(lam @ normalise(req_raw[None], base, ideal)[0])
         ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
         row = {"seed": seed, "lam": lam.tolist(), "request_answer": ans.source, "request_seconds": ans.seconds,
-               "request_cli_seconds": cli_seconds, "request_cli_answer": cli_answer, "request_scalarised": req_s, "dedicated_scalarised": ded_s,
+               "request_cli_seconds": cli_seconds, "request_cli_answer": cli_answer, "request_scalarised": req_s,
+               "dedicated_scalarised": ded_s,
                "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
                "dedicated_point_level": int(front.iloc[best]["level"]), "request_raw": req_raw.tolist(),
                "dedicated_raw": ded_raw.tolist()}
@@ -212,9 +217,7 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
 
 def cli_request(both_dir: Path, prefer: str, out_dir: Path) -> tuple[float, str]:
     """Wall time of ``hm3 request`` at budget 0 as a fresh process (start-up included), and its answer
-    line. A run saved by an hm3 that kept only the level-1 GPs' state gets their grid predictions
-    first (same GPs, same answers), so the time is that of a run made today."""
-    upgrade_posterior_file(both_dir / "level1" / POSTERIOR_FILE)
+    line."""
     start = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(both_dir), "--prefer", prefer,
                            str(out_dir) + "-cli", "--overwrite", "--quiet"], check=True, capture_output=True, text=True)

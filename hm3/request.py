@@ -213,7 +213,8 @@ def answer_request(
     # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
     scores = measured if measured is not None else raw
     record = {
-        "run": str(run_dir.resolve()), "preference": {n: round(v, 12) for n, v in zip(names, lam.tolist(), strict=True)}, "notes": notes,
+        "run": str(run_dir.resolve()),
+        "preference": {n: round(v, 12) for n, v in zip(names, lam.tolist(), strict=True)}, "notes": notes,
         "budget": budget, "refine": refine, "new_evaluations": evaluations, "answer": source, "kind": kind,
         "validation_scores": dict(zip(names, np.asarray(scores, dtype=float).tolist(), strict=True)),
         "scores_are": "measured" if measured is not None else "predicted (stored)",
