@@ -177,6 +177,10 @@ def test_protocol_errors():
         opt.tell(X, torch.zeros(1, 2))
     with pytest.raises(ValueError, match="NaN"):
         opt.tell(X, torch.full((2, 2), float("nan")))
+    for narrow in (X.float(), X.numpy().astype("float32"), X.half()):  # a narrower copy of the asked points
+        with pytest.raises(TypeError, match=r"tell\(\) got points as .*float(32|16).*pass them in float64"):
+            opt.tell(narrow, torch.zeros(2, 2))
+    opt.tell(X.tolist(), torch.zeros(2, 2))  # Python floats are float64: taken as they are
 
 
 @pytest.mark.slow

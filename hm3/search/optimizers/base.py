@@ -106,7 +106,19 @@ class Optimizer(ABC):
         return X
 
     def tell(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """Record evaluated points (the pending batch, or any history when replaying)."""
+        """Record evaluated points (the pending batch, or any history when replaying).
+
+        Points given in a float type narrower than float64 are refused, not upcast: a
+        float32 copy of an asked point differs from it in the last bits, and a BO
+        optimiser told that copy asks different points next (a resumed run once
+        diverged from the uninterrupted one that way).
+        """
+        dtype = getattr(X, "dtype", None)
+        if dtype is not None and _is_narrow_float(dtype):
+            raise TypeError(
+                f"{self.name}: tell() got points as {dtype}; pass them in float64 (as ask() returns "
+                "them): a narrower copy changes what a BO optimiser asks next"
+            )
         X = torch.as_tensor(X, dtype=DTYPE).reshape(-1, self.d)
         Y = torch.as_tensor(Y, dtype=DTYPE).reshape(-1, self.k)
         if len(X) != len(Y):
@@ -168,3 +180,12 @@ def run(
         if on_result is not None:
             on_result(X, Y)
     return optimizer.X, optimizer.Y
+
+
+def _is_narrow_float(dtype: Any) -> bool:
+    """True for torch or numpy floating dtypes of fewer than 64 bits."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point and torch.finfo(dtype).bits < 64
+    kind, size = getattr(dtype, "kind", ""), getattr(dtype, "itemsize", 8)
+    return kind == "f" and size < 8
+
