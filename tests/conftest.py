@@ -54,7 +54,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_zoo_dir(tmp_path_factory) -> Path:
-    """The real micro zoo, seed 0 (~40 s on 2 cores): built once per session (zoo tests, the demo)."""
+    """The real micro zoo, seed 0 (~75-145 s on 2 cores): built once per session (zoo tests, the demo)."""
     from hm3.zoo.build import build_zoo
 
     out = tmp_path_factory.mktemp("micro") / "zoo"

@@ -105,16 +105,27 @@ def train(
     return loss_value
 
 
-def expert_data(train_sets: Mapping[str, Sequence[Encoded]], task: str, replay_fraction: float) -> list[Encoded]:
+def expert_data(
+    train_sets: Mapping[str, Sequence[Encoded]],
+    task: str,
+    replay_fraction: float,
+    replay_weights: Mapping[str, float] | None = None,
+) -> list[Encoded]:
     """The expert's own training set plus ``replay_fraction`` of the pool from the other tasks.
 
     Replay keeps fine-tuning from overwriting what the base knows of the other
     tasks, so the task vectors interfere less when merged — as with real experts
-    fine-tuned from a strong base.
+    fine-tuned from a strong base. ``replay_weights`` (task -> relative share, 1 when
+    absent) splits the replay between the other tasks: replaying a task less keeps the
+    other experts from learning it, which is what its expert's margin needs.
     """
     own = list(train_sets[task])
     others = [t for t in train_sets if t != task]
     if not others or replay_fraction <= 0:
         return own
-    per_task = int(len(own) * replay_fraction / (1 - replay_fraction)) // len(others)
-    return own + [x for t in others for x in list(train_sets[t])[:per_task]]
+    total = int(len(own) * replay_fraction / (1 - replay_fraction))
+    weights = {t: (replay_weights or {}).get(t, 1.0) for t in others}
+    weight_sum = sum(weights.values())
+    if weight_sum <= 0:
+        return own
+    return own + [x for t in others for x in list(train_sets[t])[: int(total * weights[t] / weight_sum)]]

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from hm3.errors import ConfigError, OutputExistsError
-from hm3.zoo.build import MODELS, ZooManifest, best_merge, build_zoo, quality_bar, ties_states
+from hm3.zoo.build import (
+    MODELS,
+    TIES_DENSITIES,
+    TIES_WEIGHTS,
+    ZooManifest,
+    best_merge,
+    build_zoo,
+    quality_bar,
+    ties_states,
+)
 from hm3.zoo.spec import zoo_spec
 from objectives.zoo import ZOO_TASKS
 
@@ -33,8 +42,10 @@ def test_layout_manifest_and_models_load_with_transformers(quick_zoo):
     for split in ("scores_validation", "scores_test"):
         assert set(data[split]) == set(MODELS)
         assert all(set(row) == set(ZOO_TASKS) and all(0 <= v <= 1 for v in row.values()) for row in data[split].values())
-    assert len(data["ties_grid"]) == 9 and data["ties_best"]["merge"] in {g["merge"] for g in data["ties_grid"]}
+    assert len(data["ties_grid"]) == len(TIES_WEIGHTS) ** 3 * len(TIES_DENSITIES) and data["ties_best"]["merge"] in {g["merge"] for g in data["ties_grid"]}
     assert isinstance(data["quality_bar"]["ok"], bool)
+    best_test = data["ties_best_test"]  # the bar's chosen merge, scored on the test split too
+    assert best_test["merge"] == data["ties_best"]["merge"] and set(best_test["gain_kept"]) == set(ZOO_TASKS)
     for name in MODELS:
         model = AutoModelForCausalLM.from_pretrained(str(out / name))
         tok = AutoTokenizer.from_pretrained(str(out / name))
@@ -94,13 +105,30 @@ def test_other_content_is_refused_and_bad_specs_are_config_errors(quick_zoo, tmp
         zoo_spec("micro", -1)
     with pytest.raises(ConfigError, match="hiden_size"):
         zoo_spec("micro", 0, hiden_size=3)
+    with pytest.raises(ConfigError, match="unknown task 'poetry'"):
+        zoo_spec("micro", 0, replay_weights={"poetry": 1.0})
+    with pytest.raises(ConfigError, match=r"replay_weights\['code'\] must be a finite number >= 0, got -1"):
+        zoo_spec("micro", 0, replay_weights={"code": -1})
 
 
 def test_spec_hash_changes_with_any_setting():
     a = zoo_spec("micro", 0)
     assert a.hash() == zoo_spec("micro", 0).hash()
     assert len({a.hash(), zoo_spec("micro", 1).hash(), zoo_spec("small", 0).hash(),
-                zoo_spec("micro", 0, expert_lr=1e-4).hash()}) == 4
+                zoo_spec("micro", 0, expert_lr=1e-4).hash(),
+                zoo_spec("micro", 0, replay_weights={"code": 0.5}).hash()}) == 5
+
+
+def test_replay_weights_split_the_replay_between_the_other_tasks():
+    from hm3.zoo.train import expert_data
+
+    sets = {t: [([i, j], 0) for j in range(100)] for i, t in enumerate(ZOO_TASKS)}
+    even = expert_data(sets, "math", 0.5)  # as many replayed examples as own ones, half from each other task
+    assert len(even) == 200 and sum(x[0][0] == 1 for x in even) == 50 and sum(x[0][0] == 2 for x in even) == 50
+    assert even == expert_data(sets, "math", 0.5, {})
+    skewed = expert_data(sets, "math", 0.5, {"translation": 0.25})  # code gets 4/5 of the replay
+    assert sum(x[0][0] == 1 for x in skewed) == 80 and sum(x[0][0] == 2 for x in skewed) == 20
+    assert expert_data(sets, "math", 0.5, {"code": 0, "translation": 0}) == sets["math"]
 
 
 def test_quality_bar_arithmetic_on_a_hand_matrix():
@@ -139,8 +167,19 @@ def test_ties_grid_of_identical_experts_recovers_the_expert():
     base = {"w": torch.zeros(4, 4)}
     expert = {"w": torch.arange(16.0).reshape(4, 4) - 8}
     grid = ties_states(base, [expert, expert, expert])
-    assert torch.equal(grid["ties d=1.0 normalized"]["w"], expert["w"])
-    assert torch.allclose(grid["ties d=1.0 w=0.5"]["w"], 1.5 * expert["w"])  # unnormalised: the weighted sum
+    w = TIES_WEIGHTS
+    assert torch.allclose(grid[f"ties d=1.0 w=({w[0]}, {w[0]}, {w[0]})"]["w"], 3 * w[0] * expert["w"])
+    # unnormalised: the weighted sum, whatever the mix
+    assert torch.allclose(grid[f"ties d=1.0 w=({w[0]}, {w[1]}, {w[-1]})"]["w"], (w[0] + w[1] + w[-1]) * expert["w"])
+
+
+def test_ties_grid_weights_each_expert_on_its_own():
+    """A grid merge of experts that each moved one coordinate moves it by that expert's weight."""
+    base = {"w": torch.zeros(3)}
+    experts = [{"w": torch.eye(3)[i]} for i in range(3)]
+    w = TIES_WEIGHTS
+    merged = ties_states(base, experts)[f"ties d=1.0 w=({w[0]}, {w[1]}, {w[2]})"]["w"]
+    assert torch.allclose(merged, torch.tensor([w[0], w[1], w[2]]))
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +189,8 @@ def micro_zoo(micro_zoo_dir) -> ZooManifest:
 
 @pytest.mark.slow
 def test_micro_zoo_experts_lead_and_the_best_ties_merge_beats_the_base(micro_zoo):
-    """The parts of the bar the micro zoo meets: every expert gains >= 0.2 over the base on its own task
-    and is the best model there, and the chosen TIES merge beats the base on every task."""
+    """What the searches' tests and the demo rely on: every expert gains >= 0.2 over the base on its own
+    task and is the best model there, and the chosen TIES merge beats the base on every task."""
     val = micro_zoo.scores_validation
     for task in ZOO_TASKS:
         assert val[task][task] - val["base"][task] >= 0.2, (task, val)
@@ -160,6 +199,7 @@ def test_micro_zoo_experts_lead_and_the_best_ties_merge_beats_the_base(micro_zoo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="micro zoo does not yet meet the whole issue-3 bar (see hm3/zoo/spec.py)")
 def test_micro_zoo_meets_the_quality_bar(micro_zoo):
+    """Issue 3's whole bar on validation. Tuned on this project's AMD EPYC machines: other CPUs' float
+    kernels train other weights from the same spec, and the margins have little slack (0.21-0.26)."""
     assert micro_zoo.quality_bar["ok"], micro_zoo.quality_bar
