@@ -65,10 +65,12 @@ class ZooManifest:
     scores_test: Matrix
     ties_grid: list[dict[str, Any]]
     ties_best: dict[str, Any]
-    ties_best_test: dict[str, Any]  # the chosen merge on the test split: the bar's choice, judged on unseen data
     quality_bar: dict[str, Any]
     build_seconds: float
     load_average: float | None  # 1-minute load when the build started: timings on a shared machine
+    # the bar's chosen merge on the test split, unseen by the choice (None in zoos built before ZOO_FORMAT 4,
+    # whose zoo.json still reads: their models stay usable, though no new build reuses them)
+    ties_best_test: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -323,8 +325,9 @@ def format_report(manifest: ZooManifest) -> str:
     best = manifest.ties_best
     lines.append(f"{'TIES best':<12}" + "".join(f"{best[t]:13.3f}" for t in ZOO_TASKS) + f"   ({best['merge']}, validation)")
     best_test = manifest.ties_best_test
-    lines.append(f"{'on test':<12}" + "".join(f"{best_test[t]:13.3f}" for t in ZOO_TASKS) + "   (keeps " + ", ".join(
-        f"{best_test['gain_kept'][t]:.0%}" for t in ZOO_TASKS) + " of the experts' test gains; not part of the bar)")
+    if best_test is not None:
+            lines.append(f"{'on test':<12}" + "".join(f"{best_test[t]:13.3f}" for t in ZOO_TASKS) + "   (keeps " + ", ".join(
+            f"{best_test['gain_kept'][t]:.0%}" for t in ZOO_TASKS) + " of the experts' test gains; not part of the bar)")
     checks = manifest.quality_bar["checks"]
     verdict = "met" if manifest.quality_bar["ok"] else "NOT MET"
     lines.append(f"quality bar {verdict}: " + "; ".join(

@@ -15,6 +15,7 @@ from hm3.zoo.build import (
     ZooManifest,
     best_merge,
     build_zoo,
+    format_report,
     quality_bar,
     ties_states,
 )
@@ -53,6 +54,16 @@ def test_layout_manifest_and_models_load_with_transformers(quick_zoo):
         assert (out / name / "model.safetensors").is_file()
         assert model.get_input_embeddings().num_embeddings == len(tok)
     assert not list(out.parent.glob(".*building"))  # no temporary directory left behind
+
+
+def test_a_zoo_json_from_before_the_test_scored_merge_still_reads(quick_zoo, tmp_path):
+    out, manifest = quick_zoo
+    data = json.loads((out / "zoo.json").read_text())
+    del data["ties_best_test"]  # as ZOO_FORMAT 3 wrote it
+    (tmp_path / "zoo.json").write_text(json.dumps(data))
+    old = ZooManifest.read(tmp_path)
+    assert old.ties_best_test is None and old.models == manifest.models
+    assert "on test" not in format_report(old) and "on test" in format_report(manifest)
 
 
 def test_experts_differ_from_the_base(quick_zoo):
