@@ -326,8 +326,9 @@ def format_report(manifest: ZooManifest) -> str:
     lines.append(f"{'TIES best':<12}" + "".join(f"{best[t]:13.3f}" for t in ZOO_TASKS) + f"   ({best['merge']}, validation)")
     best_test = manifest.ties_best_test
     if best_test is not None:
-            lines.append(f"{'on test':<12}" + "".join(f"{best_test[t]:13.3f}" for t in ZOO_TASKS) + "   (keeps " + ", ".join(
-            f"{best_test['gain_kept'][t]:.0%}" for t in ZOO_TASKS) + " of the experts' test gains; not part of the bar)")
+        kept = ", ".join(f"{best_test['gain_kept'][t]:.0%}" for t in ZOO_TASKS)
+        lines.append(f"{'on test':<12}" + "".join(f"{best_test[t]:13.3f}" for t in ZOO_TASKS)
+                     + f"   (keeps {kept} of the experts' test gains; not part of the bar)")
     checks = manifest.quality_bar["checks"]
     verdict = "met" if manifest.quality_bar["ok"] else "NOT MET"
     lines.append(f"quality bar {verdict}: " + "; ".join(

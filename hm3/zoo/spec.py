@@ -56,7 +56,7 @@ class ZooSpec:
 # head_dim is 32 in both sizes (vLLM's CPU attention has no 16). In these 64-wide two-layer models
 # the expert margins and the share of gain a merge keeps pull against each other: replay of a task
 # in the other experts raises what a merge keeps of it but lowers its expert's margin. ZOO_FORMAT 3
-# (uniform replay 0.35, one TIES weight for all experts) met neither everywhere in ~45 variants.
+# (uniform replay 0.35, one TIES weight for all experts) never met both on every task in ~45 variants.
 # ZOO_FORMAT 4 (session 7) judges per-expert TIES weights (hm3/zoo/build.py) and splits the replay
 # unevenly: translation, which any extra training lifts (chrF), is replayed little, so the other
 # experts stay near the base on it; code, whose gain merges lost most, is replayed more. Of ~20
@@ -100,4 +100,3 @@ def _check_replay_weights(weights: Any) -> None:
             raise ConfigError(f"zoo replay_weights: unknown task {task!r}; tasks: {', '.join(ZOO_TASKS)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ConfigError(f"zoo replay_weights[{task!r}] must be a finite number >= 0, got {w!r}")
-

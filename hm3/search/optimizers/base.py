@@ -188,4 +188,3 @@ def _is_narrow_float(dtype: Any) -> bool:
         return dtype.is_floating_point and torch.finfo(dtype).bits < 64
     kind, size = getattr(dtype, "kind", ""), getattr(dtype, "itemsize", 8)
     return kind == "f" and size < 8
-
