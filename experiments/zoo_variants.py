@@ -17,13 +17,8 @@ import sys
 from pathlib import Path
 
 from hm3.atomic import atomic_write_text
-from hm3.zoo.build import build_zoo
+from hm3.zoo.build import build_zoo, expert_margin
 from objectives.zoo import ZOO_TASKS
-
-
-def margins(matrix: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Each expert's lead on its own task over every other model."""
-    return {t: round(matrix[t][t] - max(row[t] for m, row in matrix.items() if m != t), 4) for t in ZOO_TASKS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                    "bar_met": bar["ok"], "merge": m.ties_best["merge"],
                    "margin_validation": {t: c["expert_margin"] for t, c in bar["checks"].items()},
                    "kept_validation": {t: c["ties_gain_kept"] for t, c in bar["checks"].items()},
-                   "margin_test": margins(m.scores_test), "kept_test": test_kept,
+                   "margin_test": {t: round(expert_margin(m.scores_test, t), 4) for t in ZOO_TASKS}, "kept_test": test_kept,
                    "build_seconds": m.build_seconds}
             rows.append(row)
             fmt = lambda d: " / ".join(f"{d[t]:.2f}" for t in ZOO_TASKS)  # noqa: E731

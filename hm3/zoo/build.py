@@ -129,6 +129,11 @@ def gain_kept(matrix: Matrix, merged: Mapping[str, float], task: str) -> float:
     return (merged[task] - matrix["base"][task]) / gain if gain > 0 else 0.0
 
 
+def expert_margin(matrix: Matrix, task: str) -> float:
+    """How far the ``task`` expert leads every other model of ``matrix`` on its own task."""
+    return matrix[task][task] - max(matrix[m][task] for m in matrix if m != task)
+
+
 def best_merge(matrix: Matrix, grid: Mapping[str, Mapping[str, float]]) -> str:
     """The grid merge the bar is judged on: the largest smallest share of gain kept, then the best total.
 
@@ -143,7 +148,7 @@ def quality_bar(matrix: Matrix, ties_scores: Mapping[str, float]) -> dict[str, A
     """The zoo's contract, per task: expert margin >= 0.2, base below expert, TIES keeps >= 50% of the gain."""
     checks: dict[str, Any] = {}
     for t in ZOO_TASKS:
-        margin = matrix[t][t] - max(matrix[m][t] for m in matrix if m != t)
+        margin = expert_margin(matrix, t)
         gain = matrix[t][t] - matrix["base"][t]
         kept = gain_kept(matrix, ties_scores, t)
         checks[t] = {
