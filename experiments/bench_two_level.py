@@ -134,7 +134,8 @@ def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> di
     return out
 
 
-def score_model(model_dir: Path, objectives: list[str], n: int) -> np.ndarray:
+def score_model(model_dir: Path, objectives: list[str], n: int, split: str = "validation") -> np.ndarray:
+    """Scores of the checkpoint in ``model_dir`` on the first ``n`` examples of ``split`` (the runs' plans)."""
     from hm3.eval.evaluate import evaluate_objective
     from hm3.eval.hf import HFBackend
     from objectives.registry import get_objective
@@ -143,8 +144,8 @@ def score_model(model_dir: Path, objectives: list[str], n: int) -> np.ndarray:
     out = []
     for spec in objectives:
         obj = get_objective(spec)
-        total = len(obj.examples("validation"))
-        out.append(evaluate_objective(backend, obj, "validation", list(range(min(n, total)))).score)
+        total = len(obj.examples(split))
+        out.append(evaluate_objective(backend, obj, split, list(range(min(n, total)))).score)
     return np.array(out)
 
 
@@ -165,9 +166,11 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         prefer = ",".join(f"{n.split(':')[-1]}={v:.4f}" for n, v in zip(summary["objectives"], lam, strict=True))
         out_dir = args.work / f"request-s{seed}-{i}"
         record_file = args.work / f"request-s{seed}-{i}.json"
+        ded_dir = args.work / f"dedicated-s{seed}-{i}"
         if record_file.is_file():
             row = json.loads(record_file.read_text())
             changed = add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
+            changed = add_test_comparison(args, row, summary, objectives, out_dir, ded_dir) or changed
             if args.retime_cli:
                 row.setdefault("request_cli_seconds_earlier", []).append(row["request_cli_seconds"])
                 row["request_cli_seconds"], row["request_cli_answer"] = cli_request(both_dir, prefer, out_dir)
@@ -181,7 +184,6 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         cli_seconds, cli_answer = cli_request(both_dir, prefer, out_dir)
         req_raw = score_model(out_dir, objectives, args.validation_examples)
         # dedicated search for this λ: df-merge on Σλf, then level 2 online from a fresh policy
-        ded_dir = args.work / f"dedicated-s{seed}-{i}"
         ded_start = time.perf_counter()
         data = base_config(args, seed, args.dedicated_budget)
         data["optimizer"] = {"name": "df-merge", "budget": args.dedicated_budget, "options": {"weights": lam.tolist()}}
@@ -210,6 +212,7 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
                "dedicated_point_level": int(front.iloc[best]["level"]), "request_raw": req_raw.tolist(),
                "dedicated_raw": ded_raw.tolist()}
         add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
+        add_test_comparison(args, row, summary, objectives, out_dir, ded_dir)
         atomic_write_text(record_file, json.dumps(row, indent=2))
         rows.append(row)
     return rows
@@ -255,6 +258,43 @@ def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectiv
     return added
 
 
+def add_test_comparison(args, row: dict[str, Any], summary: dict[str, Any], objectives: list[str],
+                        out_dir: Path, ded_dir: Path) -> bool:
+    """The request's comparison again on the test split, which neither answer was chosen on; True if added.
+
+    Both answers are picked by their validation scores: the dedicated search's as the best of its ~30
+    evaluations for this very λ, the request's among a front spread over every λ. The validation
+    ratio therefore carries the dedicated search's larger selection bias; the test ratio does not.
+    The request's answer (and each ``--refine`` answer) is scored here on the first
+    ``--test-examples`` test examples, the dedicated search's from its ``front.csv`` (scored by the
+    run on the same examples). Normalised with the test-split base and best expert, as the runs'
+    test HV is.
+    """
+    if "test" in row:
+        return False
+    import pandas as pd
+
+    refs = {name: np.array(v) for name, v in summary["reference_test"].items()}
+    base = refs.pop("base")
+    ideal = np.max(np.stack(list(refs.values())), axis=0)
+    lam = np.array(row["lam"])
+    front = pd.read_csv(ded_dir / "front.csv")
+    names = summary["objectives"]
+    val_base, val_ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
+    best = int(np.argmax(normalise(front[[f"{n}_val" for n in names]].to_numpy(float), val_base, val_ideal) @ lam))
+    ded_raw = front[[f"{n}_test" for n in names]].to_numpy(float)[best]
+    ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
+
+    def scored(model_dir: Path) -> dict[str, Any]:
+        raw = score_model(model_dir, objectives, args.test_examples, split="test")
+        s = float(lam @ normalise(raw[None], base, ideal)[0])
+        return {"raw": raw.tolist(), "scalarised": s, "ratio": s / ded_s if ded_s > 0 else None}
+
+    row["test"] = {"dedicated_raw": ded_raw.tolist(), "dedicated_scalarised": ded_s, "request": scored(out_dir),
+                   "refined": {r: scored(Path(f"{out_dir}-refine{r}")) for r in row.get("refined", {})}}
+    return True
+
+
 def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) -> None:
     """HV per arm (validation and test, every seed) and request/dedicated score ratios."""
     import matplotlib
@@ -278,7 +318,10 @@ def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) 
     if requests_rows:
         ax = axes[0][1]
         ratios = [r["ratio"] for r in requests_rows]
-        ax.scatter(range(len(ratios)), ratios, c="tab:green")
+        ax.scatter(range(len(ratios)), ratios, c="tab:green", label="validation (answers chosen on it)")
+        if all("test" in r for r in requests_rows):
+            ax.scatter(range(len(ratios)), [r["test"]["request"]["ratio"] for r in requests_rows], c="tab:purple",
+                       marker="x", label="test")
         ax.axhline(0.95, ls="--", c="0.5", label="target 0.95")
         ax.set_xlabel("request (seed × λ)")
         ax.set_ylabel("budget-0 request / dedicated search (Σλf̂)")
@@ -361,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
             "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
             "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
             "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
+            # the same comparison on the test split, which neither answer was chosen on
+            "test": {
+                "mean_ratio": mean([r["test"]["request"]["ratio"] for r in req_rows]),
+                "min_ratio": min(r["test"]["request"]["ratio"] for r in req_rows),
+                "refined": {r: {"mean_ratio": mean([row["test"]["refined"][r]["ratio"] for row in req_rows]),
+                                "min_ratio": min(row["test"]["refined"][r]["ratio"] for row in req_rows)}
+                            for r in sorted({r for row in req_rows for r in row["test"]["refined"]}, key=int)
+                            if all(r in row["test"]["refined"] for row in req_rows)},
+            } if all("test" in r for r in req_rows) else None,
             "refined": {
                 r: {"mean_ratio": mean([row["refined"][r]["ratio"] for row in req_rows]),
                     "min_ratio": min(row["refined"][r]["ratio"] for row in req_rows),
