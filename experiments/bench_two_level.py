@@ -260,39 +260,52 @@ def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectiv
 
 def add_test_comparison(args, row: dict[str, Any], summary: dict[str, Any], objectives: list[str],
                         out_dir: Path, ded_dir: Path) -> bool:
-    """The request's comparison again on the test split, which neither answer was chosen on; True if added.
+    """The request's comparison again on the test split, which neither answer was chosen on; True if
+    anything was added.
 
-    Both answers are picked by their validation scores: the dedicated search's as the best of its ~30
-    evaluations for this very λ, the request's among a front spread over every λ. The validation
-    ratio therefore carries the dedicated search's larger selection bias; the test ratio does not.
-    The request's answer (and each ``--refine`` answer) is scored here on the first
-    ``--test-examples`` test examples, the dedicated search's from its ``front.csv`` (scored by the
-    run on the same examples). Normalised with the test-split base and best expert, as the runs'
-    test HV is.
+    Both answers are picked by their validation scores (the dedicated search's as the best of its ~30
+    evaluations for this very λ, the request's among a front spread over every λ), so both validation
+    scores carry selection bias; their test scores do not. The request's answer (and each
+    ``--refine`` answer) is scored here on the first ``--test-examples`` test examples, the dedicated
+    search's read from its ``front.csv`` (scored by the run on the same examples). Normalised with
+    the test-split base and best expert, as the runs' test HV is.
     """
-    if "test" in row:
-        return False
+    if "test" in row:  # only --refine answers added since
+        lam, ded_s = np.array(row["lam"]), row["test"]["dedicated_scalarised"]
+        missing = [r for r in row.get("refined", {}) if r not in row["test"]["refined"]]
+        for r in missing:
+            row["test"]["refined"][r] = _test_scored(args, Path(f"{out_dir}-refine{r}"), objectives, summary, lam,
+                                                     ded_s)
+        return bool(missing)
     import pandas as pd
 
-    refs = {name: np.array(v) for name, v in summary["reference_test"].items()}
-    base = refs.pop("base")
-    ideal = np.max(np.stack(list(refs.values())), axis=0)
     lam = np.array(row["lam"])
     front = pd.read_csv(ded_dir / "front.csv")
     names = summary["objectives"]
     val_base, val_ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     best = int(np.argmax(normalise(front[[f"{n}_val" for n in names]].to_numpy(float), val_base, val_ideal) @ lam))
     ded_raw = front[[f"{n}_test" for n in names]].to_numpy(float)[best]
-    ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
-
-    def scored(model_dir: Path) -> dict[str, Any]:
-        raw = score_model(model_dir, objectives, args.test_examples, split="test")
-        s = float(lam @ normalise(raw[None], base, ideal)[0])
-        return {"raw": raw.tolist(), "scalarised": s, "ratio": s / ded_s if ded_s > 0 else None}
-
-    row["test"] = {"dedicated_raw": ded_raw.tolist(), "dedicated_scalarised": ded_s, "request": scored(out_dir),
-                   "refined": {r: scored(Path(f"{out_dir}-refine{r}")) for r in row.get("refined", {})}}
+    ded_s = float(lam @ normalise(ded_raw[None], *_test_reference(summary))[0])
+    row["test"] = {"dedicated_raw": ded_raw.tolist(), "dedicated_scalarised": ded_s,
+                   "request": _test_scored(args, out_dir, objectives, summary, lam, ded_s),
+                   "refined": {r: _test_scored(args, Path(f"{out_dir}-refine{r}"), objectives, summary, lam, ded_s)
+                               for r in row.get("refined", {})}}
     return True
+
+
+def _test_reference(summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(base, best expert per task) on the test split: the normalisation of the runs' test HV."""
+    refs = {name: np.array(v) for name, v in summary["reference_test"].items()}
+    base = refs.pop("base")
+    return base, np.max(np.stack(list(refs.values())), axis=0)
+
+
+def _test_scored(args, model_dir: Path, objectives: list[str], summary: dict[str, Any], lam: np.ndarray,
+                 dedicated: float) -> dict[str, Any]:
+    """A written answer's test scores, its Σλf̂ and its ratio to the dedicated search's."""
+    raw = score_model(model_dir, objectives, args.test_examples, split="test")
+    s = float(lam @ normalise(raw[None], *_test_reference(summary))[0])
+    return {"raw": raw.tolist(), "scalarised": s, "ratio": s / dedicated if dedicated > 0 else None}
 
 
 def plot(results: dict[str, list[dict]], requests_rows: list[dict], path: Path) -> None:
