@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-lr", type=float, default=1e-4)
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"))
     p.add_argument("--mode", default="hm3", choices=("hm3", "rmm"), help="level-2 mode")
+    p.add_argument("--name", default="", help="suffix of the run's directories under --work (other settings)")
     p.add_argument("--budget", type=int, default=12, help="level-1 evaluations")
     p.add_argument("--validation-examples", type=int, default=32)
     p.add_argument("--test-examples", type=int, default=64)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.mode != "hm3":
         config["level2"]["rl"]["mode"] = args.mode
-    tag = args.backend if args.mode == "hm3" else f"{args.backend}-{args.mode}"
+    tag = "-".join(x for x in (args.backend, "" if args.mode == "hm3" else args.mode, args.name) if x)
     run_dir = args.work / f"run-{tag}"
     config_file = args.work / f"config-{tag}.yml"
     atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
