@@ -11,9 +11,11 @@ a real architecture. SmolLM2-135M-Instruct can, without a hub: 30 layers, groupe
 2. **The two-level run** through the CLI, as a user types it: `hm3 run CONFIG RUN_DIR` (level 1:
    bo-mo over DARE-TIES; level 2: the λ-conditioned policy over paths of up to ``--t-max`` of the 30
    layers), then `hm3 front RUN_DIR`.
-3. **Checks.** Every front point is exported (`hm3 export`), loaded by transformers from disk and
-   scored again on the run's validation examples: the scores must equal the run's stored ones. A
-   budget-0 `hm3 request` is timed as a fresh process and its checkpoint scored the same way.
+3. **Checks.** Every front point is exported (`hm3 export`), loaded from disk by a fresh `hm3 eval`
+   on the run's backend (transformers or vLLM) and scored again on the run's validation examples:
+   the scores must equal the run's stored ones. A budget-0 `hm3 request` is timed as a fresh
+   process and its checkpoint scored the same way. ``--mode rmm`` runs level 2 in RMM mode;
+   ``--name`` keeps runs with other settings apart.
 
 Prints and saves (JSON) the expert and base scores, each stage's wall time, the front, the checks
 and the children's peak resident memory. Usage::
