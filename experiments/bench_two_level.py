@@ -198,18 +198,15 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
                           progress=not args.quiet)
             atomic_write_text(timing, json.dumps({"seconds": time.perf_counter() - ded_start, "resumed": resume}))
         ded_seconds = json.loads(timing.read_text())["seconds"]
-        front = __import__("pandas").read_csv(ded_dir / "front.csv")
-        val_cols = [f"{n}_val" for n in summary["objectives"]]
-        f_hat = normalise(front[val_cols].to_numpy(float), base, ideal)
-        best = int(np.argmax(f_hat @ lam))
-        ded_raw = front[val_cols].to_numpy(float)[best]
+        ded_point = dedicated_answer(ded_dir, summary, lam)
+        ded_raw = np.array([ded_point[f"{n}_val"] for n in summary["objectives"]], dtype=float)
         req_s = float(lam @ normalise(req_raw[None], base, ideal)[0])
         ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
         row = {"seed": seed, "lam": lam.tolist(), "request_answer": ans.source, "request_seconds": ans.seconds,
                "request_cli_seconds": cli_seconds, "request_cli_answer": cli_answer, "request_scalarised": req_s,
                "dedicated_scalarised": ded_s,
                "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
-               "dedicated_point_level": int(front.iloc[best]["level"]), "request_raw": req_raw.tolist(),
+               "dedicated_point_level": int(ded_point["level"]), "request_raw": req_raw.tolist(),
                "dedicated_raw": ded_raw.tolist()}
         add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
         add_test_comparison(args, row, summary, objectives, out_dir, ded_dir)
@@ -277,20 +274,26 @@ def add_test_comparison(args, row: dict[str, Any], summary: dict[str, Any], obje
             row["test"]["refined"][r] = _test_scored(args, Path(f"{out_dir}-refine{r}"), objectives, summary, lam,
                                                      ded_s)
         return bool(missing)
-    import pandas as pd
-
     lam = np.array(row["lam"])
-    front = pd.read_csv(ded_dir / "front.csv")
-    names = summary["objectives"]
-    val_base, val_ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
-    best = int(np.argmax(normalise(front[[f"{n}_val" for n in names]].to_numpy(float), val_base, val_ideal) @ lam))
-    ded_raw = front[[f"{n}_test" for n in names]].to_numpy(float)[best]
+    ded_point = dedicated_answer(ded_dir, summary, lam)
+    ded_raw = np.array([ded_point[f"{n}_test"] for n in summary["objectives"]], dtype=float)
     ded_s = float(lam @ normalise(ded_raw[None], *_test_reference(summary))[0])
     row["test"] = {"dedicated_raw": ded_raw.tolist(), "dedicated_scalarised": ded_s,
                    "request": _test_scored(args, out_dir, objectives, summary, lam, ded_s),
                    "refined": {r: _test_scored(args, Path(f"{out_dir}-refine{r}"), objectives, summary, lam, ded_s)
                                for r in row.get("refined", {})}}
     return True
+
+
+def dedicated_answer(ded_dir: Path, summary: dict[str, Any], lam: np.ndarray) -> Any:
+    """The dedicated search's answer for λ: the row of its ``front.csv`` with the best validation Σλf̂,
+    normalised with the ``both`` run's validation base and ideal (``summary``)."""
+    import pandas as pd
+
+    front = pd.read_csv(ded_dir / "front.csv")
+    val = front[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
+    f_hat = normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"]))
+    return front.iloc[int(np.argmax(f_hat @ lam))]
 
 
 def _test_reference(summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
