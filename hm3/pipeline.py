@@ -45,7 +45,7 @@ from hm3.arch.level2 import (
 )
 from hm3.arch.path import LayerPath
 from hm3.arch.ppo import PPOTrainer
-from hm3.arch.rl_config import Level2Config
+from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
 from hm3.atomic import atomic_open, atomic_write_text
 from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
@@ -97,8 +97,12 @@ class TwoLevelConfig(BaseModel):
     level2: Level2Section
 
     def canonical(self) -> dict[str, Any]:
-        return {"format": RUN_FORMAT, "level1": self.level1.canonical(),
-                "level2": json.loads(self.level2.model_dump_json())}
+        level2 = json.loads(self.level2.model_dump_json())
+        rl = level2["rl"]
+        for key, default in ADDED_RL_DEFAULTS.items():  # runs made before these fields still resume
+            if rl.get(key) == default:
+                del rl[key]
+        return {"format": RUN_FORMAT, "level1": self.level1.canonical(), "level2": level2}
 
     def preferences(self) -> np.ndarray:
         k = len(self.level1.objectives)

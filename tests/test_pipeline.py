@@ -404,3 +404,15 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     parse_merge_config(recipe_with_paths(recipe, cfg.level1.models))
     assert (write_merge(recipe_with_paths(recipe, cfg.level1.models), tmp_path / "m") / "config.json").is_file()
 
+
+
+def test_frame_order_prior_runs_and_only_a_set_value_enters_the_stored_config(models, tmp_path):
+    """Runs stored before ``path_prior`` existed resume: the key is written only when not the default."""
+    default = parse_two_level_config(_config(models)).canonical()["level2"]["rl"]
+    assert not {"path_prior", "prior_kl", "critic_margin"} & set(default)
+    cfg = parse_two_level_config(_config(models, rl=RL | {"path_prior": "frame-order"}))
+    s = run_two_level(cfg, tmp_path / "r", progress=False)
+    with RunStore.open(tmp_path / "r", readonly=True) as store:
+        assert store.config()["level2"]["rl"]["path_prior"] == "frame-order"
+        assert stored_two_level_config(store) == cfg
+    assert s["level2_paths"]

@@ -21,7 +21,7 @@ What it does per update (``episodes_per_update`` whole episodes, full batch, ``e
 per-step rewards are R/n on each of the episode's n decisions (hm3; n = T hops, plus one if the
 path ended with STOP, so the rewards sum to R) or R at the last step (rmm); GAE(γ, λ_GAE) with
 V = 0 after the terminal step; advantages standardised; loss
-``−L_clip + c1·(L_V + L_Q) − c2·H``, where L_Q (hm3 only) regresses the path-value head on the
+``−L_clip + c1·(L_V + L_Q) − c2·H`` (+ ``prior_kl``·KL to the frame-order prior, when set), where L_Q (hm3 only) regresses the path-value head on the
 episode's raw scores and length T/T_max for every visited non-empty prefix and for the complete
 path (see :mod:`hm3.arch.policy`). Adam with the critic heads at ``lr_value``, the rest at ``lr_policy``.
 
@@ -199,6 +199,8 @@ class PPOTrainer:
                 value_loss = value_loss + (errors**2).mean()
             entropy = out["entropy"].mean()
             loss = policy_loss + cfg.c1 * value_loss - cfg.c2 * entropy
+            if cfg.path_prior != "none":
+                loss = loss + cfg.prior_kl * out["prior_kl"].mean()
             self.optimizer.zero_grad()
             loss.backward()
             # Clip actor and critic apart: a large proto-action gradient must not shrink the critic's step.

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Fields added after runs were first stored, with their defaults: a run's stored config leaves them
+# out while they hold these values, so runs made before them resume under the same config.
+ADDED_RL_DEFAULTS: dict[str, object] = {"path_prior": "none", "prior_kl": 1.0, "critic_margin": None}
 
 
 class Level2Config(BaseModel):
@@ -72,6 +76,32 @@ class Level2Config(BaseModel):
         description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design: on the "
         "3×3 toy 0.2 found the optimum in 4/4 seeds within 2000 episodes, 0.1 in 3/4]",
     )
+    path_prior: Literal["none", "frame-order"] = Field(
+        "none",
+        description="hm3 mode only. none: HM3 as published, hop (m, l) coded by its absolute layer l. "
+        "frame-order: a hop's layer is coded by its offset from the next layer in order (the previous "
+        "hop's layer + 1), the proto-action starts at the frame's own next layer, and an untrained critic "
+        "defers to the nearest action, so the first paths are the frame's layer order (the level-1 merge "
+        "itself) and exploration edits it. For deep models, where a random path over any model and any "
+        "layer almost never computes anything (docs/LEVEL2.md); there keep ε·T_max small (e.g. epsilon "
+        "0.03-0.05 for 30 layers): each ε-pick may edit the path [design]",
+    )
+    prior_kl: float = Field(
+        1.0,
+        ge=0,
+        description="frame-order only: weight of KL(π ‖ prior) = ½·Σ(Δ/σ)² in PPO's loss, the prior being the "
+        "proto-action's Gaussian at the frame's next hop, so the policy leaves the frame's order where "
+        "advantages agree, not on one update's noise [design]",
+    )
+    critic_margin: float | None = Field(
+        None,
+        ge=0,
+        description="Wolpertinger: the critic overrides the proto-action's nearest action only when it predicts "
+        "a path value (normalised score units) higher by more than this [design]; None means 0 with "
+        "path_prior none (the paper's argmax) and 0.01 with frame-order (a deep path breaks at a few bad hops, "
+        "so a barely trained critic must not take the actor off the frame's order on a whim; on a 12-layer toy "
+        "0 let one seed of two collapse after the first update, 0.05 blocked single-hop gains of 0.04)",
+    )
     proto_std_init: float = Field(
         0.5, gt=0, description="initial std of the Gaussian proto-action (a learned, state-free log std) [design]"
     )
@@ -95,6 +125,12 @@ class Level2Config(BaseModel):
             raise ValueError(f"t_max must be >= 1, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _prior_needs_hm3_mode(self) -> Level2Config:
+        if self.path_prior != "none" and self.mode != "hm3":
+            raise ValueError(f"path_prior {self.path_prior!r} applies to mode 'hm3' only, not {self.mode!r}")
+        return self
+
     @classmethod
     def rmm_defaults(cls, **overrides: object) -> Level2Config:
         """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns."""
@@ -115,3 +151,9 @@ class Level2Config(BaseModel):
     def resolved_rmm_max_steps(self, num_layers: int) -> int:
         """RMM's step cap for a pool whose models have ``num_layers`` layers."""
         return self.rmm_max_steps if self.rmm_max_steps is not None else 3 * num_layers
+
+    def resolved_critic_margin(self) -> float:
+        """Wolpertinger's critic margin (see ``critic_margin``)."""
+        if self.critic_margin is not None:
+            return self.critic_margin
+        return 0.01 if self.path_prior == "frame-order" else 0.0

@@ -105,3 +105,58 @@ def test_lambda_enters_actor_and_critic() -> None:
         out_b = policy.evaluate(collate([other]), torch.zeros(1, policy.action_dim))
     assert not torch.allclose(out_a["logp"], out_b["logp"])
     assert not torch.allclose(out_a["value"], out_b["value"])
+
+
+def test_frame_order_prior_starts_on_the_frames_own_layer_order() -> None:
+    """With the prior the first greedy path is the frame's layers in order (the level-1 merge itself);
+    with T_max above the depth it then stops. Without it, it is not (same seed)."""
+    frame_order = tuple((2, layer) for layer in range(4))
+    for t_max, expected in ((None, frame_order), (6, frame_order)):
+        env, policy = make(path_prior="frame-order", t_max=t_max)
+        state = env.blank_state()
+        while not state.done:
+            env.advance(state, policy.act(env.observe(state, env.lam), deterministic=True)[0])
+        assert tuple(state.hops) == expected
+    env, policy = make()
+    state = env.blank_state()
+    while not state.done:
+        env.advance(state, policy.act(env.observe(state, env.lam), deterministic=True)[0])
+    assert tuple(state.hops) != frame_order
+
+
+def test_frame_order_prior_codes_a_hops_layer_by_its_offset_from_the_next_layer() -> None:
+    _, policy = make(path_prior="frame-order")
+    enc, e = policy.actor_encoder, policy.actor_encoder.model_emb.embedding_dim
+    after_0 = enc.action_embeddings(policy.layer_features, 0)[:, e : 2 * e]  # the layer part
+    after_1 = enc.action_embeddings(policy.layer_features, 1)[:, e : 2 * e]
+    for m in range(3):  # hop (m, l) after a path ending at layer 0 is coded like (m, l + 1) after one ending at 1
+        for layer in range(3):
+            assert torch.equal(after_0[m * 4 + layer], after_1[m * 4 + layer + 1])
+    assert not torch.equal(after_0[0], after_0[1])
+    # Without the prior a hop's code is its absolute layer, whatever came before.
+    _, plain = make()
+    table = plain.actor_encoder.action_embeddings(plain.layer_features, 3)
+    assert torch.equal(table, plain.actor_encoder.action_embeddings(plain.layer_features, 0))
+
+
+def test_critic_margin_keeps_the_nearest_action_unless_the_critic_predicts_more() -> None:
+    env, policy = make(knn=12)
+    env.reset()
+    env.step(env.hop_action(1, 2))
+    obs = env.observe(env.state, env.lam)
+    batch = collate([obs])
+    with torch.no_grad():
+        mu = policy.proto_mean(batch)[0]
+        nearest = int(torch.argmin(((policy.actor_encoder.action_embeddings(policy.layer_features) - mu) ** 2).sum(-1)))
+    chosen = policy.act(obs, deterministic=True)[0]
+    assert chosen != nearest  # the (random) critic prefers another of the 12 ...
+    policy.critic_margin = 1e6
+    assert policy.act(obs, deterministic=True)[0] == nearest  # ... but not by a margin of 1e6
+
+
+def test_path_prior_settings() -> None:
+    assert Level2Config().resolved_critic_margin() == 0.0
+    assert Level2Config(path_prior="frame-order").resolved_critic_margin() == 0.01
+    assert Level2Config(path_prior="frame-order", critic_margin=0.2).resolved_critic_margin() == 0.2
+    with pytest.raises(ValueError, match="path_prior 'frame-order' applies to mode 'hm3' only"):
+        Level2Config(mode="rmm", path_prior="frame-order")

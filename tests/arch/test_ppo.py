@@ -113,3 +113,34 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path) -> None:
         assert all(np.array_equal(a["lam"], b["lam"]) for a, b in zip(got, expected, strict=True))
         for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_frame_order_prior_gives_working_paths_where_a_random_start_gives_none() -> None:
+    """A 12-layer toy in which, as in a real deep model, a path computes only near a layer order:
+    each edit of the order (a skipped, repeated or reordered layer, or a missing one) costs a third
+    of the scores. HM3 as published starts from random paths, which score 0; the frame-order prior
+    starts from the frame's own order and explores by editing it, so its paths score from the start."""
+    layers = 12
+
+    def near_order(path: LayerPath) -> np.ndarray:
+        hops = path.hops
+        edits = sum(layer != (hops[t - 1][1] + 1 if t else 0) for t, (_, layer) in enumerate(hops))
+        works = max(0.0, 1.0 - (edits + abs(len(hops) - layers)) / 3)
+        return works * np.array([0.5 + 0.5 * sum(m == k for m, _ in hops) / len(hops) for k in range(2)])
+
+    mean_reward = {}
+    for prior in ("none", "frame-order"):
+        config = Level2Config(dar=False, path_prior=prior, epsilon=0.03)
+        torch.manual_seed(0)
+        env = PathEnv(pool_size=3, num_layers=layers, n_objectives=2, scorer=near_order, config=config,
+                      lam=np.array([1.0, 0.0]))
+        features = torch.randn(3, layers, 4, generator=torch.Generator().manual_seed(1))
+        policy = PathPolicy(pool_size=3, num_layers=layers, n_objectives=2, layer_features=features, config=config)
+        records = PPOTrainer(env, policy, config).train(48)
+        mean_reward[prior] = np.mean([r["raw_reward"] for r in records])
+        working = sum(r["scores"] is not None and r["scores"][0] > 0 for r in records)
+        if prior == "none":
+            assert working == 0
+        else:  # most: an ε-pick or a poorly fitted critic still breaks some (32 of 48 here)
+            assert working >= 24
+    assert mean_reward["frame-order"] > mean_reward["none"] + 0.2  # 0.14 against -0.12 (β1·T) here
