@@ -21,9 +21,10 @@ What it does per update (``episodes_per_update`` whole episodes, full batch, ``e
 per-step rewards are R/n on each of the episode's n decisions (hm3; n = T hops, plus one if the
 path ended with STOP, so the rewards sum to R) or R at the last step (rmm); GAE(γ, λ_GAE) with
 V = 0 after the terminal step; advantages standardised; loss
-``−L_clip + c1·(L_V + L_Q) − c2·H`` (+ ``prior_kl``·KL to the frame-order prior, when set), where L_Q (hm3 only) regresses the path-value head on the
-episode's raw scores and length T/T_max for every visited non-empty prefix and for the complete
-path (see :mod:`hm3.arch.policy`). Adam with the critic heads at ``lr_value``, the rest at ``lr_policy``.
+``−L_clip + c1·(L_V + L_Q) − c2·H`` (+ ``prior_kl``·KL to the frame-order prior, when set), where
+L_Q (hm3 only) regresses the path-value head on the episode's raw scores and length T/T_max for
+every visited non-empty prefix and for the complete path (see :mod:`hm3.arch.policy`). Adam with
+the critic heads at ``lr_value``, the rest at ``lr_policy``.
 
 The trainer draws all its randomness from its own ``torch.Generator`` and the env's ``np_random``;
 :meth:`PPOTrainer.state_dict` holds both, the policy, Adam, the counters, the best path and any

@@ -100,7 +100,9 @@ class Level2Config(BaseModel):
         "a path value (normalised score units) higher by more than this [design]; None means 0 with "
         "path_prior none (the paper's argmax) and 0.01 with frame-order (a deep path breaks at a few bad hops, "
         "so a barely trained critic must not take the actor off the frame's order on a whim; on a 12-layer toy "
-        "0 let one seed of two collapse after the first update, 0.05 blocked single-hop gains of 0.04)",
+        "0 let one seed of two collapse after the first update, 0.05 blocked single-hop gains of 0.04; on "
+        "SmolLM2 with 8 offline episodes 0.01 let the critic skip layer 0 in every online path and 0.05 did not: "
+        "prefer 0.05 for budgets of tens of episodes, docs/BENCHMARKS.md session 9)",
     )
     proto_std_init: float = Field(
         0.5, gt=0, description="initial std of the Gaussian proto-action (a learned, state-free log std) [design]"
