@@ -16,7 +16,8 @@ a real architecture. SmolLM2-135M-Instruct can, without a hub: 30 layers, groupe
    the scores must equal the run's stored ones. A budget-0 `hm3 request` is timed as a fresh
    process and its checkpoint scored the same way. ``--mode rmm`` runs level 2 in RMM mode;
    ``--name`` keeps runs with other settings apart; ``--rl KEY=VALUE`` sets any other
-   ``level2.rl`` value (e.g. ``path_prior=frame-order``).
+   ``level2.rl`` value (e.g. ``path_prior=frame-order``), ``--level2 KEY=VALUE`` any other
+   ``level2`` value (e.g. ``keep_best=3``).
 
 Prints and saves (JSON) the expert and base scores, each stage's wall time, the front, the checks
 and the children's peak resident memory. Usage::
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--online-episodes", type=int, default=4)
     p.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
                    help="another level2.rl setting, e.g. path_prior=frame-order (repeatable; YAML values)")
+    p.add_argument("--level2", action="append", default=[], metavar="KEY=VALUE",
+                   help="another level2 setting, e.g. keep_best=3 (repeatable; YAML values)")
     args = p.parse_args(argv)
     if not (args.smol_dir / "config.json").is_file():
         print(f"no model at {args.smol_dir}: import it with  hm3 zoo import-smollm2 {args.smol_dir}", file=sys.stderr)
@@ -144,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.mode != "hm3":
         config["level2"]["rl"]["mode"] = args.mode
-    for item in args.rl:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--rl {item!r}: expected KEY=VALUE")
-        config["level2"]["rl"][key] = yaml.safe_load(value)
+    for option, section in (("--rl", config["level2"]["rl"]), ("--level2", config["level2"])):
+        for item in getattr(args, option[2:]):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                p.error(f"{option} {item!r}: expected KEY=VALUE")
+            section[key] = yaml.safe_load(value)
     tag = "-".join(x for x in (args.backend, "" if args.mode == "hm3" else args.mode, args.name) if x)
     run_dir = args.work / f"run-{tag}"
     config_file = args.work / f"config-{tag}.yml"

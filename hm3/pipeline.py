@@ -49,6 +49,7 @@ from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
 from hm3.atomic import atomic_open, atomic_write_text
 from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
+from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import (
     STORE_FILE,
     Level1Context,
@@ -87,7 +88,22 @@ class Level2Section(BaseModel):
     preferences: int | list[list[float]] = Field(
         4, description="N preference vectors λ ~ Dirichlet(1) (seeded), or an explicit list"
     )
+    keep_best: int = Field(
+        0,
+        ge=0,
+        description="also keep, for each preference λ, the N paths of the whole run (offline and online "
+        "episodes) with the best lower bound of Σ λ_k f̂_k from their stored DAR scores, and score them on "
+        "the whole validation plan (N × preferences full evaluations at most) [design]. 0 keeps only each "
+        "λ's greedy path and best path by raw reward. On SmolLM2 the policy found whole-expert paths offline "
+        "that neither rule kept (docs/BENCHMARKS.md, session 9)",
+    )
     rl: Level2Config = Level2Config()
+
+
+# Level-2 keys added after runs were first stored, with their defaults: the stored config leaves them
+# out while they hold these values, so runs made before them resume under the same config.
+ADDED_LEVEL2_DEFAULTS: dict[str, object] = {"keep_best": 0}
+KEPT_EVENT = "kept_by_lower_bound"
 
 
 class TwoLevelConfig(BaseModel):
@@ -98,10 +114,10 @@ class TwoLevelConfig(BaseModel):
 
     def canonical(self) -> dict[str, Any]:
         level2 = json.loads(self.level2.model_dump_json())
-        rl = level2["rl"]
-        for key, default in ADDED_RL_DEFAULTS.items():  # runs made before these fields still resume
-            if rl.get(key) == default:
-                del rl[key]
+        for section, added in ((level2, ADDED_LEVEL2_DEFAULTS), (level2["rl"], ADDED_RL_DEFAULTS)):
+            for key, default in added.items():  # runs made before these fields still resume
+                if section.get(key) == default:
+                    del section[key]
         return {"format": RUN_FORMAT, "level1": self.level1.canonical(), "level2": level2}
 
     def preferences(self) -> np.ndarray:
@@ -350,6 +366,9 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
             kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
         run._mark(f"online-{i}")
 
+    for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal).items():
+        kept.setdefault(cid, info)
+
     # stage 4: final front over both levels
     log("final front: scoring kept paths on the whole validation plan")
     final_eval = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
@@ -365,6 +384,34 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     summary = _write_final(run, final_eval, rows, base, ideal, start, kept, level1_scores)
     run._mark("final")
     return summary
+
+
+def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray, names: list[str],
+                         base: np.ndarray, ideal: np.ndarray) -> dict[int, dict[str, Any]]:
+    """``level2.keep_best`` paths per λ by the lower bound of their stored scores (``{}`` when 0).
+
+    Chosen once, when the online stage ends, and recorded as a store event: the final stage adds
+    whole-plan scores to the store, so a resumed run must not rank again on different data.
+    """
+    n = cfg.level2.keep_best
+    if n == 0:
+        return {}
+    recorded = store.events(KEPT_EVENT)
+    if recorded:
+        return {int(c): v for c, v in recorded[-1].payload.items()}
+    estimates = {}
+    for ref in store.candidates(PATH_KIND):
+        estimate = stored_estimate(store, ref, names)
+        if estimate is not None:
+            estimates[ref.id] = estimate
+    chosen: dict[int, dict[str, Any]] = {}
+    for lam in lams:
+        ranked = sorted(estimates, key=lambda c: (-lower_bound(lam, estimates[c], base, ideal), c))
+        for cid in ranked[:n]:
+            _, recipe = store.candidate(cid)
+            chosen.setdefault(cid, {"lam": lam.tolist(), "frame": recipe["frame"], "kept_by": "lower bound"})
+    store.add_event(KEPT_EVENT, {str(c): v for c, v in chosen.items()})
+    return chosen
 
 
 def _write_final(run: TwoLevelRun, evaluator: PathEvaluator, rows: dict[int, dict[str, Any]], base: np.ndarray, ideal: np.ndarray,

@@ -417,3 +417,37 @@ def test_frame_order_prior_runs_and_only_a_set_value_enters_the_stored_config(mo
         assert store.config()["level2"]["rl"]["path_prior"] == "frame-order"
         assert stored_two_level_config(store) == cfg
     assert s["level2_paths"]
+
+
+def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models, tmp_path):
+    """keep_best adds, per λ, the best paths of the whole run by the lower bound of their stored DAR
+    scores; the choice is recorded once, so a resumed run keeps the same ones."""
+    cfg = parse_two_level_config(_config(models, keep_best=2))
+    s = run_two_level(cfg, tmp_path / "r", progress=False)
+    policy = torch.load(tmp_path / "r" / "level2" / "policy.pt", weights_only=False)
+    base, ideal = np.array(policy["base"]), np.array(policy["ideal"])
+    names = list(policy["objectives"])
+    with RunStore.open(tmp_path / "r", readonly=True) as store:
+        (event,) = store.events("kept_by_lower_bound")
+        chosen = {int(c) for c in event.payload}
+        # The rule, recomputed from the DAR-subset scores alone (4 of the 8 validation examples each;
+        # the final stage added whole-plan scores after the choice).
+        expected: set[int] = set()
+        for lam in cfg.preferences():
+            bounds = {}
+            for ref in store.candidates(PATH_KIND):
+                rows = [e for e in store.evaluations(ref, split="validation") if e.count < 8]
+                counts = np.array([sum(e.count for e in rows if e.objective == o) for o in names], dtype=float)
+                if np.all(counts > 0):
+                    means = np.array([sum(e.score * e.count for e in rows if e.objective == o) for o in names]) / counts
+                    bounds[ref.id] = lower_bound(lam, (means, counts), base, ideal)
+            expected |= set(sorted(bounds, key=lambda c: (-bounds[c], c))[:2])
+    assert chosen == expected and chosen <= {int(c) for c in s["level2_paths"]}
+    candidates = pd.read_csv(tmp_path / "r" / "candidates.csv")
+    assert chosen <= set(candidates.loc[candidates["level"] == 2, "point"])  # scored on the whole plan
+    again = run_two_level(cfg, tmp_path / "r", resume=True, progress=False)
+    assert again["level2_paths"] == s["level2_paths"]
+    with RunStore.open(tmp_path / "r", readonly=True) as store:
+        assert len(store.events("kept_by_lower_bound")) == 1
+    plain = parse_two_level_config(_config(models)).canonical()["level2"]
+    assert "keep_best" not in plain and cfg.canonical()["level2"]["keep_best"] == 2
