@@ -364,7 +364,7 @@ def test_shipped_two_level_configs_parse():
 
     cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
     assert cfg.level2.rl.t_max == 28 and cfg.level1.evaluation.backend == "vllm"
-    assert cfg.level2.rl.path_prior == "frame-order"
+    assert cfg.level2.rl.path_prior == "frame-order" and cfg.level2.keep_best == 3
     assert cfg.preferences().shape == (5, 2)
 
 
