@@ -18,6 +18,11 @@ a real architecture. SmolLM2-135M-Instruct can, without a hub: 30 layers, groupe
    ``--name`` keeps runs with other settings apart; ``--rl KEY=VALUE`` sets any other
    ``level2.rl`` value (e.g. ``path_prior=frame-order``), ``--level2 KEY=VALUE`` any other
    ``level2`` value (e.g. ``keep_best=3``).
+4. **Level 1 alone** (``--level1-only``): the same config without level 2, through
+   `hm3 search param`, with ``--budget`` set by the caller (e.g. the two-level run's level-1
+   evaluations plus its level-2 cost in full-evaluation equivalents, which every run's JSON reports
+   as ``cost``). It is the ablation the two-level run must beat at equal cost; level-1-only runs have
+   no `hm3 export` or `hm3 request`, so they are not checked from disk.
 
 Prints and saves (JSON) the expert and base scores, each stage's wall time, the front, the checks
 and the children's peak resident memory. Usage::
@@ -35,11 +40,13 @@ import os
 import platform
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="hm3", choices=("hm3", "rmm"), help="level-2 mode")
     p.add_argument("--name", default="", help="suffix of the run's directories under --work (other settings)")
     p.add_argument("--budget", type=int, default=12, help="level-1 evaluations")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (the experts stay the same)")
     p.add_argument("--validation-examples", type=int, default=32)
     p.add_argument("--test-examples", type=int, default=64)
     p.add_argument("--t-max", type=int, default=30)
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="another level2.rl setting, e.g. path_prior=frame-order (repeatable; YAML values)")
     p.add_argument("--level2", action="append", default=[], metavar="KEY=VALUE",
                    help="another level2 setting, e.g. keep_best=3 (repeatable; YAML values)")
+    p.add_argument("--level1-only", action="store_true",
+                   help="level 1 alone (`hm3 search param`, no level 2) with --budget evaluations")
     args = p.parse_args(argv)
     if not (args.smol_dir / "config.json").is_file():
         print(f"no model at {args.smol_dir}: import it with  hm3 zoo import-smollm2 {args.smol_dir}", file=sys.stderr)
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": {"name": "bo-mo", "budget": args.budget},
         "evaluation": {"backend": args.backend, "validation_examples": args.validation_examples,
                        "test_examples": args.test_examples, "batch_size": 32},
-        "seed": 0,
+        "seed": args.seed,
         "level2": {"pool": "experts+merge", "preferences": 2,
                    "rl": {"offline_episodes": args.offline_episodes, "online_episodes": args.online_episodes,
                           "episodes_per_update": 4, "epochs": 4, "dar": True, "data_scale": 0.25,
@@ -153,17 +163,23 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not key:
                 p.error(f"{option} {item!r}: expected KEY=VALUE")
             section[key] = yaml.safe_load(value)
-    tag = "-".join(x for x in (args.backend, "" if args.mode == "hm3" else args.mode, args.name) if x)
+    if args.level1_only:
+        del config["level2"]
+    tag = "-".join(x for x in (args.backend, "level1" if args.level1_only else "",
+                               "" if args.mode == "hm3" or args.level1_only else args.mode, args.name,
+                               f"s{args.seed}" if args.seed else "") if x)
     run_dir = args.work / f"run-{tag}"
     config_file = args.work / f"config-{tag}.yml"
     atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     resume = ["--resume"] if (run_dir / "hm3.sqlite").exists() else []
+    if args.level1_only:
+        seconds["hm3_search_param"], out = hm3("search", "param", str(config_file), str(run_dir), *resume)
+        print(out)
+        return write_result(args, config, seconds, run_dir, objectives, checks=None, request=None)
     seconds["hm3_run"], _ = hm3("run", str(config_file), str(run_dir), *resume)
     seconds["hm3_front"], front_table = hm3("front", str(run_dir))
     print(front_table)
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    refs = summary["reference_validation"]
     with open(run_dir / "front.csv") as f:
         front = list(csv.DictReader(f))
     checks = []
@@ -189,27 +205,56 @@ def main(argv: list[str] | None = None) -> int:
     request_scores = scores_from_disk(request_dir, objectives, args.validation_examples, args.backend)
     predicted = [record["validation_scores"][o] for o in objectives]
 
+    request = {"prefer": prefer, "answer": record["answer"], "kind": record["kind"],
+               "predicted_validation": predicted, "measured_from_disk": request_scores,
+               "equal": predicted == request_scores, "stdout": request_out}
+    return write_result(args, config, seconds, run_dir, objectives, checks=checks, request=request)
+
+
+def validation_cost(run_dir: Path, n_objectives: int, n_examples: int) -> dict[str, Any]:
+    """Validation examples the run scored, by candidate kind, and in full-evaluation equivalents.
+
+    A full evaluation is every objective on the run's ``n_examples`` validation examples; DAR
+    episodes score subsets, so level 2's cost is its examples divided by that.
+    """
+    with sqlite3.connect(f"file:{run_dir / 'hm3.sqlite'}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT c.kind, COUNT(*), SUM(e.count), SUM(e.seconds) FROM evaluations e "
+            "JOIN candidates c ON c.id = e.candidate_id WHERE e.split = 'validation' GROUP BY c.kind"
+        ).fetchall()
+    full = n_objectives * n_examples
+    return {kind: {"evaluations": k, "examples": ex, "full_evaluation_equivalents": round(ex / full, 2),
+                   "seconds": round(secs, 1)} for kind, k, ex, secs in rows}
+
+
+def write_result(args, config: dict[str, Any], seconds: dict[str, float], run_dir: Path, objectives: list[str],
+                 *, checks: list[dict[str, Any]] | None, request: dict[str, Any] | None) -> int:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    with open(run_dir / "front.csv") as f:
+        front = list(csv.DictReader(f))
     result = {
         "benchmark": "real_model_run",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": config,
-        "references_validation": refs,
+        "references_validation": summary.get("reference_validation"),
         "seconds": seconds,
         "summary": {k: v for k, v in summary.items() if k.startswith("hv") or k in (
-            "candidates", "front_size", "front_levels", "level2_paths", "wall_seconds_this_process")},
+            "candidates", "evaluations", "front_size", "front_levels", "level2_paths", "wall_seconds_this_process")},
+        "cost": validation_cost(run_dir, len(objectives), args.validation_examples),
         "front": front,
         "export_checks": checks,
-        "request": {"prefer": prefer, "answer": record["answer"], "kind": record["kind"],
-                    "predicted_validation": predicted, "measured_from_disk": request_scores,
-                    "equal": predicted == request_scores, "stdout": request_out},
+        "request": request,
         "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("references_validation", "seconds", "summary")}, indent=1))
-    ok = all(c["equal"] for c in checks) and result["request"]["equal"]
+    print(json.dumps({k: result[k] for k in ("references_validation", "seconds", "summary", "cost")}, indent=1))
+    if checks is None:
+        print(f"level 1 alone: not checked from disk; -> {args.out}")
+        return 0
+    ok = all(c["equal"] for c in checks) and request is not None and request["equal"]
     print(f"export and request checks: {'all equal' if ok else 'SOME DIFFER'}; -> {args.out}")
     return 0 if ok else 1
 
