@@ -40,7 +40,6 @@ import os
 import platform
 import resource
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from typing import Any
 import yaml
 
 from hm3.atomic import atomic_write_text
+from hm3.store import Evaluation, RunStore
 
 HM3 = str(Path(sys.executable).parent / "hm3")
 
@@ -175,13 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.level1_only:
         seconds["hm3_search_param"], out = hm3("search", "param", str(config_file), str(run_dir), *resume)
         print(out)
-        return write_result(args, config, seconds, run_dir, objectives, checks=None, request=None)
+        return write_result(args, config, seconds, run_dir, objectives, read_front(run_dir), checks=None,
+                            request=None)
     seconds["hm3_run"], _ = hm3("run", str(config_file), str(run_dir), *resume)
     seconds["hm3_front"], front_table = hm3("front", str(run_dir))
     print(front_table)
 
-    with open(run_dir / "front.csv") as f:
-        front = list(csv.DictReader(f))
+    front = read_front(run_dir)
     checks = []
     for row in front:
         out_dir = args.work / f"export-{tag}-{row['point']}"
@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     request = {"prefer": prefer, "answer": record["answer"], "kind": record["kind"],
                "predicted_validation": predicted, "measured_from_disk": request_scores,
                "equal": predicted == request_scores, "stdout": request_out}
-    return write_result(args, config, seconds, run_dir, objectives, checks=checks, request=request)
+    return write_result(args, config, seconds, run_dir, objectives, front, checks=checks, request=request)
+
+
+def read_front(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a finished run's ``front.csv``."""
+    with open(run_dir / "front.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def validation_cost(run_dir: Path, n_objectives: int, n_examples: int) -> dict[str, Any]:
@@ -217,28 +223,28 @@ def validation_cost(run_dir: Path, n_objectives: int, n_examples: int) -> dict[s
     A full evaluation is every objective on the run's ``n_examples`` validation examples; DAR
     episodes score subsets, so level 2's cost is its examples divided by that.
     """
-    with sqlite3.connect(f"file:{run_dir / 'hm3.sqlite'}?mode=ro", uri=True) as db:
-        rows = db.execute(
-            "SELECT c.kind, COUNT(*), SUM(e.count), SUM(e.seconds) FROM evaluations e "
-            "JOIN candidates c ON c.id = e.candidate_id WHERE e.split = 'validation' GROUP BY c.kind"
-        ).fetchall()
+    with RunStore.open(run_dir, readonly=True) as store:
+        kind_of = {c.id: c.kind for c in store.candidates()}
+        by_kind: dict[str, list[Evaluation]] = {}
+        for e in store.evaluations(split="validation"):
+            by_kind.setdefault(kind_of[e.candidate_id], []).append(e)
     full = n_objectives * n_examples
-    return {kind: {"evaluations": k, "examples": ex, "full_evaluation_equivalents": round(ex / full, 2),
-                   "seconds": round(secs, 1)} for kind, k, ex, secs in rows}
+    return {kind: {"evaluations": len(rows), "examples": sum(e.count for e in rows),
+                   "full_evaluation_equivalents": round(sum(e.count for e in rows) / full, 2),
+                   "seconds": round(sum(e.seconds for e in rows), 1)} for kind, rows in sorted(by_kind.items())}
 
 
 def write_result(args, config: dict[str, Any], seconds: dict[str, float], run_dir: Path, objectives: list[str],
-                 *, checks: list[dict[str, Any]] | None, request: dict[str, Any] | None) -> int:
+                 front: list[dict[str, str]], *, checks: list[dict[str, Any]] | None,
+                 request: dict[str, Any] | None) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
-    with open(run_dir / "front.csv") as f:
-        front = list(csv.DictReader(f))
     result = {
         "benchmark": "real_model_run",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": config,
-        "references_validation": summary.get("reference_validation"),
+        "references_validation": summary["reference_validation"],
         "seconds": seconds,
         "summary": {k: v for k, v in summary.items() if k.startswith("hv") or k in (
             "candidates", "evaluations", "front_size", "front_levels", "level2_paths", "wall_seconds_this_process")},
