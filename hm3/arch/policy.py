@@ -253,7 +253,10 @@ class PathPolicy(nn.Module):
     # --- acting and evaluation ----------------------------------------------------------------------
     def proto_mean(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """μ of the proto-action for each observed state, [B, D] (Δ + the frame's next hop with the prior)."""
-        delta = self._proto_delta(obs)
+        return self._anchored(obs, self._proto_delta(obs))
+
+    def _anchored(self, obs: dict[str, torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+        """μ from the actor's output Δ: Δ itself, or Δ + e(frame, n) with the prior."""
         return delta + self._prior_anchor(obs) if self.prior else delta
 
     def _proto_delta(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -332,7 +335,7 @@ class PathPolicy(nn.Module):
             dist = torch.distributions.Categorical(logits=self.actor(x))
             return {"logp": dist.log_prob(samples), "entropy": dist.entropy(), "value": self.value_head(x)[:, 0]}
         delta, std = self._proto_delta(obs), self.log_std.exp()
-        dist = torch.distributions.Normal(delta + self._prior_anchor(obs) if self.prior else delta, std)
+        dist = torch.distributions.Normal(self._anchored(obs, delta), std)
         h_critic = self.critic_encoder.encode(obs, self.layer_features)
         # KL(π ‖ prior) of the proto-action, the prior being N(e(frame, n), σ): ½·Σ(Δ/σ)² (0 without it).
         prior_kl = 0.5 * (delta / std).pow(2).sum(-1) if self.prior else torch.zeros(len(delta))
