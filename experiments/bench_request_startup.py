@@ -46,7 +46,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def timed_request(src: Path, run: Path, prefer: str, out: Path) -> tuple[float, str]:
-    """Wall seconds of one fresh ``hm3 request`` process from checkout ``src``, and its answer line."""
+    """Wall seconds of one fresh ``hm3 request`` process from checkout ``src``, and its answer line.
+
+    The line printed by the CLI, not the ``hm3_request.json`` record: the baseline checkout may predate
+    the record's current keys, and the printed line is what both versions share."""
     env = os.environ | {"HM3_SRC": str(src.resolve())}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", LAUNCHER, "request", str(run), "--prefer", prefer, str(out),

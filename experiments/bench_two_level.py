@@ -63,6 +63,7 @@ from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 from hm3.atomic import atomic_write_text
 from hm3.pipeline import parse_two_level_config, run_two_level
 from hm3.report import save_figure
+from hm3.request import REQUEST_RECORD
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
 from hm3.search.posterior import POSTERIOR_FILE, upgrade_posterior_file
@@ -216,13 +217,15 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
 
 
 def cli_request(both_dir: Path, prefer: str, out_dir: Path) -> tuple[float, str]:
-    """Wall time of ``hm3 request`` at budget 0 as a fresh process (start-up included), and its answer
-    line."""
+    """Wall time of ``hm3 request`` at budget 0 as a fresh process (start-up included), and its answer as
+    the request record beside the model names it (the format earlier results stored)."""
+    cli_dir = Path(str(out_dir) + "-cli")
     start = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(both_dir), "--prefer", prefer,
-                           str(out_dir) + "-cli", "--overwrite", "--quiet"], check=True, capture_output=True, text=True)
+    subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(both_dir), "--prefer", prefer,
+                    str(cli_dir), "--overwrite", "--quiet"], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return seconds, next((line for line in done.stdout.splitlines() if line.startswith("answer:")), "")
+    record = json.loads((cli_dir / REQUEST_RECORD).read_text())
+    return seconds, f"answer: {record['answer']} ({record['kind']})"
 
 
 def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectives: list[str], base: np.ndarray,
