@@ -8,6 +8,10 @@ number of full evaluations this took. This is the ceiling a level-2 search could
 that short (minus the luck of the best validation scores among many), to set beside what the RL
 search found within its budget.
 
+With ``--longer N``, N random paths of ``--t-max`` + 1 .. ``--longer-t-max`` hops per frame (uniform
+length, uniform hops; seeded by the frame's id) are scored too, and reported apart: a sample, not a
+ceiling, of what longer paths add (4 hops over 4 pool models × 2 layers are 4 096 paths per frame).
+
 The run directory is copied to ``--work`` first (the original is never written to); scores are
 stored there, so an interrupted check resumes from its store. hm3's own code scores the paths
 (:class:`hm3.arch.level2.PathEvaluator`, in-memory path models on the hf backend).
@@ -15,7 +19,7 @@ stored there, so an interrupted check resumes from its store. hm3's own code sco
 Usage::
 
     .venv/bin/python experiments/level2_ceiling.py RUN_DIR [--t-max 2] [--work runs/level2_ceiling]
-        [--out experiments/results/level2_ceiling.json]
+        [--out experiments/results/level2_ceiling.json] [--longer 0 --longer-t-max 4]
 """
 
 from __future__ import annotations
@@ -70,7 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("experiments/results/level2_ceiling.json"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--best-k", default="3,6,12", help="report the HV of level 1 + the best k paths, for these k")
+    p.add_argument("--longer", type=int, default=0, help="random paths per frame longer than --t-max")
+    p.add_argument("--longer-t-max", type=int, default=4)
     args = p.parse_args(argv)
+    if args.longer and args.longer_t_max <= args.t_max:
+        p.error(f"--longer-t-max {args.longer_t_max} must exceed --t-max {args.t_max}")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work / args.run.name
@@ -87,13 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
         front = [ids[i] for i in non_dominated(y1)]
         pools = PoolSet(run.ctx)
         evaluator = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
-                                  t_max=args.t_max)
+                                  t_max=max(args.t_max, args.longer_t_max if args.longer else 0))
         hops = [(m, layer) for m in range(pools.size) for layer in range(pools.num_layers)]
         paths = [LayerPath(hops=h) for t in range(1, args.t_max + 1) for h in itertools.product(hops, repeat=t)]
         hv1 = protocol_hypervolume(y1, base, ideal)
         print(f"level 1: {len(ids)} merges, front {len(front)}, HV {hv1:.4f}; "
               f"{len(paths)} paths per frame", flush=True)
         union = [y1]
+        longer: list[np.ndarray] = []
         frames = []
         for frame in front:
             ys = np.stack([evaluator.raw_scores(path, frame, run.ctx.validation) for path in paths])
@@ -101,10 +110,29 @@ def main(argv: list[str] | None = None) -> dict:
             hv = protocol_hypervolume(np.concatenate(union), base, ideal)
             frames.append({"frame": frame, "paths": len(ys), "hv_paths_alone": protocol_hypervolume(ys, base, ideal),
                            "hv_union_so_far": hv})
-            print(f"frame {frame}: union HV {hv:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if args.longer:
+                rng = np.random.default_rng(frame)
+                sample = [LayerPath(hops=tuple(hops[i] for i in rng.integers(len(hops), size=t)))
+                          for t in rng.integers(args.t_max + 1, args.longer_t_max + 1, size=args.longer)]
+                longer.append(np.stack([evaluator.raw_scores(path, frame, run.ctx.validation) for path in sample]))
+                frames[-1]["hv_union_with_longer_so_far"] = protocol_hypervolume(
+                    np.concatenate(union + longer), base, ideal)
+            print(f"frame {frame}: union HV {hv:.4f}"
+                  + (f", with longer paths {frames[-1]['hv_union_with_longer_so_far']:.4f}" if longer else "")
+                  + f" ({time.perf_counter() - start:.0f} s)", flush=True)
         all_y = np.concatenate(union)
         nd = non_dominated(all_y)
         best_k = greedy_best_paths(y1, all_y[len(y1):], base, ideal, args.best_k)
+        if longer:
+            with_longer = np.concatenate(union + longer)
+            nd_longer = non_dominated(with_longer)
+            longer_out = {
+                "per_frame": args.longer, "hops": [args.t_max + 1, args.longer_t_max],
+                "path_evaluations": args.longer * len(front),
+                "hv_union_with_longer": protocol_hypervolume(with_longer, base, ideal),
+                "union_front_size": int(len(nd_longer)),
+                "union_front_longer_paths": int((nd_longer >= len(all_y)).sum()),
+            }
     out = {
         "experiment": "level2_ceiling",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -119,12 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
         "union_front_paths": int((nd >= len(y1)).sum()),
         # the most a search keeping only k paths could add (chosen greedily, with hindsight, on validation)
         "hv_union_best_k_paths": best_k,
+        "longer_paths_sample": longer_out if longer else None,
         "seconds": time.perf_counter() - start,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"union HV {out['hv_union']:.4f} vs level 1 {hv1:.4f}; union front {out['union_front_size']} points, "
           f"{out['union_front_paths']} of them paths; {out['path_evaluations']} full path evaluations; "
           f"level 1 + best k paths: {', '.join(f'k={k}: {v:.4f}' for k, v in best_k.items())}")
+    if longer:
+        print(f"with {out['longer_paths_sample']['path_evaluations']} random paths of {args.t_max + 1}-"
+              f"{args.longer_t_max} hops: union HV {longer_out['hv_union_with_longer']:.4f}, "
+              f"{longer_out['union_front_longer_paths']} of them on the union front")
     return out
 
 
