@@ -34,7 +34,8 @@ run's own DARE-TIES space (its GP + log-EI on the λ-weighted score, no Fisher w
 comparison isolates what answering from a finished run loses against searching again for λ.
 Each request is also answered with ``--refine R`` for each R of ``--request-refine`` (R merge
 evaluations of λ-scalarised BO warm-started from the run's level-1 data), each on its own copy of the
-run, and scored the same way.
+run, and scored the same way. And each budget-0 answer is located on the dedicated search's own
+trace: how many of its merge evaluations it took to reach the answer's validation Σλf̂.
 
 Usage::
 
@@ -177,6 +178,9 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
                 row["request_cli_seconds"], row["request_cli_answer"] = cli_request(both_dir, prefer, out_dir)
                 row["request_cli_timed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 changed = True
+            matched = dedicated_merges_to_match(ded_dir, summary, np.array(row["lam"]), row["request_scalarised"])
+            if row.get("dedicated_merges_to_match", -1) != matched:
+                row["dedicated_merges_to_match"], changed = matched, True
             if changed:
                 atomic_write_text(record_file, json.dumps(row, indent=2))
             rows.append(row)
@@ -208,7 +212,8 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
                "dedicated_scalarised": ded_s,
                "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
                "dedicated_point_level": int(ded_point["level"]), "request_raw": req_raw.tolist(),
-               "dedicated_raw": ded_raw.tolist()}
+               "dedicated_raw": ded_raw.tolist(),
+               "dedicated_merges_to_match": dedicated_merges_to_match(ded_dir, summary, lam, req_s)}
         add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
         add_test_comparison(args, row, summary, objectives, out_dir, ded_dir)
         atomic_write_text(record_file, json.dumps(row, indent=2))
@@ -297,6 +302,22 @@ def dedicated_answer(ded_dir: Path, summary: dict[str, Any], lam: np.ndarray) ->
     val = front[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
     f_hat = normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"]))
     return front.iloc[int(np.argmax(f_hat @ lam))]
+
+
+def dedicated_merges_to_match(ded_dir: Path, summary: dict[str, Any], lam: np.ndarray, score: float) -> int | None:
+    """How many of the dedicated search's merge evaluations it took to reach ``score`` (a request's
+    validation Σλf̂): the smallest n whose best-so-far Σλf̂ over its first n merges, in evaluation order
+    (``candidates.csv``, by point id), is at least ``score``; None if its merges never do. A budget-0
+    answer is then "worth n dedicated evaluations". Normalised like :func:`dedicated_answer`."""
+    import pandas as pd
+
+    rows = pd.read_csv(ded_dir / "candidates.csv")
+    merges = rows[rows["kind"] == "merge"].sort_values("point")
+    val = merges[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
+    best_so_far = np.maximum.accumulate(
+        normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"])) @ lam)
+    reached = np.flatnonzero(best_so_far >= score - 1e-12)
+    return int(reached[0]) + 1 if reached.size else None
 
 
 def _test_reference(summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -423,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
             "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
             "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
+            # per request: the dedicated merge evaluations it took to reach the budget-0 answer's
+            # validation Σλf̂ (None: never, within its budget)
+            "dedicated_merges_to_match": [r["dedicated_merges_to_match"] for r in req_rows],
             # the same comparison on the test split, which neither answer was chosen on
             "test": {
                 "mean_ratio": mean([r["test"]["request"]["ratio"] for r in req_rows]),
