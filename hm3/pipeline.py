@@ -61,7 +61,6 @@ from hm3.search.level1 import (
 )
 from hm3.search.optimizers import Optimizer
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
-from hm3.search.posterior import POSTERIOR_FILE, fit_level1_posterior
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
@@ -205,12 +204,7 @@ class TwoLevelRun:
             return {}, base, ideal
         result = search_level1(self.ctx, self.run_dir / "level1", self.optimizer, resume=resume,
                                progress=self.progress)
-        scores = dict(zip(result.candidate_ids, result.Y, strict=True))
-        posterior_file = self.run_dir / "level1" / POSTERIOR_FILE
-        if not posterior_file.is_file():  # the BO posterior budget-0 requests draw on (hm3/request.py)
-            posterior = fit_level1_posterior(self.store, scores, result.base, result.ideal)
-            if posterior is not None:
-                _save(posterior_file, posterior)
+        scores = dict(zip(result.candidate_ids, result.Y, strict=True))  # its BO posterior is saved beside it
         self._mark("level1")
         return scores, result.base, result.ideal
 

@@ -27,10 +27,15 @@ How a request is answered, and why:
   over all of them (``docs/BENCHMARKS.md``); a few focused evaluations close most of that gap.
   Refinements are stored as ``request_merge`` events, never as level-1 evaluations, so a resumed
   run replays exactly its own history.
+* **A level-1 search** (``hm3 search param``) answers requests too, from its front and its BO
+  posterior, and ``--refine`` works on it as above; ``--budget N > 0`` is refused, since it has no
+  level-2 policy. Why: on every equal-cost comparison so far, level 1 alone with the whole budget
+  gave the better front (``docs/BENCHMARKS.md``), so a user may well hold only a level-1 run.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -52,7 +57,8 @@ from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import POSTERIOR_FILE, posterior_option
-from hm3.store import RunStore, content_hash
+from hm3.search.run_config import RunConfig, parse_run_config
+from hm3.store import STORE_FILE, RunStore, content_hash
 
 REFINE_EVENT = "request_merge"
 REQUEST_RECORD = "hm3_request.json"  # written into OUT_DIR beside the model
@@ -125,6 +131,61 @@ class RequestAnswer:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a request reads from a finished run, whichever command made it: a two-level ``hm3 run``
+    (front of merges and paths, a pretrained policy) or a level-1 ``hm3 search param`` (merges only;
+    answered from its front and BO posterior, refined with ``--refine``, never fine-tuned)."""
+
+    names: list[str]
+    base: np.ndarray  # validation scores of the HV protocol's 0 and 1
+    ideal: np.ndarray
+    front: list[tuple[int, str, str, np.ndarray]]  # (candidate id, level, kind, raw validation scores)
+    level1: RunConfig
+    level1_dir: Path  # where level 1's outputs are (its posterior.pt)
+    policy: dict[str, Any] | None  # the pretrained level-2 policy; None for a level-1 search
+    rl: Level2Config | None
+
+
+def read_finished_run(run_dir: Path) -> FinishedRun:
+    """:class:`FinishedRun` of ``run_dir``; refuses unfinished runs and other formats, naming what is
+    missing and how to finish them."""
+    if (run_dir / STORE_FILE).is_file():
+        with RunStore.open(run_dir, readonly=True) as store:
+            stored = store.config() or {}
+        if "level2" not in stored and "search_space" in stored:
+            return _read_level1_search(run_dir, stored)
+    front, summary = read_front_rows(run_dir)
+    names = summary["objectives"]
+    with RunStore.open(run_dir, readonly=True) as store:
+        cfg = stored_two_level_config(store)
+    return FinishedRun(
+        names=names, base=np.array(summary["base_validation"]), ideal=np.array(summary["ideal_validation"]),
+        front=[(int(r["point"]), r["level"], r["kind"], np.array([float(r[f"{n}_val"]) for n in names]))
+               for r in front],
+        level1=cfg.level1, level1_dir=run_dir / "level1", policy=load_policy(run_dir), rl=cfg.level2.rl,
+    )
+
+
+def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file() or not (run_dir / "front.csv").is_file():
+        raise ConfigError(f"{run_dir} holds an unfinished level-1 search (summary.json or front.csv missing); "
+                          f"finish it with: hm3 search param CONFIG.yml {run_dir} --resume")
+    summary = json.loads(summary_file.read_text())
+    cfg = parse_run_config(stored, source=f"{run_dir / STORE_FILE} (stored config)")
+    refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
+    space = cfg.search_space
+    names = summary["objectives"]
+    with open(run_dir / "front.csv", newline="") as f:
+        front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
+                 for r in csv.DictReader(f)]
+    return FinishedRun(
+        names=names, base=refs[space.base_model], ideal=np.max(np.stack([refs[m] for m in space.models]), axis=0),
+        front=front, level1=cfg, level1_dir=run_dir, policy=None, rl=None,
+    )
+
+
 def load_policy(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "level2" / POLICY_FILE
     if not path.is_file():
@@ -146,6 +207,24 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
     return trainer.greedy_path(lam)
 
 
+def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, names: list[str],
+                   base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[tuple]:
+    """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
+    (by their lower bound, module docstring); else none, and a note says why."""
+    path = greedy_path(saved, lam)
+    recipe = path_recipe(path, frame, saved["expert_refs"])
+    match = store.find_candidate(recipe) if path.hops else None
+    known = stored_estimate(store, match, names) if match is not None and match.kind == PATH_KIND else None
+    if known is None:
+        notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
+                     "so it has no prediction; answered from the front")
+        return []
+    predicted, counts = known
+    return [(lower_bound(lam, known, base, ideal),
+             f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples per objective)",
+             PATH_KIND, predicted, recipe)]
+
+
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
     overwrite: bool = False, progress: bool = True,
@@ -160,39 +239,32 @@ def answer_request(
         raise ConfigError(f"--refine must be >= 0, got {refine}")
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
-    front, summary = read_front_rows(run_dir)
-    names = summary["objectives"]
+    run = read_finished_run(run_dir)
+    names, base, ideal, level1 = run.names, run.base, run.ideal, run.level1
     lam, notes = parse_preference(prefer, names)
-    base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
-    saved = load_policy(run_dir)
-    frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
-    frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+    if run.policy is None and budget > 0:
+        raise ConfigError(
+            f"{run_dir} holds a level-1 search ('hm3 search param'): it has no level-2 policy to fine-tune, so "
+            "--budget must be 0; use --refine M for M more merge evaluations, or 'hm3 run' for both levels"
+        )
+    saved = run.policy
+    frame = None  # the level-1 merge framing level-2 paths for λ (two-level runs)
+    if saved is not None:
+        frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
+        frame = merge_for_preference(lam, frame_front) if frame_front else "base"
 
     with RunStore.open(run_dir, readonly=True) as store:
-        cfg = stored_two_level_config(store)
-        options: list[tuple[float, str, str, np.ndarray, Any]] = []
-        for row in front:
-            raw = np.array([float(row[f"{n}_val"]) for n in names])
-            cid = int(row["point"])
-            options.append((weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {row['level']})",
-                            row["kind"], raw, cid))
+        options: list[tuple[float, str, str, np.ndarray, Any]] = [
+            (weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {level})", kind, raw, cid)
+            for cid, level, kind, raw in run.front
+        ]
         evaluations = 0
         if budget == 0 and refine == 0:
-            path = greedy_path(saved, lam)
-            recipe = path_recipe(path, frame, saved["expert_refs"])
-            match = store.find_candidate(recipe) if path.hops else None
-            known = stored_estimate(store, match, names) if match is not None and match.kind == PATH_KIND else None
-            if known is not None:
-                predicted, counts = known
-                options.append((lower_bound(lam, known, base, ideal),
-                                f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples "
-                                "per objective)", PATH_KIND, predicted, recipe))
-            else:
-                notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
-                             "so it has no prediction; answered from the front")
-            posterior_file = run_dir / "level1" / POSTERIOR_FILE
+            if saved is not None:
+                options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
+            posterior_file = run.level1_dir / POSTERIOR_FILE
             posterior = torch.load(posterior_file, weights_only=False) if posterior_file.is_file() else None
-            proposal = posterior_option(posterior, cfg.level1.search_space, lam, base, ideal)
+            proposal = posterior_option(posterior, level1.search_space, lam, base, ideal)
             if proposal is not None:
                 bound, recipe, predicted = proposal
                 options.append((bound, "level-1 BO posterior proposal (unevaluated merge)", "merge", predicted,
@@ -202,13 +274,13 @@ def answer_request(
     measured = None
     if budget > 0 or refine > 0:
         score, source, kind, raw, stored, measured, evaluations = _search(
-            cfg, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
+            level1, run.rl, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
         )
     if kind == "merge":
-        write_merge(recipe_with_paths(stored, cfg.level1.models), out_dir, overwrite=overwrite)
+        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite)
     else:
         with RunStore.open(run_dir, readonly=True) as store:
-            point = path_point_file(stored, store, cfg.level1)
+            point = path_point_file(stored, store, level1)
         write_path(point, out_dir, overwrite=overwrite)
     # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
     scores = measured if measured is not None else raw
@@ -228,15 +300,15 @@ def answer_request(
     )
 
 
-def _search(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, budget: int, refine: int,
-            options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
+def _search(level1: RunConfig, rl: Level2Config | None, run_dir: Path, saved: dict[str, Any] | None, lam: np.ndarray,
+            frame, budget: int, refine: int, options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
     """Spend the request's evaluations (merge refinement, then online fine-tuning) and pick the best
     of them and the front points on measured validation scores."""
     from hm3.search.level1 import Level1Context, stderr_logger
 
     log = stderr_logger(progress)
     with RunStore.open(run_dir) as store:
-        ctx = Level1Context(cfg.level1, store, log=log)
+        ctx = Level1Context(level1, store, log=log)
         try:
             measured: list = []
             evaluations = 0
@@ -245,7 +317,7 @@ def _search(cfg, run_dir: Path, saved: dict[str, Any], lam: np.ndarray, frame, b
                 measured += found
                 evaluations += n
             if budget > 0:
-                found, n = _tune_and_measure(ctx, saved, lam, frame, budget, base, ideal, cfg.level2.rl,
+                found, n = _tune_and_measure(ctx, saved, lam, frame, budget, base, ideal, rl,
                                              len(saved["objectives"]), log)
                 measured += found
                 evaluations += n

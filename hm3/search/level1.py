@@ -39,6 +39,7 @@ from hm3.report import plot_front, write_csv
 from hm3.search.optimizers import Optimizer, get_optimizer
 from hm3.search.optimizers.random import sobol_points
 from hm3.search.pareto import degenerate_objectives, non_dominated, normalise, protocol_hypervolume
+from hm3.search.posterior import save_level1_posterior
 from hm3.search.preferences import dirichlet_preferences
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
@@ -384,6 +385,9 @@ def search_level1(
     )
     if optimizer.remaining > 0:
         return result
+    # the BO posterior that budget-0 preference requests draw on (hm3/request.py), before the summary
+    # that marks level 1 finished, so a finished level 1 always has it (when it has >= 4 points)
+    save_level1_posterior(store, Path(out_dir), dict(zip(ids, Y, strict=True)), base, ideal)
     write_outputs(ctx, result, refs_val, seconds=time.perf_counter() - start, resumed=bool(resume))
     return result
 

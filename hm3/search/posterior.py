@@ -46,6 +46,22 @@ def fit_level1_posterior(
     return with_predictions({"X": X, "F": F, "gp_states": states})
 
 
+def save_level1_posterior(
+    store: RunStore, out_dir: Path, level1_scores: dict[int, np.ndarray], base: np.ndarray, ideal: np.ndarray
+) -> Path | None:
+    """Fit and save the posterior as ``out_dir/posterior.pt`` once (atomically), for a finished level 1
+    of either command (``hm3 search param`` or ``hm3 run``); the existing file if already saved."""
+    path = Path(out_dir) / POSTERIOR_FILE
+    if path.is_file():
+        return path
+    posterior = fit_level1_posterior(store, level1_scores, base, ideal)
+    if posterior is None:
+        return None
+    with atomic_open(path, "wb") as f:
+        torch.save(posterior, f)
+    return path
+
+
 def with_predictions(saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` (data + GP state dicts) plus the GPs' predictions on the proposal grid."""
     grid = proposal_grid(saved["X"])

@@ -175,3 +175,46 @@ def test_resumed_bo_run_asks_exactly_the_points_of_an_uninterrupted_one(setup, t
     run_level1(parse_run_config(data), tmp_path / "stopped", progress=False, stop_after=3)  # design + 1 BO step
     run_level1(parse_run_config(data), tmp_path / "stopped", resume=True, progress=False)
     assert told(tmp_path / "stopped") == told(tmp_path / "straight")
+
+
+def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
+    """``hm3 request`` on an ``hm3 search param`` run: budget 0 from its front and saved BO posterior
+    without evaluating; --refine adds merge evaluations; --budget (level-2 fine-tuning) and an
+    unfinished search are refused with what to do instead."""
+    from hm3.cli import main
+    from hm3.request import answer_request
+    from hm3.search.pareto import normalise
+    from hm3.search.posterior import POSTERIOR_FILE
+
+    run = tmp_path / "run"
+    run_level1(parse_run_config(_config(setup)), run, progress=False)
+    assert (run / POSTERIOR_FILE).is_file()  # saved by the level-1 search itself
+    summary = json.loads((run / "summary.json").read_text())
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    ans = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "answer", progress=False)
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) == before
+    assert ans.evaluations == 0 and ans.kind == "merge" and ans.details["frame"] is None
+    assert (tmp_path / "answer" / "config.json").is_file()
+    # at least as good, by its (predicted) Σλf̂, as every front point; base and ideal as the search's HV
+    refs = summary["reference_validation"]
+    base, ideal = np.array(refs["base"]), np.max([refs["m1"], refs["m2"]], axis=0)
+    front = pd.read_csv(run / "front.csv")
+    f_hat = normalise(front[[f"{n}_val" for n in names]].to_numpy(float), base, ideal)
+    assert ans.details["weighted_normalised_score"] >= float((f_hat @ np.array([0.8, 0.2])).max()) - 1e-12
+
+    refined = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "refined", refine=1, progress=False)
+    assert refined.measured is not None
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.events("level1_tell")) == 5 and len(store.events("request_merge")) == 1
+
+    assert main(["request", str(run), "--prefer", f"{names[0]}=1", str(tmp_path / "tuned"), "--budget", "2"]) != 0
+    assert "no level-2 policy" in capsys.readouterr().err and not (tmp_path / "tuned").exists()
+
+    unfinished = tmp_path / "unfinished"
+    run_level1(parse_run_config(_config(setup)), unfinished, progress=False, stop_after=2)
+    with pytest.raises(ConfigError, match="unfinished level-1 search.*hm3 search param .*--resume"):
+        answer_request(unfinished, f"{names[0]}=1", tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
