@@ -34,7 +34,8 @@ run's own DARE-TIES space (its GP + log-EI on the λ-weighted score, no Fisher w
 comparison isolates what answering from a finished run loses against searching again for λ.
 Each request is also answered with ``--refine R`` for each R of ``--request-refine`` (R merge
 evaluations of λ-scalarised BO warm-started from the run's level-1 data), each on its own copy of the
-run, and scored the same way. And each budget-0 answer is located on the dedicated search's own
+run, and scored the same way. ``--request-runs level1`` asks the same of the ``level1`` arm's run (a
+level-1 search answers requests from its front and BO posterior). And each budget-0 answer is located on the dedicated search's own
 trace: how many of its merge evaluations it took to reach the answer's validation Σλf̂.
 
 Usage::
@@ -151,23 +152,43 @@ def score_model(model_dir: Path, objectives: list[str], n: int, split: str = "va
     return np.array(out)
 
 
-def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
+def run_references(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """The run's objective names, validation base and ideal, and test reference scores (what the
+    request comparisons normalise with), and its objective specs; for a two-level run or a level-1
+    search alike (read the way ``hm3 request`` reads them)."""
+    from hm3.request import read_finished_run
+
+    run = read_finished_run(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return ({"objectives": run.names, "base_validation": run.base.tolist(), "ideal_validation": run.ideal.tolist(),
+             "reference_test": summary["reference_test"]}, list(run.level1.objectives))
+
+
+def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
+    """The budget-0 requests (and their --refine variants) on the ``run_name`` arm's run of ``seed``,
+    each compared with the dedicated search for its λ (shared by every arm that answers requests)."""
     from hm3.request import answer_request
 
-    summary = json.loads((both_dir / "summary.json").read_text())
-    with RunStore.open(both_dir, readonly=True) as store:
-        objectives = store.config()["level1"]["objectives"]
+    both_dir = args.work / f"{run_name}-s{seed}"
+    summary, objectives = run_references(both_dir)
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     # a run saved by an hm3 that kept only the level-1 GPs' state gets their grid predictions (same GPs,
     # same answers), so the fresh-process time is that of a run made today
     if (both_dir / "level1" / POSTERIOR_FILE).is_file():
         upgrade_posterior_file(both_dir / "level1" / POSTERIOR_FILE)
+    if run_name == "level1" and not (both_dir / POSTERIOR_FILE).is_file():
+        # a level-1 search finished before 'hm3 search param' saved its BO posterior: resuming it
+        # replays the stored evaluations (nothing new is scored) and saves the posterior today's would
+        with RunStore.open(both_dir, readonly=True) as store:
+            stored = store.config()
+        run_level1(parse_run_config(stored, source=str(both_dir)), both_dir, resume=True, progress=False)
+    prefix = "request" if run_name == "both" else f"request-{run_name}"  # "both": the names of earlier results
     rows = []
     for i, lam in enumerate(REQUEST_PREFS):
         lam = np.array(lam) / sum(lam)
         prefer = ",".join(f"{n.split(':')[-1]}={v:.4f}" for n, v in zip(summary["objectives"], lam, strict=True))
-        out_dir = args.work / f"request-s{seed}-{i}"
-        record_file = args.work / f"request-s{seed}-{i}.json"
+        out_dir = args.work / f"{prefix}-s{seed}-{i}"
+        record_file = args.work / f"{prefix}-s{seed}-{i}.json"
         ded_dir = args.work / f"dedicated-s{seed}-{i}"
         if record_file.is_file():
             row = json.loads(record_file.read_text())
@@ -207,7 +228,8 @@ def requests(args, seed: int, both_dir: Path) -> list[dict[str, Any]]:
         ded_raw = np.array([ded_point[f"{n}_val"] for n in summary["objectives"]], dtype=float)
         req_s = float(lam @ normalise(req_raw[None], base, ideal)[0])
         ded_s = float(lam @ normalise(ded_raw[None], base, ideal)[0])
-        row = {"seed": seed, "lam": lam.tolist(), "request_answer": ans.source, "request_seconds": ans.seconds,
+        row = {"run": run_name, "seed": seed, "lam": lam.tolist(), "request_answer": ans.source,
+               "request_seconds": ans.seconds,
                "request_cli_seconds": cli_seconds, "request_cli_answer": cli_answer, "request_scalarised": req_s,
                "dedicated_scalarised": ded_s,
                "ratio": req_s / ded_s if ded_s > 0 else None, "dedicated_seconds": ded_seconds,
@@ -376,6 +398,37 @@ def mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def request_targets(req_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and worst cases of one run kind's requests against the dedicated searches."""
+    return {
+        "mean_ratio": mean([r["ratio"] for r in req_rows]),
+        "min_ratio": min(r["ratio"] for r in req_rows if r["ratio"] is not None),
+        "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
+        "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
+        "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
+        # per request: the dedicated merge evaluations it took to reach the budget-0 answer's
+        # validation Σλf̂ (None: never, within its budget)
+        "dedicated_merges_to_match": [r["dedicated_merges_to_match"] for r in req_rows],
+        # the same comparison on the test split, which neither answer was chosen on
+        "test": {
+            "mean_ratio": mean([r["test"]["request"]["ratio"] for r in req_rows]),
+            "min_ratio": min(r["test"]["request"]["ratio"] for r in req_rows),
+            "refined": {r: {"mean_ratio": mean([row["test"]["refined"][r]["ratio"] for row in req_rows]),
+                            "min_ratio": min(row["test"]["refined"][r]["ratio"] for row in req_rows)}
+                        for r in sorted({r for row in req_rows for r in row["test"]["refined"]}, key=int)
+                        if all(r in row["test"]["refined"] for row in req_rows)},
+        } if all("test" in r for r in req_rows) else None,
+        "refined": {
+            r: {"mean_ratio": mean([row["refined"][r]["ratio"] for row in req_rows]),
+                "min_ratio": min(row["refined"][r]["ratio"] for row in req_rows),
+                "mean_seconds": mean([row["refined"][r]["seconds"] for row in req_rows]),
+                "mean_evaluations": mean([row["refined"][r]["evaluations"] for row in req_rows])}
+            for r in sorted({r for row in req_rows for r in row.get("refined", {})}, key=int)
+            if all(r in row.get("refined", {}) for row in req_rows)
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_zoo_bench_args(p, "bench_two_level")
@@ -391,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retime-cli", action="store_true",
                    help="time the fresh-process `hm3 request` again for requests already recorded (the earlier "
                         "times are kept in the record)")
+    p.add_argument("--request-runs", default="both",
+                   help="the arms whose runs answer the requests: both, level1 (a level-1 search), or both of them")
     p.add_argument("--request-refine", default="4,8",
                    help="also answer each request with --refine R (merge evaluations), for each R listed")
     args = p.parse_args(argv)
@@ -413,8 +468,11 @@ def main(argv: list[str] | None = None) -> int:
             equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
             data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
             results.setdefault(name, []).append(arm(args, name, seed, data, True))
-        if not args.no_requests and "both" in arms:
-            req_rows += requests(args, seed, args.work / f"both-s{seed}")
+        if not args.no_requests:
+            for run_name in (r for r in args.request_runs.split(",") if r):
+                if run_name not in arms:
+                    raise SystemExit(f"--request-runs {run_name}: that arm is not in --arms {args.arms}")
+                req_rows += requests(args, seed, run_name)
     table = {
         name: {"hv_validation": mean([r["hv_validation"] for r in rows]),
                "hv_validation_min": min(r["hv_validation"] for r in rows),
@@ -437,34 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                 "hv_loss_fraction": (b["hv_validation"] - a["hv_validation"]) / b["hv_validation"]
                 if b["hv_validation"] else None,
             }
-    if req_rows:
-        targets["request"] = {
-            "mean_ratio": mean([r["ratio"] for r in req_rows]),
-            "min_ratio": min(r["ratio"] for r in req_rows if r["ratio"] is not None),
-            "mean_seconds_in_process": mean([r["request_seconds"] for r in req_rows]),
-            "mean_seconds_cli": mean([r["request_cli_seconds"] for r in req_rows]),
-            "mean_dedicated_seconds": mean([r["dedicated_seconds"] for r in req_rows]),
-            # per request: the dedicated merge evaluations it took to reach the budget-0 answer's
-            # validation Σλf̂ (None: never, within its budget)
-            "dedicated_merges_to_match": [r["dedicated_merges_to_match"] for r in req_rows],
-            # the same comparison on the test split, which neither answer was chosen on
-            "test": {
-                "mean_ratio": mean([r["test"]["request"]["ratio"] for r in req_rows]),
-                "min_ratio": min(r["test"]["request"]["ratio"] for r in req_rows),
-                "refined": {r: {"mean_ratio": mean([row["test"]["refined"][r]["ratio"] for row in req_rows]),
-                                "min_ratio": min(row["test"]["refined"][r]["ratio"] for row in req_rows)}
-                            for r in sorted({r for row in req_rows for r in row["test"]["refined"]}, key=int)
-                            if all(r in row["test"]["refined"] for row in req_rows)},
-            } if all("test" in r for r in req_rows) else None,
-            "refined": {
-                r: {"mean_ratio": mean([row["refined"][r]["ratio"] for row in req_rows]),
-                    "min_ratio": min(row["refined"][r]["ratio"] for row in req_rows),
-                    "mean_seconds": mean([row["refined"][r]["seconds"] for row in req_rows]),
-                    "mean_evaluations": mean([row["refined"][r]["evaluations"] for row in req_rows])}
-                for r in sorted({r for row in req_rows for r in row.get("refined", {})}, key=int)
-                if all(r in row.get("refined", {}) for row in req_rows)
-            },
-        }
+    for run_name in dict.fromkeys(r.get("run", "both") for r in req_rows):  # records before --request-runs: both
+        rows = [r for r in req_rows if r.get("run", "both") == run_name]
+        targets["request" if run_name == "both" else f"request_{run_name}_run"] = request_targets(rows)
     out = {
         "benchmark": "bench_two_level",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -476,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         "this_invocation_wall_seconds": time.time() - started,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2))
-    plot(results, req_rows, args.plot)
+    first = req_rows[0].get("run", "both") if req_rows else None  # the plot shows one run kind's requests
+    plot(results, [r for r in req_rows if r.get("run", "both") == first], args.plot)
     print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'full-eq':>9}{'L2 evals':>9}{'L2 examples':>12}{'seconds':>9}")
     for name, row in table.items():
         print(f"{name:<20}{row['hv_validation']:>10.4f}{row['hv_test_front']:>10.4f}"
