@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("run_dir", help="a finished 'hm3 run' or 'hm3 search param' directory")
     rq.add_argument("--prefer", required=True, help="objective weights NAME=W,... (short names: math, code, ...)")
     rq.add_argument("out_dir")
-    rq.add_argument("--budget", type=int, default=0, help="online fine-tuning episodes (0: answer at once; two-level runs only)")
+    rq.add_argument("--budget", type=int, default=0,
+                    help="online fine-tuning episodes (0: answer at once; two-level runs only)")
     rq.add_argument("--refine", type=int, default=0,
                     help="whole-plan evaluations of λ-scalarised BO over the run's merges, warm-started "
                          "with every merge the run evaluated (0: none)")

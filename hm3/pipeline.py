@@ -204,7 +204,8 @@ class TwoLevelRun:
             return {}, base, ideal
         result = search_level1(self.ctx, self.run_dir / "level1", self.optimizer, resume=resume,
                                progress=self.progress)
-        scores = dict(zip(result.candidate_ids, result.Y, strict=True))  # its BO posterior is saved beside it
+        # search_level1 also saved the BO posterior that requests draw on (level1/posterior.pt)
+        scores = dict(zip(result.candidate_ids, result.Y, strict=True))
         self._mark("level1")
         return scores, result.base, result.ideal
 

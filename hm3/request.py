@@ -300,8 +300,9 @@ def answer_request(
     )
 
 
-def _search(level1: RunConfig, rl: Level2Config | None, run_dir: Path, saved: dict[str, Any] | None, lam: np.ndarray,
-            frame, budget: int, refine: int, options: list, base: np.ndarray, ideal: np.ndarray, progress: bool):
+def _search(level1: RunConfig, rl: Level2Config | None, run_dir: Path, saved: dict[str, Any] | None,
+            lam: np.ndarray, frame, budget: int, refine: int, options: list, base: np.ndarray, ideal: np.ndarray,
+            progress: bool):
     """Spend the request's evaluations (merge refinement, then online fine-tuning) and pick the best
     of them and the front points on measured validation scores."""
     from hm3.search.level1 import Level1Context, stderr_logger
