@@ -169,19 +169,19 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
     each compared with the dedicated search for its λ (shared by every arm that answers requests)."""
     from hm3.request import answer_request
 
-    both_dir = args.work / f"{run_name}-s{seed}"
-    summary, objectives = run_references(both_dir)
+    run_dir = args.work / f"{run_name}-s{seed}"
+    summary, objectives = run_references(run_dir)
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     # a run saved by an hm3 that kept only the level-1 GPs' state gets their grid predictions (same GPs,
     # same answers), so the fresh-process time is that of a run made today
-    if (both_dir / "level1" / POSTERIOR_FILE).is_file():
-        upgrade_posterior_file(both_dir / "level1" / POSTERIOR_FILE)
-    if run_name == "level1" and not (both_dir / POSTERIOR_FILE).is_file():
+    if (run_dir / "level1" / POSTERIOR_FILE).is_file():
+        upgrade_posterior_file(run_dir / "level1" / POSTERIOR_FILE)
+    if run_name == "level1" and not (run_dir / POSTERIOR_FILE).is_file():
         # a level-1 search finished before 'hm3 search param' saved its BO posterior: resuming it
         # replays the stored evaluations (nothing new is scored) and saves the posterior today's would
-        with RunStore.open(both_dir, readonly=True) as store:
+        with RunStore.open(run_dir, readonly=True) as store:
             stored = store.config()
-        run_level1(parse_run_config(stored, source=str(both_dir)), both_dir, resume=True, progress=False)
+        run_level1(parse_run_config(stored, source=str(run_dir)), run_dir, resume=True, progress=False)
     prefix = "request" if run_name == "both" else f"request-{run_name}"  # "both": the names of earlier results
     rows = []
     for i, lam in enumerate(REQUEST_PREFS):
@@ -192,11 +192,11 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
         ded_dir = args.work / f"dedicated-s{seed}-{i}"
         if record_file.is_file():
             row = json.loads(record_file.read_text())
-            changed = add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
+            changed = add_refined(args, row, run_dir, prefer, objectives, base, ideal, out_dir)
             changed = add_test_comparison(args, row, summary, objectives, out_dir, ded_dir) or changed
             if args.retime_cli:
                 row.setdefault("request_cli_seconds_earlier", []).append(row["request_cli_seconds"])
-                row["request_cli_seconds"], row["request_cli_answer"] = cli_request(both_dir, prefer, out_dir)
+                row["request_cli_seconds"], row["request_cli_answer"] = cli_request(run_dir, prefer, out_dir)
                 row["request_cli_timed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 changed = True
             matched = dedicated_merges_to_match(ded_dir, summary, np.array(row["lam"]), row["request_scalarised"])
@@ -206,8 +206,8 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
                 atomic_write_text(record_file, json.dumps(row, indent=2))
             rows.append(row)
             continue
-        ans = answer_request(both_dir, prefer, out_dir, budget=0, overwrite=True, progress=False)
-        cli_seconds, cli_answer = cli_request(both_dir, prefer, out_dir)
+        ans = answer_request(run_dir, prefer, out_dir, budget=0, overwrite=True, progress=False)
+        cli_seconds, cli_answer = cli_request(run_dir, prefer, out_dir)
         req_raw = score_model(out_dir, objectives, args.validation_examples)
         # dedicated search for this λ: df-merge on Σλf, then level 2 online from a fresh policy
         ded_start = time.perf_counter()
@@ -236,26 +236,26 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
                "dedicated_point_level": int(ded_point["level"]), "request_raw": req_raw.tolist(),
                "dedicated_raw": ded_raw.tolist(),
                "dedicated_merges_to_match": dedicated_merges_to_match(ded_dir, summary, lam, req_s)}
-        add_refined(args, row, both_dir, prefer, objectives, base, ideal, out_dir)
+        add_refined(args, row, run_dir, prefer, objectives, base, ideal, out_dir)
         add_test_comparison(args, row, summary, objectives, out_dir, ded_dir)
         atomic_write_text(record_file, json.dumps(row, indent=2))
         rows.append(row)
     return rows
 
 
-def cli_request(both_dir: Path, prefer: str, out_dir: Path) -> tuple[float, str]:
+def cli_request(run_dir: Path, prefer: str, out_dir: Path) -> tuple[float, str]:
     """Wall time of ``hm3 request`` at budget 0 as a fresh process (start-up included), and its answer as
     the request record beside the model names it (the format earlier results stored)."""
     cli_dir = Path(str(out_dir) + "-cli")
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(both_dir), "--prefer", prefer,
+    subprocess.run([str(Path(sys.executable).parent / "hm3"), "request", str(run_dir), "--prefer", prefer,
                     str(cli_dir), "--overwrite", "--quiet"], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     record = json.loads((cli_dir / REQUEST_RECORD).read_text())
     return seconds, f"answer: {record['answer']} ({record['kind']})"
 
 
-def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectives: list[str], base: np.ndarray,
+def add_refined(args, row: dict[str, Any], run_dir: Path, prefer: str, objectives: list[str], base: np.ndarray,
                 ideal: np.ndarray, out_dir: Path) -> bool:
     """Requests with ``--refine R`` for each R of ``--request-refine`` that ``row`` lacks; True if any was added.
 
@@ -273,7 +273,7 @@ def add_refined(args, row: dict[str, Any], both_dir: Path, prefer: str, objectiv
         copy = Path(f"{out_dir}-refine{r}-run")
         if copy.exists():
             shutil.rmtree(copy)
-        shutil.copytree(both_dir, copy, ignore=shutil.ignore_patterns("hm3.lock"))
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("hm3.lock"))
         ans = answer_request(copy, prefer, Path(f"{out_dir}-refine{r}"), refine=r, overwrite=True, progress=False)
         raw = score_model(Path(f"{out_dir}-refine{r}"), objectives, args.validation_examples)
         s = float(lam @ normalise(raw[None], base, ideal)[0])
