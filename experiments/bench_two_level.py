@@ -35,8 +35,9 @@ comparison isolates what answering from a finished run loses against searching a
 Each request is also answered with ``--refine R`` for each R of ``--request-refine`` (R merge
 evaluations of λ-scalarised BO warm-started from the run's level-1 data), each on its own copy of the
 run, and scored the same way. ``--request-runs level1`` asks the same of the ``level1`` arm's run (a
-level-1 search answers requests from its front and BO posterior). And each budget-0 answer is located on the dedicated search's own
-trace: how many of its merge evaluations it took to reach the answer's validation Σλf̂.
+level-1 search answers requests from its front and BO posterior). And each budget-0 answer is located
+on the dedicated search's own trace: how many of its merge evaluations it took to reach the answer's
+validation Σλf̂.
 
 Usage::
 
@@ -321,9 +322,14 @@ def dedicated_answer(ded_dir: Path, summary: dict[str, Any], lam: np.ndarray) ->
     import pandas as pd
 
     front = pd.read_csv(ded_dir / "front.csv")
-    val = front[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
-    f_hat = normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"]))
-    return front.iloc[int(np.argmax(f_hat @ lam))]
+    return front.iloc[int(np.argmax(validation_scalarised(front, summary, lam)))]
+
+
+def validation_scalarised(rows: Any, summary: dict[str, Any], lam: np.ndarray) -> np.ndarray:
+    """Σλf̂ of each row of a run's ``front.csv`` / ``candidates.csv`` (a DataFrame), its validation
+    scores normalised with the validation base and ideal of ``summary``."""
+    val = rows[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
+    return normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"])) @ lam
 
 
 def dedicated_merges_to_match(ded_dir: Path, summary: dict[str, Any], lam: np.ndarray, score: float) -> int | None:
@@ -335,9 +341,7 @@ def dedicated_merges_to_match(ded_dir: Path, summary: dict[str, Any], lam: np.nd
 
     rows = pd.read_csv(ded_dir / "candidates.csv")
     merges = rows[rows["kind"] == "merge"].sort_values("point")
-    val = merges[[f"{n}_val" for n in summary["objectives"]]].to_numpy(float)
-    best_so_far = np.maximum.accumulate(
-        normalise(val, np.array(summary["base_validation"]), np.array(summary["ideal_validation"])) @ lam)
+    best_so_far = np.maximum.accumulate(validation_scalarised(merges, summary, lam))
     reached = np.flatnonzero(best_so_far >= score - 1e-12)
     return int(reached[0]) + 1 if reached.size else None
 

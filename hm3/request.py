@@ -54,7 +54,7 @@ from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError
 from hm3.pipeline import POLICY_FILE, path_point_file, read_front_rows, stored_two_level_config
 from hm3.search.estimates import lower_bound, stored_estimate
-from hm3.search.level1 import recipe_with_paths
+from hm3.search.level1 import protocol_points, recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import POSTERIOR_FILE, posterior_option
 from hm3.search.run_config import RunConfig, parse_run_config
@@ -175,15 +175,13 @@ def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
     summary = json.loads(summary_file.read_text())
     cfg = parse_run_config(stored, source=f"{run_dir / STORE_FILE} (stored config)")
     refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
-    space = cfg.search_space
+    base, ideal = protocol_points(refs, cfg.search_space)
     names = summary["objectives"]
     with open(run_dir / "front.csv", newline="") as f:
         front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
                  for r in csv.DictReader(f)]
-    return FinishedRun(
-        names=names, base=refs[space.base_model], ideal=np.max(np.stack([refs[m] for m in space.models]), axis=0),
-        front=front, level1=cfg, level1_dir=run_dir, policy=None, rl=None,
-    )
+    return FinishedRun(names=names, base=base, ideal=ideal, front=front, level1=cfg, level1_dir=run_dir, policy=None,
+                       rl=None)
 
 
 def load_policy(run_dir: Path) -> dict[str, Any]:

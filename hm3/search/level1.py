@@ -197,8 +197,13 @@ class Level1Context:
     def reference_points(self, plan: SplitPlan) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """(reference scores, base, ideal) on ``plan``: the HV protocol's 0 and 1 (best expert per task)."""
         refs = self.references(plan)
-        space = self.cfg.search_space
-        return refs, refs[space.base_model], np.max(np.stack([refs[r] for r in space.models]), axis=0)
+        return refs, *protocol_points(refs, self.cfg.search_space)
+
+
+def protocol_points(refs: dict[str, np.ndarray], space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
+    """(base, ideal) from the reference models' scores: the HV protocol's 0 (the base model) and 1
+    (the best expert on each task)."""
+    return np.asarray(refs[space.base_model]), np.max(np.stack([refs[r] for r in space.models]), axis=0)
 
 
 def make_optimizer(cfg: RunConfig) -> Optimizer:
