@@ -1,6 +1,6 @@
 """The bootstrap that runs *inside* the sandbox: a supervisor process and the untrusted program.
 
-:mod:`hm3.eval.sandbox` passes this file's source to ``python -I -B -c`` (so it works with any
+:mod:`hm3.eval.sandbox` passes this file's source to ``python -I -B -S -c`` (so it works with any
 interpreter the sandbox user may execute, not only the project's virtualenv). It must therefore
 use only the standard library, run on Python >= 3.8 and never import ``hm3``.
 
@@ -8,19 +8,34 @@ Why a supervisor: inside a fresh PID namespace the first process is PID 1, which
 shields from signals it has no handler for (an RLIMIT_CPU ``SIGXCPU`` would be ignored), and
 whose exit kills every other process in the namespace. So PID 1 only forks the program, reaps
 orphans, reports how the program ended on a status pipe, and exits: its exit tears the whole
-process tree down, forked children included.
+process tree down, forked children included. In ``unshare`` mode it first builds the sandbox's
+file system (the mounts bubblewrap makes in ``bwrap`` mode), as root, then drops to the sandbox user.
 
-Command line: ``sandbox_dir source_fd status_fd audit(0|1) network(0|1)``.
+Why a token: an exit status proves nothing, since the program can ``sys.exit(0)`` or ``os._exit(0)``
+before its tests ran. The program process reads a per-run random token from a pipe and closes it
+*before* any untrusted code runs, and writes it to the proof pipe only after the program and its
+harness (the tests) returned normally; the parent counts a run as complete only if it reads back
+exactly that token. Exits, signals, closed streams and guesses cannot produce it. Code written
+against this harness could still find the token in the interpreter's memory (frames, ``gc``,
+``ctypes``): the token raises the bar from "exit early" to "attack the harness", it is not a wall.
+
+Command line: ``spec_fd``, a descriptor holding the JSON run spec written by the parent.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import json
 import os
 import sys
 import traceback
 
 BLOCKED = "hm3-sandbox: blocked"  # the parent looks for this marker in stderr to label the failure
+
+# Captured before any untrusted code runs, so that monkeypatching ``os`` or ``builtins`` cannot
+# change what the harness does after the tests (patched functions could only make it fail).
+_write, _exit, _exec, _compile = os.write, os._exit, exec, compile
 
 # Audit events that would leave the interpreter (and with it the audit hook) or load native code.
 _ESCAPE_EVENTS = frozenset(
@@ -56,6 +71,13 @@ _MUTATING_EVENTS = {
     "os.removexattr": ((0, None),),
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+# mount(2) flags and pivot_root(2) numbers, for ``unshare`` mode (the standard library has neither).
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC = 32, 4096, 16384
+_MNT_DETACH = 2
+_PR_SET_NO_NEW_PRIVS = 38
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
 
 class SandboxViolation(PermissionError):
@@ -120,22 +142,48 @@ def _exit_status(exc: SystemExit) -> int:
     return 1
 
 
-def run_program(source: str, audit: bool, sandbox_dir: str, block_network: bool) -> int:
-    """Execute the untrusted source as ``__main__`` and return the exit status it would have had."""
-    if audit:
-        install_audit_hook(sandbox_dir, block_network)
-    try:
-        exec(compile(source, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-        status = 0
-    except SystemExit as exc:
-        status = _exit_status(exc)
-    except BaseException:  # the program's own failure: report it as Python would, then fail
-        traceback.print_exc()
-        status = 1
+def _flush_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken stream cannot change the verdict
             stream.flush()
-    return status
+
+
+def _pristine(namespace: dict, saved_builtins: dict) -> None:
+    """Undo what the program's top level may have done to sway its tests: patched builtins, trace hooks."""
+    sys.settrace(None)
+    sys.setprofile(None)
+    builtins.__dict__.clear()
+    builtins.__dict__.update(saved_builtins)
+    namespace["__builtins__"] = builtins
+
+
+def run_program(spec: dict, token: bytes) -> int:
+    """Execute the program (then its harness) as ``__main__``; return the exit status it would have had.
+
+    Only when both returned normally is ``token`` written to the proof pipe; the process then ends
+    at once with ``os._exit`` so that no thread or ``atexit`` handler of the program runs afterwards.
+    """
+    if spec["audit"]:
+        install_audit_hook(spec["workdir"], spec["block_network"])
+    saved_builtins = dict(builtins.__dict__)
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        _exec(_compile(spec["program"], "<program>", "exec"), namespace)
+        if spec["harness"] is not None:
+            _pristine(namespace, saved_builtins)
+            _exec(_compile(spec["harness"], "<tests>", "exec"), namespace)
+    except SystemExit as exc:  # sys.exit() before the end: never a completed run, whatever the code
+        _flush_streams()
+        return _exit_status(exc)
+    except BaseException:  # the program's own failure: report it as Python would, then fail
+        traceback.print_exc()
+        _flush_streams()
+        return 1
+    _flush_streams()
+    with contextlib.suppress(OSError):  # the program closed the pipe: then it has no proof
+        _write(spec["proof_fd"], token)
+    _exit(0)
+    return 0  # not reached
 
 
 def supervise(child: int, status_fd: int) -> int:
@@ -156,16 +204,91 @@ def supervise(child: int, status_fd: int) -> int:
     return code
 
 
+def _libc():  # noqa: ANN202 - ctypes types are not worth importing at module level here
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+    return libc, check
+
+
+def build_root(root: str, layout: list, uid: int, gid: int) -> None:
+    """``unshare`` mode, as root in a fresh mount namespace: build the sandbox's file system, enter it.
+
+    ``layout`` is the list of operations :func:`hm3.eval.sandbox._layout` gives bubblewrap as options,
+    done here with mount(2): a small tmpfs as ``/``, read-only binds of what the interpreter needs,
+    device nodes, a fresh ``/proc``, a size-limited tmpfs ``/tmp``; then ``pivot_root`` into it and
+    detach the host's tree, so nothing of the host file system stays reachable.
+    """
+    libc, check = _libc()
+
+    def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        encode = (lambda s: None if s is None else s.encode())  # noqa: E731
+        check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+
+    def remount_ro(target: str) -> None:
+        mount("none", target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+    secure = _MS_NOSUID | _MS_NODEV
+    mount("tmpfs", root, "tmpfs", secure, "size=1m,nr_inodes=1024,mode=755")
+    for op, *args in layout:
+        target = root + args[-1]
+        if op == "symlink":
+            os.symlink(args[0], target)
+        elif op in ("ro-bind", "dev-bind"):
+            if os.path.isdir(args[0]):
+                os.makedirs(target, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()
+            mount(args[0], target, None, _MS_BIND | _MS_REC)
+            if op == "ro-bind":
+                remount_ro(target)
+        elif op == "tmpfs":
+            os.makedirs(target, exist_ok=True)
+            options = f"size={args[0]},nr_inodes=65536,mode=700,uid={uid},gid={gid}"
+            mount("tmpfs", target, "tmpfs", secure, options)
+        elif op == "proc":
+            os.makedirs(target, exist_ok=True)
+            mount("proc", target, "proc", secure | _MS_NOEXEC)
+        elif op == "remount-ro":
+            remount_ro(target)
+        else:
+            raise ValueError(f"unknown layout operation {op!r}")
+    os.chdir(root)
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"pivot_root: unknown system call number on {os.uname().machine}")
+    check(libc.syscall(number, b".", b"."), "pivot_root")  # the old root now lies under the new one
+    check(libc.umount2(b".", _MNT_DETACH), "detach the host's file system")
+    os.chdir("/")
+    check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 def main(argv: list[str]) -> None:
-    """Fork the program child, then supervise it; the child closes the supervisor's descriptors first."""
-    sandbox_dir, source_fd, status_fd = argv[0], int(argv[1]), int(argv[2])
-    audit, block_network = argv[3] == "1", argv[4] == "1"
-    with os.fdopen(source_fd, encoding="utf-8") as f:
-        source = f.read()
+    """Read the spec, enter the sandbox (``unshare`` mode), fork the program, then supervise it."""
+    with os.fdopen(int(argv[0]), encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec["mode"] == "unshare":
+        build_root(spec["root"], spec["layout"], spec["uid"], spec["gid"])
+    os.chdir(spec["workdir"])
+    status_fd, token_fd = spec["status_fd"], spec["token_fd"]
     child = os.fork()
     if child == 0:
         os.close(status_fd)  # the program must not be able to forge the verdict
-        os._exit(run_program(source, audit, sandbox_dir, block_network) & 0xFF)
+        token = os.read(token_fd, 256)
+        os.close(token_fd)  # read once, before any untrusted code: it is in no file, argv or env
+        os._exit(run_program(spec, token) & 0xFF)
+    os.close(token_fd)
+    os.close(spec["proof_fd"])
     os._exit(supervise(child, status_fd))
 
 
