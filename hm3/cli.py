@@ -72,10 +72,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_objectives(args: argparse.Namespace) -> int:
+    from hm3.eval.sandbox import describe_sandbox
     from objectives.registry import list_objectives
 
     for name, desc in list_objectives():
         print(f"{name:<24} {desc}")
+    print(f"\n{describe_sandbox()}")  # humaneval executes generated code: say how it is contained here
     return 0
 
 
@@ -221,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("methods", help="list the merge methods")
     ms.set_defaults(func=cmd_methods)
 
-    o = sub.add_parser("objectives", help="list the built-in objectives and data adapters")
+    o = sub.add_parser(
+        "objectives", help="list the built-in objectives and data adapters, and the sandbox for generated code"
+    )
     o.set_defaults(func=cmd_objectives)
 
     ev = sub.add_parser("eval", help="score a model directory on objectives")

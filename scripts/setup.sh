@@ -16,6 +16,16 @@ with_vllm=0
 if [ -z "${HM3_NO_VLLM:-}" ] && [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
     with_vllm=1
 fi
+# Generated code (HumanEval) runs under bubblewrap where it is installed (docs/SECURITY.md); install
+# it when we can (root with apt-get). Never fatal: without it the sandbox uses its own namespaces.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing bubblewrap (the sandbox for generated code)" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; } \
+        >/dev/null 2>&1; then
+        echo "[setup] could not install bubblewrap; the sandbox falls back to unshare (see docs/SECURITY.md)" >&2
+    fi
+fi
 stamp=.venv/.hm3-installed
 want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-vllm$with_vllm"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then

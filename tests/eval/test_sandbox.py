@@ -88,6 +88,13 @@ def test_mode_is_reported_and_best_available_is_chosen():
     assert mode in sandbox.describe_sandbox()
 
 
+def test_objectives_command_names_the_sandbox_mode(capsys):
+    from hm3.cli import main
+
+    assert main(["objectives"]) == 0
+    assert f"sandbox for generated code: {sandbox_mode()} (" in capsys.readouterr().out
+
+
 def test_correct_program_passes_and_reports_output():
     result = run_untrusted("import sys\nprint(input()[::-1])\nprint('warn', file=sys.stderr)", stdin="abc\n")
     assert result.passed and result.completed and result.returncode == 0 and result.reason == "ok"
