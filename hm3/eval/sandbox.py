@@ -147,6 +147,8 @@ def run_untrusted(
 
 @dataclass(frozen=True)
 class _Limits:
+    """The per-run limits, checked once by :func:`run_untrusted` and then passed around as one value."""
+
     timeout_s: float
     cpu_s: int
     memory_mb: int
@@ -154,6 +156,9 @@ class _Limits:
     disk_mb: int
     max_processes: int
     output_cap_bytes: int
+
+
+_PROBE_LIMITS = _Limits(30, 5, 512, 10, 8, 32, 4096)  # generous: a probe must not fail for lack of time
 
 
 def _run(
@@ -196,7 +201,7 @@ def _run(
         stdin_file.write(stdin.encode("utf-8"))
         for f in (spec_file, stdin_file):
             f.seek(0)
-        argv = _command(mode, python, prefix, disk_mb=limits.disk_mb, network=network, spec_fd=spec_file.fileno())
+        argv = _command(mode, python, prefix, limits.disk_mb, network=network, spec_fd=spec_file.fileno())
         started = time.monotonic()
         proc = subprocess.Popen(
             argv,
@@ -275,17 +280,19 @@ def mode_available(mode: str) -> bool:
     if mode == "unshare" and (os.geteuid() != 0 or shutil.which("unshare") is None):
         return False
     try:
-        return _run("pass", None, "", _Limits(30, 5, 512, 10, 8, 32, 4096), mode, network=False, audit_hook=True).passed
+        probe = _run("pass", None, "", _PROBE_LIMITS, mode, network=False, audit_hook=True)
     except (OSError, SandboxUnavailableError):
         return False
+    return probe.passed
 
 
 def describe_sandbox() -> str:
     """One line for users: which containment runs generated code here, and what that means."""
     mode = sandbox_mode()
+    contained = "private file system, /proc, network and tmpfs; no host files or sockets"
     what = {
-        "bwrap": "bubblewrap: private file system, /proc, network and tmpfs; no host files or sockets",
-        "unshare": "unshare namespaces: private file system, /proc, network and tmpfs; no host files or sockets",
+        "bwrap": f"bubblewrap: {contained}",
+        "unshare": f"unshare namespaces: {contained}",
         "none": "no namespaces: host files, processes and network visible; "
         "install bubblewrap (see docs/SECURITY.md)",
     }[mode]
@@ -335,7 +342,7 @@ def _interpreter_for(user: pwd.struct_passwd | None) -> tuple[str, str]:
 
 
 def _prefix_as(python: str, user: pwd.struct_passwd | None) -> str | None:
-    """``sys.base_prefix`` of ``python`` started as ``user`` with its standard library, or None if it cannot."""
+    """``sys.base_prefix`` of ``python`` run as ``user`` with its standard library; None if it cannot run."""
     as_user = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     try:
         probe = subprocess.run(
@@ -370,11 +377,13 @@ def _layout(prefix: str, disk_mb: int) -> list[list[object]]:
             ops.append(["symlink", os.readlink(host), str(host)])
         elif host.is_dir():
             ops.append(["ro-bind", str(host), str(host)])
-    if not any(prefix == root or prefix.startswith(root + "/") for _, root, *_ in ops if root.startswith("/")):
-        ops.append(["ro-bind", prefix, prefix])
+    bound = [str(op[1]) for op in ops if op[0] == "ro-bind"]
+    if not any(prefix == root or prefix.startswith(root + "/") for root in bound):
+        ops.append(["ro-bind", prefix, prefix])  # an interpreter outside /usr (pyenv, conda, a user's own)
     ops += [["ro-bind", path, path] for path in _ETC_FILES if os.path.exists(path)]
     ops.append(["tmpfs", 64 * 1024, "/dev"])
-    ops += [["dev-bind", f"/dev/{node}", f"/dev/{node}"] for node in _DEV_NODES if os.path.exists(f"/dev/{node}")]
+    nodes = [f"/dev/{node}" for node in _DEV_NODES if os.path.exists(f"/dev/{node}")]
+    ops += [["dev-bind", node, node] for node in nodes]
     ops += [["symlink", target, link] for target, link in _DEV_LINKS]
     ops += [["proc", "/proc"], ["tmpfs", disk_mb * _MIB, _INSIDE_WORKDIR], ["remount-ro", "/dev"]]
     ops.append(["remount-ro", "/"])
@@ -397,15 +406,17 @@ def _bootstrap_source() -> str:
     return Path(sandbox_child.__file__).read_text(encoding="utf-8")
 
 
-def _command(mode: str, python: str, prefix: str, *, disk_mb: int, network: bool, spec_fd: int) -> list[str]:
+def _command(mode: str, python: str, prefix: str, disk_mb: int, *, network: bool, spec_fd: int) -> list[str]:
     """argv for ``mode``: the bootstrap, wrapped in bubblewrap or ``unshare`` (which makes the namespaces)."""
     child = [python, "-I", "-B", "-S", "-c", _bootstrap_source(), str(spec_fd)]
     if mode == "bwrap":
-        namespaces = ["--unshare-all", "--unshare-user", "--disable-userns", *(["--share-net"] if network else [])]
-        wrapper = [shutil.which("bwrap") or "bwrap", *namespaces, "--die-with-parent", "--as-pid-1"]
+        # --disable-userns: no nested user namespace, whose root could mount an unbounded tmpfs
+        wrapper = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns"]
+        wrapper += [*(["--share-net"] if network else []), "--die-with-parent", "--as-pid-1"]
         return [*wrapper, *_bwrap_options(_layout(prefix, disk_mb)), "--chdir", _INSIDE_WORKDIR, "--", *child]
     if mode == "unshare":  # root: the bootstrap mounts, then drops to the sandbox user itself
-        return [shutil.which("unshare") or "unshare", *([] if network else ["--net"]), *_UNSHARE_FLAGS, "--", *child]
+        unshare = shutil.which("unshare") or "unshare"
+        return [unshare, *([] if network else ["--net"]), *_UNSHARE_FLAGS, "--", *child]
     return child
 
 
@@ -418,7 +429,8 @@ def _drop_privileges_kwargs(user: pwd.struct_passwd | None, mode: str) -> dict[s
 
 def _limit_resources(limits: _Limits) -> Callable[[], None]:
     """A ``preexec_fn`` that sets the rlimits in the child between fork and exec (inherited by all its forks)."""
-    cpu_s, memory, file_size, nproc = limits.cpu_s, limits.memory_mb * _MIB, limits.file_size_mb * _MIB, limits.max_processes
+    cpu_s, nproc = limits.cpu_s, limits.max_processes
+    memory, file_size = limits.memory_mb * _MIB, limits.file_size_mb * _MIB
 
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
@@ -486,7 +498,7 @@ def _read_available(fd: int, size: int) -> str:
 
 
 def _returncode(verdict: str, outer: int) -> int:
-    """The program's own status from the supervisor's report, else the outer process's (killed before reporting)."""
+    """The program's own status as the supervisor reported it, else the outer process's (killed before that)."""
     kind, _, number = verdict.partition(" ")
     if kind == "exit" and number.isdigit():
         return int(number)
@@ -503,7 +515,9 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _reason(returncode: int, timed_out: bool, killed_by: str | None, stderr_tail: str, completed: bool) -> str:
+def _reason(
+    returncode: int, timed_out: bool, killed_by: str | None, stderr_tail: str, completed: bool
+) -> str:
     """A short label saying why the run failed, for reports and for aggregating failure kinds."""
     if timed_out:
         return "timeout"

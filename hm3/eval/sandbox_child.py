@@ -229,7 +229,8 @@ def build_root(root: str, layout: list, uid: int, gid: int) -> None:
 
     def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
         encode = (lambda s: None if s is None else s.encode())  # noqa: E731
-        check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+        result = libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data))
+        check(result, f"mount {target}")
 
     def remount_ro(target: str) -> None:
         mount("none", target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
