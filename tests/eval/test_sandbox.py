@@ -9,6 +9,7 @@ a disk filler spread over many files, fork bombs, and every way to exit 0 withou
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,25 @@ def test_mode_is_reported_and_best_available_is_chosen():
     assert all(not mode_available(better) for better in sandbox.MODES[: sandbox.MODES.index(mode)])
     assert run_untrusted("pass").mode == mode
     assert mode in sandbox.describe_sandbox()
+
+
+@pytest.fixture
+def fresh_mode_probe():
+    """Forget the probed modes before and after the test, so a patched host is probed anew."""
+    for cached in (sandbox.sandbox_mode, sandbox.mode_available):
+        cached.cache_clear()
+    yield
+    for cached in (sandbox.sandbox_mode, sandbox.mode_available):
+        cached.cache_clear()
+
+
+def test_without_bubblewrap_the_next_mode_is_used(monkeypatch, fresh_mode_probe):
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None if name == "bwrap" else which(name))
+    expected = "unshare" if IS_ROOT and which("unshare") else "none"
+    assert sandbox_mode() == expected and not mode_available("bwrap")
+    result = run_untrusted("print(6 * 7)")
+    assert result.passed and result.mode == expected and result.stdout == "42\n"
 
 
 def test_objectives_command_names_the_sandbox_mode(capsys):
