@@ -346,7 +346,7 @@ def _prefix_as(python: str, user: pwd.struct_passwd | None) -> str | None:
     as_user = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     try:
         probe = subprocess.run(
-            [python, "-I", "-B", "-S", "-c", "import json, traceback, sys; print(sys.base_prefix)"],
+            [python, "-I", "-B", "-c", "import json, traceback, sys; print(sys.base_prefix)"],
             cwd="/",
             env=_scrubbed_env("/"),
             capture_output=True,
@@ -408,7 +408,7 @@ def _bootstrap_source() -> str:
 
 def _command(mode: str, python: str, prefix: str, disk_mb: int, *, network: bool, spec_fd: int) -> list[str]:
     """argv for ``mode``: the bootstrap, wrapped in bubblewrap or ``unshare`` (which makes the namespaces)."""
-    child = [python, "-I", "-B", "-S", "-c", _bootstrap_source(), str(spec_fd)]
+    child = [python, "-I", "-B", "-c", _bootstrap_source(), str(spec_fd)]
     if mode == "bwrap":
         # --disable-userns: no nested user namespace, whose root could mount an unbounded tmpfs
         wrapper = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns"]

@@ -1,6 +1,6 @@
 """The bootstrap that runs *inside* the sandbox: a supervisor process and the untrusted program.
 
-:mod:`hm3.eval.sandbox` passes this file's source to ``python -I -B -S -c`` (so it works with any
+:mod:`hm3.eval.sandbox` passes this file's source to ``python -I -B -c`` (so it works with any
 interpreter the sandbox user may execute, not only the project's virtualenv). It must therefore
 use only the standard library, run on Python >= 3.8 and never import ``hm3``.
 
