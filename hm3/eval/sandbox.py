@@ -22,8 +22,8 @@ process, best first (``docs/SECURITY.md`` has the full account):
     root, the mounts done by :mod:`hm3.eval.sandbox_child` before it drops to ``nobody``; no user
     namespace, so the program could create one of its own (and in it an unbounded tmpfs in RAM).
 ``none``
-    no namespaces (not root and no working bubblewrap): the program sees the host's file system,
-    processes and network; only the layers below protect the evaluator.
+    no namespaces (no working bubblewrap, and not root or no ``unshare``): the program sees the
+    host's file system, processes and network; only the layers below protect the evaluator.
 
 Layers common to every mode:
 
