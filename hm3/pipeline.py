@@ -41,11 +41,13 @@ from hm3.arch.level2 import (
     build_trainer,
     merge_for_preference,
     path_from_recipe,
+    path_recipe,
     small_reward_subsets,
 )
-from hm3.arch.path import LayerPath
+from hm3.arch.path import LayerPath, check_scales_exact
 from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
+from hm3.arch.swaps import swap_paths
 from hm3.atomic import atomic_open, atomic_write_text
 from hm3.errors import ConfigError
 from hm3.report import plot_front, write_csv
@@ -96,12 +98,19 @@ class Level2Section(BaseModel):
         "λ's greedy path and best path by raw reward. On SmolLM2 the policy found whole-expert paths offline "
         "that neither rule kept (docs/BENCHMARKS.md, session 9)",
     )
+    swaps: list[tuple[int, int]] = Field(
+        [],
+        description="layer swaps (k_bottom, k_top) as a prior [design]: for each preference's frame and each "
+        "expert as donor, the frame's path with the donor's bottom k_bottom and top k_top layers "
+        "(hm3.arch.swaps) joins the paths kept for the final front, scored on the whole validation plan "
+        "(preferences × experts × len(swaps) full evaluations at most). [] (default): none",
+    )
     rl: Level2Config = Level2Config()
 
 
 # Level-2 keys added after runs were first stored, with their defaults: the stored config leaves them
 # out while they hold these values, so runs made before them resume under the same config.
-ADDED_LEVEL2_DEFAULTS: dict[str, object] = {"keep_best": 0}
+ADDED_LEVEL2_DEFAULTS: dict[str, object] = {"keep_best": 0, "swaps": []}
 KEPT_EVENT = "kept_by_lower_bound"
 
 
@@ -280,6 +289,7 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     start = time.perf_counter()
     log = stderr_logger(progress)
     check_depth(cfg)  # before the store, the models and any evaluation
+    check_level2_models(cfg)
     optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress, optimizer)
@@ -305,6 +315,38 @@ def check_depth(cfg: TwoLevelConfig) -> None:
             f"in an engine of the models' depth ({depth} layers, {base}), so t_max must be <= {depth}; use the "
             "hf backend for longer paths"
         )
+
+
+def check_level2_models(cfg: TwoLevelConfig) -> None:
+    """Refuse ``level2.rl.transition_scales`` for a model type on which scales are not exact, and
+    ``level2.swaps`` that do not fit the models' depth, before anything runs."""
+    if cfg.level2.rl.transition_scales is None and not cfg.level2.swaps:
+        return
+    from hm3.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(cfg.level1.models[cfg.level1.search_space.base_model]) as ckpt:
+        model_type, depth = ckpt.config.get("model_type"), ckpt.num_layers
+    if cfg.level2.rl.transition_scales is not None:
+        try:
+            check_scales_exact(model_type)
+        except ConfigError as e:
+            raise ConfigError(f"level2.rl.transition_scales: {e}") from None
+    for k_bottom, k_top in cfg.level2.swaps:
+        if k_bottom < 0 or k_top < 0 or k_bottom + k_top > depth:
+            raise ConfigError(f"level2.swaps: ({k_bottom}, {k_top}) does not fit models of {depth} layers")
+
+
+def _swap_candidates(run: TwoLevelRun, pools: PoolSet, lams: np.ndarray,
+                     frame_front: dict[int, np.ndarray]) -> dict[int, dict[str, Any]]:
+    """The ``level2.swaps`` paths for each preference's frame and each expert as donor (store ids)."""
+    out: dict[int, dict[str, Any]] = {}
+    for lam in lams:
+        frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+        paths = swap_paths(pools.num_layers, pools.size - 1, range(pools.size - 1), run.l2.swaps)
+        for label, path in paths.items():
+            cand = run.store.add_candidate(path_recipe(path, frame, pools.expert_refs), PATH_KIND)
+            out.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame, "kept_by": f"swap {label}"})
+    return out
 
 
 def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: bool, start: float,
@@ -362,6 +404,8 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         run._mark(f"online-{i}")
 
     for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal).items():
+        kept.setdefault(cid, info)
+    for cid, info in _swap_candidates(run, pools, lams, frame_front).items():
         kept.setdefault(cid, info)
 
     # stage 4: final front over both levels

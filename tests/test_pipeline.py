@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe, small_reward_subsets
-from hm3.arch.path import LayerPool, build_path_model
+from hm3.arch.path import LayerPath, LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
 from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
@@ -451,3 +451,27 @@ def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models,
         assert len(store.events("kept_by_lower_bound")) == 1
     plain = parse_two_level_config(_config(models)).canonical()["level2"]
     assert "keep_best" not in plain and cfg.canonical()["level2"]["keep_best"] == 2
+
+
+def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(models, tmp_path):
+    """level2.rl.transition_scales scores scaled variants of switching paths; level2.swaps keeps the
+    listed swaps per preference; neither enters a stored config at its default (old runs resume)."""
+    from hm3.arch.path import switch_hops
+    from hm3.arch.swaps import layer_swap
+
+    default = parse_two_level_config(_config(models)).canonical()["level2"]
+    assert "swaps" not in default and "transition_scales" not in default["rl"]
+    cfg = parse_two_level_config(_config(models, swaps=[[1, 0]], preferences=1,
+                                         rl=RL | {"transition_scales": [0.5, 2.0]}))
+    s = run_two_level(cfg, tmp_path / "r", progress=False)
+    with RunStore.open(tmp_path / "r", readonly=True) as store:
+        paths = [path_from_recipe(store.candidate(ref.id)[1])[0] for ref in store.candidates(PATH_KIND)]
+        assert stored_two_level_config(store) == cfg
+    scaled = [p for p in paths if p.scales is not None]
+    assert scaled and all(switch_hops(p) for p in scaled)
+    assert {LayerPath(p.hops) for p in scaled} <= set(paths)  # each scored plain too, on the same subset
+    swaps = [v for v in s["level2_paths"].values() if str(v.get("kept_by", "")).startswith("swap")]
+    assert len(swaps) == 2  # one per expert as donor
+    assert layer_swap(2, 2, 0, 1, 0) in paths
+    with pytest.raises(ConfigError, match=r"level2.swaps: \(2, 1\) does not fit models of 2 layers"):
+        run_two_level(parse_two_level_config(_config(models, swaps=[[2, 1]])), tmp_path / "bad", progress=False)

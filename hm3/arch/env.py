@@ -29,7 +29,8 @@ Rewards are 0 on non-final steps. At the final step the raw reward R is smoothed
 Average Reward (one :class:`DynamicAverageReward` across all episodes of this env; its N is
 :meth:`PathEnv.plan_episodes`, by default ``offline_episodes`` when λ is sampled and
 ``online_episodes`` when it is fixed) and the smoothed value is the step's reward; the info dict
-holds ``path``, ``scores``, ``raw_reward``, ``reward``, ``evaluated`` and ``lam``. [design] A
+holds ``path``, ``scores``, ``raw_reward``, ``reward``, ``evaluated`` and ``lam`` (and ``variants``,
+the paths scored: more than 1 with ``transition_scales``, whose best variant is ``path``). [design] A
 penalty ending (no evaluation) bypasses DAR: it carries no subset noise to average, and DAR's
 period counts passes over the data, which only evaluations advance. HM3 spreads R over the steps;
 that is the trainer's job (:mod:`hm3.arch.ppo`), so the env's rewards stay the plain episode reward.
@@ -49,13 +50,22 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from hm3.arch.path import LayerPath
+from hm3.arch.path import LayerPath, scale_variants
 from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
 from hm3.eval.subsets import DynamicAverageReward
 
 PathScorer = Callable[[LayerPath], np.ndarray]
-"""Scores f (one per objective, normalised: base model ≈ 0, best expert ≈ 1) of a complete path."""
+"""Scores f (one per objective, normalised: base model ≈ 0, best expert ≈ 1) of a complete path.
+
+A scorer may also offer ``score_many(paths) -> list[np.ndarray]``, scoring several variants of one
+path on the same examples (transition scales compare on one reward subset, not on successive ones)."""
+
+
+def score_variants(scorer: PathScorer, paths: list[LayerPath]) -> list[np.ndarray]:
+    """Scores of ``paths`` by ``scorer``'s ``score_many`` when it has one, else one call per path."""
+    many = getattr(scorer, "score_many", None)
+    return list(many(paths)) if many is not None else [scorer(p) for p in paths]
 
 
 @dataclass
@@ -212,14 +222,19 @@ class PathEnv(gym.Env):
         if self.state.backed_out or not self.state.hops:
             penalty = float(self.config.rmm_back_penalty)
             return {**info, "scores": None, "raw_reward": penalty, "reward": penalty, "evaluated": False}
-        scores = np.asarray(self.scorer(path), dtype=np.float64)
-        if scores.shape != (self.n_objectives,) or not np.all(np.isfinite(scores)):
-            raise ValueError(
-                f"the path scorer returned {scores!r} for {path.hops}: expected {self.n_objectives} finite scores"
-            )
-        raw = self.raw_reward(scores, len(path), self.lam)
+        # With transition scales the path is scored plain and per scale value; the best is the episode's.
+        variants = scale_variants(path, self.config.transition_scales)
+        results = []
+        for variant, scores in zip(variants, score_variants(self.scorer, variants), strict=True):
+            scores = np.asarray(scores, dtype=np.float64)
+            if scores.shape != (self.n_objectives,) or not np.all(np.isfinite(scores)):
+                raise ValueError(f"the path scorer returned {scores!r} for {path.hops}: expected "
+                                 f"{self.n_objectives} finite scores")
+            results.append((self.raw_reward(scores, len(path), self.lam), variant, scores))
+        raw, path, scores = max(results, key=lambda r: r[0])  # ties: the first, the plain path
         reward = self.dar.update(raw) if self.dar is not None else raw
-        return {**info, "scores": scores, "raw_reward": raw, "reward": reward, "evaluated": True}
+        return {**info, "path": path, "scores": scores, "raw_reward": raw, "reward": reward, "evaluated": True,
+                "variants": len(variants)}
 
     def _new_dar(self, n_episodes: int, state: dict[str, Any] | None = None) -> DynamicAverageReward | None:
         if not self.config.dar:

@@ -180,6 +180,19 @@ def path_from_recipe(recipe: Mapping[str, Any]) -> tuple[LayerPath, FrameKey]:
     return LayerPath(hops=data["hops"], scales=data.get("scales")), recipe["frame"]
 
 
+class _FrameScorer:
+    """A path scorer with ``score_many`` (transition-scale variants on one subset), frame read per call."""
+
+    def __init__(self, evaluator: PathEvaluator, frame_of: Callable[[], FrameKey]):
+        self.evaluator, self.frame_of = evaluator, frame_of
+
+    def __call__(self, path: LayerPath) -> np.ndarray:
+        return self.evaluator.reward_scores(path, self.frame_of())
+
+    def score_many(self, paths: Sequence[LayerPath]) -> list[np.ndarray]:
+        return self.evaluator.reward_scores_many(paths, self.frame_of())
+
+
 class PathEvaluator:
     """Scores of paths through the run's hf backend; rewards on DAR subsets of the validation plan."""
 
@@ -258,9 +271,15 @@ class PathEvaluator:
         self.evaluations += 1
         return self.normalised(self.raw_scores(path, frame, self.next_plan()))
 
-    def scorer_for(self, frame_of: Callable[[], FrameKey]) -> Callable[[LayerPath], np.ndarray]:
+    def reward_scores_many(self, paths: Sequence[LayerPath], frame: FrameKey) -> list[np.ndarray]:
+        """Normalised scores of ``paths`` (variants of one path) on the *same* next reward subsets."""
+        self.evaluations += len(paths)
+        plan = self.next_plan()
+        return [self.normalised(self.raw_scores(path, frame, plan)) for path in paths]
+
+    def scorer_for(self, frame_of: Callable[[], FrameKey]) -> PathScorer:
         """A :data:`hm3.arch.env.PathScorer` whose frame is read at call time (it follows λ)."""
-        return lambda path: self.reward_scores(path, frame_of())
+        return _FrameScorer(self, frame_of)
 
     # --- resume -----------------------------------------------------------------------------------
 

@@ -141,6 +141,44 @@ def branch_scales_from_input_scales(input_scales: Sequence[float]) -> tuple[floa
     return tuple(out)
 
 
+def switch_hops(path: LayerPath) -> list[int]:
+    """Hops at which the path changes model: t > 0 with ``hops[t][0] != hops[t - 1][0]`` (its transitions)."""
+    return [t for t in range(1, len(path.hops)) if path.hops[t][0] != path.hops[t - 1][0]]
+
+
+def with_switch_scales(path: LayerPath, input_scale: float | Sequence[float]) -> LayerPath:
+    """``path`` with Sakana's input scale at each switch between models, as exact branch scales.
+
+    ``input_scale`` is one value for every switch, or one per switch (:func:`switch_hops`); the hidden
+    state entering a switch hop is multiplied by it, which :func:`branch_scales_from_input_scales`
+    turns into branch scales (equal up to the norm's eps, module docstring). A path without switches
+    is returned unchanged; so is a scale of 1 everywhere.
+    """
+    hops = switch_hops(path)
+    values = [float(input_scale)] * len(hops) if isinstance(input_scale, (int, float)) else list(input_scale)
+    if len(values) != len(hops):
+        raise ConfigError(f"{len(values)} switch scales given for a path with {len(hops)} switches")
+    if not hops or all(v == 1.0 for v in values):
+        return path
+    per_hop = [1.0] * len(path.hops)
+    for t, v in zip(hops, values, strict=True):
+        per_hop[t] = v
+    return LayerPath(path.hops, branch_scales_from_input_scales(per_hop))
+
+
+def scale_variants(path: LayerPath, grid: Sequence[float] | None) -> list[LayerPath]:
+    """The unscaled path, then one variant per value of ``grid`` (≠ 1) as the input scale at every switch.
+
+    A path without switches, or no grid, gives the path alone. Duplicates are dropped.
+    """
+    variants = [path]
+    for w in grid or ():
+        variant = with_switch_scales(path, w)
+        if variant not in variants:
+            variants.append(variant)
+    return variants
+
+
 def is_branch_output(tensor_name: str) -> bool:
     """Whether a layer tensor ends an attention or MLP branch (what a hop's scale multiplies)."""
     return any(frag in tensor_name for frag in BRANCH_OUTPUTS)
@@ -216,11 +254,13 @@ def path_config(merge_config: Mapping[str, Any], path: LayerPath) -> dict[str, A
 
 
 def _check_scalable(path: LayerPath, model_type: str | None) -> None:
-    if (
-        path.scales is not None
-        and any(s != 1.0 for s in path.scales)
-        and model_type not in SCALABLE_MODEL_TYPES
-    ):
+    if path.scales is not None and any(s != 1.0 for s in path.scales):
+        check_scales_exact(model_type)
+
+
+def check_scales_exact(model_type: str | None) -> None:
+    """Refuse (ConfigError) scales for a model type on which they are not an exact weight change."""
+    if model_type not in SCALABLE_MODEL_TYPES:
         raise ConfigError(
             f"per-hop scales are only defined for pre-norm models ({', '.join(sorted(SCALABLE_MODEL_TYPES))}); "
             f"model type {model_type!r} may normalise branch outputs, which would undo the scale"

@@ -245,6 +245,8 @@ class PPOTrainer:
         if self.best is not None:
             raw, path, scores = self.best
             best = {"raw_reward": raw, "hops": [list(h) for h in path.hops], "scores": scores.tolist()}
+            if path.scales is not None:  # transition scales searched per path (hm3.arch.env)
+                best["scales"] = list(path.scales)
         return {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -266,7 +268,8 @@ class PPOTrainer:
         self.best = (
             None
             if best is None
-            else (best["raw_reward"], LayerPath(tuple(map(tuple, best["hops"]))), np.asarray(best["scores"]))
+            else (best["raw_reward"], LayerPath(tuple(map(tuple, best["hops"])), best.get("scales")),
+                  np.asarray(best["scores"]))
         )
         self.buffer = [_episode_from_tensors(d) for d in state["buffer"]]
 

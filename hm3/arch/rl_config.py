@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Fields added after runs were first stored, with their defaults: a run's stored config leaves them
 # out while they hold these values, so runs made before them resume under the same config.
-ADDED_RL_DEFAULTS: dict[str, object] = {"path_prior": "none", "prior_kl": 1.0, "critic_margin": None}
+ADDED_RL_DEFAULTS: dict[str, object] = {
+    "path_prior": "none", "prior_kl": 1.0, "critic_margin": None, "transition_scales": None,
+}
 
 
 class Level2Config(BaseModel):
@@ -44,6 +46,16 @@ class Level2Config(BaseModel):
         None,
         ge=1,
         description="RMM step cap so skip/back loops end [design]; None means 3 × the layer count",
+    )
+    transition_scales: tuple[float, ...] | None = Field(
+        None,
+        description="Sakana's transition scales as a level-2 parameter searched per path [design]: each episode's "
+        "path is scored plain and with the hidden state entering every switch between models multiplied by each "
+        "value w of this grid (folded into exact branch scales, hm3.arch.path.with_switch_scales), all on the "
+        "same reward subset; the best by raw reward is the episode's path and reward. Costs one more evaluation "
+        "per value for a path that switches models (none for one that does not). None (default): paths are "
+        "unscaled. Refused for architectures where scales are not exact (hm3.arch.path.SCALABLE_MODEL_TYPES). "
+        "Sakana found paths without their transition scaling more than 20% worse; e.g. [0.7, 1.4]",
     )
     # --- Dynamic Average Reward --------------------------------------------------------------------
     dar: bool = Field(True, description="smooth terminal rewards with RMM's Dynamic Average Reward [RMM]")
@@ -125,6 +137,13 @@ class Level2Config(BaseModel):
     def _t_max_positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"t_max must be >= 1, got {value}")
+        return value
+
+    @field_validator("transition_scales")
+    @classmethod
+    def _scales_positive(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or any(not (0 < w < float("inf")) for w in value)):
+            raise ValueError(f"transition_scales must be a non-empty list of finite positive values, got {value}")
         return value
 
     @model_validator(mode="after")
