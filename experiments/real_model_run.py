@@ -58,23 +58,33 @@ HM3 = str(Path(sys.executable).parent / "hm3")
 def train_expert(smol: Path, task: str, out: Path, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
     """Fine-tune SmolLM2 on ``zoo:task``'s train split into ``out`` (reused if its settings match);
     returns the seconds spent (0 when reused)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hm3.zoo.train import encode_examples, train
     from objectives.zoo import zoo_objective
 
     settings = {"base": str(smol.resolve()), "task": task, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "seed": seed}
+    return fine_tune(smol, lambda: zoo_objective(task).examples("train"), out, settings, label=task)
+
+
+def fine_tune(base: Path, examples, out: Path, settings: dict[str, Any], *, label: str) -> float:
+    """Fine-tune ``base`` on ``examples()`` (loss on the answer tokens, the zoo's loop) with
+    ``settings`` (steps, batch_size, lr, seed and whatever identifies the data) into ``out``,
+    written atomically with the settings beside; reused when they match. Seconds spent (0 when reused)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hm3.zoo.train import encode_examples, train
+
     marker = out / "hm3_expert.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return 0.0
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(smol)
-    model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
-    encoded = encode_examples(tokenizer, zoo_objective(task).examples("train"))
-    train(model, encoded, steps=steps, batch_size=batch_size, lr=lr, seed=seed, pad_id=tokenizer.pad_token_id,
-          warmup=max(1, steps // 10), log=lambda m: print(f"[expert {task}]{m}", file=sys.stderr, flush=True))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps = settings["steps"]
+    train(model, encode_examples(tokenizer, examples()), steps=steps, batch_size=settings["batch_size"],
+          lr=settings["lr"], seed=settings["seed"], pad_id=pad, warmup=max(1, steps // 10),
+          log=lambda m: print(f"[expert {label}]{m}", file=sys.stderr, flush=True))
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

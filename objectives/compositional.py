@@ -42,8 +42,8 @@ LANGUAGE_NAME = "Velan"
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 STOP = ("\n",)
 # Answers are at most 4 digits (a few BPE tokens, 5 characters with the stop newline); an English
-# sentence of up to 13 words is ~20 BPE tokens, ~80 characters.
-MAX_NEW_TOKENS = {"language": 96, "math": 8, "composite": 8}
+# sentence of up to 13 words is ~20 BPE tokens, ~80 characters (a toy character model is cut at 64).
+MAX_NEW_TOKENS = {"language": 64, "math": 8, "composite": 8}
 SOLVE = "Solve: {}\n"
 TRANSLATE_TO_ENGLISH = f"Translate {LANGUAGE_NAME} to English: {{}}\n"
 TRANSLATE_TO_VELAN = f"Translate English to {LANGUAGE_NAME}: {{}}\n"

