@@ -32,13 +32,14 @@ Commands (after ``build.py``; from the repository root, ``.venv`` active)::
     python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2 \\
         --out experiments/results/compositional_ablation.json
 
-CPU cost of the real ablation, an estimate (not measured): this machine's SmolLM2 runs spent ~8.5 s
-per full evaluation of 2 objectives × 32 examples with 3-token answers (``experiments/results/
-real_model_run_hm3_l1_24_keep3.json``); with 3 objectives × 64 examples and the language task's
-~20-token sentences a full evaluation is ~50 s. Per seed the two-level run costs ~16 merges + ~40-60
-path equivalents (80 DAR episodes at data scale 0.25, up to 3 scale variants each, kept paths and
-swaps on the whole plan) + test re-scoring ≈ 1.3 h; level 1 alone the same budget ≈ 1.1 h; level 2
-alone ≈ 1 h; 6 swaps ≈ 0.2 h: **~3.5-4 h per seed, ~11-12 CPU-hours for 3 seeds** on 2 cores.
+CPU cost of the real ablation, an estimate from measured per-example costs (SmolLM2 greedy scoring
+of these tasks took 0.7-0.8 s per example in batches of 32 on this 2-core machine at load ~5 from
+other work, ~0.3 s idle by this machine's earlier SmolLM2 runs): a full evaluation (3 objectives x 64
+validation examples) is ~1 min idle. Per seed the two-level run costs ~16 merges + ~40-60 path
+equivalents (80 DAR episodes at data scale 0.25, up to 3 scale variants each, kept paths and swaps
+on the whole plan) + test re-scoring ≈ 1.3 h; level 1 alone the same budget ≈ 1.1 h; level 2 alone
+≈ 1 h; 6 swaps on validation and test ≈ 0.3 h: **~3.7 h per seed, ~11 CPU-hours for 3 seeds idle**,
+up to ~2.5x that under the load measured.
 """
 
 from __future__ import annotations

@@ -21,15 +21,19 @@ with the same settings, so an interrupted build resumes.
 
 Commands (from the repository root, ``.venv`` active)::
 
-    python experiments/compositional/build.py --toy --work runs/compositional-toy      # seconds
+    python experiments/compositional/build.py --toy --work runs/compositional-toy      # ~1 min
     python experiments/compositional/build.py --work runs/compositional                # the real build
 
-CPU cost of the real build, an estimate (not measured for these tasks on SmolLM2): this machine's
-stored SmolLM2 runs (``experiments/results/real_model_run*.json``, 2 cores) spent ~0.13 s per
-validation example with 3-token answers; training steps of 16 sequences of ~60-100 tokens are taken
-at ~1.5-3 s. Defaults: language expert 1 500 steps (~1 h), math expert 600 steps (~0.4 h), score
-matrix 3 models × 3 tasks × (64 validation + 128 test) examples (~0.3 h, the language task's
-sentences dominate): **about 2 CPU-hours** in all on 2 cores.
+CPU cost of the real build, from a few measured steps (SmolLM2 imported in 66 s; measured on this
+2-core machine while other work held its load average at ~5, so expect 2-2.5x less on an idle one):
+one AdamW step on 16 sequences of 86 tokens took 65 s; greedy scoring took 0.7-0.8 s per example in
+batches of 32. Defaults: language expert 400 steps of 8 (~50 tokens each), math expert 200 steps of
+8 (~45 tokens) -- ~19 and ~17 s a step at that load, scaling the measured step by its tokens --, the
+score matrix 3 models x 3 tasks x (64 validation + 128 test) examples: **about 3.5 hours of this
+machine at that load, ~1.5-2 idle**. Whether 400 steps teach SmolLM2 Velan is not
+known: check the manifest before the ablation (the language expert must score clearly above the
+base on ``language``, the math expert above it on ``math``); if not, rerun with more
+``--language-steps`` (the finished math expert and the base are reused).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from objectives.compositional import TASKS, CompositionalObjective, expert_train
 
 EXPERTS = ("language", "math")
 MANIFEST = "manifest.json"
-REAL = {"steps": {"language": 1500, "math": 600}, "batch_size": 16, "lr": 1e-4,
+REAL = {"steps": {"language": 400, "math": 200}, "batch_size": 8, "lr": 2e-4,
         "validation_examples": 64, "test_examples": 128}
 TOY = {"steps": {"language": 30, "math": 30}, "batch_size": 8, "lr": 3e-3,
        "validation_examples": 8, "test_examples": 8}

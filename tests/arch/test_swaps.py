@@ -174,3 +174,20 @@ def test_transition_scales_are_off_by_default_and_validated():
     for bad in ((), (0.0,), (-1.0, 2.0)):
         with pytest.raises(ValidationError, match="transition_scales"):
             Level2Config(transition_scales=bad)
+
+
+def test_the_best_scaled_path_survives_a_trainer_resume():
+    from hm3.arch.level2 import build_trainer
+
+    config = Level2Config(dar=False, transition_scales=(0.5, 2.0), episodes_per_update=4, epochs=1)
+
+    def trainer():
+        return build_trainer(pool_size=2, num_layers=3, n_objectives=1, layer_features=torch.randn(2, 3, 4),
+                             config=config, scorer=ScaleLovingScorer(), lam=np.ones(1), seed=0)
+
+    first = trainer()
+    first.train(8)
+    assert first.best is not None and first.best[1].scales is not None
+    second = trainer()
+    second.load_state_dict(first.state_dict())
+    assert second.best[1] == first.best[1]
