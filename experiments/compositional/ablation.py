@@ -131,9 +131,11 @@ def hm3_arm(manifest: dict[str, Any], s: dict[str, Any], seed: int, run_dir: Pat
         summary = run_two_level(parse_two_level_config(config), run_dir, resume=resume, progress=False)
     names = manifest["objectives"]
     cost = validation_cost(run_dir, len(names), s["validation_examples"])
+    front = front_rows(run_dir)
     return {
         "config": config, "hv_validation": summary["hv_validation"], "hv_test": summary["hv_test_front"],
-        "front_levels": summary.get("front_levels"), "best_composite": best_composite(front_rows(run_dir), names[0]),
+        "front_levels": summary.get("front_levels"), "best_composite": best_composite(front, names[0]),
+        "front": front,  # validation and test scores of every front point (the BENCHMARKS.md score matrix)
         "cost": cost, "level1_evaluations": cost.get("merge", {}).get("evaluations", 0) // len(names),
         "path_equivalents": equivalents(cost, ("path",)), "cost_equivalents": equivalents(cost, ("merge", "path")),
         "seconds": round(time.perf_counter() - start, 1),
