@@ -31,6 +31,8 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +46,20 @@ from hm3.pipeline import TwoLevelRun, stored_two_level_config
 from hm3.search.level1 import make_optimizer
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.store import RunStore
+
+
+@contextmanager
+def finished_run(run_dir: Path, work: Path) -> Iterator[tuple[TwoLevelRun, dict[int, np.ndarray], np.ndarray, np.ndarray]]:
+    """A finished two-level run copied to ``work`` (the original is never written to), opened: (the run,
+    its level-1 candidates' validation scores, base, ideal). Scores added to the copy stay there, so an
+    interrupted check resumes from its store."""
+    if not work.exists():
+        shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns("hm3.lock"))
+    with RunStore.open(work) as store:
+        cfg = stored_two_level_config(store)
+        run = TwoLevelRun(cfg, work, store, log=lambda m: None, progress=False, optimizer=make_optimizer(cfg.level1))
+        scores, base, ideal = run.level1(resume=True)  # read back: level 1 is finished
+        yield run, scores, base, ideal
 
 
 def greedy_best_paths(y1: np.ndarray, paths: np.ndarray, base: np.ndarray, ideal: np.ndarray,
@@ -81,15 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--longer-t-max {args.longer_t_max} must exceed --t-max {args.t_max}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = args.work / args.run.name
-    if not work.exists():
-        shutil.copytree(args.run, work, ignore=shutil.ignore_patterns("hm3.lock"))
     start = time.perf_counter()
-    with RunStore.open(work) as store:
-        cfg = stored_two_level_config(store)
-        run = TwoLevelRun(cfg, work, store, log=lambda m: None, progress=False,
-                          optimizer=make_optimizer(cfg.level1))
-        scores, base, ideal = run.level1(resume=True)  # read back: level 1 is finished
+    with finished_run(args.run, args.work / args.run.name) as (run, scores, base, ideal):
         ids = list(scores)
         y1 = np.stack([scores[i] for i in ids])
         front = [ids[i] for i in non_dominated(y1)]

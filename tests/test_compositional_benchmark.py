@@ -57,3 +57,11 @@ def test_build_and_every_ablation_arm_run_end_to_end_and_resume(tmp_path, one_th
     assert json.dumps(again, sort_keys=True) == json.dumps(arms, sort_keys=True)
     summary = ablation.summarise({0: arms})
     assert set(summary["mean"]) == set(ablation.ARMS) and summary["seeds"] == 1
+
+    # the bound: swaps framed by the level-1 merge, scored on a copy (the arm's own cost is untouched)
+    bound = _module("bound").swap_bound(tmp_path / "ablation" / "seed-0" / "two_levels", tmp_path / "bound",
+                                        k_bottom=[1], k_top=[1], scales=[0.8])
+    assert bound["path_evaluations"] == 4 and {r["switch_scale"] for r in bound["swaps"]} == {None, 0.8}
+    assert bound["hv_union"] >= bound["hv_level1"]
+    cost_again = ablation.validation_cost(tmp_path / "ablation" / "seed-0" / "two_levels", 3, 2)
+    assert cost_again == two["cost"]
