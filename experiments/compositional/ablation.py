@@ -103,10 +103,11 @@ def front_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def best_composite(rows: list[dict[str, Any]], composite: str) -> dict[str, float]:
-    """The candidate with the best composite validation score (always on the front): its val and test."""
+def best_composite(rows: list[dict[str, Any]], composite: str) -> dict[str, Any]:
+    """The candidate with the best composite validation score (always on the front): its composite
+    score on validation and test, and its whole row (every objective: the score matrix's merge row)."""
     best = max(rows, key=lambda r: float(r[f"{composite}_val"]))
-    return {"validation": float(best[f"{composite}_val"]), "test": float(best[f"{composite}_test"])}
+    return {"validation": float(best[f"{composite}_val"]), "test": float(best[f"{composite}_test"]), "point": best}
 
 
 def equivalents(cost: dict[str, Any], kinds: tuple[str, ...]) -> float:

@@ -1,8 +1,8 @@
 """Level 2, the architecture level: layer paths over a pool of models and the RL search over them.
 
-Modules: ``path`` (a path over a layer pool, in memory and on disk), ``env`` (the gymnasium
-environment, HM3 and RMM modes, DAR rewards), ``policy`` (λ-conditioned actor/critic),
-``ppo`` (the trainer), ``rl_config`` (its settings), ``level2`` (pools, layer summaries and
+Modules: ``path`` (a path over a layer pool, in memory and on disk; transition scales),
+``swaps`` (layer swaps, the structured family of paths), ``env`` (the gymnasium environment, HM3
+and RMM modes, DAR rewards), ``policy`` (λ-conditioned actor/critic), ``ppo`` (the trainer), ``rl_config`` (its settings), ``level2`` (pools, layer summaries and
 store-backed path scoring for a run). Only the path API is re-exported here, so importing it does
 not pull in gymnasium.
 """
