@@ -334,6 +334,9 @@ def check_level2_models(cfg: TwoLevelConfig) -> None:
     for k_bottom, k_top in cfg.level2.swaps:
         if k_bottom < 0 or k_top < 0 or k_bottom + k_top > depth:
             raise ConfigError(f"level2.swaps: ({k_bottom}, {k_top}) does not fit models of {depth} layers")
+    t_max = cfg.level2.rl.t_max
+    if cfg.level2.swaps and t_max is not None and t_max < depth:
+        raise ConfigError(f"level2.swaps: a swap has the models' {depth} layers, more than level2.rl.t_max = {t_max}")
 
 
 def _swap_candidates(run: TwoLevelRun, pools: PoolSet, lams: np.ndarray,

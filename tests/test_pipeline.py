@@ -475,3 +475,6 @@ def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(mo
     assert layer_swap(2, 2, 0, 1, 0) in paths
     with pytest.raises(ConfigError, match=r"level2.swaps: \(2, 1\) does not fit models of 2 layers"):
         run_two_level(parse_two_level_config(_config(models, swaps=[[2, 1]])), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="more than level2.rl.t_max = 1"):
+        run_two_level(parse_two_level_config(_config(models, swaps=[[1, 0]], rl=RL | {"t_max": 1})),
+                      tmp_path / "bad", progress=False)
