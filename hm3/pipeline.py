@@ -5,7 +5,7 @@ Stages, each resumable from the run store and the checkpoints in ``RUN_DIR/level
 1. **Level 1** -- the multi-objective search over merge coefficients (:mod:`hm3.search.level1`),
    outputs under ``RUN_DIR/level1/``. Skipped when ``level2.pool`` is ``experts`` (level 2 alone).
 2. **Offline pretraining** -- one λ-conditioned policy over λ ~ Dirichlet(1) per episode; the pool
-   is the experts plus the level-1 merge chosen for each episode's λ. Saved as ``level2/policy.pt``.
+   is the experts plus the level-1 merge chosen for each episode's λ. Saved as ``level2/policy.safetensors``.
 3. **Online fine-tuning** -- for each of N preference vectors, the pretrained policy is fine-tuned
    with that λ fixed; the best path found (by its reward) and the policy's final greedy path are kept.
 4. **Final front** -- every level-1 candidate and every kept path, scored on the whole validation
@@ -16,6 +16,10 @@ Stages, each resumable from the run store and the checkpoints in ``RUN_DIR/level
 Every score goes through the run store, so a killed run resumes without repeating an evaluation:
 the RL stages restart from their last checkpoint (saved after every PPO update) and the episodes
 replayed since then find their scores in the store.
+
+Policy and checkpoints are safetensors state files (:mod:`hm3.runfiles`): run directories are
+handed around, and reading one must run no code. An older run's ``.pt`` files are read with
+torch's restricted unpickler or refused with a message.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from hm3.arch.level2 import (
 from hm3.arch.path import LayerPath
 from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
-from hm3.atomic import atomic_open, atomic_write_text
-from hm3.errors import ConfigError
+from hm3.atomic import atomic_write_text
+from hm3.errors import ConfigError, RunFileError
 from hm3.report import plot_front, write_csv
+from hm3.runfiles import find_state, read_state, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import (
     STORE_FILE,
@@ -71,7 +76,8 @@ if TYPE_CHECKING:  # pandas is imported where used: a preference request needs n
 #: Bumped when the layout of a run directory changes; other versions are refused with a message.
 RUN_FORMAT = 1
 STAGE_EVENT = "stage_done"
-POLICY_FILE = "policy.pt"
+POLICY_STEM = "policy"
+POLICY_FILE = state_path(Path(POLICY_STEM)).name  # policy.safetensors (policy.pt in older runs)
 
 
 class Level2Section(BaseModel):
@@ -225,19 +231,28 @@ class TwoLevelRun:
         )
         return holder["trainer"]
 
-    def _train(self, trainer, evaluator: PathEvaluator, episodes: int, ckpt: Path, label: str) -> None:
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
-            trainer.load_state_dict(state["trainer"])
-            evaluator.load_state_dict(state["evaluator"])
-            self.log(f"{label}: resumed at episode {trainer.episode} from {ckpt.name}")
+    def _train(self, trainer, evaluator: PathEvaluator, episodes: int, stem: Path, label: str) -> None:
+        """Train for ``episodes`` in all, from the checkpoint ``stem``.safetensors (or an older run's
+        ``.pt``) if there is one, checkpointing after every update."""
+        ckpt = state_path(stem)
+        found = find_state(stem)
+        if found is not None:
+            state = read_state(found, regenerate=f"delete {found} and resume (hm3 run CONFIG {self.run_dir} "
+                                                 "--resume) to train this stage again from its stored scores")
+            try:
+                trainer.load_state_dict(state["trainer"])
+                evaluator.load_state_dict(state["evaluator"])
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+                raise RunFileError(f"{found}: not a checkpoint of this run's level 2 ({type(err).__name__}: "
+                                   f"{err}); delete it and resume to train this stage again") from None
+            self.log(f"{label}: resumed at episode {trainer.episode} from {found.name}")
         remaining = episodes - trainer.episode
         if remaining <= 0:
             return
         bar = _progress(self.progress, total=episodes, initial=trainer.episode, desc=label)
 
         def on_update(stats: dict) -> None:
-            _save(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
+            save_state(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
             if bar is not None:
                 bar.update(trainer.episode - bar.n)
                 best = trainer.best
@@ -258,11 +273,6 @@ class TwoLevelRun:
     def _mark(self, stage: str) -> None:
         if stage not in _stages_done(self.store):
             self.store.add_event(STAGE_EVENT, {"stage": stage})
-
-
-def _save(path: Path, obj: Any) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
 
 
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):
@@ -334,9 +344,9 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     pre = run._trainer(pre_eval, pools, features, None, frame_front, cfg.level1.seed)
     log(f"level 2: pretraining the λ-conditioned policy ({rl.offline_episodes} episodes, "
         f"pool = {len(pools.expert_refs)} experts + {'level-1 merge' if front_ids else 'base'})")
-    run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain.pt", "pretrain")
-    _save(run.level2_dir / POLICY_FILE, {
-        "policy": pre.policy.state_dict(), "config": rl.model_dump(mode="json"),
+    run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain", "pretrain")
+    save_state(run.level2_dir / POLICY_FILE, {
+        "policy": dict(pre.policy.state_dict()), "config": rl.model_dump(mode="json"),
         "pool_size": pools.size, "num_layers": pools.num_layers, "objectives": run.names,
         "frames": frames, "frame_front": {int(c): v.tolist() for c, v in frame_front.items()},
         "layer_features": features, "base": base.tolist(), "ideal": ideal.tolist(),
@@ -352,7 +362,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         # from the pretrained policy (a checkpoint of this stage, if any, replaces it in _train)
         tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i,
                           policy_state=pre.policy.state_dict())
-        ckpt = run.level2_dir / f"online-{i}.pt"
+        ckpt = run.level2_dir / f"online-{i}"
         frame = merge_for_preference(lam, frame_front) if frame_front else "base"
         run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
         paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])

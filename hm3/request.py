@@ -51,12 +51,13 @@ from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
-from hm3.errors import ConfigError
-from hm3.pipeline import POLICY_FILE, path_point_file, read_front_rows, stored_two_level_config
+from hm3.errors import ConfigError, RunFileError
+from hm3.pipeline import POLICY_STEM, path_point_file, read_front_rows, stored_two_level_config
+from hm3.runfiles import find_state, read_state
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import protocol_points, recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
-from hm3.search.posterior import POSTERIOR_FILE, posterior_option
+from hm3.search.posterior import load_posterior, posterior_option
 from hm3.search.run_config import RunConfig, parse_run_config
 from hm3.store import STORE_FILE, RunStore, content_hash
 
@@ -142,7 +143,7 @@ class FinishedRun:
     ideal: np.ndarray
     front: list[tuple[int, str, str, np.ndarray]]  # (candidate id, level, kind, raw validation scores)
     level1: RunConfig
-    level1_dir: Path  # where level 1's outputs are (its posterior.pt)
+    level1_dir: Path  # where level 1's outputs are (its posterior)
     policy: dict[str, Any] | None  # the pretrained level-2 policy; None for a level-1 search
     rl: Level2Config | None
 
@@ -184,11 +185,23 @@ def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
                        rl=None)
 
 
+POLICY_KEYS = ("policy", "config", "pool_size", "num_layers", "objectives", "frame_front", "layer_features",
+               "expert_refs")
+
+
 def load_policy(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "level2" / POLICY_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no pretrained policy ({path} missing); finish the run with hm3 run --resume")
-    return torch.load(path, weights_only=False)
+    """The run's pretrained level-2 policy (a state file: reading it runs no code; an older run's
+    ``policy.pt`` is read with torch's restricted unpickler or refused)."""
+    path = find_state(run_dir / "level2" / POLICY_STEM)
+    if path is None:
+        raise ConfigError(f"{run_dir}: no pretrained policy ({run_dir / 'level2' / POLICY_STEM}.safetensors "
+                          "missing); finish the run with hm3 run --resume")
+    regenerate = f"delete {path} and run 'hm3 run CONFIG {run_dir} --resume' to write it again"
+    saved = read_state(path, regenerate=regenerate)
+    missing = [k for k in POLICY_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise RunFileError(f"{path}: not a level-2 policy (missing {', '.join(missing)}); {regenerate}")
+    return saved
 
 
 def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
@@ -260,8 +273,7 @@ def answer_request(
         if budget == 0 and refine == 0:
             if saved is not None:
                 options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
-            posterior_file = run.level1_dir / POSTERIOR_FILE
-            posterior = torch.load(posterior_file, weights_only=False) if posterior_file.is_file() else None
+            posterior = load_posterior(run.level1_dir)
             proposal = posterior_option(posterior, level1.search_space, lam, base, ideal)
             if proposal is not None:
                 bound, recipe, predicted = proposal

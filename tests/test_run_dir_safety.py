@@ -1,0 +1,148 @@
+"""No file in a run directory runs code when hm3 reads it.
+
+Each test plants a pickle gadget -- an object whose unpickling would create a marker file -- where
+a run keeps its BO posterior, its level-2 policy or a training checkpoint, runs the command that
+reads it (``hm3 request``, ``hm3 run --resume``) as a real subprocess, and checks that the marker
+was never created, the command failed with a one-line message naming the file, and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hm3.errors import RunFileError
+from hm3.pipeline import parse_two_level_config, run_two_level
+from hm3.runfiles import load_legacy_pt, load_state, save_state
+from tests.test_pipeline import _config
+
+
+class Gadget:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """A pickle that would create ``marker`` when loaded with ``weights_only=False``, at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"X": torch.zeros(2), "payload": Gadget(marker)}, path)
+
+
+def hm3(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "hm3.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, marker: Path, file: Path) -> None:
+    assert not marker.exists(), "the pickle gadget ran"
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(file) in proc.stderr and "hm3: error:" in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_family, tmp_path_factory):
+    _, paths, objectives = tiny_family
+    data = _config((paths, objectives))
+    root = tmp_path_factory.mktemp("safety")
+    run_two_level(parse_two_level_config(data), root / "run", progress=False)
+    (root / "cfg.yml").write_text(yaml.safe_dump(data))
+    return root / "run", root / "cfg.yml"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_state_files_round_trip_without_pickle(tmp_path: Path) -> None:
+    value = {
+        "t": torch.arange(6, dtype=torch.float64).reshape(2, 3)[:, 1:],  # a view: stored on its own
+        "flags": torch.tensor([True, False]),
+        "by_int": {0: {"step": torch.tensor(3.0)}, 7: "seven"},
+        "pair": (0.9, 0.999),
+        "nested": [1, None, "x", float("nan"), {"$odd": 1}],
+        "array": np.arange(4, dtype=np.uint32),
+        "scalar": np.float32(0.25),
+    }
+    back = load_state(save_state(tmp_path / "s.safetensors", value), regenerate="-")
+    torch.testing.assert_close(back["t"], value["t"])
+    assert back["flags"].dtype == torch.bool and back["by_int"][7] == "seven"
+    assert back["by_int"][0]["step"].item() == 3.0 and back["pair"] == (0.9, 0.999)
+    assert back["nested"][:3] == [1, None, "x"] and np.isnan(back["nested"][3]) and back["nested"][4] == {"$odd": 1}
+    np.testing.assert_array_equal(back["array"], value["array"])
+    assert back["scalar"] == np.float32(0.25) and back["scalar"].dtype == np.float32
+
+
+def test_a_pickle_gadget_is_refused_by_every_reader(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "x.pt", marker)
+    with pytest.raises(RunFileError, match="refused: not a plain tensor file"):
+        load_legacy_pt(tmp_path / "x.pt", regenerate="regenerate it")
+    shutil.copy(tmp_path / "x.pt", tmp_path / "x.safetensors")  # a pickle under the new name
+    with pytest.raises(RunFileError, match="not a readable hm3 state file"):
+        load_state(tmp_path / "x.safetensors", regenerate="regenerate it")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("stem", ["level1/posterior", "level2/policy"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_request_refuses_a_gadget_posterior_or_policy(finished, tmp_path, stem, suffix):
+    run = _copy(finished[0], tmp_path)
+    (run / f"{stem}.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    plant(run / f"{stem}{suffix}", marker)
+    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert_refused(proc, marker, run / f"{stem}{suffix}")
+    assert "resume" in proc.stderr  # says how to regenerate it
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_gadget_training_checkpoint(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    (run / "level2" / "pretrain.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    plant(run / "level2" / "pretrain.pt", marker)
+    before = (run / "summary.json").read_bytes()
+    proc = hm3("run", str(finished[1]), str(run), "--resume", "--quiet", cwd=tmp_path)
+    assert_refused(proc, marker, run / "level2" / "pretrain.pt")
+    assert (run / "summary.json").read_bytes() == before
+
+
+def test_an_older_runs_plain_pt_files_are_still_read(finished, tmp_path):
+    """A run written before state files (``.pt`` holding only tensors and containers) still answers."""
+    from hm3.request import load_policy
+    from hm3.search.posterior import load_posterior
+
+    run = _copy(finished[0], tmp_path)
+    for stem in ("level1/posterior", "level2/policy"):
+        value = load_posterior(run / "level1") if stem.startswith("level1") else load_policy(run)
+        torch.save(value, run / f"{stem}.pt")
+        (run / f"{stem}.safetensors").unlink()
+    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_corrupt_state_file_is_refused_naming_it(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    path = run / "level1" / "posterior.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(path) in proc.stderr
