@@ -184,7 +184,7 @@ def check_run_format(run_dir: Path) -> dict[str, Any]:
 
 
 def _stages_done(store: RunStore) -> set[str]:
-    return {e.payload["stage"] for e in store.events(STAGE_EVENT)}
+    return {e.payload["stage"] for e in store.events(STAGE_EVENT, fields=("stage",))}
 
 
 class TwoLevelRun:
