@@ -553,19 +553,26 @@ def replot(run_dir: str | Path) -> Path:
     )
 
 
-def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Materialise front point ``point`` of a finished run as a Hugging Face checkpoint."""
+def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False,
+                 force: bool = False) -> Path:
+    """Materialise front point ``point`` of a finished run as a Hugging Face checkpoint (never into,
+    over or around the run directory or the models it merges; :mod:`hm3.outputs`)."""
     from hm3.materialise import write_merge, write_path
+    from hm3.outputs import check_output_dir
 
     run_dir = Path(run_dir)
     df, _ = read_front(run_dir)
+    with RunStore.open(run_dir, readonly=True) as store:
+        models = stored_two_level_config(store).level1.models.values()
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *models])
     rows = df[df["point"] == point]
     if rows.empty:
         raise ConfigError(f"{run_dir}: no front point {point}; front points: {', '.join(map(str, df['point']))}")
     file = run_dir / rows.iloc[0]["file"]
     if not file.is_file():
         raise ConfigError(f"{run_dir}: the file of front point {point} is missing: {file}")
+    kw = {"overwrite": overwrite, "force": force, "inputs": [run_dir]}
     if file.suffix == ".json":
-        return write_path(json.loads(file.read_text()), out_dir, overwrite=overwrite)
-    return write_merge(yaml.safe_load(file.read_text()), out_dir, overwrite=overwrite)
+        return write_path(json.loads(file.read_text()), out_dir, **kw)
+    return write_merge(yaml.safe_load(file.read_text()), out_dir, **kw)
 

@@ -238,9 +238,10 @@ def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, fram
 
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, force: bool = False, progress: bool = True,
 ) -> RequestAnswer:
     from hm3.materialise import write_merge, write_path
+    from hm3.outputs import check_output_dir
 
     start = time.perf_counter()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -248,9 +249,9 @@ def answer_request(
         raise ConfigError(f"--budget must be >= 0, got {budget}")
     if refine < 0:
         raise ConfigError(f"--refine must be >= 0, got {refine}")
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
     run = read_finished_run(run_dir)
+    # before any evaluation: the answer is merged from the run's models, never written over one of them
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *run.level1.models.values()])
     names, base, ideal, level1 = run.names, run.base, run.ideal, run.level1
     lam, notes = parse_preference(prefer, names)
     if run.policy is None and budget > 0:
@@ -287,11 +288,12 @@ def answer_request(
             level1, run.rl, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
         )
     if kind == "merge":
-        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite)
+        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite, force=force,
+                    inputs=[run_dir])
     else:
         with RunStore.open(run_dir, readonly=True) as store:
             point = path_point_file(stored, store, level1)
-        write_path(point, out_dir, overwrite=overwrite)
+        write_path(point, out_dir, overwrite=overwrite, force=force, inputs=[run_dir])
     # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
     scores = measured if measured is not None else raw
     record = {

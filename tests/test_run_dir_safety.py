@@ -146,3 +146,58 @@ def test_corrupt_state_file_is_refused_naming_it(finished, tmp_path):
     proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(path) in proc.stderr
+
+
+# --- --overwrite never destroys inputs or foreign directories -----------------------------------------
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.startswith("hm3.sqlite")}
+
+
+@pytest.mark.parametrize("target", ["run", "run/level1", "base model", "around the run"])
+def test_request_and_export_refuse_an_output_over_their_inputs(finished, tmp_path, capsys, target):
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    base = Path(yaml.safe_load(finished[1].read_text())["models"]["base"])
+    out = {"run": run, "run/level1": run / "level1", "base model": base, "around the run": tmp_path}[target]
+    before_run, before_base = _tree(run), _tree(base)
+    point = (run / "front.csv").read_text().splitlines()[1].split(",")[0]
+    for argv in (["request", str(run), "--prefer", "choice=1", str(out), "--quiet"],
+                 ["export", str(run), "--point", point, str(out)]):
+        assert main([*argv, "--overwrite", "--force"]) != 0
+        err = capsys.readouterr().err
+        assert "an input of this command" in err and "Traceback" not in err
+    assert _tree(run) == before_run and _tree(base) == before_base
+
+
+def test_request_replaces_only_a_directory_hm3_wrote(finished, tmp_path, capsys):
+    from hm3.cli import main
+
+    run = finished[0]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    argv = ["request", str(run), "--prefer", "choice=1", str(foreign), "--quiet", "--overwrite"]
+    assert main(argv) != 0
+    assert "hm3 did not write" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
+    assert main([*argv, "--force"]) == 0 and (foreign / ".hm3-output").is_file()
+    assert main(argv) == 0  # now hm3's own output: --overwrite replaces it
+    assert not (foreign / "notes.txt").exists()
+
+
+def test_zoo_build_and_demo_overwrite_refuse_foreign_directories(tmp_path, capsys):
+    """Checked before anything is built: the user's files stay."""
+    from hm3.cli import main
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert main(["zoo", "build", str(foreign), "--overwrite"]) != 0
+    assert "hm3 did not write" in capsys.readouterr().err
+    (foreign / "run").mkdir()
+    assert main(["demo", "--out", str(foreign), "--zoo", str(tmp_path / "zoo"), "--overwrite"]) != 0
+    assert "thesis.tex" in capsys.readouterr().err
+    assert (foreign / "thesis.tex").read_text() == "keep me" and not (tmp_path / "zoo").exists()
