@@ -24,7 +24,6 @@ torch's restricted unpickler or refused with a message.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -53,7 +52,7 @@ from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
 from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError, RunFileError
 from hm3.report import plot_front, write_csv
-from hm3.runfiles import find_state, read_state, save_state, state_path
+from hm3.runfiles import find_state, read_front_table, read_state, read_summary, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import (
     STORE_FILE,
@@ -517,14 +516,24 @@ def finished_summary(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} holds an unfinished run ({', '.join(missing)} missing; stages done: "
             f"{', '.join(done) or 'none'}); finish it with: hm3 run CONFIG.yml {run_dir} --resume"
         )
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_summary(run_dir / "summary.json", keys=SUMMARY_KEYS, regenerate=_rewrite_hint(run_dir))
+
+
+#: What readers of a finished two-level run take from its summary.json.
+SUMMARY_KEYS = ("objectives", "front_size", "candidates", "base_validation", "ideal_validation",
+                "reference_validation", "hv_validation", "hv_test_front")
+
+
+def _rewrite_hint(run_dir: Path) -> str:
+    return (f"'hm3 run CONFIG.yml {run_dir} --resume' writes the run's outputs again from its store "
+            "(nothing is evaluated twice)")
 
 
 def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The front table and summary of a finished run (refuses unfinished runs, naming what is missing)."""
     import pandas as pd
 
-    summary = finished_summary(run_dir)
+    _, summary = read_front_rows(run_dir)  # refuses a truncated or damaged table first
     return pd.read_csv(Path(run_dir) / "front.csv"), summary
 
 
@@ -532,8 +541,10 @@ def read_front_rows(run_dir: str | Path) -> tuple[list[dict[str, str]], dict[str
     """:func:`read_front` as rows of strings, for callers that must start fast (a preference
     request): the standard library's csv reader instead of pandas."""
     summary = finished_summary(run_dir)
-    with open(Path(run_dir) / "front.csv", newline="") as f:
-        return list(csv.DictReader(f)), summary
+    rows = read_front_table(Path(run_dir) / "front.csv", rows=int(summary["front_size"]), id_column="point",
+                            regenerate=_rewrite_hint(Path(run_dir)),
+                            columns=tuple(f"{n}_val" for n in summary["objectives"]))
+    return rows, summary
 
 
 def replot(run_dir: str | Path) -> Path:

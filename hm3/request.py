@@ -35,8 +35,8 @@ How a request is answered, and why:
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -53,7 +53,7 @@ from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError, RunFileError
 from hm3.pipeline import POLICY_STEM, path_point_file, read_front_rows, stored_two_level_config
-from hm3.runfiles import find_state, read_state
+from hm3.runfiles import find_state, read_front_table, read_state, read_summary
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import protocol_points, recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
@@ -107,15 +107,20 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
             raise ConfigError(f"--prefer: objective {name!r} is given twice")
         seen.add(i)
         lam[i] = weight
-    total = lam.sum()
-    if total <= 0:
+    if lam.max() <= 0:
         raise ConfigError("--prefer: all weights are zero; at least one objective needs a positive weight")
+    # scaled by the largest weight first: the sum of huge weights (1e308 + 1e308) overflows to inf,
+    # and dividing by it would give λ = 0
+    scaled = lam / lam.max()
+    with np.errstate(over="ignore"):
+        total = float(lam.sum())  # inf when it overflows: said so, never used to divide
     missing = [short_name(objectives[i]) for i in range(len(objectives)) if i not in seen]
     if missing:
         notes.append(f"weight 0 assumed for {', '.join(missing)}")
-    if abs(total - 1.0) > 1e-6:
-        notes.append(f"weights summed to {total:g}; normalised to sum to 1")
-    return lam / total, notes
+    if not math.isfinite(total) or abs(total - 1.0) > 1e-6:
+        summed = f"{total:g}" if math.isfinite(total) else "more than the largest float"
+        notes.append(f"weights summed to {summed}; normalised to sum to 1")
+    return scaled / scaled.sum(), notes
 
 
 @dataclass
@@ -173,14 +178,18 @@ def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
     if not summary_file.is_file() or not (run_dir / "front.csv").is_file():
         raise ConfigError(f"{run_dir} holds an unfinished level-1 search (summary.json or front.csv missing); "
                           f"finish it with: hm3 search param CONFIG.yml {run_dir} --resume")
-    summary = json.loads(summary_file.read_text())
+    rewrite = (f"'hm3 search param CONFIG.yml {run_dir} --resume' writes the search's outputs again from its "
+               "store (nothing is evaluated twice)")
+    summary = read_summary(summary_file, keys=("objectives", "reference_validation", "front_size"),
+                           regenerate=rewrite)
     cfg = parse_run_config(stored, source=f"{run_dir / STORE_FILE} (stored config)")
     refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
     base, ideal = protocol_points(refs, cfg.search_space)
     names = summary["objectives"]
-    with open(run_dir / "front.csv", newline="") as f:
-        front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
-                 for r in csv.DictReader(f)]
+    rows = read_front_table(run_dir / "front.csv", rows=int(summary["front_size"]), id_column="candidate",
+                            regenerate=rewrite, columns=tuple(f"{n}_val" for n in names))
+    front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
+             for r in rows]
     return FinishedRun(names=names, base=base, ideal=ideal, front=front, level1=cfg, level1_dir=run_dir, policy=None,
                        rl=None)
 

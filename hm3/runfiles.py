@@ -166,3 +166,59 @@ def read_state(path: Path, *, regenerate: str) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+# --- the tables and summaries of a finished run --------------------------------------------------------
+
+
+def read_summary(path: Path, *, keys: tuple[str, ...], regenerate: str) -> dict[str, Any]:
+    """A run's ``summary.json``, refused (naming the file and the first problem) when it is not JSON,
+    not an object, or lacks one of ``keys``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path}: corrupt run summary ({err}); {regenerate}") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise RunFileError(f"{path}: corrupt run summary (no {', '.join(missing)}); {regenerate}")
+    return data
+
+
+def read_front_table(path: Path, *, rows: int, id_column: str, regenerate: str,
+                     columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The rows of a run's ``front.csv``, refused when it is truncated or damaged: it must end with a
+    newline, hold exactly ``rows`` rows (the summary's ``front_size``), every field present, ids
+    integers and every score column (``*_val``, ``*_test``) a finite number. A front read from a
+    cut-off file would answer requests from fewer points without a word."""
+    import csv
+    import math
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path}: cannot read the front table ({err}); {regenerate}") from None
+    table = list(csv.DictReader(text.splitlines()))
+    problem = None
+    if not text.endswith("\n"):
+        problem = "it does not end with a newline: truncated"
+    elif len(table) != rows:
+        problem = f"it holds {len(table)} rows but the run's summary says its front has {rows}"
+    elif missing := [c for c in (id_column, *columns) if table and c not in table[0]]:
+        problem = f"no column {missing[0]!r}"
+    for i, row in enumerate(table, start=2):
+        if problem:
+            break
+        if None in row or any(v is None or v == "" for v in row.values()):
+            problem = f"line {i} has missing or extra fields"
+            continue
+        try:
+            int(row[id_column])
+            bad = [c for c, v in row.items() if c.endswith(("_val", "_test")) and not math.isfinite(float(v))]
+        except (KeyError, ValueError) as err:
+            problem = f"line {i}: {err}"
+            continue
+        if bad:
+            problem = f"line {i}: {bad[0]} is not a finite number"
+    if problem:
+        raise RunFileError(f"{path}: damaged front table ({problem}); {regenerate}")
+    return table

@@ -279,6 +279,19 @@ def test_preference_parsing():
             parse_preference(bad, objs)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("math=1e308,code=1e308", [0.5, 0.5, 0]),  # the sum overflows to inf: never λ = 0
+    ("math=1.7e308,code=1.7e308,translation=1.7e308", [1 / 3] * 3),
+    ("math=1e-320,code=3e-320", [0.25, 0.75, 0]),  # subnormal weights
+])
+def test_extreme_preference_weights_are_normalised_correctly(text, expected):
+    lam, notes = parse_preference(text, ["zoo:math", "zoo:code", "zoo:translation"])
+    assert lam.tolist() == pytest.approx(expected) and np.isfinite(lam).all() and lam.sum() == pytest.approx(1)
+    assert any("normalised" in n for n in notes)
+    with pytest.raises(ConfigError, match="non-negative number"):
+        parse_preference("math=1e309", ["zoo:math"])  # inf itself is refused
+
+
 def test_bad_input(models, finished, tmp_path):
     for level2, msg in [
         ({"rl": {"t_max": 0}}, "t_max must be >= 1"),

@@ -201,3 +201,71 @@ def test_zoo_build_and_demo_overwrite_refuse_foreign_directories(tmp_path, capsy
     assert main(["demo", "--out", str(foreign), "--zoo", str(tmp_path / "zoo"), "--overwrite"]) != 0
     assert "thesis.tex" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "keep me" and not (tmp_path / "zoo").exists()
+
+
+# --- damaged run files: a message naming the file, never a traceback or a silent answer ---------------
+
+
+@pytest.mark.parametrize("damage", ["summary not json", "summary without keys", "front cut mid-row",
+                                    "front row missing", "front score not a number"])
+def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damage):
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    summary, front = run / "summary.json", run / "front.csv"
+    lines = front.read_text().splitlines(keepends=True)
+    if damage == "summary not json":
+        summary.write_text(summary.read_text()[:50])
+    elif damage == "summary without keys":
+        summary.write_text("{}")
+    elif damage == "front cut mid-row":
+        front.write_text("".join(lines)[:-7])
+    elif damage == "front row missing":
+        front.write_text("".join(lines[:-1]))
+    else:
+        front.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
+    damaged = summary if damage.startswith("summary") else front
+    for argv in (["request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet"],
+                 ["front", str(run)]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert str(damaged) in err and "Traceback" not in err and "--resume" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_saving_the_posterior_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    import hm3.atomic
+
+    path = save_state(tmp_path / "posterior.safetensors", {"X": torch.ones(3)})
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hm3.atomic.os, "fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {path}: No space left on device; any previous"):
+        save_state(path, {"X": torch.zeros(3)})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_full_disk_at_the_end_of_a_search_is_a_message(tiny_family, tmp_path, monkeypatch, capsys):
+    """The posterior is the first output a finished search writes: ENOSPC there is one line naming it."""
+    import errno
+
+    import hm3.atomic
+    from hm3.cli import main
+    from tests.search.test_level1 import _config as level1_config
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(level1_config(tiny_family, budget=4)))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hm3.atomic.os, "fsync", full)
+    assert main(["search", "param", str(cfg), str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "posterior.safetensors: No space left on device" in err and "Traceback" not in err
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
