@@ -290,12 +290,25 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     log = stderr_logger(progress)
     check_depth(cfg)  # before the store, the models and any evaluation
     optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
+    if resume:
+        check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress, optimizer)
         try:
             return _run_stages(cfg, run, store, resume, start, log)
         finally:
             run.ctx.backend.close()  # a vLLM engine holds process-wide state until closed
+
+
+def check_state_files(run_dir: Path) -> None:
+    """Read every state file a resumed run will load (posterior, policy, checkpoints), so one that is
+    corrupt or not safely readable stops the run before level 1 writes its outputs again."""
+    for sub in ("level1", "level2"):
+        folder = run_dir / sub
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.suffix in (".pt", ".safetensors") and not path.name.startswith("."):
+                read_state(path, regenerate=f"delete {path} and resume again to write it anew (the run's "
+                                            "scores are in its store: nothing is evaluated twice)")
 
 
 def check_depth(cfg: TwoLevelConfig) -> None:

@@ -164,8 +164,11 @@ def read_state(path: Path, *, regenerate: str) -> Any:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The line of a loader's error that says what was wrong (torch's weights-only refusal names the
+    global a pickle asked for, e.g. ``posix.system``, after advice hm3 must not pass on)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(err).__name__])[0]
 
 
 # --- the tables and summaries of a finished run --------------------------------------------------------

@@ -22,23 +22,8 @@ import yaml
 from hm3.errors import RunFileError
 from hm3.pipeline import parse_two_level_config, run_two_level
 from hm3.runfiles import load_legacy_pt, load_state, save_state
+from tests.gadgets import plant
 from tests.test_pipeline import _config
-
-
-class Gadget:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def plant(path: Path, marker: Path) -> None:
-    """A pickle that would create ``marker`` when loaded with ``weights_only=False``, at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"X": torch.zeros(2), "payload": Gadget(marker)}, path)
 
 
 def hm3(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -118,10 +103,11 @@ def test_resume_refuses_a_gadget_training_checkpoint(finished, tmp_path):
     (run / "level2" / "pretrain.safetensors").unlink()
     marker = tmp_path / "pwned"
     plant(run / "level2" / "pretrain.pt", marker)
-    before = (run / "summary.json").read_bytes()
+    before = _tree(run)
     proc = hm3("run", str(finished[1]), str(run), "--resume", "--quiet", cwd=tmp_path)
     assert_refused(proc, marker, run / "level2" / "pretrain.pt")
-    assert (run / "summary.json").read_bytes() == before
+    assert "posix.system" in proc.stderr  # names what the pickle asked for
+    assert _tree(run) == before  # refused before level 1 wrote its outputs again
 
 
 def test_an_older_runs_plain_pt_files_are_still_read(finished, tmp_path):
