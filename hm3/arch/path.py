@@ -451,6 +451,7 @@ def export_path(
     *,
     overwrite: bool = False,
     t_max: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Write the path as a plain HF checkpoint (tokenizer from the merge, the last pool directory).
 
@@ -462,14 +463,15 @@ def export_path(
         raise ConfigError("empty layer pool: it needs at least the level-1 merge")
     ckpts = [open_checkpoint(d) for d in pool_dirs]
     try:
-        return _export(ckpts, path, Path(out_dir), overwrite=overwrite, t_max=t_max)
+        return _export(ckpts, path, Path(out_dir), overwrite=overwrite, t_max=t_max, force=force)
     finally:
         for c in ckpts:
             c.close()
 
 
 def _export(
-    ckpts: list[Checkpoint], path: LayerPath, out_dir: Path, *, overwrite: bool, t_max: int | None
+    ckpts: list[Checkpoint], path: LayerPath, out_dir: Path, *, overwrite: bool, t_max: int | None,
+    force: bool = False,
 ) -> Path:
     names = [str(c.path) for c in ckpts]
     check_pool_widths([c.config for c in ckpts], names)
@@ -494,6 +496,8 @@ def _export(
         tokenizer_from=merge.path,
         extra_files=extra,
         layout=layout,
+        force=force,
+        inputs=[c.path for c in ckpts],
     ) as writer:
         for src in plan:
             tensor = ckpts[src.model].get(src.source)

@@ -27,7 +27,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -390,6 +390,14 @@ def _merged_tensors(headers: list[dict[str, TensorInfo]]) -> dict[str, TensorInf
     return merged
 
 
+def _inside_model_dir(shard: str) -> bool:
+    """Whether an index's shard name stays in the model directory: relative, no ``..``, no drive.
+    Checked by name rather than by resolving symlinks, since hub caches link shards to blobs elsewhere;
+    a crafted index must not make hm3 read (and merge, or export) any file the user can read."""
+    parts = PurePosixPath(shard.replace("\\", "/")).parts
+    return bool(parts) and not PurePosixPath(shard).is_absolute() and ".." not in parts and ":" not in shard
+
+
 def _indexed_tensors(index_path: Path, read_header: Any) -> dict[str, TensorInfo]:
     """Tensors in index order, each checked against its shard's own header."""
     index = _read_json(index_path, what="weight index")
@@ -397,6 +405,12 @@ def _indexed_tensors(index_path: Path, read_header: Any) -> dict[str, TensorInfo
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: no valid 'weight_map' (tensor name -> shard file)")
     shards = dict.fromkeys(weight_map.values())
+    escaping = [s for s in shards if not _inside_model_dir(s)]
+    if escaping:
+        raise CheckpointError(
+            f"{index_path} names shard file(s) outside the model directory: {', '.join(escaping[:5])}; "
+            "a weight index may only name files in its own directory (no absolute paths, no '..')"
+        )
     missing = [s for s in shards if not (index_path.parent / s).is_file()]
     if missing:
         raise CheckpointError(f"{index_path} names shard file(s) that do not exist: {', '.join(missing[:5])}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections import deque
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from hm3.checkpoint.safetensors_format import (
     write_at,
 )
 from hm3.errors import CheckpointError, OutputExistsError
+from hm3.outputs import MARKER_FILE, OWNER_FILE, check_output_dir, make_staging_dir, marker_text, staging_name
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,18 +61,21 @@ _QUEUE_TENSORS = 2
 
 
 class StagedDirectory:
-    """A directory built under a temporary sibling name and renamed to its real name only on :meth:`commit`."""
+    """A directory built under a temporary sibling name and renamed to its real name only on :meth:`commit`.
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+    The output rules of :mod:`hm3.outputs` are checked first (never over an input, replace only what
+    hm3 wrote unless ``force``), and the published directory carries hm3's marker. The staging name
+    holds this process's id, so one left by a killed process is removed by the next writer beside it.
+    """
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, force: bool = False,
+                 inputs: Sequence[str | Path] = (), what: str = "model"):
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
-        if self._exists(self.out_dir) and not overwrite:
-            raise OutputExistsError(
-                f"output directory already exists: {self.out_dir} (use --overwrite to replace it)"
-            )
+        self.what = what
+        check_output_dir(self.out_dir, overwrite=overwrite, force=force, inputs=inputs)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
+        self.tmp = make_staging_dir(self.out_dir.parent, self.out_dir.name, "tmp")
 
     @staticmethod
     def _exists(p: Path) -> bool:
@@ -80,13 +83,15 @@ class StagedDirectory:
 
     def commit(self) -> Path:
         """Move the finished directory into place; an old one (overwrite) is replaced only now."""
+        (self.tmp / OWNER_FILE).unlink(missing_ok=True)
+        (self.tmp / MARKER_FILE).write_text(marker_text(self.what))
         if not self._exists(self.out_dir):
             os.rename(self.tmp, self.out_dir)
             return self.out_dir
         if not self.overwrite:
             self.abort()
             raise OutputExistsError(f"output directory appeared while writing: {self.out_dir}")
-        old = self.out_dir.parent / f".{self.out_dir.name}.old-{secrets.token_hex(4)}"
+        old = self.out_dir.parent / staging_name(self.out_dir.name, "old")
         os.rename(self.out_dir, old)
         try:
             os.rename(self.tmp, self.out_dir)
@@ -210,6 +215,8 @@ class CheckpointWriter:
         extra_files: dict[str, str] | None = None,
         background: bool = False,
         layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
+        force: bool = False,
+        inputs: Sequence[str | Path] = (),
     ):
         if max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -236,7 +243,8 @@ class CheckpointWriter:
         self.tokenizer_from = Path(tokenizer_from) if tokenizer_from is not None else None
         self.dtype = dtype
         self.extra_files = dict(extra_files or {})
-        self._stage = StagedDirectory(self.out_dir, overwrite=overwrite)  # refuses an existing output first
+        # refuses an output that is an input, or an existing one hm3 may not replace, before anything else
+        self._stage = StagedDirectory(self.out_dir, overwrite=overwrite, force=force, inputs=inputs)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._buffer_storages: set[int] = set()

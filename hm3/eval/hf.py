@@ -101,6 +101,7 @@ class HFBackend:
                 attention_mask=mask.to(self.model.device),
                 generation_config=config,
                 tokenizer=self.tokenizer,
+                logits_processor=_finite_logits_check(self.model_dir),
             )
         return [row[input_ids.shape[1] :].tolist() for row in out]
 
@@ -132,6 +133,7 @@ class HFBackend:
                 position_ids=positions.to(device),
                 logits_to_keep=keep,
             ).logits.cpu()
+        check_finite_logits(logits, self.model_dir)
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
         scores = []
         for row, (_, cont) in enumerate(pairs):
@@ -169,6 +171,29 @@ class HFBackend:
     def close(self) -> None:
         """Drop the model so its memory can be reclaimed (the backend is unusable afterwards)."""
         self.model = None
+
+
+def check_finite_logits(logits: torch.Tensor, model_dir: Path) -> None:
+    """Refuse to score a model whose logits hold NaN or +inf (non-finite weights, an overflowing dtype):
+    greedy decoding and argmax over NaN pick token 0, and the objective would score those answers as
+    if they were real, giving e.g. 0.0 with no hint that the model is broken. (-inf is a masked token.)"""
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise BackendError(
+            f"{model_dir}: the model produced non-finite logits (NaN or inf), so it cannot be scored; its "
+            "weights are probably not finite (a broken merge or checkpoint), or the dtype overflows"
+        )
+
+
+def _finite_logits_check(model_dir: Path) -> Any:
+    """A transformers logits processor running :func:`check_finite_logits` at every generation step."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteLogits(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            check_finite_logits(scores, model_dir)
+            return scores
+
+    return LogitsProcessorList([FiniteLogits()])
 
 
 @contextmanager

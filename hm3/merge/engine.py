@@ -11,6 +11,7 @@ intra-op threads (both cores) and optionally on a GPU (``device="cuda"``).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -21,7 +22,7 @@ import torch
 
 from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
 from hm3.config import MergeConfig, load_merge_config
-from hm3.errors import CheckpointError
+from hm3.errors import CheckpointError, ConfigError, Hm3Warning
 from hm3.merge.methods import TensorInputs
 from hm3.merge.plan import MergePlan, TensorJob, dare_generator, plan_merge
 
@@ -104,25 +105,68 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu") -> Itera
             yield job.name, out
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device for the merge arithmetic, refused with a message if this machine or torch build
+    cannot use it (torch's own errors are a RuntimeError or an AssertionError deep in the merge)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {device!r}: hm3 merges on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else "finds no usable GPU"
+        raise ConfigError(f"--device {device!r}: this torch ({torch.__version__}) {build}; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 ..)")
+    return dev
+
+
+def warn_without_tokenizer(source: Path, out_dir: Path) -> None:
+    """Say so when the model the tokenizer is copied from has none: the output will have none either,
+    and generating with it (or ``hm3 eval``) then fails later, far from the cause."""
+    from hm3.checkpoint.writer import TOKENIZER_FILES
+
+    if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+        warnings.warn(
+            f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...), so the merged model "
+            f"{out_dir} will have none either: copy the tokenizer into it before generating with it",
+            Hm3Warning, stacklevel=3,
+        )
+
+
 def merge_to_disk(
     config: MergeConfig | str | Path,
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    force: bool = False,
     device: str = "cpu",
     seed: int | None = None,
     config_dir: Path | None = None,
     max_shard_bytes: int = 1_000_000_000,
     progress: bool = False,
 ) -> MergeReport:
-    """Execute a recipe and write an HF checkpoint atomically to ``out_dir``."""
+    """Execute a recipe and write an HF checkpoint atomically to ``out_dir``.
+
+    ``out_dir`` may not be, contain or lie inside the recipe file or any model or Fisher file it
+    reads, and an existing one is replaced (``overwrite``) only if hm3 wrote it, unless ``force``
+    (:mod:`hm3.outputs`).
+    """
     start = time.perf_counter()
+    inputs: list[Path] = []
     if not isinstance(config, MergeConfig):
+        inputs.append(Path(config))
         config_dir = Path(config).parent if config_dir is None else config_dir
         config = load_merge_config(config)
     out_dir = Path(out_dir)
+    dev = check_device(device)  # before the models are opened
     plan = plan_merge(config, config_dir=config_dir, seed=seed)
     try:
+        inputs += [c.path for c in ([plan.base] if plan.base is not None else []) + list(plan.inputs)]
+        inputs += list(plan.fisher_files or [])
         tokenizer_from = plan.base.path if plan.base is not None else plan.inputs[0].path
         with CheckpointWriter(
             out_dir,
@@ -132,6 +176,8 @@ def merge_to_disk(
             tokenizer_from=tokenizer_from,
             extra_files={"hm3_recipe.yml": config.to_yaml()},
             background=True,
+            force=force,
+            inputs=inputs,
             # output specs up front let the writer stream each tensor to disk: methods return the
             # reference's (base's, else first input's) dtype after compute_dtype conversion
             layout=[
@@ -144,11 +190,12 @@ def merge_to_disk(
             ],
         ) as writer:
             n = 0
-            for name, tensor in iter_merged(plan, device=device):
+            for name, tensor in iter_merged(plan, device=dev):
                 writer.add(name, tensor.cpu())
                 n += 1
                 if progress and n % 50 == 0:
                     print(f"  merged {n}/{len(plan.jobs)} tensors", flush=True)
     finally:
         plan.close()
+    warn_without_tokenizer(tokenizer_from, out_dir)
     return MergeReport(out_dir=out_dir, tensors=n, seconds=time.perf_counter() - start)

@@ -32,7 +32,7 @@ import yaml
 
 from hm3.atomic import atomic_write_text
 from hm3.config import parse_merge_config
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, StoreError
 from hm3.eval.backend import open_backend
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
@@ -49,6 +49,10 @@ from objectives.registry import get_objective
 
 TELL_EVENT = "level1_tell"
 STORE_FILE = "hm3.sqlite"
+#: What searches write into a run directory besides the store (both commands): a new run refuses a
+#: directory that holds any of them without a store.
+RUN_OUTPUTS = ("front.csv", "summary.json", "candidates.csv", "recipes", "points", "level1", "level2",
+               "posterior.safetensors", "posterior.pt")
 
 
 @dataclass
@@ -267,8 +271,18 @@ def preference_design(space: SearchSpace, n: int, *, seed: int) -> torch.Tensor:
 
 
 def told_points(store: RunStore, event: str = TELL_EVENT) -> list[tuple[int, list[float]]]:
-    """(candidate id, unit-cube point) of every ``event`` (level 1's tells by default), in order."""
-    return [(e.payload["candidate"], e.payload["x"]) for e in store.events(event)]
+    """(candidate id, unit-cube point) of every ``event`` (level 1's tells by default), in order;
+    a malformed one (a corrupt store) is refused, naming it."""
+    told = []
+    for e in store.events(event, fields=("candidate", "x")):
+        cid, x = e.payload["candidate"], e.payload["x"]
+        if not isinstance(cid, int) or not isinstance(x, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in x
+        ):
+            raise StoreError(f"run store {store.path} is corrupt: {e.kind} event {e.id} has candidate {cid!r} "
+                             f"and point {str(x)[:100]}, not an id and a list of numbers")
+        told.append((cid, x))
+    return told
 
 
 def open_run_store(
@@ -280,6 +294,10 @@ def open_run_store(
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new RUN_DIR")
     if resume and not exists:
         raise ConfigError(f"--resume: {run_dir} holds no run to resume ({STORE_FILE} not found)")
+    orphans = [] if exists else sorted(n for n in RUN_OUTPUTS if (run_dir / n).exists())
+    if orphans:  # a run whose store was lost: a new run here would overwrite what it left
+        raise ConfigError(f"{run_dir} holds a run's outputs ({', '.join(orphans)}) but no run store ({STORE_FILE}); "
+                          "hm3 will not overwrite them with a new run: choose a new RUN_DIR")
     if exists and check is not None:
         check(run_dir)
     return RunStore.open(run_dir, config=config, seed=seed)
@@ -346,6 +364,9 @@ def search_level1(
     ids: list[int] = []
     hv_trace: list[float] = []
     for cid, x in told_points(store):
+        if len(x) != cfg.search_space.dim:
+            raise StoreError(f"run store {store.path} is corrupt: told point of candidate {cid} has {len(x)} "
+                             f"coordinates, this search space {cfg.search_space.dim}")
         y = ctx.scorer.cached(cid, ctx.validation)
         if y is None:
             raise ConfigError(f"run store is inconsistent: told candidate {cid} has no stored scores")

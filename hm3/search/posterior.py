@@ -10,6 +10,9 @@ GPs are independent, so the mean and variance of ``Σ_k λ_k f̂_k`` at each gri
 saved per-objective ones for any λ, and a fresh ``hm3 request`` process neither imports botorch nor
 rebuilds a GP (together ~2 s on a 2-core CPU). Runs saved before the predictions were kept fall
 back to rebuilding the GPs from their state dicts, which gives the same answer.
+
+The file is a safetensors state file (:mod:`hm3.runfiles`): reading it runs no code. Runs saved
+before that hold ``posterior.pt``, read with torch's restricted unpickler or refused.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.atomic import atomic_open
+from hm3.errors import RunFileError
+from hm3.runfiles import find_state, read_state, save_state, state_path
 from hm3.search.pareto import normalisation_span, normalise
 from hm3.store import RunStore
 
-POSTERIOR_FILE = "posterior.pt"
+POSTERIOR_STEM = "posterior"
+POSTERIOR_FILE = state_path(Path(POSTERIOR_STEM)).name  # posterior.safetensors (posterior.pt in older runs)
 GRID_SIZE = 1024  # Sobol points the proposal is chosen among (plus the evaluated points)
 
 
@@ -49,17 +54,36 @@ def fit_level1_posterior(
 def save_level1_posterior(
     store: RunStore, out_dir: Path, level1_scores: dict[int, np.ndarray], base: np.ndarray, ideal: np.ndarray
 ) -> Path | None:
-    """Fit and save the posterior as ``out_dir/posterior.pt`` once (atomically), for a finished level 1
-    of either command (``hm3 search param`` or ``hm3 run``); the existing file if already saved."""
-    path = Path(out_dir) / POSTERIOR_FILE
-    if path.is_file():
-        return path
+    """Fit and save the posterior as ``out_dir/posterior.safetensors`` once (atomically), for a finished
+    level 1 of either command (``hm3 search param`` or ``hm3 run``); the existing file if already saved
+    (an older run's ``posterior.pt`` included)."""
+    existing = find_state(Path(out_dir) / POSTERIOR_STEM)
+    if existing is not None:
+        return existing
     posterior = fit_level1_posterior(store, level1_scores, base, ideal)
     if posterior is None:
         return None
-    with atomic_open(path, "wb") as f:
-        torch.save(posterior, f)
-    return path
+    return save_state(Path(out_dir) / POSTERIOR_FILE, _plain(posterior))
+
+
+def _plain(posterior: dict[str, Any]) -> dict[str, Any]:
+    """The posterior with its GP state dicts as plain dicts (what the state file keeps)."""
+    return posterior | {"gp_states": [dict(s) for s in posterior["gp_states"]]}
+
+
+def load_posterior(out_dir: Path) -> dict[str, Any] | None:
+    """The saved posterior of a level 1 whose outputs are in ``out_dir``, or None if it has none.
+    A corrupt file, or an older ``.pt`` that holds anything but tensors, is refused (RunFileError)."""
+    path = find_state(Path(out_dir) / POSTERIOR_STEM)
+    if path is None:
+        return None
+    saved = read_state(path, regenerate=f"delete {path} and resume the search that wrote it "
+                                         "(hm3 search param/hm3 run CONFIG RUN_DIR --resume) to fit it again")
+    missing = [k for k in ("X", "F", "gp_states") if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise RunFileError(f"{path}: not a level-1 posterior (missing {', '.join(missing)}); delete it and "
+                           "resume the search that wrote it to fit it again")
+    return saved
 
 
 def with_predictions(saved: dict[str, Any]) -> dict[str, Any]:
@@ -69,14 +93,17 @@ def with_predictions(saved: dict[str, Any]) -> dict[str, Any]:
     return saved | {"grid": grid, "mean": mean, "variance": variance}
 
 
-def upgrade_posterior_file(path: Path) -> bool:
-    """Add the grid predictions to a posterior saved by an older hm3 (atomically, same GPs, so
-    requests give the same answers, only sooner); True if the file changed."""
-    saved = torch.load(path, weights_only=False)
-    if "mean" in saved:
+def upgrade_posterior_file(out_dir: Path) -> bool:
+    """Bring the posterior in ``out_dir`` saved by an older hm3 up to date (atomically, same GPs, so
+    requests give the same answers, only sooner): grid predictions added, ``posterior.pt`` rewritten
+    as ``posterior.safetensors`` (the old file is removed). True if anything changed."""
+    saved = load_posterior(out_dir)
+    legacy = Path(out_dir) / (POSTERIOR_STEM + ".pt")
+    current = Path(out_dir) / POSTERIOR_FILE
+    if saved is None or ("mean" in saved and current.is_file()):
         return False
-    with atomic_open(path, "wb") as f:
-        torch.save(with_predictions(saved), f)
+    save_state(current, _plain(saved if "mean" in saved else with_predictions(saved)))
+    legacy.unlink(missing_ok=True)
     return True
 
 

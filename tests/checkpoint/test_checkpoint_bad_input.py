@@ -227,3 +227,17 @@ def test_check_finite_accepts_large_and_unusual_finite_tensors(finite):
 def test_check_finite_counts_bad_values_exactly(bad, counts):
     with pytest.raises(CheckpointError, match=f"NaN/Inf in tensor w of model modelA \\({counts} values\\)"):
         check_finite("w", bad, "modelA")
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "/ABS/outside.safetensors", "sub/../../outside.safetensors"])
+def test_index_pointing_outside_the_model_directory_is_refused(sharded, tmp_path, where):
+    """A crafted index must not make hm3 read (and then merge or export) a file outside the model."""
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(sharded / "model-00001-of-00006.safetensors", outside)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    target = where.replace("/ABS", str(tmp_path))
+    index["weight_map"] = {n: (target if s.startswith("model-00001") else s) for n, s in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        open_checkpoint(sharded)

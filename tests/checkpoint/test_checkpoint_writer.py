@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +129,7 @@ def test_overwrite_replaces_only_at_the_end(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / ".hm3-output").write_text("{}")  # an output hm3 wrote: --overwrite may replace it
     with open_checkpoint(tiny_llama) as ckpt, CheckpointWriter(out, config=ckpt.config, overwrite=True) as w:
         for name in ckpt.tensor_names():
             w.add(name, ckpt.get(name))
@@ -152,6 +158,7 @@ def test_failed_overwrite_keeps_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / ".hm3-output").write_text("{}")
     with pytest.raises(RuntimeError), CheckpointWriter(out, config={}, overwrite=True) as w:
         w.add("x", torch.ones(3))
         raise RuntimeError("fail")
@@ -197,3 +204,33 @@ def test_shards_are_flushed_while_adding(tmp_path):
         assert len(staged) == 3 and not w._buffer.keys() - {"t3"}
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 4
+
+
+KILLED_WRITER = """
+import sys, time
+from hm3.checkpoint.writer import StagedDirectory
+stage = StagedDirectory(sys.argv[1])
+(stage.tmp / "shard.safetensors").write_bytes(b"x" * 1000)
+print(stage.tmp, flush=True)
+time.sleep(600)
+"""
+
+
+def test_staging_of_a_killed_writer_is_removed_by_the_next_one(tiny_llama, tmp_path):
+    """``kill -9`` during a write leaves its hidden staging directory; the next writer of that output
+    removes it (its process is gone) but never one of a live process or of another output."""
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    stale = Path(child.stdout.readline().strip())
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert stale.is_dir() and f"-{child.pid}-" in stale.name
+    live = tmp_path / f".out.tmp-{os.getppid()}-0123abcd"  # a running process's
+    other = tmp_path / f".other.tmp-{child.pid}-0123abcd"  # another output's
+    for d in (live, other):
+        d.mkdir()
+    with open_checkpoint(tiny_llama) as ckpt, CheckpointWriter(out, config=ckpt.config) as w:
+        for name in ckpt.tensor_names():
+            w.add(name, ckpt.get(name))
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    assert (out / ".hm3-output").is_file() and not (out / ".hm3-staging").exists()

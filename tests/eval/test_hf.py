@@ -210,3 +210,31 @@ def test_live_parameter_names_are_the_checkpoint_names(models, which):
 def test_empty_request_lists_give_empty_answers(backend_a):
     assert backend_a.generate([], max_new_tokens=4) == []
     assert backend_a.loglikelihood([]) == []
+
+
+def _nan_model(models, tmp_path) -> Path:
+    from safetensors.torch import save_file
+
+    nan = tmp_path / "nan"
+    shutil.copytree(models["a"], nan)
+    weights = load_file(nan / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    return nan
+
+
+def test_a_model_with_nan_weights_is_refused_not_scored(models, tmp_path, capsys):
+    """NaN weights give NaN logits, whose argmax is token 0: scored as if real (0.0, exit 0) before."""
+    from hm3.cli import main
+    from tests.conftest import _questions
+
+    nan = _nan_model(models, tmp_path)
+    backend = HFBackend.from_pretrained(nan)
+    with pytest.raises(BackendError, match="non-finite logits"):
+        backend.loglikelihood([("ab", "c")])
+    with pytest.raises(BackendError, match="non-finite logits"):
+        backend.generate(["ab"], max_new_tokens=3)
+    data = _questions(tmp_path / "q.jsonl", seed=0)
+    assert main(["eval", str(nan), "--objectives", f"choice:{data}", "--split", "validation"]) != 0
+    err = capsys.readouterr().err
+    assert "non-finite logits" in err and str(nan) in err and "Traceback" not in err

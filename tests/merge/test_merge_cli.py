@@ -261,8 +261,44 @@ def test_output_exists_refused_unless_overwrite(zoo, tmp_path, capsys):
     assert main(["merge", str(recipe), str(out)]) != 0
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
+    # a directory of the user's own files is not replaced by --overwrite alone ...
+    assert main(["merge", str(recipe), str(out), "--overwrite"]) != 0
+    assert "hm3 did not write" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
+    # ... only with --force; what hm3 wrote (its marker) or an empty directory is replaced with --overwrite
+    assert main(["merge", str(recipe), str(out), "--overwrite", "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists() and (out / ".hm3-output").exists()
     assert main(["merge", str(recipe), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["merge", str(recipe), str(empty), "--overwrite"]) == 0
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["base", "base/sub", "parent", "recipe dir", "symlink"])
+def test_output_over_an_input_is_refused_even_with_force(zoo, tmp_path, capsys, where):
+    """``hm3 merge R.yml BASE_DIR --overwrite --force`` and its kin: the output is, lies inside, or
+    contains an input (or reaches one through a symlink); refused, the input untouched."""
+    import shutil
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(zoo["base"], base)
+    data = _recipe(zoo) | {"base_model": str(base)}
+    recipe = tmp_path / "recipes" / "r.yml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump(data))
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(base)
+    out = {"base": base, "base/sub": base / "sub", "parent": tmp_path / "models", "recipe dir": recipe.parent,
+           "symlink": tmp_path / "link"}[where]
+    before = _snapshot(tmp_path / "models")
+    assert main(["merge", str(recipe), str(out), "--overwrite", "--force"]) != 0
+    err = capsys.readouterr().err
+    assert "an input of this command" in err and "Traceback" not in err
+    assert _snapshot(tmp_path / "models") == before and recipe.is_file()
+    assert not [p for p in tmp_path.rglob(".*tmp-*")], "staging left behind"
 
 
 def test_console_script_exit_code(zoo, tmp_path):
@@ -270,3 +306,42 @@ def test_console_script_exit_code(zoo, tmp_path):
     exe = Path(sys.executable).parent / "hm3"
     proc = subprocess.run([str(exe), "merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode != 0 and "missing.yml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "mention"),
+    [
+        (["--device", "bogus"], "not a device"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+        (["--device", "meta"], "cpu or cuda"),
+        (["--threads", "-1"], "--threads must be a positive"),
+        (["--threads", "-2"], "--threads must be a positive"),
+        (["--threads", "0"], "--threads must be a positive"),
+    ],
+)
+def test_bad_device_or_threads_is_a_message_not_a_traceback(zoo, tmp_path, capsys, flags, mention):
+    recipe = _write(tmp_path, _recipe(zoo))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert mention in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_base_without_tokenizer_files_gives_a_warning(zoo, tmp_path):
+    """The merged model gets its tokenizer from the base; without one there, the output has none and
+    generating with it fails later: the command says so, and still writes the model."""
+    recipe = _write(tmp_path, _recipe(zoo))
+    exe = Path(sys.executable).parent / "hm3"
+    proc = subprocess.run([str(exe), "merge", str(recipe), str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "hm3: warning:" in proc.stderr and "no tokenizer files" in proc.stderr and str(zoo["base"]) in proc.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_export_mergekit_refuses_to_write_over_its_recipe(zoo, tmp_path, capsys):
+    recipe = _write(tmp_path, _recipe(zoo))
+    before = recipe.read_bytes()
+    assert main(["export-mergekit", str(recipe), str(recipe), "--overwrite"]) != 0
+    assert "an input of this command" in capsys.readouterr().err and recipe.read_bytes() == before
+    assert main(["export-mergekit", str(recipe), str(zoo["base"] / "x.yml")]) != 0
+    assert not (zoo["base"] / "x.yml").exists()

@@ -218,3 +218,61 @@ def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unfinished level-1 search.*hm3 search param .*--resume"):
         answer_request(unfinished, f"{names[0]}=1", tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def _finished_cli_run(setup, tmp_path):
+    """A finished level-1 search run through the CLI, its config file, and its outputs' bytes."""
+    from hm3.cli import main
+
+    cfg_path, run = tmp_path / "cfg.yml", tmp_path / "run"
+    cfg_path.write_text(yaml.safe_dump(_config(setup, budget=4)))
+    assert main(["search", "param", str(cfg_path), str(run), "--quiet"]) == 0
+    return cfg_path, run, _outputs(run)
+
+
+def _outputs(run):
+    """Bytes of a run directory's output files (not the store and its SQLite side files, nor the lock)."""
+    return {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and not f.name.startswith("hm3.")}
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "schema_version", "event field"])
+def test_a_damaged_store_is_refused_on_resume_and_nothing_is_overwritten(setup, tmp_path, capsys, damage):
+    """``: > RUN/hm3.sqlite; hm3 search param CHANGED.yml RUN --resume`` and its kin: refused with a
+    message, exit non-zero, every output file as it was."""
+    import sqlite3
+
+    from hm3.cli import main
+
+    cfg_path, run, before = _finished_cli_run(setup, tmp_path)
+    store = run / "hm3.sqlite"
+    if damage == "zero-byte":
+        for side in ("-wal", "-shm"):
+            (run / f"hm3.sqlite{side}").unlink(missing_ok=True)
+        store.write_bytes(b"")
+        changed = tmp_path / "changed.yml"
+        changed.write_text(yaml.safe_dump(_config(setup, budget=5)))
+        cfg_path = changed
+    else:
+        with sqlite3.connect(store) as conn:
+            if damage == "schema_version":
+                conn.execute("UPDATE meta SET value='v1' WHERE key='schema_version'")
+            else:
+                conn.execute("UPDATE events SET payload_json='{\"candidate\": 1}' WHERE kind='level1_tell'")
+    capsys.readouterr()
+    assert main(["search", "param", str(cfg_path), str(run), "--resume", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "hm3: error:" in err and str(store) in err
+    assert _outputs(run) == before
+    if damage == "zero-byte":
+        assert store.stat().st_size == 0
+
+
+def test_a_new_run_refuses_a_directory_with_outputs_but_no_store(setup, tmp_path, capsys):
+    from hm3.cli import main
+
+    cfg_path, run, before = _finished_cli_run(setup, tmp_path)
+    for f in run.glob("hm3.sqlite*"):
+        f.unlink()
+    assert main(["search", "param", str(cfg_path), str(run), "--quiet"]) != 0
+    assert "no run store" in capsys.readouterr().err
+    assert (run / "summary.json").read_bytes() == before["summary.json"]
