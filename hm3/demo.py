@@ -1,10 +1,8 @@
 """The embedded default job (README Quick start, line 1): the whole two-level search on the zoo.
 
-1. Build the micro zoo (a tiny Llama base + math, code and translation experts, trained locally;
-   nothing is downloaded), or reuse it when ``--zoo`` already holds the same spec. [design] The
-   micro zoo, not the small one, is the default: on the small zoo (format 3) no expert beats the base
-   on translation (saturated) and every merge falls below it there, so its front has hypervolume 0
-   under hm3's protocol; ``--size small`` still runs it.
+1. The micro zoo that ships inside hm3 (a tiny Llama base + math, code and translation experts,
+   verified against the hashes in its manifest; nothing is trained or downloaded). ``--zoo DIR``
+   runs on another zoo directory instead, e.g. one built with ``hm3 zoo build``.
 2. ``hm3 run`` on it with :data:`DEMO_CONFIG`: level 1 (bo-mo over DARE-TIES coefficients and
    densities) -> level 2 (the λ-conditioned policy pretrained offline, fine-tuned for a few
    preferences) -> test split -> the two-level front (table, plot, recipes and paths).
@@ -30,8 +28,7 @@ import yaml
 from hm3.atomic import atomic_write_text
 from hm3.errors import OutputExistsError
 
-#: Sized to finish well within 15 minutes on 2 CPU cores including the zoo's build
-#: (docs/BENCHMARKS.md quotes measured times).
+#: Sized to finish in a few minutes on 2 CPU cores (docs/BENCHMARKS.md quotes measured times).
 DEMO_CONFIG: dict[str, Any] = {
     "search_space": {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0], "density_bounds": [0.2, 1.0]},
     "optimizer": {"name": "bo-mo", "budget": 30},
@@ -48,16 +45,18 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
 
 
-def run_demo(out: Path, *, zoo: Path | None = None, size: str = "micro", overwrite: bool = False) -> Path:
+def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = False) -> Path:
+    """Run the demo into ``out`` on ``zoo`` (``builtin:NAME`` or a zoo directory); returns the run folder."""
     from hm3.pipeline import parse_two_level_config, read_front, run_two_level
     from hm3.request import answer_request
     from hm3.search.level1 import STORE_FILE
-    from hm3.zoo.build import build_zoo
+    from hm3.zoo.build import ZooManifest
+    from hm3.zoo.shipped import BUILTIN_PREFIX, resolve_zoo
 
     start = time.perf_counter()
-    zoo = zoo or Path("runs") / f"zoo-{size}"
+    zoo_ref = str(zoo) if str(zoo).startswith(BUILTIN_PREFIX) else str(Path(zoo).resolve())
     run_dir, request_dir, config_file = out / "run", out / "request-model", out / "config.yml"
-    data = {"zoo": str(zoo.resolve()), **DEMO_CONFIG}
+    data = {"zoo": zoo_ref, **DEMO_CONFIG}
     resume = False
     if run_dir.exists() and overwrite:
         shutil.rmtree(out)
@@ -70,8 +69,9 @@ def run_demo(out: Path, *, zoo: Path | None = None, size: str = "micro", overwri
                 f"or --out for a new folder"
             )
         resume = (run_dir / STORE_FILE).is_file()  # else it stopped before its first evaluation
-    print(f"[demo] 1/3 the {size} model zoo in {zoo} (built locally, reused when already there)", flush=True)
-    build_zoo(zoo, size=size, seed=0)
+    zoo_dir = resolve_zoo(zoo_ref)
+    ZooManifest.read(zoo_dir)  # a clear error for a folder that holds no zoo of this format
+    print(f"[demo] 1/3 the model zoo {zoo_ref} ({zoo_dir}; nothing is trained)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, yaml.safe_dump(data, sort_keys=False))
     what = "resuming the earlier demo run (same config; nothing evaluated twice)" if resume else "two-level search"

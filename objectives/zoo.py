@@ -183,5 +183,27 @@ class ZooObjective(Objective):
         return super().aggregate(examples, outputs)
 
 
+def specialist_item(task: str, prompt: str, seed: int = 0) -> bool:
+    """Whether an item exercises its task's *specialist* skill, which only that task's expert trains on.
+
+    The zoo's base is pretrained on the other items of every task and so knows each
+    task's format and half its skill; an expert adds the rest. That gap is structural, so
+    an expert's lead does not hinge on how much of a task a seeded base run happened to
+    pick up (the fragility of a base trained on whole tasks). The skills:
+
+    * math: subtraction (``M 247-8=``); the base sees additions only;
+    * code: programs with a subtraction; the base sees programs of additions only;
+    * translation: sentences using a word from the second half of the sorted lexicon.
+    """
+    if task == "math":
+        return "-" in prompt
+    if task == "code":
+        return "-" in prompt.split("=", 1)[1]
+    if task == "translation":
+        specialist_words = set(sorted(lexicon(seed))[len(lexicon(seed)) // 2 :])
+        return any(w in specialist_words for w in prompt[2:].rstrip("=").split())
+    raise ConfigError(f"unknown zoo task {task!r}; zoo tasks: {', '.join(ZOO_TASKS)}")
+
+
 def zoo_objective(task: str, *, seed: int = 0) -> Objective:
     return ZooObjective(task, seed)

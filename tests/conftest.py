@@ -1,5 +1,5 @@
-"""Fixtures shared across test folders: tiny models built on the fly (nothing is downloaded), and a
-real ``kill -9`` of an ``hm3`` command for the crash-and-resume tests."""
+"""Fixtures shared across test folders: tiny models built on the fly (nothing is downloaded), the
+shipped micro zoo, and a real ``kill -9`` of an ``hm3`` command for the crash-and-resume tests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's torch gets its share of the cores: torch's default (every core
+    in every worker) oversubscribes them and makes the parallel suite slower than a serial one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture
@@ -53,13 +63,35 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def micro_zoo_dir(tmp_path_factory) -> Path:
-    """The real micro zoo, seed 0 (~75-145 s on 2 cores): built once per session (zoo tests, the demo)."""
-    from hm3.zoo.build import build_zoo
+def micro_zoo_dir() -> Path:
+    """The micro zoo that ships with hm3 (verified against its manifest's hashes once per run).
 
-    out = tmp_path_factory.mktemp("micro") / "zoo"
-    build_zoo(out, size="micro", seed=0, progress=False)
-    return out
+    Read-only: it lives in the package; copy it (``hm3 zoo copy``) before changing anything.
+    """
+    from hm3.zoo.shipped import shipped_zoo
+
+    return shipped_zoo("micro")
+
+
+@pytest.fixture(scope="session")
+def mergekit_merge() -> Callable[[Path, Path], None]:
+    """``mergekit_merge(config_yml, out_dir)``: mergekit's own ``run_merge`` on a config file, in this process.
+
+    The oracle's tensors are the same as ``mergekit-yaml``'s (the CLI calls ``run_merge``); in-process
+    saves the ~15 s each ``mergekit-yaml`` start pays for its imports. Skips where mergekit (dev extra)
+    is absent.
+    """
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    def merge(config: Path, out: Path) -> None:
+        parsed = MergeConfiguration.model_validate(yaml.safe_load(Path(config).read_text()))
+        run_merge(parsed, str(out), MergeOptions(quiet=True, lazy_unpickle=False))
+
+    return merge
 
 
 WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bba", "cc"]

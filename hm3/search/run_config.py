@@ -91,14 +91,13 @@ def _format(err: ValidationError, source: str) -> str:
 
 
 def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """``zoo: DIR`` fills ``models``, ``objectives``, ``experts`` and the search space's model refs
+    """``zoo: DIR`` (or ``zoo: builtin:micro``, the shipped zoo) fills ``models``, ``objectives``, ``experts`` and the search space's model refs
     from ``DIR/zoo.json``; keys given explicitly win."""
     from hm3.zoo.build import ZooManifest
+    from hm3.zoo.shipped import resolve_zoo
 
     data = dict(data)
-    zoo_dir = Path(data.pop("zoo"))
-    if base_dir is not None and not zoo_dir.is_absolute() and not zoo_dir.exists():
-        zoo_dir = base_dir / zoo_dir
+    zoo_dir = resolve_zoo(data.pop("zoo"), base_dir)
     manifest = ZooManifest.read(zoo_dir)
     experts = {model: objective for objective, model in manifest.experts.items()}
     data.setdefault("models", {name: str(zoo_dir / rel) for name, rel in manifest.models.items()})

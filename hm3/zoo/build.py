@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,26 +26,26 @@ import torch
 
 from hm3.atomic import atomic_write_text
 from hm3.errors import ConfigError, OutputExistsError
+from hm3.zoo.shipped import file_hashes
 from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
-from objectives.zoo import ZOO_TASKS, zoo_objective
+from objectives.zoo import ZOO_TASKS, specialist_item, zoo_objective
 
 MODELS = ("base", *ZOO_TASKS)
 TASK_SEED = 0  # the zoo trains and scores on the canonical zoo:<task> data; the zoo seed varies the weights
 # The bar's TIES grid: every per-expert weight triple from TIES_WEIGHTS (27 merges), unnormalised.
 # Per-expert weights, because one weight for all cannot favour the task whose gain a merge loses
 # most, and the bar judges the worst task. The range spans ~3/4 of the plain average (1/3 each) to
-# ~1.7x it: wider sums collapsed these models in every zoo built (w = 1 each: math 0.02), and in 8 ad
-# hoc zoo variants of session 7 judged with 0.7 in the grid too, no best merge used 0.7.
+# ~1.7x it: wider sums collapsed these models (w = 1 each sends math to ~0), and in zoo variants
+# judged with 0.7 in the grid too, no best merge used 0.7.
 TIES_WEIGHTS = (0.25, 0.4, 0.55)
 TIES_DENSITIES = (1.0,)
-# the contract every zoo is measured against (issue 3): specialised experts, a weak base, mergeable experts
+# the contract every zoo is measured against: specialised experts, a weak base, mergeable experts
 MIN_EXPERT_MARGIN = 0.2
 MIN_TIES_GAIN_KEPT = 0.5
 
 # Always this many threads, whatever the machine: float sums depend on the thread count, so a fixed
 # count keeps "same spec hash, same weights" on one kind of CPU (other CPUs' kernels still differ).
-# Two make a step ~1.5x faster than one on a quiet machine (64-wide micro step: 25 vs 37 ms in
-# session 2; 43 vs 56 ms on the slower machine of session 3); on a loaded one they gain less.
+# Two make a step ~1.3-1.5x faster than one on a quiet 2-core machine.
 BUILD_THREADS = 2
 
 Matrix = dict[str, dict[str, float]]  # model -> task -> score
@@ -71,6 +71,7 @@ class ZooManifest:
     # the bar's chosen merge on the test split, unseen by the choice (None in zoos built before ZOO_FORMAT 4,
     # whose zoo.json still reads: their models stay usable, though no new build reuses them)
     ties_best_test: dict[str, Any] | None = None
+    files: dict[str, str] | None = None  # model file -> sha256 (what a shipped zoo is verified against)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -82,10 +83,18 @@ class ZooManifest:
         path = path / "zoo.json" if path.is_dir() else path
         try:
             data = json.loads(path.read_text())
-            return cls(**data)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no zoo here (build one with 'hm3 zoo build')") from None
-        except (json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{path}: no zoo here (use builtin:micro, or build one with 'hm3 zoo build')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a zoo manifest ({e})") from None
+        found = data.get("format") if isinstance(data, dict) else None
+        if found != ZOO_FORMAT:
+            raise ConfigError(f"{path}: a zoo of format {found!r}, but this hm3 reads zoo format {ZOO_FORMAT}; "
+                              f"rebuild it with 'hm3 zoo build {path.parent} --overwrite', or use the shipped "
+                              "zoo (zoo: builtin:micro)")
+        try:
+            return cls(**data)
+        except TypeError as e:
             raise ConfigError(f"{path}: not a zoo manifest of this hm3 version ({e})") from None
 
 
@@ -104,23 +113,32 @@ def score_models(backend, states: Mapping[str, Mapping[str, torch.Tensor]], spli
     return matrix
 
 
-def ties_states(
-    base: Mapping[str, torch.Tensor], experts: list[Mapping[str, torch.Tensor]]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """TIES merges of the experts over the grid: a weight per expert from TIES_WEIGHTS, one density for all.
+def ties_state(
+    base: Mapping[str, torch.Tensor], experts: list[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    density: float,
+) -> dict[str, torch.Tensor]:
+    """One TIES merge of the experts: a weight per expert, one density for all.
 
     Unnormalised (θ = θ_base + Σ w_k·τ_k over the sign-elected entries), so the weights
     set both the mix and the overall step; mergekit's ``normalize`` would cancel the scale.
     """
     from hm3.merge.ops import ties
 
-    grid: dict[str, dict[str, torch.Tensor]] = {}
-    for d, weights in itertools.product(TIES_DENSITIES, itertools.product(TIES_WEIGHTS, repeat=len(experts))):
-        grid[f"ties d={d} w=({', '.join(map(str, weights))})"] = {
-            name: ties(b, [e[name] - b for e in experts], list(weights), [d] * len(experts), normalize=False)
-            for name, b in base.items()
-        }
-    return grid
+    return {name: ties(b, [e[name] - b for e in experts], list(weights), [density] * len(experts), normalize=False)
+            for name, b in base.items()}
+
+
+def ties_grid_points() -> list[tuple[str, tuple[float, ...], float]]:
+    """(name, weights, density) of every merge of the bar's grid."""
+    return [(f"ties d={d} w=({', '.join(map(str, w))})", w, d)
+            for d, w in itertools.product(TIES_DENSITIES, itertools.product(TIES_WEIGHTS, repeat=len(ZOO_TASKS)))]
+
+
+def ties_states(
+    base: Mapping[str, torch.Tensor], experts: list[Mapping[str, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The bar's grid of TIES merges (:func:`ties_state`), by name."""
+    return {name: ties_state(base, experts, w, d) for name, w, d in ties_grid_points()}
 
 
 def gain_kept(matrix: Matrix, merged: Mapping[str, float], task: str) -> float:
@@ -170,8 +188,10 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
     from hm3.zoo.train import encode_examples, expert_data, new_model, train
 
     tokenizer = build_char_tokenizer()
-    train_sets = {t: encode_examples(tokenizer, zoo_objective(t, seed=TASK_SEED).examples("train")) for t in ZOO_TASKS}
-    mixture = [x for t in ZOO_TASKS for x in train_sets[t]]
+    examples = {t: zoo_objective(t, seed=TASK_SEED).examples("train") for t in ZOO_TASKS}
+    train_sets = {t: encode_examples(tokenizer, examples[t]) for t in ZOO_TASKS}
+    general = {t: general_items(examples[t], train_sets[t], t, spec.specialist_share.get(t, 1.0)) for t in ZOO_TASKS}
+    mixture = [x for t in ZOO_TASKS for x in general[t]]
     common = dict(batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, log=log)
     t0 = time.perf_counter()
     log(f"pretraining the base on the task mixture ({spec.base_steps} steps)")
@@ -181,11 +201,32 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
     for i, task in enumerate(ZOO_TASKS):
         log(f"fine-tuning the {task} expert from the base ({spec.expert_steps} steps)")
         model.load_state_dict(states["base"])
-        data = expert_data(train_sets, task, spec.replay_fraction, spec.replay_weights)
+        data = expert_data({t: train_sets[t] if t == task else general[t] for t in ZOO_TASKS}, task,
+                           spec.replay_fraction, spec.replay_weights)
         train(model, data, steps=spec.expert_steps, lr=spec.expert_lr, seed=spec.seed * 1000 + i + 1, **common)
         states[task] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log(f"trained in {time.perf_counter() - t0:.1f} s")
     return tokenizer, model, states
+
+
+def general_items(examples: Sequence[Any], encoded: Sequence[Any], task: str, specialist_share: float) -> list[Any]:
+    """What the base pretrains on and the other experts replay of ``task``: its general items and the
+    first ``specialist_share`` of its specialist ones (:func:`objectives.zoo.specialist_item`).
+
+    A small share gives the base a weak form of each specialist skill, which its expert then
+    strengthens: the expert's lead stays structural, and its task vector edits a circuit the base
+    already has, which is what lets a merge keep part of it at weights below 1.
+    """
+    flags = [specialist_item(task, e.prompt, TASK_SEED) for e in examples]
+    quota = round(sum(flags) * specialist_share)
+    kept: list[Any] = []
+    for is_specialist, item in zip(flags, encoded, strict=True):  # in the data's own order
+        if is_specialist:
+            if quota == 0:
+                continue
+            quota -= 1
+        kept.append(item)
+    return kept
 
 
 def _load_average() -> float | None:
@@ -238,13 +279,19 @@ def _save_and_score(directory: Path, spec: ZooSpec, tokenizer, model, states, lo
         scores_validation=val,
         scores_test=test,
         ties_grid=[{"merge": k, **v} for k, v in grid.items()],
-        ties_best={"merge": best_name, **grid[best_name]},
+        ties_best={"merge": best_name, **grid[best_name], **_grid_parameters(best_name)},
         ties_best_test={"merge": best_name, **best_test,
                         "gain_kept": {t: round(gain_kept(test, best_test, t), 4) for t in ZOO_TASKS}},
         quality_bar=bar,
         build_seconds=0.0,
         load_average=None,
     )
+
+
+def _grid_parameters(name: str) -> dict[str, Any]:
+    """The weights and density of the grid merge called ``name`` (so a reader can rebuild it)."""
+    weights, density = next((w, d) for n, w, d in ties_grid_points() if n == name)
+    return {"weights": list(weights), "density": density}
 
 
 def _cached(directory: Path, spec: ZooSpec) -> ZooManifest | None:
@@ -307,6 +354,7 @@ def build_zoo(
     try:
         log(f"building the {size} zoo (seed {seed}, spec {spec.hash()}) in {out}")
         manifest = _build_into(work, spec, log)
+        manifest = replace(manifest, files=file_hashes(work))
         atomic_write_text(work / "zoo.json", manifest.to_json())
         if target.exists():
             shutil.rmtree(target)

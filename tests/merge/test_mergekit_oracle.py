@@ -99,19 +99,11 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults"])
-def test_hm3_equals_mergekit(models, tmp_path, name):
-    if not MERGEKIT_YAML.exists():
-        pytest.skip("mergekit-yaml not installed (dev extra)")
+def test_hm3_equals_mergekit(models, tmp_path, name, mergekit_merge):
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump(_configs(models)[name]))
     mk_out, hm_out = tmp_path / "mergekit", tmp_path / "hm3"
-    proc = subprocess.run(
-        [str(MERGEKIT_YAML), str(cfg), str(mk_out), "--quiet", "--no-lazy-unpickle"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mergekit_merge(cfg, mk_out)
     assert main(["merge", str(cfg), str(hm_out)]) == 0
     ours, theirs = _load_dir(hm_out), _load_dir(mk_out)
     assert set(ours) == set(theirs)
@@ -122,7 +114,8 @@ def test_hm3_equals_mergekit(models, tmp_path, name):
 
 
 def test_exported_config_runs_in_mergekit(models, tmp_path):
-    """hm3-only keys translate (rescale_mode) and the export merges to the same tensors as hm3."""
+    """hm3-only keys translate (rescale_mode) and the export merges to the same tensors as hm3, through
+    the ``mergekit-yaml`` command a user runs."""
     if not MERGEKIT_YAML.exists():
         pytest.skip("mergekit-yaml not installed (dev extra)")
     recipe = _configs(models)["ties_normalize"] | {"seed": 7}

@@ -15,7 +15,6 @@ from hm3.zoo.build import (
     ZooManifest,
     best_merge,
     build_zoo,
-    format_report,
     quality_bar,
     ties_states,
 )
@@ -56,14 +55,25 @@ def test_layout_manifest_and_models_load_with_transformers(quick_zoo):
     assert not list(out.parent.glob(".*building"))  # no temporary directory left behind
 
 
-def test_a_zoo_json_from_before_the_test_scored_merge_still_reads(quick_zoo, tmp_path):
-    out, manifest = quick_zoo
+def test_a_zoo_of_another_format_is_refused_with_a_clear_message(quick_zoo, tmp_path):
+    out, _ = quick_zoo
     data = json.loads((out / "zoo.json").read_text())
-    del data["ties_best_test"]  # as ZOO_FORMAT 3 wrote it
+    data["format"] = 4  # as an older hm3 wrote it
     (tmp_path / "zoo.json").write_text(json.dumps(data))
-    old = ZooManifest.read(tmp_path)
-    assert old.ties_best_test is None and old.models == manifest.models
-    assert "on test" not in format_report(old) and "on test" in format_report(manifest)
+    with pytest.raises(ConfigError, match=r"a zoo of format 4, but this hm3 reads zoo format \d+; rebuild it"):
+        ZooManifest.read(tmp_path)
+    (tmp_path / "zoo.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a zoo manifest"):
+        ZooManifest.read(tmp_path)
+
+
+def test_the_manifest_records_every_model_files_hash(quick_zoo):
+    from hm3.zoo.shipped import file_hashes
+
+    out, manifest = quick_zoo
+    assert manifest.files == file_hashes(out)
+    assert {rel.split("/")[0] for rel in manifest.files} == set(MODELS)
+    assert f"{MODELS[0]}/model.safetensors" in manifest.files
 
 
 def test_experts_differ_from_the_base(quick_zoo):
@@ -193,24 +203,31 @@ def test_ties_grid_weights_each_expert_on_its_own():
     assert torch.allclose(merged, torch.tensor([w[0], w[1], w[2]]))
 
 
-@pytest.fixture(scope="module")
-def micro_zoo(micro_zoo_dir) -> ZooManifest:
-    return ZooManifest.read(micro_zoo_dir)
+def test_general_items_keep_the_data_order_and_a_share_of_the_specialist_items():
+    from hm3.zoo.build import general_items
+    from objectives.zoo import specialist_item, zoo_objective
+
+    examples = list(zoo_objective("math").examples("train"))[:40]
+    ids = list(range(len(examples)))
+    assert general_items(examples, ids, "math", 1.0) == ids  # share 1: the whole task, in its own order
+    flags = [specialist_item("math", e.prompt) for e in examples]
+    assert 0 < sum(flags) < len(flags)  # subtractions are the math specialist skill
+    none = general_items(examples, ids, "math", 0.0)
+    assert none == [i for i in ids if not flags[i]]
+    half = general_items(examples, ids, "math", 0.5)
+    specialist_kept = [i for i in half if flags[i]]
+    assert len(specialist_kept) == round(sum(flags) * 0.5) and half == sorted(half)
+    assert specialist_kept == [i for i in ids if flags[i]][: len(specialist_kept)]  # the first ones
 
 
-@pytest.mark.slow
-def test_micro_zoo_experts_lead_and_the_best_ties_merge_beats_the_base(micro_zoo):
-    """What the searches' tests and the demo rely on: every expert gains >= 0.2 over the base on its own
-    task and is the best model there, and the chosen TIES merge beats the base on every task."""
-    val = micro_zoo.scores_validation
-    for task in ZOO_TASKS:
-        assert val[task][task] - val["base"][task] >= 0.2, (task, val)
-        assert val[task][task] == max(row[task] for row in val.values()), (task, val)
-        assert micro_zoo.ties_best[task] > val["base"][task], (task, micro_zoo.ties_best)
+def test_specialist_items_of_each_task():
+    from objectives.zoo import lexicon, specialist_item
 
-
-@pytest.mark.slow
-def test_micro_zoo_meets_the_quality_bar(micro_zoo):
-    """Issue 3's whole bar on validation. Tuned on this project's AMD EPYC machines: other CPUs' float
-    kernels train other weights from the same spec, and the margins have little slack (0.21-0.26)."""
-    assert micro_zoo.quality_bar["ok"], micro_zoo.quality_bar
+    assert specialist_item("math", "M 247-8=") and not specialist_item("math", "M 247+8=")
+    assert specialist_item("code", "C a=3;b=a-4;c=b+7;print(c)=")
+    assert not specialist_item("code", "C a=3;b=a+4;c=b+7;print(c)=")
+    words = sorted(lexicon(0))
+    assert not specialist_item("translation", f"T {words[0]} {words[1]}=")
+    assert specialist_item("translation", f"T {words[0]} {words[-1]}=")
+    with pytest.raises(ConfigError, match="unknown zoo task"):
+        specialist_item("poetry", "x")

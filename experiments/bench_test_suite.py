@@ -1,0 +1,115 @@
+"""The README's two Quick start commands, timed for this commit against a baseline commit, side by side.
+
+Each commit is cloned fresh (``git clone`` + checkout) into ``--work``, and its own ``scripts/setup.sh``
+builds its ``.venv`` once, untimed (the package installs are the same for both and come from the
+local pip cache). Then, ``--rounds`` times and alternating between the two clones so that machine
+noise hits both alike:
+
+* ``scripts/test.sh`` (ruff + the whole pytest suite, what CI runs), wall time and pytest's summary;
+* ``scripts/demo.sh --out DIR`` into a fresh folder, with the clone's ``runs/`` removed first, so a
+  demo that builds its zoo builds it every time, as on a fresh machine.
+
+    .venv/bin/python experiments/bench_test_suite.py --baseline deae316 --rounds 2
+
+The JSON (``experiments/results/bench_test_suite_<date>_<commit>.json``) holds every timing with the
+1-minute load average at its start, the machine and both commits; the summary is the ratio of the
+mean wall times (this commit / baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hm3.atomic import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def clone(commit: str, dest: Path) -> Path:
+    """A fresh clone of this repository at ``commit`` with its own ``.venv`` (set up once, untimed)."""
+    if not (dest / ".venv" / ".hm3-installed").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+        subprocess.run(["git", "checkout", "-q", commit], cwd=dest, check=True)
+        subprocess.run(["scripts/setup.sh"], cwd=dest, check=True)
+    return dest
+
+
+def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
+    """Run ``cmd`` in ``cwd`` (output to ``log``): wall seconds, exit code, load at start, last line."""
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - start
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line), lines[-1] if lines else "")
+    return {"seconds": round(seconds, 1), "exit_code": code, "load_at_start": round(load, 2), "summary": summary.strip("= ")}
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", required=True, help="the commit to compare against (e.g. the main before a change)")
+    p.add_argument("--current", default="HEAD")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--what", default="suite,demo", help="comma-separated: suite, demo")
+    p.add_argument("--work", type=Path, default=Path("/tmp/hm3-bench-suite"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    commits = {"baseline": git("rev-parse", args.baseline), "current": git("rev-parse", args.current)}
+    args.work.mkdir(parents=True, exist_ok=True)
+    clones = {k: clone(c, args.work / k) for k, c in commits.items()}
+    date = datetime.now(timezone.utc)
+    out = args.out or REPO / "experiments" / "results" / (
+        f"bench_test_suite_{date:%Y-%m-%d}_{commits['current'][:7]}.json")
+    result = {"benchmark": "bench_test_suite", "date": date.isoformat(timespec="seconds"), "commits": commits,
+              "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": []}
+    what = args.what.split(",")
+    for r in range(args.rounds):
+        for kind in ("suite", "demo"):
+            if kind not in what:
+                continue
+            for name, src in clones.items():
+                if kind == "suite":
+                    cmd = ["scripts/test.sh", "-q", "-p", "no:cacheprovider"]
+                else:
+                    shutil.rmtree(src / "runs", ignore_errors=True)
+                    cmd = ["scripts/demo.sh", "--out", "runs/demo-bench"]
+                row = {"round": r, "kind": kind, "checkout": name,
+                       **timed(cmd, src, args.work / f"{name}-{kind}-{r}.log")}
+                result["runs"].append(row)
+                print(json.dumps(row), flush=True)
+                atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    ratios = {}
+    for kind in what:
+        mean = {n: sum(x["seconds"] for x in result["runs"] if x["kind"] == kind and x["checkout"] == n)
+                / args.rounds for n in clones}
+        ratios[kind] = {"baseline_mean_s": round(mean["baseline"], 1), "current_mean_s": round(mean["current"], 1),
+                        "ratio": round(mean["current"] / mean["baseline"], 3)}
+    result["summary"] = ratios
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(ratios, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The zoos that ship inside the package, so that no default path trains a model.
+
+A run config names one as ``zoo: builtin:micro``; ``hm3 zoo path micro`` prints its
+folder and ``hm3 zoo copy micro DIR`` copies it out. A shipped zoo is an ordinary
+zoo directory (``zoo.json`` and one Hugging Face model folder per model) whose
+manifest also records the SHA-256 of every file. The files are checked against
+those hashes once per process before any use, so a corrupted or edited weight file
+is refused with the file's name instead of silently scoring something else.
+
+Why ship weights rather than a recipe: training depends on the CPU's float kernels,
+so the same seed trains other weights on other machines (and a recipe's quality
+bar would hold on one CPU family only). Shipping one build makes every machine
+start from the same models; their measured scores stay portable within greedy
+float32's tolerance (``tests/zoo/test_shipped_zoo.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from hm3.errors import ConfigError, OutputExistsError
+
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+SHIPPED_ZOOS = ("micro",)
+BUILTIN_PREFIX = "builtin:"
+_verified: set[Path] = set()
+
+
+def file_hashes(zoo_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a zoo's model folders, by path relative to the zoo (``zoo.json`` aside)."""
+    out = {}
+    for path in sorted(p for p in zoo_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(zoo_dir).as_posix()
+        if rel != "zoo.json":
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def verify_files(zoo_dir: Path, expected: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` naming the first file that is missing, unexpected or changed."""
+    actual = file_hashes(zoo_dir)
+    for rel, digest in expected.items():
+        if rel not in actual:
+            raise ConfigError(f"{zoo_dir / rel}: missing from the shipped zoo (reinstall hm3)")
+        if actual[rel] != digest:
+            raise ConfigError(f"{zoo_dir / rel}: content does not match the shipped zoo's hash "
+                              f"(sha256 {actual[rel][:16]}…, expected {digest[:16]}…): the file was corrupted "
+                              "or edited; reinstall hm3 or restore it with git")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise ConfigError(f"{zoo_dir / extra[0]}: not part of the shipped zoo; remove it")
+
+
+def shipped_zoo(name: str) -> Path:
+    """The verified folder of the shipped zoo ``name`` (checked once per process)."""
+    from hm3.zoo.build import ZooManifest
+
+    if name not in SHIPPED_ZOOS:
+        raise ConfigError(f"unknown shipped zoo {name!r}; shipped zoos: {', '.join(SHIPPED_ZOOS)} "
+                          f"(name one as {BUILTIN_PREFIX}{SHIPPED_ZOOS[0]})")
+    zoo_dir = SHIPPED_ROOT / name
+    if zoo_dir not in _verified:
+        manifest = ZooManifest.read(zoo_dir)
+        if not manifest.files:
+            raise ConfigError(f"{zoo_dir / 'zoo.json'}: the shipped zoo's manifest lists no file hashes")
+        verify_files(zoo_dir, manifest.files)
+        _verified.add(zoo_dir)
+    return zoo_dir
+
+
+def resolve_zoo(ref: str | Path, base_dir: Path | None = None) -> Path:
+    """A zoo reference as a folder: ``builtin:NAME`` is a shipped zoo, anything else a path
+    (relative to ``base_dir`` when given and the path does not exist as written)."""
+    text = str(ref)
+    if text.startswith(BUILTIN_PREFIX):
+        return shipped_zoo(text[len(BUILTIN_PREFIX):])
+    path = Path(text)
+    if base_dir is not None and not path.is_absolute() and not path.exists():
+        path = base_dir / path
+    return path
+
+
+def copy_shipped_zoo(name: str, dest: str | Path) -> Path:
+    """Copy a shipped zoo to ``dest`` (which must not exist), through a temporary sibling."""
+    source = shipped_zoo(name)
+    dest = Path(dest)
+    if dest.exists():
+        raise OutputExistsError(f"{dest} already exists; choose a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{time.time_ns()}.tmp"
+    try:
+        shutil.copytree(source, tmp)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ship_zoo(built: Path, name: str) -> Path:
+    """Install a zoo built by ``hm3 zoo build`` as the shipped zoo ``name`` (a maintainer's step).
+
+    Copies the model folders and writes ``zoo.json`` with the files' hashes; the
+    result is what ``git add hm3/zoo/shipped/NAME`` commits.
+    """
+    from hm3.zoo.build import MODELS
+
+    data = json.loads((built / "zoo.json").read_text())
+    target = SHIPPED_ROOT / name
+    tmp = SHIPPED_ROOT / f".{name}.{time.time_ns()}.tmp"
+    try:
+        for model in MODELS:
+            shutil.copytree(built / model, tmp / model)
+        data["files"] = file_hashes(tmp)
+        (tmp / "zoo.json").write_text(json.dumps(data, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _verified.discard(target)
+    return target

@@ -1,0 +1,111 @@
+"""The micro zoo that ships with hm3: verified on load, portable scores, and the commands that expose it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hm3.zoo.shipped as shipped
+from hm3.cli import main
+from hm3.errors import ConfigError
+from hm3.zoo.build import MODELS, ZooManifest, quality_bar, score_models, ties_state
+from objectives.zoo import ZOO_TASKS
+
+TOLERANCE = 0.02  # greedy float32 on another CPU may flip a few answers out of 200
+
+
+@pytest.fixture
+def zoo_copy(tmp_path, monkeypatch):
+    """A writable copy of the shipped zoos' root, installed as the root the package reads."""
+    root = tmp_path / "shipped"
+    shutil.copytree(shipped.SHIPPED_ROOT, root)
+    monkeypatch.setattr(shipped, "SHIPPED_ROOT", root)
+    monkeypatch.setattr(shipped, "_verified", set())
+    return root / "micro"
+
+
+def test_the_shipped_zoo_is_complete_and_its_hashes_match(micro_zoo_dir):
+    manifest = ZooManifest.read(micro_zoo_dir)
+    assert manifest.files == shipped.file_hashes(micro_zoo_dir)
+    assert {rel.split("/")[0] for rel in manifest.files} == set(MODELS)
+    assert manifest.quality_bar["ok"]
+
+
+def test_a_corrupted_weight_file_is_refused_naming_it(zoo_copy):
+    target = zoo_copy / "math" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"math/model\.safetensors: content does not match"):
+        shipped.shipped_zoo("micro")
+
+
+def test_a_missing_or_extra_file_is_refused(zoo_copy):
+    (zoo_copy / "code" / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"code/config\.json: missing from the shipped zoo"):
+        shipped.shipped_zoo("micro")
+    shutil.copy(zoo_copy / "math" / "config.json", zoo_copy / "code" / "config.json")
+    (zoo_copy / "base" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"base/notes\.txt: not part of the shipped zoo"):
+        shipped.shipped_zoo("micro")
+
+
+def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path):
+    with pytest.raises(ConfigError, match="unknown shipped zoo 'nano'; shipped zoos: micro"):
+        shipped.resolve_zoo("builtin:nano")
+    manifest = json.loads((zoo_copy / "zoo.json").read_text())
+    manifest["format"] = 3
+    (zoo_copy / "zoo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="a zoo of format 3"):
+        shipped.shipped_zoo("micro")
+    assert shipped.resolve_zoo("zoo", base_dir=tmp_path) == tmp_path / "zoo"
+
+
+def test_zoo_path_and_copy_commands(micro_zoo_dir, tmp_path, capsys):
+    assert main(["zoo", "path", "micro"]) == 0
+    assert capsys.readouterr().out.strip() == str(micro_zoo_dir)
+    assert main(["zoo", "copy", "micro", str(tmp_path / "mine")]) == 0
+    assert shipped.file_hashes(tmp_path / "mine") == ZooManifest.read(micro_zoo_dir).files
+    assert main(["zoo", "copy", "micro", str(tmp_path / "mine")]) == 2  # never over an existing folder
+    assert "already exists" in capsys.readouterr().err
+    assert main(["zoo", "path", "tiny"]) == 2
+
+
+def test_a_run_config_names_the_shipped_zoo(micro_zoo_dir):
+    from hm3.search.run_config import parse_run_config
+
+    config = parse_run_config({"zoo": "builtin:micro", "optimizer": {"name": "random", "budget": 2}})
+    assert config.models["base"] == str(micro_zoo_dir / "base")
+    assert config.objectives == [f"zoo:{t}" for t in ZOO_TASKS]
+
+
+def test_the_shipped_scores_reproduce_on_this_machine_and_meet_the_bar(micro_zoo_dir):
+    """Every score of the manifest within ±0.02 here (greedy float32), and the quality bar on these scores."""
+    from hm3.eval.hf import HFBackend
+
+    manifest = ZooManifest.read(micro_zoo_dir)
+    n = manifest.spec["eval_examples"]
+    states = {m: load_file(micro_zoo_dir / m / "model.safetensors") for m in MODELS}
+    backend = HFBackend.from_pretrained(micro_zoo_dir / "base", batch_size=n)
+    torch.set_num_threads(2)
+    try:
+        for split, stored in (("validation", manifest.scores_validation), ("test", manifest.scores_test)):
+            measured = score_models(backend, states, split, n)
+            for m in MODELS:
+                for t in ZOO_TASKS:
+                    assert measured[m][t] == pytest.approx(stored[m][t], abs=TOLERANCE), (split, m, t, measured)
+            if split == "validation":
+                validation = measured
+        best = manifest.ties_best
+        merged = ties_state(states["base"], [states[t] for t in ZOO_TASKS], best["weights"], best["density"])
+        merge_scores = score_models(backend, {"merge": merged}, "validation", n)["merge"]
+    finally:
+        backend.close()
+    for t in ZOO_TASKS:
+        assert merge_scores[t] == pytest.approx(best[t], abs=TOLERANCE), (t, merge_scores)
+    bar = quality_bar(validation, merge_scores)
+    assert bar["ok"], bar
