@@ -12,6 +12,7 @@ from hm3.errors import OutputExistsError
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--threads", "1"]) == 0  # the default: the shipped zoo

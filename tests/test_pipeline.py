@@ -105,6 +105,7 @@ def test_level2_paths_are_scored_as_their_models(finished, models):
     assert _check_path_scores_against_hf(run, summary, models) >= 2
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_two_level_run_on_the_vllm_backend(models, tmp_path):
     """Level 2 on vLLM: paths are swapped into the fixed-depth engine padded with identity layers;
@@ -347,6 +348,7 @@ def test_level2_alone_uses_the_base_as_frame(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigkill_hm3):
     cfg_path = tmp_path / "cfg.yml"
     data = _config(models, rl=RL | {"offline_episodes": 16})

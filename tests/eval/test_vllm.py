@@ -24,6 +24,7 @@ from hm3.eval.vllm import CPU_HEAD_SIZES, VLLMBackend, check_head_dim, head_dim_
 from objectives.choice import ChoiceObjective
 from objectives.translation import TranslationObjective
 
+pytestmark = pytest.mark.vllm
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 PROMPTS = ["hello", "a much longer prompt than the others", "x", "12+34=", "the cat sat on", "hello there"]

@@ -130,6 +130,7 @@ def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):
         run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False)
 
 
+@pytest.mark.e2e
 def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_hm3):
     cfg_path = tmp_path / "cfg.yml"
     cfg_path.write_text(yaml.safe_dump(_config(setup, budget=6)))
