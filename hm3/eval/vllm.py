@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hm3.checkpoint.reader import open_checkpoint
-from hm3.errors import BackendError
+from hm3.errors import BackendError, CheckpointError
 from hm3.eval.backend import (
     LM_HEAD,
     as_torch_dtype,
@@ -197,6 +197,12 @@ class VLLMBackend:
         be reused for prompts sharing a prefix and corrupt later outputs.
         """
         updates = validate_state(state, self._shapes, tied_head=self._tied_head, model_dir=self.model_dir)
+        # vLLM hands back text, not logits, so the hf backend's non-finite-logits check cannot run here:
+        # a NaN weight would be scored as a model that answers nothing; refuse it before the swap instead
+        broken = next((n for n, t in updates.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if broken is not None:
+            raise CheckpointError(f"cannot load state into {self.model_dir}: non-finite values in {broken!r} "
+                                  "(NaN or inf; a broken merge or checkpoint)")
         if self._tied_embedding is not None:
             # A tied head shares the embedding's parameter, but on CPU vLLM computes logits from its own
             # prepacked copy of it, made when that layer's weights are processed. Reloading a checkpoint

@@ -134,6 +134,9 @@ def test_bad_state_is_refused_before_reload(engine, models, hf):
         engine.load_state({k: v for k, v in good.items() if k != "model.norm.weight"})
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(3,\)"):
         engine.load_state({**good, "model.norm.weight": torch.zeros(3)})
+    broken = {**good, "model.norm.weight": torch.full_like(good["model.norm.weight"], float("nan"))}
+    with pytest.raises(CheckpointError, match=r"non-finite values in 'model\.norm\.weight'"):
+        engine.load_state(broken)  # vLLM shows no logits: its weights are checked before the swap
     assert engine.generate(PROMPTS, max_new_tokens=8) == hf["a"].generate(PROMPTS, max_new_tokens=8)
 
 
