@@ -39,3 +39,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     fi
     echo "$want" > "$stamp"
 fi
+# botorch's fused qLogNEHVI kernel is a C++ extension that torch compiles on first use (~30 s on 2
+# cores); compile it here, once, so that the first BO step of a search does not stall on it.
+.venv/bin/python -c "from botorch.acquisition.multi_objective import logei; logei._try_load_fused_kernel()" \
+    >/dev/null 2>&1 || true

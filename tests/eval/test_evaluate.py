@@ -73,8 +73,23 @@ def test_generate_objective_scores_outputs_in_order():
     assert (result.objective, result.split, result.count) == ("list", "test", 4)
     assert result.example_ids == ("e0", "e1", "e2", "e3")
     assert result.outputs == ("0", "2", "5", "6")
-    assert result.seconds >= 0
     assert backend.calls == [("generate", ["0+0=", "1+1=", "2+2=", "3+3="], 5, ("\n",))]
+
+
+def test_seconds_time_the_backends_work(monkeypatch):
+    """``seconds`` is the wall time around the backend's answers (a slow backend shows in it)."""
+    import time
+
+    backend = FakeBackend({"0+0=": "0"})
+    slow = backend.generate
+
+    def generate(prompts, **kwargs):
+        time.sleep(0.2)
+        return slow(prompts, **kwargs)
+
+    monkeypatch.setattr(backend, "generate", generate)
+    result = evaluate_objective(backend, ListObjective(GEN_EXAMPLES, Generate(max_new_tokens=5)), "test")
+    assert 0.2 <= result.seconds < 5
 
 
 def test_indices_select_a_subset_in_the_given_order():

@@ -16,7 +16,6 @@ from hm3.eval.hf import HFBackend
 from hm3.merge.engine import merge_to_disk
 from hm3.search.level1 import make_optimizer, preference_design, run_level1
 from hm3.search.optimizers.random import sobol_points
-from hm3.search.pareto import non_dominated
 from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 from objectives.registry import get_objective
@@ -50,8 +49,11 @@ def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_pat
     front = pd.read_csv(run / "front.csv")
     val_cols = [c for c in front.columns if c.endswith("_val")]
     assert len(val_cols) == 2 and len(front) == summary["front_size"] >= 1
-    # the front is non-dominated among everything evaluated
-    assert len(non_dominated(front[val_cols].to_numpy())) == len(front)
+    # the front is the non-dominated set of everything evaluated, as pymoo's own sorting finds it
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    first = NonDominatedSorting().do(-np.asarray(result.Y), only_non_dominated_front=True)
+    assert set(front["candidate"]) == {result.candidate_ids[i] for i in first}
     # every front point re-merges from its recipe file (hm3 merge) to the score stored
     row = front.iloc[0]
     merged = merge_to_disk(run / row["recipe"], tmp_path / "remerged").out_dir
@@ -204,7 +206,9 @@ def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
     base, ideal = np.array(refs["base"]), np.max([refs["m1"], refs["m2"]], axis=0)
     front = pd.read_csv(run / "front.csv")
     f_hat = normalise(front[[f"{n}_val" for n in names]].to_numpy(float), base, ideal)
-    assert ans.details["weighted_normalised_score"] >= float((f_hat @ np.array([0.8, 0.2])).max()) - 1e-12
+    own = float(normalise(np.array([ans.predicted]), base, ideal)[0] @ np.array([0.8, 0.2]))  # the answer's scores
+    assert ans.details["weighted_normalised_score"] == pytest.approx(own, abs=1e-9)
+    assert own >= float((f_hat @ np.array([0.8, 0.2])).max()) - 1e-12
 
     refined = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "refined", refine=1, progress=False)
     assert refined.measured is not None
