@@ -42,12 +42,15 @@ def git(*args: str, cwd: Path = REPO) -> str:
 
 
 def clone(commit: str, dest: Path) -> Path:
-    """A fresh clone of this repository at ``commit`` with its own ``.venv`` (set up once, untimed)."""
-    if not (dest / ".venv" / ".hm3-installed").is_file():
+    """A clone of this repository at ``commit`` with its own ``.venv`` (set up untimed; an earlier clone
+    is moved to ``commit`` and keeps its ``.venv``, which ``scripts/setup.sh`` brings up to date)."""
+    if not (dest / ".git").is_dir():
         shutil.rmtree(dest, ignore_errors=True)
         subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
-        subprocess.run(["git", "checkout", "-q", commit], cwd=dest, check=True)
-        subprocess.run(["scripts/setup.sh"], cwd=dest, check=True, env=clone_env(dest))
+    subprocess.run(["git", "fetch", "-q", str(REPO), commit], cwd=dest, check=True)
+    subprocess.run(["git", "checkout", "-q", "--force", commit], cwd=dest, check=True)
+    subprocess.run(["git", "clean", "-qfdx", "-e", ".venv", "-e", ".torch_extensions"], cwd=dest, check=True)
+    subprocess.run(["scripts/setup.sh"], cwd=dest, check=True, env=clone_env(dest))
     return dest
 
 
