@@ -58,6 +58,7 @@ def test_gae_and_reward_spreading_by_hand() -> None:
     assert gae(rewards, values, g, 1.0)[0] == pytest.approx(0.3 + g * 0.3 + g * g * 0.3 - 0.5)
 
 
+@pytest.mark.slow
 def test_hm3_ppo_finds_the_optimal_path() -> None:
     config = Level2Config(dar=False)
     trainer = make(config, Scorer(A), np.array([1.0]))
@@ -72,6 +73,7 @@ def test_hm3_ppo_finds_the_optimal_path() -> None:
     assert best_raw == max(r["raw_reward"] for r in records) and best_scores == pytest.approx([1.0])
 
 
+@pytest.mark.slow
 def test_rmm_ppo_finds_the_optimal_path() -> None:
     config = Level2Config.rmm_defaults(dar=False)
     trainer = make(config, Scorer(A), np.array([1.0]))
@@ -79,6 +81,7 @@ def test_rmm_ppo_finds_the_optimal_path() -> None:
     assert trainer.greedy_path(np.array([1.0])).hops == A
 
 
+@pytest.mark.slow
 def test_lambda_conditioning_changes_the_path() -> None:
     """Objective 0 rewards path A, objective 1 path B; one offline-pretrained policy serves both."""
     config = Level2Config(dar=False)
