@@ -50,13 +50,13 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
     from hm3.pipeline import parse_two_level_config, read_front, run_two_level
     from hm3.request import answer_request
     from hm3.search.level1 import STORE_FILE
-    from hm3.zoo.build import ZooManifest
     from hm3.zoo.shipped import BUILTIN_PREFIX, resolve_zoo
 
     start = time.perf_counter()
     zoo_ref = str(zoo) if str(zoo).startswith(BUILTIN_PREFIX) else str(Path(zoo).resolve())
     run_dir, request_dir, config_file = out / "run", out / "request-model", out / "config.yml"
     data = {"zoo": zoo_ref, **DEMO_CONFIG}
+    cfg = parse_two_level_config(data, source="demo config")  # reads the zoo: a bad one is refused before OUT is touched
     resume = False
     if run_dir.exists() and overwrite:
         shutil.rmtree(out)
@@ -69,14 +69,12 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
                 f"or --out for a new folder"
             )
         resume = (run_dir / STORE_FILE).is_file()  # else it stopped before its first evaluation
-    zoo_dir = resolve_zoo(zoo_ref)
-    ZooManifest.read(zoo_dir)  # a clear error for a folder that holds no zoo of this format
-    print(f"[demo] 1/3 the model zoo {zoo_ref} ({zoo_dir}; nothing is trained)", flush=True)
+    print(f"[demo] 1/3 the model zoo {zoo_ref} ({resolve_zoo(zoo_ref)}; nothing is trained)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, yaml.safe_dump(data, sort_keys=False))
     what = "resuming the earlier demo run (same config; nothing evaluated twice)" if resume else "two-level search"
     print(f"[demo] 2/3 {what} -> {run_dir} (config: {config_file})", flush=True)
-    summary = run_two_level(parse_two_level_config(data, source="demo config"), run_dir, resume=resume)
+    summary = run_two_level(cfg, run_dir, resume=resume)
     front, _ = read_front(run_dir)
     import pandas as pd
 

@@ -31,11 +31,14 @@ _verified: set[Path] = set()
 
 
 def file_hashes(zoo_dir: Path) -> dict[str, str]:
-    """SHA-256 of every file of a zoo's model folders, by path relative to the zoo (``zoo.json`` aside)."""
+    """SHA-256 of every file of a zoo, by path relative to the zoo; not ``zoo.json`` (which holds them)
+    nor the marker hm3 leaves in a folder it published (a copy made by :func:`copy_shipped_zoo`)."""
+    from hm3.outputs import MARKER_FILE
+
     out = {}
     for path in sorted(p for p in zoo_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(zoo_dir).as_posix()
-        if rel != "zoo.json":
+        if rel not in ("zoo.json", MARKER_FILE):
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -85,19 +88,20 @@ def resolve_zoo(ref: str | Path, base_dir: Path | None = None) -> Path:
 
 
 def copy_shipped_zoo(name: str, dest: str | Path) -> Path:
-    """Copy a shipped zoo to ``dest`` (which must not exist), through a temporary sibling."""
+    """Copy a shipped zoo to ``dest`` (which must not exist), staged like every output hm3 publishes."""
+    from hm3.checkpoint.writer import StagedDirectory
+
     source = shipped_zoo(name)
     dest = Path(dest)
     if dest.exists():
         raise OutputExistsError(f"{dest} already exists; choose a new directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{time.time_ns()}.tmp"
+    staged = StagedDirectory(dest, what="zoo")
     try:
-        shutil.copytree(source, tmp)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        shutil.copytree(source, staged.tmp, dirs_exist_ok=True)
+        return staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
 
 
 def ship_zoo(built: Path, name: str) -> Path:
