@@ -64,9 +64,10 @@ import numpy as np
 from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
-from hm3.pipeline import parse_two_level_config, run_two_level
 from hm3.report import save_figure
 from hm3.request import REQUEST_RECORD
+from hm3.run.config import parse_two_level_config, read_stored_run
+from hm3.run.two_level import run_two_level
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
 from hm3.search.posterior import load_posterior, upgrade_posterior_file
@@ -157,12 +158,12 @@ def run_references(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The run's objective names, validation base and ideal, and test reference scores (what the
     request comparisons normalise with), and its objective specs; for a two-level run or a level-1
     search alike (read the way ``hm3 request`` reads them)."""
-    from hm3.request import read_finished_run
+    from hm3.run.directory import read_finished_run
 
     run = read_finished_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     return ({"objectives": run.names, "base_validation": run.base.tolist(), "ideal_validation": run.ideal.tolist(),
-             "reference_test": summary["reference_test"]}, list(run.level1.objectives))
+             "reference_test": summary["reference_test"]}, list(run.config.level1.objectives))
 
 
 def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
@@ -180,8 +181,8 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
         # a level-1 search finished before 'hm3 search param' saved its BO posterior: resuming it
         # replays the stored evaluations (nothing new is scored) and saves the posterior today's would
         with RunStore.open(run_dir, readonly=True) as store:
-            stored = store.config()
-        run_level1(parse_run_config(stored, source=str(run_dir)), run_dir, resume=True, progress=False)
+            stored = read_stored_run(store).level1
+        run_level1(stored, run_dir, resume=True, progress=False)
     prefix = "request" if run_name == "both" else f"request-{run_name}"  # "both": the names of earlier results
     rows = []
     for i, lam in enumerate(REQUEST_PREFS):

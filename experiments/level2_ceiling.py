@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hm3.arch.level2 import PathEvaluator, PoolSet
+from hm3.arch.level2 import PathEvaluator
 from hm3.arch.path import LayerPath
 from hm3.atomic import atomic_write_text
-from hm3.pipeline import TwoLevelRun, stored_two_level_config
-from hm3.search.level1 import make_optimizer
+from hm3.run.config import stored_two_level_config
+from hm3.run.two_level import TwoLevelRun
+from hm3.search.level1 import make_optimizer, open_session
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.store import RunStore
 
@@ -57,9 +58,14 @@ def finished_run(run_dir: Path, work: Path) -> Iterator[tuple[TwoLevelRun, dict[
         shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns("hm3.lock"))
     with RunStore.open(work) as store:
         cfg = stored_two_level_config(store)
-        run = TwoLevelRun(cfg, work, store, log=lambda m: None, progress=False, optimizer=make_optimizer(cfg.level1))
-        scores, base, ideal = run.level1(resume=True)  # read back: level 1 is finished
-        yield run, scores, base, ideal
+        session = open_session(cfg.level1, store, lambda m: None)
+        try:
+            run = TwoLevelRun(cfg, work, session, log=lambda m: None, progress=False,
+                              optimizer=make_optimizer(cfg.level1))
+            scores, base, ideal = run.level1(resume=True)  # read back: level 1 is finished
+            yield run, scores, base, ideal
+        finally:
+            session.close()
 
 
 def greedy_best_paths(y1: np.ndarray, paths: np.ndarray, base: np.ndarray, ideal: np.ndarray,
@@ -102,10 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         ids = list(scores)
         y1 = np.stack([scores[i] for i in ids])
         front = [ids[i] for i in non_dominated(y1)]
-        pools = PoolSet(run.ctx)
-        evaluator = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
+        layout = run.session.pool_layout()
+        evaluator = PathEvaluator(run.session, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
                                   t_max=max(args.t_max, args.longer_t_max if args.longer else 0))
-        hops = [(m, layer) for m in range(pools.size) for layer in range(pools.num_layers)]
+        hops = [(m, layer) for m in range(layout.size) for layer in range(layout.num_layers)]
         paths = [LayerPath(hops=h) for t in range(1, args.t_max + 1) for h in itertools.product(hops, repeat=t)]
         hv1 = protocol_hypervolume(y1, base, ideal)
         print(f"level 1: {len(ids)} merges, front {len(front)}, HV {hv1:.4f}; "
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         longer: list[np.ndarray] = []
         frames = []
         for frame in front:
-            ys = np.stack([evaluator.raw_scores(path, frame, run.ctx.validation) for path in paths])
+            ys = np.stack([evaluator.raw_scores(path, frame, run.session.validation) for path in paths])
             union.append(ys)
             hv = protocol_hypervolume(np.concatenate(union), base, ideal)
             frames.append({"frame": frame, "paths": len(ys), "hv_paths_alone": protocol_hypervolume(ys, base, ideal),
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rng = np.random.default_rng(frame)
                 sample = [LayerPath(hops=tuple(hops[i] for i in rng.integers(len(hops), size=t)))
                           for t in rng.integers(args.t_max + 1, args.longer_t_max + 1, size=args.longer)]
-                longer.append(np.stack([evaluator.raw_scores(path, frame, run.ctx.validation) for path in sample]))
+                longer.append(np.stack([evaluator.raw_scores(path, frame, run.session.validation) for path in sample]))
                 frames[-1]["hv_union_with_longer_so_far"] = protocol_hypervolume(
                     np.concatenate(union + longer), base, ideal)
             print(f"frame {frame}: union HV {hv:.4f}"
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         "run": str(args.run), "t_max": args.t_max,
-        "validation_examples": {k: len(v) for k, v in run.ctx.validation.indices.items()},
+        "validation_examples": {k: len(v) for k, v in run.session.validation.indices.items()},
         "level1": {"merges": len(ids), "front": len(front), "hv_validation": hv1},
         "frames": frames,
         "path_evaluations": len(paths) * len(front),

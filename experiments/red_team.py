@@ -77,7 +77,8 @@ class Lab:
 
 def build_lab(root: Path) -> Lab:
     from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
-    from hm3.pipeline import parse_two_level_config, run_two_level
+    from hm3.run.config import parse_two_level_config
+    from hm3.run.two_level import run_two_level
     from hm3.search.level1 import run_level1
     from hm3.search.run_config import parse_run_config
     from tests.conftest import _questions

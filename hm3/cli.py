@@ -150,7 +150,8 @@ def cmd_search_param(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hm3.pipeline import load_two_level_config, run_two_level
+    from hm3.run.config import load_two_level_config
+    from hm3.run.two_level import run_two_level
 
     _set_threads(args.threads)
     cfg = load_two_level_config(args.config)
@@ -167,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_front(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from hm3.pipeline import read_front, replot
+    from hm3.run.directory import read_front
+    from hm3.run.front import replot
 
     df, summary = read_front(args.run_dir)
     png = replot(args.run_dir)
@@ -178,7 +180,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hm3.pipeline import export_point
+    from hm3.run.export import export_point
 
     out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite, force=args.force)
     print(f"front point {args.point} -> {out}")

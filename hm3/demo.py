@@ -47,9 +47,10 @@ DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
 
 def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = False) -> Path:
     """Run the demo into ``out`` on ``zoo`` (``builtin:NAME`` or a zoo directory); returns the run folder."""
-    from hm3.pipeline import parse_two_level_config, read_front, run_two_level
     from hm3.request import answer_request
-    from hm3.search.level1 import STORE_FILE
+    from hm3.run.config import parse_two_level_config
+    from hm3.run.directory import STORE_FILE, read_front
+    from hm3.run.two_level import run_two_level
     from hm3.zoo.shipped import BUILTIN_PREFIX, resolve_zoo
 
     start = time.perf_counter()
@@ -87,8 +88,9 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
     )
     print(f"[demo] 3/3 request --prefer {DEMO_REQUEST} (budget 0)", flush=True)
     ans = answer_request(run_dir, DEMO_REQUEST, request_dir, budget=0, overwrite=True, progress=False)
-    scores = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["objectives"], ans.predicted, strict=True))
-    print(f"[demo] answer: {ans.source}; predicted validation scores {scores}; {ans.seconds:.1f} s -> {request_dir}")
+    scores = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["objectives"], ans.scores, strict=True))
+    print(f"[demo] answer: {ans.source}; {ans.scores_are} validation scores {scores}; {ans.seconds:.1f} s -> "
+          f"{request_dir}")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Next: hm3 front {run_dir} | "
           f"hm3 export {run_dir} --point ID OUT | hm3 request {run_dir} --prefer code=1 OUT")
     return run_dir

@@ -3,7 +3,7 @@
 How a request is answered, and why:
 
 * **Budget 0** (no evaluation, seconds): the candidates are the finished run's front points (their
-  stored validation scores are the prediction) and the pretrained policy's greedy path for λ over
+  stored validation scores are measurements) and the pretrained policy's greedy path for λ over
   the experts + the level-1 merge chosen for λ (HM3's Tchebycheff choice). The path's prediction
   is what the run store already knows of it: the count-weighted mean of every validation score
   stored for it (its whole-validation score, if level 2 kept it, dominates by count; else the
@@ -26,7 +26,8 @@ How a request is answered, and why:
   is only as good as the run's front near λ, and a search focused on one λ beats a front spread
   over all of them (``docs/BENCHMARKS.md``); a few focused evaluations close most of that gap.
   Refinements are stored as ``request_merge`` events, never as level-1 evaluations, so a resumed
-  run replays exactly its own history.
+  run replays exactly its own history; the run's front, candidates and summary are then written
+  again with them among the candidates, so ``hm3 front`` and later requests see them.
 * **A level-1 search** (``hm3 search param``) answers requests too, from its front and its BO
   posterior, and ``--refine`` works on it as above; ``--budget N > 0`` is refused, since it has no
   level-2 policy. Why: on every equal-cost comparison so far, level 1 alone with the whole budget
@@ -39,10 +40,10 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,17 +52,22 @@ from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
-from hm3.errors import ConfigError, RunFileError
-from hm3.pipeline import POLICY_STEM, path_point_file, read_front_rows, stored_two_level_config
-from hm3.runfiles import find_state, read_front_table, read_state, read_summary
+from hm3.errors import ConfigError, RunFileError, StoreError
+from hm3.eval.session import MERGE_KIND, EvaluationSession
+from hm3.run.directory import (
+    FRONT_FILE,
+    LEVEL2_DIR,
+    POLICY_STEM,
+    REFINE_EVENT,
+    FinishedRun,
+    read_finished_run,
+)
+from hm3.runfiles import find_state, read_state
 from hm3.search.estimates import lower_bound, stored_estimate
-from hm3.search.level1 import protocol_points, recipe_with_paths
 from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import load_posterior, posterior_option
-from hm3.search.run_config import RunConfig, parse_run_config
-from hm3.store import STORE_FILE, RunStore, content_hash
+from hm3.store import RunStore, content_hash
 
-REFINE_EVENT = "request_merge"
 REQUEST_RECORD = "hm3_request.json"  # written into OUT_DIR beside the model
 _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
 
@@ -123,75 +129,54 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
     return scaled / scaled.sum(), notes
 
 
+ScoresAre = Literal["measured", "predicted"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One possible answer to a request, and what it is ranked by."""
+
+    score: float  # Σ_k λ_k f̂_k (for a prediction from few examples, its lower bound)
+    source: str  # "front point N (level L)", "policy path ...", ...
+    kind: str  # "merge" or "path"
+    scores: np.ndarray  # raw validation scores, per objective
+    scores_are: ScoresAre  # measured on the whole validation plan (stored or now), or predicted
+    candidate: int | None = None  # its run-store id, when it is stored
+    recipe: dict[str, Any] | None = None  # its recipe, when it is not (or not looked up)
+
+    def stored_recipe(self, store: RunStore) -> dict[str, Any]:
+        return self.recipe if self.recipe is not None else store.candidate(self.candidate)[1]
+
+
+@dataclass(frozen=True)
+class Searched:
+    """What spending a request's evaluations found: the best option, its recipe, how many evaluations."""
+
+    best: Option
+    recipe: dict[str, Any]
+    evaluations: int
+
+
 @dataclass
 class RequestAnswer:
     lam: np.ndarray
     source: str  # "front point N (level L)" or "policy path ..."
     kind: str  # "merge" or "path"
-    predicted: np.ndarray | None  # raw validation scores, per objective
-    measured: np.ndarray | None
+    scores: np.ndarray  # raw validation scores, per objective
+    scores_are: ScoresAre
     out_dir: Path
     evaluations: int
     seconds: float
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def predicted(self) -> np.ndarray | None:
+        return self.scores if self.scores_are == "predicted" else None
 
-@dataclass(frozen=True)
-class FinishedRun:
-    """What a request reads from a finished run, whichever command made it: a two-level ``hm3 run``
-    (front of merges and paths, a pretrained policy) or a level-1 ``hm3 search param`` (merges only;
-    answered from its front and BO posterior, refined with ``--refine``, never fine-tuned)."""
-
-    names: list[str]
-    base: np.ndarray  # validation scores of the HV protocol's 0 and 1
-    ideal: np.ndarray
-    front: list[tuple[int, str, str, np.ndarray]]  # (candidate id, level, kind, raw validation scores)
-    level1: RunConfig
-    level1_dir: Path  # where level 1's outputs are (its posterior)
-    policy: dict[str, Any] | None  # the pretrained level-2 policy; None for a level-1 search
-    rl: Level2Config | None
-
-
-def read_finished_run(run_dir: Path) -> FinishedRun:
-    """:class:`FinishedRun` of ``run_dir``; refuses unfinished runs and other formats, naming what is
-    missing and how to finish them."""
-    if (run_dir / STORE_FILE).is_file():
-        with RunStore.open(run_dir, readonly=True) as store:
-            stored = store.config() or {}
-        if "level2" not in stored and "search_space" in stored:
-            return _read_level1_search(run_dir, stored)
-    front, summary = read_front_rows(run_dir)
-    names = summary["objectives"]
-    with RunStore.open(run_dir, readonly=True) as store:
-        cfg = stored_two_level_config(store)
-    return FinishedRun(
-        names=names, base=np.array(summary["base_validation"]), ideal=np.array(summary["ideal_validation"]),
-        front=[(int(r["point"]), r["level"], r["kind"], np.array([float(r[f"{n}_val"]) for n in names]))
-               for r in front],
-        level1=cfg.level1, level1_dir=run_dir / "level1", policy=load_policy(run_dir), rl=cfg.level2.rl,
-    )
-
-
-def _read_level1_search(run_dir: Path, stored: dict[str, Any]) -> FinishedRun:
-    summary_file = run_dir / "summary.json"
-    if not summary_file.is_file() or not (run_dir / "front.csv").is_file():
-        raise ConfigError(f"{run_dir} holds an unfinished level-1 search (summary.json or front.csv missing); "
-                          f"finish it with: hm3 search param CONFIG.yml {run_dir} --resume")
-    rewrite = (f"'hm3 search param CONFIG.yml {run_dir} --resume' writes the search's outputs again from its "
-               "store (nothing is evaluated twice)")
-    summary = read_summary(summary_file, keys=("objectives", "reference_validation", "front_size"),
-                           regenerate=rewrite)
-    cfg = parse_run_config(stored, source=f"{run_dir / STORE_FILE} (stored config)")
-    refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
-    base, ideal = protocol_points(refs, cfg.search_space)
-    names = summary["objectives"]
-    rows = read_front_table(run_dir / "front.csv", rows=int(summary["front_size"]), id_column="candidate",
-                            regenerate=rewrite, columns=tuple(f"{n}_val" for n in names))
-    front = [(int(r["candidate"]), r["level"], "merge", np.array([float(r[f"{n}_val"]) for n in names]))
-             for r in rows]
-    return FinishedRun(names=names, base=base, ideal=ideal, front=front, level1=cfg, level1_dir=run_dir, policy=None,
-                       rl=None)
+    @property
+    def measured(self) -> np.ndarray | None:
+        return self.scores if self.scores_are == "measured" else None
 
 
 POLICY_KEYS = ("policy", "config", "pool_size", "num_layers", "objectives", "frame_front", "layer_features",
@@ -201,9 +186,9 @@ POLICY_KEYS = ("policy", "config", "pool_size", "num_layers", "objectives", "fra
 def load_policy(run_dir: Path) -> dict[str, Any]:
     """The run's pretrained level-2 policy (a state file: reading it runs no code; an older run's
     ``policy.pt`` is read with torch's restricted unpickler or refused)."""
-    path = find_state(run_dir / "level2" / POLICY_STEM)
+    path = find_state(run_dir / LEVEL2_DIR / POLICY_STEM)
     if path is None:
-        raise ConfigError(f"{run_dir}: no pretrained policy ({run_dir / 'level2' / POLICY_STEM}.safetensors "
+        raise ConfigError(f"{run_dir}: no pretrained policy ({run_dir / LEVEL2_DIR / POLICY_STEM}.safetensors "
                           "missing); finish the run with hm3 run --resume")
     regenerate = f"delete {path} and run 'hm3 run CONFIG {run_dir} --resume' to write it again"
     saved = read_state(path, regenerate=regenerate)
@@ -228,7 +213,7 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
 
 
 def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, names: list[str],
-                   base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[tuple]:
+                   base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[Option]:
     """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
     (by their lower bound, module docstring); else none, and a note says why."""
     path = greedy_path(saved, lam)
@@ -240,9 +225,15 @@ def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, fram
                      "so it has no prediction; answered from the front")
         return []
     predicted, counts = known
-    return [(lower_bound(lam, known, base, ideal),
-             f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples per objective)",
-             PATH_KIND, predicted, recipe)]
+    return [Option(lower_bound(lam, known, base, ideal),
+                   f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples per objective)",
+                   PATH_KIND, predicted, "predicted", recipe=recipe)]
+
+
+def _front_options(run: FinishedRun, lam: np.ndarray) -> list[Option]:
+    """The run's front points: their stored whole-plan validation scores are measurements."""
+    return [Option(weighted_normalised(lam, p.validation, run.base, run.ideal), f"front point {p.point} (level {p.level})",
+                   p.kind, p.validation, "measured", candidate=p.point) for p in run.front]
 
 
 def answer_request(
@@ -251,6 +242,7 @@ def answer_request(
 ) -> RequestAnswer:
     from hm3.materialise import write_merge, write_path
     from hm3.outputs import check_output_dir
+    from hm3.run.front import path_point_file, recipe_with_paths
 
     start = time.perf_counter()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -259,110 +251,107 @@ def answer_request(
     if refine < 0:
         raise ConfigError(f"--refine must be >= 0, got {refine}")
     run = read_finished_run(run_dir)
+    level1 = run.config.level1
     # before any evaluation: the answer is merged from the run's models, never written over one of them
-    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *run.level1.models.values()])
-    names, base, ideal, level1 = run.names, run.base, run.ideal, run.level1
+    check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
+    names, base, ideal = run.names, run.base, run.ideal
     lam, notes = parse_preference(prefer, names)
-    if run.policy is None and budget > 0:
+    if run.kind == "level1" and budget > 0:
         raise ConfigError(
             f"{run_dir} holds a level-1 search ('hm3 search param'): it has no level-2 policy to fine-tune, so "
             "--budget must be 0; use --refine M for M more merge evaluations, or 'hm3 run' for both levels"
         )
-    saved = run.policy
+    saved = load_policy(run_dir) if run.kind == "two-level" else None
     frame = None  # the level-1 merge framing level-2 paths for λ (two-level runs)
     if saved is not None:
         frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
         frame = merge_for_preference(lam, frame_front) if frame_front else "base"
 
-    with RunStore.open(run_dir, readonly=True) as store:
-        options: list[tuple[float, str, str, np.ndarray, Any]] = [
-            (weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {level})", kind, raw, cid)
-            for cid, level, kind, raw in run.front
-        ]
-        evaluations = 0
-        if budget == 0 and refine == 0:
+    options = _front_options(run, lam)
+    if budget > 0 or refine > 0:
+        searched = _search(run, saved, lam, frame, budget, refine, options, progress, notes)
+        best, recipe, evaluations = searched.best, searched.recipe, searched.evaluations
+    else:
+        with RunStore.open(run_dir, readonly=True) as store:
             if saved is not None:
                 options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
-            posterior = load_posterior(run.level1_dir)
-            proposal = posterior_option(posterior, level1.search_space, lam, base, ideal)
+            proposal = posterior_option(load_posterior(run.level1_dir), level1.search_space, lam, base, ideal)
             if proposal is not None:
-                bound, recipe, predicted = proposal
-                options.append((bound, "level-1 BO posterior proposal (unevaluated merge)", "merge", predicted,
-                                recipe))
-            score, source, kind, raw, what = max(options, key=lambda o: o[0])
-            stored = store.candidate(what)[1] if isinstance(what, int) else what
-    measured = None
-    if budget > 0 or refine > 0:
-        score, source, kind, raw, stored, measured, evaluations = _search(
-            level1, run.rl, run_dir, saved, lam, frame, budget, refine, options, base, ideal, progress
-        )
-    if kind == "merge":
-        write_merge(recipe_with_paths(stored, level1.models), out_dir, overwrite=overwrite, force=force,
+                bound, proposed, predicted = proposal
+                options.append(Option(bound, "level-1 BO posterior proposal (unevaluated merge)", MERGE_KIND,
+                                      predicted, "predicted", recipe=proposed))
+            best = max(options, key=lambda o: o.score)
+            recipe, evaluations = best.stored_recipe(store), 0
+    if best.kind == MERGE_KIND:
+        write_merge(recipe_with_paths(recipe, level1.models), out_dir, overwrite=overwrite, force=force,
                     inputs=[run_dir])
     else:
         with RunStore.open(run_dir, readonly=True) as store:
-            point = path_point_file(stored, store, level1)
+            point = path_point_file(recipe, store, level1)
         write_path(point, out_dir, overwrite=overwrite, force=force, inputs=[run_dir])
     # what was asked and answered, beside the model: a checkpoint handed on keeps its provenance
-    scores = measured if measured is not None else raw
     record = {
         "run": str(run_dir.resolve()),
         "preference": {n: round(v, 12) for n, v in zip(names, lam.tolist(), strict=True)}, "notes": notes,
-        "budget": budget, "refine": refine, "new_evaluations": evaluations, "answer": source, "kind": kind,
-        "validation_scores": dict(zip(names, np.asarray(scores, dtype=float).tolist(), strict=True)),
-        "scores_are": "measured" if measured is not None else "predicted (stored)",
-        "weighted_normalised_score": score,
+        "budget": budget, "refine": refine, "new_evaluations": evaluations, "answer": best.source, "kind": best.kind,
+        "validation_scores": dict(zip(names, np.asarray(best.scores, dtype=float).tolist(), strict=True)),
+        "scores_are": best.scores_are,
+        "weighted_normalised_score": best.score,
     }
     atomic_write_text(out_dir / REQUEST_RECORD, json.dumps(record, indent=2))
     return RequestAnswer(
-        lam=lam, source=source, kind=kind, predicted=None if measured is not None else raw, measured=measured,
-        out_dir=out_dir, evaluations=evaluations, seconds=time.perf_counter() - start, notes=notes,
-        details={"weighted_normalised_score": score, "frame": frame, "objectives": names},
+        lam=lam, source=best.source, kind=best.kind, scores=best.scores, scores_are=best.scores_are, out_dir=out_dir,
+        evaluations=evaluations, seconds=time.perf_counter() - start, notes=notes,
+        details={"weighted_normalised_score": best.score, "frame": frame, "objectives": names},
     )
 
 
-def _search(level1: RunConfig, rl: Level2Config | None, run_dir: Path, saved: dict[str, Any] | None,
-            lam: np.ndarray, frame, budget: int, refine: int, options: list, base: np.ndarray, ideal: np.ndarray,
-            progress: bool):
-    """Spend the request's evaluations (merge refinement, then online fine-tuning) and pick the best
-    of them and the front points on measured validation scores."""
-    from hm3.search.level1 import Level1Context, stderr_logger
+def _search(run: FinishedRun, saved: dict[str, Any] | None, lam: np.ndarray, frame, budget: int, refine: int,
+            options: list[Option], progress: bool, notes: list[str]) -> Searched:
+    """Spend the request's evaluations (merge refinement, then online fine-tuning), pick the best of them
+    and the front points on measured validation scores, and -- after a refinement -- write the run's
+    front again with the new merges among its candidates."""
+    from hm3.search.level1 import open_session, stderr_logger
 
     log = stderr_logger(progress)
-    with RunStore.open(run_dir) as store:
-        ctx = Level1Context(level1, store, log=log)
+    with RunStore.open(run.run_dir) as store:
+        session = open_session(run.config.level1, store, log)
         try:
-            measured: list = []
+            measured: list[Option] = []
             evaluations = 0
             if refine > 0:
-                found, n = _refine_merges(ctx, store, lam, refine, base, ideal, log)
+                found, n = _refine_merges(session, run, lam, refine, log)
                 measured += found
                 evaluations += n
             if budget > 0:
-                found, n = _tune_and_measure(ctx, saved, lam, frame, budget, base, ideal, rl,
-                                             len(saved["objectives"]), log)
+                assert saved is not None and run.config.level2 is not None
+                found, n = _tune_and_measure(session, saved, lam, frame, budget, run, run.config.level2.rl, log)
                 measured += found
                 evaluations += n
-            score, source, kind, raw, what = max([*options, *measured], key=lambda o: o[0])
-            stored = store.candidate(what)[1] if isinstance(what, int) else what
-            store.add_event("request", {"lam": lam.tolist(), "budget": budget, "refine": refine, "answer": source,
-                                        "score": score})
-            return score, source, kind, raw, stored, raw, evaluations
+            best = max([*options, *measured], key=lambda o: o.score)
+            store.add_event("request", {"lam": lam.tolist(), "budget": budget, "refine": refine,
+                                        "answer": best.source, "score": best.score})
+            if refine > 0:
+                notes.append(_refresh_outputs(session, run, log))
+            return Searched(best, best.stored_recipe(store), evaluations)
         finally:
-            ctx.backend.close()
+            session.close()
 
 
-def _refine_merges(ctx, store: RunStore, lam: np.ndarray, n: int, base: np.ndarray, ideal: np.ndarray, log):
+def _refine_merges(session: EvaluationSession, run: FinishedRun, lam: np.ndarray, n: int,
+                   log: Callable[[str], None]) -> tuple[list[Option], int]:
     """``n`` evaluations of λ-scalarised BO over the run's merge space, warm-started with every merge
     evaluation the run holds (level 1 and earlier refinements); returns (options, new evaluations)."""
+    from hm3.eval.session import MergeCandidate
     from hm3.search.level1 import told_points
     from hm3.search.optimizers.df_merge import DfMerge
 
-    space = ctx.cfg.search_space
+    store, base, ideal = session.store, run.base, run.ideal
+    space = run.config.level1.search_space
     history = told_points(store) + told_points(store, REFINE_EVENT)
     X, Y = [], []
     for cid, x in dict(history).items():  # a candidate refined twice is one observation
-        y = ctx.scorer.cached(cid, ctx.validation)
+        y = session.stored_scores(cid, session.validation)
         if y is not None:
             X.append(x)
             Y.append(normalise(y[None], base, ideal)[0])
@@ -374,44 +363,72 @@ def _refine_merges(ctx, store: RunStore, lam: np.ndarray, n: int, base: np.ndarr
     options, evaluations = [], 0
     for i in range(n):
         x = opt.ask(1)
-        before = ctx.scorer.evaluated_examples
-        cand, y = ctx.score_point(x[0])
-        evaluations += int(ctx.scorer.evaluated_examples > before)
+        before = session.evaluated_examples
+        scored = session.score(MergeCandidate(session.merge_recipe(x[0])), session.validation)
+        y = scored.scores
+        evaluations += int(session.evaluated_examples > before)
         opt.tell(x, torch.tensor(normalise(y[None], base, ideal), dtype=torch.float64))
-        store.add_event(REFINE_EVENT, {"candidate": cand.id, "x": x[0].tolist(), "lam": lam.tolist(),
+        store.add_event(REFINE_EVENT, {"candidate": scored.candidate.id, "x": x[0].tolist(), "lam": lam.tolist(),
                                        "warm_start": len(X)})
-        options.append((weighted_normalised(lam, y, base, ideal), f"refined merge {cand.id} (request BO {i + 1}/{n})",
-                        "merge", y, cand.id))
+        options.append(Option(weighted_normalised(lam, y, base, ideal),
+                              f"refined merge {scored.candidate.id} (request BO {i + 1}/{n})", MERGE_KIND, y,
+                              "measured", candidate=scored.candidate.id))
     return options, evaluations
 
 
-def _tune_and_measure(ctx, saved: dict[str, Any], lam: np.ndarray, frame, budget: int, base: np.ndarray,
-                      ideal: np.ndarray, rl, k: int, log):
+def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
+                      run: FinishedRun, rl: Level2Config, log: Callable[[str], None]) -> tuple[list[Option], int]:
     """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full;
     returns (options, evaluations: the episodes plus the whole-plan scorings)."""
-    from hm3.arch.level2 import PathEvaluator, PoolSet
+    from hm3.arch.level2 import PathEvaluator
 
-    pools = PoolSet(ctx)
-    t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
+    layout = session.pool_layout()
+    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None
     seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
-    ev = PathEvaluator(ctx, pools, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
+    ev = PathEvaluator(session, base=run.base, ideal=run.ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
                        t_max=t_max)
     trainer = build_trainer(
-        pool_size=pools.size, num_layers=pools.num_layers, n_objectives=k, layer_features=saved["layer_features"],
-        config=rl, scorer=ev.scorer_for(lambda: frame), lam=lam, seed=seed, policy_state=saved["policy"],
+        pool_size=layout.size, num_layers=layout.num_layers, n_objectives=len(saved["objectives"]),
+        layer_features=saved["layer_features"], config=rl, scorer=ev.scorer_for(lambda: frame), lam=lam, seed=seed,
+        policy_state=saved["policy"],
     )
     log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
     trainer.train(budget)
     evaluations = budget
     paths = {trainer.greedy_path(lam)} | ({trainer.best[1]} if trainer.best is not None else set())
     paths = {p for p in paths if p.hops}  # RMM's greedy rollout may back out: no path
-    measured_options = []
+    measured = []
     for path in paths:
-        before = ctx.scorer.evaluated_examples
-        raw = ev.raw_scores(path, frame, ctx.validation)
-        evaluations += int(ctx.scorer.evaluated_examples > before)
-        recipe = path_recipe(path, frame, pools.expert_refs)
-        measured_options.append((weighted_normalised(lam, raw, base, ideal), f"fine-tuned path ({len(path.hops)} hops)",
-                                 PATH_KIND, raw, recipe))
-    ctx.restore_live_model()
-    return measured_options, evaluations
+        before = session.evaluated_examples
+        raw = ev.raw_scores(path, frame, session.validation)
+        evaluations += int(session.evaluated_examples > before)
+        measured.append(Option(weighted_normalised(lam, raw, run.base, run.ideal),
+                               f"fine-tuned path ({len(path.hops)} hops)", PATH_KIND, raw, "measured",
+                               recipe=path_recipe(path, frame, layout.experts)))
+    return measured, evaluations
+
+
+def _refresh_outputs(session: EvaluationSession, run: FinishedRun, log: Callable[[str], None]) -> str:
+    """The run's front, candidates, points, summary and plot written again with the merges requests
+    refined among the candidates (one that beats the front joins it); returns a note saying so."""
+    from hm3.run.front import CandidateRow, write_front, write_summary
+    from hm3.search.level1 import told_points
+
+    rows: dict[int, CandidateRow] = {}
+    searched = [(cid, 1, MERGE_KIND) for cid, _ in told_points(session.store)]
+    searched += [(int(cid), 2, PATH_KIND) for cid in run.summary.get("level2_paths", {})]
+    for cid, level, kind in searched:
+        scores = session.stored_scores(cid, session.validation)
+        if scores is None:
+            raise StoreError(f"run store {session.store.path} is inconsistent: candidate {cid} of the run has no "
+                             "stored validation scores")
+        rows.setdefault(cid, CandidateRow(cid, level, kind, scores))
+    written = write_front(session, run.config.level1, run.run_dir, list(rows.values()), run.base, run.ideal, log=log)
+    summary = run.summary | written.summary
+    write_summary(run.run_dir, summary)
+    written.plot(run.run_dir, summary)
+    joined = sorted(set(written.front_ids) - set(rows))
+    return (f"{run.run_dir / FRONT_FILE} and summary.json written again with the {summary.get('refined_merges', 0)} "
+            f"refined merge(s) among the candidates: front of {len(written.front_ids)} (refined merges on it: "
+            f"{', '.join(map(str, joined)) or 'none'}); HV validation {run.summary['hv_validation']:.4f} -> "
+            f"{summary['hv_validation']:.4f}")

@@ -477,9 +477,13 @@ class RunStore:
         row = self._query_one("SELECT packages_json FROM run WHERE id=1")
         return {} if row is None else json.loads(row[0])
 
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        """Refuse to resume with a config that differs from the recorded one, naming each difference."""
-        stored = self.config()
+    def check_config(self, config: Mapping[str, Any], *, recorded: Mapping[str, Any] | None = None) -> None:
+        """Refuse to resume with a config that differs from the recorded one, naming each difference.
+
+        ``recorded``: the recorded config as the caller reads it (e.g. migrated to the current format of
+        its configs), instead of the stored text.
+        """
+        stored = self.config() if recorded is None else recorded
         if stored is None:
             return
         diffs = config_differences(stored, _to_json_data(config, what="run config"))

@@ -17,10 +17,14 @@ from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe, s
 from hm3.arch.path import LayerPath, LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
-from hm3.pipeline import parse_two_level_config, read_front, run_two_level, stored_two_level_config
 from hm3.request import answer_request, load_policy, parse_preference
+from hm3.run.config import migrate_stored_config, parse_two_level_config, stored_two_level_config
+from hm3.run.directory import read_front
+from hm3.run.two_level import run_two_level
 from hm3.search.estimates import lower_bound, stored_estimate
-from hm3.search.pareto import non_dominated, normalise
+from hm3.search.level1 import run_level1
+from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
+from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 
 RL = {"offline_episodes": 8, "online_episodes": 4, "episodes_per_update": 4, "epochs": 2, "data_scale": 0.5}
@@ -169,13 +173,17 @@ def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, caps
     elapsed = time.perf_counter() - start
     with RunStore.open(run, readonly=True) as store:
         assert len(store.evaluations()) == before
-    assert ans.evaluations == 0 and ans.predicted is not None and ans.measured is None
+    # a front point's scores are stored measurements; a policy path's or the posterior's are predictions
+    label = "measured" if ans.source.startswith("front point") else "predicted"
+    assert ans.evaluations == 0 and ans.scores_are == label
+    assert (ans.measured if label == "measured" else ans.predicted) is ans.scores
+    assert (ans.predicted if label == "measured" else ans.measured) is None
     assert (tmp_path / "answer" / "config.json").is_file()
     record = json.loads((tmp_path / "answer" / "hm3_request.json").read_text())
     assert record["preference"] == {names[0]: pytest.approx(0.7), names[1]: pytest.approx(0.3)}
     assert record["answer"] == ans.source and record["new_evaluations"] == 0
-    assert record["scores_are"].startswith("predicted")
-    assert list(record["validation_scores"].values()) == pytest.approx(list(ans.predicted))
+    assert record["scores_are"] == label
+    assert list(record["validation_scores"].values()) == pytest.approx(list(ans.scores))
     assert elapsed < 30  # generous: the benchmark measures the real latency
     # the answer is the best predicted option for λ: no front point is better on Σ λ f̂
     front = pd.read_csv(run / "front.csv")
@@ -185,7 +193,7 @@ def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, caps
     best_front = float((f_hat @ lam).max())
     # the score it ranks by is the answer's own scores, normalised and weighted (so the comparison with
     # the front below is about the model written, not about a number the ranking made up)
-    own = float(normalise(np.array([ans.predicted]), base, ideal)[0] @ lam)
+    own = float(normalise(np.array([ans.scores]), base, ideal)[0] @ lam)
     assert ans.details["weighted_normalised_score"] == pytest.approx(own, abs=1e-9)
     assert own >= best_front - 1e-12
     assert main(["request", str(run), "--prefer", prefer, str(tmp_path / "cli")]) == 0
@@ -253,6 +261,17 @@ def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_
     assert ans.details["weighted_normalised_score"] == pytest.approx(own, abs=1e-9)
     assert own >= best_front - 1e-12
     assert (tmp_path / "refined" / "config.json").is_file()
+    # the run's front and summary were written again with the refined merges among its candidates
+    refined_ids = {e.payload["candidate"] for e in refined}
+    candidates = pd.read_csv(run / "candidates.csv")
+    after = json.loads((run / "summary.json").read_text())
+    assert refined_ids <= set(candidates.loc[candidates["kind"] == "merge", "point"])
+    assert after["candidates"] == len(candidates) == summary["candidates"] + after.get("refined_merges", 0)
+    assert after["level2_paths"] == summary["level2_paths"] and after["preferences"] == summary["preferences"]
+    vals = candidates[[f"{n}_val" for n in names]].to_numpy()
+    assert set(pd.read_csv(run / "front.csv")["point"]) == set(candidates["point"].iloc[non_dominated(vals)])
+    assert after["hv_validation"] == pytest.approx(protocol_hypervolume(vals, base, ideal))
+    assert any("written again" in n for n in ans.notes)
     assert main(["request", str(run), "--prefer", prefer, str(tmp_path / "cli"), "--refine", "-1"]) != 0
     assert "--refine must be >= 0" in capsys.readouterr().err
 
@@ -342,10 +361,13 @@ def test_bad_input(models, finished, tmp_path):
         pass
     with pytest.raises(ConfigError, match="unfinished run.*--resume"):
         read_front(unfinished)
-    with pytest.raises(ConfigError, match="a level-1 search"):
-        with RunStore.open(tmp_path / "l1", config={"models": {}}, seed=1):
-            pass
+    with RunStore.open(tmp_path / "l1", config={"models": {}}, seed=1):  # a level-1 search's: read alike
+        pass
+    with pytest.raises(ConfigError, match="unfinished level-1 search.*hm3 search param .*--resume"):
         read_front(tmp_path / "l1")
+    with pytest.raises(ConfigError, match=r"holds a two-level run \(hm3 run\); resume it with hm3 run"):
+        level1_only = {k: v for k, v in _config(models).items() if k != "level2"}
+        run_level1(parse_run_config(level1_only), run, resume=True, progress=False)
 
 
 def test_tchebycheff_merge_choice():
@@ -399,7 +421,7 @@ def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigk
 
 
 def test_shipped_two_level_configs_parse():
-    from hm3.pipeline import load_two_level_config
+    from hm3.run.config import load_two_level_config
 
     cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
     assert cfg.level2.rl.t_max == 28 and cfg.level1.evaluation.backend == "vllm"
@@ -412,7 +434,7 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
     and their proposal is a recipe hm3 merges."""
     from hm3.config import parse_merge_config
     from hm3.materialise import write_merge
-    from hm3.search.level1 import recipe_with_paths
+    from hm3.run.front import recipe_with_paths
     from hm3.search.optimizers.bayes import make_gp
     from hm3.search.posterior import POSTERIOR_FILE, load_posterior, posterior_option, upgrade_posterior_file
 
@@ -448,10 +470,12 @@ def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path
 
 
 
-def test_frame_order_prior_runs_and_only_a_set_value_enters_the_stored_config(models, tmp_path):
-    """Runs stored before ``path_prior`` existed resume: the key is written only when not the default."""
-    default = parse_two_level_config(_config(models)).canonical()["level2"]["rl"]
-    assert not {"path_prior", "prior_kl", "critic_margin"} & set(default)
+def test_frame_order_prior_runs_and_configs_stored_before_it_read_as_its_default(models, tmp_path):
+    """Runs stored before ``path_prior`` existed resume: their stored config (format 1, without the key)
+    migrates to the default."""
+    default = parse_two_level_config(_config(models)).canonical()
+    assert _as_format_1(default)["level2"]["rl"].keys().isdisjoint({"path_prior", "prior_kl", "critic_margin"})
+    assert migrate_stored_config(_as_format_1(default), where="-") == default
     cfg = parse_two_level_config(_config(models, rl=RL | {"path_prior": "frame-order"}))
     s = run_two_level(cfg, tmp_path / "r", progress=False)
     with RunStore.open(tmp_path / "r", readonly=True) as store:
@@ -490,8 +514,9 @@ def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models,
     assert again["level2_paths"] == s["level2_paths"]
     with RunStore.open(tmp_path / "r", readonly=True) as store:
         assert len(store.events("kept_by_lower_bound")) == 1
-    plain = parse_two_level_config(_config(models)).canonical()["level2"]
-    assert "keep_best" not in plain and cfg.canonical()["level2"]["keep_best"] == 2
+    plain = parse_two_level_config(_config(models)).canonical()
+    assert "keep_best" not in _as_format_1(plain)["level2"] and cfg.canonical()["level2"]["keep_best"] == 2
+    assert migrate_stored_config(_as_format_1(plain), where="-") == plain
 
 
 def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(models, tmp_path):
@@ -500,8 +525,10 @@ def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(mo
     from hm3.arch.path import switch_hops
     from hm3.arch.swaps import layer_swap
 
-    default = parse_two_level_config(_config(models)).canonical()["level2"]
-    assert "swaps" not in default and "transition_scales" not in default["rl"]
+    default = parse_two_level_config(_config(models)).canonical()
+    old = _as_format_1(default)
+    assert "swaps" not in old["level2"] and "transition_scales" not in old["level2"]["rl"]
+    assert migrate_stored_config(old, where="-") == default
     cfg = parse_two_level_config(_config(models, swaps=[[1, 0]], preferences=1,
                                          rl=RL | {"transition_scales": [0.5, 2.0]}))
     s = run_two_level(cfg, tmp_path / "r", progress=False)
@@ -519,3 +546,43 @@ def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(mo
     with pytest.raises(ConfigError, match="more than level2.rl.t_max = 1"):
         run_two_level(parse_two_level_config(_config(models, swaps=[[1, 0]], rl=RL | {"t_max": 1})),
                       tmp_path / "bad", progress=False)
+
+
+def _as_format_1(stored: dict) -> dict:
+    """A stored two-level config as format 1 stored it: the level-2 fields added after the first runs
+    left out while they hold their defaults."""
+    level2 = {k: v for k, v in stored["level2"].items() if (k, v) not in (("keep_best", 0), ("swaps", []))}
+    rl_defaults = {"path_prior": "none", "prior_kl": 1.0, "critic_margin": None, "transition_scales": None}
+    level2["rl"] = {k: v for k, v in stored["level2"]["rl"].items() if k not in rl_defaults or rl_defaults[k] != v}
+    return {"format": 1, "level1": stored["level1"], "level2": level2}
+
+
+def test_a_run_stored_in_format_1_resumes_and_is_read_as_a_current_one(finished, tmp_path):
+    """A two-level run whose store holds a format-1 config resumes under today's config (nothing evaluated
+    again) and reads back; a config of a newer format is refused."""
+    import shutil
+    import sqlite3
+
+    run, summary = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("hm3.lock"))
+    with RunStore.open(copy, readonly=True) as store:
+        current = store.config()
+        evaluations = len(store.evaluations())
+    assert current["format"] == 2 and current["level2"]["keep_best"] == 0
+    with sqlite3.connect(copy / "hm3.sqlite") as conn:
+        conn.execute("UPDATE run SET config_json=?", (json.dumps(_as_format_1(current)),))
+    with RunStore.open(copy, readonly=True) as store:
+        assert stored_two_level_config(store) == parse_two_level_config(_config_of(current))
+    again = run_two_level(parse_two_level_config(_config_of(current)), copy, resume=True, progress=False)
+    assert again["hv_validation"] == pytest.approx(summary["hv_validation"])
+    with RunStore.open(copy, readonly=True) as store:
+        assert len(store.evaluations()) == evaluations
+    with sqlite3.connect(copy / "hm3.sqlite") as conn:
+        conn.execute("UPDATE run SET config_json=?", (json.dumps(current | {"format": 3}),))
+    with pytest.raises(ConfigError, match="another hm3 version.*format 3"):
+        read_front(copy)
+
+
+def _config_of(stored: dict) -> dict:
+    return dict(stored["level1"]) | {"level2": stored["level2"]}

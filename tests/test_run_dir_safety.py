@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from hm3.errors import RunFileError
-from hm3.pipeline import parse_two_level_config, run_two_level
+from hm3.run.config import parse_two_level_config
+from hm3.run.two_level import run_two_level
 from hm3.runfiles import load_legacy_pt, load_state, save_state
 from tests.gadgets import plant
 from tests.test_pipeline import _config

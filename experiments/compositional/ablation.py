@@ -3,7 +3,7 @@
 Arms, per seed, over the models of ``build.py`` (base, language expert, math expert) and the
 objectives composite, math and language (:mod:`objectives.compositional`):
 
-1. **two levels** -- ``hm3 run`` (:func:`hm3.pipeline.run_two_level`): level-1 BO over DARE-TIES,
+1. **two levels** -- ``hm3 run`` (:func:`hm3.run.two_level.run_two_level`): level-1 BO over DARE-TIES,
    then the λ-conditioned policy over paths framed by the level-1 merge (Sakana's parameter space,
    then data flow), with the frame-order prior, transition scales searched per path
    (``level2.rl.transition_scales``) and the swap prior (``level2.swaps``);
@@ -117,7 +117,8 @@ def equivalents(cost: dict[str, Any], kinds: tuple[str, ...]) -> float:
 def hm3_arm(manifest: dict[str, Any], s: dict[str, Any], seed: int, run_dir: Path, *, level2: str | None,
             budget: int | None = None) -> dict[str, Any]:
     """Run (or resume) one hm3 arm in process and summarise it."""
-    from hm3.pipeline import parse_two_level_config, run_two_level
+    from hm3.run.config import parse_two_level_config
+    from hm3.run.two_level import run_two_level
     from hm3.search.level1 import run_level1
     from hm3.search.run_config import parse_run_config
 

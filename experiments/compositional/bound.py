@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # build.py (which adds
 from build import provenance  # noqa: E402
 from level2_ceiling import finished_run  # noqa: E402
 
-from hm3.arch.level2 import PathEvaluator, PoolSet  # noqa: E402
+from hm3.arch.level2 import PathEvaluator  # noqa: E402
 from hm3.arch.swaps import layer_swap  # noqa: E402
 from hm3.atomic import atomic_write_text  # noqa: E402
 from hm3.search.pareto import non_dominated, protocol_hypervolume  # noqa: E402
@@ -56,19 +56,19 @@ def swap_bound(run_dir: Path, work: Path, *, k_bottom: list[int], k_top: list[in
         front = [ids[i] for i in non_dominated(y1)]
         if frames == "best":  # the merge with the best composite score (objective 0)
             front = [max(front, key=lambda c: scores[c][0])]
-        pools = PoolSet(run.ctx)
-        layers = pools.num_layers
-        evaluator = PathEvaluator(run.ctx, pools, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
+        layout = run.session.pool_layout()
+        layers = layout.num_layers
+        evaluator = PathEvaluator(run.session, base=base, ideal=ideal, dar=False, data_scale=1.0, seed=0,
                                   t_max=layers)
         rows = []
         for frame in front:
-            for donor in range(pools.size - 1):
+            for donor in range(layout.size - 1):
                 for kb in k_bottom:
                     for kt in (k for k in k_top if kb + k <= layers and kb + k > 0):
                         for w in [None, *scales]:
-                            path = layer_swap(layers, pools.size - 1, donor, kb, kt, switch_scale=w)
-                            y = evaluator.raw_scores(path, frame, run.ctx.validation)
-                            rows.append({"frame": frame, "donor": pools.expert_refs[donor], "k_bottom": kb,
+                            path = layer_swap(layers, layout.size - 1, donor, kb, kt, switch_scale=w)
+                            y = evaluator.raw_scores(path, frame, run.session.validation)
+                            rows.append({"frame": frame, "donor": layout.experts[donor], "k_bottom": kb,
                                          "k_top": kt, "switch_scale": w, "validation": y.tolist()})
         ys = np.array([r["validation"] for r in rows]).reshape(-1, len(base))
         union = np.concatenate([y1, ys])

@@ -2,8 +2,9 @@
 
 Modules: ``path`` (a path over a layer pool, in memory and on disk; transition scales),
 ``swaps`` (layer swaps, the structured family of paths), ``env`` (the gymnasium environment, HM3
-and RMM modes, DAR rewards), ``policy`` (λ-conditioned actor/critic), ``ppo`` (the trainer), ``rl_config`` (its settings), ``level2`` (pools, layer summaries and
-store-backed path scoring for a run). Only the path API is re-exported here, so importing it does
+and RMM modes, DAR rewards), ``policy`` (λ-conditioned actor/critic), ``ppo`` (the trainer), ``rl_config`` (its settings), ``pools``
+(layer pools over a session's models and their layer summaries), ``level2`` (path scoring through an
+evaluation session, with DAR rewards). Only the path API is re-exported here, so importing it does
 not pull in gymnasium.
 """
 

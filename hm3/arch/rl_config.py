@@ -11,12 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Fields added after runs were first stored, with their defaults: a run's stored config leaves them
-# out while they hold these values, so runs made before them resume under the same config.
-ADDED_RL_DEFAULTS: dict[str, object] = {
-    "path_prior": "none", "prior_kl": 1.0, "critic_margin": None, "transition_scales": None,
-}
-
 
 class Level2Config(BaseModel):
     """Environment, networks and PPO of the architecture-level search."""

@@ -1,1 +1,3 @@
-"""Evaluation: backends that score a candidate model on objectives, and the sandbox for generated code."""
+"""Evaluation: backends that score a candidate model on objectives, the evaluation session searches
+score through (``session``: the interface; ``live``: one live model in this process), and the sandbox
+for generated code."""

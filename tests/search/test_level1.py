@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from hm3.errors import ConfigError, StoreError
+from hm3.errors import ConfigError, Hm3Warning, StoreError
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.merge.engine import merge_to_disk
@@ -42,7 +43,7 @@ def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_pat
     cfg = parse_run_config(_config(setup))
     result = run_level1(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
-    for f in ("front.csv", "summary.json", "front.png", "hm3.sqlite"):
+    for f in ("front.csv", "candidates.csv", "summary.json", "front.png", "hm3.sqlite"):
         assert (run / f).exists(), f
     summary = json.loads((run / "summary.json").read_text())
     assert summary["evaluations"] == 5 and len(summary["hv_trace_validation"]) == 5
@@ -53,10 +54,10 @@ def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_pat
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     first = NonDominatedSorting().do(-np.asarray(result.Y), only_non_dominated_front=True)
-    assert set(front["candidate"]) == {result.candidate_ids[i] for i in first}
+    assert set(front["point"]) == {result.candidate_ids[i] for i in first}
     # every front point re-merges from its recipe file (hm3 merge) to the score stored
     row = front.iloc[0]
-    merged = merge_to_disk(run / row["recipe"], tmp_path / "remerged").out_dir
+    merged = merge_to_disk(run / row["file"], tmp_path / "remerged").out_dir
     backend = HFBackend.from_pretrained(merged, batch_size=16)
     for spec, col in zip(cfg.objectives, val_cols, strict=True):
         r = evaluate_objective(backend, get_objective(spec), "validation", list(range(12)))
@@ -80,7 +81,8 @@ def test_config_errors_reported_before_any_evaluation(setup, tmp_path):
 @pytest.mark.parametrize(
     ("optimizer", "mention"),
     [
-        ({"name": "bo-mo", "budget": 3}, "budget 3 must exceed the initial design"),
+        ({"name": "bo-mo", "budget": 3, "options": {"n_init": 3}}, "budget 3 must exceed the initial design"),
+        ({"name": "bo-mo", "budget": 2}, "budget 2 must exceed the initial design"),  # too small to shrink it
         ({"name": "bo-mo", "options": {"initial_design": "latin"}}, "initial_design must be one of"),
         ({"name": "random", "options": {"initial_design": "preferences"}}, "option of the BO optimisers"),
         ({"name": "bo-mo", "options": {"acquisition": "ei"}}, "unknown optimiser option"),
@@ -126,8 +128,10 @@ def test_initial_design_auto_uses_preferences_where_the_simplex_fits(setup, weig
 
 def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):
     run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False, stop_after=1)
-    with pytest.raises(ConfigError, match="budget"):
-        run_level1(parse_run_config(_config(setup, budget=4)), tmp_path / "r", resume=True, progress=False)
+    changed = _config(setup, budget=3)
+    changed["evaluation"] = changed["evaluation"] | {"validation_examples": 11}
+    with pytest.raises(ConfigError, match=r"differing keys.*evaluation\.validation_examples: 12 -> 11"):
+        run_level1(parse_run_config(changed), tmp_path / "r", resume=True, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False)
 
@@ -186,7 +190,7 @@ def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
     unfinished search are refused with what to do instead."""
     from hm3.cli import main
     from hm3.request import answer_request
-    from hm3.search.pareto import normalise
+    from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
     from hm3.search.posterior import POSTERIOR_FILE
 
     run = tmp_path / "run"
@@ -206,14 +210,31 @@ def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
     base, ideal = np.array(refs["base"]), np.max([refs["m1"], refs["m2"]], axis=0)
     front = pd.read_csv(run / "front.csv")
     f_hat = normalise(front[[f"{n}_val" for n in names]].to_numpy(float), base, ideal)
-    own = float(normalise(np.array([ans.predicted]), base, ideal)[0] @ np.array([0.8, 0.2]))  # the answer's scores
+    own = float(normalise(np.array([ans.scores]), base, ideal)[0] @ np.array([0.8, 0.2]))  # the answer's scores
     assert ans.details["weighted_normalised_score"] == pytest.approx(own, abs=1e-9)
     assert own >= float((f_hat @ np.array([0.8, 0.2])).max()) - 1e-12
+    # a front point's scores are stored measurements, the posterior's proposal a prediction
+    assert ans.scores_are == ("measured" if ans.source.startswith("front point") else "predicted")
 
+    before_refine = set(pd.read_csv(run / "candidates.csv")["point"])
     refined = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "refined", refine=1, progress=False)
     assert refined.measured is not None
     with RunStore.open(run, readonly=True) as store:
         assert len(store.events("level1_tell")) == 5 and len(store.events("request_merge")) == 1
+        (new_merge,) = [e.payload["candidate"] for e in store.events("request_merge")]
+        new_scores = store.evaluations(new_merge, split="validation")
+    # the refinement joined the run's candidates, and the front and summary were written again over them
+    candidates = pd.read_csv(run / "candidates.csv")
+    after = json.loads((run / "summary.json").read_text())
+    assert new_merge in set(candidates["point"]) and after.get("refined_merges", 0) == len({new_merge} - before_refine)
+    assert after["candidates"] == len(candidates) == len(before_refine | {new_merge})
+    assert [e.score for e in new_scores] == pytest.approx(
+        candidates.loc[candidates["point"] == new_merge, [f"{n}_val" for n in names]].to_numpy()[0].tolist())
+    vals = candidates[[f"{n}_val" for n in names]].to_numpy()
+    front_after = pd.read_csv(run / "front.csv")
+    assert set(front_after["point"]) == set(candidates["point"].iloc[non_dominated(vals)])
+    assert after["front_size"] == len(front_after) and np.isfinite(front_after.filter(like="_test").to_numpy()).all()
+    assert after["hv_validation"] == pytest.approx(protocol_hypervolume(vals, base, ideal))
 
     assert main(["request", str(run), "--prefer", f"{names[0]}=1", str(tmp_path / "tuned"), "--budget", "2"]) != 0
     assert "no level-2 policy" in capsys.readouterr().err and not (tmp_path / "tuned").exists()
@@ -281,3 +302,114 @@ def test_a_new_run_refuses_a_directory_with_outputs_but_no_store(setup, tmp_path
     assert main(["search", "param", str(cfg_path), str(run), "--quiet"]) != 0
     assert "no run store" in capsys.readouterr().err
     assert (run / "summary.json").read_bytes() == before["summary.json"]
+
+
+def test_front_and_export_accept_a_level1_search(setup, tmp_path, capsys):
+    """``hm3 front`` and ``hm3 export`` read a level-1 search like a two-level run: one layout."""
+    from hm3.cli import main
+
+    _, run, _ = _finished_cli_run(setup, tmp_path)
+    (run / "front.png").unlink()
+    capsys.readouterr()
+    assert main(["front", str(run)]) == 0
+    out = capsys.readouterr().out
+    front = pd.read_csv(run / "front.csv")
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(front.columns[:3]) == ["point", "level", "kind"] and front.columns[-1] == "file"
+    assert set(front["kind"]) == {"merge"} and summary["run_kind"] == "level1"
+    assert "HV validation" in out and all(str(p) in out for p in front["point"]) and (run / "front.png").is_file()
+    names = summary["objectives"]
+    for _, row in front.iterrows():
+        dest = tmp_path / f"p{row['point']}"
+        assert main(["export", str(run), "--point", str(row["point"]), str(dest)]) == 0
+        backend = HFBackend.from_pretrained(dest, batch_size=16)  # the exported model scores what the front says
+        for spec, name in zip(_config(setup)["objectives"], names, strict=True):
+            score = evaluate_objective(backend, get_objective(spec), "validation", list(range(12))).score
+            assert score == pytest.approx(row[f"{name}_val"], abs=1e-9)
+    assert main(["export", str(run), "--point", "99999", str(tmp_path / "x")]) != 0
+    assert "no front point 99999" in capsys.readouterr().err
+
+
+def test_a_level1_search_of_the_earlier_layout_is_read_and_rewritten(setup, tmp_path, capsys):
+    """A search written before level-1 searches shared the run layout (``candidate``/``recipe``
+    columns, ``recipes/``, no candidates.csv, its config stored bare): ``front``, ``export`` and
+    ``request`` read it; resuming it writes the current layout without evaluating anything."""
+    import sqlite3
+
+    from hm3.cli import main
+
+    cfg_path, run, current = _finished_cli_run(setup, tmp_path)
+    front = pd.read_csv(run / "front.csv")
+    (run / "recipes").mkdir()
+    for _, row in front.iterrows():
+        (run / row["file"]).rename(run / "recipes" / f"candidate-{row['point']}.yml")
+    (run / "points").rmdir()
+    old = front.drop(columns=["kind", "file"]).rename(columns={"point": "candidate"})
+    old["recipe"] = [f"recipes/candidate-{p}.yml" for p in front["point"]]
+    old.to_csv(run / "front.csv", index=False)
+    (run / "candidates.csv").unlink()
+    summary = json.loads(current["summary.json"])
+    for key in ("run_kind", "run_format", "candidates", "front_levels", "base_validation", "ideal_validation"):
+        del summary[key]
+    (run / "summary.json").write_text(json.dumps(summary))
+    with sqlite3.connect(run / "hm3.sqlite") as conn:
+        stored = json.loads(conn.execute("SELECT config_json FROM run").fetchone()[0])
+        conn.execute("UPDATE run SET config_json=?", (json.dumps(stored["level1"]),))
+    with RunStore.open(run, readonly=True) as store:
+        evaluations = len(store.evaluations())
+        assert "format" not in store.config()
+
+    capsys.readouterr()
+    assert main(["front", str(run)]) == 0
+    assert all(str(p) in capsys.readouterr().out for p in front["point"])
+    point = int(front["point"].iloc[0])
+    assert main(["export", str(run), "--point", str(point), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+    names = summary["objectives"]
+    assert main(["request", str(run), "--prefer", f"{names[0]}=1", str(tmp_path / "answer"), "--quiet"]) == 0
+    assert (tmp_path / "answer" / "config.json").is_file()
+
+    assert main(["search", "param", str(cfg_path), str(run), "--resume", "--quiet"]) == 0
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) == evaluations
+    rewritten = pd.read_csv(run / "front.csv")
+    assert rewritten.equals(pd.read_csv(io.BytesIO(current["front.csv"])))
+    assert (run / "candidates.csv").read_bytes() == current["candidates.csv"]
+
+
+def test_resuming_a_search_with_a_larger_budget_extends_it(setup, tmp_path, capsys):
+    """``hm3 search param CFG RUN --resume --budget N`` extends a finished search: it asks exactly what
+    a search made with budget N from the start asked; a budget below what is done is refused."""
+    from hm3.cli import main
+
+    cfg_path, run, _ = _finished_cli_run(setup, tmp_path)  # random search, budget 4
+    assert main(["search", "param", str(cfg_path), str(run), "--resume", "--budget", "6", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["evaluations"] == 6 and summary["budget"] == 6
+    straight = run_level1(parse_run_config(_config(setup, budget=6)), tmp_path / "straight", progress=False)
+    with RunStore.open(run, readonly=True) as store:
+        told = [e.payload["x"] for e in store.events("level1_tell")]
+        assert [e.payload for e in store.events("budget_changed")] == [{"from": 4, "to": 6}]
+    assert told == straight.X.tolist()
+    assert pd.read_csv(run / "front.csv").equals(pd.read_csv(tmp_path / "straight" / "front.csv"))
+    capsys.readouterr()
+    assert main(["search", "param", str(cfg_path), str(run), "--resume", "--budget", "5", "--quiet"]) != 0
+    assert "a search of 6 evaluations: resume it with a budget of at least 6" in capsys.readouterr().err
+
+
+def test_a_budget_below_the_default_design_shrinks_it_with_a_warning(setup, tmp_path):
+    """bo-mo's default design here is 2 (d + 1) = 10 points: a budget of 6 shrinks it to 3 (said so), and
+    a search extended later keeps the design it began with."""
+    cfg = parse_run_config(_config(setup, name="bo-mo", budget=6))
+    with pytest.warns(Hm3Warning, match="design shrinks to 3, leaving 3 model-based steps"):
+        assert make_optimizer(cfg).n_init == 3
+    extended = parse_run_config(_config(setup, name="bo-mo", budget=20))
+    with pytest.warns(Hm3Warning, match="design shrinks to 3"):
+        assert make_optimizer(extended, design_budget=6).n_init == 3
+    assert make_optimizer(extended).n_init == 10
+    explicit = parse_run_config(_config(setup, name="bo-mo", budget=6, options={"n_init": 4}))
+    assert make_optimizer(explicit).n_init == 4  # a design the config sets is never changed
+    small = _config(setup, name="bo-mo", budget=3, options={"num_restarts": 2, "raw_samples": 16})
+    with pytest.warns(Hm3Warning, match="design shrinks to 2"):
+        result = run_level1(parse_run_config(small), tmp_path / "r", progress=False)
+    assert len(result.candidate_ids) == 3 and result.summary["evaluations"] == 3

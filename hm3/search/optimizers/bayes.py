@@ -115,6 +115,11 @@ def unit_bounds(d: int) -> torch.Tensor:
 class BayesOptimizer(Optimizer):
     """An initial design of ``n_init`` points (Sobol or given), then one model-based step per ask."""
 
+    @classmethod
+    def initial_design_size(cls, space_dim: int) -> int:
+        """``n_init`` when the options do not set it."""
+        return 2 * (space_dim + 1)
+
     def __init__(
         self,
         space_dim: int,
@@ -122,10 +127,9 @@ class BayesOptimizer(Optimizer):
         *,
         seed: int,
         budget: int,
-        default_n_init: int,
         **options: Any,
     ):
-        self.n_init = int(options.pop("n_init", default_n_init))
+        self.n_init = int(options.pop("n_init", self.initial_design_size(space_dim)))
         self.num_restarts = int(options.pop("num_restarts", 4))
         self.raw_samples = int(options.pop("raw_samples", 128))
         initial = options.pop("initial_points", None)

@@ -29,9 +29,7 @@ class BoMo(BayesOptimizer):
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         ref = options.pop("ref_point", None)
-        super().__init__(
-            space_dim, n_objectives, seed=seed, budget=budget, default_n_init=2 * (space_dim + 1), **options
-        )
+        super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
         self.ref_point = (
             torch.zeros(n_objectives, dtype=DTYPE) if ref is None else torch.as_tensor(ref, dtype=DTYPE)
         )

@@ -39,9 +39,7 @@ class BoTcheby(BayesOptimizer):
         prefs = options.pop("preferences", None)
         n_prefs = int(options.pop("n_preferences", 5))
         ideal = options.pop("ideal", None)
-        super().__init__(
-            space_dim, n_objectives, seed=seed, budget=budget, default_n_init=2 * (space_dim + 1), **options
-        )
+        super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
         if prefs is not None:
             self.preferences = validate_preferences(prefs, n_objectives)
         else:

@@ -26,9 +26,13 @@ class DfMerge(BayesOptimizer):
 
     name = "df-merge"
 
+    @classmethod
+    def initial_design_size(cls, space_dim: int) -> int:
+        return 10
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         weights = options.pop("weights", None)
-        super().__init__(space_dim, n_objectives, seed=seed, budget=budget, default_n_init=10, **options)
+        super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
         if weights is None:
             self.weights = torch.full((n_objectives,), 1.0 / n_objectives, dtype=DTYPE)
         else:

@@ -1,0 +1,215 @@
+"""The evaluation session of one live model in this process (:class:`LiveModelSession`).
+
+It loads the base model and every expert once (the in-memory merger holds base + task vectors),
+opens one evaluator backend on the base model, and scores each candidate by putting its weights
+into that model:
+
+* a merge or a reference model is written into the live model's own parameters (``copy_``: no
+  reload, no new allocation), or handed to the backend's ``load_state`` where it has no live
+  parameters (vLLM);
+* a layer path becomes an in-memory path model over shared tensors (hf), or is swapped, padded to
+  the models' depth with identity layers, into the fixed-depth engine (vLLM).
+
+Every score goes through the run store (:class:`~hm3.search.scoring.CandidateScorer`): a
+candidate is installed only when the store lacks one of its scores. Everything the session holds
+is its own -- model, merger, backend, scorer, Fisher cache, layer pools -- so several sessions can
+live side by side (:mod:`hm3.eval.session`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from hm3.arch.path import build_path_model, path_state
+from hm3.arch.pools import LayerPools
+from hm3.config import MergeConfig, parse_merge_config
+from hm3.errors import ConfigError
+from hm3.eval.backend import open_backend
+from hm3.eval.session import (
+    Candidate,
+    FrameKey,
+    MergeCandidate,
+    PathCandidate,
+    PoolLayout,
+    ReferenceCandidate,
+    Scored,
+)
+from hm3.merge.inmemory import InMemoryMerger
+from hm3.run.directory import FISHER_DIR
+from hm3.search.run_config import RunConfig
+from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
+from hm3.store import CandidateRef, RunStore
+from objectives.registry import get_objective
+
+
+class LiveModelSession:
+    """:class:`~hm3.eval.session.EvaluationSession` over one live model in this process.
+
+    DF-Merge's Fisher tensors, when the search space is Fisher-weighted, are cached in the run
+    directory beside the store (``RUN_DIR/fisher/``), so a resumed search loads them.
+    """
+
+    def __init__(self, cfg: RunConfig, store: RunStore, *, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.store = store
+        space = cfg.search_space
+        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objective_names = [o.name for o in self.objectives]
+        log(f"loading base + {len(space.models)} experts into memory ({cfg.models[space.base_model]})")
+        self.merger = InMemoryMerger(
+            cfg.models[space.base_model],
+            [cfg.models[r] for r in space.models],
+            base_ref=space.base_model,
+            model_refs=list(space.models),
+        )
+        self.backend = open_backend(
+            cfg.evaluation.backend, cfg.models[space.base_model], batch_size=cfg.evaluation.batch_size
+        )
+        self._live = self.backend.live_parameters()
+        # Paths point the hf backend at path models that share the pool's tensors; merges write into this
+        # model's own parameters, so they put it back first.
+        self._live_model = getattr(self.backend, "model", None)
+        self._scorer = CandidateScorer(self.backend, self.objectives, store)
+        self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
+        self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
+        self._fisher_cache = None
+        if space.fisher:
+            from hm3.fisher import FisherCache
+
+            if self._live_model is None:
+                raise ConfigError("Fisher weighting needs the 'hf' backend (gradients through the live model)")
+            self._fisher_cache = FisherCache(store.path.parent / FISHER_DIR)
+        self._pools: LayerPools | None = None
+
+    # --- the session interface ---------------------------------------------------------------------
+
+    @property
+    def evaluated_examples(self) -> int:
+        return self._scorer.evaluated_examples
+
+    def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
+        ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
+        return Scored(ref, self._scorer.score(ref, lambda: self._install(candidate), plan))
+
+    def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
+        return self._scorer.cached(candidate, plan)
+
+    def merge_recipe(self, x: torch.Tensor) -> dict[str, Any]:
+        space = self.cfg.search_space
+        return self._fisher_recipe(x) if space.fisher else space.to_recipe(x)
+
+    def pool_layout(self) -> PoolLayout:
+        depth = int(self.merger.num_layers)
+        return PoolLayout(experts=tuple(self.cfg.search_space.models), num_layers=depth,
+                          max_hops=None if self._live_model is not None else depth, backend=self.backend.name)
+
+    def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
+        return self._layer_pools().features(frames)
+
+    def close(self) -> None:
+        self._restore_live_model()
+        self.backend.close()
+
+    # --- installing a candidate into the live model ------------------------------------------------
+
+    def _install(self, candidate: Candidate) -> None:
+        if isinstance(candidate, MergeCandidate):
+            self._install_recipe(candidate.recipe)
+        elif isinstance(candidate, ReferenceCandidate):
+            self._install_state(self._reference_state(candidate.model))
+        elif isinstance(candidate, PathCandidate):
+            self._install_path(candidate)
+        else:
+            raise TypeError(f"not a candidate: {candidate!r}")
+
+    def _restore_live_model(self) -> None:
+        if self._live_model is not None:
+            self.backend.model = self._live_model
+
+    def _install_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._restore_live_model()
+        if self._live is not None:
+            with torch.no_grad():
+                for name, t in state.items():
+                    self._live[name].copy_(t)
+        else:
+            self.backend.load_state(state)
+
+    def _parse_recipe(self, recipe: Mapping[str, Any]) -> MergeConfig:
+        config = parse_merge_config(dict(recipe), source="candidate recipe")
+        fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models}
+        if any(fisher_files.values()):
+            from hm3.fisher import load_fisher
+
+            self.merger.set_fishers({ref: load_fisher(path) for ref, path in fisher_files.items()})
+        return config
+
+    def _install_recipe(self, recipe: Mapping[str, Any]) -> None:
+        config = self._parse_recipe(recipe)
+        self._restore_live_model()
+        if self._live is not None:
+            self.merger.merge_into(self._live, config)
+        else:
+            self.backend.load_state(self.merger.merged_state(config))
+
+    def _install_path(self, candidate: PathCandidate) -> None:
+        pools = self._layer_pools()
+        if list(candidate.experts) != pools.expert_refs:
+            raise ConfigError(f"a path over experts {list(candidate.experts)} cannot run on this session's pool "
+                              f"{pools.expert_refs}")
+        pool = pools.pool(candidate.frame)
+        if self._live_model is not None:
+            self.backend.model = build_path_model(pool, candidate.path)
+        else:
+            self.backend.load_state(path_state(pool, candidate.path, depth=pools.num_layers))
+
+    def _merged_state(self, recipe: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """A recipe's merge as new tensors (a frame in the layer pool beside the experts)."""
+        return self.merger.merged_state(self._parse_recipe(recipe))
+
+    def _reference_state(self, ref: str) -> dict[str, torch.Tensor]:
+        """The base (``ref`` = base ref) or one expert, rebuilt from base + task vector."""
+        m = self.merger
+        if ref == m.base_ref:
+            return m.base
+        k = m.model_refs.index(ref)
+        return {n: m.base[n] + m.deltas[n][k] for n in m.tensor_names}
+
+    def _layer_pools(self) -> LayerPools:
+        """The experts' states, built on the first path (a level-1 search never needs them)."""
+        if self._pools is None:
+            refs = list(self.cfg.search_space.models)
+            self._pools = LayerPools(
+                {ref: self._reference_state(ref) for ref in refs}, self.merger.base, self.merger.config,
+                self.merger.num_layers, lambda cid: self._merged_state(self.store.candidate(cid)[1]),
+            )
+        return self._pools
+
+    def _fisher_recipe(self, x: torch.Tensor) -> dict[str, Any]:
+        """The candidate's recipe with DF-Merge Fisher tensors F_i(λ_i) installed in the merger.
+
+        λ_i is model i's weight (its first layer group's, with layer groups), rounded to the config's
+        coefficient grid so that nearby candidates share one cached Fisher (in RUN_DIR/fisher/).
+        """
+        from hm3.fisher import FisherKey, cached_fisher_for_coefficient, fisher_examples
+
+        assert self._fisher_cache is not None
+        space, step = self.cfg.search_space, self.cfg.fisher.coefficient_step
+        weights = space.decode(x)["weight"]
+        by_name = {o.name: o for o in self.objectives}
+        paths = []
+        for i, ref in enumerate(space.models):
+            lam = round(round(weights[i][0] / step) * step, 6)
+            obj = by_name[get_objective(self.cfg.experts[ref]).name]
+            examples = fisher_examples(obj, self.cfg.fisher.examples)
+            cached_fisher_for_coefficient(  # computed once per (model, λ) and kept in RUN_DIR/fisher/
+                self._fisher_cache, self.merger, self._live_model, i, lam, self.backend.tokenizer,
+                obj.name, examples, obj.decoding,
+            )
+            key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))
+            paths.append(str(self._fisher_cache.path_for(key)))
+        return space.to_recipe(x, fisher_paths=paths)

@@ -1,0 +1,198 @@
+"""A run's outputs, written one way for both kinds of run (:mod:`hm3.run.directory` has the layout).
+
+Given the candidates a front is chosen from (their stored validation scores), :func:`write_front`
+takes the non-dominated set, scores each front point on the test split through the evaluation
+session (so from the store when already there), writes one point file per front point that runs
+anywhere (absolute model paths: ``hm3 merge`` for a recipe, ``hm3 export`` for either), and the
+tables. The caller adds what only its kind of run knows to the summary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from hm3.atomic import atomic_write_text
+from hm3.errors import StoreError
+from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, PathCandidate
+from hm3.report import plot_front, write_csv
+from hm3.run.directory import (
+    CANDIDATES_FILE,
+    FRONT_FILE,
+    PLOT_FILE,
+    POINTS_DIR,
+    REFINE_EVENT,
+    RUN_FORMAT,
+    SUMMARY_FILE,
+    read_candidates,
+    read_front,
+)
+from hm3.search.pareto import non_dominated, protocol_hypervolume
+from hm3.search.references import reference_points, reference_scores
+from hm3.search.run_config import RunConfig
+from hm3.store import RunStore
+
+HV_PROTOCOL = ("objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
+               "reference point = base model (0); pymoo HV")
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """A candidate the front is chosen from: its store id, level, kind and validation scores."""
+
+    point: int
+    level: int
+    kind: str
+    validation: np.ndarray
+
+
+def with_refinements(session: EvaluationSession, rows: Sequence[CandidateRow]) -> list[CandidateRow]:
+    """``rows`` and the merges that preference requests refined (``hm3 request --refine``), each
+    candidate once: a refinement that beats the front joins it."""
+    out = {r.point: r for r in rows}
+    for event in session.store.events(REFINE_EVENT, fields=("candidate",)):
+        cid = int(event.payload["candidate"])
+        if cid not in out:
+            scores = session.stored_scores(cid, session.validation)
+            if scores is None:
+                raise StoreError(f"run store {session.store.path} is inconsistent: refined merge {cid} has no "
+                                 "stored validation scores")
+            out[cid] = CandidateRow(cid, 1, MERGE_KIND, scores)
+    return list(out.values())
+
+
+@dataclass(frozen=True)
+class WrittenFront:
+    """What :func:`write_front` chose and wrote: the front's ids and the summary's keys about it."""
+
+    front_ids: list[int]
+    summary: dict[str, Any]
+    candidates: np.ndarray  # validation scores of every candidate
+    front: np.ndarray  # and of the front points, in front_ids order
+    front_paths: np.ndarray  # which front points are level-2 paths
+
+    def plot(self, out_dir: Path, summary: Mapping[str, Any]) -> Path:
+        return plot(out_dir, summary, self.candidates, self.front, self.front_paths)
+
+
+def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows: Sequence[CandidateRow],
+                base: np.ndarray, ideal: np.ndarray, *, log: Callable[[str], None],
+                refinements: bool = True) -> WrittenFront:
+    """front.csv, candidates.csv and points/ in ``out_dir``, for the front of ``rows`` and (with
+    ``refinements``, a run's own outputs) the merges that requests refined."""
+    import pandas as pd  # here: a preference request imports this module and needs no pandas at budget 0
+
+    names = session.objective_names
+    searched = len(rows)
+    if refinements:
+        rows = with_refinements(session, rows)
+    Y = np.stack([r.validation for r in rows])
+    front = [rows[i] for i in non_dominated(Y)]
+    log(f"front: {len(front)} of {len(rows)} candidates; scoring them on the test split")
+    refs_test, base_t, ideal_t = reference_points(session, cfg.search_space, session.test)
+    refs_val = reference_scores(session, cfg.search_space, session.validation)
+    table = []
+    for row in front:
+        _, recipe = session.store.candidate(row.point)
+        candidate = MergeCandidate(recipe) if row.kind == MERGE_KIND else PathCandidate.from_recipe(recipe)
+        y_test = session.score(candidate, session.test).scores
+        file = write_point_file(out_dir, row.point, row.kind, recipe, session.store, cfg)
+        table.append(_table_row(row, names) | {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
+                     | {"file": str(file.relative_to(out_dir))})
+    df = pd.DataFrame(table).sort_values(f"{names[0]}_val", ascending=False)
+    write_csv(df, out_dir / FRONT_FILE)
+    write_csv(pd.DataFrame([_table_row(r, names) for r in rows]), out_dir / CANDIDATES_FILE)
+    test_front = df[[f"{n}_test" for n in names]].to_numpy()
+    summary = {
+        "run_format": RUN_FORMAT,
+        "objectives": names,
+        "candidates": len(rows),
+        "front_size": len(front),
+        "front_levels": {str(lv): int(sum(r.level == lv for r in front)) for lv in (1, 2)},
+        "hv_validation": protocol_hypervolume(Y, base, ideal),
+        "hv_test_front": protocol_hypervolume(test_front, base_t, ideal_t) if len(test_front) else 0.0,
+        "reference_validation": {r: v.tolist() for r, v in refs_val.items()},
+        "reference_test": {r: v.tolist() for r, v in refs_test.items()},
+        "base_validation": np.asarray(base).tolist(),
+        "ideal_validation": np.asarray(ideal).tolist(),
+        "hv_protocol": HV_PROTOCOL,
+    }
+    if len(rows) > searched:
+        summary["refined_merges"] = len(rows) - searched
+    return WrittenFront(front_ids=[r.point for r in front], summary=summary, candidates=Y,
+                        front=np.stack([r.validation for r in front]),
+                        front_paths=np.array([r.kind != MERGE_KIND for r in front]))
+
+
+def _table_row(row: CandidateRow, names: Sequence[str]) -> dict[str, Any]:
+    return {"point": row.point, "level": row.level, "kind": row.kind} | {
+        f"{n}_val": float(v) for n, v in zip(names, row.validation, strict=True)}
+
+
+def write_point_file(out_dir: Path, point: int, kind: str, recipe: dict[str, Any], store: RunStore,
+                     cfg: RunConfig) -> Path:
+    """``points/point-N.yml`` (a merge recipe ``hm3 merge`` runs) or ``point-N.json`` (a path)."""
+    if kind == MERGE_KIND:
+        file = out_dir / POINTS_DIR / f"point-{point}.yml"
+        atomic_write_text(file, yaml.safe_dump(recipe_with_paths(recipe, cfg.models), sort_keys=False))
+    else:
+        file = out_dir / POINTS_DIR / f"point-{point}.json"
+        atomic_write_text(file, json.dumps(path_point_file(recipe, store, cfg), indent=2))
+    return file
+
+
+def recipe_with_paths(recipe: dict, models: Mapping[str, str]) -> dict:
+    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model paths)."""
+    out = dict(recipe)
+    out["base_model"] = str(Path(models[recipe["base_model"]]).resolve())
+    out["models"] = [m | {"model": str(Path(models[m["model"]]).resolve())} for m in recipe["models"]]
+    return out
+
+
+def path_point_file(recipe: dict[str, Any], store: RunStore, cfg: RunConfig) -> dict[str, Any]:
+    """A front path as a self-contained file: hops, expert directories and the frame (a recipe or the base)."""
+    frame = recipe["frame"]
+    frame_recipe = None if frame == "base" else recipe_with_paths(store.candidate(int(frame))[1], cfg.models)
+    return {
+        "path": recipe["path"],
+        "experts": {ref: str(Path(cfg.models[ref]).resolve()) for ref in recipe["experts"]},
+        "frame": frame,
+        "frame_recipe": frame_recipe,
+        "base_model": str(Path(cfg.models[cfg.search_space.base_model]).resolve()),
+    }
+
+
+def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+
+
+def plot(out_dir: Path, summary: Mapping[str, Any], candidates: np.ndarray, front: np.ndarray,
+         front_paths: np.ndarray) -> Path:
+    """front.png: every candidate, the front (``front_paths`` marks its level-2 paths), the references."""
+    return plot_front(
+        out_dir / PLOT_FILE, summary["objectives"], candidates=candidates, front=front,
+        references={r: np.array(v) for r, v in summary["reference_validation"].items()},
+        title=plot_title(summary), paths=front_paths,
+    )
+
+
+def plot_title(summary: Mapping[str, Any]) -> str:
+    if summary.get("run_kind", "two-level" if "level2_paths" in summary else "level1") == "level1":
+        return f"level 1 ({summary['optimizer']}, {summary['evaluations']} evaluations, validation)"
+    return f"two-level front ({summary['candidates']} candidates, validation)"
+
+
+def replot(run_dir: str | Path) -> Path:
+    """front.png of a finished run again, from its tables and summary."""
+    run_dir = Path(run_dir)
+    df, summary = read_front(run_dir)
+    cols = [f"{n}_val" for n in summary["objectives"]]
+    candidates = read_candidates(run_dir)
+    every = df if candidates is None else candidates  # a level-1 search of before candidates.csv: its front
+    return plot(run_dir, summary, every[cols].to_numpy(), df[cols].to_numpy(), (df["level"] == 2).to_numpy())
