@@ -288,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     se_sub = se.add_subparsers(dest="level", metavar="LEVEL", required=True)
     sp = se_sub.add_parser("param", help="multi-objective search over merge coefficients (level 1)")
     sp.add_argument("config", help="run config YAML (see experiments/configs/)")
-    sp.add_argument("run_dir", help="run directory: store, front.csv, summary.json, front.png, recipes/")
+    sp.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, points/")
     sp.add_argument("--optimizer", default=None, help="bo-mo, bo-tcheby, df-merge, nsga2, random, hm3-fixed")
-    sp.add_argument("--budget", type=int, default=None, help="candidate evaluations (overrides the config)")
+    sp.add_argument("--budget", type=int, default=None,
+                    help="candidate evaluations (overrides the config); with --resume, a larger one extends the search")
     sp.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     sp.add_argument("--threads", type=int, default=None)
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None)
     r.set_defaults(func=cmd_run)
 
-    fr = sub.add_parser("front", help="print a finished run's front table and rewrite its plot")
+    fr = sub.add_parser("front", help="print a finished run's front table and rewrite its plot (hm3 run or "
+                                      "hm3 search param)")
     fr.add_argument("run_dir")
     fr.set_defaults(func=cmd_front)
 

@@ -52,7 +52,7 @@ from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
-from hm3.errors import ConfigError, RunFileError, StoreError
+from hm3.errors import ConfigError, RunFileError
 from hm3.eval.session import MERGE_KIND, EvaluationSession
 from hm3.run.directory import (
     FRONT_FILE,
@@ -411,18 +411,15 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
 def _refresh_outputs(session: EvaluationSession, run: FinishedRun, log: Callable[[str], None]) -> str:
     """The run's front, candidates, points, summary and plot written again with the merges requests
     refined among the candidates (one that beats the front joins it); returns a note saying so."""
-    from hm3.run.front import CandidateRow, write_front, write_summary
+    from hm3.run.front import CandidateRow, stored_row, write_front, write_summary
     from hm3.search.level1 import told_points
 
-    rows: dict[int, CandidateRow] = {}
     searched = [(cid, 1, MERGE_KIND) for cid, _ in told_points(session.store)]
     searched += [(int(cid), 2, PATH_KIND) for cid in run.summary.get("level2_paths", {})]
-    for cid, level, kind in searched:
-        scores = session.stored_scores(cid, session.validation)
-        if scores is None:
-            raise StoreError(f"run store {session.store.path} is inconsistent: candidate {cid} of the run has no "
-                             "stored validation scores")
-        rows.setdefault(cid, CandidateRow(cid, level, kind, scores))
+    rows: dict[int, CandidateRow] = {}
+    for cid, level, kind in searched:  # each candidate once (a told point may recur)
+        if cid not in rows:
+            rows[cid] = stored_row(session, cid, level, kind)
     written = write_front(session, run.config.level1, run.run_dir, list(rows.values()), run.base, run.ideal, log=log)
     summary = run.summary | written.summary
     write_summary(run.run_dir, summary)

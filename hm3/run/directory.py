@@ -34,13 +34,12 @@ import numpy as np
 
 from hm3.errors import ConfigError, RunFileError
 from hm3.run.config import RunKind, StoredRun, read_stored_run, stored_config
-from hm3.store import LOCK_FILE, STORE_FILE, RunStore
+from hm3.store import STORE_FILE, RunStore
 
 if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
     import pandas as pd
 
-__all__ = ["LOCK_FILE", "STORE_FILE"]  # the store's own files, listed here with the rest
-
+# STORE_FILE (hm3.sqlite) is the store's own: hm3.store names it, this module reads it from there.
 FRONT_FILE = "front.csv"
 CANDIDATES_FILE = "candidates.csv"
 SUMMARY_FILE = "summary.json"

@@ -52,6 +52,15 @@ class CandidateRow:
     validation: np.ndarray
 
 
+def stored_row(session: EvaluationSession, point: int, level: int, kind: str) -> CandidateRow:
+    """A candidate of the run with its stored validation scores (a store without them is inconsistent)."""
+    scores = session.stored_scores(point, session.validation)
+    if scores is None:
+        raise StoreError(f"run store {session.store.path} is inconsistent: candidate {point} of the run has no "
+                         "stored validation scores")
+    return CandidateRow(point, level, kind, scores)
+
+
 def with_refinements(session: EvaluationSession, rows: Sequence[CandidateRow]) -> list[CandidateRow]:
     """``rows`` and the merges that preference requests refined (``hm3 request --refine``), each
     candidate once: a refinement that beats the front joins it."""
@@ -59,11 +68,7 @@ def with_refinements(session: EvaluationSession, rows: Sequence[CandidateRow]) -
     for event in session.store.events(REFINE_EVENT, fields=("candidate",)):
         cid = int(event.payload["candidate"])
         if cid not in out:
-            scores = session.stored_scores(cid, session.validation)
-            if scores is None:
-                raise StoreError(f"run store {session.store.path} is inconsistent: refined merge {cid} has no "
-                                 "stored validation scores")
-            out[cid] = CandidateRow(cid, 1, MERGE_KIND, scores)
+            out[cid] = stored_row(session, cid, 1, MERGE_KIND)
     return list(out.values())
 
 

@@ -215,6 +215,11 @@ def test_a_level1_search_answers_preference_requests(setup, tmp_path, capsys):
     assert own >= float((f_hat @ np.array([0.8, 0.2])).max()) - 1e-12
     # a front point's scores are stored measurements, the posterior's proposal a prediction
     assert ans.scores_are == ("measured" if ans.source.startswith("front point") else "predicted")
+    (run / POSTERIOR_FILE).rename(tmp_path / POSTERIOR_FILE)  # without it, only front points answer
+    from_front = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "front-only", progress=False)
+    (tmp_path / POSTERIOR_FILE).rename(run / POSTERIOR_FILE)
+    assert from_front.source.startswith("front point") and from_front.scores_are == "measured"
+    assert json.loads((tmp_path / "front-only" / "hm3_request.json").read_text())["scores_are"] == "measured"
 
     before_refine = set(pd.read_csv(run / "candidates.csv")["point"])
     refined = answer_request(run, f"{names[0]}=0.8,{names[1]}=0.2", tmp_path / "refined", refine=1, progress=False)
