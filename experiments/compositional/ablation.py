@@ -180,14 +180,32 @@ def swap_arm(manifest: dict[str, Any], s: dict[str, Any], seed_dir: Path, refs: 
     }
 
 
-def protocol_refs(two_level_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(base, ideal) per split from a finished two-level run: the base model, the best expert per task."""
-    summary = json.loads((two_level_dir / "summary.json").read_text())
+def protocol_refs(manifest: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(base, ideal) per split from the build's score matrix: the base model, the best expert per task.
+
+    The manifest scores base and experts on the same first N examples that the runs evaluate, so
+    the swap arm needs no finished hm3 run for its references (and can run first: it is the
+    cheapest arm and says early whether any layer recombination helps the composite);
+    :func:`check_refs` confirms that each hm3 run measured the same references.
+    """
+    names, matrix = manifest["objectives"], manifest["score_matrix"]
     out = {}
     for split in ("validation", "test"):
-        refs = summary[f"reference_{split}"]
-        out[split] = (np.array(refs["base"]), np.max([refs["language"], refs["math"]], axis=0))
+        row = {m: np.array([matrix[m][split][n] for n in names]) for m in ("base", "language", "math")}
+        out[split] = (row["base"], np.maximum(row["language"], row["math"]))
     return out
+
+
+def check_refs(run_dir: Path, manifest: dict[str, Any], *, tol: float = 1e-6) -> None:
+    """Refuse a run whose reference scores differ from the manifest's (other examples, other models)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    names, matrix = manifest["objectives"], manifest["score_matrix"]
+    for split in ("validation", "test"):
+        for model, scores in summary[f"reference_{split}"].items():
+            expected = [matrix[model][split][n] for n in names]
+            if not np.allclose(scores, expected, atol=tol, rtol=0):
+                raise SystemExit(f"{run_dir}: reference {model} on {split} scored {scores}, the build's manifest "
+                                 f"says {expected}: the run and the build do not measure the same thing")
 
 
 def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
@@ -206,6 +224,8 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
         atomic_write_text(file, json.dumps(result, indent=2))
         return result
 
+    refs = protocol_refs(manifest)
+    out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
     out["two_levels"] = arm("two_levels", lambda: hm3_arm(manifest, s, seed, seed_dir / "two_levels",
                                                           level2="experts+merge"))
     equal_budget = out["two_levels"]["level1_evaluations"] + round(out["two_levels"]["path_equivalents"])
@@ -213,8 +233,8 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
                                                               level2=None, budget=equal_budget))
     out["level2_alone"] = arm("level2_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level2_alone",
                                                               level2="experts"))
-    refs = protocol_refs(seed_dir / "two_levels")
-    out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
+    for name in ("two_levels", "level1_alone", "level2_alone"):
+        check_refs(seed_dir / name, manifest)
     return out
 
 
