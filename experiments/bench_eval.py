@@ -1,6 +1,6 @@
 """Evaluator benchmark: the ``hf`` and ``vllm`` backends side by side, in one process.
 
-What it measures (issue 3, "Must show"), alternating hf / vLLM within each round
+What it measures, alternating hf / vLLM within each round
 so that the noise of a shared machine hits both alike:
 
 * **per-candidate evaluation** on the small zoo: swap a candidate's weights in,

@@ -1,4 +1,4 @@
-"""Fresh-process ``hm3 request`` at budget 0: this checkout against another one, side by side (issue 5).
+"""Fresh-process ``hm3 request`` at budget 0: this checkout against another one, side by side.
 
 A budget-0 answer takes well under a second inside a process; a user typing ``hm3 request`` also
 pays Python's and the libraries' start-up, which dominates on a small CPU. This times that whole

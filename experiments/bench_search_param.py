@@ -1,4 +1,4 @@
-"""Level-1 search benchmark (issue 4): hypervolume vs evaluations for every optimiser, several seeds.
+"""Level-1 search benchmark: hypervolume vs evaluations for every optimiser, several seeds.
 
 Each (optimiser, seed) is one ordinary ``run_level1`` in its own run directory under ``--work``, so
 every score is in a run store and an interrupted benchmark resumes where it stopped (a finished

@@ -1,4 +1,4 @@
-"""Two-level benchmark (issue 5): level 1 alone vs level 2 alone vs both, with and without DAR,
+"""Two-level benchmark: level 1 alone vs level 2 alone vs both, with and without DAR,
 and budget-0 preference requests vs a dedicated search for the same λ.
 
 Every arm runs through the product's own entry points (``run_level1``, ``run_two_level``,
