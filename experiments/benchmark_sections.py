@@ -225,6 +225,41 @@ def render_eval(results: Results) -> str:
     return "\n\n".join(parts)
 
 
+def test_suite_targets(results: Results) -> list[Target]:
+    r = results.one("bench_test_suite")
+    if r is None:
+        return []
+    return [(f"`scripts/{'test' if kind == 'suite' else 'demo'}.sh` ≤ 0.5× the baseline's time", ratio(x["ratio"]),
+             x["ratio"] <= 0.5) for kind, x in r.get("summary", {}).items()]
+
+
+def merge_targets(results: Results) -> list[Target]:
+    r = results.one("bench_merge")
+    if r is None:
+        return []
+    t, d = r.get("ratios")["ties"], r.get("ratios")["dare_ties"]
+    return [*((f"merge ≤ 0.25× mergekit's wall time ({name})", ratio(x["wall_vs_mergekit"], ".3f"),
+               x["wall_vs_mergekit"] <= 0.25) for name, x in (("TIES", t), ("DARE-TIES", d))),
+            ("merge peak memory ≤ mergekit's", f"{ratio(t['rss_vs_mergekit'])} / {ratio(d['rss_vs_mergekit'])}",
+             max(t["rss_vs_mergekit"], d["rss_vs_mergekit"]) <= 1)]
+
+
+def eval_targets(results: Results) -> list[Target]:
+    rows: list[Target] = []
+    for r in results.of("bench_eval"):
+        z = (r.get("zoo") or {}).get("summary")
+        if z:
+            rows.append(("weight swap ≥ 20× faster than a reload (small zoo: hf / vLLM)",
+                         f"{z['hf_reload_over_swap']:.0f}× / {z['vllm_reload_over_swap']:.0f}×",
+                         min(z["hf_reload_over_swap"], z["vllm_reload_over_swap"]) >= 20))
+        smol = r.get("smollm2")
+        if smol and "float32" in smol["by_dtype"] and "compiled" not in r.label:
+            x = smol["by_dtype"]["float32"]["summary"]["vllm_over_hf_tokens_per_s"]
+            rows.append((f"vLLM ≥ 2× transformers' tokens/s (SmolLM2, {smol['prompts']} prompts, hf batch "
+                         f"{smol.get('hf_batch_size') or smol['prompts']})", ratio(x), x >= 2))
+    return rows
+
+
 # --- level 1 -------------------------------------------------------------------------------------------------
 
 
@@ -683,7 +718,7 @@ SECTIONS: list[Section] = [
         "clone with its own `.venv` (set up untimed) and its own torch extension cache, alternating between the two "
         "clones so that machine noise hits both alike; each demo runs into a fresh folder with the clone's `runs/` "
         "removed, as on a fresh machine.",
-        render_test_suite),
+        render_test_suite, targets=test_suite_targets),
     Section(
         "Merge engine: hm3 against mergekit",
         "`hm3 merge` and `mergekit-yaml` on the same TIES and DARE-TIES recipes (weights 0.6 / 0.4, density 0.5, "
@@ -692,7 +727,7 @@ SECTIONS: list[Section] = [
         "only the k-th largest |τ|, so hm3 finds it by radix selection over the float32 bit patterns instead of "
         "sorting; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset) "
         "overlap on separate threads.",
-        render_merge),
+        render_merge, targets=merge_targets),
     Section(
         "Evaluators: transformers and vLLM, weight swap and reload",
         "The two backends in one process, alternating within each round. A search evaluates many candidates on "
@@ -700,7 +735,7 @@ SECTIONS: list[Section] = [
         "throughput once weights are in place. vLLM runs eager (hm3's CPU default) unless the row says compiled; "
         "its advantage grows with the number of sequences in flight, so the rows differ in prompts at once. On a "
         "CPU without native bfloat16 kernels bfloat16 runs emulated, and the two backends' outputs need not agree.",
-        render_eval),
+        render_eval, targets=eval_targets),
     Section(
         "Level-1 search: hypervolume against evaluations",
         "Every optimiser in the same DARE-TIES space (per-model weight in [0, 1], density in [0.2, 1]) on the micro "
