@@ -8,10 +8,10 @@ How a request is answered, and why:
   is what the run store already knows of it: the count-weighted mean of every validation score
   stored for it (its whole-validation score, if level 2 kept it, dominates by count; else the
   subsets of its training episodes), and it competes by that mean minus one standard error for
-  the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets does
-  not win by luck -- its plain mean from ~6 examples per task once won a request that measured
-  0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no
-  prediction and is not chosen. The answer maximises the preference-weighted normalised score
+  the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets (a
+  handful of examples per task, whose plain mean can be far above what the path scores on the
+  whole plan) does not win by luck; a path the store has never seen has no prediction and is not
+  chosen. The answer maximises the preference-weighted normalised score
   ``Σ_k λ_k f̂_k`` -- the reward level 2 was trained on, without the length penalty. The store is
   opened read-only: nothing is evaluated or written there. The level-1 BO posterior adds one more
   option: the merge its GPs predict best for λ, compared by the lower confidence bound of its
@@ -29,8 +29,8 @@ How a request is answered, and why:
   run replays exactly its own history.
 * **A level-1 search** (``hm3 search param``) answers requests too, from its front and its BO
   posterior, and ``--refine`` works on it as above; ``--budget N > 0`` is refused, since it has no
-  level-2 policy. Why: on every equal-cost comparison so far, level 1 alone with the whole budget
-  gave the better front (``docs/BENCHMARKS.md``), so a user may well hold only a level-1 run.
+  level-2 policy. Why: in the equal-cost comparisons of ``docs/BENCHMARKS.md``, level 1 alone with
+  the whole budget gave the better front, so a user may well hold only a level-1 run.
 """
 
 from __future__ import annotations
