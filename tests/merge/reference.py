@@ -15,6 +15,7 @@ is hm3's documented draw, so a test can reproduce the masks a seeded merge used.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,35 +151,24 @@ def dare(delta: Tensor, density: float, keep: Tensor, rescale: str = "l1") -> Te
 
 
 def dare_ties(
-    base: Tensor,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    masks: Sequence[Tensor],
-    rescale: str = "l1",
-    normalize: bool = False,
-    lam: float = 1.0,
-    fishers: Sequence[Tensor] | None = None,
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    masks: Sequence[Tensor], rescale: str = "l1", **options: Any,
 ) -> Tensor:
-    """DARE-TIES: DARE each τ_k with its mask, then TIES' sign election and disjoint mean (no further trim)."""
+    """DARE-TIES: DARE each τ_k with its mask, then TIES' sign election and disjoint mean (no further trim).
+
+    ``options``: :func:`ties`' ``normalize`` (default off here, as in mergekit), ``lam`` and ``fishers``.
+    """
     dropped = [dare(d, rho, m, rescale) for d, rho, m in zip(deltas, densities, masks, strict=True)]
-    return ties(base, dropped, weights, [1.0] * len(dropped), normalize=normalize, lam=lam, fishers=fishers)
+    return ties(base, dropped, weights, [1.0] * len(dropped), **({"normalize": False} | options))
 
 
 def dare_linear(
-    base: Tensor,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    masks: Sequence[Tensor],
-    rescale: str = "l1",
-    normalize: bool = False,
-    lam: float = 1.0,
-    fishers: Sequence[Tensor] | None = None,
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    masks: Sequence[Tensor], rescale: str = "l1", **options: Any,
 ) -> Tensor:
-    """DARE + task arithmetic: θ_base + λ Σ_k w_k I_k DARE(τ_k)."""
+    """DARE + task arithmetic: θ_base + λ Σ_k w_k I_k DARE(τ_k); ``options`` as :func:`task_arithmetic`'s."""
     dropped = [dare(d, rho, m, rescale) for d, rho, m in zip(deltas, densities, masks, strict=True)]
-    return task_arithmetic(base, dropped, weights, normalize=normalize, lam=lam, fishers=fishers)
+    return task_arithmetic(base, dropped, weights, **options)
 
 
 def fisher_merge(

@@ -13,21 +13,18 @@ import torch
 
 from hm3.merge.methods import MERGE_METHODS, TensorInputs, get_method
 from tests.merge import reference as ref
+from tests.merge.cases import gen, mergekit_params, random_models
 
 SHAPE = (37, 29)
 WEIGHTS = [0.6, -0.3, 0.9]
 POSITIVE_WEIGHTS = [0.6, 0.3, 0.9]  # for divisors (normalize, Fisher): mixed signs can cancel them to ~0
+DENSITIES = [0.2, 0.5, 0.9]
 
 
 def weights_for(normalize: bool) -> list[float]:
     """Signed weights where nothing divides by their sum; positive ones where float32 rounding of a
     near-cancelled divisor would be amplified past any fair tolerance."""
     return POSITIVE_WEIGHTS if normalize else WEIGHTS
-DENSITIES = [0.2, 0.5, 0.9]
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def run_method(
@@ -59,12 +56,6 @@ def run_method(
         fishers=fishers,
         generators=(lambda k: gen(seeds[k])) if method.uses_randomness else None,
     ))
-
-
-def random_models(seed: int, count: int = 3, shape=SHAPE) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = gen(seed)
-    base = torch.randn(*shape, generator=g) * 0.02
-    return base, [base + torch.randn(*shape, generator=g) * 0.01 for _ in range(count)]
 
 
 def random_fishers(seed: int, count: int = 3, shape=SHAPE) -> list[torch.Tensor]:
@@ -130,8 +121,8 @@ def test_dare_methods_equal_reference_with_the_masks_of_their_seeds(method, resc
     out = run_method(method, base, models, w, DENSITIES, fishers=fishers, seeds=seeds,
                      rescale_mode=rescale_mode, normalize=normalize, **{"lambda": 0.8})
     oracle = ref.dare_ties if method == "dare_ties" else ref.dare_linear
-    expected = oracle(base, deltas, w, DENSITIES, _masks(deltas, DENSITIES, seeds), rescale_mode, normalize, 0.8,
-                      fishers)
+    expected = oracle(base, deltas, w, DENSITIES, _masks(deltas, DENSITIES, seeds), rescale_mode,
+                      normalize=normalize, lam=0.8, fishers=fishers)
     close(out, expected)
 
 
@@ -158,13 +149,6 @@ def test_fisher_merge_and_df_merge_equal_reference():
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
-def _mk_params(weights, densities=None, **shared):
-    p = {"weight": {k + 1: w for k, w in enumerate(weights)}, **shared}
-    if densities is not None:
-        p["density"] = {k + 1: d for k, d in enumerate(densities)}
-    return p
-
-
 @pytest.mark.mergekit
 @pytest.mark.parametrize(("normalize", "lam"), [(True, 1.0), (False, 0.7)])
 def test_references_equal_mergekit(normalize, lam):
@@ -174,9 +158,9 @@ def test_references_equal_mergekit(normalize, lam):
     deltas = [m - base for m in models]
     w = POSITIVE_WEIGHTS
     shared = {"normalize": normalize, "lambda": lam}
-    mk = api.merge_tensors([base, *models], "ties", parameters=_mk_params(w, DENSITIES, **shared), base_index=0)
+    mk = api.merge_tensors([base, *models], "ties", parameters=mergekit_params(w, DENSITIES, **shared), base_index=0)
     close(mk, ref.ties(base, deltas, w, DENSITIES, normalize, lam))
-    mk = api.merge_tensors([base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0)
+    mk = api.merge_tensors([base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0)
     close(mk, ref.task_arithmetic(base, deltas, w, normalize, lam))
     mk = api.merge_tensors(models, "linear", parameters={"weight": w, "normalize": normalize})
     close(mk, ref.linear(models, w, normalize))
@@ -202,7 +186,7 @@ def test_dare_methods_equal_mergekit_given_the_same_masks(monkeypatch, method, r
     w, seeds = POSITIVE_WEIGHTS, [31, 32, 33]
     served = iter(_masks(deltas, DENSITIES, seeds))
     monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: next(served).to(p.dtype))
-    params = _mk_params(w, DENSITIES, normalize=normalize, rescale=rescale)
+    params = mergekit_params(w, DENSITIES, normalize=normalize, rescale=rescale)
     expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
     assert next(served, None) is None  # mergekit consumed exactly one mask per model
     monkeypatch.undo()

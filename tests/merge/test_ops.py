@@ -15,15 +15,12 @@ import torch
 from hm3.errors import ConfigError
 from hm3.merge import ops
 from tests.merge import reference as ref
+from tests.merge.cases import gen, mergekit_params, random_models
 
 
 def t(*rows) -> torch.Tensor:
     """float32 tensor from numbers (1-D) or lists (2-D)."""
     return torch.tensor(rows, dtype=torch.float32)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- task vector, linear, task arithmetic -------------------------------------------------------------------
@@ -319,19 +316,6 @@ def test_fisher_weighted_ties_with_uniform_fisher_is_ties(normalize):
 # --- mergekit as the oracle ---------------------------------------------------------------------------------
 
 
-def _random_models(seed: int, count: int = 3, shape=(37, 29)):
-    g = gen(seed)
-    base = torch.randn(*shape, generator=g) * 0.02
-    return base, [base + torch.randn(*shape, generator=g) * 0.01 for _ in range(count)]
-
-
-def _mk_params(weights, densities=None, **shared):
-    p = {"weight": {k + 1: w for k, w in enumerate(weights)}, **shared}
-    if densities is not None:
-        p["density"] = {k + 1: d for k, d in enumerate(densities)}
-    return p
-
-
 @pytest.mark.mergekit
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
 def test_trim_equals_mergekit_magnitude(density):
@@ -355,19 +339,19 @@ def test_elect_sign_equals_mergekit_get_mask():
 @pytest.mark.parametrize(("normalize", "lam"), [(True, 1.0), (False, 1.0), (True, 0.6), (False, 1.3)])
 def test_ties_task_arithmetic_linear_equal_mergekit(normalize, lam):
     api = pytest.importorskip("mergekit.merge_methods")
-    base, models = _random_models(seed=int(lam * 10) + normalize)
+    base, models = random_models(seed=int(lam * 10) + normalize)
     deltas = [ops.task_vector(m, base) for m in models]
     w, rho = [0.6, 0.3, 0.9], [0.2, 0.5, 0.9]
     shared = {"normalize": normalize, "lambda": lam}
 
     mk_ties = api.merge_tensors(
-        [base, *models], "ties", parameters=_mk_params(w, rho, **shared), base_index=0
+        [base, *models], "ties", parameters=mergekit_params(w, rho, **shared), base_index=0
     )
     hm3_ties = ops.ties(base, deltas, w, rho, normalize=normalize, lam=lam)
     assert torch.equal(hm3_ties, mk_ties)  # bit-exact (the brief's bar: max abs diff <= 1e-6)
 
     mk_ta = api.merge_tensors(
-        [base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0
+        [base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0
     )
     hm3_ta = ops.task_arithmetic(base, deltas, w, normalize=normalize, lam=lam)
     assert torch.equal(hm3_ta, mk_ta)
@@ -381,17 +365,17 @@ def test_ties_task_arithmetic_linear_equal_mergekit(normalize, lam):
 def test_half_precision_is_bit_exact_with_mergekit(dtype):
     """Same roundings as mergekit in half precision (TIES at density 1: tied magnitudes are common there)."""
     api = pytest.importorskip("mergekit.merge_methods")
-    base32, models32 = _random_models(seed=5)
+    base32, models32 = random_models(seed=5)
     base, models = base32.to(dtype), [m.to(dtype) for m in models32]
     deltas = [ops.task_vector(m, base) for m in models]
     w = [0.6, 0.3, 0.9]
     for normalize, lam in [(False, 1.0), (True, 0.7)]:
         shared = {"normalize": normalize, "lambda": lam}
         ta = api.merge_tensors(
-            [base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0
+            [base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0
         )
         assert torch.equal(ops.task_arithmetic(base, deltas, w, normalize=normalize, lam=lam), ta)
-        params = _mk_params(w, [1.0] * 3, **shared)
+        params = mergekit_params(w, [1.0] * 3, **shared)
         ties = api.merge_tensors([base, *models], "ties", parameters=params, base_index=0)
         assert torch.equal(ops.ties(base, deltas, w, [1.0] * 3, normalize=normalize, lam=lam), ties)
     lin = api.merge_tensors(models, "linear", parameters={"weight": w})
