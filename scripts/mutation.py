@@ -85,14 +85,16 @@ def run_module(module: str, max_children: int) -> dict:
     proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    (work / "mutmut.log").write_text(proc.stdout + proc.stderr)
+    output = proc.stdout.replace("\r", "\n").splitlines() + proc.stderr.splitlines()
+    (work / "mutmut.log").write_text("\n".join(output[-200:]) + "\n")  # progress spinner lines: only the end
     codes = _statuses(work, module)
     killed = sorted(k for k, c in codes.items() if c in KILLED)
     survived = sorted(k for k, c in codes.items() if c in SURVIVED)
     other = {k: c for k, c in codes.items() if c not in KILLED and c not in SURVIVED}
     ran = len(killed) + len(survived)
     return {
-        "module": module, "tests": tests, "mutants": len(codes), "killed": len(killed),
+        "module": module, "commit": _git("rev-parse", "--short", "HEAD"), "date": dt.date.today().isoformat(),
+        "tests": tests, "mutants": len(codes), "killed": len(killed),
         "survived": survived, "not_run": other, "score": round(len(killed) / ran, 4) if ran else None,
         "seconds": round(seconds), "mutmut_exit_code": proc.returncode,
     }
