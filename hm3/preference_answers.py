@@ -40,8 +40,9 @@ class PreferenceAnswer:
     kind: str  # "merge" or "path"
     candidate: int | None  # the store's id of the answer, when the store holds it
     scores: list[float]  # validation scores: stored, or predicted for an unevaluated answer
-    score: float  # what it was chosen by: Σ λ_k f̂_k, or its lower bound for a prediction
+    score: float  # what it was chosen by: Σ λ_k f̂_k, or its lower bound for an estimate or a prediction
     recipe: dict[str, Any]
+    basis: str  # where ``scores`` come from: "measured" (a front point), "estimated" (a policy path), "predicted"
 
 
 def slider_steps(k: int, cap: int = MAX_DIRECTIONS) -> int:
@@ -57,11 +58,15 @@ def directions(k: int, steps: int) -> list[tuple[int, ...]]:
     return [w for w in itertools.product(range(steps + 1), repeat=k) if any(w) and reduce(math.gcd, w) == 1]
 
 
-def prefer_text(objectives: Sequence[str], weights: Sequence[int]) -> str:
-    """``math=3,code=1,translation=0``: short names where they are unambiguous, as a user types them."""
+def preference_names(objectives: Sequence[str]) -> list[str]:
+    """What a user types in ``--prefer`` for each objective: its short name where that is unambiguous."""
     shorts = [short_name(o) for o in objectives]
-    names = [s if shorts.count(s) == 1 else o for s, o in zip(shorts, objectives, strict=True)]
-    return ",".join(f"{n}={w}" for n, w in zip(names, weights, strict=True))
+    return [s if shorts.count(s) == 1 else o for s, o in zip(shorts, objectives, strict=True)]
+
+
+def prefer_text(objectives: Sequence[str], weights: Sequence[int]) -> str:
+    """``math=3,code=1,translation=0``: the ``--prefer`` text of a slider setting."""
+    return ",".join(f"{n}={w}" for n, w in zip(preference_names(objectives), weights, strict=True))
 
 
 def budget_zero_answers(run_dir: Path, run: FinishedRun, steps: int) -> list[PreferenceAnswer]:
@@ -73,12 +78,13 @@ def budget_zero_answers(run_dir: Path, run: FinishedRun, steps: int) -> list[Pre
             prefer = prefer_text(run.names, weights)
             lam, _ = parse_preference(prefer, run.names)
             score, source, kind, raw, what = budget_zero_choice(run, store, lam, posterior, notes=[])
-            if isinstance(what, int):
-                candidate, recipe = what, store.candidate(what)[1]
-            else:
+            if isinstance(what, int):  # a front point: its stored whole-plan scores
+                candidate, recipe, basis = what, store.candidate(what)[1], "measured"
+            else:  # the policy's path (stored subset scores) or the posterior's merge (never evaluated)
                 found = store.find_candidate(what)
                 candidate, recipe = (found.id if found is not None else None), what
+                basis = "estimated" if kind == "path" else "predicted"
             answers.append(PreferenceAnswer(weights=weights, prefer=prefer, lam=lam.tolist(), source=source, kind=kind,
                                             candidate=candidate, scores=[float(v) for v in raw], score=float(score),
-                                            recipe=recipe))
+                                            recipe=recipe, basis=basis))
     return answers

@@ -23,15 +23,19 @@ from typing import Any
 
 from hm3.atomic import atomic_write_text
 from hm3.front_view import EvaluatedPoint, RunView, describe, read_run_view
-from hm3.preference_answers import PreferenceAnswer, budget_zero_answers, slider_steps
+from hm3.preference_answers import PreferenceAnswer, budget_zero_answers, preference_names, slider_steps
 from hm3.report import PROJECTION_NOTE
-from hm3.request import short_name
 
 PAGE_FILE = "front.html"
 COLOURS = {"front": "#d62728", "evaluated": "#9a9a9a", "answer": "#f2b705"}
 SYMBOLS = {"merge": "circle", "path": "diamond"}
+#: Reference models: colours apart from the front's red, the candidates' grey and the answer's gold.
+REFERENCE_COLOURS = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#393b79"]
 REFERENCE_SYMBOLS = ["square", "triangle-up", "cross", "triangle-down", "x", "pentagon", "hexagon", "star-square"]
 PANEL_COLUMNS = 3
+BASIS = {"measured": "stored, measured on the whole validation plan",
+         "estimated": "estimated from every validation score the run stored for this path",
+         "predicted": "predicted by the level-1 BO posterior; never evaluated"}
 
 
 def write_front_page(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -48,8 +52,7 @@ def front_page(view: RunView, answers: list[PreferenceAnswer], steps: int) -> st
     from plotly.offline import get_plotlyjs
 
     figure, answer_traces = front_figure(view)
-    names = [short_name(o) for o in view.objectives]
-    plotted = {p.id for p in view.points}
+    names = preference_names(view.objectives)
     data = {
         "objectives": view.objectives,
         "names": names,
@@ -59,7 +62,7 @@ def front_page(view: RunView, answers: list[PreferenceAnswer], steps: int) -> st
         "front": json.loads(figure.to_json()),
         "answerTraces": answer_traces,
         "hv": json.loads(hv_figure(view.hv_trace).to_json()) if view.hv_trace else None,
-        "answers": {",".join(map(str, a.weights)): _answer_data(view, a, plotted) for a in answers},
+        "answers": {",".join(map(str, a.weights)): _answer_data(view, a) for a in answers},
     }
     front_size = sum(p.on_front for p in view.points)
     caption = "Validation scores, higher is better. " + (PROJECTION_NOTE + " " if len(view.objectives) > 2 else "")
@@ -104,6 +107,11 @@ def front_figure(view: RunView):
     for n, (i, j) in enumerate(pairs):
         row, col = divmod(n, cols)
         where = {"row": row + 1, "col": col + 1}
+        fig.add_trace(go.Scatter(
+            x=[], y=[], mode="markers", name="budget-0 request's answer", legendgroup="answer", showlegend=n == 0,
+            marker={"symbol": "star", "size": 28, "color": COLOURS["answer"], "line": {"width": 1.5, "color": "#000"}},
+            hoverinfo="text"), **where)
+        answer_traces.append(len(fig.data) - 1)
         for (role, kind), points in groups.items():
             if not points:
                 continue
@@ -122,14 +130,9 @@ def front_figure(view: RunView):
             fig.add_trace(go.Scatter(
                 x=[scores[i]], y=[scores[j]], mode="markers", name=f"reference: {name}", legendgroup=f"ref-{name}",
                 showlegend=n == 0, marker={"symbol": REFERENCE_SYMBOLS[r % len(REFERENCE_SYMBOLS)], "size": 11,
-                                           "color": f"hsl({(r * 67) % 360}, 55%, 45%)", "line": {"width": 1}},
+                                           "color": REFERENCE_COLOURS[r % len(REFERENCE_COLOURS)], "line": {"width": 1}},
                 hovertext=html.escape(f"reference model {name}: {_scores(view.objectives, scores)}"),
                 hoverinfo="text"), **where)
-        fig.add_trace(go.Scatter(
-            x=[], y=[], mode="markers", name="budget-0 request's answer", legendgroup="answer", showlegend=n == 0,
-            marker={"symbol": "star", "size": 22, "color": COLOURS["answer"], "line": {"width": 1.5, "color": "#000"}},
-            hoverinfo="text"), **where)
-        answer_traces.append(len(fig.data) - 1)
         fig.update_xaxes(title_text=view.objectives[i], **where)
         fig.update_yaxes(title_text=view.objectives[j], **where)
     fig.update_layout(height=430 * rows, margin={"t": 30, "b": 50, "l": 60, "r": 20}, template="plotly_white",
@@ -159,20 +162,14 @@ def hover_text(view: RunView, point: EvaluatedPoint) -> str:
 
 
 def _scores(objectives: list[str], values) -> str:
-    return ", ".join(f"{short_name(o)} {v:.3f}" for o, v in zip(objectives, values, strict=True))
+    return ", ".join(f"{n} {v:.3f}" for n, v in zip(preference_names(objectives), values, strict=True))
 
 
-def _answer_data(view: RunView, answer: PreferenceAnswer, plotted: set[int]) -> dict[str, Any]:
-    """What the page shows for one slider direction; ``basis`` says where its scores come from."""
-    if answer.candidate is not None and answer.candidate in plotted:
-        basis = "measured on the whole validation plan"
-    elif answer.kind == "path":
-        basis = "estimated from the subset scores the run stored for this path"
-    else:
-        basis = "predicted by the level-1 BO posterior (never evaluated)"
+def _answer_data(view: RunView, answer: PreferenceAnswer) -> dict[str, Any]:
+    """What the page shows for one slider direction."""
     data = asdict(answer)
     return {k: data[k] for k in ("prefer", "lam", "source", "kind", "candidate", "scores", "score")} | {
-        "basis": basis, "recipe": describe(answer.recipe),
+        "basis": BASIS[answer.basis], "recipe": describe(answer.recipe),
         "hover": "<b>budget-0 answer</b><br>" + html.escape(f"{answer.source}: {_scores(view.objectives, answer.scores)}")}
 
 
@@ -251,6 +248,10 @@ PAGE_SCRIPT = r"""
     if (!a) {
       out.textContent = "Give at least one objective a positive weight.";
       delete out.dataset.source;
+      ["answer-detail", "answer-recipe", "answer-command"].forEach((id) => {
+        document.getElementById(id).textContent = "";
+      });
+      Plotly.restyle("front-plot", { x: DATA.pairs.map(() => []), y: DATA.pairs.map(() => []) }, DATA.answerTraces);
       return;
     }
     out.textContent = "answer: " + a.source + " (" + a.kind + ")";
