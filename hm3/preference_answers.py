@@ -27,7 +27,7 @@ from hm3.request import FinishedRun, budget_zero_choice, parse_preference, short
 from hm3.search.posterior import load_posterior
 from hm3.store import RunStore
 
-MAX_DIRECTIONS = 260  # 20-80 ms each (the policy's rollout dominates): seconds for a whole table
+MAX_DIRECTIONS = 260  # each costs one policy rollout (~20 ms on a lightly loaded 2-core machine)
 MAX_STEPS = 10
 
 
@@ -71,7 +71,21 @@ def prefer_text(objectives: Sequence[str], weights: Sequence[int]) -> str:
 
 def budget_zero_answers(run_dir: Path, run: FinishedRun, steps: int) -> list[PreferenceAnswer]:
     """The budget-0 answer of every slider direction of ``run`` (read by :func:`hm3.request.read_finished_run`)."""
+    import torch
+
     posterior = load_posterior(run.level1_dir)
+    # One torch thread for the policy's rollouts: its layers are tiny, and on a loaded 2-core machine one
+    # thread ran them >10x faster than two. At these layer sizes torch's outputs are bitwise the same with
+    # one thread and with two, so the answers stay those of an ``hm3 request`` with its default threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _answers(run_dir, run, steps, posterior)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _answers(run_dir: Path, run: FinishedRun, steps: int, posterior: dict[str, Any] | None) -> list[PreferenceAnswer]:
     answers = []
     with RunStore.open(run_dir, readonly=True) as store:
         for weights in directions(len(run.names), steps):
