@@ -620,8 +620,14 @@ def replot(run_dir: str | Path) -> Path:
         run_dir / "front.png", names, candidates=cands[cols].to_numpy(), front=df[cols].to_numpy(),
         references={r: np.array(v) for r, v in summary["reference_validation"].items()},
         title=f"two-level front ({summary['candidates']} candidates, validation)",
-        paths=(df["level"] == 2).to_numpy(),
+        paths=(df["level"] == 2).to_numpy(), front_ids=df["point"].tolist(), hv_trace=_level1_trace(run_dir),
     )
+
+
+def _level1_trace(run_dir: Path) -> list[float]:
+    """Level 1's hypervolume after each evaluation ([] when level 1 was skipped)."""
+    file = run_dir / "level1" / "summary.json"
+    return json.loads(file.read_text()).get("hv_trace_validation", []) if file.is_file() else []
 
 
 def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False,

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path_recipe
+from hm3.arch.level2 import PATH_KIND, FrameKey, build_trainer, merge_for_preference, path_recipe
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
@@ -245,6 +245,35 @@ def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, fram
              PATH_KIND, predicted, recipe)]
 
 
+def policy_frame(saved: dict[str, Any], lam: np.ndarray) -> FrameKey:
+    """The level-1 merge framing the policy's paths for λ (HM3's Tchebycheff choice), or the base."""
+    frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
+    return merge_for_preference(lam, frame_front) if frame_front else "base"
+
+
+def front_options(run: FinishedRun, lam: np.ndarray) -> list[tuple[float, str, str, np.ndarray, Any]]:
+    """The run's front points as options for λ: (Σ λ_k f̂_k, source, kind, raw scores, candidate id)."""
+    return [(weighted_normalised(lam, raw, run.base, run.ideal), f"front point {cid} (level {level})", kind, raw, cid)
+            for cid, level, kind, raw in run.front]
+
+
+def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, posterior: dict[str, Any] | None,
+                       notes: list[str]) -> tuple[float, str, str, np.ndarray, Any]:
+    """What a budget-0 request answers for λ (module docstring): the best of the front points, the
+    policy's greedy path if the store knows it, and the BO posterior's proposal (``posterior``:
+    :func:`load_posterior` of the run). Returns (score, source, kind, raw scores, candidate id or
+    recipe); evaluates and writes nothing, so a report can ask it for many λ."""
+    options = front_options(run, lam)
+    if run.policy is not None:
+        options += _policy_option(store, run.policy, lam, policy_frame(run.policy, lam), run.names, run.base,
+                                  run.ideal, notes)
+    proposal = posterior_option(posterior, run.level1.search_space, lam, run.base, run.ideal)
+    if proposal is not None:
+        bound, recipe, predicted = proposal
+        options.append((bound, "level-1 BO posterior proposal (unevaluated merge)", "merge", predicted, recipe))
+    return max(options, key=lambda o: o[0])
+
+
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
     overwrite: bool = False, force: bool = False, progress: bool = True,
@@ -269,27 +298,14 @@ def answer_request(
             "--budget must be 0; use --refine M for M more merge evaluations, or 'hm3 run' for both levels"
         )
     saved = run.policy
-    frame = None  # the level-1 merge framing level-2 paths for λ (two-level runs)
-    if saved is not None:
-        frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
-        frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+    frame = policy_frame(saved, lam) if saved is not None else None
 
     with RunStore.open(run_dir, readonly=True) as store:
-        options: list[tuple[float, str, str, np.ndarray, Any]] = [
-            (weighted_normalised(lam, raw, base, ideal), f"front point {cid} (level {level})", kind, raw, cid)
-            for cid, level, kind, raw in run.front
-        ]
+        options = front_options(run, lam)
         evaluations = 0
         if budget == 0 and refine == 0:
-            if saved is not None:
-                options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
-            posterior = load_posterior(run.level1_dir)
-            proposal = posterior_option(posterior, level1.search_space, lam, base, ideal)
-            if proposal is not None:
-                bound, recipe, predicted = proposal
-                options.append((bound, "level-1 BO posterior proposal (unevaluated merge)", "merge", predicted,
-                                recipe))
-            score, source, kind, raw, what = max(options, key=lambda o: o[0])
+            score, source, kind, raw, what = budget_zero_choice(run, store, lam, load_posterior(run.level1_dir),
+                                                                notes)
             stored = store.candidate(what)[1] if isinstance(what, int) else what
     measured = None
     if budget > 0 or refine > 0:

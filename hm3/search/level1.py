@@ -493,5 +493,7 @@ def write_outputs(
         front=Yu[[cids.index(c) for c in front_ids]],
         references=refs_val,
         title=f"level 1 ({cfg.optimizer.name}, {len(result.candidate_ids)} evaluations, validation)",
+        front_ids=front_ids,
+        hv_trace=result.hv_trace,
     )
     ctx.log(f"wrote {run_dir / 'front.csv'}, summary.json, front.png, recipes/ (HV {summary['hv_validation']:.4f})")
