@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hm3.threads import prefer_sleeping_openmp_workers
+
+prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker's torch gets its share of the cores: torch's default (every core
