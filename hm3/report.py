@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hm3.atomic import atomic_write_text
+from hm3.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pandas only for the hint: importing it costs a preference request ~0.5 s
     import pandas as pd
@@ -101,17 +99,12 @@ def front_figure(
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (temporary sibling, then rename) and close it."""
+    """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -21,6 +21,10 @@ from hypothesis import Phase, settings
 settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "default"))
 
+from hm3.threads import prefer_sleeping_openmp_workers
+
+prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker's torch gets its share of the cores: torch's default (every core

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hm3.atomic import atomic_write_text
+from hm3.atomic import atomic_write_text, share_files
 from hm3.errors import ConfigError, OutputExistsError
 from hm3.zoo.shipped import file_hashes
 from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
@@ -356,6 +356,7 @@ def build_zoo(
         manifest = _build_into(work, spec, log)
         manifest = replace(manifest, files=file_hashes(work))
         atomic_write_text(work / "zoo.json", manifest.to_json())
+        share_files(work)  # save_pretrained writes its safetensors files 0o600
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)
