@@ -1,6 +1,6 @@
 """Evaluator benchmark: the ``hf`` and ``vllm`` backends side by side, in one process.
 
-What it measures (issue 3, "Must show"), alternating hf / vLLM within each round
+What it measures, alternating hf / vLLM within each round
 so that the noise of a shared machine hits both alike:
 
 * **per-candidate evaluation** on the small zoo: swap a candidate's weights in,
@@ -20,26 +20,22 @@ Usage::
 
     .venv-vllm/bin/python experiments/bench_eval.py [--quick] [--zoo DIR] [--smol-dir DIR]
         [--smol-wheel WHL] [--rounds 3] [--examples 200] [--dtypes float32,bfloat16]
-        [--out experiments/results/bench_eval.json]
+        [--out FILE | --label LABEL]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
-from hm3.atomic import atomic_write_text
 from hm3.checkpoint.reader import open_checkpoint
 from hm3.eval.backend import Backend, open_backend
 from hm3.eval.evaluate import evaluate_objective
@@ -414,15 +410,6 @@ def summarise_smollm2(runs: Mapping[str, list[Any]], hf_open: float, vllm_open: 
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-    }
-
-
 def versions() -> dict[str, str]:
     import transformers
 
@@ -482,7 +469,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         ]
     loads = [result.get(k, [None])[0] for k in ("load_average_start", "load_average_end")]
     lines.append(
-        f"{result['machine']['cpu_count']} cores; 1-min load average "
+        f"{result['machine']['cpus']} cores; 1-min load average "
         f"{fmt(loads[0], '.2f')} at start, {fmt(loads[1], '.2f')} at end"
     )
     return "\n".join(lines)
@@ -527,7 +514,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-zoo", action="store_true")
     p.add_argument("--skip-smollm2", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_eval.json"))
+    harness.add_out_arguments(p, "bench_eval")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.smol_reps, args.bf16_reps, args.examples, args.prompts, args.max_new_tokens = (
@@ -549,10 +536,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[bench_eval {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     result: dict[str, Any] = {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "benchmark": "bench_eval",
+        **harness.provenance(argv),
         "load_average_start": list(os.getloadavg()),
-        "command": [sys.executable, *sys.argv],
         "quick": args.quick,
         "versions": versions(),
         "torch_threads_at_start": torch.get_num_threads(),
@@ -597,9 +583,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = format_table(result)
     result["table"] = table
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
-    log(f"wrote {args.out} ({result['total_s']:.0f} s in all)")
+    out = harness.write_results(harness.out_path(args, "bench_eval"), result)
+    log(f"wrote {out} ({result['total_s']:.0f} s in all)")
     return result
 
 

@@ -9,23 +9,21 @@ locally, then times, alternating A B A B … so machine noise hits both alike:
   single elementwise operation (hm3's reader/writer, no merge math);
 * the in-memory path: one candidate merged straight into a live model.
 
-Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--work DIR] [--out experiments/results/bench_merge.json]
+Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
 import yaml
 
@@ -109,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hm3-bench-merge")
-    ap.add_argument("--out", type=Path, default=Path("experiments/results/bench_merge.json"))
+    harness.add_out_arguments(ap, "bench_merge")
     ap.add_argument("--floor-only", type=Path, help=argparse.SUPPRESS)  # internal: run the floor job
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -160,10 +158,9 @@ def main() -> None:
     n_params = sum(torch.Size(ck.shape(n)).numel() for n in ck.tensor_names())
     ck.close()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "benchmark": "bench_merge",
+        **harness.provenance(),
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "params_per_model": n_params,
         "reps": args.reps,
         "raw": results,
@@ -171,8 +168,7 @@ def main() -> None:
         "ratios": ratios,
         "in_memory": inmem,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    out = harness.write_results(harness.out_path(args, "bench_merge"), report)
     print()
     print(f"{'run':22s} {'median wall s':>14s} {'peak RSS MB':>12s}")
     for k, v in med.items():
@@ -181,7 +177,7 @@ def main() -> None:
         print(f"{method}: hm3/mergekit wall {r['wall_vs_mergekit']:.3f}x, RSS {r['rss_vs_mergekit']:.3f}x; "
               f"hm3/floor wall {r['wall_vs_floor']:.2f}x")
     print("in-memory:", {k: round(v, 3) for k, v in inmem.items()})
-    print(f"saved {args.out}")
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

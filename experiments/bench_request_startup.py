@@ -1,4 +1,4 @@
-"""Fresh-process ``hm3 request`` at budget 0: this checkout against another one, side by side (issue 5).
+"""Fresh-process ``hm3 request`` at budget 0: this checkout against another one, side by side.
 
 A budget-0 answer takes well under a second inside a process; a user typing ``hm3 request`` also
 pays Python's and the libraries' start-up, which dominates on a small CPU. This times that whole
@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from hm3.atomic import atomic_write_text
+import harness
+
 from hm3.search.posterior import upgrade_posterior_file
 
 PREFERENCES = ("math=0.6,code=0.3,translation=0.1", "math=0.1,code=0.3,translation=0.6",
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, required=True, help="the other checkout (e.g. a git worktree)")
     p.add_argument("--runs", required=True, help="finished two-level run directories, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_request_startup.json"))
+    harness.add_out_arguments(p, "bench_request_startup")
     args = p.parse_args(argv)
     here = Path(__file__).resolve().parents[1]
     runs = [Path(r) for r in args.runs.split(",") if r]
@@ -90,16 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_mean": statistics.fmean(b / t for b, t in zip(base, this, strict=True)),
         "all_same_answers": all(r["same_answer"] for r in rows),
     }
-    commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    this_commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip()
-    out = {"benchmark": "bench_request_startup", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
-           "baseline_commit": commit, "this_commit": this_commit, "summary": summary, "rows": rows}
-    atomic_write_text(args.out, json.dumps(out, indent=2))
+    commit = harness.git_commit(args.baseline)
+    out = {"benchmark": "bench_request_startup", **harness.provenance(argv), "baseline_commit": commit,
+           "summary": summary, "rows": rows}
+    path = harness.write_results(harness.out_path(args, "bench_request_startup"), out)
     print(json.dumps(summary, indent=1))
-    print(f"-> {args.out}")
+    print(f"-> {path}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Level-1 search benchmark (issue 4): hypervolume vs evaluations for every optimiser, several seeds.
+"""Level-1 search benchmark: hypervolume vs evaluations for every optimiser, several seeds.
 
 Each (optimiser, seed) is one ordinary ``run_level1`` in its own run directory under ``--work``, so
 every score is in a run store and an interrupted benchmark resumes where it stopped (a finished
@@ -20,26 +20,23 @@ Usage::
 
     .venv/bin/python experiments/bench_search_param.py [--zoo builtin:micro] [--seeds 0,1,2]
         [--budget 50] [--long-budget 200] [--validation-examples 64] [--optimizers ...]
-        [--work runs/bench_search_param] [--out experiments/results/bench_search_param.json]
+        [--work runs/bench_search_param] [--out FILE | --label LABEL]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
-from hm3.atomic import atomic_write_text
 from hm3.report import save_figure
 from hm3.search.level1 import run_level1
 from hm3.search.run_config import parse_run_config
@@ -170,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(runs, checkpoints)
     out = {
         "benchmark": "bench_search_param",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        **harness.provenance(argv),
         "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "seeds": seeds, "budget": args.budget, "long_budget": args.long_budget,
         "validation_examples": args.validation_examples,
@@ -204,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             hit = np.nonzero(mean_trace >= target)[0]
             reach[key] = int(hit[0]) + 1 if len(hit) else None
         out["target"]["evaluations_to_reach_bo_mo"] = {"bo_mo_hv": target, "evaluations": reach}
-    atomic_write_text(args.out, json.dumps(out, indent=2))
+    harness.write_results(args.out, out)
     plot(runs, args.plot)
     print(f"{'optimiser':<16}" + "".join(f"{'HV@' + str(n):>12}" for n in checkpoints) + f"{'HV test':>10}")
     for key, row in table.items():

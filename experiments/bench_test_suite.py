@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from hm3.atomic import atomic_write_text
+import harness
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = harness.REPO
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
@@ -75,12 +73,6 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
     return {"seconds": round(seconds, 1), "exit_code": code, "load_at_start": round(load, 2), "summary": summary.strip("= ")}
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="the commit to compare against (e.g. the main before a change)")
@@ -88,16 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--what", default="suite,demo", help="comma-separated: suite, demo")
     p.add_argument("--work", type=Path, default=Path("/tmp/hm3-bench-suite"))
-    p.add_argument("--out", type=Path, default=None)
+    harness.add_out_arguments(p, "bench_test_suite")
     args = p.parse_args(argv)
     commits = {"baseline": git("rev-parse", args.baseline), "current": git("rev-parse", args.current)}
     args.work.mkdir(parents=True, exist_ok=True)
     clones = {k: clone(c, args.work / k) for k, c in commits.items()}
-    date = datetime.now(timezone.utc)
-    out = args.out or REPO / "experiments" / "results" / (
-        f"bench_test_suite_{date:%Y-%m-%d}_{commits['current'][:7]}.json")
-    result = {"benchmark": "bench_test_suite", "date": date.isoformat(timespec="seconds"), "commits": commits,
-              "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": []}
+    # named by the commit measured, which need not be this checkout's
+    out = args.out or harness.results_path("bench_test_suite", args.label, commit=commits["current"])
+    result = {"benchmark": "bench_test_suite", **harness.provenance(argv), "commits": commits, "runs": []}
     what = args.what.split(",")
     for r in range(args.rounds):
         for kind in ("suite", "demo"):
@@ -113,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                        **timed(cmd, src, args.work / f"{name}-{kind}-{r}.log")}
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
-                atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+                harness.write_results(out, result)
     ratios = {}
     for kind in what:
         mean = {n: sum(x["seconds"] for x in result["runs"] if x["kind"] == kind and x["checkout"] == n)
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios[kind] = {"baseline_mean_s": round(mean["baseline"], 1), "current_mean_s": round(mean["current"], 1),
                         "ratio": round(mean["current"] / mean["baseline"], 3)}
     result["summary"] = ratios
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    harness.write_results(out, result)
     print(json.dumps(ratios, indent=2))
     return 0
 

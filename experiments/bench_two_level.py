@@ -1,4 +1,4 @@
-"""Two-level benchmark (issue 5): level 1 alone vs level 2 alone vs both, with and without DAR,
+"""Two-level benchmark: level 1 alone vs level 2 alone vs both, with and without DAR,
 and budget-0 preference requests vs a dedicated search for the same λ.
 
 Every arm runs through the product's own entry points (``run_level1``, ``run_two_level``,
@@ -42,15 +42,13 @@ validation Σλf̂.
 Usage::
 
     .venv/bin/python experiments/bench_two_level.py [--zoo builtin:micro] [--seeds 0,1,2] [--budget 80]
-        [--validation-examples 64] [--work runs/bench_two_level] [--out experiments/results/bench_two_level.json]
+        [--validation-examples 64] [--work runs/bench_two_level] [--out FILE | --label LABEL]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -60,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
@@ -504,15 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         targets["request" if run_name == "both" else f"request_{run_name}_run"] = request_targets(rows)
     out = {
         "benchmark": "bench_two_level",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        **harness.provenance(argv),
         "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "table": table, "targets": targets, "arms": results, "requests": req_rows,
         # this invocation only: arms finished by an earlier invocation are read back, not re-run
         "this_invocation_wall_seconds": time.time() - started,
     }
-    atomic_write_text(args.out, json.dumps(out, indent=2))
+    harness.write_results(args.out, out)
     first = req_rows[0].get("run", "both") if req_rows else None  # the plot shows one run kind's requests
     plot(results, [r for r in req_rows if r.get("run", "both") == first], args.plot)
     print(f"{'arm':<20}{'HV val':>10}{'HV test':>10}{'full-eq':>9}{'L2 evals':>9}{'L2 examples':>12}{'seconds':>9}")

@@ -19,29 +19,25 @@ stored there, so an interrupted check resumes from its store. hm3's own code sco
 Usage::
 
     .venv/bin/python experiments/level2_ceiling.py RUN_DIR [--t-max 2] [--work runs/level2_ceiling]
-        [--out experiments/results/level2_ceiling.json] [--longer 0 --longer-t-max 4]
+        [--out FILE | --label LABEL] [--longer 0 --longer-t-max 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
 from hm3.arch.level2 import PathEvaluator
 from hm3.arch.path import LayerPath
-from hm3.atomic import atomic_write_text
 from hm3.run.config import stored_two_level_config
 from hm3.run.two_level import TwoLevelRun
 from hm3.search.level1 import make_optimizer, open_session
@@ -93,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("run", type=Path, help="a finished two-level run directory (pool experts+merge)")
     p.add_argument("--t-max", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("runs/level2_ceiling"))
-    p.add_argument("--out", type=Path, default=Path("experiments/results/level2_ceiling.json"))
+    harness.add_out_arguments(p, "level2_ceiling")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--best-k", default="3,6,12", help="report the HV of level 1 + the best k paths, for these k")
     p.add_argument("--longer", type=int, default=0, help="random paths per frame longer than --t-max")
@@ -149,9 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "union_front_longer_paths": int((nd_longer >= len(all_y)).sum()),
             }
     out = {
-        "experiment": "level2_ceiling",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        "benchmark": "level2_ceiling",
+        **harness.provenance(argv),
         "run": str(args.run), "t_max": args.t_max,
         "validation_examples": {k: len(v) for k, v in run.session.validation.indices.items()},
         "level1": {"merges": len(ids), "front": len(front), "hv_validation": hv1},
@@ -165,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "longer_paths_sample": longer_out if longer else None,
         "seconds": time.perf_counter() - start,
     }
-    atomic_write_text(args.out, json.dumps(out, indent=2))
+    harness.write_results(harness.out_path(args, "level2_ceiling", args.run.name), out)
     print(f"union HV {out['hv_union']:.4f} vs level 1 {hv1:.4f}; union front {out['union_front_size']} points, "
           f"{out['union_front_paths']} of them paths; {out['path_evaluations']} full path evaluations; "
           f"level 1 + best k paths: {', '.join(f'k={k}: {v:.4f}' for k, v in best_k.items())}")

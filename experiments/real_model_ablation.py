@@ -27,11 +27,10 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hm3.atomic import atomic_write_text
+import harness
 
 #: settings that must be equal between the two arms of a pair
 SHARED = ("models", "objectives", "search_space", "evaluation", "seed")
@@ -82,7 +81,7 @@ def pair_row(two_path: Path, one_path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", required=True, help="TWO.json:ONE.json[,TWO.json:ONE.json...], one pair per seed")
-    p.add_argument("--out", type=Path, default=Path("experiments/results/real_model_ablation.json"))
+    harness.add_out_arguments(p, "real_model_ablation")
     args = p.parse_args(argv)
     pairs = [item.split(":") for item in args.pairs.split(",")]
     if any(len(x) != 2 for x in pairs):
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "level1_alone"]
     summary["seeds_where_both_wins_validation"] = sum(
         r["hv_validation"]["both"] > r["hv_validation"]["level1_alone"] for r in rows)
-    result = {"benchmark": "real_model_ablation", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "rows": rows, "summary": summary}
+    result = {"benchmark": "real_model_ablation", **harness.provenance(argv), "rows": rows, "summary": summary}
     print(f"{'seed':>4} {'L1 budget':>9} {'HV val: L1 alone':>17} {'both':>6} {'(L1 / L2 part)':>15} "
           f"{'HV test: L1 alone':>18} {'both':>6} {'val s: L1 alone':>16} {'both':>6}")
     for r in rows:
@@ -111,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['hv_validation']['both']:.3f} both; test {summary['hv_test_front']['level1_alone']:.3f} vs "
           f"{summary['hv_test_front']['both']:.3f}; both wins on validation in "
           f"{summary['seeds_where_both_wins_validation']} of {len(rows)} seeds")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
-    print(f"-> {args.out}")
+    out = harness.write_results(harness.out_path(args, "real_model_ablation"), result)
+    print(f"-> {out}")
     return 0
 
 

@@ -36,17 +36,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import yaml
 
 from hm3.atomic import atomic_write_text
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smol-dir", type=Path, default=Path("runs/smollm2"))
     p.add_argument("--work", type=Path, default=Path("runs/real_model_run"))
-    p.add_argument("--out", type=Path, default=Path("experiments/results/real_model_run.json"))
+    harness.add_out_arguments(p, "real_model_run")
     p.add_argument("--tasks", default="math,code")
     p.add_argument("--expert-steps", type=int, default=40)
     p.add_argument("--expert-batch", type=int, default=16)
@@ -179,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                "" if args.mode == "hm3" or args.level1_only else args.mode, args.name,
                                f"s{args.seed}" if args.seed else "") if x)
     run_dir = args.work / f"run-{tag}"
+    args.out = harness.out_path(args, "real_model_run", tag)
     config_file = args.work / f"config-{tag}.yml"
     atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     resume = ["--resume"] if (run_dir / "hm3.sqlite").exists() else []
@@ -250,8 +249,7 @@ def write_result(args, config: dict[str, Any], seconds: dict[str, float], run_di
     summary = json.loads((run_dir / "summary.json").read_text())
     result = {
         "benchmark": "real_model_run",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+        **harness.provenance(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": config,
         "references_validation": summary["reference_validation"],
@@ -264,8 +262,7 @@ def write_result(args, config: dict[str, Any], seconds: dict[str, float], run_di
         "request": request,
         "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
+    harness.write_results(args.out, result)
     print(json.dumps({k: result[k] for k in ("references_validation", "seconds", "summary", "cost")}, indent=1))
     if checks is None:
         print(f"level 1 alone: not checked from disk; -> {args.out}")

@@ -11,10 +11,10 @@ returns the ``hm3`` command to run on it, with what must hold afterwards. Every 
 * **no code run**: a pickle gadget's marker file was never created.
 
 A case is *handled* when all of its checks hold. The table goes to stdout and everything to
-``experiments/results/red_team.json`` (date, git commit, machine, command). To add cases (e.g. the
+``experiments/results/red_team_DATE_COMMIT.json`` (date, git commit, machine, command). To add cases (e.g. the
 sandbox's fake passes and escapes), append functions with :func:`case`; each gets a :class:`Lab`.
 
-    python experiments/red_team.py [--out experiments/results/red_team.json] [--only SUBSTRING]
+    python experiments/red_team.py [--out FILE] [--only SUBSTRING]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -34,14 +33,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import harness
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = harness.REPO
 sys.path.insert(0, str(REPO))  # the tests' tiny-model and pickle-gadget helpers
 from tests.gadgets import plant  # noqa: E402
 
@@ -622,16 +621,9 @@ def judge(case: Case, lab: Lab) -> dict:
     }
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "red_team.json")
+    harness.add_out_arguments(p, "red_team")
     p.add_argument("--only", default="", help="run only cases whose name contains one of these (comma-separated)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -657,19 +649,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{g:<12}{ok:>6} / {n}")
     print(f"{'all':<12}{handled:>6} / {len(rows)}  ({time.perf_counter() - started:.0f} s)")
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "machine": {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "benchmark": "red_team",
+        **harness.provenance(argv),
         "cases": len(rows), "handled": handled, "by_group": {g: {"handled": ok, "cases": n} for g, (ok, n) in
                                                              by_group.items()},
         "lab_seconds": round(lab_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    out = harness.write_results(harness.out_path(args, "red_team"), result)
+    print(f"-> {out}")
     return 0 if handled == len(rows) else 1
 
 

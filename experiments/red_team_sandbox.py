@@ -10,24 +10,23 @@ hook off (the suite's ``HOOK_BYPASS``), so only the operating system's containme
 * the host's processes read through ``/proc`` (a process started here with a marker in its argv);
 * more than ``disk_mb`` stored in total across many files.
 
-    python experiments/red_team_sandbox.py [--out experiments/results/red_team_sandbox.json]
+    python experiments/red_team_sandbox.py [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import harness
+
+REPO = harness.REPO
 sys.path.insert(0, str(REPO))
 from hm3.eval.sandbox import MODES, mode_available, run_untrusted  # noqa: E402
 from tests.eval.test_sandbox import FAKE_PASSES, HOOK_BYPASS, TESTS  # noqa: E402
@@ -116,7 +115,7 @@ ESCAPES = {"host /tmp, /dev/shm or folder file": host_files, "host AF_UNIX socke
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "red_team_sandbox.json")
+    harness.add_out_arguments(p, "red_team_sandbox")
     args = p.parse_args(argv)
     modes = [m for m in MODES if mode_available(m)]
     rows = []
@@ -129,13 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                      "attacks": len(ESCAPES), "escapes": escapes})
         print(f"{mode:<8} fake passes {len(fake)} / {len(FAKE_PASSES)}; genuine passes: {genuine}; "
               f"escapes {len(escapes)} / {len(ESCAPES)} {escapes}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "modes": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    result = {"benchmark": "red_team_sandbox", **harness.provenance(argv), "modes": rows}
+    out = harness.write_results(harness.out_path(args, "red_team_sandbox"), result)
+    print(f"-> {out}")
     contained = [r for r in rows if r["mode"] != "none"]
     return 0 if all(not r["fake_passes"] and not r["escapes"] and r["genuine_solution_passes"] for r in contained) else 1
 

@@ -8,22 +8,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import harness
+
+#: where a benchmark's plot goes by default: named like its results file
+PLOTS = harness.REPO / "docs" / "benchmarks"
+
 
 def add_zoo_bench_args(p: argparse.ArgumentParser, name: str, *, validation: int = 64, test: int = 200) -> None:
-    """--zoo, --seeds, example counts, --work/--out/--plot named after the benchmark, --threads, --quiet."""
+    """--zoo, --seeds, example counts, --work named after the benchmark, --out/--label/--plot, --threads, --quiet."""
     p.add_argument("--zoo", default="builtin:micro", help="builtin:NAME (a zoo shipped with hm3) or a zoo directory")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--validation-examples", type=int, default=validation)
     p.add_argument("--test-examples", type=int, default=test)
     p.add_argument("--work", type=Path, default=Path(f"runs/{name}"))
-    p.add_argument("--out", type=Path, default=Path(f"experiments/results/{name}.json"))
-    p.add_argument("--plot", type=Path, default=Path(f"docs/{name}.png"))
+    harness.add_out_arguments(p, name)
+    p.add_argument("--plot", type=Path, default=None,
+                   help="plot file (default: beside --out, or docs/benchmarks/ for the default results file)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.set_defaults(benchmark=name)
 
 
 def prepare(args: argparse.Namespace) -> bool:
-    """Set torch's threads and resolve ``--zoo`` to a folder; False (after saying why) when it holds no zoo."""
+    """Set torch's threads, resolve ``--zoo`` to a folder and ``--out``/``--plot`` to files; False (after
+    saying why) when the zoo folder holds no zoo."""
+    if args.plot is None:
+        args.plot = args.out.with_suffix(".png") if args.out else PLOTS / f"{harness.out_path(args, args.benchmark).stem}.png"
+    args.out = harness.out_path(args, args.benchmark)
     if args.threads:
         import torch
 

@@ -6,7 +6,8 @@
 Each variant is a full ``hm3 zoo build`` (``build_zoo`` with the overrides) into
 ``--work/NAME-sSEED``, reused when already built there. Prints and saves (JSON) per
 variant and seed: the expert margins and the share of gain the bar's chosen TIES merge
-keeps, on validation (what the bar judges) and on test (what the choice never saw).
+keeps, on validation (what the bar judges) and on test (what the choice never saw). The results
+file is rewritten after each build, so an interrupted call keeps what it finished.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from hm3.atomic import atomic_write_text
+import harness
+
 from hm3.zoo.build import build_zoo, expert_margin
 from objectives.zoo import ZOO_TASKS
 
@@ -27,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="micro")
     p.add_argument("--seeds", default="0")
     p.add_argument("--work", type=Path, default=Path("runs/zoo_variants"))
-    p.add_argument("--out", type=Path, default=Path("experiments/results/zoo_variants.json"))
+    harness.add_out_arguments(p, "zoo_variants")
     args = p.parse_args(argv)
+    out = harness.out_path(args, "zoo_variants")
     variants = json.loads(args.variants)
     rows = []
     for name, overrides in variants.items():
@@ -47,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} s{seed}: bar {'met' if bar['ok'] else 'NOT met'} | margins val {fmt(row['margin_validation'])}"
                   f" test {fmt(row['margin_test'])} | kept val {fmt(row['kept_validation'])} test {fmt(test_kept)}"
                   f" | {row['merge']} | {m.build_seconds:.0f} s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.out, json.dumps(rows, indent=2))
+            harness.write_results(out, {"benchmark": "zoo_variants", **harness.provenance(argv), "rows": rows})
     return 0
 
 

@@ -166,6 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_front(args: argparse.Namespace) -> int:
+    if args.html is not None:
+        from hm3.report_html import write_front_page
+
+        page = write_front_page(args.run_dir, args.html or None)
+        print(f"interactive front -> {page}")
+        return 0
     import pandas as pd
 
     from hm3.run.directory import read_front
@@ -308,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr = sub.add_parser("front", help="print a finished run's front table and rewrite its plot (hm3 run or "
                                       "hm3 search param)")
     fr.add_argument("run_dir")
+    fr.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                    help="instead: write one self-contained interactive page (default RUN_DIR/front.html)")
     fr.set_defaults(func=cmd_front)
 
     ex = sub.add_parser("export", help="write a front point of a run as a Hugging Face checkpoint")

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, invalid_config
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -84,21 +84,6 @@ class MergeConfig(_Frozen):
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[", "list[")))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'")
-        elif e["type"] == "missing":
-            lines.append(f"missing required key '{loc}'")
-        else:
-            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
-    # pydantic reports one error per union branch; keep the distinct ones
-    uniq = list(dict.fromkeys(lines))
-    return f"{source}: invalid merge config:\n  " + "\n  ".join(uniq[:8])
-
-
 def parse_merge_config(data: Any, *, source: str = "<config>") -> MergeConfig:
     """Validate a parsed YAML/JSON mapping into a :class:`MergeConfig`."""
     if not isinstance(data, dict):
@@ -112,7 +97,7 @@ def parse_merge_config(data: Any, *, source: str = "<config>") -> MergeConfig:
     try:
         cfg = MergeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise invalid_config(err, source, "merge config") from None
     _check_numbers(cfg, source)
     return cfg
 

@@ -41,8 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from hm3.atomic import atomic_path
 from hm3.errors import ConfigError, DataFileError, FisherError
 from hm3.eval.backend import encode_pair
 from objectives.base import Example, Generate, LogLikelihood, Objective
@@ -280,16 +279,10 @@ def save_fisher(
     path = Path(path)
     check_fisher(fisher, where=str(path))
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in fisher.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hm3.atomic import atomic_write_text
+from hm3.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pandas only for the hint: importing it costs a preference request ~0.5 s
     import pandas as pd
@@ -21,8 +19,17 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return atomic_write_text(path, df.to_csv(index=False))
 
 
-def plot_front(
-    path: Path,
+#: Said under every front plot of 3+ objectives (static and interactive): a 2-D panel is a projection.
+PROJECTION_NOTE = ("Each panel shows two of the objectives: a front point that looks dominated in a panel is better "
+                   "on an objective that panel does not show.")
+
+
+def plot_front(path: Path, *args: Any, **kwargs: Any) -> Path:
+    """:func:`front_figure` (same arguments) written as a PNG at ``path``."""
+    return save_figure(front_figure(*args, **kwargs), path)
+
+
+def front_figure(
     objective_names: Sequence[str],
     candidates: np.ndarray,
     front: np.ndarray,
@@ -30,10 +37,15 @@ def plot_front(
     *,
     title: str = "",
     paths: np.ndarray | None = None,
-) -> Path:
+    front_ids: Sequence[int] | None = None,
+    hv_trace: Sequence[float] = (),
+):
     """One panel per pair of objectives: all candidates, the front, and reference models marked.
 
-    ``paths`` (a boolean mask over ``front``) marks the front points that are level-2 layer paths.
+    ``paths`` (a boolean mask over ``front``) marks the front points that are level-2 layer paths;
+    ``front_ids`` labels each front point with its id (front.csv's), so a dot can be matched to its
+    recipe; ``hv_trace`` (level 1's hypervolume after each evaluation) adds a last panel. With 3+
+    objectives a caption says that a 2-D panel is a projection (:data:`PROJECTION_NOTE`).
     """
     import matplotlib
 
@@ -42,12 +54,13 @@ def plot_front(
 
     k = len(objective_names)
     pairs = list(itertools.combinations(range(k), 2)) or [(0, 0)]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+    panels = len(pairs) + bool(len(hv_trace))
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4 if k > 2 else 4), squeeze=False)
     # one marker and colour per reference model, the same in every panel (the legend is drawn once)
     shapes = itertools.cycle(["s", "^", "D", "v", "P", "X"])
     colours = itertools.cycle([f"C{i}" for i in range(10)])
     style = {name: (next(shapes), next(colours)) for name in references}
-    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+    for ax, (i, j) in zip(axes[0], pairs, strict=False):
         if len(candidates):
             ax.scatter(candidates[:, i], candidates[:, j], s=12, c="0.7", label="evaluated")
         if len(front):
@@ -59,6 +72,9 @@ def plot_front(
             if paths is not None and np.any(paths):
                 ax.scatter(front[paths, i], front[paths, j], s=90, facecolors="none", edgecolors="tab:purple",
                            linewidths=1.5, label="front: level-2 path", zorder=6)
+            for point, cid in zip(front, front_ids, strict=True) if front_ids is not None else ():
+                ax.annotate(str(cid), (point[i], point[j]), xytext=(3, 3), textcoords="offset points", fontsize=7,
+                            color="tab:red", zorder=7)
         for name, scores in references.items():
             marker, colour = style[name]
             ax.scatter([scores[i]], [scores[j]], marker=marker, c=colour, s=60, edgecolors="k", label=name, zorder=5)
@@ -66,24 +82,29 @@ def plot_front(
         ax.set_ylabel(objective_names[j])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
+    if len(hv_trace):
+        ax = axes[0][-1]
+        ax.plot(np.arange(1, len(hv_trace) + 1), hv_trace, ".-", c="tab:blue")
+        ax.set_xlabel("level-1 evaluations")
+        ax.set_ylabel("hypervolume (validation)")
+        ax.set_title("hypervolume after each evaluation", fontsize=9)
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    if k > 2:
+        fig.text(0.5, 0.01, PROJECTION_NOTE, ha="center", va="bottom", fontsize=8, color="0.3")
+        fig.subplots_adjust(bottom=0.2)
+    return fig
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (temporary sibling, then rename) and close it."""
+    """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -8,10 +8,10 @@ How a request is answered, and why:
   is what the run store already knows of it: the count-weighted mean of every validation score
   stored for it (its whole-validation score, if level 2 kept it, dominates by count; else the
   subsets of its training episodes), and it competes by that mean minus one standard error for
-  the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets does
-  not win by luck -- its plain mean from ~6 examples per task once won a request that measured
-  0.37× the dedicated search (``docs/BENCHMARKS.md``); a path the store has never seen has no
-  prediction and is not chosen. The answer maximises the preference-weighted normalised score
+  the examples behind it (:mod:`hm3.search.estimates`), so a path seen on a few DAR subsets (a
+  handful of examples per task, whose plain mean can be far above what the path scores on the
+  whole plan) does not win by luck; a path the store has never seen has no prediction and is not
+  chosen. The answer maximises the preference-weighted normalised score
   ``Σ_k λ_k f̂_k`` -- the reward level 2 was trained on, without the length penalty. The store is
   opened read-only: nothing is evaluated or written there. The level-1 BO posterior adds one more
   option: the merge its GPs predict best for λ, compared by the lower confidence bound of its
@@ -30,8 +30,8 @@ How a request is answered, and why:
   again with them among the candidates, so ``hm3 front`` and later requests see them.
 * **A level-1 search** (``hm3 search param``) answers requests too, from its front and its BO
   posterior, and ``--refine`` works on it as above; ``--budget N > 0`` is refused, since it has no
-  level-2 policy. Why: on every equal-cost comparison so far, level 1 alone with the whole budget
-  gave the better front (``docs/BENCHMARKS.md``), so a user may well hold only a level-1 run.
+  level-2 policy. Why: in the equal-cost comparisons of ``docs/BENCHMARKS.md``, level 1 alone with
+  the whole budget gave the better front, so a user may well hold only a level-1 run.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from hm3.arch.level2 import PATH_KIND, build_trainer, merge_for_preference, path_recipe
+from hm3.arch.level2 import PATH_KIND, FrameKey, build_trainer, merge_for_preference, path_recipe
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
@@ -129,7 +129,7 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
     return scaled / scaled.sum(), notes
 
 
-ScoresAre = Literal["measured", "predicted"]
+ScoresAre = Literal["measured", "estimated", "predicted"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,9 @@ class Option:
     source: str  # "front point N (level L)", "policy path ...", ...
     kind: str  # "merge" or "path"
     scores: np.ndarray  # raw validation scores, per objective
-    scores_are: ScoresAre  # measured on the whole validation plan (stored or now), or predicted
+    # "measured": on the whole validation plan (stored, or now); "estimated": the mean of the stored
+    # scores of a path's training episodes (a few examples each); "predicted": the BO posterior's
+    scores_are: ScoresAre
     candidate: int | None = None  # its run-store id, when it is stored
     recipe: dict[str, Any] | None = None  # its recipe, when it is not (or not looked up)
 
@@ -172,7 +174,8 @@ class RequestAnswer:
 
     @property
     def predicted(self) -> np.ndarray | None:
-        return self.scores if self.scores_are == "predicted" else None
+        """The scores, unless measured (an estimate from a path's episodes, or the posterior's prediction)."""
+        return self.scores if self.scores_are != "measured" else None
 
     @property
     def measured(self) -> np.ndarray | None:
@@ -212,7 +215,7 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
     return trainer.greedy_path(lam)
 
 
-def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame, names: list[str],
+def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame: FrameKey, names: list[str],
                    base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[Option]:
     """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
     (by their lower bound, module docstring); else none, and a note says why."""
@@ -224,16 +227,40 @@ def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, fram
         notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
                      "so it has no prediction; answered from the front")
         return []
-    predicted, counts = known
+    estimate, counts = known
     return [Option(lower_bound(lam, known, base, ideal),
                    f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples per objective)",
-                   PATH_KIND, predicted, "predicted", recipe=recipe)]
+                   PATH_KIND, estimate, "estimated", recipe=recipe)]
 
 
-def _front_options(run: FinishedRun, lam: np.ndarray) -> list[Option]:
-    """The run's front points: their stored whole-plan validation scores are measurements."""
+def policy_frame(saved: dict[str, Any], lam: np.ndarray) -> FrameKey:
+    """The level-1 merge framing the policy's paths for λ (HM3's Tchebycheff choice), or the base."""
+    frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
+    return merge_for_preference(lam, frame_front) if frame_front else "base"
+
+
+def front_options(run: FinishedRun, lam: np.ndarray) -> list[Option]:
+    """The run's front points as options for λ: their stored whole-plan validation scores are measurements."""
     return [Option(weighted_normalised(lam, p.validation, run.base, run.ideal), f"front point {p.point} (level {p.level})",
                    p.kind, p.validation, "measured", candidate=p.point) for p in run.front]
+
+
+def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, posterior: dict[str, Any] | None,
+                       policy: dict[str, Any] | None, notes: list[str]) -> Option:
+    """What a budget-0 request answers for λ (module docstring): the best of the front points, the
+    policy's greedy path if the store knows it (``policy``: :func:`load_policy` of a two-level run),
+    and the BO posterior's proposal (``posterior``: :func:`load_posterior` of the run). Evaluates and
+    writes nothing, so a report can ask it for many λ."""
+    options = front_options(run, lam)
+    if policy is not None:
+        options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names, run.base, run.ideal,
+                                  notes)
+    proposal = posterior_option(posterior, run.config.level1.search_space, lam, run.base, run.ideal)
+    if proposal is not None:
+        bound, recipe, predicted = proposal
+        options.append(Option(bound, "level-1 BO posterior proposal (unevaluated merge)", MERGE_KIND, predicted,
+                              "predicted", recipe=recipe))
+    return max(options, key=lambda o: o.score)
 
 
 def answer_request(
@@ -254,7 +281,7 @@ def answer_request(
     level1 = run.config.level1
     # before any evaluation: the answer is merged from the run's models, never written over one of them
     check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
-    names, base, ideal = run.names, run.base, run.ideal
+    names = run.names
     lam, notes = parse_preference(prefer, names)
     if run.kind == "level1" and budget > 0:
         raise ConfigError(
@@ -262,25 +289,14 @@ def answer_request(
             "--budget must be 0; use --refine M for M more merge evaluations, or 'hm3 run' for both levels"
         )
     saved = load_policy(run_dir) if run.kind == "two-level" else None
-    frame = None  # the level-1 merge framing level-2 paths for λ (two-level runs)
-    if saved is not None:
-        frame_front = {int(c): np.array(v) for c, v in saved["frame_front"].items()}
-        frame = merge_for_preference(lam, frame_front) if frame_front else "base"
+    frame = policy_frame(saved, lam) if saved is not None else None  # the merge framing level-2 paths for λ
 
-    options = _front_options(run, lam)
     if budget > 0 or refine > 0:
-        searched = _search(run, saved, lam, frame, budget, refine, options, progress, notes)
+        searched = _search(run, saved, lam, frame, budget, refine, front_options(run, lam), progress, notes)
         best, recipe, evaluations = searched.best, searched.recipe, searched.evaluations
     else:
         with RunStore.open(run_dir, readonly=True) as store:
-            if saved is not None:
-                options += _policy_option(store, saved, lam, frame, names, base, ideal, notes)
-            proposal = posterior_option(load_posterior(run.level1_dir), level1.search_space, lam, base, ideal)
-            if proposal is not None:
-                bound, proposed, predicted = proposal
-                options.append(Option(bound, "level-1 BO posterior proposal (unevaluated merge)", MERGE_KIND,
-                                      predicted, "predicted", recipe=proposed))
-            best = max(options, key=lambda o: o.score)
+            best = budget_zero_choice(run, store, lam, load_posterior(run.level1_dir), saved, notes)
             recipe, evaluations = best.stored_recipe(store), 0
     if best.kind == MERGE_KIND:
         write_merge(recipe_with_paths(recipe, level1.models), out_dir, overwrite=overwrite, force=force,

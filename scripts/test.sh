@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow" for quick feedback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# idle OpenMP workers sleep instead of spinning (see hm3/__init__.py): tests and experiments import torch first
+# idle OpenMP workers sleep instead of spinning (hm3/threads.py): hm3 sets it only in its CLI
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 scripts/setup.sh
 .venv/bin/ruff check hm3 objectives tests experiments

@@ -14,6 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import Phase, settings
+
+# HM3_HYPOTHESIS_PROFILE=no-shrink reports a property's first counterexample instead of shrinking it: a
+# failing property on model-building tests otherwise spends minutes shrinking (mutation runs use it).
+settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "default"))
+
+from hm3.threads import prefer_sleeping_openmp_workers
+
+prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -57,6 +57,17 @@ def test_build_and_every_ablation_arm_run_end_to_end_and_resume(tmp_path, one_th
     assert json.dumps(again, sort_keys=True) == json.dumps(arms, sort_keys=True)
     summary = ablation.summarise({0: arms})
     assert set(summary["mean"]) == set(ablation.ARMS) and summary["seeds"] == 1
+    # a partial report reads the finished arms only
+    assert json.dumps(ablation.finished_arms(tmp_path / "ablation", 0), sort_keys=True) == json.dumps(arms, sort_keys=True)
+    (tmp_path / "ablation" / "seed-0" / "level2_alone.json").rename(tmp_path / "level2_alone.json")
+    assert set(ablation.finished_arms(tmp_path / "ablation", 0)) == set(ablation.ARMS) - {"level2_alone"}
+    (tmp_path / "level2_alone.json").rename(tmp_path / "ablation" / "seed-0" / "level2_alone.json")
+    # the swap arm's references (the build's matrix) are the runs' own; a run that measured others is refused
+    ablation.check_refs(tmp_path / "ablation" / "seed-0" / "two_levels", manifest)
+    other = json.loads(json.dumps(manifest))
+    other["score_matrix"]["math"]["test"]["compositional:math"] += 0.5
+    with pytest.raises(SystemExit, match="math on test"):
+        ablation.check_refs(tmp_path / "ablation" / "seed-0" / "two_levels", other)
 
     # the bound: swaps framed by the level-1 merge, scored on a copy (the arm's own cost is untouched)
     bound = _module("bound").swap_bound(tmp_path / "ablation" / "seed-0" / "two_levels", tmp_path / "bound",

@@ -24,8 +24,9 @@ def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp
     summary = json.loads((run / "summary.json").read_text())
     assert summary["candidates"] > 30 and len(summary["level2_paths"]) >= 3  # both levels ran
     answer = next(line for line in printed.splitlines() if line.startswith("[demo] answer:"))
-    # a front point's scores are stored measurements; any other answer's are predictions
-    label = "measured" if answer.startswith("[demo] answer: front point") else "predicted"
+    # a front point's scores are stored measurements, a policy path's an estimate, the posterior's a prediction
+    source = answer.removeprefix("[demo] answer: ").split()[0]
+    label = {"front": "measured", "policy": "estimated"}.get(source, "predicted")
     assert f"; {label} validation scores " in answer
     from hm3.demo import run_demo
     from hm3.store import RunStore

@@ -17,7 +17,7 @@ from hm3.arch.level2 import PATH_KIND, merge_for_preference, path_from_recipe, s
 from hm3.arch.path import LayerPath, LayerPool, build_path_model
 from hm3.cli import main
 from hm3.errors import ConfigError
-from hm3.request import answer_request, load_policy, parse_preference
+from hm3.request import answer_request, parse_preference
 from hm3.run.config import migrate_stored_config, parse_two_level_config, stored_two_level_config
 from hm3.run.directory import read_front
 from hm3.run.two_level import run_two_level
@@ -173,8 +173,9 @@ def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, caps
     elapsed = time.perf_counter() - start
     with RunStore.open(run, readonly=True) as store:
         assert len(store.evaluations()) == before
-    # a front point's scores are stored measurements; a policy path's or the posterior's are predictions
-    label = "measured" if ans.source.startswith("front point") else "predicted"
+    # a front point's scores are stored measurements, a policy path's an estimate from its episodes' stored
+    # scores, the posterior's proposal's a prediction
+    label = {"front": "measured", "policy": "estimated"}.get(ans.source.split()[0], "predicted")
     assert ans.evaluations == 0 and ans.scores_are == label
     assert (ans.measured if label == "measured" else ans.predicted) is ans.scores
     assert (ans.predicted if label == "measured" else ans.measured) is None
@@ -289,24 +290,34 @@ def test_a_path_predicted_from_few_examples_competes_by_its_lower_bound():
     assert float(lam @ ((means - 0.1 * 0.4 - base) / (ideal - base))) > six
 
 
-def test_stored_estimates_are_count_weighted_means_of_every_stored_score(finished):
+def test_stored_estimate_is_the_count_weighted_mean_of_every_stored_score_by_hand(tmp_path):
+    with RunStore.open(tmp_path / "r", config={"t": 1}, seed=0) as store:
+        path = store.add_candidate({"hops": [[0, 0]], "frame": "base"}, PATH_KIND)
+        half = store.add_candidate({"hops": [[1, 0]], "frame": "base"}, PATH_KIND)
+        for objective, ids, score in [("a", range(4), 0.5), ("a", range(4, 16), 1.0),
+                                      ("b", range(2), 0.25), ("b", range(2, 8), 0.75)]:
+            store.record_evaluation(path, objective, "validation", list(ids), score=score, count=len(ids), seconds=0)
+        store.record_evaluation(path, "a", "test", [0], score=0.0, count=1, seconds=0)  # another split
+        store.record_evaluation(half, "a", "validation", [0], score=1.0, count=1, seconds=0)  # nothing on b
+        # a: (4·0.5 + 12·1.0)/16 = 0.875 over 16 examples; b: (2·0.25 + 6·0.75)/8 = 0.625 over 8
+        means, counts = stored_estimate(store, path, ["a", "b"])
+        assert means.tolist() == pytest.approx([0.875, 0.625]) and counts.tolist() == [16, 8]
+        by_id = stored_estimate(store, path.id, ["b", "a"])  # an id as well as a CandidateRef; names in order
+        assert by_id[0].tolist() == pytest.approx([0.625, 0.875]) and by_id[1].tolist() == [8, 16]
+        test_means, test_counts = stored_estimate(store, path, ["a"], split="test")
+        assert test_means.tolist() == [0.0] and test_counts.tolist() == [1]
+        assert stored_estimate(store, half, ["a", "b"]) is None  # an objective never scored: no estimate
+        assert stored_estimate(store, 10**9, ["a"]) is None
+
+
+def test_paths_met_in_several_episodes_pool_their_subsets(finished):
     run, summary = finished
-    names = summary["objectives"]
     with RunStore.open(run, readonly=True) as store:
-        paths = store.candidates(PATH_KIND)
-        estimates = {p.id: e for p in paths if (e := stored_estimate(store, p, names)) is not None}
-        assert estimates
-        for cid, (means, counts) in estimates.items():
-            rows = store.evaluations(cid, split="validation")
-            for k, name in enumerate(names):
-                mine = [e for e in rows if e.objective == name]
-                assert counts[k] == sum(e.count for e in mine)
-                assert means[k] == pytest.approx(sum(e.score * e.count for e in mine) / counts[k])
-            by_id = stored_estimate(store, cid, names)  # an id or a CandidateRef
-            assert by_id is not None and np.allclose(by_id[0], means) and np.array_equal(by_id[1], counts)
-        # a path met in several episodes pools its subsets: more examples than one DAR subset holds
-        assert max(int(c.min()) for _, c in estimates.values()) > min(int(c.min()) for _, c in estimates.values())
-        assert stored_estimate(store, 10**9, names) is None
+        counts = [e[1] for p in store.candidates(PATH_KIND)
+                  if (e := stored_estimate(store, p, summary["objectives"])) is not None]
+    assert counts
+    # more examples behind some path than behind another: a path met again adds its new subset's scores
+    assert max(int(c.min()) for c in counts) > min(int(c.min()) for c in counts)
 
 
 def test_preference_parsing():
@@ -420,13 +431,32 @@ def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigk
 
 
 
-def test_shipped_two_level_configs_parse():
+def _unmatched(expected: object, actual: object, where: str) -> list[str]:
+    """Every value set in ``expected`` (a config file's data) at the same place in ``actual``, as a list of
+    the places where it is not (dict keys may be missing from ``expected``: those are defaults)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{where}: {actual!r} is not a mapping"]
+        return [miss for key, value in expected.items()
+                for miss in _unmatched(value, actual.get(key, "<missing>"), f"{where}.{key}")]
+    return [] if expected == actual else [f"{where}: file says {expected!r}, parsed {actual!r}"]
+
+
+@pytest.mark.parametrize("name", ["qwen25_1p5b_two_level.yml", "zoo_two_level.yml"])
+def test_shipped_two_level_configs_parse_to_what_their_files_say(name):
+    """Each value a shipped config file sets is the parsed config's (read from the file here, not copied
+    into the test); its preference design has one row per λ, one column per objective, on the simplex."""
     from hm3.run.config import load_two_level_config
 
-    cfg = load_two_level_config(Path(__file__).parents[1] / "experiments/configs/qwen25_1p5b_two_level.yml")
-    assert cfg.level2.rl.t_max == 28 and cfg.level1.evaluation.backend == "vllm"
-    assert cfg.level2.rl.path_prior == "frame-order" and cfg.level2.keep_best == 3
-    assert cfg.preferences().shape == (5, 2)
+    path = Path(__file__).parents[1] / "experiments/configs" / name
+    data = yaml.safe_load(path.read_text())
+    cfg = load_two_level_config(path)
+    level1, level2 = cfg.canonical()["level1"], cfg.level2.model_dump(mode="json")  # every level-2 key
+    given = {k: v for k, v in data.items() if k not in ("level2", "zoo")}  # a zoo expands to models etc.
+    assert _unmatched(given, level1, "level1") + _unmatched(data["level2"], level2, "level2") == []
+    lams = cfg.preferences()
+    assert lams.shape == (data["level2"]["preferences"], len(level1["objectives"]))
+    assert np.all(lams >= 0) and np.allclose(lams.sum(axis=1), 1)
 
 
 def test_level1_posterior_is_saved_and_proposes_a_valid_merge(finished, tmp_path):
@@ -484,30 +514,61 @@ def test_frame_order_prior_runs_and_configs_stored_before_it_read_as_its_default
     assert s["level2_paths"]
 
 
-def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models, tmp_path):
-    """keep_best adds, per λ, the best paths of the whole run by the lower bound of their stored DAR
-    scores; the choice is recorded once, so a resumed run keeps the same ones."""
+def test_keep_best_ranks_paths_by_the_lower_bound_of_their_stored_scores_by_hand(tmp_path):
+    """keep_best = 1, two objectives, base 0 and ideal 1 (the normalised scale is the raw one). The lower
+    bound is the mean minus 0.5/√n on the weighted objective."""
+    from types import SimpleNamespace
+
+    from hm3.run.two_level import KEPT_EVENT, _kept_by_lower_bound
+
+    table = {  # name: (a score, b score, examples per objective)
+        "lucky": (1.0, 0.0, 4),  # λ=(1,0): best mean 1.0, but bound 1.0 − 0.25 = 0.75
+        "steady": (0.9, 0.2, 100),  # λ=(1,0): 0.9 − 0.05 = 0.85, the best bound
+        "steady_twin": (0.9, 0.2, 100),  # ties with steady: the lower id (steady) wins
+        "coder": (0.1, 0.8, 100),  # λ=(0,1): 0.8 − 0.05 = 0.75, the best bound among paths with both scores
+    }
+    with RunStore.open(tmp_path / "r", config={"t": 1}, seed=0) as store:
+        ids = {}
+        for name, (a, b, n) in table.items():
+            ids[name] = store.add_candidate({"hops": [[0, 0]], "frame": f"frame-of-{name}", "name": name},
+                                            PATH_KIND).id
+            for objective, score in (("a", a), ("b", b)):
+                store.record_evaluation(ids[name], objective, "validation", list(range(n)), score=score, count=n,
+                                        seconds=0)
+        only_b = store.add_candidate({"hops": [[1, 1]], "frame": "base"}, PATH_KIND)  # no a score: no estimate
+        store.record_evaluation(only_b, "b", "validation", list(range(1000)), score=1.0, count=1000, seconds=0)
+        merge = store.add_candidate({"merge_method": "ties"}, "merge")  # not a path: never kept by this rule
+        for objective in ("a", "b"):
+            store.record_evaluation(merge, objective, "validation", list(range(1000)), score=1.0, count=1000,
+                                    seconds=0)
+        cfg = SimpleNamespace(level2=SimpleNamespace(keep_best=1))
+        lams = np.array([[1.0, 0.0], [0.0, 1.0]])
+        base, ideal = np.zeros(2), np.ones(2)
+        chosen = _kept_by_lower_bound(store, cfg, lams, ["a", "b"], base, ideal)
+        assert chosen == {
+            ids["steady"]: {"lam": [1.0, 0.0], "frame": "frame-of-steady", "kept_by": "lower bound"},
+            ids["coder"]: {"lam": [0.0, 1.0], "frame": "frame-of-coder", "kept_by": "lower bound"},
+        }
+        # chosen once: scores added later (the final stage's) do not change a resumed run's choice
+        store.record_evaluation(ids["lucky"], "a", "validation", list(range(4, 10_000)), score=1.0, count=9_996,
+                                seconds=0)
+        assert _kept_by_lower_bound(store, cfg, lams, ["a", "b"], base, ideal) == chosen
+        assert len(store.events(KEPT_EVENT)) == 1
+        assert _kept_by_lower_bound(store, SimpleNamespace(level2=SimpleNamespace(keep_best=0)), lams, ["a", "b"],
+                                    base, ideal) == {}
+
+
+def test_keep_best_paths_are_scored_on_the_whole_plan_and_kept_on_resume(models, tmp_path):
+    """keep_best's choice enters the run: scored on the whole validation plan, recorded once, the same
+    paths after a resume; a config stored before the key existed (format 1) reads as its default."""
     cfg = parse_two_level_config(_config(models, keep_best=2))
     s = run_two_level(cfg, tmp_path / "r", progress=False)
-    policy = load_policy(tmp_path / "r")
-    base, ideal = np.array(policy["base"]), np.array(policy["ideal"])
-    names = list(policy["objectives"])
     with RunStore.open(tmp_path / "r", readonly=True) as store:
         (event,) = store.events("kept_by_lower_bound")
         chosen = {int(c) for c in event.payload}
-        # The rule, recomputed from the DAR-subset scores alone (4 of the 8 validation examples each;
-        # the final stage added whole-plan scores after the choice).
-        expected: set[int] = set()
-        for lam in cfg.preferences():
-            bounds = {}
-            for ref in store.candidates(PATH_KIND):
-                rows = [e for e in store.evaluations(ref, split="validation") if e.count < 8]
-                counts = np.array([sum(e.count for e in rows if e.objective == o) for o in names], dtype=float)
-                if np.all(counts > 0):
-                    means = np.array([sum(e.score * e.count for e in rows if e.objective == o) for o in names]) / counts
-                    bounds[ref.id] = lower_bound(lam, (means, counts), base, ideal)
-            expected |= set(sorted(bounds, key=lambda c: (-bounds[c], c))[:2])
-    assert chosen == expected and chosen <= {int(c) for c in s["level2_paths"]}
+        assert all(store.candidate(c)[0].kind == PATH_KIND for c in chosen)
+    assert 1 <= len(chosen) <= 2 * len(cfg.preferences())
+    assert chosen <= {int(c) for c in s["level2_paths"]}
     candidates = pd.read_csv(tmp_path / "r" / "candidates.csv")
     assert chosen <= set(candidates.loc[candidates["level"] == 2, "point"])  # scored on the whole plan
     again = run_two_level(cfg, tmp_path / "r", resume=True, progress=False)
@@ -519,9 +580,10 @@ def test_keep_best_keeps_paths_by_the_lower_bound_of_their_stored_scores(models,
     assert migrate_stored_config(_as_format_1(plain), where="-") == plain
 
 
-def test_transition_scales_and_swap_prior_run_and_stay_out_of_default_configs(models, tmp_path):
+def test_transition_scales_and_swap_prior_run_and_configs_stored_before_them_read_as_defaults(models, tmp_path):
     """level2.rl.transition_scales scores scaled variants of switching paths; level2.swaps keeps the
-    listed swaps per preference; neither enters a stored config at its default (old runs resume)."""
+    listed swaps per preference; a config stored before either existed (format 1) reads as their
+    defaults (old runs resume)."""
     from hm3.arch.path import switch_hops
     from hm3.arch.swaps import layer_swap
 

@@ -29,8 +29,11 @@ its run store, so the ablation is resumable per arm.
 Commands (after ``build.py``; from the repository root, ``.venv`` active)::
 
     python experiments/compositional/ablation.py --toy --work runs/compositional-toy     # ~1-2 min
-    python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2 \\
-        --out experiments/results/compositional_ablation.json
+    python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2
+    python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2 --partial
+
+``--partial`` runs nothing: it reports the arms finished so far (the run takes hours and resumes
+across interruptions, so its progress is worth a report of its own, labelled ``partial``).
 
 CPU cost of the real ablation, an estimate from measured per-example costs (SmolLM2 greedy scoring
 of these tasks took 0.7-0.8 s per example in batches of 32 on this 2-core machine at load ~5 from
@@ -60,6 +63,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # build.py (which adds experiments/ for the rest)
 
 from build import MANIFEST, provenance  # noqa: E402
+from harness import results_path  # noqa: E402
 from real_model_run import validation_cost  # noqa: E402
 
 from hm3.atomic import atomic_write_text  # noqa: E402
@@ -181,14 +185,39 @@ def swap_arm(manifest: dict[str, Any], s: dict[str, Any], seed_dir: Path, refs: 
     }
 
 
-def protocol_refs(two_level_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(base, ideal) per split from a finished two-level run: the base model, the best expert per task."""
-    summary = json.loads((two_level_dir / "summary.json").read_text())
+def protocol_refs(manifest: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(base, ideal) per split from the build's score matrix: the base model, the best expert per task.
+
+    The manifest scores base and experts on the same first N examples that the runs evaluate, so
+    the swap arm needs no finished hm3 run for its references (and can run first: it is the
+    cheapest arm and says early whether any layer recombination helps the composite);
+    :func:`check_refs` confirms that each hm3 run measured the same references.
+    """
+    names, matrix = manifest["objectives"], manifest["score_matrix"]
     out = {}
     for split in ("validation", "test"):
-        refs = summary[f"reference_{split}"]
-        out[split] = (np.array(refs["base"]), np.max([refs["language"], refs["math"]], axis=0))
+        row = {m: np.array([matrix[m][split][n] for n in names]) for m in ("base", "language", "math")}
+        out[split] = (row["base"], np.maximum(row["language"], row["math"]))
     return out
+
+
+def check_refs(run_dir: Path, manifest: dict[str, Any], *, tol: float = 1e-6) -> None:
+    """Refuse a run whose reference scores differ from the manifest's (other examples, other models)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    names, matrix = manifest["objectives"], manifest["score_matrix"]
+    for split in ("validation", "test"):
+        for model, scores in summary[f"reference_{split}"].items():
+            expected = [matrix[model][split][n] for n in names]
+            if not np.allclose(scores, expected, atol=tol, rtol=0):
+                raise SystemExit(f"{run_dir}: reference {model} on {split} scored {scores}, the build's manifest "
+                                 f"says {expected}: the run and the build do not measure the same thing")
+
+
+def finished_arms(work: Path, seed: int) -> dict[str, Any]:
+    """The arms of one seed that have finished (their ``work/seed-S/<arm>.json``), in :data:`ARMS` order."""
+    seed_dir = work / f"seed-{seed}"
+    return {arm: json.loads((seed_dir / f"{arm}.json").read_text()) for arm in ARMS
+            if (seed_dir / f"{arm}.json").is_file()}
 
 
 def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
@@ -207,6 +236,8 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
         atomic_write_text(file, json.dumps(result, indent=2))
         return result
 
+    refs = protocol_refs(manifest)
+    out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
     out["two_levels"] = arm("two_levels", lambda: hm3_arm(manifest, s, seed, seed_dir / "two_levels",
                                                           level2="experts+merge"))
     equal_budget = out["two_levels"]["level1_evaluations"] + round(out["two_levels"]["path_equivalents"])
@@ -214,8 +245,8 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
                                                               level2=None, budget=equal_budget))
     out["level2_alone"] = arm("level2_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level2_alone",
                                                               level2="experts"))
-    refs = protocol_refs(seed_dir / "two_levels")
-    out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
+    for name in ("two_levels", "level1_alone", "level2_alone"):
+        check_refs(seed_dir / name, manifest)
     return out
 
 
@@ -247,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a budget setting (YAML value), e.g. budget=24 or swaps=[[5,2]]")
     p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default experiments/results/compositional_ablation[_toy].json)")
+                   help="results JSON (default experiments/results/compositional_ablation_DATE_COMMIT[_toy].json)")
+    p.add_argument("--partial", action="store_true",
+                   help="run nothing; report the arms finished so far (label 'partial')")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --toy, where tiny "
                    "models run several times faster on one thread; torch's default otherwise)")
     args = p.parse_args(argv)
@@ -264,21 +297,30 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or key not in s:
             p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(s)}")
         s[key] = yaml.safe_load(value)
-    seeds = {int(x): run_seed(manifest, s, int(x), args.work / "ablation") for x in args.seeds.split(",")}
-    result = {"benchmark": "compositional_ablation", "toy": args.toy, "settings": s,
-              "score_matrix": manifest["score_matrix"], "per_seed": seeds, "summary": summarise(seeds),
-              **provenance(argv)}
-    out = args.out or Path(f"experiments/results/compositional_ablation{'_toy' if args.toy else ''}.json")
+    seed_list = [int(x) for x in args.seeds.split(",")]
+    if args.partial:
+        seeds = {x: finished_arms(args.work / "ablation", x) for x in seed_list}
+        complete = {x: arms for x, arms in seeds.items() if set(arms) == set(ARMS)}
+    else:
+        seeds = complete = {x: run_seed(manifest, s, x, args.work / "ablation") for x in seed_list}
+    result = {"benchmark": "compositional_ablation", "toy": args.toy, "partial": args.partial, "settings": s,
+              "score_matrix": manifest["score_matrix"], "build": {k: manifest[k] for k in
+                                                                  ("seconds", "date", "commit", "command")},
+              "per_seed": seeds, "summary": summarise(complete) if complete else None, **provenance(argv)}
+    label = "_".join(x for x in ("toy" if args.toy else "", "partial" if args.partial else "") if x) or None
+    out = args.out or results_path("compositional_ablation", label)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2))
-    print(f"{'arm':<14}{'HV val':>8}{'HV test':>9}{'best comp val':>15}{'test':>7}{'cost (full evals)':>19}")
-    for arm, row in result["summary"]["mean"].items():
-        print(f"{arm:<14}{row['hv_validation']:>8.3f}{row['hv_test']:>9.3f}{row['best_composite_validation']:>15.3f}"
-              f"{row['best_composite_test']:>7.3f}{row['cost_equivalents']:>19.1f}")
-    print(f"two levels beat level 1 alone in HV on {result['summary']['two_levels_beats_level1_alone_hv']} of "
-          f"{len(seeds)} seeds -> {out}")
+    for seed, arms in seeds.items():
+        for arm, r in arms.items():
+            print(f"seed {seed} {arm:<14} HV val {r['hv_validation']:.3f} test {r['hv_test']:.3f}  best composite "
+                  f"val {r['best_composite']['validation']:.3f} test {r['best_composite']['test']:.3f}  "
+                  f"cost {r['cost_equivalents']:.1f} full evaluations")
+    if complete:
+        print(f"two levels beat level 1 alone in HV on {result['summary']['two_levels_beats_level1_alone_hv']} of "
+              f"{len(complete)} complete seeds")
+    print(f"-> {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,12 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared run helpers
 
+from harness import provenance  # noqa: E402
 from real_model_run import fine_tune  # noqa: E402
 
 from hm3.atomic import atomic_write_text  # noqa: E402
@@ -65,18 +62,6 @@ REAL = {"steps": {"language": 400, "math": 200}, "batch_size": 8, "lr": 2e-4,
 TOY = {"steps": {"language": 30, "math": 30}, "batch_size": 8, "lr": 3e-3,
        "validation_examples": 8, "test_examples": 8}
 TOY_MODEL = {"hidden_size": 32, "num_layers": 4, "num_heads": 4}
-
-
-def provenance(argv: list[str] | None) -> dict[str, Any]:
-    """Date, commit, machine and command of a result (what docs/BENCHMARKS.md quotes)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}
 
 
 def build_base(out: Path, *, toy: bool, smol_dir: Path | None) -> Path:

@@ -79,8 +79,8 @@ class Level2Config(BaseModel):
         0.2,
         ge=0,
         le=1,
-        description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design: on the "
-        "3×3 toy 0.2 found the optimum in 4/4 seeds within 2000 episodes, 0.1 in 3/4]",
+        description="Wolpertinger ε: chance of a uniform pick among the M′ when exploring [design: on a 3×3 "
+        "toy with a known optimum, 0.2 found it more reliably than 0.1]",
     )
     path_prior: Literal["none", "frame-order"] = Field(
         "none",
@@ -104,11 +104,10 @@ class Level2Config(BaseModel):
         ge=0,
         description="Wolpertinger: the critic overrides the proto-action's nearest action only when it predicts "
         "a path value (normalised score units) higher by more than this [design]; None means 0 with "
-        "path_prior none (the paper's argmax) and 0.01 with frame-order (a deep path breaks at a few bad hops, "
-        "so a barely trained critic must not take the actor off the frame's order on a whim; on a 12-layer toy "
-        "0 let one seed of two collapse after the first update, 0.05 blocked single-hop gains of 0.04; on "
-        "SmolLM2 with 8 offline episodes 0.01 let the critic skip layer 0 in every online path and 0.05 did not: "
-        "prefer 0.05 for budgets of tens of episodes, docs/BENCHMARKS.md session 9)",
+        "path_prior none (the paper's argmax) and 0.01 with frame-order. A deep path breaks at a few bad hops, "
+        "so a barely trained critic must not take the actor off the frame's order on a whim, while a large "
+        "margin also blocks the small gains of single-hop edits. After only a few episodes the critic is barely "
+        "trained: for budgets of tens of episodes prefer 0.05 (docs/LEVEL2.md)",
     )
     proto_std_init: float = Field(
         0.5, gt=0, description="initial std of the Gaussian proto-action (a learned, state-free log std) [design]"

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from hm3.atomic import share_files
 from hm3.checkpoint.safetensors_format import (
     ShardLayout,
     TensorSlot,
@@ -84,6 +85,7 @@ class StagedDirectory:
     def commit(self) -> Path:
         """Move the finished directory into place; an old one (overwrite) is replaced only now."""
         (self.tmp / OWNER_FILE).unlink(missing_ok=True)
+        share_files(self.tmp)  # safetensors writes its shards 0o600
         (self.tmp / MARKER_FILE).write_text(marker_text(self.what))
         if not self._exists(self.out_dir):
             os.rename(self.tmp, self.out_dir)

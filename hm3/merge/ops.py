@@ -1,10 +1,13 @@
-"""Merge operators as pure tensor functions: each one is an equation of METHODS.md.
+"""Merge operators as pure tensor functions: the fast kernels every merge method runs.
 
 Notation: ``θ_base`` the base tensor, ``τ_k = θ_k − θ_base`` the task vector of model
 k, ``w_k`` its weight, ``ρ_k`` its density, ``λ`` a global scale, ``F_k`` a diagonal
 Fisher. The functions take tensors and plain numbers and return a new tensor; they
-read no files, pick no device and parse no config, so the streaming engine, the
-in-memory search path and the tests all run the very same arithmetic.
+read no files, pick no device and parse no config, so the streaming engine and the
+in-memory search path run the very same arithmetic. The methods of
+:mod:`hm3.merge.methods` assemble them (DARE-TIES is :func:`dare` per model, then
+:func:`ties` at density 1); readable equation-by-equation references live in the tests
+(``tests/merge/reference.py``), which check these kernels against them and against mergekit.
 
 Where mergekit 0.1.5 has the method, the numerics follow it (its defaults, its
 guards against division by zero, its dtype handling and rounding order; see
@@ -23,8 +26,7 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -75,13 +77,6 @@ def _model_axis(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
     else:
         t = torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
     return t.reshape((-1,) + (1,) * like.dim())
-
-
-def _broadcast_over_models(weights: Tensor, stacked: Tensor) -> Tensor:
-    """Accept weights as ``[M]``, ``[M, 1, …]`` or full ``[M, …]`` and make them broadcast over ``stacked``."""
-    if weights.dim() == 1 and stacked.dim() > 1:
-        return weights.reshape((-1,) + (1,) * (stacked.dim() - 1))
-    return weights
 
 
 def _finish(base: Tensor, mixed: Tensor, lam: float) -> Tensor:
@@ -272,33 +267,6 @@ def elect_sign(weighted_deltas: Tensor) -> Tensor:
     return weighted_deltas.sum(0).ge_(0).mul_(2).sub_(1)
 
 
-def disjoint_merge(
-    weighted_deltas: Tensor,
-    weights: Tensor,
-    sign: Tensor,
-    *,
-    normalize: bool,
-    importance: Tensor | None = None,
-) -> Tensor:
-    """TIES step 4: Σ_k [sign(w_k τ_k) = γ] w_k τ_k, divided by Σ_k [sign(w_k τ_k) = γ] w_k when ``normalize``.
-
-    ``weighted_deltas`` are the stacked ``[M, …]`` products w_k τ_k; ``weights`` the w_k
-    as ``[M]``, ``[M, 1, …]`` or per-parameter ``[M, …]``. Entries that are exactly zero
-    (trimmed or dropped) have sign 0 and never agree, so they neither add to the sum
-    nor to the divisor; a parameter where no model agrees divides by 1 (as mergekit).
-    ``importance`` (stacked ``[M, …]``, see :func:`fisher_importance`) replaces w_k by
-    w_k·I_k in both sums; γ should then have been elected on the reweighted deltas.
-    Returns the mixed delta (add it to θ_base).
-    """
-    weights = _broadcast_over_models(weights, weighted_deltas)
-    if importance is not None:
-        weights = weights * importance
-        aligned = (weighted_deltas * importance).mul_(sign)
-    else:
-        aligned = weighted_deltas * sign
-    return _merge_aligned(aligned, weights, sign, normalize=normalize)
-
-
 def _merge_aligned(aligned: Tensor, weights: Tensor, sign: Tensor, *, normalize: bool) -> Tensor:
     """Disjoint merge from ``aligned = γ ⊙ w τ`` (a fresh ``[M, …]`` buffer, consumed).
 
@@ -333,13 +301,11 @@ def _sign_consensus_merge(
     return _finish(base, _merge_aligned(weighted.mul_(sign), w, sign, normalize=normalize), lam)
 
 
-def _sparsified_stack(
-    base: Tensor, deltas: Sequence[Tensor], densities: Sequence[float], sparsify: Callable[..., Tensor]
-) -> Tensor:
-    """``[M, …]`` buffer whose row k is ``sparsify(τ_k, ρ_k)``, written in place (no list + stack copy)."""
+def _trimmed_stack(base: Tensor, deltas: Sequence[Tensor], densities: Sequence[float]) -> Tensor:
+    """``[M, …]`` buffer whose row k is ``trim(τ_k, ρ_k)``, written in place (no list + stack copy)."""
     stacked = base.new_empty((len(deltas), *base.shape))
     for k, (delta, density) in enumerate(zip(deltas, densities, strict=True)):
-        sparsify(delta, density, out=stacked[k])
+        trim(delta, density, out=stacked[k])
     return stacked
 
 
@@ -353,14 +319,15 @@ def ties(
     lam: float = 1.0,
     importance: Tensor | None = None,
 ) -> Tensor:
-    """TIES-Merging: θ = θ_base + λ · disjoint_merge(w ⊙ trim(τ, ρ), γ) with γ = elect_sign(w ⊙ trim(τ, ρ)).
+    """TIES-Merging: θ = θ_base + λ · Σ_k [sign(w_k τ̃_k) = γ] w_k τ̃_k, with τ̃_k = trim(τ_k, ρ_k)
+    and γ = elect_sign(w ⊙ τ̃) (the disjoint merge).
 
     ``normalize`` (mergekit's default for ties) divides each parameter by the summed
     weights of the models that agree with γ. ``importance`` gives the Fisher-weighted
     variant (w_k → w_k·I_k; see :func:`fisher_importance`).
     """
     _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    stacked = _sparsified_stack(base, deltas, densities, trim)
+    stacked = _trimmed_stack(base, deltas, densities)
     return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
 
 
@@ -370,15 +337,6 @@ def ties(
 def _check_rescale(rescale: str) -> None:
     if rescale not in RESCALE_MODES:
         raise ConfigError(f"unknown DARE rescale mode {rescale!r}; choose one of {', '.join(RESCALE_MODES)}")
-
-
-def dare_keep_mask(delta: Tensor, density: float, *, generator: torch.Generator) -> Tensor:
-    """DARE's keep mask m ~ Bernoulli(density), i.i.d. per entry, drawn from ``generator`` (bool, shape of ``delta``).
-
-    ``rand < density`` is a Bernoulli draw and the cheapest one torch offers on CPU;
-    the generator (on ``delta``'s device) makes a seed reproduce the mask exactly.
-    """
-    return _uniforms(delta, generator) < density
 
 
 def _uniforms(delta: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
@@ -425,50 +383,6 @@ def dare(
     if out is None:
         return kept.to(delta.dtype)
     return kept if kept is out else out.copy_(kept)
-
-
-def dare_ties(
-    base: Tensor,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    generator: torch.Generator,
-    rescale: RescaleMode = "l1",
-    normalize: bool = False,
-    lam: float = 1.0,
-    importance: Tensor | None = None,
-) -> Tensor:
-    """DARE-TIES (mergekit's ``dare_ties``): DARE-sparsify each τ_k, then TIES sign election and disjoint merge.
-
-    The masks are drawn from ``generator`` model by model in order, so one seed fixes
-    the whole merge. mergekit's defaults: L1 rescale on, normalize off.
-    """
-    _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    _check_rescale(rescale)  # before any draw, even when every density is 1
-    stacked = _sparsified_stack(base, deltas, densities, partial(dare, generator=generator, rescale=rescale))
-    return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
-
-
-def dare_linear(
-    base: Tensor,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    generator: torch.Generator,
-    rescale: RescaleMode = "l1",
-    normalize: bool = False,
-    lam: float = 1.0,
-    importance: Tensor | None = None,
-) -> Tensor:
-    """DARE + task arithmetic (mergekit's ``dare_linear``): θ_base + λ Σ_k w_k DARE(τ_k, ρ_k)."""
-    _require_same_length(deltas=deltas, weights=weights, densities=densities)
-    _check_rescale(rescale)
-    sparse = [
-        dare(d, rho, generator=generator, rescale=rescale) for d, rho in zip(deltas, densities, strict=True)
-    ]
-    return _weighted_delta_sum(base, sparse, weights, normalize=normalize, lam=lam, importance=importance)
 
 
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------
@@ -546,7 +460,7 @@ def fisher_importance(fishers: Sequence[Tensor], *, eps: float = 1e-12) -> Tenso
     I_i. The I_k are positive and average to 1 over the models, so they only
     redistribute each parameter's weight towards the models whose loss is most
     sensitive to it. hm3 applies the same substitution w_k → w_k·I_k inside TIES and
-    DARE-TIES (sign election and disjoint merge, see :func:`disjoint_merge`), which
+    DARE-TIES (sign election and disjoint merge, see :func:`ties`), which
     gives a Fisher-weighted (DARE-)TIES with two exact limits: with F = I (all F_k
     equal) every I_k = 1 and it is plain (DARE-)TIES; with density 1, no sign
     election and no normalisation it is exactly DF-Merge.

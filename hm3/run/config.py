@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hm3.arch.rl_config import Level2Config
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, invalid_config
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
@@ -55,7 +55,7 @@ class Level2Section(BaseModel):
         "episodes) with the best lower bound of Σ λ_k f̂_k from their stored DAR scores, and score them on "
         "the whole validation plan (N × preferences full evaluations at most) [design]. 0 keeps only each "
         "λ's greedy path and best path by raw reward. On SmolLM2 the policy found whole-expert paths offline "
-        "that neither rule kept (docs/BENCHMARKS.md)",
+        "that neither rule kept (docs/BENCHMARKS.md, level-2 modes on SmolLM2)",
     )
     swaps: list[tuple[int, int]] = Field(
         [],
@@ -96,9 +96,7 @@ def parse_two_level_config(data: Any, *, source: str = "<config>", base_dir: Pat
     try:
         level2 = Level2Section.model_validate(raw_l2)
     except ValidationError as err:
-        lines = [f"level2.{'.'.join(str(p) for p in e['loc'])}: "
-                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{source}: invalid run config:\n  " + "\n  ".join(lines)) from None
+        raise invalid_config(err, source, "run config", prefix="level2.") from None
     cfg = TwoLevelConfig(level1=level1, level2=level2)
     cfg.preferences()  # wrong-length or non-normalised vectors: refused before anything runs
     return cfg

@@ -25,6 +25,7 @@ from hm3.report import plot_front, write_csv
 from hm3.run.directory import (
     CANDIDATES_FILE,
     FRONT_FILE,
+    LEVEL1_DIR,
     PLOT_FILE,
     POINTS_DIR,
     REFINE_EVENT,
@@ -83,7 +84,7 @@ class WrittenFront:
     front_paths: np.ndarray  # which front points are level-2 paths
 
     def plot(self, out_dir: Path, summary: Mapping[str, Any]) -> Path:
-        return plot(out_dir, summary, self.candidates, self.front, self.front_paths)
+        return plot(out_dir, summary, self.candidates, self.front, self.front_paths, self.front_ids)
 
 
 def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows: Sequence[CandidateRow],
@@ -178,13 +179,23 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
 
 
 def plot(out_dir: Path, summary: Mapping[str, Any], candidates: np.ndarray, front: np.ndarray,
-         front_paths: np.ndarray) -> Path:
-    """front.png: every candidate, the front (``front_paths`` marks its level-2 paths), the references."""
+         front_paths: np.ndarray, front_ids: Sequence[int]) -> Path:
+    """front.png: every candidate, the front (``front_paths`` marks its level-2 paths, ``front_ids``
+    labels its points), the references, and level 1's hypervolume after each evaluation."""
     return plot_front(
         out_dir / PLOT_FILE, summary["objectives"], candidates=candidates, front=front,
         references={r: np.array(v) for r, v in summary["reference_validation"].items()},
-        title=plot_title(summary), paths=front_paths,
+        title=plot_title(summary), paths=front_paths, front_ids=list(front_ids), hv_trace=level1_trace(out_dir, summary),
     )
+
+
+def level1_trace(run_dir: Path, summary: Mapping[str, Any]) -> list[float]:
+    """Level 1's hypervolume after each evaluation: a level-1 search's own, a two-level run's level 1's
+    ([] when level 1 was skipped)."""
+    if "hv_trace_validation" in summary:
+        return list(summary["hv_trace_validation"])
+    file = run_dir / LEVEL1_DIR / SUMMARY_FILE
+    return json.loads(file.read_text()).get("hv_trace_validation", []) if file.is_file() else []
 
 
 def plot_title(summary: Mapping[str, Any]) -> str:
@@ -200,4 +211,5 @@ def replot(run_dir: str | Path) -> Path:
     cols = [f"{n}_val" for n in summary["objectives"]]
     candidates = read_candidates(run_dir)
     every = df if candidates is None else candidates  # a level-1 search of before candidates.csv: its front
-    return plot(run_dir, summary, every[cols].to_numpy(), df[cols].to_numpy(), (df["level"] == 2).to_numpy())
+    return plot(run_dir, summary, every[cols].to_numpy(), df[cols].to_numpy(), (df["level"] == 2).to_numpy(),
+                df["point"].tolist())

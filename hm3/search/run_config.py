@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, invalid_config
 from hm3.search.space import SearchSpace
 
 
@@ -81,15 +81,6 @@ class RunConfig(_Frozen):
         return json.loads(self.model_dump_json())
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return f"{source}: invalid run config:\n  " + "\n  ".join(dict.fromkeys(lines))
-
-
 def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     """``zoo: DIR`` (or ``zoo: builtin:micro``, the shipped zoo) fills ``models``, ``objectives``, ``experts`` and the search space's model refs
     from ``DIR/zoo.json``; keys given explicitly win."""
@@ -123,7 +114,7 @@ def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | No
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise invalid_config(err, source, "run config") from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -138,15 +129,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a run config must be a mapping")
     return data
-
-
-def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
-    p = Path(path)
-    data = read_config_file(p)
-    opt = dict(data.get("optimizer") or {})
-    for key in ("name", "budget"):
-        if overrides.get(key) is not None:
-            opt[key] = overrides[key]
-    if opt:
-        data["optimizer"] = opt
-    return parse_run_config(data, source=str(p), base_dir=p.parent)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, invalid_config
 
 Bounds = tuple[float, float]
 #: Tolerance for unit-cube coordinates produced by floating-point optimisers.
@@ -315,20 +315,6 @@ class SearchSpace(BaseModel):
         return self.encode(weights, densities)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'")
-        elif e["type"] == "missing":
-            lines.append(f"missing required key '{loc}'")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"'{loc}': {msg}" if loc else msg)
-    return f"{source}: invalid search_space:\n  " + "\n  ".join(dict.fromkeys(lines))
-
-
 def parse_search_space(data: Any, *, source: str = "<config>") -> SearchSpace:
     """Validate a parsed ``search_space:`` mapping; every problem becomes a ConfigError naming it."""
     if not isinstance(data, Mapping):
@@ -336,4 +322,4 @@ def parse_search_space(data: Any, *, source: str = "<config>") -> SearchSpace:
     try:
         return SearchSpace.model_validate(dict(data))
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise invalid_config(err, source, "search_space") from None

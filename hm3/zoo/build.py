@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hm3.atomic import atomic_write_text
+from hm3.atomic import atomic_write_text, share_files
 from hm3.errors import ConfigError, OutputExistsError
 from hm3.zoo.shipped import file_hashes
 from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
@@ -35,8 +35,8 @@ TASK_SEED = 0  # the zoo trains and scores on the canonical zoo:<task> data; the
 # The bar's TIES grid: every per-expert weight triple from TIES_WEIGHTS (27 merges), unnormalised.
 # Per-expert weights, because one weight for all cannot favour the task whose gain a merge loses
 # most, and the bar judges the worst task. The range spans ~3/4 of the plain average (1/3 each) to
-# ~1.7x it: wider sums collapsed these models (w = 1 each sends math to ~0), and in zoo variants
-# judged with 0.7 in the grid too, no best merge used 0.7.
+# ~1.7x it: wider sums collapse these models (w = 1 each sends math to ~0), and a weight of 0.7, when
+# tried in the grid, was never part of the best merge.
 TIES_WEIGHTS = (0.25, 0.4, 0.55)
 TIES_DENSITIES = (1.0,)
 # the contract every zoo is measured against: specialised experts, a weak base, mergeable experts
@@ -68,8 +68,8 @@ class ZooManifest:
     quality_bar: dict[str, Any]
     build_seconds: float
     load_average: float | None  # 1-minute load when the build started: timings on a shared machine
-    # the bar's chosen merge on the test split, unseen by the choice (None in zoos built before ZOO_FORMAT 4,
-    # whose zoo.json still reads: their models stay usable, though no new build reuses them)
+    # the bar's chosen merge on the test split, which the choice never saw: how well the bar holds beyond
+    # the examples it was judged on
     ties_best_test: dict[str, Any] | None = None
     files: dict[str, str] | None = None  # model file -> sha256 (what a shipped zoo is verified against)
 
@@ -356,6 +356,7 @@ def build_zoo(
         manifest = _build_into(work, spec, log)
         manifest = replace(manifest, files=file_hashes(work))
         atomic_write_text(work / "zoo.json", manifest.to_json())
+        share_files(work)  # save_pretrained writes its safetensors files 0o600
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)

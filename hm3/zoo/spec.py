@@ -55,7 +55,7 @@ class ZooSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Why the micro recipe looks like this (docs/BENCHMARKS.md has the variants' seed tables):
+# Why the micro recipe looks like this (docs/BENCHMARKS.md, "Zoo recipe variants", has the builds behind it):
 # - head_dim is 32 (vLLM's CPU attention has no 16).
 # - In these 64-wide two-layer models the expert margins and the share of gain a merge keeps pull
 #   against each other: replay of a task in the other experts raises what a merge keeps of it but
@@ -63,8 +63,8 @@ class ZooSpec:
 #   0 on AMD EPYC machines, with little slack; other seeds miss it (their bases learn little math or
 #   saturate translation). The shipped zoo is that build, so no machine depends on retraining it.
 # - ``specialist_share`` leaves each task's specialist skill (objectives.zoo.specialist_item) mostly
-#   out of the base, which makes the margins structural (0.23-0.42 in 4-layer variants), but there
-#   the best merge of the grid kept only 40-55% of the code expert's gain: not the default yet.
+#   out of the base, which makes the experts' margins structural; but no 4-layer variant built with it
+#   met the bar (merges kept too little of some expert's gain), so the default leaves it at 1.
 # ``small`` is wider (128) and trains a translation it saturates (no translation margin).
 _SIZE_SETTINGS: dict[str, dict[str, Any]] = {
     "micro": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, base_steps=600,

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from hm3.errors import ConfigError, SplitTooSmallError
-from hm3.eval.subsets import CyclingSubsets, DynamicAverageReward, reset_period, subset_size
+from hm3.eval.subsets import (
+    CyclingSubsets,
+    DynamicAverageReward,
+    epoch_permutation,
+    reset_period,
+    subset_size,
+)
 from hm3.store import RunStore
 
 
@@ -188,3 +194,65 @@ def test_state_from_another_split_or_seed_is_refused(change: dict, message: str)
     state = {**CyclingSubsets(20, 0.2, seed=0).state_dict(), **change}
     with pytest.raises(ConfigError, match=message):
         CyclingSubsets(20, 0.2, seed=0, state=state)
+
+
+# ------------------------------------------------------------------- boundaries (each found by mutation testing)
+
+
+def test_the_smallest_settings_are_accepted() -> None:
+    """A one-example split, subsets of 1 and of the whole split, α = 0, N = 1 and s = 1 are all valid."""
+    assert CyclingSubsets(1, 1.0, seed=0).next_subset() == [0]
+    assert CyclingSubsets(1, None, seed=0, size=1).next_subset() == [0]
+    assert sorted(CyclingSubsets(6, None, seed=0, size=6).next_subset()) == list(range(6))
+    plain = DynamicAverageReward(alpha=0.0, n_episodes=1, scale=0.5)
+    assert [plain.update(r) for r in (0.2, 0.6, 0.4)] == [0.2, 0.6, 0.4]  # a_i = 0: no memory
+    assert subset_size(4, 1.0) == 4 and reset_period(1.0) == 1
+
+
+def test_scales_above_one_are_refused_everywhere() -> None:
+    for call in (lambda: subset_size(10, 1.5), lambda: reset_period(1.5), lambda: CyclingSubsets(10, 1.5, seed=0)):
+        with pytest.raises(ConfigError, match=r"^data scale must be in \(0, 1\], got 1.5$"):
+            call()
+
+
+def test_the_first_pass_is_the_seeds_pass_zero() -> None:
+    """Stored runs resume by (seed, epoch, position): pass 0 must stay the first pass's order."""
+    subsets = CyclingSubsets(9, None, seed=4, size=3)
+    assert [i for s in _draw(subsets, 3) for i in s] == epoch_permutation(4, 0, 9)
+    assert [i for s in _draw(subsets, 3) for i in s] == epoch_permutation(4, 1, 9)
+
+
+@pytest.mark.parametrize("state", [{"epoch": -1}, {"epoch": "0"}, {"position": -1}, {"position": 1.5}])
+def test_a_state_with_an_invalid_epoch_or_position_is_refused(state: dict) -> None:
+    good = CyclingSubsets(20, 0.2, seed=0).state_dict()
+    with pytest.raises(ConfigError, match="invalid epoch/position"):
+        CyclingSubsets(20, 0.2, seed=0, state=good | state)
+
+
+def test_a_state_at_the_end_of_a_pass_resumes() -> None:
+    first = CyclingSubsets(6, None, seed=1, size=3)
+    _draw(first, 2)  # exactly one pass
+    resumed = CyclingSubsets(6, None, seed=1, size=3, state=first.state_dict() | {"position": 6})
+    assert resumed.next_subset() == first.next_subset()
+
+
+def test_refusals_name_the_stored_and_the_current_value() -> None:
+    state = CyclingSubsets(20, 0.2, seed=0).state_dict() | {"n_examples": 21}
+    with pytest.raises(ConfigError, match=r"^subset iterator state has n_examples=21 but this run has n_examples=20: "
+                                          r"the split, data scale or seed changed since the state was saved$"):
+        CyclingSubsets(20, 0.2, seed=0, state=state)
+    with pytest.raises(ConfigError, match=r"^give exactly one of a data scale and a fixed subset size$"):
+        CyclingSubsets(20, None, seed=0)
+    dar = DynamicAverageReward(n_episodes=3, scale=0.5)
+    dar.update(0.1)
+    with pytest.raises(ValueError, match=r"^DAR got a non-finite reward nan at episode 2$"):
+        dar.update(float("nan"))
+
+
+def test_smoothing_state_holds_its_settings_and_resumes_before_any_episode() -> None:
+    dar = DynamicAverageReward(alpha=0.5, n_episodes=4, scale=0.25)
+    assert dar.state_dict() == {"alpha": 0.5, "n_episodes": 4, "scale": 0.25, "episode": 0, "smoothed": None}
+    fresh = DynamicAverageReward(alpha=0.5, n_episodes=4, scale=0.25, state=dar.state_dict())
+    assert fresh.update(0.7) == 0.7
+    with pytest.raises(ConfigError, match="scale=0.5"):
+        DynamicAverageReward(alpha=0.5, n_episodes=4, scale=0.5, state=dar.state_dict())

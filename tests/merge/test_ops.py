@@ -14,15 +14,13 @@ import torch
 
 from hm3.errors import ConfigError
 from hm3.merge import ops
+from tests.merge import reference as ref
+from tests.merge.cases import gen, mergekit_params, random_models
 
 
 def t(*rows) -> torch.Tensor:
     """float32 tensor from numbers (1-D) or lists (2-D)."""
     return torch.tensor(rows, dtype=torch.float32)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- task vector, linear, task arithmetic -------------------------------------------------------------------
@@ -148,12 +146,11 @@ def test_elect_sign_zero_sum_counts_as_plus():
 
 
 def test_disjoint_merge_zero_sum_and_zero_entries():
-    weighted = torch.stack([t(2.0, -1.0, 0.0), t(-2.0, -1.0, 0.0)])
-    sign = ops.elect_sign(weighted)
-    w = torch.tensor([1.0, 1.0])
-    # col 0: only +2 agrees with +; col 1: both; col 2: nobody (divisor 0 -> 1)
-    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=False), t(2.0, -2.0, 0.0))
-    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=True), t(2.0, -1.0, 0.0))
+    deltas = [t(2.0, -1.0, 0.0), t(-2.0, -1.0, 0.0)]
+    base = torch.zeros(3)
+    # col 0: the sum is 0, so + is elected and only +2 agrees; col 1: both; col 2: nobody (divisor 0 -> 1)
+    assert torch.equal(ops.ties(base, deltas, [1.0, 1.0], [1.0, 1.0], normalize=False), t(2.0, -2.0, 0.0))
+    assert torch.equal(ops.ties(base, deltas, [1.0, 1.0], [1.0, 1.0], normalize=True), t(2.0, -1.0, 0.0))
 
 
 def test_ties_by_hand_2x3():
@@ -169,7 +166,8 @@ def test_ties_by_hand_2x3():
     assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5], normalize=False), base + sums)
     assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5]), base + sums / divisors)
     assert torch.allclose(ops.ties(base, [TAU1, TAU2], w, [0.5, 0.5], lam=0.5), base + 0.5 * sums / divisors)
-    assert torch.equal(ops.disjoint_merge(weighted, torch.tensor(w), sign, normalize=False), sums)
+    # the reference reads the same equations step by step
+    assert torch.equal(ref.ties(base, [TAU1, TAU2], w, [0.5, 0.5], normalize=False).float(), base + sums)
 
 
 def test_ties_does_not_modify_inputs_and_keeps_dtype():
@@ -248,29 +246,7 @@ def test_dare_into_out_buffer_equals_fresh_result(tau, dtype, density):
     out = torch.full_like(x, 7.0)
     ops.dare(x, density, generator=gen(3), out=out)
     assert torch.equal(out, ops.dare(x, density, generator=gen(3)))
-    assert torch.equal(ops.dare(x, 0.4, generator=gen(3)) != 0, ops.dare_keep_mask(x, 0.4, generator=gen(3)))
-
-
-def test_dare_ties_and_linear_are_seeded(tau):
-    base = torch.zeros_like(tau)
-    deltas = [tau, -0.5 * tau + 0.1]
-    for fn in (ops.dare_ties, ops.dare_linear):
-        a = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(4))
-        b = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(4))
-        c = fn(base, deltas, [1.0, 0.5], [0.3, 0.6], generator=gen(5))
-        assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_dare_linear_equals_task_arithmetic_of_dare_deltas(tau):
-    base = torch.ones_like(tau)
-    deltas = [tau, 2 * tau]
-    g = gen(9)
-    sparse = [
-        ops.dare(d, rho, generator=g, rescale="inverse") for d, rho in zip(deltas, [0.4, 0.7], strict=True)
-    ]
-    expected = base + 0.8 * (0.5 * sparse[0] + 0.25 * sparse[1])
-    out = ops.dare_linear(base, deltas, [0.5, 0.25], [0.4, 0.7], generator=gen(9), rescale="inverse", lam=0.8)
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(ops.dare(x, 0.4, generator=gen(3)) != 0, ref.dare_mask(x.shape, 0.4, gen(3)) & (x != 0))
 
 
 # --- Fisher-weighted merging --------------------------------------------------------------------------------
@@ -313,9 +289,6 @@ def test_importance_weighted_task_arithmetic_is_df_merge():
     imp = ops.fisher_importance(fishers)
     expected = ops.df_merge(base, deltas, fishers, lam)
     assert torch.allclose(ops.task_arithmetic(base, deltas, lam, importance=imp), expected, atol=1e-6)
-    # density 1 and no sign election: Fisher-weighted DARE-linear is DF-Merge too
-    dl = ops.dare_linear(base, deltas, lam, [1.0] * 3, generator=g, importance=imp)
-    assert torch.allclose(dl, expected, atol=1e-6)
 
 
 def test_fisher_weighted_ties_by_hand():
@@ -327,10 +300,6 @@ def test_fisher_weighted_ties_by_hand():
     assert torch.allclose(out, t(2.0, -1.5))
     out = ops.ties(base, deltas, [1.0, 1.0], [1.0, 1.0], importance=imp)
     assert torch.allclose(out, t(2.0 / 2.0, -1.5 / 1.5))
-    weighted = torch.stack([t(1.0, -1.0), t(1.0, 2.0)])
-    sign = ops.elect_sign(weighted * imp)
-    direct = ops.disjoint_merge(weighted, torch.ones(2), sign, normalize=True, importance=imp)
-    assert torch.allclose(direct, t(1.0, -1.0))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -342,25 +311,9 @@ def test_fisher_weighted_ties_with_uniform_fisher_is_ties(normalize):
     imp = ops.fisher_importance([torch.full((30, 20), 2.5)] * 3)
     plain = ops.ties(base, deltas, w, rho, normalize=normalize)
     assert torch.equal(ops.ties(base, deltas, w, rho, normalize=normalize, importance=imp), plain)
-    a = ops.dare_ties(base, deltas, w, rho, generator=gen(1), normalize=normalize)
-    b = ops.dare_ties(base, deltas, w, rho, generator=gen(1), normalize=normalize, importance=imp)
-    assert torch.equal(a, b)
 
 
 # --- mergekit as the oracle ---------------------------------------------------------------------------------
-
-
-def _random_models(seed: int, count: int = 3, shape=(37, 29)):
-    g = gen(seed)
-    base = torch.randn(*shape, generator=g) * 0.02
-    return base, [base + torch.randn(*shape, generator=g) * 0.01 for _ in range(count)]
-
-
-def _mk_params(weights, densities=None, **shared):
-    p = {"weight": {k + 1: w for k, w in enumerate(weights)}, **shared}
-    if densities is not None:
-        p["density"] = {k + 1: d for k, d in enumerate(densities)}
-    return p
 
 
 @pytest.mark.mergekit
@@ -374,40 +327,31 @@ def test_trim_equals_mergekit_magnitude(density):
 
 
 @pytest.mark.mergekit
-def test_elect_and_disjoint_equal_mergekit_get_mask():
+def test_elect_sign_equals_mergekit_get_mask():
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
-    g = gen(8)
-    weighted = torch.randn(4, 30, 20, generator=g)
+    weighted = torch.randn(4, 30, 20, generator=gen(8))
     weighted[weighted.abs() < 0.3] = 0  # sparse entries, as after trimming
     weighted[:, 0, :4] = torch.tensor([1.0, -1.0, 0.0, 0.0]).view(4, 1)  # a zero sum
-    w = torch.tensor([0.5, 1.0, 0.8, 0.3]).view(4, 1, 1)
-    mask = gta.get_mask(weighted, method="sum")
-    sign = ops.elect_sign(weighted)
-    assert torch.equal(weighted.sign() == sign, mask)
-    expected = (weighted * mask).sum(0)
-    assert torch.equal(ops.disjoint_merge(weighted, w, sign, normalize=False), expected)
-    divisor = (w * mask).sum(0)
-    divisor[divisor == 0] = 1
-    assert torch.equal(ops.disjoint_merge(weighted, w.view(-1), sign, normalize=True), expected / divisor)
+    assert torch.equal(weighted.sign() == ops.elect_sign(weighted), gta.get_mask(weighted, method="sum"))
 
 
 @pytest.mark.mergekit
 @pytest.mark.parametrize(("normalize", "lam"), [(True, 1.0), (False, 1.0), (True, 0.6), (False, 1.3)])
 def test_ties_task_arithmetic_linear_equal_mergekit(normalize, lam):
     api = pytest.importorskip("mergekit.merge_methods")
-    base, models = _random_models(seed=int(lam * 10) + normalize)
+    base, models = random_models(seed=int(lam * 10) + normalize)
     deltas = [ops.task_vector(m, base) for m in models]
     w, rho = [0.6, 0.3, 0.9], [0.2, 0.5, 0.9]
     shared = {"normalize": normalize, "lambda": lam}
 
     mk_ties = api.merge_tensors(
-        [base, *models], "ties", parameters=_mk_params(w, rho, **shared), base_index=0
+        [base, *models], "ties", parameters=mergekit_params(w, rho, **shared), base_index=0
     )
     hm3_ties = ops.ties(base, deltas, w, rho, normalize=normalize, lam=lam)
     assert torch.equal(hm3_ties, mk_ties)  # bit-exact (the brief's bar: max abs diff <= 1e-6)
 
     mk_ta = api.merge_tensors(
-        [base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0
+        [base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0
     )
     hm3_ta = ops.task_arithmetic(base, deltas, w, normalize=normalize, lam=lam)
     assert torch.equal(hm3_ta, mk_ta)
@@ -417,43 +361,21 @@ def test_ties_task_arithmetic_linear_equal_mergekit(normalize, lam):
 
 
 @pytest.mark.mergekit
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-@pytest.mark.parametrize(("rescale", "normalize"), [(True, False), (False, False), (True, True)])
-def test_dare_with_fixed_masks_equals_mergekit(monkeypatch, method, rescale, normalize):
-    """mergekit draws its DARE masks with torch.bernoulli; feed it the masks hm3 draws from the same seed."""
-    api = pytest.importorskip("mergekit.merge_methods")
-    base, models = _random_models(seed=21)
-    deltas = [ops.task_vector(m, base) for m in models]
-    w, rho = [0.6, 0.3, 0.9], [0.2, 0.5, 0.7]
-    g = gen(33)
-    masks = [ops.dare_keep_mask(d, r, generator=g) for d, r in zip(deltas, rho, strict=True)]
-    served = iter(masks)
-    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: next(served).to(p.dtype))
-    params = _mk_params(w, rho, normalize=normalize, rescale=rescale)
-    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
-    assert next(served, None) is None  # mergekit consumed exactly one mask per model
-    mode = "l1" if rescale else "none"
-    fn = ops.dare_ties if method == "dare_ties" else ops.dare_linear
-    out = fn(base, deltas, w, rho, generator=gen(33), rescale=mode, normalize=normalize)
-    assert (out - expected).abs().max() <= 1e-6
-
-
-@pytest.mark.mergekit
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_bit_exact_with_mergekit(dtype):
     """Same roundings as mergekit in half precision (TIES at density 1: tied magnitudes are common there)."""
     api = pytest.importorskip("mergekit.merge_methods")
-    base32, models32 = _random_models(seed=5)
+    base32, models32 = random_models(seed=5)
     base, models = base32.to(dtype), [m.to(dtype) for m in models32]
     deltas = [ops.task_vector(m, base) for m in models]
     w = [0.6, 0.3, 0.9]
     for normalize, lam in [(False, 1.0), (True, 0.7)]:
         shared = {"normalize": normalize, "lambda": lam}
         ta = api.merge_tensors(
-            [base, *models], "task_arithmetic", parameters=_mk_params(w, **shared), base_index=0
+            [base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0
         )
         assert torch.equal(ops.task_arithmetic(base, deltas, w, normalize=normalize, lam=lam), ta)
-        params = _mk_params(w, [1.0] * 3, **shared)
+        params = mergekit_params(w, [1.0] * 3, **shared)
         ties = api.merge_tensors([base, *models], "ties", parameters=params, base_index=0)
         assert torch.equal(ops.ties(base, deltas, w, [1.0] * 3, normalize=normalize, lam=lam), ties)
     lin = api.merge_tensors(models, "linear", parameters={"weight": w})

@@ -85,7 +85,7 @@ def test_config_errors_reported_before_any_evaluation(setup, tmp_path):
         ({"name": "bo-mo", "budget": 2}, "budget 2 must exceed the initial design"),  # too small to shrink it
         ({"name": "bo-mo", "options": {"initial_design": "latin"}}, "initial_design must be one of"),
         ({"name": "random", "options": {"initial_design": "preferences"}}, "option of the BO optimisers"),
-        ({"name": "bo-mo", "options": {"acquisition": "ei"}}, "unknown optimiser option"),
+        ({"name": "bo-mo", "options": {"acquisition": "ei"}}, "optimizer.options.acquisition: unknown key"),
     ],
 )
 def test_optimizer_option_errors_refused_before_any_evaluation(setup, tmp_path, optimizer, mention):

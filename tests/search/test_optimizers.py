@@ -154,7 +154,12 @@ def test_df_merge_scalarises_with_given_weights():
         ("hm3-fixed", {"points": [[0.5, 0.5, 0.5]]}, 2, "exceeds the 1 fixed point"),
         ("bo-mo", {"n_init": 3, "initial_points": [[0.5, 0.5, 0.5]] * 2}, 8, "at least n_init = 3 points"),
         ("bo-mo", {"n_init": 1, "initial_points": [[0.5, 1.5, 0.5]]}, 8, "must lie in the unit cube"),
-        ("random", {"colour": 1}, 5, "unknown optimiser option"),
+        ("random", {"colour": 1}, 5, "random: invalid optimiser options:\n  optimizer.options.colour: unknown key"),
+        ("random", {"method": "halton"}, 5, "optimizer.options.method: Input should be 'sobol' or 'uniform'"),
+        ("nsga2", {"pop_size": 1}, 10, "optimizer.options.pop_size: Input should be greater than or equal to 2"),
+        ("bo-mo", {"n_init": "six"}, 10, "optimizer.options.n_init: Input should be a valid integer"),
+        ("bo-tcheby", {"ideal": "high"}, 20, "optimizer.options.ideal: Input should be a valid list"),
+        ("hm3-fixed", {"points": [[0.5], [0.5, 0.5]]}, 2, "optimizer.options.points: "),
         ("random", {}, 0, "budget must be >= 1"),
     ],
 )
@@ -198,9 +203,10 @@ def test_bo_mo_beats_random_in_hypervolume_at_equal_budget():
     assert np.mean(hv["bo-mo"]) > np.mean(hv["random"]), hv
 
 
-def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(tmp_path, monkeypatch, capsys):
+def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(tmp_path, monkeypatch, caplog):
     """torch's cpp_extension lock left by a process killed while botorch built its kernel made every
     later run wait forever (seen in session 6 after a kill -9 during a demo's first bo-mo step)."""
+    import logging
     import os
     import time
 
@@ -209,6 +215,7 @@ def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(t
     from hm3.search.optimizers.bayes import clear_stale_kernel_lock
 
     monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    caplog.set_level(logging.INFO, logger="hm3")
     lock = tmp_path / "logei_fused_ext" / "lock"
     assert clear_stale_kernel_lock() is None  # no lock: nothing to do
     lock.parent.mkdir()
@@ -216,9 +223,9 @@ def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(t
     old = time.time() - 3600
     os.utime(lock, (old, old))
     assert clear_stale_kernel_lock() == lock and not lock.exists()
-    assert "stale build lock" in capsys.readouterr().err
+    assert "stale build lock" in caplog.text
     lock.touch()  # young: waited for until it counts as stale
     start = time.monotonic()
     assert clear_stale_kernel_lock(stale_after=0.5, poll=0.1) == lock
     assert time.monotonic() - start >= 0.3
-    assert "waiting for botorch's fused-kernel build lock" in capsys.readouterr().err
+    assert "waiting for botorch's fused-kernel build lock" in caplog.text

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from hm3.errors import ConfigError
-from hm3.search.pareto import hypervolume, non_dominated, normalise, protocol_hypervolume
+from hm3.search.pareto import (
+    degenerate_objectives,
+    hypervolume,
+    non_dominated,
+    normalisation_span,
+    normalise,
+    protocol_hypervolume,
+    weighted_normalised,
+)
 
 
 def test_non_dominated_keeps_trade_offs_and_drops_dominated():
@@ -83,3 +91,53 @@ def test_normalise_keeps_direction_when_no_expert_beats_the_base():
     F = normalise(np.array([[0.3, 0.418], [0.3, 0.99]]), base, ideal)
     assert F[0, 0] == pytest.approx(0.5) and F[0, 1] == pytest.approx(0.418 - 0.996)
     assert F[1, 1] > F[0, 1]
+
+
+# --- edges that mutation testing found unchecked ------------------------------------------------------------
+
+
+def test_non_dominated_of_one_point_and_of_none_index_arrays():
+    assert non_dominated(np.array([[0.3, 0.1]])).tolist() == [0]
+    empty = non_dominated(np.zeros((0, 2)))
+    assert np.array(["a", "b"])[empty].tolist() == []  # an integer index array, usable as one
+
+
+def test_hypervolume_of_no_points_is_zero():
+    assert hypervolume(np.zeros((0, 2))) == 0.0
+    assert protocol_hypervolume(np.zeros((0, 2)), np.zeros(2), np.ones(2)) == 0.0
+
+
+def test_reference_and_bounds_may_be_given_as_rows():
+    """A base or ideal read as a 1×k row (a row of a score table) means the same as a flat vector."""
+    assert hypervolume(np.array([[2.0, 3.0]]), ref=np.array([[1.0, 1.0]])) == pytest.approx(2.0)
+    base, ideal = np.array([[10.0, 0.2]]), np.array([[30.0, 0.6]])
+    assert normalise(np.array([[20.0, 0.4]]), base, ideal)[0].tolist() == pytest.approx([0.5, 0.5])
+    assert normalisation_span(base, ideal).tolist() == pytest.approx([20.0, 0.4])
+    assert degenerate_objectives(np.array([[0.5, 0.5]]), np.array([[0.9, 0.5]])) == [1]
+
+
+def test_weighted_normalised_is_lambda_dot_the_normalised_scores():
+    base, ideal = np.array([10.0, 0.2]), np.array([30.0, 0.6])
+    # normalised [0.75, 0.25]: 0.4·0.75 + 0.6·0.25
+    assert weighted_normalised(np.array([0.4, 0.6]), np.array([25.0, 0.3]), base, ideal) == pytest.approx(0.45)
+
+
+def test_degenerate_objectives_are_those_no_expert_beats_by_more_than_the_tolerance():
+    base = np.array([0.5, 0.5, 0.5, 0.5])
+    ideal = base + np.array([0.2, 0.0, -0.1, 1e-12])
+    assert degenerate_objectives(base, ideal) == [1, 2, 3]  # a gap of exactly 1e-12 is degenerate too
+    assert normalisation_span(base, ideal).tolist() == pytest.approx([0.2, 1.0, 1.0, 1.0])
+    assert degenerate_objectives(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == []
+
+
+def test_error_messages_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="^scores hold NaN or Inf values$"):
+        non_dominated(np.array([[np.inf, 1.0]]))
+    with pytest.raises(ConfigError, match="^normalised scores hold NaN or Inf values$"):
+        hypervolume(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ConfigError, match=r"^normalised scores must be an \(n points × k objectives\) matrix"):
+        hypervolume(np.array([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="^reference point has 3 entries, expected 2$"):
+        hypervolume(np.array([[1.0, 2.0]]), ref=np.zeros(3))
+    with pytest.raises(ConfigError, match="NaN"):  # a missing score (None) is not a number
+        non_dominated(np.array([[0.5, None]]))

@@ -110,7 +110,7 @@ def test_fixed_coefficients_sets_weights_to_lambda():
         ({"density_bounds": [[0.1, 1.0], [0.9, 0.2], [0.1, 1.0]]}, "density_bounds of 'expert_b'.*reversed"),
         ({"weight_bounds": [[0, 1], [0, 1]]}, "2 entries but there are 3 models"),
         ({"density_bounds": [0.0, 1.5]}, r"within \[0.0, 1.0\]"),
-        ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"colour": "blue"}, "colour: unknown key"),
         ({"layer_granularity": 2}, "needs num_layers"),
         ({"layer_granularity": 3, "num_layers": 4}, "does not divide"),
         ({"df_merge": True}, "df_merge needs fisher"),
@@ -138,7 +138,7 @@ def test_invalid_points_and_foreign_recipes():
         s.from_recipe(wide)
     with pytest.raises(ConfigError, match="must be a mapping"):
         parse_search_space(["not", "a", "mapping"])
-    with pytest.raises(ConfigError, match="missing required key 'base_model'"):
+    with pytest.raises(ConfigError, match="base_model: required key is missing"):
         parse_search_space({"models": MODELS})
 
 

@@ -21,13 +21,28 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, invalid_config
 
 DTYPE = torch.float64
+
+
+def _as_points(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=DTYPE)
+
+
+#: Points given as an option (an initial design, fixed points): any nested sequence or tensor, as float64.
+Points = Annotated[torch.Tensor, BeforeValidator(_as_points)]
+
+
+class OptimizerOptions(BaseModel):
+    """The ``optimizer.options`` of a run config; each optimiser declares its own as ``Options``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
 def require_unit_cube(points: torch.Tensor, what: str) -> None:
@@ -41,6 +56,8 @@ class Optimizer(ABC):
 
     #: Registry name (``bo-mo``, ``random``, …).
     name: ClassVar[str]
+    #: The options this optimiser accepts (unknown ones and wrong types are refused, naming them).
+    Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         if space_dim < 1:
@@ -49,8 +66,7 @@ class Optimizer(ABC):
             raise ConfigError(f"{self.name}: need at least one objective, got {n_objectives}")
         if budget < 1:
             raise ConfigError(f"{self.name}: budget must be >= 1 evaluation, got {budget}")
-        if options:
-            raise ConfigError(f"{self.name}: unknown optimiser option(s): {', '.join(sorted(options))}")
+        self.options = self.parse_options(options)
         self.d = space_dim
         self.k = n_objectives
         self.seed = int(seed)
@@ -58,6 +74,14 @@ class Optimizer(ABC):
         self.X = torch.empty(0, space_dim, dtype=DTYPE)
         self.Y = torch.empty(0, n_objectives, dtype=DTYPE)
         self._pending = 0
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> OptimizerOptions:
+        """``options`` validated by :attr:`Options`; problems become one :class:`ConfigError`."""
+        try:
+            return cls.Options.model_validate(options)
+        except ValidationError as err:
+            raise invalid_config(err, cls.name, "optimiser options", prefix="optimizer.options.") from None
 
     # --- bookkeeping ------------------------------------------------------------------------------
 

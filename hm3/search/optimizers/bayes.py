@@ -14,24 +14,30 @@ acquisition optimiser uses few restarts and raw samples (``num_restarts=4``,
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from botorch.acquisition import AcquisitionFunction
-from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
-from botorch.models.transforms.outcome import Standardize
-from botorch.models.utils.gpytorch_modules import get_matern_kernel_with_gamma_prior
-from botorch.optim import optimize_acqf
-from gpytorch.mlls import ExactMarginalLogLikelihood
+from pydantic import Field
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer, require_unit_cube
+from hm3.extras import extra_imports
+from hm3.search.optimizers.base import DTYPE, Optimizer, OptimizerOptions, Points, require_unit_cube
 from hm3.search.optimizers.random import sobol_points
+
+with extra_imports("search", "the BO optimisers"):
+    from botorch.acquisition import AcquisitionFunction
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from botorch.models.utils.gpytorch_modules import get_matern_kernel_with_gamma_prior
+    from botorch.optim import optimize_acqf
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+log = logging.getLogger(__name__)
 
 #: Quasi-MC samples for the Monte-Carlo acquisition functions.
 MC_SAMPLES = 64
@@ -89,12 +95,12 @@ def clear_stale_kernel_lock(*, stale_after: float = STALE_BUILD_LOCK_SECONDS, po
             return None
         if age >= stale_after:
             lock.unlink(missing_ok=True)
-            print(f"[hm3] removed a stale build lock of botorch's fused kernel ({age:.0f} s old, left by a "
-                  f"killed process): {lock}", file=sys.stderr, flush=True)
+            log.warning(f"removed a stale build lock of botorch's fused kernel ({age:.0f} s old, left by a "
+                        f"killed process): {lock}")
             return lock
         if not told:
-            print(f"[hm3] waiting for botorch's fused-kernel build lock {lock} (another process is building; "
-                  f"taken as stale after {stale_after:.0f} s)", file=sys.stderr, flush=True)
+            log.info(f"waiting for botorch's fused-kernel build lock {lock} (another process is building; "
+                     f"taken as stale after {stale_after:.0f} s)")
             told = True
         time.sleep(min(poll, stale_after - age))
     return None
@@ -112,31 +118,24 @@ def unit_bounds(d: int) -> torch.Tensor:
     return torch.stack([torch.zeros(d, dtype=DTYPE), torch.ones(d, dtype=DTYPE)])
 
 
+class BayesOptions(OptimizerOptions):
+    n_init: int | None = Field(None, ge=1, description="initial design size (None: the method's default)")
+    num_restarts: int = Field(4, ge=1, description="restarts of the acquisition optimiser")
+    raw_samples: int = Field(128, ge=1, description="raw samples that seed those restarts")
+    initial_points: Points | None = Field(None, description="the initial design (default: Sobol points)")
+
+
 class BayesOptimizer(Optimizer):
     """An initial design of ``n_init`` points (Sobol or given), then one model-based step per ask."""
 
-    @classmethod
-    def initial_design_size(cls, space_dim: int) -> int:
-        """``n_init`` when the options do not set it."""
-        return 2 * (space_dim + 1)
+    Options = BayesOptions
 
-    def __init__(
-        self,
-        space_dim: int,
-        n_objectives: int,
-        *,
-        seed: int,
-        budget: int,
-        **options: Any,
-    ):
-        self.n_init = int(options.pop("n_init", self.initial_design_size(space_dim)))
-        self.num_restarts = int(options.pop("num_restarts", 4))
-        self.raw_samples = int(options.pop("raw_samples", 128))
-        initial = options.pop("initial_points", None)
+    def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
-        self.initial_points = None if initial is None else torch.as_tensor(initial, dtype=DTYPE)
-        if self.n_init < 1:
-            raise ConfigError(f"{self.name}: n_init must be >= 1, got {self.n_init}")
+        opts = self.options
+        self.n_init = opts.n_init if opts.n_init is not None else self.initial_design_size(space_dim)
+        self.num_restarts, self.raw_samples = opts.num_restarts, opts.raw_samples
+        self.initial_points = opts.initial_points
         if self.n_init >= budget:
             raise ConfigError(
                 f"{self.name}: budget {budget} must exceed the initial design of n_init = {self.n_init} "
@@ -150,6 +149,11 @@ class BayesOptimizer(Optimizer):
                     f"dimension {space_dim}, got shape {tuple(ip.shape)}"
                 )
             require_unit_cube(ip, f"{self.name}: initial_points")
+
+    @classmethod
+    def initial_design_size(cls, space_dim: int) -> int:
+        """The default ``n_init`` for a search space of ``space_dim`` dimensions (DF-Merge's 10)."""
+        return 10
 
     def _ask(self, n: int) -> torch.Tensor:
         if self.n_evaluated < self.n_init:  # stop at the design's end: the model needs its results

@@ -13,13 +13,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
-from botorch.models import ModelListGP
-from botorch.sampling import SobolQMCNormalSampler
+from pydantic import Field
 
 from hm3.errors import ConfigError
+from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, check_kernel_lock_once, fit_gp
+from hm3.search.optimizers.bayes import (
+    MC_SAMPLES,
+    BayesOptimizer,
+    BayesOptions,
+    check_kernel_lock_once,
+    fit_gp,
+)
+
+with extra_imports("search", "the bo-mo optimiser"):
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.models import ModelListGP
+    from botorch.sampling import SobolQMCNormalSampler
 
 
 class BoMo(BayesOptimizer):
@@ -27,9 +37,16 @@ class BoMo(BayesOptimizer):
 
     name = "bo-mo"
 
+    class Options(BayesOptions):
+        ref_point: list[float] | None = Field(None, description="hypervolume reference (default: the origin)")
+
+    @classmethod
+    def initial_design_size(cls, space_dim: int) -> int:
+        return 2 * (space_dim + 1)
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        ref = options.pop("ref_point", None)
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        ref = self.options.ref_point
         self.ref_point = (
             torch.zeros(n_objectives, dtype=DTYPE) if ref is None else torch.as_tensor(ref, dtype=DTYPE)
         )

@@ -16,13 +16,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-from botorch.sampling import SobolQMCNormalSampler
+from pydantic import Field
 
 from hm3.errors import ConfigError
+from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, fit_gp
+from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, BayesOptions, fit_gp
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
+
+with extra_imports("search", "the bo-tcheby optimiser"):
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.sampling import SobolQMCNormalSampler
 
 
 def tchebycheff(Y: torch.Tensor, lam: torch.Tensor, ideal: torch.Tensor) -> torch.Tensor:
@@ -35,15 +39,22 @@ class BoTcheby(BayesOptimizer):
 
     name = "bo-tcheby"
 
+    class Options(BayesOptions):
+        preferences: list[list[float]] | None = Field(None, description="the λs (default: n_preferences drawn)")
+        n_preferences: int = Field(5, ge=1, description="λ ~ Dirichlet(1) drawn when preferences are not given")
+        ideal: list[float] | None = Field(None, description="the ideal point z* (default: 1 per objective)")
+
+    @classmethod
+    def initial_design_size(cls, space_dim: int) -> int:
+        return 2 * (space_dim + 1)
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        prefs = options.pop("preferences", None)
-        n_prefs = int(options.pop("n_preferences", 5))
-        ideal = options.pop("ideal", None)
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        prefs, ideal = self.options.preferences, self.options.ideal
         if prefs is not None:
             self.preferences = validate_preferences(prefs, n_objectives)
         else:
-            self.preferences = dirichlet_preferences(n_prefs, n_objectives, seed=seed)
+            self.preferences = dirichlet_preferences(self.options.n_preferences, n_objectives, seed=seed)
         # default: the ideal point of scores normalised by hm3.search.pareto.normalise
         self.ideal = (
             torch.ones(n_objectives, dtype=DTYPE) if ideal is None else torch.as_tensor(ideal, dtype=DTYPE)

@@ -13,12 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from botorch.acquisition.logei import qLogExpectedImprovement
-from botorch.sampling import SobolQMCNormalSampler
+from pydantic import Field
 
+from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, fit_gp
+from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, BayesOptions, fit_gp
 from hm3.search.preferences import validate_preferences
+
+with extra_imports("search", "the df-merge optimiser"):
+    from botorch.acquisition.logei import qLogExpectedImprovement
+    from botorch.sampling import SobolQMCNormalSampler
 
 
 class DfMerge(BayesOptimizer):
@@ -26,13 +30,12 @@ class DfMerge(BayesOptimizer):
 
     name = "df-merge"
 
-    @classmethod
-    def initial_design_size(cls, space_dim: int) -> int:
-        return 10
+    class Options(BayesOptions):
+        weights: list[float] | None = Field(None, description="the objective weights w (default: uniform)")
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        weights = options.pop("weights", None)
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        weights = self.options.weights
         if weights is None:
             self.weights = torch.full((n_objectives,), 1.0 / n_objectives, dtype=DTYPE)
         else:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer, require_unit_cube
+from hm3.search.optimizers.base import DTYPE, Optimizer, OptimizerOptions, Points, require_unit_cube
 
 
 class Fixed(Optimizer):
@@ -20,9 +20,12 @@ class Fixed(Optimizer):
 
     name = "hm3-fixed"
 
+    class Options(OptimizerOptions):
+        points: Points | None = None
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        points = options.pop("points", None)
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        points = self.options.points
         if points is None:
             raise ConfigError(
                 "hm3-fixed: needs the option 'points' (one unit-cube point per preference vector)"

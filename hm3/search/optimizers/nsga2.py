@@ -14,13 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.population import Population
-from pymoo.core.problem import Problem
-from pymoo.core.termination import NoTermination
+from pydantic import Field
 
 from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer
+from hm3.extras import extra_imports
+from hm3.search.optimizers.base import DTYPE, Optimizer, OptimizerOptions
+
+with extra_imports("search", "the nsga2 optimiser"):
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.population import Population
+    from pymoo.core.problem import Problem
+    from pymoo.core.termination import NoTermination
 
 
 class Nsga2(Optimizer):
@@ -28,11 +32,12 @@ class Nsga2(Optimizer):
 
     name = "nsga2"
 
+    class Options(OptimizerOptions):
+        pop_size: int = Field(20, ge=2, description="population (and generation) size")
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        pop_size = int(options.pop("pop_size", 20))
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
-        if pop_size < 2:
-            raise ConfigError(f"nsga2: pop_size must be >= 2, got {pop_size}")
+        pop_size = self.options.pop_size
         if budget < pop_size:
             raise ConfigError(f"nsga2: budget {budget} is smaller than one population (pop_size {pop_size})")
         self.pop_size = pop_size

@@ -6,13 +6,12 @@ evaluations so far, so resuming replays nothing and continues the same sequence.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.quasirandom import SobolEngine
 
-from hm3.errors import ConfigError
-from hm3.search.optimizers.base import DTYPE, Optimizer
+from hm3.search.optimizers.base import DTYPE, Optimizer, OptimizerOptions
 
 
 def sobol_points(d: int, *, seed: int, start: int, n: int) -> torch.Tensor:
@@ -28,11 +27,12 @@ class RandomSearch(Optimizer):
 
     name = "random"
 
+    class Options(OptimizerOptions):
+        method: Literal["sobol", "uniform"] = "sobol"
+
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
-        self.method = options.pop("method", "sobol")
-        if self.method not in ("sobol", "uniform"):
-            raise ConfigError(f"random: method must be 'sobol' or 'uniform', got {self.method!r}")
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        self.method = self.options.method
 
     def _ask(self, n: int) -> torch.Tensor:
         if self.method == "sobol":

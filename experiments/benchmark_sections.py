@@ -1,0 +1,865 @@
+"""Every benchmark of ``docs/BENCHMARKS.md``: one :class:`Section` each, in page order.
+
+To add a benchmark: write its script on :mod:`harness` (so its results file carries date, commit,
+machine and command), then add one ``Section`` here: a title, a few sentences on what is measured
+and why, and a function from the current results to tables. Numbers come only from the results
+files, never from this text. ``python experiments/report_benchmarks.py`` rewrites the page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import harness
+from benchmark_report import (
+    Result,
+    Results,
+    Section,
+    Target,
+    git_last_change,
+    mean,
+    num,
+    plot_of,
+    ratio,
+    sources,
+    table,
+    verdict,
+)
+
+TASKS = ("math", "code", "translation")
+SHIPPED_ZOO = harness.REPO / "hm3" / "zoo" / "shipped" / "micro" / "zoo.json"
+
+
+def per_task(values: dict[str, float], spec: str = ".2f", tasks: tuple[str, ...] = TASKS) -> str:
+    return " / ".join(num(values.get(t), spec) for t in tasks)
+
+
+def percent(values: dict[str, float], tasks: tuple[str, ...] = TASKS) -> str:
+    return " / ".join(f"{values[t]:.0%}" for t in tasks)
+
+
+def zoo_text(zoo_build: dict[str, Any] | None) -> str:
+    """Which zoo build a result ran on: its spec hash, its quality bar, and whether it scores as the shipped zoo."""
+    if not zoo_build:
+        return "zoo not recorded"
+    shipped = json.loads(SHIPPED_ZOO.read_text())
+    same = zoo_build.get("scores_validation") == shipped["scores_validation"]
+    bar = (zoo_build.get("quality_bar") or {}).get("ok")
+    return (f"zoo spec `{zoo_build.get('spec_hash')}`, quality bar {'met' if bar else 'not met'}, "
+            + ("the same validation scores as the shipped micro zoo" if same else "**not** the shipped micro zoo's "
+               "weights (another build, with other scores)"))
+
+
+# --- the shipped zoo -----------------------------------------------------------------------------------------
+
+
+def render_shipped_zoo(results: Results) -> str:
+    from hm3.zoo.build import expert_margin  # the bar's own definition
+
+    m = json.loads(SHIPPED_ZOO.read_text())
+    val, test = m["scores_validation"], m["scores_test"]
+    rows = [[name, *(num(val[name][t]) for t in TASKS), *(num(test[name][t]) for t in TASKS)] for name in val]
+    best, best_test = m["ties_best"], m["ties_best_test"]
+    weights = "/".join(f"{w:g}" for w in best["weights"])
+    rows.append([f"best TIES merge of the bar's grid (w = {weights})", *(num(best[t]) for t in TASKS),
+                 *(num(best_test[t]) for t in TASKS)])
+    checks = m["quality_bar"]["checks"]
+    bar = [[t, num(checks[t]["expert_margin"], ".2f"), f"{checks[t]['ties_gain_kept']:.0%}",
+            num(expert_margin(test, t), ".2f"), f"{best_test['gain_kept'][t]:.0%}", verdict(checks[t]["ok"])]
+           for t in TASKS]
+    date, commit = git_last_change(SHIPPED_ZOO)
+    thresholds = m["quality_bar"]["thresholds"]
+    return "\n\n".join([
+        table(["model", "validation: math", "code", "translation", "test: math", "code", "translation"], rows),
+        table(["task", "expert margin (validation)", "merge keeps (validation)", "expert margin (test)",
+               "merge keeps (test)", "bar (validation)"], bar),
+        f"Bar: expert margin ≥ {thresholds['expert_margin']}, merge keeps ≥ {thresholds['ties_gain_kept']:.0%} of "
+        f"each expert's gain; judged on validation: **{verdict(m['quality_bar']['ok'])}**.",
+        f"- [`hm3/zoo/shipped/micro/zoo.json`](../hm3/zoo/shipped/micro/zoo.json): committed {date or '–'} in "
+        f"`{commit or '–'}`; built in {m['build_seconds']:.0f} s at load {m['load_average']}, spec "
+        f"`{m['spec_hash']}`; `hm3 zoo build DIR --size micro --seed 0`",
+    ])
+
+
+# --- zoo recipe variants -------------------------------------------------------------------------------------
+
+
+ZOO_VARIANTS = ("default", "specialist", "cheaper")  # the recipe's seeds first, then what was tried beside it
+
+
+def render_zoo_variants(results: Results) -> str:
+    found = sorted(results.of("zoo_variants"),
+                   key=lambda r: (ZOO_VARIANTS.index(r.label) if r.label in ZOO_VARIANTS else len(ZOO_VARIANTS), r.label))
+    parts = []
+    for r in found:
+        rows = r.data if isinstance(r.data, list) else r.get("rows", [])
+        met = sum(x["bar_met"] for x in rows)
+        parts.append(f"**{r.label}** ({met} of {len(rows)} builds meet the bar)" + (f": {r.get('note')}" if r.get("note")
+                                                                                    else ""))
+        parts.append(table(
+            ["variant", "seed", "bar", "margins, validation (m / c / t)", "merge keeps, validation",
+             "margins, test", "merge keeps, test", "build s"],
+            [[x["variant"], x["seed"], verdict(x["bar_met"]), per_task(x["margin_validation"]),
+              percent(x["kept_validation"]), per_task(x["margin_test"]), percent(x["kept_test"]),
+              num(x["build_seconds"], ".0f")] for x in rows]))
+    if not found:
+        return ""
+    parts.append(sources(found, {
+        "default": "python experiments/zoo_variants.py '{\"default\": {}}' --seeds 0,1,2 "
+                   "--out experiments/results/zoo_variants_default.json",
+        "cheaper": "python experiments/zoo_variants.py '{\"w32\": {\"hidden_size\": 32, \"num_heads\": 1, "
+                   "\"intermediate_size\": 128}, \"b32\": {\"batch_size\": 32}, \"steps67\": {\"base_steps\": 400, "
+                   "\"expert_steps\": 170}, \"inter128\": {\"intermediate_size\": 128}}' "
+                   "--out experiments/results/zoo_variants_cheaper.json"}))
+    return "\n\n".join(parts)
+
+
+# --- the README's two commands --------------------------------------------------------------------------------
+
+
+def render_test_suite(results: Results) -> str:
+    r = results.one("bench_test_suite")
+    if r is None:
+        return ""
+    commits = {k: v[:7] for k, v in r.get("commits").items()}
+    targets = {"suite": ("`scripts/test.sh` (ruff + the whole suite)", 0.5), "demo": ("`scripts/demo.sh`", 0.5)}
+    rows = []
+    for kind, (name, target) in targets.items():
+        if kind not in r.get("summary", {}):
+            continue
+        runs = {c: [x for x in r.get("runs") if x["kind"] == kind and x["checkout"] == c] for c in ("baseline", "current")}
+        s = r.get("summary")[kind]
+        rows.append([name, " / ".join(f"{x['seconds']:.0f}" for x in runs["baseline"]),
+                     " / ".join(f"{x['seconds']:.0f}" for x in runs["current"]), ratio(s["ratio"]),
+                     f"≤ {target:.2f}×: {verdict(s['ratio'] <= target)}"])
+    passed = [x["summary"] for x in r.get("runs") if x["kind"] == "suite"]
+    return "\n\n".join([
+        table(["command", f"baseline `{commits['baseline']}` (s, per round)", f"`{commits['current']}` (s)",
+               "ratio of means", "target"], rows),
+        "pytest's summaries, in order: " + "; ".join(f"`{p}`" for p in passed),
+        sources([r]),
+    ])
+
+
+# --- merge engine -------------------------------------------------------------------------------------------
+
+
+def render_merge(results: Results) -> str:
+    r = results.one("bench_merge")
+    if r is None:
+        return ""
+    med, ratios, inmem = r.get("median"), r.get("ratios"), r.get("in_memory")
+    names = {"hm3_ties": "hm3 TIES", "mergekit_ties": "mergekit TIES", "floor_ties_round": "floor (TIES rounds)",
+             "hm3_dare_ties": "hm3 DARE-TIES", "mergekit_dare_ties": "mergekit DARE-TIES",
+             "floor_dare_ties_round": "floor (DARE-TIES rounds)"}
+    raw = r.get("raw")
+    rows = [[names.get(k, k), ", ".join(f"{x:.2f}" for x in raw[k]["wall_s"]), num(v["wall_s"], ".2f"),
+             num(v["peak_rss_mb"], ".0f")] for k, v in med.items()]
+    t, d = ratios["ties"], ratios["dare_ties"]
+    ratio_rows = [
+        ["hm3 / mergekit wall time", ratio(t["wall_vs_mergekit"], ".3f"), ratio(d["wall_vs_mergekit"], ".3f"),
+         f"≤ 0.25×: TIES {verdict(t['wall_vs_mergekit'] <= 0.25)}, DARE-TIES {verdict(d['wall_vs_mergekit'] <= 0.25)}"],
+        ["hm3 / mergekit peak RSS", ratio(t["rss_vs_mergekit"], ".3f"), ratio(d["rss_vs_mergekit"], ".3f"),
+         f"≤ 1×: {verdict(max(t['rss_vs_mergekit'], d['rss_vs_mergekit']) <= 1)}"],
+        ["hm3 / floor wall time", ratio(t["wall_vs_floor"]), ratio(d["wall_vs_floor"]),
+         f"within 2.5×: {verdict(max(t['wall_vs_floor'], d['wall_vs_floor']) <= 2.5)}"],
+    ]
+    return "\n\n".join([
+        f"Three Llama checkpoints of {r.get('params_per_model') / 1e6:.1f} M parameters each, {r.get('reps')} "
+        f"rounds, {r.get('torch_threads')} torch threads.",
+        table(["run", "wall s (rounds)", "median wall s", "median peak RSS MB"], rows),
+        table(["ratio", "TIES", "DARE-TIES", "target"], ratio_rows),
+        f"In-memory path (a candidate merged into a live model, as the searches do): base and task vectors "
+        f"loaded once in {inmem['load_once_s']:.2f} s, then **TIES {inmem['ties_per_candidate_s']:.2f} s and "
+        f"DARE-TIES {inmem['dare_ties_per_candidate_s']:.2f} s per candidate**.",
+        sources([r]),
+    ])
+
+
+# --- evaluators ----------------------------------------------------------------------------------------------
+
+
+def render_eval(results: Results) -> str:
+    found = results.of("bench_eval")
+    if not found:
+        return ""
+    parts = []
+    zoo_runs = [r for r in found if r.get("zoo")]
+    for r in zoo_runs:
+        z = r.get("zoo")
+        s = z["summary"]
+        parts.append(f"Small zoo (spec `{z['spec_hash']}`, {z['size']}): one candidate = weight swap + "
+                     f"{len(z['objectives'])} objectives × {z['examples_per_objective']} validation examples; medians "
+                     f"(`{r.name}`).")
+        parts.append(table(["", "hf", "vLLM"], [
+            ["seconds per candidate", num(s["hf_candidate_s"], ".2f"), num(s["vllm_candidate_s"], ".2f")],
+            ["generation tokens/s", num(s["hf_tokens_per_s"], ".0f"), num(s["vllm_tokens_per_s"], ".0f")],
+            ["weight swap (`load_state`), ms", num(s["hf_load_state_s"] * 1e3, ".1f"),
+             num(s["vllm_load_state_s"] * 1e3, ".1f")],
+            ["reload (a fresh backend), s", num(s["hf_reload_s"], ".3f"), num(s["vllm_reload_s"], ".2f")],
+            ["reload / swap (target ≥ 20×)", f"{s['hf_reload_over_swap']:.0f}× — {verdict(s['hf_reload_over_swap'] >= 20)}",
+             f"{s['vllm_reload_over_swap']:.0f}× — {verdict(s['vllm_reload_over_swap'] >= 20)}"],
+        ]))
+        parts.append(f"Scores identical between hf and vLLM for every candidate: {num(all(s['scores_agree']))}.")
+    rows = []
+    for r in found:
+        smol = r.get("smollm2")
+        if not smol:
+            continue
+        command = " ".join(r.get("command") or []) if isinstance(r.get("command"), list) else r.get("command") or ""
+        mode = smol.get("vllm_mode") or ("compiled" if "--vllm-compile" in command else "eager")
+        for dtype, d in smol["by_dtype"].items():
+            s = d["summary"]
+            x = s["vllm_over_hf_tokens_per_s"]
+            rows.append([f"`{r.label}`", smol["prompts"], smol.get("hf_batch_size") or smol["prompts"], mode, dtype,
+                         num(s["hf_tokens_per_s"], ".0f"), num(s["vllm_tokens_per_s"], ".0f"),
+                         f"{x:.2f}× — {verdict(x >= 2)}", num(all(s["outputs_identical"])),
+                         f"{s['hf_open_over_swap']:.0f}× / {s['vllm_open_over_swap']:.0f}×"])
+    parts.append("SmolLM2-135M-Instruct (imported with `hm3 zoo import-smollm2`), greedy chat answers of up to "
+                 "64 new tokens; medians over the repetitions:")
+    parts.append(table(["results", "prompts", "hf batch", "vLLM", "dtype", "hf tok/s", "vLLM tok/s",
+                        "vLLM / hf (target ≥ 2×)", "same outputs", "reload / swap: hf / vLLM (target ≥ 20×)"], rows))
+    parts.append(sources(found))
+    return "\n\n".join(parts)
+
+
+def test_suite_targets(results: Results) -> list[Target]:
+    r = results.one("bench_test_suite")
+    if r is None:
+        return []
+    return [(f"`scripts/{'test' if kind == 'suite' else 'demo'}.sh` ≤ 0.5× the baseline's time", ratio(x["ratio"]),
+             x["ratio"] <= 0.5) for kind, x in r.get("summary", {}).items()]
+
+
+def merge_targets(results: Results) -> list[Target]:
+    r = results.one("bench_merge")
+    if r is None:
+        return []
+    t, d = r.get("ratios")["ties"], r.get("ratios")["dare_ties"]
+    return [*((f"merge ≤ 0.25× mergekit's wall time ({name})", ratio(x["wall_vs_mergekit"], ".3f"),
+               x["wall_vs_mergekit"] <= 0.25) for name, x in (("TIES", t), ("DARE-TIES", d))),
+            ("merge peak memory ≤ mergekit's", f"{ratio(t['rss_vs_mergekit'])} / {ratio(d['rss_vs_mergekit'])}",
+             max(t["rss_vs_mergekit"], d["rss_vs_mergekit"]) <= 1)]
+
+
+def eval_targets(results: Results) -> list[Target]:
+    rows: list[Target] = []
+    for r in results.of("bench_eval"):
+        z = (r.get("zoo") or {}).get("summary")
+        if z:
+            rows.append(("weight swap ≥ 20× faster than a reload (small zoo: hf / vLLM)",
+                         f"{z['hf_reload_over_swap']:.0f}× / {z['vllm_reload_over_swap']:.0f}×",
+                         min(z["hf_reload_over_swap"], z["vllm_reload_over_swap"]) >= 20))
+        smol = r.get("smollm2")
+        if smol and "float32" in smol["by_dtype"] and "compiled" not in r.label:
+            x = smol["by_dtype"]["float32"]["summary"]["vllm_over_hf_tokens_per_s"]
+            rows.append((f"vLLM ≥ 2× transformers' tokens/s (SmolLM2, {smol['prompts']} prompts, hf batch "
+                         f"{smol.get('hf_batch_size') or smol['prompts']})", ratio(x), x >= 2))
+    return rows
+
+
+# --- level 1 -------------------------------------------------------------------------------------------------
+
+
+def search_table(r: Result, keys: list[str] | None = None) -> str:
+    t = r.get("table")
+    budgets = sorted({int(k) for row in t.values() for k in row if k.isdigit()})
+    rows = []
+    for key, row in t.items():
+        if keys is not None and key not in keys:
+            continue
+        cells = []
+        for n in budgets:
+            cell = row.get(str(n))
+            if cell is None:
+                cells.append("")
+            elif n in (r.get("budget"), r.get("long_budget")):
+                cells.append(f"**{cell['mean']:.3f}** ({cell['min']:.3f}–{cell['max']:.3f})")
+            else:
+                cells.append(num(cell["mean"]))
+        rows.append([f"`{key}`", *cells, num(row["hv_test_front"])])
+    return table(["optimiser", *(f"HV@{n}" for n in budgets), "test HV of the final front"], rows)
+
+
+def search_target(r: Result) -> str:
+    t = r.get("target")
+    reach = (t.get("evaluations_to_reach_bo_mo") or {}).get("evaluations", {})
+    never = f"not within {r.get('long_budget')}"
+    reach_text = ", ".join(f"`{k}` {never if v is None else v}" for k, v in reach.items())
+    return (f"`bo-mo` at {r.get('budget')} evaluations reaches **{ratio(t['ratio_bo_to_random'])}** the HV of `random` "
+            f"and **{ratio(t['ratio_bo_to_nsga2'])}** that of `nsga2` at {r.get('long_budget')} (target ≥ 1× both: "
+            f"{verdict(t['met'])}). Evaluations each peer's mean trace needs to reach `bo-mo`'s HV@{r.get('budget')}: "
+            f"{reach_text}.")
+
+
+def render_search(results: Results) -> str:
+    parts = []
+    for r in results.of("bench_search_param"):
+        fisher = [k for k in r.get("table") if "fisher" in k]
+        head = (f"**{r.get('validation_examples')} validation examples per task** (`{r.label}`; "
+                f"{zoo_text(r.get('zoo_build'))}; seeds {', '.join(map(str, r.get('seeds')))}):")
+        if fisher:
+            parts += [f"**Fisher weighting** (`{r.label}`, {r.get('validation_examples')} validation examples; DF-Merge's "
+                      "diagonal Fisher on DARE-TIES):", search_table(r, ["bo-mo", *fisher])]
+            continue
+        parts += [head, search_table(r), search_target(r)]
+        plot = plot_of(r)
+        if plot:
+            parts.append(plot)
+    found = results.of("bench_search_param")
+    if not found:
+        return ""
+    base = ("OMP_NUM_THREADS=1 .venv/bin/python experiments/bench_search_param.py --zoo runs/zoo-micro "
+            "--validation-examples {n} --test-examples 200 --optimizers random,nsga2,bo-mo {ablation} --threads 1 "
+            "--quiet --work runs/bsp{n} --out experiments/results/bench_search_param_{label}.json")
+    parts.append(sources(found, {
+        "v200": base.format(n=200, ablation="--no-fisher-ablation", label="v200"),
+        "v64": base.format(n=64, ablation="--no-fisher-ablation", label="v64"),
+        "v200_fisher": base.format(n=200, ablation="--no-design-ablation", label="v200_fisher")}))
+    return "\n\n".join(parts)
+
+
+def search_targets(results: Results) -> list[Target]:
+    rows = []
+    for r in results.of("bench_search_param"):
+        t = r.get("target")
+        if "ratio_bo_to_random" in t and not any("fisher" in k for k in r.get("table")):
+            rows.append((f"level 1: `bo-mo`@{r.get('budget')} ≥ `random`, `nsga2`@{r.get('long_budget')} in HV "
+                         f"({r.get('validation_examples')} validation examples)",
+                         f"{ratio(t['ratio_bo_to_random'])} / {ratio(t['ratio_bo_to_nsga2'])}", t["met"]))
+    return rows
+
+
+# --- two levels on the zoo -----------------------------------------------------------------------------------
+
+
+ARM_NAMES = {"level1": "level 1 alone", "both": "both levels", "both-nodar": "both levels, no DAR",
+             "level2-only": "level 2 alone (experts, base frame)", "level2-only-nodar": "level 2 alone, no DAR"}
+
+
+def arm_rows(r: Result) -> list[list[str]]:
+    share = r.get("args")["level1_share"]
+    rows = []
+    for name, t in r.get("table").items():
+        seeds = " / ".join(f"{a['hv_validation']:.3f}" for a in r.get("arms")[name])
+        l1 = "whole budget" if name == "level1" else ("none" if name.startswith("level2") else f"{share:g}")
+        rows.append([ARM_NAMES.get(name, name), l1, f"**{t['hv_validation']:.3f}** ({seeds})", num(t["hv_test_front"]),
+                     num(t["full_evaluation_equivalents"], ".1f"), num(t["level2_evaluations"], ".0f"),
+                     num(t["level2_examples"], ".0f")])
+    return rows
+
+
+ARM_HEADERS = ["arm", "level-1 share", "HV validation: mean (seeds)", "HV test", "full-evaluation equivalents",
+               "level-2 evaluations", "level-2 examples"]
+
+
+def request_rows(r: Result, run: str, label: str) -> list[list[str]]:
+    key = "request" if run == "both" else f"request_{run}_run"
+    t = r.get("targets").get(key)
+    if not t:
+        return []
+    rows = [x for x in r.get("requests") if x.get("run", "both") == run]
+    below = sum(x["ratio"] < 0.95 for x in rows)
+    out = [[label, "budget 0", f"**{t['mean_ratio']:.3f}** / {t['min_ratio']:.3f} ({below} of {len(rows)} < 0.95)",
+            f"{t['test']['mean_ratio']:.3f} / {t['test']['min_ratio']:.3f}" if t.get("test") else "–",
+            f"{t['mean_seconds_in_process']:.2f} in the process, {t['mean_seconds_cli']:.2f} as a fresh `hm3 request`"]]
+    for n, x in (t.get("refined") or {}).items():
+        tx = (t.get("test") or {}).get("refined", {}).get(n)
+        below_n = sum(q["refined"][n]["ratio"] < 0.95 for q in rows if n in q.get("refined", {}))
+        out.append([label, f"`--refine {n}`", f"{x['mean_ratio']:.3f} / {x['min_ratio']:.3f} ({below_n} < 0.95)",
+                    f"{tx['mean_ratio']:.3f} / {tx['min_ratio']:.3f}" if tx else "–", f"{x['mean_seconds']:.1f}"])
+    return out
+
+
+def render_two_level(results: Results) -> str:
+    found = [r for r in results.of("bench_two_level", r"share\d+")]
+    if not found:
+        return ""
+    parts = [f"{zoo_text(found[0].get('zoo_build'))}; {found[0].get('args')['validation_examples']} validation and "
+             f"{found[0].get('args')['test_examples']} test examples per task; budget "
+             f"{found[0].get('args')['budget']} full-evaluation equivalents per arm; DAR data scale "
+             f"{found[0].get('args')['data_scale']}; T_max {found[0].get('args')['t_max']}; seeds "
+             f"{found[0].get('args')['seeds']}."]
+    rows = [row for r in found for row in arm_rows(r)]
+    parts.append(table(ARM_HEADERS, rows))
+    level1 = next((r.get("table")["level1"]["hv_validation"] for r in found if "level1" in r.get("table")), None)
+    for r in found:
+        both = r.get("table").get("both")
+        if both and level1 is not None:
+            parts.append(f"Level-1 share {r.get('args')['level1_share']:g}: two levels reach HV {both['hv_validation']:.3f} "
+                         f"against {level1:.3f} for level 1 alone — two levels beating level 1 at equal cost: "
+                         f"{verdict(both['hv_validation'] > level1)}.")
+    for r in found:
+        plot = plot_of(r)
+        if plot:
+            parts.append(plot)
+    req = []
+    for r in found:
+        share = r.get("args")["level1_share"]
+        req += request_rows(r, "both", f"two-level run, level-1 share {share:g}")
+        req += request_rows(r, "level1", "level-1 search, whole budget")
+    if req:
+        ded = next(r.get("targets")["request"] for r in found if "request" in r.get("targets"))
+        parts.append(f"**Preference requests** against a dedicated search for the same λ (`df-merge` on Σλf, "
+                     f"{found[0].get('args')['dedicated_budget']} merge evaluations, then "
+                     f"{found[0].get('args')['dedicated_episodes']} level-2 episodes; "
+                     f"{ded['mean_dedicated_seconds']:.0f} s on average): the ratio of Σ_k λ_k f̂_k, over 3 λ × 3 "
+                     "seeds; target ≥ 0.95 for each request, in < 5 s.")
+        parts.append(table(["runs answering", "answer", "validation: mean / worst", "test: mean / worst", "seconds"],
+                           req))
+        for r in found:
+            for run, key in (("both", "request"), ("level1", "request_level1_run")):
+                t = r.get("targets").get(key)
+                if t and t.get("dedicated_merges_to_match"):
+                    matched = ", ".join("never" if n is None else str(n) for n in t["dedicated_merges_to_match"])
+                    parts.append(f"Dedicated-search evaluations needed to match each budget-0 answer "
+                                 f"({'level-1 search' if run == 'level1' else 'two-level run'}, `{r.label}`): "
+                                 f"{matched} (\"never\": the answer beat all of them).")
+    parts.append(sources(found, {
+        "share050": "OMP_NUM_THREADS=2 .venv/bin/python experiments/bench_two_level.py --zoo runs/zoo-micro4 "
+                    "--validation-examples 128 --test-examples 200 --data-scale 0.05 --t-max 4 --threads 2 --quiet "
+                    "--arms level1,both --request-runs both,level1 --retime-cli --work runs/b2l_z4 "
+                    "--out experiments/results/bench_two_level_zoo4_level1_requests.json",
+        "share075": "OMP_NUM_THREADS=2 .venv/bin/python experiments/bench_two_level.py --zoo runs/zoo-micro4 "
+                    "--validation-examples 128 --test-examples 200 --data-scale 0.05 --t-max 4 --threads 2 --quiet "
+                    "--arms both --level1-share 0.75 --work runs/b2l_z4_s075 "
+                    "--out experiments/results/bench_two_level_zoo4_share075.json"}))
+    return "\n\n".join(parts)
+
+
+def two_level_targets(results: Results) -> list[Target]:
+    rows = []
+    found = results.of("bench_two_level", r"share\d+")
+    level1 = next((r.get("table")["level1"]["hv_validation"] for r in found if "level1" in r.get("table")), None)
+    for r in found:
+        both = r.get("table").get("both")
+        if both and level1 is not None:
+            rows.append((f"two levels beat level 1 alone at equal cost (micro zoo, level-1 share "
+                         f"{r.get('args')['level1_share']:g})", f"HV {both['hv_validation']:.3f} vs {level1:.3f}",
+                         both["hv_validation"] > level1))
+    for r in found:
+        for key, what in (("request", f"two-level run, share {r.get('args')['level1_share']:g}"),
+                          ("request_level1_run", "level-1 search")):
+            t = r.get("targets").get(key)
+            if t:
+                rows.append((f"budget-0 request ≥ 0.95 of a dedicated search, each ({what})",
+                             f"mean {t['mean_ratio']:.3f}, worst {t['min_ratio']:.3f}", t["min_ratio"] >= 0.95))
+                rows.append((f"budget-0 request < 5 s as a fresh process ({what})",
+                             f"{t['mean_seconds_cli']:.2f} s on average", t["mean_seconds_cli"] < 5))
+    return rows
+
+
+def render_dar(results: Results) -> str:
+    r = results.one("bench_two_level", "dar")
+    if r is None:
+        return ""
+    a = r.get("args")
+    parts = [f"{zoo_text(r.get('zoo_build'))}; {a['validation_examples']} validation examples per task, DAR data "
+             f"scale {a['data_scale']}, level-1 share {a['level1_share']:g}, budget {a['budget']} full-evaluation "
+             f"equivalents, seeds {a['seeds']}.", table(ARM_HEADERS, arm_rows(r))]
+    for arm in ("both", "level2-only"):
+        d = r.get("targets").get(f"dar_{arm}")
+        if d:
+            met = d["level2_example_reduction"] >= 10 and d["hv_loss_fraction"] <= 0.02
+            target = f" (target ≥ 10× for ≤ 2%: {verdict(met)})" if arm == "both" else ""
+            parts.append(f"DAR, {ARM_NAMES[arm]}: **{d['level2_example_reduction']:.1f}× fewer level-2 examples** for "
+                         f"{d['hv_loss_fraction']:.1%} of the HV{target}.")
+    plot = plot_of(r)
+    if plot:
+        parts.append(plot)
+    parts.append(sources([r], {"dar": "OMP_NUM_THREADS=1 .venv/bin/python experiments/bench_two_level.py "
+                                      "--zoo runs/zoo-micro --validation-examples 128 --test-examples 200 "
+                                      "--data-scale 0.05 --t-max 4 --threads 1 --quiet --work runs/bench_two_level_full "
+                                      "--out experiments/results/bench_two_level_full_v128.json"}))
+    return "\n\n".join(parts)
+
+
+def dar_targets(results: Results) -> list[Target]:
+    r = results.one("bench_two_level", "dar")
+    d = r.get("targets").get("dar_both") if r else None
+    if not d:
+        return []
+    return [("DAR: ≥ 10× fewer level-2 examples for ≤ 2% HV loss",
+             f"{d['level2_example_reduction']:.1f}× for {d['hv_loss_fraction']:.1%}",
+             d["level2_example_reduction"] >= 10 and d["hv_loss_fraction"] <= 0.02)]
+
+
+# --- the level-2 bound ---------------------------------------------------------------------------------------
+
+
+def render_ceiling(results: Results) -> str:
+    found = results.of("level2_ceiling")
+    if not found:
+        return ""
+    runs = {r.label.split("_")[0]: r for r in results.of("bench_two_level", r"share\d+")}
+    alone = {a["seed"]: a["hv_validation"] for a in runs["share050"].get("arms")["level1"]} if "share050" in runs else {}
+    rows, by_split = [], {}
+    for r in found:
+        split, seed = r.label.split("_")
+        seed_n = int(seed[1:])
+        run = runs.get(split)
+        as_run = next((a["hv_validation"] for a in run.get("arms")["both"] if a["seed"] == seed_n), None) if run else None
+        best = r.get("hv_union_best_k_paths")
+        row = [f"{int(split[5:]) / 100:g} ({r.get('level1')['merges']} merges)", seed_n, num(alone.get(seed_n)),
+               num(r.get("level1")["hv_validation"]), num(as_run), num(best.get("6")), num(best.get("12")),
+               f"{r.get('hv_union'):.3f} ({r.get('path_evaluations')})"]
+        rows.append(row)
+        by_split.setdefault(split, []).append((alone.get(seed_n), r.get("level1")["hv_validation"], r.get("hv_union")))
+    parts = [table(["level-1 share", "seed", "level 1 alone (whole budget)", "both: its merges", "both: as run",
+                    "+ best 6 paths", "+ best 12 paths", "+ every path of ≤ 2 hops (full evaluations)"], rows)]
+    for split, xs in by_split.items():
+        a, m, u = (mean(x[i] for x in xs if x[i] is not None) for i in range(3))
+        parts.append(f"Level-1 share {int(split[5:]) / 100:g}: every short path lifts the mean HV from {m:.3f} to "
+                     f"{u:.3f}, against {a:.3f} for level 1 alone — it closes {(u - m) / (a - m):.0%} of the gap.")
+    longer = [(r, r.get("longer_paths_sample")) for r in found if r.get("longer_paths_sample")]
+    for r, s in longer:
+        parts.append(f"Longer paths (`{r.label}`): {s['path_evaluations']} random paths of {s['hops'][0]}–{s['hops'][1]} "
+                     f"hops ({s['per_frame']} per frame): {s['union_front_longer_paths']} reached the union front; HV "
+                     f"{s['hv_union_with_longer']:.3f}.")
+    commands = {f"share{s}_s{n}": (f"OMP_NUM_THREADS=1 .venv/bin/python experiments/level2_ceiling.py "
+                                   f"runs/{'b2l_z4' if s == '050' else 'b2l_z4_s075'}/both-s{n} --t-max 2 --threads 1"
+                                   + (" --longer 100 --longer-t-max 4" if (s, n) == ("050", 0) else ""))
+                for s in ("050", "075") for n in range(3)}
+    parts.append(sources(found, commands))
+    return "\n\n".join(parts)
+
+
+# --- SmolLM2 -------------------------------------------------------------------------------------------------
+
+_RUN = ".venv/bin/python experiments/real_model_run.py"
+_PRIOR = "--rl path_prior=frame-order --rl epsilon=0.05"
+_KEEP3 = f"--offline-episodes 48 --online-episodes 16 {_PRIOR} --level2 keep_best=3 --name prior-long-keep3"
+_OUT = "--out experiments/results/real_model_run"
+#: the commands of the SmolLM2 results files that predate recorded command lines, by label
+SMOL_COMMANDS = {
+    "hf": f"OMP_NUM_THREADS=2 {_RUN}",
+    "vllm": f"OMP_NUM_THREADS=2 {_RUN} --backend vllm {_OUT}_vllm.json",
+    "hf-rmm": f"OMP_NUM_THREADS=2 {_RUN} --mode rmm {_OUT}_rmm.json",
+    "hf-long": f"OMP_NUM_THREADS=1 {_RUN} --mode hm3 --name long --offline-episodes 48 --online-episodes 16 "
+               f"{_OUT}_hm3_long.json",
+    "hf-rmm-long": f"OMP_NUM_THREADS=1 {_RUN} --mode rmm --name long --offline-episodes 48 --online-episodes 16 "
+                   f"{_OUT}_rmm_long.json",
+    "hf-prior": f"{_RUN} --name prior {_PRIOR} {_OUT}_hm3_prior.json",
+    "hf-prior-m05": f"{_RUN} --name prior-m05 {_PRIOR} --rl critic_margin=0.05 {_OUT}_hm3_prior_m05.json",
+    "hf-prior-long": f"{_RUN} --name prior-long {_PRIOR} --offline-episodes 48 --online-episodes 16 "
+                     f"{_OUT}_hm3_prior_long.json",
+    "hf-prior-long-keep3": f"{_RUN} {_KEEP3} {_OUT}_hm3_prior_long_keep3_s0_resumed.json",
+    "hf-prior-long-keep3-s1": f"OMP_NUM_THREADS=2 {_RUN} {_KEEP3} --seed 1 {_OUT}_hm3_prior_long_keep3_s1.json",
+    "hf-prior-long-keep3-s2": f"OMP_NUM_THREADS=2 {_RUN} {_KEEP3} --seed 2 {_OUT}_hm3_prior_long_keep3_s2.json",
+    "hf-level1-eq38": f"OMP_NUM_THREADS=2 {_RUN} --level1-only --budget 38 --name eq38 {_OUT}_level1_eq38.json",
+    "hf-level1-eq-s1": f"OMP_NUM_THREADS=2 {_RUN} --level1-only --budget 39 --name eq --seed 1 {_OUT}_level1_eq_s1.json",
+    "hf-level1-eq-s2": f"OMP_NUM_THREADS=2 {_RUN} --level1-only --budget 38 --name eq --seed 2 {_OUT}_level1_eq_s2.json",
+    "hf-l1-24-keep3": f"{_RUN} --budget 24 --offline-episodes 16 --online-episodes 8 {_PRIOR} --level2 keep_best=3 "
+                      f"--name l1-24-keep3 {_OUT}_hm3_l1_24_keep3.json",
+}
+
+
+def request_seconds(r: Result) -> str:
+    """Seconds of the fresh `hm3 request` process, and of the answer inside it (from its own report)."""
+    request = r.get("request") or {}
+    inside = re.search(r"evaluations?, ([\d.]+) s ->", request.get("stdout", ""))
+    return f"{r.get('seconds')['hm3_request']:.1f} / {inside[1] if inside else '–'}"
+
+
+def front_levels(r: Result) -> str:
+    levels = r.get("summary").get("front_levels") or {}
+    return f"{levels.get('1', 0)} / {levels.get('2', 0)}"
+
+
+def rl_settings(r: Result) -> dict[str, Any]:
+    return ((r.get("config") or {}).get("level2") or {}).get("rl") or {}
+
+
+def render_smol_product(results: Results) -> str:
+    found = results.of("real_model_run", r"hf|vllm|hf-rmm")
+    if not found:
+        return ""
+    refs = found[0].get("references_validation")
+    names = [o.split(":")[1] for o in found[0].get("config")["objectives"]]
+    parts = [f"Validation scores of the reference models ({found[0].get('args')['validation_examples']} examples "
+             "per task):", table(["model", *names], [[k, *(num(x) for x in v)] for k, v in refs.items()])]
+    rows = []
+    for r in found:
+        checks = r.get("export_checks") or []
+        s = r.get("summary")
+        rows.append([f"`{r.label}`", r.get("config")["evaluation"]["backend"], rl_settings(r).get("mode", "hm3"),
+                     num(r.get("seconds")["hm3_run"], ".0f"), front_levels(r),
+                     f"{s['hv_validation']:.3f} / {s['hv_test_front']:.3f}",
+                     f"{sum(c['equal'] for c in checks)} of {len(checks)}", num((r.get("request") or {}).get("equal")),
+                     request_seconds(r), num(r.get("children_peak_rss_mib") / 1024, ".1f")])
+    parts.append(table(["run", "backend", "level-2 mode", "`hm3 run` s", "front: level 1 / level 2",
+                        "HV validation / test", "exported points score as stored", "request answer scores as stored",
+                        "request s: fresh process / answer", "children's peak RSS GiB"], rows))
+    parts.append(sources(found, SMOL_COMMANDS))
+    return "\n\n".join(parts)
+
+
+MODE_RUNS = ("hf", "hf-long", "hf-rmm", "hf-rmm-long", "hf-prior", "hf-prior-m05", "hf-prior-long",
+             "hf-prior-long-keep3")
+
+
+def render_smol_modes(results: Results) -> str:
+    found = [r for r in (results.one("real_model_run", label) for label in MODE_RUNS) if r is not None]
+    if not found:
+        return ""
+    rows = []
+    for r in found:
+        rl, level2, s = rl_settings(r), r.get("config")["level2"], r.get("summary")
+        episodes = f"{rl['offline_episodes']} + {rl['online_episodes']} × {level2['preferences']}"
+        answer = (r.get("request") or {}).get("answer", "–")
+        rows.append([f"`{r.label}`", rl.get("mode", "hm3"), rl.get("path_prior", "none"), rl.get("epsilon", "–"),
+                     rl.get("critic_margin", "default"), level2.get("keep_best", "–"), episodes, front_levels(r),
+                     f"{s['hv_validation']:.3f} ({num(s.get('hv_validation_level1'))} / {num(s.get('hv_validation_level2'))})",
+                     num(s["hv_test_front"]), answer])
+    return "\n\n".join([
+        table(["run", "mode", "path prior", "ε", "critic margin", "keep_best", "episodes: offline + online × λ",
+               "front: level 1 / level 2", "HV validation (level-1 points / level-2 points)", "HV test",
+               "budget-0 answer (math=0.7, code=0.3)"], rows),
+        sources(found, SMOL_COMMANDS),
+    ])
+
+
+def render_smol_ablation(results: Results) -> str:
+    r = results.one("real_model_ablation")
+    if r is None:
+        return ""
+    rows = []
+    for x in r.get("rows"):
+        hv, ht, vs = x["hv_validation"], x["hv_test_front"], x["validation_seconds"]
+        rows.append([x["seed"], x["level1_budget_alone"],
+                     f"{x['two_level']['level1_evaluations']} + {x['two_level']['path_equivalents']:g}",
+                     f"**{hv['level1_alone']:.3f}**" if hv["level1_alone"] >= hv["both"] else num(hv["level1_alone"]),
+                     f"{hv['both']:.3f} ({hv['both_level1_part']:.3f} / {hv['both_level2_part']:.3f})",
+                     num(ht["level1_alone"]), num(ht["both"]), f"{vs['level1_alone']:.0f} / {vs['both']:.0f}"])
+    s = r.get("summary")
+    rows.append(["mean", "", "", f"**{s['hv_validation']['level1_alone']:.3f}**", num(s["hv_validation"]["both"]),
+                 num(s["hv_test_front"]["level1_alone"]), num(s["hv_test_front"]["both"]), ""])
+    parts = [table(["seed", "level 1 alone: merges", "two levels: merges + path equivalents",
+                    "HV validation: level 1 alone", "two levels (level-1 / level-2 points)", "HV test: level 1 alone",
+                    "two levels", "validation scoring s: alone / two levels"], rows),
+             f"Two levels beat level 1 alone on validation on {s['seeds_where_both_wins_validation']} of "
+             f"{len(r.get('rows'))} seeds (target: on average — {verdict(s['both_beats_level1_alone_validation'])})."]
+    small = results.one("real_model_run", "hf-l1-24-keep3")
+    extra = [r]
+    if small:
+        cost = small.get("cost")
+        s2 = small.get("summary")
+        parts.append(f"A smaller level-2 share (seed 0, `{small.label}`): {cost['merge']['full_evaluation_equivalents']:g}"
+                     f" merges + {cost['path']['full_evaluation_equivalents']:g} path equivalents reach HV "
+                     f"{s2['hv_validation']:.3f} on validation (level-1 points {s2['hv_validation_level1']:.3f}) and "
+                     f"{s2['hv_test_front']:.3f} on test.")
+        extra.append(small)
+    parts.append(sources(extra, {"": "python experiments/real_model_ablation.py --pairs TWO_S0.json:ONE_S0.json,"
+                                      "TWO_S1.json:ONE_S1.json,TWO_S2.json:ONE_S2.json (the runs below)",
+                                  **SMOL_COMMANDS}))
+    pairs = results.of("real_model_run", r"hf-prior-long-keep3(-s\d)?|hf-level1-eq.*")
+    parts.append("The pairs (two levels, then level 1 alone with the two-level run's cost as its budget):\n\n"
+                 + sources(pairs, SMOL_COMMANDS))
+    return "\n\n".join(parts)
+
+
+def smol_targets(results: Results) -> list[Target]:
+    r = results.one("real_model_ablation")
+    if r is None:
+        return []
+    s = r.get("summary")
+    return [("two levels beat level 1 alone at equal cost (SmolLM2-135M, 3 seeds)",
+             f"HV {s['hv_validation']['both']:.3f} vs {s['hv_validation']['level1_alone']:.3f}",
+             s["both_beats_level1_alone_validation"])]
+
+
+# --- robustness ----------------------------------------------------------------------------------------------
+
+
+def render_red_team(results: Results) -> str:
+    r = results.one("red_team")
+    if r is None:
+        return ""
+    rows = [[g, f"{x['handled']} of {x['cases']}"] for g, x in r.get("by_group").items()]
+    rows.append(["**all**", f"**{r.get('handled')} of {r.get('cases')}**"])
+    return "\n\n".join([table(["group", "handled"], rows), sources([r])])
+
+
+def render_sandbox(results: Results) -> str:
+    r = results.one("red_team_sandbox")
+    if r is None:
+        return ""
+    rows = [[f"`{m['mode']}`", f"{len(m['fake_passes'])} of {m['tricks']}", num(m["genuine_solution_passes"]),
+             f"{len(m['escapes'])} of {m['attacks']}" + (f": {', '.join(m['escapes'])}" if m["escapes"] else "")]
+            for m in r.get("modes")]
+    return "\n\n".join([table(["mode", "fake passes", "a genuine solution passes", "escapes"], rows), sources([r])])
+
+
+# --- the compositional benchmark ---------------------------------------------------------------------------
+
+
+COMPOSITIONAL = ("composite", "math", "language")
+
+
+def render_compositional(results: Results) -> str:
+    """The build's score matrix, then each finished arm of the ablation (a partial report while it runs)."""
+    found = results.of("compositional_ablation", "(partial)?")
+    if not found:
+        return ""
+    r = found[-1] if len(found) == 1 else next(x for x in found if x.label == "")
+    matrix = r.get("score_matrix")
+    parts = [f"Score matrix of the build (first {r.get('settings')['validation_examples']} validation and "
+             f"{r.get('settings')['test_examples']} test examples; composite and math: exact match, language: chrF/100):",
+             table(["model", *(f"{t}, validation" for t in COMPOSITIONAL), *(f"{t}, test" for t in COMPOSITIONAL)],
+                   [[model, *(num(row["validation"][f"compositional:{t}"]) for t in COMPOSITIONAL),
+                     *(num(row["test"][f"compositional:{t}"]) for t in COMPOSITIONAL)]
+                    for model, row in matrix.items()])]
+    build = r.get("build") or {}
+    seconds = build.get("seconds", {})
+    if seconds:
+        parts.append("Build cost: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in seconds.items())
+                     + f" (`{build.get('command')}`, {build.get('date')}, commit `{build.get('commit', '')[:7]}`).")
+    rows = []
+    for seed, arms in r.get("per_seed").items():
+        for arm, a in arms.items():
+            rows.append([seed, arm.replace("_", " "), num(a["hv_validation"]), num(a["hv_test"]),
+                         num(a["best_composite"]["validation"]), num(a["best_composite"]["test"]),
+                         num(a["cost_equivalents"], ".1f")])
+    if r.label == "partial":
+        parts.append("**The ablation is still running** (it resumes per arm and per evaluation): the arms finished "
+                     "so far. No target can be judged before two levels and level 1 alone have both finished.")
+    parts.append(table(["seed", "arm", "HV validation", "HV test", "best composite, validation", "its test score",
+                        "cost (full evaluations)"], rows))
+    if r.label == "partial":
+        swaps = next((arms["swaps"] for arms in r.get("per_seed").values() if "swaps" in arms), None)
+        if swaps:
+            parts.append("The layer swaps, (k₁, k₂) = the language expert's bottom k₁ and top k₂ layers in the math "
+                         "expert (validation; composite / math / language):\n\n" + table(
+                             ["swap", "composite", "math", "language", "composite, test"],
+                             [[k, *(num(x) for x in v["validation"]), num(v["test"][0])]
+                              for k, v in swaps["swaps"].items()]))
+    parts.append(sources([r]))
+    return "\n\n".join(parts)
+
+
+# --- the page --------------------------------------------------------------------------------------------------
+
+
+SECTIONS: list[Section] = [
+    Section(
+        "The shipped micro zoo",
+        "The tiny base and experts every default path runs on (`hm3/zoo/shipped/micro`). Training depends on the "
+        "CPU's float kernels, so hm3 ships this one build (made on the project's 2-core AMD EPYC machine) instead "
+        "of a recipe to retrain; `tests/zoo/test_shipped_zoo.py` rescores it on the machine at hand and checks every "
+        "score against the manifest. The quality bar asks for specialised experts, a base below each expert, and "
+        "a merge that keeps at least half of every expert's gain: the conditions under which searching merges and "
+        "layer paths has something to find. The numbers below are read from the manifest.",
+        render_shipped_zoo),
+    Section(
+        "Zoo recipe variants",
+        "How sensitive the micro recipe is: the same spec with other seeds, cheaper schedules (fewer steps, smaller "
+        "models or batches), and 4-layer variants in which each task's specialist skill is mostly left out of the "
+        "base. Each row is a full `hm3 zoo build`; the bar is judged on validation, and the test columns show how "
+        "it holds on examples the choice never saw. Build seconds depend on the load of a shared machine.",
+        render_zoo_variants),
+    Section(
+        "The README's two commands",
+        "`scripts/test.sh` and `scripts/demo.sh` timed for one commit against a baseline commit, each in a fresh "
+        "clone with its own `.venv` (set up untimed) and its own torch extension cache, alternating between the two "
+        "clones so that machine noise hits both alike; each demo runs into a fresh folder with the clone's `runs/` "
+        "removed, as on a fresh machine.",
+        render_test_suite, targets=test_suite_targets),
+    Section(
+        "Merge engine: hm3 against mergekit",
+        "`hm3 merge` and `mergekit-yaml` on the same TIES and DARE-TIES recipes (weights 0.6 / 0.4, density 0.5, "
+        "float32), alternating after a warm-up run, each its own process with its peak RSS from `wait4`; the floor "
+        "reads the three models and writes one with a single elementwise operation, in the same rounds. TIES needs "
+        "only the k-th largest |τ|, so hm3 finds it by radix selection over the float32 bit patterns instead of "
+        "sorting; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset) "
+        "overlap on separate threads.",
+        render_merge, targets=merge_targets),
+    Section(
+        "Evaluators: transformers and vLLM, weight swap and reload",
+        "The two backends in one process, alternating within each round. A search evaluates many candidates on "
+        "one live model, so what matters is the cost of a weight swap against a reload, and the generation "
+        "throughput once weights are in place. vLLM runs eager (hm3's CPU default) unless the row says compiled; "
+        "its advantage grows with the number of sequences in flight, so the rows differ in prompts at once. On a "
+        "CPU without native bfloat16 kernels bfloat16 runs emulated, and the two backends' outputs need not agree.",
+        render_eval, targets=eval_targets),
+    Section(
+        "Level-1 search: hypervolume against evaluations",
+        "Every optimiser in the same DARE-TIES space (per-model weight in [0, 1], density in [0.2, 1]) on the micro "
+        "zoo, three seeds each, scored on the first N validation examples per task; HV after n evaluations is the "
+        "HV of everything evaluated so far, normalised per task between the base (0) and the best expert (1) with "
+        "the base as reference point. `bo-mo` starts from the preference design (weights = λ for quasi-random "
+        "λ ~ Dirichlet(1)); `bo-mo sobol-design` is the same optimiser with a Sobol initial design. With few "
+        "examples per task a validation HV of everything evaluated rewards drawing many noisy points, so the "
+        "200-example run is the measurement and the 64-example run a check of that noise.",
+        render_search, targets=search_targets),
+    Section(
+        "Two levels, level 1 alone, and preference requests",
+        "The same budget of full-evaluation equivalents (validation examples run through the model ÷ a whole-plan "
+        "evaluation) spent by level 1 alone or split between level 1 and level 2 (paths over the experts framed "
+        "by the level-1 merge chosen for λ, DAR rewards). Then requests answered from the finished runs, against a "
+        "search dedicated to each λ; the test columns use examples neither answer was chosen on.",
+        render_two_level, targets=two_level_targets),
+    Section(
+        "Dynamic Average Reward",
+        "The same level-2 episodes with DAR subsets and with whole-plan rewards: how many fewer examples DAR scores "
+        "and how much of the front it gives up. Level 2 alone frames paths over the experts with the base model.",
+        render_dar, targets=dar_targets),
+    Section(
+        "How much level 2 could add on the micro zoo",
+        "An upper bound rather than a search: for every level-1 front point of a finished two-level run as the "
+        "frame, every path of one or two hops over the pool (the experts and the frame) scored on the whole "
+        "validation plan. \"Best k\" adds the k paths with the largest HV gains, chosen with hindsight on the same "
+        "scores, so it is optimistic: what a level 2 keeping k such paths could reach at most.",
+        render_ceiling),
+    Section(
+        "The whole product on SmolLM2-135M",
+        "`experiments/real_model_run.py` runs hm3 through its CLI on a real architecture: SmolLM2-135M-Instruct "
+        "(30 layers, grouped-query attention, tied embeddings, a BPE tokenizer) as base, with a math and a code "
+        "expert fine-tuned from it for 40 AdamW steps on the zoo tasks. `hm3 run` (12 level-1 evaluations, then "
+        "level 2), `hm3 front`, `hm3 export` of every front point and `hm3 eval` of each from disk in a fresh "
+        "process, and a budget-0 `hm3 request` scored the same way. The experts are brief fine-tunes and the "
+        "budgets tiny: this checks that the product works at this scale, not the quality it reaches there.",
+        render_smol_product),
+    Section(
+        "Level-2 modes on SmolLM2",
+        "The same SmolLM2 setup with level 2 as published (HM3 mode: any model's any layer at every step), in "
+        "RMM mode (take, skip or go back over the layers in order), and in HM3 mode with the frame-order prior "
+        "(`path_prior: frame-order`: a hop is coded by its offset from the next layer in order, so the first path "
+        "is the framing merge's own layer order and exploration edits it). `keep_best` also keeps, per λ, the best "
+        "paths of the whole run by the lower bound of their stored scores.",
+        render_smol_modes),
+    Section(
+        "Two levels against level 1 alone on SmolLM2",
+        "The ablation at equal cost on a 30-layer model, three seeds: a two-level run (12 merges, then level 2 in "
+        "HM3 mode with the frame-order prior and `keep_best: 3`), and level 1 alone with a budget of 12 plus the "
+        "two-level run's level-2 cost in full-evaluation equivalents (read from its run store). "
+        "`experiments/real_model_ablation.py` refuses pairs whose seed, models, objectives or plan differ.",
+        render_smol_ablation, targets=smol_targets),
+    Section(
+        "Bad inputs and faults",
+        "`experiments/red_team.py` runs each case through the real `hm3` CLI on tiny models it builds: a case is "
+        "handled when the command exits non-zero with one `hm3: error:` line and no traceback, every protected "
+        "file is unchanged, nothing is left behind, and no pickle gadget ran. See [SECURITY.md](SECURITY.md).",
+        render_red_team),
+    Section(
+        "The sandbox for generated code",
+        "`experiments/red_team_sandbox.py` runs every early-exit and tampering trick of the test suite against a "
+        "failing solution, and escape attacks with the in-process audit hook switched off, in each containment "
+        "mode that works on the machine. See [SECURITY.md](SECURITY.md).",
+        render_sandbox),
+    Section(
+        "The compositional benchmark",
+        "Where level 2 should pay: a task that needs two skills in sequence (word problems in a generated "
+        "pseudo-language, answered in digits), with a language expert and a math expert fine-tuned from "
+        "SmolLM2-135M-Instruct, neither on the composite task (`experiments/compositional/`). Arms at equal "
+        "cost: two levels (paths framed by the level-1 merge, transition scales and the swap prior), level 1 "
+        "alone with the two-level run's whole cost, level 2 alone over the experts, and the layer-swap heuristic "
+        "of Bandarkar et al. (no search). HV by the documented protocol, normalised per task between the base "
+        "and the best expert.",
+        render_compositional,
+        pending="Built and tested at toy scale (`--toy`, and `tests/test_compositional_benchmark.py`); not yet run "
+                "on SmolLM2. `python experiments/compositional/build.py --work runs/compositional`, then "
+                "`python experiments/compositional/ablation.py --work runs/compositional --seeds 0,1,2`; both "
+                "resume where they stopped. Their docstrings give the expected CPU cost."),
+]

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Mutation testing (mutmut) of the modules where a silent error costs users most, one module at a time.
+
+    nice -n 15 .venv/bin/python scripts/mutation.py                      # every module below
+    nice -n 15 .venv/bin/python scripts/mutation.py hm3/merge/ops.py     # one (or a few)
+
+Each module is mutated alone, in its own staging copy of the commit checked out (``.mutation/<name>/``, kept
+for ``cd .mutation/<name> && mutmut show|browse``), and each mutant runs only the tests that cover it:
+those listed for the module below, narrowed by mutmut to the tests that call the mutated function.
+The score is killed / (every mutant that ran); a mutant no listed test reaches counts as a survivor.
+Per-module scores go to ``experiments/results/mutation_<date>_<commit>.json``. Needs the ``mutation``
+extra (``pip install -e '.[dev,mutation]'``); it is not part of the test suite: it reruns tests per
+mutant and takes minutes to an hour per module on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGING = ROOT / ".mutation"
+
+#: module -> the tests that cover it (fast ones: no level-2 runs, no vLLM)
+MODULES: dict[str, list[str]] = {
+    "hm3/merge/ops.py": ["tests/merge/test_ops.py", "tests/merge/test_methods.py", "tests/merge/test_properties.py"],
+    "hm3/merge/methods.py": ["tests/merge/test_methods.py", "tests/merge/test_properties.py",
+                             "tests/merge/test_merge_cli.py"],
+    "hm3/merge/plan.py": ["tests/merge/test_merge_cli.py", "tests/merge/test_inmemory.py"],
+    "hm3/search/pareto.py": ["tests/search/test_pareto.py"],
+    "hm3/search/space.py": ["tests/search/test_space.py"],
+    "hm3/eval/subsets.py": ["tests/eval/test_subsets.py"],
+}
+#: what the staged copy needs besides hm3/ (the package mutmut copies) and tests/
+ALSO_COPY = ["objectives"]
+#: pytest exit codes as mutmut records them (mutmut.stats.status_by_exit_code)
+KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}  # failed, errored, timed out or crashed
+SURVIVED = {0, 5, 33}  # passed, or no test reached it
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _stage(module: str, tests: list[str], work: Path) -> None:
+    """HEAD's hm3/, tests/ and objectives/ (the commit the results name; uncommitted edits are not in it)
+    with a [tool.mutmut] section for this module alone."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "HEAD", "hm3", "tests", *ALSO_COPY], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    config = {
+        "source_paths": ["hm3"],
+        "only_mutate": [module],
+        "also_copy": ALSO_COPY,
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-o", "addopts="],
+        "pytest_add_cli_args_test_selection": tests,
+        "timeout_multiplier": 5.0,
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
+    pyproject = _git("show", "HEAD:pyproject.toml")
+    (work / "pyproject.toml").write_text(pyproject + "\n" + "\n".join(lines) + "\n")
+
+
+def _statuses(work: Path, module: str) -> dict[str, int | None]:
+    meta = work / "mutants" / (module + ".meta")
+    return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+
+
+def run_module(module: str, max_children: int) -> dict:
+    tests = MODULES[module]
+    work = STAGING / Path(module).stem
+    _stage(module, tests, work)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "no-shrink", "PYTHONPATH": ""}
+    mutmut = Path(sys.executable).with_name("mutmut")
+    start = time.perf_counter()
+    proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    output = proc.stdout.replace("\r", "\n").splitlines() + proc.stderr.splitlines()
+    (work / "mutmut.log").write_text("\n".join(output[-200:]) + "\n")  # progress spinner lines: only the end
+    codes = _statuses(work, module)
+    killed = sorted(k for k, c in codes.items() if c in KILLED)
+    survived = sorted(k for k, c in codes.items() if c in SURVIVED)
+    other = {k: c for k, c in codes.items() if c not in KILLED and c not in SURVIVED}
+    ran = len(killed) + len(survived)
+    return {
+        "module": module, "commit": _git("rev-parse", "--short", "HEAD"), "date": dt.date.today().isoformat(),
+        "tests": tests, "mutants": len(codes), "killed": len(killed),
+        "survived": survived, "not_run": other, "score": round(len(killed) / ran, 4) if ran else None,
+        "seconds": round(seconds), "mutmut_exit_code": proc.returncode,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
+    parser.add_argument("--out", type=Path, help="results JSON (default experiments/results/mutation_<date>_<commit>.json)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not configured: {', '.join(unknown)}; known: {', '.join(MODULES)}")
+    commit = _git("rev-parse", "--short", "HEAD")
+    date = dt.date.today().isoformat()
+    out = args.out or ROOT / "experiments" / "results" / f"mutation_{date}_{commit}.json"
+    results = json.loads(out.read_text()) if out.exists() else {"modules": {}}
+    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(),
+                "command": "nice -n 15 .venv/bin/python scripts/mutation.py " + " ".join(args.modules)}
+    for module in args.modules or list(MODULES):
+        print(f"{module}: mutating against {', '.join(MODULES[module])}", flush=True)
+        result = run_module(module, args.max_children)
+        results["modules"][module] = result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")  # after each module: a long run keeps what it did
+        print(f"  {result['killed']}/{result['killed'] + len(result['survived'])} killed "
+              f"({result['score']}), {len(result['not_run'])} not run, {result['seconds']} s", flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def _mutmut_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mutmut")
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Readable reference merges: the oracle the fast kernels of ``hm3.merge.ops`` are tested against.
+
+Each function reads top to bottom like its equation, in the style of mergekit's
+``generalized_task_arithmetic`` (sparsify → ``get_mask`` → disjoint mean): one tensor per
+step, no in-place tricks, no selection algorithms, no dtype games. Everything is computed in
+float64, so a kernel's float32 result must be close to it, not bit-equal. Nothing here imports
+``hm3.merge.ops``: a bug copied into both would otherwise pass unnoticed.
+
+Notation: τ_k = θ_k − θ_base the task vector of model k, w_k its weight, ρ_k its density,
+λ a global scale, F_k a diagonal Fisher, I_k = M (F_k + eps) / Σ_j (F_j + eps) its importance.
+DARE's masks are arguments (as mergekit's ``torch.bernoulli`` draws would be); :func:`dare_mask`
+is hm3's documented draw, so a test can reproduce the masks a seeded merge used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: mergekit: a weight sum this close to zero divides by 1 instead.
+WEIGHT_SUM_EPS = 1e-8
+#: mergekit: the L1 rescale of a DARE-dropped tensor is skipped when either norm is below this.
+L1_RESCALE_EPS = 1e-7
+FISHER_EPS = 1e-12
+
+
+def _f64(tensors: Sequence[Tensor]) -> Tensor:
+    """The models stacked along a new first axis ``[M, …]``, in float64."""
+    return torch.stack([t.double() for t in tensors])
+
+
+def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
+    """Per-model numbers shaped ``[M, 1, …, 1]`` to broadcast over a stacked ``[M, …]`` tensor."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def importance(fishers: Sequence[Tensor], eps: float = FISHER_EPS) -> Tensor:
+    """I_k = M (F_k + eps) / Σ_j (F_j + eps): DF-Merge's per-parameter reweighting, averaging 1 over models."""
+    f = _f64(fishers) + eps
+    return len(fishers) * f / f.sum(0)
+
+
+def linear(thetas: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """θ = Σ_k w_k θ_k, divided by Σ_k w_k when normalising."""
+    theta = _f64(thetas)
+    w = _per_model(weights, theta)
+    merged = (w * theta).sum(0)
+    if normalize:
+        merged = merged / w.sum()
+    return merged
+
+
+def task_arithmetic(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    normalize: bool = False,
+    lam: float = 1.0,
+    fishers: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """θ = θ_base + λ Σ_k w_k I_k τ_k (/ Σ_k w_k I_k when normalising; a near-zero sum counts as 1)."""
+    tau = _f64(deltas)
+    w = _per_model(weights, tau)
+    if fishers is not None:
+        w = w * importance(fishers)
+    mixed = (w * tau).sum(0)
+    if normalize:
+        divisor = w.sum(0) * torch.ones_like(mixed)
+        divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
+        mixed = mixed / divisor
+    return base.double() + lam * mixed
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """TIES' trim: keep the k = max(1, int(ρ·n)) entries of largest |τ| (ties: the lowest index first)."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))
+    order = torch.argsort(delta.double().abs().reshape(-1), descending=True, stable=True)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.reshape(delta.shape)
+
+
+def get_mask(weighted: Tensor) -> Tensor:
+    """mergekit's ``get_mask(method="sum")``: γ = sign(Σ_k w_k τ_k) (0 counts as +); model k agrees where
+    sign(w_k τ_k) = γ, so an exactly-zero entry never agrees."""
+    elected = torch.sign(weighted.sum(0))
+    elected[elected == 0] = 1
+    return torch.sign(weighted) == elected
+
+
+def disjoint_mean(weighted: Tensor, weights: Tensor, agree: Tensor, normalize: bool) -> Tensor:
+    """Σ_k [agree] w_k τ_k, divided by Σ_k [agree] w_k when normalising (a parameter nobody agrees on: by 1)."""
+    mixed = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (weights * agree).sum(0)
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return mixed
+
+
+def ties(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    normalize: bool = True,
+    lam: float = 1.0,
+    fishers: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """TIES: trim each τ_k to its top-ρ_k magnitudes, elect a sign per parameter, average the agreeing ones."""
+    trimmed = _f64([d.double() * magnitude_mask(d, rho) for d, rho in zip(deltas, densities, strict=True)])
+    w = _per_model(weights, trimmed) * torch.ones_like(trimmed)
+    if fishers is not None:
+        w = w * importance(fishers)
+    weighted = w * trimmed
+    agree = get_mask(weighted)
+    return base.double() + lam * disjoint_mean(weighted, w, agree, normalize)
+
+
+def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator) -> Tensor:
+    """hm3's DARE draw: m = [U < ρ] with U ~ U(0, 1) in float32, one per entry, from ``generator``."""
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
+
+
+def dare(delta: Tensor, density: float, keep: Tensor, rescale: str = "l1") -> Tensor:
+    """DARE: τ̂ = m ⊙ τ, then rescaled by 1/ρ (``inverse``), to τ's L1 norm (``l1``) or not at all (``none``).
+
+    ρ ≥ 1 keeps τ and ρ ≤ 0 drops everything, whatever the mask.
+    """
+    tau = delta.double()
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    dropped = tau * keep
+    if rescale == "inverse":
+        return dropped / density
+    if rescale == "l1":
+        before, after = tau.abs().sum(), dropped.abs().sum()
+        if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+            return dropped * (before / after)
+    return dropped
+
+
+def dare_ties(
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    masks: Sequence[Tensor], rescale: str = "l1", **options: Any,
+) -> Tensor:
+    """DARE-TIES: DARE each τ_k with its mask, then TIES' sign election and disjoint mean (no further trim).
+
+    ``options``: :func:`ties`' ``normalize`` (default off here, as in mergekit), ``lam`` and ``fishers``.
+    """
+    dropped = [dare(d, rho, m, rescale) for d, rho, m in zip(deltas, densities, masks, strict=True)]
+    return ties(base, dropped, weights, [1.0] * len(dropped), **({"normalize": False} | options))
+
+
+def dare_linear(
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    masks: Sequence[Tensor], rescale: str = "l1", **options: Any,
+) -> Tensor:
+    """DARE + task arithmetic: θ_base + λ Σ_k w_k I_k DARE(τ_k); ``options`` as :func:`task_arithmetic`'s."""
+    dropped = [dare(d, rho, m, rescale) for d, rho, m in zip(deltas, densities, masks, strict=True)]
+    return task_arithmetic(base, dropped, weights, **options)
+
+
+def fisher_merge(
+    thetas: Sequence[Tensor], fishers: Sequence[Tensor], weights: Sequence[float], eps: float = FISHER_EPS
+) -> Tensor:
+    """Fisher merging: θ = Σ_k w_k (F_k + eps) θ_k / Σ_k w_k (F_k + eps)."""
+    theta = _f64(thetas)
+    wf = _per_model(weights, theta) * (_f64(fishers) + eps)
+    return (wf * theta).sum(0) / wf.sum(0)
+
+
+def df_merge(
+    base: Tensor, deltas: Sequence[Tensor], fishers: Sequence[Tensor], coefficients: Sequence[float],
+    eps: float = FISHER_EPS,
+) -> Tensor:
+    """DF-Merge: θ = θ_base + M Σ_i (F_i + eps) λ_i τ_i / Σ_i (F_i + eps)."""
+    tau = _f64(deltas)
+    f = _f64(fishers) + eps
+    lam = _per_model(coefficients, tau)
+    return base.double() + len(deltas) * (f * lam * tau).sum(0) / f.sum(0)

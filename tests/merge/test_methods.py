@@ -1,0 +1,251 @@
+"""The merge methods production runs (the registry of ``hm3.merge.methods``, which the streaming engine
+and the in-memory merger call per tensor) against the readable references of ``tests/merge/reference.py``
+and against mergekit; DARE against what it promises in expectation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from hm3.merge.methods import MERGE_METHODS, TensorInputs, get_method
+from tests.merge import reference as ref
+from tests.merge.cases import gen, mergekit_params, random_models
+
+SHAPE = (37, 29)
+WEIGHTS = [0.6, -0.3, 0.9]
+POSITIVE_WEIGHTS = [0.6, 0.3, 0.9]  # for divisors (normalize, Fisher): mixed signs can cancel them to ~0
+DENSITIES = [0.2, 0.5, 0.9]
+
+
+def weights_for(normalize: bool) -> list[float]:
+    """Signed weights where nothing divides by their sum; positive ones where float32 rounding of a
+    near-cancelled divisor would be amplified past any fair tolerance."""
+    return POSITIVE_WEIGHTS if normalize else WEIGHTS
+
+
+def run_method(
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    fishers: Sequence[torch.Tensor] | None = None,
+    seeds: Sequence[int] | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """One tensor merged by the registered method ``name``, its unset parameters at their defaults."""
+    method = get_method(name)
+    model_params = []
+    for k, w in enumerate(weights):
+        p = {"weight": w}
+        if method.model_param("density") is not None:
+            p["density"] = 1.0 if densities is None else densities[k]
+        model_params.append(p)
+    seeds = list(range(len(tensors))) if seeds is None else list(seeds)
+    return method.fn(TensorInputs(
+        name="t",
+        base=base,
+        tensors=list(tensors),
+        model_params=model_params,
+        params={p.name: p.default for p in method.params} | params,
+        fishers=fishers,
+        generators=(lambda k: gen(seeds[k])) if method.uses_randomness else None,
+    ))
+
+
+def random_fishers(seed: int, count: int = 3, shape=SHAPE) -> list[torch.Tensor]:
+    g = gen(seed)
+    return [torch.rand(*shape, generator=g) ** 3 for _ in range(count)]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """A float32 kernel against a float64 reference: equal up to a few float32 roundings."""
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_every_registered_method_has_a_reference_here():
+    """A method added to the registry without a reference would go untested by this file."""
+    assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
+                                  "df_merge"}
+
+
+# --- production kernels against the references ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_equals_reference(normalize):
+    _, models = random_models(0)
+    close(run_method("linear", None, models, WEIGHTS, normalize=normalize), ref.linear(models, WEIGHTS, normalize))
+
+
+@pytest.mark.parametrize(("normalize", "lam", "fisher"), [(False, 1.0, False), (True, 0.7, False),
+                                                          (False, 1.3, True), (True, 1.0, True)])
+def test_task_arithmetic_equals_reference(normalize, lam, fisher):
+    base, models = random_models(1)
+    fishers = random_fishers(2) if fisher else None
+    w = weights_for(normalize)
+    out = run_method("task_arithmetic", base, models, w, fishers=fishers, normalize=normalize, **{"lambda": lam})
+    close(out, ref.task_arithmetic(base, [m - base for m in models], w, normalize, lam, fishers))
+
+
+@pytest.mark.parametrize(("normalize", "lam", "fisher"), [(True, 1.0, False), (False, 1.0, False),
+                                                          (True, 0.6, True), (False, 1.3, True)])
+def test_ties_equals_reference(normalize, lam, fisher):
+    base, models = random_models(3)
+    fishers = random_fishers(4) if fisher else None
+    w = weights_for(normalize)
+    out = run_method("ties", base, models, w, DENSITIES, fishers=fishers, normalize=normalize, **{"lambda": lam})
+    expected = ref.ties(base, [m - base for m in models], w, DENSITIES, normalize, lam, fishers)
+    close(out, expected)
+
+
+def _masks(deltas: Sequence[torch.Tensor], densities: Sequence[float], seeds: Sequence[int]) -> list[torch.Tensor]:
+    return [ref.dare_mask(d.shape, rho, gen(s)) for d, rho, s in zip(deltas, densities, seeds, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize(("rescale_mode", "normalize", "fisher"), [
+    ("l1", False, False), ("inverse", False, False), ("none", True, False), ("l1", True, True), ("inverse", False, True),
+])
+def test_dare_methods_equal_reference_with_the_masks_of_their_seeds(method, rescale_mode, normalize, fisher):
+    base, models = random_models(5)
+    deltas = [m - base for m in models]
+    seeds = [11, 12, 13]
+    fishers = random_fishers(6) if fisher else None
+    w = weights_for(normalize)
+    out = run_method(method, base, models, w, DENSITIES, fishers=fishers, seeds=seeds,
+                     rescale_mode=rescale_mode, normalize=normalize, **{"lambda": 0.8})
+    oracle = ref.dare_ties if method == "dare_ties" else ref.dare_linear
+    expected = oracle(base, deltas, w, DENSITIES, _masks(deltas, DENSITIES, seeds), rescale_mode,
+                      normalize=normalize, lam=0.8, fishers=fishers)
+    close(out, expected)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_mergekit_rescale_flag_maps_to_l1_and_none(method):
+    base, models = random_models(7)
+    deltas = [m - base for m in models]
+    masks = _masks(deltas, DENSITIES, [0, 1, 2])
+    oracle = ref.dare_ties if method == "dare_ties" else ref.dare_linear
+    for flag, mode in ((True, "l1"), (False, "none")):
+        out = run_method(method, base, models, WEIGHTS, DENSITIES, rescale=flag)
+        close(out, oracle(base, deltas, WEIGHTS, DENSITIES, masks, mode))
+
+
+def test_fisher_merge_and_df_merge_equal_reference():
+    base, models = random_models(8)
+    fishers = random_fishers(9)
+    close(run_method("fisher", None, models, POSITIVE_WEIGHTS, fishers=fishers),
+          ref.fisher_merge(models, fishers, POSITIVE_WEIGHTS))
+    close(run_method("df_merge", base, models, WEIGHTS, fishers=fishers),
+          ref.df_merge(base, [m - base for m in models], fishers, WEIGHTS))
+
+
+# --- the references against mergekit ---------------------------------------------------------------------
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("normalize", "lam"), [(True, 1.0), (False, 0.7)])
+def test_references_equal_mergekit(normalize, lam):
+    """The oracle is itself right: mergekit's linear, task arithmetic and TIES give its numbers."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(10)
+    deltas = [m - base for m in models]
+    w = POSITIVE_WEIGHTS
+    shared = {"normalize": normalize, "lambda": lam}
+    mk = api.merge_tensors([base, *models], "ties", parameters=mergekit_params(w, DENSITIES, **shared), base_index=0)
+    close(mk, ref.ties(base, deltas, w, DENSITIES, normalize, lam))
+    mk = api.merge_tensors([base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0)
+    close(mk, ref.task_arithmetic(base, deltas, w, normalize, lam))
+    mk = api.merge_tensors(models, "linear", parameters={"weight": w, "normalize": normalize})
+    close(mk, ref.linear(models, w, normalize))
+
+
+@pytest.mark.mergekit
+def test_reference_mask_is_mergekit_get_mask():
+    gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
+    weighted = torch.randn(4, 30, 20, generator=gen(8))
+    weighted[weighted.abs() < 0.3] = 0  # sparse entries, as after trimming
+    weighted[:, 0, :4] = torch.tensor([1.0, -1.0, 0.0, 0.0]).view(4, 1)  # a zero sum: + is elected
+    assert torch.equal(ref.get_mask(weighted), gta.get_mask(weighted, method="sum"))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(True, False), (False, False), (True, True)])
+def test_dare_methods_equal_mergekit_given_the_same_masks(monkeypatch, method, rescale, normalize):
+    """mergekit draws its DARE masks with torch.bernoulli; it is served the masks hm3's seeds draw."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(21)
+    deltas = [m - base for m in models]
+    w, seeds = POSITIVE_WEIGHTS, [31, 32, 33]
+    served = iter(_masks(deltas, DENSITIES, seeds))
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: next(served).to(p.dtype))
+    params = mergekit_params(w, DENSITIES, normalize=normalize, rescale=rescale)
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    assert next(served, None) is None  # mergekit consumed exactly one mask per model
+    monkeypatch.undo()
+    out = run_method(method, base, models, w, DENSITIES, seeds=seeds, normalize=normalize, rescale=rescale)
+    assert (out - expected).abs().max() <= 1e-6
+
+
+# --- DARE in expectation --------------------------------------------------------------------------------------
+
+
+def test_dare_keeps_each_entry_with_probability_density():
+    """One model, weight 1, no rescale: the merge's task vector is m ⊙ τ, m ~ Bernoulli(ρ) per entry."""
+    base, (model,) = random_models(12, count=1, shape=(300, 300))
+    for rho in (0.1, 0.5, 0.9):
+        out = run_method("dare_linear", base, [model], [1.0], [rho], rescale_mode="none")
+        kept = (out - base) != 0
+        n = kept.numel()
+        assert abs(int(kept.sum()) - rho * n) <= 5 * math.sqrt(n * rho * (1 - rho))
+        assert torch.equal((out - base)[kept], (model - base)[kept])  # kept entries unscaled
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_rescales_the_kept_entries(method):
+    base, (model,) = random_models(13, count=1, shape=(200, 100))
+    tau = (model - base).double()
+    inverse = (run_method(method, base, [model], [1.0], [0.25], rescale_mode="inverse") - base).double()
+    kept = inverse != 0
+    torch.testing.assert_close(inverse[kept], tau[kept] / 0.25, rtol=1e-5, atol=1e-7)
+    l1 = (run_method(method, base, [model], [1.0], [0.25], rescale_mode="l1") - base).double()
+    assert torch.equal(l1 != 0, kept)  # the same seed, the same mask
+    torch.testing.assert_close(l1.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=0)
+    ratio = l1[kept] / tau[kept]
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=0)  # one common factor
+
+
+@pytest.mark.parametrize(("method", "count"), [("dare_linear", 3), ("dare_ties", 1)])
+def test_the_mean_of_many_seeds_is_the_undropped_merge(method, count):
+    """E[m/ρ] = 1, so over many seeds the mean DARE merge (inverse rescale) is the merge without dropping:
+    task arithmetic for dare_linear, and for dare_ties with one model (its sign election then never drops)."""
+    base, models = random_models(14, count=count, shape=(20, 20))
+    w, rho = WEIGHTS[:count], DENSITIES[:count]
+    runs = 600
+    total = torch.zeros_like(base, dtype=torch.float64)
+    for s in range(runs):
+        seeds = [1000 * s + k for k in range(count)]
+        total += run_method(method, base, models, w, rho, seeds=seeds, rescale_mode="inverse").double() - base
+    mean = total / runs
+    deltas = [(m - base).double() for m in models]
+    undropped = sum(wk * d for wk, d in zip(w, deltas, strict=True))
+    # per entry: Var = Σ_k w_k² τ_k² (1 − ρ_k)/ρ_k per draw, divided by the number of runs
+    sd = torch.sqrt(sum(wk**2 * d**2 * (1 - r) / r for wk, d, r in zip(w, deltas, rho, strict=True)) / runs)
+    assert ((mean - undropped).abs() <= 5 * sd + 1e-7).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_weighted_dare_ties_with_uniform_fisher_is_dare_ties(normalize):
+    """I_k = 1 when every F_k is equal: the Fisher-weighted variant's exact limit."""
+    base, models = random_models(15)
+    uniform = [torch.full(SHAPE, 2.5)] * 3
+    plain = run_method("dare_ties", base, models, WEIGHTS, DENSITIES, normalize=normalize)
+    assert torch.equal(run_method("dare_ties", base, models, WEIGHTS, DENSITIES, fishers=uniform,
+                                  normalize=normalize), plain)

@@ -1,0 +1,55 @@
+"""docs/BENCHMARKS.md is generated from experiments/results/, and the results files follow one naming scheme."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import harness  # noqa: E402
+import report_benchmarks  # noqa: E402
+from benchmark_report import Result, Results  # noqa: E402
+
+
+def test_the_committed_page_is_what_the_results_files_give():
+    assert report_benchmarks.main(["--check"]) == 0, "run: python experiments/report_benchmarks.py"
+
+
+def test_every_results_file_is_named_by_benchmark_date_and_commit():
+    names = [p.name for p in harness.RESULTS.glob("*.json")]
+    assert names
+    assert [n for n in names if not harness.RESULTS_NAME.match(n)] == []
+
+
+def test_a_later_run_of_a_benchmark_and_label_supersedes_the_earlier_one():
+    def result(date: str, label: str) -> Result:
+        return Result(Path(f"b_{date}_abcdef0_{label}.json"), "b", date, "abcdef0", label, {"date": date})
+
+    results = Results([result("2026-12-02", "x"), result("2026-12-01", "x"), result("2026-11-30", "y")])
+    assert results.one("b", "x").date == "2026-12-02"
+    assert [r.label for r in results.of("b")] == ["x", "y"]
+
+
+def test_a_page_section_says_when_its_benchmark_has_not_been_run(tmp_path):
+    (tmp_path / "bench_merge_2026-12-01_abcdef0.json").write_text(json.dumps({"unrelated": True}))
+    text = report_benchmarks.page(Results.read(tmp_path), [s for s in report_benchmarks.SECTIONS
+                                                           if s.title.startswith("The compositional")])
+    assert "*Not measured yet.*" in text
+
+
+def test_results_are_named_and_carry_their_provenance(tmp_path, monkeypatch):
+    path = harness.results_path("bench_x", "p128")
+    assert harness.RESULTS_NAME.match(path.name)
+    assert path.name.startswith("bench_x_") and path.name.endswith("_p128.json")
+    with pytest.raises(ValueError, match="not a results file name"):
+        harness.results_path("bench x")
+    record = harness.provenance(["--flag"])
+    assert set(record) == {"date", "commit", "machine", "command"}  # the compositional scripts rely on these keys
+    assert record["command"].endswith("--flag") and record["machine"]["cpus"]
+    out = harness.write_results(tmp_path / "r.json", {"benchmark": "bench_x", **record})
+    assert json.loads(out.read_text())["commit"] == record["commit"]
