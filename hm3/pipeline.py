@@ -101,7 +101,7 @@ class Level2Section(BaseModel):
         "episodes) with the best lower bound of Σ λ_k f̂_k from their stored DAR scores, and score them on "
         "the whole validation plan (N × preferences full evaluations at most) [design]. 0 keeps only each "
         "λ's greedy path and best path by raw reward. On SmolLM2 the policy found whole-expert paths offline "
-        "that neither rule kept (docs/BENCHMARKS.md, session 9)",
+        "that neither rule kept (docs/BENCHMARKS.md, level-2 modes on SmolLM2)",
     )
     swaps: list[tuple[int, int]] = Field(
         [],

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from hypothesis import Phase, settings
 
+from hm3.threads import prefer_sleeping_openmp_workers
+
 # HM3_HYPOTHESIS_PROFILE=no-shrink reports a property's first counterexample instead of shrinking it: a
 # failing property on model-building tests otherwise spends minutes shrinking (mutation runs use it).
 settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "default"))
-
-from hm3.threads import prefer_sleeping_openmp_workers
 
 prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
 
