@@ -25,7 +25,7 @@ torch's restricted unpickler or refused with a message.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +52,8 @@ from hm3.arch.ppo import PPOTrainer
 from hm3.arch.rl_config import ADDED_RL_DEFAULTS, Level2Config
 from hm3.arch.swaps import swap_paths
 from hm3.atomic import atomic_write_text
-from hm3.errors import ConfigError, RunFileError
+from hm3.errors import ConfigError, RunFileError, invalid_config
+from hm3.log import progress_bar
 from hm3.report import plot_front, write_csv
 from hm3.runfiles import find_state, read_front_table, read_state, read_summary, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
@@ -70,6 +71,8 @@ from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
     import pandas as pd
@@ -152,9 +155,7 @@ def parse_two_level_config(data: Any, *, source: str = "<config>", base_dir: Pat
     try:
         level2 = Level2Section.model_validate(raw_l2)
     except ValidationError as err:
-        lines = [f"level2.{'.'.join(str(p) for p in e['loc'])}: "
-                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{source}: invalid run config:\n  " + "\n  ".join(lines)) from None
+        raise invalid_config(err, source, "run config", prefix="level2.") from None
     cfg = TwoLevelConfig(level1=level1, level2=level2)
     cfg.preferences()  # wrong-length or non-normalised vectors: refused before anything runs
     return cfg
@@ -257,7 +258,7 @@ class TwoLevelRun:
         remaining = episodes - trainer.episode
         if remaining <= 0:
             return
-        bar = _progress(self.progress, total=episodes, initial=trainer.episode, desc=label)
+        bar = progress_bar(self.progress, total=episodes, initial=trainer.episode, desc=label, unit="ep")
 
         def on_update(stats: dict) -> None:
             save_state(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
@@ -281,14 +282,6 @@ class TwoLevelRun:
     def _mark(self, stage: str) -> None:
         if stage not in _stages_done(self.store):
             self.store.add_event(STAGE_EVENT, {"stage": stage})
-
-
-def _progress(enabled: bool, *, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True)
 
 
 def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = False,
@@ -388,8 +381,8 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     t_max = rl.resolved_t_max(pools.num_layers) if rl.mode == "hm3" else None
     small = small_reward_subsets(run.ctx.validation, rl.data_scale) if rl.dar else {}
     if small:
-        log("WARNING: DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
-            + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier than the "
+        logger.warning("DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
+                       + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier than the "
             "differences between paths: raise rl.data_scale or evaluation.validation_examples")
 
     def evaluator(seed: int) -> PathEvaluator:

@@ -19,7 +19,7 @@ store's cache turns re-scoring of a half-scored candidate into look-ups.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from hm3.atomic import atomic_write_text
 from hm3.config import parse_merge_config
 from hm3.errors import ConfigError, StoreError
 from hm3.eval.backend import open_backend
+from hm3.log import progress_bar, progress_logger
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.report import plot_front, write_csv
 from hm3.search.optimizers import Optimizer, get_optimizer
@@ -46,6 +47,8 @@ from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
 from hm3.search.space import SearchSpace
 from hm3.store import CandidateRef, RunStore
 from objectives.registry import get_objective
+
+logger = logging.getLogger(__name__)
 
 TELL_EVENT = "level1_tell"
 STORE_FILE = "hm3.sqlite"
@@ -329,8 +332,8 @@ def run_level1(
 
 
 def stderr_logger(enabled: bool) -> Callable[[str], None]:
-    """``[hm3] message`` lines on stderr (progress output), or a no-op."""
-    return (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if enabled else (lambda msg: None)
+    """Progress lines through the ``hm3`` logger (:mod:`hm3.log`), or a no-op."""
+    return progress_logger(enabled)
 
 
 def search_level1(
@@ -354,8 +357,8 @@ def search_level1(
     refs_val, base, ideal = ctx.reference_points(ctx.validation)
     log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
     for i in degenerate_objectives(base, ideal):
-        log(f"WARNING: no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
-            "rewards use it in raw units, and a merge must not fall below the base there to count")
+        logger.warning(f"no expert beats the base on {ctx.objective_names[i]} (validation); hypervolume and "
+                       "rewards use it in raw units, and a merge must not fall below the base there to count")
 
     if optimizer.n_evaluated:
         raise ValueError("search_level1 needs a fresh optimizer: the run store's history is replayed into it")
@@ -380,7 +383,7 @@ def search_level1(
     if X:
         log(f"resumed: {len(X)} evaluations replayed from the store")
 
-    bar = _progress(progress, total=cfg.optimizer.budget, initial=len(X))
+    bar = progress_bar(progress, total=cfg.optimizer.budget, initial=len(X), desc="level 1", unit="eval")
     new = 0
     while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
         x = optimizer.ask(1)
@@ -416,14 +419,6 @@ def search_level1(
     save_level1_posterior(store, Path(out_dir), dict(zip(ids, Y, strict=True)), base, ideal)
     write_outputs(ctx, result, refs_val, seconds=time.perf_counter() - start, resumed=bool(resume))
     return result
-
-
-def _progress(enabled: bool, *, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="level 1", unit="eval", file=sys.stderr, dynamic_ncols=True)
 
 
 def recipe_with_paths(recipe: dict, models: dict[str, str]) -> dict:
