@@ -81,7 +81,7 @@ def run_module(module: str, max_children: int) -> dict:
     tests = MODULES[module]
     work = STAGING / Path(module).stem
     commit = _stage(module, tests, work)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "no-shrink", "PYTHONPATH": ""}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "mutation", "PYTHONPATH": ""}
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.perf_counter()
     proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env,
