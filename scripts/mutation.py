@@ -49,12 +49,13 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _stage(module: str, tests: list[str], work: Path) -> None:
-    """HEAD's hm3/, tests/ and objectives/ (the commit the results name; uncommitted edits are not in it)
-    with a [tool.mutmut] section for this module alone."""
+def _stage(module: str, tests: list[str], work: Path) -> str:
+    """HEAD's hm3/, tests/ and objectives/ (uncommitted edits are not in it) with a [tool.mutmut] section
+    for this module alone; returns the commit staged, which the results name."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "HEAD", "hm3", "tests", *ALSO_COPY], cwd=ROOT, capture_output=True,
+    commit = _git("rev-parse", "--short", "HEAD")
+    archive = subprocess.run(["git", "archive", commit, "hm3", "tests", *ALSO_COPY], cwd=ROOT, capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     config = {
@@ -66,8 +67,9 @@ def _stage(module: str, tests: list[str], work: Path) -> None:
         "timeout_multiplier": 5.0,
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
-    pyproject = _git("show", "HEAD:pyproject.toml")
+    pyproject = _git("show", f"{commit}:pyproject.toml")
     (work / "pyproject.toml").write_text(pyproject + "\n" + "\n".join(lines) + "\n")
+    return commit
 
 
 def _statuses(work: Path, module: str) -> dict[str, int | None]:
@@ -78,8 +80,8 @@ def _statuses(work: Path, module: str) -> dict[str, int | None]:
 def run_module(module: str, max_children: int) -> dict:
     tests = MODULES[module]
     work = STAGING / Path(module).stem
-    _stage(module, tests, work)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "no-shrink", "PYTHONPATH": ""}
+    commit = _stage(module, tests, work)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "mutation", "PYTHONPATH": ""}
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.perf_counter()
     proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env,
@@ -93,7 +95,7 @@ def run_module(module: str, max_children: int) -> dict:
     other = {k: c for k, c in codes.items() if c not in KILLED and c not in SURVIVED}
     ran = len(killed) + len(survived)
     return {
-        "module": module, "commit": _git("rev-parse", "--short", "HEAD"), "date": dt.date.today().isoformat(),
+        "module": module, "commit": commit, "date": dt.date.today().isoformat(),
         "tests": tests, "mutants": len(codes), "killed": len(killed),
         "survived": survived, "not_run": other, "score": round(len(killed) / ran, 4) if ran else None,
         "seconds": round(seconds), "mutmut_exit_code": proc.returncode,

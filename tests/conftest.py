@@ -18,10 +18,13 @@ from hypothesis import Phase, settings
 
 from hm3.threads import prefer_sleeping_openmp_workers
 
-# HM3_HYPOTHESIS_PROFILE=no-shrink reports a property's first counterexample instead of shrinking it: a
-# failing property on model-building tests otherwise spends minutes shrinking (mutation runs use it).
-settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
-settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "default"))
+# Property tests: 40 examples each by default. HM3_HYPOTHESIS_PROFILE=mutation (scripts/mutation.py) runs 10
+# and reports the first counterexample without shrinking it: shrinking a failing property on model-building
+# tests takes minutes, and a mutant only needs to be seen failing.
+settings.register_profile("hm3", max_examples=40, deadline=None)
+settings.register_profile("mutation", max_examples=10, deadline=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "hm3"))
 
 prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
 
