@@ -246,8 +246,9 @@ def test_invalid_space_message_lists_every_problem_with_its_key():
     with pytest.raises(ConfigError) as err:
         parse_search_space({"models": ["a", 3], "base_model": "b", "colour": 1, "layer_granularity": 0,
                             "num_layers": 2}, source="cfg.yml")
-    assert str(err.value) == ("cfg.yml: invalid search_space:\n  'models.1': Input should be a valid string\n"
-                              "  'layer_granularity': Input should be greater than or equal to 1\n  unknown key 'colour'")
+    assert str(err.value) == ("cfg.yml: invalid search_space:\n  models.1: Input should be a valid string (got 3)\n"
+                              "  layer_granularity: Input should be greater than or equal to 1 (got 0)\n"
+                              "  colour: unknown key")
     with pytest.raises(ConfigError) as err:
         parse_search_space({"models": ["a"], "base_model": "b", "weight_bounds": [1.0, 0.0]}, source="cfg.yml")
     assert str(err.value) == ("cfg.yml: invalid search_space:\n"
