@@ -36,6 +36,7 @@ def run_method(
     *,
     fishers: Sequence[torch.Tensor] | None = None,
     seeds: Sequence[int] | None = None,
+    deltas: Sequence[torch.Tensor] | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """One tensor merged by the registered method ``name``, its unset parameters at their defaults."""
@@ -55,6 +56,7 @@ def run_method(
         params={p.name: p.default for p in method.params} | params,
         fishers=fishers,
         generators=(lambda k: gen(seeds[k])) if method.uses_randomness else None,
+        deltas=deltas,
     ))
 
 
@@ -135,6 +137,24 @@ def test_dare_mergekit_rescale_flag_maps_to_l1_and_none(method):
     for flag, mode in ((True, "l1"), (False, "none")):
         out = run_method(method, base, models, WEIGHTS, DENSITIES, rescale=flag)
         close(out, oracle(base, deltas, WEIGHTS, DENSITIES, masks, mode))
+
+
+def test_precomputed_task_vectors_are_the_ones_merged():
+    """The in-memory merger hands methods task vectors it computed once (``TensorInputs.deltas``): the
+    merge is of those, not of ``tensors - base`` again (here they differ on purpose)."""
+    base, models = random_models(10)
+    given = [2.0 * (m - base) for m in models]
+    fishers = random_fishers(11)
+    close(run_method("task_arithmetic", base, models, WEIGHTS, deltas=given),
+          ref.task_arithmetic(base, given, WEIGHTS, False, 1.0, None))
+    close(run_method("ties", base, models, POSITIVE_WEIGHTS, DENSITIES, deltas=given),
+          ref.ties(base, given, POSITIVE_WEIGHTS, DENSITIES, True, 1.0, None))
+    close(run_method("df_merge", base, models, WEIGHTS, fishers=fishers, deltas=given),
+          ref.df_merge(base, given, fishers, WEIGHTS))
+    # DARE draws the same masks from the same seeds, and its merge is linear in the task vectors
+    doubled = run_method("dare_linear", base, models, WEIGHTS, DENSITIES, deltas=given) - base
+    torch.testing.assert_close(doubled, 2.0 * (run_method("dare_linear", base, models, WEIGHTS, DENSITIES) - base),
+                               rtol=1e-5, atol=1e-8)
 
 
 def test_fisher_merge_and_df_merge_equal_reference():
