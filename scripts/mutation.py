@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     out = args.out or ROOT / "experiments" / "results" / f"mutation_{date}_{commit}.json"
     results = json.loads(out.read_text()) if out.exists() else {"modules": {}}
-    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(),
+    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(), "machine": _machine(),
                 "command": "nice -n 15 .venv/bin/python scripts/mutation.py " + " ".join(
                     [*args.modules, *(["--recheck"] if args.recheck else [])])}
     for module in args.modules or list(MODULES):
@@ -180,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
               f"recheck), {len(result['not_run'])} not run, {result['seconds']} s", flush=True)
     print(f"wrote {out}")
     return 0
+
+
+def _machine() -> dict:
+    """The benchmark harness's machine record (CPU, cores, memory, load), which the benchmark page quotes."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import harness
+
+    return harness.machine()
 
 
 def _mutmut_version() -> str | None:

@@ -157,6 +157,14 @@ def test_precomputed_task_vectors_are_the_ones_merged():
                                rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_refuses_task_vectors_that_do_not_match_the_models(method):
+    """Two task vectors for three models' densities: an error, never a merge that silently drops a model."""
+    base, models = random_models(12)
+    with pytest.raises(ValueError, match="zip"):
+        run_method(method, base, models, WEIGHTS, DENSITIES, deltas=[m - base for m in models[:2]])
+
+
 def test_fisher_merge_and_df_merge_equal_reference():
     base, models = random_models(8)
     fishers = random_fishers(9)
@@ -316,6 +324,7 @@ def test_defaults_and_flags_are_mergekits():
             if p.hm3_only] == ["rescale_mode", "fisher"]
     assert get_method("ties").param("density") is None and get_method("ties").model_param("normalize") is None
     assert "TIES" in get_method("ties").doc
+    assert all(m.name == name for name, m in MERGE_METHODS.items())  # a method knows the name it is found by
 
 
 def test_unknown_and_twice_registered_methods_are_refused():
