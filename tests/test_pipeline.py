@@ -27,8 +27,8 @@ RL = {"offline_episodes": 8, "online_episodes": 4, "episodes_per_update": 4, "ep
 
 
 @pytest.fixture(scope="module")
-def models(tiny_family):
-    _, paths, objectives = tiny_family
+def models(labelled_family):
+    _, paths, objectives = labelled_family
     return paths, objectives
 
 
