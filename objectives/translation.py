@@ -13,10 +13,10 @@ chrF over all outputs (not the mean of sentence scores); both are divided by 100
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from sacrebleu.metrics import CHRF
-
+from hm3.extras import extra_imports, require
 from objectives.base import Example, Generate
 from objectives.jsonl import FileObjective, require_strings
 
@@ -28,16 +28,31 @@ def prompt_for(source: str, tgt_lang: str | None) -> str:
     return f"Translate to {tgt_lang}: {source}\n" if tgt_lang else f"Translate: {source}\n"
 
 
+#: What needs sacrebleu, in the message when it is not installed.
+CHRF_USER = "chrF (translation objectives)"
+
+
+def require_chrf() -> None:
+    """Refuse up front, before a model is loaded, when sacrebleu (hm3's 'eval' extra) is missing."""
+    require("eval", what=CHRF_USER)
+
+
+def _chrf():
+    with extra_imports("eval", CHRF_USER):
+        from sacrebleu.metrics import CHRF
+    return CHRF()
+
+
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     """chrF of one hypothesis against one reference, in [0, 1]."""
-    return CHRF().sentence_score(hypothesis, [reference]).score / 100
+    return _chrf().sentence_score(hypothesis, [reference]).score / 100
 
 
 def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (statistics pooled over all sentences, as sacrebleu reports it), in [0, 1]."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    return CHRF().corpus_score(list(hypotheses), [list(references)]).score / 100
+    return _chrf().corpus_score(list(hypotheses), [list(references)]).score / 100
 
 
 class TranslationObjective(FileObjective):
@@ -47,6 +62,10 @@ class TranslationObjective(FileObjective):
     required = ("source", "target")
     decoding = DECODING
     description = "translation pairs JSONL (source, target[, tgt_lang]): corpus chrF / 100"
+
+    def __init__(self, path: str | Path, *, seed: int = 0, name: str | None = None) -> None:
+        require_chrf()
+        super().__init__(path, seed=seed, name=name)
 
     @staticmethod
     def to_example(example_id: str, data: dict[str, Any]) -> Example:

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 from hm3.errors import ConfigError
 from objectives.base import SPLITS, Example, Generate, Objective
-from objectives.translation import corpus_chrf, sentence_chrf
+from objectives.translation import corpus_chrf, require_chrf, sentence_chrf
 
 ZOO_TASKS = ("math", "code", "translation")
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
@@ -164,6 +164,8 @@ class ZooObjective(Objective):
             "translation": "zoo: lexicon translation with pair reordering, chrF",
         }[task]
         zoo_splits(task, seed)  # validate the task name now
+        if task == "translation":
+            require_chrf()
 
     def examples(self, split: str) -> Sequence[Example]:
         if split not in SPLITS:

@@ -43,18 +43,20 @@ ALSO_COPY = ["objectives"]
 #: pytest exit codes as mutmut records them (mutmut.stats.status_by_exit_code)
 KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}  # failed, errored, timed out or crashed
 SURVIVED = {0, 5, 33}  # passed, or no test reached it
+RECHECK_TIMEOUT_S = 600
 
 
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _stage(module: str, tests: list[str], work: Path) -> None:
-    """HEAD's hm3/, tests/ and objectives/ (the commit the results name; uncommitted edits are not in it)
-    with a [tool.mutmut] section for this module alone."""
+def _stage(module: str, tests: list[str], work: Path) -> str:
+    """HEAD's hm3/, tests/ and objectives/ (uncommitted edits are not in it) with a [tool.mutmut] section
+    for this module alone; returns the commit staged, which the results name."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "HEAD", "hm3", "tests", *ALSO_COPY], cwd=ROOT, capture_output=True,
+    commit = _git("rev-parse", "--short", "HEAD")
+    archive = subprocess.run(["git", "archive", commit, "hm3", "tests", *ALSO_COPY], cwd=ROOT, capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     config = {
@@ -66,8 +68,9 @@ def _stage(module: str, tests: list[str], work: Path) -> None:
         "timeout_multiplier": 5.0,
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
-    pyproject = _git("show", "HEAD:pyproject.toml")
+    pyproject = _git("show", f"{commit}:pyproject.toml")
     (work / "pyproject.toml").write_text(pyproject + "\n" + "\n".join(lines) + "\n")
+    return commit
 
 
 def _statuses(work: Path, module: str) -> dict[str, int | None]:
@@ -75,11 +78,45 @@ def _statuses(work: Path, module: str) -> dict[str, int | None]:
     return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
 
 
-def run_module(module: str, max_children: int) -> dict:
+def recheck(work: Path, module: str, survivors: list[str], tests: list[str], env: dict[str, str]) -> dict[str, int]:
+    """Each survivor written into the staged source (``mutmut apply``) and the module's tests run in a fresh
+    interpreter: pytest's exit code per mutant.
+
+    Why: mutmut switches mutants on inside functions at call time, in test processes forked after the
+    package was imported, so code that runs while a module imports (a decorator registering a merge
+    method, the parameter specs it is given) never runs mutated there, and its mutants survive whatever
+    the tests check. A fresh process imports the mutated source, as a user's would.
+    """
+    source = work / module
+    original = source.read_text()
+    mutmut = Path(sys.executable).with_name("mutmut")
+    fresh = env | {"PYTHONPATH": str(work)}
+    codes: dict[str, int] = {}
+    try:
+        for name in survivors:
+            applied = subprocess.run([str(mutmut), "apply", name], cwd=work, env=env, capture_output=True)
+            if applied.returncode != 0:
+                codes[name] = -1  # could not be applied: stays a survivor
+                continue
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                       "-o", "addopts=", *tests], cwd=work, env=fresh, capture_output=True,
+                                      timeout=RECHECK_TIMEOUT_S)
+                codes[name] = proc.returncode
+            except subprocess.TimeoutExpired:
+                codes[name] = 24  # as mutmut counts a timeout: killed
+            finally:
+                source.write_text(original)
+    finally:
+        source.write_text(original)
+    return codes
+
+
+def run_module(module: str, max_children: int, *, recheck_survivors: bool = False) -> dict:
     tests = MODULES[module]
     work = STAGING / Path(module).stem
-    _stage(module, tests, work)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "no-shrink", "PYTHONPATH": ""}
+    commit = _stage(module, tests, work)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HM3_HYPOTHESIS_PROFILE": "mutation", "PYTHONPATH": ""}
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.perf_counter()
     proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env,
@@ -92,18 +129,34 @@ def run_module(module: str, max_children: int) -> dict:
     survived = sorted(k for k, c in codes.items() if c in SURVIVED)
     other = {k: c for k, c in codes.items() if c not in KILLED and c not in SURVIVED}
     ran = len(killed) + len(survived)
-    return {
-        "module": module, "commit": _git("rev-parse", "--short", "HEAD"), "date": dt.date.today().isoformat(),
+    result = {
+        "module": module, "commit": commit, "date": dt.date.today().isoformat(),
         "tests": tests, "mutants": len(codes), "killed": len(killed),
         "survived": survived, "not_run": other, "score": round(len(killed) / ran, 4) if ran else None,
         "seconds": round(seconds), "mutmut_exit_code": proc.returncode,
     }
+    if recheck_survivors and survived:
+        start = time.perf_counter()
+        rechecked = recheck(work, module, survived, tests, env)
+        fresh_kills = sorted(k for k, c in rechecked.items() if c in KILLED)
+        result |= {
+            "killed_on_recheck": fresh_kills,
+            "survived": sorted(set(survived) - set(fresh_kills)),
+            "killed": len(killed) + len(fresh_kills),
+            "score": round((len(killed) + len(fresh_kills)) / ran, 4),
+            "recheck_seconds": round(time.perf_counter() - start),
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="run each survivor's tests again in a fresh interpreter with the mutant written into "
+                             "the source (catches mutants of import-time code, which mutmut's runner never "
+                             "switches on); slow: one test run per survivor")
     parser.add_argument("--out", type=Path, help="results JSON (default experiments/results/mutation_<date>_<commit>.json)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
@@ -113,18 +166,28 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     out = args.out or ROOT / "experiments" / "results" / f"mutation_{date}_{commit}.json"
     results = json.loads(out.read_text()) if out.exists() else {"modules": {}}
-    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(),
-                "command": "nice -n 15 .venv/bin/python scripts/mutation.py " + " ".join(args.modules)}
+    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(), "machine": _machine(),
+                "command": "nice -n 15 .venv/bin/python scripts/mutation.py " + " ".join(
+                    [*args.modules, *(["--recheck"] if args.recheck else [])])}
     for module in args.modules or list(MODULES):
         print(f"{module}: mutating against {', '.join(MODULES[module])}", flush=True)
-        result = run_module(module, args.max_children)
+        result = run_module(module, args.max_children, recheck_survivors=args.recheck)
         results["modules"][module] = result
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")  # after each module: a long run keeps what it did
         print(f"  {result['killed']}/{result['killed'] + len(result['survived'])} killed "
-              f"({result['score']}), {len(result['not_run'])} not run, {result['seconds']} s", flush=True)
+              f"({result['score']}; {len(result.get('killed_on_recheck', []))} of them on the fresh-process "
+              f"recheck), {len(result['not_run'])} not run, {result['seconds']} s", flush=True)
     print(f"wrote {out}")
     return 0
+
+
+def _machine() -> dict:
+    """The benchmark harness's machine record (CPU, cores, memory, load), which the benchmark page quotes."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import harness
+
+    return harness.machine()
 
 
 def _mutmut_version() -> str | None:

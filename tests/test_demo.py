@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from hm3.cli import main
+from hm3.demo import DEMO_REQUEST
 from hm3.errors import OutputExistsError
 
 
@@ -23,20 +24,23 @@ def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp
     assert (run / "front.png").stat().st_size > 0 and (out / "request-model" / "config.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["candidates"] > 30 and len(summary["level2_paths"]) >= 3  # both levels ran
-    answer = next(line for line in printed.splitlines() if line.startswith("[demo] answer:"))
+    prefix = f"[demo] answer to --prefer {DEMO_REQUEST}: "
+    answer = next(line for line in printed.splitlines() if line.startswith(prefix))
     # a front point's scores are stored measurements, a policy path's an estimate, the posterior's a prediction
-    source = answer.removeprefix("[demo] answer: ").split()[0]
+    source = answer.removeprefix(prefix).split()[0]
     label = {"front": "measured", "policy": "estimated"}.get(source, "predicted")
     assert f"; {label} validation scores " in answer
+    logged = (run / "hm3.log").read_text()  # the run directory keeps its log: the command, then progress
+    assert f"hm3 demo --out {out}" in logged and "level 2: pretraining" in logged
     from hm3.demo import run_demo
     from hm3.store import RunStore
 
     # line 1 of the README again: the same config resumes the finished run, evaluating nothing twice
     with RunStore.open(run, readonly=True) as store:
         before = len(store.evaluations())
-    run_demo(out)
-    again = capsys.readouterr().out
-    assert "resuming the earlier demo run" in again and "[demo] answer:" in again
+    assert main(["demo", "--out", str(out), "--threads", "1"]) == 0
+    again = capsys.readouterr()
+    assert "resuming the earlier demo run" in again.err and "[demo] answer to --prefer" in again.out
     with RunStore.open(run, readonly=True) as store:
         assert len(store.evaluations()) == before
     assert pd.read_csv(run / "front.csv").equals(front)

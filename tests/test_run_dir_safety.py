@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from hm3.errors import RunFileError
+from hm3.errors import ExitCode, RunFileError
+from hm3.log import LOG_FILE
 from hm3.run.config import parse_two_level_config
 from hm3.run.two_level import run_two_level
 from hm3.runfiles import load_legacy_pt, load_state, save_state
@@ -139,8 +140,9 @@ def test_corrupt_state_file_is_refused_naming_it(finished, tmp_path):
 
 
 def _tree(d: Path) -> dict[str, bytes]:
+    """A run's outputs, without the records every command appends to (the store, the log)."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and not p.name.startswith("hm3.sqlite")}
+            if p.is_file() and not p.name.startswith(("hm3.sqlite", LOG_FILE))}
 
 
 @pytest.mark.parametrize("target", ["run", "run/level1", "base model", "around the run"])
@@ -252,7 +254,7 @@ def test_a_full_disk_at_the_end_of_a_search_is_a_message(tiny_family, tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hm3.atomic.os, "fsync", full)
-    assert main(["search", "param", str(cfg), str(tmp_path / "run"), "--quiet"]) == 1
+    assert main(["search", "param", str(cfg), str(tmp_path / "run"), "--quiet"]) == ExitCode.ENVIRONMENT
     err = capsys.readouterr().err
     assert "posterior.safetensors: No space left on device" in err and "Traceback" not in err
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]

@@ -46,14 +46,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 
 from hm3.arch.path import LayerPath, scale_variants
 from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
 from hm3.eval.subsets import DynamicAverageReward
+from hm3.extras import extra_imports
+
+with extra_imports("rl", "level 2 (layer paths)"):
+    import gymnasium as gym
+    from gymnasium import spaces
 
 PathScorer = Callable[[LayerPath], np.ndarray]
 """Scores f (one per objective, normalised: base model ≈ 0, best expert ≈ 1) of a complete path.

@@ -1,6 +1,6 @@
 """PPO-clip with GAE for the level-2 search, both modes, resumable to the bit.
 
-Why hand-written rather than stable-baselines3 (which the project already depends on):
+Why hand-written rather than stable-baselines3:
 
 * **hm3 mode** -- the log-prob PPO needs is that of the Gaussian proto-action while the env runs a
   *different*, discrete action chosen by the critic among the proto-action's neighbours

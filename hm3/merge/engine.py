@@ -22,7 +22,8 @@ import torch
 
 from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
 from hm3.config import MergeConfig, load_merge_config
-from hm3.errors import CheckpointError, ConfigError, Hm3Warning
+from hm3.errors import CheckpointError, ConfigError, DeviceError, Hm3Warning
+from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
 from hm3.merge.plan import MergePlan, TensorJob, dare_generator, plan_merge
 
@@ -118,9 +119,9 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"--device {device!r}: hm3 merges on cpu or cuda, not {dev.type}")
     if not torch.cuda.is_available():
         build = "has no CUDA support" if torch.version.cuda is None else "finds no usable GPU"
-        raise ConfigError(f"--device {device!r}: this torch ({torch.__version__}) {build}; use --device cpu")
+        raise DeviceError(f"--device {device!r}: this torch ({torch.__version__}) {build}; use --device cpu")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 ..)")
+        raise DeviceError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 ..)")
     return dev
 
 
@@ -190,11 +191,11 @@ def merge_to_disk(
             ],
         ) as writer:
             n = 0
-            for name, tensor in iter_merged(plan, device=dev):
-                writer.add(name, tensor.cpu())
-                n += 1
-                if progress and n % 50 == 0:
-                    print(f"  merged {n}/{len(plan.jobs)} tensors", flush=True)
+            with progress_bar(progress, total=len(plan.jobs), desc="merge", unit="tensor") as bar:
+                for name, tensor in iter_merged(plan, device=dev):
+                    writer.add(name, tensor.cpu())
+                    n += 1
+                    bar.update(1)
     finally:
         plan.close()
     warn_without_tokenizer(tokenizer_from, out_dir)

@@ -9,7 +9,7 @@ for disk, :mod:`hm3.merge.inmemory` for the search loop) only run the jobs.
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,8 @@ from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
 from hm3.merge.parameters import layer_position, resolve
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -101,7 +103,7 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
             if name in known_here:
                 continue
             if name in known_anywhere:
-                print(f"warning: {where}.{name} is not used by merge_method {method.name!r}", file=sys.stderr)
+                log.warning(f"{where}.{name} is not used by merge_method {method.name!r}")
                 continue
             raise ConfigError(
                 f"unknown parameter '{where}.{name}' for merge_method {method.name!r}; "

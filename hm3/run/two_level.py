@@ -25,7 +25,7 @@ torch's restricted unpickler or refused with a message.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +49,7 @@ from hm3.arch.ppo import PPOTrainer
 from hm3.arch.swaps import swap_paths
 from hm3.errors import ConfigError, RunFileError
 from hm3.eval.session import MERGE_KIND, EvaluationSession
+from hm3.log import progress_bar
 from hm3.run.config import TwoLevelConfig
 from hm3.run.directory import LEVEL1_DIR, LEVEL2_DIR, POLICY_STEM, STAGE_EVENT, open_run_store, stages_done
 from hm3.run.front import CandidateRow, write_front, write_summary
@@ -59,6 +60,8 @@ from hm3.search.optimizers import Optimizer
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
 from hm3.search.references import reference_points
 from hm3.store import RunStore
+
+logger = logging.getLogger(__name__)
 
 POLICY_FILE = state_path(Path(POLICY_STEM)).name  # policy.safetensors (policy.pt in older runs)
 KEPT_EVENT = "kept_by_lower_bound"
@@ -127,7 +130,7 @@ class TwoLevelRun:
         remaining = episodes - trainer.episode
         if remaining <= 0:
             return
-        bar = _progress(self.progress, total=episodes, initial=trainer.episode, desc=label)
+        bar = progress_bar(self.progress, total=episodes, initial=trainer.episode, desc=label, unit="ep")
 
         def on_update(stats: dict) -> None:
             save_state(ckpt, {"trainer": trainer.state_dict(), "evaluator": evaluator.state_dict()})
@@ -145,14 +148,6 @@ class TwoLevelRun:
     def _mark(self, stage: str) -> None:
         if stage not in stages_done(self.store):
             self.store.add_event(STAGE_EVENT, {"stage": stage})
-
-
-def _progress(enabled: bool, *, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True)
 
 
 def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = False,
@@ -255,9 +250,9 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None
     small = small_reward_subsets(session.validation, rl.data_scale) if rl.dar else {}
     if small:
-        log("WARNING: DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
-            + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier than the "
-            "differences between paths: raise rl.data_scale or evaluation.validation_examples")
+        logger.warning("DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
+                       + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier "
+                       "than the differences between paths: raise rl.data_scale or evaluation.validation_examples")
 
     def evaluator(seed: int) -> PathEvaluator:
         return PathEvaluator(session, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,

@@ -20,7 +20,7 @@ optimiser simply has evaluations left.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +33,7 @@ import torch
 
 from hm3.errors import ConfigError, Hm3Warning, StoreError
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate
+from hm3.log import progress_bar, progress_logger
 from hm3.run.config import stored_config, stored_form
 from hm3.run.directory import FRONT_FILE, open_run_store
 from hm3.run.front import CandidateRow, write_front, write_summary
@@ -45,6 +46,8 @@ from hm3.search.references import reference_points
 from hm3.search.run_config import RunConfig
 from hm3.search.space import SearchSpace
 from hm3.store import RunStore
+
+logger = logging.getLogger(__name__)
 
 TELL_EVENT = "level1_tell"
 #: Recorded when a search is resumed with another budget than it last ran with (extended).
@@ -220,8 +223,8 @@ def open_session(cfg: RunConfig, store: RunStore, log: Callable[[str], None]) ->
 
 
 def stderr_logger(enabled: bool) -> Callable[[str], None]:
-    """``[hm3] message`` lines on stderr (progress output), or a no-op."""
-    return (lambda msg: print(f"[hm3] {msg}", file=sys.stderr, flush=True)) if enabled else (lambda msg: None)
+    """Progress lines through the ``hm3`` logger (:mod:`hm3.log`), or a no-op."""
+    return progress_logger(enabled)
 
 
 def search_level1(
@@ -249,8 +252,8 @@ def search_level1(
     refs_val, base, ideal = reference_points(session, cfg.search_space, session.validation)
     log("validation scores: " + "; ".join(f"{r}={np.round(v, 3).tolist()}" for r, v in refs_val.items()))
     for i in degenerate_objectives(base, ideal):
-        log(f"WARNING: no expert beats the base on {session.objective_names[i]} (validation); hypervolume and "
-            "rewards use it in raw units, and a merge must not fall below the base there to count")
+        logger.warning(f"no expert beats the base on {session.objective_names[i]} (validation); hypervolume and "
+                       "rewards use it in raw units, and a merge must not fall below the base there to count")
 
     if optimizer.n_evaluated:
         raise ValueError("search_level1 needs a fresh optimizer: the run store's history is replayed into it")
@@ -275,7 +278,7 @@ def search_level1(
     if X:
         log(f"resumed: {len(X)} evaluations replayed from the store")
 
-    bar = _progress(progress, total=cfg.optimizer.budget, initial=len(X))
+    bar = progress_bar(progress, total=cfg.optimizer.budget, initial=len(X), desc="level 1", unit="eval")
     new = 0
     while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
         x = optimizer.ask(1)
@@ -313,14 +316,6 @@ def search_level1(
     write_outputs(cfg, session, result, seconds=time.perf_counter() - start, resumed=bool(resume), log=log,
                   refinements=refinements)
     return result
-
-
-def _progress(enabled: bool, *, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="level 1", unit="eval", file=sys.stderr, dynamic_ncols=True)
 
 
 def write_outputs(cfg: RunConfig, session: EvaluationSession, result: Level1Result, *, seconds: float,

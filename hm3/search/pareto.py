@@ -24,10 +24,13 @@ With this protocol a single merge matching every expert on its own task has HV 1
 from __future__ import annotations
 
 import numpy as np
-from pymoo.indicators.hv import HV
-from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from hm3.errors import ConfigError
+from hm3.extras import extra_imports
+
+with extra_imports("search", "Pareto fronts and hypervolumes"):
+    from pymoo.indicators.hv import HV
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 #: At or below this gap between ideal and base an objective is treated as degenerate (see ``normalise``).
 DEGENERATE_SPAN = 1e-12

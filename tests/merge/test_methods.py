@@ -36,6 +36,7 @@ def run_method(
     *,
     fishers: Sequence[torch.Tensor] | None = None,
     seeds: Sequence[int] | None = None,
+    deltas: Sequence[torch.Tensor] | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """One tensor merged by the registered method ``name``, its unset parameters at their defaults."""
@@ -55,6 +56,7 @@ def run_method(
         params={p.name: p.default for p in method.params} | params,
         fishers=fishers,
         generators=(lambda k: gen(seeds[k])) if method.uses_randomness else None,
+        deltas=deltas,
     ))
 
 
@@ -135,6 +137,32 @@ def test_dare_mergekit_rescale_flag_maps_to_l1_and_none(method):
     for flag, mode in ((True, "l1"), (False, "none")):
         out = run_method(method, base, models, WEIGHTS, DENSITIES, rescale=flag)
         close(out, oracle(base, deltas, WEIGHTS, DENSITIES, masks, mode))
+
+
+def test_precomputed_task_vectors_are_the_ones_merged():
+    """The in-memory merger hands methods task vectors it computed once (``TensorInputs.deltas``): the
+    merge is of those, not of ``tensors - base`` again (here they differ on purpose)."""
+    base, models = random_models(10)
+    given = [2.0 * (m - base) for m in models]
+    fishers = random_fishers(11)
+    close(run_method("task_arithmetic", base, models, WEIGHTS, deltas=given),
+          ref.task_arithmetic(base, given, WEIGHTS, False, 1.0, None))
+    close(run_method("ties", base, models, POSITIVE_WEIGHTS, DENSITIES, deltas=given),
+          ref.ties(base, given, POSITIVE_WEIGHTS, DENSITIES, True, 1.0, None))
+    close(run_method("df_merge", base, models, WEIGHTS, fishers=fishers, deltas=given),
+          ref.df_merge(base, given, fishers, WEIGHTS))
+    # DARE draws the same masks from the same seeds, and its merge is linear in the task vectors
+    doubled = run_method("dare_linear", base, models, WEIGHTS, DENSITIES, deltas=given) - base
+    torch.testing.assert_close(doubled, 2.0 * (run_method("dare_linear", base, models, WEIGHTS, DENSITIES) - base),
+                               rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_refuses_task_vectors_that_do_not_match_the_models(method):
+    """Two task vectors for three models' densities: an error, never a merge that silently drops a model."""
+    base, models = random_models(12)
+    with pytest.raises(ValueError, match="zip"):
+        run_method(method, base, models, WEIGHTS, DENSITIES, deltas=[m - base for m in models[:2]])
 
 
 def test_fisher_merge_and_df_merge_equal_reference():
@@ -249,3 +277,64 @@ def test_fisher_weighted_dare_ties_with_uniform_fisher_is_dare_ties(normalize):
     plain = run_method("dare_ties", base, models, WEIGHTS, DENSITIES, normalize=normalize)
     assert torch.equal(run_method("dare_ties", base, models, WEIGHTS, DENSITIES, fishers=uniform,
                                   normalize=normalize), plain)
+
+
+# --- the registry: parameter checks, defaults and flags -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("check", "value", "problem"), [
+    ("weight", 10.0, None), ("weight", -10, None), ("weight", 10.5, "must lie in [-10, 10], got 10.5"),
+    ("weight", -10.01, "must lie in [-10, 10], got -10.01"), ("weight", True, "must be a number, got True"),
+    ("weight", "1", "must be a number, got '1'"),
+    ("density", 0.0, None), ("density", 1, None), ("density", 1.01, "must lie in [0, 1], got 1.01"),
+    ("density", -0.1, "must lie in [0, 1], got -0.1"), ("density", False, "must be a number, got False"),
+    ("density", None, "must be a number, got None"),
+    ("normalize", False, None), ("normalize", 1, "must be true or false, got 1"),
+    ("lambda", 0, None), ("lambda", -2.5, None), ("lambda", True, "must be a number, got True"),
+    ("lambda", "x", "must be a number, got 'x'"),
+    ("rescale_mode", "inverse", None), ("rescale_mode", "l2", "must be one of l1, inverse, none, got 'l2'"),
+    ("fisher", "f.safetensors", None), ("fisher", "", "must be a path to a safetensors file, got ''"),
+    ("fisher", 3, "must be a path to a safetensors file, got 3"),
+])
+def test_parameter_checks_accept_the_range_and_say_what_is_wrong(check, value, problem):
+    method = get_method("dare_ties")
+    spec = method.param(check) or method.model_param(check)
+    assert spec is not None and spec.check(value) == problem
+
+
+def test_defaults_and_flags_are_mergekits():
+    """mergekit 0.1.5's defaults: a mergekit config means the same in hm3."""
+    defaults = {name: {p.name: p.default for p in (*m.params, *m.model_params)} for name, m in MERGE_METHODS.items()}
+    assert defaults["linear"] == {"normalize": True, "weight": None}
+    assert defaults["ties"] | {"fisher": None} == {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False,
+                                                   "rescale_mode": None, "weight": None, "density": 1.0, "fisher": None}
+    assert defaults["dare_ties"]["normalize"] is False and defaults["dare_ties"]["rescale"] is True
+    assert defaults["dare_linear"]["normalize"] is False and defaults["dare_linear"]["rescale"] is True
+    assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
+    assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
+    assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear"}
+    assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
+                                                                     "dare_linear", "df_merge"}
+    assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
+        "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
+        "dare_linear": "dare_linear", "fisher": None, "df_merge": None}
+    assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
+    assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
+            if p.hm3_only] == ["rescale_mode", "fisher"]
+    assert get_method("ties").param("density") is None and get_method("ties").model_param("normalize") is None
+    assert "TIES" in get_method("ties").doc
+    assert all(m.name == name for name, m in MERGE_METHODS.items())  # a method knows the name it is found by
+
+
+def test_unknown_and_twice_registered_methods_are_refused():
+    from hm3.errors import ConfigError
+    from hm3.merge.methods import all_parameter_names, merge_method
+
+    with pytest.raises(ConfigError, match="^unknown merge_method 'slerp'; known methods: dare_linear, dare_ties, "
+                                          "df_merge, fisher, linear, task_arithmetic, ties$"):
+        get_method("slerp")
+    with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
+        merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
+    assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
+                                     "rescale_mode"}

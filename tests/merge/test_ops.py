@@ -380,3 +380,61 @@ def test_half_precision_is_bit_exact_with_mergekit(dtype):
         assert torch.equal(ops.ties(base, deltas, w, [1.0] * 3, normalize=normalize, lam=lam), ties)
     lin = api.merge_tensors(models, "linear", parameters={"weight": w})
     assert torch.equal(ops.linear(models, w), lin)
+
+
+# --- edges that mutation testing found unchecked ------------------------------------------------------------
+
+
+def test_masks_are_boolean_and_a_single_entry_is_kept():
+    for density in (0.0, 0.5, 1.0):
+        assert ops.magnitude_threshold(TAU1, density).dtype == torch.bool
+    assert ops.magnitude_threshold(t(-3.0), 0.5).tolist() == [True]  # k = max(1, int(0.5)) = 1
+    assert ops.magnitude_threshold(torch.zeros(0), 0.5).tolist() == []
+
+
+def test_a_weight_sum_of_exactly_the_threshold_still_divides():
+    """mergekit divides by Σw unless |Σw| < 1e-8: a sum of (float32) 1e-8 itself is a divisor."""
+    w = float(torch.tensor(1e-8, dtype=torch.float32))
+    out = ops.task_arithmetic(torch.zeros(2), [t(1.0, -2.0)], [w], normalize=True)
+    assert torch.allclose(out, t(1.0, -2.0))
+
+
+@pytest.mark.parametrize("fn", ["fisher_merge", "df_merge"])
+def test_fisher_merges_compute_in_float32_and_return_the_models_dtype(fn):
+    """Fisher values of 1e-8 underflow in float16: they are used in float32, the result cast back."""
+    thetas = [t(1.0, 2.0).bfloat16(), t(3.0, 6.0).bfloat16()]
+    fishers = [t(1e-8, 3e-8).half(), t(3e-8, 1e-8).half()]  # float16 subnormals, exact enough after upcast
+    if fn == "fisher_merge":
+        out = ops.fisher_merge(thetas, fishers, [1.0, 1.0])
+        expected = ops.fisher_merge([x.float() for x in thetas], [f.float() for f in fishers], [1.0, 1.0])
+    else:
+        base = t(0.5, 0.5).bfloat16()
+        out = ops.df_merge(base, thetas, fishers, [1.0, 0.5])
+        expected = ops.df_merge(base.float(), [x.float() for x in thetas], [f.float() for f in fishers], [1.0, 0.5])
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.bfloat16())
+    imp = ops.fisher_importance(fishers)
+    assert imp.dtype == torch.float32 and torch.allclose(imp.sum(0), torch.full((2,), 2.0))
+
+
+def test_fisher_merges_refuse_mismatched_model_counts():
+    one, two = [t(1.0)], [t(1.0), t(2.0)]
+    for call, message in [
+        (lambda: ops.fisher_merge(two, one, [1.0, 1.0]), "fishers=1"),
+        (lambda: ops.fisher_merge(one, two, [1.0, 1.0]), "thetas=1"),
+        (lambda: ops.fisher_merge(two, two, [1.0]), "weights=1"),
+        (lambda: ops.df_merge(t(0.0), two, one, [1.0, 1.0]), "fishers=1"),
+        (lambda: ops.df_merge(t(0.0), one, two, [1.0, 1.0]), "deltas=1"),
+        (lambda: ops.df_merge(t(0.0), two, two, [1.0]), "coefficients=1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()
+
+
+def test_fisher_merges_keep_float64_models_in_float64():
+    theta = torch.tensor([1.0 + 1e-12], dtype=torch.float64)  # 1.0 in float32
+    fisher = [torch.ones(1)]
+    assert abs(float(ops.fisher_merge([theta], fisher, [1.0])) - (1.0 + 1e-12)) < 1e-14
+    base = torch.zeros(1, dtype=torch.float64)
+    assert abs(float(ops.df_merge(base, [theta], fisher, [1.0])) - (1.0 + 1e-12)) < 1e-14
+    assert ops.fisher_importance([torch.ones(1, dtype=torch.float64)] * 2).dtype == torch.float64

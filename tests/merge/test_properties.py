@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hm3.merge import ops
 from tests.merge.test_methods import run_method
 
-PROPERTY = settings(max_examples=40, deadline=None)
+PROPERTY = settings()  # the profile's example count (tests/conftest.py)
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple)
 eighths = st.integers(-16, 16).map(lambda i: i / 8)

@@ -205,7 +205,7 @@ def test_bo_mo_beats_random_in_hypervolume_at_equal_budget():
 
 def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(tmp_path, monkeypatch, caplog):
     """torch's cpp_extension lock left by a process killed while botorch built its kernel made every
-    later run wait forever (seen in session 6 after a kill -9 during a demo's first bo-mo step)."""
+    later run wait forever (as a kill -9 during a demo's first bo-mo step once left it)."""
     import logging
     import os
     import time

@@ -123,8 +123,8 @@ def test_weighted_normalised_is_lambda_dot_the_normalised_scores():
 
 
 def test_degenerate_objectives_are_those_no_expert_beats_by_more_than_the_tolerance():
-    base = np.array([0.5, 0.5, 0.5, 0.5])
-    ideal = base + np.array([0.2, 0.0, -0.1, 1e-12])
+    base = np.array([0.5, 0.5, 0.5, 0.0])
+    ideal = np.array([0.7, 0.5, 0.4, 1e-12])
     assert degenerate_objectives(base, ideal) == [1, 2, 3]  # a gap of exactly 1e-12 is degenerate too
     assert normalisation_span(base, ideal).tolist() == pytest.approx([0.2, 1.0, 1.0, 1.0])
     assert degenerate_objectives(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == []

@@ -175,3 +175,81 @@ def test_recipes_are_valid_hm3_merge_configs():
     assert evaluate_setting("lm_head.weight", cfg.models[2].parameters["weight"], 0.0) == pytest.approx(
         expected[0]
     )
+
+
+# --- edges and messages that mutation testing found unchecked -----------------------------------------------
+
+
+def test_layer_group_filters_of_the_smallest_model_and_refusals():
+    assert layer_group_filters(1, 1) == [["layers.0."]]
+    for layers, granularity in ((0, 1), (2, 0)):
+        with pytest.raises(ConfigError, match=rf"^num_layers \({layers}\) and layer_granularity \({granularity}\) "
+                                              r"must be >= 1$"):
+            layer_group_filters(layers, granularity)
+
+
+def test_a_fixed_density_space_names_only_weights():
+    assert _space(density=0.3).param_names() == ["weight[expert_a][g0]", "weight[expert_b][g0]", "weight[expert_c][g0]"]
+
+
+def test_encode_accepts_the_bounds_within_the_tolerance_and_clamps():
+    s = _space(density=0.5, weight_bounds=[[0.0, 1.0], [0.0, 1.0], [0.5, 0.5]])  # the last bound is degenerate
+    edge = 1e-9  # UNIT_TOLERANCE
+    assert s.encode([[0.0], [1.0], [0.5]], None).tolist() == [0.0, 1.0, 0.0]
+    assert s.encode([[-edge], [1.0 + edge], [0.5 + edge]], None).tolist() == [0.0, 1.0, 0.0]
+    for outside in ([[-2 * edge], [1.0], [0.5]], [[0.0], [1.0 + 3 * edge], [0.5]]):
+        with pytest.raises(ConfigError, match="lies outside its bounds"):
+            s.encode(outside, None)
+
+
+def test_encode_refusals_say_what_is_missing():
+    s = _space()
+    with pytest.raises(ConfigError, match="^this search space searches densities but none were given$"):
+        s.encode([[0.5]] * 3, None)
+    with pytest.raises(ConfigError, match="^got 5 coefficient values; this search space has 6$"):
+        s.encode([[0.5]] * 3, [[0.5]] * 2)
+
+
+def test_from_recipe_reads_a_parsed_merge_config_too():
+    from hm3.config import parse_merge_config
+
+    s = _space(layer_granularity=2, num_layers=4)
+    x = torch.linspace(0, 1, s.dim, dtype=torch.float64)
+    assert torch.allclose(s.from_recipe(parse_merge_config(s.to_recipe(x))), x, atol=1e-12)
+
+
+def test_foreign_recipes_are_refused_naming_the_difference():
+    s = _space(layer_granularity=2, num_layers=4)
+    recipe = s.to_recipe(torch.full((s.dim,), 0.5))
+    cases = [
+        ({**recipe, "merge_method": "ties"}, "^recipe merge_method 'ties' is not this space's 'dare_ties'$"),
+        ({**recipe, "base_model": "other"}, "^recipe base_model 'other' is not 'base'$"),
+    ]
+    no_weight = [dict(m, parameters={"density": 0.5}) for m in recipe["models"]]
+    cases.append(({**recipe, "models": no_weight}, "^recipe model 'expert_a' has no weight$"))
+    no_density = [dict(m, parameters={"weight": 0.5}) for m in recipe["models"]]
+    cases.append(({**recipe, "models": no_density}, "^recipe model 'expert_a' has no density$"))
+    split = [{"filter": "layers.0.", "value": 0.3}, {"filter": "layers.1.", "value": 0.5}, {"value": 0.4}]
+    uneven = [dict(m, parameters={"weight": split, "density": 0.5}) for m in recipe["models"]]
+    cases.append(({**recipe, "models": uneven}, r"^models\[expert_a\].weight: layers layers.0.…layers.1. do not share "
+                                                r"one value \(\['0.3', '0.5'\]\); the recipe does not fit "
+                                                r"layer_granularity 2$"))
+    text = [dict(m, parameters={"weight": "x", "density": 0.5}) for m in recipe["models"]]
+    cases.append(({**recipe, "models": text}, r"^models\[expert_a\].weight: expected a number for this search "
+                                              r"space, got 'x'$"))
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            s.from_recipe(bad)
+
+
+def test_invalid_space_message_lists_every_problem_with_its_key():
+    with pytest.raises(ConfigError) as err:
+        parse_search_space({"models": ["a", 3], "base_model": "b", "colour": 1, "layer_granularity": 0,
+                            "num_layers": 2}, source="cfg.yml")
+    assert str(err.value) == ("cfg.yml: invalid search_space:\n  models.1: Input should be a valid string (got 3)\n"
+                              "  layer_granularity: Input should be greater than or equal to 1 (got 0)\n"
+                              "  colour: unknown key")
+    with pytest.raises(ConfigError) as err:
+        parse_search_space({"models": ["a"], "base_model": "b", "weight_bounds": [1.0, 0.0]}, source="cfg.yml")
+    assert str(err.value) == ("cfg.yml: invalid search_space:\n"
+                              "  weight_bounds [1.0, 0.0] is reversed: the lower bound exceeds the upper")

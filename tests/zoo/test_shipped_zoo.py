@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import hm3.zoo.shipped as shipped
 from hm3.cli import main
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, ExitCode
 from hm3.zoo.build import MODELS, ZooManifest, quality_bar, score_models, ties_state
 from objectives.zoo import ZOO_TASKS
 
@@ -70,9 +70,9 @@ def test_zoo_path_and_copy_commands(micro_zoo_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(micro_zoo_dir)
     assert main(["zoo", "copy", "micro", str(tmp_path / "mine")]) == 0
     assert shipped.file_hashes(tmp_path / "mine") == ZooManifest.read(micro_zoo_dir).files
-    assert main(["zoo", "copy", "micro", str(tmp_path / "mine")]) == 2  # never over an existing folder
+    assert main(["zoo", "copy", "micro", str(tmp_path / "mine")]) == ExitCode.BAD_INPUT  # never over a folder
     assert "already exists" in capsys.readouterr().err
-    assert main(["zoo", "path", "tiny"]) == 2
+    assert main(["zoo", "path", "tiny"]) == ExitCode.BAD_INPUT
 
 
 def test_a_run_config_names_the_shipped_zoo(micro_zoo_dir):

@@ -1,0 +1,171 @@
+"""The ``hm3`` command's shared behaviour: global flags, --json, exit codes, --set, run logs, --version,
+and a library import that leaves the process environment alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hm3.cli
+from hm3 import __version__
+from hm3.cli import Outcome, build_parser, main
+from hm3.errors import (
+    BackendError,
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    ExitCode,
+    MissingExtraError,
+    SandboxUnavailableError,
+)
+from hm3.overrides import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_and_help_name_the_exit_codes(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hm3 {__version__}"
+    assert main(["merge", "--help"]) == 0
+    shown = capsys.readouterr().out
+    for code in ExitCode:
+        assert f"\n  {int(code):<4} " in shown, code
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_flags_work_before_and_after_the_command(where, capsys):
+    flags = ["--json", "-q"]
+    argv = [*flags, "methods"] if where == "before" else ["methods", *flags]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    rows = {row["name"]: row for row in json.loads(captured.out)["methods"]}
+    assert rows["ties"]["mergekit"] == "ties" and rows["df_merge"]["mergekit"] is None
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ConfigError("bad key"), ExitCode.BAD_INPUT),
+        (CheckpointError("truncated"), ExitCode.BAD_INPUT),
+        (BackendError("non-finite logits"), ExitCode.EVALUATION_FAILED),
+        (MissingExtraError("needs pymoo"), ExitCode.ENVIRONMENT),
+        (DeviceError("no CUDA"), ExitCode.ENVIRONMENT),
+        (SandboxUnavailableError("no unshare"), ExitCode.ENVIRONMENT),
+        (OSError(28, "No space left on device"), ExitCode.ENVIRONMENT),
+        (KeyboardInterrupt(), ExitCode.INTERRUPTED),
+    ],
+)
+def test_each_kind_of_failure_has_its_exit_code_and_one_line(error, code, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(hm3.cli, "cmd_methods", fail)
+    assert main(["methods"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("hm3: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["merge"]) == ExitCode.USAGE
+    assert main(["no-such-command"]) == ExitCode.USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_json_output_of_a_result_with_numpy_values(monkeypatch, capsys):
+    import numpy as np
+
+    monkeypatch.setattr(hm3.cli, "cmd_methods",
+                        lambda args: Outcome("text", {"hv": np.float64(0.5), "ids": np.arange(2), "p": Path("/x")}))
+    assert main(["methods", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"hv": 0.5, "ids": [0, 1], "p": "/x"}
+
+
+@pytest.mark.parametrize(("flags", "info", "debug"), [([], True, False), (["-q"], False, False),
+                                                     (["-v"], True, True)])
+def test_verbosity_flags_choose_what_reaches_stderr(flags, info, debug, monkeypatch, capsys):
+    def talk(args):
+        logging.getLogger("hm3.test").info("an info line")
+        logging.getLogger("hm3.test").debug("a debug line")
+        logging.getLogger("hm3.test").warning("a warning line")
+        return Outcome("done")
+
+    monkeypatch.setattr(hm3.cli, "cmd_methods", talk)
+    assert main(["methods", *flags]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "done\n"
+    assert ("[hm3] an info line" in captured.err) == info and ("a debug line" in captured.err) == debug
+    assert "hm3: warning: a warning line" in captured.err
+
+
+def _two_level_yaml(tmp_path: Path) -> Path:
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": "not-a-zoo", "optimizer": {"name": "random", "budget": 4},
+                                   "level2": {"preferences": 2}}))
+    return cfg
+
+
+def test_set_overrides_a_config_without_changing_its_file(micro_zoo_dir, tmp_path):
+    from hm3.run.config import parse_two_level_config
+
+    cfg = _two_level_yaml(tmp_path)
+    before = cfg.read_text()
+    args = build_parser().parse_args(["run", str(cfg), str(tmp_path / "run"), "--set", f"zoo={micro_zoo_dir}",
+                                      "--set", "level2.rl.t_max=3", "--set", "optimizer.budget=6"])
+    loaded = load_config(args.config, parse_two_level_config, sets=args.set)
+    assert loaded.level2.rl.t_max == 3 and loaded.level1.optimizer.budget == 6
+    assert Path(loaded.level1.models["base"]) == micro_zoo_dir / "base"
+    assert cfg.read_text() == before
+
+
+def test_a_bad_set_is_refused_naming_it(micro_zoo_dir, tmp_path, capsys):
+    cfg = _two_level_yaml(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), str(run), "--set", f"zoo={micro_zoo_dir}", "--set", "level2.colour=red"]) == 3
+    err = capsys.readouterr().err
+    assert "(with --set" in err and "level2.colour: unknown key" in err
+    assert main(["run", str(cfg), str(run), "--set", "optimizer"]) == 3
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["run", str(cfg), str(run), "--set", "optimizer.name.x=1"]) == 3
+    assert "optimizer.name is a str, not a section" in capsys.readouterr().err
+    assert not run.exists()  # refused before the run directory was made: no log file either
+
+
+def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
+    from hm3.log import LOG_FILE, configure, run_log
+    from hm3.store import STORE_FILE
+
+    configure(-1)  # the console shows warnings only: the file still gets info and debug
+    logger = logging.getLogger("hm3.test")
+    with run_log(tmp_path / "refused", first="hm3 run a b"):
+        logger.info("checking the config")
+    assert not (tmp_path / "refused").exists()  # a command refused before its run: nothing written
+    run = tmp_path / "run"
+    with run_log(run, first="hm3 run a b"):
+        logger.info("before the store")
+        run.mkdir()
+        (run / STORE_FILE).touch()
+        logger.debug("after the store")
+    with run_log(run, first="hm3 run a b --resume"):
+        logger.warning("resumed")
+    lines = (run / LOG_FILE).read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "hm3 run a b", "before the store", "after the store", "hm3 run a b --resume", "resumed"]
+    configure(0)
+
+
+def test_a_library_import_leaves_the_environment_alone_and_the_command_sets_openmp():
+    code = ("import os, sys\nimport hm3, hm3.cli, hm3.merge.engine, hm3.search.level1\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\nhm3.cli.main(['methods', '-q', '--json'])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "None" and proc.stderr.strip().endswith("PASSIVE")
