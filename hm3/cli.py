@@ -119,10 +119,11 @@ def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
 def cmd_methods(args: argparse.Namespace) -> Outcome:
     from hm3.merge.methods import MERGE_METHODS
 
-    rows = [{"name": name, "mergekit": m.mergekit_name, "doc": m.doc.splitlines()[0] if m.doc else ""}
+    rows = [{"name": name, "mergekit": m.mergekit_name, "doc": m.doc.splitlines()[0] if m.doc else "",
+             "reference": m.reference or None}
             for name, m in sorted(MERGE_METHODS.items())]
     lines = [f"{r['name']:16s} {'(mergekit: ' + r['mergekit'] + ')' if r['mergekit'] else '(hm3 only)':28s} "
-             f"{r['doc']}" for r in rows]
+             f"{r['doc']}" + (f"  [{r['reference']}]" if r["reference"] else "") for r in rows]
     return Outcome("\n".join(lines), {"methods": rows})
 
 

@@ -89,6 +89,12 @@ class MergeMethod:
     supports_fisher: bool = False
     requires_fisher: bool = False
     mergekit_name: str | None = None  # None: mergekit cannot express it
+    reference: str = ""  # the paper or documentation the method follows
+    optional_base: bool = False  # a base_model, when given, is subtracted first (nuslerp); needs_base: always
+    min_models: int = 1  # models the method merges, not counting the base when it takes one
+    max_models: int | None = None
+    #: a check across parameters of one tensor (e.g. della's density ± epsilon): the problem, or None
+    check_job: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None
     doc: str = field(default="", compare=False)
 
     def param(self, name: str) -> ParamSpec | None:
@@ -191,6 +197,7 @@ def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
 @merge_method(
     "linear",
     needs_base=False,
+    reference="https://arxiv.org/abs/2203.05482",
     params=(ParamSpec("normalize", True, _check_bool),),
     model_params=(WEIGHT,),
     mergekit_name="linear",
@@ -203,6 +210,7 @@ def _linear(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "task_arithmetic",
     needs_base=True,
+    reference="https://arxiv.org/abs/2212.04089",
     params=_gta_params(normalize=False, rescale=False),
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
@@ -216,6 +224,7 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "ties",
     needs_base=True,
+    reference="https://arxiv.org/abs/2306.01708",
     params=_gta_params(normalize=True, rescale=False),
     model_params=(WEIGHT, DENSITY, FISHER),
     supports_fisher=True,
@@ -229,6 +238,7 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "dare_ties",
     needs_base=True,
+    reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
     uses_randomness=True,
@@ -244,6 +254,7 @@ def _dare_ties(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "dare_linear",
     needs_base=True,
+    reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
     uses_randomness=True,
@@ -258,6 +269,7 @@ def _dare_linear(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "fisher",
     needs_base=False,
+    reference="https://arxiv.org/abs/2111.09832",
     params=(),
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
@@ -281,3 +293,20 @@ def _df_merge(x: TensorInputs) -> torch.Tensor:
     """DF-Merge: θ_base + M Σ_i F_i(λ_i) λ_i τ_i / Σ_i F_i(λ_i), with λ_i = the model's weight."""
     assert x.fishers is not None
     return ops.df_merge(x.base, _deltas(x), x.fishers, _weights(x)).to(x.base.dtype)
+
+
+@merge_method(
+    "slerp",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    params=(ParamSpec("t", None, _check_density, required=True),),
+    model_params=(),
+    mergekit_name="slerp",
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def _slerp(x: TensorInputs) -> torch.Tensor:
+    """θ = sin((1−t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ_1, Ω the angle between the two tensors."""
+    assert x.base is not None
+    (other,) = x.tensors
+    return ops.slerp(float(x.params["t"]), x.base, other)

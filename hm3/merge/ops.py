@@ -26,6 +26,7 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -383,6 +384,41 @@ def dare(
     if out is None:
         return kept.to(delta.dtype)
     return kept if kept is out else out.copy_(kept)
+
+
+# --- spherical interpolation --------------------------------------------------------------------------------
+
+#: mergekit's SLERP falls back to linear interpolation when |cos Ω| exceeds this (nearly parallel tensors).
+SLERP_DOT_THRESHOLD = 0.9995
+#: mergekit's SLERP: a tensor whose norm is at most this is not normalised (its norm counts as 1).
+SLERP_NORM_EPS = 1e-8
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs: the precision the spherical methods compute in."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def slerp(t: float, theta0: Tensor, theta1: Tensor) -> Tensor:
+    """SLERP: θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1, cos Ω = ⟨θ_0/‖θ_0‖, θ_1/‖θ_1‖⟩.
+
+    The angle Ω is between the two whole tensors (flattened); t = 0 gives θ_0, t = 1 gives
+    θ_1. As mergekit: when |cos Ω| > 0.9995 the tensors are (anti)parallel and the result
+    is the linear (1−t)θ_0 + tθ_1; a norm ≤ 1e-8 counts as 1; computed in float32
+    (float64 for float64) and returned in θ_0's dtype.
+    """
+    dtype = _work_dtype(theta0)
+    a, b = theta0.to(dtype).reshape(-1), theta1.to(dtype).reshape(-1)
+    norm_a, norm_b = (float(torch.linalg.vector_norm(v)) for v in (a, b))
+    norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
+    norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
+    cos_omega = min(1.0, max(-1.0, float(torch.dot(a, b)) / (norm_a * norm_b))) if a.numel() else 1.0
+    if abs(cos_omega) > SLERP_DOT_THRESHOLD:
+        coef_a, coef_b = 1.0 - t, t
+    else:
+        omega = math.acos(cos_omega)
+        coef_a, coef_b = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return (a * coef_a).add_(b, alpha=coef_b).reshape(theta0.shape).to(theta0.dtype)
 
 
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------

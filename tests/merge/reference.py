@@ -189,3 +189,17 @@ def df_merge(
     f = _f64(fishers) + eps
     lam = _per_model(coefficients, tau)
     return base.double() + len(deltas) * (f * lam * tau).sum(0) / f.sum(0)
+
+
+def slerp(t: float, theta0: Tensor, theta1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """SLERP of the two flattened tensors: cos Ω = ⟨θ_0/‖θ_0‖, θ_1/‖θ_1‖⟩ (a norm ≤ eps is not divided by),
+    θ = [sin((1−t)Ω) θ_0 + sin(tΩ) θ_1] / sin Ω; (1−t)θ_0 + tθ_1 when |cos Ω| > dot_threshold."""
+    v0, v1 = theta0.double(), theta1.double()
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    cos_omega = (u0 * u1).sum().clamp(-1, 1)
+    if cos_omega.abs() > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    omega = torch.acos(cos_omega)
+    return (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)

@@ -349,3 +349,15 @@ def test_export_mergekit_refuses_to_write_over_its_recipe(zoo, tmp_path, capsys)
     assert "an input of this command" in capsys.readouterr().err and recipe.read_bytes() == before
     assert main(["export-mergekit", str(recipe), str(zoo["base"] / "x.yml")]) != 0
     assert not (zoo["base"] / "x.yml").exists()
+
+
+@pytest.mark.parametrize(("models", "change", "mentions"), [
+    (["m1", "m2"], {}, ["'slerp'", "exactly 1 model besides base_model", "lists 2 besides base_model"]),
+    (["m1", "m2"], {"base_model": None}, ["'slerp'", "needs 'base_model'"]),
+    (["m1"], {"parameters": {"t": 1.5}}, ["'t'", "must lie in [0, 1], got 1.5"]),
+    (["m1"], {"parameters": {}}, ["missing required parameter 't'"]),
+])
+def test_slerp_bad_input_is_refused_by_name(zoo, tmp_path, capsys, models, change, mentions):
+    recipe = {"merge_method": "slerp", "base_model": str(zoo["base"]), "models": [{"model": str(zoo[m])} for m in models],
+              "parameters": {"t": 0.5}} | change
+    _run_fail(capsys, tmp_path, _write(tmp_path, {k: v for k, v in recipe.items() if v is not None}), *mentions)

@@ -31,22 +31,22 @@ def run_method(
     name: str,
     base: torch.Tensor | None,
     tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
+    weights: Sequence[float] | None = None,
     densities: Sequence[float] | None = None,
     *,
     fishers: Sequence[torch.Tensor] | None = None,
     seeds: Sequence[int] | None = None,
     deltas: Sequence[torch.Tensor] | None = None,
+    per_model: dict[str, Sequence[Any]] | None = None,
     **params: Any,
 ) -> torch.Tensor:
-    """One tensor merged by the registered method ``name``, its unset parameters at their defaults."""
+    """One tensor merged by the registered method ``name``, its unset parameters at their defaults.
+
+    ``weights``, ``densities`` and ``per_model`` give per-model parameters (one value per tensor)."""
     method = get_method(name)
-    model_params = []
-    for k, w in enumerate(weights):
-        p = {"weight": w}
-        if method.model_param("density") is not None:
-            p["density"] = 1.0 if densities is None else densities[k]
-        model_params.append(p)
+    given = dict(per_model or {}) | {k: v for k, v in (("weight", weights), ("density", densities)) if v is not None}
+    model_params = [{p.name: given[p.name][k] if p.name in given else p.default for p in method.model_params}
+                    for k in range(len(tensors))]
     seeds = list(range(len(tensors))) if seeds is None else list(seeds)
     return method.fn(TensorInputs(
         name="t",
@@ -73,7 +73,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
-                                  "df_merge"}
+                                  "df_merge", "slerp"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -174,6 +174,43 @@ def test_fisher_merge_and_df_merge_equal_reference():
           ref.df_merge(base, [m - base for m in models], fishers, WEIGHTS))
 
 
+def _pair(seed: int, shape=SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors at a clear angle (not parallel), as two fine-tunes of one base are."""
+    base, (other,) = random_models(seed, count=1, shape=shape)
+    return base, other
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 0.85, 1.0])
+def test_slerp_equals_reference(t):
+    base, other = _pair(20)
+    out = run_method("slerp", base, [other], t=t)
+    close(out, ref.slerp(t, base, other))
+    assert out.dtype == base.dtype
+
+
+@pytest.mark.parametrize("case", ["parallel", "antiparallel", "zero", "tiny", "orthogonal"])
+def test_slerp_special_angles_equal_reference(case):
+    """Nearly (anti)parallel tensors take the linear branch; a tensor of norm ≤ 1e-8 is not normalised (so a
+    tiny multiple of the base counts as orthogonal to it, not parallel)."""
+    base, other = _pair(21)
+    noise = torch.randn(SHAPE, generator=gen(22)) * 1e-5
+    partner = {"parallel": 2.0 * base + noise, "antiparallel": -0.5 * base + noise, "zero": torch.zeros(SHAPE),
+               "tiny": 1e-9 * base, "orthogonal": other - (other * base).sum() / (base * base).sum() * base}[case]
+    close(run_method("slerp", base, [partner], t=0.3), ref.slerp(0.3, base, partner))
+    close(run_method("slerp", partner, [base], t=0.3), ref.slerp(0.3, partner, base))  # either end
+
+
+def test_slerp_keeps_norms_of_unit_tensors_and_halves_the_angle():
+    """The geometry itself: between unit tensors at angle Ω, t = ½ is a unit tensor at Ω/2 from both ends."""
+    base, other = _pair(23)
+    a, b = base / base.norm(), other / other.norm()
+    mid = run_method("slerp", a, [b], t=0.5).double()
+    omega = torch.acos((a.double() * b.double()).sum())
+    assert abs(float(mid.norm()) - 1.0) < 1e-6
+    for end in (a, b):
+        assert abs(float(torch.acos((mid * end.double()).sum().clamp(-1, 1))) - float(omega) / 2) < 1e-4
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -220,6 +257,19 @@ def test_dare_methods_equal_mergekit_given_the_same_masks(monkeypatch, method, r
     monkeypatch.undo()
     out = run_method(method, base, models, w, DENSITIES, seeds=seeds, normalize=normalize, rescale=rescale)
     assert (out - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.7, 1.0])
+@pytest.mark.parametrize("base_index", [0, 1])
+def test_slerp_equals_mergekit(t, base_index):
+    """The base is the t = 0 end wherever it sits among mergekit's inputs."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, other = _pair(24)
+    inputs = [base, other] if base_index == 0 else [other, base]
+    expected = api.merge_tensors(inputs, "slerp", parameters={"t": t}, base_index=base_index)
+    assert (run_method("slerp", base, [other], t=t) - expected).abs().max() <= 1e-6
+    close(expected, ref.slerp(t, base, other))
 
 
 # --- DARE in expectation --------------------------------------------------------------------------------------
@@ -313,12 +363,15 @@ def test_defaults_and_flags_are_mergekits():
     assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
     assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp"}
     assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
-                                                                     "dare_linear", "df_merge"}
+                                                                     "dare_linear", "df_merge", "slerp"}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
         "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
-        "dare_linear": "dare_linear", "fisher": None, "df_merge": None}
+        "dare_linear": "dare_linear", "fisher": None, "df_merge": None, "slerp": "slerp"}
+    assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
+    assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
+        == {"slerp": (1, 1)}
     assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
     assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
             if p.hm3_only] == ["rescale_mode", "fisher"]
@@ -331,10 +384,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.errors import ConfigError
     from hm3.merge.methods import all_parameter_names, merge_method
 
-    with pytest.raises(ConfigError, match="^unknown merge_method 'slerp'; known methods: dare_linear, dare_ties, "
-                                          "df_merge, fisher, linear, task_arithmetic, ties$"):
-        get_method("slerp")
+    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: dare_linear, "
+                                          "dare_ties, df_merge, fisher, linear, slerp, task_arithmetic, ties$"):
+        get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode"}
+                                     "rescale_mode", "t"}
