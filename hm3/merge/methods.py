@@ -310,3 +310,18 @@ def _slerp(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
     (other,) = x.tensors
     return ops.slerp(float(x.params["t"]), x.base, other)
+
+
+@merge_method(
+    "model_stock",
+    needs_base=True,
+    min_models=2,
+    params=(ParamSpec("filter_wise", False, _check_bool),),
+    model_params=(),
+    mergekit_name="model_stock",
+    reference="https://arxiv.org/abs/2403.19522",
+)
+def _model_stock(x: TensorInputs) -> torch.Tensor:
+    """Model Stock: θ = t·mean_k θ_k + (1−t)·θ_base, t = N cos φ / (1 + (N−1) cos φ), φ the task vectors' angle."""
+    assert x.base is not None
+    return ops.model_stock(x.base, x.tensors, filter_wise=x.params["filter_wise"])

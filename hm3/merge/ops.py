@@ -421,6 +421,48 @@ def slerp(t: float, theta0: Tensor, theta1: Tensor) -> Tensor:
     return (a * coef_a).add_(b, alpha=coef_b).reshape(theta0.shape).to(theta0.dtype)
 
 
+# --- Model Stock ----------------------------------------------------------------------------------------------
+
+#: mergekit's Model Stock: a product of norms below this divides by it instead (so a zero task vector gives cos 0).
+MODEL_STOCK_NORM_EPS = 1e-6
+#: mergekit's Model Stock: where |1 + (N−1) cos φ| is below this, t = 0 (the base is kept).
+MODEL_STOCK_SINGULAR_EPS = 1e-6
+
+
+def _as_vectors(x: Tensor, *, filter_wise: bool) -> Tensor:
+    """``x`` as rows ``[R, n]``: one row per filter (last axis) when ``filter_wise``, else the whole tensor."""
+    return x.reshape(-1, x.shape[-1]) if filter_wise and x.dim() > 0 else x.reshape(1, -1)
+
+
+def model_stock(base: Tensor, thetas: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Model Stock: θ = t·θ̄ + (1−t)·θ_base with θ̄ = (1/N) Σ_k θ_k and t = N cos φ / (1 + (N−1) cos φ).
+
+    cos φ is the mean, over the N(N−1)/2 pairs, of the cosine between task vectors
+    τ_j, τ_k (each cosine clamped to [−1, 1]); it is taken over the whole tensor, or per
+    row (filter) with ``filter_wise``, giving one t per row. As mergekit: a product of
+    norms below 1e-6 divides by 1e-6, and where 1 + (N−1) cos φ is within 1e-6 of 0 the
+    base is kept (t = 0). Computed in float32 (float64 for float64), returned in the base's dtype.
+    """
+    count = _require_same_length(thetas=thetas)
+    if count < 2:
+        raise ConfigError(f"model_stock needs at least 2 models besides the base; got {count}")
+    dtype = _work_dtype(base)
+    w0 = _as_vectors(base.to(dtype), filter_wise=filter_wise)
+    taus = [_as_vectors(theta.to(dtype), filter_wise=filter_wise) - w0 for theta in thetas]
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in taus]
+    cos_sum = torch.zeros_like(norms[0])
+    for j in range(count):
+        for k in range(j + 1, count):
+            dot = (taus[j] * taus[k]).sum(-1)
+            cos_sum += (dot / (norms[j] * norms[k]).clamp(min=MODEL_STOCK_NORM_EPS)).clamp(-1, 1)
+    cos_phi = (cos_sum / (count * (count - 1) // 2)).unsqueeze(-1)
+    denominator = 1 + (count - 1) * cos_phi
+    singular = denominator.abs() < MODEL_STOCK_SINGULAR_EPS
+    t = torch.where(singular, 0.0, count * cos_phi / torch.where(singular, 1.0, denominator))
+    mean = sum(_as_vectors(theta.to(dtype), filter_wise=filter_wise) for theta in thetas) / count
+    return (t * mean + (1 - t) * w0).reshape(base.shape).to(base.dtype)
+
+
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------
 
 

@@ -203,3 +203,26 @@ def slerp(t: float, theta0: Tensor, theta1: Tensor, dot_threshold: float = 0.999
         return (1 - t) * v0 + t * v1
     omega = torch.acos(cos_omega)
     return (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
+
+
+def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """Model Stock (Jang et al.): per vector (the whole tensor, or each row along the last axis with
+    ``filter_wise``), cos φ = mean over pairs j < k of clamp(⟨τ_j, τ_k⟩ / max(‖τ_j‖‖τ_k‖, 1e-6), −1, 1),
+    t = N cos φ / (1 + (N−1) cos φ) (0 where the denominator is within 1e-6 of 0), θ = t θ̄ + (1 − t) θ_base."""
+    shape, n = base.shape, len(thetas)
+    last = shape[-1] if filter_wise and base.dim() > 0 else base.numel()
+    w0 = base.double().reshape(-1, last)
+    ws = [th.double().reshape(-1, last) for th in thetas]
+    taus = [w - w0 for w in ws]
+    cosines = []
+    for j in range(n):
+        for k in range(j + 1, n):
+            norm_product = torch.clamp(taus[j].norm(dim=1) * taus[k].norm(dim=1), min=1e-6)
+            cosines.append(torch.clamp((taus[j] * taus[k]).sum(dim=1) / norm_product, -1, 1))
+    cos_phi = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (n - 1) * cos_phi
+    t = torch.zeros_like(cos_phi)
+    regular = denominator.abs() >= 1e-6
+    t[regular] = n * cos_phi[regular] / denominator[regular]
+    t = t.unsqueeze(1)
+    return (t * torch.stack(ws).mean(dim=0) + (1 - t) * w0).reshape(shape)

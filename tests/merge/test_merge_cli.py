@@ -361,3 +361,9 @@ def test_slerp_bad_input_is_refused_by_name(zoo, tmp_path, capsys, models, chang
     recipe = {"merge_method": "slerp", "base_model": str(zoo["base"]), "models": [{"model": str(zoo[m])} for m in models],
               "parameters": {"t": 0.5}} | change
     _run_fail(capsys, tmp_path, _write(tmp_path, {k: v for k, v in recipe.items() if v is not None}), *mentions)
+
+
+def test_model_stock_with_one_model_is_refused(zoo, tmp_path, capsys):
+    recipe = {"merge_method": "model_stock", "base_model": str(zoo["base"]), "models": [{"model": str(zoo["m1"])}]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'model_stock' merges at least 2 models besides base_model",
+              "lists 1 besides base_model")

@@ -112,11 +112,23 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": m2}],
             "parameters": {"t": 0.35},
         },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": b,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "dtype": "float32",
+        },
+        "model_stock_filter_wise": {
+            "merge_method": "model_stock",
+            "base_model": b,
+            "models": [{"model": b}, {"model": m1}, {"model": m3}],
+            "parameters": {"filter_wise": True},
+        },
     }
 
 
 #: the methods added with mergekit parity as their target are held to 1e-6
-TIGHT = {"slerp", "slerp_base_not_listed"}
+TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

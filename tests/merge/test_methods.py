@@ -73,7 +73,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
-                                  "df_merge", "slerp"}
+                                  "df_merge", "slerp", "model_stock"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -211,6 +211,38 @@ def test_slerp_keeps_norms_of_unit_tensors_and_halves_the_angle():
         assert abs(float(torch.acos((mid * end.double()).sum().clamp(-1, 1))) - float(omega) / 2) < 1e-4
 
 
+def correlated_models(seed: int, count: int = 3, shape=SHAPE, scale: float = 0.01) -> tuple[torch.Tensor,
+                                                                                             list[torch.Tensor]]:
+    """Fine-tunes that share part of their task vector (cosines near ½ between them), as Model Stock expects."""
+    g = gen(seed)
+    base = torch.randn(*shape, generator=g) * 0.02
+    shared = torch.randn(*shape, generator=g) * scale
+    return base, [base + shared + torch.randn(*shape, generator=g) * scale for _ in range(count)]
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize(("count", "shape", "scale"), [(2, SHAPE, 0.01), (3, SHAPE, 0.01), (4, (53,), 0.01),
+                                                       (3, (4, 5, 6), 0.01), (3, SHAPE, 1e-5)])
+def test_model_stock_equals_reference(filter_wise, count, shape, scale):
+    """scale 1e-5: task vectors so small that the product of their norms is below 1e-6, which mergekit
+    divides by instead (the cosines shrink, and with them t)."""
+    base, models = correlated_models(25, count, shape, scale)
+    out = run_method("model_stock", base, models, filter_wise=filter_wise)
+    close(out, ref.model_stock(base, models, filter_wise))
+    assert out.dtype == base.dtype
+
+
+def test_model_stock_interpolates_by_the_angle_and_keeps_the_base_when_singular():
+    """Orthogonal task vectors (cos φ = 0) give t = 0, the base; identical ones (cos φ = 1) t = 1, their mean;
+    opposite ones (1 + (N−1) cos φ = 0) the base too, instead of dividing by zero."""
+    base, (m1, m2) = random_models(26, count=2)
+    tau = m1 - base
+    orthogonal = m2 - base - ((m2 - base) * tau).sum() / (tau * tau).sum() * tau
+    torch.testing.assert_close(run_method("model_stock", base, [m1, base + orthogonal]), base, rtol=0, atol=1e-7)
+    torch.testing.assert_close(run_method("model_stock", base, [m1, m1]), m1, rtol=0, atol=1e-7)
+    assert torch.equal(run_method("model_stock", base, [m1, base - tau]), base)
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -270,6 +302,17 @@ def test_slerp_equals_mergekit(t, base_index):
     expected = api.merge_tensors(inputs, "slerp", parameters={"t": t}, base_index=base_index)
     assert (run_method("slerp", base, [other], t=t) - expected).abs().max() <= 1e-6
     close(expected, ref.slerp(t, base, other))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize(("count", "shape"), [(2, SHAPE), (3, SHAPE), (3, (53,))])
+def test_model_stock_equals_mergekit(filter_wise, count, shape):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = correlated_models(27, count, shape)
+    expected = api.merge_tensors([base, *models], "model_stock", parameters={"filter_wise": filter_wise}, base_index=0)
+    assert (run_method("model_stock", base, models, filter_wise=filter_wise) - expected).abs().max() <= 1e-6
+    close(expected, ref.model_stock(base, models, filter_wise))
 
 
 # --- DARE in expectation --------------------------------------------------------------------------------------
@@ -363,15 +406,17 @@ def test_defaults_and_flags_are_mergekits():
     assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
     assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp", "model_stock"}
     assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
-                                                                     "dare_linear", "df_merge", "slerp"}
+                                                                     "dare_linear", "df_merge", "slerp", "model_stock"}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
         "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
-        "dare_linear": "dare_linear", "fisher": None, "df_merge": None, "slerp": "slerp"}
+        "dare_linear": "dare_linear", "fisher": None, "df_merge": None, "slerp": "slerp",
+        "model_stock": "model_stock"}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
-        == {"slerp": (1, 1)}
+        == {"slerp": (1, 1), "model_stock": (2, None)}
+    assert defaults["model_stock"] == {"filter_wise": False}
     assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
     assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
             if p.hm3_only] == ["rescale_mode", "fisher"]
@@ -385,9 +430,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.merge.methods import all_parameter_names, merge_method
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: dare_linear, "
-                                          "dare_ties, df_merge, fisher, linear, slerp, task_arithmetic, ties$"):
+                                          "dare_ties, df_merge, fisher, linear, model_stock, slerp, "
+                                          "task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode", "t"}
+                                     "rescale_mode", "t", "filter_wise"}
