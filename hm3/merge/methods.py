@@ -139,16 +139,17 @@ FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True)
 LAMBDA = ParamSpec("lambda", 1.0, _check_number)
 INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
 RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
+GAMMA = ParamSpec("gamma", 0.01, _check_density)  # breadcrumbs: the fraction of largest |τ| dropped
 
 
-def _gta_params(*, normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
+def _gta_params(*, normalize: bool, rescale: bool, rescale_modes: bool = True) -> tuple[ParamSpec, ...]:
+    """mergekit's generalized task arithmetic parameters; ``rescale_modes``: hm3's ``rescale_mode`` too."""
     return (
         ParamSpec("normalize", normalize, _check_bool),
         ParamSpec("rescale", rescale, _check_bool),
         LAMBDA,
         INT8_MASK,
-        RESCALE_MODE,
-    )
+    ) + ((RESCALE_MODE,) if rescale_modes else ())
 
 
 def _weights(x: TensorInputs) -> list[float]:
@@ -189,6 +190,19 @@ def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
         ops.dare(d, dens, generator=x.generators(k), rescale=mode)
         for k, (d, dens) in enumerate(zip(_deltas(x), _densities(x), strict=True))
     ]
+
+
+def _breadcrumbs_deltas(x: TensorInputs) -> list[torch.Tensor]:
+    mode = _rescale(x)
+    return [
+        ops.breadcrumbs(d, float(p["density"]), float(p["gamma"]), rescale=mode)
+        for d, p in zip(_deltas(x), x.model_params, strict=True)
+    ]
+
+
+def _sign_consensus(x: TensorInputs, sparse: list[torch.Tensor]) -> torch.Tensor:
+    """TIES' sign election and disjoint merge of already-sparsified task vectors (no further trim)."""
+    return ops.ties(x.base, sparse, _weights(x), [1.0] * len(sparse), **_gta_options(x))
 
 
 # --- the methods ------------------------------------------------------------------------------------
@@ -247,8 +261,7 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 )
 def _dare_ties(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then TIES sign election and disjoint merge."""
-    deltas = _dare_deltas(x)  # already sparsified: TIES' own trim keeps everything (density 1)
-    return ops.ties(x.base, deltas, _weights(x), [1.0] * len(deltas), **_gta_options(x))
+    return _sign_consensus(x, _dare_deltas(x))
 
 
 @merge_method(
@@ -325,3 +338,23 @@ def _model_stock(x: TensorInputs) -> torch.Tensor:
     """Model Stock: θ = t·mean_k θ_k + (1−t)·θ_base, t = N cos φ / (1 + (N−1) cos φ), φ the task vectors' angle."""
     assert x.base is not None
     return ops.model_stock(x.base, x.tensors, filter_wise=x.params["filter_wise"])
+
+
+_BREADCRUMBS: dict[str, Any] = {
+    "needs_base": True,
+    "params": _gta_params(normalize=False, rescale=False, rescale_modes=False),
+    "model_params": (WEIGHT, DENSITY, GAMMA),
+    "reference": "https://arxiv.org/abs/2312.06795",
+}
+
+
+@merge_method("breadcrumbs", mergekit_name="breadcrumbs", **_BREADCRUMBS)
+def _breadcrumbs(x: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest γ and the smallest 1−ρ−γ of each |τ_k|, then task arithmetic."""
+    return ops.task_arithmetic(x.base, _breadcrumbs_deltas(x), _weights(x), **_gta_options(x))
+
+
+@merge_method("breadcrumbs_ties", mergekit_name="breadcrumbs_ties", **_BREADCRUMBS)
+def _breadcrumbs_ties(x: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs' sparsification, then TIES sign election and disjoint merge."""
+    return _sign_consensus(x, _breadcrumbs_deltas(x))

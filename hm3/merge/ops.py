@@ -202,11 +202,11 @@ def _radix_kth_largest(keys: Tensor, k: int) -> tuple[Tensor, int]:
     return threshold, n_above + int((in_bucket >= threshold).sum())
 
 
-def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
-    """Keep-mask (bool, shape of ``delta``) of the k = max(1, int(density·numel)) largest |τ| entries.
+def top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """Keep-mask (bool, shape of ``delta``) of the k largest |τ| entries (k ≤ 0: none, k ≥ numel: all).
 
-    TIES step 1 needs only the magnitude of the k-th largest entry, not an order of
-    all entries, so instead of mergekit's full argsort (O(n log n), most of a TIES
+    Only the magnitude of the k-th largest entry is needed, not an order of all
+    entries, so instead of mergekit's full argsort (O(n log n), most of a TIES
     merge's time) the threshold is found by selection. float16/bfloat16/float32
     magnitudes are compared through their float32 bit patterns (for x ≥ 0 the
     IEEE-754 patterns, read as int32, order like the numbers) with a two-pass radix
@@ -216,15 +216,14 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
     Ties at the threshold: exactly k entries are kept, as in mergekit; among entries
     whose magnitude equals the threshold the lowest flat indices are kept. mergekit's
     unstable argsort keeps an unspecified subset of them instead, so on tied
-    magnitudes the two may keep different (equal-magnitude) entries.
-    Edge cases as mergekit: density ≥ 1 keeps everything, density ≤ 0 nothing.
+    magnitudes the two may keep different (equal-magnitude) entries. The masks are
+    nested: ``top_k_mask(τ, j)`` ⊆ ``top_k_mask(τ, k)`` for j ≤ k.
     """
     n = delta.numel()
-    if density >= 1:
+    if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0 or n == 0:
+    if k <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = _kept_count(n, density)
     magnitude = delta.abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()  # exact; mergekit also ranks half-precision magnitudes in float32
@@ -242,6 +241,19 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
         tied = (keys == threshold).nonzero().reshape(-1)
         keep[tied[tied.numel() - excess :]] = False
     return keep.reshape(delta.shape)
+
+
+def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
+    """TIES' keep-mask: the k = max(1, int(density·numel)) largest |τ| entries (:func:`top_k_mask`).
+
+    Edge cases as mergekit: density ≥ 1 keeps everything, density ≤ 0 nothing.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    return top_k_mask(delta, _kept_count(n, density))
 
 
 def trim(delta: Tensor, density: float, *, out: Tensor | None = None) -> Tensor:
@@ -340,6 +352,16 @@ def _check_rescale(rescale: str) -> None:
         raise ConfigError(f"unknown DARE rescale mode {rescale!r}; choose one of {', '.join(RESCALE_MODES)}")
 
 
+def match_l1_(kept: Tensor, original: Tensor) -> Tensor:
+    """Scale ``kept`` (a fresh sparsified tensor) in place so that ‖kept‖₁ = ‖original‖₁: mergekit's
+    ``rescale: true``. Skipped when either norm is below 1e-7, as mergekit does."""
+    before = torch.linalg.vector_norm(original, ord=1)
+    after = torch.linalg.vector_norm(kept, ord=1)
+    if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+        kept.mul_(before / after)
+    return kept
+
+
 def _uniforms(delta: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
     """The U(0, 1) draws behind DARE's mask: one per entry, float32 whatever ``delta``'s dtype."""
     return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
@@ -377,13 +399,40 @@ def dare(
     if rescale == "inverse":
         kept.div_(density)
     elif rescale == "l1":
-        before = torch.linalg.vector_norm(work, ord=1)
-        after = torch.linalg.vector_norm(kept, ord=1)
-        if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
-            kept.mul_(before / after)
+        match_l1_(kept, work)
     if out is None:
         return kept.to(delta.dtype)
     return kept if kept is out else out.copy_(kept)
+
+
+# --- Model Breadcrumbs ----------------------------------------------------------------------------------------
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs' keep-mask: drop the γ fraction of largest |τ| (outliers), keep the next ρ fraction,
+    drop the rest (the smallest).
+
+    Counts as mergekit's: int(ρ·n) entries are kept and int(γ·n) dropped from the top,
+    fewer when the two would overlap (the density wins); density ≥ 1 keeps everything,
+    whatever γ. Ties are ordered as in :func:`top_k_mask`.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n_keep = max(0, int(density * n))
+    n_top = min(int(gamma * n), n - n_keep)
+    return top_k_mask(delta, n_top + n_keep) & ~top_k_mask(delta, n_top)
+
+
+def breadcrumbs(delta: Tensor, density: float, gamma: float, *, rescale: RescaleMode = "none") -> Tensor:
+    """τ̃ = m ⊙ τ with m = :func:`breadcrumbs_mask`; ``rescale="l1"`` (mergekit's ``rescale: true``)
+    then restores τ's L1 norm (:func:`match_l1_`). density ≥ 1 returns τ itself."""
+    if rescale not in ("l1", "none"):
+        raise ConfigError(f"breadcrumbs rescales by the L1 norm or not at all ('l1' or 'none'), not {rescale!r}")
+    if density >= 1:
+        return delta
+    kept = torch.where(breadcrumbs_mask(delta, density, gamma), delta, delta.new_zeros(()))
+    return match_l1_(kept, delta) if rescale == "l1" else kept
 
 
 # --- spherical interpolation --------------------------------------------------------------------------------

@@ -226,3 +226,41 @@ def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = Fals
     t[regular] = n * cos_phi[regular] / denominator[regular]
     t = t.unsqueeze(1)
     return (t * torch.stack(ws).mean(dim=0) + (1 - t) * w0).reshape(shape)
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs as mergekit counts it: with |τ| sorted ascending (equal magnitudes: the higher index
+    first, so that ties keep the lower index), keep positions [n_bot, n_bot + int(ρn)) where
+    n_bot = max(0, n − int(ρn) − int(γn)); ρ ≥ 1 keeps everything."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    descending = torch.argsort(delta.double().abs().reshape(-1), descending=True, stable=True)
+    ascending = descending.flip(0)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[ascending[n_bot:n_bot + target]] = True
+    return keep.reshape(delta.shape)
+
+
+def l1_rescaled(kept: Tensor, original: Tensor) -> Tensor:
+    """kept · ‖τ‖₁ / ‖kept‖₁ (unchanged when either norm is below 1e-7): mergekit's ``rescale: true``."""
+    before, after = original.double().abs().sum(), kept.abs().sum()
+    return kept * (before / after) if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS else kept
+
+
+def breadcrumbs(
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    gammas: Sequence[float], rescale: bool = False, consensus: bool = False, **options: Any,
+) -> Tensor:
+    """Breadcrumbs (``consensus``: breadcrumbs_ties): mask each τ_k, optionally restore its L1 norm, then task
+    arithmetic or TIES' sign election at density 1; ``options``: ``normalize`` (default off) and ``lam``."""
+    sparse = []
+    for d, rho, g in zip(deltas, densities, gammas, strict=True):
+        kept = d.double() * breadcrumbs_mask(d, rho, g) if rho < 1 else d.double()
+        sparse.append(l1_rescaled(kept, d) if rescale and rho < 1 else kept)
+    options = {"normalize": False} | options
+    if consensus:
+        return ties(base, sparse, weights, [1.0] * len(sparse), **options)
+    return task_arithmetic(base, sparse, weights, **options)

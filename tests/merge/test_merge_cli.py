@@ -222,10 +222,12 @@ def test_nan_or_inf_in_inputs(zoo, tmp_path, capsys, value):
 
 @pytest.mark.parametrize(
     "params,mention",
-    [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight")],
+    [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight"),
+     ({"gamma": 1.2}, "parameter 'gamma'"), ({"gamma": -0.01}, "parameter 'gamma'")],
 )
 def test_out_of_range_parameters(zoo, tmp_path, capsys, params, mention):
-    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, **params)), mention)
+    method = "breadcrumbs_ties" if "gamma" in params else "ties"
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, method, **params)), mention)
 
 
 def test_nan_parameter(zoo, tmp_path, capsys):

@@ -124,11 +124,33 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": b}, {"model": m1}, {"model": m3}],
             "parameters": {"filter_wise": True},
         },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": b,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6, "density": 0.5, "gamma": 0.05}},
+                {"model": m2, "parameters": {"weight": [0.2, 0.9], "density": 0.8, "gamma": 0.3}},
+                {"model": m3, "parameters": {"weight": 0.4, "density": [0.3, 0.9]}},  # gamma: default 0.01
+            ],
+            "parameters": {"rescale": True},
+            "dtype": "float32",
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": b,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6, "density": 0.5, "gamma": 0.05}},
+                {"model": m2, "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.02}},
+                {"model": m3, "parameters": {"weight": 0.3, "density": 0.7, "gamma": 0.1}},
+            ],
+            "parameters": {"normalize": True, "lambda": 1.2},
+            "dtype": "float32",
+        },
     }
 
 
 #: the methods added with mergekit parity as their target are held to 1e-6
-TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise"}
+TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

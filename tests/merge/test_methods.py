@@ -73,7 +73,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
-                                  "df_merge", "slerp", "model_stock"}
+                                  "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -243,6 +243,42 @@ def test_model_stock_interpolates_by_the_angle_and_keeps_the_base_when_singular(
     assert torch.equal(run_method("model_stock", base, [m1, base - tau]), base)
 
 
+GAMMAS = [0.05, 0.2, 0.0]
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("rescale", "normalize", "lam"), [(False, False, 1.0), (True, False, 0.7), (False, True, 1.3)])
+def test_breadcrumbs_equal_reference(method, rescale, normalize, lam):
+    base, models = random_models(28)
+    w = weights_for(normalize)
+    out = run_method(method, base, models, w, DENSITIES, per_model={"gamma": GAMMAS}, rescale=rescale,
+                     normalize=normalize, **{"lambda": lam})
+    expected = ref.breadcrumbs(base, [m - base for m in models], w, DENSITIES, GAMMAS, rescale,
+                               consensus=method == "breadcrumbs_ties", normalize=normalize, lam=lam)
+    close(out, expected)
+
+
+@pytest.mark.parametrize(("density", "gamma", "kept_ranks"), [
+    (0.3, 0.1, (10, 40)),  # drop the 10 largest, keep the next 30, drop the 60 smallest
+    (0.9, 0.2, (10, 100)),  # ρ + γ > 1: the density wins, only 10 are dropped from the top
+    (0.5, 0.0, (0, 50)),  # γ = 0: TIES' trim
+    (0.0, 0.3, (0, 0)),  # nothing kept
+    (1.0, 0.3, (0, 100)),  # ρ = 1 keeps everything, whatever γ
+])
+def test_breadcrumbs_mask_keeps_the_band_below_the_outliers(density, gamma, kept_ranks):
+    """Magnitudes 1..100 in random order: the kept entries are exactly those of rank (largest first)
+    kept_ranks[0] + 1 .. kept_ranks[1]."""
+    from hm3.merge import ops
+
+    magnitudes = torch.randperm(100, generator=gen(29)).double() + 1
+    signs = torch.where(torch.rand(100, generator=gen(30)) < 0.5, -1.0, 1.0).double()
+    delta = (magnitudes * signs).float().reshape(10, 10)
+    keep = ops.breadcrumbs_mask(delta, density, gamma)
+    low, high = kept_ranks
+    assert torch.equal(keep.reshape(-1), (magnitudes <= 100 - low) & (magnitudes > 100 - high))
+    assert torch.equal(keep, ref.breadcrumbs_mask(delta, density, gamma))
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -313,6 +349,22 @@ def test_model_stock_equals_mergekit(filter_wise, count, shape):
     expected = api.merge_tensors([base, *models], "model_stock", parameters={"filter_wise": filter_wise}, base_index=0)
     assert (run_method("model_stock", base, models, filter_wise=filter_wise) - expected).abs().max() <= 1e-6
     close(expected, ref.model_stock(base, models, filter_wise))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(False, False), (True, True)])
+def test_breadcrumbs_equal_mergekit(method, rescale, normalize):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(31)
+    params = mergekit_params(POSITIVE_WEIGHTS, DENSITIES, rescale=rescale, normalize=normalize, **{"lambda": 0.9})
+    params["gamma"] = {k + 1: g for k, g in enumerate(GAMMAS)}
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    out = run_method(method, base, models, POSITIVE_WEIGHTS, DENSITIES, per_model={"gamma": GAMMAS}, rescale=rescale,
+                     normalize=normalize, **{"lambda": 0.9})
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.breadcrumbs(base, [m - base for m in models], POSITIVE_WEIGHTS, DENSITIES, GAMMAS, rescale,
+                                    consensus=method == "breadcrumbs_ties", normalize=normalize, lam=0.9))
 
 
 # --- DARE in expectation --------------------------------------------------------------------------------------
@@ -406,17 +458,22 @@ def test_defaults_and_flags_are_mergekits():
     assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
     assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp", "model_stock"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp", "model_stock", "breadcrumbs",
+                                                                         "breadcrumbs_ties"}
     assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
-                                                                     "dare_linear", "df_merge", "slerp", "model_stock"}
+                                                                     "dare_linear", "df_merge", "slerp", "model_stock",
+                                                                     "breadcrumbs", "breadcrumbs_ties"}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
         "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
         "dare_linear": "dare_linear", "fisher": None, "df_merge": None, "slerp": "slerp",
-        "model_stock": "model_stock"}
+        "model_stock": "model_stock", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs_ties"}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
         == {"slerp": (1, 1), "model_stock": (2, None)}
     assert defaults["model_stock"] == {"filter_wise": False}
+    for name in ("breadcrumbs", "breadcrumbs_ties"):
+        assert defaults[name] == {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False,
+                                  "weight": None, "density": 1.0, "gamma": 0.01}
     assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
     assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
             if p.hm3_only] == ["rescale_mode", "fisher"]
@@ -429,11 +486,11 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.errors import ConfigError
     from hm3.merge.methods import all_parameter_names, merge_method
 
-    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: dare_linear, "
-                                          "dare_ties, df_merge, fisher, linear, model_stock, slerp, "
+    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
+                                          "breadcrumbs_ties, dare_linear, dare_ties, df_merge, fisher, linear, model_stock, slerp, "
                                           "task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode", "t", "filter_wise"}
+                                     "rescale_mode", "t", "filter_wise", "gamma"}
