@@ -93,8 +93,8 @@ class MergeMethod:
     optional_base: bool = False  # a base_model, when given, is subtracted first (nuslerp); needs_base: always
     min_models: int = 1  # models the method merges, not counting the base when it takes one
     max_models: int | None = None
-    #: a check across parameters of one tensor (e.g. della's density ± epsilon): the problem, or None
-    check_job: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None
+    #: a check across one model's parameters for one tensor (della's density ± epsilon): the problem, or None
+    check_model: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = field(default="", compare=False)
 
     def param(self, name: str) -> ParamSpec | None:
@@ -140,6 +140,7 @@ LAMBDA = ParamSpec("lambda", 1.0, _check_number)
 INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
 RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
 GAMMA = ParamSpec("gamma", 0.01, _check_density)  # breadcrumbs: the fraction of largest |τ| dropped
+EPSILON = ParamSpec("epsilon", 0.15, _check_density)  # della: the spread of keep probabilities around density
 
 
 def _gta_params(*, normalize: bool, rescale: bool, rescale_modes: bool = True) -> tuple[ParamSpec, ...]:
@@ -198,6 +199,19 @@ def _breadcrumbs_deltas(x: TensorInputs) -> list[torch.Tensor]:
         ops.breadcrumbs(d, float(p["density"]), float(p["gamma"]), rescale=mode)
         for d, p in zip(_deltas(x), x.model_params, strict=True)
     ]
+
+
+def _della_deltas(x: TensorInputs) -> list[torch.Tensor]:
+    assert x.generators is not None
+    mode = _rescale(x)
+    return [
+        ops.della(d, float(p["density"]), float(p["epsilon"]), generator=x.generators(k), rescale=mode)
+        for k, (d, p) in enumerate(zip(_deltas(x), x.model_params, strict=True))
+    ]
+
+
+def _check_della(model_params: dict[str, Any]) -> str | None:
+    return ops.della_problem(float(model_params["density"]), float(model_params["epsilon"]))
 
 
 def _sign_consensus(x: TensorInputs, sparse: list[torch.Tensor]) -> torch.Tensor:
@@ -358,3 +372,25 @@ def _breadcrumbs(x: TensorInputs) -> torch.Tensor:
 def _breadcrumbs_ties(x: TensorInputs) -> torch.Tensor:
     """Model Breadcrumbs' sparsification, then TIES sign election and disjoint merge."""
     return _sign_consensus(x, _breadcrumbs_deltas(x))
+
+
+_DELLA: dict[str, Any] = {
+    "needs_base": True,
+    "model_params": (WEIGHT, DENSITY, EPSILON),
+    "uses_randomness": True,
+    "check_model": _check_della,
+    "reference": "https://arxiv.org/abs/2406.11617",
+}
+
+
+@merge_method("della", mergekit_name="della", params=_gta_params(normalize=True, rescale=True), **_DELLA)
+def _della(x: TensorInputs) -> torch.Tensor:
+    """DELLA: drop τ_k's entries with probabilities ρ ± ε ranked by magnitude, rescale, then TIES' sign merge."""
+    return _sign_consensus(x, _della_deltas(x))
+
+
+@merge_method("della_linear", mergekit_name="della_linear", params=_gta_params(normalize=False, rescale=True),
+              **_DELLA)
+def _della_linear(x: TensorInputs) -> torch.Tensor:
+    """DELLA's magnitude-ranked random drop + rescale, then task arithmetic."""
+    return ops.task_arithmetic(x.base, _della_deltas(x), _weights(x), **_gta_options(x))

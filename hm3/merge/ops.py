@@ -405,6 +405,69 @@ def dare(
     return kept if kept is out else out.copy_(kept)
 
 
+# --- DELLA --------------------------------------------------------------------------------------------------
+
+
+def della_problem(density: float, epsilon: float) -> str | None:
+    """What is wrong with DELLA's (ρ, ε), or None: for 0 < ρ < 1 the probabilities ρ ± ε must lie in (0, 1)
+    (mergekit's condition; ρ ≥ 1 keeps everything and ρ ≤ 0 nothing, whatever ε)."""
+    if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        return f"density ± epsilon must lie strictly between 0 and 1; got density {density:g}, epsilon {epsilon:g}"
+    return None
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities p_i = ρ − ε + 2ε · r_i / (n − 1), shape of ``delta``.
+
+    r_i ∈ {0, …, n−1} is the rank of |τ_i| within its row (axis 1, mergekit's choice; a
+    1-D tensor is one row), smallest first, equal magnitudes in index order: the
+    smallest entry is kept with probability ρ − ε, the largest with ρ + ε, and the
+    mean over a row is ρ. A row of one entry gets p = ρ (mergekit fails on it).
+    float32 (float64 for float64 inputs), whatever ``delta``'s dtype.
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    dtype = _work_dtype(delta)
+    if n < 2:
+        return torch.full(delta.shape, float(density), dtype=dtype, device=delta.device)
+    rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1)
+    return rank.to(dtype).mul_(2 * epsilon / (n - 1)).add_(density - epsilon).reshape(delta.shape)
+
+
+def della(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    generator: torch.Generator,
+    rescale: RescaleMode = "l1",
+) -> Tensor:
+    """DELLA's MAGPRUNE: τ̂ = m ⊙ τ with m_i ~ Bernoulli(p_i), p = :func:`della_probabilities`, then rescaled.
+
+    ``rescale``: ``"l1"`` (mergekit's ``rescale: true``) makes ‖τ̂‖₁ = ‖τ‖₁; ``"inverse"``
+    is the paper's τ̂_i / p_i (so E[τ̂] = τ); ``"none"`` keeps m ⊙ τ. The draw is DARE's
+    (m_i = [U_i < p_i], U_i ~ U(0, 1) in float32 from ``generator``), so with ε = 0 this
+    is :func:`dare` on the same generator. density ≥ 1 returns τ, density ≤ 0 zeros;
+    otherwise ρ ± ε must lie in (0, 1) (:func:`della_problem`). float16 is processed in float32.
+    """
+    _check_rescale(rescale)
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    problem = della_problem(density, epsilon)
+    if problem:
+        raise ConfigError(f"della: {problem}")
+    work = delta.float() if delta.dtype == torch.float16 else delta
+    p = della_probabilities(work, density, epsilon)
+    kept = torch.where(_uniforms(work, generator) < p, work, work.new_zeros(()))
+    if rescale == "inverse":
+        kept.div_(p)
+    elif rescale == "l1":
+        match_l1_(kept, work)
+    return kept.to(delta.dtype)
+
+
 # --- Model Breadcrumbs ----------------------------------------------------------------------------------------
 
 

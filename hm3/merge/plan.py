@@ -146,10 +146,10 @@ def resolve_jobs(
             {p.name: _resolve_one(config, p, tensor=name, t=t, model=ref) for p in method.model_params}
             for ref in input_refs
         )
-        if method.check_job is not None:
-            problem = method.check_job(params, model_params)
+        for ref, values in zip(input_refs, model_params, strict=True):
+            problem = method.check_model(values) if method.check_model is not None else None
             if problem:
-                raise ConfigError(f"merge_method {method.name!r}, tensor {name}: {problem}")
+                raise ConfigError(f"merge_method {method.name!r}, model {ref!r}, tensor {name}: {problem}")
         jobs.append(TensorJob(name=name, layer=layer, params=params, model_params=model_params))
     if method.name == "linear" and jobs and jobs[0].params.get("normalize"):
         total = sum(float(mp["weight"]) for mp in jobs[0].model_params)

@@ -130,11 +130,15 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: to
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
 
 
-def dare(delta: Tensor, density: float, keep: Tensor, rescale: str = "l1") -> Tensor:
-    """DARE: τ̂ = m ⊙ τ, then rescaled by 1/ρ (``inverse``), to τ's L1 norm (``l1``) or not at all (``none``).
+def l1_rescaled(kept: Tensor, original: Tensor) -> Tensor:
+    """kept · ‖τ‖₁ / ‖kept‖₁ (unchanged when either norm is below 1e-7): mergekit's ``rescale: true``."""
+    before, after = original.double().abs().sum(), kept.abs().sum()
+    return kept * (before / after) if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS else kept
 
-    ρ ≥ 1 keeps τ and ρ ≤ 0 drops everything, whatever the mask.
-    """
+
+def random_drop(delta: Tensor, density: float, keep: Tensor, rescale: str, probability: float | Tensor) -> Tensor:
+    """τ̂ = m ⊙ τ, then divided by the keep probability (``inverse``), rescaled to τ's L1 norm (``l1``) or left
+    (``none``). ρ ≥ 1 keeps τ and ρ ≤ 0 drops everything, whatever the mask."""
     tau = delta.double()
     if density >= 1:
         return tau
@@ -142,12 +146,13 @@ def dare(delta: Tensor, density: float, keep: Tensor, rescale: str = "l1") -> Te
         return torch.zeros_like(tau)
     dropped = tau * keep
     if rescale == "inverse":
-        return dropped / density
-    if rescale == "l1":
-        before, after = tau.abs().sum(), dropped.abs().sum()
-        if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
-            return dropped * (before / after)
-    return dropped
+        return dropped / probability
+    return l1_rescaled(dropped, delta) if rescale == "l1" else dropped
+
+
+def dare(delta: Tensor, density: float, keep: Tensor, rescale: str = "l1") -> Tensor:
+    """DARE: every entry is kept with probability ρ (:func:`random_drop`)."""
+    return random_drop(delta, density, keep, rescale, density)
 
 
 def dare_ties(
@@ -244,12 +249,6 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return keep.reshape(delta.shape)
 
 
-def l1_rescaled(kept: Tensor, original: Tensor) -> Tensor:
-    """kept · ‖τ‖₁ / ‖kept‖₁ (unchanged when either norm is below 1e-7): mergekit's ``rescale: true``."""
-    before, after = original.double().abs().sum(), kept.abs().sum()
-    return kept * (before / after) if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS else kept
-
-
 def breadcrumbs(
     base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
     gammas: Sequence[float], rescale: bool = False, consensus: bool = False, **options: Any,
@@ -264,3 +263,44 @@ def breadcrumbs(
     if consensus:
         return ties(base, sparse, weights, [1.0] * len(sparse), **options)
     return task_arithmetic(base, sparse, weights, **options)
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MAGPRUNE: in each row (axis 1; a 1-D tensor is one row) of n entries, sort |τ| ascending (equal
+    magnitudes by index); the entry at sorted position j is kept with probability ρ − ε + 2ε j / (n − 1).
+    A row of one entry: ρ."""
+    rows = delta.double().reshape(1, -1) if delta.dim() < 2 else delta.double()
+    n = rows.shape[1]
+    lines = rows.movedim(1, -1)  # every line along axis 1, as the last axis
+    flat = lines.reshape(-1, n)
+    p = torch.empty_like(flat)
+    ramp = torch.tensor([density - epsilon + 2 * epsilon * j / (n - 1) if n > 1 else density for j in range(n)],
+                        dtype=torch.float64)
+    for i in range(flat.shape[0]):  # one line at a time
+        p[i, torch.argsort(flat[i].abs(), stable=True)] = ramp
+    return p.reshape(lines.shape).movedim(-1, 1).reshape(delta.shape)
+
+
+def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """hm3's DELLA draw: m = [U < p] with U ~ U(0, 1) in float32, one per entry, from ``generator``."""
+    p = della_probabilities(delta, density, epsilon).float()
+    return torch.rand(tuple(delta.shape), generator=generator, dtype=torch.float32) < p
+
+
+def della(delta: Tensor, density: float, epsilon: float, keep: Tensor, rescale: str = "l1") -> Tensor:
+    """DELLA's drop: entry i is kept with probability p_i (:func:`della_probabilities`, :func:`random_drop`)."""
+    return random_drop(delta, density, keep, rescale, della_probabilities(delta, density, epsilon))
+
+
+def della_merge(
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+    epsilons: Sequence[float], masks: Sequence[Tensor], rescale: str = "l1", consensus: bool = True,
+    **options: Any,
+) -> Tensor:
+    """``della`` (``consensus``: TIES' sign election at density 1, normalised by default) or ``della_linear``
+    (task arithmetic); ``options``: ``normalize`` and ``lam``."""
+    dropped = [della(d, rho, eps, m, rescale)
+               for d, rho, eps, m in zip(deltas, densities, epsilons, masks, strict=True)]
+    if consensus:
+        return ties(base, dropped, weights, [1.0] * len(dropped), **options)
+    return task_arithmetic(base, dropped, weights, **({"normalize": False} | options))

@@ -79,7 +79,7 @@ def test_merged_model_loads_with_finite_logits(zoo, tmp_path):
     assert (out / "config.json").exists() and (out / "hm3_recipe.yml").exists()
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_dare_same_seed_is_deterministic_and_different_seed_differs(zoo, tmp_path, method):
     recipe = _write(tmp_path, _recipe(zoo, method) | {"seed": 3})
     assert main(["merge", str(recipe), str(tmp_path / "a")]) == 0
@@ -223,10 +223,11 @@ def test_nan_or_inf_in_inputs(zoo, tmp_path, capsys, value):
 @pytest.mark.parametrize(
     "params,mention",
     [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight"),
-     ({"gamma": 1.2}, "parameter 'gamma'"), ({"gamma": -0.01}, "parameter 'gamma'")],
+     ({"gamma": 1.2}, "parameter 'gamma'"), ({"gamma": -0.01}, "parameter 'gamma'"),
+     ({"epsilon": 1.5}, "parameter 'epsilon'")],
 )
 def test_out_of_range_parameters(zoo, tmp_path, capsys, params, mention):
-    method = "breadcrumbs_ties" if "gamma" in params else "ties"
+    method = "breadcrumbs_ties" if "gamma" in params else "della" if "epsilon" in params else "ties"
     _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, method, **params)), mention)
 
 
@@ -369,3 +370,10 @@ def test_model_stock_with_one_model_is_refused(zoo, tmp_path, capsys):
     recipe = {"merge_method": "model_stock", "base_model": str(zoo["base"]), "models": [{"model": str(zoo["m1"])}]}
     _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'model_stock' merges at least 2 models besides base_model",
               "lists 1 besides base_model")
+
+
+def test_della_probabilities_outside_zero_one_are_refused_before_merging(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo, "della_linear")
+    recipe["models"][1]["parameters"]["density"] = [0.5, 0.9]  # layer 1 of 2: density 0.9 with epsilon 0.15
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "merge_method 'della_linear'", f"model '{zoo['m2']}'",
+              "tensor model.layers.1.", "density ± epsilon must lie strictly between 0 and 1; got density 0.9, epsilon 0.15")

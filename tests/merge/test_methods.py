@@ -73,7 +73,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
-                                  "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties"}
+                                  "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+                                  "della_linear"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -279,6 +280,108 @@ def test_breadcrumbs_mask_keeps_the_band_below_the_outliers(density, gamma, kept
     assert torch.equal(keep, ref.breadcrumbs_mask(delta, density, gamma))
 
 
+EPSILONS = [0.1, 0.15, 0.05]
+DELLA_DENSITIES = [0.3, 0.5, 0.7]  # ρ ± ε inside (0, 1)
+
+
+def _della_masks(deltas, densities, epsilons, seeds) -> list[torch.Tensor]:
+    return [ref.della_mask(d, rho, eps, gen(s)) for d, rho, eps, s in zip(deltas, densities, epsilons, seeds, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("rescale_mode", "normalize"), [("l1", None), ("inverse", False), ("none", True)])
+def test_della_methods_equal_reference_with_the_masks_of_their_seeds(method, rescale_mode, normalize):
+    base, models = random_models(32)
+    deltas = [m - base for m in models]
+    seeds = [41, 42, 43]
+    normalize = (method == "della") if normalize is None else normalize  # None: the method's default
+    w = weights_for(normalize)
+    out = run_method(method, base, models, w, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=seeds,
+                     rescale_mode=rescale_mode, normalize=normalize, **{"lambda": 0.8})
+    masks = _della_masks(deltas, DELLA_DENSITIES, EPSILONS, seeds)
+    expected = ref.della_merge(base, deltas, w, DELLA_DENSITIES, EPSILONS, masks, rescale_mode,
+                               consensus=method == "della", normalize=normalize, lam=0.8)
+    close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(6, 50), (300,), (5, 1), (3, 4, 7)])
+def test_della_probabilities_ramp_from_density_minus_to_plus_epsilon_by_magnitude_within_each_row(shape):
+    from hm3.merge import ops
+
+    delta = torch.randn(shape, generator=gen(33))
+    p = ops.della_probabilities(delta, 0.4, 0.1)
+    close(p, ref.della_probabilities(delta, 0.4, 0.1))
+    rows = p.reshape(1, -1) if delta.dim() < 2 else p
+    if rows.shape[1] > 1:
+        assert torch.allclose(rows.amin(1), torch.tensor(0.3)) and torch.allclose(rows.amax(1), torch.tensor(0.5))
+    close(rows.double().mean(1), torch.full(rows.mean(1).shape, 0.4, dtype=torch.float64))  # the mean is the density
+
+
+def test_della_with_epsilon_zero_is_dare_on_the_same_draws():
+    base, models = random_models(34)
+    for rescale_mode in ("l1", "inverse", "none"):
+        della = run_method("della_linear", base, models, WEIGHTS, DENSITIES, per_model={"epsilon": [0.0] * 3},
+                           rescale_mode=rescale_mode)
+        assert torch.equal(della, run_method("dare_linear", base, models, WEIGHTS, DENSITIES, rescale_mode=rescale_mode))
+
+
+def test_della_keeps_each_entry_with_its_probability():
+    """One model, no rescale: over the entries of each magnitude decile, the kept fraction is the mean
+    probability of that decile (within 5 standard deviations), rising from ρ − ε to ρ + ε."""
+    base, (model,) = random_models(35, count=1, shape=(1, 40000))
+    rho, eps = 0.5, 0.3
+    out = run_method("della_linear", base, [model], [1.0], [rho], per_model={"epsilon": [eps]}, rescale_mode="none")
+    kept = ((out - base) != 0).reshape(-1)
+    order = torch.argsort((model - base).abs().reshape(-1))
+    fractions = []
+    for decile in order.chunk(10):
+        expected = float(ref.della_probabilities(model - base, rho, eps).reshape(-1)[decile].mean())
+        n = decile.numel()
+        fraction = float(kept[decile].double().mean())
+        assert abs(fraction - expected) <= 5 * math.sqrt(expected * (1 - expected) / n)
+        fractions.append(fraction)
+    assert fractions[0] < 0.3 and fractions[-1] > 0.7
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_reproducible_by_seed(method):
+    base, models = random_models(36)
+    runs = [run_method(method, base, models, POSITIVE_WEIGHTS, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=s)
+            for s in ([1, 2, 3], [1, 2, 3], [1, 2, 4])]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_the_mean_of_many_della_seeds_is_the_undropped_merge():
+    """E[m_i / p_i] = 1, so with the paper's inverse rescale the mean della_linear merge is task arithmetic."""
+    base, models = random_models(37, count=3, shape=(20, 20))
+    runs, rho = 600, DELLA_DENSITIES
+    total = torch.zeros_like(base, dtype=torch.float64)
+    for s in range(runs):
+        total += run_method("della_linear", base, models, WEIGHTS, rho, per_model={"epsilon": EPSILONS},
+                            seeds=[1000 * s + k for k in range(3)], rescale_mode="inverse").double() - base
+    deltas = [(m - base).double() for m in models]
+    undropped = sum(wk * d for wk, d in zip(WEIGHTS, deltas, strict=True))
+    ps = [ref.della_probabilities(m - base, r, e) for m, r, e in zip(models, rho, EPSILONS, strict=True)]
+    sd = torch.sqrt(sum(wk**2 * d**2 * (1 - p) / p for wk, d, p in zip(WEIGHTS, deltas, ps, strict=True)) / runs)
+    assert ((total / runs - undropped).abs() <= 5 * sd + 1e-7).all()
+
+
+def test_della_refuses_probabilities_outside_zero_one():
+    from hm3.errors import ConfigError
+
+    base, models = random_models(38)
+    with pytest.raises(ConfigError, match=r"^della: density ± epsilon must lie strictly between 0 and 1; "
+                                          r"got density 0.9, epsilon 0.15$"):
+        run_method("della", base, models, WEIGHTS, [0.5, 0.9, 0.5])
+    from hm3.merge.ops import della_problem
+
+    assert della_problem(0.5, 0.5) is not None and della_problem(0.25, 0.25) is not None  # p = 0 or 1: refused
+    assert della_problem(0.5, 0.4999) is None and della_problem(0.3, 0.0) is None
+    # density 1 and 0 keep and drop everything whatever epsilon, as in mergekit
+    close(run_method("della_linear", base, models, WEIGHTS, [1.0, 0.0, 1.0], per_model={"epsilon": [0.9] * 3}),
+          ref.task_arithmetic(base, [models[0] - base, 0 * base, models[2] - base], WEIGHTS))
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -365,6 +468,37 @@ def test_breadcrumbs_equal_mergekit(method, rescale, normalize):
     assert (out - expected).abs().max() <= 1e-6
     close(expected, ref.breadcrumbs(base, [m - base for m in models], POSITIVE_WEIGHTS, DENSITIES, GAMMAS, rescale,
                                     consensus=method == "breadcrumbs_ties", normalize=normalize, lam=0.9))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(True, None), (False, True), (True, False)])
+def test_della_equals_mergekit_given_the_same_masks(monkeypatch, method, rescale, normalize):
+    """mergekit draws DELLA's masks with torch.bernoulli(p): its p are checked against the reference's, and
+    it is served the masks hm3's seeds draw."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(39)
+    deltas = [m - base for m in models]
+    seeds = [51, 52, 53]
+    normalize = (method == "della") if normalize is None else normalize
+    served = iter(_della_masks(deltas, DELLA_DENSITIES, EPSILONS, seeds))
+    asked = []
+
+    def bernoulli(p, *args, **kwargs):
+        asked.append(p.clone())
+        return next(served).to(p.dtype).reshape(p.shape)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    params = mergekit_params(POSITIVE_WEIGHTS, DELLA_DENSITIES, normalize=normalize, rescale=rescale)
+    params["epsilon"] = {k + 1: e for k, e in enumerate(EPSILONS)}
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    monkeypatch.undo()
+    assert next(served, None) is None  # one mask per model
+    for p, d, rho, eps in zip(asked, deltas, DELLA_DENSITIES, EPSILONS, strict=True):
+        close(p.reshape(d.shape), ref.della_probabilities(d, rho, eps))
+    out = run_method(method, base, models, POSITIVE_WEIGHTS, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=seeds,
+                     normalize=normalize, rescale=rescale)
+    assert (out - expected).abs().max() <= 1e-6
 
 
 # --- DARE in expectation --------------------------------------------------------------------------------------
@@ -456,24 +590,24 @@ def test_defaults_and_flags_are_mergekits():
     assert defaults["dare_ties"]["normalize"] is False and defaults["dare_ties"]["rescale"] is True
     assert defaults["dare_linear"]["normalize"] is False and defaults["dare_linear"]["rescale"] is True
     assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
-    assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
+    assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear", "della",
+                                                                          "della_linear"}
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear", "slerp", "model_stock", "breadcrumbs",
-                                                                         "breadcrumbs_ties"}
-    assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
-                                                                     "dare_linear", "df_merge", "slerp", "model_stock",
-                                                                     "breadcrumbs", "breadcrumbs_ties"}
-    assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
-        "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
-        "dare_linear": "dare_linear", "fisher": None, "df_merge": None, "slerp": "slerp",
-        "model_stock": "model_stock", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs_ties"}
+    assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
+                                                                         "dare_linear", "fisher", "df_merge"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher"}
+    assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
+                                                                                            "df_merge": None}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
         == {"slerp": (1, 1), "model_stock": (2, None)}
     assert defaults["model_stock"] == {"filter_wise": False}
+    gta = {"lambda": 1.0, "int8_mask": False, "weight": None, "density": 1.0}
     for name in ("breadcrumbs", "breadcrumbs_ties"):
-        assert defaults[name] == {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False,
-                                  "weight": None, "density": 1.0, "gamma": 0.01}
+        assert defaults[name] == gta | {"normalize": False, "rescale": False, "gamma": 0.01}
+    assert defaults["della"] == gta | {"normalize": True, "rescale": True, "rescale_mode": None, "epsilon": 0.15}
+    assert defaults["della_linear"] == defaults["della"] | {"normalize": False}
+    assert {n for n, m in MERGE_METHODS.items() if m.check_model is not None} == {"della", "della_linear"}
     assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
     assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
             if p.hm3_only] == ["rescale_mode", "fisher"]
@@ -487,10 +621,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.merge.methods import all_parameter_names, merge_method
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
-                                          "breadcrumbs_ties, dare_linear, dare_ties, df_merge, fisher, linear, model_stock, slerp, "
-                                          "task_arithmetic, ties$"):
+                                          "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
+                                          "fisher, linear, model_stock, slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode", "t", "filter_wise", "gamma"}
+                                     "rescale_mode", "t", "filter_wise", "gamma", "epsilon"}
