@@ -394,3 +394,25 @@ def _della(x: TensorInputs) -> torch.Tensor:
 def _della_linear(x: TensorInputs) -> torch.Tensor:
     """DELLA's magnitude-ranked random drop + rescale, then task arithmetic."""
     return ops.task_arithmetic(x.base, _della_deltas(x), _weights(x), **_gta_options(x))
+
+
+@merge_method(
+    "nuslerp",
+    needs_base=False,
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    params=(ParamSpec("nuslerp_flatten", True, _check_bool), ParamSpec("nuslerp_row_wise", False, _check_bool)),
+    model_params=(WEIGHT,),
+    mergekit_name="nuslerp",
+    reference="https://github.com/arcee-ai/mergekit",
+)
+def _nuslerp(x: TensorInputs) -> torch.Tensor:
+    """NuSLERP: SLERP of two models (or, with a base, of their task vectors) by rows, columns or whole, t = w_2/Σw."""
+    t = ops.nuslerp_t(_weights(x))
+    options = {"flatten": x.params["nuslerp_flatten"], "row_wise": x.params["nuslerp_row_wise"]}
+    first, second = x.tensors
+    if x.base is None:
+        return ops.nuslerp(t, first, second, **options)
+    tau1, tau2 = _deltas(x)
+    return (x.base + ops.nuslerp(t, tau1, tau2, **options)).to(x.base.dtype)

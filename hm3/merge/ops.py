@@ -533,6 +533,48 @@ def slerp(t: float, theta0: Tensor, theta1: Tensor) -> Tensor:
     return (a * coef_a).add_(b, alpha=coef_b).reshape(theta0.shape).to(theta0.dtype)
 
 
+#: mergekit's NuSLERP: vectors are normalised by max(‖v‖, 1e-7).
+NUSLERP_NORM_EPS = 1e-7
+#: mergekit's NuSLERP: a pair with 1 − cos² Ω ≤ (1e-8)² is colinear and interpolated linearly.
+NUSLERP_COLINEAR_EPS = 1e-8
+#: mergekit's NuSLERP: weights summing to less than this in magnitude give t = ½.
+NUSLERP_WEIGHT_SUM_EPS = 1e-6
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """NuSLERP's t from the two models' weights: t = w_2 / (w_1 + w_2), ½ when the sum is (almost) 0."""
+    w1, w2 = (float(w) for w in weights)
+    return 0.5 if abs(w1 + w2) < NUSLERP_WEIGHT_SUM_EPS else w2 / (w1 + w2)
+
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise: bool = False) -> Tensor:
+    """NuSLERP: SLERP of each pair of vectors, v = [sin((1−t)Ω) v_0 + sin(tΩ) v_1] / sin Ω.
+
+    The vectors are the whole tensors (``flatten``), else the lines along the last axis
+    (rows of a matrix) or, with ``row_wise``, along the first axis (its columns); a 1-D
+    tensor is one vector. cos Ω is taken between the vectors normalised by max(‖v‖, 1e-7);
+    colinear pairs (1 − cos² Ω ≤ 1e-16) are interpolated linearly. Unlike :func:`slerp`
+    there is no dot threshold. Computed in float32 (float64 for float64), returned in v_0's dtype.
+    """
+    dtype = _work_dtype(v0)
+    a, b = v0.to(dtype), v1.to(dtype)
+    if flatten or a.dim() < 2:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = a.movedim(0, -1), b.movedim(0, -1)
+    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos_omega = ((a / norm_a) * (b / norm_b)).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_omega.square()) <= NUSLERP_COLINEAR_EPS**2
+    omega = torch.acos(torch.where(colinear, 0.0, cos_omega))
+    sin_omega = torch.where(colinear, 1.0, torch.sin(omega))
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin_omega
+    merged = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    if not (flatten or v0.dim() < 2) and row_wise:
+        merged = merged.movedim(-1, 0)
+    return merged.reshape(v0.shape).to(v0.dtype)
+
+
 # --- Model Stock ----------------------------------------------------------------------------------------------
 
 #: mergekit's Model Stock: a product of norms below this divides by it instead (so a zero task vector gives cos 0).

@@ -304,3 +304,38 @@ def della_merge(
     if consensus:
         return ties(base, dropped, weights, [1.0] * len(dropped), **options)
     return task_arithmetic(base, dropped, weights, **({"normalize": False} | options))
+
+
+def nuslerp(
+    base: Tensor | None, thetas: Sequence[Tensor], weights: Sequence[float], flatten: bool = True,
+    row_wise: bool = False,
+) -> Tensor:
+    """NuSLERP with t = w_2 / (w_1 + w_2) (½ for a sum within 1e-6 of 0), applied to the two models or, with a
+    base, to their task vectors (then added to the base). Each vector pair — the whole tensors (``flatten``),
+    each line along the last axis, or along the first (``row_wise``) — is interpolated on the sphere:
+    cos Ω = ⟨v_0/max(‖v_0‖, 1e-7), v_1/max(‖v_1‖, 1e-7)⟩, v = [sin((1−t)Ω) v_0 + sin(tΩ) v_1] / sin Ω, and
+    (1−t) v_0 + t v_1 when 1 − cos² Ω ≤ 1e-16."""
+    w1, w2 = weights
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    v0, v1 = (th.double() - (0 if base is None else base.double()) for th in thetas)
+    shape = v0.shape
+    if flatten or v0.dim() < 2:
+        pairs = [(v0.reshape(-1), v1.reshape(-1))]
+    else:
+        axis = 0 if row_wise else v0.dim() - 1
+        lines0, lines1 = v0.movedim(axis, -1), v1.movedim(axis, -1)
+        moved_shape = lines0.shape
+        pairs = list(zip(lines0.reshape(-1, moved_shape[-1]), lines1.reshape(-1, moved_shape[-1]), strict=True))
+    out = []
+    for a, b in pairs:
+        cos_omega = torch.clamp((a / a.norm().clamp(min=1e-7)) @ (b / b.norm().clamp(min=1e-7)), -1, 1)
+        if 1 - cos_omega**2 <= 1e-16:
+            out.append((1 - t) * a + t * b)
+        else:
+            omega = torch.acos(cos_omega)
+            out.append((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega))
+    if flatten or v0.dim() < 2:
+        merged = out[0].reshape(shape)
+    else:
+        merged = torch.stack(out).reshape(moved_shape).movedim(-1, axis)
+    return merged if base is None else base.double() + merged

@@ -377,3 +377,9 @@ def test_della_probabilities_outside_zero_one_are_refused_before_merging(zoo, tm
     recipe["models"][1]["parameters"]["density"] = [0.5, 0.9]  # layer 1 of 2: density 0.9 with epsilon 0.15
     _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "merge_method 'della_linear'", f"model '{zoo['m2']}'",
               "tensor model.layers.1.", "density ± epsilon must lie strictly between 0 and 1; got density 0.9, epsilon 0.15")
+
+
+def test_nuslerp_with_three_models_is_refused(zoo, tmp_path, capsys):
+    recipe = {"merge_method": "nuslerp",
+              "models": [{"model": str(zoo[m]), "parameters": {"weight": 1.0}} for m in ("base", "m1", "m2")]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'nuslerp' merges exactly 2 models;", "'models' lists 3:")

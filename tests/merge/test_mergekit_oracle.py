@@ -146,11 +146,24 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "parameters": {"normalize": True, "lambda": 1.2},
             "dtype": "float32",
         },
+        "nuslerp_base_row_wise": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [{"model": m1, "parameters": {"weight": 0.65}}, {"model": m3, "parameters": {"weight": [0.1, 0.8]}}],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "dtype": "float32",
+        },
+        "nuslerp_no_base": {
+            "merge_method": "nuslerp",
+            "models": [{"model": m2, "parameters": {"weight": 1.0}}, {"model": m1, "parameters": {"weight": 0.5}}],
+            "parameters": {"nuslerp_flatten": False},
+        },
     }
 
 
 #: the methods added with mergekit parity as their target are held to 1e-6
-TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties"}
+TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties",
+         "nuslerp_base_row_wise", "nuslerp_no_base"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

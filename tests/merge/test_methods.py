@@ -74,7 +74,7 @@ def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                                  "della_linear"}
+                                  "della_linear", "nuslerp"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -382,6 +382,39 @@ def test_della_refuses_probabilities_outside_zero_one():
           ref.task_arithmetic(base, [models[0] - base, 0 * base, models[2] - base], WEIGHTS))
 
 
+NUSLERP_LAYOUTS = [(True, False), (False, False), (False, True)]  # (nuslerp_flatten, nuslerp_row_wise)
+
+
+@pytest.mark.parametrize(("flatten", "row_wise"), NUSLERP_LAYOUTS)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", [SHAPE, (41,), (3, 5, 7)])
+def test_nuslerp_equals_reference(flatten, row_wise, with_base, shape):
+    base, models = random_models(40, count=2, shape=shape)
+    w = [0.7, 0.4]
+    out = run_method("nuslerp", base if with_base else None, models, w, nuslerp_flatten=flatten,
+                     nuslerp_row_wise=row_wise)
+    close(out, ref.nuslerp(base if with_base else None, models, w, flatten, row_wise))
+
+
+def test_nuslerp_weights_set_t_and_colinear_rows_are_linear():
+    """t = w_2 / (w_1 + w_2): weights (1, 0) give the first model, (0, 1) the second, a zero sum t = ½; a row
+    whose two vectors are parallel is interpolated linearly (the spherical formula would divide by sin 0)."""
+    base, (m1, m2) = random_models(41, count=2)
+    for w, expected in (([1.0, 0.0], m1), ([0.0, 2.0], m2)):
+        torch.testing.assert_close(run_method("nuslerp", None, [m1, m2], w), expected, rtol=1e-5, atol=1e-7)
+    close(run_method("nuslerp", None, [m1, m2], [0.3, -0.3]), ref.nuslerp(None, [m1, m2], [1.0, 1.0]))
+    parallel = m1.clone()
+    parallel[0] = 3 * m1[0]  # row 0 of the pair is colinear, the other rows are not
+    out = run_method("nuslerp", None, [m1, parallel], [1.0, 3.0], nuslerp_flatten=False)
+    torch.testing.assert_close(out[0], 0.25 * m1[0] + 0.75 * parallel[0])
+    close(out, ref.nuslerp(None, [m1, parallel], [1.0, 3.0], flatten=False))
+    unchanged = m1.clone()
+    unchanged[2] = base[2]  # a row the fine-tune left alone: a zero task vector, normalised by 1e-7, not by 0
+    out = run_method("nuslerp", base, [unchanged, m2], [1.0, 1.0], nuslerp_flatten=False)
+    assert torch.isfinite(out).all()
+    close(out, ref.nuslerp(base, [unchanged, m2], [1.0, 1.0], flatten=False))
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -501,6 +534,25 @@ def test_della_equals_mergekit_given_the_same_masks(monkeypatch, method, rescale
     assert (out - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("flatten", "row_wise"), NUSLERP_LAYOUTS)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_equals_mergekit(flatten, row_wise, with_base):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(42, count=2)
+    w = [0.35, 0.9]
+    params = {"weight": {1: w[0], 2: w[1]}, "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    if with_base:
+        expected = api.merge_tensors([base, *models], "nuslerp", parameters=params, base_index=0)
+    else:
+        params["weight"] = {0: w[0], 1: w[1]}
+        expected = api.merge_tensors(models, "nuslerp", parameters=params)
+    out = run_method("nuslerp", base if with_base else None, models, w, nuslerp_flatten=flatten,
+                     nuslerp_row_wise=row_wise)
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.nuslerp(base if with_base else None, models, w, flatten, row_wise))
+
+
 # --- DARE in expectation --------------------------------------------------------------------------------------
 
 
@@ -595,12 +647,14 @@ def test_defaults_and_flags_are_mergekits():
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
     assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
                                                                          "dare_linear", "fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp"}
+    assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp"}
+    assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
                                                                                             "df_merge": None}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
-        == {"slerp": (1, 1), "model_stock": (2, None)}
+        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2)}
     assert defaults["model_stock"] == {"filter_wise": False}
     gta = {"lambda": 1.0, "int8_mask": False, "weight": None, "density": 1.0}
     for name in ("breadcrumbs", "breadcrumbs_ties"):
@@ -622,9 +676,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
-                                          "fisher, linear, model_stock, slerp, task_arithmetic, ties$"):
+                                          "fisher, linear, model_stock, nuslerp, slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode", "t", "filter_wise", "gamma", "epsilon"}
+                                     "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
+                                     "nuslerp_row_wise"}
