@@ -416,3 +416,16 @@ def _nuslerp(x: TensorInputs) -> torch.Tensor:
         return ops.nuslerp(t, first, second, **options)
     tau1, tau2 = _deltas(x)
     return (x.base + ops.nuslerp(t, tau1, tau2, **options)).to(x.base.dtype)
+
+
+@merge_method(
+    "sce",
+    needs_base=True,
+    params=(ParamSpec("select_topk", 1.0, _check_density), INT8_MASK),
+    model_params=(),
+    mergekit_name="sce",
+    reference="https://arxiv.org/abs/2408.07990",
+)
+def _sce(x: TensorInputs) -> torch.Tensor:
+    """SCE: keep the highest-variance entries, weight τ_k by its mean square, merge the sign-agreeing ones."""
+    return ops.sce(x.base, _deltas(x), select_topk=float(x.params["select_topk"]))

@@ -617,6 +617,47 @@ def model_stock(base: Tensor, thetas: Sequence[Tensor], *, filter_wise: bool = F
     return (t * mean + (1 - t) * w0).reshape(base.shape).to(base.dtype)
 
 
+# --- SCE ----------------------------------------------------------------------------------------------------
+
+#: mergekit's SCE: per-model weights whose sum is below this are replaced by 1/M.
+SCE_WEIGHT_SUM_EPS = 1e-6
+#: mergekit's SCE: the summed weights of the agreeing models divide the merge, floored at this.
+SCE_DIVISOR_EPS = 1e-6
+
+
+def sce_mask(stacked_deltas: Tensor, select_topk: float) -> Tensor:
+    """SCE's *select*: keep-mask of the entries whose variance across the M models is among the
+    int(select_topk · #nonzero-variance entries) largest (bool, shape of one model's τ). select_topk ≥ 1
+    keeps every entry, ≤ 0 none; ties are ordered as in :func:`top_k_mask`."""
+    like = stacked_deltas[0]
+    if select_topk >= 1:
+        return torch.ones_like(like, dtype=torch.bool)
+    if select_topk <= 0:
+        return torch.zeros_like(like, dtype=torch.bool)
+    variance = stacked_deltas.var(0, unbiased=False)
+    return top_k_mask(variance, int(int(torch.count_nonzero(variance)) * select_topk))
+
+
+def sce(base: Tensor, deltas: Sequence[Tensor], *, select_topk: float = 1.0) -> Tensor:
+    """SCE (select, calculate, erase): θ = θ_base + Σ_k w_k a_k τ̃_k / max(Σ_k w_k a_k, 1e-6).
+
+    τ̃_k = m ⊙ τ_k with m = :func:`sce_mask` (*select*); w_k = mean(τ̃_k²) / Σ_j mean(τ̃_j²),
+    or 1/M when that sum is below 1e-6 (*calculate*, mergekit's guard); a_k = [sign τ̃_k = γ]
+    with γ = sign(Σ_k τ̃_k), 0 counting as + (*erase*: TIES' election on the unweighted task
+    vectors, so a zero entry never agrees). Computed in the base's dtype, as mergekit.
+    """
+    count = _require_same_length(deltas=deltas)
+    tau = torch.stack(list(deltas))  # fresh: safe to update in place
+    if select_topk < 1:
+        tau.mul_(sce_mask(tau, select_topk))
+    weights = tau.square().reshape(count, -1).mean(1)
+    total = float(weights.sum())
+    weights = torch.full_like(weights, 1 / count) if abs(total) < SCE_WEIGHT_SUM_EPS else weights / total
+    agreeing = _model_axis(weights, base) * (torch.sign(tau) == elect_sign(tau))
+    mixed = (tau * agreeing).sum(0) / agreeing.sum(0).clamp(min=SCE_DIVISOR_EPS)
+    return (base + mixed).to(base.dtype)
+
+
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------
 
 

@@ -339,3 +339,26 @@ def nuslerp(
     else:
         merged = torch.stack(out).reshape(moved_shape).movedim(-1, axis)
     return merged if base is None else base.double() + merged
+
+
+def sce(base: Tensor, deltas: Sequence[Tensor], select_topk: float = 1.0) -> Tensor:
+    """SCE (Wan et al., FuseChat): *select* the entries of largest variance across models (the top
+    int(select_topk · #entries with nonzero variance), ties by index), *calculate* w_k = mean(τ_k²) / Σ_j mean(τ_j²)
+    (1/M if that sum < 1e-6), *erase* the entries whose sign differs from sign(Σ_k τ_k) (0 counting as +),
+    θ = θ_base + Σ_k w_k [agree] τ_k / max(Σ_k w_k [agree], 1e-6)."""
+    tau = _f64(deltas)
+    n = len(deltas)
+    if select_topk < 1:
+        variance = tau.var(0, unbiased=False).reshape(-1)
+        k = int(int((variance != 0).sum()) * select_topk) if select_topk > 0 else 0
+        order = torch.argsort(variance, descending=True, stable=True)
+        selected = torch.zeros_like(variance, dtype=torch.bool)
+        selected[order[:k]] = True
+        tau = tau * selected.reshape(tau.shape[1:])
+    mean_squares = (tau**2).reshape(n, -1).mean(1)
+    w = torch.full((n,), 1 / n, dtype=torch.float64) if mean_squares.sum() < 1e-6 else mean_squares / mean_squares.sum()
+    w = w.reshape((-1,) + (1,) * (tau.dim() - 1))
+    elected = torch.sign(tau.sum(0))
+    elected[elected == 0] = 1
+    weights = w * (torch.sign(tau) == elected)
+    return base.double() + (weights * tau).sum(0) / torch.clamp(weights.sum(0), min=1e-6)

@@ -231,6 +231,14 @@ def test_out_of_range_parameters(zoo, tmp_path, capsys, params, mention):
     _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, method, **params)), mention)
 
 
+@pytest.mark.parametrize(("method", "params", "mention"), [
+    ("sce", {"select_topk": 1.1}, "parameter 'select_topk' (tensor "), ("model_stock", {"filter_wise": 1}, "filter_wise"),
+    ("nuslerp", {"nuslerp_row_wise": "yes"}, "nuslerp_row_wise"),
+])
+def test_out_of_range_global_parameters(zoo, tmp_path, capsys, method, params, mention):
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, method) | {"parameters": params}), mention)
+
+
 def test_nan_parameter(zoo, tmp_path, capsys):
     _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo) | {"parameters": {"lambda": float("nan")}}), "lambda")
 

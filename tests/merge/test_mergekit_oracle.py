@@ -158,12 +158,19 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": m2, "parameters": {"weight": 1.0}}, {"model": m1, "parameters": {"weight": 0.5}}],
             "parameters": {"nuslerp_flatten": False},
         },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": b,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"select_topk": [0.2, 0.9]},
+            "dtype": "float32",
+        },
     }
 
 
 #: the methods added with mergekit parity as their target are held to 1e-6
 TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties",
-         "nuslerp_base_row_wise", "nuslerp_no_base"}
+         "nuslerp_base_row_wise", "nuslerp_no_base", "sce"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

@@ -74,7 +74,7 @@ def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                                  "della_linear", "nuslerp"}
+                                  "della_linear", "nuslerp", "sce"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -415,6 +415,28 @@ def test_nuslerp_weights_set_t_and_colinear_rows_are_linear():
     close(out, ref.nuslerp(base, [unchanged, m2], [1.0, 1.0], flatten=False))
 
 
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
+@pytest.mark.parametrize("scale", [0.01, 1e-4])  # 1e-4: mean squares sum below 1e-6, so the weights are 1/M
+def test_sce_equals_reference(select_topk, scale):
+    """The first rows are left alone by every fine-tune: zero variance, not counted in select_topk's share."""
+    base, models = correlated_models(43, 3, SHAPE, scale)
+    for m in models:
+        m[:10] = base[:10]
+    close(run_method("sce", base, models, select_topk=select_topk),
+          ref.sce(base, [m - base for m in models], select_topk))
+
+
+def test_sce_weights_by_mean_square_and_erases_minority_signs():
+    """Where only one model agrees with the elected sign its value is kept whole; where both agree they are
+    averaged with weights proportional to their mean squares."""
+    base = torch.zeros(5)
+    t1, t2 = torch.tensor([3.0, 0.0, -1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0, 0.0, 4.0])
+    # mean squares 14/5 and 21/5: w = (0.4, 0.6); entry 2: Σ τ = +1 elects +, only model 2 agrees;
+    # entry 3: nobody moved; entry 4: both agree, 0.4·2 + 0.6·4
+    out = run_method("sce", base, [base + t1, base + t2])
+    torch.testing.assert_close(out, torch.tensor([3.0, 1.0, 2.0, 0.0, 3.2]))
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -553,6 +575,17 @@ def test_nuslerp_equals_mergekit(flatten, row_wise, with_base):
     close(expected, ref.nuslerp(base if with_base else None, models, w, flatten, row_wise))
 
 
+@pytest.mark.mergekit
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+@pytest.mark.parametrize("scale", [0.01, 1e-4])
+def test_sce_equals_mergekit(select_topk, scale):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = correlated_models(44, 3, SHAPE, scale)
+    expected = api.merge_tensors([base, *models], "sce", parameters={"select_topk": select_topk}, base_index=0)
+    assert (run_method("sce", base, models, select_topk=select_topk) - expected).abs().max() <= 1e-6
+    close(expected, ref.sce(base, [m - base for m in models], select_topk))
+
+
 # --- DARE in expectation --------------------------------------------------------------------------------------
 
 
@@ -656,6 +689,7 @@ def test_defaults_and_flags_are_mergekits():
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
         == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2)}
     assert defaults["model_stock"] == {"filter_wise": False}
+    assert defaults["sce"] == {"select_topk": 1.0, "int8_mask": False}
     gta = {"lambda": 1.0, "int8_mask": False, "weight": None, "density": 1.0}
     for name in ("breadcrumbs", "breadcrumbs_ties"):
         assert defaults[name] == gta | {"normalize": False, "rescale": False, "gamma": 0.01}
@@ -676,10 +710,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
-                                          "fisher, linear, model_stock, nuslerp, slerp, task_arithmetic, ties$"):
+                                          "fisher, linear, model_stock, nuslerp, sce, slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
-                                     "nuslerp_row_wise"}
+                                     "nuslerp_row_wise", "select_topk"}
