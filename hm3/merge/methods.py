@@ -46,6 +46,15 @@ def _check_rescale_mode(v: Any) -> str | None:
     return None if v in RESCALE_MODES else f"must be one of {', '.join(RESCALE_MODES)}, got {v!r}"
 
 
+def _check_count(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else f"must be a whole number ≥ 0, got {v!r}"
+
+
+def _check_positive(v: Any) -> str | None:
+    problem = _check_number(v)
+    return problem or (None if v > 0 else f"must be > 0, got {v}")
+
+
 def _check_path(v: Any) -> str | None:
     return None if isinstance(v, str) and v else f"must be a path to a safetensors file, got {v!r}"
 
@@ -429,3 +438,16 @@ def _nuslerp(x: TensorInputs) -> torch.Tensor:
 def _sce(x: TensorInputs) -> torch.Tensor:
     """SCE: keep the highest-variance entries, weight τ_k by its mean square, merge the sign-agreeing ones."""
     return ops.sce(x.base, _deltas(x), select_topk=float(x.params["select_topk"]))
+
+
+@merge_method(
+    "karcher",
+    needs_base=False,
+    params=(ParamSpec("max_iter", 10, _check_count), ParamSpec("tol", 1e-5, _check_positive)),
+    model_params=(),
+    mergekit_name="karcher",
+    reference="https://arxiv.org/abs/2603.04972",
+)
+def _karcher(x: TensorInputs) -> torch.Tensor:
+    """Karcher mean: the models' mean norm times the Riemannian mean of their directions on the unit sphere."""
+    return ops.karcher(x.tensors, max_iter=int(x.params["max_iter"]), tol=float(x.params["tol"]))

@@ -658,6 +658,52 @@ def sce(base: Tensor, deltas: Sequence[Tensor], *, select_topk: float = 1.0) -> 
     return (base + mixed).to(base.dtype)
 
 
+# --- Karcher mean ----------------------------------------------------------------------------------------------
+
+
+def karcher(thetas: Sequence[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """Karcher mean: θ = (1/M Σ_k ‖θ_k‖) · μ, μ the Riemannian mean on the unit sphere of the directions u_k = θ_k/‖θ_k‖.
+
+    μ starts at the normalised mean of the u_k and moves along the mean log-map
+    T = Σ_k α_k Ω_k / sin Ω_k · (u_k − cos Ω_k μ), cos Ω_k = ⟨μ, u_k⟩, to
+    μ ← cos‖T‖ μ + sin‖T‖ T/‖T‖ (renormalised), for at most ``max_iter`` steps or until
+    ‖T‖ < tol. As mergekit: only tensors with ‖θ_k‖ > tol have a direction (α_k = 1 over their
+    count), a u_k within angle tol of μ adds nothing, a start of norm < tol is the first
+    direction, no direction at all gives 0, and one tensor is returned as it is. Computed in
+    float32 (float64 for float64), returned in the first tensor's dtype. Antipodal directions
+    have no unique mean: there the factor Ω/sin Ω (Ω ≈ π) amplifies float32 rounding, as in mergekit.
+    """
+    count = _require_same_length(thetas=thetas)
+    if count == 1:
+        return thetas[0]
+    first = thetas[0]
+    dtype = _work_dtype(first)
+    flat = [theta.to(dtype).reshape(-1) for theta in thetas]
+    norms = [float(torch.linalg.vector_norm(v)) for v in flat]
+    units = [v / n for v, n in zip(flat, norms, strict=True) if n > tol]
+    if not units:
+        return torch.zeros_like(first)
+    alpha = 1.0 / len(units)
+    mu = sum(alpha * u for u in units)
+    mu_norm = float(torch.linalg.vector_norm(mu))
+    mu = units[0].clone() if mu_norm < tol else mu / mu_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mu)
+        for u in units:
+            cos_omega = float(torch.dot(mu, u).clamp(-1, 1))
+            omega = math.acos(cos_omega)
+            if omega >= tol:
+                tangent += (alpha * omega / math.sin(omega)) * (u - cos_omega * mu)
+        step = float(torch.linalg.vector_norm(tangent))
+        if step < tol:
+            break
+        mu = math.cos(step) * mu + math.sin(step) * (tangent / step)
+        mu_norm = float(torch.linalg.vector_norm(mu))
+        if mu_norm > tol:
+            mu = mu / mu_norm
+    return (sum(norms) / count * mu).reshape(first.shape).to(first.dtype)
+
+
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------
 
 

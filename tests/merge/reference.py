@@ -362,3 +362,34 @@ def sce(base: Tensor, deltas: Sequence[Tensor], select_topk: float = 1.0) -> Ten
     elected[elected == 0] = 1
     weights = w * (torch.sign(tau) == elected)
     return base.double() + (weights * tau).sum(0) / torch.clamp(weights.sum(0), min=1e-6)
+
+
+def karcher(thetas: Sequence[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """Karcher mean on the unit sphere (fixed-point iteration of the mean log-map), scaled by the mean norm:
+    directions u_k = θ_k/‖θ_k‖ of the tensors with ‖θ_k‖ > tol, equal weights; start μ = normalised mean of the
+    u_k (the first u_k if that mean is shorter than tol); step μ ← exp_μ(Σ_k log_μ(u_k)/K) with
+    log_μ(u) = Ω/sin Ω · (u − cos Ω μ) (0 for Ω < tol), renormalised; stop after max_iter steps or when the step is
+    shorter than tol; θ = (Σ_k ‖θ_k‖ / M) μ. One tensor: itself; no direction: 0."""
+    if len(thetas) == 1:
+        return thetas[0].double()
+    vectors = [th.double().reshape(-1) for th in thetas]
+    norms = [v.norm() for v in vectors]
+    directions = [v / n for v, n in zip(vectors, norms, strict=True) if n > tol]
+    if not directions:
+        return torch.zeros_like(thetas[0], dtype=torch.float64)
+    mu = torch.stack(directions).mean(0)
+    mu = directions[0] if mu.norm() < tol else mu / mu.norm()
+    for _ in range(max_iter):
+        logs = []
+        for u in directions:
+            cos_omega = torch.clamp(mu @ u, -1, 1)
+            omega = torch.acos(cos_omega)
+            logs.append(omega / torch.sin(omega) * (u - cos_omega * mu) if omega >= tol else torch.zeros_like(u))
+        step = torch.stack(logs).mean(0)
+        length = step.norm()
+        if length < tol:
+            break
+        mu = torch.cos(length) * mu + torch.sin(length) * step / length
+        if mu.norm() > tol:
+            mu = mu / mu.norm()
+    return (sum(norms) / len(thetas) * mu).reshape(thetas[0].shape)

@@ -165,12 +165,23 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "parameters": {"select_topk": [0.2, 0.9]},
             "dtype": "float32",
         },
+        "karcher": {  # base_model listed among the models: one of the merged tensors, as in mergekit
+            "merge_method": "karcher",
+            "base_model": b,
+            "models": [{"model": b}, {"model": m1}, {"model": m2}],
+            "parameters": {"max_iter": 20, "tol": 1e-6},
+            "dtype": "float32",
+        },
+        "karcher_defaults": {
+            "merge_method": "karcher",
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+        },
     }
 
 
 #: the methods added with mergekit parity as their target are held to 1e-6
 TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties",
-         "nuslerp_base_row_wise", "nuslerp_no_base", "sce"}
+         "nuslerp_base_row_wise", "nuslerp_no_base", "sce", "karcher", "karcher_defaults"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

@@ -74,7 +74,7 @@ def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                                  "della_linear", "nuslerp", "sce"}
+                                  "della_linear", "nuslerp", "sce", "karcher"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -437,6 +437,51 @@ def test_sce_weights_by_mean_square_and_erases_minority_signs():
     torch.testing.assert_close(out, torch.tensor([3.0, 1.0, 2.0, 0.0, 3.2]))
 
 
+def spread_models(seed: int, count: int, shape=SHAPE) -> list[torch.Tensor]:
+    """Tensors at wide angles to each other (independent directions, different norms)."""
+    g = gen(seed)
+    return [torch.randn(*shape, generator=g) * (0.5 + k) for k in range(count)]
+
+
+def karcher_case(case: str, seed: int) -> list[torch.Tensor]:
+    """with_zero / with_tiny: a tensor of norm 0 or 1e-7 ≤ tol has no direction, but its norm still counts in
+    the mean norm; antipodal: the directions' mean is 0, so the iteration starts from the first direction."""
+    if case == "fine_tunes":
+        return random_models(seed, count=3)[1]
+    if case == "one":
+        return spread_models(seed, 1)
+    if case == "all_zero":
+        return [torch.zeros(SHAPE)] * 2
+    if case == "antipodal":  # float64: in float32 the Ω/sin Ω at Ω ≈ π amplifies rounding (in mergekit too)
+        (a,) = spread_models(seed, 1)
+        return [a.double(), -2 * a.double()]
+    models = spread_models(seed, 3)
+    if case == "with_zero":
+        models.append(torch.zeros(SHAPE))
+    if case == "with_tiny":
+        models.append(torch.full(SHAPE, 1e-7 / math.sqrt(models[0].numel())))
+    return models
+
+
+@pytest.mark.parametrize(("case", "max_iter"), [("fine_tunes", 10), ("spread", 10), ("spread", 0), ("spread", 2),
+                                                ("with_zero", 10), ("with_tiny", 10), ("antipodal", 10), ("one", 10),
+                                                ("all_zero", 10)])
+def test_karcher_equals_reference(case, max_iter):
+    models = karcher_case(case, 46)
+    # entries of order 1 here (0.02 elsewhere): float32 rounding is 1e-7 of them, hence atol 1e-6
+    torch.testing.assert_close(run_method("karcher", None, models, max_iter=max_iter).double(),
+                               ref.karcher(models, max_iter), rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_of_two_tensors_is_the_slerp_midpoint_at_their_mean_norm():
+    """On the sphere the Karcher mean of two points is the midpoint of the arc between them."""
+    a, b = spread_models(47, 2)
+    out = run_method("karcher", None, [a, b], max_iter=50, tol=1e-7).double()
+    direction = ref.slerp(0.5, a / a.norm(), b / b.norm())
+    expected = (a.norm() + b.norm()).double() / 2 * direction / direction.norm()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -586,6 +631,18 @@ def test_sce_equals_mergekit(select_topk, scale):
     close(expected, ref.sce(base, [m - base for m in models], select_topk))
 
 
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("case", "max_iter", "tol"), [("fine_tunes", 10, 1e-5), ("spread", 10, 1e-5),
+                                                       ("spread", 3, 1e-3), ("with_zero", 10, 1e-5),
+                                                       ("with_tiny", 10, 1e-5)])
+def test_karcher_equals_mergekit(case, max_iter, tol):
+    api = pytest.importorskip("mergekit.merge_methods")
+    models = karcher_case(case, 49)
+    expected = api.merge_tensors(models, "karcher", parameters={"max_iter": max_iter, "tol": tol})
+    assert (run_method("karcher", None, models, max_iter=max_iter, tol=tol) - expected).abs().max() <= 1e-6
+    torch.testing.assert_close(expected.double(), ref.karcher(models, max_iter, tol), rtol=1e-5, atol=1e-6)
+
+
 # --- DARE in expectation --------------------------------------------------------------------------------------
 
 
@@ -680,7 +737,8 @@ def test_defaults_and_flags_are_mergekits():
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
     assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
                                                                          "dare_linear", "fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp", "karcher"}
+    assert defaults["karcher"] == {"max_iter": 10, "tol": 1e-5}
     assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp"}
     assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
@@ -710,10 +768,11 @@ def test_unknown_and_twice_registered_methods_are_refused():
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
-                                          "fisher, linear, model_stock, nuslerp, sce, slerp, task_arithmetic, ties$"):
+                                          "fisher, karcher, linear, model_stock, nuslerp, sce, slerp, "
+                                          "task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
-                                     "nuslerp_row_wise", "select_topk"}
+                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol"}
