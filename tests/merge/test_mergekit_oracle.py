@@ -214,6 +214,7 @@ def test_exported_config_runs_in_mergekit(models, tmp_path):
     assert main(["export-mergekit", str(src), str(exported)]) == 0
     data = yaml.safe_load(exported.read_text())
     assert "seed" not in data and data["parameters"] == {"normalize": True, "rescale": False}
+    assert "#" not in exported.read_text()  # nothing random: no note
     mk_out = tmp_path / "mk_out"
     proc = subprocess.run([str(MERGEKIT_YAML), str(exported), str(mk_out), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -221,3 +222,26 @@ def test_exported_config_runs_in_mergekit(models, tmp_path):
     ours, theirs = _load_dir(tmp_path / "hm3_out"), _load_dir(mk_out)
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
     shutil.rmtree(mk_out)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_an_exported_random_merge_names_its_seed_and_the_command_that_repeats_it(models, tmp_path, method,
+                                                                                 mergekit_merge):
+    """mergekit has no config key for a seed: the export says which seed hm3 used and gives the mergekit-yaml
+    command whose --random-seed (mergekit's MergeOptions.random_seed) makes mergekit's merge repeatable."""
+    recipe = _configs(models)["ties_no_normalize"] | {"merge_method": method, "seed": 7}
+    if method == "della":
+        recipe["parameters"]["epsilon"] = 0.05  # densities up to 0.9: ± 0.15 would leave (0, 1)
+    src, exported = tmp_path / "hm3.yml", tmp_path / "mk.yml"
+    src.write_text(yaml.safe_dump(recipe))
+    assert main(["export-mergekit", str(src), str(exported)]) == 0
+    notes = [line.removeprefix("# ") for line in exported.read_text().splitlines() if line.startswith("#")]
+    assert "with seed 7" in notes[0] and any("differ from hm3's" in line for line in notes)
+    command = next(line for line in notes if "mergekit-yaml" in line).split()
+    assert command == ["mergekit-yaml", str(exported), "OUTPUT_DIR", "--random-seed", "7"]
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        mergekit_merge(exported, tmp_path / name, random_seed=seed)
+        runs[name] = _load_dir(tmp_path / name)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
