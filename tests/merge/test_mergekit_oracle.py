@@ -41,6 +41,24 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def qwen2_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen2-style family: grouped-query attention (4 heads, 2 key-value heads), q/k/v biases and tied
+    embeddings (no lm_head tensor)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("oracle_qwen2")
+    config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True, max_position_embeddings=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).save_pretrained(root / "base")
+    out = {"base": root / "base"}
+    for i in (1, 2, 3):
+        out[f"m{i}"] = build_finetuned_variant(root / "base", root / f"m{i}", seed=20 + i, scale=0.05)
+    return out
+
+
 def _configs(m: dict[str, Path]) -> dict[str, dict]:
     b, m1, m2, m3 = (str(m[k]) for k in ("base", "m1", "m2", "m3"))
     return {
@@ -187,6 +205,15 @@ TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wi
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",
                                   *sorted(TIGHT)])
 def test_hm3_equals_mergekit(models, tmp_path, name, mergekit_merge):
+    _check_against_mergekit(models, tmp_path, name, mergekit_merge)
+
+
+@pytest.mark.parametrize("name", sorted(TIGHT))
+def test_hm3_equals_mergekit_on_a_qwen2_family(qwen2_models, tmp_path, name, mergekit_merge):
+    _check_against_mergekit(qwen2_models, tmp_path, name, mergekit_merge)
+
+
+def _check_against_mergekit(models: dict[str, Path], tmp_path: Path, name: str, mergekit_merge) -> None:
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump(_configs(models)[name]))
     mk_out, hm_out = tmp_path / "mergekit", tmp_path / "hm3"
