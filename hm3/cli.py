@@ -102,27 +102,30 @@ def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
 
     from hm3.atomic import atomic_write_text
     from hm3.config import load_merge_config
-    from hm3.merge.export import to_mergekit
+    from hm3.merge.export import mergekit_notes, to_mergekit
 
     config = load_merge_config(args.config)
     data = to_mergekit(config)
+    notes = mergekit_notes(config, "CONFIG.yml" if args.output == "-" else args.output)
+    text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":
-        return Outcome(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), {"mergekit_config": data})
+        return Outcome(text.rstrip("\n"), {"mergekit_config": data, "notes": notes})
     from hm3.outputs import check_not_input
 
     here = Path(args.config).parent  # a model is looked up relative to the CWD, then to the recipe
     check_not_input(args.output, [args.config, *(p for m in config.model_paths() for p in (Path(m), here / m))])
-    atomic_write_text(args.output, yaml.safe_dump(data, sort_keys=False), overwrite=args.overwrite)
-    return Outcome(f"wrote mergekit config -> {args.output}", {"output": args.output})
+    atomic_write_text(args.output, text, overwrite=args.overwrite)
+    return Outcome(f"wrote mergekit config -> {args.output}", {"output": args.output, "notes": notes})
 
 
 def cmd_methods(args: argparse.Namespace) -> Outcome:
     from hm3.merge.methods import MERGE_METHODS
 
-    rows = [{"name": name, "mergekit": m.mergekit_name, "doc": m.doc.splitlines()[0] if m.doc else ""}
+    rows = [{"name": name, "mergekit": m.mergekit_name, "doc": m.doc.splitlines()[0] if m.doc else "",
+             "reference": m.reference or None}
             for name, m in sorted(MERGE_METHODS.items())]
     lines = [f"{r['name']:16s} {'(mergekit: ' + r['mergekit'] + ')' if r['mergekit'] else '(hm3 only)':28s} "
-             f"{r['doc']}" for r in rows]
+             f"{r['doc']}" + (f"  [{r['reference']}]" if r["reference"] else "") for r in rows]
     return Outcome("\n".join(lines), {"methods": rows})
 
 

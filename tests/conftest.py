@@ -88,7 +88,8 @@ def micro_zoo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mergekit_merge() -> Callable[[Path, Path], None]:
-    """``mergekit_merge(config_yml, out_dir)``: mergekit's own ``run_merge`` on a config file, in this process.
+    """``mergekit_merge(config_yml, out_dir, **options)``: mergekit's own ``run_merge`` on a config file, in this
+    process; ``options`` are ``MergeOptions`` fields (mergekit-yaml's flags, e.g. ``random_seed``).
 
     The oracle's tensors are the same as ``mergekit-yaml``'s (the CLI calls ``run_merge``); in-process
     saves the ~15 s each ``mergekit-yaml`` start pays for its imports. Skips where mergekit (dev extra)
@@ -100,9 +101,9 @@ def mergekit_merge() -> Callable[[Path, Path], None]:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    def merge(config: Path, out: Path) -> None:
+    def merge(config: Path, out: Path, **options) -> None:
         parsed = MergeConfiguration.model_validate(yaml.safe_load(Path(config).read_text()))
-        run_merge(parsed, str(out), MergeOptions(quiet=True, lazy_unpickle=False))
+        run_merge(parsed, str(out), MergeOptions(quiet=True, lazy_unpickle=False, **options))
 
     return merge
 

@@ -50,6 +50,17 @@ def test_global_flags_work_before_and_after_the_command(where, capsys):
     assert captured.err == ""
 
 
+def test_methods_lists_each_with_its_equation_and_reference(capsys):
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "(mergekit: slerp)" in lines["slerp"] and "sin((1−t)Ω)" in lines["slerp"]
+    assert lines["slerp"].endswith("[https://en.wikipedia.org/wiki/Slerp]")
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["methods"]
+    assert all(row["doc"] for row in rows)
+    assert [row["name"] for row in rows if not row["reference"]] == ["df_merge"]
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [

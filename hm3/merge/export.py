@@ -7,6 +7,7 @@ from typing import Any
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import get_method
+from hm3.merge.plan import DEFAULT_SEED
 
 
 def to_mergekit(config: MergeConfig) -> dict[str, Any]:
@@ -14,8 +15,8 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
 
     hm3-only features are translated where mergekit has an equivalent
     (``rescale_mode: l1|none`` -> ``rescale: true|false``) and refused where it
-    has none (Fisher weighting, the paper's 1/density rescale). ``seed`` is
-    dropped: mergekit's DARE uses torch's global RNG, so DARE masks differ.
+    has none (Fisher weighting, the papers' 1/keep-probability rescale). ``seed`` is
+    dropped: mergekit has no config key for it (see :func:`mergekit_notes`).
     """
     method = get_method(config.merge_method)
     if method.mergekit_name is None:
@@ -31,7 +32,9 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
                 raise ConfigError(f"{where}.fisher: mergekit has no Fisher weighting")
             if k == "rescale_mode":
                 if v == "inverse":
-                    raise ConfigError(f"{where}.rescale_mode: inverse (1/density) rescaling has no mergekit equivalent")
+                    raise ConfigError(
+                        f"{where}.rescale_mode: inverse (1/keep-probability) rescaling has no mergekit equivalent"
+                    )
                 out["rescale"] = v == "l1"
                 continue
             out[k] = v
@@ -43,3 +46,21 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
         if "parameters" in m:
             m["parameters"] = translate(m["parameters"], f"models[{i}].parameters")
     return data
+
+
+def mergekit_notes(config: MergeConfig, exported_as: str) -> list[str]:
+    """What the exported YAML cannot say, as comment lines: for a random method (DARE, DELLA) the seed.
+
+    mergekit 0.1.5 has no config key for a seed; ``mergekit-yaml --random-seed N`` seeds torch's
+    global generator, which makes mergekit's own merge repeatable. Its drop masks still differ from
+    hm3's (one generator per tensor and model), so the note says so instead of promising hm3's tensors.
+    """
+    if not get_method(config.merge_method).uses_randomness:
+        return []
+    seed = config.seed if config.seed is not None else DEFAULT_SEED
+    return [
+        f"hm3 draws {config.merge_method}'s drop masks with seed {seed} (hm3 merge --seed overrides it). mergekit has",
+        "no config key for a seed; this command makes its merge repeatable, with mergekit's own masks:",
+        f"  mergekit-yaml {exported_as} OUTPUT_DIR --random-seed {seed}",
+        "Its tensors differ from hm3's: mergekit draws from torch's global generator, hm3 one per tensor and model.",
+    ]

@@ -46,6 +46,15 @@ def _check_rescale_mode(v: Any) -> str | None:
     return None if v in RESCALE_MODES else f"must be one of {', '.join(RESCALE_MODES)}, got {v!r}"
 
 
+def _check_count(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else f"must be a whole number ≥ 0, got {v!r}"
+
+
+def _check_positive(v: Any) -> str | None:
+    problem = _check_number(v)
+    return problem or (None if v > 0 else f"must be > 0, got {v}")
+
+
 def _check_path(v: Any) -> str | None:
     return None if isinstance(v, str) and v else f"must be a path to a safetensors file, got {v!r}"
 
@@ -89,6 +98,12 @@ class MergeMethod:
     supports_fisher: bool = False
     requires_fisher: bool = False
     mergekit_name: str | None = None  # None: mergekit cannot express it
+    reference: str = ""  # the paper or documentation the method follows
+    optional_base: bool = False  # a base_model, when given, is subtracted first (nuslerp); needs_base: always
+    min_models: int = 1  # models the method merges, not counting the base when it takes one
+    max_models: int | None = None
+    #: a check across one model's parameters for one tensor (della's density ± epsilon): the problem, or None
+    check_model: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = field(default="", compare=False)
 
     def param(self, name: str) -> ParamSpec | None:
@@ -133,16 +148,18 @@ FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True)
 LAMBDA = ParamSpec("lambda", 1.0, _check_number)
 INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
 RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
+GAMMA = ParamSpec("gamma", 0.01, _check_density)  # breadcrumbs: the fraction of largest |τ| dropped
+EPSILON = ParamSpec("epsilon", 0.15, _check_density)  # della: the spread of keep probabilities around density
 
 
-def _gta_params(*, normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
+def _gta_params(*, normalize: bool, rescale: bool, rescale_modes: bool = True) -> tuple[ParamSpec, ...]:
+    """mergekit's generalized task arithmetic parameters; ``rescale_modes``: hm3's ``rescale_mode`` too."""
     return (
         ParamSpec("normalize", normalize, _check_bool),
         ParamSpec("rescale", rescale, _check_bool),
         LAMBDA,
         INT8_MASK,
-        RESCALE_MODE,
-    )
+    ) + ((RESCALE_MODE,) if rescale_modes else ())
 
 
 def _weights(x: TensorInputs) -> list[float]:
@@ -185,12 +202,39 @@ def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
     ]
 
 
+def _breadcrumbs_deltas(x: TensorInputs) -> list[torch.Tensor]:
+    mode = _rescale(x)
+    return [
+        ops.breadcrumbs(d, float(p["density"]), float(p["gamma"]), rescale=mode)
+        for d, p in zip(_deltas(x), x.model_params, strict=True)
+    ]
+
+
+def _della_deltas(x: TensorInputs) -> list[torch.Tensor]:
+    assert x.generators is not None
+    mode = _rescale(x)
+    return [
+        ops.della(d, float(p["density"]), float(p["epsilon"]), generator=x.generators(k), rescale=mode)
+        for k, (d, p) in enumerate(zip(_deltas(x), x.model_params, strict=True))
+    ]
+
+
+def _check_della(model_params: dict[str, Any]) -> str | None:
+    return ops.della_problem(float(model_params["density"]), float(model_params["epsilon"]))
+
+
+def _sign_consensus(x: TensorInputs, sparse: list[torch.Tensor]) -> torch.Tensor:
+    """TIES' sign election and disjoint merge of already-sparsified task vectors (no further trim)."""
+    return ops.ties(x.base, sparse, _weights(x), [1.0] * len(sparse), **_gta_options(x))
+
+
 # --- the methods ------------------------------------------------------------------------------------
 
 
 @merge_method(
     "linear",
     needs_base=False,
+    reference="https://arxiv.org/abs/2203.05482",
     params=(ParamSpec("normalize", True, _check_bool),),
     model_params=(WEIGHT,),
     mergekit_name="linear",
@@ -203,6 +247,7 @@ def _linear(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "task_arithmetic",
     needs_base=True,
+    reference="https://arxiv.org/abs/2212.04089",
     params=_gta_params(normalize=False, rescale=False),
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
@@ -216,6 +261,7 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "ties",
     needs_base=True,
+    reference="https://arxiv.org/abs/2306.01708",
     params=_gta_params(normalize=True, rescale=False),
     model_params=(WEIGHT, DENSITY, FISHER),
     supports_fisher=True,
@@ -229,6 +275,7 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "dare_ties",
     needs_base=True,
+    reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
     uses_randomness=True,
@@ -237,13 +284,13 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 )
 def _dare_ties(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then TIES sign election and disjoint merge."""
-    deltas = _dare_deltas(x)  # already sparsified: TIES' own trim keeps everything (density 1)
-    return ops.ties(x.base, deltas, _weights(x), [1.0] * len(deltas), **_gta_options(x))
+    return _sign_consensus(x, _dare_deltas(x))
 
 
 @merge_method(
     "dare_linear",
     needs_base=True,
+    reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
     uses_randomness=True,
@@ -258,6 +305,7 @@ def _dare_linear(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "fisher",
     needs_base=False,
+    reference="https://arxiv.org/abs/2111.09832",
     params=(),
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
@@ -281,3 +329,125 @@ def _df_merge(x: TensorInputs) -> torch.Tensor:
     """DF-Merge: θ_base + M Σ_i F_i(λ_i) λ_i τ_i / Σ_i F_i(λ_i), with λ_i = the model's weight."""
     assert x.fishers is not None
     return ops.df_merge(x.base, _deltas(x), x.fishers, _weights(x)).to(x.base.dtype)
+
+
+@merge_method(
+    "slerp",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    params=(ParamSpec("t", None, _check_density, required=True),),
+    model_params=(),
+    mergekit_name="slerp",
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def _slerp(x: TensorInputs) -> torch.Tensor:
+    """θ = sin((1−t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ_1, Ω the angle between the two tensors."""
+    assert x.base is not None
+    (other,) = x.tensors
+    return ops.slerp(float(x.params["t"]), x.base, other)
+
+
+@merge_method(
+    "model_stock",
+    needs_base=True,
+    min_models=2,
+    params=(ParamSpec("filter_wise", False, _check_bool),),
+    model_params=(),
+    mergekit_name="model_stock",
+    reference="https://arxiv.org/abs/2403.19522",
+)
+def _model_stock(x: TensorInputs) -> torch.Tensor:
+    """Model Stock: θ = t·mean_k θ_k + (1−t)·θ_base, t = N cos φ / (1 + (N−1) cos φ), φ the task vectors' angle."""
+    assert x.base is not None
+    return ops.model_stock(x.base, x.tensors, filter_wise=x.params["filter_wise"])
+
+
+_BREADCRUMBS: dict[str, Any] = {
+    "needs_base": True,
+    "params": _gta_params(normalize=False, rescale=False, rescale_modes=False),
+    "model_params": (WEIGHT, DENSITY, GAMMA),
+    "reference": "https://arxiv.org/abs/2312.06795",
+}
+
+
+@merge_method("breadcrumbs", mergekit_name="breadcrumbs", **_BREADCRUMBS)
+def _breadcrumbs(x: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest γ and the smallest 1−ρ−γ of each |τ_k|, then task arithmetic."""
+    return ops.task_arithmetic(x.base, _breadcrumbs_deltas(x), _weights(x), **_gta_options(x))
+
+
+@merge_method("breadcrumbs_ties", mergekit_name="breadcrumbs_ties", **_BREADCRUMBS)
+def _breadcrumbs_ties(x: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs' sparsification, then TIES sign election and disjoint merge."""
+    return _sign_consensus(x, _breadcrumbs_deltas(x))
+
+
+_DELLA: dict[str, Any] = {
+    "needs_base": True,
+    "model_params": (WEIGHT, DENSITY, EPSILON),
+    "uses_randomness": True,
+    "check_model": _check_della,
+    "reference": "https://arxiv.org/abs/2406.11617",
+}
+
+
+@merge_method("della", mergekit_name="della", params=_gta_params(normalize=True, rescale=True), **_DELLA)
+def _della(x: TensorInputs) -> torch.Tensor:
+    """DELLA: drop τ_k's entries with probabilities ρ ± ε ranked by magnitude, rescale, then TIES' sign merge."""
+    return _sign_consensus(x, _della_deltas(x))
+
+
+@merge_method("della_linear", mergekit_name="della_linear", params=_gta_params(normalize=False, rescale=True),
+              **_DELLA)
+def _della_linear(x: TensorInputs) -> torch.Tensor:
+    """DELLA's magnitude-ranked random drop + rescale, then task arithmetic."""
+    return ops.task_arithmetic(x.base, _della_deltas(x), _weights(x), **_gta_options(x))
+
+
+@merge_method(
+    "nuslerp",
+    needs_base=False,
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    params=(ParamSpec("nuslerp_flatten", True, _check_bool), ParamSpec("nuslerp_row_wise", False, _check_bool)),
+    model_params=(WEIGHT,),
+    mergekit_name="nuslerp",
+    reference="https://github.com/arcee-ai/mergekit",
+)
+def _nuslerp(x: TensorInputs) -> torch.Tensor:
+    """NuSLERP: SLERP of two models (or, with a base, of their task vectors) by rows, columns or whole, t = w_2/Σw."""
+    t = ops.nuslerp_t(_weights(x))
+    options = {"flatten": x.params["nuslerp_flatten"], "row_wise": x.params["nuslerp_row_wise"]}
+    first, second = x.tensors
+    if x.base is None:
+        return ops.nuslerp(t, first, second, **options)
+    tau1, tau2 = _deltas(x)
+    return (x.base + ops.nuslerp(t, tau1, tau2, **options)).to(x.base.dtype)
+
+
+@merge_method(
+    "sce",
+    needs_base=True,
+    params=(ParamSpec("select_topk", 1.0, _check_density), INT8_MASK),
+    model_params=(),
+    mergekit_name="sce",
+    reference="https://arxiv.org/abs/2408.07990",
+)
+def _sce(x: TensorInputs) -> torch.Tensor:
+    """SCE: keep the highest-variance entries, weight τ_k by its mean square, merge the sign-agreeing ones."""
+    return ops.sce(x.base, _deltas(x), select_topk=float(x.params["select_topk"]))
+
+
+@merge_method(
+    "karcher",
+    needs_base=False,
+    params=(ParamSpec("max_iter", 10, _check_count), ParamSpec("tol", 1e-5, _check_positive)),
+    model_params=(),
+    mergekit_name="karcher",
+    reference="https://arxiv.org/abs/2603.04972",
+)
+def _karcher(x: TensorInputs) -> torch.Tensor:
+    """Karcher mean: the models' mean norm times the Riemannian mean of their directions on the unit sphere."""
+    return ops.karcher(x.tensors, max_iter=int(x.params["max_iter"]), tol=float(x.params["tol"]))

@@ -26,6 +26,7 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -201,11 +202,11 @@ def _radix_kth_largest(keys: Tensor, k: int) -> tuple[Tensor, int]:
     return threshold, n_above + int((in_bucket >= threshold).sum())
 
 
-def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
-    """Keep-mask (bool, shape of ``delta``) of the k = max(1, int(density·numel)) largest |τ| entries.
+def top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """Keep-mask (bool, shape of ``delta``) of the k largest |τ| entries (k ≤ 0: none, k ≥ numel: all).
 
-    TIES step 1 needs only the magnitude of the k-th largest entry, not an order of
-    all entries, so instead of mergekit's full argsort (O(n log n), most of a TIES
+    Only the magnitude of the k-th largest entry is needed, not an order of all
+    entries, so instead of mergekit's full argsort (O(n log n), most of a TIES
     merge's time) the threshold is found by selection. float16/bfloat16/float32
     magnitudes are compared through their float32 bit patterns (for x ≥ 0 the
     IEEE-754 patterns, read as int32, order like the numbers) with a two-pass radix
@@ -215,15 +216,14 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
     Ties at the threshold: exactly k entries are kept, as in mergekit; among entries
     whose magnitude equals the threshold the lowest flat indices are kept. mergekit's
     unstable argsort keeps an unspecified subset of them instead, so on tied
-    magnitudes the two may keep different (equal-magnitude) entries.
-    Edge cases as mergekit: density ≥ 1 keeps everything, density ≤ 0 nothing.
+    magnitudes the two may keep different (equal-magnitude) entries. The masks are
+    nested: ``top_k_mask(τ, j)`` ⊆ ``top_k_mask(τ, k)`` for j ≤ k.
     """
     n = delta.numel()
-    if density >= 1:
+    if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0 or n == 0:
+    if k <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = _kept_count(n, density)
     magnitude = delta.abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()  # exact; mergekit also ranks half-precision magnitudes in float32
@@ -241,6 +241,19 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
         tied = (keys == threshold).nonzero().reshape(-1)
         keep[tied[tied.numel() - excess :]] = False
     return keep.reshape(delta.shape)
+
+
+def magnitude_threshold(delta: Tensor, density: float) -> Tensor:
+    """TIES' keep-mask: the k = max(1, int(density·numel)) largest |τ| entries (:func:`top_k_mask`).
+
+    Edge cases as mergekit: density ≥ 1 keeps everything, density ≤ 0 nothing.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    return top_k_mask(delta, _kept_count(n, density))
 
 
 def trim(delta: Tensor, density: float, *, out: Tensor | None = None) -> Tensor:
@@ -339,6 +352,16 @@ def _check_rescale(rescale: str) -> None:
         raise ConfigError(f"unknown DARE rescale mode {rescale!r}; choose one of {', '.join(RESCALE_MODES)}")
 
 
+def match_l1_(kept: Tensor, original: Tensor) -> Tensor:
+    """Scale ``kept`` (a fresh sparsified tensor) in place so that ‖kept‖₁ = ‖original‖₁: mergekit's
+    ``rescale: true``. Skipped when either norm is below 1e-7, as mergekit does."""
+    before = torch.linalg.vector_norm(original, ord=1)
+    after = torch.linalg.vector_norm(kept, ord=1)
+    if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+        kept.mul_(before / after)
+    return kept
+
+
 def _uniforms(delta: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
     """The U(0, 1) draws behind DARE's mask: one per entry, float32 whatever ``delta``'s dtype."""
     return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
@@ -376,13 +399,309 @@ def dare(
     if rescale == "inverse":
         kept.div_(density)
     elif rescale == "l1":
-        before = torch.linalg.vector_norm(work, ord=1)
-        after = torch.linalg.vector_norm(kept, ord=1)
-        if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
-            kept.mul_(before / after)
+        match_l1_(kept, work)
     if out is None:
         return kept.to(delta.dtype)
     return kept if kept is out else out.copy_(kept)
+
+
+# --- DELLA --------------------------------------------------------------------------------------------------
+
+
+def della_problem(density: float, epsilon: float) -> str | None:
+    """What is wrong with DELLA's (ρ, ε), or None: for 0 < ρ < 1 the probabilities ρ ± ε must lie in (0, 1)
+    (mergekit's condition; ρ ≥ 1 keeps everything and ρ ≤ 0 nothing, whatever ε)."""
+    if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        return f"density ± epsilon must lie strictly between 0 and 1; got density {density:g}, epsilon {epsilon:g}"
+    return None
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities p_i = ρ − ε + 2ε · r_i / (n − 1), shape of ``delta``.
+
+    r_i ∈ {0, …, n−1} is the rank of |τ_i| within its row (axis 1, mergekit's choice; a
+    1-D tensor is one row), smallest first, equal magnitudes in index order: the
+    smallest entry is kept with probability ρ − ε, the largest with ρ + ε, and the
+    mean over a row is ρ. A row of one entry gets p = ρ (mergekit fails on it).
+    float32 (float64 for float64 inputs), whatever ``delta``'s dtype.
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    dtype = _work_dtype(delta)
+    if n < 2:
+        return torch.full(delta.shape, float(density), dtype=dtype, device=delta.device)
+    rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1)
+    return rank.to(dtype).mul_(2 * epsilon / (n - 1)).add_(density - epsilon).reshape(delta.shape)
+
+
+def della(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    generator: torch.Generator,
+    rescale: RescaleMode = "l1",
+) -> Tensor:
+    """DELLA's MAGPRUNE: τ̂ = m ⊙ τ with m_i ~ Bernoulli(p_i), p = :func:`della_probabilities`, then rescaled.
+
+    ``rescale``: ``"l1"`` (mergekit's ``rescale: true``) makes ‖τ̂‖₁ = ‖τ‖₁; ``"inverse"``
+    is the paper's τ̂_i / p_i (so E[τ̂] = τ); ``"none"`` keeps m ⊙ τ. The draw is DARE's
+    (m_i = [U_i < p_i], U_i ~ U(0, 1) in float32 from ``generator``), so with ε = 0 this
+    is :func:`dare` on the same generator. density ≥ 1 returns τ, density ≤ 0 zeros;
+    otherwise ρ ± ε must lie in (0, 1) (:func:`della_problem`). float16 is processed in float32.
+    """
+    _check_rescale(rescale)
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    problem = della_problem(density, epsilon)
+    if problem:
+        raise ConfigError(f"della: {problem}")
+    work = delta.float() if delta.dtype == torch.float16 else delta
+    p = della_probabilities(work, density, epsilon)
+    kept = torch.where(_uniforms(work, generator) < p, work, work.new_zeros(()))
+    if rescale == "inverse":
+        kept.div_(p)
+    elif rescale == "l1":
+        match_l1_(kept, work)
+    return kept.to(delta.dtype)
+
+
+# --- Model Breadcrumbs ----------------------------------------------------------------------------------------
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs' keep-mask: drop the γ fraction of largest |τ| (outliers), keep the next ρ fraction,
+    drop the rest (the smallest).
+
+    Counts as mergekit's: int(ρ·n) entries are kept and int(γ·n) dropped from the top,
+    fewer when the two would overlap (the density wins); density ≥ 1 keeps everything,
+    whatever γ. Ties are ordered as in :func:`top_k_mask`.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n_keep = max(0, int(density * n))
+    n_top = min(int(gamma * n), n - n_keep)
+    return top_k_mask(delta, n_top + n_keep) & ~top_k_mask(delta, n_top)
+
+
+def breadcrumbs(delta: Tensor, density: float, gamma: float, *, rescale: RescaleMode = "none") -> Tensor:
+    """τ̃ = m ⊙ τ with m = :func:`breadcrumbs_mask`; ``rescale="l1"`` (mergekit's ``rescale: true``)
+    then restores τ's L1 norm (:func:`match_l1_`). density ≥ 1 returns τ itself."""
+    if rescale not in ("l1", "none"):
+        raise ConfigError(f"breadcrumbs rescales by the L1 norm or not at all ('l1' or 'none'), not {rescale!r}")
+    if density >= 1:
+        return delta
+    kept = torch.where(breadcrumbs_mask(delta, density, gamma), delta, delta.new_zeros(()))
+    return match_l1_(kept, delta) if rescale == "l1" else kept
+
+
+# --- spherical interpolation --------------------------------------------------------------------------------
+
+#: mergekit's SLERP falls back to linear interpolation when |cos Ω| exceeds this (nearly parallel tensors).
+SLERP_DOT_THRESHOLD = 0.9995
+#: mergekit's SLERP: a tensor whose norm is at most this is not normalised (its norm counts as 1).
+SLERP_NORM_EPS = 1e-8
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs: the precision the spherical methods compute in."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def slerp(t: float, theta0: Tensor, theta1: Tensor) -> Tensor:
+    """SLERP: θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1, cos Ω = ⟨θ_0/‖θ_0‖, θ_1/‖θ_1‖⟩.
+
+    The angle Ω is between the two whole tensors (flattened); t = 0 gives θ_0, t = 1 gives
+    θ_1. As mergekit: when |cos Ω| > 0.9995 the tensors are (anti)parallel and the result
+    is the linear (1−t)θ_0 + tθ_1; a norm ≤ 1e-8 counts as 1; computed in float32
+    (float64 for float64) and returned in θ_0's dtype.
+    """
+    dtype = _work_dtype(theta0)
+    a, b = theta0.to(dtype).reshape(-1), theta1.to(dtype).reshape(-1)
+    norm_a, norm_b = (float(torch.linalg.vector_norm(v)) for v in (a, b))
+    norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
+    norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
+    cos_omega = min(1.0, max(-1.0, float(torch.dot(a, b)) / (norm_a * norm_b))) if a.numel() else 1.0
+    if abs(cos_omega) > SLERP_DOT_THRESHOLD:
+        coef_a, coef_b = 1.0 - t, t
+    else:
+        omega = math.acos(cos_omega)
+        coef_a, coef_b = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return (a * coef_a).add_(b, alpha=coef_b).reshape(theta0.shape).to(theta0.dtype)
+
+
+#: mergekit's NuSLERP: vectors are normalised by max(‖v‖, 1e-7).
+NUSLERP_NORM_EPS = 1e-7
+#: mergekit's NuSLERP: a pair with 1 − cos² Ω ≤ (1e-8)² is colinear and interpolated linearly.
+NUSLERP_COLINEAR_EPS = 1e-8
+#: mergekit's NuSLERP: weights summing to less than this in magnitude give t = ½.
+NUSLERP_WEIGHT_SUM_EPS = 1e-6
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """NuSLERP's t from the two models' weights: t = w_2 / (w_1 + w_2), ½ when the sum is (almost) 0."""
+    w1, w2 = (float(w) for w in weights)
+    return 0.5 if abs(w1 + w2) < NUSLERP_WEIGHT_SUM_EPS else w2 / (w1 + w2)
+
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise: bool = False) -> Tensor:
+    """NuSLERP: SLERP of each pair of vectors, v = [sin((1−t)Ω) v_0 + sin(tΩ) v_1] / sin Ω.
+
+    The vectors are the whole tensors (``flatten``), else the lines along the last axis
+    (rows of a matrix) or, with ``row_wise``, along the first axis (its columns); a 1-D
+    tensor is one vector. cos Ω is taken between the vectors normalised by max(‖v‖, 1e-7);
+    colinear pairs (1 − cos² Ω ≤ 1e-16) are interpolated linearly. Unlike :func:`slerp`
+    there is no dot threshold. Computed in float32 (float64 for float64), returned in v_0's dtype.
+    """
+    dtype = _work_dtype(v0)
+    a, b = v0.to(dtype), v1.to(dtype)
+    if flatten or a.dim() < 2:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = a.movedim(0, -1), b.movedim(0, -1)
+    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos_omega = ((a / norm_a) * (b / norm_b)).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_omega.square()) <= NUSLERP_COLINEAR_EPS**2
+    omega = torch.acos(torch.where(colinear, 0.0, cos_omega))
+    sin_omega = torch.where(colinear, 1.0, torch.sin(omega))
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin_omega
+    merged = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    if not (flatten or v0.dim() < 2) and row_wise:
+        merged = merged.movedim(-1, 0)
+    return merged.reshape(v0.shape).to(v0.dtype)
+
+
+# --- Model Stock ----------------------------------------------------------------------------------------------
+
+#: mergekit's Model Stock: a product of norms below this divides by it instead (so a zero task vector gives cos 0).
+MODEL_STOCK_NORM_EPS = 1e-6
+#: mergekit's Model Stock: where |1 + (N−1) cos φ| is below this, t = 0 (the base is kept).
+MODEL_STOCK_SINGULAR_EPS = 1e-6
+
+
+def _as_vectors(x: Tensor, *, filter_wise: bool) -> Tensor:
+    """``x`` as rows ``[R, n]``: one row per filter (last axis) when ``filter_wise``, else the whole tensor."""
+    return x.reshape(-1, x.shape[-1]) if filter_wise and x.dim() > 0 else x.reshape(1, -1)
+
+
+def model_stock(base: Tensor, thetas: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Model Stock: θ = t·θ̄ + (1−t)·θ_base with θ̄ = (1/N) Σ_k θ_k and t = N cos φ / (1 + (N−1) cos φ).
+
+    cos φ is the mean, over the N(N−1)/2 pairs, of the cosine between task vectors
+    τ_j, τ_k (each cosine clamped to [−1, 1]); it is taken over the whole tensor, or per
+    row (filter) with ``filter_wise``, giving one t per row. As mergekit: a product of
+    norms below 1e-6 divides by 1e-6, and where 1 + (N−1) cos φ is within 1e-6 of 0 the
+    base is kept (t = 0). Computed in float32 (float64 for float64), returned in the base's dtype.
+    """
+    count = _require_same_length(thetas=thetas)
+    if count < 2:
+        raise ConfigError(f"model_stock needs at least 2 models besides the base; got {count}")
+    dtype = _work_dtype(base)
+    w0 = _as_vectors(base.to(dtype), filter_wise=filter_wise)
+    taus = [_as_vectors(theta.to(dtype), filter_wise=filter_wise) - w0 for theta in thetas]
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in taus]
+    cos_sum = torch.zeros_like(norms[0])
+    for j in range(count):
+        for k in range(j + 1, count):
+            dot = (taus[j] * taus[k]).sum(-1)
+            cos_sum += (dot / (norms[j] * norms[k]).clamp(min=MODEL_STOCK_NORM_EPS)).clamp(-1, 1)
+    cos_phi = (cos_sum / (count * (count - 1) // 2)).unsqueeze(-1)
+    denominator = 1 + (count - 1) * cos_phi
+    singular = denominator.abs() < MODEL_STOCK_SINGULAR_EPS
+    t = torch.where(singular, 0.0, count * cos_phi / torch.where(singular, 1.0, denominator))
+    mean = sum(_as_vectors(theta.to(dtype), filter_wise=filter_wise) for theta in thetas) / count
+    return (t * mean + (1 - t) * w0).reshape(base.shape).to(base.dtype)
+
+
+# --- SCE ----------------------------------------------------------------------------------------------------
+
+#: mergekit's SCE: per-model weights whose sum is below this are replaced by 1/M.
+SCE_WEIGHT_SUM_EPS = 1e-6
+#: mergekit's SCE: the summed weights of the agreeing models divide the merge, floored at this.
+SCE_DIVISOR_EPS = 1e-6
+
+
+def sce_mask(stacked_deltas: Tensor, select_topk: float) -> Tensor:
+    """SCE's *select*: keep-mask of the entries whose variance across the M models is among the
+    int(select_topk · #nonzero-variance entries) largest (bool, shape of one model's τ). select_topk ≥ 1
+    keeps every entry, ≤ 0 none; ties are ordered as in :func:`top_k_mask`."""
+    like = stacked_deltas[0]
+    if select_topk >= 1:
+        return torch.ones_like(like, dtype=torch.bool)
+    if select_topk <= 0:
+        return torch.zeros_like(like, dtype=torch.bool)
+    variance = stacked_deltas.var(0, unbiased=False)
+    return top_k_mask(variance, int(int(torch.count_nonzero(variance)) * select_topk))
+
+
+def sce(base: Tensor, deltas: Sequence[Tensor], *, select_topk: float = 1.0) -> Tensor:
+    """SCE (select, calculate, erase): θ = θ_base + Σ_k w_k a_k τ̃_k / max(Σ_k w_k a_k, 1e-6).
+
+    τ̃_k = m ⊙ τ_k with m = :func:`sce_mask` (*select*); w_k = mean(τ̃_k²) / Σ_j mean(τ̃_j²),
+    or 1/M when that sum is below 1e-6 (*calculate*, mergekit's guard); a_k = [sign τ̃_k = γ]
+    with γ = sign(Σ_k τ̃_k), 0 counting as + (*erase*: TIES' election on the unweighted task
+    vectors, so a zero entry never agrees). Computed in the base's dtype, as mergekit.
+    """
+    count = _require_same_length(deltas=deltas)
+    tau = torch.stack(list(deltas))  # fresh: safe to update in place
+    if select_topk < 1:
+        tau.mul_(sce_mask(tau, select_topk))
+    weights = tau.square().reshape(count, -1).mean(1)
+    total = float(weights.sum())
+    weights = torch.full_like(weights, 1 / count) if abs(total) < SCE_WEIGHT_SUM_EPS else weights / total
+    agreeing = _model_axis(weights, base) * (torch.sign(tau) == elect_sign(tau))
+    mixed = (tau * agreeing).sum(0) / agreeing.sum(0).clamp(min=SCE_DIVISOR_EPS)
+    return (base + mixed).to(base.dtype)
+
+
+# --- Karcher mean ----------------------------------------------------------------------------------------------
+
+
+def karcher(thetas: Sequence[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """Karcher mean: θ = (1/M Σ_k ‖θ_k‖) · μ, μ the Riemannian mean on the unit sphere of the directions u_k = θ_k/‖θ_k‖.
+
+    μ starts at the normalised mean of the u_k and moves along the mean log-map
+    T = Σ_k α_k Ω_k / sin Ω_k · (u_k − cos Ω_k μ), cos Ω_k = ⟨μ, u_k⟩, to
+    μ ← cos‖T‖ μ + sin‖T‖ T/‖T‖ (renormalised), for at most ``max_iter`` steps or until
+    ‖T‖ < tol. As mergekit: only tensors with ‖θ_k‖ > tol have a direction (α_k = 1 over their
+    count), a u_k within angle tol of μ adds nothing, a start of norm < tol is the first
+    direction, no direction at all gives 0, and one tensor is returned as it is. Computed in
+    float32 (float64 for float64), returned in the first tensor's dtype. Antipodal directions
+    have no unique mean: there the factor Ω/sin Ω (Ω ≈ π) amplifies float32 rounding, as in mergekit.
+    """
+    count = _require_same_length(thetas=thetas)
+    if count == 1:
+        return thetas[0]
+    first = thetas[0]
+    dtype = _work_dtype(first)
+    flat = [theta.to(dtype).reshape(-1) for theta in thetas]
+    norms = [float(torch.linalg.vector_norm(v)) for v in flat]
+    units = [v / n for v, n in zip(flat, norms, strict=True) if n > tol]
+    if not units:
+        return torch.zeros_like(first)
+    alpha = 1.0 / len(units)
+    mu = sum(alpha * u for u in units)
+    mu_norm = float(torch.linalg.vector_norm(mu))
+    mu = units[0].clone() if mu_norm < tol else mu / mu_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mu)
+        for u in units:
+            cos_omega = float(torch.dot(mu, u).clamp(-1, 1))
+            omega = math.acos(cos_omega)
+            if omega >= tol:
+                tangent += (alpha * omega / math.sin(omega)) * (u - cos_omega * mu)
+        step = float(torch.linalg.vector_norm(tangent))
+        if step < tol:
+            break
+        mu = math.cos(step) * mu + math.sin(step) * (tangent / step)
+        mu_norm = float(torch.linalg.vector_norm(mu))
+        if mu_norm > tol:
+            mu = mu / mu_norm
+    return (sum(norms) / count * mu).reshape(first.shape).to(first.dtype)
 
 
 # --- Fisher-weighted merging ----------------------------------------------------------------------------------

@@ -146,12 +146,33 @@ def resolve_jobs(
             {p.name: _resolve_one(config, p, tensor=name, t=t, model=ref) for p in method.model_params}
             for ref in input_refs
         )
+        for ref, values in zip(input_refs, model_params, strict=True):
+            problem = method.check_model(values) if method.check_model is not None else None
+            if problem:
+                raise ConfigError(f"merge_method {method.name!r}, model {ref!r}, tensor {name}: {problem}")
         jobs.append(TensorJob(name=name, layer=layer, params=params, model_params=model_params))
     if method.name == "linear" and jobs and jobs[0].params.get("normalize"):
         total = sum(float(mp["weight"]) for mp in jobs[0].model_params)
         if abs(total) < 1e-8:
             raise ConfigError("linear with normalize: the model weights sum to 0")
     return jobs
+
+
+def takes_base(config: MergeConfig, method: MergeMethod) -> bool:
+    """Whether ``base_model`` is the method's base (task vectors are taken from it), not one of its inputs."""
+    return method.needs_base or (method.optional_base and bool(config.base_model))
+
+
+def _check_model_count(method: MergeMethod, refs: list[str], *, besides_base: bool) -> None:
+    low, high = method.min_models, method.max_models
+    if low <= len(refs) and (high is None or len(refs) <= high):
+        return
+    wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+    where = " besides base_model" if besides_base else ""
+    raise ConfigError(
+        f"merge_method {method.name!r} merges {wanted} model{'s' if high != 1 else ''}{where}; "
+        f"'models' lists {len(refs)}{where}: {', '.join(refs)}"
+    )
 
 
 def input_refs_for(config: MergeConfig, method: MergeMethod) -> list[str]:
@@ -161,7 +182,7 @@ def input_refs_for(config: MergeConfig, method: MergeMethod) -> list[str]:
         if m.model in refs:
             raise ConfigError(f"model {m.model!r} is listed twice in 'models'")
         refs.append(m.model)
-    if method.needs_base:
+    if takes_base(config, method):
         if not config.base_model:
             raise ConfigError(f"merge_method {method.name!r} needs 'base_model'")
         refs = [r for r in refs if r != config.base_model]
@@ -172,6 +193,7 @@ def input_refs_for(config: MergeConfig, method: MergeMethod) -> list[str]:
             f"merge_method {method.name!r} merges the listed models; base_model {config.base_model!r} "
             "must be one of them or be omitted"
         )
+    _check_model_count(method, refs, besides_base=takes_base(config, method))
     return refs
 
 
@@ -223,7 +245,7 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
     opened: list[Checkpoint] = []
     try:
         base = None
-        if config.base_model and method.needs_base:
+        if takes_base(config, method):
             base = open_checkpoint(resolve_model_path(config.base_model, config_dir))
             opened.append(base)
         inputs = []

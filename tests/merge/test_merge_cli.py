@@ -79,7 +79,7 @@ def test_merged_model_loads_with_finite_logits(zoo, tmp_path):
     assert (out / "config.json").exists() and (out / "hm3_recipe.yml").exists()
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_dare_same_seed_is_deterministic_and_different_seed_differs(zoo, tmp_path, method):
     recipe = _write(tmp_path, _recipe(zoo, method) | {"seed": 3})
     assert main(["merge", str(recipe), str(tmp_path / "a")]) == 0
@@ -222,10 +222,26 @@ def test_nan_or_inf_in_inputs(zoo, tmp_path, capsys, value):
 
 @pytest.mark.parametrize(
     "params,mention",
-    [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight")],
+    [({"density": 1.5}, "density"), ({"density": -0.1}, "density"), ({"weight": 50.0}, "weight"), ({"weight": "x"}, "weight"),
+     ({"gamma": 1.2}, "parameter 'gamma'"), ({"gamma": -0.01}, "parameter 'gamma'"),
+     ({"epsilon": 1.5}, "parameter 'epsilon'")],
 )
 def test_out_of_range_parameters(zoo, tmp_path, capsys, params, mention):
-    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, **params)), mention)
+    method = "breadcrumbs_ties" if "gamma" in params else "della" if "epsilon" in params else "ties"
+    _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, method, **params)), mention)
+
+
+@pytest.mark.parametrize(("method", "params", "mention"), [
+    ("sce", {"select_topk": 1.1}, "parameter 'select_topk' (tensor "), ("model_stock", {"filter_wise": 1}, "filter_wise"),
+    ("nuslerp", {"nuslerp_row_wise": "yes"}, "nuslerp_row_wise"),
+    ("karcher", {"max_iter": 2.5}, "parameter 'max_iter' (tensor "), ("karcher", {"max_iter": -1}, "max_iter"),
+    ("karcher", {"tol": 0}, "parameter 'tol' (tensor "),
+])
+def test_out_of_range_global_parameters(zoo, tmp_path, capsys, method, params, mention):
+    recipe = _recipe(zoo, method) | {"parameters": params}
+    if method == "karcher":  # merges the listed models: a base_model not among them is refused first
+        del recipe["base_model"]
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), mention)
 
 
 def test_nan_parameter(zoo, tmp_path, capsys):
@@ -349,3 +365,34 @@ def test_export_mergekit_refuses_to_write_over_its_recipe(zoo, tmp_path, capsys)
     assert "an input of this command" in capsys.readouterr().err and recipe.read_bytes() == before
     assert main(["export-mergekit", str(recipe), str(zoo["base"] / "x.yml")]) != 0
     assert not (zoo["base"] / "x.yml").exists()
+
+
+@pytest.mark.parametrize(("models", "change", "mentions"), [
+    (["m1", "m2"], {}, ["'slerp'", "exactly 1 model besides base_model", "lists 2 besides base_model"]),
+    (["m1", "m2"], {"base_model": None}, ["'slerp'", "needs 'base_model'"]),
+    (["m1"], {"parameters": {"t": 1.5}}, ["'t'", "must lie in [0, 1], got 1.5"]),
+    (["m1"], {"parameters": {}}, ["missing required parameter 't'"]),
+])
+def test_slerp_bad_input_is_refused_by_name(zoo, tmp_path, capsys, models, change, mentions):
+    recipe = {"merge_method": "slerp", "base_model": str(zoo["base"]), "models": [{"model": str(zoo[m])} for m in models],
+              "parameters": {"t": 0.5}} | change
+    _run_fail(capsys, tmp_path, _write(tmp_path, {k: v for k, v in recipe.items() if v is not None}), *mentions)
+
+
+def test_model_stock_with_one_model_is_refused(zoo, tmp_path, capsys):
+    recipe = {"merge_method": "model_stock", "base_model": str(zoo["base"]), "models": [{"model": str(zoo["m1"])}]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'model_stock' merges at least 2 models besides base_model",
+              "lists 1 besides base_model")
+
+
+def test_della_probabilities_outside_zero_one_are_refused_before_merging(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo, "della_linear")
+    recipe["models"][1]["parameters"]["density"] = [0.5, 0.9]  # layer 1 of 2: density 0.9 with epsilon 0.15
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "merge_method 'della_linear'", f"model '{zoo['m2']}'",
+              "tensor model.layers.1.", "density ± epsilon must lie strictly between 0 and 1; got density 0.9, epsilon 0.15")
+
+
+def test_nuslerp_with_three_models_is_refused(zoo, tmp_path, capsys):
+    recipe = {"merge_method": "nuslerp",
+              "models": [{"model": str(zoo[m]), "parameters": {"weight": 1.0}} for m in ("base", "m1", "m2")]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'nuslerp' merges exactly 2 models;", "'models' lists 3:")

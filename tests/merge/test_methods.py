@@ -31,22 +31,22 @@ def run_method(
     name: str,
     base: torch.Tensor | None,
     tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
+    weights: Sequence[float] | None = None,
     densities: Sequence[float] | None = None,
     *,
     fishers: Sequence[torch.Tensor] | None = None,
     seeds: Sequence[int] | None = None,
     deltas: Sequence[torch.Tensor] | None = None,
+    per_model: dict[str, Sequence[Any]] | None = None,
     **params: Any,
 ) -> torch.Tensor:
-    """One tensor merged by the registered method ``name``, its unset parameters at their defaults."""
+    """One tensor merged by the registered method ``name``, its unset parameters at their defaults.
+
+    ``weights``, ``densities`` and ``per_model`` give per-model parameters (one value per tensor)."""
     method = get_method(name)
-    model_params = []
-    for k, w in enumerate(weights):
-        p = {"weight": w}
-        if method.model_param("density") is not None:
-            p["density"] = 1.0 if densities is None else densities[k]
-        model_params.append(p)
+    given = dict(per_model or {}) | {k: v for k, v in (("weight", weights), ("density", densities)) if v is not None}
+    model_params = [{p.name: given[p.name][k] if p.name in given else p.default for p in method.model_params}
+                    for k in range(len(tensors))]
     seeds = list(range(len(tensors))) if seeds is None else list(seeds)
     return method.fn(TensorInputs(
         name="t",
@@ -73,7 +73,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
-                                  "df_merge"}
+                                  "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+                                  "della_linear", "nuslerp", "sce", "karcher"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -174,6 +175,313 @@ def test_fisher_merge_and_df_merge_equal_reference():
           ref.df_merge(base, [m - base for m in models], fishers, WEIGHTS))
 
 
+def _pair(seed: int, shape=SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors at a clear angle (not parallel), as two fine-tunes of one base are."""
+    base, (other,) = random_models(seed, count=1, shape=shape)
+    return base, other
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 0.85, 1.0])
+def test_slerp_equals_reference(t):
+    base, other = _pair(20)
+    out = run_method("slerp", base, [other], t=t)
+    close(out, ref.slerp(t, base, other))
+    assert out.dtype == base.dtype
+
+
+@pytest.mark.parametrize("case", ["parallel", "antiparallel", "zero", "tiny", "orthogonal"])
+def test_slerp_special_angles_equal_reference(case):
+    """Nearly (anti)parallel tensors take the linear branch; a tensor of norm ≤ 1e-8 is not normalised (so a
+    tiny multiple of the base counts as orthogonal to it, not parallel)."""
+    base, other = _pair(21)
+    noise = torch.randn(SHAPE, generator=gen(22)) * 1e-5
+    partner = {"parallel": 2.0 * base + noise, "antiparallel": -0.5 * base + noise, "zero": torch.zeros(SHAPE),
+               "tiny": 1e-9 * base, "orthogonal": other - (other * base).sum() / (base * base).sum() * base}[case]
+    close(run_method("slerp", base, [partner], t=0.3), ref.slerp(0.3, base, partner))
+    close(run_method("slerp", partner, [base], t=0.3), ref.slerp(0.3, partner, base))  # either end
+
+
+def test_slerp_keeps_norms_of_unit_tensors_and_halves_the_angle():
+    """The geometry itself: between unit tensors at angle Ω, t = ½ is a unit tensor at Ω/2 from both ends."""
+    base, other = _pair(23)
+    a, b = base / base.norm(), other / other.norm()
+    mid = run_method("slerp", a, [b], t=0.5).double()
+    omega = torch.acos((a.double() * b.double()).sum())
+    assert abs(float(mid.norm()) - 1.0) < 1e-6
+    for end in (a, b):
+        assert abs(float(torch.acos((mid * end.double()).sum().clamp(-1, 1))) - float(omega) / 2) < 1e-4
+
+
+def correlated_models(seed: int, count: int = 3, shape=SHAPE, scale: float = 0.01) -> tuple[torch.Tensor,
+                                                                                             list[torch.Tensor]]:
+    """Fine-tunes that share part of their task vector (cosines near ½ between them), as Model Stock expects."""
+    g = gen(seed)
+    base = torch.randn(*shape, generator=g) * 0.02
+    shared = torch.randn(*shape, generator=g) * scale
+    return base, [base + shared + torch.randn(*shape, generator=g) * scale for _ in range(count)]
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize(("count", "shape", "scale"), [(2, SHAPE, 0.01), (3, SHAPE, 0.01), (4, (53,), 0.01),
+                                                       (3, (4, 5, 6), 0.01), (3, SHAPE, 1e-5)])
+def test_model_stock_equals_reference(filter_wise, count, shape, scale):
+    """scale 1e-5: task vectors so small that the product of their norms is below 1e-6, which mergekit
+    divides by instead (the cosines shrink, and with them t)."""
+    base, models = correlated_models(25, count, shape, scale)
+    out = run_method("model_stock", base, models, filter_wise=filter_wise)
+    close(out, ref.model_stock(base, models, filter_wise))
+    assert out.dtype == base.dtype
+
+
+def test_model_stock_interpolates_by_the_angle_and_keeps_the_base_when_singular():
+    """Orthogonal task vectors (cos φ = 0) give t = 0, the base; identical ones (cos φ = 1) t = 1, their mean;
+    opposite ones (1 + (N−1) cos φ = 0) the base too, instead of dividing by zero."""
+    base, (m1, m2) = random_models(26, count=2)
+    tau = m1 - base
+    orthogonal = m2 - base - ((m2 - base) * tau).sum() / (tau * tau).sum() * tau
+    torch.testing.assert_close(run_method("model_stock", base, [m1, base + orthogonal]), base, rtol=0, atol=1e-7)
+    torch.testing.assert_close(run_method("model_stock", base, [m1, m1]), m1, rtol=0, atol=1e-7)
+    assert torch.equal(run_method("model_stock", base, [m1, base - tau]), base)
+
+
+GAMMAS = [0.05, 0.2, 0.0]
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("rescale", "normalize", "lam"), [(False, False, 1.0), (True, False, 0.7), (False, True, 1.3)])
+def test_breadcrumbs_equal_reference(method, rescale, normalize, lam):
+    base, models = random_models(28)
+    w = weights_for(normalize)
+    out = run_method(method, base, models, w, DENSITIES, per_model={"gamma": GAMMAS}, rescale=rescale,
+                     normalize=normalize, **{"lambda": lam})
+    expected = ref.breadcrumbs(base, [m - base for m in models], w, DENSITIES, GAMMAS, rescale,
+                               consensus=method == "breadcrumbs_ties", normalize=normalize, lam=lam)
+    close(out, expected)
+
+
+@pytest.mark.parametrize(("density", "gamma", "kept_ranks"), [
+    (0.3, 0.1, (10, 40)),  # drop the 10 largest, keep the next 30, drop the 60 smallest
+    (0.9, 0.2, (10, 100)),  # ρ + γ > 1: the density wins, only 10 are dropped from the top
+    (0.5, 0.0, (0, 50)),  # γ = 0: TIES' trim
+    (0.0, 0.3, (0, 0)),  # nothing kept
+    (1.0, 0.3, (0, 100)),  # ρ = 1 keeps everything, whatever γ
+])
+def test_breadcrumbs_mask_keeps_the_band_below_the_outliers(density, gamma, kept_ranks):
+    """Magnitudes 1..100 in random order: the kept entries are exactly those of rank (largest first)
+    kept_ranks[0] + 1 .. kept_ranks[1]."""
+    from hm3.merge import ops
+
+    magnitudes = torch.randperm(100, generator=gen(29)).double() + 1
+    signs = torch.where(torch.rand(100, generator=gen(30)) < 0.5, -1.0, 1.0).double()
+    delta = (magnitudes * signs).float().reshape(10, 10)
+    keep = ops.breadcrumbs_mask(delta, density, gamma)
+    low, high = kept_ranks
+    assert torch.equal(keep.reshape(-1), (magnitudes <= 100 - low) & (magnitudes > 100 - high))
+    assert torch.equal(keep, ref.breadcrumbs_mask(delta, density, gamma))
+
+
+EPSILONS = [0.1, 0.15, 0.05]
+DELLA_DENSITIES = [0.3, 0.5, 0.7]  # ρ ± ε inside (0, 1)
+
+
+def _della_masks(deltas, densities, epsilons, seeds) -> list[torch.Tensor]:
+    return [ref.della_mask(d, rho, eps, gen(s)) for d, rho, eps, s in zip(deltas, densities, epsilons, seeds, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("rescale_mode", "normalize"), [("l1", None), ("inverse", False), ("none", True)])
+def test_della_methods_equal_reference_with_the_masks_of_their_seeds(method, rescale_mode, normalize):
+    base, models = random_models(32)
+    deltas = [m - base for m in models]
+    seeds = [41, 42, 43]
+    normalize = (method == "della") if normalize is None else normalize  # None: the method's default
+    w = weights_for(normalize)
+    out = run_method(method, base, models, w, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=seeds,
+                     rescale_mode=rescale_mode, normalize=normalize, **{"lambda": 0.8})
+    masks = _della_masks(deltas, DELLA_DENSITIES, EPSILONS, seeds)
+    expected = ref.della_merge(base, deltas, w, DELLA_DENSITIES, EPSILONS, masks, rescale_mode,
+                               consensus=method == "della", normalize=normalize, lam=0.8)
+    close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(6, 50), (300,), (5, 1), (3, 4, 7)])
+def test_della_probabilities_ramp_from_density_minus_to_plus_epsilon_by_magnitude_within_each_row(shape):
+    from hm3.merge import ops
+
+    delta = torch.randn(shape, generator=gen(33))
+    p = ops.della_probabilities(delta, 0.4, 0.1)
+    close(p, ref.della_probabilities(delta, 0.4, 0.1))
+    rows = p.reshape(1, -1) if delta.dim() < 2 else p
+    if rows.shape[1] > 1:
+        assert torch.allclose(rows.amin(1), torch.tensor(0.3)) and torch.allclose(rows.amax(1), torch.tensor(0.5))
+    close(rows.double().mean(1), torch.full(rows.mean(1).shape, 0.4, dtype=torch.float64))  # the mean is the density
+
+
+def test_della_with_epsilon_zero_is_dare_on_the_same_draws():
+    base, models = random_models(34)
+    for rescale_mode in ("l1", "inverse", "none"):
+        della = run_method("della_linear", base, models, WEIGHTS, DENSITIES, per_model={"epsilon": [0.0] * 3},
+                           rescale_mode=rescale_mode)
+        assert torch.equal(della, run_method("dare_linear", base, models, WEIGHTS, DENSITIES, rescale_mode=rescale_mode))
+
+
+def test_della_keeps_each_entry_with_its_probability():
+    """One model, no rescale: over the entries of each magnitude decile, the kept fraction is the mean
+    probability of that decile (within 5 standard deviations), rising from ρ − ε to ρ + ε."""
+    base, (model,) = random_models(35, count=1, shape=(1, 40000))
+    rho, eps = 0.5, 0.3
+    out = run_method("della_linear", base, [model], [1.0], [rho], per_model={"epsilon": [eps]}, rescale_mode="none")
+    kept = ((out - base) != 0).reshape(-1)
+    order = torch.argsort((model - base).abs().reshape(-1))
+    fractions = []
+    for decile in order.chunk(10):
+        expected = float(ref.della_probabilities(model - base, rho, eps).reshape(-1)[decile].mean())
+        n = decile.numel()
+        fraction = float(kept[decile].double().mean())
+        assert abs(fraction - expected) <= 5 * math.sqrt(expected * (1 - expected) / n)
+        fractions.append(fraction)
+    assert fractions[0] < 0.3 and fractions[-1] > 0.7
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_reproducible_by_seed(method):
+    base, models = random_models(36)
+    runs = [run_method(method, base, models, POSITIVE_WEIGHTS, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=s)
+            for s in ([1, 2, 3], [1, 2, 3], [1, 2, 4])]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_the_mean_of_many_della_seeds_is_the_undropped_merge():
+    """E[m_i / p_i] = 1, so with the paper's inverse rescale the mean della_linear merge is task arithmetic."""
+    base, models = random_models(37, count=3, shape=(20, 20))
+    runs, rho = 600, DELLA_DENSITIES
+    total = torch.zeros_like(base, dtype=torch.float64)
+    for s in range(runs):
+        total += run_method("della_linear", base, models, WEIGHTS, rho, per_model={"epsilon": EPSILONS},
+                            seeds=[1000 * s + k for k in range(3)], rescale_mode="inverse").double() - base
+    deltas = [(m - base).double() for m in models]
+    undropped = sum(wk * d for wk, d in zip(WEIGHTS, deltas, strict=True))
+    ps = [ref.della_probabilities(m - base, r, e) for m, r, e in zip(models, rho, EPSILONS, strict=True)]
+    sd = torch.sqrt(sum(wk**2 * d**2 * (1 - p) / p for wk, d, p in zip(WEIGHTS, deltas, ps, strict=True)) / runs)
+    assert ((total / runs - undropped).abs() <= 5 * sd + 1e-7).all()
+
+
+def test_della_refuses_probabilities_outside_zero_one():
+    from hm3.errors import ConfigError
+
+    base, models = random_models(38)
+    with pytest.raises(ConfigError, match=r"^della: density ± epsilon must lie strictly between 0 and 1; "
+                                          r"got density 0.9, epsilon 0.15$"):
+        run_method("della", base, models, WEIGHTS, [0.5, 0.9, 0.5])
+    from hm3.merge.ops import della_problem
+
+    assert della_problem(0.5, 0.5) is not None and della_problem(0.25, 0.25) is not None  # p = 0 or 1: refused
+    assert della_problem(0.5, 0.4999) is None and della_problem(0.3, 0.0) is None
+    # density 1 and 0 keep and drop everything whatever epsilon, as in mergekit
+    close(run_method("della_linear", base, models, WEIGHTS, [1.0, 0.0, 1.0], per_model={"epsilon": [0.9] * 3}),
+          ref.task_arithmetic(base, [models[0] - base, 0 * base, models[2] - base], WEIGHTS))
+
+
+NUSLERP_LAYOUTS = [(True, False), (False, False), (False, True)]  # (nuslerp_flatten, nuslerp_row_wise)
+
+
+@pytest.mark.parametrize(("flatten", "row_wise"), NUSLERP_LAYOUTS)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", [SHAPE, (41,), (3, 5, 7)])
+def test_nuslerp_equals_reference(flatten, row_wise, with_base, shape):
+    base, models = random_models(40, count=2, shape=shape)
+    w = [0.7, 0.4]
+    out = run_method("nuslerp", base if with_base else None, models, w, nuslerp_flatten=flatten,
+                     nuslerp_row_wise=row_wise)
+    close(out, ref.nuslerp(base if with_base else None, models, w, flatten, row_wise))
+
+
+def test_nuslerp_weights_set_t_and_colinear_rows_are_linear():
+    """t = w_2 / (w_1 + w_2): weights (1, 0) give the first model, (0, 1) the second, a zero sum t = ½; a row
+    whose two vectors are parallel is interpolated linearly (the spherical formula would divide by sin 0)."""
+    base, (m1, m2) = random_models(41, count=2)
+    for w, expected in (([1.0, 0.0], m1), ([0.0, 2.0], m2)):
+        torch.testing.assert_close(run_method("nuslerp", None, [m1, m2], w), expected, rtol=1e-5, atol=1e-7)
+    close(run_method("nuslerp", None, [m1, m2], [0.3, -0.3]), ref.nuslerp(None, [m1, m2], [1.0, 1.0]))
+    parallel = m1.clone()
+    parallel[0] = 3 * m1[0]  # row 0 of the pair is colinear, the other rows are not
+    out = run_method("nuslerp", None, [m1, parallel], [1.0, 3.0], nuslerp_flatten=False)
+    torch.testing.assert_close(out[0], 0.25 * m1[0] + 0.75 * parallel[0])
+    close(out, ref.nuslerp(None, [m1, parallel], [1.0, 3.0], flatten=False))
+    unchanged = m1.clone()
+    unchanged[2] = base[2]  # a row the fine-tune left alone: a zero task vector, normalised by 1e-7, not by 0
+    out = run_method("nuslerp", base, [unchanged, m2], [1.0, 1.0], nuslerp_flatten=False)
+    assert torch.isfinite(out).all()
+    close(out, ref.nuslerp(base, [unchanged, m2], [1.0, 1.0], flatten=False))
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
+@pytest.mark.parametrize("scale", [0.01, 1e-4])  # 1e-4: mean squares sum below 1e-6, so the weights are 1/M
+def test_sce_equals_reference(select_topk, scale):
+    """The first rows are left alone by every fine-tune: zero variance, not counted in select_topk's share."""
+    base, models = correlated_models(43, 3, SHAPE, scale)
+    for m in models:
+        m[:10] = base[:10]
+    close(run_method("sce", base, models, select_topk=select_topk),
+          ref.sce(base, [m - base for m in models], select_topk))
+
+
+def test_sce_weights_by_mean_square_and_erases_minority_signs():
+    """Where only one model agrees with the elected sign its value is kept whole; where both agree they are
+    averaged with weights proportional to their mean squares."""
+    base = torch.zeros(5)
+    t1, t2 = torch.tensor([3.0, 0.0, -1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0, 0.0, 4.0])
+    # mean squares 14/5 and 21/5: w = (0.4, 0.6); entry 2: Σ τ = +1 elects +, only model 2 agrees;
+    # entry 3: nobody moved; entry 4: both agree, 0.4·2 + 0.6·4
+    out = run_method("sce", base, [base + t1, base + t2])
+    torch.testing.assert_close(out, torch.tensor([3.0, 1.0, 2.0, 0.0, 3.2]))
+
+
+def spread_models(seed: int, count: int, shape=SHAPE) -> list[torch.Tensor]:
+    """Tensors at wide angles to each other (independent directions, different norms)."""
+    g = gen(seed)
+    return [torch.randn(*shape, generator=g) * (0.5 + k) for k in range(count)]
+
+
+def karcher_case(case: str, seed: int) -> list[torch.Tensor]:
+    """with_zero / with_tiny: a tensor of norm 0 or 1e-7 ≤ tol has no direction, but its norm still counts in
+    the mean norm; antipodal: the directions' mean is 0, so the iteration starts from the first direction."""
+    if case == "fine_tunes":
+        return random_models(seed, count=3)[1]
+    if case == "one":
+        return spread_models(seed, 1)
+    if case == "all_zero":
+        return [torch.zeros(SHAPE)] * 2
+    if case == "antipodal":  # float64: in float32 the Ω/sin Ω at Ω ≈ π amplifies rounding (in mergekit too)
+        (a,) = spread_models(seed, 1)
+        return [a.double(), -2 * a.double()]
+    models = spread_models(seed, 3)
+    if case == "with_zero":
+        models.append(torch.zeros(SHAPE))
+    if case == "with_tiny":
+        models.append(torch.full(SHAPE, 1e-7 / math.sqrt(models[0].numel())))
+    return models
+
+
+@pytest.mark.parametrize(("case", "max_iter"), [("fine_tunes", 10), ("spread", 10), ("spread", 0), ("spread", 2),
+                                                ("with_zero", 10), ("with_tiny", 10), ("antipodal", 10), ("one", 10),
+                                                ("all_zero", 10)])
+def test_karcher_equals_reference(case, max_iter):
+    models = karcher_case(case, 46)
+    # entries of order 1 here (0.02 elsewhere): float32 rounding is 1e-7 of them, hence atol 1e-6
+    torch.testing.assert_close(run_method("karcher", None, models, max_iter=max_iter).double(),
+                               ref.karcher(models, max_iter), rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_of_two_tensors_is_the_slerp_midpoint_at_their_mean_norm():
+    """On the sphere the Karcher mean of two points is the midpoint of the arc between them."""
+    a, b = spread_models(47, 2)
+    out = run_method("karcher", None, [a, b], max_iter=50, tol=1e-7).double()
+    direction = ref.slerp(0.5, a / a.norm(), b / b.norm())
+    expected = (a.norm() + b.norm()).double() / 2 * direction / direction.norm()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
 
 
@@ -220,6 +528,119 @@ def test_dare_methods_equal_mergekit_given_the_same_masks(monkeypatch, method, r
     monkeypatch.undo()
     out = run_method(method, base, models, w, DENSITIES, seeds=seeds, normalize=normalize, rescale=rescale)
     assert (out - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.7, 1.0])
+@pytest.mark.parametrize("base_index", [0, 1])
+def test_slerp_equals_mergekit(t, base_index):
+    """The base is the t = 0 end wherever it sits among mergekit's inputs."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, other = _pair(24)
+    inputs = [base, other] if base_index == 0 else [other, base]
+    expected = api.merge_tensors(inputs, "slerp", parameters={"t": t}, base_index=base_index)
+    assert (run_method("slerp", base, [other], t=t) - expected).abs().max() <= 1e-6
+    close(expected, ref.slerp(t, base, other))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize(("count", "shape"), [(2, SHAPE), (3, SHAPE), (3, (53,))])
+def test_model_stock_equals_mergekit(filter_wise, count, shape):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = correlated_models(27, count, shape)
+    expected = api.merge_tensors([base, *models], "model_stock", parameters={"filter_wise": filter_wise}, base_index=0)
+    assert (run_method("model_stock", base, models, filter_wise=filter_wise) - expected).abs().max() <= 1e-6
+    close(expected, ref.model_stock(base, models, filter_wise))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(False, False), (True, True)])
+def test_breadcrumbs_equal_mergekit(method, rescale, normalize):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(31)
+    params = mergekit_params(POSITIVE_WEIGHTS, DENSITIES, rescale=rescale, normalize=normalize, **{"lambda": 0.9})
+    params["gamma"] = {k + 1: g for k, g in enumerate(GAMMAS)}
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    out = run_method(method, base, models, POSITIVE_WEIGHTS, DENSITIES, per_model={"gamma": GAMMAS}, rescale=rescale,
+                     normalize=normalize, **{"lambda": 0.9})
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.breadcrumbs(base, [m - base for m in models], POSITIVE_WEIGHTS, DENSITIES, GAMMAS, rescale,
+                                    consensus=method == "breadcrumbs_ties", normalize=normalize, lam=0.9))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("rescale", "normalize"), [(True, None), (False, True), (True, False)])
+def test_della_equals_mergekit_given_the_same_masks(monkeypatch, method, rescale, normalize):
+    """mergekit draws DELLA's masks with torch.bernoulli(p): its p are checked against the reference's, and
+    it is served the masks hm3's seeds draw."""
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(39)
+    deltas = [m - base for m in models]
+    seeds = [51, 52, 53]
+    normalize = (method == "della") if normalize is None else normalize
+    served = iter(_della_masks(deltas, DELLA_DENSITIES, EPSILONS, seeds))
+    asked = []
+
+    def bernoulli(p, *args, **kwargs):
+        asked.append(p.clone())
+        return next(served).to(p.dtype).reshape(p.shape)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    params = mergekit_params(POSITIVE_WEIGHTS, DELLA_DENSITIES, normalize=normalize, rescale=rescale)
+    params["epsilon"] = {k + 1: e for k, e in enumerate(EPSILONS)}
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    monkeypatch.undo()
+    assert next(served, None) is None  # one mask per model
+    for p, d, rho, eps in zip(asked, deltas, DELLA_DENSITIES, EPSILONS, strict=True):
+        close(p.reshape(d.shape), ref.della_probabilities(d, rho, eps))
+    out = run_method(method, base, models, POSITIVE_WEIGHTS, DELLA_DENSITIES, per_model={"epsilon": EPSILONS}, seeds=seeds,
+                     normalize=normalize, rescale=rescale)
+    assert (out - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("flatten", "row_wise"), NUSLERP_LAYOUTS)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_equals_mergekit(flatten, row_wise, with_base):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(42, count=2)
+    w = [0.35, 0.9]
+    params = {"weight": {1: w[0], 2: w[1]}, "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    if with_base:
+        expected = api.merge_tensors([base, *models], "nuslerp", parameters=params, base_index=0)
+    else:
+        params["weight"] = {0: w[0], 1: w[1]}
+        expected = api.merge_tensors(models, "nuslerp", parameters=params)
+    out = run_method("nuslerp", base if with_base else None, models, w, nuslerp_flatten=flatten,
+                     nuslerp_row_wise=row_wise)
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.nuslerp(base if with_base else None, models, w, flatten, row_wise))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+@pytest.mark.parametrize("scale", [0.01, 1e-4])
+def test_sce_equals_mergekit(select_topk, scale):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = correlated_models(44, 3, SHAPE, scale)
+    expected = api.merge_tensors([base, *models], "sce", parameters={"select_topk": select_topk}, base_index=0)
+    assert (run_method("sce", base, models, select_topk=select_topk) - expected).abs().max() <= 1e-6
+    close(expected, ref.sce(base, [m - base for m in models], select_topk))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("case", "max_iter", "tol"), [("fine_tunes", 10, 1e-5), ("spread", 10, 1e-5),
+                                                       ("spread", 3, 1e-3), ("with_zero", 10, 1e-5),
+                                                       ("with_tiny", 10, 1e-5)])
+def test_karcher_equals_mergekit(case, max_iter, tol):
+    api = pytest.importorskip("mergekit.merge_methods")
+    models = karcher_case(case, 49)
+    expected = api.merge_tensors(models, "karcher", parameters={"max_iter": max_iter, "tol": tol})
+    assert (run_method("karcher", None, models, max_iter=max_iter, tol=tol) - expected).abs().max() <= 1e-6
+    torch.testing.assert_close(expected.double(), ref.karcher(models, max_iter, tol), rtol=1e-5, atol=1e-6)
 
 
 # --- DARE in expectation --------------------------------------------------------------------------------------
@@ -311,14 +732,28 @@ def test_defaults_and_flags_are_mergekits():
     assert defaults["dare_ties"]["normalize"] is False and defaults["dare_ties"]["rescale"] is True
     assert defaults["dare_linear"]["normalize"] is False and defaults["dare_linear"]["rescale"] is True
     assert defaults["task_arithmetic"]["normalize"] is False and "density" not in defaults["task_arithmetic"]
-    assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear"}
+    assert {n for n, m in MERGE_METHODS.items() if m.uses_randomness} == {"dare_ties", "dare_linear", "della",
+                                                                          "della_linear"}
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.supports_fisher} == {"linear"}
-    assert {n for n, m in MERGE_METHODS.items() if m.needs_base} == {"task_arithmetic", "ties", "dare_ties",
-                                                                     "dare_linear", "df_merge"}
-    assert {n: m.mergekit_name for n, m in MERGE_METHODS.items()} == {
-        "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
-        "dare_linear": "dare_linear", "fisher": None, "df_merge": None}
+    assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
+                                                                         "dare_linear", "fisher", "df_merge"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp", "karcher"}
+    assert defaults["karcher"] == {"max_iter": 10, "tol": 1e-5}
+    assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp"}
+    assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
+    assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
+                                                                                            "df_merge": None}
+    assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
+    assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
+        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2)}
+    assert defaults["model_stock"] == {"filter_wise": False}
+    assert defaults["sce"] == {"select_topk": 1.0, "int8_mask": False}
+    gta = {"lambda": 1.0, "int8_mask": False, "weight": None, "density": 1.0}
+    for name in ("breadcrumbs", "breadcrumbs_ties"):
+        assert defaults[name] == gta | {"normalize": False, "rescale": False, "gamma": 0.01}
+    assert defaults["della"] == gta | {"normalize": True, "rescale": True, "rescale_mode": None, "epsilon": 0.15}
+    assert defaults["della_linear"] == defaults["della"] | {"normalize": False}
+    assert {n for n, m in MERGE_METHODS.items() if m.check_model is not None} == {"della", "della_linear"}
     assert [p.name for p in MERGE_METHODS["ties"].model_params if p.required] == ["weight"]
     assert [p.name for p in (*MERGE_METHODS["ties"].params, *MERGE_METHODS["ties"].model_params)
             if p.hm3_only] == ["rescale_mode", "fisher"]
@@ -331,10 +766,13 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.errors import ConfigError
     from hm3.merge.methods import all_parameter_names, merge_method
 
-    with pytest.raises(ConfigError, match="^unknown merge_method 'slerp'; known methods: dare_linear, dare_ties, "
-                                          "df_merge, fisher, linear, task_arithmetic, ties$"):
-        get_method("slerp")
+    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
+                                          "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
+                                          "fisher, karcher, linear, model_stock, nuslerp, sce, slerp, "
+                                          "task_arithmetic, ties$"):
+        get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
-                                     "rescale_mode"}
+                                     "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
+                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol"}
