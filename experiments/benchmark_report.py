@@ -47,7 +47,8 @@ class Results:
 
     def __init__(self, results: Iterable[Result]) -> None:
         latest: dict[tuple[str, str], Result] = {}
-        for r in sorted(results, key=lambda r: (r.date, r.name)):
+        # same day: the time the file records (a commit hash in the name says nothing of order), then the name
+        for r in sorted(results, key=lambda r: (r.date, str(r.get("date") or ""), r.name)):
             latest[(r.benchmark, r.label)] = r  # a later file of the same benchmark and label supersedes
         self._current = latest
 

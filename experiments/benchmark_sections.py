@@ -698,6 +698,19 @@ def render_sandbox(results: Results) -> str:
 COMPOSITIONAL = ("composite", "math", "language")
 
 
+def compositional_seed_verdict(seed: str, arms: dict[str, Any]) -> str:
+    """One seed against the targets: HV of two levels against level 1 alone on both splits, and the best
+    composite score two levels found against the best level-1 merge's (the +0.05 target)."""
+    two, one = arms["two_levels"], arms["level1_alone"]
+    beats = {split: two[f"hv_{split}"] > one[f"hv_{split}"] for split in ("validation", "test")}
+    lift = two["best_composite"]["validation"] - one["best_composite"]["validation"]
+    return (f"Seed {seed}: two levels {'beat' if all(beats.values()) else 'do not beat'} level 1 alone in HV "
+            f"(validation {num(two['hv_validation'])} vs {num(one['hv_validation'])}, test "
+            f"{num(two['hv_test'])} vs {num(one['hv_test'])}); their best composite score is "
+            f"{lift:+.3f} against level 1 alone's on validation (target +0.05: "
+            f"{verdict(lift >= 0.05)}).")
+
+
 def render_compositional(results: Results) -> str:
     """The build's score matrix, then each finished arm of the ablation (a partial report while it runs)."""
     found = results.of("compositional_ablation", "(partial)?")
@@ -723,8 +736,11 @@ def render_compositional(results: Results) -> str:
                          num(a["best_composite"]["validation"]), num(a["best_composite"]["test"]),
                          num(a["cost_equivalents"], ".1f")])
     if r.label == "partial":
+        done = [seed for seed, arms in r.get("per_seed").items() if {"two_levels", "level1_alone"} <= set(arms)]
         parts.append("**The ablation is still running** (it resumes per arm and per evaluation): the arms finished "
-                     "so far. No target can be judged before two levels and level 1 alone have both finished.")
+                     f"so far. The targets ask for 3 of 3 seeds; {len(done)} "
+                     f"{'has' if len(done) == 1 else 'have'} both two levels and level 1 alone.")
+        parts.extend(compositional_seed_verdict(seed, r.get("per_seed")[seed]) for seed in done)
     parts.append(table(["seed", "arm", "HV validation", "HV test", "best composite, validation", "its test score",
                         "cost (full evaluations)"], rows))
     if r.label == "partial":

@@ -35,6 +35,13 @@ def test_a_later_run_of_a_benchmark_and_label_supersedes_the_earlier_one():
     assert [r.label for r in results.of("b")] == ["x", "y"]
 
 
+def test_on_the_same_day_the_recorded_time_decides_not_the_commit_hash():
+    early = Result(Path("b_2026-12-03_fffffff.json"), "b", "2026-12-03", "fffffff", "", {"date": "2026-12-03T09:00:00"})
+    late = Result(Path("b_2026-12-03_0000000.json"), "b", "2026-12-03", "0000000", "", {"date": "2026-12-03T21:00:00"})
+    assert Results([late, early]).one("b").commit == "0000000"
+    assert Results([early, late]).one("b").commit == "0000000"
+
+
 def test_a_page_section_says_when_its_benchmark_has_not_been_run(tmp_path):
     (tmp_path / "bench_merge_2026-12-01_abcdef0.json").write_text(json.dumps({"unrelated": True}))
     text = report_benchmarks.page(Results.read(tmp_path), [s for s in report_benchmarks.SECTIONS
