@@ -269,7 +269,10 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
 )
 def _ties(x: TensorInputs) -> torch.Tensor:
     """TIES: trim to top-density magnitude, elect sign, disjoint (weighted) mean."""
-    return ops.ties(x.base, _deltas(x), _weights(x), _densities(x), **_gta_options(x))
+    mode = _rescale(x)
+    if mode not in ("none", "l1"):
+        raise ConfigError(f"ties: rescale_mode {mode!r} is for random drops; a magnitude trim takes 'l1' or 'none'")
+    return ops.ties(x.base, _deltas(x), _weights(x), _densities(x), rescale_l1=mode == "l1", **_gta_options(x))
 
 
 @merge_method(

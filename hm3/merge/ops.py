@@ -331,16 +331,21 @@ def ties(
     normalize: bool = True,
     lam: float = 1.0,
     importance: Tensor | None = None,
+    rescale_l1: bool = False,
 ) -> Tensor:
     """TIES-Merging: θ = θ_base + λ · Σ_k [sign(w_k τ̃_k) = γ] w_k τ̃_k, with τ̃_k = trim(τ_k, ρ_k)
     and γ = elect_sign(w ⊙ τ̃) (the disjoint merge).
 
     ``normalize`` (mergekit's default for ties) divides each parameter by the summed
     weights of the models that agree with γ. ``importance`` gives the Fisher-weighted
-    variant (w_k → w_k·I_k; see :func:`fisher_importance`).
+    variant (w_k → w_k·I_k; see :func:`fisher_importance`). ``rescale_l1`` (mergekit's
+    ``rescale: true``) scales each trimmed τ̃_k back to ‖τ_k‖₁ before the sign election.
     """
     _require_same_length(deltas=deltas, weights=weights, densities=densities)
     stacked = _trimmed_stack(base, deltas, densities)
+    if rescale_l1:
+        for k, delta in enumerate(deltas):
+            match_l1_(stacked[k], delta)
     return _sign_consensus_merge(base, stacked, weights, normalize=normalize, lam=lam, importance=importance)
 
 

@@ -114,9 +114,14 @@ def ties(
     normalize: bool = True,
     lam: float = 1.0,
     fishers: Sequence[Tensor] | None = None,
+    rescale: bool = False,
 ) -> Tensor:
-    """TIES: trim each τ_k to its top-ρ_k magnitudes, elect a sign per parameter, average the agreeing ones."""
-    trimmed = _f64([d.double() * magnitude_mask(d, rho) for d, rho in zip(deltas, densities, strict=True)])
+    """TIES: trim each τ_k to its top-ρ_k magnitudes (times ‖τ_k‖₁ / ‖trimmed‖₁ with ``rescale``), elect a
+    sign per parameter, average the agreeing ones."""
+    trimmed = [d.double() * magnitude_mask(d, rho) for d, rho in zip(deltas, densities, strict=True)]
+    if rescale:
+        trimmed = [l1_rescaled(t, d) for t, d in zip(trimmed, deltas, strict=True)]
+    trimmed = _f64(trimmed)
     w = _per_model(weights, trimmed) * torch.ones_like(trimmed)
     if fishers is not None:
         w = w * importance(fishers)

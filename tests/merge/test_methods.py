@@ -107,6 +107,21 @@ def test_ties_equals_reference(normalize, lam, fisher):
     close(out, expected)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_rescale_matches_each_trimmed_task_vector_to_its_l1_norm(normalize):
+    """mergekit's ``rescale: true`` on ties (and hm3's ``rescale_mode: l1``); a random-drop mode is refused."""
+    base, models = random_models(13)
+    w = weights_for(normalize)
+    expected = ref.ties(base, [m - base for m in models], w, DENSITIES, normalize, 1.0, None, rescale=True)
+    close(run_method("ties", base, models, w, DENSITIES, normalize=normalize, rescale=True), expected)
+    close(run_method("ties", base, models, w, DENSITIES, normalize=normalize, rescale_mode="l1"), expected)
+    assert not torch.allclose(run_method("ties", base, models, w, DENSITIES, normalize=normalize).double(), expected)
+    from hm3.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ties: rescale_mode 'inverse'"):
+        run_method("ties", base, models, w, DENSITIES, rescale_mode="inverse")
+
+
 def _masks(deltas: Sequence[torch.Tensor], densities: Sequence[float], seeds: Sequence[int]) -> list[torch.Tensor]:
     return [ref.dare_mask(d.shape, rho, gen(s)) for d, rho, s in zip(deltas, densities, seeds, strict=True)]
 
@@ -496,6 +511,9 @@ def test_references_equal_mergekit(normalize, lam):
     shared = {"normalize": normalize, "lambda": lam}
     mk = api.merge_tensors([base, *models], "ties", parameters=mergekit_params(w, DENSITIES, **shared), base_index=0)
     close(mk, ref.ties(base, deltas, w, DENSITIES, normalize, lam))
+    mk = api.merge_tensors([base, *models], "ties", parameters=mergekit_params(w, DENSITIES, rescale=True, **shared),
+                           base_index=0)
+    close(mk, ref.ties(base, deltas, w, DENSITIES, normalize, lam, rescale=True))
     mk = api.merge_tensors([base, *models], "task_arithmetic", parameters=mergekit_params(w, **shared), base_index=0)
     close(mk, ref.task_arithmetic(base, deltas, w, normalize, lam))
     mk = api.merge_tensors(models, "linear", parameters={"weight": w, "normalize": normalize})
