@@ -425,13 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # front, export and request read finished runs through hm3.run, which imports level 2 (rl) too
     fr = command(sub, "front", cmd_front, "print a finished run's front table and rewrite its plot (hm3 run or "
-                 "hm3 search param)", ("search", "rl"))
+                 "hm3 search param)", ("search",))
     fr.add_argument("run_dir")
     fr.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
                     help="instead: write one self-contained interactive page (default RUN_DIR/front.html)")
 
     ex = command(sub, "export", cmd_export, "write a front point of a run as a Hugging Face checkpoint",
-                 ("search", "rl"))
+                 ("search",))
     ex.add_argument("run_dir")
     ex.add_argument("--point", type=int, required=True, help="point id (the 'point' column of front.csv)")
     ex.add_argument("out_dir")

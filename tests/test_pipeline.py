@@ -650,3 +650,20 @@ def test_a_run_stored_in_format_1_resumes_and_is_read_as_a_current_one(finished,
 
 def _config_of(stored: dict) -> dict:
     return dict(stored["level1"]) | {"level2": stored["level2"]}
+
+
+def test_front_and_export_of_a_two_level_run_need_no_rl_extra(finished, tmp_path_factory, tmp_path):
+    """Reading a finished run and writing its points (layer paths included) is the search extra's work;
+    gymnasium is only for running level 2."""
+    from tests.test_extras import hm3_without
+
+    run, _ = finished
+    sites = tmp_path_factory.mktemp("sites")
+    shown = hm3_without(["gymnasium"], sites, "front", str(run))
+    assert shown.returncode == 0, shown.stderr
+    candidates = pd.read_csv(run / "front.csv")
+    for kind in set(candidates["kind"]):
+        point = candidates[candidates["kind"] == kind]["point"].iloc[0]
+        written = hm3_without(["gymnasium"], sites, "export", str(run), "--point", str(point), str(tmp_path / kind))
+        assert written.returncode == 0, (kind, written.stderr)
+        assert (tmp_path / kind / "config.json").is_file()
