@@ -173,12 +173,17 @@ def test_precomputed_task_vectors_are_the_ones_merged():
                                rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-def test_dare_refuses_task_vectors_that_do_not_match_the_models(method):
-    """Two task vectors for three models' densities: an error, never a merge that silently drops a model."""
+@pytest.mark.parametrize(("method", "per_model"), [
+    ("dare_ties", None), ("dare_linear", None), ("breadcrumbs", {"gamma": [0.05, 0.2, 0.0]}),
+    ("breadcrumbs_ties", {"gamma": [0.05, 0.2, 0.0]}), ("della", {"epsilon": [0.1, 0.15, 0.05]}),
+    ("della_linear", {"epsilon": [0.1, 0.15, 0.05]}),
+])
+def test_sparsifying_methods_refuse_task_vectors_that_do_not_match_the_models(method, per_model):
+    """Two task vectors for three models' parameters: an error, never a merge that silently drops a model."""
     base, models = random_models(12)
     with pytest.raises(ValueError, match="zip"):
-        run_method(method, base, models, WEIGHTS, DENSITIES, deltas=[m - base for m in models[:2]])
+        run_method(method, base, models, WEIGHTS, [0.3, 0.5, 0.7], per_model=per_model,
+                   deltas=[m - base for m in models[:2]])
 
 
 def test_fisher_merge_and_df_merge_equal_reference():
@@ -739,6 +744,16 @@ def test_parameter_checks_accept_the_range_and_say_what_is_wrong(check, value, p
     method = get_method("dare_ties")
     spec = method.param(check) or method.model_param(check)
     assert spec is not None and spec.check(value) == problem
+
+
+@pytest.mark.parametrize(("check", "value", "problem"), [
+    ("max_iter", 0, None), ("max_iter", 3, None), ("max_iter", -1, "must be a whole number ≥ 0, got -1"),
+    ("max_iter", 2.0, "must be a whole number ≥ 0, got 2.0"), ("max_iter", True, "must be a whole number ≥ 0, got True"),
+    ("tol", 1e-9, None), ("tol", 0.5, None), ("tol", 0, "must be > 0, got 0"), ("tol", -1e-5, "must be > 0, got -1e-05"),
+    ("tol", "x", "must be a number, got 'x'"),
+])
+def test_karcher_checks_its_iteration_count_and_tolerance(check, value, problem):
+    assert get_method("karcher").param(check).check(value) == problem
 
 
 def test_defaults_and_flags_are_mergekits():
