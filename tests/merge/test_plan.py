@@ -81,3 +81,51 @@ def test_dare_generators_depend_on_seed_tensor_and_model_only():
     digest = hashlib.sha256(b"3/a.weight/0").digest()
     expected = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     assert torch.equal(draw(3, "a.weight", 0), torch.rand(8, generator=expected))
+
+
+# --- resolve_jobs: every parameter of every tensor, from the recipe alone ---------------------------------------
+
+NAMES = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+         "model.layers.2.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight"]
+
+
+def _jobs(method: str, parameters: dict | None, weights: list, **extra) -> dict[str, object]:
+    from hm3.merge.methods import get_method
+    from hm3.merge.plan import resolve_jobs
+
+    recipe = {"merge_method": method, "models": [{"model": f"m{i}", "parameters": {"weight": w}}
+                                                 for i, w in enumerate(weights)], **extra}
+    if parameters:
+        recipe["parameters"] = parameters
+    config = parse_merge_config(recipe)
+    jobs = resolve_jobs(config, get_method(method), tensor_names=NAMES, num_layers=3,
+                        input_refs=[m.model for m in config.models])
+    return {job.name: job for job in jobs}
+
+
+def test_global_parameters_follow_tensor_filters_and_depth_gradients():
+    jobs = _jobs("task_arithmetic", {"lambda": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 2.0}]}, [1, 1],
+                 base_model="b")
+    assert [jobs[n].layer for n in NAMES] == [None, 0, 0, 2, 2]
+    # mlp tensors: the gradient at t = layer / 2; the rest: the unfiltered value
+    assert [jobs[n].params["lambda"] for n in NAMES] == [2.0, 0.0, 2.0, 1.0, 2.0]
+
+
+def test_per_model_parameters_follow_tensor_filters():
+    from hm3.merge.methods import get_method
+    from hm3.merge.plan import resolve_jobs
+
+    config = parse_merge_config({"merge_method": "task_arithmetic", "base_model": "b", "models": [
+        {"model": "m0", "parameters": {"weight": [{"filter": "self_attn", "value": 0.25}, {"value": [1.0, 0.0]}]}},
+        {"model": "m1", "parameters": {"weight": 0.5}}]})
+    jobs = {j.name: j for j in resolve_jobs(config, get_method("task_arithmetic"), tensor_names=NAMES, num_layers=3,
+                                            input_refs=["m0", "m1"])}
+    assert [jobs[n].model_params[0]["weight"] for n in NAMES] == [1.0, 1.0, 0.25, 0.0, 0.25]
+    assert all(jobs[n].model_params[1]["weight"] == 0.5 for n in NAMES)
+
+
+def test_only_a_normalised_linear_merge_refuses_weights_that_sum_to_zero():
+    with pytest.raises(ConfigError, match="^linear with normalize: the model weights sum to 0$"):
+        _jobs("linear", None, [0.5, -0.5])
+    assert _jobs("linear", {"normalize": False}, [0.5, -0.5])  # nothing divides by the sum
+    assert _jobs("task_arithmetic", {"normalize": True}, [0.5, -0.5], base_model="b")  # not a linear merge
