@@ -129,3 +129,51 @@ def test_only_a_normalised_linear_merge_refuses_weights_that_sum_to_zero():
         _jobs("linear", None, [0.5, -0.5])
     assert _jobs("linear", {"normalize": False}, [0.5, -0.5])  # nothing divides by the sum
     assert _jobs("task_arithmetic", {"normalize": True}, [0.5, -0.5], base_model="b")  # not a linear merge
+
+
+# --- plan_merge: dtypes, tokenizer source, seed, inputs ---------------------------------------------------------
+
+
+def _plan_of(family, **extra):
+    recipe = _recipe(family, "task_arithmetic", [None, None]) | extra
+    return plan_merge(parse_merge_config(recipe))
+
+
+def test_dtypes_are_parsed_and_the_output_config_says_the_output_dtype(family):
+    plan = _plan_of(family, dtype="float32", out_dtype="bfloat16")
+    assert (plan.compute_dtype, plan.out_dtype) == (torch.float32, torch.bfloat16)
+    assert plan.output_config["torch_dtype"] == "bfloat16"
+    assert plan.input_refs == [str(family["m1"]), str(family["m2"])] and plan.base is not None
+    assert {job.name for job in plan.jobs} == set(plan.reference.tensor_names())
+    plan.close()
+    plan = _plan_of(family, dtype="float16")  # no out_dtype: the output is written in the compute dtype
+    assert plan.out_dtype == torch.float16 and plan.output_config["torch_dtype"] == "float16"
+    plan.close()
+    plan = _plan_of(family)
+    assert plan.compute_dtype is None and plan.output_config.get("torch_dtype") == plan.reference.config.get(
+        "torch_dtype")
+    plan.close()
+    with pytest.raises(ConfigError, match="^'out_dtype': unknown dtype 'float8'"):
+        _plan_of(family, out_dtype="float8")
+    with pytest.raises(ConfigError, match="^'dtype': unknown dtype 'half'"):
+        _plan_of(family, dtype="half")
+
+
+def test_the_tokenizer_is_the_base_models_and_another_source_is_refused(family):
+    for source in ("base", str(family["base"])):
+        _plan_of(family, tokenizer_source=source).close()
+    with pytest.raises(ConfigError, match="^tokenizer_source 'union' is not supported"):
+        _plan_of(family, tokenizer_source="union")
+
+
+def test_the_seed_is_the_callers_then_the_recipes_then_the_default(family):
+    from hm3.merge.plan import DEFAULT_SEED
+
+    recipe = parse_merge_config(_recipe(family, "task_arithmetic", [None, None]) | {"seed": 7})
+    for seed, expected in ((3, 3), (None, 7)):
+        plan = plan_merge(recipe, seed=seed)
+        assert plan.seed == expected
+        plan.close()
+    plan = _plan_of(family)
+    assert plan.seed == DEFAULT_SEED
+    plan.close()
