@@ -229,3 +229,25 @@ def test_a_stale_fused_kernel_build_lock_is_removed_and_a_young_one_waited_for(t
     assert clear_stale_kernel_lock(stale_after=0.5, poll=0.1) == lock
     assert time.monotonic() - start >= 0.3
     assert "waiting for botorch's fused-kernel build lock" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["bo-mo", "bo-tcheby", "df-merge"])
+def test_mc_samples_sets_the_acquisition_samplers_size(name, monkeypatch):
+    """The ``mc_samples`` option reaches every quasi-MC sampler the method builds (default 64)."""
+    import importlib
+
+    module = importlib.import_module(f"hm3.search.optimizers.{name.replace('-', '_')}")
+    real, shapes = module.SobolQMCNormalSampler, []
+
+    def spy(sample_shape, **kwargs):
+        shapes.append(tuple(sample_shape))
+        return real(sample_shape, **kwargs)
+
+    monkeypatch.setattr(module, "SobolQMCNormalSampler", spy)
+    for options, expected in (({}, 64), ({"mc_samples": 16}, 16)):
+        shapes.clear()
+        opt = get_optimizer(name)(D, 2, seed=0, budget=8, **(_options(name, 8) | options))
+        run(opt, normalised_scores, budget=7)
+        assert shapes and set(shapes) == {(expected,)}
+    with pytest.raises(ConfigError, match="mc_samples"):
+        get_optimizer(name)(D, 2, seed=0, budget=8, **(_options(name, 8) | {"mc_samples": 0}))

@@ -19,7 +19,6 @@ from hm3.errors import ConfigError
 from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
 from hm3.search.optimizers.bayes import (
-    MC_SAMPLES,
     BayesOptimizer,
     BayesOptions,
     check_kernel_lock_once,
@@ -61,7 +60,7 @@ class BoMo(BayesOptimizer):
                 model=model,
                 ref_point=self.ref_point.tolist(),
                 X_baseline=self.X,
-                sampler=SobolQMCNormalSampler(torch.Size([MC_SAMPLES]), seed=self.rng_seed(1) % 2**31),
+                sampler=SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=self.rng_seed(1) % 2**31),
                 prune_baseline=True,
             )
             return self.maximise(acqf, q=n)

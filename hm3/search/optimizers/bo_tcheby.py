@@ -21,7 +21,7 @@ from pydantic import Field
 from hm3.errors import ConfigError
 from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, BayesOptions, fit_gp
+from hm3.search.optimizers.bayes import BayesOptimizer, BayesOptions, fit_gp
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 
 with extra_imports("search", "the bo-tcheby optimiser"):
@@ -82,7 +82,7 @@ class BoTcheby(BayesOptimizer):
                     model=fit_gp(self.X, target),
                     X_baseline=self.X,
                     sampler=SobolQMCNormalSampler(
-                        torch.Size([MC_SAMPLES]), seed=self.rng_seed(100 + j) % 2**31
+                        torch.Size([self.mc_samples]), seed=self.rng_seed(100 + j) % 2**31
                     ),
                     X_pending=torch.cat(chosen) if chosen else None,
                     prune_baseline=True,

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from hm3.extras import extra_imports
 from hm3.search.optimizers.base import DTYPE
-from hm3.search.optimizers.bayes import MC_SAMPLES, BayesOptimizer, BayesOptions, fit_gp
+from hm3.search.optimizers.bayes import BayesOptimizer, BayesOptions, fit_gp
 from hm3.search.preferences import validate_preferences
 
 with extra_imports("search", "the df-merge optimiser"):
@@ -50,6 +50,6 @@ class DfMerge(BayesOptimizer):
             acqf = qLogExpectedImprovement(
                 model=fit_gp(self.X, target),
                 best_f=target.max(),
-                sampler=SobolQMCNormalSampler(torch.Size([MC_SAMPLES]), seed=self.rng_seed(1) % 2**31),
+                sampler=SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=self.rng_seed(1) % 2**31),
             )
             return self.maximise(acqf, q=n)
