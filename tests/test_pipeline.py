@@ -610,9 +610,16 @@ def test_transition_scales_and_swap_prior_run_and_configs_stored_before_them_rea
                       tmp_path / "bad", progress=False)
 
 
+def _as_format_2(stored: dict) -> dict:
+    """A stored config as format 2 stored it: no evaluation device, dtype or vLLM engine settings."""
+    evaluation = {k: v for k, v in stored["level1"]["evaluation"].items() if k not in ("device", "dtype", "vllm")}
+    return stored | {"format": 2, "level1": stored["level1"] | {"evaluation": evaluation}}
+
+
 def _as_format_1(stored: dict) -> dict:
     """A stored two-level config as format 1 stored it: the level-2 fields added after the first runs
-    left out while they hold their defaults."""
+    left out while they hold their defaults (and format 2's additions missing too)."""
+    stored = _as_format_2(stored)
     level2 = {k: v for k, v in stored["level2"].items() if (k, v) not in (("keep_best", 0), ("swaps", []))}
     rl_defaults = {"path_prior": "none", "prior_kl": 1.0, "critic_margin": None, "transition_scales": None}
     level2["rl"] = {k: v for k, v in stored["level2"]["rl"].items() if k not in rl_defaults or rl_defaults[k] != v}
@@ -633,7 +640,7 @@ def test_a_run_stored_in_format_1_resumes_and_is_read_as_a_current_one(finished,
     with RunStore.open(copy, readonly=True) as store:
         current = store.config()
         evaluations = len(store.evaluations())
-    assert current["format"] == 2 and current["level2"]["keep_best"] == 0
+    assert current["format"] == 3 and current["level2"]["keep_best"] == 0
     with sqlite3.connect(copy / "hm3.sqlite") as conn:
         conn.execute("UPDATE run SET config_json=?", (json.dumps(_as_format_1(current)),))
     with RunStore.open(copy, readonly=True) as store:
@@ -643,8 +650,8 @@ def test_a_run_stored_in_format_1_resumes_and_is_read_as_a_current_one(finished,
     with RunStore.open(copy, readonly=True) as store:
         assert len(store.evaluations()) == evaluations
     with sqlite3.connect(copy / "hm3.sqlite") as conn:
-        conn.execute("UPDATE run SET config_json=?", (json.dumps(current | {"format": 3}),))
-    with pytest.raises(ConfigError, match="another hm3 version.*format 3"):
+        conn.execute("UPDATE run SET config_json=?", (json.dumps(current | {"format": 4}),))
+    with pytest.raises(ConfigError, match="another hm3 version.*format 4"):
         read_front(copy)
 
 

@@ -18,7 +18,7 @@ live side by side (:mod:`hm3.eval.session`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from hm3.arch.path import build_path_model, path_state
 from hm3.arch.pools import LayerPools
 from hm3.config import MergeConfig, parse_merge_config
+from hm3.devices import dtype_name
 from hm3.errors import ConfigError
 from hm3.eval.backend import open_backend
 from hm3.eval.session import (
@@ -40,7 +41,7 @@ from hm3.eval.session import (
 )
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.run.directory import FISHER_DIR
-from hm3.search.run_config import RunConfig
+from hm3.search.run_config import EvaluationConfig, RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
 from hm3.store import CandidateRef, RunStore
 from objectives.registry import get_objective
@@ -59,16 +60,30 @@ class LiveModelSession:
         space = cfg.search_space
         self.objectives = [get_objective(s) for s in cfg.objectives]
         self.objective_names = [o.name for o in self.objectives]
+        ev = cfg.evaluation
+        self.device, self.dtype = ev.resolve()
+        # the backend first: the merger holds its tensors on the device only if they fit beside the model
+        # (and beside the memory a vLLM engine claims up front)
+        self.backend = open_backend(ev.backend, cfg.models[space.base_model], batch_size=ev.batch_size,
+                                    **_backend_options(ev, self.device, self.dtype))
         log(f"loading base + {len(space.models)} experts into memory ({cfg.models[space.base_model]})")
-        self.merger = InMemoryMerger(
-            cfg.models[space.base_model],
-            [cfg.models[r] for r in space.models],
-            base_ref=space.base_model,
-            model_refs=list(space.models),
-        )
-        self.backend = open_backend(
-            cfg.evaluation.backend, cfg.models[space.base_model], batch_size=cfg.evaluation.batch_size
-        )
+        try:
+            self.merger = InMemoryMerger(
+                cfg.models[space.base_model],
+                [cfg.models[r] for r in space.models],
+                base_ref=space.base_model,
+                model_refs=list(space.models),
+                device=self.device,
+            )
+        except BaseException:
+            self.backend.close()
+            raise
+        residency = self.merger.residency
+        log(f"evaluating in {dtype_name(self.dtype)} on {self.device}; merging in float32 on {self.device}, "
+            f"task vectors {residency.mode} ({residency.reason})")
+        # where states handed to the backend live: path models run on the hf model's device; vLLM copies
+        # a state into its own memory, so it is staged in host memory, leaving the GPU to the engine
+        self._state_device = self.device if ev.backend == "hf" else torch.device("cpu")
         self._live = self.backend.live_parameters()
         # Paths point the hf backend at path models that share the pool's tensors; merges write into this
         # model's own parameters, so they put it back first.
@@ -91,6 +106,12 @@ class LiveModelSession:
     def evaluated_examples(self) -> int:
         return self._scorer.evaluated_examples
 
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where this session evaluates and merges, and where its task vectors are held and why."""
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype), "merge_dtype": "float32",
+                "task_vectors": self.merger.residency.mode, "task_vectors_why": self.merger.residency.reason}
+
     def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
         ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
         return Scored(ref, self._scorer.score(ref, lambda: self._install(candidate), plan))
@@ -108,7 +129,7 @@ class LiveModelSession:
                           max_hops=None if self._live_model is not None else depth, backend=self.backend.name)
 
     def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
-        return self._layer_pools().features(frames)
+        return self._layer_pools().features(frames).cpu()  # the policy runs on the CPU
 
     def close(self) -> None:
         self._restore_live_model()
@@ -152,9 +173,9 @@ class LiveModelSession:
         config = self._parse_recipe(recipe)
         self._restore_live_model()
         if self._live is not None:
-            self.merger.merge_into(self._live, config)
+            self.merger.merge_into(self._live, config)  # cast to the live model's dtype as it is written
         else:
-            self.backend.load_state(self.merger.merged_state(config))
+            self.backend.load_state(self._for_backend(self.merger.iter_merged(config)))
 
     def _install_path(self, candidate: PathCandidate) -> None:
         pools = self._layer_pools()
@@ -167,24 +188,31 @@ class LiveModelSession:
         else:
             self.backend.load_state(path_state(pool, candidate.path, depth=pools.num_layers))
 
+    def _for_backend(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``(name, tensor)`` pairs (float32, where the merger holds or computes them) as a state in the
+        evaluation dtype where the backend takes it from, converted one by one so that no second float32
+        model builds up on the device; the same tensors when they are already there (cpu, float32)."""
+        return {n: t.to(self._state_device, self.dtype) for n, t in tensors}
+
     def _merged_state(self, recipe: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """A recipe's merge as new tensors (a frame in the layer pool beside the experts)."""
-        return self.merger.merged_state(self._parse_recipe(recipe))
+        return self._for_backend(self.merger.iter_merged(self._parse_recipe(recipe)))
 
     def _reference_state(self, ref: str) -> dict[str, torch.Tensor]:
         """The base (``ref`` = base ref) or one expert, rebuilt from base + task vector."""
         m = self.merger
         if ref == m.base_ref:
-            return m.base
+            return self._for_backend(m.base.items())
         k = m.model_refs.index(ref)
-        return {n: m.base[n] + m.deltas[n][k] for n in m.tensor_names}
+        return self._for_backend((n, m.base[n] + m.deltas[n][k]) for n in m.tensor_names)
 
     def _layer_pools(self) -> LayerPools:
         """The experts' states, built on the first path (a level-1 search never needs them)."""
         if self._pools is None:
             refs = list(self.cfg.search_space.models)
             self._pools = LayerPools(
-                {ref: self._reference_state(ref) for ref in refs}, self.merger.base, self.merger.config,
+                {ref: self._reference_state(ref) for ref in refs}, self._reference_state(self.merger.base_ref),
+                self.merger.config,
                 self.merger.num_layers, lambda cid: self._merged_state(self.store.candidate(cid)[1]),
             )
         return self._pools
@@ -213,3 +241,12 @@ class LiveModelSession:
             key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))
             paths.append(str(self._fisher_cache.path_for(key)))
         return space.to_recipe(x, fisher_paths=paths)
+
+
+def _backend_options(ev: EvaluationConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``open_backend``'s keyword arguments for a run's evaluation settings: the hf model's device and
+    dtype, or vLLM's dtype and engine settings (those left unset keep vLLM's defaults)."""
+    if ev.backend == "hf":
+        return {"device": device, "dtype": dtype}
+    engine = {k: v for k, v in ev.vllm.model_dump().items() if v is not None}
+    return {"dtype": dtype, **engine}

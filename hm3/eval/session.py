@@ -124,6 +124,12 @@ class EvaluationSession(Protocol):
         """Examples run through a model by this session so far (store hits not counted)."""
         ...
 
+    @property
+    def placement(self) -> Mapping[str, str]:
+        """Where this session evaluates and merges: device, dtypes, and whether the task vectors are held on
+        the device or streamed to it from host memory, and why (a run's summary records it)."""
+        ...
+
     def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
         """Store ``candidate`` (idempotent) and return its scores on ``plan``: stored ones where the store
         has them, evaluated and committed otherwise."""

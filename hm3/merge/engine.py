@@ -22,7 +22,8 @@ import torch
 
 from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
 from hm3.config import MergeConfig, load_merge_config
-from hm3.errors import CheckpointError, ConfigError, DeviceError, Hm3Warning
+from hm3.devices import check_device
+from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
 from hm3.merge.plan import MergePlan, TensorJob, dare_generator, plan_merge
@@ -104,25 +105,6 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu") -> Itera
             if plan.out_dtype is not None:
                 out = out.to(plan.out_dtype)
             yield job.name, out
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device for the merge arithmetic, refused with a message if this machine or torch build
-    cannot use it (torch's own errors are a RuntimeError or an AssertionError deep in the merge)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ConfigError(f"--device {device!r}: hm3 merges on cpu or cuda, not {dev.type}")
-    if not torch.cuda.is_available():
-        build = "has no CUDA support" if torch.version.cuda is None else "finds no usable GPU"
-        raise DeviceError(f"--device {device!r}: this torch ({torch.__version__}) {build}; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 ..)")
-    return dev
 
 
 def warn_without_tokenizer(source: Path, out_dir: Path) -> None:

@@ -18,11 +18,22 @@ thread runs torch ops, so libgomp manages more threads than there are CPUs and
 throttles spinning to ~100 iterations). ``OMP_WAIT_POLICY=PASSIVE`` set before
 torch is imported, or one torch thread, removes the slowdown; the arithmetic
 and its results are the same either way.
+
+On a GPU the merger merges on the evaluation device. The base and the task vectors stay there
+(*resident*) when they fit in its free memory (:func:`choose_residency`); otherwise they are held
+in host memory and each tensor's inputs are copied to the device for its merge (*streamed*), which
+costs one host-to-device copy of the model per candidate instead of running out of memory. The
+arithmetic is float32 whatever the evaluation dtype: a task vector is a small difference of large
+weights, which bfloat16 would mostly round away; the result is cast once, when it is written into
+the live model.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,13 +44,61 @@ from hm3.errors import ConfigError
 from hm3.merge.methods import TensorInputs, get_method
 from hm3.merge.plan import dare_generator, input_refs_for, resolve_jobs
 
+log = logging.getLogger(__name__)
+
+#: The share of a GPU's free memory that the base, the task vectors and one tensor's merge workspace may
+#: take for them to be held there; the rest is left to the evaluation (activations, logits, a KV cache)
+#: and to the allocator's fragmentation.
+RESIDENT_SHARE = 0.8
+#: Full-size temporaries a merge method holds beside its inputs for one tensor (TIES: trimmed deltas,
+#: signs, the agreement mask, the result), so the workspace is (K + this) × the largest tensor.
+WORKSPACE_TENSORS = 4
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Where the merger holds the base and the task vectors, and why (logged, and in a run's summary)."""
+
+    resident: bool  # on the merge device; else in host memory, copied to the device tensor by tensor
+    reason: str
+
+    @property
+    def mode(self) -> str:
+        return "resident" if self.resident else "streamed"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def choose_residency(device: torch.device, held_bytes: int, workspace_bytes: int,
+                     free_bytes: int | None) -> Residency:
+    """Resident when ``held_bytes`` (base + task vectors) plus ``workspace_bytes`` fit in
+    :data:`RESIDENT_SHARE` of the device's ``free_bytes``; on the CPU always (host memory is the device's)."""
+    if device.type == "cpu" or free_bytes is None:
+        return Residency(True, f"merging on {device}: the task vectors are in host memory")
+    need, budget = held_bytes + workspace_bytes, int(RESIDENT_SHARE * free_bytes)
+    share = f"{RESIDENT_SHARE:.0%} of {device}'s free {_gib(free_bytes)}"
+    if need <= budget:
+        return Residency(True, f"base + task vectors and a merge workspace ({_gib(need)}) fit in {share}")
+    return Residency(False, f"base + task vectors and a merge workspace ({_gib(need)}) exceed {share}: "
+                            f"held in host memory, copied to {device} tensor by tensor")
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a GPU (``torch.cuda.mem_get_info``); None for the CPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
 
 class InMemoryMerger:
     """Holds one base and K fine-tuned models in memory as base + task vectors.
 
     ``model_refs`` are the names recipes use for the models (their ``model:``
     entries); ``model_dirs`` where they live. ``fishers`` optionally maps a
-    model ref to its Fisher tensors (for Fisher-weighted recipes).
+    model ref to its Fisher tensors (for Fisher-weighted recipes). ``device`` is
+    where the arithmetic runs, ``dtype`` that of the held tensors and the
+    arithmetic (float32: module docstring); :attr:`residency` says whether the
+    tensors are held on ``device`` or in host memory.
     """
 
     def __init__(
@@ -65,18 +124,28 @@ class InMemoryMerger:
             self.tensor_names = base_ckpt.tensor_names()
             self.num_layers = base_ckpt.num_layers
             self.config = dict(base_ckpt.config)
+            sizes = [math.prod(base_ckpt.shape(n)) for n in self.tensor_names]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self.residency = choose_residency(
+                self.device, len(ckpts) * sum(sizes) * itemsize,
+                (len(model_dirs) + WORKSPACE_TENSORS) * max(sizes, default=0) * itemsize,
+                free_device_memory(self.device),
+            )
+            log.debug("in-memory merger: task vectors %s (%s)", self.residency.mode, self.residency.reason)
+            # where the tensors are held: on the device, or in host memory and copied over for each merge
+            self._hold = self.device if self.residency.resident else torch.device("cpu")
             self.base: dict[str, torch.Tensor] = {}
             self.deltas: dict[str, list[torch.Tensor]] = {}
             for name in self.tensor_names:
                 b = base_ckpt.get(name)
                 check_finite(name, b, str(base_ckpt.path))
-                b = b.to(self.device, dtype)
+                b = b.to(self._hold, dtype)
                 self.base[name] = b
                 deltas = []
                 for c in ckpts[1:]:
                     t = c.get(name)
                     check_finite(name, t, str(c.path))
-                    deltas.append(t.to(self.device, dtype) - b)
+                    deltas.append(t.to(self._hold, dtype) - b)
                 self.deltas[name] = deltas
         finally:
             for c in ckpts:
@@ -91,7 +160,7 @@ class InMemoryMerger:
         missing = [r for r in self.model_refs if r not in fishers]
         if missing:
             raise ConfigError(f"Fisher tensors missing for models: {', '.join(missing)}")
-        self._fishers = {r: {n: fishers[r][n].to(self.device, self.dtype) for n in self.tensor_names} for r in self.model_refs}
+        self._fishers = {r: {n: fishers[r][n].to(self._hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
 
     def _check_recipe(self, recipe: MergeConfig) -> tuple[list[int], Callable]:
         method = get_method(recipe.merge_method)
@@ -119,25 +188,29 @@ class InMemoryMerger:
         with torch.no_grad():
             for job in jobs:
                 deltas = self.deltas[job.name]
-                base = self.base[job.name]
                 x = TensorInputs(
                     name=job.name,
-                    base=base,
+                    base=self._on_device(self.base[job.name]),
                     tensors=(),
-                    deltas=[deltas[i] for i in indices],
+                    deltas=[self._on_device(deltas[i]) for i in indices],
                     model_params=job.model_params,
                     params=job.params,
-                    fishers=[self._fishers[r][job.name] for r in refs] if fisher_wanted else None,
+                    fishers=[self._on_device(self._fishers[r][job.name]) for r in refs] if fisher_wanted else None,
                     generators=(lambda k, n=job.name: dare_generator(run_seed, n, k))
                     if method.uses_randomness
                     else None,
                 )
                 yield job.name, method.fn(x)
 
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A held tensor where the arithmetic runs (itself when resident, a copy when streamed)."""
+        return t.to(self.device, non_blocking=True)
+
     def merge_into(
         self, params: Mapping[str, torch.Tensor], recipe: MergeConfig, *, seed: int | None = None
     ) -> None:
-        """Write the merged model into ``params`` (a live model's tensors by checkpoint name) in place."""
+        """Write the merged model into ``params`` (a live model's tensors by checkpoint name) in place,
+        each tensor cast to its target's dtype (and copied to its device) by ``copy_``."""
         with torch.no_grad():
             for name, merged in self.iter_merged(recipe, seed=seed):
                 target = params.get(name)
@@ -148,5 +221,6 @@ class InMemoryMerger:
                 target.copy_(merged)
 
     def merged_state(self, recipe: MergeConfig, *, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """The merged model as a new state dict (for backends that take weights by value, e.g. vLLM)."""
+        """The merged model as a new state dict (for backends that take weights by value, e.g. vLLM), in the
+        merger's dtype on its device."""
         return dict(self.iter_merged(recipe, seed=seed))

@@ -368,8 +368,15 @@ def match_l1_(kept: Tensor, original: Tensor) -> Tensor:
 
 
 def _uniforms(delta: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
-    """The U(0, 1) draws behind DARE's mask: one per entry, float32 whatever ``delta``'s dtype."""
-    return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
+    """The U(0, 1) draws behind DARE's mask: one per entry, float32 whatever ``delta``'s dtype.
+
+    Drawn on the generator's device and moved to ``delta``'s: torch refuses a CPU generator for a GPU
+    draw, and drawing where the (CPU) generator lives gives a merge on a GPU the same masks as on a CPU.
+    """
+    if generator.device == delta.device:
+        return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
+    draws = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return draws.to(delta.device) if out is None else out.copy_(draws)
 
 
 def dare(

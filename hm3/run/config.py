@@ -4,8 +4,8 @@ A run store records the config its run was created with; a resume must give the 
 readers (``hm3 front``, ``export``, ``request``) parse it back. Stored configs therefore carry a
 format version (:data:`CONFIG_FORMAT`)::
 
-    {"format": 2, "level1": {...}}                     # hm3 search param: a level-1 search
-    {"format": 2, "level1": {...}, "level2": {...}}    # hm3 run: both levels
+    {"format": 3, "level1": {...}}                     # hm3 search param: a level-1 search
+    {"format": 3, "level1": {...}, "level2": {...}}    # hm3 run: both levels
 
 Each section is the complete dump of its pydantic model. When a field is added, the stored configs
 of older runs lack it: :data:`CONFIG_MIGRATIONS` turns a stored config of format v into format
@@ -31,7 +31,7 @@ from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
 from hm3.store import RunStore
 
 #: The format of stored configs written by this hm3 (module docstring).
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 RunKind = Literal["level1", "two-level"]
 
 
@@ -134,8 +134,19 @@ def _from_format_1(stored: dict[str, Any]) -> dict[str, Any]:
     return {"level1": stored["level1"], "level2": level2}
 
 
+def _from_format_2(stored: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 had no evaluation device, dtype or vLLM engine settings: its runs evaluated in float32 on
+    the CPU, with vLLM's engine defaults."""
+    level1 = dict(stored["level1"])
+    evaluation = dict(level1.get("evaluation") or {})
+    for key, default in {"device": "cpu", "dtype": "float32"}.items():
+        evaluation.setdefault(key, default)
+    evaluation.setdefault("vllm", {"tensor_parallel_size": 1, "gpu_memory_utilization": None, "max_model_len": None})
+    return stored | {"level1": level1 | {"evaluation": evaluation}}
+
+
 #: CONFIG_MIGRATIONS[v] turns a stored config of format v into one of format v + 1.
-CONFIG_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _from_format_1}
+CONFIG_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _from_format_1, 2: _from_format_2}
 
 
 def stored_format(stored: dict[str, Any]) -> int:

@@ -128,6 +128,7 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
         "base_validation": np.asarray(base).tolist(),
         "ideal_validation": np.asarray(ideal).tolist(),
         "hv_protocol": HV_PROTOCOL,
+        "placement_this_process": dict(session.placement),
     }
     if len(rows) > searched:
         summary["refined_merges"] = len(rows) - searched

@@ -159,6 +159,7 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     check_depth(cfg)  # before the store, the models and any evaluation
     check_level2_models(cfg)
     optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
+    cfg.level1.evaluation.resolve()  # and a device this machine lacks
     if resume:
         check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
     with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume) as store:

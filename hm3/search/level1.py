@@ -187,6 +187,7 @@ def run_level1(
     run_dir = Path(run_dir)
     start = time.perf_counter()
     optimizer = make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
+    cfg.evaluation.resolve()  # likewise a device this machine lacks (before the run directory is made)
     log = stderr_logger(progress)
     with open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True) as store:
         initial = stored_config(store)["level1"]["optimizer"]["budget"]

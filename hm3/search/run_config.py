@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hm3.devices import DEVICE_NAMES, EVALUATION_DEVICES, resolve_device, resolve_dtype
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.space import SearchSpace
 
@@ -24,13 +26,44 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class VLLMEngineConfig(_Frozen):
+    """Settings of the vLLM engine (``vllm.LLM``), for ``backend: vllm``; None leaves vLLM's default."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of each GPU's memory vLLM claims (None: vLLM's 0.9)"
+    )
+    max_model_len: int | None = Field(None, ge=1, description="context length (None: the model's own)")
+
+
 class EvaluationConfig(_Frozen):
     backend: Literal["hf", "vllm"] = "hf"
+    device: str = Field(
+        "cpu", description="cpu, cuda, cuda:N or auto (cuda if available, else cpu): where merges are computed "
+        "and, with hf, where the model runs (vLLM runs where its build does)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="the evaluated model's dtype (auto: bfloat16 on cuda, float32 on cpu); merges are "
+        "computed in float32 and cast to it"
+    )
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
     batch_size: int = Field(64, ge=1)
     validation_examples: int | None = Field(
         64, ge=1, description="first N examples of the validation split scored per candidate (None: all)"
     )
     test_examples: int | None = Field(None, ge=1, description="first N test examples for the final front (None: all)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not DEVICE_NAMES.match(value):
+            raise ValueError(f"{value!r} is not a device: use {EVALUATION_DEVICES}")
+        return value
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype on this machine (``auto`` resolved); a device it lacks is refused, naming the key."""
+        device = resolve_device(self.device, key="evaluation.device")
+        return device, resolve_dtype(self.dtype, device, key="evaluation.dtype")
 
 
 class OptimizerConfig(_Frozen):

@@ -47,6 +47,8 @@ def test_level1_outputs_and_front_points_remerge_to_stored_scores(setup, tmp_pat
         assert (run / f).exists(), f
     summary = json.loads((run / "summary.json").read_text())
     assert summary["evaluations"] == 5 and len(summary["hv_trace_validation"]) == 5
+    placement = summary["placement_this_process"]
+    assert (placement["device"], placement["dtype"], placement["task_vectors"]) == ("cpu", "float32", "resident")
     front = pd.read_csv(run / "front.csv")
     val_cols = [c for c in front.columns if c.endswith("_val")]
     assert len(val_cols) == 2 and len(front) == summary["front_size"] >= 1
