@@ -103,9 +103,13 @@ def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
     from hm3.atomic import atomic_write_text
     from hm3.config import load_merge_config
     from hm3.merge.export import mergekit_notes, to_mergekit
+    from hm3.merge.plan import plan_merge
 
     config = load_merge_config(args.config)
     data = to_mergekit(config)
+    # hm3 merge's own checks against the models (parameter ranges per tensor, model counts, shapes), so
+    # a config mergekit would refuse halfway through its merge is refused here, before anything is written
+    plan_merge(config, config_dir=Path(args.config).parent).close()
     notes = mergekit_notes(config, "CONFIG.yml" if args.output == "-" else args.output)
     text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":
@@ -143,13 +147,15 @@ def cmd_objectives(args: argparse.Namespace) -> Outcome:
 
 
 def cmd_eval(args: argparse.Namespace) -> Outcome:
+    from hm3.checkpoint.hub import is_hub_name, resolve_model
     from hm3.eval.backend import open_backend
     from hm3.eval.evaluate import evaluate_objective
     from objectives.registry import parse_objectives
 
     _threads(args)
     objectives = parse_objectives(args.objectives)  # unknown objectives fail before the model loads
-    backend = open_backend(args.backend, args.model_dir, batch_size=args.batch_size)
+    model_dir = resolve_model(args.model_dir) if is_hub_name(args.model_dir) else args.model_dir
+    backend = open_backend(args.backend, model_dir, batch_size=args.batch_size)
     try:
         results = []
         for obj in objectives:
@@ -164,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
             for r in results]
     text = "\n".join(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s"
                      for r in results)
-    return Outcome(text, {"model": str(args.model_dir), "backend": args.backend, "results": rows})
+    return Outcome(text, {"model": str(model_dir), "backend": args.backend, "results": rows})
 
 
 # --- searches ---------------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
             "list the built-in objectives and data adapters, and the sandbox for generated code")
 
     ev = command(sub, "eval", cmd_eval, "score a model directory on objectives")
-    ev.add_argument("model_dir")
+    ev.add_argument("model_dir", help="a model directory, or a hub id (org/name[@revision]) read through the HF cache")
     ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,zoo:code,gsm8k:data.jsonl")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")

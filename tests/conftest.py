@@ -27,6 +27,9 @@ settings.register_profile("mutation", max_examples=10, deadline=None,
 settings.load_profile(os.environ.get("HM3_HYPOTHESIS_PROFILE", "hm3"))
 
 prefer_sleeping_openmp_workers()  # before any test imports torch, as the hm3 command does
+# No test reaches a model hub: hub ids resolve from a test's own cache (tests/hub_cache.py) or fail.
+# Set before huggingface_hub is imported, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:

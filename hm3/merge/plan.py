@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hm3.checkpoint import Checkpoint, check_compatible, layer_index, open_checkpoint
+from hm3.checkpoint.hub import resolve_model
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
@@ -76,20 +77,6 @@ class MergePlan:
     def close(self) -> None:
         for ckpt in {id(c): c for c in [self.base, *self.inputs] if c is not None}.values():
             ckpt.close()
-
-
-def resolve_model_path(ref: str, config_dir: Path | None) -> Path:
-    """A model reference is a local directory, taken relative to the CWD, then to the config's folder."""
-    candidates = [Path(ref).expanduser()]
-    if config_dir is not None and not Path(ref).is_absolute():
-        candidates.append(config_dir / ref)
-    for c in candidates:
-        if c.exists():
-            return c
-    raise ConfigError(
-        f"model {ref!r} not found (looked in {', '.join(str(c) for c in candidates)}); "
-        "hm3 reads local model directories only and never downloads from a hub"
-    )
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
@@ -230,7 +217,8 @@ def dare_generator(seed: int, tensor_name: str, model_index: int) -> torch.Gener
 
 
 def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int | None = None) -> MergePlan:
-    """Validate ``config`` against the models on disk and resolve every tensor's job."""
+    """Validate ``config`` against its models (local directories, or hub ids through the HF cache:
+    :mod:`hm3.checkpoint.hub`) and resolve every tensor's job."""
     method = get_method(config.merge_method)
     _check_parameter_names(config, method)
     compute_dtype = parse_dtype(config.dtype, key="dtype")
@@ -246,11 +234,11 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
     try:
         base = None
         if takes_base(config, method):
-            base = open_checkpoint(resolve_model_path(config.base_model, config_dir))
+            base = open_checkpoint(resolve_model(config.base_model, config_dir))
             opened.append(base)
         inputs = []
         for ref in refs:
-            inputs.append(open_checkpoint(resolve_model_path(ref, config_dir)))
+            inputs.append(open_checkpoint(resolve_model(ref, config_dir)))
             opened.append(inputs[-1])
         check_compatible(opened)
         reference = opened[0]

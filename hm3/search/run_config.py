@@ -82,7 +82,7 @@ class FisherConfig(_Frozen):
 class RunConfig(_Frozen):
     """Models, objectives, search space, optimiser and evaluation of one level-1 run."""
 
-    models: dict[str, str] = Field(description="model ref -> local directory (base and experts)")
+    models: dict[str, str] = Field(description="model ref -> local directory or hub id (base and experts)")
     objectives: list[str] = Field(min_length=1)
     experts: dict[str, str] = Field(
         default_factory=dict,
@@ -134,16 +134,31 @@ def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     return data
 
 
+def _model_dir(ref: str, value: Any, base_dir: Path, source: str) -> Any:
+    """A model of a config file: a path as given (absolute, or existing relative to the CWD), else relative
+    to the file's folder; a hub id that names no local directory becomes its snapshot directory in the HF
+    cache, so the stored config, a resume and every later read name the exact files the run used."""
+    from hm3.checkpoint.hub import is_hub_name, resolve_model
+
+    if not isinstance(value, str):
+        return value  # pydantic names the wrong type
+    if is_hub_name(value, base_dir):
+        try:
+            return str(resolve_model(value, base_dir))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: models.{ref}: {err}") from None
+    p = Path(value)
+    return str(p if p.is_absolute() or p.exists() else base_dir / p)
+
+
 def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
-    """Validate a mapping; relative model paths are taken relative to ``base_dir`` (the config's folder)."""
+    """Validate a mapping; relative model paths are taken relative to ``base_dir`` (the config's folder) and
+    hub ids resolved through the HF cache (both only for a config file, which gives ``base_dir``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a run config must be a mapping")
     data = expand_zoo(data, base_dir) if "zoo" in data else dict(data)
     if base_dir is not None and isinstance(data.get("models"), dict):
-        data["models"] = {
-            ref: str(p if Path(p).is_absolute() or Path(p).exists() else base_dir / p)
-            for ref, p in data["models"].items()
-        }
+        data["models"] = {ref: _model_dir(ref, p, base_dir, source) for ref, p in data["models"].items()}
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

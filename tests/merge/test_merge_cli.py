@@ -124,6 +124,40 @@ def test_export_refuses_what_mergekit_cannot_express(zoo, tmp_path, capsys):
     assert not (tmp_path / "mk.yml").exists()
 
 
+def test_export_mergekit_runs_the_planners_checks_before_writing(zoo, tmp_path, capsys):
+    """DELLA needs density ± epsilon inside (0, 1) for every tensor (mergekit raises halfway through its
+    merge otherwise): a depth gradient that leaves it in layer 1 only is refused by export-mergekit as by
+    hm3 merge, against the models, and nothing is written or printed."""
+    recipe = _recipe(zoo, "della", density=[0.5, 0.9])  # epsilon's default 0.15: layer 1 has 0.9 + 0.15 >= 1
+    path = _write(tmp_path, recipe)
+    out = tmp_path / "mk.yml"
+    out.write_text("earlier\n")
+    assert main(["export-mergekit", str(path), str(out), "--overwrite"]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "density ± epsilon must lie strictly between 0 and 1; got density 0.9, epsilon 0.15" in err, err
+    assert "model.layers.1." in err and "model.layers.0." not in err
+    assert out.read_text() == "earlier\n"
+    assert main(["export-mergekit", str(path), "-"]) == ExitCode.BAD_INPUT
+    assert capsys.readouterr().out == ""
+    assert main(["merge", str(path), str(tmp_path / "merged")]) == ExitCode.BAD_INPUT
+    assert "got density 0.9, epsilon 0.15" in capsys.readouterr().err
+    for m in recipe["models"]:
+        m["parameters"]["epsilon"] = 0.05
+    assert main(["export-mergekit", str(_write(tmp_path, recipe)), str(out), "--overwrite"]) == 0
+    assert yaml.safe_load(out.read_text())["models"][0]["parameters"]["epsilon"] == 0.05
+
+
+def test_export_mergekit_refuses_models_hm3_cannot_merge(zoo, tmp_path, capsys):
+    recipe = _recipe(zoo)
+    recipe["models"][1]["model"] = str(tmp_path / "no_such_model")
+    assert main(["export-mergekit", str(_write(tmp_path, recipe)), str(tmp_path / "mk.yml")]) == ExitCode.BAD_INPUT
+    assert "no_such_model" in capsys.readouterr().err and not (tmp_path / "mk.yml").exists()
+    other = build_random_llama(tmp_path / "other", hidden_size=16, num_layers=2, vocab_size=64, seed=0)
+    recipe["models"][1]["model"] = str(other)  # another hidden size: shapes differ
+    assert main(["export-mergekit", str(_write(tmp_path, recipe)), str(tmp_path / "mk.yml")]) == ExitCode.BAD_INPUT
+    assert "other" in capsys.readouterr().err and not (tmp_path / "mk.yml").exists()
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 
 

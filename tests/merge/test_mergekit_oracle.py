@@ -272,3 +272,24 @@ def test_an_exported_random_merge_names_its_seed_and_the_command_that_repeats_it
         runs[name] = _load_dir(tmp_path / name)
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_a_della_config_mergekit_refuses_is_refused_by_export_before_it_writes(models, tmp_path, mergekit_merge,
+                                                                               capsys):
+    """The translation alone would write it; mergekit then raises halfway through its merge (density ± epsilon
+    outside (0, 1) in the last layer). export-mergekit runs hm3 merge's planner first, so it writes nothing."""
+    from hm3.config import parse_merge_config
+    from hm3.merge.export import to_mergekit
+
+    recipe = _configs(models)["ties_no_normalize"] | {"merge_method": "della", "seed": 7}
+    recipe["models"][0]["parameters"]["density"] = [0.5, 0.9]  # epsilon defaults to 0.15 in both tools
+    recipe["models"][2]["parameters"]["density"] = 0.5  # (0.9 would be refused in every layer)
+    src, exported = tmp_path / "hm3.yml", tmp_path / "mk.yml"
+    src.write_text(yaml.safe_dump(recipe))
+    translated = tmp_path / "translated.yml"
+    translated.write_text(yaml.safe_dump(to_mergekit(parse_merge_config(recipe))))
+    with pytest.raises(ValueError, match="Epsilon must be chosen such that density"):
+        mergekit_merge(translated, tmp_path / "mk_out")
+    assert main(["export-mergekit", str(src), str(exported)]) != 0
+    err = capsys.readouterr().err
+    assert "got density 0.9, epsilon 0.15" in err and "model.layers.2." in err and not exported.exists()
