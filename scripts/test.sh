@@ -8,5 +8,6 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 scripts/setup.sh
 .venv/bin/ruff check hm3 objectives tests experiments
 # one pytest-xdist worker per core (HM3_TEST_WORKERS=N to choose; -n 0 runs serially); a test file's
-# tests stay on one worker, so its module fixtures (tiny models, runs) are built once
-exec .venv/bin/python -m pytest -n "${HM3_TEST_WORKERS:-auto}" --dist loadfile "$@"
+# tests stay on one worker, so its module fixtures (tiny models, runs) are built once; files go out in the
+# order tests/conftest.py gives them (the slow ones first), not re-sorted by test count
+exec .venv/bin/python -m pytest -n "${HM3_TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder "$@"

@@ -42,6 +42,21 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding ``slow`` tests run first, the most slow tests first; the rest keep their order.
+
+    pytest-xdist (``--dist loadfile``) hands files to workers in this order when scripts/test.sh turns off
+    its own reordering (by test count, which put the one-test demo file last: a minute with one worker
+    busy and the other idle at the end of every run). Started first, long files overlap the short ones.
+    """
+    slow_per_file: dict[str, int] = {}
+    for item in items:
+        slow_per_file.setdefault(item.nodeid.split("::")[0], 0)
+        if item.get_closest_marker("slow") is not None:
+            slow_per_file[item.nodeid.split("::")[0]] += 1
+    items.sort(key=lambda item: -slow_per_file[item.nodeid.split("::")[0]])  # stable: file order kept
+
+
 @pytest.fixture
 def sigkill_hm3() -> Callable[..., None]:
     """``sigkill_hm3(args, ready, timeout)``: start ``hm3 *args`` in its own process group, poll
