@@ -1,7 +1,9 @@
 """Merge recipes: mergekit's YAML schema plus hm3's documented additions.
 
 A user's existing mergekit config for ``linear``, ``task_arithmetic``, ``ties``,
-``dare_linear`` or ``dare_ties`` loads unchanged and means the same thing. hm3's
+``dare_linear`` or ``dare_ties`` (and the other methods both tools have) loads
+unchanged and means the same thing, whether it merges whole models (``models:``)
+or layer ranges (``slices:``, e.g. passthrough frankenmerges). hm3's
 additions are extra keys (see ``docs/RECIPES.md``):
 
 * top-level ``seed`` — seeds DARE's random drop masks (mergekit uses torch's
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hm3.errors import ConfigError, invalid_config
 
@@ -53,12 +55,55 @@ class InputModel(_Frozen):
     parameters: dict[str, ParameterSetting] | None = None
 
 
+class InputSlice(_Frozen):
+    """One source of a slice: layers ``[start, end)`` of ``model`` (mergekit's ``InputSliceDefinition``)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range_ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        start, end = v
+        if start < 0 or end < start:
+            raise ValueError(f"[{start}, {end}] is not a layer range: it needs 0 <= start <= end")
+        return v
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class OutputSlice(_Frozen):
+    """One entry of ``slices:``: consecutive output layers merged from equally long ranges of its sources.
+
+    ``base_model`` and ``parameters`` here win over the recipe's for this slice, as in mergekit.
+    """
+
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_not_empty(cls, v: list[InputSlice]) -> list[InputSlice]:
+        if not v:
+            raise ValueError("a slice must list at least one source")
+        return v
+
+
 class MergeConfig(_Frozen):
-    """A merge recipe (mergekit's ``MergeConfiguration`` subset that hm3 executes)."""
+    """A merge recipe (mergekit's ``MergeConfiguration`` subset that hm3 executes).
+
+    Exactly one of ``models`` (whole models merged tensor by tensor) and ``slices`` (an output
+    stacked from layer ranges, each slice merged on its own) is given.
+    """
 
     merge_method: str
     base_model: str | None = None
-    models: list[InputModel]
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
     parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -67,18 +112,32 @@ class MergeConfig(_Frozen):
 
     @field_validator("models")
     @classmethod
-    def _models_not_empty(cls, v: list[InputModel]) -> list[InputModel]:
-        if not v:
+    def _models_not_empty(cls, v: list[InputModel] | None) -> list[InputModel] | None:
+        if v is not None and not v:
             raise ValueError("'models' must list at least one model")
         return v
 
+    @field_validator("slices")
+    @classmethod
+    def _slices_not_empty(cls, v: list[OutputSlice] | None) -> list[OutputSlice] | None:
+        if v is not None and not v:
+            raise ValueError("'slices' must list at least one slice")
+        return v
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("a merge config lists either 'models' or 'slices'" + (
+                ", not both" if self.models is not None else ""))
+        return self
+
     def model_paths(self) -> list[str]:
         """Every referenced model, base first, without duplicates."""
-        out: list[str] = []
-        for m in ([self.base_model] if self.base_model else []) + [m.model for m in self.models]:
-            if m not in out:
-                out.append(m)
-        return out
+        refs = [self.base_model] if self.base_model else []
+        refs += [m.model for m in self.models or ()]
+        for s in self.slices or ():
+            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
@@ -88,12 +147,11 @@ def parse_merge_config(data: Any, *, source: str = "<config>") -> MergeConfig:
     """Validate a parsed YAML/JSON mapping into a :class:`MergeConfig`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a mapping, got {type(data).__name__}")
-    for key in ("slices", "modules"):
-        if key in data:
-            raise ConfigError(
-                f"{source}: '{key}' configs (layer slicing/passthrough) are not supported by 'hm3 merge' yet; "
-                "use 'models:'"
-            )
+    if "modules" in data:
+        raise ConfigError(
+            f"{source}: 'modules' configs (multi-module models) are not supported by 'hm3 merge'; "
+            "use 'models:' or 'slices:'"
+        )
     try:
         cfg = MergeConfig.model_validate(data)
     except ValidationError as err:
@@ -127,9 +185,24 @@ def _iter_numbers(setting: Any):
 def _check_numbers(cfg: MergeConfig, source: str) -> None:
     """Refuse NaN/Inf anywhere; range checks that depend on the method live in the registry."""
     settings: list[tuple[str, Any]] = [(f"parameters.{k}", v) for k, v in (cfg.parameters or {}).items()]
-    for i, m in enumerate(cfg.models):
-        settings += [(f"models[{i}] ({m.model}).parameters.{k}", v) for k, v in (m.parameters or {}).items()]
+    for where, params in parameter_places(cfg)[1:]:
+        settings += [(f"{where}.{k}", v) for k, v in params.items()]
     for where, setting in settings:
         for x in _iter_numbers(setting):
             if not math.isfinite(x):
                 raise ConfigError(f"{source}: {where} must be a finite number, got {x}")
+
+
+def parameter_places(cfg: MergeConfig) -> list[tuple[str, dict[str, ParameterSetting]]]:
+    """Every ``parameters`` mapping of a recipe with where it sits, the global one first."""
+    places = [("parameters", cfg.parameters or {})]
+    places += [
+        (f"models[{i}] ({m.model}).parameters", m.parameters or {}) for i, m in enumerate(cfg.models or ())
+    ]
+    for i, s in enumerate(cfg.slices or ()):
+        places.append((f"slices[{i}].parameters", s.parameters or {}))
+        places += [
+            (f"slices[{i}].sources[{j}] ({src.model}).parameters", src.parameters or {})
+            for j, src in enumerate(s.sources)
+        ]
+    return places

@@ -9,7 +9,7 @@ path of length T is an ordinary decoder of depth T: it materialises
   tensors, so evaluating a candidate costs no copy of its weights;
 * on disk (:func:`export_path`): a plain Hugging Face checkpoint with ``num_hidden_layers = T``
   that transformers and vLLM load unchanged, and beside it mergekit's passthrough ``slices``
-  config that rebuilds the same tensors from the pool directories.
+  config that rebuilds the same tensors from the pool directories (with mergekit or ``hm3 merge``).
 
 Per-hop scales -- what they mean and why
 ---------------------------------------
@@ -30,7 +30,7 @@ it is folded into those two tensors, and mergekit's passthrough ``scale`` parame
 Every sequence of Sakana input scales has a branch-scale equivalent (up to eps):
 :func:`branch_scales_from_input_scales`. Architectures with norms *after* their branches (Gemma
 2/3's sandwich norms) would undo the fold, so scales are refused for any model type not known to
-be pre-norm only (:data:`SCALABLE_MODEL_TYPES`).
+be pre-norm only (:data:`hm3.checkpoint.layers.SCALABLE_MODEL_TYPES`).
 """
 
 from __future__ import annotations
@@ -46,18 +46,21 @@ import torch
 import yaml
 from torch import nn
 
-from hm3.checkpoint.layers import layer_index, layer_tensor_names, rename_layer
+from hm3.checkpoint.layers import (
+    BRANCH_OUTPUTS,
+    check_scales_exact,
+    is_branch_output,
+    layer_index,
+    layer_tensor_names,
+    relayered_config,
+    rename_layer,
+)
 from hm3.checkpoint.reader import Checkpoint, open_checkpoint
 from hm3.checkpoint.writer import CheckpointWriter
 from hm3.errors import ConfigError, IncompatibleModelsError
 
 MERGEKIT_CONFIG_FILE = "mergekit_passthrough.yml"
 PATH_FILE = "hm3_path.json"
-# Pre-norm-only decoders: every branch input is normalised and nothing normalises a branch output,
-# so scaling o_proj/down_proj scales exactly the layer's contribution to the residual stream.
-SCALABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# Name fragments of the projections ending a layer's attention and MLP branches.
-BRANCH_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
 # Config entries that fix the width of a layer: layers of models differing in any cannot be chained.
 WIDTH_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
 
@@ -179,11 +182,6 @@ def scale_variants(path: LayerPath, grid: Sequence[float] | None) -> list[LayerP
     return variants
 
 
-def is_branch_output(tensor_name: str) -> bool:
-    """Whether a layer tensor ends an attention or MLP branch (what a hop's scale multiplies)."""
-    return any(frag in tensor_name for frag in BRANCH_OUTPUTS)
-
-
 def check_pool_widths(configs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
     """Refuse a pool whose models differ in model type or layer width, naming each model's sizes."""
     problems = []
@@ -246,25 +244,12 @@ def plan_path_tensors(pool_names: Sequence[Sequence[str]], path: LayerPath) -> l
 
 def path_config(merge_config: Mapping[str, Any], path: LayerPath) -> dict[str, Any]:
     """The merge's config for a depth-T model: ``num_hidden_layers = T``, per-layer entries remapped."""
-    config = dict(merge_config)
-    config["num_hidden_layers"] = len(path.hops)
-    if isinstance(config.get("layer_types"), list):  # e.g. Qwen2 sliding/full attention per layer
-        config["layer_types"] = [merge_config["layer_types"][layer] for _, layer in path.hops]
-    return config
+    return relayered_config(merge_config, [layer for _, layer in path.hops])
 
 
 def _check_scalable(path: LayerPath, model_type: str | None) -> None:
     if path.scales is not None and any(s != 1.0 for s in path.scales):
         check_scales_exact(model_type)
-
-
-def check_scales_exact(model_type: str | None) -> None:
-    """Refuse (ConfigError) scales for a model type on which they are not an exact weight change."""
-    if model_type not in SCALABLE_MODEL_TYPES:
-        raise ConfigError(
-            f"per-hop scales are only defined for pre-norm models ({', '.join(sorted(SCALABLE_MODEL_TYPES))}); "
-            f"model type {model_type!r} may normalise branch outputs, which would undo the scale"
-        )
 
 
 @dataclass(frozen=True)

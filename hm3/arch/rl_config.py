@@ -48,7 +48,7 @@ class Level2Config(BaseModel):
         "value w of this grid (folded into exact branch scales, hm3.arch.path.with_switch_scales), all on the "
         "same reward subset; the best by raw reward is the episode's path and reward. Costs one more evaluation "
         "per value for a path that switches models (none for one that does not). None (default): paths are "
-        "unscaled. Refused for architectures where scales are not exact (hm3.arch.path.SCALABLE_MODEL_TYPES). "
+        "unscaled. Refused for architectures where scales are not exact (hm3.checkpoint.layers.SCALABLE_MODEL_TYPES). "
         "Sakana found paths without their transition scaling more than 20% worse; e.g. [0.7, 1.4]",
     )
     # --- Dynamic Average Reward --------------------------------------------------------------------

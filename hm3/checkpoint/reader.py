@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from hm3.checkpoint.layers import layer_index
+from hm3.checkpoint.layers import LAYER_COUNT_KEYS, layer_index
 from hm3.checkpoint.safetensors_format import SAFETENSORS_DTYPES, tensor_bytes
 from hm3.errors import CheckpointError, IncompatibleModelsError
 
@@ -49,7 +49,6 @@ _EMBEDDING_NAMES = (
     "model.decoder.embed_tokens.weight",
     "embed_tokens.weight",
 )
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
 
 # A real header is a few MB at most; anything far larger is a misread length field, not a header.
@@ -192,7 +191,7 @@ class Checkpoint:
     def num_layers(self) -> int:
         """Transformer block count: from the config, else counted from the tensor names."""
         for cfg in (self.config, self.config.get("text_config") or {}):
-            for key in _LAYER_COUNT_KEYS:
+            for key in LAYER_COUNT_KEYS:
                 if isinstance(cfg.get(key), int):
                     return cfg[key]
         indices = [i for i in map(layer_index, self._tensors) if i is not None]
@@ -424,27 +423,32 @@ def _indexed_tensors(index_path: Path, read_header: Any) -> dict[str, TensorInfo
     return {n: headers[s][n] for n, s in weight_map.items()}
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], *, reference: int = 0) -> None:
-    """Refuse models that cannot be merged with ``checkpoints[reference]``, naming both and every difference."""
+def check_compatible(checkpoints: Sequence[Checkpoint], *, reference: int = 0, same_depth: bool = True) -> None:
+    """Refuse models that cannot be merged with ``checkpoints[reference]``, naming both and every difference.
+
+    ``same_depth=False`` compares only what lies outside the layers (config widths, embeddings, final
+    norm, LM head): layer-range merges stack layers of models of different depths, and check each
+    layer they take where they take it.
+    """
     if not checkpoints:
         return
     ref = checkpoints[reference]
     for i, other in enumerate(checkpoints):
         if i == reference:
             continue
-        problems = _config_differences(ref, other) + _tensor_differences(ref, other)
+        problems = _config_differences(ref, other, same_depth) + _tensor_differences(ref, other, same_depth)
         if problems:
             raise IncompatibleModelsError(
                 f"models {ref.path} and {other.path} are incompatible: " + "; ".join(problems)
             )
 
 
-def _config_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
+def _config_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True) -> list[str]:
     fields = {
         "architectures": (a.config.get("architectures"), b.config.get("architectures")),
         "model_type": (a.config.get("model_type"), b.config.get("model_type")),
         "hidden_size": (a.hidden_size, b.hidden_size),
-        "num_hidden_layers": (a.num_layers, b.num_layers),
+        "num_hidden_layers": (a.num_layers, b.num_layers) if same_depth else (None, None),
         "vocab_size": (a.vocab_size, b.vocab_size),
     }
     return [
@@ -452,20 +456,24 @@ def _config_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
     ]
 
 
-def _tensor_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
+def _tensor_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True) -> list[str]:
     """Missing/extra tensors and shape mismatches; a tied model's absent lm_head is not "missing"."""
-    names_a, names_b = set(a.tensor_names()), set(b.tensor_names())
+
+    def compared(ckpt: Checkpoint) -> list[str]:
+        return [n for n in ckpt.tensor_names() if same_depth or layer_index(n) is None]
+
+    names_a, names_b = set(compared(a)), set(compared(b))
     optional = {LM_HEAD} if (a.tied_embeddings or b.tied_embeddings) else set()
     problems = []
-    missing = [n for n in a.tensor_names() if n not in names_b and n not in optional]
-    extra = [n for n in b.tensor_names() if n not in names_a and n not in optional]
+    missing = [n for n in compared(a) if n not in names_b and n not in optional]
+    extra = [n for n in compared(b) if n not in names_a and n not in optional]
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing from {b.path}: {_first(missing)}")
     if extra:
         problems.append(f"{len(extra)} extra tensor(s) in {b.path}: {_first(extra)}")
     mismatched = [
         f"{n} {list(a.shape(n))} vs {list(b.shape(n))}"
-        for n in a.tensor_names()
+        for n in compared(a)
         if (n in names_b or n == LM_HEAD and n in optional) and _safe_shape(b, n) != a.shape(n)
     ]
     if mismatched:

@@ -162,7 +162,7 @@ class LiveModelSession:
 
     def _parse_recipe(self, recipe: Mapping[str, Any]) -> MergeConfig:
         config = parse_merge_config(dict(recipe), source="candidate recipe")
-        fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models}
+        fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models or ()}
         if any(fisher_files.values()):
             from hm3.fisher import load_fisher
 

@@ -26,7 +26,7 @@ from hm3.devices import check_device
 from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
-from hm3.merge.plan import MergePlan, TensorJob, dare_generator, plan_merge
+from hm3.merge.plan import MergePlan, SourceTensor, TensorJob, dare_generator, plan_merge
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,16 @@ class _FisherSource:
 
 
 def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | None, device: torch.device):
-    def load(ckpt) -> torch.Tensor:
-        t = ckpt.get(job.name)
-        check_finite(job.name, t, str(ckpt.path))
+    def load(src: SourceTensor) -> torch.Tensor:
+        ckpt = plan.source(src)
+        t = ckpt.get(src.name)
+        check_finite(src.name, t, str(ckpt.path))
         if plan.compute_dtype is not None:
             t = t.to(plan.compute_dtype)
         return t.to(device, non_blocking=True)
 
-    base = load(plan.base) if plan.base is not None else None
-    tensors = [load(c) for c in plan.inputs]
+    base = load(job.base) if job.base is not None else None
+    tensors = [load(src) for src in job.inputs]
     fishers = [f.to(device) for f in fisher.get(job.name)] if fisher is not None else None
     return base, tensors, fishers
 
@@ -148,9 +149,9 @@ def merge_to_disk(
     dev = check_device(device)  # before the models are opened
     plan = plan_merge(config, config_dir=config_dir, seed=seed)
     try:
-        inputs += [c.path for c in ([plan.base] if plan.base is not None else []) + list(plan.inputs)]
+        inputs += [c.path for c in plan.checkpoints]
         inputs += list(plan.fisher_files or [])
-        tokenizer_from = plan.base.path if plan.base is not None else plan.inputs[0].path
+        tokenizer_from = plan.reference.path
         with CheckpointWriter(
             out_dir,
             config=plan.output_config,
@@ -161,13 +162,13 @@ def merge_to_disk(
             background=True,
             force=force,
             inputs=inputs,
-            # output specs up front let the writer stream each tensor to disk: methods return the
-            # reference's (base's, else first input's) dtype after compute_dtype conversion
+            # output specs up front let the writer stream each tensor to disk: methods return their
+            # lead input's (the base's, else the first input's) dtype after compute_dtype conversion
             layout=[
                 (
                     j.name,
-                    plan.reference.shape(j.name),
-                    plan.out_dtype or plan.compute_dtype or plan.reference.dtype(j.name),
+                    plan.source(j.lead).shape(j.lead.name),
+                    plan.out_dtype or plan.compute_dtype or plan.source(j.lead).dtype(j.lead.name),
                 )
                 for j in plan.jobs
             ],

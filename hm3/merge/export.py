@@ -42,9 +42,15 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
 
     if "parameters" in data:
         data["parameters"] = translate(data["parameters"], "parameters")
-    for i, m in enumerate(data["models"]):
+    for i, m in enumerate(data.get("models", [])):
         if "parameters" in m:
             m["parameters"] = translate(m["parameters"], f"models[{i}].parameters")
+    for i, s in enumerate(data.get("slices", [])):
+        if "parameters" in s:
+            s["parameters"] = translate(s["parameters"], f"slices[{i}].parameters")
+        for j, src in enumerate(s["sources"]):
+            if "parameters" in src:
+                src["parameters"] = translate(src["parameters"], f"slices[{i}].sources[{j}].parameters")
     return data
 
 

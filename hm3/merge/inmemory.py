@@ -163,6 +163,9 @@ class InMemoryMerger:
         self._fishers = {r: {n: fishers[r][n].to(self._hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
 
     def _check_recipe(self, recipe: MergeConfig) -> tuple[list[int], Callable]:
+        if recipe.slices is not None:
+            raise ConfigError("the in-memory path merges whole models ('models:'); merge a 'slices' recipe with "
+                              "hm3 merge")
         method = get_method(recipe.merge_method)
         if not method.needs_base:
             raise ConfigError(

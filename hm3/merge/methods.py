@@ -231,6 +231,27 @@ def _sign_consensus(x: TensorInputs, sparse: list[torch.Tensor]) -> torch.Tensor
 # --- the methods ------------------------------------------------------------------------------------
 
 
+def _check_scale(v: Any) -> str | None:
+    return None if v is None else _check_number(v)
+
+
+@merge_method(
+    "passthrough",
+    needs_base=False,
+    max_models=1,
+    params=(),
+    # mergekit's default: no scale (the tensor unchanged, not multiplied by 1)
+    model_params=(ParamSpec("scale", None, _check_scale),),
+    mergekit_name="passthrough",
+    reference="https://github.com/arcee-ai/mergekit",
+)
+def _passthrough(x: TensorInputs) -> torch.Tensor:
+    """θ = s·θ_1: one model's tensor, times its ``scale`` when given (frankenmerges, depth up-scaling)."""
+    (tensor,) = x.tensors
+    scale = x.model_params[0]["scale"]
+    return tensor if scale is None else tensor * scale
+
+
 @merge_method(
     "linear",
     needs_base=False,

@@ -8,6 +8,7 @@ runs from 0 (first layer) to 1 (last layer); tensors outside the layers
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hm3.config import ConditionalParameter, MergeConfig
@@ -42,18 +43,26 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
     return setting[int(t * (len(setting) - 1))]
 
 
+def resolve_in(
+    scopes: Sequence[Mapping[str, Any] | None], name: str, *, tensor_name: str, t: float, default: Any
+) -> Any:
+    """The first scope's setting of ``name`` that gives a value for this tensor, else ``default``.
+
+    ``scopes`` run from the most to the least specific (mergekit's precedence: a source's or model's
+    own parameters, then its slice's, then the recipe's); a setting whose filters all miss the
+    tensor gives no value, so the next scope is asked.
+    """
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(tensor_name, scope[name], t)
+            if value is not None:
+                return value
+    return default
+
+
 def resolve(
     config: MergeConfig, name: str, *, tensor_name: str, t: float, model: str | None, default: Any
 ) -> Any:
     """Model-level setting first, then the global one, then ``default`` (mergekit's precedence)."""
-    if model is not None:
-        for m in config.models:
-            if m.model == model and m.parameters and name in m.parameters:
-                value = evaluate_setting(tensor_name, m.parameters[name], t)
-                if value is not None:
-                    return value
-    if config.parameters and name in config.parameters:
-        value = evaluate_setting(tensor_name, config.parameters[name], t)
-        if value is not None:
-            return value
-    return default
+    own = [m.parameters for m in config.models or () if m.model == model] if model is not None else []
+    return resolve_in([*own, config.parameters], name, tensor_name=tensor_name, t=t, default=default)

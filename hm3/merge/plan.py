@@ -4,6 +4,11 @@ Planning does all validation up front (method, parameter names and ranges,
 model compatibility, Fisher files), so a bad recipe fails before a single
 tensor is merged or a byte is written. The executors (:mod:`hm3.merge.engine`
 for disk, :mod:`hm3.merge.inmemory` for the search loop) only run the jobs.
+
+Each job names the input tensors it reads (model and tensor name), so one engine
+runs both recipe kinds: a ``models:`` recipe reads a tensor of the same name from
+every model, a ``slices:`` recipe reads layer ``start + k`` of each source for
+output layer ``k`` of a slice (:mod:`hm3.merge.slices`).
 """
 
 from __future__ import annotations
@@ -11,18 +16,27 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hm3.checkpoint import Checkpoint, check_compatible, layer_index, open_checkpoint
+from hm3.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    layer_index,
+    layer_tensor_names,
+    open_checkpoint,
+    rename_layer,
+)
 from hm3.checkpoint.hub import resolve_model
-from hm3.config import MergeConfig
-from hm3.errors import ConfigError
+from hm3.checkpoint.layers import check_scales_exact, is_input_embedding, relayered_config
+from hm3.config import MergeConfig, parameter_places
+from hm3.errors import ConfigError, IncompatibleModelsError
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
-from hm3.merge.parameters import layer_position, resolve
+from hm3.merge.parameters import layer_position, resolve_in
+from hm3.merge.slices import SliceGroup, slice_groups
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +61,42 @@ def parse_dtype(name: str | None, *, key: str) -> torch.dtype | None:
 
 
 @dataclass(frozen=True)
+class SourceTensor:
+    """One input tensor of a job: the plan's checkpoint (an index into ``MergePlan.checkpoints``) and
+    the tensor's name there."""
+
+    checkpoint: int
+    name: str
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: its name, depth and every parameter resolved to a number."""
+    """One output tensor: its name, depth, every parameter resolved to a number and what it reads.
+
+    ``model_params`` and ``inputs`` run parallel: the models fed to the method (the non-base ones for
+    task-vector methods). The pure resolver (:func:`resolve_jobs`, used in memory) leaves the sources
+    empty; :func:`plan_merge` fills them in.
+    """
 
     name: str
     layer: int | None
     params: dict[str, Any]
     model_params: tuple[dict[str, Any], ...]
+    base: SourceTensor | None = None
+    inputs: tuple[SourceTensor, ...] = ()
+
+    @property
+    def lead(self) -> SourceTensor:
+        """The input whose shape and dtype the output has: the base, else the first input."""
+        return self.base if self.base is not None else self.inputs[0]
 
 
 @dataclass
 class MergePlan:
     config: MergeConfig
     method: MergeMethod
-    base: Checkpoint | None
-    inputs: list[Checkpoint]  # models fed to the method (non-base for task-vector methods)
-    input_refs: list[str]
+    checkpoints: list[Checkpoint]  # every model a job reads, each once
+    reference: Checkpoint  # the output's config and tokenizer come from it: the base, else the first model
     jobs: list[TensorJob]
     compute_dtype: torch.dtype | None
     out_dtype: torch.dtype | None
@@ -70,22 +104,18 @@ class MergePlan:
     fisher_files: list[Path] | None = None
     output_config: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def reference(self) -> Checkpoint:
-        return self.base if self.base is not None else self.inputs[0]
+    def source(self, src: SourceTensor) -> Checkpoint:
+        return self.checkpoints[src.checkpoint]
 
     def close(self) -> None:
-        for ckpt in {id(c): c for c in [self.base, *self.inputs] if c is not None}.values():
+        for ckpt in self.checkpoints:
             ckpt.close()
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
     known_here = {p.name for p in (*method.params, *method.model_params)}
     known_anywhere = all_parameter_names()
-    places = [("parameters", config.parameters or {})] + [
-        (f"models[{i}] ({m.model}).parameters", m.parameters or {}) for i, m in enumerate(config.models)
-    ]
-    for where, params in places:
+    for where, params in parameter_places(config):
         for name in params:
             if name in known_here:
                 continue
@@ -98,9 +128,12 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
             )
 
 
-def _resolve_one(config: MergeConfig, spec: ParamSpec, *, tensor: str, t: float, model: str | None) -> Any:
-    value = resolve(config, spec.name, tensor_name=tensor, t=t, model=model, default=spec.default)
-    where = f"model {model!r}, " if model else ""
+Scopes = list[dict[str, Any] | None]
+
+
+def _resolve_one(spec: ParamSpec, scopes: Scopes, *, tensor: str, t: float, where: str) -> Any:
+    """One parameter's value for one tensor; ``where`` ('model 'm', ' or '') prefixes the tensor in messages."""
+    value = resolve_in(scopes, spec.name, tensor_name=tensor, t=t, default=spec.default)
     if value is None:
         if spec.required:
             raise ConfigError(f"missing required parameter '{spec.name}' ({where}tensor {tensor})")
@@ -109,6 +142,40 @@ def _resolve_one(config: MergeConfig, spec: ParamSpec, *, tensor: str, t: float,
     if problem:
         raise ConfigError(f"parameter '{spec.name}' ({where}tensor {tensor}) {problem}")
     return value
+
+
+@dataclass(frozen=True)
+class _Input:
+    """How one model's parameters are found for one tensor: its settings, most specific first, and
+    the tensor name its filters are matched against (mergekit matches a model's own parameters
+    against the tensor it reads from that model)."""
+
+    ref: str
+    scopes: Scopes
+    tensor: str
+
+
+def _job(
+    method: MergeMethod, name: str, layer: int | None, t: float, shared: Scopes, inputs: Sequence[_Input],
+    *, prefix: str = "",
+) -> TensorJob:
+    params = {p.name: _resolve_one(p, shared, tensor=name, t=t, where=prefix) for p in method.params}
+    model_params = []
+    for x in inputs:
+        where = f"{prefix}model {x.ref!r}, "
+        values = {p.name: _resolve_one(p, x.scopes, tensor=x.tensor, t=t, where=where)
+                  for p in method.model_params}
+        problem = method.check_model(values) if method.check_model is not None else None
+        if problem:
+            raise ConfigError(
+                f"{prefix}merge_method {method.name!r}, model {x.ref!r}, tensor {x.tensor}: {problem}"
+            )
+        model_params.append(values)
+    job = TensorJob(name=name, layer=layer, params=params, model_params=tuple(model_params))
+    weights = [float(mp["weight"]) for mp in job.model_params] if method.name == "linear" else []
+    if params.get("normalize") and weights and abs(sum(weights)) < 1e-8:
+        raise ConfigError(f"{prefix}linear with normalize: the model weights sum to 0")
+    return job
 
 
 def resolve_jobs(
@@ -124,24 +191,15 @@ def resolve_jobs(
     Called once per candidate by the search loop, so it stays cheap: a few
     dictionary look-ups per tensor and model.
     """
+    if config.models is None:
+        raise ConfigError("a 'slices' recipe is planned with its models on disk (plan_merge)")
+    own = {m.model: m.parameters for m in config.models}
     jobs = []
     for name in tensor_names:
         layer = layer_index(name)
         t = layer_position(layer, num_layers)
-        params = {p.name: _resolve_one(config, p, tensor=name, t=t, model=None) for p in method.params}
-        model_params = tuple(
-            {p.name: _resolve_one(config, p, tensor=name, t=t, model=ref) for p in method.model_params}
-            for ref in input_refs
-        )
-        for ref, values in zip(input_refs, model_params, strict=True):
-            problem = method.check_model(values) if method.check_model is not None else None
-            if problem:
-                raise ConfigError(f"merge_method {method.name!r}, model {ref!r}, tensor {name}: {problem}")
-        jobs.append(TensorJob(name=name, layer=layer, params=params, model_params=model_params))
-    if method.name == "linear" and jobs and jobs[0].params.get("normalize"):
-        total = sum(float(mp["weight"]) for mp in jobs[0].model_params)
-        if abs(total) < 1e-8:
-            raise ConfigError("linear with normalize: the model weights sum to 0")
+        inputs = [_Input(ref, [own.get(ref), config.parameters], name) for ref in input_refs]
+        jobs.append(_job(method, name, layer, t, [config.parameters], inputs))
     return jobs
 
 
@@ -150,7 +208,9 @@ def takes_base(config: MergeConfig, method: MergeMethod) -> bool:
     return method.needs_base or (method.optional_base and bool(config.base_model))
 
 
-def _check_model_count(method: MergeMethod, refs: list[str], *, besides_base: bool) -> None:
+def _check_model_count(
+    method: MergeMethod, refs: list[str], *, besides_base: bool, listing: str = "'models'"
+) -> None:
     low, high = method.min_models, method.max_models
     if low <= len(refs) and (high is None or len(refs) <= high):
         return
@@ -158,12 +218,14 @@ def _check_model_count(method: MergeMethod, refs: list[str], *, besides_base: bo
     where = " besides base_model" if besides_base else ""
     raise ConfigError(
         f"merge_method {method.name!r} merges {wanted} model{'s' if high != 1 else ''}{where}; "
-        f"'models' lists {len(refs)}{where}: {', '.join(refs)}"
+        f"{listing} lists {len(refs)}{where}: {', '.join(refs)}"
     )
 
 
 def input_refs_for(config: MergeConfig, method: MergeMethod) -> list[str]:
     """Which listed models feed the method, in config order (mergekit's semantics)."""
+    if config.models is None:
+        raise ConfigError("a 'slices' recipe has no 'models' list: its models are its slices' sources")
     refs: list[str] = []
     for m in config.models:
         if m.model in refs:
@@ -223,45 +285,26 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
     _check_parameter_names(config, method)
     compute_dtype = parse_dtype(config.dtype, key="dtype")
     out_dtype = parse_dtype(config.out_dtype, key="out_dtype") or compute_dtype
-    refs = input_refs_for(config, method)
     if config.tokenizer_source not in (None, "base") and config.tokenizer_source != config.base_model:
         raise ConfigError(
             f"tokenizer_source {config.tokenizer_source!r} is not supported: hm3 copies the base model's "
             "tokenizer (use 'base' or omit it)"
         )
-    fisher_files = _fisher_files(config, method, refs, config_dir)
+    plan_models = _plan_models if config.slices is None else _plan_slices
     opened: list[Checkpoint] = []
     try:
-        base = None
-        if takes_base(config, method):
-            base = open_checkpoint(resolve_model(config.base_model, config_dir))
-            opened.append(base)
-        inputs = []
-        for ref in refs:
-            inputs.append(open_checkpoint(resolve_model(ref, config_dir)))
-            opened.append(inputs[-1])
-        check_compatible(opened)
-        reference = opened[0]
-        jobs = resolve_jobs(
-            config,
-            method,
-            tensor_names=reference.tensor_names(),
-            num_layers=reference.num_layers,
-            input_refs=refs,
-        )
+        jobs, output_config, fisher_files = plan_models(config, method, opened, config_dir)
     except BaseException:
         for c in opened:
             c.close()
         raise
-    output_config = dict(reference.config)
     if out_dtype is not None:
         output_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
     return MergePlan(
         config=config,
         method=method,
-        base=base,
-        inputs=inputs,
-        input_refs=refs,
+        checkpoints=opened,
+        reference=opened[0],
         jobs=jobs,
         compute_dtype=compute_dtype,
         out_dtype=out_dtype,
@@ -269,3 +312,173 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
         fisher_files=fisher_files,
         output_config=output_config,
     )
+
+
+def _check_scales(job: TensorJob, plan_checkpoints: Sequence[Checkpoint], places: Sequence[str]) -> None:
+    """Refuse a passthrough ``scale`` other than 1 on a model type where it is not an exact branch weight
+    (:func:`hm3.checkpoint.layers.check_scales_exact`); ``places`` name each input in messages."""
+    for values, src, where in zip(job.model_params, job.inputs, places, strict=True):
+        scale = values.get("scale")
+        if scale is None or scale == 1.0:
+            continue
+        try:
+            check_scales_exact(plan_checkpoints[src.checkpoint].config.get("model_type"), "'scale' values")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: scale {scale} (tensor {src.name}): {e}") from None
+
+
+def _plan_models(
+    config: MergeConfig, method: MergeMethod, opened: list[Checkpoint], config_dir: Path | None
+) -> tuple[list[TensorJob], dict[str, Any], list[Path] | None]:
+    """A ``models:`` recipe: every output tensor merges the tensor of the same name of every model.
+
+    Opens the base (when the method takes one) and the inputs into ``opened``, in that order.
+    """
+    refs = input_refs_for(config, method)
+    fisher_files = _fisher_files(config, method, refs, config_dir)
+    has_base = takes_base(config, method)
+    for ref in ([config.base_model] if has_base else []) + refs:
+        opened.append(open_checkpoint(resolve_model(ref, config_dir)))
+    check_compatible(opened)
+    reference = opened[0]
+    jobs = resolve_jobs(config, method, tensor_names=reference.tensor_names(), num_layers=reference.num_layers,
+                        input_refs=refs)
+    first = 1 if has_base else 0
+    places = [f"models[{[m.model for m in config.models].index(r)}] ({r})" for r in refs]
+    sourced = []
+    for job in jobs:
+        job = replace(
+            job,
+            base=SourceTensor(0, job.name) if has_base else None,
+            inputs=tuple(SourceTensor(first + k, job.name) for k in range(len(refs))),
+        )
+        _check_scales(job, opened, places)
+        sourced.append(job)
+    return sourced, dict(reference.config), fisher_files
+
+
+def _plan_slices(
+    config: MergeConfig, method: MergeMethod, opened: list[Checkpoint], config_dir: Path | None
+) -> tuple[list[TensorJob], dict[str, Any], None]:
+    """A ``slices:`` recipe: each output layer merges one layer of each source of its slice (mergekit's rules,
+    :mod:`hm3.merge.slices`); the output config is the base's, else the first source's, with the new depth.
+
+    Opens ``base_model`` (when given) and every source model into ``opened``, in that order.
+    """
+    assert config.slices is not None
+    for where, params in parameter_places(config):
+        if "fisher" in params:
+            raise ConfigError(
+                f"{where}.fisher: Fisher weighting is not supported in 'slices' recipes; use 'models:'"
+            )
+    if method.requires_fisher:
+        raise ConfigError(
+            f"merge_method {method.name!r} needs Fisher files, which 'slices' recipes do not take"
+        )
+    sources = [src.model for s in config.slices for src in s.sources]
+    refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + sources))
+    index = {}
+    for ref in refs:
+        index[ref] = len(opened)
+        opened.append(open_checkpoint(resolve_model(ref, config_dir)))
+    check_compatible(opened, same_depth=False)
+    groups = slice_groups(config.slices, {ref: opened[i].num_layers for ref, i in index.items()})
+    jobs: list[TensorJob] = []
+    source_layers: list[int] = []
+    first_layer: dict[str, tuple[int, ...]] | None = None
+    for group in groups:
+        group_jobs = _slice_group_jobs(config, method, group, opened, index)
+        if group.part == "layer":
+            signature = {rename_layer(j.name, 0): opened[j.lead.checkpoint].shape(j.lead.name)
+                         for j in group_jobs}
+            if first_layer is None:
+                first_layer = signature
+            elif signature != first_layer:
+                different = sorted(set(signature.items()) ^ set(first_layer.items()))[:4]
+                raise IncompatibleModelsError(
+                    f"{group.where}: its tensors differ from output layer 0's: "
+                    + ", ".join(f"{n} {list(shape)}" for n, shape in different)
+                )
+            source_layers.append(group.source_layers[0])
+        jobs += group_jobs
+    reference = opened[0]  # the base, else the first slice's first source
+    return jobs, relayered_config(reference.config, source_layers), None
+
+
+def _slice_roles(config: MergeConfig, method: MergeMethod, group: SliceGroup) -> tuple[int | None, list[int]]:
+    """Which of the group's sources is the method's base (None: no base) and which are its inputs.
+
+    mergekit's rules: a method that takes a base finds it among the slice's own sources (the slice's
+    ``base_model``, else the recipe's); other methods ignore ``base_model`` and merge every source.
+    """
+    definition = config.slices[group.slice]
+    refs = [src.model for src in group.sources]
+    twice = next((r for r in refs if refs.count(r) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{group.where}: model {twice!r} is listed twice among the sources of one slice")
+    base_ref = definition.base_model or config.base_model
+    if method.needs_base or (method.optional_base and base_ref):
+        if not base_ref:
+            raise ConfigError(
+                f"merge_method {method.name!r} needs 'base_model' (of the recipe or of slices[{group.slice}])"
+            )
+        if base_ref not in refs:
+            raise ConfigError(
+                f"{group.where}: merge_method {method.name!r} takes base_model {base_ref!r} from the slice's "
+                f"sources, which are {', '.join(refs)}"
+            )
+        base = refs.index(base_ref)
+        inputs = [k for k in range(len(refs)) if k != base]
+    else:
+        base, inputs = None, list(range(len(refs)))
+    _check_model_count(method, [refs[k] for k in inputs], besides_base=base is not None,
+                       listing=group.where)
+    return base, inputs
+
+
+def _slice_group_jobs(
+    config: MergeConfig,
+    method: MergeMethod,
+    group: SliceGroup,
+    opened: Sequence[Checkpoint],
+    index: dict[str, int],
+) -> list[TensorJob]:
+    """The jobs of one group: its output tensors, each read from every source of the group."""
+    base, inputs = _slice_roles(config, method, group)
+    definition = config.slices[group.slice]
+    ckpts = [opened[index[src.model]] for src in group.sources]
+    lead = ckpts[0]
+    if group.part == "layer":
+        names = [(rename_layer(n, group.layer), [rename_layer(n, layer) for layer in group.source_layers])
+                 for n in layer_tensor_names(lead.tensor_names(), group.source_layers[0])]
+        expected = {rename_layer(n, 0) for n, _ in names}
+        for src, ckpt, layer in zip(group.sources, ckpts, group.source_layers, strict=True):
+            found = {rename_layer(n, 0) for n in layer_tensor_names(ckpt.tensor_names(), layer)}
+            if found != expected:
+                raise IncompatibleModelsError(
+                    f"{group.where}: layer {layer} of {src.model} and layer {group.source_layers[0]} of "
+                    f"{group.sources[0].model} hold different tensors: {', '.join(sorted(found ^ expected)[:4])}"
+                )
+    else:
+        outside = [n for n in lead.tensor_names() if layer_index(n) is None]
+        before = group.part == "before"
+        names = [(n, [n] * len(ckpts)) for n in outside if is_input_embedding(n) == before]
+    shared: Scopes = [definition.parameters, config.parameters]
+    places = [f"slices[{group.slice}].sources[{k}] ({group.sources[k].model})" for k in inputs]
+    jobs = []
+    for out_name, source_names in names:
+        shapes = {ckpt.shape(n) for ckpt, n in zip(ckpts, source_names, strict=True)}
+        if len(shapes) > 1:
+            raise IncompatibleModelsError(
+                f"{group.where}: tensor {out_name} has different shapes in the slice's sources: "
+                + ", ".join(f"{src.model} {list(ckpt.shape(n))}"
+                            for src, ckpt, n in zip(group.sources, ckpts, source_names, strict=True))
+            )
+        reads = [SourceTensor(index[src.model], n) for src, n in zip(group.sources, source_names, strict=True)]
+        own = [_Input(group.sources[k].model, [group.sources[k].parameters, *shared], source_names[k])
+               for k in inputs]
+        job = _job(method, out_name, group.layer, group.t, shared, own, prefix=f"{group.where}: ")
+        job = replace(job, base=reads[base] if base is not None else None, inputs=tuple(reads[k] for k in inputs))
+        _check_scales(job, opened, places)
+        jobs.append(job)
+    return jobs

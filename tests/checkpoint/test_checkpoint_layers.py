@@ -57,3 +57,37 @@ def test_rename_layer():
 def test_rename_layer_refuses_non_layer_or_negative(name, index):
     with pytest.raises(ValueError):
         rename_layer(name, index)
+
+
+@pytest.mark.parametrize(("name", "before"), [
+    ("model.embed_tokens.weight", True), ("transformer.wte.weight", True), ("transformer.wpe.weight", True),
+    ("wte.weight", True), ("gpt_neox.embed_in.weight", True), ("model.decoder.embed_positions.weight", True),
+    ("model.norm.weight", False), ("lm_head.weight", False), ("transformer.ln_f.bias", False),
+    ("embed_out.weight", False),  # GPT-NeoX's output embedding comes after the layers
+    ("model.layers.0.embed_tokens.weight", False),  # inside a layer: not outside it at all
+])
+def test_input_embeddings_are_the_tensors_before_the_layers(name, before):
+    from hm3.checkpoint.layers import is_input_embedding
+
+    assert is_input_embedding(name) is before
+
+
+def test_a_relayered_config_counts_its_layers_under_its_own_key_and_moves_per_layer_entries():
+    from hm3.checkpoint.layers import relayered_config
+
+    llama = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"], "hidden_size": 8}
+    assert relayered_config(llama, [3, 3, 0]) == {"num_hidden_layers": 3, "layer_types": ["d", "d", "a"],
+                                                  "hidden_size": 8}
+    assert llama["num_hidden_layers"] == 4  # the source config is left alone
+    assert relayered_config({"n_layer": 2, "n_embd": 8}, [0, 1, 1]) == {"n_layer": 3, "n_embd": 8}
+    assert relayered_config({}, [0]) == {"num_hidden_layers": 1}
+
+
+def test_scales_are_exact_only_on_pre_norm_model_types():
+    from hm3.checkpoint.layers import check_scales_exact
+    from hm3.errors import ConfigError
+
+    for model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        check_scales_exact(model_type)
+    with pytest.raises(ConfigError, match=r"^'scale' values are only defined for pre-norm models .*'gemma2'"):
+        check_scales_exact("gemma2", "'scale' values")

@@ -74,7 +74,7 @@ def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                                  "della_linear", "nuslerp", "sce", "karcher"}
+                                  "della_linear", "nuslerp", "sce", "karcher", "passthrough"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -502,7 +502,25 @@ def test_karcher_of_two_tensors_is_the_slerp_midpoint_at_their_mean_norm():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [None, 0.5, -2.0, 0])
+def test_passthrough_is_its_one_tensor_times_its_scale(scale):
+    _, (model, *_) = random_models(50)
+    out = run_method("passthrough", None, [model], per_model={"scale": [scale]})
+    assert torch.equal(out, model if scale is None else model * scale)
+    assert get_method("passthrough").model_param("scale").check("x") == "must be a number, got 'x'"
+    assert get_method("passthrough").model_param("scale").check(None) is None
+
+
 # --- the references against mergekit ---------------------------------------------------------------------
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("scale", [None, 0.37, 3.0])
+def test_passthrough_equals_mergekit(scale):
+    api = pytest.importorskip("mergekit.merge_methods")
+    _, (model, *_) = random_models(51)
+    expected = api.merge_tensors([model], "passthrough", parameters={"scale": scale})
+    assert torch.equal(run_method("passthrough", None, [model], per_model={"scale": [scale]}), expected)
 
 
 @pytest.mark.mergekit
@@ -770,7 +788,8 @@ def test_defaults_and_flags_are_mergekits():
     assert {n for n, m in MERGE_METHODS.items() if m.requires_fisher} == {"fisher", "df_merge"}
     assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
                                                                          "dare_linear", "fisher", "df_merge"}
-    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp", "karcher"}
+    assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp", "karcher",
+                                                                         "passthrough"}
     assert defaults["karcher"] == {"max_iter": 10, "tol": 1e-5}
     assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp"}
     assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
@@ -778,7 +797,8 @@ def test_defaults_and_flags_are_mergekits():
                                                                                             "df_merge": None}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
-        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2)}
+        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2), "passthrough": (1, 1)}
+    assert defaults["passthrough"] == {"scale": None}  # no scale: the tensor itself, not a product with 1
     assert defaults["model_stock"] == {"filter_wise": False}
     assert defaults["sce"] == {"select_topk": 1.0, "int8_mask": False}
     gta = {"lambda": 1.0, "int8_mask": False, "weight": None, "density": 1.0}
@@ -801,11 +821,11 @@ def test_unknown_and_twice_registered_methods_are_refused():
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
-                                          "fisher, karcher, linear, model_stock, nuslerp, sce, slerp, "
-                                          "task_arithmetic, ties$"):
+                                          "fisher, karcher, linear, model_stock, nuslerp, passthrough, sce, "
+                                          "slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
-                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol"}
+                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol", "scale"}

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
 from hm3.config import parse_merge_config
 from hm3.errors import ConfigError
-from hm3.merge.plan import dare_generator, plan_merge
+from hm3.merge.plan import SourceTensor, dare_generator, plan_merge
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,12 @@ def test_dtypes_are_parsed_and_the_output_config_says_the_output_dtype(family):
     plan = _plan_of(family, dtype="float32", out_dtype="bfloat16")
     assert (plan.compute_dtype, plan.out_dtype) == (torch.float32, torch.bfloat16)
     assert plan.output_config["torch_dtype"] == "bfloat16"
-    assert plan.input_refs == [str(family["m1"]), str(family["m2"])] and plan.base is not None
+    assert [c.path for c in plan.checkpoints] == [family["base"], family["m1"], family["m2"]]
+    assert plan.reference is plan.checkpoints[0]  # the base: the output's config and tokenizer come from it
     assert {job.name for job in plan.jobs} == set(plan.reference.tensor_names())
+    for job in plan.jobs:  # every job reads its own name from the base and from each input, in the recipe's order
+        assert job.base == SourceTensor(0, job.name) and job.inputs == (SourceTensor(1, job.name),
+                                                                        SourceTensor(2, job.name))
     plan.close()
     plan = _plan_of(family, dtype="float16")  # no out_dtype: the output is written in the compute dtype
     assert plan.out_dtype == torch.float16 and plan.output_config["torch_dtype"] == "float16"
