@@ -68,6 +68,9 @@ class ParamSpec:
     check: Callable[[Any], str | None]
     required: bool = False
     hm3_only: bool = False  # not part of mergekit's schema: blocks export to mergekit
+    #: the range a level-1 search explores by default (inside what ``check`` accepts); None: a search gives
+    #: it no default range (weight and density take the search space's own per-model bounds)
+    search_bounds: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ class MergeMethod:
     max_models: int | None = None
     #: a check across one model's parameters for one tensor (della's density ± epsilon): the problem, or None
     check_model: Callable[[dict[str, Any]], str | None] | None = None
+    #: the parameters besides each model's weight that a level-1 search space varies for this method
+    #: (:mod:`hm3.search.space`); None: level 1 cannot search it (not a weighted task-vector method that the
+    #: in-memory merger runs, or one that needs Fisher tensors)
+    searched: tuple[str, ...] | None = None
     doc: str = field(default="", compare=False)
 
     def param(self, name: str) -> ParamSpec | None:
@@ -145,11 +152,12 @@ def all_parameter_names() -> set[str]:
 WEIGHT = ParamSpec("weight", None, _check_weight, required=True)
 DENSITY = ParamSpec("density", 1.0, _check_density)
 FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True)
-LAMBDA = ParamSpec("lambda", 1.0, _check_number)
+# search ranges: around mergekit's defaults (λ 1, γ 0.01, ε 0.15), within the values the methods' papers tune
+LAMBDA = ParamSpec("lambda", 1.0, _check_number, search_bounds=(0.5, 1.5))
 INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
 RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
-GAMMA = ParamSpec("gamma", 0.01, _check_density)  # breadcrumbs: the fraction of largest |τ| dropped
-EPSILON = ParamSpec("epsilon", 0.15, _check_density)  # della: the spread of keep probabilities around density
+GAMMA = ParamSpec("gamma", 0.01, _check_density, search_bounds=(0.0, 0.1))  # breadcrumbs: the fraction of largest |τ| dropped
+EPSILON = ParamSpec("epsilon", 0.15, _check_density, search_bounds=(0.0, 0.2))  # della: the spread of keep probabilities around density
 
 
 def _gta_params(*, normalize: bool, rescale: bool, rescale_modes: bool = True) -> tuple[ParamSpec, ...]:
@@ -273,6 +281,7 @@ def _linear(x: TensorInputs) -> torch.Tensor:
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
     mergekit_name="task_arithmetic",
+    searched=(),
 )
 def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
     """θ = θ_base + λ Σ_k w_k τ_k; with Fisher tensors, DF-Merge's weighting."""
@@ -287,6 +296,7 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
     model_params=(WEIGHT, DENSITY, FISHER),
     supports_fisher=True,
     mergekit_name="ties",
+    searched=("density",),
 )
 def _ties(x: TensorInputs) -> torch.Tensor:
     """TIES: trim to top-density magnitude, elect sign, disjoint (weighted) mean."""
@@ -305,6 +315,7 @@ def _ties(x: TensorInputs) -> torch.Tensor:
     uses_randomness=True,
     supports_fisher=True,
     mergekit_name="dare_ties",
+    searched=("density",),
 )
 def _dare_ties(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then TIES sign election and disjoint merge."""
@@ -320,6 +331,7 @@ def _dare_ties(x: TensorInputs) -> torch.Tensor:
     uses_randomness=True,
     supports_fisher=True,
     mergekit_name="dare_linear",
+    searched=("density",),
 )
 def _dare_linear(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then task arithmetic."""
@@ -392,6 +404,7 @@ _BREADCRUMBS: dict[str, Any] = {
     "params": _gta_params(normalize=False, rescale=False, rescale_modes=False),
     "model_params": (WEIGHT, DENSITY, GAMMA),
     "reference": "https://arxiv.org/abs/2312.06795",
+    "searched": ("density", "gamma"),
 }
 
 
@@ -413,6 +426,7 @@ _DELLA: dict[str, Any] = {
     "uses_randomness": True,
     "check_model": _check_della,
     "reference": "https://arxiv.org/abs/2406.11617",
+    "searched": ("density", "epsilon", "lambda"),
 }
 
 

@@ -420,3 +420,88 @@ def test_a_budget_below_the_default_design_shrinks_it_with_a_warning(setup, tmp_
     with pytest.warns(Hm3Warning, match="design shrinks to 2"):
         result = run_level1(parse_run_config(small), tmp_path / "r", progress=False)
     assert len(result.candidate_ids) == 3 and result.summary["evaluations"] == 3
+
+
+def _load_tensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_a_search_over_two_methods_scores_both_and_merges_back_to_what_it_scored(setup, tmp_path, capsys):
+    """``methods: [dare_ties, della]``: candidates of both methods are evaluated and stored under recipes
+    that name their method; a resume asks what an uninterrupted search did; a della candidate's recipe
+    merged by ``hm3 merge`` (and every front point by ``hm3 export``) gives the very tensors the in-memory
+    merger scored. Bitwise: both paths run the same float32 ops on the same float32 task vectors
+    (θ_k − θ_base) with the same seeded drop masks, on the CPU, and the tiny models are float32."""
+    from hm3.cli import main
+    from hm3.config import parse_merge_config
+    from hm3.merge.inmemory import InMemoryMerger
+    from hm3.run.front import recipe_with_paths
+
+    data = _config(setup, budget=6)
+    data["search_space"] = {"base_model": "base", "models": ["m1", "m2"], "methods": ["dare_ties", "della"]}
+    cfg = parse_run_config(data)
+    assert cfg.search_space.dim == 2 * 3 + 2  # weights, densities, epsilons, lambda, method
+    run = tmp_path / "run"
+    run_level1(cfg, run, progress=False, stop_after=3)
+    resumed = run_level1(cfg, run, resume=True, progress=False)
+    straight = run_level1(cfg, tmp_path / "straight", progress=False)
+    np.testing.assert_array_equal(resumed.X, straight.X)
+    np.testing.assert_array_equal(resumed.Y, straight.Y)
+    with RunStore.open(run, readonly=True) as store:
+        assert store.config()["level1"]["search_space"]["methods"] == ["dare_ties", "della"]
+        recipes = {cid: store.candidate(cid)[1] for cid in resumed.candidate_ids}
+        for cid in recipes:
+            assert len(store.evaluations(cid, split="validation")) == 2  # both objectives, stored
+    assert len(resumed.candidate_ids) == 6
+    for x, cid in zip(resumed.X, resumed.candidate_ids, strict=True):
+        assert recipes[cid] == cfg.search_space.to_recipe(torch.tensor(x, dtype=torch.float64))
+        assert recipes[cid]["merge_method"] == cfg.search_space.method_of(torch.tensor(x, dtype=torch.float64))
+    assert {r["merge_method"] for r in recipes.values()} == {"dare_ties", "della"}
+
+    _, models, _ = setup
+    merger = InMemoryMerger(models["base"], [models["m1"], models["m2"]], base_ref="base", model_refs=["m1", "m2"])
+    della_id = next(cid for cid, r in recipes.items() if r["merge_method"] == "della")
+    recipe_file = tmp_path / "della.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe_with_paths(recipes[della_id], models)))
+    assert main(["merge", str(recipe_file), str(tmp_path / "della-merged")]) == 0
+    scored = merger.merged_state(parse_merge_config(recipes[della_id]))
+    on_disk = _load_tensors(tmp_path / "della-merged")
+    assert set(on_disk) == set(scored)
+    for name, tensor in scored.items():
+        assert torch.equal(on_disk[name], tensor), name
+    backend = HFBackend.from_pretrained(tmp_path / "della-merged", batch_size=16)  # and it scores what was stored
+    stored = resumed.Y[resumed.candidate_ids.index(della_id)]
+    for spec, score in zip(cfg.objectives, stored, strict=True):
+        assert evaluate_objective(backend, get_objective(spec), "validation", list(range(12))).score == score
+
+    front = pd.read_csv(run / "front.csv")
+    for point, file in zip(front["point"], front["file"], strict=True):
+        assert yaml.safe_load((run / file).read_text())["merge_method"] == recipes[point]["merge_method"]
+        dest = tmp_path / f"export-{point}"
+        assert main(["export", str(run), "--point", str(point), str(dest)]) == 0
+        exported = _load_tensors(dest)
+        for name, tensor in merger.merged_state(parse_merge_config(recipes[point])).items():
+            assert torch.equal(exported[name], tensor), (point, name)
+
+
+def test_an_unknown_method_is_refused_before_anything_runs(setup, tmp_path):
+    data = _config(setup)
+    data["search_space"] = {"base_model": "base", "models": ["m1", "m2"], "methods": ["dare_ties", "slerpp"]}
+    with pytest.raises(ConfigError, match="methods: unknown merge method 'slerpp'; level 1 searches: breadcrumbs"):
+        parse_run_config(data, source="cfg.yml")
+
+
+def test_a_bo_design_over_methods_spreads_the_methods_and_keeps_weights_on_the_simplex(setup):
+    data = _config(setup, name="bo-mo", budget=20)
+    data["search_space"] = {"base_model": "base", "models": ["m1", "m2"], "methods": ["ties", "breadcrumbs_ties"]}
+    cfg = parse_run_config(data)
+    first = make_optimizer(cfg).ask(4)  # auto: the preference design (the weight bounds hold [0, 1])
+    space = cfg.search_space
+    assert {space.method_of(x) for x in first} == {"ties", "breadcrumbs_ties"}
+    for x in first:
+        assert sum(row[0] for row in space.decode(x)["weight"]) == pytest.approx(1.0)

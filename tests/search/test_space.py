@@ -253,3 +253,240 @@ def test_invalid_space_message_lists_every_problem_with_its_key():
         parse_search_space({"models": ["a"], "base_model": "b", "weight_bounds": [1.0, 0.0]}, source="cfg.yml")
     assert str(err.value) == ("cfg.yml: invalid search_space:\n"
                               "  weight_bounds [1.0, 0.0] is reversed: the lower bound exceeds the upper")
+
+
+# --- the merge method as a searched dimension --------------------------------------------------------------
+
+THREE = ["dare_ties", "della", "breadcrumbs_ties"]
+
+
+def _point(s, fill: float, method_u: float) -> torch.Tensor:
+    x = torch.full((s.dim,), fill, dtype=torch.float64)
+    x[-1] = method_u
+    return x
+
+
+def test_a_method_list_adds_each_methods_parameters_once_and_one_method_coordinate():
+    from hm3.merge.methods import get_method
+
+    s = _space(methods=THREE)
+    assert s.param_names() == [*(f"weight[{m}][g0]" for m in MODELS), *(f"density[{m}][g0]" for m in MODELS),
+                               *(f"epsilon[{m}][g0]" for m in MODELS), "lambda",
+                               *(f"gamma[{m}][g0]" for m in MODELS), "method"]
+    assert s.dim == 3 * 4 + 2
+    lo, hi = s.bounds
+    registry = {p: get_method("della").model_param(p) or get_method("della").param(p) for p in ("epsilon", "lambda")}
+    registry["gamma"] = get_method("breadcrumbs_ties").model_param("gamma")
+    names = s.param_names()
+    for param, spec in registry.items():
+        i = names.index("lambda" if param == "lambda" else f"{param}[expert_b][g0]")
+        assert (lo[i].item(), hi[i].item()) == spec.search_bounds
+    assert (lo[-1].item(), hi[-1].item()) == (0.0, 1.0)
+    # layer groups: per-model parameters get one coordinate per group, a global one (lambda) stays one
+    grouped = _space(methods=["della"], layer_granularity=1, num_layers=2)
+    assert grouped.dim == 3 * 2 * 3 + 1 and "method" not in grouped.param_names()  # one method: no bin coordinate
+    with pytest.raises(ConfigError, match="searches 3 methods"):
+        s.merge_method  # noqa: B018
+
+
+@pytest.mark.parametrize(("u", "method"), [(0.0, "dare_ties"), (1 / 3 - 1e-9, "dare_ties"), (1 / 3, "della"),
+                                           (0.5, "della"), (2 / 3, "breadcrumbs_ties"), (1.0, "breadcrumbs_ties")])
+def test_the_method_coordinate_is_cut_into_equal_bins(u, method):
+    s = _space(methods=THREE)
+    x = _point(s, 0.5, u)
+    assert s.method_of(x) == method and s.to_recipe(x)["merge_method"] == method
+
+
+def test_each_point_recipe_holds_its_methods_parameters_only():
+    s = _space(methods=THREE, seed=4, rescale_mode="inverse", normalize=True)
+    names = s.param_names()
+    x = torch.linspace(0.05, 0.95, s.dim, dtype=torch.float64)
+    values = dict(zip(names, (s.bounds[0] + x * (s.bounds[1] - s.bounds[0])).tolist(), strict=True))
+    for u, method in ((0.1, "dare_ties"), (0.5, "della"), (0.9, "breadcrumbs_ties")):
+        x[-1] = u
+        recipe = s.to_recipe(x)
+        assert recipe["merge_method"] == method and recipe["seed"] == 4 and recipe["base_model"] == "base"
+        params = recipe["models"][1]["parameters"]
+        assert params["weight"] == pytest.approx(values["weight[expert_b][g0]"])
+        assert params["density"] == pytest.approx(values["density[expert_b][g0]"])
+        own = {"dare_ties": set(), "della": {"epsilon"}, "breadcrumbs_ties": {"gamma"}}[method]
+        assert set(params) == {"weight", "density"} | own
+        globals_ = recipe["parameters"]
+        assert globals_["normalize"] is True
+        # rescale_mode reaches the random drops (DARE, DELLA) only; lambda is della's alone
+        assert ("rescale_mode" in globals_) == (method in ("dare_ties", "della"))
+        assert set(globals_) - {"normalize", "rescale_mode"} == ({"lambda"} if method == "della" else set())
+        if method == "della":
+            assert globals_["lambda"] == pytest.approx(values["lambda"])
+            assert params["epsilon"] == pytest.approx(values["epsilon[expert_b][g0]"])  # the density leaves room
+        if method == "breadcrumbs_ties":
+            assert params["gamma"] == pytest.approx(values["gamma[expert_b][g0]"])
+
+
+def test_della_epsilon_always_leaves_density_plus_minus_epsilon_inside_zero_one():
+    """Every point is a della recipe mergekit runs: ρ ± ε strictly inside (0, 1) at any density, the
+    searched ε unchanged where the density leaves room, and ε monotone in its coordinate."""
+    from mergekit.sparsify import della_magprune
+
+    from hm3.merge.ops import della_problem
+
+    s = _space(methods=["della"], density_bounds=(0.0, 1.0))
+    assert s.param_names()[6] == "epsilon[expert_a][g0]"
+    # 1 - 2**-53: the float below 1, where ρ + 0.9 (1 - ρ) rounds to 1 (ε then falls back to 0)
+    rho = torch.tensor([0.0, 1e-12, 0.02, 0.1, 0.5, 0.85, 0.95, 0.999, 1 - 1e-15, 1 - 2**-53, 1.0], dtype=torch.float64)
+    eps_u = torch.linspace(0, 1, 11, dtype=torch.float64)
+    tensor = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    for r in rho:
+        fitted = []
+        for e in eps_u:
+            x = torch.full((s.dim,), 0.5, dtype=torch.float64)
+            x[3], x[6] = r, e  # density and epsilon of expert_a
+            params = s.to_recipe(x)["models"][0]["parameters"]
+            density, epsilon = params["density"], params["epsilon"]
+            assert della_problem(density, epsilon) is None, (density, epsilon)
+            della_magprune(tensor, density=density, epsilon=epsilon)  # mergekit's own check passes
+            fitted.append(epsilon)
+        if r == 1 - 2**-53:
+            assert max(fitted) < 1e-15  # no room to speak of: the rounding fallback (ε = 0) where needed
+        else:
+            assert fitted == sorted(fitted)
+        if 0.2 / 0.9 <= r <= 1 - 0.2 / 0.9:  # room for the whole range [0, 0.2]
+            assert fitted == pytest.approx((eps_u * 0.2).tolist())
+        elif 0.01 < r < 0.99:
+            assert 0 < fitted[-1] < 0.2 and fitted[-1] == pytest.approx(0.9 * min(r, 1 - r))
+
+
+def test_recipes_of_every_method_round_trip_and_are_valid_merge_configs():
+    from hm3.config import parse_merge_config
+    from hm3.merge.methods import get_method
+    from hm3.merge.plan import resolve_jobs
+
+    spaces = [_space(methods=THREE), _space(methods=["della", "ties", "task_arithmetic", "della_linear"],
+                                            layer_granularity=1, num_layers=2, density=0.6),
+              _space(methods=["breadcrumbs", "dare_linear"], layer_granularity=2, num_layers=4)]
+    tensors = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["lm_head.weight"]
+    gen = torch.Generator().manual_seed(1)
+    for s in spaces:
+        seen = set()
+        for _ in range(24):
+            x = torch.rand(s.dim, generator=gen, dtype=torch.float64)
+            recipe = s.to_recipe(x)
+            seen.add(recipe["merge_method"])
+            point = s.from_recipe(recipe)
+            assert s.method_of(point) == recipe["merge_method"]
+            assert _close(s.to_recipe(point), recipe)
+            cfg = parse_merge_config(recipe, source="recipe")
+            method = get_method(cfg.merge_method)
+            resolve_jobs(cfg, method, tensor_names=tensors, num_layers=4, input_refs=MODELS)  # della's check too
+        assert seen == set(s.method_names)
+
+
+def _close(a, b) -> bool:
+    """Recipes equal up to float rounding (a point decoded again may differ in the last digit)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, abs=1e-12)
+    return a == b
+
+
+def test_the_inactive_coordinates_do_not_change_a_recipe():
+    s = _space(methods=THREE)
+    x = _point(s, 0.4, 0.1)  # dare_ties: epsilon, lambda and gamma are inactive
+    moved = x.clone()
+    names = s.param_names()
+    for i, name in enumerate(names):
+        if name.split("[")[0] in ("epsilon", "lambda", "gamma"):
+            moved[i] = 0.9
+    assert s.to_recipe(moved) == s.to_recipe(x)
+    moved[names.index("weight[expert_a][g0]")] = 0.9
+    assert s.to_recipe(moved) != s.to_recipe(x)
+
+
+def test_a_one_method_list_is_todays_space_and_todays_dump_is_unchanged():
+    plain, listed = _space(), _space(methods=["dare_ties"])
+    assert listed.dim == plain.dim and listed.param_names() == plain.param_names()
+    x = torch.rand(plain.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert listed.to_recipe(x) == plain.to_recipe(x)
+    assert _space(methods=["ties"], density=0.4).to_recipe(x[:3]) == _space(dare=False, density=0.4).to_recipe(x[:3])
+    # what a run store records: without methods, exactly the keys runs stored before methods existed
+    assert list(plain.model_dump()) == ["models", "base_model", "weight_bounds", "density_bounds", "density", "dare",
+                                        "rescale_mode", "fisher", "df_merge", "normalize", "layer_granularity",
+                                        "num_layers", "seed"]
+    assert "methods" not in plain.model_dump_json()
+    dumped = _space(methods=THREE, param_bounds={"lambda": [0.8, 1.2]}).model_dump(mode="json")
+    assert dumped["methods"] == THREE and dumped["param_bounds"] == {"lambda": [0.8, 1.2]}
+    assert parse_search_space(dumped) == _space(methods=THREE, param_bounds={"lambda": [0.8, 1.2]})
+
+
+def test_param_bounds_replace_the_registrys_ranges():
+    s = _space(methods=["della"], param_bounds={"lambda": [0.8, 1.2], "epsilon": [0.0, 0.05]})
+    names = s.param_names()
+    assert s.bounds[:, names.index("lambda")].tolist() == [0.8, 1.2]
+    assert s.bounds[:, names.index("epsilon[expert_c][g0]")].tolist() == [0.0, 0.05]
+    assert s.to_recipe(torch.ones(s.dim, dtype=torch.float64))["parameters"]["lambda"] == pytest.approx(1.2)
+
+
+def test_fixed_coefficients_of_a_method_list_take_the_first_method_and_the_middles():
+    s = _space(methods=["della", "dare_ties"])
+    recipe = s.to_recipe(s.fixed_coefficients([0.2, 0.3, 0.5]))
+    assert recipe["merge_method"] == "della" and recipe["parameters"]["lambda"] == pytest.approx(1.0)
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == pytest.approx([0.2, 0.3, 0.5])
+    assert recipe["models"][0]["parameters"]["epsilon"] == pytest.approx(0.1)  # density 0.55 leaves room
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"methods": []}, "methods is empty: list one or more of breadcrumbs, breadcrumbs_ties, dare_linear, "
+                          "dare_ties, della, della_linear, task_arithmetic, ties"),
+        ({"methods": ["dare_ties", "dellla"]}, r"methods: unknown merge method 'dellla'; level 1 searches: "
+                                               r"breadcrumbs, .*, ties"),
+        ({"methods": ["linear"]}, "'linear' merges the models themselves, not task vectors over the base, so the "
+                                  "in-memory merger cannot run it; level 1 searches: breadcrumbs"),
+        ({"methods": ["slerp", "ties"]}, "'slerp' has no per-model weights over task vectors"),
+        ({"methods": ["model_stock"]}, "'model_stock' has no per-model weights"),
+        ({"methods": ["df_merge"]}, "'df_merge' needs Fisher tensors"),
+        ({"methods": ["ties", "della", "ties"]}, "methods lists 'ties' twice"),
+        ({"methods": ["ties", "della"], "fisher": True}, "methods cannot be combined with fisher"),
+        ({"methods": ["ties", "della"], "dare": False}, "dare: false has no meaning with methods"),
+        ({"param_bounds": {"epsilon": [0, 0.1]}}, r"param_bounds.epsilon: no searched method \(dare_ties\) has"),
+        ({"methods": ["della"], "param_bounds": {"gamma": [0, 0.1]}},
+         "param_bounds.gamma: no searched method .della. has a parameter 'gamma' to search; they search epsilon, "
+         "lambda"),
+        ({"methods": ["della"], "param_bounds": {"epsilon": [0.2, 0.1]}}, "param_bounds.epsilon .* is reversed"),
+        ({"methods": ["della"], "param_bounds": {"epsilon": [0.0, 1.5]}},
+         r"param_bounds.epsilon \[0.0, 1.5\]: epsilon must lie in \[0, 1\], got 1.5"),
+        ({"methods": ["della"], "param_bounds": {"lambda": [0.5, float("inf")]}}, "param_bounds.lambda .* must be finite"),
+        ({"methods": "della"}, "methods: Input should be a valid list"),
+    ],
+)
+def test_invalid_method_lists(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _space(**extra)
+
+
+def test_a_method_list_without_a_base_model_says_that_its_methods_need_one():
+    with pytest.raises(ConfigError, match="base_model is missing: della, ties merge task vectors over a base model"):
+        parse_search_space({"models": MODELS, "methods": ["della", "ties"]}, source="cfg.yml")
+    with pytest.raises(ConfigError, match="base_model is missing"):
+        parse_search_space({"models": MODELS, "base_model": "", "methods": ["della"]})
+
+
+def test_foreign_recipes_of_a_method_list_are_refused_naming_the_difference():
+    s = _space(methods=["dare_ties", "della"])
+    della = s.to_recipe(_point(s, 0.5, 0.9))
+    with pytest.raises(ConfigError, match=r"^recipe merge_method 'ties' is not one of this space's methods "
+                                          r"\(dare_ties, della\)$"):
+        s.from_recipe({**della, "merge_method": "ties"})
+    no_eps = [dict(m, parameters={"weight": 0.5, "density": 0.5}) for m in della["models"]]
+    with pytest.raises(ConfigError, match="^recipe model 'expert_a' has no epsilon$"):
+        s.from_recipe({**della, "models": no_eps})
+    with pytest.raises(ConfigError, match=r"^recipe parameters.lambda: expected a number for this search space, "
+                                          r"got None$"):
+        s.from_recipe({**della, "parameters": {}})
+    bad_eps = [dict(m, parameters={"weight": 0.5, "density": 0.5, "epsilon": 0.6}) for m in della["models"]]
+    with pytest.raises(ConfigError, match="^recipe model 'expert_a': density ± epsilon must lie strictly"):
+        s.from_recipe({**della, "models": bad_eps})
