@@ -357,3 +357,19 @@ def test_the_tokenizer_block_exports_to_mergekit_unchanged(family, tmp_path):
     recipe = _recipes(family)["block"]
     assert to_mergekit(parse_merge_config(recipe))["tokenizer"] == recipe["tokenizer"] | {
         "tokens": {k: {"force": False} | v for k, v in recipe["tokenizer"]["tokens"].items()}}
+
+
+def test_a_model_without_tokenizer_files_is_taken_to_have_the_bases_vocabulary(family, tmp_path):
+    """As in mergekit: m1 without its tokenizer files (the base's) merges exactly as m1 with them."""
+    import shutil
+
+    bare = Path(shutil.copytree(family["m1"], tmp_path / "m1_bare"))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / f).unlink(missing_ok=True)
+    recipe = _recipes(family)["union"]
+    merge_to_disk(parse_merge_config(recipe), tmp_path / "with")
+    recipe["models"][0]["model"] = str(bare)
+    merge_to_disk(parse_merge_config(recipe), tmp_path / "without")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("with", "without"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _vocab(tmp_path / "with") == _vocab(tmp_path / "without")
