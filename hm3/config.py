@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -93,6 +93,53 @@ class OutputSlice(_Frozen):
         return v
 
 
+class ModelTokenSource(_Frozen):
+    """A token's row taken from one row of a model's own embedding: by id, or by the token it has there."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _id_or_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source gives exactly one of 'token_id' and 'token'")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {self.token_id}")
+        return self
+
+
+class ZeroTokenSource(_Frozen):
+    """A token's row of zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenSetting(_Frozen):
+    """One entry of ``tokenizer.tokens``: where the token's row comes from in a model that lacks it (every
+    model with ``force``). ``source`` is a model (its row for the token), a model's row, or zeros."""
+
+    source: ModelTokenSource | ZeroTokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(_Frozen):
+    """mergekit's ``tokenizer:`` block: the output vocabulary (``source``), tokens added to it or whose rows
+    are chosen (``tokens``), and a row count rounded up to a multiple (``pad_to_multiple_of``)."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a whole number >= 1, got {v}")
+        return v
+
+
 class MergeConfig(_Frozen):
     """A merge recipe (mergekit's ``MergeConfiguration`` subset that hm3 executes).
 
@@ -108,6 +155,7 @@ class MergeConfig(_Frozen):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     seed: int | None = None
 
     @field_validator("models")
@@ -130,6 +178,18 @@ class MergeConfig(_Frozen):
             raise ValueError("a merge config lists either 'models' or 'slices'" + (
                 ", not both" if self.models is not None else ""))
         return self
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """The output vocabulary's source, whichever key gives it: 'base', 'union', a model, or None (the
+        models' tensors are merged row for row, as they are)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def model_paths(self) -> list[str]:
         """Every referenced model, base first, without duplicates."""

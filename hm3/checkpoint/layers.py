@@ -20,6 +20,9 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 # Input embeddings (token and learned position): the tensors *before* the layers. Everything else outside
 # the layers (final norm, LM head, GPT-NeoX's 'embed_out') comes after them.
 _INPUT_EMBEDDING_RE = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|embed_positions|wte|wpe)\.")
+# Tensors with one row per token (the token embedding, the LM head): a merge over another vocabulary
+# rearranges their rows. Position embeddings ('wpe', 'embed_positions') have one row per position instead.
+_VOCABULARY_RE = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|embed_out|wte|lm_head)\.weight$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # Pre-norm-only decoders: every branch input is normalised and nothing normalises a branch output,
@@ -54,6 +57,11 @@ def rename_layer(name: str, new_index: int) -> str:
 def is_input_embedding(tensor_name: str) -> bool:
     """Whether a tensor outside the layers comes before them (token or position embedding)."""
     return layer_index(tensor_name) is None and _INPUT_EMBEDDING_RE.search(tensor_name) is not None
+
+
+def is_vocabulary_tensor(tensor_name: str) -> bool:
+    """Whether a tensor has one row per token of the vocabulary (token embedding, LM head)."""
+    return layer_index(tensor_name) is None and _VOCABULARY_RE.search(tensor_name) is not None
 
 
 def is_branch_output(tensor_name: str) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from hm3.checkpoint.layers import LAYER_COUNT_KEYS, layer_index
+from hm3.checkpoint.layers import LAYER_COUNT_KEYS, is_vocabulary_tensor, layer_index
 from hm3.checkpoint.safetensors_format import SAFETENSORS_DTYPES, tensor_bytes
 from hm3.errors import CheckpointError, IncompatibleModelsError
 
@@ -423,12 +423,16 @@ def _indexed_tensors(index_path: Path, read_header: Any) -> dict[str, TensorInfo
     return {n: headers[s][n] for n, s in weight_map.items()}
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], *, reference: int = 0, same_depth: bool = True) -> None:
+def check_compatible(
+    checkpoints: Sequence[Checkpoint], *, reference: int = 0, same_depth: bool = True, same_vocab: bool = True
+) -> None:
     """Refuse models that cannot be merged with ``checkpoints[reference]``, naming both and every difference.
 
     ``same_depth=False`` compares only what lies outside the layers (config widths, embeddings, final
     norm, LM head): layer-range merges stack layers of models of different depths, and check each
-    layer they take where they take it.
+    layer they take where they take it. ``same_vocab=False`` lets the vocabularies differ (the
+    ``vocab_size`` and the row counts of the token embedding and LM head): a merge that maps every
+    model onto one vocabulary rearranges those rows, whose width must still agree.
     """
     if not checkpoints:
         return
@@ -436,28 +440,34 @@ def check_compatible(checkpoints: Sequence[Checkpoint], *, reference: int = 0, s
     for i, other in enumerate(checkpoints):
         if i == reference:
             continue
-        problems = _config_differences(ref, other, same_depth) + _tensor_differences(ref, other, same_depth)
+        problems = (_config_differences(ref, other, same_depth, same_vocab)
+                    + _tensor_differences(ref, other, same_depth, same_vocab))
         if problems:
             raise IncompatibleModelsError(
                 f"models {ref.path} and {other.path} are incompatible: " + "; ".join(problems)
             )
 
 
-def _config_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True) -> list[str]:
+def _config_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True, same_vocab: bool = True) -> list[str]:
     fields = {
         "architectures": (a.config.get("architectures"), b.config.get("architectures")),
         "model_type": (a.config.get("model_type"), b.config.get("model_type")),
         "hidden_size": (a.hidden_size, b.hidden_size),
         "num_hidden_layers": (a.num_layers, b.num_layers) if same_depth else (None, None),
-        "vocab_size": (a.vocab_size, b.vocab_size),
+        "vocab_size": (a.vocab_size, b.vocab_size) if same_vocab else (None, None),
     }
     return [
         f"{k} {x!r} vs {y!r}" for k, (x, y) in fields.items() if x is not None and y is not None and x != y
     ]
 
 
-def _tensor_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True) -> list[str]:
+def _tensor_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True, same_vocab: bool = True) -> list[str]:
     """Missing/extra tensors and shape mismatches; a tied model's absent lm_head is not "missing"."""
+
+    def compared_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...] | None:
+        shape = _safe_shape(ckpt, name)
+        return shape[1:] if shape is not None and not same_vocab and is_vocabulary_tensor(name) else shape
+
 
     def compared(ckpt: Checkpoint) -> list[str]:
         return [n for n in ckpt.tensor_names() if same_depth or layer_index(n) is None]
@@ -474,7 +484,7 @@ def _tensor_differences(a: Checkpoint, b: Checkpoint, same_depth: bool = True) -
     mismatched = [
         f"{n} {list(a.shape(n))} vs {list(b.shape(n))}"
         for n in compared(a)
-        if (n in names_b or n == LM_HEAD and n in optional) and _safe_shape(b, n) != a.shape(n)
+        if (n in names_b or n == LM_HEAD and n in optional) and compared_shape(b, n) != compared_shape(a, n)
     ]
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")

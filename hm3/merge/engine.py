@@ -10,6 +10,7 @@ intra-op threads (both cores) and optionally on a GPU (``device="cuda"``).
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
 from hm3.merge.plan import MergePlan, SourceTensor, TensorJob, dare_generator, plan_merge
+from hm3.merge.vocab import remap_rows
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | No
 
     base = load(job.base) if job.base is not None else None
     tensors = [load(src) for src in job.inputs]
+    if job.rows is not None:  # a vocabulary tensor: every input's rows in the output vocabulary's order
+        read = ([base] if base is not None else []) + tensors
+        remapped = [r.to(t.dtype) for r, t in zip(remap_rows(job.rows, read), read, strict=True)]
+        base, tensors = (remapped[0], remapped[1:]) if base is not None else (None, remapped)
     fishers = [f.to(device) for f in fisher.get(job.name)] if fisher is not None else None
     return base, tensors, fishers
 
@@ -152,34 +158,39 @@ def merge_to_disk(
         inputs += [c.path for c in plan.checkpoints]
         inputs += list(plan.fisher_files or [])
         tokenizer_from = plan.reference.path
-        with CheckpointWriter(
-            out_dir,
-            config=plan.output_config,
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-            tokenizer_from=tokenizer_from,
-            extra_files={"hm3_recipe.yml": config.to_yaml()},
-            background=True,
-            force=force,
-            inputs=inputs,
-            # output specs up front let the writer stream each tensor to disk: methods return their
-            # lead input's (the base's, else the first input's) dtype after compute_dtype conversion
-            layout=[
-                (
-                    j.name,
-                    plan.source(j.lead).shape(j.lead.name),
-                    plan.out_dtype or plan.compute_dtype or plan.source(j.lead).dtype(j.lead.name),
-                )
-                for j in plan.jobs
-            ],
-        ) as writer:
-            n = 0
-            with progress_bar(progress, total=len(plan.jobs), desc="merge", unit="tensor") as bar:
-                for name, tensor in iter_merged(plan, device=dev):
-                    writer.add(name, tensor.cpu())
-                    n += 1
-                    bar.update(1)
+        with tempfile.TemporaryDirectory(prefix="hm3-tokenizer-") as staged:  # a built tokenizer, saved
+            if plan.tokenizer is not None:
+                inputs.append(plan.tokenizer.source)
+                tokenizer_from = plan.tokenizer.files(Path(staged))
+            with CheckpointWriter(
+                out_dir,
+                config=plan.output_config,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes,
+                tokenizer_from=tokenizer_from,
+                extra_files={"hm3_recipe.yml": config.to_yaml()},
+                background=True,
+                force=force,
+                inputs=inputs,
+                # output specs up front let the writer stream each tensor to disk: methods return their
+                # lead input's (the base's, else the first input's) dtype after compute_dtype conversion
+                layout=[
+                    (
+                        j.name,
+                        plan.output_shape(j),
+                        plan.out_dtype or plan.compute_dtype or plan.source(j.lead).dtype(j.lead.name),
+                    )
+                    for j in plan.jobs
+                ],
+            ) as writer:
+                n = 0
+                with progress_bar(progress, total=len(plan.jobs), desc="merge", unit="tensor") as bar:
+                    for name, tensor in iter_merged(plan, device=dev):
+                        writer.add(name, tensor.cpu())
+                        n += 1
+                        bar.update(1)
     finally:
         plan.close()
-    warn_without_tokenizer(tokenizer_from, out_dir)
+    if plan.tokenizer is None:
+        warn_without_tokenizer(tokenizer_from, out_dir)
     return MergeReport(out_dir=out_dir, tensors=n, seconds=time.perf_counter() - start)

@@ -166,6 +166,11 @@ class InMemoryMerger:
         if recipe.slices is not None:
             raise ConfigError("the in-memory path merges whole models ('models:'); merge a 'slices' recipe with "
                               "hm3 merge")
+        if recipe.tokenizer is not None or recipe.tokenizer_source not in (None, "base"):
+            raise ConfigError(
+                f"the in-memory path merges over the models' own vocabulary (the live model's rows); a recipe with "
+                f"tokenizer source {recipe.vocabulary_source!r} is merged with hm3 merge"
+            )
         method = get_method(recipe.merge_method)
         if not method.needs_base:
             raise ConfigError(

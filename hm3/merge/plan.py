@@ -9,6 +9,11 @@ Each job names the input tensors it reads (model and tensor name), so one engine
 runs both recipe kinds: a ``models:`` recipe reads a tensor of the same name from
 every model, a ``slices:`` recipe reads layer ``start + k`` of each source for
 output layer ``k`` of a slice (:mod:`hm3.merge.slices`).
+
+A recipe that names a tokenizer (``tokenizer_source`` or a ``tokenizer`` block) merges over one
+vocabulary (:mod:`hm3.merge.tokenizer`, :mod:`hm3.merge.vocab`): the jobs of the token embedding and
+LM head carry the rearrangement of their inputs' rows, which the executor applies as it reads them.
+Without one, models whose vocabularies differ are refused, as mergekit refuses them.
 """
 
 from __future__ import annotations
@@ -31,12 +36,20 @@ from hm3.checkpoint import (
     rename_layer,
 )
 from hm3.checkpoint.hub import resolve_model
-from hm3.checkpoint.layers import check_scales_exact, is_input_embedding, relayered_config
+from hm3.checkpoint.layers import (
+    check_scales_exact,
+    is_input_embedding,
+    is_vocabulary_tensor,
+    relayered_config,
+)
+from hm3.checkpoint.reader import LM_HEAD
 from hm3.config import MergeConfig, parameter_places
 from hm3.errors import ConfigError, IncompatibleModelsError
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
 from hm3.merge.parameters import layer_position, resolve_in
 from hm3.merge.slices import SliceGroup, slice_groups
+from hm3.merge.tokenizer import OutputTokenizer, TokenizedModel, build_output_tokenizer, has_tokenizer
+from hm3.merge.vocab import MergedVocabulary, RowPlan, merged_vocabulary, row_plan
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +97,12 @@ class TensorJob:
     model_params: tuple[dict[str, Any], ...]
     base: SourceTensor | None = None
     inputs: tuple[SourceTensor, ...] = ()
+    rows: RowPlan | None = field(default=None, compare=False)  # a vocabulary tensor's rows, rearranged
+
+    @property
+    def sources(self) -> tuple[SourceTensor, ...]:
+        """Every tensor the job reads: the base (when it has one), then the inputs."""
+        return ((self.base,) if self.base is not None else ()) + self.inputs
 
     @property
     def lead(self) -> SourceTensor:
@@ -103,9 +122,15 @@ class MergePlan:
     seed: int
     fisher_files: list[Path] | None = None
     output_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: OutputTokenizer | None = None  # None: the reference's tokenizer files are copied
 
     def source(self, src: SourceTensor) -> Checkpoint:
         return self.checkpoints[src.checkpoint]
+
+    def output_shape(self, job: TensorJob) -> tuple[int, ...]:
+        """The merged tensor's shape: its lead input's, with the output vocabulary's rows for a rearranged one."""
+        shape = tuple(self.source(job.lead).shape(job.lead.name))
+        return shape if job.rows is None else (job.rows.rows, *shape[1:])
 
     def close(self) -> None:
         for ckpt in self.checkpoints:
@@ -285,15 +310,10 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
     _check_parameter_names(config, method)
     compute_dtype = parse_dtype(config.dtype, key="dtype")
     out_dtype = parse_dtype(config.out_dtype, key="out_dtype") or compute_dtype
-    if config.tokenizer_source not in (None, "base") and config.tokenizer_source != config.base_model:
-        raise ConfigError(
-            f"tokenizer_source {config.tokenizer_source!r} is not supported: hm3 copies the base model's "
-            "tokenizer (use 'base' or omit it)"
-        )
     plan_models = _plan_models if config.slices is None else _plan_slices
     opened: list[Checkpoint] = []
     try:
-        jobs, output_config, fisher_files = plan_models(config, method, opened, config_dir)
+        jobs, output_config, fisher_files, tokenizer = plan_models(config, method, opened, config_dir)
     except BaseException:
         for c in opened:
             c.close()
@@ -311,6 +331,7 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
         seed=seed if seed is not None else (config.seed if config.seed is not None else DEFAULT_SEED),
         fisher_files=fisher_files,
         output_config=output_config,
+        tokenizer=tokenizer,
     )
 
 
@@ -327,9 +348,120 @@ def _check_scales(job: TensorJob, plan_checkpoints: Sequence[Checkpoint], places
             raise ConfigError(f"{where}: scale {scale} (tensor {src.name}): {e}") from None
 
 
+def _embedding_rows(ckpt: Checkpoint) -> int | None:
+    """How many tokens a model has rows for: its token embedding's rows (the LM head's where it has none)."""
+    name = ckpt.input_embedding_name
+    if name is None and LM_HEAD in ckpt.tensor_names():
+        name = LM_HEAD
+    return ckpt.shape(name)[0] if name is not None else None
+
+
+def _check_same_vocabulary(opened: Sequence[Checkpoint], refs: Sequence[str]) -> None:
+    """Refuse models whose vocabularies differ when the recipe names no tokenizer to merge them over.
+
+    mergekit 0.1.5 refuses them too (a tensor size mismatch in its merge); merging row for row would pair
+    different tokens, and neither tool truncates or pads silently.
+    """
+    sizes = [(ref, _embedding_rows(c), c.vocab_size) for ref, c in zip(refs, opened, strict=True)]
+    if len({(rows, vocab) for _, rows, vocab in sizes}) > 1:
+        listed = ", ".join(f"{ref} has {rows} embedding rows (vocab_size {vocab})" for ref, rows, vocab in sizes)
+        raise IncompatibleModelsError(
+            f"the models' vocabularies differ: {listed}. Give 'tokenizer_source' (base, union or a model) or a "
+            "'tokenizer' block to merge them over one vocabulary"
+        )
+
+
+def _plan_vocabulary(
+    config: MergeConfig, opened: Sequence[Checkpoint], refs: Sequence[str], config_dir: Path | None
+) -> tuple[MergedVocabulary | None, OutputTokenizer | None]:
+    """The output tokenizer and the rows of every checkpoint in it, when the recipe names a tokenizer.
+
+    ``refs`` names each opened checkpoint as the recipe does; the tokenizer's base is ``base_model``,
+    else the first of them. The vocabulary is None when nothing needs rearranging (every model already
+    has the output's tokens in its rows, in order), and both are None without a tokenizer source, or
+    for ``base`` over models that have no tokenizer files but agree on their vocabulary (nothing to
+    rearrange, and nothing to copy).
+    """
+    source = config.vocabulary_source
+    if source is None:
+        return None, None
+    settings = config.tokenizer.tokens if config.tokenizer is not None else None
+    pad = config.tokenizer.pad_to_multiple_of if config.tokenizer is not None else None
+    models = []
+    for ref, ckpt in zip(refs, opened, strict=True):
+        rows = _embedding_rows(ckpt)
+        if rows is None:
+            raise IncompatibleModelsError(
+                f"tokenizer_source {source!r}: model {ref} ({ckpt.path}) has no token embedding to map onto the "
+                "merged vocabulary"
+            )
+        models.append(TokenizedModel(ref, Path(ckpt.path).resolve(), min(rows, ckpt.vocab_size or rows)))
+    base_ref = config.base_model if config.base_model in refs else refs[0]
+    base = models[list(refs).index(base_ref)]
+    if source == "base" and not settings and not pad and not has_tokenizer(base.path):
+        _check_same_vocabulary(opened, refs)  # nothing to map with, so nothing may need mapping
+        return None, None
+    source_model = None
+    if source not in ("base", "union"):
+        path = resolve_model(source, config_dir).resolve()
+        source_model = next((m for m in models if m.path == path), TokenizedModel(source, path, 0))
+    tokenizer, model_rows = build_output_tokenizer(source, base, models, source_model, list(settings or {}))
+    checkpoint_of = {ref: k for k, ref in enumerate(refs)}
+    for setting in (settings or {}).values():  # a model named by another spelling of its path
+        ref = getattr(setting.source, "model", setting.source)
+        if isinstance(ref, str) and ref not in checkpoint_of:
+            try:
+                path = resolve_model(ref, config_dir).resolve()
+            except ConfigError:
+                continue  # refused by name when the vocabulary is built
+            match = next((k for k, m in enumerate(models) if m.path == path), None)
+            if match is not None:
+                checkpoint_of[ref] = match
+    vocabulary = merged_vocabulary(
+        tokenizer.vocab,
+        {k: model_rows[ref] for k, ref in enumerate(refs)},
+        dict(enumerate(refs)),
+        {k: m.rows for k, m in enumerate(models)},
+        settings,
+        checkpoint_of,
+        pad,
+    )
+    if vocabulary.is_identity:
+        return None, tokenizer
+    return vocabulary, tokenizer
+
+
+class _Rows:
+    """Attaches each vocabulary job's row rearrangement, computed once per set of inputs."""
+
+    def __init__(self, vocabulary: MergedVocabulary | None, opened: Sequence[Checkpoint]):
+        self.vocabulary = vocabulary
+        self.opened = opened
+        self._cache: dict[tuple, RowPlan] = {}
+
+    def __call__(self, job: TensorJob, base: int | None) -> TensorJob:
+        if self.vocabulary is None or not is_vocabulary_tensor(job.name):
+            return job
+        inputs = tuple(src.checkpoint for src in job.sources)
+        rows = tuple(self.opened[src.checkpoint].shape(src.name)[0] for src in job.sources)
+        key = (inputs, base, rows)
+        if key not in self._cache:
+            self._cache[key] = row_plan(self.vocabulary, inputs, base, tensor=job.name, input_rows=rows)
+        return replace(job, rows=self._cache[key])
+
+
+def _output_config(config: dict[str, Any], vocabulary: MergedVocabulary | None,
+                   tokenizer: OutputTokenizer | None) -> dict[str, Any]:
+    """The output's config with its vocabulary's size (mergekit sets it whenever it builds a tokenizer)."""
+    if tokenizer is None:
+        return config
+    rows = vocabulary.rows if vocabulary is not None else len(tokenizer.vocab)
+    return {**config, "vocab_size": rows}
+
+
 def _plan_models(
     config: MergeConfig, method: MergeMethod, opened: list[Checkpoint], config_dir: Path | None
-) -> tuple[list[TensorJob], dict[str, Any], list[Path] | None]:
+) -> tuple[list[TensorJob], dict[str, Any], list[Path] | None, OutputTokenizer | None]:
     """A ``models:`` recipe: every output tensor merges the tensor of the same name of every model.
 
     Opens the base (when the method takes one) and the inputs into ``opened``, in that order.
@@ -337,9 +469,15 @@ def _plan_models(
     refs = input_refs_for(config, method)
     fisher_files = _fisher_files(config, method, refs, config_dir)
     has_base = takes_base(config, method)
-    for ref in ([config.base_model] if has_base else []) + refs:
+    opened_refs = ([config.base_model] if has_base else []) + refs
+    for ref in opened_refs:
         opened.append(open_checkpoint(resolve_model(ref, config_dir)))
-    check_compatible(opened)
+    if config.vocabulary_source is None:
+        _check_same_vocabulary(opened, opened_refs)
+    check_compatible(opened, same_vocab=config.vocabulary_source is None)
+    vocabulary, tokenizer = _plan_vocabulary(config, opened, opened_refs, config_dir)
+    with_rows = _Rows(vocabulary, opened)
+    vocab_base = opened_refs.index(config.base_model) if config.base_model in opened_refs else None
     reference = opened[0]
     jobs = resolve_jobs(config, method, tensor_names=reference.tensor_names(), num_layers=reference.num_layers,
                         input_refs=refs)
@@ -353,13 +491,13 @@ def _plan_models(
             inputs=tuple(SourceTensor(first + k, job.name) for k in range(len(refs))),
         )
         _check_scales(job, opened, places)
-        sourced.append(job)
-    return sourced, dict(reference.config), fisher_files
+        sourced.append(with_rows(job, vocab_base))
+    return sourced, _output_config(dict(reference.config), vocabulary, tokenizer), fisher_files, tokenizer
 
 
 def _plan_slices(
     config: MergeConfig, method: MergeMethod, opened: list[Checkpoint], config_dir: Path | None
-) -> tuple[list[TensorJob], dict[str, Any], None]:
+) -> tuple[list[TensorJob], dict[str, Any], None, OutputTokenizer | None]:
     """A ``slices:`` recipe: each output layer merges one layer of each source of its slice (mergekit's rules,
     :mod:`hm3.merge.slices`); the output config is the base's, else the first source's, with the new depth.
 
@@ -381,13 +519,19 @@ def _plan_slices(
     for ref in refs:
         index[ref] = len(opened)
         opened.append(open_checkpoint(resolve_model(ref, config_dir)))
-    check_compatible(opened, same_depth=False)
+    if config.vocabulary_source is None:
+        _check_same_vocabulary(opened, refs)
+    check_compatible(opened, same_depth=False, same_vocab=config.vocabulary_source is None)
+    vocabulary, tokenizer = _plan_vocabulary(config, opened, refs, config_dir)
+    with_rows = _Rows(vocabulary, opened)
     groups = slice_groups(config.slices, {ref: opened[i].num_layers for ref, i in index.items()})
     jobs: list[TensorJob] = []
     source_layers: list[int] = []
     first_layer: dict[str, tuple[int, ...]] | None = None
     for group in groups:
         group_jobs = _slice_group_jobs(config, method, group, opened, index)
+        base_ref = config.slices[group.slice].base_model or config.base_model
+        group_jobs = [with_rows(job, index.get(base_ref)) for job in group_jobs]
         if group.part == "layer":
             signature = {rename_layer(j.name, 0): opened[j.lead.checkpoint].shape(j.lead.name)
                          for j in group_jobs}
@@ -402,7 +546,8 @@ def _plan_slices(
             source_layers.append(group.source_layers[0])
         jobs += group_jobs
     reference = opened[0]  # the base, else the first slice's first source
-    return jobs, relayered_config(reference.config, source_layers), None
+    output_config = _output_config(relayered_config(reference.config, source_layers), vocabulary, tokenizer)
+    return jobs, output_config, None, tokenizer
 
 
 def _slice_roles(config: MergeConfig, method: MergeMethod, group: SliceGroup) -> tuple[int | None, list[int]]:
@@ -467,7 +612,9 @@ def _slice_group_jobs(
     places = [f"slices[{group.slice}].sources[{k}] ({group.sources[k].model})" for k in inputs]
     jobs = []
     for out_name, source_names in names:
-        shapes = {ckpt.shape(n) for ckpt, n in zip(ckpts, source_names, strict=True)}
+        # rows of a vocabulary tensor may differ when a tokenizer maps them onto one vocabulary
+        first = 1 if config.vocabulary_source is not None and is_vocabulary_tensor(out_name) else 0
+        shapes = {ckpt.shape(n)[first:] for ckpt, n in zip(ckpts, source_names, strict=True)}
         if len(shapes) > 1:
             raise IncompatibleModelsError(
                 f"{group.where}: tensor {out_name} has different shapes in the slice's sources: "

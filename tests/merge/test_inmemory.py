@@ -95,3 +95,14 @@ def test_recipe_naming_unknown_model_is_refused(models, merger):
     )
     with pytest.raises(ConfigError, match="m9"):
         merger.merged_state(recipe)
+
+
+@pytest.mark.parametrize("tokenizer", [{"tokenizer_source": "union"}, {"tokenizer": {"source": "base"}}])
+def test_a_recipe_over_another_vocabulary_is_refused(models, merger, tokenizer):
+    """A live model's rows cannot change; such a recipe is for hm3 merge (tests/merge/test_tokenizers.py)."""
+    recipe = parse_merge_config(
+        {"merge_method": "ties", "base_model": "base", "models": [{"model": "m1", "parameters": {"weight": 1.0}}]}
+        | tokenizer
+    )
+    with pytest.raises(ConfigError, match="^the in-memory path merges over the models' own vocabulary"):
+        merger.merged_state(recipe)

@@ -163,10 +163,12 @@ def test_dtypes_are_parsed_and_the_output_config_says_the_output_dtype(family):
         _plan_of(family, dtype="half")
 
 
-def test_the_tokenizer_is_the_base_models_and_another_source_is_refused(family):
-    for source in ("base", str(family["base"])):
-        _plan_of(family, tokenizer_source=source).close()
-    with pytest.raises(ConfigError, match="^tokenizer_source 'union' is not supported"):
+def test_base_over_models_without_tokenizers_plans_as_without_one_and_union_needs_the_base_tokenizer(family):
+    """(Vocabularies that differ: tests/merge/test_tokenizers.py.)"""
+    plan = _plan_of(family, tokenizer_source="base")
+    assert plan.tokenizer is None and all(job.rows is None for job in plan.jobs)
+    plan.close()
+    with pytest.raises(ConfigError, match="^tokenizer_source 'union': the base model .* has no tokenizer files"):
         _plan_of(family, tokenizer_source="union")
 
 
