@@ -73,9 +73,10 @@ _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
 
 
 def short_name(objective: str) -> str:
-    """``zoo:math`` -> ``math``; ``gsm8k:/data/x.jsonl`` -> ``gsm8k``: what a user types in --prefer."""
+    """``zoo:math`` -> ``math``; ``lm-eval:arc_easy`` -> ``arc_easy``; ``gsm8k:/data/x.jsonl`` -> ``gsm8k``: what a
+    user types in --prefer."""
     prefix, _, rest = objective.partition(":")
-    return rest if prefix == "zoo" and rest else prefix
+    return rest if prefix in ("zoo", "lm-eval") and rest else prefix
 
 
 def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, list[str]]:

@@ -80,3 +80,25 @@ class Objective(ABC):
         if not examples:
             raise ValueError(f"{self.name}: cannot aggregate zero examples")
         return sum(self.score(e, o) for e, o in zip(examples, outputs, strict=True)) / len(examples)
+
+
+class HarnessObjective(Objective):
+    """An objective whose examples are lm-evaluation-harness requests (:mod:`objectives.lmeval`).
+
+    Its task decides the requests (loglikelihood, generate_until), the filters and the metric, and the
+    metric may be corpus-level, so it is scored as a set: the evaluator answers :meth:`requests` with a
+    backend (:mod:`hm3.eval.harness`) and hands them to :meth:`score_answered`; :meth:`score` and
+    :meth:`aggregate` are never used. :attr:`decoding` still describes the examples (prompt, target,
+    choices) the way Fisher estimation reads them.
+    """
+
+    @abstractmethod
+    def requests(self, examples: Sequence[Example]) -> list[list[Any]]:
+        """Fresh, unanswered lm-eval ``Instance`` objects for each example, in order."""
+
+    @abstractmethod
+    def score_answered(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]]) -> tuple[float, list[str]]:
+        """(score in [0, 1], one output text per example) from the answered :meth:`requests`."""
+
+    def score(self, example: Example, output: str) -> float:
+        raise TypeError(f"objective {self.name!r} is scored as a set of lm-eval requests (score_answered)")

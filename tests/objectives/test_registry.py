@@ -136,5 +136,6 @@ def test_list_objectives_includes_all_builtins():
         "humaneval:PATH",
         "translation:PATH",
         "choice:PATH",
+        "lm-eval:TASK[,K=V...]",
     ]
     assert all(description for _, description in list_objectives())

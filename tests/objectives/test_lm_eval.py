@@ -1,0 +1,392 @@
+"""lm-eval tasks as objectives, scored through hm3's backends, against lm-evaluation-harness's own ``HFLM``.
+
+The tasks are local YAMLs over JSONL files written here (lm-eval's include mechanism). The oracle is
+lm-eval end to end: ``simple_evaluate`` with its transformers model on the same tiny model directory must
+give the same scores, per-document answers and prompts as the objective scored by hm3's hf backend.
+The answers of the evaluated documents are made from a first pass over placeholder data, so that about
+half are right: a wrong prompt, filter or metric on either side moves a score off the expected value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("lm_eval")
+
+from hm3.errors import BackendError, ConfigError, DataFileError  # noqa: E402
+from hm3.eval.evaluate import evaluate_objective  # noqa: E402
+from hm3.eval.hf import HFBackend  # noqa: E402
+from objectives import lmeval  # noqa: E402
+from objectives.base import Generate, LogLikelihood  # noqa: E402
+from objectives.registry import get_objective, list_objectives, parse_objectives  # noqa: E402
+from tests.eval.tiny_lm import build_tiny_lm  # noqa: E402
+
+WORDS = ["cat", "dog", "sun", "map", "red", "owl", "ink", "fig", "bee", "jam", "elk", "yak", "cup", "hat"]
+GEN = {  # a generation task: regex filter, exact_match; few-shot examples from its train split
+    "output_type": "generate_until", "training_split": "train", "validation_split": "validation",
+    "test_split": "test", "fewshot_split": "train", "num_fewshot": 2,
+    "doc_to_text": "Q: {{q}}\nA:", "doc_to_target": "{{a}}",
+    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False, "temperature": 0.0},
+    "filter_list": [{"name": "letter", "filter": [{"function": "regex", "regex_pattern": "([a-z])"},
+                                                  {"function": "take_first"}]},
+                    {"name": "whole", "filter": [{"function": "take_first"}]}],
+    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+}
+MC = {  # multiple choice, no train split: lm-eval draws its few-shot examples from the validation documents
+    "output_type": "multiple_choice", "validation_split": "validation", "test_split": "test", "num_fewshot": 2,
+    "doc_to_text": "Q: {{q}}\nA:", "doc_to_choice": "choices", "doc_to_target": "gold",
+    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+}
+
+LL = {  # loglikelihood: lm-eval's acc here is whether the continuation is the greedy one
+    "output_type": "loglikelihood", "validation_split": "validation", "test_split": "test",
+    "doc_to_text": "Q: {{q}}\nA:", "doc_to_target": "{{a}}",
+}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _task(folder: Path, name: str, body: dict, files: dict[str, str], **extra) -> None:
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, **body, **extra}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _gen_rows(words: list[str], answer=lambda i: "#") -> list[dict]:
+    """Documents (question, answer); ``right`` marks the answers made from the model's own (for the tests)."""
+    return [{"q": w, "a": answer(i), "right": answer(i) != "#"} for i, w in enumerate(words)]
+
+
+def _mc_rows(words: list[str], gold=lambda i: 0) -> list[dict]:
+    return [{"q": w, "choices": [w[::-1], w.upper(), w + "s"], "gold": gold(i)} for i, w in enumerate(words)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """datasets writes its Arrow copies of the JSONL files here, not into the user's cache."""
+    from datasets import config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("lmeval") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def hf(model) -> HFBackend:
+    return HFBackend.from_pretrained(model, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, model, hf) -> Path:
+    """The task folder. Probe tasks hold placeholder answers; hm3_gen, hm3_mc and hm3_ll hold answers made
+    from the probes' outputs through hm3's hf backend: right for even documents (where the filter found
+    anything, or the model's next character is visible), wrong for odd ones."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "data"
+    data.mkdir()
+    train = _jsonl(data / "train.jsonl", _gen_rows(WORDS[:6], lambda i: "abcdef"[i]))
+    gen_val, gen_test = WORDS[6:], WORDS[1:11]
+    gv, gt, mv, mt, one, small = (str(data / f"{n}.jsonl") for n in ("gv", "gt", "mv", "mt", "one", "small"))
+    _jsonl(data / "mv.jsonl", _mc_rows(WORDS[:7], lambda i: i % 3))
+    _jsonl(data / "one.jsonl", _gen_rows(WORDS))
+    _jsonl(data / "small.jsonl", _gen_rows(gen_test))
+    # every YAML first: lm-eval indexes the folder once (gv/gt/mt, their data, are written below)
+    _task(folder, "hm3_gen_probe", GEN, {"train": train, "validation": _jsonl(data / "gv0.jsonl", _gen_rows(gen_val)),
+                                         "test": _jsonl(data / "gt0.jsonl", _gen_rows(gen_test))})
+    _task(folder, "hm3_mc_probe", MC, {"validation": mv, "test": _jsonl(data / "mt0.jsonl", _mc_rows(WORDS[5:13]))})
+    _task(folder, "hm3_gen", GEN, {"train": train, "validation": gv, "test": gt})
+    _task(folder, "hm3_mc", MC, {"validation": mv, "test": mt})
+    _task(folder, "hm3_ll_probe", LL, {"validation": _jsonl(data / "lv.jsonl", _gen_rows(WORDS[:4])),
+                                       "test": _jsonl(data / "lt0.jsonl", _gen_rows(WORDS[4:]))})
+    _task(folder, "hm3_ll", LL, {"validation": str(data / "lv.jsonl"), "test": str(data / "lt.jsonl")})
+    _task(folder, "hm3_gen_val", GEN, {"train": train, "validation": gv}, test_split="validation")
+    _task(folder, "hm3_mc_val", MC, {"validation": mv}, test_split="validation", fewshot_split="validation")
+    _task(folder, "hm3_one", GEN, {"test": one}, training_split=None, validation_split=None, fewshot_split=None,
+          num_fewshot=1)
+    _task(folder, "hm3_zero", GEN, {"train": train, "test": small}, validation_split=None, num_fewshot=0)
+    _task(folder, "hm3_sampled", GEN, {"train": train, "test": small}, validation_split=None,
+          generation_kwargs={"until": ["\n"], "do_sample": True, "temperature": 0.7})
+    _task(folder, "hm3_rolling", {"output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
+                                  "doc_to_target": "{{q}}"}, {"test": small})
+    (folder / "absent.yaml").write_text(yaml.safe_dump({"task": "hm3_absent", "dataset_path": "hm3-test/absent-data",
+                                                        "output_type": "generate_until", "test_split": "test",
+                                                        "doc_to_text": "{{q}}", "doc_to_target": "{{a}}"}))
+    (folder / "group.yaml").write_text(yaml.safe_dump({"group": "hm3_pair", "task": ["hm3_gen", "hm3_mc"]}))
+
+    def letter(outputs, i):
+        return outputs[i] if i % 2 == 0 and outputs[i] != "[invalid]" else "#"
+
+    probe = get_objective(f"lm-eval:hm3_gen_probe,include_path={folder}")
+    val_out, test_out = (evaluate_objective(hf, probe, split).outputs for split in ("validation", "test"))
+    _jsonl(Path(gv), _gen_rows(gen_val, lambda i: letter(val_out, i)))
+    _jsonl(Path(gt), _gen_rows(gen_test, lambda i: letter(test_out, i)))
+    mc_probe = get_objective(f"lm-eval:hm3_mc_probe,include_path={folder}")
+    picked = [e.choices.index(o) for e, o in zip(mc_probe.examples("test"),
+                                                 evaluate_objective(hf, mc_probe, "test").outputs, strict=True)]
+    _jsonl(Path(mt), _mc_rows(WORDS[5:13], lambda i: picked[i] if i % 2 == 0 else (picked[i] + 1) % 3))
+    prompts = [e.prompt for e in get_objective(f"lm-eval:hm3_ll_probe,include_path={folder}").examples("test")]
+    greedy = [c if c.strip() else "" for c in hf.generate(prompts, max_new_tokens=1)]  # the model's next character
+    right = [i % 2 == 0 and bool(c) for i, c in enumerate(greedy)]
+    _jsonl(data / "lt.jsonl", [{"q": w, "a": c if ok else "$" if c == "#" else "#", "right": ok}
+                               for w, c, ok in zip(WORDS[4:], greedy, right, strict=True)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def harness_run(tasks, model) -> dict:
+    """lm-eval end to end on hm3_gen and hm3_mc: its own HFLM on the model directory, simple_evaluate."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(model), device="cpu", batch_size=8, dtype="float32")
+    return simple_evaluate(model=lm, tasks=["hm3_gen", "hm3_mc", "hm3_ll"], bootstrap_iters=0, log_samples=True,
+                           task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+
+
+def _right_share(tasks: Path, data: str) -> float:
+    """The share of a data file's documents whose answer the fixture made right."""
+    rows = [json.loads(line) for line in (tasks / "data" / f"{data}.jsonl").read_text().splitlines()]
+    return sum(r["right"] for r in rows) / len(rows)
+
+
+def _samples(run: dict, task: str) -> list[dict]:
+    return sorted(run["samples"][task], key=lambda s: s["doc_id"])
+
+
+def test_generation_task_scores_exactly_as_lm_eval_does(tasks, hf, harness_run):
+    objective = get_objective(f"lm-eval:hm3_gen,include_path={tasks}")
+    assert (objective.name, objective.metric, objective.filter) == ("lm-eval:hm3_gen", "exact_match", "letter")
+    assert objective.decoding == Generate(max_new_tokens=6, stop=("\n",))
+    result = evaluate_objective(hf, objective, "test")
+    theirs = harness_run["results"]["hm3_gen"]["exact_match,letter"]
+    assert result.score == theirs == _right_share(tasks, "gt")
+    assert 0.2 <= result.score <= 0.5  # some answers right, the odd ones wrong
+    samples = [s for s in _samples(harness_run, "hm3_gen") if s["filter"] == "letter"]
+    examples = objective.examples("test")
+    assert [e.prompt for e in examples] == [s["arguments"][0][0] for s in samples]  # lm-eval's own prompts
+    assert list(result.outputs) == [s["filtered_resps"][0] for s in samples]
+    # a subset (as first-N limits and DAR subsets ask for) is scored over those documents alone
+    subset = [7, 2, 4, 0]
+    part = evaluate_objective(hf, objective, "test", subset)
+    assert part.score == sum(samples[i]["exact_match"] for i in subset) / len(subset)
+    assert part.example_ids == tuple(examples[i].id for i in subset)
+    # the other filter of the task, by name: the raw generation must equal the target as a whole
+    whole = evaluate_objective(hf, get_objective(f"lm-eval:hm3_gen,filter=whole,include_path={tasks}"), "test")
+    assert whole.score == harness_run["results"]["hm3_gen"]["exact_match,whole"]
+
+
+def test_multiple_choice_task_scores_exactly_as_lm_eval_does(tasks, hf, harness_run):
+    objective = get_objective(f"lm-eval:hm3_mc,include_path={tasks}")
+    assert (objective.metric, objective.filter, objective.decoding) == ("acc", "none", LogLikelihood())
+    result = evaluate_objective(hf, objective, "test")
+    theirs = harness_run["results"]["hm3_mc"]
+    assert result.score == theirs["acc,none"] == 0.5  # gold is the model's pick for even documents only
+    normed = get_objective(f"lm-eval:hm3_mc,metric=acc_norm,include_path={tasks}")
+    assert normed.name == "lm-eval:hm3_mc/acc_norm"
+    assert evaluate_objective(hf, normed, "test").score == theirs["acc_norm,none"]
+    samples = _samples(harness_run, "hm3_mc")
+    examples = objective.examples("test")
+    assert [e.prompt for e in examples] == [s["arguments"][0][0] for s in samples]
+    chosen = [e.choices[max(range(3), key=lambda k: s["filtered_resps"][k][0])] for e, s in zip(examples, samples,
+                                                                                                  strict=True)]
+    assert list(result.outputs) == chosen
+    assert examples[0].choices == (" " + WORDS[5][::-1], " " + WORDS[5].upper(), " " + WORDS[5] + "s")
+
+
+def test_loglikelihood_task_scores_greedy_continuations_exactly_as_lm_eval_does(tasks, hf, harness_run):
+    objective = get_objective(f"lm-eval:hm3_ll,include_path={tasks}")
+    assert objective.metric == "acc"  # the first metric where higher is better (perplexity is lower-better)
+    result = evaluate_objective(hf, objective, "test")
+    assert result.score == harness_run["results"]["hm3_ll"]["acc,none"] == _right_share(tasks, "lt")
+    assert 0.2 <= result.score <= 0.5
+    with pytest.raises(ConfigError, match="lower perplexity is better, but hm3 maximises scores in .*metric= .acc"):
+        get_objective(f"lm-eval:hm3_ll,metric=perplexity,include_path={tasks}")
+
+
+def _lm_eval_prompts(tasks: Path, name: str) -> list[str]:
+    """lm-eval's own requests for a task's evaluated documents, built as simple_evaluate builds them."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+    from lm_eval.tasks import TaskManager
+
+    task = TaskManager(include_path=str(tasks), include_defaults=False).load([name])["tasks"][name]
+    task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    task.build_all_requests()
+    return [i.args[0] for i in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)) if i.idx == 0]
+
+
+def test_validation_split_is_the_tasks_validation_documents_with_lm_evals_prompts(tasks):
+    """As lm-eval builds them when it evaluates the validation documents (a YAML saying test_split: validation);
+    where the few-shot pool is those documents, a document never shows up in its own prompt."""
+    gen = get_objective(f"lm-eval:hm3_gen,include_path={tasks}")
+    assert [e.prompt for e in gen.examples("validation")] == _lm_eval_prompts(tasks, "hm3_gen_val")
+    mc = get_objective(f"lm-eval:hm3_mc,include_path={tasks}")
+    validation = mc.examples("validation")
+    assert [e.prompt for e in validation] == _lm_eval_prompts(tasks, "hm3_mc_val")
+    for example, word in zip(validation, WORDS[:7], strict=True):
+        assert example.prompt.count(f"Q: {word}\n") == 1  # its own question, never a few-shot example
+    assert len(validation) == 7 and {e.id for e in validation}.isdisjoint(e.id for e in mc.examples("test"))
+
+
+def test_a_one_split_task_is_divided_by_seed_keeping_lm_evals_prompts(tasks):
+    prompts = _lm_eval_prompts(tasks, "hm3_one")
+    divisions = []
+    for seed in (0, 1):
+        objective = get_objective(f"lm-eval:hm3_one,include_path={tasks}" + (f"@{seed}" if seed else ""))
+        assert objective.name == "lm-eval:hm3_one" + (f"@{seed}" if seed else "")
+        validation, test = objective.examples("validation"), objective.examples("test")
+        indices = {split: [int(e.id.split(":")[1]) for e in examples]
+                   for split, examples in (("validation", validation), ("test", test))}
+        assert sorted(indices["validation"] + indices["test"]) == list(range(len(WORDS)))  # disjoint, complete
+        assert indices["validation"] and indices["test"]
+        for split, examples in (("validation", validation), ("test", test)):
+            # each document's prompt is the one lm-eval gives it when it evaluates the whole split
+            assert [e.prompt for e in examples] == [prompts[i] for i in indices[split]]
+        divisions.append(indices["validation"])
+    assert divisions[0] != divisions[1]
+
+
+def test_scores_are_stored_and_found_in_the_run_store(tasks, hf, tmp_path):
+    from hm3.search.scoring import CandidateScorer, SplitPlan
+    from hm3.store import RunStore
+
+    objective = get_objective(f"lm-eval:hm3_mc,include_path={tasks}")
+    plan = SplitPlan("test", {objective.name: [3, 1, 6]})
+    installs = []
+    with RunStore.open(tmp_path / "run", config={"x": 1}) as store:
+        ref = store.add_candidate({"reference_model": "base"}, "reference")
+        scorer = CandidateScorer(hf, [objective], store)
+        first = scorer.score(ref, lambda: installs.append(1), plan)
+        again = scorer.score(ref, lambda: installs.append(1), plan)
+        assert installs == [1] and scorer.evaluated_examples == 3 and scorer.cache_hits == 1
+        assert first.tolist() == again.tolist() == [evaluate_objective(hf, objective, "test", [3, 1, 6]).score]
+        assert store.evaluations(ref, objective.name, "test")[0].count == 3
+
+
+# --- specs, names, lists ------------------------------------------------------------------------------
+
+
+def test_specs_and_names():
+    spec = lmeval.parse_spec("arc_easy, metric=acc_norm ,filter=none,num_fewshot=5", seed=2)
+    assert spec == lmeval.LmEvalSpec("arc_easy", metric="acc_norm", filter="none", num_fewshot=5, seed=2)
+    assert spec.objective_name() == "lm-eval:arc_easy/none/acc_norm/5shot@2"
+    assert lmeval.parse_spec("arc_easy,name=arc,include_path=/x").objective_name() == "arc"
+    for rest, message in [
+        ("", "names no task"), ("metric=acc", "names no task"), ("t,metrc=acc", "cannot read option 'metrc=acc'"),
+        ("t,acc", "cannot read option 'acc'"), ("t,metric=a,metric=b", "gives metric= twice"),
+        ("t,filter=", "option filter= is empty"), ("t,num_fewshot=-1", "num_fewshot must be a whole number"),
+        ("t,name=a b", "may not hold spaces"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            lmeval.parse_spec(rest)
+
+
+def test_objective_lists_keep_lm_eval_options_with_their_spec(tasks):
+    objectives = parse_objectives(f"lm-eval:hm3_gen,include_path={tasks},num_fewshot=1,filter=whole,"
+                                  f"lm-eval:hm3_mc,include_path={tasks},name=mc")
+    assert [o.name for o in objectives] == ["lm-eval:hm3_gen/whole/1shot", "mc"]
+    assert objectives[0].examples("test")[0].prompt.count("Q: ") == 2  # one few-shot example, then the question
+    from hm3.request import short_name
+
+    assert short_name("lm-eval:hm3_gen/whole") == "hm3_gen/whole" and short_name("mc") == "mc"
+
+
+def test_the_objectives_list_names_the_lm_eval_family():
+    rows = dict(list_objectives())
+    assert "lm-eval ls tasks" in rows["lm-eval:TASK[,K=V...]"] and lmeval.SPEC_PATTERN in rows["lm-eval:TASK[,K=V...]"]
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_defaults(tasks, tmp_path, monkeypatch):
+    """lm-eval's own task index stands in as a folder of two tasks (reading all of lm-eval's takes long)."""
+    from lm_eval.tasks import TaskManager
+
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    for name in ("arc_easy", "hm3_genx"):
+        (defaults / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, "dataset_path": "x", "doc_to_text": "q"}))
+
+    def manager(include, with_defaults):
+        paths = [defaults, include] if with_defaults else [include]
+        return TaskManager(include_path=[p for p in paths if p], include_defaults=False)
+
+    monkeypatch.setattr(lmeval, "_task_manager", manager)
+
+
+@pytest.mark.parametrize(("spec", "error", "message"), [
+    ("lm-eval:hm3_gne,include_path=TASKS", ConfigError,
+     r"unknown lm-eval task 'hm3_gne': not among lm-eval's tasks or .*; did you mean .*hm3_gen, hm3_genx"),
+    ("lm-eval:hm3_gen,metric=acc,include_path=TASKS", ConfigError,
+     r"lm-eval task 'hm3_gen' reports metrics exact_match, not 'acc'"),
+    ("lm-eval:hm3_gen,filter=strict,include_path=TASKS", ConfigError, r"has filters letter, whole, not 'strict'"),
+    ("lm-eval:hm3_absent,include_path=TASKS", DataFileError,
+     r"lm-eval task 'hm3_absent' cannot read its data offline .*download dataset 'hm3-test/absent-data' where there "
+     r"is network, e\.g\. python -c \"import datasets; datasets\.load_dataset\('hm3-test/absent-data'\)\""),
+    ("lm-eval:hm3_rolling,include_path=TASKS", ConfigError,
+     r"output type 'loglikelihood_rolling', which hm3's backends do not serve"),
+    ("lm-eval:hm3_sampled,include_path=TASKS", ConfigError, r"generation settings sample .*decode greedily"),
+    ("lm-eval:hm3_pair,include_path=TASKS", ConfigError, r"lm-eval:hm3_pair is a group of 2 tasks \(hm3_gen, hm3_mc\)"),
+    ("lm-eval:hm3_zero,num_fewshot=3,include_path=TASKS", ConfigError, r"fixes num_fewshot: 0 .*num_fewshot=3"),
+    ("lm-eval:hm3_gen,include_path=NOWHERE", ConfigError, r"include_path .*nowhere is not a folder"),
+])
+def test_bad_objectives_are_refused_with_what_to_do(small_defaults, tasks, spec, error, message):
+    with pytest.raises(error, match=message):
+        get_objective(spec.replace("TASKS", str(tasks)).replace("NOWHERE", str(tasks / "nowhere")))
+
+
+def test_a_backend_without_greedy_loglikelihood_is_refused_naming_the_request_type(tasks):
+    class TextOnly:
+        name = "text-only"
+
+        def generate(self, prompts, *, max_new_tokens, stop=()):
+            return ["a"] * len(prompts)
+
+    mc = get_objective(f"lm-eval:hm3_mc,include_path={tasks}")
+    with pytest.raises(BackendError, match="text-only backend cannot tell .*loglikelihood and multiple_choice"):
+        evaluate_objective(TextOnly(), mc, "test")
+    gen = evaluate_objective(TextOnly(), get_objective(f"lm-eval:hm3_gen,include_path={tasks}"), "test")
+    assert gen.outputs == ("a",) * 10  # generation needs nothing more
+
+
+@pytest.mark.slow
+def test_lm_evals_own_tasks_are_found_and_unknown_names_get_suggestions():
+    """The real index of lm-eval's tasks (seconds to read); gsm8k's data is not in this test's empty cache."""
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task 'gsm8kk'.*did you mean gsm8k"):
+        get_objective("lm-eval:gsm8kk")
+    with pytest.raises(DataFileError, match=r"download dataset 'openai/gsm8k' \(config 'main'\)"):
+        get_objective("lm-eval:gsm8k")
+
+
+@pytest.mark.vllm
+def test_hf_and_vllm_agree_through_the_adapter(tasks, model, hf):
+    pytest.importorskip("vllm")
+    from hm3.eval.backend import open_backend
+
+    engine = open_backend("vllm", model, batch_size=8)
+    try:
+        for spec in ("hm3_gen", "hm3_mc"):
+            objective = get_objective(f"lm-eval:{spec},include_path={tasks}")
+            for split in ("validation", "test"):
+                ours, theirs = (evaluate_objective(b, objective, split) for b in (hf, engine))
+                assert (theirs.score, theirs.outputs) == (ours.score, ours.outputs)
+        requests = [("Q: cat\nA:", " tac"), ("", "abc"), ("x", " y")]
+        both = [b.greedy_loglikelihood(requests) for b in (hf, engine)]
+        assert [g for _, g in both[0]] == [g for _, g in both[1]]
+        assert [s for s, _ in both[1]] == pytest.approx([s for s, _ in both[0]], rel=1e-4, abs=1e-4)
+    finally:
+        engine.close()
