@@ -711,6 +711,9 @@ def compositional_seed_verdict(seed: str, arms: dict[str, Any]) -> str:
             f"{verdict(lift >= 0.05)}).")
 
 
+CPU_FLOAT32 = {"device": "cpu", "dtype": "float32", "batch_size": 32}
+
+
 def render_compositional(results: Results) -> str:
     """The build's score matrix, then each finished arm of the ablation (a partial report while it runs)."""
     found = results.of("compositional_ablation", "(partial)?")
@@ -718,8 +721,11 @@ def render_compositional(results: Results) -> str:
         return ""
     r = found[-1] if len(found) == 1 else next(x for x in found if x.label == "")
     matrix = r.get("score_matrix")
+    ev = r.get("evaluation")  # absent from results made before devices were an option: cpu, float32
+    where = f"; scored in {ev['dtype']} on {ev['device']}" if ev and ev != CPU_FLOAT32 else ""
     parts = [f"Score matrix of the build (first {r.get('settings')['validation_examples']} validation and "
-             f"{r.get('settings')['test_examples']} test examples; composite and math: exact match, language: chrF/100):",
+             f"{r.get('settings')['test_examples']} test examples{where}; composite and math: exact match, "
+             "language: chrF/100):",
              table(["model", *(f"{t}, validation" for t in COMPOSITIONAL), *(f"{t}, test" for t in COMPOSITIONAL)],
                    [[model, *(num(row["validation"][f"compositional:{t}"]) for t in COMPOSITIONAL),
                      *(num(row["test"][f"compositional:{t}"]) for t in COMPOSITIONAL)]

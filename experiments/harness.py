@@ -40,12 +40,13 @@ RESULTS_NAME = re.compile(r"^(?P<benchmark>[a-z0-9_]+?)_(?P<date>\d{4}-\d{2}-\d{
 
 
 def git_commit(repo: Path = REPO) -> str:
-    """The full hash of ``repo``'s HEAD, or "" outside a git checkout."""
+    """The full hash of ``repo``'s HEAD; outside a git checkout (a copy of the tree on another machine) the
+    ``HM3_COMMIT`` environment variable, set by whoever made the copy, or ""."""
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     except OSError:
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+        return os.environ.get("HM3_COMMIT", "")
+    return done.stdout.strip() if done.returncode == 0 else os.environ.get("HM3_COMMIT", "")
 
 
 def machine() -> dict[str, Any]:

@@ -63,10 +63,15 @@ def train_expert(smol: Path, task: str, out: Path, *, steps: int, batch_size: in
     return fine_tune(smol, lambda: zoo_objective(task).examples("train"), out, settings, label=task)
 
 
-def fine_tune(base: Path, examples, out: Path, settings: dict[str, Any], *, label: str) -> float:
+def fine_tune(base: Path, examples, out: Path, settings: dict[str, Any], *, label: str, device: Any = "cpu",
+              autocast: Any = None) -> float:
     """Fine-tune ``base`` on ``examples()`` (loss on the answer tokens, the zoo's loop) with
     ``settings`` (steps, batch_size, lr, seed and whatever identifies the data) into ``out``,
-    written atomically with the settings beside; reused when they match. Seconds spent (0 when reused)."""
+    written atomically with the settings beside; reused when they match. Seconds spent (0 when reused).
+
+    ``device`` is where it trains; ``autocast`` a dtype for the forward pass (:func:`hm3.zoo.train.train`).
+    The weights stay float32 and are saved in float32 either way. Neither is part of the reuse check:
+    a caller whose experts must differ by device puts it in ``settings``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,12 +82,13 @@ def fine_tune(base: Path, examples, out: Path, settings: dict[str, Any], *, labe
         return 0.0
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = settings["steps"]
     train(model, encode_examples(tokenizer, examples()), steps=steps, batch_size=settings["batch_size"],
           lr=settings["lr"], seed=settings["seed"], pad_id=pad, warmup=max(1, steps // 10),
-          log=lambda m: print(f"[expert {label}]{m}", file=sys.stderr, flush=True))
+          log=lambda m: print(f"[expert {label}]{m}", file=sys.stderr, flush=True), autocast=autocast)
+    model.to("cpu")
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

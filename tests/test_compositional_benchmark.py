@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def test_build_and_every_ablation_arm_run_end_to_end_and_resume(tmp_path, one_th
     tiny = {"steps": {"language": 2, "math": 2}, "validation_examples": 2, "test_examples": 2}
     manifest = build.build(tmp_path, toy=True, settings=tiny, argv=["--toy"])
     assert set(manifest["score_matrix"]) == {"base", "language", "math"}
+    assert manifest["evaluation"] == {"device": "cpu", "dtype": "float32", "batch_size": 32}
     assert manifest["objectives"] == ["compositional:composite", "compositional:math", "compositional:language"]
     for row in manifest["score_matrix"].values():
         assert all(0.0 <= v <= 1.0 for split in ("validation", "test") for v in row[split].values())
@@ -51,6 +53,9 @@ def test_build_and_every_ablation_arm_run_end_to_end_and_resume(tmp_path, one_th
     assert one["config"]["optimizer"]["budget"] == two["level1_evaluations"] + round(two["path_equivalents"])
     assert "level2" not in one["config"] and two["config"]["level2"]["rl"]["transition_scales"] == [0.8]
     assert arms["level2_alone"]["config"]["level2"]["pool"] == "experts"
+    for name in ("two_levels", "level1_alone", "level2_alone"):  # every arm evaluates where the build scored
+        assert {k: arms[name]["config"]["evaluation"][k] for k in ("device", "dtype", "batch_size")} == \
+            manifest["evaluation"]
     assert arms["swaps"]["cost_equivalents"] == 1.0 and "1,1" in arms["swaps"]["swaps"]
     for result in arms.values():
         assert np.isfinite([result["hv_validation"], result["hv_test"], result["best_composite"]["validation"]]).all()
@@ -101,3 +106,84 @@ def _check_bound_against_run(bound: dict, run: Path) -> None:
     assert bound["union_front_swaps"] == sum(not dominated(y) for y in swaps)
     assert bound["best_composite_level1"] == y1[:, 0].max()
     assert bound["best_composite_swap"]["validation"][0] == swaps[:, 0].max()
+
+
+def test_the_arms_evaluate_in_the_builds_device_and_dtype_and_refuse_others(tmp_path, capsys):
+    ablation = _module("ablation")
+    manifest = {"models": {}, "objectives": ["a"], "settings": {"validation_examples": 2, "test_examples": 2},
+                "evaluation": {"device": "cpu", "dtype": "bfloat16", "batch_size": 8}}
+    config = ablation.run_config(manifest, {**ablation.TOY, **manifest["settings"]}, 0, level2=None)
+    assert {k: config["evaluation"][k] for k in ("device", "dtype", "batch_size")} == manifest["evaluation"]
+    before_devices = {k: v for k, v in manifest.items() if k != "evaluation"}
+    older = ablation.run_config(before_devices, {**ablation.TOY, **manifest["settings"]}, 0, level2=None)
+    assert older["evaluation"]["dtype"] == "float32"  # a build from before devices: cpu, float32
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit):  # its references were scored in bfloat16: a float32 run would not match them
+        ablation.main(["--work", str(tmp_path), "--dtype", "float32", "--partial"])
+    assert "rescore it with build.py --dtype float32" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_where_there_is_none_is_refused_before_any_work(tmp_path, capsys):
+    from hm3.errors import DeviceError, ExitCode
+
+    build, ablation, bound, campaign = (_module(n) for n in ("build", "ablation", "bound", "campaign"))
+    work = tmp_path / "work"
+    for main, argv in ((build.main, ["--toy", "--work", str(work)]), (ablation.main, ["--toy", "--work", str(work)]),
+                       (bound.main, ["--toy", "--work", str(work)]), (campaign.main, [str(work), "--toy"])):
+        assert main([*argv, "--device", "cuda"]) == ExitCode.ENVIRONMENT
+        assert "--device 'cuda': CUDA is not available" in capsys.readouterr().err
+        assert not work.exists()
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        build.build(work, toy=True, device="cuda")
+    assert not work.exists()
+
+
+def _py(code: str) -> list[str]:
+    return ["-c", code]
+
+
+def test_the_campaign_stops_at_its_deadline_resumably_and_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    campaign = _module("campaign")
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    # step one writes the manifest; step two is slow the first time (it is interrupted: its finally block runs),
+    # fast the next; the report counts the calls
+    one = _py(f"import pathlib; open({str(calls)!r}, 'a').write('one\\n'); "
+              f"pathlib.Path({str(out / 'work')!r}, 'manifest.json').write_text('{{}}')")
+    two = _py(f"import pathlib, time\np = pathlib.Path({str(tmp_path / 'slow-once')!r})\n"
+              f"if not p.exists():\n  p.touch()\n  try:\n    time.sleep(60)\n"
+              f"  finally:\n    pathlib.Path({str(tmp_path / 'unwound')!r}).touch()")
+    report = _py(f"open({str(calls)!r}, 'a').write('report\\n')")
+    monkeypatch.setattr(campaign, "steps", lambda args, o: [campaign.Step("build", one), campaign.Step("two", two)])
+    monkeypatch.setattr(campaign, "report_step", lambda args, o: campaign.Step("report", report))
+    monkeypatch.setattr(campaign, "GRACE_S", 5.0)
+    monkeypatch.setattr(campaign, "REPORT_S", 0.0)
+    monkeypatch.setattr(campaign, "MIN_STEP_S", 1.0)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: the step must still get it
+    try:
+        assert campaign.main([str(out), "--toy", "--deadline-s", "9"]) == campaign.DEADLINE_EXIT
+    finally:
+        signal.signal(signal.SIGINT, before)
+    status = json.loads((out / "campaign.json").read_text())
+    assert status["outcome"] == "deadline" and status["steps"]["build"]["state"] == "done"
+    assert status["steps"]["two"]["state"] == "stopped" and (tmp_path / "unwound").exists()  # interrupted, cleanly
+    assert calls.read_text() == "one\nreport\n" and (out / "manifest.json").is_file()
+    assert "interrupted at the deadline" in (out / "campaign.log").read_text()
+
+    assert campaign.main([str(out), "--toy", "--seeds", "0,1"]) == 2  # other settings: refused, nothing run
+    assert "other settings" in capsys.readouterr().err and calls.read_text() == "one\nreport\n"
+    assert campaign.main([str(out), "--toy"]) == 0  # resumed: the finished step is not run again
+    status = json.loads((out / "campaign.json").read_text())
+    assert status["outcome"] == "complete" and status["calls"] == 2 and status["steps"]["two"]["state"] == "done"
+    assert calls.read_text() == "one\nreport\nreport\n"
+
+
+def test_a_failing_step_stops_the_campaign_and_is_named(tmp_path, monkeypatch):
+    campaign = _module("campaign")
+    monkeypatch.setattr(campaign, "steps", lambda args, o: [campaign.Step("build", _py("raise SystemExit(3)")),
+                                                           campaign.Step("never", _py("raise SystemExit(9)"))])
+    assert campaign.main([str(tmp_path / "out"), "--toy"]) == 1
+    status = json.loads((tmp_path / "out" / "campaign.json").read_text())
+    assert status["outcome"] == "failed: build" and status["steps"]["build"] == {"state": "failed", "rc": 3,
+                                                                                 "seconds": status["steps"]["build"]["seconds"]}
+    assert "never" not in status["steps"] and "report" not in status["steps"]  # no manifest: nothing to report

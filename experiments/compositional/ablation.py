@@ -35,6 +35,21 @@ Commands (after ``build.py``; from the repository root, ``.venv`` active)::
 ``--partial`` runs nothing: it reports the arms finished so far (the run takes hours and resumes
 across interruptions, so its progress is worth a report of its own, labelled ``partial``).
 
+Every arm evaluates where the build scored its matrix: the manifest's ``evaluation`` (device, dtype,
+batch size; cpu, float32 and 32 for a build that predates it) goes into the run configs (hm3's
+``evaluation.device``/``dtype``) and to the swap arm's backend, because the arms' references must equal
+the matrix to the last digit (:func:`check_refs`). ``--device``/``--dtype`` only confirm it: one that
+differs from the manifest's is refused (rescore the matrix with ``build.py --device ... --dtype ...``),
+and ``--device cuda`` where torch finds no GPU is refused before any work. The hf backend only: the
+build's matrix and the swap arm score through transformers, so a vLLM run would not measure the same
+references.
+
+GPU cost, **an estimate** (nothing here has run on a GPU yet): scaled from seed 0's measured CPU
+seconds (two levels 5199 s, level 1 alone 3263 s, level 2 alone 3613 s, swaps 535 s: 3.5 h on this
+2-core machine, ~36 s per merge evaluation, ~45 s per path equivalent) by the ~10x of GPU greedy
+scoring over this CPU (``build.py``'s docstring), **~20 min per seed on one GPU** (~1 h for three),
+less with a larger ``build.py --batch-size`` (64 scores a validation split of one objective in one batch).
+
 CPU cost of the real ablation, an estimate from measured per-example costs (SmolLM2 greedy scoring
 of these tasks took 0.7-0.8 s per example in batches of 32 on this 2-core machine at load ~5 from
 other work, ~0.3 s idle by this machine's earlier SmolLM2 runs): a full evaluation (3 objectives x 64
@@ -49,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -62,7 +78,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # build.py (which adds experiments/ for the rest)
 
-from build import MANIFEST, provenance  # noqa: E402
+from build import COMPUTE_DEFAULTS, DTYPES, MANIFEST, check_compute, provenance, refuse_compute  # noqa: E402
 from harness import results_path  # noqa: E402
 from real_model_run import validation_cost  # noqa: E402
 
@@ -70,25 +86,33 @@ from hm3.atomic import atomic_write_text  # noqa: E402
 from hm3.search.pareto import non_dominated, protocol_hypervolume  # noqa: E402
 
 ARMS = ("two_levels", "level1_alone", "level2_alone", "swaps")
-REAL = {"optimizer": "bo-mo", "budget": 16, "validation_examples": 64, "test_examples": 128, "offline_episodes": 48,
+#: budgets; the validation and test examples are the build's (its matrix holds the references), from its manifest
+REAL = {"optimizer": "bo-mo", "budget": 16, "offline_episodes": 48,
         "online_episodes": 16, "preferences": 2, "episodes_per_update": 8, "epochs": 4, "data_scale": 0.25,
         "keep_best": 3, "swaps": [[2, 1], [4, 2], [5, 2], [6, 3], [8, 4], [10, 4]], "swap_prior": [[5, 2], [8, 4]],
         "transition_scales": [0.8, 1.25]}
-TOY = {"optimizer": "random", "budget": 3, "validation_examples": 4, "test_examples": 4, "offline_episodes": 4, "online_episodes": 4,
+TOY = {"optimizer": "random", "budget": 3, "offline_episodes": 4, "online_episodes": 4,
        "preferences": 1, "episodes_per_update": 4, "epochs": 1, "data_scale": 0.5, "keep_best": 1,
        "swaps": [[1, 0], [1, 1]], "swap_prior": [[1, 1]], "transition_scales": [0.8]}
 
 
+def evaluation_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where and how the build scored its matrix (device, dtype, batch size): every arm evaluates alike."""
+    return {**COMPUTE_DEFAULTS, **manifest.get("evaluation", {})}
+
+
 def run_config(manifest: dict[str, Any], s: dict[str, Any], seed: int, *, level2: str | None) -> dict[str, Any]:
     """A run config over the built models; ``level2`` None (level 1 alone), 'experts+merge' or 'experts'."""
+    ev = evaluation_of(manifest)
     config: dict[str, Any] = {
         "models": manifest["models"],
         "objectives": manifest["objectives"],
         "search_space": {"base_model": "base", "models": ["language", "math"], "dare": True, "rescale_mode": "l1",
                          "weight_bounds": [0.0, 1.0], "density_bounds": [0.2, 1.0]},
         "optimizer": {"name": s["optimizer"], "budget": s["budget"]},
-        "evaluation": {"backend": "hf", "validation_examples": s["validation_examples"],
-                       "test_examples": s["test_examples"], "batch_size": 32},
+        "evaluation": {"backend": "hf", "device": ev["device"], "dtype": ev["dtype"],
+                       "validation_examples": s["validation_examples"], "test_examples": s["test_examples"],
+                       "batch_size": ev["batch_size"]},
         "seed": seed,
     }
     if level2 is not None:
@@ -157,8 +181,13 @@ def swap_arm(manifest: dict[str, Any], s: dict[str, Any], seed_dir: Path, refs: 
     from hm3.eval.hf import HFBackend
     from objectives.registry import get_objective
 
+    ev = evaluation_of(manifest)
+    device, dtype = check_compute(ev["device"], ev["dtype"])
     dirs = [manifest["models"]["language"], manifest["models"]["math"]]  # the frame last
     pool = LayerPool.load(dirs)
+    # once, on the evaluation device in its dtype, as hm3's session holds path tensors (a no-op on cpu/float32)
+    pool = dataclasses.replace(pool, states=tuple({n: t.to(device, dtype) for n, t in state.items()}
+                                                  for state in pool.states))
     tokenizer = load_tokenizer(dirs[-1])
     objectives = [get_objective(n) for n in manifest["objectives"]]
     partial = seed_dir / "swaps.partial.json"
@@ -169,7 +198,7 @@ def swap_arm(manifest: dict[str, Any], s: dict[str, Any], seed_dir: Path, refs: 
         if label in done:
             continue
         path = layer_swap(pool.num_layers[-1], frame=1, donor=0, k_bottom=k_bottom, k_top=k_top)
-        backend = HFBackend(build_path_model(pool, path), tokenizer, batch_size=32, model_dir=dirs[-1])
+        backend = HFBackend(build_path_model(pool, path), tokenizer, batch_size=ev["batch_size"], model_dir=dirs[-1])
         done[label] = {split: [evaluate_objective(backend, o, split, list(range(s[f"{split}_examples"]))).score
                                for o in objectives] for split in ("validation", "test")}
         atomic_write_text(partial, json.dumps(done, indent=2))  # resumable per swap
@@ -283,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing; report the arms finished so far (label 'partial')")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --toy, where tiny "
                    "models run several times faster on one thread; torch's default otherwise)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; must be the build's (default: the build's)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="must be the build's (default: the build's)")
     args = p.parse_args(argv)
+    if (args.device or args.dtype) and (code := refuse_compute(args.device or "cpu", args.dtype or "float32",
+                                                                "ablation.py")) is not None:
+        return code
     if args.threads or args.toy:
         torch.set_num_threads(args.threads or 1)
     manifest_file = args.work / MANIFEST
@@ -291,7 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no {manifest_file}: run experiments/compositional/build.py{' --toy' if args.toy else ''} "
                 f"--work {args.work} first")
     manifest = json.loads(manifest_file.read_text())
-    s = dict(TOY if args.toy else REAL)
+    ev = evaluation_of(manifest)
+    for key in ("device", "dtype"):
+        given = getattr(args, key)
+        if given is not None and given != ev[key]:
+            p.error(f"--{key} {given}: the build scored its matrix with {key} {ev[key]} ({manifest_file}), and "
+                    f"every arm's references must equal it; rescore it with build.py --{key} {given}, or leave "
+                    f"--{key} out")
+    if not args.partial and (code := refuse_compute(ev["device"], ev["dtype"], "ablation.py")) is not None:
+        return code
+    s = {**(TOY if args.toy else REAL),
+         **{k: manifest["settings"][k] for k in ("validation_examples", "test_examples")}}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key not in s:
@@ -306,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "compositional_ablation", "toy": args.toy, "partial": args.partial, "settings": s,
               "score_matrix": manifest["score_matrix"], "build": {k: manifest[k] for k in
                                                                   ("seconds", "date", "commit", "command")},
+              "evaluation": ev, "device": manifest.get("device"),
               "per_seed": seeds, "summary": summarise(complete) if complete else None, **provenance(argv)}
     label = "_".join(x for x in ("toy" if args.toy else "", "partial" if args.partial else "") if x) or None
     out = args.out or results_path("compositional_ablation", label)

@@ -10,7 +10,10 @@ of level 1 and all swaps, how many swaps reach the union front, the best composi
 swaps against the level-1 merges' best (the +0.05 target) and the number of full evaluations.
 
 The run is copied first (``experiments/level2_ceiling.py``'s :func:`finished_run`), so its own cost
-accounting is untouched; scores go through hm3's store, so an interrupted bound resumes.
+accounting is untouched; scores go through hm3's store, so an interrupted bound resumes. The swaps are
+scored where the run scored its merges: its stored ``evaluation`` (device, dtype, batch size).
+``--device``/``--dtype`` only confirm it (one that differs is refused: the swaps would be compared with
+merges measured otherwise), and ``--device cuda`` where torch finds no GPU is refused before any work.
 
 Commands (after ``ablation.py``)::
 
@@ -20,7 +23,8 @@ Commands (after ``ablation.py``)::
 
 CPU cost, an estimate: with the defaults (k₁ ∈ {0, 2, 4, 6, 8, 10, 12}, k₂ ∈ {0, 1, 2, 4, 6}, 2
 donors, scales none/0.8/1.25, one frame) ~200 full evaluations of ~1 min each (measured per-example
-cost in ``ablation.py``'s docstring): ~3.5 h per seed on an idle 2-core machine.
+cost in ``ablation.py``'s docstring): ~3.5 h per seed on an idle 2-core machine. On one GPU, **an
+estimate** by the ~10x of ``build.py``'s docstring (not measured): ~15-20 min per seed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # build.py (which adds experiments/ for the rest)
 
-from build import provenance  # noqa: E402
+from build import DTYPES, provenance, refuse_compute  # noqa: E402
 from level2_ceiling import finished_run  # noqa: E402
 
 from hm3.arch.level2 import PathEvaluator  # noqa: E402
@@ -83,6 +87,15 @@ def swap_bound(run_dir: Path, work: Path, *, k_bottom: list[int], k_top: list[in
     }
 
 
+def stored_evaluation(run_dir: Path) -> dict[str, Any]:
+    """The finished run's evaluation settings (device, dtype, batch size, ...), as its store holds them."""
+    from hm3.run.config import stored_two_level_config
+    from hm3.store import RunStore
+
+    with RunStore.open(run_dir, readonly=True) as store:
+        return stored_two_level_config(store).level1.evaluation.model_dump()
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -98,17 +111,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", choices=("best", "front"), default="best")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; must be the run's (default: the run's)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="must be the run's (default: the run's)")
     args = p.parse_args(argv)
+    if (args.device or args.dtype) and (code := refuse_compute(args.device or "cpu", args.dtype or "float32",
+                                                                "bound.py")) is not None:
+        return code
     if args.threads or args.toy:
         torch.set_num_threads(args.threads or 1)
     run_dir = args.work / "ablation" / f"seed-{args.seed}" / "two_levels"
     if not (run_dir / "summary.json").is_file():
         p.error(f"no finished two-level arm at {run_dir}: run ablation.py first")
+    ev = stored_evaluation(run_dir)
+    for key in ("device", "dtype"):
+        given = getattr(args, key)
+        if given is not None and given != ev[key]:
+            p.error(f"--{key} {given}: {run_dir} evaluated with {key} {ev[key]}, and the swaps are compared with its "
+                    f"merges; leave --{key} out")
+    if (code := refuse_compute(ev["device"], ev["dtype"], "bound.py")) is not None:
+        return code
     result = swap_bound(run_dir, args.work / "bound" / f"seed-{args.seed}",
                         k_bottom=_ints(args.k_bottom or ("0,1,2" if args.toy else "0,2,4,6,8,10,12")),
                         k_top=_ints(args.k_top or ("0,1" if args.toy else "0,1,2,4,6")),
                         scales=[float(x) for x in args.scales.split(",") if x], frames=args.frames)
-    result.update(provenance(argv))
+    result.update(evaluation={k: ev[k] for k in ("device", "dtype", "batch_size")}, **provenance(argv))
     out = args.out or Path(f"experiments/results/compositional_bound{'_toy' if args.toy else ''}_s{args.seed}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ measures that a TIES merge keeps their gains).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -76,14 +77,19 @@ def train(
     pad_id: int,
     warmup: int = 20,
     log: Callable[[str], None] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> float:
     """``steps`` AdamW steps on seeded random batches of ``encoded``; returns the last batch's loss.
 
     Linear warm-up then linear decay to 10%: short runs need the high early rate to
-    get anywhere and the low late rate to settle.
+    get anywhere and the low late rate to settle. Batches go to the model's device, so a
+    model moved to a GPU trains there. ``autocast`` (e.g. ``torch.bfloat16``) runs the
+    forward pass in that dtype under :func:`torch.autocast` while the weights and AdamW's
+    state stay float32: pure bf16 weights would lose the small updates of a low learning rate.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -91,8 +97,10 @@ def train(
     )
     loss_value = float("nan")
     for step in range(steps):
-        input_ids, labels, mask = collate(rng.sample(encoded, min(batch_size, len(encoded))), pad_id)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        batch = collate(rng.sample(encoded, min(batch_size, len(encoded))), pad_id)
+        input_ids, labels, mask = (t.to(device) for t in batch)
+        with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
