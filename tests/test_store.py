@@ -130,6 +130,20 @@ def test_events_round_trip(tmp_path: Path) -> None:
         assert store.last_event("missing") is None
 
 
+def test_events_added_together_are_committed_all_or_none(tmp_path: Path) -> None:
+    """A batch's tells are one transaction: a failure on the second leaves the first unwritten too."""
+    with RunStore.open(tmp_path) as store:
+        added = store.add_events("tell", [{"i": 0}, {"i": 1}])
+        assert [e.payload for e in store.events("tell")] == [{"i": 0}, {"i": 1}] == [e.payload for e in added]
+        assert [e.id for e in added] == [e.id for e in store.events("tell")]
+        with sqlite3.connect(tmp_path / STORE_FILE) as conn:  # a second insert that fails inside the batch
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.payload_json LIKE '%boom%' "
+                         "BEGIN SELECT RAISE(ABORT, 'boom'); END")
+        with pytest.raises(sqlite3.DatabaseError, match="boom"):
+            store.add_events("tell", [{"i": 2}, {"boom": 3}])
+        assert [e.payload["i"] for e in store.events("tell")] == [0, 1]
+
+
 def test_run_record_holds_config_seed_and_versions(tmp_path: Path) -> None:
     with RunStore.open(tmp_path, config=CONFIG, seed=7) as store:
         assert store.config() == CONFIG and store.seed() == 7

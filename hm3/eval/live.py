@@ -1,8 +1,9 @@
-"""The evaluation session of one live model in this process (:class:`LiveModelSession`).
+"""The evaluation session of one live model in this process (:class:`LiveModelSession`), and that
+live model (:class:`LiveModel`), which a parallel executor's workers hold one each of.
 
-It loads the base model and every expert once (the in-memory merger holds base + task vectors),
-opens one evaluator backend on the base model, and scores each candidate by putting its weights
-into that model:
+A live model loads the base model and every expert once (the in-memory merger holds base + task
+vectors), opens one evaluator backend on the base model, and scores each candidate by putting its
+weights into that model:
 
 * a merge or a reference model is written into the live model's own parameters (``copy_``: no
   reload, no new allocation), or handed to the backend's ``load_state`` where it has no live
@@ -10,14 +11,16 @@ into that model:
 * a layer path becomes an in-memory path model over shared tensors (hf), or is swapped, padded to
   the models' depth with identity layers, into the fixed-depth engine (vLLM).
 
-Every score goes through the run store (:class:`~hm3.search.scoring.CandidateScorer`): a
-candidate is installed only when the store lacks one of its scores. Everything the session holds
+The session puts every score through the run store (:class:`~hm3.search.scoring.CandidateScorer`):
+a candidate is installed only when the store lacks one of its scores. Everything a session holds
 is its own -- model, merger, backend, scorer, Fisher cache, layer pools -- so several sessions can
-live side by side (:mod:`hm3.eval.session`).
+live side by side (:mod:`hm3.eval.session`); the live model knows no store, so a worker process
+can hold one while the process that owns the store commits what it returns.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +32,9 @@ from hm3.arch.pools import LayerPools
 from hm3.config import MergeConfig, parse_merge_config
 from hm3.devices import dtype_name
 from hm3.errors import ConfigError
-from hm3.eval.backend import open_backend
+from hm3.eval.backend import Backend, open_backend
+from hm3.eval.evaluate import evaluate_objective
+from hm3.eval.executor import ObjectiveScore
 from hm3.eval.session import (
     Candidate,
     FrameKey,
@@ -47,19 +52,23 @@ from hm3.store import CandidateRef, RunStore
 from objectives.registry import get_objective
 
 
-class LiveModelSession:
-    """:class:`~hm3.eval.session.EvaluationSession` over one live model in this process.
+class LiveModel:
+    """One live model in this process and the candidates put into it; it knows no run store.
 
-    DF-Merge's Fisher tensors, when the search space is Fisher-weighted, are cached in the run
-    directory beside the store (``RUN_DIR/fisher/``), so a resumed search loads them.
+    What both a :class:`LiveModelSession` and a parallel executor's worker
+    (:mod:`hm3.eval.ray_executor`) hold: ``install`` puts a candidate's weights into the model,
+    ``evaluate`` installs one and runs objectives on it. A path framed by a stored merge needs that
+    merge's recipe: ``frame_recipe(id)`` gives it (the run store in this process; what the process
+    that owns the store sent, in a worker).
     """
 
-    def __init__(self, cfg: RunConfig, store: RunStore, *, log: Callable[[str], None]):
+    def __init__(self, cfg: RunConfig, *, frame_recipe: Callable[[int], Mapping[str, Any]],
+                 log: Callable[[str], None]):
         self.cfg = cfg
-        self.store = store
         space = cfg.search_space
         self.objectives = [get_objective(s) for s in cfg.objectives]
         self.objective_names = [o.name for o in self.objectives]
+        self.evaluated_examples = 0  # by evaluate() (a session's scorer counts its own)
         ev = cfg.evaluation
         self.device, self.dtype = ev.resolve()
         # the backend first: the merger holds its tensors on the device only if they fit beside the model
@@ -88,40 +97,14 @@ class LiveModelSession:
         # Paths point the hf backend at path models that share the pool's tensors; merges write into this
         # model's own parameters, so they put it back first.
         self._live_model = getattr(self.backend, "model", None)
-        self._scorer = CandidateScorer(self.backend, self.objectives, store)
-        self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
-        self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
-        self._fisher_cache = None
-        if space.fisher:
-            from hm3.fisher import FisherCache
-
-            if self._live_model is None:
-                raise ConfigError("Fisher weighting needs the 'hf' backend (gradients through the live model)")
-            self._fisher_cache = FisherCache(store.path.parent / FISHER_DIR)
+        self._frame_recipe = frame_recipe
         self._pools: LayerPools | None = None
-
-    # --- the session interface ---------------------------------------------------------------------
-
-    @property
-    def evaluated_examples(self) -> int:
-        return self._scorer.evaluated_examples
 
     @property
     def placement(self) -> dict[str, str]:
-        """Where this session evaluates and merges, and where its task vectors are held and why."""
+        """Where this model evaluates and merges, and where its task vectors are held and why."""
         return {"device": str(self.device), "dtype": dtype_name(self.dtype), "merge_dtype": "float32",
                 "task_vectors": self.merger.residency.mode, "task_vectors_why": self.merger.residency.reason}
-
-    def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
-        ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
-        return Scored(ref, self._scorer.score(ref, lambda: self._install(candidate), plan))
-
-    def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
-        return self._scorer.cached(candidate, plan)
-
-    def merge_recipe(self, x: torch.Tensor) -> dict[str, Any]:
-        space = self.cfg.search_space
-        return self._fisher_recipe(x) if space.fisher else space.to_recipe(x)
 
     def pool_layout(self) -> PoolLayout:
         depth = int(self.merger.num_layers)
@@ -131,13 +114,29 @@ class LiveModelSession:
     def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
         return self._layer_pools().features(frames).cpu()  # the policy runs on the CPU
 
+    def evaluate(self, candidate: Candidate, plan: SplitPlan, objectives: Sequence[str]) -> list[ObjectiveScore]:
+        """``candidate`` installed and scored on ``plan`` for each of ``objectives`` (names, all run: the
+        caller asks for those its store lacks); each one's seconds include the install for the first."""
+        by_name = {o.name: o for o in self.objectives}
+        start = time.perf_counter()
+        self.install(candidate)
+        out = []
+        for name in objectives:
+            result = evaluate_objective(self.backend, by_name[name], plan.split, plan.indices[name])
+            self.evaluated_examples += result.count
+            now = time.perf_counter()
+            out.append(ObjectiveScore(name, result.score, result.count, now - start))
+            start = now
+        return out
+
     def close(self) -> None:
         self._restore_live_model()
         self.backend.close()
 
     # --- installing a candidate into the live model ------------------------------------------------
 
-    def _install(self, candidate: Candidate) -> None:
+    def install(self, candidate: Candidate) -> None:
+        """Put ``candidate``'s weights into the live model (in place: no reload)."""
         if isinstance(candidate, MergeCandidate):
             self._install_recipe(candidate.recipe)
         elif isinstance(candidate, ReferenceCandidate):
@@ -213,9 +212,75 @@ class LiveModelSession:
             self._pools = LayerPools(
                 {ref: self._reference_state(ref) for ref in refs}, self._reference_state(self.merger.base_ref),
                 self.merger.config,
-                self.merger.num_layers, lambda cid: self._merged_state(self.store.candidate(cid)[1]),
+                self.merger.num_layers, lambda cid: self._merged_state(self._frame_recipe(cid)),
             )
         return self._pools
+
+
+class LiveModelSession:
+    """:class:`~hm3.eval.session.EvaluationSession` over one live model in this process.
+
+    DF-Merge's Fisher tensors, when the search space is Fisher-weighted, are cached in the run
+    directory beside the store (``RUN_DIR/fisher/``), so a resumed search loads them.
+    """
+
+    def __init__(self, cfg: RunConfig, store: RunStore, *, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.store = store
+        self.model = LiveModel(cfg, frame_recipe=lambda cid: store.candidate(cid)[1], log=log)
+        self.objective_names = self.model.objective_names
+        self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store)
+        self.validation = first_n(self.model.objectives, "validation", cfg.evaluation.validation_examples)
+        self.test = first_n(self.model.objectives, "test", cfg.evaluation.test_examples)
+        self._fisher_cache = None
+        if cfg.search_space.fisher:
+            from hm3.fisher import FisherCache
+
+            if self.model._live_model is None:
+                self.model.close()
+                raise ConfigError("Fisher weighting needs the 'hf' backend (gradients through the live model)")
+            self._fisher_cache = FisherCache(store.path.parent / FISHER_DIR)
+
+    @property
+    def merger(self) -> InMemoryMerger:
+        return self.model.merger
+
+    @property
+    def backend(self) -> Backend:
+        return self.model.backend
+
+    # --- the session interface ---------------------------------------------------------------------
+
+    @property
+    def evaluated_examples(self) -> int:
+        return self._scorer.evaluated_examples
+
+    @property
+    def placement(self) -> dict[str, str]:
+        return self.model.placement
+
+    def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
+        ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
+        return Scored(ref, self._scorer.score(ref, lambda: self.model.install(candidate), plan))
+
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
+        return [self.score(c, plan) for c in candidates]  # one live model: one after the other
+
+    def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
+        return self._scorer.cached(candidate, plan)
+
+    def merge_recipe(self, x: torch.Tensor) -> dict[str, Any]:
+        space = self.cfg.search_space
+        return self._fisher_recipe(x) if space.fisher else space.to_recipe(x)
+
+    def pool_layout(self) -> PoolLayout:
+        return self.model.pool_layout()
+
+    def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
+        return self.model.layer_features(frames)
+
+    def close(self) -> None:
+        self.model.close()
 
     def _fisher_recipe(self, x: torch.Tensor) -> dict[str, Any]:
         """The candidate's recipe with DF-Merge Fisher tensors F_i(λ_i) installed in the merger.
@@ -226,16 +291,17 @@ class LiveModelSession:
         from hm3.fisher import FisherKey, cached_fisher_for_coefficient, fisher_examples
 
         assert self._fisher_cache is not None
+        model = self.model
         space, step = self.cfg.search_space, self.cfg.fisher.coefficient_step
         weights = space.decode(x)["weight"]
-        by_name = {o.name: o for o in self.objectives}
+        by_name = {o.name: o for o in model.objectives}
         paths = []
         for i, ref in enumerate(space.models):
             lam = round(round(weights[i][0] / step) * step, 6)
             obj = by_name[get_objective(self.cfg.experts[ref]).name]
             examples = fisher_examples(obj, self.cfg.fisher.examples)
             cached_fisher_for_coefficient(  # computed once per (model, λ) and kept in RUN_DIR/fisher/
-                self._fisher_cache, self.merger, self._live_model, i, lam, self.backend.tokenizer,
+                self._fisher_cache, model.merger, model._live_model, i, lam, model.backend.tokenizer,
                 obj.name, examples, obj.decoding,
             )
             key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))

@@ -6,11 +6,11 @@ look the scores up first, evaluate only what is missing, commit each score the m
 They receive an :class:`EvaluationSession` and know nothing of how it gets there: which model is
 loaded, how a merge or a path is put into it, which backend runs it.
 
-Why a protocol and not the class that implements it: the implementation today
-(:class:`hm3.eval.live.LiveModelSession`) holds one live model in this process, but parallel
-evaluation runs several sessions side by side, each with its own model (in this process or behind
-an executor). So a session keeps all its state on itself -- no module-level state, no globals --
-and callers never reach past this interface to the model, the merger or the backend.
+Why a protocol and not the class that implements it: there are two. :class:`hm3.eval.live.LiveModelSession`
+holds one live model in this process; :class:`hm3.eval.parallel.ExecutorSession` holds none and has
+an executor's workers score candidates, each worker with its own live model (:mod:`hm3.eval.executor`).
+So a live model keeps all its state on itself -- no module-level state, no globals -- and callers
+never reach past this interface to the model, the merger or the backend.
 
 Candidates are plain data (what the store keys them by), so they can be handed to another process:
 
@@ -133,6 +133,11 @@ class EvaluationSession(Protocol):
     def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
         """Store ``candidate`` (idempotent) and return its scores on ``plan``: stored ones where the store
         has them, evaluated and committed otherwise."""
+        ...
+
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
+        """:meth:`score` of each candidate, in the order given (each stored in that order); a session with
+        several workers scores them in parallel."""
         ...
 
     def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:

@@ -104,10 +104,12 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
     refs_test, base_t, ideal_t = reference_points(session, cfg.search_space, session.test)
     refs_val = reference_scores(session, cfg.search_space, session.validation)
     table = []
-    for row in front:
-        _, recipe = session.store.candidate(row.point)
-        candidate = MergeCandidate(recipe) if row.kind == MERGE_KIND else PathCandidate.from_recipe(recipe)
-        y_test = session.score(candidate, session.test).scores
+    recipes = [session.store.candidate(row.point)[1] for row in front]
+    candidates = [MergeCandidate(recipe) if row.kind == MERGE_KIND else PathCandidate.from_recipe(recipe)
+                  for row, recipe in zip(front, recipes, strict=True)]
+    tested = session.score_many(candidates, session.test)
+    for row, recipe, scored in zip(front, recipes, tested, strict=True):
+        y_test = scored.scores
         file = write_point_file(out_dir, row.point, row.kind, recipe, session.store, cfg)
         table.append(_table_row(row, names) | {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
                      | {"file": str(file.relative_to(out_dir))})

@@ -55,7 +55,7 @@ from hm3.run.directory import LEVEL1_DIR, LEVEL2_DIR, POLICY_STEM, STAGE_EVENT, 
 from hm3.run.front import CandidateRow, write_front, write_summary
 from hm3.runfiles import find_state, read_state, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
-from hm3.search.level1 import make_optimizer, open_session, search_level1, stderr_logger
+from hm3.search.level1 import evaluation_executor, make_optimizer, open_session, search_level1, stderr_logger
 from hm3.search.optimizers import Optimizer
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
 from hm3.search.references import reference_points
@@ -159,11 +159,12 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     check_depth(cfg)  # before the store, the models and any evaluation
     check_level2_models(cfg)
     optimizer = make_optimizer(cfg.level1)  # likewise the optimiser and its options
-    cfg.level1.evaluation.resolve()  # and a device this machine lacks
     if resume:
         check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
-    with open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume) as store:
-        session = open_session(cfg.level1, store, log)
+    # and a device this machine lacks, a missing Ray, a cluster too small for the workers
+    with evaluation_executor(cfg.level1, log) as executor, \
+            open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume) as store:
+        session = open_session(cfg.level1, store, log, executor)
         try:
             run = TwoLevelRun(cfg, run_dir, session, log, progress, optimizer)
             return _run_stages(cfg, run, store, resume, start, log)

@@ -1,16 +1,22 @@
 """Level 1: the multi-objective search over merge coefficients, end to end.
 
 ``run_level1`` glues the pieces: the run store (every score committed as it arrives), an
-evaluation session (:mod:`hm3.eval.session`; here one live model in this process) that scores
-merges through it, an ask/tell optimiser over the unit cube, and the run directory's outputs
-(:mod:`hm3.run.front`: front table, hypervolume, plot, point files).
+evaluation session (:mod:`hm3.eval.session`: one live model in this process, or the workers of a
+parallel executor) that scores merges through it, an ask/tell optimiser over the unit cube, and the
+run directory's outputs (:mod:`hm3.run.front`: front table, hypervolume, plot, point files).
+
+Batches: the optimiser is asked for ``evaluation.workers`` points at a time (BO: a sequential greedy
+q-batch), the batch is scored in parallel, and the points are told in the order they were proposed
+-- so a run's candidates depend on its seed and its number of workers, never on which worker
+finished first. One worker asks one point at a time, as a local run does.
 
 Scores handed to optimisers are normalised by the HV protocol of
 :mod:`hm3.search.pareto` (base model = 0, per-task best expert = 1), so every
 optimiser sees the same scale and the same reference point.
 
 Crash and resume: each told point is also recorded as a ``level1_tell`` event
-(candidate id and unit-cube point). ``--resume`` replays those events into a
+(candidate id and unit-cube point; a batch's events in one transaction, so a replayed history
+never ends inside a batch). ``--resume`` replays those events into a
 fresh optimiser -- whose asks are a function of the history only -- so the
 continued run asks exactly what the uninterrupted one would have, and the
 store's cache turns re-scoring of a half-scored candidate into look-ups.
@@ -23,7 +29,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 
 from hm3.errors import ConfigError, Hm3Warning, StoreError
+from hm3.eval.executor import Executor
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate
 from hm3.log import progress_bar, progress_logger
 from hm3.run.config import stored_config, stored_form
@@ -181,19 +189,21 @@ def run_level1(
     """Run (or resume) the level-1 search of ``cfg`` in ``run_dir`` and write its outputs.
 
     A resume may change one setting: ``optimizer.budget``. A larger one extends the search (a
-    finished one too). ``stop_after`` ends the process-local loop after that many new evaluations
-    (used to test resumption); the outputs are then not written.
+    finished one too). ``stop_after`` ends the process-local loop once that many new evaluations are
+    done (a whole batch of ``evaluation.workers`` at a time; used to test resumption); the outputs are
+    then not written.
     """
     run_dir = Path(run_dir)
     start = time.perf_counter()
     optimizer = make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
-    cfg.evaluation.resolve()  # likewise a device this machine lacks (before the run directory is made)
     log = stderr_logger(progress)
-    with open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True) as store:
+    # likewise a device this machine lacks, a missing Ray, a cluster too small (before the run directory is made)
+    with evaluation_executor(cfg, log) as executor, \
+            open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True) as store:
         initial = stored_config(store)["level1"]["optimizer"]["budget"]
         if initial != cfg.optimizer.budget:
             optimizer = _extended_optimizer(cfg, store, initial, log)
-        session = open_session(cfg, store, log)
+        session = open_session(cfg, store, log, executor)
         try:
             return search_level1(cfg, session, run_dir, optimizer, resume=resume, progress=progress,
                                  stop_after=stop_after, start=start, log=log)
@@ -216,11 +226,39 @@ def _extended_optimizer(cfg: RunConfig, store: RunStore, initial: int, log: Call
     return make_optimizer(cfg, design_budget=initial)
 
 
-def open_session(cfg: RunConfig, store: RunStore, log: Callable[[str], None]) -> EvaluationSession:
-    """The evaluation session of a run: one live model in this process."""
-    from hm3.eval.live import LiveModelSession  # here: reading a finished run loads no model code
+@contextmanager
+def evaluation_executor(cfg: RunConfig, log: Callable[[str], None]) -> Iterator[Executor | None]:
+    """The run's parallel executor, connected and its resources checked but no worker started (None for
+    ``executor: local``, whose device is checked here instead); closed on leaving, however that happens.
 
-    return LiveModelSession(cfg, store, log=log)
+    Called before the run directory is made, so that a device this machine lacks, a missing Ray or a
+    cluster too small for the workers leave nothing behind."""
+    if cfg.evaluation.executor == "local":
+        cfg.evaluation.resolve()
+        yield None
+        return
+    # a worker's device is the one Ray gives it, on whichever node: each worker checks its own
+    from hm3.eval.ray_executor import RayExecutor
+
+    executor = RayExecutor.connect(cfg.evaluation, log=log)
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+def open_session(cfg: RunConfig, store: RunStore, log: Callable[[str], None],
+                 executor: Executor | None = None) -> EvaluationSession:
+    """The evaluation session of a run: one live model in this process, or (given an ``executor`` from
+    :func:`evaluation_executor`) the executor's workers, started here, each with its own."""
+    if executor is None:
+        from hm3.eval.live import LiveModelSession  # here: reading a finished run loads no model code
+
+        return LiveModelSession(cfg, store, log=log)
+    from hm3.eval.parallel import ExecutorSession
+
+    executor.start(cfg)
+    return ExecutorSession(cfg, store, executor)
 
 
 def stderr_logger(enabled: bool) -> Callable[[str], None]:
@@ -280,21 +318,25 @@ def search_level1(
         log(f"resumed: {len(X)} evaluations replayed from the store")
 
     bar = progress_bar(progress, total=cfg.optimizer.budget, initial=len(X), desc="level 1", unit="eval")
+    batch = cfg.evaluation.workers  # one proposal per worker, scored in parallel
     new = 0
     while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
-        x = optimizer.ask(1)
-        scored = session.score(MergeCandidate(session.merge_recipe(x[0])), session.validation)
-        y = scored.scores
-        optimizer.tell(x, torch.tensor(normalise(y[None], base, ideal)))
-        store.add_event(TELL_EVENT, {"candidate": scored.candidate.id, "x": x[0].tolist()})
-        X.append(x[0].tolist())
-        Y.append(y)
-        ids.append(scored.candidate.id)
-        hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
-        new += 1
+        x = optimizer.ask(batch)
+        scored = session.score_many([MergeCandidate(session.merge_recipe(p)) for p in x], session.validation)
+        y = np.stack([s.scores for s in scored])
+        # told in proposal order, whichever worker finished first: the run's points depend on seed and batch
+        optimizer.tell(x, torch.tensor(normalise(y, base, ideal)))
+        store.add_events(TELL_EVENT, [{"candidate": s.candidate.id, "x": p.tolist()}
+                                      for s, p in zip(scored, x, strict=True)])
+        for s, p in zip(scored, x, strict=True):
+            X.append(p.tolist())
+            Y.append(s.scores)
+            ids.append(s.candidate.id)
+            hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+        new += len(x)
         if bar is not None:
             bar.set_postfix_str(f"HV {hv_trace[-1]:.4f}")
-            bar.update(1)
+            bar.update(len(x))
     if bar is not None:
         bar.close()
     Xa, Ya = np.array(X), np.stack(Y) if Y else np.empty((0, k))

@@ -12,7 +12,9 @@ from hm3.search.space import SearchSpace
 
 def reference_scores(session: EvaluationSession, space: SearchSpace, plan: SplitPlan) -> dict[str, np.ndarray]:
     """Scores of the base and of every expert on ``plan``, base first (from the store when there)."""
-    return {ref: session.score(ReferenceCandidate(ref), plan).scores for ref in [space.base_model, *space.models]}
+    refs = [space.base_model, *space.models]
+    scored = session.score_many([ReferenceCandidate(ref) for ref in refs], plan)
+    return {ref: s.scores for ref, s in zip(refs, scored, strict=True)}
 
 
 def protocol_points(refs: dict[str, np.ndarray], space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:

@@ -36,8 +36,38 @@ class VLLMEngineConfig(_Frozen):
     max_model_len: int | None = Field(None, ge=1, description="context length (None: the model's own)")
 
 
+class WorkerResources(_Frozen):
+    """What one Ray worker reserves (``evaluation.resources_per_worker``); Ray places workers by these."""
+
+    num_cpus: float = Field(1, ge=0, description="CPU cores per worker (its torch threads: as many, at least 1)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker (a fraction shares one GPU among workers)")
+
+    @model_validator(mode="after")
+    def _reserves_something(self) -> WorkerResources:
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("a worker must reserve some num_cpus or num_gpus, else Ray places any number of "
+                             "workers on one node")
+        return self
+
+
+#: The ``evaluation`` keys that say how candidates are spread over processes, not how one is scored: a
+#: run's recorded config leaves them out (they may change when it resumes) -- see :meth:`RunConfig.canonical`.
+EXECUTOR_KEYS = frozenset({"executor", "workers", "ray_address", "resources_per_worker"})
+
+
 class EvaluationConfig(_Frozen):
     backend: Literal["hf", "vllm"] = "hf"
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: one live model in this process; ray: `workers` Ray actors, each with its own "
+        "live model, score candidates in parallel while this process writes the run store"
+    )
+    workers: int = Field(1, ge=1, description="parallel evaluators (executor: ray); level 1 asks its optimiser for "
+                         "this many candidates at a time")
+    ray_address: str | None = Field(
+        None, description="executor: ray: the cluster to join (auto: the one running here, or host:port, "
+        "ray://host:port); None starts a Ray instance in this process unless one is already initialised"
+    )
+    resources_per_worker: WorkerResources = WorkerResources()
     device: str = Field(
         "cpu", description="cpu, cuda, cuda:N or auto (cuda if available, else cpu): where merges are computed "
         "and, with hf, where the model runs (vLLM runs where its build does)"
@@ -59,6 +89,28 @@ class EvaluationConfig(_Frozen):
         if value != "auto" and not DEVICE_NAMES.match(value):
             raise ValueError(f"{value!r} is not a device: use {EVALUATION_DEVICES}")
         return value
+
+    @model_validator(mode="after")
+    def _executor(self) -> EvaluationConfig:
+        if self.executor == "local":
+            ray_only = [k for k in ("ray_address", "resources_per_worker")
+                        if getattr(self, k) != type(self).model_fields[k].default]
+            if self.workers > 1 or ray_only:
+                given = f"workers: {self.workers}" if self.workers > 1 else ray_only[0]
+                raise ValueError(f"{given} is a setting of executor: ray (executor: local evaluates in this "
+                                 "process, one candidate at a time); set executor: ray, e.g. --set "
+                                 "evaluation.executor=ray")
+            return self
+        # a Ray worker sees only the GPUs Ray gives it, as cuda:0 onwards: a GPU is asked for by resources
+        if self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} with executor: ray: each worker sees only the GPUs Ray "
+                             "assigns it; use device: cuda (or auto) and resources_per_worker.num_gpus")
+        if self.device == "cuda" and self.resources_per_worker.num_gpus == 0:
+            raise ValueError("device: cuda with executor: ray needs resources_per_worker.num_gpus (Ray hides "
+                             "GPUs from workers that reserve none)")
+        if self.backend == "vllm":
+            raise ValueError("executor: ray runs the hf backend only (vLLM in Ray workers is not supported yet)")
+        return self
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         """The device and dtype on this machine (``auto`` resolved); a device it lacks is refused, naming the key."""
@@ -107,11 +159,19 @@ class RunConfig(_Frozen):
                 raise ValueError(f"experts: {ref!r} serves {objective!r}, which is not in 'objectives'")
         if space.fisher and set(self.experts) != set(space.models):
             raise ValueError("fisher: true needs 'experts' to name the objective of every model")
+        if space.fisher and self.evaluation.executor == "ray":
+            # DF-Merge's Fisher tensors are computed through a live model, which this process lacks with Ray
+            raise ValueError("fisher: true needs evaluation.executor: local")
         return self
 
     def canonical(self) -> dict[str, Any]:
-        """JSON-ready form stored in the run store (what a resume is compared against)."""
-        return json.loads(self.model_dump_json())
+        """JSON-ready form stored in the run store (what a resume is compared against).
+
+        The executor settings (:data:`EXECUTOR_KEYS`) are left out: they say where candidates are
+        scored, not what a score is, so a run started on a Ray cluster may resume on one machine (and
+        the other way round), and a run that never set them records what it did before they existed.
+        """
+        return json.loads(self.model_dump_json(exclude={"evaluation": set(EXECUTOR_KEYS)}))
 
 
 def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -37,6 +37,23 @@ def first_n(objectives: Sequence[Objective], split: str, n: int | None) -> Split
     return SplitPlan(split=split, indices=indices)
 
 
+def example_ids(obj: Objective, plan: SplitPlan) -> list[str]:
+    """The ids of ``obj``'s examples in ``plan`` (what a stored score is keyed by)."""
+    return [e.id for e in select_examples(obj, plan.split, plan.indices[obj.name])]
+
+
+def stored_scores(store: RunStore, objectives: Sequence[Objective], candidate: CandidateRef | int,
+                  plan: SplitPlan) -> np.ndarray | None:
+    """Stored scores of every objective on ``plan``, in order, or None if any is missing."""
+    out = []
+    for obj in objectives:
+        ev = store.get_evaluation(candidate, obj.name, plan.split, example_ids(obj, plan))
+        if ev is None:
+            return None
+        out.append(ev.score)
+    return np.array(out)
+
+
 class CandidateScorer:
     def __init__(self, backend: Backend, objectives: Sequence[Objective], store: RunStore):
         self.backend = backend
@@ -45,18 +62,9 @@ class CandidateScorer:
         self.evaluated_examples = 0  # examples actually run through the model (not cache hits)
         self.cache_hits = 0
 
-    def _ids(self, obj: Objective, plan: SplitPlan) -> list[str]:
-        return [e.id for e in select_examples(obj, plan.split, plan.indices[obj.name])]
-
     def cached(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
         """Stored scores of every objective, or None if any is missing."""
-        out = []
-        for obj in self.objectives:
-            ev = self.store.get_evaluation(candidate, obj.name, plan.split, self._ids(obj, plan))
-            if ev is None:
-                return None
-            out.append(ev.score)
-        return np.array(out)
+        return stored_scores(self.store, self.objectives, candidate, plan)
 
     def score(self, candidate: CandidateRef | int, install: Callable[[], None], plan: SplitPlan) -> np.ndarray:
         """Scores (one per objective, in objective order) of ``candidate`` on ``plan``."""
@@ -75,7 +83,7 @@ class CandidateScorer:
                 ran = True
                 return result.score, result.count
 
-            ids = self._ids(obj, plan)
+            ids = example_ids(obj, plan)
             ev = self.store.evaluate_cached(candidate, obj.name, plan.split, ids, compute, backend=self.backend.name)
             self.cache_hits += 0 if ran else 1
             scores.append(ev.score)

@@ -1,0 +1,121 @@
+"""The evaluation session of a parallel executor: workers score, this process keeps the run store.
+
+:class:`ExecutorSession` is the :class:`~hm3.eval.session.EvaluationSession` a search gets when
+``evaluation.executor`` is not ``local``. It loads no model: it stores each candidate, looks its
+scores up, sends what is missing to the executor's workers (:mod:`hm3.eval.executor`) and commits
+each candidate's scores the moment its worker returns them. The process running the search is thus
+the store's only writer (SQLite and its lock stay in one place, and a worker may run on a machine
+that cannot see the run directory), and a killed run resumes from the store as a local one does.
+
+A batch (:meth:`ExecutorSession.score_many`) is scored in parallel; the scores come back in the
+batch's order, whichever worker finished first, so what a search does with them depends on the
+batch, not on the timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, score_many
+from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored
+from hm3.search.run_config import RunConfig
+from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores
+from hm3.store import CandidateRef, RunStore
+from objectives.registry import get_objective
+
+
+class ExecutorSession:
+    """:class:`~hm3.eval.session.EvaluationSession` whose candidates are scored by ``executor``'s workers
+    (started, each with its own live model of ``cfg``); it owns the executor and closes it."""
+
+    def __init__(self, cfg: RunConfig, store: RunStore, executor: Executor):
+        if cfg.search_space.fisher:  # the run config refuses it too: Fisher tensors need a live model here
+            raise ValueError("a Fisher-weighted search space needs a live model in this process")
+        self.cfg = cfg
+        self.store = store
+        self.executor = executor
+        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objective_names = [o.name for o in self.objectives]
+        self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
+        self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
+        self._evaluated = 0
+        self._layout: PoolLayout | None = None
+
+    @property
+    def evaluated_examples(self) -> int:
+        return self._evaluated
+
+    @property
+    def placement(self) -> dict[str, str]:
+        """A worker's placement, and the executor and its number of workers."""
+        return {**self.executor.placement, "executor": self.executor.name, "workers": str(self.executor.workers)}
+
+    def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
+        return self.score_many([candidate], plan)[0]
+
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
+        """Each candidate stored (in the order given) and scored on ``plan``: what the store lacks is
+        scored in parallel, each candidate once however often it appears, and committed as it arrives."""
+        refs = [self.store.add_candidate(c.stored_recipe(), c.kind) for c in candidates]
+        jobs: list[ScoreJob] = []
+        owners: list[CandidateRef] = []
+        for candidate, ref in zip(candidates, refs, strict=True):
+            if ref in owners:
+                continue
+            missing = tuple(o.name for o in self.objectives
+                            if self.store.get_evaluation(ref, o.name, plan.split, example_ids(o, plan)) is None)
+            if missing:
+                jobs.append(ScoreJob(candidate, plan, missing, self._frame_recipes(candidate)))
+                owners.append(ref)
+
+        def commit(i: int, scores: list[ObjectiveScore]) -> None:
+            self._commit(owners[i], plan, jobs[i].objectives, scores)
+
+        score_many(self.executor, jobs, on_done=commit)
+        out = []
+        for ref in refs:
+            scores = self.stored_scores(ref, plan)
+            assert scores is not None  # every missing score was committed above
+            out.append(Scored(ref, scores))
+        return out
+
+    def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
+        return stored_scores(self.store, self.objectives, candidate, plan)
+
+    def merge_recipe(self, x: torch.Tensor) -> dict[str, Any]:
+        return self.cfg.search_space.to_recipe(x)
+
+    def pool_layout(self) -> PoolLayout:
+        if self._layout is None:
+            self._layout = self.executor.pool_layout()
+        return self._layout
+
+    def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
+        recipes = {int(f): self.store.candidate(int(f))[1] for f in frames if f != "base"}
+        return self.executor.layer_features(frames, recipes)
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def _frame_recipes(self, candidate: Candidate) -> Mapping[int, Mapping[str, Any]]:
+        if isinstance(candidate, PathCandidate) and candidate.frame != "base":
+            frame = int(candidate.frame)
+            return {frame: self.store.candidate(frame)[1]}
+        return {}
+
+    def _commit(self, ref: CandidateRef, plan: SplitPlan, asked: Sequence[str],
+                scores: Sequence[ObjectiveScore]) -> None:
+        by_name = {s.objective: s for s in scores}
+        if set(by_name) != set(asked):
+            raise RuntimeError(f"a worker returned scores for {sorted(by_name)}, asked for {sorted(asked)}")
+        for obj in self.objectives:
+            s = by_name.get(obj.name)
+            if s is None:
+                continue
+            self.store.record_evaluation(ref, obj.name, plan.split, example_ids(obj, plan), score=s.score,
+                                         count=s.count, seconds=s.seconds, backend=self.executor.backend)
+            self._evaluated += s.count

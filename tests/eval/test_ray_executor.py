@@ -1,0 +1,348 @@
+"""The Ray executor: workers with their own live models score level 1's batches; this process writes the store.
+
+The Ray tests share one local Ray instance of two CPUs (started and shut down by the module's
+fixture); each run's workers are Ray actors on it, each loading the tiny models of ``tests/conftest``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hm3.errors import ConfigError, ExecutorError, ExitCode, Hm3Error, MissingExtraError
+from hm3.eval.session import MergeCandidate, PathCandidate
+from hm3.run.config import stored_form
+from hm3.search.pareto import non_dominated, normalise
+from hm3.search.run_config import parse_run_config
+from hm3.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[2]
+CPUS = 2  # the local Ray instance's
+
+
+def _config(family, *, budget: int = 4, **evaluation) -> dict:
+    _, models, objectives = family
+    return {
+        "models": models,
+        "objectives": objectives,
+        "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
+        "optimizer": {"name": "bo-mo", "budget": budget, "options": {"n_init": 2, "num_restarts": 2,
+                                                                     "raw_samples": 32, "mc_samples": 32}},
+        "evaluation": {"validation_examples": 8, "test_examples": 8, "batch_size": 16} | evaluation,
+        "seed": 5,
+    }
+
+
+def _recipe(w1: float, w2: float) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": "base",
+            "models": [{"model": "m1", "parameters": {"weight": w1}}, {"model": "m2", "parameters": {"weight": w2}}]}
+
+
+def _told(run_dir: Path) -> list[tuple[dict, list[float], list[float]]]:
+    """(recipe, point, validation scores) of every told candidate of a level-1 run, in order."""
+    from hm3.search.level1 import TELL_EVENT
+
+    with RunStore.open(run_dir, readonly=True) as store:
+        out = []
+        for e in store.events(TELL_EVENT):
+            _, recipe = store.candidate(e.payload["candidate"])
+            scores = [ev.score for ev in store.evaluations(e.payload["candidate"], split="validation")]
+            out.append((recipe, e.payload["x"], scores))
+        return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance with two CPUs; its workers import this checkout's hm3."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=CPUS, include_dashboard=False, logging_level="warning",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# --- the config and the command line -----------------------------------------------------------------
+
+
+def test_executor_settings_stay_out_of_the_stored_config(tiny_family):
+    """A run records what its scores are, not where they were made: a Ray run stores the config a local
+    run stores (so either resumes the other), and a local run stores what it did before executors existed."""
+    local = parse_run_config(_config(tiny_family))
+    ray = parse_run_config(_config(tiny_family, executor="ray", workers=2, ray_address="auto",
+                                   resources_per_worker={"num_cpus": 0.5}))
+    assert ray.evaluation.workers == 2 and ray.evaluation.resources_per_worker.num_cpus == 0.5
+    assert stored_form(ray) == stored_form(local)
+    assert not {"executor", "workers", "ray_address", "resources_per_worker"} & set(
+        stored_form(local)["level1"]["evaluation"])
+    assert parse_run_config(local.canonical()) == local
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "mention"),
+    [
+        ({"executor": "ray", "workers": 0}, "evaluation.workers: Input should be greater than or equal to 1"),
+        ({"workers": 2}, "workers: 2 is a setting of executor: ray"),
+        ({"ray_address": "auto"}, "ray_address is a setting of executor: ray"),
+        ({"executor": "ray", "resources_per_worker": {"num_cpus": 0}}, "must reserve some num_cpus or num_gpus"),
+        ({"executor": "ray", "resources_per_worker": {"cpus": 1}}, "resources_per_worker.cpus: unknown key"),
+        ({"executor": "ray", "device": "cuda"}, "device: cuda with executor: ray needs resources_per_worker.num_gpus"),
+        ({"executor": "ray", "device": "cuda:1", "resources_per_worker": {"num_gpus": 1}}, "use device: cuda"),
+        ({"executor": "ray", "backend": "vllm"}, "executor: ray runs the hf backend only"),
+        ({"executor": "dask"}, "evaluation.executor: Input should be 'local' or 'ray'"),
+    ],
+)
+def test_bad_executor_settings_are_refused_naming_the_key(tiny_family, evaluation, mention):
+    with pytest.raises(ConfigError, match=mention):
+        parse_run_config(_config(tiny_family, **evaluation))
+
+
+def test_a_fisher_weighted_space_needs_the_local_executor(tiny_family):
+    data = _config(tiny_family, executor="ray")
+    data["search_space"] |= {"fisher": True}
+    data["experts"] = {"m1": data["objectives"][0], "m2": data["objectives"][1]}
+    with pytest.raises(ConfigError, match="fisher: true needs evaluation.executor: local"):
+        parse_run_config(data)
+
+
+def test_workers_and_ray_address_flags_set_the_config(tiny_family, tmp_path):
+    from hm3.cli import _executor_preset, build_parser
+    from hm3.overrides import load_config
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(_config(tiny_family, executor="ray")))
+    for argv in (["search", "param", str(path), "run"], ["run", str(path), "run"]):
+        args = build_parser().parse_args([*argv, "--workers", "3", "--ray-address", "auto"])
+        cfg = load_config(path, parse_run_config, preset=_executor_preset(args))
+        assert (cfg.evaluation.workers, cfg.evaluation.ray_address) == (3, "auto")
+        plain = load_config(path, parse_run_config, preset=_executor_preset(build_parser().parse_args(argv)))
+        assert (plain.evaluation.workers, plain.evaluation.ray_address) == (1, None)
+
+
+def test_workers_below_one_are_a_usage_error(capsys):
+    from hm3.cli import main
+
+    assert main(["search", "param", "cfg.yml", "run", "--workers", "0"]) == ExitCode.USAGE
+    assert "--workers: must be a positive number, got 0" in capsys.readouterr().err
+
+
+def test_without_ray_installed_the_extra_is_named_before_the_run_directory_is_made(tiny_family, tmp_path,
+                                                                                 monkeypatch):
+    from hm3.cli import main
+    from hm3.search.level1 import run_level1
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails; find_spec finds nothing
+    cfg = parse_run_config(_config(tiny_family, executor="ray"))
+    with pytest.raises(MissingExtraError, match=r"evaluation.executor: ray needs ray, from hm3's 'ray' extra.*"
+                                                r"pip install 'hm3\[ray\]'"):
+        run_level1(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(_config(tiny_family)))
+    code = main(["-q", "search", "param", str(path), str(tmp_path / "cli"), "--set", "evaluation.executor=ray"])
+    assert code == ExitCode.ENVIRONMENT and not (tmp_path / "cli").exists()
+
+
+def test_check_resources_counts_free_cpus_and_gpus_and_the_largest_node(tiny_family):
+    from hm3.eval.ray_executor import check_resources
+
+    def ev(workers: int, **resources):
+        return parse_run_config(_config(tiny_family, executor="ray", workers=workers,
+                                        resources_per_worker=resources)).evaluation
+
+    nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0}]
+    check_resources(ev(6), {"CPU": 6.0, "GPU": 1.0}, nodes)  # exactly what is free
+    check_resources(ev(2, num_cpus=1, num_gpus=0.5), {"CPU": 2.0, "GPU": 1.0}, nodes)
+    with pytest.raises(ExecutorError, match=r"7 worker\(s\).*need 7 CPU\(s\); the Ray cluster has 6 free"):
+        check_resources(ev(7), {"CPU": 6.0, "GPU": 1.0}, nodes)
+    with pytest.raises(ExecutorError, match=r"need 2 GPU\(s\); the Ray cluster has 1 free"):
+        check_resources(ev(2, num_gpus=1), {"CPU": 6.0, "GPU": 1.0}, nodes)
+    with pytest.raises(ExecutorError, match=r"no node of the Ray cluster has 5 CPU\(s\) for one worker \(the "
+                                            r"largest has 4\)"):
+        check_resources(ev(1, num_cpus=5), {"CPU": 6.0}, nodes)
+    with pytest.raises(ExecutorError, match=r"no node .* has 1 GPU\(s\)"):
+        check_resources(ev(1, num_gpus=1), {"CPU": 6.0}, [{"CPU": 6.0}])
+
+
+def test_resources_being_released_are_waited_for_briefly(tiny_family):
+    """A worker of an executor closed just before frees its CPU a moment later: a start waits for that,
+    within a grace period, and refuses after it."""
+    from hm3.eval.ray_executor import wait_until_free
+
+    ev = parse_run_config(_config(tiny_family, executor="ray", workers=2)).evaluation
+    frees = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}])
+    wait_until_free(ev, lambda: next(frees), grace=30)
+    assert next(frees, None) is None  # asked until it was free, then no more
+    with pytest.raises(ExecutorError, match=r"need 2 CPU\(s\); the Ray cluster has 1 free"):
+        wait_until_free(ev, lambda: {"CPU": 1.0}, grace=0.3)
+
+
+# --- on a local Ray instance -------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # the Ray instance's start
+@pytest.mark.timeout(120)
+def test_more_workers_than_free_cpus_are_refused_not_left_waiting(ray_cluster, tiny_family, tmp_path):
+    """An actor Ray cannot place would wait forever: the run is refused before any is created."""
+    from hm3.search.level1 import run_level1
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=CPUS + 1))
+    with pytest.raises(ExecutorError, match=rf"{CPUS + 1} worker\(s\).*need {CPUS + 1} CPU\(s\); the Ray "
+                                            rf"cluster has {CPUS} free"):
+        run_level1(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert ray_cluster.is_initialized()  # a Ray instance this process had started is left running
+
+
+@pytest.mark.slow
+def test_an_error_loading_a_workers_model_is_raised_as_a_local_run_raises_it(ray_cluster, tiny_family, tmp_path):
+    from hm3.search.level1 import run_level1
+
+    def failure(**evaluation) -> Exception:
+        data = _config(tiny_family, **evaluation)
+        data["models"] = data["models"] | {"m2": str(tmp_path / "no-such-model")}
+        with pytest.raises(Hm3Error) as caught:
+            run_level1(parse_run_config(data), tmp_path / f"run-{len(evaluation)}", progress=False)
+        return caught.value
+
+    local, remote = failure(), failure(executor="ray")
+    assert type(remote) is type(local) and str(remote) == str(local) and "no-such-model" in str(remote)
+
+
+@pytest.mark.slow
+def test_one_ray_worker_finds_what_a_local_run_finds(ray_cluster, labelled_family, tmp_path):
+    """Same seed: a local run and a Ray run with one worker evaluate the same candidates, in the same
+    order, to the same scores (the worker merges and scores in its own process)."""
+    from hm3.search.level1 import run_level1
+
+    local = run_level1(parse_run_config(_config(labelled_family)), tmp_path / "local", progress=False)
+    remote = run_level1(parse_run_config(_config(labelled_family, executor="ray")), tmp_path / "ray",
+                        progress=False)
+    assert _told(tmp_path / "ray") == _told(tmp_path / "local")
+    assert len(_told(tmp_path / "local")) == 4
+    assert remote.candidate_ids == local.candidate_ids and np.array_equal(remote.Y, local.Y)
+    assert remote.front_ids == local.front_ids
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["placement_this_process"] | {"executor": "ray", "workers": "1"} == \
+        summary["placement_this_process"]
+    assert summary["evaluated_examples_this_process"] == local.summary["evaluated_examples_this_process"]
+
+
+@pytest.mark.slow
+def test_two_workers_score_each_candidate_once_in_batches_told_in_proposal_order(ray_cluster, labelled_family,
+                                                                                 tmp_path):
+    from hm3.run.directory import read_front
+    from hm3.search.level1 import TELL_EVENT, make_optimizer, run_level1
+
+    cfg = parse_run_config(_config(labelled_family, budget=6, executor="ray", workers=2))
+    result = run_level1(cfg, tmp_path / "run", progress=False)
+    told = _told(tmp_path / "run")
+    assert len(told) == 6
+
+    with RunStore.open(tmp_path / "run", readonly=True) as store:
+        # every candidate (3 references, 6 merges) evaluated exactly once per objective and split: one row
+        # each, and the examples this process had run through the workers add up to exactly those rows
+        rows = store.evaluations()
+        keys = [(e.candidate_id, e.objective, e.split) for e in rows]
+        assert len(keys) == len(set(keys))
+        validation = {(e.candidate_id, e.objective) for e in rows if e.split == "validation"}
+        assert len(validation) == 2 * len(store.candidates()) == 2 * 9
+        assert sum(e.count for e in rows) == result.summary["evaluated_examples_this_process"]
+        assert {e.backend for e in rows} == {"hf"}
+        tell_ids = [e.payload["candidate"] for e in store.events(TELL_EVENT)]
+
+    # the points are the optimiser's asks of two at a time, told in the order proposed: replaying the
+    # stored scores into a fresh optimiser asks exactly the stored points again
+    base, ideal = result.base, result.ideal
+    optimizer = make_optimizer(cfg)
+    for i in range(0, 6, 2):
+        x = optimizer.ask(2)
+        assert torch.equal(x, torch.tensor([p for _, p, _ in told[i:i + 2]], dtype=torch.float64))
+        optimizer.tell(x, torch.tensor(normalise(np.array([s for _, _, s in told[i:i + 2]]), base, ideal)))
+
+    # the front written is the non-dominated set of the scores read back from the store
+    front, summary = read_front(tmp_path / "run")
+    Y = np.array([s for _, _, s in told])
+    expected = {tell_ids[i] for i in non_dominated(Y)}
+    assert set(front["point"]) == expected == set(result.front_ids)
+    assert summary["placement_this_process"]["workers"] == "2"
+
+
+@pytest.mark.slow
+def test_a_batch_scores_each_distinct_candidate_once_and_paths_as_a_local_session(ray_cluster, tiny_family,
+                                                                                  tmp_path):
+    """The executor session against a local one: the same scores for merges and for a path framed by a
+    stored merge (whose recipe a worker is sent), the same layer pool and features; a candidate asked
+    twice in one batch is scored once."""
+    from hm3.eval.live import LiveModelSession
+    from hm3.search.level1 import evaluation_executor, open_session
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=2))
+    local_cfg = parse_run_config(_config(tiny_family))
+    log = lambda message: None  # noqa: E731
+    with evaluation_executor(cfg, log) as executor, RunStore.open(tmp_path / "ray") as store, \
+            RunStore.open(tmp_path / "local") as local_store:
+        session = open_session(cfg, store, log, executor)
+        local = LiveModelSession(local_cfg, local_store, log=log)
+        try:
+            a, b = MergeCandidate(_recipe(0.9, 0.2)), MergeCandidate(_recipe(0.1, 0.8))
+            scored = session.score_many([a, b, a], session.validation)
+            per_candidate = sum(len(v) for v in session.validation.indices.values())
+            assert session.evaluated_examples == 2 * per_candidate  # a once, b once
+            assert scored[0].candidate == scored[2].candidate != scored[1].candidate
+            expected = local.score_many([a, b], local.validation)
+            assert [s.scores.tolist() for s in scored] == [s.scores.tolist() for s in (*expected, expected[0])]
+            assert session.score(a, session.validation).scores.tolist() == scored[0].scores.tolist()
+            assert session.evaluated_examples == 2 * per_candidate  # a store hit
+
+            layout = session.pool_layout()
+            assert layout == local.pool_layout()
+            path = PathCandidate(_path(layout), scored[1].candidate.id, layout.experts)
+            local_path = PathCandidate(path.path, expected[1].candidate.id, layout.experts)
+            assert np.array_equal(session.score(path, session.validation).scores,
+                                  local.score(local_path, local.validation).scores)
+            assert torch.equal(session.layer_features([scored[1].candidate.id, "base"]),
+                               local.layer_features([expected[1].candidate.id, "base"]))
+        finally:
+            session.close()
+            local.close()
+
+
+def _path(layout):
+    """Expert 0's first layer, then the frame's remaining layers."""
+    from hm3.arch.path import LayerPath
+
+    frame = layout.size - 1
+    return LayerPath(hops=[[0, 0], *[[frame, i] for i in range(1, layout.num_layers)]])
+
+
+@pytest.mark.slow
+def test_hm3_run_with_two_ray_workers_writes_what_a_local_run_writes(ray_cluster, labelled_family, tmp_path):
+    """The two-level command with --workers 2: level 1's batches, then level 2's paths (framed by level-1
+    merges the workers are sent), scored by the workers; with the random optimiser, whose points do not
+    depend on the batch, the run's tables are the local run's."""
+    from hm3.cli import main
+
+    data = _config(labelled_family) | {"optimizer": {"name": "random", "budget": 4}}
+    data["level2"] = {"preferences": 1, "rl": {"offline_episodes": 4, "online_episodes": 2,
+                                               "episodes_per_update": 2, "epochs": 1, "data_scale": 0.5}}
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["-q", "run", str(path), str(tmp_path / "local")]) == ExitCode.OK
+    assert main(["-q", "run", str(path), str(tmp_path / "ray"), "--set", "evaluation.executor=ray",
+                 "--workers", "2"]) == ExitCode.OK
+    for table in ("front.csv", "candidates.csv", "level1/front.csv"):
+        assert (tmp_path / "ray" / table).read_text() == (tmp_path / "local" / table).read_text(), table
+    assert ",path," in (tmp_path / "ray" / "candidates.csv").read_text()  # level 2's paths among them
+    with RunStore.open(tmp_path / "ray", readonly=True) as store:
+        paths = store.candidates("path")
+        assert paths and all(store.evaluations(p) for p in paths)  # every episode's path scored by a worker
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["placement_this_process"]["workers"] == "2"
