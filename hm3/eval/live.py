@@ -49,7 +49,7 @@ from hm3.run.directory import FISHER_DIR
 from hm3.search.run_config import EvaluationConfig, RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
 from hm3.store import CandidateRef, RunStore
-from objectives.registry import get_objective
+from objectives.registry import build_objectives, get_objective
 
 
 class LiveModel:
@@ -66,7 +66,7 @@ class LiveModel:
                  log: Callable[[str], None]):
         self.cfg = cfg
         space = cfg.search_space
-        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objectives = build_objectives(cfg.objectives, where="the run config's objectives")
         self.objective_names = [o.name for o in self.objectives]
         self.evaluated_examples = 0  # by evaluate() (a session's scorer counts its own)
         ev = cfg.evaluation
@@ -229,6 +229,7 @@ class LiveModelSession:
         self.store = store
         self.model = LiveModel(cfg, frame_recipe=lambda cid: store.candidate(cid)[1], log=log)
         self.objective_names = self.model.objective_names
+        self.higher_is_better = [o.higher_is_better for o in self.model.objectives]
         self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store)
         self.validation = first_n(self.model.objectives, "validation", cfg.evaluation.validation_examples)
         self.test = first_n(self.model.objectives, "test", cfg.evaluation.test_examples)

@@ -1,0 +1,85 @@
+"""Lower-is-better objectives: the store keeps the raw metric, searches and fronts see ``1 - raw``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from hm3.run.front import _score_columns, axis_labels
+from hm3.search.pareto import non_dominated, protocol_hypervolume
+from hm3.search.scoring import CandidateScorer, SplitPlan, utilities
+from hm3.store import RunStore
+from objectives.base import Example, Generate, Objective, utility
+
+
+class Matches(Objective):
+    """Four examples; the score of an output is whether it says "right" (accuracy) or not (error rate)."""
+
+    decoding = Generate(max_new_tokens=2)
+
+    def __init__(self, name: str, higher_is_better: bool) -> None:
+        self.name, self.higher_is_better = name, higher_is_better
+
+    def examples(self, split: str) -> Sequence[Example]:
+        return [Example(id=f"{self.name}{i}", prompt=f"{self.name} {i}", target="right") for i in range(4)]
+
+    def score(self, example: Example, output: str) -> float:
+        right = output == "right"
+        return float(right if self.higher_is_better else not right)
+
+
+class Answers:
+    """A backend whose installed "model" is a table: how many of each objective's prompts it gets right."""
+
+    name = "fake"
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.right: dict[str, int] = {}
+
+    def generate(self, prompts, *, max_new_tokens, stop=()):
+        return ["right" if int(p.split()[1]) < self.right[p.split()[0]] else "wrong" for p in prompts]
+
+
+# (accuracy, error rate) per candidate, as right answers out of 4
+CANDIDATES = {"A": {"acc": 2, "err": 3}, "B": {"acc": 2, "err": 0}, "C": {"acc": 4, "err": 2}}
+
+
+def test_utility_is_its_own_inverse_and_checks_the_range():
+    assert utility(0.25, True) == 0.25 and utility(0.25, False) == 0.75 and utility(utility(0.375, False), False) == 0.375
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        utility(1.5, False)
+    with pytest.raises(ValueError, match="objective 'err'"):
+        utilities([Matches("err", False)], [2.0])
+
+
+def test_a_lower_is_better_objective_flows_raw_to_the_store_and_utility_to_the_front(tmp_path):
+    objectives = [Matches("acc", True), Matches("err", False)]
+    backend = Answers()
+    plan = SplitPlan("validation", {"acc": [0, 1, 2, 3], "err": [0, 1, 2, 3]})
+    with RunStore.open(tmp_path / "run", config={"x": 1}) as store:
+        scorer = CandidateScorer(backend, objectives, store)
+        refs, scores = [], []
+        for key, right in CANDIDATES.items():
+            ref = store.add_candidate({"candidate": key}, "merge")
+            refs.append(ref)
+            scores.append(scorer.score(ref, lambda right=right: backend.right.update(right), plan))
+        F = np.stack(scores)
+        # raw error rates: A 0.25, B 1.0, C 0.5; utilities 1 - raw
+        assert F.tolist() == [[0.5, 0.75], [0.5, 0.0], [1.0, 0.5]]
+        assert [store.get_evaluation(r, "err", "validation", [f"err{i}" for i in range(4)]).score
+                for r in refs] == [0.25, 1.0, 0.5]
+        assert scorer.cached(refs[1], plan).tolist() == [0.5, 0.0]  # a resumed run reads utilities too
+    assert non_dominated(F).tolist() == [0, 2]  # B (most errors) is dominated by A; read raw it would win
+    # A and C's union above the origin: 0.5 * 0.75 + (1 - 0.5) * 0.5 (read raw, B and C's would be 0.75)
+    assert protocol_hypervolume(F, np.zeros(2), np.ones(2)) == pytest.approx(0.625)
+
+
+def test_front_tables_add_the_raw_metric_and_the_plot_says_which_axis_is_flipped():
+    columns = _score_columns(["acc", "err"], np.array([0.5, 0.75]), "val", ["err"])
+    assert columns == {"acc_val": 0.5, "err_val": 0.75, "err_val_raw": 0.25}
+    summary = {"objectives": ["acc", "err"], "higher_is_better": {"acc": True, "err": False}}
+    assert axis_labels(summary) == ["acc", "err (1 - raw; raw: lower is better)"]
+    assert axis_labels({"objectives": ["acc"]}) == ["acc"]  # a run from before orientations
