@@ -289,9 +289,18 @@ def _plugin_objective(spec: str, cls: type[Objective], options: Mapping[str, str
 # --- lists of specs --------------------------------------------------------------------------------
 
 
-def build_objectives(specs: Sequence[str], *, where: str = "objective list") -> list[Objective]:
-    """The objectives of ``specs``, in order; two with one name are refused (scores are keyed by name)."""
+def build_objectives(specs: Sequence[str], *, where: str = "objective list", chat: bool = False) -> list[Objective]:
+    """The objectives of ``specs``, in order; two with one name are refused (scores are keyed by name).
+
+    ``chat`` (a run's ``evaluation.chat_template``) puts every objective's prompts in the model's chat
+    template, as ``chat=true`` on each would; lm-eval tasks build their own prompts and are refused.
+    """
     objectives = [get_objective(item) for item in specs]
+    for objective in objectives if chat else ():
+        if isinstance(objective, HarnessObjective):
+            raise ConfigError(f"evaluation.chat_template: true cannot apply to {objective.name!r}: an lm-eval task "
+                              "builds its own prompts")
+        objective.chat_template = True
     names = [objective.name for objective in objectives]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

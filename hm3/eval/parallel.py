@@ -38,7 +38,8 @@ class ExecutorSession:
         self.cfg = cfg
         self.store = store
         self.executor = executor
-        self.objectives = build_objectives(cfg.objectives, where="the run config's objectives")
+        self.objectives = build_objectives(cfg.objectives, where="the run config's objectives",
+                                           chat=cfg.evaluation.chat_template)
         self.objective_names = [o.name for o in self.objectives]
         self.higher_is_better = [o.higher_is_better for o in self.objectives]
         self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
