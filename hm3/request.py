@@ -40,7 +40,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +77,11 @@ def short_name(objective: str) -> str:
     user types in --prefer."""
     prefix, _, rest = objective.partition(":")
     return rest if prefix in ("zoo", "lm-eval") and rest else prefix
+
+
+def lower_is_better(summary: Mapping[str, Any]) -> list[str]:
+    """The objectives of a run whose raw metric is better when lower (their scores are ``1 - raw``)."""
+    return [n for n, higher in summary.get("higher_is_better", {}).items() if not higher]
 
 
 def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -284,6 +289,8 @@ def answer_request(
     check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
     names = run.names
     lam, notes = parse_preference(prefer, names)
+    lower = lower_is_better(run.summary)
+    notes += [f"{n}: scores are 1 - raw ({n}'s raw metric is better when lower)" for n in lower]
     if run.kind == "level1" and budget > 0:
         raise ConfigError(
             f"{run_dir} holds a level-1 search ('hm3 search param'): it has no level-2 policy to fine-tune, so "
@@ -315,6 +322,9 @@ def answer_request(
         "scores_are": best.scores_are,
         "weighted_normalised_score": best.score,
     }
+    if lower:  # the raw metric too, where the scores above are its utility (1 - raw)
+        scores = record["validation_scores"]
+        record["raw_validation_scores"] = {n: 1.0 - scores[n] for n in lower}
     atomic_write_text(out_dir / REQUEST_RECORD, json.dumps(record, indent=2))
     return RequestAnswer(
         lam=lam, source=best.source, kind=best.kind, scores=best.scores, scores_are=best.scores_are, out_dir=out_dir,

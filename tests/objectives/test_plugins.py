@@ -115,3 +115,14 @@ def test_an_entry_point_that_is_not_an_objective_is_refused(installed):
 def test_without_the_entry_point_the_name_is_unknown():
     with pytest.raises(ConfigError, match="unknown objective 'myobj'"):
         get_objective("myobj")
+
+
+def test_hm3_objectives_lists_the_options_and_installed_plugins(installed, capsys):
+    from hm3.cli import main
+
+    installed(myobj=f"{__name__}:CountingObjective")
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out
+    assert "gsm8k:PATH[,K=V...]" in out and "K: name, chat, fewshot" in out
+    assert "humaneval:PATH[,K=V...]" in out and "K: name, chat\n" in out  # no few-shot for HumanEval
+    assert "py:MODULE:CLASS[,K=V...]" in out and "myobj[,K=V...]" in out
