@@ -167,10 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
             results.append(r)
     finally:
         backend.close()
-    rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds}
-            for r in results]
+    # raw metrics, as the run store keeps them; a lower-is-better one is marked (searches maximise 1 - score)
+    higher = {o.name: o.higher_is_better for o in objectives}
+    rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds,
+             "higher_is_better": higher[r.objective]} for r in results]
     text = "\n".join(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s"
-                     for r in results)
+                     + ("" if higher[r.objective] else "  (lower is better)") for r in results)
     return Outcome(text, {"model": str(model_dir), "backend": args.backend, "results": rows})
 
 

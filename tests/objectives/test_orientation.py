@@ -83,3 +83,21 @@ def test_front_tables_add_the_raw_metric_and_the_plot_says_which_axis_is_flipped
     summary = {"objectives": ["acc", "err"], "higher_is_better": {"acc": True, "err": False}}
     assert axis_labels(summary) == ["acc", "err (1 - raw; raw: lower is better)"]
     assert axis_labels({"objectives": ["acc"]}) == ["acc"]  # a run from before orientations
+
+
+@pytest.mark.slow
+def test_hm3_eval_prints_the_raw_metric_and_marks_its_direction(micro_zoo_dir, capsys):
+    """A plug-in error rate through ``hm3 eval`` on a real model: the raw score, marked lower-is-better."""
+    from hm3.cli import main
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+    from objectives.registry import get_objective
+
+    spec = "py:tests.objectives.test_plugins:CountingObjective,size=3,name=errs"
+    assert main(["eval", str(micro_zoo_dir / "base"), "--objectives", f"{spec},zoo:math", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    errs = next(line for line in lines if line.startswith("errs "))
+    maths = next(line for line in lines if line.startswith("zoo:math "))
+    raw = evaluate_objective(HFBackend.from_pretrained(micro_zoo_dir / "base"), get_objective(spec), "validation")
+    assert f"score {raw.score:.4f}" in errs and errs.endswith("(lower is better)")
+    assert not maths.endswith("(lower is better)")
