@@ -140,3 +140,34 @@ def test_the_hf_backend_answers_the_templated_prompt(tmp_path, files):
     plain = evaluate_objective(backend, get_objective(f"gsm8k:{gsm}"), "validation").outputs
     assert list(chat) == by_hand
     assert list(chat) != list(plain)  # a random model continues the two prompts differently
+
+
+def _run_config(tiny_family, objectives=None, **evaluation):
+    from hm3.search.run_config import parse_run_config
+
+    _, models, specs = tiny_family
+    return parse_run_config({"models": models, "objectives": objectives or specs,
+                             "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
+                             "evaluation": evaluation})
+
+
+def test_the_run_setting_is_recorded_only_when_on_so_older_runs_resume(tiny_family):
+    from hm3.search.run_config import parse_run_config
+
+    off, on = _run_config(tiny_family), _run_config(tiny_family, chat_template=True)
+    assert "chat_template" not in off.canonical()["evaluation"]  # what runs recorded before the setting
+    assert on.canonical()["evaluation"]["chat_template"] is True
+    assert parse_run_config(on.canonical()) == on and parse_run_config(off.canonical()) == off
+
+
+def test_a_plugin_spec_is_what_the_run_records_and_rebuilds_from(tiny_family):
+    from hm3.run.config import migrate_stored_config, stored_form
+    from hm3.search.run_config import parse_run_config
+
+    spec = "py:tests.objectives.test_plugins:CountingObjective,size=2,name=errs@3"
+    cfg = _run_config(tiny_family, objectives=[*tiny_family[2], spec])
+    stored = json.loads(json.dumps(stored_form(cfg)))  # as the run store keeps it
+    assert stored["level1"]["objectives"][-1] == spec
+    resumed = parse_run_config(migrate_stored_config(stored, where="test")["level1"])
+    rebuilt = build_objectives(resumed.objectives)[-1]
+    assert (type(rebuilt).__name__, rebuilt.name, rebuilt.size, rebuilt.seed) == ("CountingObjective", "errs", "2", 3)
