@@ -79,6 +79,12 @@ def short_name(objective: str) -> str:
     return rest if prefix in ("zoo", "lm-eval") and rest else prefix
 
 
+def orientation(summary: Mapping[str, Any], names: Sequence[str]) -> list[bool]:
+    """Per objective, whether its raw metric is better when higher (a run from before orientations: all)."""
+    recorded = summary.get("higher_is_better", {})
+    return [bool(recorded.get(n, True)) for n in names]
+
+
 def lower_is_better(summary: Mapping[str, Any]) -> list[str]:
     """The objectives of a run whose raw metric is better when lower (their scores are ``1 - raw``)."""
     return [n for n, higher in summary.get("higher_is_better", {}).items() if not higher]
@@ -222,13 +228,15 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
 
 
 def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame: FrameKey, names: list[str],
+                   higher_is_better: list[bool],
                    base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[Option]:
     """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
     (by their lower bound, module docstring); else none, and a note says why."""
     path = greedy_path(saved, lam)
     recipe = path_recipe(path, frame, saved["expert_refs"])
     match = store.find_candidate(recipe) if path.hops else None
-    known = stored_estimate(store, match, names) if match is not None and match.kind == PATH_KIND else None
+    known = (stored_estimate(store, match, names, higher_is_better=higher_is_better)
+             if match is not None and match.kind == PATH_KIND else None)
     if known is None:
         notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
                      "so it has no prediction; answered from the front")
@@ -259,8 +267,8 @@ def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, poste
     writes nothing, so a report can ask it for many λ."""
     options = front_options(run, lam)
     if policy is not None:
-        options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names, run.base, run.ideal,
-                                  notes)
+        options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names,
+                                  orientation(run.summary, run.names), run.base, run.ideal, notes)
     proposal = posterior_option(posterior, run.config.level1.search_space, lam, run.base, run.ideal)
     if proposal is not None:
         bound, recipe, predicted = proposal

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hm3.run.front import _score_columns, axis_labels
+from hm3.search.estimates import stored_estimate
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.search.scoring import CandidateScorer, SplitPlan, utilities
 from hm3.store import RunStore
@@ -72,6 +73,9 @@ def test_a_lower_is_better_objective_flows_raw_to_the_store_and_utility_to_the_f
         assert [store.get_evaluation(r, "err", "validation", [f"err{i}" for i in range(4)]).score
                 for r in refs] == [0.25, 1.0, 0.5]
         assert scorer.cached(refs[1], plan).tolist() == [0.5, 0.0]  # a resumed run reads utilities too
+        # the subset-score means that requests and level 2 rank paths by read the store's raw scores too
+        means, counts = stored_estimate(store, refs[0], ["acc", "err"], higher_is_better=[True, False])
+        assert means.tolist() == [0.5, 0.75] and counts.tolist() == [4, 4]
     assert non_dominated(F).tolist() == [0, 2]  # B (most errors) is dominated by A; read raw it would win
     # A and C's union above the origin: 0.5 * 0.75 + (1 - 0.5) * 0.5 (read raw, B and C's would be 0.75)
     assert protocol_hypervolume(F, np.zeros(2), np.ones(2)) == pytest.approx(0.625)
