@@ -143,7 +143,7 @@ def cmd_objectives(args: argparse.Namespace) -> Outcome:
 
     rows = list_objectives()
     sandbox = describe_sandbox()  # humaneval executes generated code: say how it is contained here
-    text = "\n".join(f"{name:<24} {desc}" for name, desc in rows) + f"\n\n{sandbox}"
+    text = "\n".join(f"{name:<26} {desc}" for name, desc in rows) + f"\n\n{sandbox}"
     return Outcome(text, {"objectives": [{"spec": n, "description": d} for n, d in rows], "sandbox": sandbox})
 
 
