@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from hm3.run.front import _score_columns, axis_labels
@@ -13,6 +15,7 @@ from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.search.scoring import CandidateScorer, SplitPlan, utilities
 from hm3.store import RunStore
 from objectives.base import Example, Generate, Objective, utility
+from objectives.choice import ChoiceObjective
 
 
 class Matches(Objective):
@@ -105,3 +108,45 @@ def test_hm3_eval_prints_the_raw_metric_and_marks_its_direction(micro_zoo_dir, c
     raw = evaluate_objective(HFBackend.from_pretrained(micro_zoo_dir / "base"), get_objective(spec), "validation")
     assert f"score {raw.score:.4f}" in errs and errs.endswith("(lower is better)")
     assert not maths.endswith("(lower is better)")
+
+
+class ChoiceErrors(ChoiceObjective):
+    """A plug-in error rate: the share of a choice file's questions answered wrongly."""
+
+    higher_is_better = False
+
+    def __init__(self, *, seed: int = 0, path: str) -> None:
+        super().__init__(path, seed=seed)
+
+    def score(self, example: Example, output: str) -> float:
+        return 1.0 - super().score(example, output)
+
+
+def test_a_level1_search_fronts_an_error_rate_as_its_utility(tiny_family, tmp_path):
+    """The same questions as an accuracy and as a plug-in error rate: on every candidate the error
+    rate's utility is the accuracy, its raw column 1 - that, and the store keeps the raw error rate."""
+    from hm3.search.level1 import run_level1
+    from hm3.search.run_config import parse_run_config
+
+    _, models, (first, second) = tiny_family
+    path = second.partition(":")[2]
+    errors = f"py:{__name__}:ChoiceErrors,path={path},name=errs"
+    cfg = parse_run_config({
+        "models": models, "objectives": [first, f"{second},name=acc", errors],
+        "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
+        "optimizer": {"name": "random", "budget": 3},
+        "evaluation": {"validation_examples": 12, "test_examples": 12, "batch_size": 16}, "seed": 1,
+    })
+    result = run_level1(cfg, tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["higher_is_better"] == {first: True, "acc": True, "errs": False}
+    assert "score_orientation" in summary
+    table = pd.read_csv(tmp_path / "run" / "candidates.csv")
+    assert np.allclose(table["errs_val"], table["acc_val"]) and np.allclose(table["errs_val_raw"], 1 - table["acc_val"])
+    front = pd.read_csv(tmp_path / "run" / "front.csv")
+    assert np.allclose(front["errs_test"], front["acc_test"]) and np.allclose(front["errs_test_raw"], 1 - front["acc_test"])
+    assert "acc_val_raw" not in table.columns
+    with RunStore.open(tmp_path / "run", readonly=True) as store:
+        for cid, y in zip(result.candidate_ids, result.Y, strict=True):
+            raw = [e.score for e in store.evaluations(cid, "errs", "validation")]
+            assert raw == [pytest.approx(1 - y[2])]
