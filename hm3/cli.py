@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = command(sub, "eval", cmd_eval, "score a model directory on objectives")
     ev.add_argument("model_dir", help="a model directory, or a hub id (org/name[@revision]) read through the HF cache")
-    ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,zoo:code,gsm8k:data.jsonl")
+    ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,gsm8k:data.jsonl,name=gsm8k,chat=true "
+                    "(options follow their spec: docs/OBJECTIVES.md)")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])

@@ -61,7 +61,7 @@ from objectives.lmeval import SPEC_PATTERN as LMEVAL_PATTERN
 from objectives.options import check_name, parse_bool, parse_count, split_options
 from objectives.translation import TranslationObjective
 
-# Adapters for users' data files, by spec prefix; each takes (path, seed=..., name=...).
+# Adapters for users' data files, by spec prefix; each takes (path, seed=..., name=..., chat=..., fewshot=...).
 FILE_KINDS: dict[str, Callable[..., Objective]] = {
     "gsm8k": Gsm8kObjective,
     "humaneval": HumanEvalObjective,
