@@ -143,7 +143,7 @@ def cmd_objectives(args: argparse.Namespace) -> Outcome:
 
     rows = list_objectives()
     sandbox = describe_sandbox()  # humaneval executes generated code: say how it is contained here
-    text = "\n".join(f"{name:<24} {desc}" for name, desc in rows) + f"\n\n{sandbox}"
+    text = "\n".join(f"{name:<26} {desc}" for name, desc in rows) + f"\n\n{sandbox}"
     return Outcome(text, {"objectives": [{"spec": n, "description": d} for n, d in rows], "sandbox": sandbox})
 
 
@@ -167,10 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
             results.append(r)
     finally:
         backend.close()
-    rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds}
-            for r in results]
+    # raw metrics, as the run store keeps them; a lower-is-better one is marked (searches maximise 1 - score)
+    higher = {o.name: o.higher_is_better for o in objectives}
+    rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds,
+             "higher_is_better": higher[r.objective]} for r in results]
     text = "\n".join(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s"
-                     for r in results)
+                     + ("" if higher[r.objective] else "  (lower is better)") for r in results)
     return Outcome(text, {"model": str(model_dir), "backend": args.backend, "results": rows})
 
 
@@ -414,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = command(sub, "eval", cmd_eval, "score a model directory on objectives")
     ev.add_argument("model_dir", help="a model directory, or a hub id (org/name[@revision]) read through the HF cache")
-    ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,zoo:code,gsm8k:data.jsonl")
+    ev.add_argument("--objectives", required=True, help="comma-separated, e.g. zoo:math,gsm8k:data.jsonl,name=gsm8k,chat=true "
+                    "(options follow their spec: docs/OBJECTIVES.md)")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])

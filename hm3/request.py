@@ -40,7 +40,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +77,17 @@ def short_name(objective: str) -> str:
     user types in --prefer."""
     prefix, _, rest = objective.partition(":")
     return rest if prefix in ("zoo", "lm-eval") and rest else prefix
+
+
+def orientation(summary: Mapping[str, Any], names: Sequence[str]) -> list[bool]:
+    """Per objective, whether its raw metric is better when higher (a run from before orientations: all)."""
+    recorded = summary.get("higher_is_better", {})
+    return [bool(recorded.get(n, True)) for n in names]
+
+
+def lower_is_better(summary: Mapping[str, Any]) -> list[str]:
+    """The objectives of a run whose raw metric is better when lower (their scores are ``1 - raw``)."""
+    return [n for n, higher in summary.get("higher_is_better", {}).items() if not higher]
 
 
 def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -217,13 +228,15 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
 
 
 def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame: FrameKey, names: list[str],
+                   higher_is_better: list[bool],
                    base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[Option]:
     """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
     (by their lower bound, module docstring); else none, and a note says why."""
     path = greedy_path(saved, lam)
     recipe = path_recipe(path, frame, saved["expert_refs"])
     match = store.find_candidate(recipe) if path.hops else None
-    known = stored_estimate(store, match, names) if match is not None and match.kind == PATH_KIND else None
+    known = (stored_estimate(store, match, names, higher_is_better=higher_is_better)
+             if match is not None and match.kind == PATH_KIND else None)
     if known is None:
         notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
                      "so it has no prediction; answered from the front")
@@ -254,8 +267,8 @@ def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, poste
     writes nothing, so a report can ask it for many λ."""
     options = front_options(run, lam)
     if policy is not None:
-        options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names, run.base, run.ideal,
-                                  notes)
+        options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names,
+                                  orientation(run.summary, run.names), run.base, run.ideal, notes)
     proposal = posterior_option(posterior, run.config.level1.search_space, lam, run.base, run.ideal)
     if proposal is not None:
         bound, recipe, predicted = proposal
@@ -284,6 +297,8 @@ def answer_request(
     check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
     names = run.names
     lam, notes = parse_preference(prefer, names)
+    lower = lower_is_better(run.summary)
+    notes += [f"{n}: scores are 1 - raw ({n}'s raw metric is better when lower)" for n in lower]
     if run.kind == "level1" and budget > 0:
         raise ConfigError(
             f"{run_dir} holds a level-1 search ('hm3 search param'): it has no level-2 policy to fine-tune, so "
@@ -315,6 +330,9 @@ def answer_request(
         "scores_are": best.scores_are,
         "weighted_normalised_score": best.score,
     }
+    if lower:  # the raw metric too, where the scores above are its utility (1 - raw)
+        scores = record["validation_scores"]
+        record["raw_validation_scores"] = {n: 1.0 - scores[n] for n in lower}
     atomic_write_text(out_dir / REQUEST_RECORD, json.dumps(record, indent=2))
     return RequestAnswer(
         lam=lam, source=best.source, kind=best.kind, scores=best.scores, scores_are=best.scores_are, out_dir=out_dir,

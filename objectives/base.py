@@ -5,6 +5,12 @@ examples into model calls according to its :attr:`Objective.decoding`, then
 hand the raw outputs back to :meth:`Objective.score` and
 :meth:`Objective.aggregate`. Scores are in [0, 1] so objectives can share one
 Pareto front and one hypervolume protocol.
+
+Orientation rule: an objective whose metric is better when lower (an error rate, a normalised
+perplexity) sets :attr:`Objective.higher_is_better` to False and still scores in [0, 1]. The run
+store and ``hm3 eval`` keep that raw metric; everything that ranks candidates -- searches, fronts,
+hypervolumes, preference requests -- sees its :func:`utility`, ``1 - score``, so every axis is
+maximised and the base-to-ideal normalisation and the hypervolume reference keep their meaning.
 """
 
 from __future__ import annotations
@@ -61,6 +67,12 @@ class Objective(ABC):
     name: str
     decoding: Decoding
     description: str = ""
+    #: False for a metric where lower is better (an error rate in [0, 1]): searches maximise its
+    #: :func:`utility` instead (module docstring).
+    higher_is_better: bool = True
+    #: Format every prompt with the evaluated model's chat template (one user message, then the
+    #: assistant's turn) before it is tokenised: :func:`hm3.eval.backend.chat_prompt`.
+    chat_template: bool = False
 
     @abstractmethod
     def examples(self, split: str) -> Sequence[Example]:
@@ -80,6 +92,16 @@ class Objective(ABC):
         if not examples:
             raise ValueError(f"{self.name}: cannot aggregate zero examples")
         return sum(self.score(e, o) for e, o in zip(examples, outputs, strict=True)) / len(examples)
+
+
+def utility(score: float, higher_is_better: bool) -> float:
+    """What a search maximises for a raw ``score``: the score itself, or ``1 - score`` when lower is
+    better. The map is its own inverse, so it also turns a utility back into the raw metric."""
+    if higher_is_better:
+        return score
+    if not 0.0 <= score <= 1.0:
+        raise ValueError(f"a lower-is-better score must lie in [0, 1] to be turned into a utility, got {score}")
+    return 1.0 - score
 
 
 class HarnessObjective(Objective):

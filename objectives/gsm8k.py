@@ -85,6 +85,10 @@ class Gsm8kObjective(FileObjective):
             meta={"number": target_number(answer)},
         )
 
+    def shot(self, example: Example) -> str:
+        """A solved question for few-shot prompts: the worked answer after ``Answer:``, then a blank line."""
+        return f"{example.prompt} {example.target}\n\n"
+
     def score(self, example: Example, output: str) -> float:
         """1.0 when the extracted answer equals the gold number, else 0.0 (also for no number)."""
         predicted = extract_answer(output)

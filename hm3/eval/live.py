@@ -33,7 +33,7 @@ from hm3.config import MergeConfig, parse_merge_config
 from hm3.devices import dtype_name
 from hm3.errors import ConfigError
 from hm3.eval.backend import Backend, open_backend
-from hm3.eval.evaluate import evaluate_objective
+from hm3.eval.evaluate import evaluate_objective, model_examples
 from hm3.eval.executor import ObjectiveScore
 from hm3.eval.session import (
     Candidate,
@@ -49,7 +49,7 @@ from hm3.run.directory import FISHER_DIR
 from hm3.search.run_config import EvaluationConfig, RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
 from hm3.store import CandidateRef, RunStore
-from objectives.registry import get_objective
+from objectives.registry import build_objectives, get_objective
 
 
 class LiveModel:
@@ -66,7 +66,8 @@ class LiveModel:
                  log: Callable[[str], None]):
         self.cfg = cfg
         space = cfg.search_space
-        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objectives = build_objectives(cfg.objectives, where="the run config's objectives",
+                                           chat=cfg.evaluation.chat_template)
         self.objective_names = [o.name for o in self.objectives]
         self.evaluated_examples = 0  # by evaluate() (a session's scorer counts its own)
         ev = cfg.evaluation
@@ -229,6 +230,7 @@ class LiveModelSession:
         self.store = store
         self.model = LiveModel(cfg, frame_recipe=lambda cid: store.candidate(cid)[1], log=log)
         self.objective_names = self.model.objective_names
+        self.higher_is_better = [o.higher_is_better for o in self.model.objectives]
         self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store)
         self.validation = first_n(self.model.objectives, "validation", cfg.evaluation.validation_examples)
         self.test = first_n(self.model.objectives, "test", cfg.evaluation.test_examples)
@@ -299,7 +301,8 @@ class LiveModelSession:
         for i, ref in enumerate(space.models):
             lam = round(round(weights[i][0] / step) * step, 6)
             obj = by_name[get_objective(self.cfg.experts[ref]).name]
-            examples = fisher_examples(obj, self.cfg.fisher.examples)
+            # as the model is asked them (a chat objective's Fisher is taken on its templated prompts)
+            examples = model_examples(model.backend.tokenizer, obj, fisher_examples(obj, self.cfg.fisher.examples))
             cached_fisher_for_coefficient(  # computed once per (model, λ) and kept in RUN_DIR/fisher/
                 self._fisher_cache, model.merger, model._live_model, i, lam, model.backend.tokenizer,
                 obj.name, examples, obj.decoding,

@@ -25,7 +25,7 @@ from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Sco
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores
 from hm3.store import CandidateRef, RunStore
-from objectives.registry import get_objective
+from objectives.registry import build_objectives
 
 
 class ExecutorSession:
@@ -38,8 +38,10 @@ class ExecutorSession:
         self.cfg = cfg
         self.store = store
         self.executor = executor
-        self.objectives = [get_objective(s) for s in cfg.objectives]
+        self.objectives = build_objectives(cfg.objectives, where="the run config's objectives",
+                                           chat=cfg.evaluation.chat_template)
         self.objective_names = [o.name for o in self.objectives]
+        self.higher_is_better = [o.higher_is_better for o in self.objectives]
         self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
         self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
         self._evaluated = 0

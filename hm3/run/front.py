@@ -5,6 +5,12 @@ takes the non-dominated set, scores each front point on the test split through t
 session (so from the store when already there), writes one point file per front point that runs
 anywhere (absolute model paths: ``hm3 merge`` for a recipe, ``hm3 export`` for either), and the
 tables. The caller adds what only its kind of run knows to the summary.
+
+Scores here are the session's utilities (higher is better on every axis), so the tables, the summary
+and the plot can be read and compared the same way for every objective. For an objective whose raw
+metric is better when lower, its ``<name>_val``/``<name>_test`` columns hold ``1 - raw``, and the
+tables add the raw metric as ``<name>_val_raw``/``<name>_test_raw``; the summary says which objectives
+these are (``higher_is_better``, ``score_orientation``) and the plot's axis labels say so too.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from hm3.search.references import reference_points, reference_scores
 from hm3.search.run_config import RunConfig
 from hm3.store import RunStore
 
+ORIENTATION_NOTE = ("score columns and hypervolumes are utilities (higher is better): for an objective whose "
+                    "raw metric is better when lower, 1 - raw; its raw metric is in the <name>_val_raw and "
+                    "<name>_test_raw columns")
 HV_PROTOCOL = ("objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
                "reference point = base model (0); pymoo HV")
 
@@ -95,6 +104,7 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
     import pandas as pd  # here: a preference request imports this module and needs no pandas at budget 0
 
     names = session.objective_names
+    lower = [n for n, hib in zip(names, session.higher_is_better, strict=True) if not hib]
     searched = len(rows)
     if refinements:
         rows = with_refinements(session, rows)
@@ -111,11 +121,11 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
     for row, recipe, scored in zip(front, recipes, tested, strict=True):
         y_test = scored.scores
         file = write_point_file(out_dir, row.point, row.kind, recipe, session.store, cfg)
-        table.append(_table_row(row, names) | {f"{n}_test": float(v) for n, v in zip(names, y_test, strict=True)}
+        table.append(_table_row(row, names, lower) | _score_columns(names, y_test, "test", lower)
                      | {"file": str(file.relative_to(out_dir))})
     df = pd.DataFrame(table).sort_values(f"{names[0]}_val", ascending=False)
     write_csv(df, out_dir / FRONT_FILE)
-    write_csv(pd.DataFrame([_table_row(r, names) for r in rows]), out_dir / CANDIDATES_FILE)
+    write_csv(pd.DataFrame([_table_row(r, names, lower) for r in rows]), out_dir / CANDIDATES_FILE)
     test_front = df[[f"{n}_test" for n in names]].to_numpy()
     summary = {
         "run_format": RUN_FORMAT,
@@ -131,7 +141,10 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
         "ideal_validation": np.asarray(ideal).tolist(),
         "hv_protocol": HV_PROTOCOL,
         "placement_this_process": dict(session.placement),
+        "higher_is_better": dict(zip(names, map(bool, session.higher_is_better), strict=True)),
     }
+    if lower:
+        summary["score_orientation"] = ORIENTATION_NOTE
     if len(rows) > searched:
         summary["refined_merges"] = len(rows) - searched
     return WrittenFront(front_ids=[r.point for r in front], summary=summary, candidates=Y,
@@ -139,9 +152,21 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
                         front_paths=np.array([r.kind != MERGE_KIND for r in front]))
 
 
-def _table_row(row: CandidateRow, names: Sequence[str]) -> dict[str, Any]:
-    return {"point": row.point, "level": row.level, "kind": row.kind} | {
-        f"{n}_val": float(v) for n, v in zip(names, row.validation, strict=True)}
+def _table_row(row: CandidateRow, names: Sequence[str], lower: Sequence[str]) -> dict[str, Any]:
+    return {"point": row.point, "level": row.level, "kind": row.kind} | _score_columns(
+        names, row.validation, "val", lower)
+
+
+def _score_columns(names: Sequence[str], utilities: np.ndarray, split: str, lower: Sequence[str]) -> dict[str, float]:
+    """``<name>_<split>`` utilities, then the raw metric (``1 - utility``) of the lower-is-better ones."""
+    columns = {f"{n}_{split}": float(v) for n, v in zip(names, utilities, strict=True)}
+    return columns | {f"{n}_{split}_raw": 1.0 - columns[f"{n}_{split}"] for n in lower}
+
+
+def axis_labels(summary: Mapping[str, Any]) -> list[str]:
+    """The objectives' names as plot axes, marked where the axis is ``1 - raw`` of a lower-is-better metric."""
+    orientation = summary.get("higher_is_better", {})
+    return [n if orientation.get(n, True) else f"{n} (1 - raw; raw: lower is better)" for n in summary["objectives"]]
 
 
 def write_point_file(out_dir: Path, point: int, kind: str, recipe: dict[str, Any], store: RunStore,
@@ -186,7 +211,7 @@ def plot(out_dir: Path, summary: Mapping[str, Any], candidates: np.ndarray, fron
     """front.png: every candidate, the front (``front_paths`` marks its level-2 paths, ``front_ids``
     labels its points), the references, and level 1's hypervolume after each evaluation."""
     return plot_front(
-        out_dir / PLOT_FILE, summary["objectives"], candidates=candidates, front=front,
+        out_dir / PLOT_FILE, axis_labels(summary), candidates=candidates, front=front,
         references={r: np.array(v) for r, v in summary["reference_validation"].items()},
         title=plot_title(summary), paths=front_paths, front_ids=list(front_ids), hv_trace=level1_trace(out_dir, summary),
     )

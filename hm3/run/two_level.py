@@ -292,7 +292,8 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
             kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
         run._mark(f"online-{i}")
 
-    for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal).items():
+    for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal,
+                                          higher_is_better=session.higher_is_better).items():
         kept.setdefault(cid, info)
     for cid, info in _swap_candidates(run, lams, frame_front).items():
         kept.setdefault(cid, info)
@@ -313,7 +314,8 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
 
 
 def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray, names: list[str],
-                         base: np.ndarray, ideal: np.ndarray) -> dict[int, dict[str, Any]]:
+                         base: np.ndarray, ideal: np.ndarray, *,
+                         higher_is_better: list[bool] | None = None) -> dict[int, dict[str, Any]]:
     """``level2.keep_best`` paths per λ by the lower bound of their stored scores (``{}`` when 0).
 
     Chosen once, when the online stage ends, and recorded as a store event: the final stage adds
@@ -327,7 +329,7 @@ def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray,
         return {int(c): v for c, v in recorded[-1].payload.items()}
     estimates = {}
     for ref in store.candidates(PATH_KIND):
-        estimate = stored_estimate(store, ref, names)
+        estimate = stored_estimate(store, ref, names, higher_is_better=higher_is_better)
         if estimate is not None:
             estimates[ref.id] = estimate
     chosen: dict[int, dict[str, Any]] = {}

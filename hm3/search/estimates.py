@@ -16,21 +16,29 @@ import numpy as np
 
 from hm3.search.pareto import normalisation_span, weighted_normalised
 from hm3.store import CandidateRef, RunStore
+from objectives.base import utility
 
 Estimate = tuple[np.ndarray, np.ndarray]  # (count-weighted mean score, examples behind it), per objective
 
 
 def stored_estimate(
-    store: RunStore, candidate: CandidateRef | int, objectives: Sequence[str], split: str = "validation"
+    store: RunStore, candidate: CandidateRef | int, objectives: Sequence[str], split: str = "validation", *,
+    higher_is_better: Sequence[bool] | None = None,
 ) -> Estimate | None:
     """The count-weighted mean of every ``split`` score stored for ``candidate``, per objective, with
-    the number of examples behind it; None if an objective has none."""
+    the number of examples behind it; None if an objective has none.
+
+    The store keeps raw metrics: ``higher_is_better`` (per objective; None: all) turns the means into
+    the utilities everything else ranks by (the mean of ``1 - s`` is ``1 -`` the mean of ``s``)."""
     rows = store.evaluations(candidate, split=split)
     counts = np.array([sum(e.count for e in rows if e.objective == o) for o in objectives], dtype=float)
     if not np.all(counts > 0):
         return None
     sums = np.array([sum(e.score * e.count for e in rows if e.objective == o) for o in objectives])
-    return sums / counts, counts
+    means = sums / counts
+    if higher_is_better is not None:
+        means = np.array([utility(float(m), h) for m, h in zip(means, higher_is_better, strict=True)])
+    return means, counts
 
 
 def lower_bound(lam: np.ndarray, estimate: Estimate, base: np.ndarray, ideal: np.ndarray) -> float:

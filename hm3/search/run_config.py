@@ -82,6 +82,10 @@ class EvaluationConfig(_Frozen):
         64, ge=1, description="first N examples of the validation split scored per candidate (None: all)"
     )
     test_examples: int | None = Field(None, ge=1, description="first N test examples for the final front (None: all)")
+    chat_template: bool = Field(
+        False, description="format every objective's prompts with the evaluated model's chat template (one user "
+        "message, then the assistant's turn), as chat=true on each objective spec; for instruct models"
+    )
 
     @field_validator("device")
     @classmethod
@@ -170,8 +174,11 @@ class RunConfig(_Frozen):
         The executor settings (:data:`EXECUTOR_KEYS`) are left out: they say where candidates are
         scored, not what a score is, so a run started on a Ray cluster may resume on one machine (and
         the other way round), and a run that never set them records what it did before they existed.
+        ``evaluation.chat_template`` is recorded only when true, so runs without it keep the config they
+        recorded before the setting existed (and a resume that turns it on is refused).
         """
-        return json.loads(self.model_dump_json(exclude={"evaluation": set(EXECUTOR_KEYS)}))
+        left_out = set(EXECUTOR_KEYS) | ({"chat_template"} if not self.evaluation.chat_template else set())
+        return json.loads(self.model_dump_json(exclude={"evaluation": left_out}))
 
 
 def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -5,6 +5,12 @@ reference model). :meth:`CandidateScorer.score` asks the store first and only
 when some objective is missing calls ``install`` — which puts the candidate's
 weights into the live model — and evaluates. A resumed run therefore never
 re-merges or re-scores what a crashed run already committed.
+
+This is where a raw metric becomes what searches maximise: the store keeps each objective's raw
+score, and both functions that hand scores to a session (:func:`stored_scores`,
+:meth:`CandidateScorer.score`) return *utilities* -- ``1 - score`` for an objective whose
+``higher_is_better`` is False (:func:`objectives.base.utility`). Every session goes through them, so
+fronts, hypervolumes, references and requests see one orientation without knowing there are two.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 from hm3.eval.backend import Backend
 from hm3.eval.evaluate import evaluate_objective, select_examples
 from hm3.store import CandidateRef, RunStore
-from objectives.base import Objective
+from objectives.base import Objective, utility
 
 
 @dataclass(frozen=True)
@@ -42,16 +48,28 @@ def example_ids(obj: Objective, plan: SplitPlan) -> list[str]:
     return [e.id for e in select_examples(obj, plan.split, plan.indices[obj.name])]
 
 
+def utilities(objectives: Sequence[Objective], raw: Sequence[float]) -> np.ndarray:
+    """Raw scores (one per objective, in order) as the utilities searches maximise; the same map turns
+    utilities back into raw scores (it is its own inverse)."""
+    out = []
+    for obj, value in zip(objectives, raw, strict=True):
+        try:
+            out.append(utility(float(value), obj.higher_is_better))
+        except ValueError as err:
+            raise ValueError(f"objective {obj.name!r}: {err}") from None
+    return np.array(out, dtype=float)
+
+
 def stored_scores(store: RunStore, objectives: Sequence[Objective], candidate: CandidateRef | int,
                   plan: SplitPlan) -> np.ndarray | None:
-    """Stored scores of every objective on ``plan``, in order, or None if any is missing."""
+    """Stored scores of every objective on ``plan`` as utilities, in order, or None if any is missing."""
     out = []
     for obj in objectives:
         ev = store.get_evaluation(candidate, obj.name, plan.split, example_ids(obj, plan))
         if ev is None:
             return None
         out.append(ev.score)
-    return np.array(out)
+    return utilities(objectives, out)
 
 
 class CandidateScorer:
@@ -67,7 +85,8 @@ class CandidateScorer:
         return stored_scores(self.store, self.objectives, candidate, plan)
 
     def score(self, candidate: CandidateRef | int, install: Callable[[], None], plan: SplitPlan) -> np.ndarray:
-        """Scores (one per objective, in objective order) of ``candidate`` on ``plan``."""
+        """Utilities (one per objective, in objective order) of ``candidate`` on ``plan``; the store gets
+        the raw scores."""
         installed = False
         scores = []
         for obj in self.objectives:
@@ -87,4 +106,4 @@ class CandidateScorer:
             ev = self.store.evaluate_cached(candidate, obj.name, plan.split, ids, compute, backend=self.backend.name)
             self.cache_hits += 0 if ran else 1
             scores.append(ev.score)
-        return np.array(scores)
+        return utilities(self.objectives, scores)

@@ -22,6 +22,7 @@ from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.eval.vllm import CPU_HEAD_SIZES, VLLMBackend, check_head_dim, head_dim_of
 from objectives.choice import ChoiceObjective
+from objectives.registry import get_objective
 from objectives.translation import TranslationObjective
 
 pytestmark = pytest.mark.vllm
@@ -126,6 +127,26 @@ def test_objective_scores_agree_with_hf(engine, hf, tmp_path):
         from_hf = evaluate_objective(hf["a"], objective, "test")
         assert from_vllm.outputs == from_hf.outputs
         assert from_vllm.score == from_hf.score
+
+
+def test_chat_template_prompts_agree_with_hf(engine, hf, tmp_path):
+    """A chat=true objective reaches vLLM (and hf) as the templated prompt. Each backend is compared with
+    itself on the prompt written by hand: 256 greedy tokens of a random model drift apart between the two
+    engines' float kernels, which the other tests here bound on shorter outputs."""
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 1", "split": "test"}) + "\n"
+                            for q in ("1+1", "the cat")))
+    objective = get_objective(f"gsm8k:{data},chat=true")
+    by_hand = [f"<user>Question: {q}\nAnswer:\n<assistant>" for q in ("1+1", "the cat")]
+    for backend in (engine, hf["a"]):
+        backend.tokenizer.chat_template = template
+        try:
+            chat = evaluate_objective(backend, objective, "test").outputs
+        finally:
+            backend.tokenizer.chat_template = None
+        assert list(chat) == backend.generate(by_hand, max_new_tokens=256, stop=objective.decoding.stop)
 
 
 def test_bad_state_is_refused_before_reload(engine, models, hf):

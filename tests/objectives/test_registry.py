@@ -131,11 +131,13 @@ def test_list_objectives_includes_all_builtins():
         "compositional:language",
         "compositional:math",
         "compositional:composite",
-        "humaneval",
-        "gsm8k:PATH",
-        "humaneval:PATH",
-        "translation:PATH",
-        "choice:PATH",
+        "humaneval[,K=V...]",
+        "gsm8k:PATH[,K=V...]",
+        "humaneval:PATH[,K=V...]",
+        "translation:PATH[,K=V...]",
+        "choice:PATH[,K=V...]",
+        "  file options",
         "lm-eval:TASK[,K=V...]",
+        "py:MODULE:CLASS[,K=V...]",
     ]
     assert all(description for _, description in list_objectives())
