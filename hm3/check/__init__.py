@@ -1,0 +1,231 @@
+"""``hm3 check CONFIG``: whether a run config would run, learned in seconds on stand-ins.
+
+A run on real models takes GPU hours; a typo in a key, a ``t_max`` deeper than the models, an
+objective hm3 refuses or a model of the wrong family should cost seconds. A check therefore runs
+the config through hm3's own pipeline (the parser ``hm3 run`` uses, then :func:`run_level1` or
+:func:`run_two_level`) with three things replaced:
+
+* models by tiny random ones of the same family and shape ratios (:mod:`hm3.check.models`);
+* objectives whose data is not here by tiny stand-ins of the same kind (:mod:`hm3.check.objectives`);
+* the budget by a 2-candidate level-1 search (3 where a BO optimiser needs a design and a model step)
+  and, for two-level configs, one preference and 2 level-2 episodes (one offline, one online), on 2
+  validation and 2 test examples per objective, on the CPU (hf backend, float32, in this process).
+
+Everything is written in a temporary directory that is removed afterwards: a check leaves no run
+directory, no stand-in and no data file behind. Its result is a checklist: what was checked, what
+was substituted (and why), and PASS, or FAIL with the error that stopped it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hm3.errors import ConfigError, ExitCode, Hm3Error
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "substituted", "note", "fail"]
+#: Level-1 evaluations of a check; BO optimisers refuse fewer than 3 (a design and a model step).
+CHECK_BUDGET = 2
+BO_CHECK_BUDGET = 3
+CHECK_EXAMPLES = 2
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the checklist."""
+
+    status: Status
+    what: str
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    """A check's checklist and verdict (``error`` is None on PASS)."""
+
+    config: str
+    items: list[Item] = field(default_factory=list)
+    error: str | None = None
+    exit_code: ExitCode = ExitCode.OK
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None
+
+    def add(self, status: Status, what: str, detail: str = "") -> None:
+        self.items.append(Item(status, what, detail))
+
+    def text(self) -> str:
+        marks = {"ok": "[ok]  ", "substituted": "[sub] ", "note": "[note]", "fail": "[FAIL]"}
+        lines = [f"hm3 check {self.config}"]
+        lines += [f"  {marks[i.status]} {i.what}" + (f": {i.detail}" if i.detail else "") for i in self.items]
+        if self.passed:
+            subs = sum(i.status == "substituted" for i in self.items)
+            lines.append(f"PASS ({self.seconds:.1f} s): the config runs end to end on stand-ins"
+                         + (f" ({subs} substitution{'s' * (subs != 1)} above)" if subs else ""))
+        else:
+            lines.append(f"FAIL ({self.seconds:.1f} s): {self.error}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "passed": self.passed, "error": self.error, "seconds": self.seconds,
+                "items": [{"status": i.status, "what": i.what, "detail": i.detail} for i in self.items]}
+
+
+def check_config(path: str | Path, *, sets: tuple[str, ...] = ()) -> CheckReport:
+    """Check the run config at ``path`` (with ``--set`` overrides) on stand-ins (module docstring)."""
+    report = CheckReport(str(path))
+    start = time.perf_counter()
+    try:
+        # the searches' warnings are about the stand-ins' scores (no expert beats a random base, tiny
+        # reward subsets), not the config: kept for -v
+        with tempfile.TemporaryDirectory(prefix="hm3-check-") as tmp, warnings.catch_warnings():
+            warnings.showwarning = _debug_warning
+            _check(Path(path), sets, Path(tmp), report)
+    except Hm3Error as err:
+        report.error, report.exit_code = str(err), err.exit_code
+    except Exception as err:  # a config hm3's own checks let through: still the check's finding
+        log.debug("hm3 check: unexpected error", exc_info=True)
+        report.error = f"{type(err).__name__}: {err} (an error hm3 does not catch up front: run with -v for the " \
+                       "traceback)"
+        report.exit_code = ExitCode.BAD_INPUT
+    if report.error is not None:
+        report.add("fail", "stopped", report.error)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _debug_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    log.debug(f"(on stand-ins) {category.__name__}: {message}")
+
+
+def _check(path: Path, sets: tuple[str, ...], tmp: Path, report: CheckReport) -> None:
+    from hm3.overrides import apply_overrides, parse_assignment
+    from hm3.run.config import parse_two_level_config
+    from hm3.search.run_config import expand_zoo, parse_run_config, read_config_file
+
+    data = apply_overrides(read_config_file(path), [parse_assignment(s) for s in sets])
+    two_level = "level2" in data
+    parse = parse_two_level_config if two_level else parse_run_config
+    # every key and value as `hm3 run` reads them, before any model is looked at (base_dir=None: no
+    # model is resolved, so no hub id is downloaded)
+    source = f"{path} (with --set {', '.join(sets)})" if sets else str(path)
+    data = expand_zoo(data, path.parent) if "zoo" in data else data
+    parsed = parse(copy.deepcopy(data), source=source)
+    level1 = parsed.level1 if two_level else parsed
+    kind = "two-level run: hm3 run" if two_level else "level-1 search: hm3 search param"
+    report.add("ok", "config", f"every key valid ({kind})")
+
+    models = _standin_models(level1, path.parent, tmp / "models", report)
+    objectives = _standin_objectives(level1.objectives, tmp / "data", report)
+    standin = _standin_data(data, level1, models, objectives, report)
+    if two_level:
+        _check_two_level(standin, data, source, tmp, report)
+    else:
+        from hm3.search.level1 import run_level1
+
+        cfg = parse_run_config(standin, source=f"{source} (stand-ins)")
+        result = run_level1(cfg, tmp / "run", progress=False)
+        report.add("ok", "level 1", f"{len(result.candidate_ids)} candidates merged, scored and stored; front, "
+                   "summary and points written (in the temporary run directory)")
+
+
+def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckReport) -> dict[str, Path]:
+    from hm3.check.models import build_standins, model_shape, shape_conflicts
+
+    shapes = [model_shape(ref, value, config_dir) for ref, value in level1.models.items()]
+    for s in shapes:
+        c = s.config
+        report.add("substituted", f"models.{s.ref}", f"{s.value}: shape from {s.source} ({c.get('model_type')}, "
+                   f"{c.get('num_hidden_layers')} layers, {c.get('num_attention_heads')}/"
+                   f"{c.get('num_key_value_heads', c.get('num_attention_heads'))} heads, tied embeddings "
+                   f"{c.get('tie_word_embeddings', False)}) -> tiny random stand-in of that family")
+    conflicts = shape_conflicts(shapes)
+    if conflicts:
+        raise ConfigError(f"models: the models differ in architecture, so they cannot be merged: {'; '.join(conflicts)}")
+    vocabs = {s.ref: s.config.get("vocab_size") for s in shapes}
+    if len(set(vocabs.values())) > 1:
+        report.add("note", "vocabularies", "the models' vocabularies differ ("
+                   + ", ".join(f"{r} {v}" for r, v in vocabs.items()) + "); the stand-ins share one toy vocabulary, "
+                   "so merging over different vocabularies is not checked")
+    dirs = build_standins(shapes, level1.search_space.base_model, out, seed=level1.seed)
+    report.add("ok", "stand-in models", f"{len(dirs)} built (base random, others base + seeded perturbation), "
+               "toy character tokenizer")
+    return dirs
+
+
+def _standin_objectives(specs: list[str], out: Path, report: CheckReport) -> dict[str, str]:
+    from hm3.check.objectives import choose_objective
+
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = {}
+    for i, spec in enumerate(specs):
+        choice = choose_objective(spec, out, i)
+        chosen[spec] = choice.spec
+        if choice.note:
+            report.add("substituted", f"objectives[{i}] {spec}", choice.note)
+    return chosen
+
+
+def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], objectives: dict[str, str],
+                  report: CheckReport) -> dict[str, Any]:
+    """The config with stand-in models and objectives, the check's budget and a CPU evaluation."""
+    from hm3.search.optimizers.bayes import BayesOptimizer
+    from hm3.search.optimizers import get_optimizer
+
+    out = copy.deepcopy(data)
+    out["models"] = {ref: str(p) for ref, p in models.items()}
+    out["objectives"] = [objectives[s] for s in level1.objectives]
+    out["experts"] = {ref: objectives[s] for ref, s in level1.experts.items()}
+    is_bo = issubclass(get_optimizer(level1.optimizer.name), BayesOptimizer)
+    budget = BO_CHECK_BUDGET if is_bo else CHECK_BUDGET
+    out["optimizer"] = {**out.get("optimizer", {}), "budget": budget}
+    report.add("note", "optimizer.budget", f"{level1.optimizer.budget} -> {budget} for the check"
+               + (" (a BO optimiser needs a design of 2 and a model step)" if is_bo else ""))
+    ev = level1.evaluation
+    changed = [f"{k} {getattr(ev, k)} -> {v}" for k, v in (("backend", "hf"), ("device", "cpu"), ("dtype", "float32"),
+                                                          ("executor", "local")) if getattr(ev, k) != v]
+    evaluation = {k: v for k, v in dict(out.get("evaluation") or {}).items()
+                  if k not in ("workers", "ray_address", "resources_per_worker", "vllm")}
+    out["evaluation"] = evaluation | {"backend": "hf", "device": "cpu", "dtype": "float32", "executor": "local",
+                                      "validation_examples": CHECK_EXAMPLES, "test_examples": CHECK_EXAMPLES,
+                                      "batch_size": min(ev.batch_size, 8)}
+    if changed:
+        report.add("substituted", "evaluation", ", ".join(changed) + " (stand-ins run in this process)")
+    out["fisher"] = {**(out.get("fisher") or {}), "examples": CHECK_EXAMPLES}
+    return out
+
+
+def _check_two_level(standin: dict[str, Any], original: dict[str, Any], source: str, tmp: Path,
+                     report: CheckReport) -> None:
+    from hm3.run.config import parse_two_level_config
+    from hm3.run.two_level import check_depth, check_level2_models, run_two_level
+
+    # the level-2 settings against the models' real depth with the config's own backend (vLLM's fixed depth)
+    as_given = dict(standin) | {"evaluation": original.get("evaluation") or {}}
+    cfg_given = parse_two_level_config(copy.deepcopy(as_given), source=source)
+    check_depth(cfg_given)
+    check_level2_models(cfg_given)
+    report.add("ok", "level 2 vs the models' depth", "t_max, swaps and transition scales fit "
+               f"{cfg_given.level2.rl.t_max if cfg_given.level2.rl.t_max is not None else 'the default'} hops")
+    level2 = copy.deepcopy(standin["level2"] or {})
+    prefs = level2.get("preferences", 4)
+    level2["preferences"] = 1 if isinstance(prefs, int) else prefs[:1]
+    level2["keep_best"] = min(int(level2.get("keep_best", 0)), 1)
+    level2["rl"] = {**(level2.get("rl") or {}), "offline_episodes": 1, "online_episodes": 1,
+                    "episodes_per_update": 1, "epochs": 1}
+    report.add("note", "level2", "1 preference, 2 episodes (1 offline, 1 online), PPO updated after each")
+    cfg = parse_two_level_config(standin | {"level2": level2}, source=f"{source} (stand-ins)")
+    summary = run_two_level(cfg, tmp / "run", progress=False)
+    report.add("ok", "level 1", "candidates merged, scored and stored")
+    report.add("ok", "level 2", f"policy pretrained and fine-tuned, {len(summary['level2_paths'])} path(s) kept; final "
+               f"front of {summary['front_size']} scored on the test split and written (in the temporary run directory)")
