@@ -23,6 +23,9 @@ from hm3.errors import ConfigError
 
 #: Width of one attention head in a stand-in.
 HEAD_DIM = 8
+#: Embedding rows of a stand-in: the toy tokenizer's 99 tokens and room for the special tokens a
+#: family's tokenizer class adds when transformers loads it (Qwen2's adds one).
+VOCAB_ROWS = 128
 #: config.json keys copied unchanged into a stand-in: they change the computation, not its size.
 CARRIED = ("model_type", "num_hidden_layers", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
            "sliding_window", "use_sliding_window", "max_window_layers")
@@ -132,18 +135,18 @@ def shape_conflicts(shapes: list[ModelShape]) -> list[str]:
 def build_standins(shapes: list[ModelShape], base_ref: str, out_dir: Path, *, seed: int) -> dict[str, Path]:
     """Stand-in model folders, one per shape: the base random, the others base + seeded perturbation."""
     from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_causal_lm
-    from hm3.zoo.tokenizer import VOCAB_SIZE, save_char_tokenizer
+    from hm3.zoo.tokenizer import save_char_tokenizer
 
     by_ref = {s.ref: s for s in shapes}
     base = by_ref[base_ref]
     try:
-        base_dir = build_random_causal_lm(out_dir / base_ref, standin_config(base, VOCAB_SIZE), seed=seed)
+        base_dir = build_random_causal_lm(out_dir / base_ref, standin_config(base, VOCAB_ROWS), seed=seed)
     except ValueError as err:  # transformers: an unknown model type, or one that is not a causal LM
         raise ConfigError(f"models.{base_ref}: cannot build a {base.config.get('model_type')!r} causal LM "
                           f"({base.source}): {err}") from None
     save_char_tokenizer(base_dir)
     # every token ends generation (module docstring): answers stay one token long
-    (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(VOCAB_SIZE)),
+    (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(VOCAB_ROWS)),
                                                                  "pad_token_id": 0, "bos_token_id": 1}))
     dirs = {base_ref: base_dir}
     for i, shape in enumerate(s for s in shapes if s.ref != base_ref):
