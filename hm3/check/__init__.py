@@ -7,7 +7,8 @@ the config through hm3's own pipeline (the parser ``hm3 run`` uses, then :func:`
 
 * models by tiny random ones of the same family and shape ratios (:mod:`hm3.check.models`);
 * objectives whose data is not here by tiny stand-ins of the same kind (:mod:`hm3.check.objectives`);
-* the budget by a 2-candidate level-1 search (3 where a BO optimiser needs a design and a model step)
+* the budget by a 2-candidate level-1 search (or the fewest the optimiser accepts: BO needs a design
+  and a model step)
   and, for two-level configs, one preference and 2 level-2 episodes (one offline, one online), on 2
   validation and 2 test examples per objective, on the CPU (hf backend, float32, in this process).
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "substituted", "note", "fail"]
 #: Level-1 evaluations of a check; BO optimisers refuse fewer than 3 (a design and a model step).
 CHECK_BUDGET = 2
-BO_CHECK_BUDGET = 3
+MAX_CHECK_BUDGET = 12
 CHECK_EXAMPLES = 2
 
 
@@ -151,12 +152,9 @@ def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckRepor
                    f"{c.get('tie_word_embeddings', False)}) -> tiny random stand-in of that family")
     conflicts = shape_conflicts(shapes)
     if conflicts:
-        raise ConfigError(f"models: the models differ in architecture, so they cannot be merged: {'; '.join(conflicts)}")
-    vocabs = {s.ref: s.config.get("vocab_size") for s in shapes}
-    if len(set(vocabs.values())) > 1:
-        report.add("note", "vocabularies", "the models' vocabularies differ ("
-                   + ", ".join(f"{r} {v}" for r, v in vocabs.items()) + "); the stand-ins share one toy vocabulary, "
-                   "so merging over different vocabularies is not checked")
+        raise ConfigError(f"models: the models differ in {'; '.join(conflicts)}: a search merges them in memory, "
+                          "which needs one architecture and one vocabulary (hm3 merge's tokenizer_source is for "
+                          "recipes, not searches)")
     dirs = build_standins(shapes, level1.search_space.base_model, out, seed=level1.seed)
     report.add("ok", "stand-in models", f"{len(dirs)} built (base random, others base + seeded perturbation), "
                "toy character tokenizer")
@@ -179,18 +177,14 @@ def _standin_objectives(specs: list[str], out: Path, report: CheckReport) -> dic
 def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], objectives: dict[str, str],
                   report: CheckReport) -> dict[str, Any]:
     """The config with stand-in models and objectives, the check's budget and a CPU evaluation."""
-    from hm3.search.optimizers.bayes import BayesOptimizer
-    from hm3.search.optimizers import get_optimizer
-
     out = copy.deepcopy(data)
     out["models"] = {ref: str(p) for ref, p in models.items()}
     out["objectives"] = [objectives[s] for s in level1.objectives]
     out["experts"] = {ref: objectives[s] for ref, s in level1.experts.items()}
-    is_bo = issubclass(get_optimizer(level1.optimizer.name), BayesOptimizer)
-    budget = BO_CHECK_BUDGET if is_bo else CHECK_BUDGET
+    budget = check_budget(level1)
     out["optimizer"] = {**out.get("optimizer", {}), "budget": budget}
     report.add("note", "optimizer.budget", f"{level1.optimizer.budget} -> {budget} for the check"
-               + (" (a BO optimiser needs a design of 2 and a model step)" if is_bo else ""))
+               + (f" (the least {level1.optimizer.name} accepts here)" if budget > CHECK_BUDGET else ""))
     ev = level1.evaluation
     changed = [f"{k} {getattr(ev, k)} -> {v}" for k, v in (("backend", "hf"), ("device", "cpu"), ("dtype", "float32"),
                                                           ("executor", "local")) if getattr(ev, k) != v]
@@ -203,6 +197,22 @@ def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], ob
         report.add("substituted", "evaluation", ", ".join(changed) + " (stand-ins run in this process)")
     out["fisher"] = {**(out.get("fisher") or {}), "examples": CHECK_EXAMPLES}
     return out
+
+
+def check_budget(level1: Any) -> int:
+    """The smallest level-1 budget from :data:`CHECK_BUDGET` up that the config's optimiser accepts (BO
+    needs a design and a model step; bo-tcheby a step per preference vector), as the run would build it."""
+    from hm3.search.level1 import make_optimizer
+
+    for budget in range(CHECK_BUDGET, MAX_CHECK_BUDGET + 1):
+        cfg = level1.model_copy(update={"optimizer": level1.optimizer.model_copy(update={"budget": budget})})
+        try:
+            make_optimizer(cfg)
+            return budget
+        except ConfigError:
+            if budget == MAX_CHECK_BUDGET:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_two_level(standin: dict[str, Any], original: dict[str, Any], source: str, tmp: Path,

@@ -29,9 +29,10 @@ VOCAB_ROWS = 128
 #: config.json keys copied unchanged into a stand-in: they change the computation, not its size.
 CARRIED = ("model_type", "num_hidden_layers", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
            "sliding_window", "use_sliding_window", "max_window_layers")
-#: config.json keys that must agree across a config's models for them to merge (vocabularies may differ).
+#: config.json keys that must agree across a config's models: a search merges them in memory over one
+#: architecture and one vocabulary (:func:`hm3.checkpoint.reader.check_compatible`).
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "tie_word_embeddings")
+              "num_key_value_heads", "tie_word_embeddings", "vocab_size")
 
 
 @dataclass(frozen=True)
