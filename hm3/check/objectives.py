@@ -92,8 +92,7 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
 
 def choose_objective(spec: str, data_dir: Path, index: int) -> ObjectiveChoice:
     """The objective a check evaluates in place of ``spec`` (module docstring)."""
-    from objectives.registry import FILE_KINDS
-    from objectives.registry import _split_kind, _split_seed
+    from objectives.registry import FILE_KINDS, _split_kind, _split_seed
 
     body, _ = _split_seed(spec.strip())
     kind, sep, rest = _split_kind(body)
