@@ -24,6 +24,8 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,8 @@ Status = Literal["ok", "substituted", "note", "fail"]
 #: Level-1 evaluations of a check; BO optimisers refuse fewer than 3 (a design and a model step).
 CHECK_BUDGET = 2
 MAX_CHECK_BUDGET = 12
+#: BO's acquisition settings in a check (the searches' defaults: 4 restarts, 128 raw samples, 64 MC samples).
+BO_CHECK_OPTIONS = {"num_restarts": 1, "raw_samples": 16, "mc_samples": 16}
 CHECK_EXAMPLES = 2
 
 
@@ -89,7 +93,8 @@ def check_config(path: str | Path, *, sets: tuple[str, ...] = ()) -> CheckReport
     try:
         # the searches' warnings are about the stand-ins' scores (no expert beats a random base, tiny
         # reward subsets), not the config: kept for -v
-        with tempfile.TemporaryDirectory(prefix="hm3-check-") as tmp, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(prefix="hm3-check-") as tmp, warnings.catch_warnings(), \
+                _standin_warnings_to_debug():
             warnings.showwarning = _debug_warning
             _check(Path(path), sets, Path(tmp), report)
     except Hm3Error as err:
@@ -103,6 +108,30 @@ def check_config(path: str | Path, *, sets: tuple[str, ...] = ()) -> CheckReport
         report.add("fail", "stopped", report.error)
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _DebugOnly(logging.Filter):
+    """Keeps the searches' warnings out of a check's output: they are about the stand-ins' random scores
+    (no expert beats a random base, tiny reward subsets), not the config. Logged at debug level (-v)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and not record.name.startswith(__name__):
+            log.debug(f"(on stand-ins) {record.getMessage()}")
+            return False
+        return True
+
+
+@contextmanager
+def _standin_warnings_to_debug() -> Iterator[None]:
+    handlers = logging.getLogger("hm3").handlers
+    only = _DebugOnly()
+    for handler in handlers:
+        handler.addFilter(only)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(only)
 
 
 def _debug_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
@@ -181,10 +210,15 @@ def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], ob
     out["models"] = {ref: str(p) for ref, p in models.items()}
     out["objectives"] = [objectives[s] for s in level1.objectives]
     out["experts"] = {ref: objectives[s] for ref, s in level1.experts.items()}
-    budget = check_budget(level1)
-    out["optimizer"] = {**out.get("optimizer", {}), "budget": budget}
+    budget = check_budget(level1)  # the config's own optimiser options are validated here, as given
+    optimizer = {**out.get("optimizer", {}), "budget": budget}
     report.add("note", "optimizer.budget", f"{level1.optimizer.budget} -> {budget} for the check"
                + (f" (the least {level1.optimizer.name} accepts here)" if budget > CHECK_BUDGET else ""))
+    if _is_bayesian(level1.optimizer.name):  # a model step's cost is its acquisition optimisation: coarse here
+        optimizer["options"] = {**(optimizer.get("options") or {}), **BO_CHECK_OPTIONS}
+        report.add("note", "optimizer.options", ", ".join(f"{k} {v}" for k, v in BO_CHECK_OPTIONS.items())
+                   + " for the check")
+    out["optimizer"] = optimizer
     ev = level1.evaluation
     changed = [f"{k} {getattr(ev, k)} -> {v}" for k, v in (("backend", "hf"), ("device", "cpu"), ("dtype", "float32"),
                                                           ("executor", "local")) if getattr(ev, k) != v]
@@ -197,6 +231,13 @@ def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], ob
         report.add("substituted", "evaluation", ", ".join(changed) + " (stand-ins run in this process)")
     out["fisher"] = {**(out.get("fisher") or {}), "examples": CHECK_EXAMPLES}
     return out
+
+
+def _is_bayesian(name: str) -> bool:
+    from hm3.search.optimizers import get_optimizer
+    from hm3.search.optimizers.bayes import BayesOptimizer
+
+    return issubclass(get_optimizer(name), BayesOptimizer)
 
 
 def check_budget(level1: Any) -> int:
