@@ -206,18 +206,20 @@ def _standin_objectives(specs: list[str], out: Path, report: CheckReport) -> dic
 def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], objectives: dict[str, str],
                   report: CheckReport) -> dict[str, Any]:
     """The config with stand-in models and objectives, the check's budget and a CPU evaluation."""
+    from hm3.search.level1 import make_optimizer
+
     out = copy.deepcopy(data)
     out["models"] = {ref: str(p) for ref, p in models.items()}
     out["objectives"] = [objectives[s] for s in level1.objectives]
     out["experts"] = {ref: objectives[s] for ref, s in level1.experts.items()}
-    budget = check_budget(level1)  # the config's own optimiser options are validated here, as given
-    optimizer = {**out.get("optimizer", {}), "budget": budget}
-    report.add("note", "optimizer.budget", f"{level1.optimizer.budget} -> {budget} for the check"
-               + (f" (the least {level1.optimizer.name} accepts here)" if budget > CHECK_BUDGET else ""))
-    if _is_bayesian(level1.optimizer.name):  # a model step's cost is its acquisition optimisation: coarse here
-        optimizer["options"] = {**(optimizer.get("options") or {}), **BO_CHECK_OPTIONS}
-        report.add("note", "optimizer.options", ", ".join(f"{k} {v}" for k, v in BO_CHECK_OPTIONS.items())
-                   + " for the check")
+    make_optimizer(level1)  # the optimiser with the config's own budget and options, as the run builds it
+    report.add("ok", "optimizer", f"{level1.optimizer.name} accepts budget {level1.optimizer.budget} and its options")
+    cheap = check_options(level1.optimizer.name)
+    options = {**(data.get("optimizer") or {}).get("options", {}), **cheap}
+    budget = check_budget(level1, options)
+    optimizer = {**(data.get("optimizer") or {}), "budget": budget, "options": options}
+    report.add("note", "optimizer", f"budget {level1.optimizer.budget} -> {budget}"
+               + "".join(f", {k} {v}" for k, v in cheap.items()) + " for the check")
     out["optimizer"] = optimizer
     ev = level1.evaluation
     changed = [f"{k} {getattr(ev, k)} -> {v}" for k, v in (("backend", "hf"), ("device", "cpu"), ("dtype", "float32"),
@@ -240,13 +242,22 @@ def _is_bayesian(name: str) -> bool:
     return issubclass(get_optimizer(name), BayesOptimizer)
 
 
-def check_budget(level1: Any) -> int:
-    """The smallest level-1 budget from :data:`CHECK_BUDGET` up that the config's optimiser accepts (BO
-    needs a design and a model step; bo-tcheby a step per preference vector), as the run would build it."""
+def check_options(name: str) -> dict[str, Any]:
+    """Optimiser options that keep a check's few candidates cheap: BO's acquisition optimised coarsely,
+    NSGA-II's population as small as it goes."""
+    if _is_bayesian(name):
+        return dict(BO_CHECK_OPTIONS)
+    return {"pop_size": 2} if name == "nsga2" else {}
+
+
+def check_budget(level1: Any, options: dict[str, Any]) -> int:
+    """The smallest level-1 budget from :data:`CHECK_BUDGET` up that the config's optimiser accepts with
+    ``options`` (BO needs a design and a model step; bo-tcheby a step per preference vector)."""
     from hm3.search.level1 import make_optimizer
 
     for budget in range(CHECK_BUDGET, MAX_CHECK_BUDGET + 1):
-        cfg = level1.model_copy(update={"optimizer": level1.optimizer.model_copy(update={"budget": budget})})
+        update = {"budget": budget, "options": options}
+        cfg = level1.model_copy(update={"optimizer": level1.optimizer.model_copy(update=update)})
         try:
             make_optimizer(cfg)
             return budget
