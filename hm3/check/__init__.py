@@ -61,6 +61,13 @@ class CheckReport:
     error: str | None = None
     exit_code: ExitCode = ExitCode.OK
     seconds: float = 0.0
+    #: stand-in file -> what it stands in for, so that an error names the config's model or objective
+    standins: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, message: str, exit_code: ExitCode) -> None:
+        for path, name in sorted(self.standins.items(), key=lambda kv: -len(kv[0])):
+            message = message.replace(path, name)
+        self.error, self.exit_code = message, exit_code
 
     @property
     def passed(self) -> bool:
@@ -94,16 +101,15 @@ def check_config(path: str | Path, *, sets: tuple[str, ...] = ()) -> CheckReport
         # the searches' warnings are about the stand-ins' scores (no expert beats a random base, tiny
         # reward subsets), not the config: kept for -v
         with tempfile.TemporaryDirectory(prefix="hm3-check-") as tmp, warnings.catch_warnings(), \
-                _standin_warnings_to_debug():
+                _standin_warnings_to_debug(), _datasets_cache(Path(tmp) / "hf-datasets"):
             warnings.showwarning = _debug_warning
             _check(Path(path), sets, Path(tmp), report)
     except Hm3Error as err:
-        report.error, report.exit_code = str(err), err.exit_code
+        report.fail(str(err), err.exit_code)
     except Exception as err:  # a config hm3's own checks let through: still the check's finding
         log.debug("hm3 check: unexpected error", exc_info=True)
-        report.error = f"{type(err).__name__}: {err} (an error hm3 does not catch up front: run with -v for the " \
-                       "traceback)"
-        report.exit_code = ExitCode.BAD_INPUT
+        report.fail(f"{type(err).__name__}: {err} (an error hm3 does not catch up front: run with -v for the "
+                    "traceback)", ExitCode.BAD_INPUT)
     if report.error is not None:
         report.add("fail", "stopped", report.error)
     report.seconds = time.perf_counter() - start
@@ -132,6 +138,23 @@ def _standin_warnings_to_debug() -> Iterator[None]:
     finally:
         for handler in handlers:
             handler.removeFilter(only)
+
+
+@contextmanager
+def _datasets_cache(folder: Path) -> Iterator[None]:
+    """The datasets library's cache in ``folder`` for the duration: it writes Arrow copies of the stand-in
+    lm-eval tasks' files there, and a check writes nothing outside its temporary directory."""
+    try:
+        from datasets import config
+    except ImportError:  # no lm-eval extra: no lm-eval stand-ins either
+        yield
+        return
+    kept = config.HF_DATASETS_CACHE
+    config.HF_DATASETS_CACHE = folder
+    try:
+        yield
+    finally:
+        config.HF_DATASETS_CACHE = kept
 
 
 def _debug_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
@@ -185,6 +208,7 @@ def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckRepor
                           "which needs one architecture and one vocabulary (hm3 merge's tokenizer_source is for "
                           "recipes, not searches)")
     dirs = build_standins(shapes, level1.search_space.base_model, out, seed=level1.seed)
+    report.standins |= {str(p): f"models.{ref} (the stand-in for {level1.models[ref]})" for ref, p in dirs.items()}
     report.add("ok", "stand-in models", f"{len(dirs)} built (base random, others base + seeded perturbation), "
                "toy character tokenizer")
     return dirs
@@ -198,6 +222,8 @@ def _standin_objectives(specs: list[str], out: Path, report: CheckReport) -> dic
     for i, spec in enumerate(specs):
         choice = choose_objective(spec, out, i)
         chosen[spec] = choice.spec
+        if choice.path is not None:
+            report.standins[choice.path] = f"the stand-in data of objectives[{i}] ({spec})"
         if choice.note:
             report.add("substituted", f"objectives[{i}] {spec}", choice.note)
     return chosen
@@ -288,6 +314,7 @@ def _check_two_level(standin: dict[str, Any], original: dict[str, Any], source: 
     report.add("note", "level2", "1 preference, 2 episodes (1 offline, 1 online), PPO updated after each")
     cfg = parse_two_level_config(standin | {"level2": level2}, source=f"{source} (stand-ins)")
     summary = run_two_level(cfg, tmp / "run", progress=False)
-    report.add("ok", "level 1", "candidates merged, scored and stored")
+    report.add("ok", "level 1", "skipped (level2.pool: experts)" if cfg.level2.pool == "experts"
+               else "candidates merged, scored and stored")
     report.add("ok", "level 2", f"policy pretrained and fine-tuned, {len(summary['level2_paths'])} path(s) kept; final "
                f"front of {summary['front_size']} scored on the test split and written (in the temporary run directory)")
