@@ -88,6 +88,15 @@ def test_run_dry_run_is_check_and_run_needs_a_run_dir(tmp_path: Path, capsys: py
 
 
 @pytest.mark.slow
+def test_the_demos_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hm3.demo import DEMO_CONFIG
+
+    rc, out = _check(capsys, _write(tmp_path, {"zoo": "builtin:micro", **DEMO_CONFIG}))
+    assert rc == 0 and out["passed"], out["error"]
+    assert [i["what"] for i in out["items"] if i["status"] == "ok"][-2:] == ["level 1", "level 2"]
+
+
+@pytest.mark.slow
 def test_check_passes_on_the_zoo_and_writes_nothing_outside_a_temp_dir(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     work, temp = tmp_path / "cwd", tmp_path / "tmp"
@@ -112,3 +121,28 @@ def test_check_passes_on_the_zoo_and_writes_nothing_outside_a_temp_dir(
     assert seen and all(p.parent == temp for p in seen)
     assert _tree(work) == {"config.yml"} and _tree(temp) == set()
     assert _tree(ZOO_LEVEL1.parents[2] / "hm3" / "zoo" / "shipped") == zoo_before
+
+
+@pytest.mark.slow
+def test_lmeval_task_without_data_stands_in_as_an_lmeval_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "absent.yaml").write_text(yaml.safe_dump({
+        "task": "hm3_absent", "dataset_path": "hm3-test/absent-data", "output_type": "multiple_choice",
+        "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": "gold"}))
+    data = yaml.safe_load(ZOO_LEVEL1.read_text())
+    data["objectives"] = ["zoo:math", "zoo:code", "zoo:translation", f"lm-eval:hm3_absent,include_path={tasks}"]
+    data["optimizer"] = {"name": "random", "budget": 4}
+    rc, out = _check(capsys, _write(tmp_path, data))
+    assert rc == 0 and out["passed"], out["error"]
+    (sub,) = [i for i in out["items"] if i["what"].startswith("objectives[3]")]
+    assert "not in the local datasets cache: stand-in multiple_choice lm-eval task" in sub["detail"]
+    assert sorted(p.name for p in tasks.iterdir()) == ["absent.yaml"]
+
+
+def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureFixture) -> None:
+    config = ZOO_LEVEL1.parent / "qwen25_1p5b_two_level.yml"
+    rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")
+    assert rc == 3 and "level2.rl.t_max = 40" in out["error"] and "must be <= 28" in out["error"]
+    assert "the stand-in for /models/Qwen2.5-1.5B-Instruct" in out["error"] and "hm3-check-" not in out["error"]

@@ -178,8 +178,8 @@ def _check(path: Path, sets: tuple[str, ...], tmp: Path, report: CheckReport) ->
     kind = "two-level run: hm3 run" if two_level else "level-1 search: hm3 search param"
     report.add("ok", "config", f"every key valid ({kind})")
 
-    models = _standin_models(level1, path.parent, tmp / "models", report)
     objectives = _standin_objectives(level1.objectives, tmp / "data", report)
+    models = _standin_models(level1, path.parent, tmp / "models", report)
     standin = _standin_data(data, level1, models, objectives, report)
     if two_level:
         _check_two_level(standin, data, source, tmp, report)

@@ -148,7 +148,7 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
 
 def choose_objective(spec: str, data_dir: Path, index: int) -> ObjectiveChoice:
     """The objective a check evaluates in place of ``spec`` (module docstring)."""
-    from objectives.registry import FILE_KINDS, _split_kind, _split_seed
+    from objectives.registry import FILE_KINDS, _split_kind, _split_seed, get_objective
 
     body, _ = _split_seed(spec.strip())
     kind, sep, rest = _split_kind(body)
@@ -156,8 +156,10 @@ def choose_objective(spec: str, data_dir: Path, index: int) -> ObjectiveChoice:
         return _lmeval_choice(spec, rest, data_dir, index)
     if kind in FILE_KINDS and rest:
         if Path(rest).is_file():
+            get_objective(spec)  # a malformed file is refused here, naming its line, before any model is built
             return ObjectiveChoice(spec, spec)
         path = _write_standin(kind, data_dir, index)
         return ObjectiveChoice(spec, f"{kind}:{path}", f"data file {rest} not found: stand-in {kind} file "
                                "(4 records)", str(path))
-    return ObjectiveChoice(spec, spec)  # generated tasks, bundled HumanEval, or a spec the run itself refuses
+    get_objective(spec)  # generated tasks, bundled HumanEval; an unknown spec is refused by name
+    return ObjectiveChoice(spec, spec)
