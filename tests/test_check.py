@@ -146,3 +146,24 @@ def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureF
     rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")
     assert rc == 3 and "level2.rl.t_max = 40" in out["error"] and "must be <= 28" in out["error"]
     assert "the stand-in for /models/Qwen2.5-1.5B-Instruct" in out["error"] and "hm3-check-" not in out["error"]
+
+
+def test_shape_comes_from_the_hf_cache_before_any_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hm3.check.models import model_shape
+    from tests.hub_cache import add_to_hub_cache
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    # a config.json unlike the template of that hub id: 3 layers, 8 heads over 2
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+                                                    "num_hidden_layers": 3, "num_attention_heads": 8,
+                                                    "num_key_value_heads": 2, "vocab_size": 100}))
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "Qwen/Qwen2.5-1.5B", folder, "a" * 40, refs=["main"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    shape = model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path)
+    assert shape.source.startswith("config.json at ") and str(cache) in shape.source
+    assert shape.config["num_hidden_layers"] == 3
+    assert standin_config(shape, 128)["num_attention_heads"] == 4  # ratio 4: 4 heads over 1
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path).source.startswith("template qwen/qwen2.5-1.5b")
