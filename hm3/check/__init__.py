@@ -240,7 +240,7 @@ def _standin_data(data: dict[str, Any], level1: Any, models: dict[str, Path], ob
     out["experts"] = {ref: objectives[s] for ref, s in level1.experts.items()}
     make_optimizer(level1)  # the optimiser with the config's own budget and options, as the run builds it
     report.add("ok", "optimizer", f"{level1.optimizer.name} accepts budget {level1.optimizer.budget} and its options")
-    cheap = check_options(level1.optimizer.name)
+    cheap = check_options(level1.optimizer.name, level1.optimizer.options)
     options = {**(data.get("optimizer") or {}).get("options", {}), **cheap}
     budget = check_budget(level1, options)
     optimizer = {**(data.get("optimizer") or {}), "budget": budget, "options": options}
@@ -268,12 +268,17 @@ def _is_bayesian(name: str) -> bool:
     return issubclass(get_optimizer(name), BayesOptimizer)
 
 
-def check_options(name: str) -> dict[str, Any]:
-    """Optimiser options that keep a check's few candidates cheap: BO's acquisition optimised coarsely,
-    NSGA-II's population as small as it goes."""
-    if _is_bayesian(name):
-        return dict(BO_CHECK_OPTIONS)
-    return {"pop_size": 2} if name == "nsga2" else {}
+def check_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Optimiser options that keep a check's few candidates cheap: BO's acquisition optimised coarsely
+    (and bo-tcheby's scalarisations cut to one), NSGA-II's population as small as it goes."""
+    if name == "nsga2":
+        return {"pop_size": 2}
+    if not _is_bayesian(name):
+        return {}
+    if name == "bo-tcheby":  # a model step per preference vector: one vector, so the budget stays small
+        one = {"preferences": given["preferences"][:1]} if given.get("preferences") else {"n_preferences": 1}
+        return dict(BO_CHECK_OPTIONS) | one
+    return dict(BO_CHECK_OPTIONS)
 
 
 def check_budget(level1: Any, options: dict[str, Any]) -> int:
