@@ -204,11 +204,24 @@ def _executor_preset(args: argparse.Namespace) -> list[tuple[str, Any]]:
             if v is not None]
 
 
+def cmd_check(args: argparse.Namespace) -> Outcome:
+    from hm3.check import check_config
+
+    _threads(args)
+    report = check_config(args.config, sets=tuple(args.set or ()))
+    return Outcome(report.text(), report.to_json(), report.exit_code)
+
+
 def cmd_run(args: argparse.Namespace) -> Outcome:
     from hm3.overrides import load_config
     from hm3.run.config import parse_two_level_config
     from hm3.run.two_level import run_two_level
 
+    if args.dry_run:  # the same as `hm3 check CONFIG`: nothing is written, RUN_DIR is not needed
+        return cmd_check(args)
+    if args.run_dir is None:
+        log.error("hm3 run: RUN_DIR is required (or --dry-run, to check the config on stand-ins)")
+        return Outcome("", {}, ExitCode.USAGE)
     _threads(args)
     cfg = load_config(args.config, parse_two_level_config, sets=args.set or (), preset=_executor_preset(args))
     with _run_log(args.run_dir, args.argv):
@@ -443,12 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = command(sub, "run", cmd_run, "the two-level search: level 1 (merges) -> level 2 (layer paths) -> front",
                 ("search", "rl"))
     r.add_argument("config", help="run config YAML with a level2: section (see experiments/configs/)")
-    r.add_argument("run_dir", help="run directory: store, front.csv, candidates.csv, summary.json, front.png, "
-                   "points/, hm3.log")
+    r.add_argument("run_dir", nargs="?", help="run directory: store, front.csv, candidates.csv, summary.json, "
+                   "front.png, points/, hm3.log (not with --dry-run)")
     r.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    r.add_argument("--dry-run", action="store_true", help="only check the config on stand-ins, as 'hm3 check' "
+                   "does; writes nothing")
     _executor_flags(r)
     _set_flag(r)
     _threads_flag(r)
+
+    ck = command(sub, "check", cmd_check, "check a run config end to end in seconds: tiny stand-ins for the models "
+                 "and missing data, a 2-candidate search (and 2 level-2 episodes), nothing written", ("search", "rl"))
+    ck.add_argument("config", help="run config YAML (hm3 run or hm3 search param)")
+    _set_flag(ck)
+    _threads_flag(ck)
 
     # front, export and request read finished runs through hm3.run, which imports level 2 (rl) too
     fr = command(sub, "front", cmd_front, "print a finished run's front table and rewrite its plot (hm3 run or "

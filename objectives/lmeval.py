@@ -194,6 +194,14 @@ def _no_data(name: str, cfg: Mapping[str, Any], err: Exception) -> DataFileError
     )
 
 
+def declared_output_type(spec: LmEvalSpec) -> str | None:
+    """The ``output_type`` the task's YAML declares, read without loading its data (None: it declares
+    none, or names a group); unknown tasks are refused as :func:`load_task` refuses them."""
+    require("lmeval", what="lm-eval objectives")
+    value = (_find(spec).task_index[spec.task].cfg or {}).get("output_type")
+    return value if isinstance(value, str) else None
+
+
 def load_task(spec: LmEvalSpec) -> Any:
     """lm-eval's task object for ``spec`` (its data read offline), with the spec's few-shot count set."""
     require("lmeval", what="lm-eval objectives")

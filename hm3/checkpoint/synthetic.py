@@ -71,6 +71,31 @@ def build_random_llama(
         raise
 
 
+def build_random_causal_lm(out_dir: str | Path, config: dict, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """A randomly initialised causal LM of any transformers architecture, from a ``config.json``-style
+    mapping (``model_type`` plus that architecture's keys); same arguments give identical weights.
+
+    :func:`build_random_llama` covers the tests' Llama models; this one builds the stand-ins of
+    ``hm3 check`` in whatever family a run config names (qwen2, mistral, ...). A type that is not a
+    decoder-only causal LM in transformers (T5, BERT, an unknown name) raises :class:`ValueError`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(config["model_type"], **options)  # ValueError: unknown model type
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config).float().eval()  # ValueError: not a causal LM
+        _randomise_norms(model)
+    stage = StagedDirectory(out_dir, overwrite=overwrite)
+    try:
+        _save_quietly(model, stage.tmp, max_shard_size="50GB")
+        return stage.commit()
+    except BaseException:
+        stage.abort()
+        raise
+
+
 def _save_quietly(model: torch.nn.Module, directory: Path, *, max_shard_size: int | str) -> None:
     """``save_pretrained`` without its per-shard progress bar (noise in test and demo output)."""
     from transformers.utils import logging as hf_logging

@@ -1,0 +1,157 @@
+"""Stand-in models for ``hm3 check``: a tiny random model per config model, of the real one's family.
+
+A check must say in seconds whether a config would run, without the weights. So each model is
+replaced by one built here: the same ``model_type``, the same number of layers (so every setting
+that names layers -- ``num_layers``, ``layer_granularity``, ``t_max``, ``swaps`` -- is checked
+against the real depth), the same GQA ratio (heads per key/value head), tied or untied embeddings,
+attention and MLP biases and the same MLP width ratio, at a hidden size of a few dozen. The base is
+random; every other model is the base plus a small seeded perturbation, so merges have real task
+vectors. All share a character-level toy tokenizer (:mod:`hm3.zoo.tokenizer`), and their generation
+config ends generation at any token: a random model's answers are noise whatever their length, and
+generating hundreds of tokens per example is what would make a check take minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hm3.check.templates import TEMPLATES, find_template
+from hm3.errors import ConfigError
+
+#: Width of one attention head in a stand-in.
+HEAD_DIM = 8
+#: Embedding rows of a stand-in: the toy tokenizer's 99 tokens and room for the special tokens a
+#: family's tokenizer class adds when transformers loads it (Qwen2's adds one).
+VOCAB_ROWS = 128
+#: config.json keys copied unchanged into a stand-in: they change the computation, not its size.
+CARRIED = ("model_type", "num_hidden_layers", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
+           "sliding_window", "use_sliding_window", "max_window_layers")
+#: config.json keys that must agree across a config's models: a search merges them in memory over one
+#: architecture and one vocabulary (:func:`hm3.checkpoint.reader.check_compatible`).
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "tie_word_embeddings", "vocab_size")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Where a model's architecture came from (``source``) and its config.json keys (``config``)."""
+
+    ref: str
+    value: str
+    source: str
+    config: dict[str, Any]
+
+
+def _local_config(value: str, config_dir: Path) -> Path | None:
+    for folder in (Path(value).expanduser(), config_dir / value):
+        if (folder / "config.json").is_file():
+            return folder / "config.json"
+    return None
+
+
+def _cached_config(value: str) -> Path | None:
+    """``config.json`` of a hub id in the local HF cache, never downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from hm3.checkpoint.hub import hub_cache_dir, parse_hub_ref
+
+    hub = parse_hub_ref(value)
+    if hub is None:
+        return None
+    found = try_to_load_from_cache(hub.repo_id, "config.json", cache_dir=hub_cache_dir(),
+                                   revision=hub.revision or "main")
+    return Path(found) if isinstance(found, str) else None
+
+
+def model_shape(ref: str, value: Any, config_dir: Path) -> ModelShape:
+    """The architecture of config model ``ref`` (``models.REF: VALUE``): its config.json from a local
+    folder or the HF cache, else a known-shape template; refused, naming the key, when neither exists."""
+    if not isinstance(value, str):
+        raise ConfigError(f"models.{ref}: expected a directory or hub id, got {value!r}")
+    path = _local_config(value, config_dir) or _cached_config(value)
+    if path is not None:
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"models.{ref}: cannot read {path}: {err}") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ConfigError(f"models.{ref}: {path} holds no model_type: not a Hugging Face model config")
+        return ModelShape(ref, value, f"config.json at {path}", config)
+    template = find_template(value)
+    if template is None:
+        known = ", ".join(sorted(TEMPLATES))
+        raise ConfigError(
+            f"models.{ref}: {value!r}: no config.json here (not a local folder holding one, relative to the CWD "
+            f"or to {config_dir}, nor in the Hugging Face cache) and no known-shape template for it; put the "
+            f"model's config.json in a folder of that name, or name one of: {known}")
+    hub, config = template
+    return ModelShape(ref, value, f"template {hub} (its published config.json; not read here)", config)
+
+
+def _int(shape: ModelShape, key: str) -> int:
+    value = shape.config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"models.{shape.ref}: {shape.source}: {key} is {value!r}, not a positive whole number")
+    return value
+
+
+def standin_config(shape: ModelShape, vocab_size: int) -> dict[str, Any]:
+    """A tiny config.json of ``shape``'s family and ratios (module docstring), over a ``vocab_size`` vocabulary."""
+    for key in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if key not in shape.config:  # e.g. T5 (d_model, num_heads): say what it is, not which key it lacks
+            raise ConfigError(f"models.{shape.ref}: model_type {shape.config.get('model_type')!r} ({shape.source}) "
+                              f"has no {key}: hm3 merges and evaluates decoder-only causal LMs "
+                              "(Llama, Mistral, Qwen2 and the like), not this architecture")
+    heads = _int(shape, "num_attention_heads")
+    kv = shape.config.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ConfigError(f"models.{shape.ref}: num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv} ({shape.source})")
+    ratio = heads // kv
+    kv_small = 2 if ratio == 1 else 1
+    hidden = kv_small * ratio * HEAD_DIM
+    width = _int(shape, "intermediate_size") / _int(shape, "hidden_size")
+    out = {k: shape.config[k] for k in CARRIED if k in shape.config}
+    out |= {"hidden_size": hidden, "intermediate_size": max(8, round(width * hidden)),
+            "num_attention_heads": kv_small * ratio, "num_key_value_heads": kv_small, "head_dim": HEAD_DIM,
+            "vocab_size": vocab_size, "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1,
+            "eos_token_id": 2}
+    return out
+
+
+def shape_conflicts(shapes: list[ModelShape]) -> list[str]:
+    """Architecture keys on which the models differ (a merge needs one architecture), one line each."""
+    lines = []
+    for key in SHAPE_KEYS:
+        values = {s.ref: s.config.get(key, s.config.get("num_attention_heads") if key == "num_key_value_heads"
+                                      else None) for s in shapes}
+        if len(set(map(repr, values.values()))) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{ref} {v!r}" for ref, v in values.items()))
+    return lines
+
+
+def build_standins(shapes: list[ModelShape], base_ref: str, out_dir: Path, *, seed: int) -> dict[str, Path]:
+    """Stand-in model folders, one per shape: the base random, the others base + seeded perturbation."""
+    from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_causal_lm
+    from hm3.zoo.tokenizer import save_char_tokenizer
+
+    by_ref = {s.ref: s for s in shapes}
+    base = by_ref[base_ref]
+    try:
+        base_dir = build_random_causal_lm(out_dir / base_ref, standin_config(base, VOCAB_ROWS), seed=seed)
+    except ValueError as err:  # transformers: an unknown model type, or one that is not a causal LM
+        raise ConfigError(f"models.{base_ref}: cannot build a {base.config.get('model_type')!r} causal LM "
+                          f"({base.source}): {err}") from None
+    save_char_tokenizer(base_dir)
+    # every token ends generation (module docstring): answers stay one token long
+    (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(VOCAB_ROWS)),
+                                                                 "pad_token_id": 0, "bos_token_id": 1}))
+    dirs = {base_ref: base_dir}
+    for i, shape in enumerate(s for s in shapes if s.ref != base_ref):
+        dirs[shape.ref] = build_finetuned_variant(base_dir, out_dir / shape.ref, seed=seed + 1 + i, scale=0.05)
+        for extra in ("generation_config.json",):
+            (dirs[shape.ref] / extra).write_text((base_dir / extra).read_text())
+    return dirs

@@ -1,0 +1,169 @@
+"""``hm3 check``: stand-in shapes, bad inputs refused by name, and nothing written outside a temp dir."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hm3.check.models import ModelShape, standin_config
+from hm3.check.templates import find_template
+from hm3.cli import main
+
+ZOO_LEVEL1 = Path(__file__).parents[1] / "experiments" / "configs" / "zoo_level1.yml"
+
+
+def _check(capsys: pytest.CaptureFixture, config: Path, *extra: str) -> tuple[int, dict]:
+    rc = main(["check", str(config), "--json", "-q", *extra])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def _write(folder: Path, data: dict) -> Path:
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_standin_keeps_family_depth_gqa_ratio_and_tied_embeddings() -> None:
+    # Qwen2.5-1.5B: 12 query heads over 2 key/value heads (ratio 6), 28 layers, tied, MLP 8960/1536 wide
+    shape = ModelShape("base", "Qwen/Qwen2.5-1.5B", "test", find_template("Qwen/Qwen2.5-1.5B")[1])
+    cfg = standin_config(shape, 128)
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["tie_word_embeddings"]) == ("qwen2", 28, True)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]) == (6, 1, 48)
+    assert cfg["intermediate_size"] == 280  # round(8960 / 1536 * 48)
+    llama = standin_config(ModelShape("b", "x", "test", find_template("meta-llama/Llama-2-7b-hf")[1]), 128)
+    assert (llama["num_attention_heads"], llama["num_key_value_heads"], llama["tie_word_embeddings"]) == (2, 2, False)
+
+
+def test_templates_match_hub_ids_and_folder_names_only() -> None:
+    assert find_template("/models/Qwen2.5-Math-1.5B-Instruct")[0] == "qwen/qwen2.5-math-1.5b-instruct"
+    assert find_template("codellama/CodeLlama-7b-hf@main")[0] == "codellama/codellama-7b-hf"
+    assert find_template("/models/my-own-model") is None
+
+
+def test_missing_model_without_template_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write(tmp_path, {"models": {"base": "/nowhere/my-own-base", "a": "/nowhere/my-own-base"},
+                               "objectives": ["zoo:math"], "search_space": {"base_model": "base", "models": ["a"]},
+                               "optimizer": {"name": "random", "budget": 4}})
+    rc, out = _check(capsys, config)
+    assert rc == 3 and not out["passed"]
+    assert "models.a: '/nowhere/my-own-base'" in out["error"] and "no known-shape template" in out["error"]
+
+
+def test_broken_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = yaml.safe_load(ZOO_LEVEL1.read_text())
+    data["search_space"]["densty_bounds"] = [0.2, 1.0]
+    rc, out = _check(capsys, _write(tmp_path, data))
+    assert rc == 3 and "search_space.densty_bounds: unknown key" in out["error"]
+
+
+def test_bad_yaml_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("models: [unclosed\n")
+    rc, out = _check(capsys, path)
+    assert rc == 3 and "not valid YAML" in out["error"]
+
+
+def test_bad_objective_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = yaml.safe_load(ZOO_LEVEL1.read_text()) | {"objectives": ["zoo:math", "zoo:code", "zoo:translation",
+                                                                  "nosuch:thing"]}
+    data["zoo"] = str(Path(__file__).parents[1] / "hm3" / "zoo" / "shipped" / "micro")
+    rc, out = _check(capsys, _write(tmp_path, data))
+    assert rc == 3 and "unknown objective 'nosuch:thing'" in out["error"]
+
+
+def test_run_dry_run_is_check_and_run_needs_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write(tmp_path, {"models": {"base": "/nowhere/x", "a": "/nowhere/x"}, "objectives": ["zoo:math"],
+                               "search_space": {"base_model": "base", "models": ["a"]}})
+    assert main(["run", str(config), "--dry-run", "--json", "-q"]) == 3
+    assert "no known-shape template" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["run", str(config), "-q"]) == 2
+
+
+@pytest.mark.slow
+def test_the_demos_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hm3.demo import DEMO_CONFIG
+
+    rc, out = _check(capsys, _write(tmp_path, {"zoo": "builtin:micro", **DEMO_CONFIG}))
+    assert rc == 0 and out["passed"], out["error"]
+    assert [i["what"] for i in out["items"] if i["status"] == "ok"][-2:] == ["level 1", "level 2"]
+
+
+@pytest.mark.slow
+def test_check_passes_on_the_zoo_and_writes_nothing_outside_a_temp_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    work, temp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    temp.mkdir()
+    config = _write(work, yaml.safe_load(ZOO_LEVEL1.read_text()))
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    seen = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):  # the check's directory is made where tempfile says, and removed
+        made = real(*args, **kwargs)
+        seen.append(Path(made.name))
+        return made
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    zoo_before = _tree(ZOO_LEVEL1.parents[2] / "hm3" / "zoo" / "shipped")
+    rc, out = _check(capsys, config)
+    assert rc == 0 and out["passed"], out["error"]
+    assert any(i["what"] == "level 1" and i["status"] == "ok" for i in out["items"])
+    assert seen and all(p.parent == temp for p in seen)
+    assert _tree(work) == {"config.yml"} and _tree(temp) == set()
+    assert _tree(ZOO_LEVEL1.parents[2] / "hm3" / "zoo" / "shipped") == zoo_before
+
+
+@pytest.mark.slow
+def test_lmeval_task_without_data_stands_in_as_an_lmeval_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "absent.yaml").write_text(yaml.safe_dump({
+        "task": "hm3_absent", "dataset_path": "hm3-test/absent-data", "output_type": "multiple_choice",
+        "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": "gold"}))
+    data = yaml.safe_load(ZOO_LEVEL1.read_text())
+    data["objectives"] = ["zoo:math", "zoo:code", "zoo:translation", f"lm-eval:hm3_absent,include_path={tasks}"]
+    data["optimizer"] = {"name": "random", "budget": 4}
+    rc, out = _check(capsys, _write(tmp_path, data))
+    assert rc == 0 and out["passed"], out["error"]
+    (sub,) = [i for i in out["items"] if i["what"].startswith("objectives[3]")]
+    assert "not in the local datasets cache: stand-in multiple_choice lm-eval task" in sub["detail"]
+    assert sorted(p.name for p in tasks.iterdir()) == ["absent.yaml"]
+
+
+def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureFixture) -> None:
+    config = ZOO_LEVEL1.parent / "qwen25_1p5b_two_level.yml"
+    rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")
+    assert rc == 3 and "level2.rl.t_max = 40" in out["error"] and "must be <= 28" in out["error"]
+    assert "the stand-in for /models/Qwen2.5-1.5B-Instruct" in out["error"] and "hm3-check-" not in out["error"]
+
+
+def test_shape_comes_from_the_hf_cache_before_any_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hm3.check.models import model_shape
+    from tests.hub_cache import add_to_hub_cache
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    # a config.json unlike the template of that hub id: 3 layers, 8 heads over 2
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+                                                    "num_hidden_layers": 3, "num_attention_heads": 8,
+                                                    "num_key_value_heads": 2, "vocab_size": 100}))
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "Qwen/Qwen2.5-1.5B", folder, "a" * 40, refs=["main"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    shape = model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path)
+    assert shape.source.startswith("config.json at ") and str(cache) in shape.source
+    assert shape.config["num_hidden_layers"] == 3
+    assert standin_config(shape, 128)["num_attention_heads"] == 4  # ratio 4: 4 heads over 1
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path).source.startswith("template qwen/qwen2.5-1.5b")
