@@ -111,6 +111,17 @@ def test_sfc64_integer_mask_equals_comparing_the_uniforms(density):
     assert torch.equal(mask, uniforms < density)
 
 
+def test_sfc64_integer_mask_agrees_at_densities_on_and_between_the_drawn_values():
+    """Densities equal to a drawn U, or off it by less than float32 resolves (rounded to U by the comparison):
+    the cases where an integer threshold of the wrong width or rounding would keep a different set."""
+    tau = torch.zeros(64)
+    uniforms = ops._uniforms(tau, mask_generator("sfc64", 2, NAME, 0))
+    for u in uniforms[uniforms > 0.01].tolist():
+        for density in (u, u + 2**-27, u - 2**-27, u + 3 * 2**-26):
+            mask = ops._sfc64_keep_mask(tau, density, mask_generator("sfc64", 2, NAME, 0))
+            assert torch.equal(mask, uniforms < density), density
+
+
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.8])
 def test_sfc64_keep_rate_is_the_density(density):
     n = 400_000
