@@ -848,7 +848,7 @@ SECTIONS: list[Section] = [
     Section(
         "Merge engine: hm3 against mergekit",
         "`hm3 merge` and `mergekit-yaml` on the same recipes, alternating after a warm-up run: TIES and DARE-TIES "
-        "(weights 0.6 / 0.4, density 0.5), DELLA and DELLA-linear (the same, ε 0.1), SLERP (t 0.4, base and one "
+        "(weights 0.6 / 0.4, density 0.5), DELLA (the same, ε 0.1; DELLA-linear too when `--methods` lists it), SLERP (t 0.4, base and one "
         "model), float32. hm3 runs the random methods twice per round, with the default mask generator (`mt19937`, "
         "the draw of every stored recipe) and with `mask_rng: sfc64`. Each run is its own process, with its peak "
         "RSS from `wait4`; the floor reads the three models and writes one with a single elementwise operation, in "
