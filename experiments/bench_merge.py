@@ -3,13 +3,16 @@
 Builds three ~125M-parameter fp32 Llama checkpoints (a base and two variants)
 locally, then times, alternating A B A B … so machine noise hits both alike:
 
-* ``hm3 merge`` vs ``mergekit-yaml`` on the same TIES and DARE-TIES recipes
-  (median wall time, peak RSS of each process, and the ratios);
+* ``hm3 merge`` vs ``mergekit-yaml`` on the same TIES, DARE-TIES, SLERP, DELLA
+  and DELLA-linear recipes (median wall time, peak RSS of each process, and the
+  ratios); for the random methods hm3 also runs the recipe with
+  ``mask_rng: sfc64`` (its faster mask draw; the recipe as given keeps the
+  default ``mt19937`` draw), in the same rounds;
 * the floor: one process that reads the three models and writes one with a
   single elementwise operation (hm3's reader/writer, no merge math);
 * the in-memory path: one candidate merged straight into a live model.
 
-Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--work DIR] [--out FILE]
+Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--methods ties,dare_ties,...] [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -43,7 +46,30 @@ def build_models(work: Path) -> dict[str, Path]:
     return paths
 
 
+METHODS = ("ties", "dare_ties", "slerp", "della", "della_linear")
+#: methods with a random drop mask: hm3 also runs them with its faster mask generator
+RANDOM_METHODS = ("dare_ties", "della", "della_linear")
+
+
 def recipe(paths: dict[str, Path], method: str) -> dict:
+    if method == "slerp":  # the shape of the slerp configs people share: the base listed among the models
+        return {
+            "merge_method": "slerp",
+            "base_model": str(paths["base"]),
+            "models": [{"model": str(paths["base"])}, {"model": str(paths["a"])}],
+            "parameters": {"t": 0.4},
+            "dtype": "float32",
+        }
+    if method.startswith("della"):
+        return {
+            "merge_method": method,
+            "base_model": str(paths["base"]),
+            "models": [
+                {"model": str(paths["a"]), "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.1}},
+                {"model": str(paths["b"]), "parameters": {"weight": 0.4, "density": 0.5, "epsilon": 0.1}},
+            ],
+            "dtype": "float32",
+        }
     return {
         "merge_method": method,
         "base_model": str(paths["base"]),
@@ -92,8 +118,8 @@ def in_memory_timing(paths: dict[str, Path], reps: int) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
     params = {k: v.data for k, v in model.named_parameters()}
     out = {"load_once_s": load_s}
-    for method in ("ties", "dare_ties"):
-        r = parse_merge_config(recipe(paths, method))
+    for method, extra in (("ties", {}), ("dare_ties", {}), ("dare_ties_sfc64", {"mask_rng": "sfc64"})):
+        r = parse_merge_config(recipe(paths, method.removesuffix("_sfc64")) | extra)
         times = []
         for _ in range(reps + 1):
             t = time.perf_counter()
@@ -106,6 +132,7 @@ def in_memory_timing(paths: dict[str, Path], reps: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hm3-bench-merge")
     harness.add_out_arguments(ap, "bench_merge")
     ap.add_argument("--floor-only", type=Path, help=argparse.SUPPRESS)  # internal: run the floor job
@@ -117,6 +144,7 @@ def main() -> None:
         return
 
     results: dict[str, dict[str, list[float]]] = {}
+    load_before = list(os.getloadavg())  # the machine may be shared: the report says how busy it was
 
     def record(key: str, cmd: list[str]) -> None:
         wall, rss = run_timed(cmd)
@@ -125,17 +153,28 @@ def main() -> None:
         results[key]["peak_rss_mb"].append(rss)
         print(f"  {key:22s} {wall:7.2f} s  {rss:7.0f} MB", flush=True)
 
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     floor_cmd = [sys.executable, __file__, "--work", str(args.work), "--floor-only", str(args.work / "floor")]
-    for method in ("ties", "dare_ties"):
+    for method in methods:
         cfg = args.work / f"{method}.yml"
         cfg.write_text(yaml.safe_dump(recipe(paths, method)))
         hm3_cmd = [str(BIN / "hm3"), "merge", str(cfg), str(args.work / f"hm3_{method}"), "--overwrite"]
+        fast_cmd = None
+        if method in RANDOM_METHODS:  # mergekit refuses hm3's keys, so the variant has its own recipe file
+            fast_cfg = args.work / f"{method}_sfc64.yml"
+            fast_cfg.write_text(yaml.safe_dump(recipe(paths, method) | {"mask_rng": "sfc64"}))
+            fast_cmd = [str(BIN / "hm3"), "merge", str(fast_cfg), str(args.work / f"hm3_{method}"), "--overwrite"]
         mk_out = args.work / f"mk_{method}"
         mk_cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(mk_out), "--quiet"]
         print(f"{method}: warm-up, then {args.reps} rounds of hm3, mergekit, floor", flush=True)
         run_timed(hm3_cmd)  # warm the page cache
         for _ in range(args.reps):
             record(f"hm3_{method}", hm3_cmd)
+            if fast_cmd is not None:
+                record(f"hm3_{method}_sfc64", fast_cmd)
             subprocess.run(["rm", "-rf", str(mk_out)], check=True)
             record(f"mergekit_{method}", mk_cmd)
             record(f"floor_{method}_round", floor_cmd)  # the floor measured in the same rounds (same load)
@@ -145,13 +184,17 @@ def main() -> None:
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in results.items()}
     ratios = {}
-    for method in ("ties", "dare_ties"):
-        h, m, f = med[f"hm3_{method}"], med[f"mergekit_{method}"], med[f"floor_{method}_round"]
-        ratios[method] = {
-            "wall_vs_mergekit": h["wall_s"] / m["wall_s"],
-            "rss_vs_mergekit": h["peak_rss_mb"] / m["peak_rss_mb"],
-            "wall_vs_floor": h["wall_s"] / f["wall_s"],
-        }
+    for method in methods:
+        m, f = med[f"mergekit_{method}"], med[f"floor_{method}_round"]
+        for key in (method, f"{method}_sfc64"):
+            if f"hm3_{key}" not in med:
+                continue
+            h = med[f"hm3_{key}"]
+            ratios[key] = {
+                "wall_vs_mergekit": h["wall_s"] / m["wall_s"],
+                "rss_vs_mergekit": h["peak_rss_mb"] / m["peak_rss_mb"],
+                "wall_vs_floor": h["wall_s"] / f["wall_s"],
+            }
     from hm3.checkpoint import open_checkpoint
 
     ck = open_checkpoint(paths["base"])
@@ -163,6 +206,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "params_per_model": n_params,
         "reps": args.reps,
+        "methods": methods,
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
         "raw": results,
         "median": med,
         "ratios": ratios,

@@ -8,6 +8,9 @@ additions are extra keys (see ``docs/RECIPES.md``):
 
 * top-level ``seed`` — seeds DARE's random drop masks (mergekit uses torch's
   global RNG, so its DARE merges are not reproducible);
+* top-level ``mask_rng`` — the generator of those masks: ``mt19937`` (torch's, what
+  a recipe without the key gets, so stored recipes keep their tensors) or
+  ``sfc64`` (numpy's SFC64, about twice as fast to draw);
 * global parameter ``rescale_mode`` — ``l1`` (mergekit's: keep the L1 norm),
   ``inverse`` (the DARE paper's 1/density) or ``none``;
 * per-model parameter ``fisher`` — path to a safetensors file of diagonal
@@ -29,6 +32,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hm3.errors import ConfigError, invalid_config
+
+#: DARE/DELLA drop-mask generators a recipe may name (:func:`hm3.merge.plan.mask_generator`).
+MASK_RNGS: tuple[str, ...] = ("mt19937", "sfc64")
+MaskRng = Literal["mt19937", "sfc64"]
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -157,6 +164,7 @@ class MergeConfig(_Frozen):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
     seed: int | None = None
+    mask_rng: MaskRng | None = None  # None: mt19937, the draw of recipes written before the key existed
 
     @field_validator("models")
     @classmethod

@@ -27,7 +27,7 @@ from hm3.devices import check_device
 from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
-from hm3.merge.plan import MergePlan, SourceTensor, TensorJob, dare_generator, plan_merge
+from hm3.merge.plan import MergePlan, SourceTensor, TensorJob, mask_generator, plan_merge
 from hm3.merge.vocab import remap_rows
 
 
@@ -90,7 +90,9 @@ def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers) -> torch.Te
         model_params=job.model_params,
         params=job.params,
         fishers=fishers,
-        generators=(lambda k: dare_generator(plan.seed, job.name, k)) if plan.method.uses_randomness else None,
+        generators=(lambda k: mask_generator(plan.mask_rng, plan.seed, job.name, k))
+        if plan.method.uses_randomness
+        else None,
     )
     with torch.no_grad():
         return plan.method.fn(inputs)

@@ -7,7 +7,7 @@ from typing import Any
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import get_method
-from hm3.merge.plan import DEFAULT_SEED
+from hm3.merge.plan import DEFAULT_MASK_RNG, DEFAULT_SEED
 
 
 def to_mergekit(config: MergeConfig) -> dict[str, Any]:
@@ -15,14 +15,15 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
 
     hm3-only features are translated where mergekit has an equivalent
     (``rescale_mode: l1|none`` -> ``rescale: true|false``) and refused where it
-    has none (Fisher weighting, the papers' 1/keep-probability rescale). ``seed`` is
-    dropped: mergekit has no config key for it (see :func:`mergekit_notes`).
+    has none (Fisher weighting, the papers' 1/keep-probability rescale). ``seed`` and
+    ``mask_rng`` are dropped: mergekit has no config key for them (see :func:`mergekit_notes`).
     """
     method = get_method(config.merge_method)
     if method.mergekit_name is None:
         raise ConfigError(f"mergekit has no equivalent of merge_method {method.name!r}")
     data = config.model_dump(exclude_none=True, mode="json")
     data.pop("seed", None)
+    data.pop("mask_rng", None)  # hm3's choice of mask generator: mergekit draws from torch's global one
     data["merge_method"] = method.mergekit_name
 
     def translate(params: dict[str, Any], where: str) -> dict[str, Any]:
@@ -64,8 +65,10 @@ def mergekit_notes(config: MergeConfig, exported_as: str) -> list[str]:
     if not get_method(config.merge_method).uses_randomness:
         return []
     seed = config.seed if config.seed is not None else DEFAULT_SEED
+    rng = config.mask_rng or DEFAULT_MASK_RNG
     return [
-        f"hm3 draws {config.merge_method}'s drop masks with seed {seed} (hm3 merge --seed overrides it). mergekit has",
+        f"hm3 draws {config.merge_method}'s drop masks with seed {seed} and mask_rng {rng} (hm3 merge --seed "
+        "overrides the seed). mergekit has",
         "no config key for a seed; this command makes its merge repeatable, with mergekit's own masks:",
         f"  mergekit-yaml {exported_as} OUTPUT_DIR --random-seed {seed}",
         "Its tensors differ from hm3's: mergekit draws from torch's global generator, hm3 one per tensor and model.",

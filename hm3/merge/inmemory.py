@@ -42,7 +42,7 @@ from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import TensorInputs, get_method
-from hm3.merge.plan import dare_generator, input_refs_for, resolve_jobs
+from hm3.merge.plan import DEFAULT_MASK_RNG, input_refs_for, mask_generator, resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class InMemoryMerger:
         if fisher_wanted and self._fishers is None:
             raise ConfigError("recipe asks for Fisher weighting but no Fisher tensors were set (set_fishers)")
         run_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
+        mask_rng = recipe.mask_rng or DEFAULT_MASK_RNG
         with torch.no_grad():
             for job in jobs:
                 deltas = self.deltas[job.name]
@@ -204,7 +205,7 @@ class InMemoryMerger:
                     model_params=job.model_params,
                     params=job.params,
                     fishers=[self._on_device(self._fishers[r][job.name]) for r in refs] if fisher_wanted else None,
-                    generators=(lambda k, n=job.name: dare_generator(run_seed, n, k))
+                    generators=(lambda k, n=job.name: mask_generator(mask_rng, run_seed, n, k))
                     if method.uses_randomness
                     else None,
                 )

@@ -83,7 +83,7 @@ class TensorInputs:
     model_params: Sequence[dict[str, Any]]
     params: dict[str, Any]
     fishers: Sequence[torch.Tensor] | None = None
-    generators: Callable[[int], torch.Generator] | None = None  # DARE: per-model seeded RNG
+    generators: Callable[[int], ops.MaskGenerator] | None = None  # DARE/DELLA: per-model seeded RNG
     deltas: Sequence[torch.Tensor] | None = None  # precomputed task vectors (in-memory path)
 
 
@@ -210,6 +210,21 @@ def _dare_deltas(x: TensorInputs) -> list[torch.Tensor]:
     ]
 
 
+def _dare_stack(x: TensorInputs) -> torch.Tensor | None:
+    """DARE's sparsified task vectors stacked ``[M, …]``, built in place (:func:`ops.dare_`), or None when the
+    inputs' dtypes differ from the base's (then :func:`_dare_deltas` keeps the promotion rules)."""
+    assert x.base is not None and x.generators is not None
+    sources = x.deltas if x.deltas is not None else x.tensors
+    if any(t.dtype != x.base.dtype for t in sources):
+        return None
+    stacked = torch.stack(list(sources)) if x.deltas is not None else ops.stacked_task_vectors(x.base, x.tensors)
+    scratch = torch.empty_like(stacked[0]) if stacked.dtype == torch.float32 else None
+    mode = _rescale(x)
+    for k, (row, dens) in enumerate(zip(stacked, _densities(x), strict=True)):
+        ops.dare_(row, dens, generator=x.generators(k), rescale=mode, scratch=scratch)
+    return stacked
+
+
 def _breadcrumbs_deltas(x: TensorInputs) -> list[torch.Tensor]:
     mode = _rescale(x)
     return [
@@ -319,7 +334,10 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 )
 def _dare_ties(x: TensorInputs) -> torch.Tensor:
     """DARE random drop + rescale, then TIES sign election and disjoint merge."""
-    return _sign_consensus(x, _dare_deltas(x))
+    stacked = _dare_stack(x)
+    if stacked is None:
+        return _sign_consensus(x, _dare_deltas(x))
+    return ops.sign_consensus_merge(x.base, stacked, _weights(x), **_gta_options(x))
 
 
 @merge_method(

@@ -179,6 +179,10 @@ class SearchSpace(BaseModel):
         None, description="merge methods the search chooses among, a categorical dimension (module docstring); "
         "None: the one method dare / df_merge name"
     )
+    mask_rng: Literal["mt19937", "sfc64"] | None = Field(
+        None, description="the drop-mask generator its recipes name (recipe key mask_rng); None: they name none, "
+        "which merges with mt19937"
+    )
     param_bounds: dict[str, Bounds] = Field(
         default_factory=dict, description="search ranges of the methods' own parameters (epsilon, gamma, lambda), "
         "replacing the registry's"
@@ -186,11 +190,13 @@ class SearchSpace(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """The dump (what a run store records) leaves out ``methods`` and ``param_bounds`` while unset, so a
-        single-method space is stored as before they existed and older runs resume unchanged."""
+        """The dump (what a run store records) leaves out ``methods``, ``mask_rng`` and ``param_bounds`` while
+        unset, so a space that does not use them is stored as before they existed and older runs resume unchanged."""
         data = handler(self)
         if self.methods is None:
             data.pop("methods", None)
+        if self.mask_rng is None:
+            data.pop("mask_rng", None)
         if not self.param_bounds:
             data.pop("param_bounds", None)
         return data
@@ -596,6 +602,8 @@ class SearchSpace(BaseModel):
         if global_params:
             recipe["parameters"] = global_params
         recipe["seed"] = self.seed
+        if self.mask_rng is not None:
+            recipe["mask_rng"] = self.mask_rng
         return recipe
 
     def _read_setting(self, setting: Any, where: str) -> list[float]:

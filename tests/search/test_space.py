@@ -421,6 +421,22 @@ def test_a_one_method_list_is_todays_space_and_todays_dump_is_unchanged():
     assert parse_search_space(dumped) == _space(methods=THREE, param_bounds={"lambda": [0.8, 1.2]})
 
 
+def test_a_space_with_mask_rng_names_it_in_every_recipe_and_in_its_dump():
+    """A search that picks the sfc64 draw records it where a re-merge reads it: each recipe and the stored space."""
+    from hm3.config import parse_merge_config
+
+    x = torch.rand(_space().dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert "mask_rng" not in _space().to_recipe(x)  # unset: recipes as before, merged with mt19937
+    fast = _space(mask_rng="sfc64")
+    recipe = fast.to_recipe(x)
+    assert recipe["mask_rng"] == "sfc64" and parse_merge_config(recipe).mask_rng == "sfc64"
+    assert torch.allclose(fast.from_recipe(recipe), x)
+    dumped = fast.model_dump(mode="json")
+    assert dumped["mask_rng"] == "sfc64" and parse_search_space(dumped) == fast
+    with pytest.raises(ConfigError, match="mask_rng"):
+        parse_search_space(_space().model_dump(mode="json") | {"mask_rng": "philox"})
+
+
 def test_param_bounds_replace_the_registrys_ranges():
     s = _space(methods=["della"], param_bounds={"lambda": [0.8, 1.2], "epsilon": [0.0, 0.05]})
     names = s.param_names()

@@ -1,0 +1,184 @@
+"""DARE/DELLA drop-mask generators: the recorded draw of older recipes stays bit-identical, the faster one
+(``mask_rng: sfc64``) keeps DARE's statistics, and the in-place DARE used by DARE-TIES equals :func:`ops.dare`."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hm3.config import parse_merge_config
+from hm3.errors import ConfigError
+from hm3.merge import methods, ops
+from hm3.merge.export import mergekit_notes, to_mergekit
+from hm3.merge.methods import TensorInputs
+from hm3.merge.plan import DEFAULT_MASK_RNG, dare_generator, mask_generator
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+GTA = {"normalize": False, "rescale": False, "lambda": 1.0, "rescale_mode": None, "int8_mask": False}
+
+
+def _dare_ties(base, thetas, density, generators, **params) -> torch.Tensor:
+    x = TensorInputs(name=NAME, base=base, tensors=thetas, model_params=[{"weight": 1.0, "density": density}] * 2,
+                     params=GTA | params, generators=generators)
+    return methods.get_method("dare_ties").fn(x)
+
+
+# --- the recorded draw (mt19937) ---------------------------------------------------------------------------
+
+
+def test_a_recipe_without_mask_rng_keeps_the_recorded_draw():
+    """Pinned: masks of seed 0 on this tensor (drawn before ``mask_rng`` existed), and the DARE-TIES merge they give.
+
+    τ_0 = i, τ_1 = −2i (i = 1…12), weights 1, no rescale: where model 1 keeps an entry the elected sign is −
+    and the merge is −2i; where only model 0 keeps it, i; where neither does, 0.
+    """
+    recipe = parse_merge_config({"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "m"}]})
+    assert recipe.mask_rng is None and DEFAULT_MASK_RNG == "mt19937"
+    masks = [[1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1]]
+    for k, mask in enumerate(masks):
+        draws = torch.rand(12, generator=mask_generator(DEFAULT_MASK_RNG, 0, NAME, k))
+        assert (draws < 0.5).int().tolist() == mask
+    i = torch.arange(1.0, 13.0)
+    merged = _dare_ties(torch.zeros(12), [i, -2 * i], 0.5, lambda k: mask_generator(DEFAULT_MASK_RNG, 0, NAME, k))
+    assert merged.tolist() == [1, 2, -6, 4, -10, -12, -14, -16, -18, -20, 0, -24]
+
+
+def test_mt19937_is_the_dare_generator_of_older_hm3():
+    for k in range(2):
+        a = torch.rand(64, generator=mask_generator("mt19937", 5, NAME, k))
+        assert torch.equal(a, torch.rand(64, generator=dare_generator(5, NAME, k)))
+
+
+# --- in-place DARE (the DARE-TIES path) equals ops.dare bit for bit ------------------------------------------------
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rescale", ["l1", "inverse", "none"])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.9, 1.0])
+def test_in_place_dare_equals_dare(rng, dtype, rescale, density):
+    tau = torch.randn(70, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = ops.dare(tau, density, generator=mask_generator(rng, 1, NAME, 0), rescale=rescale)
+    work = tau.clone()
+    out = ops.dare_(work, density, generator=mask_generator(rng, 1, NAME, 0), rescale=rescale)
+    assert out is work and out.dtype == dtype
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))  # bit for bit, signs of zeros included
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_dare_ties_equals_dare_then_ties(rng):
+    """The stacked in-place DARE-TIES gives the tensors of DARE per model followed by TIES at density 1."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 30, generator=g)
+    thetas = [base + 0.1 * torch.randn(40, 30, generator=g) for _ in range(2)]
+    gens = lambda k: mask_generator(rng, 3, NAME, k)  # noqa: E731
+    merged = _dare_ties(base, thetas, 0.4, gens, rescale=True)
+    sparse = [ops.dare(t - base, 0.4, generator=gens(k), rescale="l1") for k, t in enumerate(thetas)]
+    expected = ops.ties(base, sparse, [1.0, 1.0], [1.0, 1.0], normalize=False)
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+
+
+# --- the sfc64 draw -----------------------------------------------------------------------------------------
+
+
+def test_sfc64_words_are_numpys_raw_stream_low_word_first():
+    """Pinned words of seed 0 on this tensor, and how they are defined: SFC64 seeded by a SeedSequence of the
+    first 16 bytes (little-endian) of sha256("0/NAME/0"), each 64-bit output split low word first."""
+    words = ops._sfc64_words(mask_generator("sfc64", 0, NAME, 0), 6)
+    assert words.tolist() == [1856199376, 1330340299, 4157498307, 1558073887, 2232736536, 3350132747]
+    key = int.from_bytes(hashlib.sha256(f"0/{NAME}/0".encode()).digest()[:16], "little")
+    raw = np.random.SFC64(np.random.SeedSequence(key)).random_raw(3)
+    assert words.tolist() == [int(w) for r in raw for w in (int(r) & 0xFFFFFFFF, int(r) >> 32)]
+
+
+def test_sfc64_uniforms_are_the_top_24_bits_of_each_word():
+    tau = torch.zeros(5)
+    u = ops._uniforms(tau, mask_generator("sfc64", 0, NAME, 0))
+    words = [1856199376, 1330340299, 4157498307, 1558073887, 2232736536]
+    assert u.dtype == torch.float32 and u.tolist() == [(w >> 8) / 2**24 for w in words]
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 1e-3, 0.123456789, 1 - 2**-24, 1 - 1e-9])
+def test_sfc64_integer_mask_equals_comparing_the_uniforms(density):
+    """DARE-TIES compares the words with an integer threshold; it must keep exactly the entries U < ρ keeps."""
+    tau = torch.zeros(200_003)
+    mask = ops._sfc64_keep_mask(tau, density, mask_generator("sfc64", 9, NAME, 1))
+    uniforms = ops._uniforms(tau, mask_generator("sfc64", 9, NAME, 1))
+    assert torch.equal(mask, uniforms < density)
+
+
+def test_sfc64_integer_mask_agrees_at_densities_on_and_between_the_drawn_values():
+    """Densities equal to a drawn U, or off it by less than float32 resolves (rounded to U by the comparison):
+    the cases where an integer threshold of the wrong width or rounding would keep a different set."""
+    tau = torch.zeros(64)
+    uniforms = ops._uniforms(tau, mask_generator("sfc64", 2, NAME, 0))
+    for u in uniforms[uniforms > 0.01].tolist():
+        for density in (u, u + 2**-27, u - 2**-27, u + 3 * 2**-26):
+            mask = ops._sfc64_keep_mask(tau, density, mask_generator("sfc64", 2, NAME, 0))
+            assert torch.equal(mask, uniforms < density), density
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.8])
+def test_sfc64_keep_rate_is_the_density(density):
+    n = 400_000
+    kept = int(ops._sfc64_keep_mask(torch.zeros(n), density, mask_generator("sfc64", 1, NAME, 0)).sum())
+    sd = math.sqrt(n * density * (1 - density))
+    assert abs(kept - n * density) < 5 * sd
+
+
+def test_sfc64_dare_is_unbiased_over_seeds():
+    """DARE's expectation: E[dare(τ, ρ) with 1/ρ rescale] = τ, so E[DARE-linear merge] = the undropped task
+    arithmetic merge; checked over 400 seeds with a 5σ tolerance per entry."""
+    g = torch.Generator().manual_seed(4)
+    base, tau0, tau1 = (torch.randn(64, generator=g) for _ in range(3))
+    weights, density, seeds = [0.7, 0.3], 0.3, 400
+    total = torch.zeros(64, dtype=torch.float64)
+    for s in range(seeds):
+        x = TensorInputs(name=NAME, base=base, tensors=[base + tau0, base + tau1],
+                         model_params=[{"weight": w, "density": density} for w in weights],
+                         params=GTA | {"rescale_mode": "inverse"},
+                         generators=lambda k, s=s: mask_generator("sfc64", s, NAME, k))
+        total += methods.get_method("dare_linear").fn(x).double()
+    undropped = base + weights[0] * tau0 + weights[1] * tau1
+    # Var of w·τ·m/ρ is w²τ²(1−ρ)/ρ, summed over the two models
+    sd = torch.sqrt(((weights[0] * tau0) ** 2 + (weights[1] * tau1) ** 2) * (1 - density) / density / seeds)
+    assert ((total / seeds - undropped.double()).abs() <= 5 * sd.double() + 1e-6).all()
+
+
+def test_sfc64_is_reproducible_by_seed_and_differs_by_seed_tensor_and_model():
+    def mask(seed: int, name: str, k: int) -> torch.Tensor:
+        return ops._sfc64_keep_mask(torch.zeros(256), 0.5, mask_generator("sfc64", seed, name, k))
+
+    assert torch.equal(mask(3, NAME, 0), mask(3, NAME, 0))
+    assert all(not torch.equal(mask(3, NAME, 0), m) for m in (mask(4, NAME, 0), mask(3, "x", 0), mask(3, NAME, 1)))
+    assert not torch.equal(mask(3, NAME, 0), torch.rand(256, generator=dare_generator(3, NAME, 0)) < 0.5)
+
+
+def test_sfc64_della_keeps_its_probabilities():
+    """DELLA draws through the same uniforms: the largest-magnitude half of a row is kept at ρ + ε on average."""
+    tau = torch.randn(1, 200_000, generator=torch.Generator().manual_seed(6))
+    kept = ops.della(tau, 0.5, 0.2, generator=mask_generator("sfc64", 0, NAME, 0), rescale="none") != 0
+    big = tau.abs() > tau.abs().median()
+    p = ops.della_probabilities(tau, 0.5, 0.2)
+    for part in (big, ~big):
+        n, expected = int(part.sum()), float(p[part].sum())
+        assert abs(int(kept[part].sum()) - expected) < 5 * math.sqrt(n * 0.25)
+
+
+# --- recipes and export ----------------------------------------------------------------------------------------
+
+
+def test_mask_rng_is_checked_and_exported_as_a_note():
+    base = {"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "m"}], "seed": 4}
+    with pytest.raises(ConfigError, match="mask_rng"):
+        parse_merge_config(base | {"mask_rng": "philox"})
+    recipe = parse_merge_config(base | {"mask_rng": "sfc64"})
+    assert "mask_rng" not in to_mergekit(recipe) and "seed" not in to_mergekit(recipe)
+    assert any("mask_rng sfc64" in line for line in mergekit_notes(recipe, "x.yml"))
+    assert any("mask_rng mt19937" in line for line in mergekit_notes(parse_merge_config(base), "x.yml"))
+    with pytest.raises(ConfigError, match="mask_rng 'philox'"):
+        mask_generator("philox", 0, NAME, 0)
