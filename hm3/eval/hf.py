@@ -48,6 +48,7 @@ class HFBackend:
         check_tokenizer_fits(tokenizer, model.get_input_embeddings().num_embeddings, model_dir)
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = generation_eos_ids(model_dir, tokenizer)
+        self._stop_cache: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -93,17 +94,27 @@ class HFBackend:
             do_sample=False,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
-            stop_strings=[s for s in stop if s] or None,
         )
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(self.model.device),
                 attention_mask=mask.to(self.model.device),
                 generation_config=config,
-                tokenizer=self.tokenizer,
+                stopping_criteria=self._stop_criteria(tuple(s for s in stop if s)),
                 logits_processor=_finite_logits_check(self.model_dir),
             )
         return [row[input_ids.shape[1] :].tolist() for row in out]
+
+    def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
+        """transformers' own stop-string criterion, built once per set of stop strings: building it reads the
+        whole vocabulary (about a second for a 49k-token tokenizer), which ``generate(stop_strings=...)``
+        would pay again for every batch of every candidate."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if stop not in self._stop_cache:
+            self._stop_cache[stop] = StoppingCriteriaList(
+                [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))] if stop else [])
+        return self._stop_cache[stop]
 
     # --- log-likelihood ---------------------------------------------------------------------------
 
@@ -113,22 +124,33 @@ class HFBackend:
 
     def greedy_loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(``sum log p(continuation | context)``, whether greedy decoding would produce the continuation)
-        per request: lm-evaluation-harness's loglikelihood answer (its ``acc`` on loglikelihood tasks)."""
+        per request: lm-evaluation-harness's loglikelihood answer (its ``acc`` on loglikelihood tasks).
+
+        The model reads ``context + continuation[:-1]`` (the last token is only predicted), so requests whose
+        inputs are equal -- a multiple-choice question's choices that differ only in their last token, as
+        " A"/" B"/" C"/" D" or " 12"/" 13" do -- share one row of a forward pass (lm-eval groups them too)."""
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        rows: dict[tuple[int, ...], list[int]] = {}  # the model's input -> the requests that read it
+        for i, (ctx, cont) in enumerate(pairs):
+            rows.setdefault(tuple(ctx + cont[:-1]), []).append(i)
+        inputs = list(rows)
         scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        lengths = [len(c) + len(t) for c, t in pairs]
-        for batch in _length_sorted_batches(lengths, self.batch_size):
-            for i, s in zip(batch, self._batch_loglikelihood([pairs[i] for i in batch]), strict=True):
-                scores[i] = s
+        for batch in _length_sorted_batches([len(r) for r in inputs], self.batch_size):
+            readers = [[(i, pairs[i][1]) for i in rows[inputs[b]]] for b in batch]
+            for answers in self._batch_loglikelihood([list(inputs[b]) for b in batch], readers):
+                for i, answer in answers:
+                    scores[i] = answer
         check_output_count("loglikelihood", len(scores), len(requests))
         return scores
 
-    def _batch_loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Left-padded so every continuation ends at the last position: only the logits of the
-        last ``max continuation + 1`` positions are computed (the full vocab × length tensor
-        would dominate memory for real vocabularies)."""
-        input_ids, mask = _left_pad([c + t for c, t in pairs], self.pad_id)
-        keep = max(len(t) for _, t in pairs) + 1
+    def _batch_loglikelihood(self, inputs: list[list[int]], readers: list[list[tuple[int, list[int]]]]
+                             ) -> list[list[tuple[int, tuple[float, bool]]]]:
+        """One forward pass over ``inputs``; for each row, the (request, answer) of every continuation read
+        from it, a continuation being the row's last ``len(continuation)`` predictions. Left-padded so every
+        row ends at the last position: only the logits of the last ``max continuation`` positions are
+        computed (the full vocab × length tensor would dominate memory for real vocabularies)."""
+        input_ids, mask = _left_pad(inputs, self.pad_id)
+        keep = max(len(cont) for row in readers for _, cont in row)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self.model.device
         with torch.inference_mode():
@@ -139,14 +161,17 @@ class HFBackend:
                 logits_to_keep=keep,
             ).logits.cpu()
         check_finite_logits(logits, self.model_dir)
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
-        scores = []
-        for row, (_, cont) in enumerate(pairs):
-            targets = torch.tensor(cont)
-            steps = logprobs[row, keep - 1 - len(cont) :]
-            picked = steps.gather(-1, targets[:, None])
-            scores.append((float(picked.sum()), bool((steps.argmax(-1) == targets).all())))
-        return scores
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # the last position predicts the token after the row
+        answers = []
+        for row, reading in enumerate(readers):
+            answered = []
+            for i, cont in reading:
+                targets = torch.tensor(cont)
+                steps = logprobs[row, keep - len(cont) :]
+                picked = steps.gather(-1, targets[:, None])
+                answered.append((i, (float(picked.sum()), bool((steps.argmax(-1) == targets).all()))))
+            answers.append(answered)
+        return answers
 
     # --- weights ----------------------------------------------------------------------------------
 

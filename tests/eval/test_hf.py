@@ -94,6 +94,29 @@ def test_loglikelihood_equals_manual_forward(backend_a):
     assert all(v < 0 for v in got)
 
 
+def test_requests_reading_the_same_input_share_a_row_and_each_equals_its_own_forward(backend_a):
+    """Choices that differ only in their last token are read from one row; requests whose contexts split one
+    input at different places read different spans of it. Each answer must equal a forward of its own."""
+    encoded = {c + t: encode_pair(backend_a.tokenizer, c, t) for c, t in [("Q: 12", " ab"), ("Q: 12 a", "b")]}
+    assert len({tuple(ctx + cont[:-1]) for ctx, cont in encoded.values()}) == 1  # one input, split twice
+    requests = [("Q: 12", " ab"), ("Q: 12", " ac"), ("Q: 12", " ad"), ("Q: 12 a", "b"), ("Q: 9", " ab")]
+    rows = []
+    hook = backend_a.model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                                     with_kwargs=True)
+    try:
+        got = backend_a.greedy_loglikelihood(requests)
+    finally:
+        hook.remove()
+    assert sum(rows) == 2  # "Q: 12 a" (four requests) and "Q: 9 a"
+    want = [_manual_loglikelihood(backend_a, c, t) for c, t in requests]
+    assert [score for score, _ in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    for (context, continuation), (_, greedy) in zip(requests, got, strict=True):
+        ctx, cont = encode_pair(backend_a.tokenizer, context, continuation)
+        with torch.no_grad():
+            picks = backend_a.model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].argmax(-1)
+        assert greedy == (picks.tolist() == cont)
+
+
 def test_encode_pair_moves_trailing_space_and_conditions_empty_context(backend_a):
     tok = backend_a.tokenizer
     ctx, cont = encode_pair(tok, "Answer: ", "4")
