@@ -277,6 +277,37 @@ def eval_targets(results: Results) -> list[Target]:
     return rows
 
 
+def render_lmeval(results: Results) -> str:
+    r = results.one("bench_lmeval")
+    if r is None:
+        return ""
+    s = r.get("summary")
+    rows = [[str(x["round"]), str(x["candidate"]),
+             " / ".join(num(x["hm3"][t], ".3f") for t in r.get("tasks")),
+             " / ".join(num(x["lm_eval"][t], ".3f") for t in r.get("tasks")), num(x["equal"]),
+             num(x["hm3_s"], ".2f"), num(x["hm3_swap_s"] * 1e3, ".1f"), num(x["lm_eval_s"], ".2f"),
+             num(x["lm_eval_reload_s"], ".2f")] for x in r.get("rows")]
+    return "\n\n".join([
+        f"{r.get('model')}; tasks {', '.join(f'`{t}`' for t in r.get('tasks'))} ({r.get('docs_per_split')} test "
+        f"documents each), {r.get('candidates')} candidates × {r.get('rounds')} rounds, batch {r.get('batch_size')}, "
+        f"{r.get('threads')} threads (`{r.name}`).",
+        table(["round", "candidate", "hm3 score (mc / gen)", "lm-eval score (mc / gen)", "equal", "hm3 s",
+               "of it swap, ms", "lm-eval s", "of it reload, s"], rows),
+        f"Seconds per candidate: hm3 {num(s['hm3_s_per_candidate'], '.2f')}, lm-eval {num(s['lm_eval_s_per_candidate'], '.2f')}: "
+        f"**{ratio(s['ratio'])}**; the model's swap against lm-eval's reload: {num(s['hm3_swap_s'] * 1e3, '.1f')} ms "
+        f"against {num(s['lm_eval_reload_s'], '.2f')} s ({ratio(s['swap_to_reload_ratio'], '.4f')}).",
+        sources([r]),
+    ])
+
+
+def lmeval_targets(results: Results) -> list[Target]:
+    r = results.one("bench_lmeval")
+    if r is None:
+        return []
+    return [("lm-eval objectives: hm3's score equals lm-eval's own `HFLM` score (SmolLM2, every candidate and task)",
+             num(r.get("summary")["scores_equal"]), bool(r.get("summary")["scores_equal"]))]
+
+
 # --- level 1 -------------------------------------------------------------------------------------------------
 
 
@@ -865,6 +896,16 @@ SECTIONS: list[Section] = [
         "its advantage grows with the number of sequences in flight, so the rows differ in prompts at once. On a "
         "CPU without native bfloat16 kernels bfloat16 runs emulated, and the two backends' outputs need not agree.",
         render_eval, targets=eval_targets),
+    Section(
+        "lm-eval objectives: hm3 against lm-evaluation-harness",
+        "An lm-eval task is an hm3 objective scored through hm3's own backend (`lm-eval:TASK`), so a search swaps "
+        "each candidate's weights into one live model. The same tasks (local YAMLs over seeded arithmetic "
+        "questions: one multiple-choice, one generation with a regex filter) are scored for each candidate by hm3 "
+        "and by lm-eval's own `simple_evaluate` with its `HFLM` built from the candidate's directory, as a search "
+        "calling lm-eval per candidate does. The scores must be equal; the times say what the swap saves. For a "
+        "135M-parameter model a reload is about a second, so scoring dominates both; the saving grows with the "
+        "model.",
+        render_lmeval, targets=lmeval_targets),
     Section(
         "Level-1 search: hypervolume against evaluations",
         "Every optimiser in the same DARE-TIES space (per-model weight in [0, 1], density in [0.2, 1]) on the micro "
