@@ -148,6 +148,10 @@ def cmd_objectives(args: argparse.Namespace) -> Outcome:
 
 
 def cmd_eval(args: argparse.Namespace) -> Outcome:
+    if args.backend == "vllm":  # before torch and the objectives are imported: a missing extra fails at once
+        from hm3.extras import VLLM_BACKEND, require
+
+        require("vllm", what=VLLM_BACKEND)
     from hm3.checkpoint.hub import is_hub_name, resolve_model
     from hm3.eval.backend import open_backend
     from hm3.eval.evaluate import evaluate_objective

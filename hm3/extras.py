@@ -45,6 +45,10 @@ def _installed(name: str) -> bool:
         return False
 
 
+#: What needs the vllm extra, as its error names it (checked by ``hm3 eval --backend vllm`` before anything loads)
+VLLM_BACKEND = "the vllm backend (--backend hf needs none)"
+
+
 def require(*extras: str, what: str) -> None:
     """Refuse (naming the pip command) when a package of one of ``extras`` is not installed."""
     for extra in extras:

@@ -34,7 +34,7 @@ from hm3.eval.backend import (
     load_tokenizer,
     validate_state,
 )
-from hm3.extras import require
+from hm3.extras import VLLM_BACKEND, require
 
 # VLLM_CPU_KVCACHE_SPACE: GiB of KV cache on CPU (the default claims a large share of RAM).
 # VLLM_ENABLE_V1_MULTIPROCESSING=0: engine in this process (~2 s start instead of ~17 s, no pickling).
@@ -93,7 +93,7 @@ def import_vllm() -> Any:
     """``vllm`` with :data:`ENV_DEFAULTS` applied first; a clear error when it is not installed."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    require("vllm", what="the vllm backend (--backend hf needs none)")
+    require("vllm", what=VLLM_BACKEND)
     try:
         import vllm
     except ImportError as e:  # installed, but broken beside this torch (e.g. a CUDA torchvision)
