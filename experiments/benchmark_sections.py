@@ -902,9 +902,10 @@ SECTIONS: list[Section] = [
         "each candidate's weights into one live model. The same tasks (local YAMLs over seeded arithmetic "
         "questions: one multiple-choice, one generation with a regex filter) are scored for each candidate by hm3 "
         "and by lm-eval's own `simple_evaluate` with its `HFLM` built from the candidate's directory, as a search "
-        "calling lm-eval per candidate does. The scores must be equal; the times say what the swap saves. For a "
-        "135M-parameter model a reload is about a second, so scoring dominates both; the saving grows with the "
-        "model.",
+        "calling lm-eval per candidate does. The scores must be equal; the times say what the swap saves. A "
+        "135M-parameter model reloads in well under the time its scoring takes (the last column), so scoring "
+        "dominates both here; the reload grows with the model and the swap stays a copy. The machine is shared "
+        "with other jobs: the two sides alternate per candidate, so its load hits both.",
         render_lmeval, targets=lmeval_targets),
     Section(
         "Level-1 search: hypervolume against evaluations",
