@@ -346,6 +346,8 @@ def test_two_workers_score_each_candidate_once_in_batches_told_in_proposal_order
     expected = {tell_ids[i] for i in non_dominated(Y)}
     assert set(front["point"]) == expected == set(result.front_ids)
     assert summary["placement_this_process"]["workers"] == "2"
+    assert summary["proposals"] == "batch" and "reproducible from the seed" in summary["proposal_order"]
+    assert 0 <= summary["worker_idle_share"] < 1 and summary["workers_replaced"] == 0
 
 
 @pytest.mark.slow
@@ -527,18 +529,26 @@ def test_a_driver_killed_with_sigkill_resumes_to_the_front_of_an_unbroken_run(ra
 def test_async_proposals_score_each_candidate_once_and_say_so_in_the_summary(ray_cluster, labelled_family,
                                                                              tmp_path):
     """Two workers, each given a new point as it finishes: every point asked is told exactly once, every
-    candidate scored once, and the summary says the order is not reproducible and how idle the workers were."""
+    candidate scored once, and the summary says the order is not reproducible and how idle the workers were.
+    The run is stopped after 3 points and resumed with one more point recorded as in flight (as a killed
+    run leaves it): the resumed run scores and tells it, and repeats no stored evaluation."""
     from hm3.search.level1 import ASK_EVENT, run_level1, told_points
 
     cfg = parse_run_config(_config(labelled_family, budget=6, executor="ray", workers=2, proposals="async"))
-    result = run_level1(cfg, tmp_path / "run", progress=False)
-    assert len(_told(tmp_path / "run")) == 6
-    assert _rows_once(tmp_path / "run") == (3 + 6, 2 * (3 + 6))
-    with RunStore.open(tmp_path / "run", readonly=True) as store:
+    run = tmp_path / "run"
+    run_level1(cfg, run, progress=False, stop_after=3)
+    assert len(_told(run)) == 3
+    in_flight = [0.25] * cfg.search_space.dim
+    with RunStore.open(run) as store:
+        ref = store.add_candidate(cfg.search_space.to_recipe(torch.tensor(in_flight, dtype=torch.float64)), "merge")
+        store.add_event(ASK_EVENT, {"candidate": ref.id, "x": in_flight})
+    result = run_level1(cfg, run, resume=True, progress=False)
+    assert len(_told(run)) == 6
+    assert _rows_once(run) == (3 + 6, 2 * (3 + 6))
+    with RunStore.open(run, readonly=True) as store:
         asked, told = told_points(store, ASK_EVENT), told_points(store)
-    assert len(asked) == 6 and sorted(asked) == sorted(told)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(asked) == 6 and sorted(asked) == sorted(told) and (ref.id, in_flight) in told
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["proposals"] == "async" and "not reproducible" in summary["proposal_order"]
     assert 0 <= summary["worker_idle_share"] < 1 and summary["worker_busy_seconds"] > 0
-    assert summary["workers_replaced"] == 0 and result.summary == summary | {"hv_validation": result.summary[
-        "hv_validation"]}
+    assert summary["workers_replaced"] == 0 and summary["evaluations"] == result.summary["evaluations"] == 6
