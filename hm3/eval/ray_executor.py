@@ -203,7 +203,6 @@ class RayExecutor:
         self._cfg = cfg
         started = self._launch(cfg, self.workers)
         self._placement, self._backend = started
-        self._started_at = time.perf_counter()
 
     def _launch(self, cfg: RunConfig, count: int) -> tuple[dict[str, str], str]:
         """``count`` new workers, placed and their models loaded, added to the idle ones; the first one's
@@ -286,8 +285,6 @@ class RayExecutor:
         return ticket
 
     def next_done(self) -> tuple[int, list[ObjectiveScore]]:
-        from ray.exceptions import RayActorError
-
         if not self._pending:
             raise RuntimeError("no job is pending")
         while True:
@@ -298,9 +295,6 @@ class RayExecutor:
                     ticket, scores, busy = self._ray.get(ref)
             except _WorkerDied as died:
                 self._replace(run, died.error)
-                continue
-            except RayActorError as err:  # pragma: no cover - _errors turns these into _WorkerDied
-                self._replace(run, err)
                 continue
             self._busy += busy
             self._last_done = time.perf_counter()
