@@ -9,7 +9,9 @@ that cannot see the run directory), and a killed run resumes from the store as a
 
 A batch (:meth:`ExecutorSession.score_many`) is scored in parallel; the scores come back in the
 batch's order, whichever worker finished first, so what a search does with them depends on the
-batch, not on the timing.
+batch, not on the timing. An asynchronous search instead keeps every worker busy with
+:meth:`ExecutorSession.submit` and takes each candidate as it finishes from
+:meth:`ExecutorSession.next_done` (in the order of the timing, which it then says).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ExecutorSession:
         self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
         self._evaluated = 0
         self._layout: PoolLayout | None = None
+        self._submitted: dict[int, tuple[CandidateRef, SplitPlan, ScoreJob]] = {}  # ticket -> job in flight
 
     @property
     def evaluated_examples(self) -> int:
@@ -84,6 +87,37 @@ class ExecutorSession:
             assert scores is not None  # every missing score was committed above
             out.append(Scored(ref, scores))
         return out
+
+    def submit(self, candidate: Candidate, plan: SplitPlan) -> tuple[CandidateRef, int | None]:
+        """``candidate`` stored and, if the store lacks some of its scores on ``plan``, handed to the next
+        idle worker: its ref and ticket (None: nothing to score, its scores are stored). A candidate
+        already in flight is not sent again: its ticket is returned."""
+        ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
+        for ticket, (owner, owner_plan, _) in self._submitted.items():
+            if owner == ref and owner_plan == plan:
+                return ref, ticket
+        missing = tuple(o.name for o in self.objectives
+                        if self.store.get_evaluation(ref, o.name, plan.split, example_ids(o, plan)) is None)
+        if not missing:
+            return ref, None
+        job = ScoreJob(candidate, plan, missing, self._frame_recipes(candidate))
+        ticket = self.executor.submit(job)
+        self._submitted[ticket] = (ref, plan, job)
+        return ref, ticket
+
+    def next_done(self) -> tuple[int, Scored]:
+        """The next submitted candidate a worker finishes, whichever it is: its ticket and scores (committed)."""
+        ticket, scores = self.executor.next_done()
+        ref, plan, job = self._submitted.pop(ticket)
+        self._commit(ref, plan, job.objectives, scores)
+        stored = self.stored_scores(ref, plan)
+        assert stored is not None  # every missing score was just committed
+        return ticket, Scored(ref, stored)
+
+    @property
+    def in_flight(self) -> int:
+        """Candidates submitted and not yet returned by :meth:`next_done`."""
+        return len(self._submitted)
 
     def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
         return stored_scores(self.store, self.objectives, candidate, plan)

@@ -2,9 +2,23 @@
 
 Every actor builds a :class:`~hm3.eval.live.LiveModel` from the run's config -- base and experts in
 its in-memory merger, one evaluator backend -- and scores the jobs it is given by swapping each
-candidate's weights into that model, as a local session does. Jobs go to idle actors through Ray's
-``ActorPool``; the results come back to the process that runs the search, which commits them
+candidate's weights into that model, as a local session does. Jobs go to idle actors in the order
+submitted; the results come back to the process that runs the search, which commits them
 (:mod:`hm3.eval.parallel`).
+
+A worker that dies while it holds a job (its process killed, its node lost) is replaced by a new actor
+and the job is re-queued, on whichever worker is idle first. Replacement, not Ray's ``max_restarts`` /
+``max_task_retries``: Ray would restart the actor and re-run the task out of the driver's sight, so a
+candidate that kills every worker it is given (a merge that runs the node out of memory) would be
+retried without a word, and a restarted actor's failure to load its model would surface as an opaque
+actor-creation error. Here the driver sees each death, logs it naming the worker, gives a job at most
+:data:`MAX_ATTEMPTS` workers, and starts the replacement exactly as the first workers (its model load
+errors named the same way). Nothing is counted twice: a job's scores are returned once, by the one
+worker that finished it, and only returned scores are committed.
+
+Starting a worker has two steps with their own failure: Ray must *place* the actor (it waits for
+resources forever otherwise, so placement has a time limit, :data:`PLACEMENT_TIMEOUT_S`), then the
+actor loads its model (as long as that takes; an error names the worker and the cause).
 
 Before any actor is created the cluster's free resources are checked against ``workers ×
 resources_per_worker``: an actor Ray cannot place waits for resources forever, so a config that
@@ -15,11 +29,15 @@ shut down on close.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +51,12 @@ from hm3.search.run_config import EvaluationConfig, RunConfig
 NAME = "ray"
 #: Seconds a start waits for resources that are being released before it refuses (:func:`wait_until_free`).
 RELEASE_GRACE_S = 10.0
+#: Seconds Ray has to place a worker (start its process) before the start is refused, not left waiting.
+PLACEMENT_TIMEOUT_S = 120.0
+#: Seconds a given ``ray_address`` has to answer before it is refused (``ray.init`` itself retries for minutes).
+CONNECT_TIMEOUT_S = 10.0
+#: Workers one job may be given: a job whose workers died this often is not re-queued again.
+MAX_ATTEMPTS = 3
 
 
 class LiveModelWorker:
@@ -46,6 +70,14 @@ class LiveModelWorker:
         self.model: Any = None
         self._frames: dict[int, Mapping[str, Any]] = {}
 
+    def where(self) -> tuple[int, str]:
+        """This worker's process id and node address: answered once Ray has placed it (a readiness check)."""
+        import os
+
+        import ray
+
+        return os.getpid(), ray.util.get_node_ip_address()
+
     def start(self) -> tuple[dict[str, str], str]:
         from hm3.eval.live import LiveModel  # in the actor: the driver loads no model code for it
         from hm3.threads import set_threads
@@ -56,9 +88,12 @@ class LiveModelWorker:
         self.model = LiveModel(self.cfg, frame_recipe=self._frame_recipe, log=lambda message: None)
         return self.model.placement, self.model.backend.name
 
-    def score(self, ticket: int, job: ScoreJob) -> tuple[int, list[ObjectiveScore]]:
+    def score(self, ticket: int, job: ScoreJob) -> tuple[int, list[ObjectiveScore], float]:
+        """The job's scores, and the seconds this worker was busy with it (for the idle share)."""
+        began = time.perf_counter()
         self._frames.update(job.frames)
-        return ticket, self.model.evaluate(job.candidate, job.plan, job.objectives)
+        scores = self.model.evaluate(job.candidate, job.plan, job.objectives)
+        return ticket, scores, time.perf_counter() - began
 
     def pool_layout(self) -> PoolLayout:
         return self.model.pool_layout()
@@ -73,24 +108,56 @@ class LiveModelWorker:
         return self._frames[candidate_id]
 
 
+@dataclass
+class _Worker:
+    """One actor, numbered in the order started (a replacement gets the next number), and where it runs."""
+
+    number: int
+    actor: Any
+    pid: int = 0
+    node: str = "?"
+
+    def __str__(self) -> str:
+        return f"Ray worker {self.number} (pid {self.pid} on node {self.node})"
+
+
+@dataclass
+class _Running:
+    worker: _Worker
+    ticket: int
+    job: ScoreJob
+
+
 class RayExecutor:
     """:class:`~hm3.eval.executor.Executor` over Ray actors (module docstring). :meth:`connect` joins or
     starts Ray and checks its resources; :meth:`start` creates the workers and loads their models."""
 
     name = NAME
 
-    def __init__(self, ev: EvaluationConfig, ray: Any, *, started_ray: bool, log: Callable[[str], None]):
+    def __init__(self, ev: EvaluationConfig, ray: Any, *, started_ray: bool, log: Callable[[str], None],
+                 placement_timeout: float = PLACEMENT_TIMEOUT_S):
         self.workers = ev.workers
         self._ev = ev
         self._ray = ray
         self._started_ray = started_ray
         self._log = log
-        self._actors: list[Any] = []
-        self._pool: Any = None
+        self._placement_timeout = placement_timeout
+        self._cfg: RunConfig | None = None
+        self._live: list[_Worker] = []  # started and not known dead
+        self._idle: list[_Worker] = []
+        self._queue: deque[tuple[int, ScoreJob]] = deque()
+        self._running: dict[Any, _Running] = {}  # object ref of a score call -> what it runs
+        self._attempts: dict[int, int] = {}  # ticket -> workers it has been given
+        self._numbered = 0
         self._tickets = 0
         self._pending = 0
         self._placement: dict[str, str] = {}
         self._backend = ""
+        #: Workers replaced after dying with a job (the run's summary records it).
+        self.replaced = 0
+        self._busy = 0.0  # seconds workers spent scoring, as they measured it
+        self._first_submit: float | None = None
+        self._last_done: float | None = None
 
     @classmethod
     def connect(cls, ev: EvaluationConfig, *, log: Callable[[str], None]) -> RayExecutor:
@@ -103,6 +170,7 @@ class RayExecutor:
         if not ray.is_initialized():
             where = "a local Ray instance" if ev.ray_address is None else f"the Ray cluster at {ev.ray_address}"
             log(f"starting {where}" if ev.ray_address is None else f"joining {where}")
+            check_reachable(ev.ray_address)
             try:
                 ray.init(address=ev.ray_address, include_dashboard=False, logging_level=logging.WARNING)
             except ConnectionError as err:
@@ -118,21 +186,72 @@ class RayExecutor:
             raise
         return executor
 
+    @property
+    def started(self) -> bool:
+        return self._cfg is not None
+
     def start(self, cfg: RunConfig) -> None:
-        """Create the workers, each loading its live model of ``cfg`` (in parallel); an error loading one
-        is raised here as the error it is."""
+        """Create the workers, each loading its live model of ``cfg`` (in parallel); a worker Ray cannot
+        place, or one that cannot load its model, is refused naming it (idempotent for the same ``cfg``)."""
+        if self._cfg is not None:
+            if cfg != self._cfg:
+                raise RuntimeError("the Ray executor's workers were started for another run config")
+            return
         res = cfg.evaluation.resources_per_worker
-        remote = self._ray.remote(LiveModelWorker)
         self._log(f"starting {self.workers} Ray worker(s), each with its own model "
                   f"({res.num_cpus:g} CPU, {res.num_gpus:g} GPU each)")
-        self._actors = [remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(cfg)
-                        for _ in range(self.workers)]
-        with self._errors():
-            started = self._ray.get([a.start.remote() for a in self._actors])
-        self._placement, self._backend = started[0]
-        from ray.util import ActorPool
+        self._cfg = cfg
+        started = self._launch(cfg, self.workers)
+        self._placement, self._backend = started
 
-        self._pool = ActorPool(self._actors)
+    def _launch(self, cfg: RunConfig, count: int) -> tuple[dict[str, str], str]:
+        """``count`` new workers, placed and their models loaded, added to the idle ones; the first one's
+        placement and backend."""
+        res = cfg.evaluation.resources_per_worker
+        remote = self._ray.remote(LiveModelWorker).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+        new = []
+        for _ in range(count):
+            new.append(_Worker(self._numbered, remote.remote(cfg)))
+            self._numbered += 1
+        self._live.extend(new)
+        self._place(new)
+        loads = [w.actor.start.remote() for w in new]
+        started = [self._loaded(w, ref) for w, ref in zip(new, loads, strict=True)]
+        self._idle.extend(new)
+        return started[0]
+
+    def _place(self, new: Sequence[_Worker]) -> None:
+        """Wait (at most the placement timeout) until Ray has placed every one of ``new`` and its process
+        answers; refused naming the workers it could not place."""
+        from ray.exceptions import RayActorError
+
+        refs = {w.actor.where.remote(): w for w in new}
+        ready, waiting = self._ray.wait(list(refs), num_returns=len(refs), timeout=self._placement_timeout)
+        if waiting:
+            names = ", ".join(f"Ray worker {refs[r].number}" for r in waiting)
+            raise ExecutorError(
+                f"{names} not placed within {self._placement_timeout:g} s: {_asked(self._ev)}, and the Ray "
+                f"cluster has {_free(self._ray.available_resources())} free (other jobs may hold them; see "
+                "`ray status`): lower the workers (--workers) or the resources per worker, or add nodes")
+        for ref in ready:
+            worker = refs[ref]
+            try:
+                worker.pid, worker.node = self._ray.get(ref)
+            except RayActorError as err:
+                raise ExecutorError(f"Ray worker {worker.number} died as it started: {_first_line(err)}") from None
+
+    def _loaded(self, worker: _Worker, ref: Any) -> tuple[dict[str, str], str]:
+        """The result of ``worker``'s model load; its failure raised naming the worker and the cause (an hm3
+        error as its own type, so the exit code says what kind of problem it is)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return self._ray.get(ref)
+        except RayTaskError as err:
+            cause = getattr(err, "cause", None) or err
+            raise _named(cause, f"{worker} could not load the model") from None
+        except RayActorError as err:
+            raise ExecutorError(f"{worker} died while loading the model: {_first_line(err)}") from None
 
     # --- the executor interface --------------------------------------------------------------------
 
@@ -148,42 +267,110 @@ class RayExecutor:
     def pending(self) -> int:
         return self._pending
 
+    def worker_pids(self, *, busy: bool = False) -> list[int]:
+        """The live workers' process ids (``busy``: only those holding a job), e.g. to watch them."""
+        holding = {r.worker.number for r in self._running.values()}
+        return [w.pid for w in self._live if not busy or w.number in holding]
+
     def submit(self, job: ScoreJob) -> int:
-        if self._pool is None:
+        if self._cfg is None:
             raise RuntimeError("the Ray executor's workers are not started (RayExecutor.start)")
         ticket = self._tickets
         self._tickets += 1
-        self._pool.submit(lambda actor, value: actor.score.remote(*value), (ticket, job))
+        self._queue.append((ticket, job))
         self._pending += 1
+        if self._first_submit is None:
+            self._first_submit = time.perf_counter()
+        self._dispatch()
         return ticket
 
     def next_done(self) -> tuple[int, list[ObjectiveScore]]:
         if not self._pending:
             raise RuntimeError("no job is pending")
-        with self._errors():
-            ticket, scores = self._pool.get_next_unordered()
-        self._pending -= 1
-        return ticket, scores
+        while True:
+            (ref,), _ = self._ray.wait(list(self._running), num_returns=1)
+            run = self._running.pop(ref)
+            try:
+                with self._errors():
+                    ticket, scores, busy = self._ray.get(ref)
+            except _WorkerDied as died:
+                self._replace(run, died.error)
+                continue
+            self._busy += busy
+            self._last_done = time.perf_counter()
+            self._idle.append(run.worker)
+            self._pending -= 1
+            self._dispatch()
+            return ticket, scores
+
+    def utilisation(self) -> dict[str, float]:
+        """How busy the workers were between the first job submitted and the last one returned: the
+        seconds each spent scoring (summed) and the idle share, the share of the workers' time spent
+        waiting for a job (for a search, the proposals; level 1's summary records it)."""
+        if self._first_submit is None or self._last_done is None:
+            return {"worker_busy_seconds": 0.0, "worker_wall_seconds": 0.0, "worker_idle_share": 0.0}
+        wall = self._last_done - self._first_submit
+        capacity = wall * self.workers
+        idle = max(0.0, 1.0 - self._busy / capacity) if capacity > 0 else 0.0
+        return {"worker_busy_seconds": self._busy, "worker_wall_seconds": wall, "worker_idle_share": idle}
 
     def pool_layout(self) -> PoolLayout:
         with self._errors():
-            return self._ray.get(self._actors[0].pool_layout.remote())
+            return self._ray.get(self._any_worker().actor.pool_layout.remote())
 
     def layer_features(self, frames: Sequence[FrameKey], recipes: Mapping[int, Mapping[str, Any]]) -> torch.Tensor:
         with self._errors():
-            return self._ray.get(self._actors[0].layer_features.remote(list(frames), dict(recipes)))
+            return self._ray.get(self._any_worker().actor.layer_features.remote(list(frames), dict(recipes)))
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors, self._pool, self._pending = [], None, 0
+        for worker in self._live:
+            self._ray.kill(worker.actor)
+        self._live, self._idle, self._running, self._pending = [], [], {}, 0
+        self._queue.clear()
         if self._started_ray and self._ray.is_initialized():
             self._ray.shutdown()
         self._started_ray = False
 
+    # --- dispatch and faults -----------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Queued jobs to idle workers, in the order submitted."""
+        while self._idle and self._queue:
+            worker = self._idle.pop(0)
+            ticket, job = self._queue.popleft()
+            self._attempts[ticket] = self._attempts.get(ticket, 0) + 1
+            self._running[worker.actor.score.remote(ticket, job)] = _Running(worker, ticket, job)
+
+    def _replace(self, run: _Running, error: Exception) -> None:
+        """``run``'s worker died: the job back at the queue's head (to the next idle worker) and a new worker
+        started in the dead one's place; a job that has now been given :data:`MAX_ATTEMPTS` workers is
+        refused instead."""
+        dead = run.worker
+        self._live = [w for w in self._live if w is not dead]
+        self._ray.kill(dead.actor)  # a worker only unreachable would otherwise hold its resources
+        if self._attempts[run.ticket] >= MAX_ATTEMPTS:
+            raise ExecutorError(
+                f"{dead} died scoring a candidate ({_first_line(error)}), the {MAX_ATTEMPTS}th worker that "
+                f"candidate was given; it is not re-queued again (does its merge exhaust a worker's memory?). "
+                "The scores committed so far are in the run store: resume the run")
+        self._log(f"{dead} died scoring a candidate ({_first_line(error)}): the candidate is re-queued and a "
+                  "replacement worker started")
+        self._queue.appendleft((run.ticket, run.job))
+        self._dispatch()  # to a worker already idle, if one is
+        assert self._cfg is not None
+        self._launch(self._cfg, 1)
+        self.replaced += 1
+        self._dispatch()
+
+    def _any_worker(self) -> _Worker:
+        if not self._live:
+            raise RuntimeError("the Ray executor's workers are not started (RayExecutor.start)")
+        return self._live[0]
+
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        """An hm3 error raised in a worker re-raised as itself; a worker that died as an ExecutorError."""
+        """An hm3 error raised in a worker re-raised as itself; a worker that died as :class:`_WorkerDied`
+        (which :meth:`next_done` handles, and elsewhere is an ExecutorError)."""
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
@@ -194,8 +381,53 @@ class RayExecutor:
                 raise cause from None
             raise
         except RayActorError as err:
-            raise ExecutorError(f"a Ray worker died ({type(err).__name__}: {str(err).splitlines()[0]}); the "
-                                "scores committed so far are in the run store: resume the run") from None
+            raise _WorkerDied(err) from None
+
+
+class _WorkerDied(ExecutorError):
+    """A worker died holding a call; outside :meth:`RayExecutor.next_done` (which replaces it) a run ends here."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"a Ray worker died ({type(error).__name__}: {_first_line(error)}); the scores committed "
+                         "so far are in the run store: resume the run")
+        self.error = error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _named(cause: BaseException, what: str) -> BaseException:
+    """``cause`` with its message prefixed by ``what``: an hm3 error keeps its type (and exit code), any other
+    becomes an :class:`ExecutorError` naming the type."""
+    if isinstance(cause, Hm3Error):
+        named = copy.copy(cause)
+        named.args = (f"{what}: {cause}",)
+        return named
+    return ExecutorError(f"{what}: {type(cause).__name__}: {_first_line(cause)}")
+
+
+def _free(available: Mapping[str, float]) -> str:
+    return ", ".join(f"{available.get(k, 0.0):g} {k}(s)" for k in ("CPU", "GPU"))
+
+
+def check_reachable(address: str | None, *, timeout: float | None = None) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) ``ray_address`` where nothing accepts a connection
+    within ``timeout``: ``ray.init`` would retry it for minutes, saying only that it cannot reach the GCS.
+    ``auto`` and ``local`` are Ray's to resolve (it fails at once when there is no cluster to find)."""
+    if address is None or address in ("auto", "local"):
+        return
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ExecutorError(f"evaluation.ray_address {address!r}: not auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ExecutorError(f"evaluation.ray_address {address!r}: nothing answers at {host}:{port} within "
+                            f"{timeout:g} s ({err}): start the cluster there (`ray start --head`) or fix the "
+                            "address") from None
 
 
 def check_resources(ev: EvaluationConfig, available: Mapping[str, float],

@@ -40,7 +40,7 @@ import torch
 
 from hm3.errors import ConfigError, Hm3Warning, StoreError
 from hm3.eval.executor import Executor
-from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate
+from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, Scored
 from hm3.log import progress_bar, progress_logger
 from hm3.run.config import stored_config, stored_form
 from hm3.run.directory import FRONT_FILE, open_run_store
@@ -58,6 +58,8 @@ from hm3.store import RunStore
 logger = logging.getLogger(__name__)
 
 TELL_EVENT = "level1_tell"
+#: A point handed out by asynchronous proposals (before it is sent to a worker; told later by a TELL_EVENT).
+ASK_EVENT = "level1_ask"
 #: Recorded when a search is resumed with another budget than it last ran with (extended).
 BUDGET_EVENT = "budget_changed"
 
@@ -85,7 +87,19 @@ def make_optimizer(cfg: RunConfig, *, design_budget: int | None = None) -> Optim
     """
     k, dim = len(cfg.objectives), cfg.search_space.dim
     options = _optimizer_options(cfg, k, design_budget or cfg.optimizer.budget)
-    return get_optimizer(cfg.optimizer.name)(dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **options)
+    method = get_optimizer(cfg.optimizer.name)
+    if cfg.evaluation.proposals == "async" and not method.supports_async:
+        raise ConfigError(f"evaluation.proposals: async: optimizer {cfg.optimizer.name!r} proposes in batches only "
+                          "(it must see its points told in the order asked); use proposals: batch, or one of "
+                          f"{', '.join(async_optimizers())}")
+    return method(dim, k, seed=cfg.seed, budget=cfg.optimizer.budget, **options)
+
+
+def async_optimizers() -> list[str]:
+    """The optimisers that can propose while points are pending (``evaluation.proposals: async``)."""
+    from hm3.search.optimizers import OPTIMIZERS
+
+    return [name for name in OPTIMIZERS if get_optimizer(name).supports_async]
 
 
 def _optimizer_options(cfg: RunConfig, k: int, design_budget: int) -> dict[str, Any]:
@@ -228,11 +242,11 @@ def _extended_optimizer(cfg: RunConfig, store: RunStore, initial: int, log: Call
 
 @contextmanager
 def evaluation_executor(cfg: RunConfig, log: Callable[[str], None]) -> Iterator[Executor | None]:
-    """The run's parallel executor, connected and its resources checked but no worker started (None for
-    ``executor: local``, whose device is checked here instead); closed on leaving, however that happens.
+    """The run's parallel executor, its workers started with their models loaded (None for ``executor:
+    local``, whose device is checked here instead); closed on leaving, however that happens.
 
-    Called before the run directory is made, so that a device this machine lacks, a missing Ray or a
-    cluster too small for the workers leave nothing behind."""
+    Called before the run directory is made, so that a device this machine lacks, a missing Ray, a
+    cluster too small for the workers or a worker that cannot load its model leave nothing behind."""
     if cfg.evaluation.executor == "local":
         cfg.evaluation.resolve()
         yield None
@@ -242,6 +256,7 @@ def evaluation_executor(cfg: RunConfig, log: Callable[[str], None]) -> Iterator[
 
     executor = RayExecutor.connect(cfg.evaluation, log=log)
     try:
+        executor.start(cfg)
         yield executor
     finally:
         executor.close()
@@ -250,7 +265,7 @@ def evaluation_executor(cfg: RunConfig, log: Callable[[str], None]) -> Iterator[
 def open_session(cfg: RunConfig, store: RunStore, log: Callable[[str], None],
                  executor: Executor | None = None) -> EvaluationSession:
     """The evaluation session of a run: one live model in this process, or (given an ``executor`` from
-    :func:`evaluation_executor`) the executor's workers, started here, each with its own."""
+    :func:`evaluation_executor`) the executor's workers, each with its own (started here if not yet)."""
     if executor is None:
         from hm3.eval.live import LiveModelSession  # here: reading a finished run loads no model code
 
@@ -318,25 +333,22 @@ def search_level1(
         log(f"resumed: {len(X)} evaluations replayed from the store")
 
     bar = progress_bar(progress, total=cfg.optimizer.budget, initial=len(X), desc="level 1", unit="eval")
-    batch = cfg.evaluation.workers  # one proposal per worker, scored in parallel
-    new = 0
-    while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
-        x = optimizer.ask(batch)
-        scored = session.score_many([MergeCandidate(session.merge_recipe(p)) for p in x], session.validation)
-        y = np.stack([s.scores for s in scored])
-        # told in proposal order, whichever worker finished first: the run's points depend on seed and batch
-        optimizer.tell(x, torch.tensor(normalise(y, base, ideal)))
-        store.add_events(TELL_EVENT, [{"candidate": s.candidate.id, "x": p.tolist()}
-                                      for s, p in zip(scored, x, strict=True)])
-        for s, p in zip(scored, x, strict=True):
+
+    def record(told: list[tuple[torch.Tensor, Scored]]) -> None:
+        """Told points into the history, the hypervolume trace and the progress bar (their events are stored)."""
+        for p, s in told:
             X.append(p.tolist())
             Y.append(s.scores)
             ids.append(s.candidate.id)
             hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
-        new += len(x)
-        if bar is not None:
+        if bar is not None and told:
             bar.set_postfix_str(f"HV {hv_trace[-1]:.4f}")
-            bar.update(len(x))
+            bar.update(len(told))
+
+    if cfg.evaluation.proposals == "async":
+        propose_async(optimizer, session, base, ideal, record, stop_after=stop_after)
+    else:
+        propose_in_batches(optimizer, session, cfg.evaluation.workers, base, ideal, record, stop_after=stop_after)
     if bar is not None:
         bar.close()
     Xa, Ya = np.array(X), np.stack(Y) if Y else np.empty((0, k))
@@ -361,6 +373,110 @@ def search_level1(
     return result
 
 
+def executor_summary(session: EvaluationSession) -> dict[str, Any]:
+    """What a run's summary says of its parallel workers (nothing for a local session): how busy they were
+    (:meth:`~hm3.eval.ray_executor.RayExecutor.utilisation`) and how many died and were replaced."""
+    from hm3.eval.parallel import ExecutorSession
+
+    if not isinstance(session, ExecutorSession):
+        return {}
+    executor = session.executor
+    stats = dict(getattr(executor, "utilisation", dict)())
+    order = ("as workers finished: not reproducible from the seed and workers" if session.cfg.evaluation.proposals
+             == "async" else "in proposal order: reproducible from the seed and workers")
+    return {"proposals": session.cfg.evaluation.proposals, "proposal_order": order, **stats,
+            "workers_replaced": int(getattr(executor, "replaced", 0))}
+
+
+def propose_in_batches(optimizer: Optimizer, session: EvaluationSession, batch: int, base: np.ndarray,
+                       ideal: np.ndarray, record: Callable[[list[tuple[torch.Tensor, Scored]]], None], *,
+                       stop_after: int | None) -> None:
+    """Level 1's default loop: ``batch`` points asked (one per worker), scored in parallel, then told --
+    in the order proposed, whichever worker finished first, so the run's points depend on its seed and
+    ``batch`` only (a batch's events in one transaction)."""
+    store, new = session.store, 0
+    while optimizer.remaining > 0 and (stop_after is None or new < stop_after):
+        x = optimizer.ask(batch)
+        scored = session.score_many([MergeCandidate(session.merge_recipe(p)) for p in x], session.validation)
+        y = np.stack([s.scores for s in scored])
+        optimizer.tell(x, torch.tensor(normalise(y, base, ideal)))
+        store.add_events(TELL_EVENT, [{"candidate": s.candidate.id, "x": p.tolist()}
+                                      for s, p in zip(scored, x, strict=True)])
+        record(list(zip(x, scored, strict=True)))
+        new += len(x)
+
+
+def in_flight_asks(store: RunStore) -> list[tuple[int, list[float]]]:
+    """(candidate id, point) of the asynchronous proposals that were handed out and never told: those in
+    flight when the run stopped, in the order asked."""
+    told: dict[tuple[int, tuple[float, ...]], int] = {}
+    for cid, x in told_points(store):
+        told[(cid, tuple(x))] = told.get((cid, tuple(x)), 0) + 1
+    out = []
+    for cid, x in told_points(store, ASK_EVENT):
+        key = (cid, tuple(x))
+        if told.get(key):
+            told[key] -= 1
+        else:
+            out.append((cid, x))
+    return out
+
+
+def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.ndarray, ideal: np.ndarray,
+                  record: Callable[[list[tuple[torch.Tensor, Scored]]], None], *, stop_after: int | None) -> None:
+    """``proposals: async``: every idle worker gets a new point at once, proposed with the points still being
+    scored as pending (:meth:`~hm3.search.optimizers.base.Optimizer.ask_async`), and each point is told as
+    its score arrives. Workers wait less; the order of tells, and so the points, depend on timing.
+
+    Each point handed out is recorded (``level1_ask``) before it is sent, so a resumed run re-issues those
+    that were in flight (their stored scores looked up, the rest scored) before proposing anew."""
+    from hm3.eval.parallel import ExecutorSession
+
+    if not isinstance(session, ExecutorSession):
+        raise ConfigError("evaluation.proposals: async needs evaluation.executor: ray")
+    store, plan, workers = session.store, session.validation, session.executor.workers
+    flight: dict[int, list[torch.Tensor]] = {}  # ticket -> points it scores (one, unless proposed twice)
+    new = 0
+
+    def tell(points: list[torch.Tensor], scored: Scored) -> None:
+        y = torch.tensor(normalise(scored.scores[None], base, ideal))
+        for p in points:
+            optimizer.tell(p[None], y)
+        store.add_events(TELL_EVENT, [{"candidate": scored.candidate.id, "x": p.tolist()} for p in points])
+        record([(p, scored) for p in points])
+
+    def send(p: torch.Tensor, *, asked: bool) -> None:
+        candidate = MergeCandidate(session.merge_recipe(p))
+        ref, ticket = session.submit(candidate, plan)
+        if not asked:
+            store.add_event(ASK_EVENT, {"candidate": ref.id, "x": p.tolist()})
+        if ticket is None:  # its scores are stored (a resumed run's candidate that had finished)
+            stored = session.stored_scores(ref, plan)
+            assert stored is not None
+            tell([p], Scored(ref, stored))
+        else:
+            flight.setdefault(ticket, []).append(p)
+
+    for _, x in in_flight_asks(store):  # a resumed run's proposals in flight when it stopped
+        p = torch.tensor(x, dtype=torch.float64)
+        optimizer.mark_pending(p[None])
+        send(p, asked=True)
+    while True:
+        while (len(flight) < workers and optimizer.remaining > 0
+               and (stop_after is None or new < stop_after)):
+            x = optimizer.ask_async(1)
+            if not len(x):
+                break  # the optimiser needs a pending result first
+            new += 1
+            send(x[0], asked=False)
+        if not flight:
+            if optimizer.remaining > 0 and (stop_after is None or new < stop_after):
+                raise RuntimeError(f"{optimizer.name}: proposed nothing with no point in flight")
+            return
+        ticket, scored = session.next_done()
+        tell(flight.pop(ticket), scored)
+
+
 def write_outputs(cfg: RunConfig, session: EvaluationSession, result: Level1Result, *, seconds: float,
                   resumed: bool, log: Callable[[str], None], refinements: bool = True) -> None:
     """The run directory's outputs (:mod:`hm3.run.front`) over the search's distinct candidates."""
@@ -383,6 +499,7 @@ def write_outputs(cfg: RunConfig, session: EvaluationSession, result: Level1Resu
         "evaluated_examples_this_process": session.evaluated_examples,
         "wall_seconds_this_process": seconds,
         "resumed": resumed,
+        **executor_summary(session),
     }
     write_summary(result.run_dir, result.summary)
     written.plot(result.run_dir, result.summary)

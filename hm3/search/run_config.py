@@ -52,7 +52,9 @@ class WorkerResources(_Frozen):
 
 #: The ``evaluation`` keys that say how candidates are spread over processes, not how one is scored: a
 #: run's recorded config leaves them out (they may change when it resumes) -- see :meth:`RunConfig.canonical`.
-EXECUTOR_KEYS = frozenset({"executor", "workers", "ray_address", "resources_per_worker"})
+#: ``proposals`` among them: it changes the order in which points are proposed and told, which the
+#: store's events record, not what a stored score means; a resume replays those events either way.
+EXECUTOR_KEYS = frozenset({"executor", "workers", "ray_address", "resources_per_worker", "proposals"})
 
 
 class EvaluationConfig(_Frozen):
@@ -68,6 +70,11 @@ class EvaluationConfig(_Frozen):
         "ray://host:port); None starts a Ray instance in this process unless one is already initialised"
     )
     resources_per_worker: WorkerResources = WorkerResources()
+    proposals: Literal["batch", "async"] = Field(
+        "batch", description="batch: level 1 asks for `workers` points, scores them, tells them in proposal order "
+        "(reproducible from seed and workers); async: a worker that finishes gets a new point at once, proposed "
+        "with the others still pending (less idle time; the order depends on timing, so not reproducible)"
+    )
     device: str = Field(
         "cpu", description="cpu, cuda, cuda:N or auto (cuda if available, else cpu): where merges are computed "
         "and, with hf, where the model runs (vLLM runs where its build does)"
@@ -97,7 +104,7 @@ class EvaluationConfig(_Frozen):
     @model_validator(mode="after")
     def _executor(self) -> EvaluationConfig:
         if self.executor == "local":
-            ray_only = [k for k in ("ray_address", "resources_per_worker")
+            ray_only = [k for k in ("ray_address", "resources_per_worker", "proposals")
                         if getattr(self, k) != type(self).model_fields[k].default]
             if self.workers > 1 or ray_only:
                 given = f"workers: {self.workers}" if self.workers > 1 else ray_only[0]

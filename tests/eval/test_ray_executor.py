@@ -7,7 +7,13 @@ fixture); each run's workers are Ray actors on it, each loading the tiny models 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +208,10 @@ def test_more_workers_than_free_cpus_are_refused_not_left_waiting(ray_cluster, t
 
 
 @pytest.mark.slow
-def test_an_error_loading_a_workers_model_is_raised_as_a_local_run_raises_it(ray_cluster, tiny_family, tmp_path):
+def test_an_error_loading_a_workers_model_names_the_worker_and_leaves_no_run_directory(ray_cluster, tiny_family,
+                                                                                       tmp_path):
+    """The error a local run raises, of the same type (so the same exit code), prefixed by the worker that
+    hit it; the workers start before the run directory is made, so nothing is written."""
     from hm3.search.level1 import run_level1
 
     def failure(**evaluation) -> Exception:
@@ -212,8 +221,91 @@ def test_an_error_loading_a_workers_model_is_raised_as_a_local_run_raises_it(ray
             run_level1(parse_run_config(data), tmp_path / f"run-{len(evaluation)}", progress=False)
         return caught.value
 
-    local, remote = failure(), failure(executor="ray")
-    assert type(remote) is type(local) and str(remote) == str(local) and "no-such-model" in str(remote)
+    local, remote = failure(), failure(executor="ray", workers=2)
+    assert type(remote) is type(local) and "no-such-model" in str(local)
+    assert re.fullmatch(rf"Ray worker [01] \(pid \d+ on node [^)]+\) could not load the model: {re.escape(str(local))}",
+                        str(remote)), str(remote)
+    assert not (tmp_path / "run-2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_ray_cannot_place_is_refused_after_the_placement_timeout(ray_cluster, tiny_family):
+    """The free-resources check passes, then another job takes the CPUs before the workers are placed: the
+    start is refused naming the worker, not left waiting."""
+    from hm3.eval.ray_executor import RayExecutor
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=1))
+    executor = RayExecutor.connect(cfg.evaluation, log=lambda message: None)
+    executor._placement_timeout = 2.0
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    taken = placement_group([{"CPU": CPUS}])  # another job's reservation of every CPU
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            executor.start(cfg)
+        except BaseException as err:  # noqa: BLE001 - what the start raised is the test's to check
+            raised.append(err)
+
+    try:
+        ray_cluster.get(taken.ready())
+        # in a thread: a start left waiting blocks inside Ray, where no test timeout can interrupt it
+        starter = threading.Thread(target=start, daemon=True)
+        starter.start()
+        starter.join(30)
+        assert raised, "the start was still waiting for Ray to place its worker after 30 s"
+        assert isinstance(raised[0], ExecutorError) and re.search(
+            r"Ray worker 0 not placed within 2 s: evaluation.workers: 1 worker\(s\).*the Ray cluster has 0 "
+            r"CPU\(s\), 0 GPU\(s\) free", str(raised[0])), raised[0]
+    finally:
+        remove_placement_group(taken)
+        executor.close()
+
+
+def test_an_unreachable_ray_address_is_refused_quickly_naming_it(tiny_family, tmp_path):
+    """``ray.init`` retries an address where no cluster answers for minutes; the run is refused at once."""
+    import socket
+
+    from hm3.eval.ray_executor import check_reachable
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    began = time.monotonic()
+    with pytest.raises(ExecutorError, match=rf"evaluation.ray_address '127.0.0.1:{port}': nothing answers at "
+                                            rf"127.0.0.1:{port} within 3 s.*ray start --head"):
+        check_reachable(f"127.0.0.1:{port}", timeout=3)
+    assert time.monotonic() - began < 3
+    with pytest.raises(ExecutorError, match="'ray://127.0.0.1:1'"):
+        check_reachable("ray://127.0.0.1:1", timeout=3)
+    with pytest.raises(ExecutorError, match="not auto, host:port or ray://host:port"):
+        check_reachable("somewhere", timeout=3)
+    for resolved_by_ray in (None, "auto", "local"):
+        check_reachable(resolved_by_ray, timeout=3)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}", timeout=3)
+
+
+def test_hm3_refuses_an_unreachable_ray_address_and_writes_nothing(tiny_family, tmp_path, monkeypatch):
+    from hm3.cli import main
+    from hm3.eval import ray_executor
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray_executor, "CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process (another test's Ray may run)
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(_config(tiny_family, executor="ray")))
+    codes: list[int] = []
+    argv = ["-q", "search", "param", str(path), str(tmp_path / "run"), "--ray-address", "127.0.0.1:1"]
+    # in a thread: ray.init on an address where nothing answers blocks inside Ray for minutes
+    runner = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    runner.start()
+    runner.join(30)
+    assert codes == [ExitCode.ENVIRONMENT] and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -273,6 +365,8 @@ def test_two_workers_score_each_candidate_once_in_batches_told_in_proposal_order
     expected = {tell_ids[i] for i in non_dominated(Y)}
     assert set(front["point"]) == expected == set(result.front_ids)
     assert summary["placement_this_process"]["workers"] == "2"
+    assert summary["proposals"] == "batch" and "reproducible from the seed" in summary["proposal_order"]
+    assert 0 <= summary["worker_idle_share"] < 1 and summary["workers_replaced"] == 0
 
 
 @pytest.mark.slow
@@ -346,3 +440,134 @@ def test_hm3_run_with_two_ray_workers_writes_what_a_local_run_writes(ray_cluster
         assert paths and all(store.evaluations(p) for p in paths)  # every episode's path scored by a worker
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["placement_this_process"]["workers"] == "2"
+
+
+# --- faults ------------------------------------------------------------------------------------------
+
+
+def _rows_once(run_dir: Path) -> tuple[int, int]:
+    """(candidates, validation rows) of a run, asserting each candidate is scored exactly once per objective
+    and split (a repeated evaluation would add a row; a lost one would leave a candidate without)."""
+    with RunStore.open(run_dir, readonly=True) as store:
+        rows = store.evaluations()
+        keys = [(e.candidate_id, e.objective, e.split) for e in rows]
+        assert len(keys) == len(set(keys))
+        candidates = len(store.candidates())
+        validation = {(e.candidate_id, e.objective) for e in rows if e.split == "validation"}
+        assert len(validation) == 2 * candidates
+        return candidates, len(validation)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_evaluation_is_replaced_and_its_candidate_scored_once(ray_cluster, labelled_family,
+                                                                                  tmp_path, monkeypatch):
+    """SIGKILL to a worker holding a job, mid-run: its candidate goes to another worker, a replacement starts,
+    the run completes with each candidate scored once, and what it tells is what an unbroken run tells (the
+    batch's order does not depend on which worker scored what)."""
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.level1 import run_level1
+
+    killed: list[int] = []
+    calls = [0]
+    original = RayExecutor.next_done
+
+    def next_done(self):
+        out = original(self)
+        calls[0] += 1
+        # the 4th result is the first of level 1's first batch: the other worker is still scoring its merge
+        busy = self.worker_pids(busy=True)
+        if calls[0] == 4 and busy:
+            os.kill(busy[0], signal.SIGKILL)
+            killed.append(busy[0])
+        return out
+
+    monkeypatch.setattr(RayExecutor, "next_done", next_done)
+    cfg = parse_run_config(_config(labelled_family, budget=4, executor="ray", workers=2))
+    result = run_level1(cfg, tmp_path / "run", progress=False)
+    assert len(killed) == 1
+    assert result.summary["workers_replaced"] == 1
+    assert _rows_once(tmp_path / "run") == (3 + 4, 2 * (3 + 4))
+    with RunStore.open(tmp_path / "run", readonly=True) as store:
+        assert sum(e.count for e in store.evaluations()) == result.summary["evaluated_examples_this_process"]
+    monkeypatch.setattr(RayExecutor, "next_done", original)
+    run_level1(cfg, tmp_path / "unbroken", progress=False)
+    assert _told(tmp_path / "run") == _told(tmp_path / "unbroken")
+
+
+def _validation_rows(run_dir: Path) -> int:
+    """Validation scores stored so far in a run another process is writing (0 before its store exists)."""
+    try:
+        with RunStore.open(run_dir, readonly=True) as store:
+            return sum(e.split == "validation" for e in store.evaluations())
+    except Hm3Error:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_driver_killed_with_sigkill_resumes_to_the_front_of_an_unbroken_run(ray_cluster, labelled_family,
+                                                                              tmp_path):
+    """Batch mode: the search process killed with -9 once level 1 has stored a merge's scores (a batch in
+    flight), then --resume: the same points told, the same front as a run never interrupted, each
+    candidate scored once. Both join this module's Ray instance."""
+    from hm3.cli import main
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(_config(labelled_family, budget=4, executor="ray", workers=2)))
+    argv = ["-q", "search", "param", str(path)]
+    run, unbroken = tmp_path / "run", tmp_path / "unbroken"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hm3.cli import main; sys.exit(main(sys.argv[1:]))", *argv, str(run),
+         "--ray-address", address],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 200
+        # the references' 3 × 2 scores, then the first merge's: level 1 is scoring its first batch
+        while child.poll() is None and time.monotonic() < deadline and _validation_rows(run) < 2 * 3 + 2:
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (run / "front.csv").exists() and len(_told(run)) < 4
+    assert main([*argv, str(run), "--resume", "--ray-address", address]) == ExitCode.OK
+    assert main([*argv, str(unbroken), "--ray-address", address]) == ExitCode.OK
+    assert _told(run) == _told(unbroken) and len(_told(run)) == 4
+    assert (run / "front.csv").read_text() == (unbroken / "front.csv").read_text()
+    assert _rows_once(run)[0] == 3 + 4
+
+
+# --- asynchronous proposals --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_async_proposals_score_each_candidate_once_and_say_so_in_the_summary(ray_cluster, labelled_family,
+                                                                             tmp_path):
+    """Two workers, each given a new point as it finishes: every point asked is told exactly once, every
+    candidate scored once, and the summary says the order is not reproducible and how idle the workers were.
+    The run is stopped after 3 points and resumed with one more point recorded as in flight (as a killed
+    run leaves it): the resumed run scores and tells it, and repeats no stored evaluation."""
+    from hm3.search.level1 import ASK_EVENT, run_level1, told_points
+
+    cfg = parse_run_config(_config(labelled_family, budget=6, executor="ray", workers=2, proposals="async"))
+    run = tmp_path / "run"
+    run_level1(cfg, run, progress=False, stop_after=3)
+    assert len(_told(run)) == 3
+    in_flight = [0.25] * cfg.search_space.dim
+    with RunStore.open(run) as store:
+        ref = store.add_candidate(cfg.search_space.to_recipe(torch.tensor(in_flight, dtype=torch.float64)), "merge")
+        store.add_event(ASK_EVENT, {"candidate": ref.id, "x": in_flight})
+    result = run_level1(cfg, run, resume=True, progress=False)
+    assert len(_told(run)) == 6
+    assert _rows_once(run) == (3 + 6, 2 * (3 + 6))
+    with RunStore.open(run, readonly=True) as store:
+        asked, told = told_points(store, ASK_EVENT), told_points(store)
+    assert len(asked) == 6 and sorted(asked) == sorted(told) and (ref.id, in_flight) in told
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["proposals"] == "async" and "not reproducible" in summary["proposal_order"]
+    assert 0 <= summary["worker_idle_share"] < 1 and summary["worker_busy_seconds"] > 0
+    assert summary["workers_replaced"] == 0 and summary["evaluations"] == result.summary["evaluations"] == 6

@@ -8,6 +8,10 @@ Contract (identical for all methods, so benchmarks compare like with like):
 * ``budget`` = number of candidate evaluations, initial design included; ``ask`` never
   hands out a point beyond it;
 * protocol: ``X = ask(n)`` → evaluate → ``tell(X, Y)``; one batch in flight at a time;
+* asynchronous protocol (methods with ``supports_async``): ``ask_async(n)`` hands out points while
+  others are still being evaluated (:attr:`Optimizer.X_pending`), and each is told when its score
+  arrives, in whatever order; BO conditions its next point on the pending ones (botorch's
+  ``X_pending``), so a worker that finishes early gets a new candidate at once;
 * **resume by replay**: an optimiser's state is a pure function of its constructor
   arguments and the ``(x, y)`` history. Each ask derives its randomness from
   ``(seed, evaluations so far)`` (:meth:`Optimizer.rng_seed`), never from a long-lived RNG,
@@ -58,6 +62,9 @@ class Optimizer(ABC):
     name: ClassVar[str]
     #: The options this optimiser accepts (unknown ones and wrong types are refused, naming them).
     Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions
+    #: Whether :meth:`ask_async` works: the method can propose while points are pending and be told
+    #: them in any order.
+    supports_async: ClassVar[bool] = False
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         if space_dim < 1:
@@ -74,6 +81,8 @@ class Optimizer(ABC):
         self.X = torch.empty(0, space_dim, dtype=DTYPE)
         self.Y = torch.empty(0, n_objectives, dtype=DTYPE)
         self._pending = 0
+        #: Points handed out by :meth:`ask_async` (or :meth:`mark_pending`) and not yet told.
+        self.X_pending = torch.empty(0, space_dim, dtype=DTYPE)
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> OptimizerOptions:
@@ -129,6 +138,35 @@ class Optimizer(ABC):
         self._pending = len(X)
         return X
 
+    def ask_async(self, n: int = 1) -> torch.Tensor:
+        """Up to ``n`` new points while :attr:`X_pending` are still being evaluated (``m × d``,
+        ``0 <= m <= n``: none when the method must see a pending result first, or the budget is spent).
+
+        Each returned point is pending until told; :meth:`tell` accepts pending points in any order.
+        """
+        if not self.supports_async:
+            raise RuntimeError(f"{self.name}: proposes in batches only (no ask_async)")
+        if n < 1:
+            raise ValueError(f"ask_async(n) needs n >= 1, got {n}")
+        if self.remaining < 1:
+            return torch.empty(0, self.d, dtype=DTYPE)
+        X = self._ask_async(min(n, self.remaining)).to(DTYPE).clamp(0.0, 1.0).reshape(-1, self.d)
+        if len(X) > min(n, self.remaining):
+            raise RuntimeError(f"{self.name}: internal error, asked {n} points, produced {len(X)}")
+        self.mark_pending(X)
+        return X
+
+    def mark_pending(self, X: torch.Tensor) -> None:
+        """Count ``X`` as handed out and not yet told (a resumed asynchronous run's candidates in flight)."""
+        X = torch.as_tensor(X, dtype=DTYPE).reshape(-1, self.d)
+        self.X_pending = torch.cat([self.X_pending, X])
+        self._pending += len(X)
+
+    @property
+    def n_asked(self) -> int:
+        """Points handed out so far: told and pending (the index of the next point of a sequence)."""
+        return self.n_evaluated + len(self.X_pending)
+
     def tell(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         """Record evaluated points (the pending batch, or any history when replaying).
 
@@ -157,6 +195,12 @@ class Optimizer(ABC):
         self.X = torch.cat([self.X, X])
         self.Y = torch.cat([self.Y, Y])
         self._pending = max(0, self._pending - len(X))
+        for x in X:  # an asynchronous point told: no longer pending
+            hit = (self.X_pending == x).all(dim=1).nonzero()
+            if len(hit):
+                keep = torch.ones(len(self.X_pending), dtype=torch.bool)
+                keep[hit[0, 0]] = False
+                self.X_pending = self.X_pending[keep]
 
     @classmethod
     def from_history(
@@ -173,6 +217,10 @@ class Optimizer(ABC):
     @abstractmethod
     def _ask(self, n: int) -> torch.Tensor:
         """``m × d`` points, ``1 <= m <= n``; deterministic given the history (use ``rng_seed``)."""
+
+    def _ask_async(self, n: int) -> torch.Tensor:
+        """``m × d`` points, ``0 <= m <= n``, given the history and :attr:`X_pending` (``supports_async``)."""
+        raise NotImplementedError
 
     def _observe(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         """Hook for methods with state beyond the history (called before X, Y are appended)."""

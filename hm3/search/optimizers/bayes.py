@@ -131,6 +131,7 @@ class BayesOptimizer(Optimizer):
     """An initial design of ``n_init`` points (Sobol or given), then one model-based step per ask."""
 
     Options = BayesOptions
+    supports_async = True
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
@@ -166,8 +167,26 @@ class BayesOptimizer(Optimizer):
             return sobol_points(self.d, seed=self.seed, start=self.n_evaluated, n=m)
         return self._model_ask(n)
 
+    def _ask_async(self, n: int) -> torch.Tensor:
+        """The design's next points while it lasts; then the surrogate's, conditioned on the pending points
+        (none until a first score is told: a GP needs one)."""
+        if self.n_asked < self.n_init:
+            m = min(n, self.n_init - self.n_asked)
+            if self.initial_points is not None:
+                return self.initial_points[self.n_asked : self.n_asked + m].clone()
+            return sobol_points(self.d, seed=self.seed, start=self.n_asked, n=m)
+        if not self.n_evaluated:
+            return torch.empty(0, self.d, dtype=DTYPE)
+        return self._model_ask(n)
+
+    @property
+    def pending_points(self) -> torch.Tensor | None:
+        """The points being evaluated, for the acquisition's ``X_pending`` (None: none)."""
+        return self.X_pending if len(self.X_pending) else None
+
     def _model_ask(self, n: int) -> torch.Tensor:
-        """``n`` points from the surrogate (called once the initial design is evaluated)."""
+        """``n`` points from the surrogate (called once the initial design is evaluated), conditioned on
+        :attr:`pending_points` in asynchronous mode."""
         raise NotImplementedError
 
     def maximise(self, acqf: AcquisitionFunction, q: int) -> torch.Tensor:

@@ -62,5 +62,6 @@ class BoMo(BayesOptimizer):
                 X_baseline=self.X,
                 sampler=SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=self.rng_seed(1) % 2**31),
                 prune_baseline=True,
+                X_pending=self.pending_points,
             )
             return self.maximise(acqf, q=n)

@@ -75,7 +75,7 @@ class BoTcheby(BayesOptimizer):
     def _model_ask(self, n: int) -> torch.Tensor:
         chosen: list[torch.Tensor] = []
         for j in range(n):
-            lam = self.preference_of(self.n_evaluated + j)
+            lam = self.preference_of(self.n_asked + j)
             target = -tchebycheff(self.Y, lam, self.ideal).unsqueeze(-1)
             with self.seeded_torch(salt=j):
                 acqf = qLogNoisyExpectedImprovement(
@@ -84,8 +84,14 @@ class BoTcheby(BayesOptimizer):
                     sampler=SobolQMCNormalSampler(
                         torch.Size([self.mc_samples]), seed=self.rng_seed(100 + j) % 2**31
                     ),
-                    X_pending=torch.cat(chosen) if chosen else None,
+                    X_pending=_pending([self.X_pending, *chosen]),
                     prune_baseline=True,
                 )
                 chosen.append(self.maximise(acqf, q=1))
         return torch.cat(chosen)
+
+
+def _pending(points: list[torch.Tensor]) -> torch.Tensor | None:
+    """The acquisition's ``X_pending``: the points in flight and those chosen so far this step (None: none)."""
+    joined = torch.cat(points) if points else torch.empty(0)
+    return joined if len(joined) else None

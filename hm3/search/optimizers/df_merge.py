@@ -51,5 +51,6 @@ class DfMerge(BayesOptimizer):
                 model=fit_gp(self.X, target),
                 best_f=target.max(),
                 sampler=SobolQMCNormalSampler(torch.Size([self.mc_samples]), seed=self.rng_seed(1) % 2**31),
+                X_pending=self.pending_points,
             )
             return self.maximise(acqf, q=n)

@@ -34,8 +34,17 @@ class RandomSearch(Optimizer):
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
         self.method = self.options.method
 
+    supports_async = True
+
     def _ask(self, n: int) -> torch.Tensor:
         if self.method == "sobol":
             return sobol_points(self.d, seed=self.seed, start=self.n_evaluated, n=n)
         gen = torch.Generator().manual_seed(self.rng_seed())
+        return torch.rand(n, self.d, generator=gen, dtype=DTYPE)
+
+    def _ask_async(self, n: int) -> torch.Tensor:
+        # the next points of the sequence: those pending are handed out already
+        if self.method == "sobol":
+            return sobol_points(self.d, seed=self.seed, start=self.n_asked, n=n)
+        gen = torch.Generator().manual_seed(self.rng_seed(salt=len(self.X_pending)))
         return torch.rand(n, self.d, generator=gen, dtype=DTYPE)
