@@ -34,6 +34,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_build_and_every_ablation_arm_run_end_to_end_and_resume(tmp_path, one_thread):
     build, ablation = _module("build"), _module("ablation")
     tiny = {"steps": {"language": 2, "math": 2}, "validation_examples": 2, "test_examples": 2}

@@ -71,6 +71,7 @@ def recipe(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_core_merges_lists_and_scores_without_any_extra(recipe, micro_zoo_dir, sites, tmp_path):
     merged = hm3_without(EVERY_EXTRA, sites, "merge", str(recipe), str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr

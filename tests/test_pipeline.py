@@ -127,6 +127,7 @@ def test_level2_paths_are_scored_as_their_models(finished, models):
     assert _check_path_scores_against_hf(run, summary, models) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_two_level_run_on_the_vllm_backend(models, tmp_path):

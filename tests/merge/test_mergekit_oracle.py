@@ -228,6 +228,7 @@ def _check_against_mergekit(models: dict[str, Path], tmp_path: Path, name: str, 
         assert ours[k].dtype == theirs[k].dtype, k
 
 
+@pytest.mark.slow
 def test_exported_config_runs_in_mergekit(models, tmp_path):
     """hm3-only keys translate (rescale_mode) and the export merges to the same tensors as hm3, through
     the ``mergekit-yaml`` command a user runs."""

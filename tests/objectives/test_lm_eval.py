@@ -372,6 +372,7 @@ def test_lm_evals_own_tasks_are_found_and_unknown_names_get_suggestions():
         get_objective("lm-eval:gsm8k")
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_hf_and_vllm_agree_through_the_adapter(tasks, model, hf):
     pytest.importorskip("vllm")

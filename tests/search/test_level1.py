@@ -138,6 +138,7 @@ def test_resume_with_a_different_config_names_the_difference(setup, tmp_path):
         run_level1(parse_run_config(_config(setup, budget=3)), tmp_path / "r", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_hm3):
     cfg_path = tmp_path / "cfg.yml"
@@ -170,6 +171,7 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_h
     np.testing.assert_allclose(resumed.Y, straight.Y, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resumed_bo_run_asks_exactly_the_points_of_an_uninterrupted_one(setup, tmp_path):
     """A model-based optimiser's next point depends on every digit of the history it is told: the
     replay after a stop must hand it the float64 points it asked, not float32 copies (which once
