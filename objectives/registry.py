@@ -127,12 +127,12 @@ def _unknown(spec: str, why: str) -> ConfigError:
     return ConfigError(f"unknown objective {spec!r} ({why}); known objectives: {known}")
 
 
-def _split_seed(spec: str) -> tuple[str, int]:
+def split_seed(spec: str) -> tuple[str, int]:
     match = _SEED_SUFFIX.match(spec)
     return (match["body"], int(match["seed"])) if match else (spec, 0)
 
 
-def _split_kind(body: str) -> tuple[str, str, str]:
+def split_kind(body: str) -> tuple[str, str, str]:
     """(prefix, separator, rest) at the first ``:`` or ``=``; separator and rest are empty if neither."""
     match = re.search(r"[:=]", body)
     if match is None:
@@ -155,20 +155,20 @@ def get_objective(spec: str) -> Objective:
     :class:`~hm3.errors.DataFileError` for a missing or malformed data file.
     """
     spec = spec.strip()
-    body, seed = _split_seed(spec)
+    body, seed = split_seed(spec)
     head, comma, tail = body.partition(",")
     items = [item.strip() for item in tail.split(",")] if comma else []
-    kind, sep, rest = _split_kind(head)
+    kind, sep, rest = split_kind(head)
     if kind == LMEVAL and sep == ":":
         from objectives.lmeval import LmEvalObjective, parse_spec
 
         return LmEvalObjective(parse_spec(rest + comma + tail, seed=seed, spec=spec))
     if items:  # a seed may also follow the head: gsm8k:a.jsonl@3,name=g
-        head, head_seed = _split_seed(head)
+        head, head_seed = split_seed(head)
         if head_seed and seed:
             raise ConfigError(f"objective {spec!r} gives two seeds; put one @SEED at the end")
         seed = seed or head_seed
-        kind, sep, rest = _split_kind(head)
+        kind, sep, rest = split_kind(head)
     if kind in ("zoo", "compositional") and sep == ":":
         if items:
             raise ConfigError(f"objective {spec!r}: {kind}: objectives take no options (got {', '.join(items)})")

@@ -148,10 +148,10 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
 
 def choose_objective(spec: str, data_dir: Path, index: int) -> ObjectiveChoice:
     """The objective a check evaluates in place of ``spec`` (module docstring)."""
-    from objectives.registry import FILE_KINDS, _split_kind, _split_seed, get_objective
+    from objectives.registry import FILE_KINDS, get_objective, split_kind, split_seed
 
-    body, _ = _split_seed(spec.strip())
-    kind, sep, rest = _split_kind(body)
+    body, _ = split_seed(spec.strip())
+    kind, sep, rest = split_kind(body)
     if kind == "lm-eval" and sep == ":":
         return _lmeval_choice(spec, rest, data_dir, index)
     if kind in FILE_KINDS and rest:
