@@ -167,3 +167,43 @@ def test_shape_comes_from_the_hf_cache_before_any_template(tmp_path: Path, monke
     assert standin_config(shape, 128)["num_attention_heads"] == 4  # ratio 4: 4 heads over 1
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     assert model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path).source.startswith("template qwen/qwen2.5-1.5b")
+
+
+def _llama_shape(ref: str, vocab_size: int) -> ModelShape:
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": vocab_size}
+    return ModelShape(ref, ref, "test", config)
+
+
+def test_standins_of_a_search_over_the_bases_vocabulary_have_the_real_vocab_sizes(tmp_path: Path) -> None:
+    """Rows as the models' configs say (as Llama-2 32000, WizardMath 32001, CodeLlama 32016, here smaller), the
+    base's toy tokenizer filled up to the base's rows, the experts' first rows the base's perturbed ones."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from hm3.check.models import build_standins, shape_conflicts
+
+    shapes = [_llama_shape("base", 150), _llama_shape("math", 151), _llama_shape("coder", 166)]
+    assert shape_conflicts(shapes) == ["vocab_size: base 150, math 151, coder 166"]
+    assert shape_conflicts(shapes, own_vocabularies=True) == []
+    dirs = build_standins(shapes, "base", tmp_path, seed=0, own_vocabularies=True)
+    base = load_file(dirs["base"] / "model.safetensors")
+    for ref, rows in (("base", 150), ("math", 151), ("coder", 166)):
+        tensors = load_file(dirs[ref] / "model.safetensors")
+        assert json.loads((dirs[ref] / "config.json").read_text())["vocab_size"] == rows
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert tensors[name].shape[0] == rows, (ref, name)
+            delta = tensors[name][:150] - base[name]
+            assert (delta.abs().max() > 0) == (ref != "base") and delta.abs().max() < base[name].abs().max()
+    assert len(AutoTokenizer.from_pretrained(str(dirs["base"]))) == 150
+
+
+def test_a_search_over_different_vocabularies_without_a_tokenizer_source_names_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = Path(__file__).parents[1] / "experiments" / "reproduce" / "hm3_llama2_7b" / "config.yml"
+    data = yaml.safe_load(config.read_text())
+    del data["search_space"]["tokenizer_source"]
+    rc, out = _check(capsys, _write(tmp_path, data))
+    assert rc == 3 and "the models differ in vocab_size: base 32000, " in out["error"], out["error"]
+    assert all(f"{ref} {rows}" in out["error"] for ref, rows in (("instruct", 32000), ("math", 32001), ("coder", 32016)))
+    assert "only the vocabularies differ: set search_space.tokenizer_source: base" in out["error"]

@@ -202,15 +202,20 @@ def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckRepor
                    f"{c.get('num_hidden_layers')} layers, {c.get('num_attention_heads')}/"
                    f"{c.get('num_key_value_heads', c.get('num_attention_heads'))} heads, tied embeddings "
                    f"{c.get('tie_word_embeddings', False)}) -> tiny random stand-in of that family")
-    conflicts = shape_conflicts(shapes)
+    own_vocabularies = level1.search_space.tokenizer_source is not None
+    conflicts = shape_conflicts(shapes, own_vocabularies=own_vocabularies)
     if conflicts:
+        only_vocabularies = all(c.startswith("vocab_size:") for c in conflicts)
+        remedy = ("; only the vocabularies differ: set search_space.tokenizer_source: base to merge over the "
+                  "base model's") if only_vocabularies else ""
         raise ConfigError(f"models: the models differ in {'; '.join(conflicts)}: a search merges them in memory, "
-                          "which needs one architecture and one vocabulary (hm3 merge's tokenizer_source is for "
-                          "recipes, not searches)")
-    dirs = build_standins(shapes, level1.search_space.base_model, out, seed=level1.seed)
+                          f"which needs one architecture and one vocabulary{remedy}")
+    dirs = build_standins(shapes, level1.search_space.base_model, out, seed=level1.seed,
+                          own_vocabularies=own_vocabularies)
     report.standins |= {str(p): f"models.{ref} (the stand-in for {level1.models[ref]})" for ref, p in dirs.items()}
     report.add("ok", "stand-in models", f"{len(dirs)} built (base random, others base + seeded perturbation), "
-               "toy character tokenizer")
+               "toy character tokenizer" + (", each with its model's vocab_size rows, merged over the base's "
+                                             "(tokenizer_source: base)" if own_vocabularies else ""))
     return dirs
 
 

@@ -9,6 +9,13 @@ random; every other model is the base plus a small seeded perturbation, so merge
 vectors. All share a character-level toy tokenizer (:mod:`hm3.zoo.tokenizer`), and their generation
 config ends generation at any token: a random model's answers are noise whatever their length, and
 generating hundreds of tokens per example is what would make a check take minutes.
+
+A search that merges over the base's vocabulary (``search_space.tokenizer_source: base``) is checked
+on stand-ins with the real models' vocabulary sizes: each has its model's ``vocab_size`` embedding
+rows, and the base's toy tokenizer is filled up to the base's (:func:`hm3.zoo.tokenizer.filler_token`),
+as a real base's tokenizer fills its embedding. The experts carry the base's tokenizer, so their extra
+rows (an added pad token, infilling tokens) are tokens the base lacks, which ``base`` leaves out --
+what it does with the real experts, whose added tokens the base does not have either.
 """
 
 from __future__ import annotations
@@ -122,10 +129,13 @@ def standin_config(shape: ModelShape, vocab_size: int) -> dict[str, Any]:
     return out
 
 
-def shape_conflicts(shapes: list[ModelShape]) -> list[str]:
-    """Architecture keys on which the models differ (a merge needs one architecture), one line each."""
+def shape_conflicts(shapes: list[ModelShape], *, own_vocabularies: bool = False) -> list[str]:
+    """Architecture keys on which the models differ (a merge needs one architecture), one line each;
+    ``own_vocabularies``: the vocabulary sizes may differ (a search with a tokenizer source)."""
     lines = []
     for key in SHAPE_KEYS:
+        if own_vocabularies and key == "vocab_size":
+            continue
         values = {s.ref: s.config.get(key, s.config.get("num_attention_heads") if key == "num_key_value_heads"
                                       else None) for s in shapes}
         if len(set(map(repr, values.values()))) > 1:
@@ -133,25 +143,55 @@ def shape_conflicts(shapes: list[ModelShape]) -> list[str]:
     return lines
 
 
-def build_standins(shapes: list[ModelShape], base_ref: str, out_dir: Path, *, seed: int) -> dict[str, Path]:
-    """Stand-in model folders, one per shape: the base random, the others base + seeded perturbation."""
+def build_standins(shapes: list[ModelShape], base_ref: str, out_dir: Path, *, seed: int,
+                   own_vocabularies: bool = False) -> dict[str, Path]:
+    """Stand-in model folders, one per shape: the base random, the others base + seeded perturbation;
+    ``own_vocabularies``: each with its model's ``vocab_size`` rows (module docstring)."""
     from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_causal_lm
-    from hm3.zoo.tokenizer import save_char_tokenizer
+    from hm3.zoo.tokenizer import VOCAB_SIZE, save_char_tokenizer
 
     by_ref = {s.ref: s for s in shapes}
     base = by_ref[base_ref]
+    rows = {s.ref: _int(s, "vocab_size") if own_vocabularies else VOCAB_ROWS for s in shapes}
+    if rows[base_ref] < VOCAB_SIZE:
+        raise ConfigError(f"models.{base_ref}: vocab_size {rows[base_ref]} ({base.source}) is smaller than the "
+                          f"check's toy tokenizer ({VOCAB_SIZE} tokens)")
     try:
-        base_dir = build_random_causal_lm(out_dir / base_ref, standin_config(base, VOCAB_ROWS), seed=seed)
+        base_dir = build_random_causal_lm(out_dir / base_ref, standin_config(base, rows[base_ref]), seed=seed)
     except ValueError as err:  # transformers: an unknown model type, or one that is not a causal LM
         raise ConfigError(f"models.{base_ref}: cannot build a {base.config.get('model_type')!r} causal LM "
                           f"({base.source}): {err}") from None
-    save_char_tokenizer(base_dir)
+    save_char_tokenizer(base_dir, rows[base_ref] if own_vocabularies else VOCAB_SIZE)
     # every token ends generation (module docstring): answers stay one token long
-    (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(VOCAB_ROWS)),
-                                                                 "pad_token_id": 0, "bos_token_id": 1}))
+    ends = list(range(max(rows.values())))
+    (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ends, "pad_token_id": 0,
+                                                                 "bos_token_id": 1}))
     dirs = {base_ref: base_dir}
     for i, shape in enumerate(s for s in shapes if s.ref != base_ref):
         dirs[shape.ref] = build_finetuned_variant(base_dir, out_dir / shape.ref, seed=seed + 1 + i, scale=0.05)
+        if rows[shape.ref] != rows[base_ref]:
+            _set_rows(dirs[shape.ref], rows[shape.ref], seed=seed + 1 + i)
         for extra in ("generation_config.json",):
             (dirs[shape.ref] / extra).write_text((base_dir / extra).read_text())
     return dirs
+
+
+def _set_rows(directory: Path, rows: int, *, seed: int) -> None:
+    """Give a stand-in ``rows`` vocabulary rows: its token embedding and LM head cut, or extended with seeded
+    random rows of their own scale (the rows of tokens its model has and the base lacks)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hm3.checkpoint.layers import is_vocabulary_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    files = sorted(directory.glob("*.safetensors"))
+    for f in files:
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            if is_vocabulary_tensor(name):
+                extra = torch.randn((max(0, rows - t.shape[0]), *t.shape[1:]), generator=gen) * t.float().std()
+                tensors[name] = torch.cat([t[:rows], extra.to(t.dtype)])
+        save_file(tensors, f, metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "vocab_size": rows}, indent=2))

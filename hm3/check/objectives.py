@@ -83,9 +83,9 @@ def _write_standin(kind: str, data_dir: Path, index: int) -> Path:
     return path
 
 
-def write_lmeval_standin(output_type: str, folder: Path, index: int, name: str) -> str:
+def write_lmeval_standin(output_type: str, folder: Path, index: int, name: str | None) -> str:
     """An lm-eval task of ``output_type`` over four local documents (two validation, two test) in
-    ``folder``, as an objective spec named ``name``."""
+    ``folder``, as an objective spec named ``name`` (None: the stand-in task's own default name)."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def write_lmeval_standin(output_type: str, folder: Path, index: int, name: str) 
               "output_type": output_type, "validation_split": "validation", "test_split": "test", "num_fewshot": 0,
               **_LMEVAL_TASKS[output_type]}
     (folder / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return f"lm-eval:{task},include_path={folder},name={name}"
+    return f"lm-eval:{task},include_path={folder}" + (f",name={name}" if name is not None else "")
 
 
 def _output_type(parsed: Any, spec: str, why: str, lmeval_here: bool) -> str:
@@ -137,7 +137,9 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
         why = "its data is not in the local datasets cache"
     output_type = _output_type(parsed, spec, why, lmeval_here)
     if lmeval_here:
-        standin = write_lmeval_standin(output_type, data_dir / "lm-eval", index, parsed.objective_name())
+        # the original's name= where it gives one; a default name (lm-eval:TASK/...) holds ':', which name=
+        # may not, so the stand-in then keeps its own default name
+        standin = write_lmeval_standin(output_type, data_dir / "lm-eval", index, parsed.name)
         return ObjectiveChoice(spec, standin, f"{why}: stand-in {output_type} lm-eval task (4 local documents)",
                                str(data_dir / "lm-eval"))
     kind = _STANDIN_KIND[output_type]

@@ -84,7 +84,9 @@ class LiveModel:
                 base_ref=space.base_model,
                 model_refs=list(space.models),
                 device=self.device,
+                tokenizer_source=space.tokenizer_source,
             )
+            _fit_vocabulary(self.backend, self.merger)
         except BaseException:
             self.backend.close()
             raise
@@ -310,6 +312,26 @@ class LiveModelSession:
             key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))
             paths.append(str(self._fisher_cache.path_for(key)))
         return space.to_recipe(x, fisher_paths=paths)
+
+
+def _fit_vocabulary(backend: Backend, merger: InMemoryMerger) -> None:
+    """Give the live model the merged vocabulary's embedding rows.
+
+    The live model is the base, and merges over the base's tokenizer (``tokenizer_source: base``) keep
+    its tokens but not the padding rows past them (mergekit's rule): the hf model's embeddings are
+    resized to match; a vLLM engine's cannot be, so such a base is refused there, by name.
+    """
+    rows, own = merger.vocabulary_rows, merger.base_vocabulary_rows
+    if rows == own:
+        return
+    model = getattr(backend, "model", None)
+    if model is None or backend.live_parameters() is None:
+        raise ConfigError(
+            f"search_space.tokenizer_source base: the merged models have {rows} vocabulary rows (the base "
+            f"tokenizer's tokens) but the base has {own}, and the {backend.name} backend's model cannot be resized; "
+            "use evaluation.backend hf, or a base whose embedding has no rows past its tokenizer"
+        )
+    model.resize_token_embeddings(rows)
 
 
 def _backend_options(ev: EvaluationConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -26,6 +26,16 @@ costs one host-to-device copy of the model per candidate instead of running out 
 arithmetic is float32 whatever the evaluation dtype: a task vector is a small difference of large
 weights, which bfloat16 would mostly round away; the result is cast once, when it is written into
 the live model.
+
+Models whose vocabularies differ (an expert that added a pad token or infilling tokens) are merged
+over the base's vocabulary with ``tokenizer_source="base"``, as ``hm3 merge`` merges a recipe that says
+``tokenizer_source: base``: each model's token embedding and LM head are rearranged onto the base
+tokenizer's rows once, when the task vectors are taken, by the same row mapping the streaming engine
+applies tensor by tensor (:func:`hm3.merge.plan.output_vocabulary`, :mod:`hm3.merge.vocab`). Under
+``base`` a model's row for a token is its own where it has the token and the base's where it lacks it,
+whichever other models are merged, so one rearrangement serves every recipe over any of the models.
+``union`` and another model's tokenizer are not offered here: their rows for a token some models lack
+depend on which models a recipe merges, and the live model would need a tokenizer other than the base's.
 """
 
 from __future__ import annotations
@@ -39,10 +49,21 @@ from pathlib import Path
 import torch
 
 from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
+from hm3.checkpoint.layers import is_vocabulary_tensor
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
 from hm3.merge.methods import TensorInputs, get_method
-from hm3.merge.plan import DEFAULT_MASK_RNG, input_refs_for, mask_generator, resolve_jobs
+from hm3.merge.plan import (
+    DEFAULT_MASK_RNG,
+    check_same_vocabulary,
+    input_refs_for,
+    mask_generator,
+    output_vocabulary,
+    resolve_jobs,
+    vocabulary_config,
+)
+from hm3.merge.tokenizer import OutputTokenizer
+from hm3.merge.vocab import MergedVocabulary, remap_rows, row_plan
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +71,8 @@ log = logging.getLogger(__name__)
 #: take for them to be held there; the rest is left to the evaluation (activations, logits, a KV cache)
 #: and to the allocator's fragmentation.
 RESIDENT_SHARE = 0.8
+#: The tokenizer sources the in-memory merger maps vocabularies with (module docstring).
+IN_MEMORY_TOKENIZER_SOURCES = ("base",)
 #: Full-size temporaries a merge method holds beside its inputs for one tensor (TIES: trimmed deltas,
 #: signs, the agreement mask, the result), so the workspace is (K + this) × the largest tensor.
 WORKSPACE_TENSORS = 4
@@ -98,7 +121,10 @@ class InMemoryMerger:
     model ref to its Fisher tensors (for Fisher-weighted recipes). ``device`` is
     where the arithmetic runs, ``dtype`` that of the held tensors and the
     arithmetic (float32: module docstring); :attr:`residency` says whether the
-    tensors are held on ``device`` or in host memory.
+    tensors are held on ``device`` or in host memory. ``tokenizer_source="base"`` merges models whose
+    vocabularies differ over the base's (module docstring); :attr:`tokenizer` is then the output
+    tokenizer (None where the base has no tokenizer files and every vocabulary agrees) and
+    :attr:`config` carries its ``vocab_size``.
     """
 
     def __init__(
@@ -110,7 +136,15 @@ class InMemoryMerger:
         model_refs: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        tokenizer_source: str | None = None,
     ):
+        if tokenizer_source is not None and tokenizer_source not in IN_MEMORY_TOKENIZER_SOURCES:
+            raise ConfigError(
+                f"tokenizer_source {tokenizer_source!r}: the in-memory merger maps vocabularies onto the base's "
+                "only (tokenizer_source: base); merge a recipe with another tokenizer source with hm3 merge"
+            )
+        self.tokenizer_source = tokenizer_source
+        self.tokenizer: OutputTokenizer | None = None
         self.device = torch.device(device)
         self.dtype = dtype
         self.base_ref = base_ref or str(base_dir)
@@ -119,11 +153,21 @@ class InMemoryMerger:
             raise ConfigError("model_refs and model_dirs must have the same length")
         ckpts = [open_checkpoint(base_dir)] + [open_checkpoint(d) for d in model_dirs]
         try:
-            check_compatible(ckpts)
+            refs = [self.base_ref, *self.model_refs]
+            if tokenizer_source is None:
+                check_same_vocabulary(ckpts, refs, remedy="Set tokenizer_source: base (search_space.tokenizer_source "
+                                      "in a run config) to merge them over the base model's vocabulary, as hm3 "
+                                      "merge does for a recipe with tokenizer_source: base")
+            check_compatible(ckpts, same_vocab=tokenizer_source is None)
+            vocabulary, self.tokenizer = (output_vocabulary(tokenizer_source, ckpts, refs, self.base_ref)
+                                          if tokenizer_source is not None else (None, None))
             base_ckpt = ckpts[0]
             self.tensor_names = base_ckpt.tensor_names()
+            vocab_names = [n for n in self.tensor_names if is_vocabulary_tensor(n)]
+            #: the base's own embedding rows, before any rearrangement (the live model's, when it is the base)
+            self.base_vocabulary_rows = base_ckpt.shape(vocab_names[0])[0] if vocab_names else None
             self.num_layers = base_ckpt.num_layers
-            self.config = dict(base_ckpt.config)
+            self.config = vocabulary_config(dict(base_ckpt.config), vocabulary, self.tokenizer)
             sizes = [math.prod(base_ckpt.shape(n)) for n in self.tensor_names]
             itemsize = torch.empty((), dtype=dtype).element_size()
             self.residency = choose_residency(
@@ -137,20 +181,22 @@ class InMemoryMerger:
             self.base: dict[str, torch.Tensor] = {}
             self.deltas: dict[str, list[torch.Tensor]] = {}
             for name in self.tensor_names:
-                b = base_ckpt.get(name)
-                check_finite(name, b, str(base_ckpt.path))
+                b, *others = _read_tensor(ckpts, name, vocabulary)
                 b = b.to(self._hold, dtype)
                 self.base[name] = b
-                deltas = []
-                for c in ckpts[1:]:
-                    t = c.get(name)
-                    check_finite(name, t, str(c.path))
-                    deltas.append(t.to(self._hold, dtype) - b)
-                self.deltas[name] = deltas
+                self.deltas[name] = [t.to(self._hold, dtype) - b for t in others]
         finally:
             for c in ckpts:
                 c.close()
         self._fishers: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def vocabulary_rows(self) -> int | None:
+        """Rows of the merged token embedding (None for a model without one)."""
+        for name in self.tensor_names:
+            if is_vocabulary_tensor(name):
+                return int(self.base[name].shape[0])
+        return None
 
     def set_fishers(self, fishers: Mapping[str, Mapping[str, torch.Tensor]] | None) -> None:
         """Per-model Fisher tensors (model ref -> tensor name -> F); ``None`` removes them."""
@@ -170,6 +216,12 @@ class InMemoryMerger:
             raise ConfigError(
                 f"the in-memory path merges over the models' own vocabulary (the live model's rows); a recipe with "
                 f"tokenizer source {recipe.vocabulary_source!r} is merged with hm3 merge"
+            )
+        if self.tokenizer_source is not None and recipe.tokenizer_source != self.tokenizer_source:
+            raise ConfigError(
+                f"this merger maps the models onto the base's vocabulary (tokenizer_source: {self.tokenizer_source}) "
+                f"but the recipe says tokenizer_source {recipe.tokenizer_source!r}: hm3 merge would merge it "
+                f"differently; give the recipe tokenizer_source: {self.tokenizer_source}"
             )
         method = get_method(recipe.merge_method)
         if not method.needs_base:
@@ -233,3 +285,18 @@ class InMemoryMerger:
         """The merged model as a new state dict (for backends that take weights by value, e.g. vLLM), in the
         merger's dtype on its device."""
         return dict(self.iter_merged(recipe, seed=seed))
+
+
+def _read_tensor(ckpts: Sequence, name: str, vocabulary: MergedVocabulary | None) -> list[torch.Tensor]:
+    """Tensor ``name`` of every checkpoint (the base first), checked finite; a vocabulary tensor's rows
+    rearranged onto ``vocabulary`` as the streaming engine rearranges them (the base is the row donor,
+    every model an input), each cast back to its own dtype."""
+    tensors = []
+    for c in ckpts:
+        t = c.get(name)
+        check_finite(name, t, str(c.path))
+        tensors.append(t)
+    if vocabulary is None or not is_vocabulary_tensor(name):
+        return tensors
+    plan = row_plan(vocabulary, tuple(range(len(ckpts))), 0, tensor=name, input_rows=[t.shape[0] for t in tensors])
+    return [r.to(t.dtype) for r, t in zip(remap_rows(plan, tensors), tensors, strict=True)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from hm3.checkpoint.layers import (
     relayered_config,
 )
 from hm3.checkpoint.reader import LM_HEAD
-from hm3.config import MASK_RNGS, MergeConfig, parameter_places
+from hm3.config import MASK_RNGS, MergeConfig, TokenSetting, parameter_places
 from hm3.errors import ConfigError, IncompatibleModelsError
 from hm3.merge import ops
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
@@ -379,8 +379,11 @@ def _embedding_rows(ckpt: Checkpoint) -> int | None:
     return ckpt.shape(name)[0] if name is not None else None
 
 
-def _check_same_vocabulary(opened: Sequence[Checkpoint], refs: Sequence[str]) -> None:
-    """Refuse models whose vocabularies differ when the recipe names no tokenizer to merge them over.
+def check_same_vocabulary(opened: Sequence[Checkpoint], refs: Sequence[str], *,
+                          remedy: str = "Give 'tokenizer_source' (base, union or a model) or a 'tokenizer' block "
+                                        "to merge them over one vocabulary") -> None:
+    """Refuse models whose vocabularies differ when no tokenizer is named to merge them over; ``remedy`` is
+    the message's last sentence (what the caller's user can set).
 
     mergekit 0.1.5 refuses them too (a tensor size mismatch in its merge); merging row for row would pair
     different tokens, and neither tool truncates or pads silently.
@@ -388,28 +391,36 @@ def _check_same_vocabulary(opened: Sequence[Checkpoint], refs: Sequence[str]) ->
     sizes = [(ref, _embedding_rows(c), c.vocab_size) for ref, c in zip(refs, opened, strict=True)]
     if len({(rows, vocab) for _, rows, vocab in sizes}) > 1:
         listed = ", ".join(f"{ref} has {rows} embedding rows (vocab_size {vocab})" for ref, rows, vocab in sizes)
-        raise IncompatibleModelsError(
-            f"the models' vocabularies differ: {listed}. Give 'tokenizer_source' (base, union or a model) or a "
-            "'tokenizer' block to merge them over one vocabulary"
-        )
+        raise IncompatibleModelsError(f"the models' vocabularies differ: {listed}. {remedy}")
 
 
 def _plan_vocabulary(
     config: MergeConfig, opened: Sequence[Checkpoint], refs: Sequence[str], config_dir: Path | None
 ) -> tuple[MergedVocabulary | None, OutputTokenizer | None]:
-    """The output tokenizer and the rows of every checkpoint in it, when the recipe names a tokenizer.
-
-    ``refs`` names each opened checkpoint as the recipe does; the tokenizer's base is ``base_model``,
-    else the first of them. The vocabulary is None when nothing needs rearranging (every model already
-    has the output's tokens in its rows, in order), and both are None without a tokenizer source, or
-    for ``base`` over models that have no tokenizer files but agree on their vocabulary (nothing to
-    rearrange, and nothing to copy).
-    """
+    """:func:`output_vocabulary` of a recipe (its tokenizer source and ``tokenizer`` block)."""
     source = config.vocabulary_source
     if source is None:
         return None, None
-    settings = config.tokenizer.tokens if config.tokenizer is not None else None
-    pad = config.tokenizer.pad_to_multiple_of if config.tokenizer is not None else None
+    base_ref = config.base_model if config.base_model in refs else refs[0]
+    tok = config.tokenizer
+    return output_vocabulary(source, opened, refs, base_ref, config_dir,
+                             settings=tok.tokens if tok is not None else None,
+                             pad=tok.pad_to_multiple_of if tok is not None else None)
+
+
+def output_vocabulary(
+    source: str, opened: Sequence[Checkpoint], refs: Sequence[str], base_ref: str, config_dir: Path | None = None,
+    *, settings: Mapping[str, TokenSetting] | None = None, pad: int | None = None,
+) -> tuple[MergedVocabulary | None, OutputTokenizer | None]:
+    """The output tokenizer of tokenizer source ``source`` and the rows of every opened checkpoint in it.
+
+    ``refs`` names each opened checkpoint; ``base_ref`` (one of them) is the tokenizer's base. The
+    streaming planner and the searches' in-memory merger both take their vocabulary from here, so a
+    search's merge and ``hm3 merge`` of its recipe map the same rows. The vocabulary is None when
+    nothing needs rearranging (every model already has the output's tokens in its rows, in order), and
+    both are None for ``base`` over models that have no tokenizer files but agree on their vocabulary
+    (nothing to rearrange, and nothing to copy).
+    """
     models = []
     for ref, ckpt in zip(refs, opened, strict=True):
         rows = _embedding_rows(ckpt)
@@ -419,10 +430,9 @@ def _plan_vocabulary(
                 "merged vocabulary"
             )
         models.append(TokenizedModel(ref, Path(ckpt.path).resolve(), min(rows, ckpt.vocab_size or rows)))
-    base_ref = config.base_model if config.base_model in refs else refs[0]
     base = models[list(refs).index(base_ref)]
     if source == "base" and not settings and not pad and not has_tokenizer(base.path):
-        _check_same_vocabulary(opened, refs)  # nothing to map with, so nothing may need mapping
+        check_same_vocabulary(opened, refs)  # nothing to map with, so nothing may need mapping
         return None, None
     source_model = None
     if source not in ("base", "union"):
@@ -473,7 +483,7 @@ class _Rows:
         return replace(job, rows=self._cache[key])
 
 
-def _output_config(config: dict[str, Any], vocabulary: MergedVocabulary | None,
+def vocabulary_config(config: dict[str, Any], vocabulary: MergedVocabulary | None,
                    tokenizer: OutputTokenizer | None) -> dict[str, Any]:
     """The output's config with its vocabulary's size (mergekit sets it whenever it builds a tokenizer)."""
     if tokenizer is None:
@@ -496,7 +506,7 @@ def _plan_models(
     for ref in opened_refs:
         opened.append(open_checkpoint(resolve_model(ref, config_dir)))
     if config.vocabulary_source is None:
-        _check_same_vocabulary(opened, opened_refs)
+        check_same_vocabulary(opened, opened_refs)
     check_compatible(opened, same_vocab=config.vocabulary_source is None)
     vocabulary, tokenizer = _plan_vocabulary(config, opened, opened_refs, config_dir)
     with_rows = _Rows(vocabulary, opened)
@@ -515,7 +525,7 @@ def _plan_models(
         )
         _check_scales(job, opened, places)
         sourced.append(with_rows(job, vocab_base))
-    return sourced, _output_config(dict(reference.config), vocabulary, tokenizer), fisher_files, tokenizer
+    return sourced, vocabulary_config(dict(reference.config), vocabulary, tokenizer), fisher_files, tokenizer
 
 
 def _plan_slices(
@@ -543,7 +553,7 @@ def _plan_slices(
         index[ref] = len(opened)
         opened.append(open_checkpoint(resolve_model(ref, config_dir)))
     if config.vocabulary_source is None:
-        _check_same_vocabulary(opened, refs)
+        check_same_vocabulary(opened, refs)
     check_compatible(opened, same_depth=False, same_vocab=config.vocabulary_source is None)
     vocabulary, tokenizer = _plan_vocabulary(config, opened, refs, config_dir)
     with_rows = _Rows(vocabulary, opened)
@@ -569,7 +579,7 @@ def _plan_slices(
             source_layers.append(group.source_layers[0])
         jobs += group_jobs
     reference = opened[0]  # the base, else the first slice's first source
-    output_config = _output_config(relayered_config(reference.config, source_layers), vocabulary, tokenizer)
+    output_config = vocabulary_config(relayered_config(reference.config, source_layers), vocabulary, tokenizer)
     return jobs, output_config, None, tokenizer
 
 

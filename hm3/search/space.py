@@ -183,6 +183,10 @@ class SearchSpace(BaseModel):
         None, description="the drop-mask generator its recipes name (recipe key mask_rng); None: they name none, "
         "which merges with mt19937"
     )
+    tokenizer_source: Literal["base"] | None = Field(
+        None, description="merge experts whose vocabularies differ over the base model's tokenizer, as mergekit's "
+        "tokenizer_source: base (recipe key tokenizer_source); None: the vocabularies must agree"
+    )
     param_bounds: dict[str, Bounds] = Field(
         default_factory=dict, description="search ranges of the methods' own parameters (epsilon, gamma, lambda), "
         "replacing the registry's"
@@ -190,13 +194,15 @@ class SearchSpace(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """The dump (what a run store records) leaves out ``methods``, ``mask_rng`` and ``param_bounds`` while
-        unset, so a space that does not use them is stored as before they existed and older runs resume unchanged."""
+        """The dump (what a run store records) leaves out ``methods``, ``mask_rng``, ``tokenizer_source`` and
+        ``param_bounds`` while unset, so a space that does not use them is stored as before they existed and older runs resume unchanged."""
         data = handler(self)
         if self.methods is None:
             data.pop("methods", None)
         if self.mask_rng is None:
             data.pop("mask_rng", None)
+        if self.tokenizer_source is None:
+            data.pop("tokenizer_source", None)
         if not self.param_bounds:
             data.pop("param_bounds", None)
         return data
@@ -604,6 +610,8 @@ class SearchSpace(BaseModel):
         recipe["seed"] = self.seed
         if self.mask_rng is not None:
             recipe["mask_rng"] = self.mask_rng
+        if self.tokenizer_source is not None:
+            recipe["tokenizer_source"] = self.tokenizer_source
         return recipe
 
     def _read_setting(self, setting: Any, where: str) -> list[float]:

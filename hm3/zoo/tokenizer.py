@@ -16,12 +16,23 @@ CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]
 VOCAB_SIZE = len(SPECIALS) + len(CHARACTERS)  # 99
 
 
-def build_char_tokenizer():
-    """The zoo's tokenizer as a ``PreTrainedTokenizerFast`` (what every zoo model directory carries)."""
+def filler_token(i: int) -> str:
+    """The ``i``-th filler token: a string of several characters, which a BPE model without merges never
+    produces from text, so fillers give a tokenizer more tokens without changing how it tokenises."""
+    return f"<filler{i}>"
+
+
+def build_char_tokenizer(size: int = VOCAB_SIZE):
+    """The zoo's tokenizer as a ``PreTrainedTokenizerFast`` (what every zoo model directory carries);
+    a ``size`` above :data:`VOCAB_SIZE` appends filler tokens (:func:`filler_token`) up to ``size`` tokens,
+    for a stand-in of a model with a large vocabulary (``hm3 check``)."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + CHARACTERS)}
+    if size < VOCAB_SIZE:
+        raise ValueError(f"a character tokenizer has at least {VOCAB_SIZE} tokens, not {size}")
+    fillers = [filler_token(i) for i in range(size - VOCAB_SIZE)]
+    vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + CHARACTERS + fillers)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -30,6 +41,6 @@ def build_char_tokenizer():
     )
 
 
-def save_char_tokenizer(directory: str | Path) -> None:
+def save_char_tokenizer(directory: str | Path, size: int = VOCAB_SIZE) -> None:
     """Write tokenizer.json and its configs into ``directory`` (``AutoTokenizer`` loads them back)."""
-    build_char_tokenizer().save_pretrained(str(directory))
+    build_char_tokenizer(size).save_pretrained(str(directory))
