@@ -143,8 +143,8 @@ def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
 
 def _find(spec: LmEvalSpec) -> Any:
     """The task manager that knows ``spec.task``: the include path's alone when it defines the task (fast),
-    else lm-eval's own tasks with the include path's over them; an unknown name suggests close ones."""
-    include = None
+    else lm-eval's own tasks; an unknown name suggests close ones from both."""
+    include, known = None, []
     if spec.include_path is not None:
         folder = Path(spec.include_path).expanduser()
         if not folder.is_dir():
@@ -153,9 +153,11 @@ def _find(spec: LmEvalSpec) -> Any:
         local = _task_manager(include, False)
         if spec.task in local.task_index:
             return local
-    manager = _task_manager(include, True)
+        known = list(local.all_tasks)
+    # not defined under include_path: lm-eval's own index, built once per process whatever the include path
+    manager = _task_manager(None, True)
     if spec.task not in manager.task_index:
-        close = difflib.get_close_matches(spec.task, manager.all_tasks, n=5, cutoff=0.6)
+        close = difflib.get_close_matches(spec.task, known + list(manager.all_tasks), n=5, cutoff=0.6)
         where = f"lm-eval's tasks or {include}" if include else "lm-eval's tasks (local YAMLs: include_path=DIR)"
         raise ConfigError(
             f"unknown lm-eval task {spec.task!r}: not among {where}"
