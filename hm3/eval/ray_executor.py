@@ -58,7 +58,7 @@ class LiveModelWorker:
 
     def score(self, ticket: int, job: ScoreJob) -> tuple[int, list[ObjectiveScore]]:
         self._frames.update(job.frames)
-        return ticket, self.model.evaluate(job.candidate, job.plan, job.objectives)
+        return ticket, self.model.evaluate(job.candidate, job.plan, job.objectives, samples=job.samples)
 
     def pool_layout(self) -> PoolLayout:
         return self.model.pool_layout()

@@ -1,0 +1,152 @@
+"""--log-samples: per-example records of scored candidates, on the shipped micro zoo with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hm3.cli import main
+from hm3.eval.evaluate import evaluate_objective
+from hm3.eval.hf import HFBackend
+from hm3.samples import SAMPLES_DIR, SampleLog, file_stems, read_samples
+from hm3.search.level1 import run_level1
+from hm3.search.run_config import parse_run_config
+from hm3.store import RunStore
+from objectives.registry import get_objective
+
+EXAMPLES = 4  # per objective and split: every test here stays at seconds
+
+
+def _config(zoo: Path, budget: int = 2, **evaluation) -> dict:
+    return {"zoo": str(zoo), "search_space": {"dare": False, "weight_bounds": [0.0, 1.0]},
+            "optimizer": {"name": "random", "budget": budget},
+            "evaluation": {"validation_examples": EXAMPLES, "test_examples": EXAMPLES, "batch_size": 8} | evaluation,
+            "seed": 0}
+
+
+def _files(run: Path) -> set[tuple[int, str]]:
+    root = run / SAMPLES_DIR
+    return {(int(p.parent.name), p.name) for p in root.glob("*/*.jsonl")} if root.exists() else set()
+
+
+def _stored(run: Path) -> list:
+    with RunStore.open(run, readonly=True) as store:
+        return store.evaluations()
+
+
+def _expected_files(run: Path) -> set[tuple[int, str]]:
+    """One file per stored (candidate, objective, split), named as the docs say."""
+    rows = _stored(run)
+    stems = file_stems(sorted({e.objective for e in rows}))
+    return {(e.candidate_id, f"{stems[e.objective]}_{e.split}.jsonl") for e in rows}
+
+
+def test_objective_names_become_safe_unique_file_names(tmp_path):
+    names = ["../../etc/passwd", "a/b", "a:b", ".hidden", "..", "", "zoo:math", "x" * 300]
+    log = SampleLog(tmp_path / "s", names)
+    paths = [log.path(n, "validation", 7) for n in names]
+    for name, path in zip(names, paths, strict=True):
+        assert path.parent == tmp_path / "s" / "7", name  # no name leaves the candidate's folder
+        assert not path.name.startswith(".") and len(path.name) < 128 and "/" not in path.name, name
+    assert len(set(paths)) == len(names)  # a/b and a:b both sanitise to a_b: the hash keeps them apart
+    assert log.path("zoo:math", "test").name == "zoo_math_test.jsonl"  # a name that collides with none is kept readable
+    assert log.path("a/b", "test").name.startswith("a_b-")
+    written = log.write("../../etc/passwd", "test", [{"example_id": "e", "output": "o"}], 7)
+    assert written.resolve().is_relative_to((tmp_path / "s").resolve())
+    assert read_samples(written) == [{"objective": "../../etc/passwd", "split": "test", "example_id": "e", "output": "o"}]
+
+
+def test_records_are_the_evaluation_outputs_and_average_to_its_score(micro_zoo_dir, tmp_path, capsys):
+    """hm3 eval --log-samples DIR: one record per example holding exactly the outputs evaluate_objective
+    returns; for a mean-aggregated objective the per-example scores average to the printed score, and
+    asking for samples changes no score (corpus chrF included)."""
+    model = micro_zoo_dir / "math"
+    assert main(["eval", str(model), "--objectives", "zoo:math,zoo:translation", "--split", "validation",
+                 "--limit", "6", "--log-samples", str(tmp_path / "out"), "--json"]) == 0
+    printed = {r["objective"]: r["score"] for r in json.loads(capsys.readouterr().out)["results"]}
+    backend = HFBackend.from_pretrained(model, batch_size=8)
+    try:
+        for name in ("zoo:math", "zoo:translation"):
+            obj = get_objective(name)
+            plain = evaluate_objective(backend, obj, "validation", list(range(6)))
+            logged = evaluate_objective(backend, obj, "validation", list(range(6)), samples=True)
+            assert plain.samples is None and logged.score == plain.score == printed[name]
+            records = read_samples(tmp_path / "out" / f"{name.replace(':', '_')}_validation.jsonl")
+            assert [r["example_id"] for r in records] == list(plain.example_ids)
+            assert [r["output"] for r in records] == list(plain.outputs)
+            examples = obj.examples("validation")[:6]
+            assert [r["prompt"] for r in records] == [e.prompt for e in examples]
+            assert [r["target"] for r in records] == [e.target for e in examples]
+            assert [r["score"] for r in records] == [obj.score(e, o) for e, o in zip(examples, plain.outputs,
+                                                                                      strict=True)]
+        math = read_samples(tmp_path / "out" / "zoo_math_validation.jsonl")
+        assert sum(r["score"] for r in math) / len(math) == pytest.approx(printed["zoo:math"], abs=1e-12)
+    finally:
+        backend.close()
+
+
+def test_a_search_logs_one_file_per_stored_score_and_none_without_the_flag(micro_zoo_dir, tmp_path):
+    plain = tmp_path / "plain"
+    run_level1(parse_run_config(_config(micro_zoo_dir)), plain, progress=False)
+    assert not (plain / SAMPLES_DIR).exists()
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(_config(micro_zoo_dir)))
+    logged = tmp_path / "logged"
+    assert main(["search", "param", str(cfg), str(logged), "--log-samples", "--quiet"]) == 0
+    assert _files(logged) == _expected_files(logged) and len(_files(logged)) >= 2 * 3  # candidates x objectives x splits
+    by_key = {(e.candidate_id, e.objective, e.split): e for e in _stored(logged)}
+    stems = file_stems(sorted({k[1] for k in by_key}))
+    for (cid, objective, split), ev in by_key.items():
+        records = read_samples(logged / SAMPLES_DIR / str(cid) / f"{stems[objective]}_{split}.jsonl")
+        assert len(records) == ev.count == len({r["example_id"] for r in records})
+        assert {(r["objective"], r["split"]) for r in records} == {(objective, split)}
+        if objective != "zoo:translation":  # mean-aggregated: the records average to the stored score
+            assert sum(r["score"] for r in records) / len(records) == pytest.approx(ev.score, abs=1e-12)
+    # the flag changes no score: the same search without it stored the same numbers
+    assert {k: e.score for k, e in by_key.items()} == {(e.candidate_id, e.objective, e.split): e.score
+                                                      for e in _stored(plain)}
+
+
+def test_a_crash_between_samples_and_score_then_resume_leaves_one_file_each(micro_zoo_dir, tmp_path, monkeypatch):
+    """A run killed after a samples file is written but before its score is committed: the resume scores
+    that candidate again and replaces the file; every stored score has exactly one file, no record twice.
+    A resume may also turn the flag on (it is not part of the stored config)."""
+    run = tmp_path / "run"
+    run_level1(parse_run_config(_config(micro_zoo_dir, budget=3)), run, progress=False, stop_after=1)
+    assert not (run / SAMPLES_DIR).exists()
+    unlogged = _expected_files(run)  # scored before the flag was on: restored from the store later, no samples
+    assert unlogged
+
+    commits = {"n": 0}
+    record = RunStore.record_evaluation
+
+    def crash_on_third(self, *args, **kwargs):
+        commits["n"] += 1
+        if commits["n"] == 3:
+            raise KeyboardInterrupt  # the process dies here: its samples file is on disk, its score is not
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "record_evaluation", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_level1(parse_run_config(_config(micro_zoo_dir, budget=3, log_samples=True)), run, resume=True,
+                   progress=False)
+    monkeypatch.setattr(RunStore, "record_evaluation", record)
+    orphan = _files(run) - _expected_files(run)
+    assert len(orphan) == 1  # the file whose score was lost
+
+    run_level1(parse_run_config(_config(micro_zoo_dir, budget=3, log_samples=True)), run, resume=True, progress=False)
+    files = _files(run)
+    assert orphan <= files and len(files) == len(list((run / SAMPLES_DIR).glob("*/*.jsonl")))
+    assert files == _expected_files(run) - unlogged
+    for path in (run / SAMPLES_DIR).glob("*/*.jsonl"):
+        ids = [r["example_id"] for r in read_samples(path)]
+        assert len(ids) == len(set(ids)) == EXAMPLES
+    assert not list((run / SAMPLES_DIR).rglob(".*"))  # no temporary file left behind
+    # and a resume without the flag is accepted as the same run (nothing is evaluated, nothing written)
+    before = {p: p.stat().st_mtime_ns for p in (run / SAMPLES_DIR).glob("*/*.jsonl")}
+    run_level1(parse_run_config(_config(micro_zoo_dir, budget=3)), run, resume=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (run / SAMPLES_DIR).glob("*/*.jsonl")} == before
