@@ -296,7 +296,8 @@ def cmd_request(args: argparse.Namespace) -> Outcome:
     writes_run = bool(args.budget or args.refine)  # a budget-0 answer only reads the run
     with _run_log(args.run_dir if writes_run else None, args.argv):
         a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
-                           overwrite=args.overwrite, force=args.force, progress=True)
+                           overwrite=args.overwrite, force=args.force, progress=True,
+                           log_samples=args.log_samples)
     names = [f"{k}" for k in a.details.get("objectives", [])]
 
     def named(values: Any) -> dict[str, float] | None:
@@ -531,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "with every merge the run evaluated (0: none)")
     rq.add_argument("--overwrite", action="store_true")
     rq.add_argument("--force", action="store_true", help=FORCE_HELP)
+    rq.add_argument("--log-samples", action="store_true",
+                    help="with --refine/--budget: write what each newly scored candidate answered, per example, to "
+                         "RUN_DIR/samples/ (as hm3 run --log-samples)")
     _threads_flag(rq)
 
     z = sub.add_parser("zoo", help="the embedded tiny model zoo (shipped with hm3; build your own locally)")

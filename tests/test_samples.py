@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hm3.cli import main
+from hm3.errors import RunFileError
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.samples import SAMPLES_DIR, SampleLog, file_stems, read_samples
@@ -57,6 +58,20 @@ def test_objective_names_become_safe_unique_file_names(tmp_path):
     written = log.write("../../etc/passwd", "test", [{"example_id": "e", "output": "o"}], 7)
     assert written.resolve().is_relative_to((tmp_path / "s").resolve())
     assert read_samples(written) == [{"objective": "../../etc/passwd", "split": "test", "example_id": "e", "output": "o"}]
+
+
+def test_a_file_keeps_one_record_per_example_across_writes(tmp_path):
+    """A candidate scored on other examples of a split (level 2's subsets) adds records; the same examples
+    replace theirs; hm3 eval's replace=True starts the file afresh."""
+    log = SampleLog(tmp_path, ["m"])
+    log.write("m", "validation", [{"example_id": "e1", "output": "a"}, {"example_id": "e2", "output": "b"}], 3)
+    path = log.write("m", "validation", [{"example_id": "e2", "output": "B"}, {"example_id": "e3", "output": "c"}], 3)
+    assert [(r["example_id"], r["output"]) for r in read_samples(path)] == [("e1", "a"), ("e2", "B"), ("e3", "c")]
+    log.write("m", "validation", [{"example_id": "e9", "output": "z"}], 3, replace=True)
+    assert [r["example_id"] for r in read_samples(path)] == ["e9"]
+    path.write_text('{"example_id": "e1"}\nnot json\n')
+    with pytest.raises(RunFileError, match=f"{path.name}:2"):
+        log.write("m", "validation", [], 3)
 
 
 def test_records_are_the_evaluation_outputs_and_average_to_its_score(micro_zoo_dir, tmp_path, capsys):
@@ -109,6 +124,11 @@ def test_a_search_logs_one_file_per_stored_score_and_none_without_the_flag(micro
     # the flag changes no score: the same search without it stored the same numbers
     assert {k: e.score for k, e in by_key.items()} == {(e.candidate_id, e.objective, e.split): e.score
                                                       for e in _stored(plain)}
+    # a refining request logs what it scores into the same folder, one file per new score
+    before = _files(logged)
+    assert main(["request", str(logged), "--prefer", "zoo:math=1", str(tmp_path / "answer"), "--refine", "1",
+                 "--log-samples", "--quiet"]) == 0
+    assert _files(logged) == _expected_files(logged) and len(_files(logged)) > len(before)
 
 
 def test_a_crash_between_samples_and_score_then_resume_leaves_one_file_each(micro_zoo_dir, tmp_path, monkeypatch):
