@@ -103,6 +103,27 @@ def test_records_are_the_evaluation_outputs_and_average_to_its_score(micro_zoo_d
         backend.close()
 
 
+def test_a_mean_objective_is_scored_once_per_example_to_the_same_score(tiny_family):
+    """A choice objective keeps the base class's mean: with samples it is scored per example and averaged
+    here, which must give exactly the float aggregate() gives, and records carry the choices."""
+    _, models, objectives = tiny_family
+    backend = HFBackend.from_pretrained(models["m1"], batch_size=16)
+    try:
+        obj = get_objective(objectives[0])
+        plain = evaluate_objective(backend, obj, "validation")
+        logged = evaluate_objective(backend, obj, "validation", samples=True)
+    finally:
+        backend.close()
+    examples = obj.examples("validation")
+    assert logged.score == plain.score == obj.aggregate(examples, plain.outputs)
+    assert 0.0 < plain.score < 1.0  # a mix of right and wrong picks: an off-by-one mean would show
+    records = logged.samples
+    assert [r["output"] for r in records] == list(plain.outputs)
+    assert [r["score"] for r in records] == [float(o == e.target) for e, o in zip(examples, plain.outputs, strict=True)]
+    assert sum(r["score"] for r in records) / len(records) == plain.score
+    assert [r["choices"] for r in records] == [list(e.choices) for e in examples]
+
+
 def test_a_search_logs_one_file_per_stored_score_and_none_without_the_flag(micro_zoo_dir, tmp_path):
     plain = tmp_path / "plain"
     run_level1(parse_run_config(_config(micro_zoo_dir)), plain, progress=False)
