@@ -191,3 +191,29 @@ def test_a_crash_between_samples_and_score_then_resume_leaves_one_file_each(micr
     before = {p: p.stat().st_mtime_ns for p in (run / SAMPLES_DIR).glob("*/*.jsonl")}
     run_level1(parse_run_config(_config(micro_zoo_dir, budget=3)), run, resume=True, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (run / SAMPLES_DIR).glob("*/*.jsonl")} == before
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_kill_9_then_resume_leaves_exactly_one_file_per_stored_score(micro_zoo_dir, tmp_path, sigkill_hm3):
+    """A real crash (SIGKILL mid-search) and a resume: one samples file per stored (candidate, objective,
+    split), each whole, no record twice, no temporary file left."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(_config(micro_zoo_dir, budget=5)))
+    run = tmp_path / "killed"
+
+    def some_told() -> bool:
+        try:
+            with RunStore.open(run, readonly=True) as s:
+                return len(s.events("level1_tell")) >= 2
+        except Exception:  # no store yet, or its schema is still being written
+            return False
+
+    sigkill_hm3(["search", "param", str(cfg), str(run), "--log-samples", "--quiet"], some_told, timeout=240)
+    assert main(["search", "param", str(cfg), str(run), "--resume", "--log-samples", "--quiet"]) == 0
+    assert _files(run) == _expected_files(run)
+    assert len(list((run / SAMPLES_DIR).glob("*/*.jsonl"))) == len(_stored(run))
+    for path in (run / SAMPLES_DIR).glob("*/*.jsonl"):
+        ids = [r["example_id"] for r in read_samples(path)]
+        assert len(ids) == len(set(ids)) == EXAMPLES
+    assert not [p for p in (run / SAMPLES_DIR).rglob("*") if p.name.startswith(".")]
