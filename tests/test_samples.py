@@ -217,3 +217,58 @@ def test_kill_9_then_resume_leaves_exactly_one_file_per_stored_score(micro_zoo_d
         ids = [r["example_id"] for r in read_samples(path)]
         assert len(ids) == len(set(ids)) == EXAMPLES
     assert not [p for p in (run / SAMPLES_DIR).rglob("*") if p.name.startswith(".")]
+
+
+class _InProcessExecutor:
+    """An executor whose one worker is a live model in this process: ExecutorSession's plumbing, no Ray."""
+
+    workers, name = 1, "in-process"
+
+    def __init__(self, cfg):
+        from hm3.eval.live import LiveModel
+
+        self.model = LiveModel(cfg, frame_recipe=lambda cid: {}, log=lambda m: None)
+        self.jobs: list = []
+
+    backend = property(lambda self: self.model.backend.name)
+    placement = property(lambda self: self.model.placement)
+    pending = property(lambda self: len(self.jobs))
+
+    def submit(self, job) -> int:
+        self.jobs.append(job)
+        return len(self.jobs) - 1
+
+    def next_done(self):
+        job = self.jobs.pop(0)
+        return 0, self.model.evaluate(job.candidate, job.plan, job.objectives, samples=job.samples)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def test_an_executor_sessions_workers_send_samples_the_local_session_writes(tiny_family, tmp_path):
+    """The parallel session's workers return each score's records with it, and the process that owns the
+    store writes them: the same files, record for record, as a local session writes."""
+    from hm3.eval.live import LiveModelSession
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.eval.session import MergeCandidate
+
+    _, models, objectives = tiny_family
+    cfg = parse_run_config({"models": models, "objectives": objectives, "seed": 0,
+                            "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
+                            "evaluation": {"validation_examples": 6, "test_examples": 6, "log_samples": True}})
+    recipe = {"merge_method": "task_arithmetic", "base_model": "base",
+              "models": [{"model": "m1", "parameters": {"weight": 0.7}}, {"model": "m2", "parameters": {"weight": 0.4}}]}
+    written = {}
+    for kind in ("local", "executor"):
+        with RunStore.open(tmp_path / kind) as store:
+            session = (LiveModelSession(cfg, store, log=lambda m: None) if kind == "local"
+                       else ExecutorSession(cfg, store, _InProcessExecutor(cfg)))
+            try:
+                scored = session.score_many([MergeCandidate(recipe)], session.validation)[0]
+            finally:
+                session.close()
+        root = tmp_path / kind / SAMPLES_DIR
+        written[kind] = {p.relative_to(root): read_samples(p) for p in root.glob("*/*.jsonl")}
+        assert len(written[kind]) == len(objectives) and scored.candidate.id == 1
+    assert written["executor"] == written["local"]
