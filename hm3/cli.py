@@ -160,14 +160,18 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
     _threads(args)
     objectives = parse_objectives(args.objectives)  # unknown objectives fail before the model loads
     model_dir = resolve_model(args.model_dir) if is_hub_name(args.model_dir) else args.model_dir
+    samples = _eval_sample_log(args.log_samples, model_dir, [o.name for o in objectives])
     backend = open_backend(args.backend, model_dir, batch_size=args.batch_size)
+    written = []
     try:
         results = []
         for obj in objectives:
             n = len(obj.examples(args.split))
             indices = list(range(min(args.limit, n))) if args.limit else None
-            r = evaluate_objective(backend, obj, args.split, indices)
+            r = evaluate_objective(backend, obj, args.split, indices, samples=samples is not None)
             log.info(f"{r.objective}: {r.score:.4f} on {r.count} {args.split} examples ({r.seconds:.1f} s)")
+            if samples is not None:
+                written.append(str(samples.write(r.objective, r.split, r.samples or (), replace=True)))
             results.append(r)
     finally:
         backend.close()
@@ -177,7 +181,23 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
              "higher_is_better": higher[r.objective]} for r in results]
     text = "\n".join(f"{r.objective:<24} {args.split:<10} score {r.score:.4f}  n={r.count}  {r.seconds:.1f} s"
                      + ("" if higher[r.objective] else "  (lower is better)") for r in results)
-    return Outcome(text, {"model": str(model_dir), "backend": args.backend, "results": rows})
+    data = {"model": str(model_dir), "backend": args.backend, "results": rows}
+    if samples is not None:
+        text += f"\nsamples -> {samples.folder}"
+        data["samples"] = written
+    return Outcome(text, data)
+
+
+def _eval_sample_log(folder: str | None, model_dir: str | Path, objective_names: list[str]) -> Any:
+    """``hm3 eval --log-samples DIR``: a sample log writing ``DIR/<objective>_<split>.jsonl`` (None without the
+    flag); DIR may not be, hold or lie in the evaluated model (checked before the model loads)."""
+    if folder is None:
+        return None
+    from hm3.outputs import check_not_input
+    from hm3.samples import SampleLog
+
+    check_not_input(folder, [model_dir])
+    return SampleLog(Path(folder), objective_names)
 
 
 # --- searches ---------------------------------------------------------------------------------------
@@ -203,8 +223,9 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
 
 
 def _executor_preset(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """``--workers`` and ``--ray-address`` as the config keys they set (``--set`` still wins)."""
-    return [(k, v) for k, v in (("evaluation.workers", args.workers), ("evaluation.ray_address", args.ray_address))
+    """``--workers``, ``--ray-address`` and ``--log-samples`` as the config keys they set (``--set`` still wins)."""
+    return [(k, v) for k, v in (("evaluation.workers", args.workers), ("evaluation.ray_address", args.ray_address),
+                                ("evaluation.log_samples", args.log_samples or None))
             if v is not None]
 
 
@@ -279,7 +300,8 @@ def cmd_request(args: argparse.Namespace) -> Outcome:
     writes_run = bool(args.budget or args.refine)  # a budget-0 answer only reads the run
     with _run_log(args.run_dir if writes_run else None, args.argv):
         a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
-                           overwrite=args.overwrite, force=args.force, progress=True)
+                           overwrite=args.overwrite, force=args.force, progress=True,
+                           log_samples=args.log_samples)
     names = [f"{k}" for k in a.details.get("objectives", [])]
 
     def named(values: Any) -> dict[str, float] | None:
@@ -380,6 +402,13 @@ def _threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: all cores)")
 
 
+def _log_samples_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-samples", action="store_true",
+                        help="write what each scored candidate answered, per example, to RUN_DIR/samples/<candidate-id>/"
+                             "<objective>_<split>.jsonl (evaluation.log_samples; changes no score, so a --resume may "
+                             "add or drop it; a score restored from the store gets no new samples)")
+
+
 def _executor_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=None,
                         help="parallel evaluators, each with its own model (evaluation.workers; needs "
@@ -439,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--log-samples", default=None, metavar="DIR",
+                    help="also write each objective's per-example records (prompt, output, target, score) to "
+                         "DIR/<objective>_<split>.jsonl, replacing those files")
     _threads_flag(ev)
 
     se = sub.add_parser("search", help="searches: 'search param' = level 1 (merge coefficients)")
@@ -453,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate evaluations (the same as --set optimizer.budget=N); with --resume, a larger "
                          "one extends the search")
     sp.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
+    _log_samples_flag(sp)
     _executor_flags(sp)
     _set_flag(sp)
     _threads_flag(sp)
@@ -465,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run stored in RUN_DIR")
     r.add_argument("--dry-run", action="store_true", help="only check the config on stand-ins, as 'hm3 check' "
                    "does; writes nothing")
+    _log_samples_flag(r)
     _executor_flags(r)
     _set_flag(r)
     _threads_flag(r)
@@ -502,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "with every merge the run evaluated (0: none)")
     rq.add_argument("--overwrite", action="store_true")
     rq.add_argument("--force", action="store_true", help=FORCE_HELP)
+    rq.add_argument("--log-samples", action="store_true",
+                    help="with --refine/--budget: write what each newly scored candidate answered, per example, to "
+                         "RUN_DIR/samples/ (as hm3 run --log-samples)")
     _threads_flag(rq)
 
     z = sub.add_parser("zoo", help="the embedded tiny model zoo (shipped with hm3; build your own locally)")

@@ -279,7 +279,7 @@ def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, poste
 
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
-    overwrite: bool = False, force: bool = False, progress: bool = True,
+    overwrite: bool = False, force: bool = False, progress: bool = True, log_samples: bool = False,
 ) -> RequestAnswer:
     from hm3.materialise import write_merge, write_path
     from hm3.outputs import check_output_dir
@@ -308,7 +308,8 @@ def answer_request(
     frame = policy_frame(saved, lam) if saved is not None else None  # the merge framing level-2 paths for λ
 
     if budget > 0 or refine > 0:
-        searched = _search(run, saved, lam, frame, budget, refine, front_options(run, lam), progress, notes)
+        searched = _search(run, saved, lam, frame, budget, refine, front_options(run, lam), progress, notes,
+                           log_samples)
         best, recipe, evaluations = searched.best, searched.recipe, searched.evaluations
     else:
         with RunStore.open(run_dir, readonly=True) as store:
@@ -342,15 +343,18 @@ def answer_request(
 
 
 def _search(run: FinishedRun, saved: dict[str, Any] | None, lam: np.ndarray, frame, budget: int, refine: int,
-            options: list[Option], progress: bool, notes: list[str]) -> Searched:
+            options: list[Option], progress: bool, notes: list[str], log_samples: bool = False) -> Searched:
     """Spend the request's evaluations (merge refinement, then online fine-tuning), pick the best of them
     and the front points on measured validation scores, and -- after a refinement -- write the run's
     front again with the new merges among its candidates."""
     from hm3.search.level1 import open_session, stderr_logger
 
     log = stderr_logger(progress)
+    cfg = run.config.level1  # as recorded, which never holds log_samples (it changes no score)
+    if log_samples:  # what the request evaluates goes into the run's samples/ (hm3.samples)
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"log_samples": True})})
     with RunStore.open(run.run_dir) as store:
-        session = open_session(run.config.level1, store, log)
+        session = open_session(cfg, store, log)
         try:
             measured: list[Option] = []
             evaluations = 0

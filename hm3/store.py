@@ -542,7 +542,7 @@ class RunStore:
         row = self._query_one(
             f"SELECT {_EVAL_COLUMNS} FROM evaluations "
             "WHERE candidate_id=? AND objective=? AND split=? AND example_set=?",
-            (_candidate_id(candidate), objective, split, example_set_key(example_ids)),
+            (ref_id(candidate), objective, split, example_set_key(example_ids)),
         )
         return None if row is None else _evaluation_from_row(row)
 
@@ -563,7 +563,7 @@ class RunStore:
         Stored evaluations are immutable: recording the same key again keeps and
         returns the first row, since a cached score must not change under a search.
         """
-        cid = _candidate_id(candidate)
+        cid = ref_id(candidate)
         if not math.isfinite(score):
             raise StoreError(
                 f"score of candidate {cid} on {objective}/{split} is {score}; scores must be finite"
@@ -631,7 +631,7 @@ class RunStore:
         split: str | None = None,
     ) -> list[Evaluation]:
         """Stored evaluations, filtered by any of candidate, objective and split, in commit order."""
-        cid = None if candidate is None else _candidate_id(candidate)
+        cid = None if candidate is None else ref_id(candidate)
         rows = self._query_all(
             f"SELECT {_EVAL_COLUMNS} FROM evaluations WHERE (?1 IS NULL OR candidate_id=?1) "
             "AND (?2 IS NULL OR objective=?2) AND (?3 IS NULL OR split=?3) ORDER BY id",
@@ -757,7 +757,8 @@ def _evaluation_from_row(row: tuple) -> Evaluation:
     )
 
 
-def _candidate_id(candidate: CandidateRef | int) -> int:
+def ref_id(candidate: CandidateRef | int) -> int:
+    """The row id of a stored candidate, given as its ref or its id."""
     return candidate.id if isinstance(candidate, CandidateRef) else int(candidate)
 
 

@@ -122,5 +122,13 @@ class HarnessObjective(Objective):
     def score_answered(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]]) -> tuple[float, list[str]]:
         """(score in [0, 1], one output text per example) from the answered :meth:`requests`."""
 
+    def score_answered_samples(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]]
+                               ) -> tuple[float, list[str], list[dict[str, Any]]]:
+        """:meth:`score_answered`, and a record per example for ``--log-samples`` (:mod:`hm3.samples`): the
+        example, its output, and whatever per-document detail the task gives (here none: override it)."""
+        score, outputs = self.score_answered(examples, requests)
+        return score, outputs, [{"example_id": e.id, "prompt": e.prompt, "output": o, "target": e.target}
+                                for e, o in zip(examples, outputs, strict=True)]
+
     def score(self, example: Example, output: str) -> float:
         raise TypeError(f"objective {self.name!r} is scored as a set of lm-eval requests (score_answered)")

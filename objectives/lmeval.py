@@ -458,20 +458,41 @@ class LmEvalObjective(HarnessObjective):
 
     def score_answered(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]]) -> tuple[float, list[str]]:
         """The chosen filter over every answer, ``process_results`` per document, the metric's aggregation."""
+        score, outputs, _ = self._score_answered(examples, requests, samples=False)
+        return score, outputs
+
+    def score_answered_samples(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]]
+                               ) -> tuple[float, list[str], list[dict[str, Any]]]:
+        """:meth:`score_answered` and a record per document: its prompt (lm-eval's context), the output, the
+        filtered response as lm-eval holds it, and the document's value of the metric (``score``; absent
+        where the task gave the document none)."""
+        score, outputs, records = self._score_answered(examples, requests, samples=True)
+        return score, outputs, records
+
+    def _score_answered(self, examples: Sequence[Example], requests: Sequence[Sequence[Any]], *, samples: bool
+                        ) -> tuple[float, list[str], list[dict[str, Any]]]:
         from lm_eval.api.metrics import mean
+
+        from hm3.samples import jsonable
 
         task = self.task
         if len(requests) != len(examples) or not examples:
             raise ValueError(f"{self.name}: {len(requests)} answered request sets for {len(examples)} examples")
         self._filters[self.filter].apply([r for made in requests for r in made])
-        values, outputs = [], []
-        for made in requests:
+        values, outputs, records = [], [], []
+        for example, made in zip(examples, requests, strict=True):
             made = sorted(made, key=lambda r: r.idx)
             answers = [r.filtered_resps[self.filter] for r in made]
             metrics = task.process_results(made[0].doc, answers)
             if self.metric in metrics:
                 values.append(metrics[self.metric])
             outputs.append(self._output_text(made, answers))
+            if samples:
+                record = {"example_id": example.id, "prompt": str(made[0].args[0]), "output": outputs[-1],
+                          "target": example.target, "filtered_response": jsonable(answers), "metric": self.metric}
+                if self.metric in metrics:
+                    record["score"] = jsonable(metrics[self.metric])
+                records.append(record)
         if not values:
             raise ConfigError(f"{self.name}: lm-eval task {self.spec.task!r} gave no {self.metric!r} for any of "
                               f"{len(examples)} examples")
@@ -479,7 +500,7 @@ class LmEvalObjective(HarnessObjective):
         if not 0.0 <= score <= 1.0:
             raise ConfigError(f"{self.name}: metric {self.metric!r} is {score}, outside [0, 1]; hm3 scores objectives "
                               "in [0, 1]: choose a metric in that range (metric=)")
-        return score, outputs
+        return score, outputs, records
 
     def _output_text(self, made: Sequence[Any], answers: Sequence[Any]) -> str:
         """The answer in words, for audit: the filtered text, or the choice with the highest log-likelihood."""

@@ -29,13 +29,18 @@ class EvalResult:
     seconds: float
     example_ids: tuple[str, ...]
     outputs: tuple[str, ...]
+    #: Per-example records (:mod:`hm3.samples`) when asked for (``samples=True``), else None.
+    samples: tuple[dict[str, Any], ...] | None = None
 
 
 def evaluate_objective(
-    backend: Backend, objective: Objective, split: str, indices: Sequence[int] | None = None
+    backend: Backend, objective: Objective, split: str, indices: Sequence[int] | None = None, *,
+    samples: bool = False,
 ) -> EvalResult:
-    """Score ``objective`` on ``split`` (all examples, or those at ``indices``) with ``backend``."""
+    """Score ``objective`` on ``split`` (all examples, or those at ``indices``) with ``backend``; with
+    ``samples``, also keep one record per example (prompt, output, target, per-example score)."""
     start = time.perf_counter()
+    records = None
     examples = select_examples(objective, split, indices)
     if isinstance(objective, HarnessObjective):  # an lm-eval task: its own requests, filter and metric
         from hm3.eval.harness import answer_and_score
@@ -44,10 +49,16 @@ def evaluate_objective(
             raise ConfigError(f"objective {objective.name!r}: an lm-eval task builds its own prompts; hm3 does "
                               "not put them in a chat template (chat=true / evaluation.chat_template)")
 
-        score, outputs = answer_and_score(backend, objective, examples)
+        if samples:
+            score, outputs, records = answer_and_score(backend, objective, examples, samples=True)
+        else:
+            score, outputs = answer_and_score(backend, objective, examples)
     else:
         outputs = model_outputs(backend, objective, examples)
-        score = objective.aggregate(examples, outputs)
+        if samples:
+            score, records = _score_with_samples(backend, objective, examples, outputs)
+        else:
+            score = objective.aggregate(examples, outputs)
     return EvalResult(
         objective=objective.name,
         split=split,
@@ -56,7 +67,30 @@ def evaluate_objective(
         seconds=time.perf_counter() - start,
         example_ids=tuple(e.id for e in examples),
         outputs=tuple(outputs),
+        samples=None if records is None else tuple(records),
     )
+
+
+def _score_with_samples(backend: Backend, objective: Objective, examples: Sequence[Example],
+                        outputs: Sequence[str]) -> tuple[float, list[dict[str, Any]]]:
+    """The task score, exactly as :meth:`~objectives.base.Objective.aggregate` gives it, and a record per
+    example. An objective that keeps the base class's mean is scored once per example and averaged here in
+    the same order (the same float; humaneval's tests run once); one with its own aggregate (corpus chrF)
+    keeps it, and each example is scored once more for its record."""
+    per_example = [objective.score(e, o) for e, o in zip(examples, outputs, strict=True)]
+    if type(objective).aggregate is Objective.aggregate:
+        score = sum(per_example) / len(examples)
+    else:
+        score = objective.aggregate(examples, outputs)
+    asked = model_examples(backend.tokenizer, objective, examples)  # the prompt as the model saw it
+    records = []
+    for e, a, output, value in zip(examples, asked, outputs, per_example, strict=True):
+        record: dict[str, Any] = {"example_id": e.id, "prompt": a.prompt, "output": output, "target": e.target,
+                                  "score": float(value)}
+        if e.choices is not None:
+            record["choices"] = list(e.choices)
+        records.append(record)
+    return score, records
 
 
 def select_examples(objective: Objective, split: str, indices: Sequence[int] | None) -> list[Example]:

@@ -37,6 +37,7 @@ class ScoreJob:
     plan: SplitPlan
     objectives: tuple[str, ...]
     frames: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    samples: bool = False  # also return each objective's per-example records (--log-samples)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ObjectiveScore:
     score: float
     count: int  # examples run
     seconds: float
+    samples: tuple[dict[str, Any], ...] | None = None  # per-example records, when the job asked for them
 
 
 @runtime_checkable

@@ -71,9 +71,10 @@ class BackendLM(LM):
                            "(perplexity over whole documents)")
 
 
-def answer_and_score(backend: Backend, objective: HarnessObjective, examples: Sequence[Example]
-                     ) -> tuple[float, list[str]]:
-    """(score, one output per example) of ``objective`` on ``examples``, answered by ``backend``."""
+def answer_and_score(backend: Backend, objective: HarnessObjective, examples: Sequence[Example], *,
+                     samples: bool = False) -> tuple[float, list[str]] | tuple[float, list[str], list[dict[str, Any]]]:
+    """(score, one output per example) of ``objective`` on ``examples``, answered by ``backend``; with
+    ``samples``, (score, outputs, one record per example) (:meth:`HarnessObjective.score_answered_samples`)."""
     requests = objective.requests(examples)
     lm = BackendLM(backend)
     by_type: dict[str, list[Any]] = defaultdict(list)
@@ -89,4 +90,6 @@ def answer_and_score(backend: Backend, objective: HarnessObjective, examples: Se
         check_output_count(request_type, len(answers), len(batch))
         for r, a in zip(batch, answers, strict=True):
             r.resps.append(a)
+    if samples:
+        return objective.score_answered_samples(examples, requests)
     return objective.score_answered(examples, requests)

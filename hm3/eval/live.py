@@ -46,6 +46,7 @@ from hm3.eval.session import (
 )
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.run.directory import FISHER_DIR
+from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import EvaluationConfig, RunConfig
 from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
 from hm3.store import CandidateRef, RunStore
@@ -117,18 +118,20 @@ class LiveModel:
     def layer_features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
         return self._layer_pools().features(frames).cpu()  # the policy runs on the CPU
 
-    def evaluate(self, candidate: Candidate, plan: SplitPlan, objectives: Sequence[str]) -> list[ObjectiveScore]:
+    def evaluate(self, candidate: Candidate, plan: SplitPlan, objectives: Sequence[str], *,
+                 samples: bool = False) -> list[ObjectiveScore]:
         """``candidate`` installed and scored on ``plan`` for each of ``objectives`` (names, all run: the
-        caller asks for those its store lacks); each one's seconds include the install for the first."""
+        caller asks for those its store lacks); each one's seconds include the install for the first.
+        With ``samples``, each score carries its per-example records (:mod:`hm3.samples`)."""
         by_name = {o.name: o for o in self.objectives}
         start = time.perf_counter()
         self.install(candidate)
         out = []
         for name in objectives:
-            result = evaluate_objective(self.backend, by_name[name], plan.split, plan.indices[name])
+            result = evaluate_objective(self.backend, by_name[name], plan.split, plan.indices[name], samples=samples)
             self.evaluated_examples += result.count
             now = time.perf_counter()
-            out.append(ObjectiveScore(name, result.score, result.count, now - start))
+            out.append(ObjectiveScore(name, result.score, result.count, now - start, result.samples))
             start = now
         return out
 
@@ -224,7 +227,8 @@ class LiveModelSession:
     """:class:`~hm3.eval.session.EvaluationSession` over one live model in this process.
 
     DF-Merge's Fisher tensors, when the search space is Fisher-weighted, are cached in the run
-    directory beside the store (``RUN_DIR/fisher/``), so a resumed search loads them.
+    directory beside the store (``RUN_DIR/fisher/``), so a resumed search loads them; with
+    ``evaluation.log_samples``, per-example records go beside it too (``RUN_DIR/samples/``).
     """
 
     def __init__(self, cfg: RunConfig, store: RunStore, *, log: Callable[[str], None]):
@@ -233,7 +237,9 @@ class LiveModelSession:
         self.model = LiveModel(cfg, frame_recipe=lambda cid: store.candidate(cid)[1], log=log)
         self.objective_names = self.model.objective_names
         self.higher_is_better = [o.higher_is_better for o in self.model.objectives]
-        self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store)
+        samples = (SampleLog(store.path.parent / SAMPLES_DIR, self.objective_names) if cfg.evaluation.log_samples
+                   else None)
+        self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store, samples)
         self.validation = first_n(self.model.objectives, "validation", cfg.evaluation.validation_examples)
         self.test = first_n(self.model.objectives, "test", cfg.evaluation.test_examples)
         self._fisher_cache = None

@@ -24,6 +24,7 @@ import torch
 
 from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, score_many
 from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored
+from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores
 from hm3.store import CandidateRef, RunStore
@@ -49,6 +50,8 @@ class ExecutorSession:
         self._evaluated = 0
         self._layout: PoolLayout | None = None
         self._submitted: dict[int, tuple[CandidateRef, SplitPlan, ScoreJob]] = {}  # ticket -> job in flight
+        self._samples = (SampleLog(store.path.parent / SAMPLES_DIR, self.objective_names)
+                         if cfg.evaluation.log_samples else None)
 
     @property
     def evaluated_examples(self) -> int:
@@ -74,7 +77,8 @@ class ExecutorSession:
             missing = tuple(o.name for o in self.objectives
                             if self.store.get_evaluation(ref, o.name, plan.split, example_ids(o, plan)) is None)
             if missing:
-                jobs.append(ScoreJob(candidate, plan, missing, self._frame_recipes(candidate)))
+                jobs.append(ScoreJob(candidate, plan, missing, self._frame_recipes(candidate),
+                                     samples=self._samples is not None))
                 owners.append(ref)
 
         def commit(i: int, scores: list[ObjectiveScore]) -> None:
@@ -100,7 +104,7 @@ class ExecutorSession:
                         if self.store.get_evaluation(ref, o.name, plan.split, example_ids(o, plan)) is None)
         if not missing:
             return ref, None
-        job = ScoreJob(candidate, plan, missing, self._frame_recipes(candidate))
+        job = ScoreJob(candidate, plan, missing, self._frame_recipes(candidate), samples=self._samples is not None)
         ticket = self.executor.submit(job)
         self._submitted[ticket] = (ref, plan, job)
         return ref, ticket
@@ -152,6 +156,8 @@ class ExecutorSession:
             s = by_name.get(obj.name)
             if s is None:
                 continue
+            if self._samples is not None:  # before the score: a stored score always has its samples file
+                self._samples.write(obj.name, plan.split, s.samples or (), ref.id)
             self.store.record_evaluation(ref, obj.name, plan.split, example_ids(obj, plan), score=s.score,
                                          count=s.count, seconds=s.seconds, backend=self.executor.backend)
             self._evaluated += s.count

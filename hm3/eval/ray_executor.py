@@ -92,7 +92,7 @@ class LiveModelWorker:
         """The job's scores, and the seconds this worker was busy with it (for the idle share)."""
         began = time.perf_counter()
         self._frames.update(job.frames)
-        scores = self.model.evaluate(job.candidate, job.plan, job.objectives)
+        scores = self.model.evaluate(job.candidate, job.plan, job.objectives, samples=job.samples)
         return ticket, scores, time.perf_counter() - began
 
     def pool_layout(self) -> PoolLayout:

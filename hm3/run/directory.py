@@ -11,6 +11,8 @@
       front.png          the front plot
       points/            one file per front point: point-N.yml (a merge recipe) or point-N.json (a path)
       fisher/            DF-Merge's Fisher tensors (Fisher-weighted searches)
+      samples/           with --log-samples: <candidate-id>/<objective>_<split>.jsonl, what each
+                         candidate answered per example (hm3.samples)
       posterior.safetensors     a level-1 search's BO posterior (requests draw on it)
       level1/            a two-level run's level 1: the same layout, and its posterior
       level2/            a two-level run's policy and training checkpoints
@@ -34,6 +36,7 @@ import numpy as np
 
 from hm3.errors import ConfigError, RunFileError
 from hm3.run.config import RunKind, StoredRun, read_stored_run, stored_config
+from hm3.samples import SAMPLES_DIR
 from hm3.store import STORE_FILE, RunStore
 
 if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
@@ -53,7 +56,7 @@ LEGACY_RECIPES_DIR = "recipes"  # a level-1 search's front recipes, before point
 #: What searches write into a run directory besides the store: a new run refuses a directory that
 #: holds any of them without a store (a run whose store was lost).
 RUN_OUTPUTS = (FRONT_FILE, SUMMARY_FILE, CANDIDATES_FILE, LEGACY_RECIPES_DIR, POINTS_DIR, LEVEL1_DIR, LEVEL2_DIR,
-               "posterior.safetensors", "posterior.pt")
+               SAMPLES_DIR, "posterior.safetensors", "posterior.pt")
 #: The layout version, recorded in summary.json as ``run_format`` (1: two-level runs before level-1
 #: searches shared the layout; a level-1 search of then has none).
 RUN_FORMAT = 2

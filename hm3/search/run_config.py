@@ -93,6 +93,11 @@ class EvaluationConfig(_Frozen):
         False, description="format every objective's prompts with the evaluated model's chat template (one user "
         "message, then the assistant's turn), as chat=true on each objective spec; for instruct models"
     )
+    log_samples: bool = Field(
+        False, description="write each scored (candidate, objective, split)'s per-example records -- prompt, output, "
+        "target, score -- to RUN_DIR/samples/<candidate-id>/<objective>_<split>.jsonl (as --log-samples); it changes "
+        "no score, so it is not part of the stored config and a resume may turn it on or off"
+    )
 
     @field_validator("device")
     @classmethod
@@ -181,10 +186,13 @@ class RunConfig(_Frozen):
         The executor settings (:data:`EXECUTOR_KEYS`) are left out: they say where candidates are
         scored, not what a score is, so a run started on a Ray cluster may resume on one machine (and
         the other way round), and a run that never set them records what it did before they existed.
-        ``evaluation.chat_template`` is recorded only when true, so runs without it keep the config they
-        recorded before the setting existed (and a resume that turns it on is refused).
+        ``evaluation.log_samples`` is left out for the same reason (it writes what a model answered and
+        changes no score): a resume may turn it on or off. ``evaluation.chat_template`` is recorded only
+        when true, so runs without it keep the config they recorded before the setting existed (and a
+        resume that turns it on is refused).
         """
-        left_out = set(EXECUTOR_KEYS) | ({"chat_template"} if not self.evaluation.chat_template else set())
+        left_out = set(EXECUTOR_KEYS) | {"log_samples"} | ({"chat_template"} if not self.evaluation.chat_template
+                                                           else set())
         return json.loads(self.model_dump_json(exclude={"evaluation": left_out}))
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from hm3.eval.backend import Backend
 from hm3.eval.evaluate import evaluate_objective, select_examples
-from hm3.store import CandidateRef, RunStore
+from hm3.samples import SampleLog
+from hm3.store import CandidateRef, RunStore, ref_id
 from objectives.base import Objective, utility
 
 
@@ -73,10 +74,15 @@ def stored_scores(store: RunStore, objectives: Sequence[Objective], candidate: C
 
 
 class CandidateScorer:
-    def __init__(self, backend: Backend, objectives: Sequence[Objective], store: RunStore):
+    """Scores candidates through the store (module docstring); with a ``samples`` log, each evaluation's
+    per-example records are written (:mod:`hm3.samples`) just before its score is committed."""
+
+    def __init__(self, backend: Backend, objectives: Sequence[Objective], store: RunStore,
+                 samples: SampleLog | None = None):
         self.backend = backend
         self.objectives = list(objectives)
         self.store = store
+        self.samples = samples
         self.evaluated_examples = 0  # examples actually run through the model (not cache hits)
         self.cache_hits = 0
 
@@ -97,7 +103,10 @@ class CandidateScorer:
                 if not installed:
                     install()
                     installed = True
-                result = evaluate_objective(self.backend, obj, plan.split, plan.indices[obj.name])
+                result = evaluate_objective(self.backend, obj, plan.split, plan.indices[obj.name],
+                                            samples=self.samples is not None)
+                if self.samples is not None:
+                    self.samples.write(obj.name, plan.split, result.samples or (), ref_id(candidate))
                 self.evaluated_examples += result.count
                 ran = True
                 return result.score, result.count

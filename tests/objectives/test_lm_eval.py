@@ -206,6 +206,36 @@ def test_multiple_choice_task_scores_exactly_as_lm_eval_does(tasks, hf, harness_
     assert examples[0].choices == (" " + WORDS[5][::-1], " " + WORDS[5].upper(), " " + WORDS[5] + "s")
 
 
+@pytest.mark.parametrize(("spec", "task", "metric"), [("hm3_gen", "hm3_gen", "exact_match"),
+                                                     ("hm3_mc,metric=acc_norm", "hm3_mc", "acc_norm")])
+def test_logged_samples_hold_lm_evals_own_filtered_responses_and_metrics(tasks, hf, harness_run, tmp_path, spec,
+                                                                         task, metric):
+    """--log-samples on an lm-eval objective: per document, the filtered response and the metric's value
+    that lm-eval's own log_samples gives, averaging to the score; the name's '/' stays inside the folder."""
+    from hm3.samples import SampleLog, jsonable, read_samples
+
+    objective = get_objective(f"lm-eval:{spec},include_path={tasks}")
+    plain = evaluate_objective(hf, objective, "test")
+    result = evaluate_objective(hf, objective, "test", samples=True)
+    assert result.score == plain.score and plain.samples is None
+    theirs = [s for s in _samples(harness_run, task) if s["filter"] == objective.filter]
+    records = result.samples
+    assert [r["output"] for r in records] == list(plain.outputs)
+    assert [r["prompt"] for r in records] == [s["arguments"][0][0] for s in theirs]
+    mine, oracle = [_flat(r["filtered_response"]) for r in records], [_flat(jsonable(s["filtered_resps"])) for s in theirs]
+    assert [[type(v) for v in m] for m in mine] == [[type(v) for v in o] for o in oracle]
+    for m, o in zip(mine, oracle, strict=True):  # texts and greedy flags exactly; log-likelihoods to float noise
+        assert m == [pytest.approx(v, abs=1e-4) if isinstance(v, float) else v for v in o]
+    assert [r["score"] for r in records] == [s[metric] for s in theirs]
+    assert sum(r["score"] for r in records) / len(records) == pytest.approx(result.score, abs=1e-12)
+    path = SampleLog(tmp_path, [objective.name]).write(objective.name, "test", records, 0)
+    assert path.parent == tmp_path / "0" and read_samples(path)[0]["objective"] == objective.name
+
+
+def _flat(value) -> list:
+    return [x for v in value for x in _flat(v)] if isinstance(value, list) else [value]
+
+
 def test_loglikelihood_task_scores_greedy_continuations_exactly_as_lm_eval_does(tasks, hf, harness_run):
     objective = get_objective(f"lm-eval:hm3_ll,include_path={tasks}")
     assert objective.metric == "acc"  # the first metric where higher is better (perplexity is lower-better)
