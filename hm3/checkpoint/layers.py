@@ -95,4 +95,26 @@ def relayered_config(config: Mapping[str, Any], source_layers: Sequence[int]) ->
     layer_types = config.get("layer_types")
     if isinstance(layer_types, list):
         out["layer_types"] = [layer_types[i] for i in source_layers]
+    if config.get("use_sliding_window") and isinstance(config.get("max_window_layers"), int):
+        out["max_window_layers"] = _max_window_layers(config, source_layers)
     return out
+
+
+def _max_window_layers(config: Mapping[str, Any], source_layers: Sequence[int]) -> int:
+    """Qwen2's ``max_window_layers`` for the relayered model: the layers from it up use sliding-window
+    attention, and vLLM decides each layer's attention by that rule alone (transformers by ``layer_types``
+    where the config has them), so it must describe the relayered layers' own kinds. A sliding layer
+    below a full one has no such number and is refused."""
+    types = config.get("layer_types")
+    if isinstance(types, list):
+        sliding = [types[i] == "sliding_attention" for i in source_layers]
+    else:
+        sliding = [i >= config["max_window_layers"] for i in source_layers]
+    first = sliding.index(True) if any(sliding) else len(sliding)
+    if not all(sliding[first:]):
+        raise ConfigError(
+            f"this layer order puts a sliding-window layer (output layer {first}) below a full-attention one, "
+            "which a config's max_window_layers cannot express (vLLM reads attention kinds from it); keep the "
+            "source model's sliding-window layers above its full-attention ones"
+        )
+    return first

@@ -91,3 +91,21 @@ def test_scales_are_exact_only_on_pre_norm_model_types():
         check_scales_exact(model_type)
     with pytest.raises(ConfigError, match=r"^'scale' values are only defined for pre-norm models .*'gemma2'"):
         check_scales_exact("gemma2", "'scale' values")
+
+
+def test_a_relayered_sliding_window_config_says_which_layers_slide_in_max_window_layers():
+    """Qwen2 with sliding windows from layer 2 up (of 4): vLLM reads each layer's attention from
+    max_window_layers alone, so it must follow the layers; an order no such number describes is refused."""
+    from hm3.checkpoint.layers import relayered_config
+    from hm3.errors import ConfigError
+
+    qwen = {"num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 2}
+    assert relayered_config(qwen, [0, 1, 1, 2, 3])["max_window_layers"] == 3
+    assert relayered_config(qwen, [0, 1])["max_window_layers"] == 2  # no sliding layer left: all full
+    assert relayered_config(qwen, [3, 3])["max_window_layers"] == 0
+    typed = qwen | {"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]}
+    assert relayered_config(typed, [0, 0, 1, 2])["max_window_layers"] == 2  # layer_types decide, where present
+    with pytest.raises(ConfigError, match="output layer 0.*max_window_layers"):
+        relayered_config(qwen, [2, 0])
+    off = {"num_hidden_layers": 4, "use_sliding_window": False, "max_window_layers": 2}
+    assert relayered_config(off, [0, 1, 2, 3, 3])["max_window_layers"] == 2  # unused without sliding windows
