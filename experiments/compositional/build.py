@@ -1,6 +1,6 @@
 """Build the compositional benchmark: a base, a language expert and a math expert, and their score matrix.
 
-The regime where level 2 can pay (issue 20; Akiba et al. 2024, Bandarkar et al. 2024): a task that
+The regime where level 2 can pay (Akiba et al. 2024, Bandarkar et al. 2024): a task that
 needs two skills in sequence. The tasks are :mod:`objectives.compositional` (``composite``: word
 problems in the seeded pseudo-language Velan; ``math``: the same problems in English; ``language``:
 Velan → English, chrF). Two experts are fine-tuned from one base on disjoint skills, neither on the
