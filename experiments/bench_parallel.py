@@ -89,6 +89,7 @@ def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | No
     optimizer = make_optimizer(cfg)
     hv_trace: list[float] = []
     Y: list[np.ndarray] = []
+    batches = 0
     with ExitStack() as stack:
         began = time.perf_counter()
         executor = stack.enter_context(evaluation_executor(cfg, log))
@@ -101,6 +102,8 @@ def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | No
         references = time.perf_counter() - began
 
         def record(told: list) -> None:
+            nonlocal batches
+            batches += 1
             for _, scored in told:
                 Y.append(scored.scores)
                 hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
@@ -110,7 +113,7 @@ def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | No
         loop = time.perf_counter() - began
         workers = executor_summary(session)
     return {"startup_seconds": startup, "reference_seconds": references, "loop_seconds": loop,
-            "evaluations": len(Y), "evaluations_per_second": len(Y) / loop, "batch": batch,
+            "evaluations": len(Y), "evaluations_per_second": len(Y) / loop, "batch": batch, "batches": batches,
             "hv_trace_validation": hv_trace, **workers}
 
 
