@@ -888,7 +888,7 @@ def render_parallel(results: Results) -> str:
         parts += [f"**Hypervolume per evaluation** (`bo-mo`, {budget} evaluations, seeds "
                   f"{', '.join(map(str, h.get('seeds')))}, {h.get('validation_examples')} validation examples per "
                   f"task; {zoo_text(h.get('zoo_build'))}). Driven by {h.get('driver')}:",
-                  table(["arm", f"HV@{budget}: mean (seeds)", "s per evaluation (BO step included)"], rows),
+                  table(["arm", f"HV@{budget}: mean (seeds)", "s per evaluation (BO step included; runs in parallel on the shared machine)"], rows),
                   f"q = {q} reaches **{ratio(h.get('target')['ratio_q_to_sequential'])}** of sequential `bo-mo`'s "
                   "mean HV at the same number of evaluations."]
         plot = plot_of(h)
