@@ -849,6 +849,73 @@ def mutation_targets(results: Results) -> list[Target]:
              modules[name]["score"] >= MUTATION_TARGET) for name in MUTATED_MODULES if name in modules]
 
 
+# --- parallel evaluation -------------------------------------------------------------------------------------
+
+
+def render_parallel(results: Results) -> str:
+    parts = []
+    t = results.one("bench_parallel", "throughput")
+    if t is not None:
+        rows = [[name, num(row["evaluations_per_second"], ".2f"), num(row["loop_seconds"], ".1f"),
+                 num(row.get("worker_busy_seconds", row["loop_seconds"]) / row["evaluations"], ".2f"),
+                 num(row["startup_seconds"], ".1f"), num(row["reference_seconds"], ".1f"),
+                 f"{row['worker_idle_share']:.1%}" if "worker_idle_share" in row else "–"]
+                for name, row in t.get("setups").items()]
+        target = t.get("target")
+        parts += [f"**Throughput** ({t.get('evaluations')} `random` candidates per set-up, "
+                  f"{t.get('validation_examples')} validation examples per task; {zoo_text(t.get('zoo_build'))}; "
+                  f"load average {t.get('load_average_start')[0]:g} at the start and {t.get('load_average_end')[0]:g} "
+                  "at the end, on 2 cores shared with other jobs):",
+                  table(["set-up", "evaluations / s", "loop s", "s an evaluator spends per evaluation",
+                         "start-up s (not in the rate)",
+                         "reference scores s (not in the rate)", "worker idle share"], rows),
+                  f"2 Ray workers against one 1-thread local evaluator: **{ratio(target['speedup_vs_local_1_thread'])}**; "
+                  f"against one 2-thread local evaluator: **{ratio(target['speedup_vs_local_2_threads'])}**. "
+                  "A Ray worker's seconds per evaluation are those it measured itself; where they exceed the 1-thread "
+                  "local evaluator's, the workers ran slower each than one process alone did, which is the share of "
+                  "the 2 cores the other jobs left them."]
+    h = results.one("bench_parallel", "hv")
+    if h is not None:
+        q, budget = h.get("q"), h.get("budget")
+        by_arm: dict[int, list[dict[str, Any]]] = {}
+        for run in h.get("runs"):
+            by_arm.setdefault(run["q"], []).append(run)
+        rows = [["sequential (q = 1)" if arm == 1 else f"q = {arm}",
+                 f"**{h.get('hv_at_budget')[str(arm)]['mean']:.3f}** ("
+                 + " / ".join(f"{r['hv_trace_validation'][budget - 1]:.3f}" for r in runs) + ")",
+                 num(mean(r["loop_seconds"] / r["evaluations"] for r in runs), ".1f")]
+                for arm, runs in sorted(by_arm.items())]
+        parts += [f"**Hypervolume per evaluation** (`bo-mo`, {budget} evaluations, seeds "
+                  f"{', '.join(map(str, h.get('seeds')))}, {h.get('validation_examples')} validation examples per "
+                  f"task; {zoo_text(h.get('zoo_build'))}). Driven by {h.get('driver')}:",
+                  table(["arm", f"HV@{budget}: mean (seeds)", "s per evaluation (BO step included; runs in parallel on the shared machine)"], rows),
+                  f"q = {q} reaches **{ratio(h.get('target')['ratio_q_to_sequential'])}** of sequential `bo-mo`'s "
+                  "mean HV at the same number of evaluations."]
+        plot = plot_of(h)
+        if plot:
+            parts.append(plot)
+    found = [r for r in (t, h) if r is not None]
+    if not found:
+        return ""
+    parts.append(sources(found))
+    return "\n\n".join(parts)
+
+
+def parallel_targets(results: Results) -> list[Target]:
+    rows: list[Target] = []
+    t = results.one("bench_parallel", "throughput")
+    if t is not None:
+        target = t.get("target")
+        rows.append((f"2 one-thread Ray workers ≥ {target['threshold']:g}× the evaluations/s of one one-thread local "
+                     "evaluator (shared machine)", ratio(target["speedup_vs_local_1_thread"]), target["met"]))
+    h = results.one("bench_parallel", "hv")
+    if h is not None:
+        target = h.get("target")
+        rows.append((f"`bo-mo` with q = {h.get('q')} ≥ {target['threshold']:g}× sequential `bo-mo`'s HV at "
+                     f"{h.get('budget')} evaluations", ratio(target["ratio_q_to_sequential"]), target["met"]))
+    return rows
+
+
 # --- the page --------------------------------------------------------------------------------------------------
 
 
@@ -960,6 +1027,19 @@ SECTIONS: list[Section] = [
         "two-level run's level-2 cost in full-evaluation equivalents (read from its run store). "
         "`experiments/real_model_ablation.py` refuses pairs whose seed, models, objectives or plan differ.",
         render_smol_ablation, targets=smol_targets),
+    Section(
+        "Parallel evaluation on Ray",
+        "`evaluation: {executor: ray, workers: N}` scores level 1's candidates on N Ray actors, each with its own live "
+        "model; level 1 asks its optimiser for N points at a time and tells them in proposal order. Throughput: "
+        "level 1's batch loop with the `random` optimiser (proposals cost nothing, so the rate is the evaluators'), "
+        "timed from the first proposal to the last score; Ray's and the actors' start-up and the reference scores "
+        "(base and experts) are timed apart (the first set-up's start-up includes the process's imports of the model "
+        "code). The machine has 2 cores and was shared with other jobs while it ran "
+        "(the load averages say how much), which takes cores from the two workers as from the local evaluator, so "
+        "the ratios are those of a busy machine, not of an idle one. Hypervolume: `bo-mo` asked for 4 points at a "
+        "time (botorch's sequential greedy q-batch) against one at a time, scored by one local evaluator; load "
+        "changes its times, not its scores.",
+        render_parallel, targets=parallel_targets),
     Section(
         "Bad inputs and faults",
         "`experiments/red_team.py` runs each case through the real `hm3` CLI on tiny models it builds: a case is "

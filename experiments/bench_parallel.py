@@ -1,0 +1,256 @@
+"""Parallel evaluation: Ray workers' throughput, and what q-batch BO costs in hypervolume per evaluation.
+
+Two parts, each its own results file (``--part``):
+
+``throughput`` (label ``throughput``): candidate evaluations per second of level 1's batch loop
+(:func:`hm3.search.level1.propose_in_batches`, the one ``hm3 search param`` runs) on the micro zoo with
+the ``random`` optimiser, whose proposals cost nothing, so the rate is the evaluators'. Three set-ups,
+each on a fresh run store: one local evaluator with 1 torch thread, one with 2, and ``executor: ray``
+with 2 workers of 1 CPU (1 thread) each, asked 2 points at a time. Start-up (Ray, the actors, loading
+their models; the local model's load) and the reference scores (base and experts) are timed apart and
+left out of the rate; the Ray run also records the workers' idle share. Load averages are recorded at
+the start and the end: on a shared machine other jobs take cores from either side.
+
+``hv`` (label ``hv``): ``bo-mo`` asked one point at a time against asked 4 at a time (botorch's sequential
+greedy q-batch), the same budget and seeds, scored in order by one local evaluator. Level 1 refuses
+``workers > 1`` without Ray, so this part drives :func:`propose_in_batches` itself with ``batch = q`` over a
+local session: the optimiser sees exactly what a run with q Ray workers in batch mode would show it (the
+points told in proposal order), without the workers. HV after n evaluations follows
+``bench_search_param.py``: the protocol HV (:mod:`hm3.search.pareto`) of everything evaluated so far.
+
+Usage::
+
+    .venv/bin/python experiments/bench_parallel.py --part throughput [--evaluations 32]
+        [--validation-examples 200] [--work runs/bench_parallel]
+    .venv/bin/python experiments/bench_parallel.py --part hv [--budget 48] [--q 4] [--seeds 0,1,2]
+        [--validation-examples 64] [--jobs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import harness
+import numpy as np
+from zoo_bench import add_zoo_bench_args, prepare, zoo_record
+
+from hm3.search.level1 import (
+    evaluation_executor,
+    executor_summary,
+    make_optimizer,
+    open_session,
+    propose_in_batches,
+)
+from hm3.search.pareto import protocol_hypervolume
+from hm3.search.references import reference_points
+from hm3.search.run_config import RunConfig, parse_run_config
+
+#: the target: 2 one-thread Ray workers against one one-thread local evaluator
+THROUGHPUT_TARGET = 1.6
+#: the target: q-batch BO's mean HV at the budget against sequential bo-mo's
+HV_TARGET = 0.97
+
+
+def run_config(zoo: Path, optimizer: str, budget: int, seed: int, validation_examples: int,
+               evaluation: dict[str, Any] | None = None) -> RunConfig:
+    """bench_search_param's DARE-TIES space (weights in [0, 1], densities in [0.2, 1]) on ``zoo``."""
+    return parse_run_config({
+        "zoo": str(zoo.resolve()),
+        "search_space": {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0],
+                         "density_bounds": [0.2, 1.0]},
+        "optimizer": {"name": optimizer, "budget": budget},
+        "evaluation": {"backend": "hf", "validation_examples": validation_examples, "test_examples": 1,
+                       "batch_size": 64, **(evaluation or {})},
+        "seed": seed,
+    }, source=f"bench_parallel {optimizer} seed {seed}")
+
+
+def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Level 1's batch loop over a fresh run store in ``run_dir``, ``batch`` points per ask: start-up, reference
+    scoring and the loop timed apart, the HV trace, and (for a parallel executor) the workers' utilisation."""
+    from hm3.run.config import stored_form
+    from hm3.run.directory import open_run_store
+    from hm3.threads import set_threads
+
+    set_threads(threads)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    optimizer = make_optimizer(cfg)
+    hv_trace: list[float] = []
+    Y: list[np.ndarray] = []
+    batches = 0
+    with ExitStack() as stack:
+        began = time.perf_counter()
+        executor = stack.enter_context(evaluation_executor(cfg, log))
+        store = stack.enter_context(open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=False))
+        session = open_session(cfg, store, log, executor)
+        stack.callback(session.close)
+        startup = time.perf_counter() - began
+        began = time.perf_counter()
+        _, base, ideal = reference_points(session, cfg.search_space, session.validation)
+        references = time.perf_counter() - began
+
+        def record(told: list) -> None:
+            nonlocal batches
+            batches += 1
+            for _, scored in told:
+                Y.append(scored.scores)
+                hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
+
+        began = time.perf_counter()
+        propose_in_batches(optimizer, session, batch, base, ideal, record, stop_after=None)
+        loop = time.perf_counter() - began
+        workers = executor_summary(session)
+    return {"startup_seconds": startup, "reference_seconds": references, "loop_seconds": loop,
+            "evaluations": len(Y), "evaluations_per_second": len(Y) / loop, "batch": batch, "batches": batches,
+            "hv_trace_validation": hv_trace, **workers}
+
+
+# --- throughput ----------------------------------------------------------------------------------------------
+
+
+#: (name, evaluation settings, torch threads of this process, points per ask)
+SETUPS: tuple[tuple[str, dict[str, Any], int, int], ...] = (
+    ("local, 1 thread", {}, 1, 1),
+    ("ray, 2 workers x 1 thread", {"executor": "ray", "workers": 2, "resources_per_worker": {"num_cpus": 1}}, 1, 2),
+    ("local, 2 threads", {}, 2, 1),
+)
+
+
+def throughput(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, evaluation, threads, batch in SETUPS:
+        log(f"[throughput] {name}")
+        cfg = run_config(args.zoo, "random", args.evaluations, 0, args.validation_examples, evaluation)
+        row = timed_search(cfg, args.work / f"throughput-{len(rows)}", batch, threads=threads)
+        row.pop("hv_trace_validation")
+        rows[name] = row
+        log(f"[throughput] {name}: {row['evaluations_per_second']:.3f} evaluations/s "
+            f"(start-up {row['startup_seconds']:.1f} s)")
+    ray_rate = rows[SETUPS[1][0]]["evaluations_per_second"]
+    speedup_1 = ray_rate / rows[SETUPS[0][0]]["evaluations_per_second"]
+    speedup_2 = ray_rate / rows[SETUPS[2][0]]["evaluations_per_second"]
+    return {"evaluations": args.evaluations, "validation_examples": args.validation_examples, "setups": rows,
+            "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "target": {"speedup_vs_local_1_thread": speedup_1, "speedup_vs_local_2_threads": speedup_2,
+                       "threshold": THROUGHPUT_TARGET, "met": speedup_1 >= THROUGHPUT_TARGET}}
+
+
+# --- HV per evaluation ---------------------------------------------------------------------------------------
+
+
+def hv_arm(zoo: str, work: str, q: int, seed: int, budget: int, validation_examples: int) -> dict[str, Any]:
+    """One (q, seed) of bo-mo on one local evaluator with 1 thread (a process of its own under ``--jobs``)."""
+    cfg = run_config(Path(zoo), "bo-mo", budget, seed, validation_examples)
+    row = timed_search(cfg, Path(work) / f"hv-q{q}-s{seed}", q, threads=1)
+    return {"q": q, "seed": seed, **row}
+
+
+def hv_at(trace: list[float], n: int) -> float:
+    """The HV after ``n`` evaluations (the last one, for a shorter trace)."""
+    return float(trace[min(n, len(trace)) - 1]) if trace else 0.0
+
+
+def hv_summary(runs: list[dict[str, Any]], q: int, budget: int) -> dict[str, Any]:
+    """Mean HV traces per q and the target: q-batch's mean HV at ``budget`` over sequential's (q = 1)."""
+    curves: dict[str, list[float]] = {}
+    at_budget: dict[str, dict[str, float]] = {}
+    for arm in sorted({r["q"] for r in runs}):
+        traces = [r["hv_trace_validation"] for r in runs if r["q"] == arm]
+        n = min(len(t) for t in traces)
+        curves[str(arm)] = np.mean([t[:n] for t in traces], axis=0).tolist()
+        vals = [hv_at(t, budget) for t in traces]
+        at_budget[str(arm)] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+    seq, batch = at_budget.get("1"), at_budget.get(str(q))
+    ratio = batch["mean"] / seq["mean"] if seq and batch and seq["mean"] else None
+    return {"mean_hv_curves": curves, "hv_at_budget": at_budget,
+            "target": {"ratio_q_to_sequential": ratio, "threshold": HV_TARGET,
+                       "met": ratio is not None and ratio >= HV_TARGET}}
+
+
+def hv_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    plan = [(q, s) for s in seeds for q in (1, args.q)]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(hv_arm, str(args.zoo), str(args.work), q, s, args.budget, args.validation_examples)
+                   for q, s in plan]
+        runs = []
+        for f in futures:
+            runs.append(f.result())
+            r = runs[-1]
+            log(f"[hv] q={r['q']} seed {r['seed']}: HV@{args.budget} {hv_at(r['hv_trace_validation'], args.budget):.4f} "
+                f"({r['loop_seconds']:.0f} s)")
+    return {"budget": args.budget, "q": args.q, "seeds": seeds, "validation_examples": args.validation_examples,
+            "driver": "propose_in_batches(batch=q) over a local session (level 1 allows workers > 1 only with Ray)",
+            "runs": runs, **hv_summary(runs, args.q, args.budget)}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hm3.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in sorted({r["q"] for r in result["runs"]}):
+        traces = [r["hv_trace_validation"] for r in result["runs"] if r["q"] == arm]
+        n = min(len(t) for t in traces)
+        t = np.array([x[:n] for x in traces])
+        x = np.arange(1, n + 1)
+        ax.plot(x, t.mean(0), lw=1.5, label="bo-mo, sequential" if arm == 1 else f"bo-mo, q = {arm}")
+        ax.fill_between(x, t.min(0), t.max(0), alpha=0.15)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (validation, hm3 protocol)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_zoo_bench_args(p, "bench_parallel", validation=0)
+    p.add_argument("--part", choices=("throughput", "hv"), required=True)
+    p.add_argument("--evaluations", type=int, default=32, help="throughput: evaluations per set-up")
+    p.add_argument("--budget", type=int, default=48, help="hv: evaluations per run")
+    p.add_argument("--q", type=int, default=4, help="hv: points per ask of the q-batch arm")
+    p.add_argument("--jobs", type=int, default=1, help="hv: runs at once, each a process with one thread")
+    args = p.parse_args(argv)
+    args.label = args.label or args.part
+    if not args.validation_examples:
+        args.validation_examples = 200 if args.part == "throughput" else 64
+    if not prepare(args):
+        return 2
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    started = time.time()
+    body = throughput(args, log) if args.part == "throughput" else hv_part(args, log)
+    out = {"benchmark": "bench_parallel", **harness.provenance(argv), "part": args.part,
+           "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo), **body,
+           "wall_seconds": time.time() - started}
+    harness.write_results(args.out, out)
+    if args.part == "hv":
+        plot(out, args.plot)
+    print(f"target: {out['target']}\n-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
