@@ -30,11 +30,13 @@ STAGING = ROOT / ".mutation"
 
 #: module -> the tests that cover it (fast ones: no level-2 runs, no vLLM)
 MODULES: dict[str, list[str]] = {
-    "hm3/merge/ops.py": ["tests/merge/test_ops.py", "tests/merge/test_methods.py", "tests/merge/test_properties.py"],
+    "hm3/merge/ops.py": ["tests/merge/test_ops.py", "tests/merge/test_methods.py", "tests/merge/test_properties.py",
+                         "tests/merge/test_mask_rng.py"],
     "hm3/merge/methods.py": ["tests/merge/test_methods.py", "tests/merge/test_properties.py",
-                             "tests/merge/test_merge_cli.py"],
+                             "tests/merge/test_merge_cli.py", "tests/merge/test_mask_rng.py"],
     "hm3/merge/plan.py": ["tests/merge/test_plan.py", "tests/merge/test_merge_cli.py", "tests/merge/test_inmemory.py",
-                          "tests/merge/test_slices.py"],
+                          "tests/merge/test_slices.py", "tests/merge/test_tokenizers.py",
+                          "tests/merge/test_mask_rng.py"],
     "hm3/search/pareto.py": ["tests/search/test_pareto.py"],
     "hm3/search/space.py": ["tests/search/test_space.py"],
     "hm3/eval/subsets.py": ["tests/eval/test_subsets.py"],

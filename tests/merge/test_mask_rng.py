@@ -180,5 +180,5 @@ def test_mask_rng_is_checked_and_exported_as_a_note():
     assert "mask_rng" not in to_mergekit(recipe) and "seed" not in to_mergekit(recipe)
     assert any("mask_rng sfc64" in line for line in mergekit_notes(recipe, "x.yml"))
     assert any("mask_rng mt19937" in line for line in mergekit_notes(parse_merge_config(base), "x.yml"))
-    with pytest.raises(ConfigError, match="mask_rng 'philox'"):
+    with pytest.raises(ConfigError, match="mask_rng 'philox' is not one of mt19937, sfc64"):
         mask_generator("philox", 0, NAME, 0)

@@ -8,6 +8,7 @@ layer; and every bad input refused by name before anything is written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -293,6 +294,61 @@ def test_layers_of_another_shape_are_refused_within_a_slice_and_across_slices(fa
         "slices[1] (output layer 2): its tensors differ from output layer 0's", "model.layers.0.mlp.down_proj.weight")
 
 
+def test_layers_whose_shapes_differ_only_in_rows_are_refused(family, tmp_path, capsys):
+    narrow = build_random_llama(tmp_path / "narrow", hidden_size=32, num_layers=4, vocab_size=64, num_kv_heads=2)
+    models = {"m1": family["m1"], "narrow": narrow}
+    _refused(capsys, tmp_path, {"merge_method": "linear", "slices": [
+        {"sources": [_src(models, "m1", 0, 2, weight=1.0), _src(models, "narrow", 0, 2, weight=1.0)]}]},
+        "slices[0] (output layer 0): tensor model.layers.0.self_attn.k_proj.weight has different shapes in the "
+        f"slice's sources: {family['m1']} [32, 32], {narrow} [16, 32]")
+
+
+def test_a_layer_missing_tensors_is_refused_naming_the_first_four(family, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    pruned = tmp_path / "pruned"
+    shutil.copytree(family["m1"], pruned)
+    kept = {n: t for n, t in _tensors(pruned).items() if not n.startswith(("model.layers.1.mlp.",
+                                                                            "model.layers.1.self_attn."))}
+    for f in pruned.glob("*.safetensors*"):
+        f.unlink()
+    save_file(kept, str(pruned / "model.safetensors"), metadata={"format": "pt"})
+    models = {"m1": family["m1"], "pruned": pruned}
+    _refused(capsys, tmp_path, {"merge_method": "linear", "slices": [
+        {"sources": [_src(models, "m1", 0, 2, weight=1.0), _src(models, "pruned", 0, 2, weight=1.0)]}]},
+        f"slices[0] (output layer 1): layer 1 of {pruned} and layer 1 of {family['m1']} hold different tensors: "
+        "model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight, "
+        "model.layers.0.mlp.up_proj.weight, model.layers.0.self_attn.k_proj.weight\n")
+
+
+def test_models_of_another_architecture_are_refused(family, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(family["m1"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+    _refused(capsys, tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [_src(family, "m1", 0, 2)]}, {"sources": [{"model": str(other), "layer_range": [2, 4]}]}]},
+        f"models {family['m1']} and {other} are incompatible: model_type 'llama' vs 'mistral'")
+
+
+def test_relative_model_paths_are_read_from_the_recipes_folder(family, tmp_path):
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": os.path.relpath(family["m1"], tmp_path), "layer_range": [0, 2]}]}]}
+    out = _merge(tmp_path, recipe)
+    assert torch.equal(_tensors(out)["model.layers.1.mlp.up_proj.weight"],
+                       _tensors(family["m1"])["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_a_method_without_a_base_merges_every_source_and_ignores_base_model(family):
+    cfg = parse_merge_config({"merge_method": "linear", "base_model": str(family["base"]), "slices": [
+        {"sources": [_src(family, "base", 0, 4, weight=1.0), _src(family, "m1", 0, 4, weight=1.0)]}]})
+    plan = plan_merge(cfg)
+    try:
+        assert plan.jobs and all(j.base is None and len(j.inputs) == 2 for j in plan.jobs)
+    finally:
+        plan.close()
+
+
 @pytest.mark.parametrize(("change", "mentions"), [
     (lambda r, f: r["slices"][0]["sources"][0].update(layer_range=[3, 1]),
      ["slices.0.sources.0.layer_range", "[3, 1] is not a layer range"]),
@@ -310,11 +366,25 @@ def test_layers_of_another_shape_are_refused_within_a_slice_and_across_slices(fa
         _src(f, "base", 0, 2), _src(f, "m1", 0, 2, weight=1.0, fisher="f.safetensors")]}], base_model=str(f["base"])),
      ["fisher: Fisher weighting is not supported in 'slices' recipes"]),
     (lambda r, f: r.update(modules={}), ["'modules' configs"]),
+    (lambda r, f: r.update(merge_method="fisher"),
+     ["merge_method 'fisher' needs Fisher files, which 'slices' recipes do not take"]),
+    (lambda r, f: r.update(merge_method="ties"),
+     ["merge_method 'ties' needs 'base_model' (of the recipe or of slices[0])"]),
+    (lambda r, f: r.update(merge_method="ties", base_model=str(f["base"]), slices=[{"sources": [
+        _src(f, "m1", 0, 2, weight=1.0), _src(f, "m2", 0, 2, weight=1.0)]}]),
+     lambda f: [f"from the slice's sources, which are {f['m1']}, {f['m2']}"]),
+    (lambda r, f: r.update(merge_method="linear", slices=[{"sources": [
+        _src(f, "m1", 0, 2, weight=1.0), _src(f, "m2", 0, 2)]}]),
+     ["missing required parameter 'weight' (slices[0] (embeddings): model '",
+      "m2', tensor model.embed_tokens.weight)"]),
+    (lambda r, f: r.update(merge_method="ties", base_model=str(f["base"]), slices=[{"sources": [
+        _src(f, "base", 0, 2)]}]),
+     ["besides base_model; slices[0] (embeddings) lists 0 besides base_model"]),
 ])
 def test_bad_slices_are_refused_by_name(family, tmp_path, capsys, change, mentions):
     recipe = {"merge_method": "passthrough", "slices": [{"sources": [_src(family, "m1", 0, 2)]}]}
     change(recipe, family)
-    _refused(capsys, tmp_path, recipe, *mentions)
+    _refused(capsys, tmp_path, recipe, *(mentions(family) if callable(mentions) else mentions))
 
 
 def test_the_in_memory_merger_refuses_slices(family):

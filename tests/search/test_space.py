@@ -506,3 +506,14 @@ def test_foreign_recipes_of_a_method_list_are_refused_naming_the_difference():
     bad_eps = [dict(m, parameters={"weight": 0.5, "density": 0.5, "epsilon": 0.6}) for m in della["models"]]
     with pytest.raises(ConfigError, match="^recipe model 'expert_a': density ± epsilon must lie strictly"):
         s.from_recipe({**della, "models": bad_eps})
+
+
+def test_encoding_for_a_method_list_refuses_another_method_and_a_short_coefficient_list():
+    s = _space(methods=["dare_ties", "della"])
+    weights = [[0.5] * s.n_groups for _ in s.models]
+    with pytest.raises(ConfigError, match=r"^method 'ties' is not one of this space's \(dare_ties, della\)$"):
+        s.encode(weights, weights, method="ties")
+    k, g = len(s.models), s.n_groups
+    with pytest.raises(ConfigError, match=rf"^got {(k + 1) * g} coefficient values; this search space has "
+                                          rf"{2 * k * g} weights and densities$"):
+        s.encode(weights, weights[:1])
