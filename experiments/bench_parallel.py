@@ -43,7 +43,7 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, plot_hv_curves, prepare, zoo_record
 
 from hm3.search.level1 import (
     evaluation_executor,
@@ -198,27 +198,9 @@ def hv_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hm3.report import save_figure
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in sorted({r["q"] for r in result["runs"]}):
-        traces = [r["hv_trace_validation"] for r in result["runs"] if r["q"] == arm]
-        n = min(len(t) for t in traces)
-        t = np.array([x[:n] for x in traces])
-        x = np.arange(1, n + 1)
-        ax.plot(x, t.mean(0), lw=1.5, label="bo-mo, sequential" if arm == 1 else f"bo-mo, q = {arm}")
-        ax.fill_between(x, t.min(0), t.max(0), alpha=0.15)
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("hypervolume (validation, hm3 protocol)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_hv_curves({"bo-mo, sequential" if q == 1 else f"bo-mo, q = {q}":
+                    [r["hv_trace_validation"] for r in result["runs"] if r["q"] == q]
+                    for q in sorted({r["q"] for r in result["runs"]})}, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,8 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, plot_hv_curves, prepare, zoo_record
 
-from hm3.report import save_figure
 from hm3.search.level1 import run_level1
 from hm3.search.run_config import parse_run_config
 
@@ -112,25 +111,8 @@ def aggregate(runs: dict[str, list[dict]], checkpoints: list[int]) -> dict[str, 
 
 
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, summaries in runs.items():
-        n = min(len(s["hv_trace_validation"]) for s in summaries)
-        traces = np.array([s["hv_trace_validation"][:n] for s in summaries])
-        x = np.arange(1, n + 1)
-        ax.plot(x, traces.mean(0), label=key, lw=1.5)
-        ax.fill_between(x, traces.min(0), traces.max(0), alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("hypervolume (validation, hm3 protocol)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_hv_curves({key: [s["hv_trace_validation"] for s in summaries] for key, summaries in runs.items()}, path,
+                   log_x=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,31 @@ def zoo_record(zoo: Path) -> dict[str, Any]:
     return {"path": str(zoo), "spec": manifest.get("spec"), "spec_hash": manifest.get("spec_hash"),
             "scores_validation": manifest.get("scores_validation"), "ties_best": manifest.get("ties_best"),
             "quality_bar": manifest.get("quality_bar"), "build_seconds": manifest.get("build_seconds")}
+
+
+def plot_hv_curves(curves: dict[str, list[list[float]]], path: Path, *, log_x: bool = False) -> None:
+    """Hypervolume against evaluations, one line per label: the mean over its traces (each cut to the
+    shortest) with the min-max band of the seeds around it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from hm3.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, traces in curves.items():
+        n = min(len(t) for t in traces)
+        values = np.array([t[:n] for t in traces])
+        x = np.arange(1, n + 1)
+        ax.plot(x, values.mean(0), label=label, lw=1.5)
+        ax.fill_between(x, values.min(0), values.max(0), alpha=0.15)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (validation, hm3 protocol)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
