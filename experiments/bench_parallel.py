@@ -1,6 +1,6 @@
 """Parallel evaluation: Ray workers' throughput, and what q-batch BO costs in hypervolume per evaluation.
 
-Two parts, each its own results file (``--part``):
+Three parts, each its own results file (``--part``):
 
 ``throughput`` (label ``throughput``): candidate evaluations per second of level 1's batch loop
 (:func:`hm3.search.level1.propose_in_batches`, the one ``hm3 search param`` runs) on the micro zoo with
@@ -18,12 +18,21 @@ local session: the optimiser sees exactly what a run with q Ray workers in batch
 points told in proposal order), without the workers. HV after n evaluations follows
 ``bench_search_param.py``: the protocol HV (:mod:`hm3.search.pareto`) of everything evaluated so far.
 
+``idle`` (label ``idle``): how long Ray workers wait for proposals. ``bo-mo`` on 2 Ray workers of 1 CPU
+each, the same budget and seed in batch mode (2 points asked at a time, told in proposal order) and with
+``proposals: async`` (a worker that finishes gets a point proposed with the other still pending), as
+``hm3 search param`` runs them (:func:`propose_in_batches`, :func:`propose_async`); each run's summary fields
+(``worker_idle_share``: the share of the workers' time between the first job and the last result spent
+waiting for a candidate). The idle share is the proposal's time over the evaluation's: it falls as the
+evaluations get dearer (``--validation-examples``), which is why both are recorded.
+
 Usage::
 
     .venv/bin/python experiments/bench_parallel.py --part throughput [--evaluations 32]
         [--validation-examples 200] [--work runs/bench_parallel]
     .venv/bin/python experiments/bench_parallel.py --part hv [--budget 48] [--q 4] [--seeds 0,1,2]
         [--validation-examples 64] [--jobs 3]
+    .venv/bin/python experiments/bench_parallel.py --part idle [--budget 24] [--validation-examples 200]
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from hm3.search.level1 import (
     executor_summary,
     make_optimizer,
     open_session,
+    propose_async,
     propose_in_batches,
 )
 from hm3.search.pareto import protocol_hypervolume
@@ -60,6 +70,8 @@ from hm3.search.run_config import RunConfig, parse_run_config
 THROUGHPUT_TARGET = 1.6
 #: the target: q-batch BO's mean HV at the budget against sequential bo-mo's
 HV_TARGET = 0.97
+#: the target: the workers' idle share with asynchronous proposals
+IDLE_TARGET = 0.10
 
 
 def run_config(zoo: Path, optimizer: str, budget: int, seed: int, validation_examples: int,
@@ -87,6 +99,19 @@ def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | No
     set_threads(threads)
     shutil.rmtree(run_dir, ignore_errors=True)
     optimizer = make_optimizer(cfg)
+    proposing = {"seconds": 0.0, "asks": 0}
+
+    def timed(ask: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return ask(*a, **k)
+            finally:
+                proposing["seconds"] += time.perf_counter() - began
+                proposing["asks"] += 1
+        return call
+
+    optimizer.ask, optimizer.ask_async = timed(optimizer.ask), timed(optimizer.ask_async)  # the driver's own time
     hv_trace: list[float] = []
     Y: list[np.ndarray] = []
     batches = 0
@@ -109,11 +134,15 @@ def timed_search(cfg: RunConfig, run_dir: Path, batch: int, *, threads: int | No
                 hv_trace.append(protocol_hypervolume(np.stack(Y), base, ideal))
 
         began = time.perf_counter()
-        propose_in_batches(optimizer, session, batch, base, ideal, record, stop_after=None)
+        if cfg.evaluation.proposals == "async":
+            propose_async(optimizer, session, base, ideal, record, stop_after=None)
+        else:
+            propose_in_batches(optimizer, session, batch, base, ideal, record, stop_after=None)
         loop = time.perf_counter() - began
         workers = executor_summary(session)
     return {"startup_seconds": startup, "reference_seconds": references, "loop_seconds": loop,
             "evaluations": len(Y), "evaluations_per_second": len(Y) / loop, "batch": batch, "batches": batches,
+            "proposal_seconds": proposing["seconds"], "asks": proposing["asks"],
             "hv_trace_validation": hv_trace, **workers}
 
 
@@ -146,6 +175,29 @@ def throughput(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str
             "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "target": {"speedup_vs_local_1_thread": speedup_1, "speedup_vs_local_2_threads": speedup_2,
                        "threshold": THROUGHPUT_TARGET, "met": speedup_1 >= THROUGHPUT_TARGET}}
+
+
+# --- idle share -------------------------------------------------------------------------------------------
+
+
+def idle(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    rows: dict[str, dict[str, Any]] = {}
+    for proposals in ("batch", "async"):
+        log(f"[idle] bo-mo, 2 Ray workers, proposals: {proposals}")
+        cfg = run_config(args.zoo, "bo-mo", args.budget, 0, args.validation_examples,
+                         {"executor": "ray", "workers": 2, "resources_per_worker": {"num_cpus": 1},
+                          "proposals": proposals})
+        row = timed_search(cfg, args.work / f"idle-{proposals}", 2, threads=1)
+        row["seconds_per_evaluation_per_worker"] = 2 * row["loop_seconds"] / row["evaluations"]
+        rows[proposals] = row
+        log(f"[idle] {proposals}: idle share {row.get('worker_idle_share')}, "
+            f"{row['evaluations_per_second']:.3f} evaluations/s")
+    share = rows["async"].get("worker_idle_share")
+    return {"budget": args.budget, "validation_examples": args.validation_examples, "runs": rows,
+            "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "target": {"async_idle_share": share, "batch_idle_share": rows["batch"].get("worker_idle_share"),
+                       "threshold": IDLE_TARGET, "met": share is not None and share < IDLE_TARGET}}
 
 
 # --- HV per evaluation ---------------------------------------------------------------------------------------
@@ -206,15 +258,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_zoo_bench_args(p, "bench_parallel", validation=0)
-    p.add_argument("--part", choices=("throughput", "hv"), required=True)
+    p.add_argument("--part", choices=("throughput", "hv", "idle"), required=True)
     p.add_argument("--evaluations", type=int, default=32, help="throughput: evaluations per set-up")
-    p.add_argument("--budget", type=int, default=48, help="hv: evaluations per run")
+    p.add_argument("--budget", type=int, help="hv and idle: evaluations per run (default 48 for hv, 24 for idle)")
     p.add_argument("--q", type=int, default=4, help="hv: points per ask of the q-batch arm")
     p.add_argument("--jobs", type=int, default=1, help="hv: runs at once, each a process with one thread")
     args = p.parse_args(argv)
     args.label = args.label or args.part
+    if args.budget is None:
+        args.budget = 24 if args.part == "idle" else 48
     if not args.validation_examples:
-        args.validation_examples = 200 if args.part == "throughput" else 64
+        args.validation_examples = 64 if args.part == "hv" else 200
     if not prepare(args):
         return 2
 
@@ -223,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     started = time.time()
-    body = throughput(args, log) if args.part == "throughput" else hv_part(args, log)
+    body = {"throughput": throughput, "hv": hv_part, "idle": idle}[args.part](args, log)
     out = {"benchmark": "bench_parallel", **harness.provenance(argv), "part": args.part,
            "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo), **body,
            "wall_seconds": time.time() - started}

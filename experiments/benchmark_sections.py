@@ -894,7 +894,24 @@ def render_parallel(results: Results) -> str:
         plot = plot_of(h)
         if plot:
             parts.append(plot)
-    found = [r for r in (t, h) if r is not None]
+    i = results.one("bench_parallel", "idle")
+    if i is not None:
+        rows = [[f"`{mode}`", f"{run['worker_idle_share']:.1%}" if "worker_idle_share" in run else "–",
+                 num(run["evaluations_per_second"], ".3f"), num(run["seconds_per_evaluation_per_worker"], ".2f"),
+                 num(run["proposal_seconds"] / max(1, run["asks"]), ".2f"), num(run["loop_seconds"], ".0f")]
+                for mode, run in i.get("runs").items()]
+        share = i.get("target")["async_idle_share"]
+        parts += [f"**Worker idle time** (`bo-mo`, {i.get('budget')} evaluations, seed 0, 2 Ray workers of 1 CPU, "
+                  f"{i.get('validation_examples')} validation examples per task; {zoo_text(i.get('zoo_build'))}; load "
+                  f"average {i.get('load_average_start')[0]:g} at the start and {i.get('load_average_end')[0]:g} at "
+                  "the end). A worker waits while the driver proposes; with `async` it waits only for its own "
+                  "point, proposed while the other worker scores:",
+                  table(["proposals", "worker idle share", "evaluations / s", "s per evaluation per worker",
+                         "s per ask (the driver proposing)", "loop s"], rows),
+                  f"With asynchronous proposals the workers wait **{share:.1%}** of their time "
+                  f"(target < {i.get('target')['threshold']:.0%}). The share is the proposals' time against the "
+                  "evaluations': it falls as a candidate's evaluation gets dearer (real models take minutes)."]
+    found = [r for r in (t, h, i) if r is not None]
     if not found:
         return ""
     parts.append(sources(found))
@@ -913,6 +930,11 @@ def parallel_targets(results: Results) -> list[Target]:
         target = h.get("target")
         rows.append((f"`bo-mo` with q = {h.get('q')} ≥ {target['threshold']:g}× sequential `bo-mo`'s HV at "
                      f"{h.get('budget')} evaluations", ratio(target["ratio_q_to_sequential"]), target["met"]))
+    i = results.one("bench_parallel", "idle")
+    if i is not None:
+        target = i.get("target")
+        rows.append((f"Ray workers' idle share with asynchronous proposals < {target['threshold']:.0%}",
+                     f"{target['async_idle_share']:.1%}", target["met"]))
     return rows
 
 

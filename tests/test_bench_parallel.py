@@ -16,6 +16,7 @@ def test_the_timed_loop_asks_in_batches_and_traces_the_hv_of_every_evaluation(tm
     cfg = bench_parallel.run_config(micro_zoo_dir, "random", 4, 0, 2)
     row = bench_parallel.timed_search(cfg, tmp_path / "run", 2, threads=1)
     assert (row["evaluations"], row["batches"]) == (4, 2)
+    assert row["asks"] == 2 and 0 < row["proposal_seconds"] < row["loop_seconds"]  # the driver's asks timed apart
     trace = row["hv_trace_validation"]
     assert len(trace) == 4 and all(b >= a for a, b in zip(trace, trace[1:], strict=False))
     assert row["evaluations_per_second"] == pytest.approx(4 / row["loop_seconds"])
