@@ -103,6 +103,8 @@ class _RunLogHandler(logging.Handler):
             self.handleError(record)
 
     def _flush_pending(self) -> None:
+        if self.stream is not None and self.stream.closed:
+            self.stream = None  # closed under us (below), reopened for what is still logged
         if self.stream is None:
             if not self.ready.exists():
                 return
@@ -112,6 +114,8 @@ class _RunLogHandler(logging.Handler):
         self.pending.clear()
 
     def close(self) -> None:
+        """Also called from outside: ``logging.config.dictConfig`` closes every handler there is (vLLM
+        configures its logging so when it is imported, mid-run); a later record reopens the file."""
         try:
             self._flush_pending()
         except OSError:
@@ -119,6 +123,7 @@ class _RunLogHandler(logging.Handler):
         finally:
             if self.stream is not None:
                 self.stream.close()
+                self.stream = None
             super().close()
 
 

@@ -172,6 +172,29 @@ def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     configure(0)
 
 
+def test_the_run_log_outlives_a_logging_reconfiguration_mid_run(tmp_path):
+    """vLLM calls ``logging.config.dictConfig`` when it is imported, which closes every handler there is:
+    the run log must keep the records after that, and closing it at the end must not fail."""
+    import logging.config
+
+    from hm3.log import LOG_FILE, configure, run_log
+    from hm3.store import STORE_FILE
+
+    configure(-1)
+    logger = logging.getLogger("hm3.test")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STORE_FILE).touch()
+    with run_log(run, first="hm3 search param c r"):
+        logger.info("before the engine")
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+        logger.info("after the engine")
+    lines = (run / LOG_FILE).read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "hm3 search param c r", "before the engine", "after the engine"]
+    configure(0)
+
+
 def test_a_library_import_leaves_the_environment_alone_and_the_command_sets_openmp():
     code = ("import os, sys\nimport hm3, hm3.cli, hm3.merge.engine, hm3.search.level1\n"
             "print(os.environ.get('OMP_WAIT_POLICY'))\nhm3.cli.main(['methods', '-q', '--json'])\n"

@@ -124,8 +124,6 @@ class EvaluationConfig(_Frozen):
         if self.device == "cuda" and self.resources_per_worker.num_gpus == 0:
             raise ValueError("device: cuda with executor: ray needs resources_per_worker.num_gpus (Ray hides "
                              "GPUs from workers that reserve none)")
-        if self.backend == "vllm":
-            raise ValueError("executor: ray runs the hf backend only (vLLM in Ray workers is not supported yet)")
         return self
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:

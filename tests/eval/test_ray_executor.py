@@ -101,7 +101,6 @@ def test_executor_settings_stay_out_of_the_stored_config(tiny_family):
         ({"executor": "ray", "resources_per_worker": {"cpus": 1}}, "resources_per_worker.cpus: unknown key"),
         ({"executor": "ray", "device": "cuda"}, "device: cuda with executor: ray needs resources_per_worker.num_gpus"),
         ({"executor": "ray", "device": "cuda:1", "resources_per_worker": {"num_gpus": 1}}, "use device: cuda"),
-        ({"executor": "ray", "backend": "vllm"}, "executor: ray runs the hf backend only"),
         ({"executor": "dask"}, "evaluation.executor: Input should be 'local' or 'ray'"),
     ],
 )
