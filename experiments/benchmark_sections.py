@@ -897,20 +897,24 @@ def render_parallel(results: Results) -> str:
     i = results.one("bench_parallel", "idle")
     if i is not None:
         rows = [[f"`{mode}`", f"{run['worker_idle_share']:.1%}" if "worker_idle_share" in run else "–",
-                 num(run["evaluations_per_second"], ".3f"), num(run["seconds_per_evaluation_per_worker"], ".2f"),
+                 num(run["evaluations_per_second"], ".3f"), num(run["worker_busy_seconds"] / run["evaluations"], ".2f"),
                  num(run["proposal_seconds"] / max(1, run["asks"]), ".2f"), num(run["loop_seconds"], ".0f")]
                 for mode, run in i.get("runs").items()]
         share = i.get("target")["async_idle_share"]
+        run = i.get("runs")["async"]
+        ask_ratio = (run["proposal_seconds"] / max(1, run["asks"])) / (run["worker_busy_seconds"] / run["evaluations"])
         parts += [f"**Worker idle time** (`bo-mo`, {i.get('budget')} evaluations, seed 0, 2 Ray workers of 1 CPU, "
                   f"{i.get('validation_examples')} validation examples per task; {zoo_text(i.get('zoo_build'))}; load "
                   f"average {i.get('load_average_start')[0]:g} at the start and {i.get('load_average_end')[0]:g} at "
                   "the end). A worker waits while the driver proposes; with `async` it waits only for its own "
                   "point, proposed while the other worker scores:",
-                  table(["proposals", "worker idle share", "evaluations / s", "s per evaluation per worker",
+                  table(["proposals", "worker idle share", "evaluations / s", "s a worker is busy per evaluation",
                          "s per ask (the driver proposing)", "loop s"], rows),
                   f"With asynchronous proposals the workers wait **{share:.1%}** of their time "
-                  f"(target < {i.get('target')['threshold']:.0%}). The share is the proposals' time against the "
-                  "evaluations': it falls as a candidate's evaluation gets dearer (real models take minutes)."]
+                  f"(target < {i.get('target')['threshold']:.0%}). There an ask of `bo-mo` (fitting its GPs and "
+                  f"optimising the acquisition) took {ask_ratio:.2f}× a worker's evaluation of a micro-zoo candidate, "
+                  "and one driver proposes for two workers; the share falls as evaluations get dearer against "
+                  "the asks (a real model's take minutes)."]
     found = [r for r in (t, h, i) if r is not None]
     if not found:
         return ""
