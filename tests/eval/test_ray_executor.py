@@ -534,6 +534,86 @@ def test_level2_episodes_are_the_same_locally_and_on_one_or_two_workers(ray_clus
 # --- faults ------------------------------------------------------------------------------------------
 
 
+class _Method:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def remote(self, *args):
+        return self.answer(*args)
+
+
+class _FakeActor:
+    """A Ray actor stand-in whose ``pool_layout`` call dies while its Ray has deaths left to give."""
+
+    def __init__(self, ray, number: int):
+        from ray.exceptions import RayActorError
+
+        self.where = _Method(lambda: (1000 + number, "node"))
+        self.start = _Method(lambda: ({"device": "cpu"}, "hf"))
+        self.pool_layout = _Method(lambda: ray.die(RayActorError()) or "layout")
+
+
+class _FakeRay:
+    """Just enough of Ray for :class:`RayExecutor` to start workers and ask them (no processes)."""
+
+    def __init__(self, deaths: int):
+        self.deaths, self.killed, self.started = deaths, [], 0
+
+    def die(self, error):
+        if self.deaths:
+            self.deaths -= 1
+            return error
+        return None
+
+    def remote(self, _cls):
+        ray = self
+
+        class Options:
+            def options(self, **_):
+                return self
+
+            def remote(self, _cfg):
+                ray.started += 1
+                return _FakeActor(ray, ray.started)
+
+        return Options()
+
+    def wait(self, refs, num_returns, timeout):
+        return refs, []
+
+    def get(self, ref):
+        if isinstance(ref, Exception):
+            raise ref
+        return ref
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+
+@pytest.mark.parametrize("deaths", [0, 2, 3])
+def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths):
+    """Each worker that dies answering level 2's pool question is killed, replaced and counted, and the
+    question asked again; the third worker to die stops the run naming the question."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import MAX_ATTEMPTS, RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=1)
+    ray, logs = _FakeRay(deaths), []
+    executor = RayExecutor(ev, ray, started_ray=False, log=logs.append)
+    executor.start(SimpleNamespace(evaluation=ev))
+    if deaths < MAX_ATTEMPTS:
+        assert executor.pool_layout() == "layout"
+        assert executor.replaced == len(ray.killed) == deaths and ray.started == 1 + deaths
+        assert len(executor.worker_pids()) == 1 and sum("died computing" in m for m in logs) == deaths
+    else:
+        with pytest.raises(ExecutorError, match=f"died computing the layer pool's layout.*the {MAX_ATTEMPTS}th"):
+            executor.pool_layout()
+        assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
+
+
 @pytest.mark.slow
 def test_a_worker_killed_before_level2_asks_for_the_pool_is_replaced(ray_cluster, tiny_family):
     """A worker found dead when level 2 asks for the pool's layout or layer features is replaced, and the
