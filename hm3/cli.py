@@ -223,8 +223,10 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
 
 
 def _executor_preset(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """``--workers``, ``--ray-address`` and ``--log-samples`` as the config keys they set (``--set`` still wins)."""
+    """``--workers``, ``--ray-address``, ``--proposals`` and ``--log-samples`` as the config keys they set
+    (``--set`` still wins)."""
     return [(k, v) for k, v in (("evaluation.workers", args.workers), ("evaluation.ray_address", args.ray_address),
+                                ("evaluation.proposals", args.proposals),
                                 ("evaluation.log_samples", args.log_samples or None))
             if v is not None]
 
@@ -413,6 +415,10 @@ def _executor_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=None,
                         help="parallel evaluators, each with its own model (evaluation.workers; needs "
                              "evaluation.executor: ray); level 1 proposes this many candidates at a time")
+    parser.add_argument("--proposals", choices=("batch", "async"), default=None,
+                        help="batch: level 1 proposes `workers` candidates, scores them, tells them in proposal "
+                             "order (reproducible from seed and workers); async: a worker that finishes gets a new "
+                             "candidate at once (evaluation.proposals; needs evaluation.executor: ray)")
     parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
                         help="the Ray cluster to join: auto (the one running here), host:port or ray://host:port "
                              "(evaluation.ray_address; default: start Ray in this process)")

@@ -48,7 +48,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from hm3.arch.level2 import PATH_KIND, FrameKey, build_trainer, merge_for_preference, path_recipe
+from hm3.arch.level2 import (
+    PATH_KIND,
+    FrameKey,
+    build_trainer,
+    episode_lanes,
+    merge_for_preference,
+    path_recipe,
+)
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.atomic import atomic_write_text
@@ -428,8 +435,8 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
                        t_max=t_max)
     trainer = build_trainer(
         pool_size=layout.size, num_layers=layout.num_layers, n_objectives=len(saved["objectives"]),
-        layer_features=saved["layer_features"], config=rl, scorer=ev.scorer_for(lambda: frame), lam=lam, seed=seed,
-        policy_state=saved["policy"],
+        layer_features=saved["layer_features"], config=rl, scorer=ev.scorer_for(lambda _lam: frame), lam=lam,
+        seed=seed, policy_state=saved["policy"], lanes=episode_lanes(session),
     )
     log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
     trainer.train(budget)

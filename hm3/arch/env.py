@@ -42,9 +42,9 @@ resumed run continues exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -65,10 +65,43 @@ A scorer may also offer ``score_many(paths) -> list[np.ndarray]``, scoring sever
 path on the same examples (transition scales compare on one reward subset, not on successive ones)."""
 
 
+@dataclass(frozen=True)
+class PendingPath:
+    """A finished episode's path awaiting its scores: the variants to score (the path first) and its λ."""
+
+    path: LayerPath
+    variants: tuple[LayerPath, ...]
+    lam: np.ndarray
+
+
+@runtime_checkable
+class EpisodeScorer(Protocol):
+    """A scorer of several finished episodes at once, each with its own λ (which may choose its frame).
+
+    Each episode's variants are scored on one reward subset, the episodes' subsets drawn in the order
+    given, so the scores equal those of scoring the episodes one after the other; a scorer backed by
+    parallel workers scores them all in parallel."""
+
+    def score_episodes(self, episodes: Sequence[PendingPath]) -> list[list[np.ndarray]]: ...
+
+
 def score_variants(scorer: PathScorer, paths: list[LayerPath]) -> list[np.ndarray]:
     """Scores of ``paths`` by ``scorer``'s ``score_many`` when it has one, else one call per path."""
     many = getattr(scorer, "score_many", None)
     return list(many(paths)) if many is not None else [scorer(p) for p in paths]
+
+
+def score_pending(scorer: PathScorer | EpisodeScorer, episodes: Sequence[PendingPath]) -> list[list[np.ndarray]]:
+    """Scores of every variant of each of ``episodes``: in one call of an :class:`EpisodeScorer`, else
+    episode by episode, in order."""
+    if not episodes:
+        return []
+    if isinstance(scorer, EpisodeScorer):
+        out = [list(scores) for scores in scorer.score_episodes(episodes)]
+        if len(out) != len(episodes):
+            raise ValueError(f"the path scorer returned scores of {len(out)} episodes for {len(episodes)}")
+        return out
+    return [score_variants(scorer, list(e.variants)) for e in episodes]
 
 
 @dataclass
@@ -93,7 +126,7 @@ class PathEnv(gym.Env):
         pool_size: int,
         num_layers: int,
         n_objectives: int,
-        scorer: PathScorer,
+        scorer: PathScorer | EpisodeScorer,
         config: Level2Config,
         lam: np.ndarray | None = None,
         seed: int = 0,
@@ -220,24 +253,40 @@ class PathEnv(gym.Env):
         return value - self.config.beta1 * length if self.config.mode == "hm3" else value
 
     def _finish(self) -> dict[str, Any]:
-        path = LayerPath(tuple(self.state.hops))
-        info: dict[str, Any] = {"path": path, "lam": self.lam.copy()}
-        if self.state.backed_out or not self.state.hops:
+        pending = self.pending(self.state, self.lam)
+        scores = None if pending is None else score_pending(self.scorer, [pending])[0]
+        return self.settle(self.state, self.lam, pending, scores)
+
+    def pending(self, state: PathState, lam: np.ndarray) -> PendingPath | None:
+        """What a finished ``state`` needs scored (None: it ends with the penalty, unscored). With
+        transition scales the path is scored plain and per scale value; the best is the episode's."""
+        if state.backed_out or not state.hops:
+            return None
+        path = LayerPath(tuple(state.hops))
+        return PendingPath(path, tuple(scale_variants(path, self.config.transition_scales)),
+                           np.array(lam, dtype=np.float64))
+
+    def settle(self, state: PathState, lam: np.ndarray, pending: PendingPath | None,
+               scores: Sequence[np.ndarray] | None) -> dict[str, Any]:
+        """The info of a finished episode given its variants' ``scores`` (from :meth:`pending`), its
+        reward smoothed by DAR; finished episodes must be settled in the order they were run."""
+        info: dict[str, Any] = {"path": LayerPath(tuple(state.hops)), "lam": np.array(lam, dtype=np.float64)}
+        if pending is None:
             penalty = float(self.config.rmm_back_penalty)
             return {**info, "scores": None, "raw_reward": penalty, "reward": penalty, "evaluated": False}
-        # With transition scales the path is scored plain and per scale value; the best is the episode's.
-        variants = scale_variants(path, self.config.transition_scales)
+        if scores is None or len(scores) != len(pending.variants):
+            raise ValueError(f"expected scores of {len(pending.variants)} variant(s) of {pending.path.hops}")
         results = []
-        for variant, scores in zip(variants, score_variants(self.scorer, variants), strict=True):
-            scores = np.asarray(scores, dtype=np.float64)
-            if scores.shape != (self.n_objectives,) or not np.all(np.isfinite(scores)):
-                raise ValueError(f"the path scorer returned {scores!r} for {path.hops}: expected "
+        for variant, raw_scores in zip(pending.variants, scores, strict=True):
+            values = np.asarray(raw_scores, dtype=np.float64)
+            if values.shape != (self.n_objectives,) or not np.all(np.isfinite(values)):
+                raise ValueError(f"the path scorer returned {values!r} for {pending.path.hops}: expected "
                                  f"{self.n_objectives} finite scores")
-            results.append((self.raw_reward(scores, len(path), self.lam), variant, scores))
-        raw, path, scores = max(results, key=lambda r: r[0])  # ties: the first, the plain path
+            results.append((self.raw_reward(values, len(pending.path), info["lam"]), variant, values))
+        raw, path, best = max(results, key=lambda r: r[0])  # ties: the first, the plain path
         reward = self.dar.update(raw) if self.dar is not None else raw
-        return {**info, "path": path, "scores": scores, "raw_reward": raw, "reward": reward, "evaluated": True,
-                "variants": len(variants)}
+        return {**info, "path": path, "scores": best, "raw_reward": raw, "reward": reward, "evaluated": True,
+                "variants": len(pending.variants)}
 
     def _new_dar(self, n_episodes: int, state: dict[str, Any] | None = None) -> DynamicAverageReward | None:
         if not self.config.dar:

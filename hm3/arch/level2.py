@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.arch.env import PathEnv, PathScorer
+from hm3.arch.env import EpisodeScorer, PathEnv, PathScorer, PendingPath
 from hm3.arch.path import LayerPath
 from hm3.arch.policy import PathPolicy
 from hm3.arch.ppo import PPOTrainer
@@ -39,8 +39,8 @@ from hm3.search.pareto import normalise
 from hm3.search.scoring import SplitPlan
 from hm3.store import CandidateRef
 
-__all__ = ["PATH_KIND", "FrameKey", "PathEvaluator", "build_trainer", "merge_for_preference", "path_from_recipe",
-           "path_recipe", "small_reward_subsets"]
+__all__ = ["PATH_KIND", "FrameKey", "PathEvaluator", "build_trainer", "episode_lanes", "merge_for_preference",
+           "path_from_recipe", "path_recipe", "small_reward_subsets"]
 # Below this many examples per objective a DAR reward's noise (a 0/1 score's standard error is up to
 # 0.5/sqrt(n)) exceeds the differences between paths measured on the zoo (docs/BENCHMARKS.md).
 DAR_MIN_REWARD_EXAMPLES = 16
@@ -73,14 +73,16 @@ def build_trainer(
     n_objectives: int,
     layer_features: torch.Tensor,
     config: Level2Config,
-    scorer: PathScorer,
+    scorer: PathScorer | EpisodeScorer,
     lam: np.ndarray | None,
     seed: int,
     policy_state: Mapping[str, Any] | None = None,
+    lanes: int = 1,
 ) -> PPOTrainer:
     """Env, λ-conditioned policy and PPO trainer over one pool, built alike by the run's stages and by
     requests. The policy's initial weights follow ``seed``, not the global RNG (a resumed run must
-    equal an uninterrupted one); ``policy_state`` -- a pretrained policy -- replaces them."""
+    equal an uninterrupted one); ``policy_state`` -- a pretrained policy -- replaces them. ``lanes``:
+    episodes scored together (:func:`episode_lanes`)."""
     env = PathEnv(pool_size=pool_size, num_layers=num_layers, n_objectives=n_objectives, scorer=scorer,
                   config=config, lam=lam, seed=seed)
     with torch.random.fork_rng():
@@ -89,7 +91,15 @@ def build_trainer(
                             layer_features=layer_features, config=config)
     if policy_state is not None:
         policy.load_state_dict(policy_state)
-    return PPOTrainer(env, policy, config, seed=seed)
+    return PPOTrainer(env, policy, config, seed=seed, lanes=lanes)
+
+
+def episode_lanes(session: EvaluationSession) -> int:
+    """Episodes level 2 scores together: one per worker of an executor session (they score in parallel),
+    1 for a local one (its single model scores one path at a time anyway)."""
+    from hm3.eval.parallel import ExecutorSession
+
+    return session.executor.workers if isinstance(session, ExecutorSession) else 1
 
 
 def path_recipe(path: LayerPath, frame: FrameKey, expert_refs: Sequence[str]) -> dict[str, Any]:
@@ -103,16 +113,14 @@ def path_from_recipe(recipe: Mapping[str, Any]) -> tuple[LayerPath, FrameKey]:
 
 
 class _FrameScorer:
-    """A path scorer with ``score_many`` (transition-scale variants on one subset), frame read per call."""
+    """An :class:`~hm3.arch.env.EpisodeScorer` over a :class:`PathEvaluator`: each episode's frame is the
+    one for its λ (sampled per episode offline), its reward subset the evaluator's next."""
 
-    def __init__(self, evaluator: PathEvaluator, frame_of: Callable[[], FrameKey]):
-        self.evaluator, self.frame_of = evaluator, frame_of
+    def __init__(self, evaluator: PathEvaluator, frame_for: Callable[[np.ndarray], FrameKey]):
+        self.evaluator, self.frame_for = evaluator, frame_for
 
-    def __call__(self, path: LayerPath) -> np.ndarray:
-        return self.evaluator.reward_scores(path, self.frame_of())
-
-    def score_many(self, paths: Sequence[LayerPath]) -> list[np.ndarray]:
-        return self.evaluator.reward_scores_many(paths, self.frame_of())
+    def score_episodes(self, episodes: Sequence[PendingPath]) -> list[list[np.ndarray]]:
+        return self.evaluator.reward_scores_batch([(e.variants, self.frame_for(e.lam)) for e in episodes])
 
 
 class PathEvaluator:
@@ -182,20 +190,23 @@ class PathEvaluator:
         }
         return SplitPlan(split=self.validation.split, indices=indices)
 
-    def reward_scores(self, path: LayerPath, frame: FrameKey) -> np.ndarray:
-        """Normalised scores of ``path`` on the next reward subsets."""
-        self.evaluations += 1
-        return self.normalised(self.raw_scores(path, frame, self.next_plan()))
+    def reward_scores_batch(self, episodes: Sequence[tuple[Sequence[LayerPath], FrameKey]]) -> list[list[np.ndarray]]:
+        """Normalised scores of each episode's paths (variants of one path, on the *same* next reward subsets;
+        the episodes' subsets drawn in the order given), all scored in one session call: in parallel on an
+        executor's workers, each (path, subsets) once."""
+        candidates, plans = [], []
+        for paths, frame in episodes:
+            plan = self.next_plan()
+            for path in paths:
+                candidates.append(self.path_candidate(path, frame))
+                plans.append(plan)
+        self.evaluations += len(candidates)
+        scored = iter(self.session.score_many(candidates, plans))
+        return [[self.normalised(next(scored).scores) for _ in paths] for paths, _ in episodes]
 
-    def reward_scores_many(self, paths: Sequence[LayerPath], frame: FrameKey) -> list[np.ndarray]:
-        """Normalised scores of ``paths`` (variants of one path) on the *same* next reward subsets."""
-        self.evaluations += len(paths)
-        plan = self.next_plan()
-        return [self.normalised(self.raw_scores(path, frame, plan)) for path in paths]
-
-    def scorer_for(self, frame_of: Callable[[], FrameKey]) -> PathScorer:
-        """A :data:`hm3.arch.env.PathScorer` whose frame is read at call time (it follows λ)."""
-        return _FrameScorer(self, frame_of)
+    def scorer_for(self, frame_for: Callable[[np.ndarray], FrameKey]) -> EpisodeScorer:
+        """An episode scorer whose frame is ``frame_for`` the episode's λ."""
+        return _FrameScorer(self, frame_for)
 
     # --- resume -----------------------------------------------------------------------------------
 

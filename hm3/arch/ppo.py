@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.arch.env import PathEnv, check_preference
+from hm3.arch.env import PathEnv, PathState, check_preference, score_pending
 from hm3.arch.path import LayerPath
 from hm3.arch.policy import PathPolicy, collate
 from hm3.arch.rl_config import Level2Config
@@ -86,12 +86,15 @@ def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np
 class PPOTrainer:
     """Collects episodes from a :class:`PathEnv` with a :class:`PathPolicy` and updates it by PPO."""
 
-    def __init__(self, env: PathEnv, policy: PathPolicy, config: Level2Config, *, seed: int = 0):
+    def __init__(self, env: PathEnv, policy: PathPolicy, config: Level2Config, *, seed: int = 0, lanes: int = 1):
         if env.config.mode != config.mode or policy.mode != config.mode:
             raise ValueError(
                 f"mode mismatch: trainer {config.mode!r}, env {env.config.mode!r}, policy {policy.mode!r}"
             )
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.env, self.policy, self.config = env, policy, config
+        self.lanes = lanes  # episodes whose paths are scored together (the evaluation workers)
         self.rng = torch.Generator().manual_seed(seed)
         self._optimizer: torch.optim.Adam | None = None
         self.episode = 0
@@ -117,50 +120,77 @@ class PPOTrainer:
     def train(self, episodes: int, *, on_update: Callable[[dict], None] | None = None) -> list[dict]:
         """Run ``episodes`` more episodes, updating every ``episodes_per_update``; per-episode records.
 
+        Episodes are collected in groups of up to ``lanes`` (:meth:`_collect_group`), a group never
+        crossing an update, so the episodes, their scores and the policy do not depend on ``lanes``.
         ``self.best`` keeps the best evaluated path by raw reward when the env's λ is fixed (online).
         """
         records = []
-        for _ in range(episodes):
-            episode, info = self._collect()
-            self.episode += 1
-            records.append(
-                {
-                    "episode": self.episode,
-                    "lam": info["lam"],
-                    "path": info["path"],
-                    "scores": info["scores"],
-                    "raw_reward": info["raw_reward"],
-                    "reward": info["reward"],
-                }
-            )
-            if self.env.fixed_lam is not None and info["evaluated"] and (
-                self.best is None or info["raw_reward"] > self.best[0]
-            ):
-                self.best = (info["raw_reward"], info["path"], info["scores"])
-            self.buffer.append(episode)
+        left = episodes
+        while left > 0:
+            group = min(self.lanes, left, self.config.episodes_per_update - len(self.buffer))
+            left -= group
+            for episode, info in self._collect_group(group):
+                self.episode += 1
+                records.append(
+                    {
+                        "episode": self.episode,
+                        "lam": info["lam"],
+                        "path": info["path"],
+                        "scores": info["scores"],
+                        "raw_reward": info["raw_reward"],
+                        "reward": info["reward"],
+                    }
+                )
+                if self.env.fixed_lam is not None and info["evaluated"] and (
+                    self.best is None or info["raw_reward"] > self.best[0]
+                ):
+                    self.best = (info["raw_reward"], info["path"], info["scores"])
+                self.buffer.append(episode)
             if len(self.buffer) >= self.config.episodes_per_update:
                 stats = self._update()
                 if on_update is not None:
                     on_update(stats)
         return records
 
-    def _collect(self) -> tuple[Episode, dict[str, Any]]:
+    def _collect_group(self, n: int) -> list[tuple[Episode, dict[str, Any]]]:
+        """``n`` episodes rolled out one after the other with the (unchanged) policy, then their paths
+        scored in one call (in parallel on an executor's workers) and settled in episode order.
+
+        [design] Why this equals collecting them one at a time: nothing an episode's actions draw on
+        depends on an earlier episode's score -- the policy changes only at updates, λ comes from the
+        env's generator and the actions from the trainer's, both drawn in episode order -- and the
+        scorer draws each episode's reward subset, and the env's DAR averages the rewards, in episode
+        order. Stepping the ``n`` episodes side by side instead would interleave the draws, so the
+        episodes would depend on ``n``."""
+        rolled = [self._rollout() for _ in range(n)]
+        pending = [self.env.pending(state, lam) for _, state, lam in rolled]
+        scored = iter(score_pending(self.env.scorer, [p for p in pending if p is not None]))
+        out = []
+        for (episode, state, lam), waiting in zip(rolled, pending, strict=True):
+            info = self.env.settle(state, lam, waiting, None if waiting is None else next(scored))
+            episode.reward, episode.evaluated = float(info["reward"]), info["evaluated"]
+            if info["evaluated"]:
+                length = len(info["path"]) / self.env.horizon
+                episode.outcome = np.append(info["scores"], length).astype(np.float32)
+            out.append((episode, info))
+        return out
+
+    def _rollout(self) -> tuple[Episode, PathState, np.ndarray]:
+        """One episode's actions up to its end, unscored: the episode, its final state and its λ."""
         episode = Episode()
         obs, _ = self.env.reset()
-        while True:
+        state, lam = self.env.state, self.env.lam.copy()
+        while not state.done:
             action, stored = self.policy.act(obs, deterministic=False, rng=self.rng)
             episode.observations.append(obs)
             episode.samples.append(stored["sample"])
             episode.logps.append(stored["logp"])
             episode.values.append(stored["value"])
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            if terminated or truncated:
-                episode.final_observation, episode.reward = obs, float(reward)
-                episode.evaluated = info["evaluated"]
-                if info["evaluated"]:
-                    length = len(info["path"]) / self.env.horizon
-                    episode.outcome = np.append(info["scores"], length).astype(np.float32)
-                return episode, info
+            self.env.advance(state, action)
+            obs = self.env.observe(state, lam)
+        episode.final_observation = obs
+        self.env.state = PathState(done=True)  # the env's episode is over: step() needs a reset
+        return episode, state, lam
 
     def _update(self) -> dict[str, Any]:
         cfg = self.config

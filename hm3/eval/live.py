@@ -43,6 +43,7 @@ from hm3.eval.session import (
     PoolLayout,
     ReferenceCandidate,
     Scored,
+    plans_for,
 )
 from hm3.merge.inmemory import InMemoryMerger
 from hm3.run.directory import FISHER_DIR
@@ -273,8 +274,9 @@ class LiveModelSession:
         ref = self.store.add_candidate(candidate.stored_recipe(), candidate.kind)
         return Scored(ref, self._scorer.score(ref, lambda: self.model.install(candidate), plan))
 
-    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
-        return [self.score(c, plan) for c in candidates]  # one live model: one after the other
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan | Sequence[SplitPlan]) -> list[Scored]:
+        # one live model: one after the other
+        return [self.score(c, p) for c, p in zip(candidates, plans_for(candidates, plan), strict=True)]
 
     def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:
         return self._scorer.cached(candidate, plan)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, score_many
-from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored
+from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored, plans_for
 from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores
@@ -65,29 +65,32 @@ class ExecutorSession:
     def score(self, candidate: Candidate, plan: SplitPlan) -> Scored:
         return self.score_many([candidate], plan)[0]
 
-    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
-        """Each candidate stored (in the order given) and scored on ``plan``: what the store lacks is
-        scored in parallel, each candidate once however often it appears, and committed as it arrives."""
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan | Sequence[SplitPlan]) -> list[Scored]:
+        """Each candidate stored (in the order given) and scored on its plan (``plan``, or one per
+        candidate): what the store lacks is scored in parallel, each (candidate, plan) once however often it
+        appears, and committed as it arrives."""
+        plans = plans_for(candidates, plan)
         refs = [self.store.add_candidate(c.stored_recipe(), c.kind) for c in candidates]
         jobs: list[ScoreJob] = []
-        owners: list[CandidateRef] = []
-        for candidate, ref in zip(candidates, refs, strict=True):
-            if ref in owners:
+        owners: list[tuple[CandidateRef, SplitPlan]] = []
+        for candidate, ref, p in zip(candidates, refs, plans, strict=True):
+            if (ref, p) in owners:
                 continue
             missing = tuple(o.name for o in self.objectives
-                            if self.store.get_evaluation(ref, o.name, plan.split, example_ids(o, plan)) is None)
+                            if self.store.get_evaluation(ref, o.name, p.split, example_ids(o, p)) is None)
             if missing:
-                jobs.append(ScoreJob(candidate, plan, missing, self._frame_recipes(candidate),
+                jobs.append(ScoreJob(candidate, p, missing, self._frame_recipes(candidate),
                                      samples=self._samples is not None))
-                owners.append(ref)
+                owners.append((ref, p))
 
         def commit(i: int, scores: list[ObjectiveScore]) -> None:
-            self._commit(owners[i], plan, jobs[i].objectives, scores)
+            ref, p = owners[i]
+            self._commit(ref, p, jobs[i].objectives, scores)
 
         score_many(self.executor, jobs, on_done=commit)
         out = []
-        for ref in refs:
-            scores = self.stored_scores(ref, plan)
+        for ref, p in zip(refs, plans, strict=True):
+            scores = self.stored_scores(ref, p)
             assert scores is not None  # every missing score was committed above
             out.append(Scored(ref, scores))
         return out

@@ -314,13 +314,16 @@ class RayExecutor:
         idle = max(0.0, 1.0 - self._busy / capacity) if capacity > 0 else 0.0
         return {"worker_busy_seconds": self._busy, "worker_wall_seconds": wall, "worker_idle_share": idle}
 
+    def restart_utilisation(self) -> None:
+        """Measure :meth:`utilisation` from the next job on, forgetting the jobs before (a two-level run
+        reports its level 2 apart from its level 1, whose summary is already written)."""
+        self._busy, self._first_submit, self._last_done = 0.0, None, None
+
     def pool_layout(self) -> PoolLayout:
-        with self._errors():
-            return self._ray.get(self._any_worker().actor.pool_layout.remote())
+        return self._ask("the layer pool's layout", lambda actor: actor.pool_layout.remote())
 
     def layer_features(self, frames: Sequence[FrameKey], recipes: Mapping[int, Mapping[str, Any]]) -> torch.Tensor:
-        with self._errors():
-            return self._ray.get(self._any_worker().actor.layer_features.remote(list(frames), dict(recipes)))
+        return self._ask("the layer features", lambda actor: actor.layer_features.remote(list(frames), dict(recipes)))
 
     def close(self) -> None:
         for worker in self._live:
@@ -346,8 +349,7 @@ class RayExecutor:
         started in the dead one's place; a job that has now been given :data:`MAX_ATTEMPTS` workers is
         refused instead."""
         dead = run.worker
-        self._live = [w for w in self._live if w is not dead]
-        self._ray.kill(dead.actor)  # a worker only unreachable would otherwise hold its resources
+        self._drop(dead)
         if self._attempts[run.ticket] >= MAX_ATTEMPTS:
             raise ExecutorError(
                 f"{dead} died scoring a candidate ({_first_line(error)}), the {MAX_ATTEMPTS}th worker that "
@@ -361,6 +363,37 @@ class RayExecutor:
         self._launch(self._cfg, 1)
         self.replaced += 1
         self._dispatch()
+
+    def _ask(self, what: str, call: Callable[[Any], Any]) -> Any:
+        """``call`` (a remote method call on an actor) answered by a live worker; a worker that dies
+        holding it is replaced as one that dies scoring (:meth:`_replace`), and the call given to the next,
+        at most :data:`MAX_ATTEMPTS` workers in all."""
+        attempt = 0
+        while True:
+            attempt += 1
+            worker = self._any_worker()
+            try:
+                with self._errors():
+                    return self._ray.get(call(worker.actor))
+            except _WorkerDied as died:
+                self._drop(worker)
+                if attempt >= MAX_ATTEMPTS:
+                    raise ExecutorError(
+                        f"{worker} died computing {what} ({_first_line(died.error)}), the {MAX_ATTEMPTS}th worker "
+                        "asked; not asked again (does it exhaust a worker's memory?). The scores committed so far "
+                        "are in the run store: resume the run") from None
+                self._log(f"{worker} died computing {what} ({_first_line(died.error)}): a replacement worker "
+                          "started and asked again")
+                assert self._cfg is not None
+                self._launch(self._cfg, 1)
+                self.replaced += 1
+
+    def _drop(self, worker: _Worker) -> None:
+        """A dead ``worker`` out of the live and idle ones, its actor killed (an actor only unreachable would
+        otherwise hold its resources)."""
+        self._live = [w for w in self._live if w is not worker]
+        self._idle = [w for w in self._idle if w is not worker]
+        self._ray.kill(worker.actor)
 
     def _any_worker(self) -> _Worker:
         if not self._live:

@@ -84,6 +84,16 @@ class ReferenceCandidate:
 Candidate = MergeCandidate | PathCandidate | ReferenceCandidate
 
 
+def plans_for(candidates: Sequence[Candidate], plan: SplitPlan | Sequence[SplitPlan]) -> list[SplitPlan]:
+    """One plan per candidate: ``plan`` repeated, or the per-candidate plans checked to match in number."""
+    if isinstance(plan, SplitPlan):
+        return [plan] * len(candidates)
+    plans = list(plan)
+    if len(plans) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidate(s) but {len(plans)} plan(s)")
+    return plans
+
+
 @dataclass(frozen=True)
 class Scored:
     """A candidate as stored, and its scores: one per objective, in the session's objective order."""
@@ -138,9 +148,10 @@ class EvaluationSession(Protocol):
         has them, evaluated and committed otherwise."""
         ...
 
-    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan) -> list[Scored]:
+    def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan | Sequence[SplitPlan]) -> list[Scored]:
         """:meth:`score` of each candidate, in the order given (each stored in that order); a session with
-        several workers scores them in parallel."""
+        several workers scores them in parallel. ``plan``: one for all, or one per candidate (level 2's
+        episodes each score on their own reward subset)."""
         ...
 
     def stored_scores(self, candidate: CandidateRef | int, plan: SplitPlan) -> np.ndarray | None:

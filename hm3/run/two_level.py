@@ -39,6 +39,7 @@ from hm3.arch.level2 import (
     FrameKey,
     PathEvaluator,
     build_trainer,
+    episode_lanes,
     merge_for_preference,
     path_from_recipe,
     path_recipe,
@@ -99,18 +100,15 @@ class TwoLevelRun:
 
     def _trainer(self, evaluator: PathEvaluator, features: torch.Tensor, lam: np.ndarray | None,
                  frame_front: dict[int, np.ndarray], seed: int, policy_state: dict | None = None) -> PPOTrainer:
-        holder: dict[str, PPOTrainer] = {}
-
-        def frame_of() -> FrameKey:  # the frame follows the episode's λ (sampled per episode offline)
-            return merge_for_preference(holder["trainer"].env.lam, frame_front) if frame_front else "base"
+        def frame_for(episode_lam: np.ndarray) -> FrameKey:  # the frame follows the episode's λ
+            return merge_for_preference(episode_lam, frame_front) if frame_front else "base"
 
         layout = self.session.pool_layout()
-        holder["trainer"] = build_trainer(
+        return build_trainer(
             pool_size=layout.size, num_layers=layout.num_layers, n_objectives=len(self.names),
-            layer_features=features, config=self.rl, scorer=evaluator.scorer_for(frame_of), lam=lam, seed=seed,
-            policy_state=policy_state,
+            layer_features=features, config=self.rl, scorer=evaluator.scorer_for(frame_for), lam=lam, seed=seed,
+            policy_state=policy_state, lanes=episode_lanes(self.session),
         )
-        return holder["trainer"]
 
     def _train(self, trainer, evaluator: PathEvaluator, episodes: int, stem: Path, label: str) -> None:
         """Train for ``episodes`` in all, from the checkpoint ``stem``.safetensors (or an older run's
@@ -256,6 +254,8 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
                        + f" example(s) per evaluation (data_scale {rl.data_scale}); rewards that small are noisier "
                        "than the differences between paths: raise rl.data_scale or evaluation.validation_examples")
 
+    workers = WorkerWindow(session)  # the executor's utilisation over stages 2 and 3
+
     def evaluator(seed: int) -> PathEvaluator:
         return PathEvaluator(session, base=base, ideal=ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
                              t_max=t_max)
@@ -292,6 +292,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
             kept.setdefault(cand.id, {"lam": lam.tolist(), "frame": frame})
         run._mark(f"online-{i}")
 
+    level2_workers = workers.summary()
     for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal,
                                           higher_is_better=session.higher_is_better).items():
         kept.setdefault(cid, info)
@@ -308,9 +309,32 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
         _, recipe = store.candidate(cid)
         path, frame = path_from_recipe(recipe)
         rows[cid] = CandidateRow(cid, 2, PATH_KIND, final_eval.raw_scores(path, frame, session.validation))
-    summary = _write_final(run, list(rows.values()), base, ideal, start, kept, level1_scores)
+    summary = _write_final(run, list(rows.values()), base, ideal, start, kept, level1_scores, level2_workers)
     run._mark("final")
     return summary
+
+
+class WorkerWindow:
+    """How busy an executor's workers were from its construction to :meth:`summary` (level 2's episodes),
+    with the fields level 1's summary has (:func:`hm3.search.level1.executor_summary`); nothing for a
+    local session."""
+
+    def __init__(self, session: EvaluationSession):
+        from hm3.eval.parallel import ExecutorSession
+
+        self.executor = session.executor if isinstance(session, ExecutorSession) else None
+        if self.executor is not None:
+            getattr(self.executor, "restart_utilisation", lambda: None)()
+            self.replaced_before = int(getattr(self.executor, "replaced", 0))
+
+    def summary(self) -> dict[str, Any]:
+        if self.executor is None:
+            return {}
+        return {"workers": self.executor.workers,
+                "episode_order": "scored together per worker, taken in episode order: the episodes do not "
+                                 "depend on the workers",
+                **dict(getattr(self.executor, "utilisation", dict)()),
+                "workers_replaced": int(getattr(self.executor, "replaced", 0)) - self.replaced_before}
 
 
 def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray, names: list[str],
@@ -343,7 +367,8 @@ def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray,
 
 
 def _write_final(run: TwoLevelRun, rows: list[CandidateRow], base: np.ndarray, ideal: np.ndarray, start: float,
-                 kept: dict[int, dict[str, Any]], level1_scores: dict[int, np.ndarray]) -> dict[str, Any]:
+                 kept: dict[int, dict[str, Any]], level1_scores: dict[int, np.ndarray],
+                 level2_workers: dict[str, Any]) -> dict[str, Any]:
     """The run directory's outputs (:mod:`hm3.run.front`) over both levels' candidates."""
     cfg, names, run_dir = run.cfg, run.names, run.run_dir
     written = write_front(run.session, cfg.level1, run_dir, rows, base, ideal, log=run.log)
@@ -358,6 +383,7 @@ def _write_final(run: TwoLevelRun, rows: list[CandidateRow], base: np.ndarray, i
         "hv_validation_level2": protocol_hypervolume(l2, base, ideal),
         "preferences": cfg.preferences().tolist(),
         "level2_paths": {str(c): v for c, v in kept.items()},
+        **({"level2_workers": level2_workers} if level2_workers else {}),
         "evaluated_examples_this_process": run.session.evaluated_examples,
         "wall_seconds_this_process": time.perf_counter() - start,
     }

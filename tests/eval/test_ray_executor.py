@@ -131,6 +131,27 @@ def test_workers_and_ray_address_flags_set_the_config(tiny_family, tmp_path):
         assert (plain.evaluation.workers, plain.evaluation.ray_address) == (1, None)
 
 
+def test_proposals_flag_sets_the_config_and_a_bad_value_is_a_usage_error(tiny_family, tmp_path, capsys):
+    """--proposals as evaluation.proposals for both search commands (--set still wins); a value that is not
+    batch or async is refused before anything runs."""
+    from hm3.cli import _executor_preset, build_parser, main
+    from hm3.overrides import load_config
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(_config(tiny_family, executor="ray", workers=2)))
+    for argv in (["search", "param", str(path), "run"], ["run", str(path), "run"]):
+        args = build_parser().parse_args([*argv, "--proposals", "async"])
+        assert load_config(path, parse_run_config, preset=_executor_preset(args)).evaluation.proposals == "async"
+        plain = load_config(path, parse_run_config, preset=_executor_preset(build_parser().parse_args(argv)))
+        assert plain.evaluation.proposals == "batch"
+        wins = load_config(path, parse_run_config, sets=["evaluation.proposals=batch"],
+                           preset=_executor_preset(args))
+        assert wins.evaluation.proposals == "batch"
+    assert main(["run", str(path), str(tmp_path / "out"), "--proposals", "sync"]) == ExitCode.USAGE
+    assert "--proposals: invalid choice: 'sync'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_workers_below_one_are_a_usage_error(capsys):
     from hm3.cli import main
 
@@ -441,7 +462,173 @@ def test_hm3_run_with_two_ray_workers_writes_what_a_local_run_writes(ray_cluster
     assert summary["placement_this_process"]["workers"] == "2"
 
 
+def _episodes(run_dir: Path) -> tuple[list[str], dict[tuple[str, str, str, str], float]]:
+    """A run's candidates in the order first stored (level 2's: its episodes' paths in episode order), and
+    every stored score keyed by candidate, objective, split and example set (each asserted stored once)."""
+    with RunStore.open(run_dir, readonly=True) as store:
+        recipes = {ref.id: json.dumps(store.candidate(ref.id)[1], sort_keys=True) for ref in store.candidates()}
+        scores: dict[tuple[str, str, str, str], float] = {}
+        for e in store.evaluations():
+            key = (recipes[e.candidate_id], e.objective, e.split, e.example_set)
+            assert key not in scores, key  # a repeated evaluation
+            scores[key] = e.score
+        return [recipes[i] for i in sorted(recipes)], scores
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_level2_episodes_are_the_same_locally_and_on_one_or_two_workers(ray_cluster, labelled_family, tmp_path,
+                                                                        monkeypatch):
+    """hm3 run with level 2 locally, on one Ray worker and on two (two episodes scored together per call):
+    the same candidates in the same order, the same scores on the same reward subsets, each stored once,
+    and the same policy. The summary says how busy level 2 kept the workers. Resumed after its online
+    checkpoint is deleted, the two-worker run replays that stage's episodes from the store: nothing is
+    evaluated again."""
+    from hm3.cli import main
+    from hm3.runfiles import read_state
+
+    data = _config(labelled_family) | {"optimizer": {"name": "random", "budget": 2}}
+    data["level2"] = {"preferences": 1, "rl": {"offline_episodes": 4, "online_episodes": 4,
+                                               "episodes_per_update": 2, "epochs": 1, "data_scale": 0.5}}
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(data))
+    runs = {"local": [], "one": ["--set", "evaluation.executor=ray", "--workers", "1"],
+            "two": ["--set", "evaluation.executor=ray", "--workers", "2"]}
+    from hm3.eval.parallel import ExecutorSession
+
+    batches: dict[str, list[int]] = {name: [] for name in runs}  # paths per executor call, per run
+    original = ExecutorSession.score_many
+
+    def score_many(self, candidates, plan):
+        if isinstance(plan, list):  # level 2's episodes, a reward subset each
+            batches[name].append(sum(isinstance(c, PathCandidate) for c in candidates))
+        return original(self, candidates, plan)
+
+    monkeypatch.setattr(ExecutorSession, "score_many", score_many)
+    for name, flags in runs.items():
+        assert main(["-q", "run", str(path), str(tmp_path / name), *flags]) == ExitCode.OK, name
+    assert batches == {"local": [], "one": [1] * 8, "two": [2] * 4}  # 4 + 4 episodes, 2 per update
+    order, scores = _episodes(tmp_path / "local")
+    path_scores = {(k[0], k[3]) for k in scores if '"path"' in k[0] and k[2] == "validation"}
+    assert len({example_set for _, example_set in path_scores}) > 1  # DAR: paths scored on different subsets
+    for name in ("one", "two"):
+        assert _episodes(tmp_path / name) == (order, scores), name
+        policy = read_state(tmp_path / name / "level2" / "policy.safetensors", regenerate="")["policy"]
+        local = read_state(tmp_path / "local" / "level2" / "policy.safetensors", regenerate="")["policy"]
+        assert all(torch.equal(policy[k], local[k]) for k in local), name
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    workers = summary["level2_workers"]
+    assert workers["workers"] == 2 and workers["workers_replaced"] == 0
+    assert workers["worker_busy_seconds"] > 0 and 0 <= workers["worker_idle_share"] < 1
+    assert "level2_workers" not in json.loads((tmp_path / "local" / "summary.json").read_text())
+    with RunStore.open(tmp_path / "two", readonly=True) as store:  # no example run twice, even in one batch
+        assert sum(e.count for e in store.evaluations()) == summary["evaluated_examples_this_process"]
+
+    (tmp_path / "two" / "level2" / "online-0.safetensors").unlink()
+    assert main(["-q", "run", str(path), str(tmp_path / "two"), *runs["two"], "--resume"]) == ExitCode.OK
+    assert _episodes(tmp_path / "two") == (order, scores)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["evaluated_examples_this_process"] == 0
+
+
 # --- faults ------------------------------------------------------------------------------------------
+
+
+class _Method:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def remote(self, *args):
+        return self.answer(*args)
+
+
+class _FakeActor:
+    """A Ray actor stand-in whose ``pool_layout`` call dies while its Ray has deaths left to give."""
+
+    def __init__(self, ray, number: int):
+        from ray.exceptions import RayActorError
+
+        self.where = _Method(lambda: (1000 + number, "node"))
+        self.start = _Method(lambda: ({"device": "cpu"}, "hf"))
+        self.pool_layout = _Method(lambda: ray.die(RayActorError()) or "layout")
+
+
+class _FakeRay:
+    """Just enough of Ray for :class:`RayExecutor` to start workers and ask them (no processes)."""
+
+    def __init__(self, deaths: int):
+        self.deaths, self.killed, self.started = deaths, [], 0
+
+    def die(self, error):
+        if self.deaths:
+            self.deaths -= 1
+            return error
+        return None
+
+    def remote(self, _cls):
+        ray = self
+
+        class Options:
+            def options(self, **_):
+                return self
+
+            def remote(self, _cfg):
+                ray.started += 1
+                return _FakeActor(ray, ray.started)
+
+        return Options()
+
+    def wait(self, refs, num_returns, timeout):
+        return refs, []
+
+    def get(self, ref):
+        if isinstance(ref, Exception):
+            raise ref
+        return ref
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+
+@pytest.mark.parametrize("deaths", [0, 2, 3])
+def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths):
+    """Each worker that dies answering level 2's pool question is killed, replaced and counted, and the
+    question asked again; the third worker to die stops the run naming the question."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import MAX_ATTEMPTS, RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=1)
+    ray, logs = _FakeRay(deaths), []
+    executor = RayExecutor(ev, ray, started_ray=False, log=logs.append)
+    executor.start(SimpleNamespace(evaluation=ev))
+    if deaths < MAX_ATTEMPTS:
+        assert executor.pool_layout() == "layout"
+        assert executor.replaced == len(ray.killed) == deaths and ray.started == 1 + deaths
+        assert len(executor.worker_pids()) == 1 and sum("died computing" in m for m in logs) == deaths
+    else:
+        with pytest.raises(ExecutorError, match=f"died computing the layer pool's layout.*the {MAX_ATTEMPTS}th"):
+            executor.pool_layout()
+        assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
+
+
+@pytest.mark.slow
+def test_a_worker_killed_before_level2_asks_for_the_pool_is_replaced(ray_cluster, tiny_family):
+    """A worker found dead when level 2 asks for the pool's layout or layer features is replaced, and the
+    question answered by its replacement as it was before."""
+    from hm3.search.level1 import evaluation_executor
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=1))
+    with evaluation_executor(cfg, lambda message: None) as executor:
+        layout, features = executor.pool_layout(), executor.layer_features(["base"], {})
+        for replaced, ask in enumerate((executor.pool_layout, lambda: executor.layer_features(["base"], {})), 1):
+            (pid,) = executor.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            answer = ask()
+            assert executor.replaced == replaced and executor.worker_pids() != [pid]
+            assert answer == layout if replaced == 1 else torch.equal(answer, features)
+
 
 
 def _rows_once(run_dir: Path) -> tuple[int, int]:
