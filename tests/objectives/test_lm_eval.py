@@ -242,8 +242,40 @@ def test_loglikelihood_task_scores_greedy_continuations_exactly_as_lm_eval_does(
     result = evaluate_objective(hf, objective, "test")
     assert result.score == harness_run["results"]["hm3_ll"]["acc,none"] == _right_share(tasks, "lt")
     assert 0.2 <= result.score <= 0.5
-    with pytest.raises(ConfigError, match="lower perplexity is better, but hm3 maximises scores in .*metric= .acc"):
-        get_objective(f"lm-eval:hm3_ll,metric=perplexity,include_path={tasks}")
+
+
+def test_a_lower_is_better_metric_is_stored_raw_as_lm_eval_scores_it_and_ranked_by_its_utility(
+        tasks, hf, harness_run, tmp_path):
+    """lm-eval's loglikelihood perplexity (exp of minus the mean log-likelihood, unbounded): hm3's score is
+    HFLM's, the store keeps it, and the scorer hands on -raw, so the merge with the lower perplexity ranks
+    higher. The second "merge" is the model with its embedding scaled, which changes every log-likelihood."""
+    import math
+
+    from hm3.search.scoring import CandidateScorer, SplitPlan
+    from hm3.store import RunStore
+
+    objective = get_objective(f"lm-eval:hm3_ll,metric=perplexity,include_path={tasks}")
+    assert (objective.higher_is_better, objective.bounded) == (False, False)
+    result = evaluate_objective(hf, objective, "test")
+    assert result.score == pytest.approx(harness_run["results"]["hm3_ll"]["perplexity,none"], rel=1e-6)
+    lls = hf.loglikelihood([(e.prompt, e.target) for e in objective.examples("test")])
+    assert result.score == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-6) and result.score > 1.0
+    plan = SplitPlan("test", {objective.name: list(range(len(objective.examples("test"))))})
+    original = {n: p.detach().clone() for n, p in hf.live_parameters().items()}
+    scaled = {n: p * 0.5 if "embed_tokens" in n else p for n, p in original.items()}
+    try:
+        with RunStore.open(tmp_path / "run", config={"x": 1}) as store:
+            scorer = CandidateScorer(hf, [objective], store)
+            refs = [store.add_candidate({"merge": k}, "merge") for k in ("original", "scaled")]
+            utilities = [scorer.score(ref, lambda s=s: hf.load_state(s), plan)[0]
+                         for ref, s in zip(refs, (original, scaled), strict=True)]
+            raws = [store.get_evaluation(ref, objective.name, "test", [e.id for e in objective.examples("test")]).score
+                    for ref in refs]
+    finally:
+        hf.load_state(original)
+    assert raws[0] == pytest.approx(result.score) and raws[0] != pytest.approx(raws[1])
+    assert utilities == [-raws[0], -raws[1]]
+    assert (utilities[0] > utilities[1]) == (raws[0] < raws[1])  # the lower perplexity has the higher utility
 
 
 def _lm_eval_prompts(tasks: Path, name: str) -> list[str]:
@@ -364,6 +396,8 @@ def small_defaults(tasks, tmp_path, monkeypatch):
     ("lm-eval:hm3_gen,metric=acc,include_path=TASKS", ConfigError,
      r"lm-eval task 'hm3_gen' reports metrics exact_match, not 'acc'"),
     ("lm-eval:hm3_gen,filter=strict,include_path=TASKS", ConfigError, r"has filters letter, whole, not 'strict'"),
+    ("lm-eval:hm3_ll,metric=word_perplexity,include_path=TASKS", ConfigError,
+     r"lm-eval task 'hm3_ll' reports metrics perplexity, acc, not 'word_perplexity' \(did you mean perplexity\?\)"),
     ("lm-eval:hm3_absent,include_path=TASKS", DataFileError,
      r"lm-eval task 'hm3_absent' cannot read its data offline .*download dataset 'hm3-test/absent-data' where there "
      r"is network, e\.g\. python -c \"import datasets; datasets\.load_dataset\('hm3-test/absent-data'\)\""),
