@@ -58,7 +58,12 @@ class BackendLM(LM):
         for i, r in enumerate(requests):
             groups[generation_settings(r.args[1], f"lm-eval task {r.task_name!r}")].append(i)
         outputs: list[str] = [""] * len(requests)
+        max_length = getattr(self.backend, "max_length", None)
         for (stop, max_new_tokens), indices in groups.items():
+            if max_length is not None and max_new_tokens >= max_length:  # HFLM refuses it too: no room for a prompt
+                raise BackendError(f"lm-eval task {requests[indices[0]].task_name!r} generates up to {max_new_tokens} "
+                                   f"tokens, but the model reads at most {max_length}: no room is left for the "
+                                   "prompt (lm-eval's HFLM refuses this too)")
             texts = self.backend.generate([requests[i].args[0] for i in indices], max_new_tokens=max_new_tokens,
                                           stop=stop)
             check_output_count("generate", len(texts), len(indices))
