@@ -9,8 +9,9 @@ re-merges or re-scores what a crashed run already committed.
 This is where a raw metric becomes what searches maximise: the store keeps each objective's raw
 score, and both functions that hand scores to a session (:func:`stored_scores`,
 :meth:`CandidateScorer.score`) return *utilities* -- ``1 - score`` (or ``-score`` when unbounded)
-for an objective whose ``higher_is_better`` is False (:func:`objectives.base.utility_map`). Every session goes through them, so
-fronts, hypervolumes, references and requests see one orientation without knowing there are two.
+for an objective whose ``higher_is_better`` is False (:func:`objectives.base.utility_map`). Every
+session goes through them, so fronts, hypervolumes, references and requests see one orientation
+without knowing there are two.
 """
 
 from __future__ import annotations

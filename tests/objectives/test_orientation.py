@@ -164,31 +164,53 @@ class ChoiceErrors(ChoiceObjective):
         return 1.0 - super().score(example, output)
 
 
+class ChoiceErrorCount(ChoiceErrors):
+    """An unbounded lower-is-better metric: ten times the error rate (a count of errors per ten questions)."""
+
+    bounded = False
+
+    def score(self, example: Example, output: str) -> float:
+        return 10.0 * super().score(example, output)
+
+
 def test_a_level1_search_fronts_an_error_rate_as_its_utility(tiny_family, tmp_path):
-    """The same questions as an accuracy and as a plug-in error rate: on every candidate the error
-    rate's utility is the accuracy, its raw column 1 - that, and the store keeps the raw error rate."""
+    """The same questions as an accuracy, as a plug-in error rate and as an unbounded error count: on every
+    candidate the error rate's utility is the accuracy, its raw column 1 - that; the count's utility is
+    -raw, its raw column ten times the error rate; the store keeps the raw metrics, and a budget-0
+    request reports them raw."""
+    from hm3.request import answer_request
     from hm3.search.level1 import run_level1
     from hm3.search.run_config import parse_run_config
 
     _, models, (first, second) = tiny_family
     path = second.partition(":")[2]
     errors = f"py:{__name__}:ChoiceErrors,path={path},name=errs"
+    count = f"py:{__name__}:ChoiceErrorCount,path={path},name=count"
     cfg = parse_run_config({
-        "models": models, "objectives": [first, f"{second},name=acc", errors],
+        "models": models, "objectives": [first, f"{second},name=acc", errors, count],
         "search_space": {"base_model": "base", "models": ["m1", "m2"], "dare": False},
         "optimizer": {"name": "random", "budget": 3},
         "evaluation": {"validation_examples": 12, "test_examples": 12, "batch_size": 16}, "seed": 1,
     })
     result = run_level1(cfg, tmp_path / "run", progress=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["higher_is_better"] == {first: True, "acc": True, "errs": False}
-    assert summary["utility_maps"] == {first: "raw", "acc": "raw", "errs": "1 - raw"}
+    assert summary["higher_is_better"] == {first: True, "acc": True, "errs": False, "count": False}
+    assert summary["utility_maps"] == {first: "raw", "acc": "raw", "errs": "1 - raw", "count": "-raw"}
     assert "score_orientation" in summary
     table = pd.read_csv(tmp_path / "run" / "candidates.csv")
     assert np.allclose(table["errs_val"], table["acc_val"]) and np.allclose(table["errs_val_raw"], 1 - table["acc_val"])
     front = pd.read_csv(tmp_path / "run" / "front.csv")
     assert np.allclose(front["errs_test"], front["acc_test"]) and np.allclose(front["errs_test_raw"], 1 - front["acc_test"])
     assert "acc_val_raw" not in table.columns
+    assert np.allclose(table["count_val_raw"], 10 * (1 - table["acc_val"])) and np.allclose(
+        table["count_val"], -table["count_val_raw"])
+    answer = answer_request(tmp_path / "run", "acc=1", tmp_path / "answer", progress=False)
+    record = json.loads((tmp_path / "answer" / "hm3_request.json").read_text())
+    scores = record["validation_scores"]
+    assert record["raw_validation_scores"] == {"errs": pytest.approx(1 - scores["errs"]),
+                                               "count": pytest.approx(-scores["count"])}
+    assert scores["count"] == pytest.approx(-10 * (1 - scores["acc"])) and answer.kind == "merge"
+    assert any("count: scores are -raw" in n for n in record["notes"])
     with RunStore.open(tmp_path / "run", readonly=True) as store:
         for cid, y in zip(result.candidate_ids, result.Y, strict=True):
             raw = [e.score for e in store.evaluations(cid, "errs", "validation")]
