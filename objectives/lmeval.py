@@ -30,10 +30,11 @@ search scores tasks on its live model. Data is read only from local files and th
 datasets cache (offline mode is forced while a task loads); a task whose data is not there is refused
 with what to download. A metric where lower is better (the task's ``higher_is_better()`` says so:
 perplexity, TER) is kept raw in the run store and ranked by its utility ``-raw``
-(:func:`objectives.base.utility_map`: lm-eval's lower-is-better metrics are unbounded). Refused up
-front: groups and tags (an objective is one task), ``loglikelihood_rolling`` tasks (word and byte
-perplexity over whole documents; no hm3 backend serves them), sampling generation settings (the
-backends decode greedily), tasks that execute generated code, multimodal tasks.
+(:func:`objectives.base.utility_map`: lm-eval's lower-is-better metrics are unbounded).
+``loglikelihood_rolling`` tasks (word and byte perplexity, bits per byte over whole documents) are
+served by the hf backend (:mod:`hm3.eval.harness`). Refused up front: groups and tags (an objective
+is one task), sampling generation settings (the backends decode greedily), tasks that execute
+generated code, multimodal tasks.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ SPEC_PATTERN = "lm-eval:TASK[,metric=M][,filter=F][,num_fewshot=N][,include_path
 DEFAULT_MAX_GEN_TOKS = 256
 #: sampling settings that do nothing when decoding greedily (lm-eval's own YAMLs set some with do_sample false)
 SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "typical_p", "seed"})
-SERVED_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice")
+SERVED_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice", "loglikelihood_rolling")
 # dataset_path values that are datasets' packaged builders over local files, not hub datasets
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
@@ -283,7 +284,7 @@ class LmEvalObjective(HarnessObjective):
             raise ConfigError(f"{where} is multimodal (images or audio); hm3's backends take text")
         if output_type not in SERVED_OUTPUT_TYPES:
             raise ConfigError(f"{where} has output type {output_type!r}, which hm3's backends do not serve (they serve "
-                              f"{', '.join(SERVED_OUTPUT_TYPES)}; loglikelihood_rolling is lm-eval's perplexity)")
+                              f"{', '.join(SERVED_OUTPUT_TYPES)})")
         metrics, higher = list(task.aggregation()), task.higher_is_better()
         maximised = [m for m in metrics if higher.get(m, True)]
         self.metric = self._choose(spec.metric, (maximised or metrics) if spec.metric is None else metrics,
@@ -420,6 +421,8 @@ class LmEvalObjective(HarnessObjective):
 
     def _example(self, example_id: str, doc: Mapping[str, Any], made: Sequence[Any]) -> Example:
         """What Fisher estimation and readers see: the (first) prompt, the reference, the choices."""
+        if self.output_type == "loglikelihood_rolling":  # the document is the continuation, scored from its start
+            return Example(id=example_id, prompt="", target=str(made[0].args[0]))
         prompt, gold = made[0].args[0], self.task.doc_to_target(doc)
         if isinstance(gold, list):  # several references: the first stands for them
             gold = gold[0] if gold else ""

@@ -138,7 +138,13 @@ class HFBackend:
         inputs are equal -- a multiple-choice question's choices that differ only in their last token, as
         " A"/" B"/" C"/" D" or " 12"/" 13" do -- share one row of a forward pass (lm-eval groups them too).
         An input longer than the model reads loses its first tokens (:func:`fit_loglikelihood_input`)."""
-        pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        scores = self.token_loglikelihood([encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests])
+        check_output_count("loglikelihood", len(scores), len(requests))
+        return scores
+
+    def token_loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """:meth:`greedy_loglikelihood` of requests already tokenised as (context ids, continuation ids): what
+        lm-eval's rolling windows over a whole document are (:mod:`hm3.eval.harness`)."""
         rows: dict[tuple[int, ...], list[int]] = {}  # the model's input -> the requests that read it
         for i, (ctx, cont) in enumerate(pairs):
             rows.setdefault(tuple(fit_loglikelihood_input(ctx, cont, self.max_length)), []).append(i)
@@ -149,7 +155,6 @@ class HFBackend:
             for answers in self._batch_loglikelihood([list(inputs[b]) for b in batch], readers):
                 for i, answer in answers:
                     scores[i] = answer
-        check_output_count("loglikelihood", len(scores), len(requests))
         return scores
 
     def _batch_loglikelihood(self, inputs: list[list[int]], readers: list[list[tuple[int, list[int]]]]

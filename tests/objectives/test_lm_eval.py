@@ -300,6 +300,8 @@ def short(tmp_path_factory) -> tuple[Path, Path]:
                                    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 5, "do_sample": False},
                                    "metric_list": [{"metric": "exact_match", "aggregation": "mean",
                                                     "higher_is_better": True}]}, {"test": data})
+    _task(folder, "hm3_long_roll", {"output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
+                                    "doc_to_target": "{{q}}{{a}} {{q}}{{a}} {{q}}"}, {"test": data})
     _task(folder, "hm3_long_gen24", {**long_prompt, "output_type": "generate_until",
                                      "generation_kwargs": {"until": ["\n"], "max_gen_toks": SHORT_POSITIONS}},
           {"test": data})
@@ -342,6 +344,38 @@ def test_inputs_longer_than_the_model_reads_are_left_truncated_as_lm_evals_hflm_
     assert evaluate_objective(hm3, gen, "test").outputs != generated
 
 
+def test_rolling_perplexities_over_documents_longer_than_the_model_reads_are_lm_evals(short):
+    """A loglikelihood_rolling task (wikitext's kind) over documents of several of the model's windows: word
+    and byte perplexity and bits per byte as HFLM computes them, each a lower-is-better unbounded objective."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from hm3.eval.harness import BackendLM
+
+    model, folder = short
+    hm3 = HFBackend.from_pretrained(model, batch_size=4)
+    run = simple_evaluate(model=HFLM(pretrained=str(model), device="cpu", batch_size=4, dtype="float32"),
+                          tasks=["hm3_long_roll"], bootstrap_iters=0, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    default = get_objective(f"lm-eval:hm3_long_roll,include_path={folder}")
+    assert default.metric == "word_perplexity" and (default.higher_is_better, default.bounded) == (False, False)
+    examples = default.examples("test")
+    assert all(len(hm3.tokenizer(e.target)["input_ids"]) > 2 * SHORT_POSITIONS for e in examples)
+    theirs = {s["arguments"][0][0]: s["resps"][0][0] for s in _samples(run, "hm3_long_roll")}
+    answered = default.requests(examples)
+    ours = BackendLM(hm3).loglikelihood_rolling([made[0] for made in answered])
+    assert ours == pytest.approx([theirs[e.target] for e in examples], rel=1e-5)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        objective = get_objective(f"lm-eval:hm3_long_roll,metric={metric},include_path={folder}")
+        # HFLM's result is over the task's whole split; the objective scores the hashed half, so the metric
+        # is recomputed from HFLM's own per-document values with lm-eval's aggregation
+        values = [s[metric] for s in _samples(run, "hm3_long_roll")
+                  if s["arguments"][0][0] in {e.target for e in examples}]
+        expected = objective.task.aggregation()[metric]([tuple(v) for v in values])
+        assert evaluate_objective(hm3, objective, "test").score == pytest.approx(expected, rel=1e-5)
+
+
 def test_requests_that_cannot_fit_in_what_the_model_reads_are_refused(short):
     model, folder = short
     hm3 = HFBackend.from_pretrained(model, batch_size=4)
@@ -355,7 +389,8 @@ def test_requests_that_cannot_fit_in_what_the_model_reads_are_refused(short):
 @pytest.mark.vllm
 def test_vllm_truncates_long_generation_prompts_as_hf_does_and_refuses_long_loglikelihoods(short):
     """vLLM reads the same last tokens of a long generation prompt; a log-likelihood over more tokens than
-    the engine reads cannot be truncated as HFLM does (its window is one token longer), so it is refused."""
+    the engine reads cannot be truncated as HFLM does (its window is one token longer), so it is refused,
+    and so are rolling log-likelihoods."""
     pytest.importorskip("vllm")
     from hm3.eval.backend import open_backend
 
@@ -371,6 +406,9 @@ def test_vllm_truncates_long_generation_prompts_as_hf_does_and_refuses_long_logl
         with pytest.raises(BackendError, match="request of 24 tokens does not fit the vllm engine, which reads at most "
                                                "24 tokens including one it generates"):
             engine.loglikelihood([("a" * 21, "bc")])
+        rolling = get_objective(f"lm-eval:hm3_long_roll,include_path={folder}")
+        with pytest.raises(BackendError, match="vllm backend cannot serve lm-eval's loglikelihood_rolling requests"):
+            evaluate_objective(engine, rolling, "test")
     finally:
         engine.close()
 
@@ -498,8 +536,6 @@ def small_defaults(tasks, tmp_path, monkeypatch):
     ("lm-eval:hm3_absent,include_path=TASKS", DataFileError,
      r"lm-eval task 'hm3_absent' cannot read its data offline .*download dataset 'hm3-test/absent-data' where there "
      r"is network, e\.g\. python -c \"import datasets; datasets\.load_dataset\('hm3-test/absent-data'\)\""),
-    ("lm-eval:hm3_rolling,include_path=TASKS", ConfigError,
-     r"output type 'loglikelihood_rolling', which hm3's backends do not serve"),
     ("lm-eval:hm3_sampled,include_path=TASKS", ConfigError, r"generation settings sample .*decode greedily"),
     ("lm-eval:hm3_pair,include_path=TASKS", ConfigError, r"lm-eval:hm3_pair is a group of 2 tasks \(hm3_gen, hm3_mc\)"),
     ("lm-eval:hm3_zero,num_fewshot=3,include_path=TASKS", ConfigError, r"fixes num_fewshot: 0 .*num_fewshot=3"),
