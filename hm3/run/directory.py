@@ -132,10 +132,10 @@ def _with_budget(level1: dict[str, Any], budget: int) -> dict[str, Any]:
 # --- reading a finished run ------------------------------------------------------------------------
 
 
-
 def summary_utility_maps(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-    """Per objective, the map from raw score to utility a run's summary records; a summary that records
-    only ``higher_is_better`` is from before unbounded metrics, when every lower-is-better one was 1 - raw."""
+    """Per objective, the map from raw score to utility a run's summary records. A summary without
+    ``utility_maps`` records only ``higher_is_better``, and its lower-is-better objectives are bounded
+    (``1 - raw``)."""
     maps = summary.get("utility_maps", {})
     higher = summary.get("higher_is_better", {})
     return [maps.get(n, utility_map(bool(higher.get(n, True)))) for n in names]

@@ -49,9 +49,8 @@ from hm3.store import RunStore
 from objectives.base import IDENTITY, utility
 
 ORIENTATION_NOTE = ("score columns and hypervolumes are utilities (higher is better): for an objective whose "
-                    "raw metric is better when lower, 1 - raw (-raw when unbounded: utility_maps); its raw metric is in "
-                    "the <name>_val_raw and "
-                    "<name>_test_raw columns")
+                    "raw metric is better when lower, 1 - raw (-raw when unbounded: utility_maps); its raw metric "
+                    "is in the <name>_val_raw and <name>_test_raw columns")
 HV_PROTOCOL = ("objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
                "reference point = base model (0); pymoo HV")
 
