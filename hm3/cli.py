@@ -175,7 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> Outcome:
             results.append(r)
     finally:
         backend.close()
-    # raw metrics, as the run store keeps them; a lower-is-better one is marked (searches maximise 1 - score)
+    # raw metrics, as the run store keeps them; a lower-is-better one is marked (searches maximise its
+    # utility, 1 - score or -score: objectives.base.utility_map)
     higher = {o.name: o.higher_is_better for o in objectives}
     rows = [{"objective": r.objective, "split": r.split, "score": r.score, "count": r.count, "seconds": r.seconds,
              "higher_is_better": higher[r.objective]} for r in results]

@@ -68,12 +68,14 @@ from hm3.run.directory import (
     REFINE_EVENT,
     FinishedRun,
     read_finished_run,
+    summary_utility_maps,
 )
 from hm3.runfiles import find_state, read_state
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import load_posterior, posterior_option
 from hm3.store import RunStore, content_hash
+from objectives.base import IDENTITY, utility
 
 REQUEST_RECORD = "hm3_request.json"  # written into OUT_DIR beside the model
 _ITEM = re.compile(r"^\s*([^=\s]+)\s*=\s*([^=\s]+)\s*$")
@@ -86,15 +88,10 @@ def short_name(objective: str) -> str:
     return rest if prefix in ("zoo", "lm-eval") and rest else prefix
 
 
-def orientation(summary: Mapping[str, Any], names: Sequence[str]) -> list[bool]:
-    """Per objective, whether its raw metric is better when higher (a run from before orientations: all)."""
-    recorded = summary.get("higher_is_better", {})
-    return [bool(recorded.get(n, True)) for n in names]
-
-
-def lower_is_better(summary: Mapping[str, Any]) -> list[str]:
-    """The objectives of a run whose raw metric is better when lower (their scores are ``1 - raw``)."""
-    return [n for n, higher in summary.get("higher_is_better", {}).items() if not higher]
+def lower_is_better(summary: Mapping[str, Any], names: Sequence[str]) -> dict[str, str]:
+    """The objectives of a run whose raw metric is better when lower, each with the map its scores are
+    (``1 - raw`` or ``-raw``: :func:`objectives.base.utility_map`)."""
+    return {n: how for n, how in zip(names, summary_utility_maps(summary, names), strict=True) if how != IDENTITY}
 
 
 def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -235,21 +232,21 @@ def greedy_path(saved: dict[str, Any], lam: np.ndarray) -> LayerPath:
 
 
 def _policy_option(store: RunStore, saved: dict[str, Any], lam: np.ndarray, frame: FrameKey, names: list[str],
-                   higher_is_better: list[bool],
+                   utility_maps: list[str],
                    base: np.ndarray, ideal: np.ndarray, notes: list[str]) -> list[Option]:
     """The pretrained policy's greedy path for λ as an option, if the store already holds scores of it
     (by their lower bound, module docstring); else none, and a note says why."""
     path = greedy_path(saved, lam)
     recipe = path_recipe(path, frame, saved["expert_refs"])
     match = store.find_candidate(recipe) if path.hops else None
-    known = (stored_estimate(store, match, names, higher_is_better=higher_is_better)
+    known = (stored_estimate(store, match, names, utility_maps=utility_maps)
              if match is not None and match.kind == PATH_KIND else None)
     if known is None:
         notes.append(f"the policy's greedy path for this λ ({len(path.hops)} hops) was never evaluated, "
                      "so it has no prediction; answered from the front")
         return []
     estimate, counts = known
-    return [Option(lower_bound(lam, known, base, ideal),
+    return [Option(lower_bound(lam, known, base, ideal, utility_maps),
                    f"policy path ({len(path.hops)} hops, predicted from {int(counts.min())}+ examples per objective)",
                    PATH_KIND, estimate, "estimated", recipe=recipe)]
 
@@ -275,7 +272,7 @@ def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, poste
     options = front_options(run, lam)
     if policy is not None:
         options += _policy_option(store, policy, lam, policy_frame(policy, lam), run.names,
-                                  orientation(run.summary, run.names), run.base, run.ideal, notes)
+                                  summary_utility_maps(run.summary, run.names), run.base, run.ideal, notes)
     proposal = posterior_option(posterior, run.config.level1.search_space, lam, run.base, run.ideal)
     if proposal is not None:
         bound, recipe, predicted = proposal
@@ -304,8 +301,8 @@ def answer_request(
     check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
     names = run.names
     lam, notes = parse_preference(prefer, names)
-    lower = lower_is_better(run.summary)
-    notes += [f"{n}: scores are 1 - raw ({n}'s raw metric is better when lower)" for n in lower]
+    lower = lower_is_better(run.summary, names)
+    notes += [f"{n}: scores are {how} ({n}'s raw metric is better when lower)" for n, how in lower.items()]
     if run.kind == "level1" and budget > 0:
         raise ConfigError(
             f"{run_dir} holds a level-1 search ('hm3 search param'): it has no level-2 policy to fine-tune, so "
@@ -338,9 +335,9 @@ def answer_request(
         "scores_are": best.scores_are,
         "weighted_normalised_score": best.score,
     }
-    if lower:  # the raw metric too, where the scores above are its utility (1 - raw)
+    if lower:  # the raw metric too, where the scores above are its utility (each map is its own inverse)
         scores = record["validation_scores"]
-        record["raw_validation_scores"] = {n: 1.0 - scores[n] for n in lower}
+        record["raw_validation_scores"] = {n: utility(scores[n], how) for n, how in lower.items()}
     atomic_write_text(out_dir / REQUEST_RECORD, json.dumps(record, indent=2))
     return RequestAnswer(
         lam=lam, source=best.source, kind=best.kind, scores=best.scores, scores_are=best.scores_are, out_dir=out_dir,

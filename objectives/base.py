@@ -6,15 +6,18 @@ hand the raw outputs back to :meth:`Objective.score` and
 :meth:`Objective.aggregate`. Scores are in [0, 1] so objectives can share one
 Pareto front and one hypervolume protocol.
 
-Orientation rule: an objective whose metric is better when lower (an error rate, a normalised
-perplexity) sets :attr:`Objective.higher_is_better` to False and still scores in [0, 1]. The run
-store and ``hm3 eval`` keep that raw metric; everything that ranks candidates -- searches, fronts,
-hypervolumes, preference requests -- sees its :func:`utility`, ``1 - score``, so every axis is
-maximised and the base-to-ideal normalisation and the hypervolume reference keep their meaning.
+Orientation rule: an objective whose metric is better when lower sets
+:attr:`Objective.higher_is_better` to False; one whose lower-is-better metric is not confined to
+[0, 1] (perplexity, bits per byte, TER) also sets :attr:`Objective.bounded` to False. The run store
+and ``hm3 eval`` keep the raw metric; everything that ranks candidates -- searches, fronts,
+hypervolumes, preference requests -- sees its :func:`utility` (``1 - raw``, or ``-raw`` when
+unbounded), so every axis is maximised and the base-to-ideal normalisation and the hypervolume
+reference keep their meaning.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,9 +70,12 @@ class Objective(ABC):
     name: str
     decoding: Decoding
     description: str = ""
-    #: False for a metric where lower is better (an error rate in [0, 1]): searches maximise its
+    #: False for a metric where lower is better (an error rate, a perplexity): searches maximise its
     #: :func:`utility` instead (module docstring).
     higher_is_better: bool = True
+    #: Whether a lower-is-better metric lies in [0, 1] (an error rate); False for an unbounded one
+    #: (perplexity, bits per byte, TER). It decides the :func:`utility_map`.
+    bounded: bool = True
     #: Format every prompt with the evaluated model's chat template (one user message, then the
     #: assistant's turn) before it is tokenised: :func:`hm3.eval.backend.chat_prompt`.
     chat_template: bool = False
@@ -94,14 +100,43 @@ class Objective(ABC):
         return sum(self.score(e, o) for e, o in zip(examples, outputs, strict=True)) / len(examples)
 
 
-def utility(score: float, higher_is_better: bool) -> float:
-    """What a search maximises for a raw ``score``: the score itself, or ``1 - score`` when lower is
-    better. The map is its own inverse, so it also turns a utility back into the raw metric."""
+#: The maps from a raw score to a utility, by the name run summaries record them under.
+IDENTITY, COMPLEMENT, NEGATION = "raw", "1 - raw", "-raw"
+UTILITY_MAPS = (IDENTITY, COMPLEMENT, NEGATION)
+
+
+def utility_map(higher_is_better: bool, bounded: bool = True) -> str:
+    """Which map turns an objective's raw score into its utility.
+
+    Every consumer of utilities ranks them after the HV protocol's per-objective normalisation,
+    ``(u - base) / (ideal - base)`` (:func:`hm3.search.pareto.normalise`), or by dominance; both are
+    unchanged by adding a constant to an axis or scaling it by a positive factor. So any map that is
+    affine with a negative slope ranks, normalises and scalarises a lower-is-better metric exactly as
+    the metric itself, read upside down -- which a nonlinear map (``1/raw``, ``-log raw``) would not:
+    it would stretch some perplexity differences over others before normalisation. ``1 - raw`` keeps
+    a metric in [0, 1] in [0, 1] (an error rate reads as an accuracy); for an unbounded metric it
+    would suggest a scale it does not have, so ``-raw`` (valid for any finite value) is used.
+    """
     if higher_is_better:
+        return IDENTITY
+    return COMPLEMENT if bounded else NEGATION
+
+
+def utility(score: float, how: str) -> float:
+    """What a search maximises for a raw ``score`` under the map ``how`` (:func:`utility_map`). Each
+    map is its own inverse, so this also turns a utility back into the raw metric."""
+    if how == IDENTITY:
         return score
-    if not 0.0 <= score <= 1.0:
-        raise ValueError(f"a lower-is-better score must lie in [0, 1] to be turned into a utility, got {score}")
-    return 1.0 - score
+    if how == COMPLEMENT:
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"a lower-is-better score in [0, 1] must lie in [0, 1] to be turned into a utility "
+                             f"(1 - raw), got {score}; an unbounded metric sets bounded = False")
+        return 1.0 - score
+    if how == NEGATION:
+        if not math.isfinite(score):
+            raise ValueError(f"a lower-is-better score must be finite to be turned into a utility, got {score}")
+        return -score
+    raise ValueError(f"unknown utility map {how!r}; one of {', '.join(UTILITY_MAPS)}")
 
 
 class HarnessObjective(Objective):

@@ -1,6 +1,7 @@
 """Any lm-evaluation-harness task as an objective: ``lm-eval:TASK[,OPTION=VALUE...][@SEED]``.
 
-Options: ``metric=NAME`` (default: the first metric the task reports where higher is better), ``filter=NAME`` (default: the
+Options: ``metric=NAME`` (default: the first metric the task reports where higher is better, else its
+first metric), ``filter=NAME`` (default: the
 task's first filter), ``num_fewshot=N`` (default: the task's own), ``include_path=DIR`` (a folder of
 local task YAMLs, lm-eval's include mechanism; its tasks are found before lm-eval's own) and
 ``name=SHORT`` (the objective's name in scores, fronts and ``--prefer``; default ``lm-eval:TASK`` plus
@@ -27,10 +28,13 @@ hm3 takes from it:
 Answers come from hm3's own backends through lm-eval's model interface (:mod:`hm3.eval.harness`), so a
 search scores tasks on its live model. Data is read only from local files and the local Hugging Face
 datasets cache (offline mode is forced while a task loads); a task whose data is not there is refused
-with what to download. Refused up front: groups and tags (an objective is one task), metrics where lower
-is better (hm3 maximises scores in [0, 1]), ``loglikelihood_rolling`` tasks (perplexity; no hm3 backend
-serves them), sampling generation settings (the backends decode greedily), tasks that execute generated
-code, multimodal tasks.
+with what to download. A metric where lower is better (the task's ``higher_is_better()`` says so:
+perplexity, TER) is kept raw in the run store and ranked by its utility ``-raw``
+(:func:`objectives.base.utility_map`: lm-eval's lower-is-better metrics are unbounded).
+``loglikelihood_rolling`` tasks (word and byte perplexity, bits per byte over whole documents) are
+served by the hf backend (:mod:`hm3.eval.harness`). Refused up front: groups and tags (an objective
+is one task), sampling generation settings (the backends decode greedily), tasks that execute
+generated code, multimodal tasks.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,7 +65,7 @@ SPEC_PATTERN = "lm-eval:TASK[,metric=M][,filter=F][,num_fewshot=N][,include_path
 DEFAULT_MAX_GEN_TOKS = 256
 #: sampling settings that do nothing when decoding greedily (lm-eval's own YAMLs set some with do_sample false)
 SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "typical_p", "seed"})
-SERVED_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice")
+SERVED_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice", "loglikelihood_rolling")
 # dataset_path values that are datasets' packaged builders over local files, not hub datasets
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
@@ -279,17 +284,13 @@ class LmEvalObjective(HarnessObjective):
             raise ConfigError(f"{where} is multimodal (images or audio); hm3's backends take text")
         if output_type not in SERVED_OUTPUT_TYPES:
             raise ConfigError(f"{where} has output type {output_type!r}, which hm3's backends do not serve (they serve "
-                              f"{', '.join(SERVED_OUTPUT_TYPES)}; loglikelihood_rolling is lm-eval's perplexity)")
+                              f"{', '.join(SERVED_OUTPUT_TYPES)})")
         metrics, higher = list(task.aggregation()), task.higher_is_better()
         maximised = [m for m in metrics if higher.get(m, True)]
-        if spec.metric is None and metrics and not maximised:
-            raise ConfigError(f"{where} reports only metrics where lower is better ({', '.join(metrics)}); hm3 "
-                              "maximises scores in [0, 1]")
-        self.metric = self._choose(spec.metric, maximised if spec.metric is None else metrics, "metric",
-                                   "reports metrics")
-        if not higher.get(self.metric, True):
-            raise ConfigError(f"{where}: lower {self.metric} is better, but hm3 maximises scores in [0, 1]; "
-                              f"choose another metric= ({', '.join(maximised) or 'the task has none'})")
+        self.metric = self._choose(spec.metric, (maximised or metrics) if spec.metric is None else metrics,
+                                   "metric", "reports metrics")
+        # lm-eval's lower-is-better metrics (perplexities, bits per byte, TER) have no upper bound
+        self.higher_is_better = self.bounded = bool(higher.get(self.metric, True))
         self._filters = {f.name: f for f in task._filters}  # lm-eval's FilterEnsembles, in the task's order
         self.filter = self._choose(spec.filter, list(self._filters), "filter", "has filters")
         self._set_fewshot(spec.num_fewshot)
@@ -420,6 +421,8 @@ class LmEvalObjective(HarnessObjective):
 
     def _example(self, example_id: str, doc: Mapping[str, Any], made: Sequence[Any]) -> Example:
         """What Fisher estimation and readers see: the (first) prompt, the reference, the choices."""
+        if self.output_type == "loglikelihood_rolling":  # the document is the continuation, scored from its start
+            return Example(id=example_id, prompt="", target=str(made[0].args[0]))
         prompt, gold = made[0].args[0], self.task.doc_to_target(doc)
         if isinstance(gold, list):  # several references: the first stands for them
             gold = gold[0] if gold else ""
@@ -497,9 +500,11 @@ class LmEvalObjective(HarnessObjective):
             raise ConfigError(f"{self.name}: lm-eval task {self.spec.task!r} gave no {self.metric!r} for any of "
                               f"{len(examples)} examples")
         score = float(task.aggregation().get(self.metric, mean)(values))
-        if not 0.0 <= score <= 1.0:
+        if self.higher_is_better and not 0.0 <= score <= 1.0:
             raise ConfigError(f"{self.name}: metric {self.metric!r} is {score}, outside [0, 1]; hm3 scores objectives "
-                              "in [0, 1]: choose a metric in that range (metric=)")
+                              "where higher is better in [0, 1]: choose a metric in that range (metric=)")
+        if not math.isfinite(score):
+            raise ConfigError(f"{self.name}: metric {self.metric!r} is {score}; hm3 ranks only finite scores")
         return score, outputs, records
 
     def _output_text(self, made: Sequence[Any], answers: Sequence[Any]) -> str:

@@ -112,7 +112,7 @@ def list_objectives() -> list[tuple[str, str]]:
                  f"or the HF datasets cache only (full syntax: {LMEVAL_PATTERN}[@SEED])"))
     rows.append((f"{PLUGIN}:MODULE:CLASS[,K=V...]", "your own Objective subclass, built as CLASS(seed=SEED, K=V...) "
                  "with string values; name= and chat= are hm3's; set higher_is_better = False for an error "
-                 "rate in [0, 1]"))
+                 "rate in [0, 1], and bounded = False too for an unbounded metric (a perplexity)"))
     for name, target in _entry_points().items():
         rows.append((f"{name}[,K=V...]", f"installed plug-in objective ({ENTRY_POINT_GROUP} entry point {target})"))
     return rows
@@ -281,8 +281,9 @@ def _plugin_objective(spec: str, cls: type[Objective], options: Mapping[str, str
             getattr(objective, "decoding", None), Generate | LogLikelihood):
         raise ConfigError(f"objective {spec!r}: {cls.__name__} sets no decoding (objectives.base.Generate or "
                           "LogLikelihood)")
-    if not isinstance(objective.higher_is_better, bool):
-        raise ConfigError(f"objective {spec!r}: {cls.__name__}.higher_is_better must be True or False")
+    for flag in ("higher_is_better", "bounded"):
+        if not isinstance(getattr(objective, flag), bool):
+            raise ConfigError(f"objective {spec!r}: {cls.__name__}.{flag} must be True or False")
     return objective
 
 

@@ -148,6 +148,54 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, cont
 
 
+#: The longest input when neither the model's config nor its tokenizer says (lm-evaluation-harness's default).
+DEFAULT_MAX_LENGTH = 2048
+#: The ``model_max_length`` transformers gives a tokenizer that sets none (``int(1e30)``): no limit.
+TOKENIZER_UNSET_LENGTH = int(1e30)
+_LENGTH_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def max_input_length(config: Any, tokenizer: Any) -> int:
+    """The most tokens the model reads at once, found as lm-evaluation-harness's HFLM finds it: the first of
+    n_positions, max_position_embeddings, n_ctx in the (text) config, else the tokenizer's
+    ``model_max_length`` when set, else :data:`DEFAULT_MAX_LENGTH`. ``config`` is a transformers config or
+    the config.json mapping."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+    text = get(config, "text_config") or config
+    for key in _LENGTH_KEYS:
+        value = get(text, key)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != TOKENIZER_UNSET_LENGTH:
+        return int(limit)
+    return DEFAULT_MAX_LENGTH
+
+
+def fit_generation_prompt(ids: list[int], max_length: int, max_new_tokens: int) -> list[int]:
+    """A prompt's ids left-truncated so that it and ``max_new_tokens`` new tokens fit in ``max_length``, as
+    HFLM truncates a generation context: the end of a long few-shot prompt (the question) is what the
+    answer depends on, and the model never reads past its positions.
+
+    A generation budget of ``max_length`` or more leaves no room to truncate into; HFLM refuses such a task
+    (so does :class:`hm3.eval.harness.BackendLM`), while hm3's own objectives, whose budget is a cap that
+    stop strings usually cut short, keep the whole prompt and meet the engine's own limit."""
+    room = max_length - max_new_tokens
+    return ids[-room:] if room >= 1 else ids
+
+
+def fit_loglikelihood_input(context: list[int], continuation: list[int], max_length: int) -> list[int]:
+    """The model's input for log p(``continuation`` | ``context``): ``context + continuation[:-1]`` (the last
+    token is only predicted) keeping its last ``max_length`` tokens, HFLM's left truncation -- the
+    continuation is always scored whole, on as much context as fits before it."""
+    if len(continuation) > max_length:
+        raise BackendError(f"a continuation of {len(continuation)} tokens cannot be scored by a model that reads "
+                           f"at most {max_length} tokens")
+    return (context + continuation)[-(max_length + 1) : -1]
+
+
 def _special_prefix(tokenizer: Any) -> list[int]:
     """What the tokenizer puts before any text (BOS for Llama), possibly nothing."""
     return list(tokenizer("")["input_ids"])

@@ -3,13 +3,16 @@
 :class:`BackendLM` is lm-eval's ``LM`` over the :class:`~hm3.eval.backend.Backend` a session already
 holds, so lm-eval tasks (:mod:`objectives.lmeval`) are scored on the live model -- merges written into
 it in place, vLLM's weights reloaded -- and a search never loads a model for them. lm-eval hands a
-model three kinds of request; the backends serve two:
+model three kinds of request:
 
 * ``loglikelihood`` (also what ``multiple_choice`` tasks send): the backend's ``greedy_loglikelihood``,
   tokenised as lm-eval's own causal models do (:func:`hm3.eval.backend.encode_pair`);
 * ``generate_until``: the backend's greedy ``generate``, grouped by (stop strings, max new tokens),
   the task's settings read through lm-eval's own normalisation;
-* ``loglikelihood_rolling`` (perplexity over whole documents) is refused, naming the output type.
+* ``loglikelihood_rolling`` (perplexity over whole documents): the document tokenised as HFLM tokenises
+  it, cut into lm-eval's own disjoint windows of at most the model's length (``get_rolling_token_windows``,
+  ``make_disjoint_window``), each window scored by the backend's ``token_loglikelihood``, summed. The hf
+  backend serves it; vLLM does not (its prompt log-probabilities cannot take HFLM's full-length window).
 
 :func:`answer_and_score` is the evaluator's loop for these objectives: each example's requests are
 answered by type (``repeats`` copies each, as lm-eval's evaluator makes them) and the objective scores
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hm3.errors import BackendError
-from hm3.eval.backend import Backend, check_output_count
+from hm3.eval.backend import Backend, check_output_count, encode_prompt
 from hm3.extras import extra_imports
 from objectives.base import Example, HarnessObjective
 from objectives.lmeval import generation_settings
@@ -58,7 +61,12 @@ class BackendLM(LM):
         for i, r in enumerate(requests):
             groups[generation_settings(r.args[1], f"lm-eval task {r.task_name!r}")].append(i)
         outputs: list[str] = [""] * len(requests)
+        max_length = getattr(self.backend, "max_length", None)
         for (stop, max_new_tokens), indices in groups.items():
+            if max_length is not None and max_new_tokens >= max_length:  # HFLM refuses it too: no room for a prompt
+                raise BackendError(f"lm-eval task {requests[indices[0]].task_name!r} generates up to {max_new_tokens} "
+                                   f"tokens, but the model reads at most {max_length}: no room is left for the "
+                                   "prompt (lm-eval's HFLM refuses this too)")
             texts = self.backend.generate([requests[i].args[0] for i in indices], max_new_tokens=max_new_tokens,
                                           stop=stop)
             check_output_count("generate", len(texts), len(indices))
@@ -67,8 +75,28 @@ class BackendLM(LM):
         return outputs
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
-        raise BackendError(f"the {self.backend.name} backend cannot serve lm-eval's loglikelihood_rolling requests "
-                           "(perplexity over whole documents)")
+        """log p(document) per request, the sum over lm-eval's rolling windows (module docstring)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        score = getattr(self.backend, "token_loglikelihood", None)
+        if score is None:
+            raise BackendError(f"the {self.backend.name} backend cannot serve lm-eval's loglikelihood_rolling requests "
+                               "(perplexity over whole documents); use the hf backend")
+        tokenizer = self.backend.tokenizer
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        owners, windows = [], []
+        for i, r in enumerate(requests):
+            (text,) = r.args
+            for window in get_rolling_token_windows(token_list=encode_prompt(tokenizer, text), prefix_token=prefix,
+                                                    max_seq_len=self.backend.max_length, context_len=1):
+                owners.append(i)
+                windows.append(make_disjoint_window(window))
+        answers = score(windows)
+        check_output_count("loglikelihood_rolling", len(answers), len(windows))
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owners, answers, strict=True):
+            totals[i] += float(ll)
+        return totals
 
 
 def answer_and_score(backend: Backend, objective: HarnessObjective, examples: Sequence[Example], *,

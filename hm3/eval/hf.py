@@ -25,8 +25,11 @@ from hm3.eval.backend import (
     decode_generated,
     encode_pair,
     encode_prompt,
+    fit_generation_prompt,
+    fit_loglikelihood_input,
     generation_eos_ids,
     load_tokenizer,
+    max_input_length,
     validate_state,
 )
 
@@ -48,6 +51,9 @@ class HFBackend:
         check_tokenizer_fits(tokenizer, model.get_input_embeddings().num_embeddings, model_dir)
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = generation_eos_ids(model_dir, tokenizer)
+        #: longer inputs are left-truncated as lm-eval's HFLM truncates them (:func:`fit_generation_prompt`,
+        #: :func:`fit_loglikelihood_input`)
+        self.max_length = max_input_length(model.config, tokenizer)
         self._stop_cache: dict[tuple[str, ...], Any] = {}
 
     @classmethod
@@ -73,9 +79,11 @@ class HFBackend:
     # --- generation -------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
-        """Greedy continuations of ``prompts`` (new text only, cut at the first stop string)."""
+        """Greedy continuations of ``prompts`` (new text only, cut at the first stop string); a prompt too long
+        for the model keeps its last ``max_length - max_new_tokens`` tokens."""
         check_generate_args(prompts, max_new_tokens)
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        encoded = [fit_generation_prompt(encode_prompt(self.tokenizer, p), self.max_length, max_new_tokens)
+                   for p in prompts]
         outputs: list[str] = [""] * len(encoded)
         for batch in _length_sorted_batches([len(e) for e in encoded], self.batch_size):
             new_ids = self._generate_ids([encoded[i] for i in batch], max_new_tokens, stop)
@@ -128,11 +136,18 @@ class HFBackend:
 
         The model reads ``context + continuation[:-1]`` (the last token is only predicted), so requests whose
         inputs are equal -- a multiple-choice question's choices that differ only in their last token, as
-        " A"/" B"/" C"/" D" or " 12"/" 13" do -- share one row of a forward pass (lm-eval groups them too)."""
-        pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        " A"/" B"/" C"/" D" or " 12"/" 13" do -- share one row of a forward pass (lm-eval groups them too).
+        An input longer than the model reads loses its first tokens (:func:`fit_loglikelihood_input`)."""
+        scores = self.token_loglikelihood([encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests])
+        check_output_count("loglikelihood", len(scores), len(requests))
+        return scores
+
+    def token_loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """:meth:`greedy_loglikelihood` of requests already tokenised as (context ids, continuation ids): what
+        lm-eval's rolling windows over a whole document are (:mod:`hm3.eval.harness`)."""
         rows: dict[tuple[int, ...], list[int]] = {}  # the model's input -> the requests that read it
         for i, (ctx, cont) in enumerate(pairs):
-            rows.setdefault(tuple(ctx + cont[:-1]), []).append(i)
+            rows.setdefault(tuple(fit_loglikelihood_input(ctx, cont, self.max_length)), []).append(i)
         inputs = list(rows)
         scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         for batch in _length_sorted_batches([len(r) for r in inputs], self.batch_size):
@@ -140,7 +155,6 @@ class HFBackend:
             for answers in self._batch_loglikelihood([list(inputs[b]) for b in batch], readers):
                 for i, answer in answers:
                     scores[i] = answer
-        check_output_count("loglikelihood", len(scores), len(requests))
         return scores
 
     def _batch_loglikelihood(self, inputs: list[list[int]], readers: list[list[tuple[int, list[int]]]]

@@ -49,7 +49,7 @@ from hm3.merge.inmemory import InMemoryMerger
 from hm3.run.directory import FISHER_DIR
 from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import EvaluationConfig, RunConfig
-from hm3.search.scoring import CandidateScorer, SplitPlan, first_n
+from hm3.search.scoring import CandidateScorer, SplitPlan, first_n, utility_maps
 from hm3.store import CandidateRef, RunStore
 from objectives.registry import build_objectives, get_objective
 
@@ -238,6 +238,7 @@ class LiveModelSession:
         self.model = LiveModel(cfg, frame_recipe=lambda cid: store.candidate(cid)[1], log=log)
         self.objective_names = self.model.objective_names
         self.higher_is_better = [o.higher_is_better for o in self.model.objectives]
+        self.utility_maps = utility_maps(self.model.objectives)
         samples = (SampleLog(store.path.parent / SAMPLES_DIR, self.objective_names) if cfg.evaluation.log_samples
                    else None)
         self._scorer = CandidateScorer(self.model.backend, self.model.objectives, store, samples)

@@ -26,7 +26,7 @@ from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, score_many
 from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored, plans_for
 from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import RunConfig
-from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores
+from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores, utility_maps
 from hm3.store import CandidateRef, RunStore
 from objectives.registry import build_objectives
 
@@ -45,6 +45,7 @@ class ExecutorSession:
                                            chat=cfg.evaluation.chat_template)
         self.objective_names = [o.name for o in self.objectives]
         self.higher_is_better = [o.higher_is_better for o in self.objectives]
+        self.utility_maps = utility_maps(self.objectives)
         self.validation = first_n(self.objectives, "validation", cfg.evaluation.validation_examples)
         self.test = first_n(self.objectives, "test", cfg.evaluation.test_examples)
         self._evaluated = 0

@@ -125,8 +125,11 @@ class EvaluationSession(Protocol):
     #: The objectives' names, in the order of every score vector.
     objective_names: list[str]
     #: Per objective, whether its raw metric is better when higher. Score vectors are utilities (a
-    #: lower-is-better score ``s`` appears as ``1 - s``: :mod:`hm3.search.scoring`); the store keeps raw.
+    #: lower-is-better score ``s`` appears as ``1 - s``, or ``-s`` when unbounded: :mod:`hm3.search.scoring`);
+    #: the store keeps raw.
     higher_is_better: list[bool]
+    #: Per objective, the map from raw score to utility (:func:`objectives.base.utility_map`).
+    utility_maps: list[str]
     #: The run's fixed example plans: the validation examples searches score on, and the test examples
     #: the final front is reported on.
     validation: SplitPlan

@@ -30,8 +30,10 @@ from hm3.eval.backend import (
     decode_generated,
     encode_pair,
     encode_prompt,
+    fit_generation_prompt,
     generation_eos_ids,
     load_tokenizer,
+    max_input_length,
     validate_state,
 )
 from hm3.extras import VLLM_BACKEND, require
@@ -134,6 +136,10 @@ class VLLMBackend:
             )
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
             head_dim = head_dim_of(ckpt.config)
+            #: the most tokens the engine reads (its max_model_len when given): longer generation prompts are
+            #: left-truncated as on the hf backend (:func:`hm3.eval.backend.fit_generation_prompt`)
+            self.max_length = min(max_input_length(ckpt.config, self.tokenizer),
+                                  int(engine_kw.get("max_model_len") or 2**62))
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
         if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
             enforce_eager = not torch.cuda.is_available()
@@ -164,7 +170,8 @@ class VLLMBackend:
             stop_token_ids=sorted(self.eos_ids) or None,
             detokenize=bool(stop),  # vLLM needs text only to find stop strings
         )
-        results = self._run([encode_prompt(self.tokenizer, p) for p in prompts], params)
+        results = self._run([fit_generation_prompt(encode_prompt(self.tokenizer, p), self.max_length, max_new_tokens)
+                             for p in prompts], params)
         return [decode_generated(self.tokenizer, r.outputs[0].token_ids, self.eos_ids, stop) for r in results]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
@@ -179,6 +186,14 @@ class VLLMBackend:
 
     def _prompt_logprobs(self, requests: Sequence[tuple[str, str]], *, top: int) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        # the engine reads the whole request and must generate one token after it; the hf backend instead drops
+        # the context's first tokens (HFLM's rule), reading up to max_length tokens before the last prediction,
+        # which prompt log-probabilities cannot reproduce: a longer request is refused, not scored differently
+        too_long = next((len(c) + len(t) for c, t in pairs if len(c) + len(t) >= self.max_length), None)
+        if too_long is not None:
+            raise BackendError(f"a log-likelihood request of {too_long} tokens does not fit the vllm engine, which "
+                               f"reads at most {self.max_length} tokens including one it generates; lm-eval's "
+                               "truncation of long requests is the hf backend's: score it with --backend hf")
         params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top, detokenize=False)
         results = self._run([c + t for c, t in pairs], params)
         scores = []

@@ -52,7 +52,7 @@ from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
 from hm3.checkpoint.layers import is_vocabulary_tensor
 from hm3.config import MergeConfig
 from hm3.errors import ConfigError
-from hm3.merge.methods import TensorInputs, get_method
+from hm3.merge.methods import MERGE_METHODS, MergeMethod, TensorInputs, get_method
 from hm3.merge.plan import (
     DEFAULT_MASK_RNG,
     check_same_vocabulary,
@@ -106,6 +106,24 @@ def choose_residency(device: torch.device, held_bytes: int, workspace_bytes: int
         return Residency(True, f"base + task vectors and a merge workspace ({_gib(need)}) fit in {share}")
     return Residency(False, f"base + task vectors and a merge workspace ({_gib(need)}) exceed {share}: "
                             f"held in host memory, copied to {device} tensor by tensor")
+
+
+def in_memory_methods() -> list[str]:
+    """The merge methods the in-memory merger runs (:attr:`hm3.merge.methods.MergeMethod.in_memory`)."""
+    return sorted(name for name, m in MERGE_METHODS.items() if m.in_memory)
+
+
+def in_memory_refusal(method: MergeMethod) -> str | None:
+    """Why the in-memory merger cannot run ``method`` (callers add what can be used instead), or None.
+
+    It holds the base and the task vectors τ_k = θ_k − θ_base, not the models' own weights, so a method
+    that reads those (slerp, model_stock) or merges without a base (linear, karcher) would fail halfway
+    through a candidate, or merge something else; it is refused before any tensor is touched."""
+    if method.in_memory:
+        return None
+    why = ("merges the models' own weights without a base" if not (method.needs_base or method.optional_base)
+           else "reads the models' own weights, not only task vectors over the base")
+    return f"merge method {method.name!r} {why}, which the in-memory merger that searches use does not hold"
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -224,10 +242,10 @@ class InMemoryMerger:
                 f"differently; give the recipe tokenizer_source: {self.tokenizer_source}"
             )
         method = get_method(recipe.merge_method)
-        if not method.needs_base:
-            raise ConfigError(
-                f"the in-memory path runs task-vector methods (base + deltas); {method.name!r} is not one"
-            )
+        refusal = in_memory_refusal(method)
+        if refusal is not None:
+            raise ConfigError(f"{refusal}; it runs {', '.join(in_memory_methods())} (merge a {method.name} "
+                              "recipe with hm3 merge)")
         if recipe.base_model != self.base_ref:
             raise ConfigError(f"recipe base_model {recipe.base_model!r} is not this merger's base {self.base_ref!r}")
         refs = input_refs_for(recipe, method)

@@ -107,6 +107,10 @@ class MergeMethod:
     max_models: int | None = None
     #: a check across one model's parameters for one tensor (della's density ± epsilon): the problem, or None
     check_model: Callable[[dict[str, Any]], str | None] | None = None
+    #: whether the in-memory merger that searches use (:mod:`hm3.merge.inmemory`, base + task vectors)
+    #: can run it: its function reads only the base, the task vectors τ_k and Fisher tensors, never the
+    #: models' own weights (slerp and model_stock read those, linear and karcher have no base)
+    in_memory: bool = False
     #: the parameters besides each model's weight that a level-1 search space varies for this method
     #: (:mod:`hm3.search.space`); None: level 1 cannot search it (not a weighted task-vector method that the
     #: in-memory merger runs, or one that needs Fisher tensors)
@@ -291,6 +295,7 @@ def _linear(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "task_arithmetic",
     needs_base=True,
+    in_memory=True,
     reference="https://arxiv.org/abs/2212.04089",
     params=_gta_params(normalize=False, rescale=False),
     model_params=(WEIGHT, FISHER),
@@ -306,6 +311,7 @@ def _task_arithmetic(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "ties",
     needs_base=True,
+    in_memory=True,
     reference="https://arxiv.org/abs/2306.01708",
     params=_gta_params(normalize=True, rescale=False),
     model_params=(WEIGHT, DENSITY, FISHER),
@@ -324,6 +330,7 @@ def _ties(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "dare_ties",
     needs_base=True,
+    in_memory=True,
     reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
@@ -343,6 +350,7 @@ def _dare_ties(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "dare_linear",
     needs_base=True,
+    in_memory=True,
     reference="https://arxiv.org/abs/2311.03099",
     params=_gta_params(normalize=False, rescale=True),
     model_params=(WEIGHT, DENSITY, FISHER),
@@ -374,6 +382,7 @@ def _fisher(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "df_merge",
     needs_base=True,
+    in_memory=True,
     params=(),
     model_params=(WEIGHT, FISHER),
     supports_fisher=True,
@@ -419,6 +428,7 @@ def _model_stock(x: TensorInputs) -> torch.Tensor:
 
 _BREADCRUMBS: dict[str, Any] = {
     "needs_base": True,
+    "in_memory": True,
     "params": _gta_params(normalize=False, rescale=False, rescale_modes=False),
     "model_params": (WEIGHT, DENSITY, GAMMA),
     "reference": "https://arxiv.org/abs/2312.06795",
@@ -440,6 +450,7 @@ def _breadcrumbs_ties(x: TensorInputs) -> torch.Tensor:
 
 _DELLA: dict[str, Any] = {
     "needs_base": True,
+    "in_memory": True,
     "model_params": (WEIGHT, DENSITY, EPSILON),
     "uses_randomness": True,
     "check_model": _check_della,
@@ -486,6 +497,7 @@ def _nuslerp(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "sce",
     needs_base=True,
+    in_memory=True,
     params=(ParamSpec("select_topk", 1.0, _check_density), INT8_MASK),
     model_params=(),
     mergekit_name="sce",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from hm3.errors import ConfigError, RunFileError
 from hm3.run.config import RunKind, StoredRun, read_stored_run, stored_config
 from hm3.samples import SAMPLES_DIR
 from hm3.store import STORE_FILE, RunStore
+from objectives.base import utility_map
 
 if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
     import pandas as pd
@@ -128,6 +130,15 @@ def _with_budget(level1: dict[str, Any], budget: int) -> dict[str, Any]:
 
 
 # --- reading a finished run ------------------------------------------------------------------------
+
+
+def summary_utility_maps(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """Per objective, the map from raw score to utility a run's summary records. A summary without
+    ``utility_maps`` records only ``higher_is_better``, and its lower-is-better objectives are bounded
+    (``1 - raw``)."""
+    maps = summary.get("utility_maps", {})
+    higher = summary.get("higher_is_better", {})
+    return [maps.get(n, utility_map(bool(higher.get(n, True)))) for n in names]
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ tables. The caller adds what only its kind of run knows to the summary.
 
 Scores here are the session's utilities (higher is better on every axis), so the tables, the summary
 and the plot can be read and compared the same way for every objective. For an objective whose raw
-metric is better when lower, its ``<name>_val``/``<name>_test`` columns hold ``1 - raw``, and the
-tables add the raw metric as ``<name>_val_raw``/``<name>_test_raw``; the summary says which objectives
-these are (``higher_is_better``, ``score_orientation``) and the plot's axis labels say so too.
+metric is better when lower, its ``<name>_val``/``<name>_test`` columns hold ``1 - raw`` (``-raw`` for
+an unbounded metric such as perplexity: :func:`objectives.base.utility_map`), and the tables add the
+raw metric as ``<name>_val_raw``/``<name>_test_raw``; the summary says which objectives these are and
+how (``higher_is_better``, ``utility_maps``, ``score_orientation``) and the plot's axis labels say so too.
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ from hm3.run.directory import (
     SUMMARY_FILE,
     read_candidates,
     read_front,
+    summary_utility_maps,
 )
 from hm3.search.pareto import non_dominated, protocol_hypervolume
 from hm3.search.references import reference_points, reference_scores
 from hm3.search.run_config import RunConfig
 from hm3.store import RunStore
+from objectives.base import IDENTITY, utility
 
 ORIENTATION_NOTE = ("score columns and hypervolumes are utilities (higher is better): for an objective whose "
-                    "raw metric is better when lower, 1 - raw; its raw metric is in the <name>_val_raw and "
-                    "<name>_test_raw columns")
+                    "raw metric is better when lower, 1 - raw (-raw when unbounded: utility_maps); its raw metric "
+                    "is in the <name>_val_raw and <name>_test_raw columns")
 HV_PROTOCOL = ("objectives normalised to (f - base) / (ideal - base), ideal = best expert per task; "
                "reference point = base model (0); pymoo HV")
 
@@ -104,7 +107,7 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
     import pandas as pd  # here: a preference request imports this module and needs no pandas at budget 0
 
     names = session.objective_names
-    lower = [n for n, hib in zip(names, session.higher_is_better, strict=True) if not hib]
+    lower = {n: how for n, how in zip(names, session.utility_maps, strict=True) if how != IDENTITY}
     searched = len(rows)
     if refinements:
         rows = with_refinements(session, rows)
@@ -142,6 +145,7 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
         "hv_protocol": HV_PROTOCOL,
         "placement_this_process": dict(session.placement),
         "higher_is_better": dict(zip(names, map(bool, session.higher_is_better), strict=True)),
+        "utility_maps": dict(zip(names, session.utility_maps, strict=True)),
     }
     if lower:
         summary["score_orientation"] = ORIENTATION_NOTE
@@ -152,21 +156,25 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
                         front_paths=np.array([r.kind != MERGE_KIND for r in front]))
 
 
-def _table_row(row: CandidateRow, names: Sequence[str], lower: Sequence[str]) -> dict[str, Any]:
+def _table_row(row: CandidateRow, names: Sequence[str], lower: Mapping[str, str]) -> dict[str, Any]:
     return {"point": row.point, "level": row.level, "kind": row.kind} | _score_columns(
         names, row.validation, "val", lower)
 
 
-def _score_columns(names: Sequence[str], utilities: np.ndarray, split: str, lower: Sequence[str]) -> dict[str, float]:
-    """``<name>_<split>`` utilities, then the raw metric (``1 - utility``) of the lower-is-better ones."""
+def _score_columns(names: Sequence[str], utilities: np.ndarray, split: str,
+                   lower: Mapping[str, str]) -> dict[str, float]:
+    """``<name>_<split>`` utilities, then the raw metric of the lower-is-better ones (``lower``: name -> map;
+    each map is its own inverse)."""
     columns = {f"{n}_{split}": float(v) for n, v in zip(names, utilities, strict=True)}
-    return columns | {f"{n}_{split}_raw": 1.0 - columns[f"{n}_{split}"] for n in lower}
+    return columns | {f"{n}_{split}_raw": utility(columns[f"{n}_{split}"], how) for n, how in lower.items()}
 
 
 def axis_labels(summary: Mapping[str, Any]) -> list[str]:
-    """The objectives' names as plot axes, marked where the axis is ``1 - raw`` of a lower-is-better metric."""
-    orientation = summary.get("higher_is_better", {})
-    return [n if orientation.get(n, True) else f"{n} (1 - raw; raw: lower is better)" for n in summary["objectives"]]
+    """The objectives' names as plot axes, marked where the axis is ``1 - raw`` or ``-raw`` of a lower-is-better
+    metric."""
+    names = summary["objectives"]
+    return [n if how == IDENTITY else f"{n} ({how}; raw: lower is better)"
+            for n, how in zip(names, summary_utility_maps(summary, names), strict=True)]
 
 
 def write_point_file(out_dir: Path, point: int, kind: str, recipe: dict[str, Any], store: RunStore,

@@ -294,7 +294,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
 
     level2_workers = workers.summary()
     for cid, info in _kept_by_lower_bound(store, cfg, lams, run.names, base, ideal,
-                                          higher_is_better=session.higher_is_better).items():
+                                          utility_maps=session.utility_maps).items():
         kept.setdefault(cid, info)
     for cid, info in _swap_candidates(run, lams, frame_front).items():
         kept.setdefault(cid, info)
@@ -339,7 +339,7 @@ class WorkerWindow:
 
 def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray, names: list[str],
                          base: np.ndarray, ideal: np.ndarray, *,
-                         higher_is_better: list[bool] | None = None) -> dict[int, dict[str, Any]]:
+                         utility_maps: list[str] | None = None) -> dict[int, dict[str, Any]]:
     """``level2.keep_best`` paths per λ by the lower bound of their stored scores (``{}`` when 0).
 
     Chosen once, when the online stage ends, and recorded as a store event: the final stage adds
@@ -353,12 +353,12 @@ def _kept_by_lower_bound(store: RunStore, cfg: TwoLevelConfig, lams: np.ndarray,
         return {int(c): v for c, v in recorded[-1].payload.items()}
     estimates = {}
     for ref in store.candidates(PATH_KIND):
-        estimate = stored_estimate(store, ref, names, higher_is_better=higher_is_better)
+        estimate = stored_estimate(store, ref, names, utility_maps=utility_maps)
         if estimate is not None:
             estimates[ref.id] = estimate
     chosen: dict[int, dict[str, Any]] = {}
     for lam in lams:
-        ranked = sorted(estimates, key=lambda c: (-lower_bound(lam, estimates[c], base, ideal), c))
+        ranked = sorted(estimates, key=lambda c: (-lower_bound(lam, estimates[c], base, ideal, utility_maps), c))
         for cid in ranked[:n]:
             _, recipe = store.candidate(cid)
             chosen.setdefault(cid, {"lam": lam.tolist(), "frame": recipe["frame"], "kept_by": "lower bound"})

@@ -8,9 +8,10 @@ re-merges or re-scores what a crashed run already committed.
 
 This is where a raw metric becomes what searches maximise: the store keeps each objective's raw
 score, and both functions that hand scores to a session (:func:`stored_scores`,
-:meth:`CandidateScorer.score`) return *utilities* -- ``1 - score`` for an objective whose
-``higher_is_better`` is False (:func:`objectives.base.utility`). Every session goes through them, so
-fronts, hypervolumes, references and requests see one orientation without knowing there are two.
+:meth:`CandidateScorer.score`) return *utilities* -- ``1 - score`` (or ``-score`` when unbounded)
+for an objective whose ``higher_is_better`` is False (:func:`objectives.base.utility_map`). Every
+session goes through them, so fronts, hypervolumes, references and requests see one orientation
+without knowing there are two.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hm3.eval.backend import Backend
 from hm3.eval.evaluate import evaluate_objective, select_examples
 from hm3.samples import SampleLog
 from hm3.store import CandidateRef, RunStore, ref_id
-from objectives.base import Objective, utility
+from objectives.base import Objective, utility, utility_map
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,18 @@ def example_ids(obj: Objective, plan: SplitPlan) -> list[str]:
     return [e.id for e in select_examples(obj, plan.split, plan.indices[obj.name])]
 
 
+def utility_maps(objectives: Sequence[Objective]) -> list[str]:
+    """Per objective, the map from its raw score to its utility (:func:`objectives.base.utility_map`)."""
+    return [utility_map(o.higher_is_better, o.bounded) for o in objectives]
+
+
 def utilities(objectives: Sequence[Objective], raw: Sequence[float]) -> np.ndarray:
     """Raw scores (one per objective, in order) as the utilities searches maximise; the same map turns
     utilities back into raw scores (it is its own inverse)."""
     out = []
-    for obj, value in zip(objectives, raw, strict=True):
+    for obj, how, value in zip(objectives, utility_maps(objectives), raw, strict=True):
         try:
-            out.append(utility(float(value), obj.higher_is_better))
+            out.append(utility(float(value), how))
         except ValueError as err:
             raise ValueError(f"objective {obj.name!r}: {err}") from None
     return np.array(out, dtype=float)

@@ -70,6 +70,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from hm3.errors import ConfigError, invalid_config
+from hm3.merge.inmemory import in_memory_refusal
 from hm3.merge.methods import MERGE_METHODS, MergeMethod, ParamSpec
 from hm3.merge.ops import della_problem
 
@@ -135,9 +136,10 @@ def _unsearchable(name: str) -> str | None:
         return f"unknown merge method {name!r}; level 1 searches: {known}"
     if method.searched is not None:
         return None
-    if not method.needs_base:
-        why = "merges the models themselves, not task vectors over the base, so the in-memory merger cannot run it"
-    elif method.requires_fisher:
+    refusal = in_memory_refusal(method)
+    if refusal is not None:
+        return f"{refusal}; level 1 searches: {known}"
+    if method.requires_fisher:
         why = "needs Fisher tensors (search it alone with fisher: true and df_merge: true)"
     else:
         why = "has no per-model weights over task vectors for level 1 to search"

@@ -13,7 +13,8 @@ from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
 from hm3.config import parse_merge_config
 from hm3.errors import ConfigError
 from hm3.merge.engine import merge_to_disk
-from hm3.merge.inmemory import InMemoryMerger
+from hm3.merge.inmemory import InMemoryMerger, in_memory_methods
+from hm3.merge.methods import MERGE_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,46 @@ def test_a_recipe_over_another_vocabulary_is_refused(models, merger, tokenizer):
     )
     with pytest.raises(ConfigError, match="^the in-memory path merges over the models' own vocabulary"):
         merger.merged_state(recipe)
+
+
+def _any_recipe(method: str):
+    """A valid recipe of ``method`` over the merger's models, whatever parameters the method takes."""
+    spec = MERGE_METHODS[method]
+    names = {p.name for p in spec.model_params}
+    models = ["m1"] if spec.max_models == 1 else ["m1", "m2"]
+    entries = [{"model": m, "parameters": {k: v for k, v in (("weight", 0.6 + 0.2 * i), ("density", 0.5),
+                                                              ("epsilon", 0.1)) if k in names}}
+               for i, m in enumerate(models)]
+    recipe = {"merge_method": method, "models": entries, "seed": 3}
+    if spec.needs_base or spec.optional_base:
+        recipe["base_model"] = "base"
+    if method == "slerp":
+        recipe["parameters"] = {"t": 0.3}
+    return parse_merge_config(recipe)
+
+
+@pytest.mark.parametrize("method", sorted(set(MERGE_METHODS) - {"df_merge", "fisher"}))  # Fisher files: own tests
+def test_the_merger_runs_exactly_the_methods_it_declares_and_refuses_the_rest_up_front(models, merger, tmp_path,
+                                                                                        method):
+    """Every registered method through both paths: where the merger says it runs a method, its merge is
+    ``hm3 merge``'s; elsewhere (slerp and model_stock read the models' own weights, which it does not hold)
+    it refuses the recipe before merging any tensor, naming the method and the ones it runs."""
+    recipe = _any_recipe(method)
+    if not MERGE_METHODS[method].in_memory:
+        with pytest.raises(ConfigError, match=rf"^merge method '{method}' .*in-memory merger .* it runs "
+                                              rf"breadcrumbs, .*, ties \(merge a {method} recipe with hm3 merge\)$"):
+            next(merger.iter_merged(recipe))
+        return
+    merge_to_disk(recipe, tmp_path / "disk", config_dir=models["base"].parent)
+    on_disk = _load(tmp_path / "disk")
+    in_mem = merger.merged_state(recipe)
+    assert set(in_mem) == set(on_disk)
+    for k in on_disk:
+        torch.testing.assert_close(in_mem[k], on_disk[k], rtol=0, atol=1e-6)
+
+
+def test_the_methods_the_merger_runs_are_the_task_vector_ones():
+    assert in_memory_methods() == ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                                   "della_linear", "df_merge", "sce", "task_arithmetic", "ties"]
+    # every method a search space can list is one the merger runs
+    assert all(m.in_memory for m in MERGE_METHODS.values() if m.searched is not None)

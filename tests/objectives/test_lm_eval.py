@@ -242,8 +242,175 @@ def test_loglikelihood_task_scores_greedy_continuations_exactly_as_lm_eval_does(
     result = evaluate_objective(hf, objective, "test")
     assert result.score == harness_run["results"]["hm3_ll"]["acc,none"] == _right_share(tasks, "lt")
     assert 0.2 <= result.score <= 0.5
-    with pytest.raises(ConfigError, match="lower perplexity is better, but hm3 maximises scores in .*metric= .acc"):
-        get_objective(f"lm-eval:hm3_ll,metric=perplexity,include_path={tasks}")
+
+
+def test_a_lower_is_better_metric_is_stored_raw_as_lm_eval_scores_it_and_ranked_by_its_utility(
+        tasks, hf, harness_run, tmp_path):
+    """lm-eval's loglikelihood perplexity (exp of minus the mean log-likelihood, unbounded): hm3's score is
+    HFLM's, the store keeps it, and the scorer hands on -raw, so the merge with the lower perplexity ranks
+    higher. The second "merge" is the model with its embedding scaled, which changes every log-likelihood."""
+    import math
+
+    from hm3.search.scoring import CandidateScorer, SplitPlan
+    from hm3.store import RunStore
+
+    objective = get_objective(f"lm-eval:hm3_ll,metric=perplexity,include_path={tasks}")
+    assert (objective.higher_is_better, objective.bounded) == (False, False)
+    result = evaluate_objective(hf, objective, "test")
+    assert result.score == pytest.approx(harness_run["results"]["hm3_ll"]["perplexity,none"], rel=1e-6)
+    lls = hf.loglikelihood([(e.prompt, e.target) for e in objective.examples("test")])
+    assert result.score == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-6) and result.score > 1.0
+    plan = SplitPlan("test", {objective.name: list(range(len(objective.examples("test"))))})
+    original = {n: p.detach().clone() for n, p in hf.live_parameters().items()}
+    scaled = {n: p * 0.5 if "embed_tokens" in n else p for n, p in original.items()}
+    try:
+        with RunStore.open(tmp_path / "run", config={"x": 1}) as store:
+            scorer = CandidateScorer(hf, [objective], store)
+            refs = [store.add_candidate({"merge": k}, "merge") for k in ("original", "scaled")]
+            utilities = [scorer.score(ref, lambda s=s: hf.load_state(s), plan)[0]
+                         for ref, s in zip(refs, (original, scaled), strict=True)]
+            raws = [store.get_evaluation(ref, objective.name, "test", [e.id for e in objective.examples("test")]).score
+                    for ref in refs]
+    finally:
+        hf.load_state(original)
+    assert raws[0] == pytest.approx(result.score) and raws[0] != pytest.approx(raws[1])
+    assert utilities == [-raws[0], -raws[1]]
+    assert (utilities[0] > utilities[1]) == (raws[0] < raws[1])  # the lower perplexity has the higher utility
+
+
+# --- inputs longer than the model reads --------------------------------------------------------------
+
+SHORT_POSITIONS = 24  # the short model's max_position_embeddings; the tokenizer has one token per character
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny model that reads at most SHORT_POSITIONS tokens, a folder of two tasks whose prompts are
+    longer than that): a loglikelihood task and a generation task."""
+    model = build_tiny_lm(tmp_path_factory.mktemp("short") / "model", seed=5)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": SHORT_POSITIONS}))
+    folder = tmp_path_factory.mktemp("long_tasks")
+    rows = [{"q": (w + " ") * (4 + i), "a": w[::-1] + " " + w, "right": False} for i, w in enumerate(WORDS[:6])]
+    data = _jsonl(folder / "long.jsonl", rows)
+    long_prompt = {"doc_to_text": "Question about {{q}} and once more {{q}}\nA:", "doc_to_target": "{{a}}",
+                   "test_split": "test", "num_fewshot": 0}
+    _task(folder, "hm3_long_ll", {**long_prompt, "output_type": "loglikelihood"}, {"test": data})
+    _task(folder, "hm3_long_gen", {**long_prompt, "output_type": "generate_until",
+                                   "generation_kwargs": {"until": ["\n"], "max_gen_toks": 5, "do_sample": False},
+                                   "metric_list": [{"metric": "exact_match", "aggregation": "mean",
+                                                    "higher_is_better": True}]}, {"test": data})
+    _task(folder, "hm3_long_roll", {"output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
+                                    "doc_to_target": "{{q}}{{a}} {{q}}{{a}} {{q}}"}, {"test": data})
+    _task(folder, "hm3_long_gen24", {**long_prompt, "output_type": "generate_until",
+                                     "generation_kwargs": {"until": ["\n"], "max_gen_toks": SHORT_POSITIONS}},
+          {"test": data})
+    return model, folder
+
+
+def test_inputs_longer_than_the_model_reads_are_left_truncated_as_lm_evals_hflm_does(short):
+    """HFLM on the same model (max_length from its config: SHORT_POSITIONS) scores and generates on the
+    last tokens of each over-long input; hm3 gives the same answers, and different ones where it reads the
+    whole input, so the truncation is what makes them agree."""
+    import math
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, folder = short
+    hm3 = HFBackend.from_pretrained(model, batch_size=4)
+    assert hm3.max_length == SHORT_POSITIONS
+    run = simple_evaluate(model=HFLM(pretrained=str(model), device="cpu", batch_size=4, dtype="float32"),
+                          tasks=["hm3_long_ll", "hm3_long_gen"], bootstrap_iters=0, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    ll = get_objective(f"lm-eval:hm3_long_ll,metric=perplexity,include_path={folder}")
+    gen = get_objective(f"lm-eval:hm3_long_gen,include_path={folder}")
+    examples = ll.examples("test")  # the task's one split is divided: these are some of its documents
+    assert all(len(hm3.tokenizer(e.prompt)["input_ids"]) > 2 * SHORT_POSITIONS for e in examples)
+    by_prompt = {s["arguments"][0][0]: s["resps"][0][0] for s in _samples(run, "hm3_long_ll")}
+    theirs = [by_prompt[e.prompt] for e in examples]
+    ours = hm3.greedy_loglikelihood([(e.prompt, e.target) for e in examples])
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5, abs=1e-5)
+    assert evaluate_objective(hm3, ll, "test").score == pytest.approx(math.exp(-sum(s for s, _ in theirs) / len(theirs)),
+                                                                      rel=1e-6)
+    generated = evaluate_objective(hm3, gen, "test").outputs
+    by_prompt = {s["arguments"][0][0]: s["resps"][0][0] for s in _samples(run, "hm3_long_gen")}
+    assert list(generated) == [by_prompt[e.prompt] for e in gen.examples("test")]
+    hm3.max_length = 10_000  # read everything (a Llama's rotary positions go on past its configured length)
+    whole = hm3.greedy_loglikelihood([(e.prompt, e.target) for e in examples])
+    assert all(abs(a - b) > 1e-3 for (a, _), (b, _) in zip(whole, ours, strict=True))
+    assert evaluate_objective(hm3, gen, "test").outputs != generated
+
+
+def test_rolling_perplexities_over_documents_longer_than_the_model_reads_are_lm_evals(short):
+    """A loglikelihood_rolling task (wikitext's kind) over documents of several of the model's windows: word
+    and byte perplexity and bits per byte as HFLM computes them, each a lower-is-better unbounded objective."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from hm3.eval.harness import BackendLM
+
+    model, folder = short
+    hm3 = HFBackend.from_pretrained(model, batch_size=4)
+    run = simple_evaluate(model=HFLM(pretrained=str(model), device="cpu", batch_size=4, dtype="float32"),
+                          tasks=["hm3_long_roll"], bootstrap_iters=0, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    default = get_objective(f"lm-eval:hm3_long_roll,include_path={folder}")
+    assert default.metric == "word_perplexity" and (default.higher_is_better, default.bounded) == (False, False)
+    examples = default.examples("test")
+    assert all(len(hm3.tokenizer(e.target)["input_ids"]) > 2 * SHORT_POSITIONS for e in examples)
+    theirs = {s["arguments"][0][0]: s["resps"][0][0] for s in _samples(run, "hm3_long_roll")}
+    answered = default.requests(examples)
+    ours = BackendLM(hm3).loglikelihood_rolling([made[0] for made in answered])
+    assert ours == pytest.approx([theirs[e.target] for e in examples], rel=1e-5)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        objective = get_objective(f"lm-eval:hm3_long_roll,metric={metric},include_path={folder}")
+        # HFLM's result is over the task's whole split; the objective scores the hashed half, so the metric
+        # is recomputed from HFLM's own per-document values with lm-eval's aggregation
+        values = [s[metric] for s in _samples(run, "hm3_long_roll")
+                  if s["arguments"][0][0] in {e.target for e in examples}]
+        expected = objective.task.aggregation()[metric]([tuple(v) for v in values])
+        assert evaluate_objective(hm3, objective, "test").score == pytest.approx(expected, rel=1e-5)
+
+
+def test_requests_that_cannot_fit_in_what_the_model_reads_are_refused(short):
+    model, folder = short
+    hm3 = HFBackend.from_pretrained(model, batch_size=4)
+    with pytest.raises(BackendError, match="lm-eval task 'hm3_long_gen24' generates up to 24 tokens, but the model "
+                                           "reads at most 24: no room is left for the prompt"):
+        evaluate_objective(hm3, get_objective(f"lm-eval:hm3_long_gen24,include_path={folder}"), "test")
+    with pytest.raises(BackendError, match="a continuation of 25 tokens cannot be scored by a model that reads at most 24"):
+        hm3.loglikelihood([("a", "b" * (SHORT_POSITIONS + 1))])
+
+
+@pytest.mark.vllm
+def test_vllm_truncates_long_generation_prompts_as_hf_does_and_refuses_long_loglikelihoods(short):
+    """vLLM reads the same last tokens of a long generation prompt; a log-likelihood over more tokens than
+    the engine reads cannot be truncated as HFLM does (its window is one token longer), so it is refused,
+    and so are rolling log-likelihoods."""
+    pytest.importorskip("vllm")
+    from hm3.eval.backend import open_backend
+
+    model, folder = short
+    gen = get_objective(f"lm-eval:hm3_long_gen,include_path={folder}")
+    engine = open_backend("vllm", model, batch_size=4)
+    try:
+        assert engine.max_length == SHORT_POSITIONS
+        ours, theirs = (evaluate_objective(b, gen, "test") for b in (HFBackend.from_pretrained(model), engine))
+        assert theirs.outputs == ours.outputs
+        fits = [("a" * 20, "bc")]  # BOS + 22 characters, and the token the engine must generate
+        assert engine.loglikelihood(fits) == pytest.approx(HFBackend.from_pretrained(model).loglikelihood(fits), abs=1e-4)
+        with pytest.raises(BackendError, match="request of 24 tokens does not fit the vllm engine, which reads at most "
+                                               "24 tokens including one it generates"):
+            engine.loglikelihood([("a" * 21, "bc")])
+        rolling = get_objective(f"lm-eval:hm3_long_roll,include_path={folder}")
+        with pytest.raises(BackendError, match="vllm backend cannot serve lm-eval's loglikelihood_rolling requests"):
+            evaluate_objective(engine, rolling, "test")
+    finally:
+        engine.close()
 
 
 def _lm_eval_prompts(tasks: Path, name: str) -> list[str]:
@@ -364,11 +531,11 @@ def small_defaults(tasks, tmp_path, monkeypatch):
     ("lm-eval:hm3_gen,metric=acc,include_path=TASKS", ConfigError,
      r"lm-eval task 'hm3_gen' reports metrics exact_match, not 'acc'"),
     ("lm-eval:hm3_gen,filter=strict,include_path=TASKS", ConfigError, r"has filters letter, whole, not 'strict'"),
+    ("lm-eval:hm3_ll,metric=word_perplexity,include_path=TASKS", ConfigError,
+     r"lm-eval task 'hm3_ll' reports metrics perplexity, acc, not 'word_perplexity' \(did you mean perplexity\?\)"),
     ("lm-eval:hm3_absent,include_path=TASKS", DataFileError,
      r"lm-eval task 'hm3_absent' cannot read its data offline .*download dataset 'hm3-test/absent-data' where there "
      r"is network, e\.g\. python -c \"import datasets; datasets\.load_dataset\('hm3-test/absent-data'\)\""),
-    ("lm-eval:hm3_rolling,include_path=TASKS", ConfigError,
-     r"output type 'loglikelihood_rolling', which hm3's backends do not serve"),
     ("lm-eval:hm3_sampled,include_path=TASKS", ConfigError, r"generation settings sample .*decode greedily"),
     ("lm-eval:hm3_pair,include_path=TASKS", ConfigError, r"lm-eval:hm3_pair is a group of 2 tasks \(hm3_gen, hm3_mc\)"),
     ("lm-eval:hm3_zero,num_fewshot=3,include_path=TASKS", ConfigError, r"fixes num_fewshot: 0 .*num_fewshot=3"),

@@ -460,10 +460,12 @@ def test_fixed_coefficients_of_a_method_list_take_the_first_method_and_the_middl
                           "dare_ties, della, della_linear, task_arithmetic, ties"),
         ({"methods": ["dare_ties", "dellla"]}, r"methods: unknown merge method 'dellla'; level 1 searches: "
                                                r"breadcrumbs, .*, ties"),
-        ({"methods": ["linear"]}, "'linear' merges the models themselves, not task vectors over the base, so the "
-                                  "in-memory merger cannot run it; level 1 searches: breadcrumbs"),
-        ({"methods": ["slerp", "ties"]}, "'slerp' has no per-model weights over task vectors"),
-        ({"methods": ["model_stock"]}, "'model_stock' has no per-model weights"),
+        ({"methods": ["linear"]}, "'linear' merges the models' own weights without a base, which the in-memory "
+                                  "merger that searches use does not hold; level 1 searches: breadcrumbs"),
+        ({"methods": ["slerp", "ties"]}, "'slerp' reads the models' own weights, not only task vectors over the base, "
+                                         "which the in-memory merger .*; level 1 searches: breadcrumbs, .*, ties$"),
+        ({"methods": ["model_stock"]}, "'model_stock' reads the models' own weights, not only task vectors"),
+        ({"methods": ["sce"]}, "'sce' has no per-model weights over task vectors"),
         ({"methods": ["df_merge"]}, "'df_merge' needs Fisher tensors"),
         ({"methods": ["ties", "della", "ties"]}, "methods lists 'ties' twice"),
         ({"methods": ["ties", "della"], "fisher": True}, "methods cannot be combined with fisher"),
