@@ -296,6 +296,18 @@ def cmd_export(args: argparse.Namespace) -> Outcome:
     return Outcome(f"front point {args.point} -> {out}", {"point": args.point, "out_dir": str(out)})
 
 
+def _request_executor(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``hm3 request``'s ``--workers``, ``--ray-address`` and ``--gpus-per-worker`` as evaluation settings
+    (``executor: ray``), or None to score in this process. A run's recorded config has no executor
+    settings (they say where scores are made, not what they are), so a request names its own."""
+    if args.workers is None and args.ray_address is None and args.gpus_per_worker is None:
+        return None
+    settings: dict[str, Any] = {"executor": "ray", "workers": args.workers or 1, "ray_address": args.ray_address}
+    if args.gpus_per_worker is not None:
+        settings["resources_per_worker"] = {"num_gpus": args.gpus_per_worker, "num_cpus": 1}
+    return settings
+
+
 def cmd_request(args: argparse.Namespace) -> Outcome:
     from hm3.request import answer_request
 
@@ -304,7 +316,7 @@ def cmd_request(args: argparse.Namespace) -> Outcome:
     with _run_log(args.run_dir if writes_run else None, args.argv):
         a = answer_request(args.run_dir, args.prefer, args.out_dir, budget=args.budget, refine=args.refine,
                            overwrite=args.overwrite, force=args.force, progress=True,
-                           log_samples=args.log_samples)
+                           log_samples=args.log_samples, executor=_request_executor(args))
     names = [f"{k}" for k in a.details.get("objectives", [])]
 
     def named(values: Any) -> dict[str, float] | None:
@@ -546,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--log-samples", action="store_true",
                     help="with --refine/--budget: write what each newly scored candidate answered, per example, to "
                          "RUN_DIR/samples/ (as hm3 run --log-samples)")
+    rq.add_argument("--workers", type=_positive_int, default=None,
+                    help="with --refine/--budget: score on this many Ray workers (evaluation.executor: ray), each "
+                         "with its own model; --refine proposes this many merges at a time, --budget rolls out "
+                         "this many episodes at a time")
+    rq.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                    help="with --workers: the Ray cluster to join (auto, host:port or ray://host:port; default: "
+                         "start Ray in this process)")
+    rq.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                    help="with --workers: GPUs each worker reserves (resources_per_worker.num_gpus; default: "
+                         "1 CPU and no GPU)")
     _threads_flag(rq)
 
     z = sub.add_parser("zoo", help="the embedded tiny model zoo (shipped with hm3; build your own locally)")

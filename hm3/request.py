@@ -74,6 +74,7 @@ from hm3.runfiles import find_state, read_state
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.pareto import normalise, weighted_normalised
 from hm3.search.posterior import load_posterior, posterior_option
+from hm3.search.run_config import RunConfig, parse_run_config
 from hm3.store import RunStore, content_hash
 from objectives.base import IDENTITY, utility
 
@@ -284,7 +285,12 @@ def budget_zero_choice(run: FinishedRun, store: RunStore, lam: np.ndarray, poste
 def answer_request(
     run_dir: str | Path, prefer: str, out_dir: str | Path, *, budget: int = 0, refine: int = 0,
     overwrite: bool = False, force: bool = False, progress: bool = True, log_samples: bool = False,
+    executor: Mapping[str, Any] | None = None,
 ) -> RequestAnswer:
+    """Answer a preference ``prefer`` from the finished run at ``run_dir`` with a model written to ``out_dir``.
+
+    ``executor`` (evaluation settings such as ``{"executor": "ray", "workers": 4}``) says where
+    ``refine``/``budget`` evaluations are scored; None: in this process, as the run's config says."""
     from hm3.materialise import write_merge, write_path
     from hm3.outputs import check_output_dir
     from hm3.run.front import path_point_file, recipe_with_paths
@@ -297,6 +303,7 @@ def answer_request(
         raise ConfigError(f"--refine must be >= 0, got {refine}")
     run = read_finished_run(run_dir)
     level1 = run.config.level1
+    cfg = _scoring_config(level1, executor, log_samples)  # checked before anything is written
     # before any evaluation: the answer is merged from the run's models, never written over one of them
     check_output_dir(out_dir, overwrite=overwrite, force=force, inputs=[run_dir, *level1.models.values()])
     names = run.names
@@ -312,8 +319,7 @@ def answer_request(
     frame = policy_frame(saved, lam) if saved is not None else None  # the merge framing level-2 paths for λ
 
     if budget > 0 or refine > 0:
-        searched = _search(run, saved, lam, frame, budget, refine, front_options(run, lam), progress, notes,
-                           log_samples)
+        searched = _search(run, cfg, saved, lam, frame, budget, refine, front_options(run, lam), progress, notes)
         best, recipe, evaluations = searched.best, searched.recipe, searched.evaluations
     else:
         with RunStore.open(run_dir, readonly=True) as store:
@@ -346,19 +352,27 @@ def answer_request(
     )
 
 
-def _search(run: FinishedRun, saved: dict[str, Any] | None, lam: np.ndarray, frame, budget: int, refine: int,
-            options: list[Option], progress: bool, notes: list[str], log_samples: bool = False) -> Searched:
-    """Spend the request's evaluations (merge refinement, then online fine-tuning), pick the best of them
-    and the front points on measured validation scores, and -- after a refinement -- write the run's
-    front again with the new merges among its candidates."""
-    from hm3.search.level1 import open_session, stderr_logger
+def _scoring_config(level1: RunConfig, executor: Mapping[str, Any] | None, log_samples: bool) -> RunConfig:
+    """The run's level-1 config as recorded (which never holds executor settings or log_samples: they change
+    no score), with the request's own; validated, so a bad setting is refused naming its key."""
+    if executor is None and not log_samples:
+        return level1
+    data = level1.canonical()
+    data["evaluation"] = {**data["evaluation"], **(executor or {}), **({"log_samples": True} if log_samples else {})}
+    return parse_run_config(data, source="the request's evaluation settings")
+
+
+def _search(run: FinishedRun, cfg: RunConfig, saved: dict[str, Any] | None, lam: np.ndarray, frame, budget: int,
+            refine: int, options: list[Option], progress: bool, notes: list[str]) -> Searched:
+    """Spend the request's evaluations (merge refinement, then online fine-tuning) through ``cfg``'s
+    evaluation (this process, or Ray workers), pick the best of them and the front points on measured
+    validation scores, and -- after a refinement -- write the run's front again with the new merges
+    among its candidates."""
+    from hm3.search.level1 import evaluation_executor, open_session, stderr_logger
 
     log = stderr_logger(progress)
-    cfg = run.config.level1  # as recorded, which never holds log_samples (it changes no score)
-    if log_samples:  # what the request evaluates goes into the run's samples/ (hm3.samples)
-        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"log_samples": True})})
-    with RunStore.open(run.run_dir) as store:
-        session = open_session(cfg, store, log)
+    with evaluation_executor(cfg, log) as executor, RunStore.open(run.run_dir) as store:
+        session = open_session(cfg, store, log, executor)
         try:
             measured: list[Option] = []
             evaluations = 0
@@ -402,21 +416,31 @@ def _refine_merges(session: EvaluationSession, run: FinishedRun, lam: np.ndarray
     opt = DfMerge(space.dim, len(lam), seed=seed, budget=len(X) + n, weights=lam.tolist(), n_init=1)
     if X:
         opt.tell(torch.tensor(X, dtype=torch.float64), torch.tensor(np.array(Y), dtype=torch.float64))
-    log(f"refining merges for λ={np.round(lam, 3).tolist()}: {n} evaluations, GP warm-started with {len(X)}")
+    workers = session.cfg.evaluation.workers  # proposed (q-batch) and scored this many at a time
+    log(f"refining merges for λ={np.round(lam, 3).tolist()}: {n} evaluations, GP warm-started with {len(X)}"
+        + (f", {workers} at a time" if workers > 1 else ""))
     options, evaluations = [], 0
-    for i in range(n):
-        x = opt.ask(1)
-        before = session.evaluated_examples
-        scored = session.score(MergeCandidate(session.merge_recipe(x[0])), session.validation)
-        y = scored.scores
-        evaluations += int(session.evaluated_examples > before)
-        opt.tell(x, torch.tensor(normalise(y[None], base, ideal), dtype=torch.float64))
-        store.add_event(REFINE_EVENT, {"candidate": scored.candidate.id, "x": x[0].tolist(), "lam": lam.tolist(),
-                                       "warm_start": len(X)})
-        options.append(Option(weighted_normalised(lam, y, base, ideal),
-                              f"refined merge {scored.candidate.id} (request BO {i + 1}/{n})", MERGE_KIND, y,
-                              "measured", candidate=scored.candidate.id))
+    while len(options) < n:
+        x = opt.ask(min(workers, n - len(options)))
+        candidates = [MergeCandidate(session.merge_recipe(p)) for p in x]
+        stored = [_has_scores(session, c) for c in candidates]
+        batch = session.score_many(candidates, session.validation)
+        evaluations += len({s.candidate.id for s, was in zip(batch, stored, strict=True) if not was})
+        y = np.stack([s.scores for s in batch])
+        opt.tell(x, torch.tensor(normalise(y, base, ideal), dtype=torch.float64))
+        for p, scored in zip(x, batch, strict=True):  # in the order proposed, whichever worker finished first
+            store.add_event(REFINE_EVENT, {"candidate": scored.candidate.id, "x": p.tolist(), "lam": lam.tolist(),
+                                           "warm_start": len(X)})
+            options.append(Option(weighted_normalised(lam, scored.scores, base, ideal),
+                                  f"refined merge {scored.candidate.id} (request BO {len(options) + 1}/{n})",
+                                  MERGE_KIND, scored.scores, "measured", candidate=scored.candidate.id))
     return options, evaluations
+
+
+def _has_scores(session: EvaluationSession, candidate: Any) -> bool:
+    """Whether the run store already holds ``candidate``'s validation scores (scoring it costs nothing)."""
+    ref = session.store.find_candidate(candidate.stored_recipe())
+    return ref is not None and session.stored_scores(ref, session.validation) is not None
 
 
 def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,

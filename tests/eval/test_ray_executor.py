@@ -757,3 +757,56 @@ def test_async_proposals_score_each_candidate_once_and_say_so_in_the_summary(ray
     assert summary["proposals"] == "async" and "not reproducible" in summary["proposal_order"]
     assert 0 <= summary["worker_idle_share"] < 1 and summary["worker_busy_seconds"] > 0
     assert summary["workers_replaced"] == 0 and summary["evaluations"] == result.summary["evaluations"] == 6
+
+
+@pytest.mark.slow
+def test_a_request_refined_on_ray_workers_is_a_local_refinement(ray_cluster, labelled_family, tmp_path):
+    """``hm3 request --refine`` on one Ray worker asks and scores what a local request does; on two it
+    proposes two merges at a time and scores each once; the executor flags reach the request."""
+    import shutil
+
+    from hm3.cli import _request_executor as request_executor
+    from hm3.cli import build_parser
+    from hm3.request import answer_request
+    from hm3.run.directory import REFINE_EVENT
+    from hm3.search.level1 import run_level1
+
+    run_level1(parse_run_config(_config(labelled_family)), tmp_path / "run", progress=False)
+    for copy in ("local", "ray1", "ray2"):
+        shutil.copytree(tmp_path / "run", tmp_path / copy)
+    objectives = json.loads((tmp_path / "run" / "summary.json").read_text())["objectives"]
+    prefer = ",".join(f"{n}={w}" for n, w in zip(objectives, (0.7, 0.3), strict=True))
+
+    def refined(run: Path) -> list[tuple[dict, list[float]]]:
+        with RunStore.open(run, readonly=True) as store:
+            out = []
+            for e in store.events(REFINE_EVENT):
+                _, recipe = store.candidate(e.payload["candidate"])
+                out.append((recipe, [ev.score for ev in store.evaluations(e.payload["candidate"],
+                                                                           split="validation")]))
+            return out
+
+    local = answer_request(tmp_path / "local", prefer, tmp_path / "out-local", refine=3, progress=False)
+    one = answer_request(tmp_path / "ray1", prefer, tmp_path / "out-ray1", refine=3, progress=False,
+                         executor={"executor": "ray", "workers": 1})
+    assert refined(tmp_path / "ray1") == refined(tmp_path / "local") and len(refined(tmp_path / "local")) == 3
+    assert (one.source, one.evaluations, list(one.scores)) == (local.source, local.evaluations, list(local.scores))
+    two = answer_request(tmp_path / "ray2", prefer, tmp_path / "out-ray2", refine=3, progress=False,
+                         executor={"executor": "ray", "workers": 2})
+    with RunStore.open(tmp_path / "ray2", readonly=True) as store:
+        events = store.events(REFINE_EVENT)
+        assert len(events) == 3
+        for e in events:  # each refined merge scored once, on every objective
+            assert len(store.evaluations(e.payload["candidate"], split="validation")) == len(objectives)
+    assert two.evaluations == len({e.payload["candidate"] for e in events})
+    placement = json.loads((tmp_path / "ray2" / "summary.json").read_text())["placement_this_process"]
+    assert placement | {"executor": "ray", "workers": "2"} == placement  # written again by the Ray session
+    args = build_parser().parse_args(["request", "RUN", "--prefer", prefer, "OUT", "--refine", "2", "--workers", "2",
+                                      "--gpus-per-worker", "0.5", "--ray-address", "auto"])
+    assert request_executor(args) == {"executor": "ray", "workers": 2, "ray_address": "auto",
+                                      "resources_per_worker": {"num_gpus": 0.5, "num_cpus": 1}}
+    assert request_executor(build_parser().parse_args(["request", "RUN", "--prefer", prefer, "OUT"])) is None
+    with pytest.raises(ConfigError, match="workers: 2 is a setting of executor: ray"):
+        answer_request(tmp_path / "ray2", prefer, tmp_path / "out-bad", refine=1, progress=False,
+                       executor={"executor": "local", "workers": 2})
+    assert not (tmp_path / "out-bad").exists()
