@@ -45,6 +45,21 @@ def test_linear_keeps_half_dtype_and_refuses_zero_weight_sum():
         ops.linear(thetas, [1.0, -1.0])
 
 
+def test_linear_refuses_mismatched_lengths_and_says_why_a_zero_sum_cannot_be_normalised():
+    with pytest.raises(ConfigError, match="thetas"):
+        ops.linear([t(1.0), t(2.0)], [1.0])
+    with pytest.raises(ConfigError, match="cannot be normalised; change the weights"):
+        ops.linear([t(1.0), t(2.0)], [2.0, -2.0])
+
+
+def test_linear_of_float64_models_is_computed_in_float64():
+    """0.1 and 0.7 are not float32 numbers: accumulating, or holding the weights, in float32 would show at 1e-9."""
+    thetas = [torch.tensor([1.0 + 1e-12, 3.0], dtype=torch.float64), torch.tensor([2.0, -1.0], dtype=torch.float64)]
+    out = ops.linear(thetas, [0.1, 0.7], normalize=False)
+    assert out.dtype == torch.float64
+    assert out.tolist() == [0.1 * (1.0 + 1e-12) + 0.7 * 2.0, 0.1 * 3.0 + 0.7 * -1.0]
+
+
 def test_task_arithmetic_weights_lambda_and_normalize():
     base = t(1.0, 1.0)
     deltas = [t(1.0, -2.0), t(2.0, 2.0)]
@@ -237,6 +252,30 @@ def test_dare_edges_and_bad_mode(tau):
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     with pytest.raises(ConfigError, match="'l2'"):
         ops.dare(tau, 0.5, generator=gen(0), rescale="l2")  # type: ignore[arg-type]
+
+
+def test_dare_of_float64_task_vectors_is_computed_in_float64():
+    tau64 = torch.randn(64, generator=gen(4), dtype=torch.float64) * (1 + 1e-12)
+    draws = torch.rand(64, generator=gen(9), dtype=torch.float32)  # the draws dare makes: float32 U(0, 1)
+    kept = torch.where(draws < 0.5, tau64, torch.zeros((), dtype=torch.float64))
+    expected = kept * (tau64.abs().sum() / kept.abs().sum())
+    out = ops.dare(tau64, 0.5, generator=gen(9), rescale="l1")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-13, atol=0)  # float32 arithmetic would be off by ~1e-7
+
+
+def test_a_dare_that_drops_every_entry_gives_zeros_not_nan():
+    """‖kept‖₁ = 0 while ‖τ‖₁ > 0: the L1 rescale must be skipped (mergekit's eps rule), not divide by 0."""
+    tau = t(0.5, -0.25, 1.0)
+    assert torch.equal(ops.match_l1_(torch.zeros(3), tau), torch.zeros(3))
+    for fn in (ops.dare, ops.dare_):
+        out = fn(tau.clone(), 1e-9, generator=gen(0), rescale="l1")  # U < 1e-9: nothing is kept
+        assert torch.equal(out, torch.zeros(3))
+
+
+def test_dare_in_place_defaults_to_mergekits_l1_rescale(tau):
+    x = tau[:40].clone()
+    assert torch.equal(ops.dare_(x, 0.4, generator=gen(6)), ops.dare(tau[:40], 0.4, generator=gen(6), rescale="l1"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
