@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     out = args.out or ROOT / "experiments" / "results" / f"mutation_{date}_{commit}.json"
     results = json.loads(out.read_text()) if out.exists() else {"modules": {}}
-    command = "nice -n 15 .venv/bin/python scripts/mutation.py " + " ".join(
-        [*args.modules, *(["--recheck"] if args.recheck else [])])
+    niceness = os.nice(0)  # the command as it was run: its priority and its options
+    command = (f"nice -n {niceness} " if niceness else "") + ".venv/bin/python scripts/mutation.py " + " ".join(
+        [*args.modules, *(["--max-children", str(args.max_children)] if args.max_children != 2 else []),
+         *(["--recheck"] if args.recheck else [])])
     earlier = results.get("command") if results.get("date") == date else None  # one file, several calls
     results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(), "machine": _machine(),
                 "command": f"{earlier} && {command}" if earlier else command}
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module}: mutating against {', '.join(MODULES[module])}", flush=True)
         result = run_module(module, args.max_children, recheck_survivors=args.recheck)
         results["modules"][module] = result
+        results["machine"] = _machine()  # its load average at the end of the latest module
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")  # after each module: a long run keeps what it did
         print(f"  {result['killed']}/{result['killed'] + len(result['survived'])} killed "
