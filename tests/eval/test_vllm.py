@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -204,5 +205,25 @@ def test_reload_into_a_tied_embedding_model_updates_the_head(tmp_path, engine):
             backend.load_state(state[swap_to])
             assert backend.generate(prompts, max_new_tokens=24) == texts[swap_to]
             assert backend.loglikelihood(REQUESTS) == pytest.approx(scores[swap_to], rel=1e-4, abs=1e-4)
+    finally:
+        backend.close()
+
+
+@pytest.mark.slow  # two engine worker processes start (~20 s)
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
+def test_a_weight_swap_reaches_every_tensor_parallel_worker(engine, models, hf, monkeypatch):
+    """With ``tensor_parallel_size: 2`` the engine's workers are other processes, each holding half of each
+    layer: a swap must reach both (its tensors cross a process boundary) and give transformers' outputs.
+    vLLM's CPU workers each need cores of their own; on one NUMA node they are named explicitly."""
+    engine.close()  # one engine per process at a time
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    backend = VLLMBackend(models["a"], batch_size=8, tensor_parallel_size=2)
+    try:
+        assert backend.generate(PROMPTS, max_new_tokens=12) == hf["a"].generate(PROMPTS, max_new_tokens=12)
+        backend.load_state(load_file(models["b"] / "model.safetensors"))
+        swapped = backend.generate(PROMPTS, max_new_tokens=12)
+        assert swapped == hf["b"].generate(PROMPTS, max_new_tokens=12)
+        assert swapped != hf["a"].generate(PROMPTS, max_new_tokens=12)
+        assert backend.loglikelihood(REQUESTS) == pytest.approx(hf["b"].loglikelihood(REQUESTS), rel=1e-4, abs=1e-4)
     finally:
         backend.close()
