@@ -96,8 +96,16 @@ def check_generate_args(prompts: Sequence[str], max_new_tokens: int) -> None:
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a generation prompt (with the tokenizer's own special tokens, e.g. BOS)."""
-    return list(tokenizer(prompt)["input_ids"])
+    """Token ids of a prompt, with the tokenizer's own special tokens (e.g. BOS) unless the text already
+    starts with the BOS text (or EOS where there is no BOS), as a template that writes it does.
+
+    Then none are added, so the model sees one BOS, not two: lm-evaluation-harness's ``HFLM`` decides the
+    same way (``has_bos_prefix``), which keeps lm-eval objectives' scores equal to its own.
+    """
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix_text = tokenizer.decode([prefix_id]) if prefix_id is not None else ""
+    add_special = not (prefix_text and prompt.startswith(prefix_text))
+    return list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:

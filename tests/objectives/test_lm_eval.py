@@ -308,6 +308,34 @@ def short(tmp_path_factory) -> tuple[Path, Path]:
     return model, folder
 
 
+def test_a_prompt_that_writes_the_bos_text_itself_gets_no_second_bos_as_in_lm_evals_hflm(model, hf):
+    """A template may write the BOS text (``<s>`` here) at the start of a prompt; HFLM then encodes it
+    without special tokens (``has_bos_prefix``). The adapter's encodings, log-likelihoods and generations
+    equal HFLM's on such prompts and on plain ones, and a prompt with and without the written BOS is one
+    input: a second BOS would change the model's scores."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from hm3.eval.backend import encode_prompt
+    from hm3.eval.harness import BackendLM
+
+    lm = HFLM(pretrained=str(model), device="cpu", batch_size=4, dtype="float32")
+    bos = hf.tokenizer.bos_token
+    texts = [bos + "hello", "hello", bos + "q: cat", "<s", ""]
+    assert [encode_prompt(hf.tokenizer, t) for t in texts] == [lm.tok_encode(t) for t in texts]
+    assert encode_prompt(hf.tokenizer, bos + "hello") == encode_prompt(hf.tokenizer, "hello")
+    pairs = [(bos + "hello", " world"), ("hello", " world"), (bos + "q: cat", " a"), (bos, "dog")]
+    ours = BackendLM(hf).loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], rel=1e-5, abs=1e-5)
+    assert ours[0][0] == pytest.approx(ours[1][0], rel=1e-6, abs=1e-6)
+    until = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    for prompt in (bos + "q: dog", "q: dog"):  # one prompt per call: HFLM decides per batch by its first prompt
+        request = [Instance("generate_until", {}, (prompt, until), 0)]
+        assert BackendLM(hf).generate_until(request) == lm.generate_until(request)
+
+
 def test_inputs_longer_than_the_model_reads_are_left_truncated_as_lm_evals_hflm_does(short):
     """HFLM on the same model (max_length from its config: SHORT_POSITIONS) scores and generates on the
     last tokens of each over-long input; hm3 gives the same answers, and different ones where it reads the
