@@ -6,12 +6,12 @@ candidate's weights into that model, as a local session does. Jobs go to idle ac
 submitted; the results come back to the process that runs the search, which commits them
 (:mod:`hm3.eval.parallel`).
 
-A worker that dies while it holds a job (its process killed, its node lost) is replaced by a new actor
-and the job is re-queued, on whichever worker is idle first. Replacement, not Ray's ``max_restarts`` /
-``max_task_retries``: Ray would restart the actor and re-run the task out of the driver's sight, so a
-candidate that kills every worker it is given (a merge that runs the node out of memory) would be
-retried without a word, and a restarted actor's failure to load its model would surface as an opaque
-actor-creation error. Here the driver sees each death, logs it naming the worker, gives a job at most
+A worker that dies while it holds a job (its process killed, by Ray's memory monitor too; its node lost)
+is replaced by a new actor and the job is re-queued, on whichever worker is idle first. Replacement, not
+Ray's ``max_restarts`` / ``max_task_retries``: Ray would restart the actor and re-run the task out of the
+driver's sight, so a candidate that kills every worker it is given (a merge that runs the node out of
+memory) would be retried without a word, and a restarted actor's failure to load its model would surface
+as an opaque actor-creation error. Here the driver sees each death, logs it naming the worker, gives a job at most
 :data:`MAX_ATTEMPTS` workers, and starts the replacement exactly as the first workers (its model load
 errors named the same way). Nothing is counted twice: a job's scores are returned once, by the one
 worker that finished it, and only returned scores are committed.
@@ -223,8 +223,6 @@ class RayExecutor:
     def _place(self, new: Sequence[_Worker]) -> None:
         """Wait (at most the placement timeout) until Ray has placed every one of ``new`` and its process
         answers; refused naming the workers it could not place."""
-        from ray.exceptions import RayActorError
-
         refs = {w.actor.where.remote(): w for w in new}
         ready, waiting = self._ray.wait(list(refs), num_returns=len(refs), timeout=self._placement_timeout)
         if waiting:
@@ -237,20 +235,20 @@ class RayExecutor:
             worker = refs[ref]
             try:
                 worker.pid, worker.node = self._ray.get(ref)
-            except RayActorError as err:
+            except _deaths() as err:
                 raise ExecutorError(f"Ray worker {worker.number} died as it started: {_first_line(err)}") from None
 
     def _loaded(self, worker: _Worker, ref: Any) -> tuple[dict[str, str], str]:
         """The result of ``worker``'s model load; its failure raised naming the worker and the cause (an hm3
         error as its own type, so the exit code says what kind of problem it is)."""
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayTaskError
 
         try:
             return self._ray.get(ref)
         except RayTaskError as err:
             cause = getattr(err, "cause", None) or err
             raise _named(cause, f"{worker} could not load the model") from None
-        except RayActorError as err:
+        except _deaths() as err:
             raise ExecutorError(f"{worker} died while loading the model: {_first_line(err)}") from None
 
     # --- the executor interface --------------------------------------------------------------------
@@ -352,9 +350,9 @@ class RayExecutor:
         self._drop(dead)
         if self._attempts[run.ticket] >= MAX_ATTEMPTS:
             raise ExecutorError(
-                f"{dead} died scoring a candidate ({_first_line(error)}), the {MAX_ATTEMPTS}th worker that "
-                f"candidate was given; it is not re-queued again (does its merge exhaust a worker's memory?). "
-                "The scores committed so far are in the run store: resume the run")
+                f"{dead} died scoring a candidate ({_first_line(error)}): {MAX_ATTEMPTS} workers have died holding "
+                "it, and it is not re-queued again (does its merge exhaust a worker's memory?). The scores "
+                "committed so far are in the run store: resume the run")
         self._log(f"{dead} died scoring a candidate ({_first_line(error)}): the candidate is re-queued and a "
                   "replacement worker started")
         self._queue.appendleft((run.ticket, run.job))
@@ -379,9 +377,9 @@ class RayExecutor:
                 self._drop(worker)
                 if attempt >= MAX_ATTEMPTS:
                     raise ExecutorError(
-                        f"{worker} died computing {what} ({_first_line(died.error)}), the {MAX_ATTEMPTS}th worker "
-                        "asked; not asked again (does it exhaust a worker's memory?). The scores committed so far "
-                        "are in the run store: resume the run") from None
+                        f"{worker} died computing {what} ({_first_line(died.error)}): {MAX_ATTEMPTS} workers have "
+                        "died on it, and it is not asked again (does it exhaust a worker's memory?). The scores "
+                        "committed so far are in the run store: resume the run") from None
                 self._log(f"{worker} died computing {what} ({_first_line(died.error)}): a replacement worker "
                           "started and asked again")
                 assert self._cfg is not None
@@ -404,7 +402,7 @@ class RayExecutor:
     def _errors(self) -> Iterator[None]:
         """An hm3 error raised in a worker re-raised as itself; a worker that died as :class:`_WorkerDied`
         (which :meth:`next_done` handles, and elsewhere is an ExecutorError)."""
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayTaskError
 
         try:
             yield
@@ -413,7 +411,7 @@ class RayExecutor:
             if isinstance(cause, Hm3Error):
                 raise cause from None
             raise
-        except RayActorError as err:
+        except _deaths() as err:
             raise _WorkerDied(err) from None
 
 
@@ -424,6 +422,14 @@ class _WorkerDied(ExecutorError):
         super().__init__(f"a Ray worker died ({type(error).__name__}: {_first_line(error)}); the scores committed "
                          "so far are in the run store: resume the run")
         self.error = error
+
+
+def _deaths() -> tuple[type[Exception], ...]:
+    """What a call on a dead worker raises: RayActorError, or OutOfMemoryError where Ray's memory monitor
+    killed it (a merge that ran the node out of memory; not a RayActorError)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    return RayActorError, OutOfMemoryError
 
 
 def _first_line(error: BaseException) -> str:

@@ -541,22 +541,32 @@ class _Method:
         return self.answer(*args)
 
 
+class _Ref:
+    """A call's object ref (hashable, as Ray's are): the answer, or the error its ``get`` raises."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+
 class _FakeActor:
-    """A Ray actor stand-in whose ``pool_layout`` call dies while its Ray has deaths left to give."""
+    """A Ray actor stand-in whose ``pool_layout`` and ``score`` calls die (with its Ray's ``error``) while its
+    Ray has deaths left to give."""
 
     def __init__(self, ray, number: int):
-        from ray.exceptions import RayActorError
-
         self.where = _Method(lambda: (1000 + number, "node"))
-        self.start = _Method(lambda: ({"device": "cpu"}, "hf"))
-        self.pool_layout = _Method(lambda: ray.die(RayActorError()) or "layout")
+        self.start = _Method(lambda: ray.load_error or ({"device": "cpu"}, "hf"))
+        self.pool_layout = _Method(lambda: ray.die(ray.error()) or "layout")
+        self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0)))
 
 
 class _FakeRay:
     """Just enough of Ray for :class:`RayExecutor` to start workers and ask them (no processes)."""
 
-    def __init__(self, deaths: int):
+    def __init__(self, deaths: int, error=None, load_error=None):
+        from ray.exceptions import RayActorError
+
         self.deaths, self.killed, self.started = deaths, [], 0
+        self.error, self.load_error = error or RayActorError, load_error
 
     def die(self, error):
         if self.deaths:
@@ -577,10 +587,12 @@ class _FakeRay:
 
         return Options()
 
-    def wait(self, refs, num_returns, timeout):
-        return refs, []
+    def wait(self, refs, num_returns, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
 
     def get(self, ref):
+        if isinstance(ref, _Ref):
+            ref = ref.answer
         if isinstance(ref, Exception):
             raise ref
         return ref
@@ -608,9 +620,62 @@ def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths
         assert executor.replaced == len(ray.killed) == deaths and ray.started == 1 + deaths
         assert len(executor.worker_pids()) == 1 and sum("died computing" in m for m in logs) == deaths
     else:
-        with pytest.raises(ExecutorError, match=f"died computing the layer pool's layout.*the {MAX_ATTEMPTS}th"):
+        with pytest.raises(ExecutorError, match=f"died computing the layer pool's layout.*{MAX_ATTEMPTS} workers have died"):
             executor.pool_layout()
         assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
+
+
+def _oom() -> Exception:
+    """What a call on an actor that Ray's memory monitor killed raises (Ray >= 2.3): not a RayActorError."""
+    from ray.exceptions import OutOfMemoryError
+
+    return OutOfMemoryError("Task was killed due to the node running low on memory.")
+
+
+@pytest.mark.parametrize("kind", ["died", "oom"])
+@pytest.mark.parametrize("deaths", [1, 3])
+def test_a_worker_that_dies_scoring_is_replaced_and_its_job_returned_once(kind, deaths):
+    """A worker that dies holding a job -- its process gone, or killed by Ray's memory monitor because the
+    merge ran the node out of memory -- is killed and replaced, and its job given to the next worker: every
+    job's scores come back once, from the worker that finished it. A job whose every worker died stops the
+    run, saying how many were tried."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import MAX_ATTEMPTS, RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    # the score calls die in the order made: a's first; with one worker, a's next ones too
+    ev = EvaluationConfig(executor="ray", workers=2 if deaths < MAX_ATTEMPTS else 1)
+    ray, logs = _FakeRay(deaths, error=_oom if kind == "oom" else None), []
+    executor = RayExecutor(ev, ray, started_ray=False, log=logs.append)
+    executor.start(SimpleNamespace(evaluation=ev))
+    tickets = [executor.submit(job) for job in ("a", "b")]
+    if deaths < MAX_ATTEMPTS:
+        done = dict(executor.next_done() for _ in tickets)
+        assert done == {0: ["a by 3"], 1: ["b by 2"]} and executor.pending == 0
+        assert executor.replaced == len(ray.killed) == 1 and len(executor.worker_pids()) == 2
+        assert sum("died scoring a candidate" in m for m in logs) == 1
+    else:
+        with pytest.raises(ExecutorError, match=rf"died scoring a candidate.*{MAX_ATTEMPTS} workers have died "
+                                                "holding it"):
+            while executor.pending:
+                executor.next_done()
+        assert len(ray.killed) == MAX_ATTEMPTS
+
+
+def test_a_worker_killed_for_memory_while_loading_its_model_is_named():
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=1)
+    executor = RayExecutor(ev, _FakeRay(0, load_error=_oom()), started_ray=False, log=lambda message: None)
+    with pytest.raises(ExecutorError, match=r"Ray worker 0 \(pid 1001 on node node\) died while loading the model: "
+                                            "Task was killed due to the node running low on memory"):
+        executor.start(SimpleNamespace(evaluation=ev))
 
 
 @pytest.mark.slow
