@@ -27,7 +27,7 @@ from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Sco
 from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import RunConfig
 from hm3.search.scoring import SplitPlan, example_ids, first_n, stored_scores, utility_maps
-from hm3.store import CandidateRef, RunStore
+from hm3.store import CandidateRef, RunStore, example_set_key
 from objectives.registry import build_objectives
 
 
@@ -68,19 +68,24 @@ class ExecutorSession:
 
     def score_many(self, candidates: Sequence[Candidate], plan: SplitPlan | Sequence[SplitPlan]) -> list[Scored]:
         """Each candidate stored (in the order given) and scored on its plan (``plan``, or one per
-        candidate): what the store lacks is scored in parallel, each (candidate, plan) once however often it
-        appears, and committed as it arrives."""
+        candidate): what the store lacks is scored in parallel, each (candidate, objective, examples) once
+        however often it appears -- two plans may share an objective's examples -- and committed as it
+        arrives."""
         plans = plans_for(candidates, plan)
         refs = [self.store.add_candidate(c.stored_recipe(), c.kind) for c in candidates]
         jobs: list[ScoreJob] = []
         owners: list[tuple[CandidateRef, SplitPlan]] = []
+        asked: set[tuple[int, str, str, str]] = set()  # (candidate, objective, split, example set) in a job
         for candidate, ref, p in zip(candidates, refs, plans, strict=True):
-            if (ref, p) in owners:
-                continue
-            missing = tuple(o.name for o in self.objectives
-                            if self.store.get_evaluation(ref, o.name, p.split, example_ids(o, p)) is None)
+            missing = []
+            for o in self.objectives:
+                ids = example_ids(o, p)
+                key = (ref.id, o.name, p.split, example_set_key(ids))
+                if key not in asked and self.store.get_evaluation(ref, o.name, p.split, ids) is None:
+                    asked.add(key)
+                    missing.append(o.name)
             if missing:
-                jobs.append(ScoreJob(candidate, p, missing, self._frame_recipes(candidate),
+                jobs.append(ScoreJob(candidate, p, tuple(missing), self._frame_recipes(candidate),
                                      samples=self._samples is not None))
                 owners.append((ref, p))
 

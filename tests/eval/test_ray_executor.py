@@ -530,6 +530,60 @@ def test_level2_episodes_are_the_same_locally_and_on_one_or_two_workers(ray_clus
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["evaluated_examples_this_process"] == 0
 
 
+# --- the executor session, over a fake executor ------------------------------------------------------
+
+
+class _ListExecutor:
+    """An executor whose jobs finish in the order submitted, each objective scored 0.5 (no models, no Ray);
+    ``asked`` is every (recipe, objective, examples) a job asked for."""
+
+    workers, name, backend, placement = 2, "list", "fake", {}
+
+    def __init__(self):
+        self.jobs: list = []  # (ticket, job) not yet returned
+        self.tickets = 0
+        self.asked: list[tuple[str, str, tuple[int, ...]]] = []
+
+    pending = property(lambda self: len(self.jobs))
+
+    def submit(self, job) -> int:
+        self.jobs.append((self.tickets, job))
+        recipe = json.dumps(job.candidate.stored_recipe(), sort_keys=True)
+        self.asked += [(recipe, o, tuple(job.plan.indices[o])) for o in job.objectives]
+        self.tickets += 1
+        return self.tickets - 1
+
+    def next_done(self):
+        from hm3.eval.executor import ObjectiveScore
+
+        ticket, job = self.jobs.pop(0)
+        return ticket, [ObjectiveScore(o, 0.5, len(job.plan.indices[o]), 0.0) for o in job.objectives]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_batch_asks_each_objectives_example_set_of_a_candidate_once(tiny_family, tmp_path):
+    """Level 2 scores one path on two episodes' reward subsets in one batch; where an objective's subsets
+    are the same (a split no larger than a subset) its score is asked of one worker, not two -- as a local
+    session, scoring one plan after the other, finds it stored -- and each example is counted once."""
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.search.scoring import SplitPlan
+
+    cfg = parse_run_config(_config(tiny_family))
+    executor = _ListExecutor()
+    with RunStore.open(tmp_path / "run") as store:
+        session = ExecutorSession(cfg, store, executor)
+        first, second = session.objective_names
+        whole = session.validation
+        fewer = SplitPlan(whole.split, {first: whole.indices[first], second: whole.indices[second][:-1]})
+        a = MergeCandidate(_recipe(0.9, 0.2))
+        scored = session.score_many([a, a], [whole, fewer])
+        assert len(executor.asked) == len(set(executor.asked)) == 3  # first once; second on each subset
+        assert scored[0].candidate == scored[1].candidate and len(store.evaluations()) == 3
+        assert session.evaluated_examples == sum(e.count for e in store.evaluations())
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 
