@@ -428,8 +428,9 @@ def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.nda
     scored as pending (:meth:`~hm3.search.optimizers.base.Optimizer.ask_async`), and each point is told as
     its score arrives. Workers wait less; the order of tells, and so the points, depend on timing.
 
-    Each point handed out is recorded (``level1_ask``) before it is sent, so a resumed run re-issues those
-    that were in flight (their stored scores looked up, the rest scored) before proposing anew."""
+    Each point handed out is recorded (``level1_ask``) before its score can be committed, so a resumed run
+    re-issues those that were in flight (their stored scores looked up, the rest scored; as many as its
+    budget has room for) before proposing anew."""
     from hm3.eval.parallel import ExecutorSession
 
     if not isinstance(session, ExecutorSession):
@@ -457,7 +458,8 @@ def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.nda
         else:
             flight.setdefault(ticket, []).append(p)
 
-    for _, x in in_flight_asks(store):  # a resumed run's proposals in flight when it stopped
+    # a resumed run's proposals in flight when it stopped, those its budget has room for (a resume may lower it)
+    for _, x in in_flight_asks(store)[:max(0, optimizer.remaining)]:
         p = torch.tensor(x, dtype=torch.float64)
         optimizer.mark_pending(p[None])
         send(p, asked=True)

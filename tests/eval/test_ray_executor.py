@@ -584,6 +584,30 @@ def test_a_batch_asks_each_objectives_example_set_of_a_candidate_once(tiny_famil
         assert session.evaluated_examples == sum(e.count for e in store.evaluations())
 
 
+def test_an_async_run_resumed_with_its_budget_spent_leaves_the_points_in_flight_untold(tiny_family, tmp_path):
+    """An asynchronous run stopped with a point in flight and resumed with a budget of the points already
+    told: that point is beyond the budget, so it is neither scored nor told (telling it would exceed the
+    optimiser's budget)."""
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.search.level1 import ASK_EVENT, TELL_EVENT, make_optimizer, propose_async, told_points
+
+    data = _config(tiny_family, executor="ray", workers=2, proposals="async")
+    cfg = parse_run_config(data | {"optimizer": {"name": "random", "budget": 2}})
+    optimizer, executor = make_optimizer(cfg), _ListExecutor()
+    base, ideal = np.zeros(2), np.ones(2)
+    points = torch.rand(3, cfg.search_space.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with RunStore.open(tmp_path / "run") as store:
+        for i, x in enumerate(points):  # all three asked, the first two told (and replayed)
+            ref = store.add_candidate(cfg.search_space.to_recipe(x), "merge")
+            store.add_event(ASK_EVENT, {"candidate": ref.id, "x": x.tolist()})
+            if i < 2:
+                store.add_event(TELL_EVENT, {"candidate": ref.id, "x": x.tolist()})
+                optimizer.tell(x[None], torch.full((1, 2), 0.5, dtype=torch.float64))
+        session = ExecutorSession(cfg, store, executor)
+        propose_async(optimizer, session, base, ideal, lambda told: None, stop_after=None)
+        assert executor.asked == [] and len(told_points(store)) == 2
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 
