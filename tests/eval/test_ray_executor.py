@@ -698,7 +698,8 @@ def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths
         assert executor.replaced == len(ray.killed) == deaths and ray.started == 1 + deaths
         assert len(executor.worker_pids()) == 1 and sum("died computing" in m for m in logs) == deaths
     else:
-        with pytest.raises(ExecutorError, match=f"died computing the layer pool's layout.*{MAX_ATTEMPTS} workers have died"):
+        with pytest.raises(ExecutorError,
+                           match=f"died computing the layer pool's layout.*{MAX_ATTEMPTS} workers have died"):
             executor.pool_layout()
         assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
 
