@@ -7,7 +7,9 @@ noise hits both alike:
 
 * ``scripts/test.sh`` (ruff + the whole pytest suite, what CI runs), wall time and pytest's summary;
 * ``scripts/demo.sh --out DIR`` into a fresh folder, with the clone's ``runs/`` removed first, so a
-  demo that builds its zoo builds it every time, as on a fresh machine.
+  demo that builds its zoo builds it every time, as on a fresh machine;
+* ``quick`` (``--what`` must name it): ``scripts/test.sh -m "not slow"``, a developer's feedback loop, on
+  this commit's clone only; its target is absolute (:data:`QUICK_TARGET_S`), not a ratio.
 
 Each clone has its own torch extension cache (:func:`clone_env`): what a commit's set-up or first
 run compiles (botorch's fused kernel) it compiles once, as on its own machine.
@@ -33,6 +35,10 @@ from pathlib import Path
 import harness
 
 REPO = harness.REPO
+#: the quick suite's target: a developer's feedback within 3 minutes
+QUICK_TARGET_S = 180.0
+COMMANDS = {"suite": ["scripts/test.sh", "-q", "-p", "no:cacheprovider"],
+            "quick": ["scripts/test.sh", "-q", "-p", "no:cacheprovider", "-m", "not slow"]}
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True, help="the commit to compare against (e.g. the main before a change)")
     p.add_argument("--current", default="HEAD")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--what", default="suite,demo", help="comma-separated: suite, demo")
+    p.add_argument("--what", default="suite,demo", help="comma-separated: suite, demo, quick")
     p.add_argument("--work", type=Path, default=Path("/tmp/hm3-bench-suite"))
     harness.add_out_arguments(p, "bench_test_suite")
     args = p.parse_args(argv)
@@ -90,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "bench_test_suite", **harness.provenance(argv), "commits": commits, "runs": []}
     what = args.what.split(",")
     for r in range(args.rounds):
-        for kind in ("suite", "demo"):
+        for kind in ("suite", "demo", "quick"):
             if kind not in what:
                 continue
             for name, src in clones.items():
-                if kind == "suite":
-                    cmd = ["scripts/test.sh", "-q", "-p", "no:cacheprovider"]
+                if kind == "quick" and name != "current":
+                    continue
+                if kind in COMMANDS:
+                    cmd = COMMANDS[kind]
                 else:
                     shutil.rmtree(src / "runs", ignore_errors=True)
                     cmd = ["scripts/demo.sh", "--out", "runs/demo-bench"]
@@ -104,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
                 harness.write_results(out, result)
-    ratios = {}
+    ratios: dict[str, dict] = {}
     for kind in what:
+        if kind == "quick":
+            mean_s = sum(x["seconds"] for x in result["runs"] if x["kind"] == kind) / args.rounds
+            ratios[kind] = {"current_mean_s": round(mean_s, 1), "target_s": QUICK_TARGET_S,
+                            "met": mean_s <= QUICK_TARGET_S}
+            continue
         mean = {n: sum(x["seconds"] for x in result["runs"] if x["kind"] == kind and x["checkout"] == n)
                 / args.rounds for n in clones}
         ratios[kind] = {"baseline_mean_s": round(mean["baseline"], 1), "current_mean_s": round(mean["current"], 1),

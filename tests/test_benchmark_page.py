@@ -60,3 +60,26 @@ def test_results_are_named_and_carry_their_provenance(tmp_path, monkeypatch):
     assert record["command"].endswith("--flag") and record["machine"]["cpus"]
     out = harness.write_results(tmp_path / "r.json", {"benchmark": "bench_x", **record})
     assert json.loads(out.read_text())["commit"] == record["commit"]
+
+
+def test_the_quick_suite_is_judged_against_three_minutes_not_against_the_baseline():
+    import benchmark_sections
+
+    def run(kind: str, checkout: str, seconds: float) -> dict:
+        return {"round": 0, "kind": kind, "checkout": checkout, "seconds": seconds, "summary": f"{kind} passed"}
+
+    def page(quick_s: float) -> tuple[str, list]:
+        data = {"date": "2026-12-04", "commits": {"baseline": "a" * 40, "current": "b" * 40},
+                "runs": [run("suite", "baseline", 400), run("suite", "current", 300), run("quick", "current", quick_s)],
+                "summary": {"suite": {"ratio": 0.75}, "quick": {"current_mean_s": quick_s, "target_s": 180.0,
+                                                                 "met": quick_s <= 180}}}
+        results = Results([Result(Path("bench_test_suite_2026-12-04_bbbbbbb.json"), "bench_test_suite", "2026-12-04",
+                                  "bbbbbbb", "", data)])
+        return benchmark_sections.render_test_suite(results), benchmark_sections.test_suite_targets(results)
+
+    text, targets = page(150)
+    assert '`scripts/test.sh -m "not slow"` (this commit only) | – | 150 | – | ≤ 180 s: met' in text
+    assert [(name, value, met) for name, value, met in targets if "not slow" in name] == [
+        ('`scripts/test.sh -m "not slow"` ≤ 3 minutes', "150 s", True)]
+    assert [t[2] for t in targets if "0.5×" in t[0]] == [False]  # the whole suite still judged as a ratio
+    assert page(200)[1][-1][2] is False and "≤ 180 s: **not met**" in page(200)[0]
