@@ -20,7 +20,8 @@ points told in proposal order), without the workers. HV after n evaluations foll
 
 ``idle`` (label ``idle``): how long Ray workers wait for proposals. ``bo-mo`` on 2 Ray workers of 1 CPU
 each, the same budget and seed in batch mode (2 points asked at a time, told in proposal order) and with
-``proposals: async`` (a worker that finishes gets a point proposed with the other still pending), as
+``proposals: async`` (the next point proposed in a thread while the workers score, with the points in
+flight pending, and handed to the worker that finishes), as
 ``hm3 search param`` runs them (:func:`propose_in_batches`, :func:`propose_async`); each run's summary fields
 (``worker_idle_share``: the share of the workers' time between the first job and the last result spent
 waiting for a candidate). The idle share is the proposal's time over the evaluation's: it falls as the

@@ -424,13 +424,20 @@ def in_flight_asks(store: RunStore) -> list[tuple[int, list[float]]]:
 
 def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.ndarray, ideal: np.ndarray,
                   record: Callable[[list[tuple[torch.Tensor, Scored]]], None], *, stop_after: int | None) -> None:
-    """``proposals: async``: every idle worker gets a new point at once, proposed with the points still being
-    scored as pending (:meth:`~hm3.search.optimizers.base.Optimizer.ask_async`), and each point is told as
-    its score arrives. Workers wait less; the order of tells, and so the points, depend on timing.
+    """``proposals: async``: each point is proposed with the points still being scored as pending
+    (:meth:`~hm3.search.optimizers.base.Optimizer.ask_async`) and told as its score arrives.
+
+    Workers do not wait for the driver's proposals: the next point is proposed in a thread of its own
+    while the workers score, so a worker that finishes gets it at once (the wait is the proposal's
+    remainder only when proposing takes longer than a worker's turn). A proposal made before a score
+    arrived does not see it, and the order of tells, and so the points, depend on timing.
 
     Each point handed out is recorded (``level1_ask``) before its score can be committed, so a resumed run
     re-issues those that were in flight (their stored scores looked up, the rest scored; as many as its
     budget has room for) before proposing anew."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from threading import Lock
+
     from hm3.eval.parallel import ExecutorSession
 
     if not isinstance(session, ExecutorSession):
@@ -438,11 +445,14 @@ def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.nda
     store, plan, workers = session.store, session.validation, session.executor.workers
     flight: dict[int, list[torch.Tensor]] = {}  # ticket -> points it scores (one, unless proposed twice)
     new = 0
+    # the optimiser is asked in the proposer thread and told in this one, never both at once
+    lock = Lock()
 
     def tell(points: list[torch.Tensor], scored: Scored) -> None:
         y = torch.tensor(normalise(scored.scores[None], base, ideal))
-        for p in points:
-            optimizer.tell(p[None], y)
+        with lock:
+            for p in points:
+                optimizer.tell(p[None], y)
         store.add_events(TELL_EVENT, [{"candidate": scored.candidate.id, "x": p.tolist()} for p in points])
         record([(p, scored) for p in points])
 
@@ -458,25 +468,47 @@ def propose_async(optimizer: Optimizer, session: EvaluationSession, base: np.nda
         else:
             flight.setdefault(ticket, []).append(p)
 
-    # a resumed run's proposals in flight when it stopped, those its budget has room for (a resume may lower it)
-    for _, x in in_flight_asks(store)[:max(0, optimizer.remaining)]:
+    def ask_one() -> tuple[torch.Tensor, int]:
+        """A point (none while the optimiser needs a first score), and how many scores it was asked with."""
+        with lock:
+            return optimizer.ask_async(1), optimizer.n_evaluated
+
+    def may_ask() -> bool:
+        with lock:
+            return optimizer.remaining > 0 and (stop_after is None or new < stop_after)
+
+    for _, x in in_flight_asks(store)[:max(0, optimizer.remaining)]:  # a resumed run's points in flight
         p = torch.tensor(x, dtype=torch.float64)
         optimizer.mark_pending(p[None])
         send(p, asked=True)
-    while True:
-        while (len(flight) < workers and optimizer.remaining > 0
-               and (stop_after is None or new < stop_after)):
-            x = optimizer.ask_async(1)
-            if not len(x):
-                break  # the optimiser needs a pending result first
-            new += 1
-            send(x[0], asked=False)
-        if not flight:
-            if optimizer.remaining > 0 and (stop_after is None or new < stop_after):
-                raise RuntimeError(f"{optimizer.name}: proposed nothing with no point in flight")
-            return
-        ticket, scored = session.next_done()
-        tell(flight.pop(ticket), scored)
+    proposer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-propose")
+    proposal: Future[tuple[torch.Tensor, int]] | None = None  # the next point, being proposed
+    try:
+        while True:
+            while len(flight) < workers:
+                if proposal is None:
+                    if not may_ask():
+                        break
+                    proposal = proposer.submit(ask_one)
+                (x, seen), proposal = proposal.result(), None
+                if not len(x):
+                    with lock:
+                        told_since = optimizer.n_evaluated > seen
+                    if told_since:
+                        continue  # asked before the first score arrived: ask again with it
+                    break  # the optimiser needs a first score
+                new += 1
+                send(x[0], asked=False)
+            if not flight:
+                if may_ask():
+                    raise RuntimeError(f"{optimizer.name}: proposed nothing with no point in flight")
+                return
+            if proposal is None and may_ask():
+                proposal = proposer.submit(ask_one)  # the next worker's point, proposed while the workers score
+            ticket, scored = session.next_done()
+            tell(flight.pop(ticket), scored)
+    finally:
+        proposer.shutdown(wait=True)
 
 
 def write_outputs(cfg: RunConfig, session: EvaluationSession, result: Level1Result, *, seconds: float,

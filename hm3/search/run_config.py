@@ -73,7 +73,8 @@ class EvaluationConfig(_Frozen):
     proposals: Literal["batch", "async"] = Field(
         "batch", description="batch: level 1 asks for `workers` points, scores them, tells them in proposal order "
         "(reproducible from seed and workers); async: a worker that finishes gets a new point at once, proposed "
-        "with the others still pending (less idle time; the order depends on timing, so not reproducible)"
+        "while the workers scored, with the points in flight pending (less idle time; the order depends on "
+        "timing, so not reproducible)"
     )
     device: str = Field(
         "cpu", description="cpu, cuda, cuda:N or auto (cuda if available, else cpu): where merges are computed "

@@ -608,6 +608,61 @@ def test_an_async_run_resumed_with_its_budget_spent_leaves_the_points_in_flight_
         assert executor.asked == [] and len(told_points(store)) == 2
 
 
+class _TimedExecutor(_ListExecutor):
+    """:class:`_ListExecutor` whose jobs take ``seconds`` each: ``next_done`` waits that long, recording when
+    each wait began and ended."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.waits: list[tuple[float, float]] = []
+
+    def next_done(self):
+        began = time.perf_counter()
+        time.sleep(self.seconds)
+        self.waits.append((began, time.perf_counter()))
+        return super().next_done()
+
+
+@pytest.mark.parametrize("optimizer_name", ["random", "bo-mo"])
+def test_async_proposals_are_made_while_the_workers_score(tiny_family, tmp_path, optimizer_name):
+    """With asynchronous proposals the optimiser is asked while the driver waits for the workers, not after:
+    each proposal after the first two (one per idle worker at the start; for bo-mo also its first model-based
+    point, which needs a first score) runs during a wait for a score, so a worker that finishes finds its
+    next point ready. Every point of the budget is scored once and told once.
+    (An optimiser asked only between the waits, as a sequential driver does, overlaps none of them.)"""
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.search.level1 import make_optimizer, propose_async, told_points
+
+    data = _config(tiny_family, executor="ray", workers=2, proposals="async")
+    options = {"n_init": 2, "num_restarts": 2, "raw_samples": 16, "mc_samples": 16} if optimizer_name == "bo-mo" else {}
+    cfg = parse_run_config(data | {"optimizer": {"name": optimizer_name, "budget": 7, "options": options}})
+    optimizer, executor = make_optimizer(cfg), _TimedExecutor(0.4)
+    asks: list[tuple[float, float, int]] = []  # (began, ended, points returned)
+    ask_async = optimizer.ask_async
+
+    def slow_ask(n: int) -> torch.Tensor:
+        began = time.perf_counter()
+        time.sleep(0.15)  # a proposal that costs a good share of a worker's turn
+        x = ask_async(n)
+        asks.append((began, time.perf_counter(), len(x)))
+        return x
+
+    optimizer.ask_async = slow_ask
+    with RunStore.open(tmp_path / "run") as store:
+        session = ExecutorSession(cfg, store, executor)
+        propose_async(optimizer, session, np.zeros(2), np.ones(2), lambda told: None, stop_after=None)
+        told = told_points(store)
+        assert len(told) == 7 and len({tuple(x) for _, x in told}) == 7
+        assert len(executor.asked) == len(set(executor.asked)) == 7 * len(session.objective_names)
+    proposals = [(a, b) for a, b, n in asks if n]
+    assert len(proposals) == 7
+    overlapped = [any(a < w1 and w0 < b for w0, w1 in executor.waits) for a, b in proposals]
+    # bo-mo's first model-based point needs a first score, so it is proposed once that score is in
+    first = 2 if optimizer_name == "random" else 3
+    assert not any(overlapped[:first]) and all(overlapped[first:]), overlapped
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 
