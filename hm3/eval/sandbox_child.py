@@ -148,13 +148,21 @@ def _flush_streams() -> None:
             stream.flush()
 
 
-def _pristine(namespace: dict, saved_builtins: dict) -> None:
-    """Undo what the program's top level may have done to sway its tests: patched builtins, trace hooks."""
+def _pristine(namespace: dict, saved_builtins: dict) -> dict:
+    """The namespace the tests run in, clear of what the program did to sway them.
+
+    Trace hooks are removed and the ``builtins`` module restored. The tests get a copy of the
+    program's globals without those that shadow a builtin (``abs = lambda x: 0``), over a private
+    copy of the builtins: a thread, an audit hook or a call of the program that patches ``builtins``
+    while the tests run does not reach them. The program's functions keep their own globals.
+    """
     sys.settrace(None)
     sys.setprofile(None)
     builtins.__dict__.clear()
     builtins.__dict__.update(saved_builtins)
-    namespace["__builtins__"] = builtins
+    tests = {name: value for name, value in namespace.items() if name not in saved_builtins}
+    tests.update({"__name__": "__main__", "__builtins__": dict(saved_builtins)})
+    return tests
 
 
 def run_program(spec: dict, token: bytes) -> int:
@@ -170,8 +178,8 @@ def run_program(spec: dict, token: bytes) -> int:
     try:
         _exec(_compile(spec["program"], "<program>", "exec"), namespace)
         if spec["harness"] is not None:
-            _pristine(namespace, saved_builtins)
-            _exec(_compile(spec["harness"], "<tests>", "exec"), namespace)
+            tests = _pristine(namespace, saved_builtins)
+            _exec(_compile(spec["harness"], "<tests>", "exec"), tests)
     except SystemExit as exc:  # sys.exit() before the end: never a completed run, whatever the code
         _flush_streams()
         return _exit_status(exc)

@@ -159,6 +159,12 @@ FAKE_PASSES = {
     "patches builtins the tests use": ADD + "import builtins\nbuiltins.abs = lambda x: 0\n",
     "rebinds __builtins__": ADD + "__builtins__ = {'abs': lambda x: 0, '__build_class__': None}\n",
     "defines its own check": ADD + "def check(candidate):\n    pass\n",
+    "shadows a builtin with a global": ADD + "abs = lambda x: 0\n",
+    "patches builtins from a thread while the tests run": ADD + "import builtins, sys, threading\n"
+    "sys.setswitchinterval(1e-6)\ndef spoil():\n    while True:\n        builtins.abs = lambda x: 0\n"
+    "threading.Thread(target=spoil, daemon=True).start()\n",
+    "patches builtins from an audit hook as the tests are compiled": ADD + "import builtins, sys\n"
+    "sys.addaudithook(lambda event, args: setattr(builtins, 'abs', lambda x: 0))\n",
 }
 TESTS = "def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n\ncheck(add)\n"
 
@@ -181,6 +187,12 @@ def test_correct_program_that_uses_builtins_and_threads_still_passes():
     program = "import threading\ndef add(a, b):\n    out = []\n"
     program += "    t = threading.Thread(target=lambda: out.append(abs(a + b)))\n    t.start()\n    t.join()\n"
     program += "    return out[0] if a + b >= 0 else a + b\n"
+    assert check_program(program, TESTS, timeout_s=10)
+
+
+def test_program_functions_keep_their_own_globals_that_shadow_builtins():
+    # the tests see the real abs; the program's add still sees its own
+    program = "def abs(x):\n    return -x\ndef add(a, b):\n    return abs(-(a + b))\n"
     assert check_program(program, TESTS, timeout_s=10)
 
 
