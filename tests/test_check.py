@@ -97,6 +97,13 @@ def test_the_demos_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 @pytest.mark.slow
+def test_a_preference_count_written_as_a_float_passes_as_the_run_accepts_it(capsys: pytest.CaptureFixture) -> None:
+    rc, out = _check(capsys, ZOO_LEVEL1.parent / "zoo_two_level.yml", "--set", "level2.preferences=4.0")
+    assert rc == 0 and out["passed"], out["error"]
+    assert any(i["what"] == "level 2" and i["status"] == "ok" for i in out["items"])
+
+
+@pytest.mark.slow
 def test_check_passes_on_the_zoo_and_writes_nothing_outside_a_temp_dir(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     work, temp = tmp_path / "cwd", tmp_path / "tmp"

@@ -316,9 +316,9 @@ def _check_two_level(standin: dict[str, Any], original: dict[str, Any], source: 
     report.add("ok", "level 2 vs the models' depth", "t_max, swaps and transition scales fit "
                f"{cfg_given.level2.rl.t_max if cfg_given.level2.rl.t_max is not None else 'the default'} hops")
     level2 = copy.deepcopy(standin["level2"] or {})
-    prefs = level2.get("preferences", 4)
+    prefs = cfg_given.level2.preferences  # as parsed: the YAML may say 4.0 or "4"
     level2["preferences"] = 1 if isinstance(prefs, int) else prefs[:1]
-    level2["keep_best"] = min(int(level2.get("keep_best", 0)), 1)
+    level2["keep_best"] = min(cfg_given.level2.keep_best, 1)
     level2["rl"] = {**(level2.get("rl") or {}), "offline_episodes": 1, "online_episodes": 1,
                     "episodes_per_update": 1, "epochs": 1}
     report.add("note", "level2", "1 preference, 2 episodes (1 offline, 1 online), PPO updated after each")
