@@ -148,6 +148,26 @@ def test_lmeval_task_without_data_stands_in_as_an_lmeval_task(tmp_path: Path, ca
     assert sorted(p.name for p in tasks.iterdir()) == ["absent.yaml"]
 
 
+def test_an_error_about_an_lmeval_standin_names_its_own_objective(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from hm3.check import CheckReport, _standin_objectives
+    from hm3.errors import ExitCode
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for x in "ab":
+        (tasks / f"absent_{x}.yaml").write_text(yaml.safe_dump({
+            "task": f"hm3_absent_{x}", "dataset_path": "hm3-test/absent-data", "output_type": "multiple_choice",
+            "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": "gold"}))
+    specs = [f"lm-eval:hm3_absent_{x},include_path={tasks}" for x in "ab"]
+    report = CheckReport("config.yml")
+    chosen = _standin_objectives(specs, tmp_path / "data", report)
+    for i, spec in enumerate(specs):
+        report.fail(f"objective {chosen[spec]!r} failed", ExitCode.BAD_INPUT)
+        assert f"the stand-in data of objectives[{i}] ({spec})" in report.error, report.error
+        assert str(tmp_path / "data") not in report.error
+
+
 def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureFixture) -> None:
     config = ZOO_LEVEL1.parent / "qwen25_1p5b_two_level.yml"
     rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")

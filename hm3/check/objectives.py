@@ -139,9 +139,11 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
     if lmeval_here:
         # the original's name= where it gives one; a default name (lm-eval:TASK/...) holds ':', which name=
         # may not, so the stand-in then keeps its own default name
-        standin = write_lmeval_standin(output_type, data_dir / "lm-eval", index, parsed.name)
+        # a folder per objective: an error naming it is traced back to this objective alone
+        folder = data_dir / "lm-eval" / f"objective-{index}"
+        standin = write_lmeval_standin(output_type, folder, index, parsed.name)
         return ObjectiveChoice(spec, standin, f"{why}: stand-in {output_type} lm-eval task (4 local documents)",
-                               str(data_dir / "lm-eval"))
+                               str(folder))
     kind = _STANDIN_KIND[output_type]
     path = _write_standin(kind, data_dir, index)
     return ObjectiveChoice(spec, f"{kind}:{path}", f"{why}: stand-in {output_type} task ({kind} adapter, 4 records)",
