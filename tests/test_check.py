@@ -202,6 +202,16 @@ def _llama_shape(ref: str, vocab_size: int) -> ModelShape:
     return ModelShape(ref, ref, "test", config)
 
 
+def test_a_key_a_config_json_leaves_out_compares_as_its_familys_default() -> None:
+    from hm3.check.models import shape_conflicts
+
+    saved = _llama_shape("base", 150)  # save_pretrained may leave out a key that holds its default
+    explicit = ModelShape("a", "a", "test", saved.config | {"tie_word_embeddings": False})
+    tied = ModelShape("b", "b", "test", saved.config | {"tie_word_embeddings": True})
+    assert shape_conflicts([saved, explicit]) == []  # Llama's default: untied
+    assert shape_conflicts([saved, tied]) == ["tie_word_embeddings: base False, b True"]
+
+
 def test_standins_of_a_search_over_the_bases_vocabulary_have_the_real_vocab_sizes(tmp_path: Path) -> None:
     """Rows as the models' configs say (as Llama-2 32000, WizardMath 32001, CodeLlama 32016, here smaller), the
     base's toy tokenizer filled up to the base's rows, the experts' first rows the base's perturbed ones."""

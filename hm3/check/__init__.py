@@ -193,15 +193,15 @@ def _check(path: Path, sets: tuple[str, ...], tmp: Path, report: CheckReport) ->
 
 
 def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckReport) -> dict[str, Path]:
-    from hm3.check.models import build_standins, model_shape, shape_conflicts
+    from hm3.check.models import build_standins, model_shape, shape_conflicts, shape_value
 
     shapes = [model_shape(ref, value, config_dir) for ref, value in level1.models.items()]
     for s in shapes:
         c = s.config
         report.add("substituted", f"models.{s.ref}", f"{s.value}: shape from {s.source} ({c.get('model_type')}, "
                    f"{c.get('num_hidden_layers')} layers, {c.get('num_attention_heads')}/"
-                   f"{c.get('num_key_value_heads', c.get('num_attention_heads'))} heads, tied embeddings "
-                   f"{c.get('tie_word_embeddings', False)}) -> tiny random stand-in of that family")
+                   f"{shape_value(c, 'num_key_value_heads')} heads, tied embeddings "
+                   f"{shape_value(c, 'tie_word_embeddings')}) -> tiny random stand-in of that family")
     own_vocabularies = level1.search_space.tokenizer_source is not None
     conflicts = shape_conflicts(shapes, own_vocabularies=own_vocabularies)
     if conflicts:

@@ -129,6 +129,21 @@ def standin_config(shape: ModelShape, vocab_size: int) -> dict[str, Any]:
     return out
 
 
+def shape_value(config: dict[str, Any], key: str) -> Any:
+    """``key`` of a config.json as transformers reads it: a key left out (``save_pretrained`` leaves out
+    those that hold their default) has the family's default; None where the family is unknown."""
+    if key in config:
+        return config[key]
+    if key == "num_key_value_heads":  # no GQA: one key/value head per query head
+        return config.get("num_attention_heads")
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.for_model(config.get("model_type")), key, None)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def shape_conflicts(shapes: list[ModelShape], *, own_vocabularies: bool = False) -> list[str]:
     """Architecture keys on which the models differ (a merge needs one architecture), one line each;
     ``own_vocabularies``: the vocabulary sizes may differ (a search with a tokenizer source)."""
@@ -136,8 +151,7 @@ def shape_conflicts(shapes: list[ModelShape], *, own_vocabularies: bool = False)
     for key in SHAPE_KEYS:
         if own_vocabularies and key == "vocab_size":
             continue
-        values = {s.ref: s.config.get(key, s.config.get("num_attention_heads") if key == "num_key_value_heads"
-                                      else None) for s in shapes}
+        values = {s.ref: shape_value(s.config, key) for s in shapes}
         if len(set(map(repr, values.values()))) > 1:
             lines.append(f"{key}: " + ", ".join(f"{ref} {v!r}" for ref, v in values.items()))
     return lines
