@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -402,6 +403,23 @@ def test_workdir_is_home_and_nothing_is_left_afterwards(mode):
     assert result.passed and workdir == home
     assert workdir == "/tmp" if mode != "none" else Path(workdir).name.startswith("hm3-sandbox-")
     assert not Path("/tmp", name).exists() and not Path(workdir, name).exists()
+    _assert_nothing_left(before)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_an_interrupted_run_leaves_no_process_behind(mode, monkeypatch):
+    before = _sandbox_dirs()
+
+    def interrupt(seconds: float) -> None:  # Ctrl-C while the evaluator waits for the program
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_untrusted("import time\ntime.sleep(60)", timeout_s=30, mode=mode)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5  # killed processes may take a moment to be reaped
+    while _live_sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
     _assert_nothing_left(before)
 
 
