@@ -196,6 +196,21 @@ def test_shape_comes_from_the_hf_cache_before_any_template(tmp_path: Path, monke
     assert model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path).source.startswith("template qwen/qwen2.5-1.5b")
 
 
+def test_shape_comes_from_the_folder_the_run_would_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hm3.check.models import model_shape
+    from hm3.errors import ConfigError
+
+    config_dir, cwd = tmp_path / "configs", tmp_path / "cwd"
+    (config_dir / "base").mkdir(parents=True)
+    (config_dir / "base" / "config.json").write_text(json.dumps(_llama_shape("base", 150).config))
+    (cwd / "base").mkdir(parents=True)  # the run reads ./base, which exists, before configs/base
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError, match=r"models\.base: cannot read base/config\.json"):
+        model_shape("base", "base", config_dir)
+    (cwd / "base").rmdir()
+    assert model_shape("base", "base", config_dir).source == f"config.json at {config_dir / 'base' / 'config.json'}"
+
+
 def _llama_shape(ref: str, vocab_size: int) -> ModelShape:
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": vocab_size}

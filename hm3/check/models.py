@@ -53,8 +53,10 @@ class ModelShape:
 
 
 def _local_config(value: str, config_dir: Path) -> Path | None:
+    """``config.json`` of the folder the run reads for ``value``: the first that exists, relative to the CWD
+    then to the config's folder (:func:`hm3.checkpoint.hub.resolve_model`), whether or not it holds one."""
     for folder in (Path(value).expanduser(), config_dir / value):
-        if (folder / "config.json").is_file():
+        if folder.exists():
             return folder / "config.json"
     return None
 
