@@ -168,6 +168,25 @@ def test_an_error_about_an_lmeval_standin_names_its_own_objective(tmp_path: Path
         assert str(tmp_path / "data") not in report.error
 
 
+def test_a_data_file_with_options_is_read_and_a_stand_in_keeps_them(tmp_path: Path) -> None:
+    from hm3.check.objectives import choose_objective
+    from hm3.errors import DataFileError
+    from objectives.registry import get_objective
+
+    good, bad = tmp_path / "g.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"question": "1 + 1?", "answer": "#### 2", "split": split}) + "\n"
+                            for split in ("train", "test")))
+    bad.write_text("not json\n")
+    spec = f"gsm8k:{good}@2,name=g,fewshot=1"
+    assert choose_objective(spec, tmp_path, 0).spec == spec  # the file is here: used as it is
+    with pytest.raises(DataFileError, match="bad.jsonl"):
+        choose_objective(f"gsm8k:{bad},chat=true", tmp_path, 0)
+    choice = choose_objective("gsm8k:absent.jsonl,name=g,chat=true", tmp_path, 0)  # no chat template in a stand-in
+    assert choice.spec == f"gsm8k:{choice.path},name=g" and "data file absent.jsonl not found" in choice.note
+    eight_shot = choose_objective("gsm8k:absent.jsonl,fewshot=8@3", tmp_path, 1).spec
+    assert eight_shot.endswith(",fewshot=8@3") and get_objective(eight_shot).name.endswith("/8shot@3")
+
+
 def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureFixture) -> None:
     config = ZOO_LEVEL1.parent / "qwen25_1p5b_two_level.yml"
     rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")
