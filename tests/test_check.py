@@ -269,6 +269,25 @@ def test_standins_of_a_search_over_the_bases_vocabulary_have_the_real_vocab_size
     assert len(AutoTokenizer.from_pretrained(str(dirs["base"]))) == 150
 
 
+def test_a_stand_in_has_its_models_chat_template_where_the_models_files_are_here(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hm3.check.models import build_standins, model_shape
+
+    template = "{% for m in messages %}U: {{ m['content'] }}\n{% endfor %}A:"
+    refs = ("base", "chat", "jinja")
+    for ref in refs:
+        (tmp_path / ref).mkdir()
+        (tmp_path / ref / "config.json").write_text(json.dumps(_llama_shape(ref, 150).config))
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "jinja" / "chat_template.jinja").write_text(template)  # as newer save_pretrained keeps it
+    shapes = [model_shape(ref, str(tmp_path / ref), tmp_path) for ref in refs]
+    dirs = build_standins(shapes, "base", tmp_path / "standins", seed=0)
+    for ref in ("chat", "jinja"):  # chat=true can be checked
+        assert AutoTokenizer.from_pretrained(str(dirs[ref])).chat_template == template, ref
+    assert not AutoTokenizer.from_pretrained(str(dirs["base"])).chat_template  # and refused where the model has none
+
+
 def test_a_search_over_different_vocabularies_without_a_tokenizer_source_names_it(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = Path(__file__).parents[1] / "experiments" / "reproduce" / "hm3_llama2_7b" / "config.yml"
