@@ -34,7 +34,9 @@ import traceback
 BLOCKED = "hm3-sandbox: blocked"  # the parent looks for this marker in stderr to label the failure
 
 # Captured before any untrusted code runs, so that monkeypatching ``os`` or ``builtins`` cannot
-# change what the harness does after the tests (patched functions could only make it fail).
+# change what the harness does after the tests (patched functions could only make it fail). This
+# module is ``__main__`` only until the program runs (:func:`run_program`), so ``import __main__``
+# does not reach these names either.
 _write, _exit, _exec, _compile = os.write, os._exit, exec, compile
 
 # Audit events that would leave the interpreter (and with it the audit hook) or load native code.
@@ -174,7 +176,12 @@ def run_program(spec: dict, token: bytes) -> int:
     if spec["audit"]:
         install_audit_hook(spec["workdir"], spec["block_network"])
     saved_builtins = dict(builtins.__dict__)
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    # the program's own __main__, as under `python program.py`: `import __main__` must reach the
+    # program, not this bootstrap, whose globals (_exec, _pristine, ...) run the tests
+    main = type(sys)("__main__")
+    namespace = main.__dict__
+    namespace["__builtins__"] = builtins
+    sys.modules["__main__"] = main
     try:
         _exec(_compile(spec["program"], "<program>", "exec"), namespace)
         if spec["harness"] is not None:

@@ -166,6 +166,8 @@ FAKE_PASSES = {
     "threading.Thread(target=spoil, daemon=True).start()\n",
     "patches builtins from an audit hook as the tests are compiled": ADD + "import builtins, sys\n"
     "sys.addaudithook(lambda event, args: setattr(builtins, 'abs', lambda x: 0))\n",
+    "replaces the harness's exec through __main__": ADD + "import __main__\n"
+    "__main__._exec = lambda code, namespace: None\n",
 }
 TESTS = "def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n\ncheck(add)\n"
 
@@ -188,6 +190,13 @@ def test_correct_program_that_uses_builtins_and_threads_still_passes():
     program = "import threading\ndef add(a, b):\n    out = []\n"
     program += "    t = threading.Thread(target=lambda: out.append(abs(a + b)))\n    t.start()\n    t.join()\n"
     program += "    return out[0] if a + b >= 0 else a + b\n"
+    assert check_program(program, TESTS, timeout_s=10)
+
+
+def test_program_is_its_own_main_module():
+    # as under `python program.py`: __main__ is the program, so pickle finds its functions by name
+    program = "import __main__, pickle\ndef add(a, b):\n    return a + b\n"
+    program += "assert __main__.add is add and pickle.loads(pickle.dumps(add)) is add\n"
     assert check_program(program, TESTS, timeout_s=10)
 
 
