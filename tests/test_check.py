@@ -97,6 +97,13 @@ def test_the_demos_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 @pytest.mark.slow
+def test_a_preference_count_written_as_a_float_passes_as_the_run_accepts_it(capsys: pytest.CaptureFixture) -> None:
+    rc, out = _check(capsys, ZOO_LEVEL1.parent / "zoo_two_level.yml", "--set", "level2.preferences=4.0")
+    assert rc == 0 and out["passed"], out["error"]
+    assert any(i["what"] == "level 2" and i["status"] == "ok" for i in out["items"])
+
+
+@pytest.mark.slow
 def test_check_passes_on_the_zoo_and_writes_nothing_outside_a_temp_dir(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     work, temp = tmp_path / "cwd", tmp_path / "tmp"
@@ -141,6 +148,45 @@ def test_lmeval_task_without_data_stands_in_as_an_lmeval_task(tmp_path: Path, ca
     assert sorted(p.name for p in tasks.iterdir()) == ["absent.yaml"]
 
 
+def test_an_error_about_an_lmeval_standin_names_its_own_objective(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from hm3.check import CheckReport, _standin_objectives
+    from hm3.errors import ExitCode
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for x in "ab":
+        (tasks / f"absent_{x}.yaml").write_text(yaml.safe_dump({
+            "task": f"hm3_absent_{x}", "dataset_path": "hm3-test/absent-data", "output_type": "multiple_choice",
+            "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": "gold"}))
+    specs = [f"lm-eval:hm3_absent_{x},include_path={tasks}" for x in "ab"]
+    report = CheckReport("config.yml")
+    chosen = _standin_objectives(specs, tmp_path / "data", report)
+    for i, spec in enumerate(specs):
+        report.fail(f"objective {chosen[spec]!r} failed", ExitCode.BAD_INPUT)
+        assert f"the stand-in data of objectives[{i}] ({spec})" in report.error, report.error
+        assert str(tmp_path / "data") not in report.error
+
+
+def test_a_data_file_with_options_is_read_and_a_stand_in_keeps_them(tmp_path: Path) -> None:
+    from hm3.check.objectives import choose_objective
+    from hm3.errors import DataFileError
+    from objectives.registry import get_objective
+
+    good, bad = tmp_path / "g.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"question": "1 + 1?", "answer": "#### 2", "split": split}) + "\n"
+                            for split in ("train", "test")))
+    bad.write_text("not json\n")
+    spec = f"gsm8k:{good}@2,name=g,fewshot=1"
+    assert choose_objective(spec, tmp_path, 0).spec == spec  # the file is here: used as it is
+    with pytest.raises(DataFileError, match="bad.jsonl"):
+        choose_objective(f"gsm8k:{bad},chat=true", tmp_path, 0)
+    choice = choose_objective("gsm8k:absent.jsonl,name=g,chat=true", tmp_path, 0)  # no chat template in a stand-in
+    assert choice.spec == f"gsm8k:{choice.path},name=g" and "data file absent.jsonl not found" in choice.note
+    eight_shot = choose_objective("gsm8k:absent.jsonl,fewshot=8@3", tmp_path, 1).spec
+    assert eight_shot.endswith(",fewshot=8@3") and get_objective(eight_shot).name.endswith("/8shot@3")
+
+
 def test_t_max_deeper_than_the_models_on_vllm_is_refused(capsys: pytest.CaptureFixture) -> None:
     config = ZOO_LEVEL1.parent / "qwen25_1p5b_two_level.yml"
     rc, out = _check(capsys, config, "--set", "level2.rl.t_max=40")
@@ -169,10 +215,35 @@ def test_shape_comes_from_the_hf_cache_before_any_template(tmp_path: Path, monke
     assert model_shape("base", "Qwen/Qwen2.5-1.5B", tmp_path).source.startswith("template qwen/qwen2.5-1.5b")
 
 
+def test_shape_comes_from_the_folder_the_run_would_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hm3.check.models import model_shape
+    from hm3.errors import ConfigError
+
+    config_dir, cwd = tmp_path / "configs", tmp_path / "cwd"
+    (config_dir / "base").mkdir(parents=True)
+    (config_dir / "base" / "config.json").write_text(json.dumps(_llama_shape("base", 150).config))
+    (cwd / "base").mkdir(parents=True)  # the run reads ./base, which exists, before configs/base
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError, match=r"models\.base: cannot read base/config\.json"):
+        model_shape("base", "base", config_dir)
+    (cwd / "base").rmdir()
+    assert model_shape("base", "base", config_dir).source == f"config.json at {config_dir / 'base' / 'config.json'}"
+
+
 def _llama_shape(ref: str, vocab_size: int) -> ModelShape:
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": vocab_size}
     return ModelShape(ref, ref, "test", config)
+
+
+def test_a_key_a_config_json_leaves_out_compares_as_its_familys_default() -> None:
+    from hm3.check.models import shape_conflicts
+
+    saved = _llama_shape("base", 150)  # save_pretrained may leave out a key that holds its default
+    explicit = ModelShape("a", "a", "test", saved.config | {"tie_word_embeddings": False})
+    tied = ModelShape("b", "b", "test", saved.config | {"tie_word_embeddings": True})
+    assert shape_conflicts([saved, explicit]) == []  # Llama's default: untied
+    assert shape_conflicts([saved, tied]) == ["tie_word_embeddings: base False, b True"]
 
 
 def test_standins_of_a_search_over_the_bases_vocabulary_have_the_real_vocab_sizes(tmp_path: Path) -> None:
@@ -196,6 +267,25 @@ def test_standins_of_a_search_over_the_bases_vocabulary_have_the_real_vocab_size
             delta = tensors[name][:150] - base[name]
             assert (delta.abs().max() > 0) == (ref != "base") and delta.abs().max() < base[name].abs().max()
     assert len(AutoTokenizer.from_pretrained(str(dirs["base"]))) == 150
+
+
+def test_a_stand_in_has_its_models_chat_template_where_the_models_files_are_here(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hm3.check.models import build_standins, model_shape
+
+    template = "{% for m in messages %}U: {{ m['content'] }}\n{% endfor %}A:"
+    refs = ("base", "chat", "jinja")
+    for ref in refs:
+        (tmp_path / ref).mkdir()
+        (tmp_path / ref / "config.json").write_text(json.dumps(_llama_shape(ref, 150).config))
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "jinja" / "chat_template.jinja").write_text(template)  # as newer save_pretrained keeps it
+    shapes = [model_shape(ref, str(tmp_path / ref), tmp_path) for ref in refs]
+    dirs = build_standins(shapes, "base", tmp_path / "standins", seed=0)
+    for ref in ("chat", "jinja"):  # chat=true can be checked
+        assert AutoTokenizer.from_pretrained(str(dirs[ref])).chat_template == template, ref
+    assert not AutoTokenizer.from_pretrained(str(dirs["base"])).chat_template  # and refused where the model has none
 
 
 def test_a_search_over_different_vocabularies_without_a_tokenizer_source_names_it(

@@ -193,15 +193,15 @@ def _check(path: Path, sets: tuple[str, ...], tmp: Path, report: CheckReport) ->
 
 
 def _standin_models(level1: Any, config_dir: Path, out: Path, report: CheckReport) -> dict[str, Path]:
-    from hm3.check.models import build_standins, model_shape, shape_conflicts
+    from hm3.check.models import build_standins, model_shape, shape_conflicts, shape_value
 
     shapes = [model_shape(ref, value, config_dir) for ref, value in level1.models.items()]
     for s in shapes:
         c = s.config
         report.add("substituted", f"models.{s.ref}", f"{s.value}: shape from {s.source} ({c.get('model_type')}, "
                    f"{c.get('num_hidden_layers')} layers, {c.get('num_attention_heads')}/"
-                   f"{c.get('num_key_value_heads', c.get('num_attention_heads'))} heads, tied embeddings "
-                   f"{c.get('tie_word_embeddings', False)}) -> tiny random stand-in of that family")
+                   f"{shape_value(c, 'num_key_value_heads')} heads, tied embeddings "
+                   f"{shape_value(c, 'tie_word_embeddings')}) -> tiny random stand-in of that family")
     own_vocabularies = level1.search_space.tokenizer_source is not None
     conflicts = shape_conflicts(shapes, own_vocabularies=own_vocabularies)
     if conflicts:
@@ -316,9 +316,9 @@ def _check_two_level(standin: dict[str, Any], original: dict[str, Any], source: 
     report.add("ok", "level 2 vs the models' depth", "t_max, swaps and transition scales fit "
                f"{cfg_given.level2.rl.t_max if cfg_given.level2.rl.t_max is not None else 'the default'} hops")
     level2 = copy.deepcopy(standin["level2"] or {})
-    prefs = level2.get("preferences", 4)
+    prefs = cfg_given.level2.preferences  # as parsed: the YAML may say 4.0 or "4"
     level2["preferences"] = 1 if isinstance(prefs, int) else prefs[:1]
-    level2["keep_best"] = min(int(level2.get("keep_best", 0)), 1)
+    level2["keep_best"] = min(cfg_given.level2.keep_best, 1)
     level2["rl"] = {**(level2.get("rl") or {}), "offline_episodes": 1, "online_episodes": 1,
                     "episodes_per_update": 1, "epochs": 1}
     report.add("note", "level2", "1 preference, 2 episodes (1 offline, 1 online), PPO updated after each")

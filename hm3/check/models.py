@@ -6,7 +6,8 @@ that names layers -- ``num_layers``, ``layer_granularity``, ``t_max``, ``swaps``
 against the real depth), the same GQA ratio (heads per key/value head), tied or untied embeddings,
 attention and MLP biases and the same MLP width ratio, at a hidden size of a few dozen. The base is
 random; every other model is the base plus a small seeded perturbation, so merges have real task
-vectors. All share a character-level toy tokenizer (:mod:`hm3.zoo.tokenizer`), and their generation
+vectors. All share a character-level toy tokenizer (:mod:`hm3.zoo.tokenizer`), each with its model's
+chat template where the model's tokenizer files are here (``chat=true`` needs one), and their generation
 config ends generation at any token: a random model's answers are noise whatever their length, and
 generating hundreds of tokens per example is what would make a check take minutes.
 
@@ -42,19 +43,27 @@ SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "tie_word_embeddings", "vocab_size")
 
 
+#: Where a tokenizer keeps its chat template besides tokenizer_config.json's ``chat_template`` key.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """Where a model's architecture came from (``source``) and its config.json keys (``config``)."""
+    """Where a model's architecture came from (``source``) and its config.json keys (``config``);
+    ``folder``: the folder holding that config.json (None for a template)."""
 
     ref: str
     value: str
     source: str
     config: dict[str, Any]
+    folder: Path | None = None
 
 
 def _local_config(value: str, config_dir: Path) -> Path | None:
+    """``config.json`` of the folder the run reads for ``value``: the first that exists, relative to the CWD
+    then to the config's folder (:func:`hm3.checkpoint.hub.resolve_model`), whether or not it holds one."""
     for folder in (Path(value).expanduser(), config_dir / value):
-        if (folder / "config.json").is_file():
+        if folder.exists():
             return folder / "config.json"
     return None
 
@@ -86,7 +95,7 @@ def model_shape(ref: str, value: Any, config_dir: Path) -> ModelShape:
             raise ConfigError(f"models.{ref}: cannot read {path}: {err}") from None
         if not isinstance(config, dict) or "model_type" not in config:
             raise ConfigError(f"models.{ref}: {path} holds no model_type: not a Hugging Face model config")
-        return ModelShape(ref, value, f"config.json at {path}", config)
+        return ModelShape(ref, value, f"config.json at {path}", config, path.parent)
     template = find_template(value)
     if template is None:
         known = ", ".join(sorted(TEMPLATES))
@@ -129,6 +138,21 @@ def standin_config(shape: ModelShape, vocab_size: int) -> dict[str, Any]:
     return out
 
 
+def shape_value(config: dict[str, Any], key: str) -> Any:
+    """``key`` of a config.json as transformers reads it: a key left out (``save_pretrained`` leaves out
+    those that hold their default) has the family's default; None where the family is unknown."""
+    if key in config:
+        return config[key]
+    if key == "num_key_value_heads":  # no GQA: one key/value head per query head
+        return config.get("num_attention_heads")
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.for_model(config.get("model_type")), key, None)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def shape_conflicts(shapes: list[ModelShape], *, own_vocabularies: bool = False) -> list[str]:
     """Architecture keys on which the models differ (a merge needs one architecture), one line each;
     ``own_vocabularies``: the vocabulary sizes may differ (a search with a tokenizer source)."""
@@ -136,8 +160,7 @@ def shape_conflicts(shapes: list[ModelShape], *, own_vocabularies: bool = False)
     for key in SHAPE_KEYS:
         if own_vocabularies and key == "vocab_size":
             continue
-        values = {s.ref: s.config.get(key, s.config.get("num_attention_heads") if key == "num_key_value_heads"
-                                      else None) for s in shapes}
+        values = {s.ref: shape_value(s.config, key) for s in shapes}
         if len(set(map(repr, values.values()))) > 1:
             lines.append(f"{key}: " + ", ".join(f"{ref} {v!r}" for ref, v in values.items()))
     return lines
@@ -173,7 +196,26 @@ def build_standins(shapes: list[ModelShape], base_ref: str, out_dir: Path, *, se
             _set_rows(dirs[shape.ref], rows[shape.ref], seed=seed + 1 + i)
         for extra in ("generation_config.json",):
             (dirs[shape.ref] / extra).write_text((base_dir / extra).read_text())
+    for shape in shapes:
+        _copy_chat_template(shape.folder, dirs[shape.ref])
     return dirs
+
+
+def _copy_chat_template(model_dir: Path | None, standin: Path) -> None:
+    """Give a stand-in its model's chat template, where the model's tokenizer files are here: ``chat=true``
+    (``evaluation.chat_template``) needs one, and the toy tokenizer has none of its own."""
+    if model_dir is None:
+        return
+    for name in CHAT_TEMPLATE_FILES:
+        if (model_dir / name).is_file():
+            (standin / name).write_text((model_dir / name).read_text())
+    try:
+        template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # no readable tokenizer config: the model has no template hm3 could use either
+    if template:
+        config_path = standin / "tokenizer_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": template}, indent=2))
 
 
 def _set_rows(directory: Path, rows: int, *, seed: int) -> None:

@@ -2,7 +2,8 @@
 
 Generated tasks (``zoo:``, ``compositional:``) and HumanEval's bundled problems are always here and
 are used as they are. A data file (``gsm8k:PATH`` ...) is used when it exists; otherwise a four-record
-file of the adapter's own format stands in, so the adapter, its prompts and its scorer still run.
+file of the adapter's own format stands in, so the adapter, its prompts and its scorer still run, with
+the objective's options but ``chat=`` (and as many train records as ``fewshot=`` asks for).
 
 An lm-eval task is loaded as the run would load it when lm-eval and the task's data are here.
 Otherwise a tiny task of the same output type (``generate_until``, ``multiple_choice`` or
@@ -75,12 +76,27 @@ class ObjectiveChoice:
     path: str | None = None  # the stand-in's file or task folder
 
 
-def _write_standin(kind: str, data_dir: Path, index: int) -> Path:
-    """A four-record ``kind`` JSONL file (two validation, two test records) in ``data_dir``."""
+def _write_standin(kind: str, data_dir: Path, index: int, shots: int = 0) -> Path:
+    """A four-record ``kind`` JSONL file (two validation, two test records) in ``data_dir``, and ``shots``
+    train records for an objective with ``fewshot=`` (its shots come from train)."""
     path = data_dir / f"objective-{index}-{kind}.jsonl"
     records = [r | {"split": "validation" if i < 2 else "test"} for i, r in enumerate(_RECORDS[kind])]
+    records += [_RECORDS[kind][i % len(_RECORDS[kind])] | {"split": "train"} for i in range(shots)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def _standin_options(options: str) -> tuple[str, int]:
+    """A spec's options and seed (``,name=g,fewshot=2@3``) as its stand-in takes them, and its ``fewshot=``
+    count. ``chat=`` is left out: a stand-in's toy tokenizer has no chat template, whether or not the model's has."""
+    from objectives.registry import split_seed
+
+    body, _ = split_seed(options)
+    first, *items = body.split(",")  # first: "" or a seed right after the path ("@3")
+    pairs = [(key.strip(), value.strip()) for key, _, value in (item.partition("=") for item in items)]
+    kept = [item for item, (key, _) in zip(items, pairs, strict=True) if key != "chat"]
+    shots = next((int(value) for key, value in pairs if key == "fewshot" and value.isdigit()), 0)
+    return ",".join([first, *kept]) + options[len(body):], shots
 
 
 def write_lmeval_standin(output_type: str, folder: Path, index: int, name: str | None) -> str:
@@ -139,9 +155,11 @@ def _lmeval_choice(spec: str, rest: str, data_dir: Path, index: int) -> Objectiv
     if lmeval_here:
         # the original's name= where it gives one; a default name (lm-eval:TASK/...) holds ':', which name=
         # may not, so the stand-in then keeps its own default name
-        standin = write_lmeval_standin(output_type, data_dir / "lm-eval", index, parsed.name)
+        # a folder per objective: an error naming it is traced back to this objective alone
+        folder = data_dir / "lm-eval" / f"objective-{index}"
+        standin = write_lmeval_standin(output_type, folder, index, parsed.name)
         return ObjectiveChoice(spec, standin, f"{why}: stand-in {output_type} lm-eval task (4 local documents)",
-                               str(data_dir / "lm-eval"))
+                               str(folder))
     kind = _STANDIN_KIND[output_type]
     path = _write_standin(kind, data_dir, index)
     return ObjectiveChoice(spec, f"{kind}:{path}", f"{why}: stand-in {output_type} task ({kind} adapter, 4 records)",
@@ -156,12 +174,16 @@ def choose_objective(spec: str, data_dir: Path, index: int) -> ObjectiveChoice:
     kind, sep, rest = split_kind(body)
     if kind == "lm-eval" and sep == ":":
         return _lmeval_choice(spec, rest, data_dir, index)
-    if kind in FILE_KINDS and rest:
-        if Path(rest).is_file():
+    # the path ends where the options (,name=... ,chat=true) or a seed (@3) begin, as get_objective reads it
+    data_file = split_seed(rest.partition(",")[0])[0]
+    if kind in FILE_KINDS and data_file:
+        if Path(data_file).is_file():
             get_objective(spec)  # a malformed file is refused here, naming its line, before any model is built
             return ObjectiveChoice(spec, spec)
-        path = _write_standin(kind, data_dir, index)
-        return ObjectiveChoice(spec, f"{kind}:{path}", f"data file {rest} not found: stand-in {kind} file "
-                               "(4 records)", str(path))
+        # the options stay: the stand-in is named, seeded and prompted (fewshot=) as the objective
+        options, shots = _standin_options(spec.strip()[len(kind) + 1 + len(data_file):])
+        path = _write_standin(kind, data_dir, index, shots)
+        return ObjectiveChoice(spec, f"{kind}:{path}{options}", f"data file {data_file} not found: stand-in {kind} "
+                               "file (4 records)", str(path))
     get_objective(spec)  # generated tasks, bundled HumanEval; an unknown spec is refused by name
     return ObjectiveChoice(spec, spec)

@@ -446,20 +446,23 @@ def _wait_then_kill_group(proc: subprocess.Popen, timeout_s: float) -> bool:
     """Wait up to ``timeout_s``; then SIGKILL the process group (always, to catch leftovers). True on timeout.
 
     The leader is waited on with WNOWAIT so it stays a zombie while we signal its group: its
-    process-group id cannot be reused by an unrelated process before ``killpg``.
+    process-group id cannot be reused by an unrelated process before ``killpg``. The group is
+    killed however the wait ends, an exception (Ctrl-C) included.
     """
     deadline = time.monotonic() + timeout_s
     pause = 0.002
     timed_out = True
-    while time.monotonic() < deadline:
-        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            timed_out = False
-            break
-        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-        pause = min(pause * 2, 0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                timed_out = False
+                break
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, 0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     return timed_out
 
 

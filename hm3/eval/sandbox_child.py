@@ -34,7 +34,9 @@ import traceback
 BLOCKED = "hm3-sandbox: blocked"  # the parent looks for this marker in stderr to label the failure
 
 # Captured before any untrusted code runs, so that monkeypatching ``os`` or ``builtins`` cannot
-# change what the harness does after the tests (patched functions could only make it fail).
+# change what the harness does after the tests (patched functions could only make it fail). This
+# module is ``__main__`` only until the program runs (:func:`run_program`), so ``import __main__``
+# does not reach these names either.
 _write, _exit, _exec, _compile = os.write, os._exit, exec, compile
 
 # Audit events that would leave the interpreter (and with it the audit hook) or load native code.
@@ -148,13 +150,21 @@ def _flush_streams() -> None:
             stream.flush()
 
 
-def _pristine(namespace: dict, saved_builtins: dict) -> None:
-    """Undo what the program's top level may have done to sway its tests: patched builtins, trace hooks."""
+def _pristine(namespace: dict, saved_builtins: dict) -> dict:
+    """The namespace the tests run in, clear of what the program did to sway them.
+
+    Trace hooks are removed and the ``builtins`` module restored. The tests get a copy of the
+    program's globals without those that shadow a builtin (``abs = lambda x: 0``), over a private
+    copy of the builtins: a thread, an audit hook or a call of the program that patches ``builtins``
+    while the tests run does not reach them. The program's functions keep their own globals.
+    """
     sys.settrace(None)
     sys.setprofile(None)
     builtins.__dict__.clear()
     builtins.__dict__.update(saved_builtins)
-    namespace["__builtins__"] = builtins
+    tests = {name: value for name, value in namespace.items() if name not in saved_builtins}
+    tests.update({"__name__": "__main__", "__builtins__": dict(saved_builtins)})
+    return tests
 
 
 def run_program(spec: dict, token: bytes) -> int:
@@ -166,12 +176,17 @@ def run_program(spec: dict, token: bytes) -> int:
     if spec["audit"]:
         install_audit_hook(spec["workdir"], spec["block_network"])
     saved_builtins = dict(builtins.__dict__)
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    # the program's own __main__, as under `python program.py`: `import __main__` must reach the
+    # program, not this bootstrap, whose globals (_exec, _pristine, ...) run the tests
+    main = type(sys)("__main__")
+    namespace = main.__dict__
+    namespace["__builtins__"] = builtins
+    sys.modules["__main__"] = main
     try:
         _exec(_compile(spec["program"], "<program>", "exec"), namespace)
         if spec["harness"] is not None:
-            _pristine(namespace, saved_builtins)
-            _exec(_compile(spec["harness"], "<tests>", "exec"), namespace)
+            tests = _pristine(namespace, saved_builtins)
+            _exec(_compile(spec["harness"], "<tests>", "exec"), tests)
     except SystemExit as exc:  # sys.exit() before the end: never a completed run, whatever the code
         _flush_streams()
         return _exit_status(exc)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -159,6 +160,14 @@ FAKE_PASSES = {
     "patches builtins the tests use": ADD + "import builtins\nbuiltins.abs = lambda x: 0\n",
     "rebinds __builtins__": ADD + "__builtins__ = {'abs': lambda x: 0, '__build_class__': None}\n",
     "defines its own check": ADD + "def check(candidate):\n    pass\n",
+    "shadows a builtin with a global": ADD + "abs = lambda x: 0\n",
+    "patches builtins from a thread while the tests run": ADD + "import builtins, sys, threading\n"
+    "sys.setswitchinterval(1e-6)\ndef spoil():\n    while True:\n        builtins.abs = lambda x: 0\n"
+    "threading.Thread(target=spoil, daemon=True).start()\n",
+    "patches builtins from an audit hook as the tests are compiled": ADD + "import builtins, sys\n"
+    "sys.addaudithook(lambda event, args: setattr(builtins, 'abs', lambda x: 0))\n",
+    "replaces the harness's exec through __main__": ADD + "import __main__\n"
+    "__main__._exec = lambda code, namespace: None\n",
 }
 TESTS = "def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n\ncheck(add)\n"
 
@@ -181,6 +190,19 @@ def test_correct_program_that_uses_builtins_and_threads_still_passes():
     program = "import threading\ndef add(a, b):\n    out = []\n"
     program += "    t = threading.Thread(target=lambda: out.append(abs(a + b)))\n    t.start()\n    t.join()\n"
     program += "    return out[0] if a + b >= 0 else a + b\n"
+    assert check_program(program, TESTS, timeout_s=10)
+
+
+def test_program_is_its_own_main_module():
+    # as under `python program.py`: __main__ is the program, so pickle finds its functions by name
+    program = "import __main__, pickle\ndef add(a, b):\n    return a + b\n"
+    program += "assert __main__.add is add and pickle.loads(pickle.dumps(add)) is add\n"
+    assert check_program(program, TESTS, timeout_s=10)
+
+
+def test_program_functions_keep_their_own_globals_that_shadow_builtins():
+    # the tests see the real abs; the program's add still sees its own
+    program = "def abs(x):\n    return -x\ndef add(a, b):\n    return abs(-(a + b))\n"
     assert check_program(program, TESTS, timeout_s=10)
 
 
@@ -390,6 +412,23 @@ def test_workdir_is_home_and_nothing_is_left_afterwards(mode):
     assert result.passed and workdir == home
     assert workdir == "/tmp" if mode != "none" else Path(workdir).name.startswith("hm3-sandbox-")
     assert not Path("/tmp", name).exists() and not Path(workdir, name).exists()
+    _assert_nothing_left(before)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_an_interrupted_run_leaves_no_process_behind(mode, monkeypatch):
+    before = _sandbox_dirs()
+
+    def interrupt(seconds: float) -> None:  # Ctrl-C while the evaluator waits for the program
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_untrusted("import time\ntime.sleep(60)", timeout_s=30, mode=mode)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5  # killed processes may take a moment to be reaped
+    while _live_sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
     _assert_nothing_left(before)
 
 
