@@ -216,8 +216,8 @@ def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
 
 
 def _model_dir(ref: str, value: Any, base_dir: Path, source: str) -> Any:
-    """A model of a config file: a path as given (absolute, or existing relative to the CWD), else relative
-    to the file's folder; a hub id that names no local directory becomes its snapshot directory in the HF
+    """A model of a config file: a path as given (``~`` is the user's home, as in merge recipes and ``hm3
+    check``; absolute, or existing relative to the CWD), else relative to the file's folder; a hub id that names no local directory becomes its snapshot directory in the HF
     cache, so the stored config, a resume and every later read name the exact files the run used."""
     from hm3.checkpoint.hub import is_hub_name, resolve_model
 
@@ -228,7 +228,7 @@ def _model_dir(ref: str, value: Any, base_dir: Path, source: str) -> Any:
             return str(resolve_model(value, base_dir))
         except ConfigError as err:
             raise ConfigError(f"{source}: models.{ref}: {err}") from None
-    p = Path(value)
+    p = Path(value).expanduser()
     return str(p if p.is_absolute() or p.exists() else base_dir / p)
 
 

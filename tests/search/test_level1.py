@@ -507,3 +507,18 @@ def test_a_bo_design_over_methods_spreads_the_methods_and_keeps_weights_on_the_s
     assert {space.method_of(x) for x in first} == {"ties", "breadcrumbs_ties"}
     for x in first:
         assert sum(row[0] for row in space.decode(x)["weight"]) == pytest.approx(1.0)
+
+
+def test_a_model_path_under_a_tilde_is_read_from_the_users_home(tiny_family, tmp_path, monkeypatch):
+    """``~/models/base`` in a run config is the home folder's, as merge recipes and ``hm3 check`` read it, not a
+    folder called ``~`` beside the config."""
+    _, models, objectives = tiny_family
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    for ref, path in models.items():
+        (home / "models" / ref).symlink_to(path)
+    monkeypatch.setenv("HOME", str(home))
+    data = {"models": {ref: f"~/models/{ref}" for ref in models}, "objectives": objectives,
+            "search_space": {"base_model": "base", "models": ["m1", "m2"]}}
+    cfg = parse_run_config(data, source="run.yml", base_dir=tmp_path / "configs")
+    assert cfg.models == {ref: str(home / "models" / ref) for ref in models}
