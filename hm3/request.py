@@ -450,7 +450,7 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
     from hm3.arch.level2 import PathEvaluator
 
     layout = session.pool_layout()
-    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None
+    t_max = rl.max_path_hops(layout.num_layers)
     seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
     ev = PathEvaluator(session, base=run.base, ideal=run.ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
                        t_max=t_max)

@@ -143,6 +143,16 @@ def test_two_level_run_on_the_vllm_backend(models, tmp_path):
     assert not (tmp_path / "long").exists()
 
 
+def test_rmm_paths_longer_than_a_fixed_depth_engine_are_refused_before_anything_runs(models, tmp_path):
+    """RMM's back move re-takes blocks, so its paths can outgrow the models' depth, which vLLM's engine
+    cannot run: refused at the start unless the step cap keeps every path within the depth."""
+    evaluation = {"backend": "vllm", "validation_examples": 8, "test_examples": 8, "batch_size": 16}
+    rmm = _config(models, rl=RL | {"mode": "rmm"}) | {"evaluation": evaluation}
+    with pytest.raises(ConfigError, match="rmm_max_steps <= 3"):
+        run_two_level(parse_two_level_config(rmm), tmp_path / "rmm", progress=False)
+    assert not (tmp_path / "rmm").exists()
+
+
 def test_front_and_export_cli(finished, tmp_path, capsys):
     run, _ = finished
     assert main(["front", str(run)]) == 0

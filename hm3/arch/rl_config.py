@@ -166,6 +166,18 @@ class Level2Config(BaseModel):
         """RMM's step cap for a pool whose models have ``num_layers`` layers."""
         return self.rmm_max_steps if self.rmm_max_steps is not None else 3 * num_layers
 
+    def max_path_hops(self, num_layers: int) -> int:
+        """The longest path an episode can build over models of ``num_layers`` layers: T_max (hm3), or
+        (rmm) the most blocks its step cap S allows. RMM's back move re-takes blocks, so that can exceed
+        the depth: walking to the last block and repeating (back, take) adds one hop per two steps,
+        ``L + (S − L) // 2`` for S ≥ L (min(S, L) when S ≤ L or L = 1, where a back from block 0 ends it)."""
+        if self.mode == "hm3":
+            return self.resolved_t_max(num_layers)
+        steps = self.resolved_rmm_max_steps(num_layers)
+        if steps <= num_layers or num_layers < 2:
+            return min(steps, num_layers)
+        return num_layers + (steps - num_layers) // 2
+
     def resolved_critic_margin(self) -> float:
         """Wolpertinger's critic margin (see ``critic_margin``)."""
         if self.critic_margin is not None:
