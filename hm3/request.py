@@ -459,6 +459,7 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
         layer_features=saved["layer_features"], config=rl, scorer=ev.scorer_for(lambda _lam: frame), lam=lam,
         seed=seed, policy_state=saved["policy"], lanes=episode_lanes(session),
     )
+    trainer.env.plan_episodes(budget)  # DAR's N: this fine-tuning's episodes, not the run's online count
     log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
     trainer.train(budget)
     evaluations = budget

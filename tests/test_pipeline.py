@@ -248,6 +248,25 @@ def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
         assert store.events("request")
 
 
+def test_request_fine_tuning_smooths_rewards_over_its_own_budget(finished, tmp_path, monkeypatch):
+    """DAR's a_i = α·i/N plans N episodes: a request fine-tunes for its budget, not the run's online count."""
+    import hm3.request
+
+    run, summary = finished
+    names = summary["objectives"]
+    built, build = [], hm3.request.build_trainer
+
+    def keep(**kwargs):
+        built.append(build(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(hm3.request, "build_trainer", keep)
+    budget = RL["online_episodes"] + 2
+    answer_request(run, f"{names[0]}=0.3,{names[1]}=0.7", tmp_path / "tuned", budget=budget, progress=False)
+    (trainer,) = built
+    assert trainer.episode == budget and trainer.env.dar.n_episodes == budget
+
+
 def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_path, capsys):
     run, summary = finished
     names = summary["objectives"]

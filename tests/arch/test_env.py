@@ -200,3 +200,9 @@ def test_rmm_longest_path_bound_is_what_take_skip_back_can_reach(num_layers: int
         assert config.max_path_hops(num_layers) == _most_hops(env, PathState(), {}), steps
     assert Level2Config(t_max=3).max_path_hops(num_layers) == 3
     assert Level2Config().max_path_hops(num_layers) == num_layers
+
+
+def test_planning_episodes_without_dar_changes_nothing() -> None:
+    env, _ = make_env()  # dar off
+    env.plan_episodes(5)
+    assert env.dar is None
