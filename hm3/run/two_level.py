@@ -253,7 +253,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     layout = session.pool_layout()
     features = session.layer_features(frames)
     rl = cfg.level2.rl
-    t_max = rl.max_path_hops(layout.num_layers)
+    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None  # rmm: check_depth bounds it
     small = small_reward_subsets(session.validation, rl.data_scale) if rl.dar else {}
     if small:
         logger.warning("DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())
