@@ -123,7 +123,11 @@ class Level2Config(BaseModel):
     epochs: int = Field(10, ge=1, description="PPO epochs per update, full batch [design; RMM code: 40]")
     episodes_per_update: int = Field(8, ge=1, description="episodes collected per PPO update [design; RMM: 4]")
     max_grad_norm: float = Field(0.5, gt=0, description="gradient-norm clip per step [design]")
-    normalize_advantages: bool = Field(True, description="standardise advantages over each update's batch [design]")
+    normalize_advantages: bool = Field(
+        True,
+        description="standardise advantages over each update's batch [design]; RMM's code instead standardises the "
+        "Monte-Carlo returns and fits its critic to them, so its advantages are normalised returns minus V",
+    )
 
     @field_validator("t_max")
     @classmethod
@@ -147,7 +151,8 @@ class Level2Config(BaseModel):
 
     @classmethod
     def rmm_defaults(cls, **overrides: object) -> Level2Config:
-        """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns."""
+        """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns (standardised
+        advantages rather than RMM's standardised returns, ``normalize_advantages``)."""
         values: dict[str, object] = {
             "mode": "rmm",
             "episodes_per_update": 4,
