@@ -267,6 +267,21 @@ def test_request_fine_tuning_smooths_rewards_over_its_own_budget(finished, tmp_p
     assert trainer.episode == budget and trainer.env.dar.n_episodes == budget
 
 
+def test_request_fine_tuning_counts_the_evaluations_it_made(models, tmp_path):
+    """With transition scales an episode scores its path once per scale (and a repeat on a subset already
+    scored costs nothing): the request reports what the store gained, not one evaluation per episode."""
+    run = tmp_path / "run"
+    summary = run_two_level(parse_two_level_config(_config(models, rl=RL | {"transition_scales": [0.5]})), run,
+                            progress=False)
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    ans = answer_request(run, f"{names[0]}=0.5,{names[1]}=0.5", tmp_path / "tuned", budget=8, progress=False)
+    with RunStore.open(run, readonly=True) as store:
+        new = {(e.candidate_id, e.example_set) for e in store.evaluations()[before:]}
+    assert ans.evaluations == len(new) / len(names)  # one row per objective (bench_two_level counts alike)
+
+
 def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_path, capsys):
     run, summary = finished
     names = summary["objectives"]
