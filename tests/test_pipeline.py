@@ -20,7 +20,7 @@ from hm3.errors import ConfigError
 from hm3.request import answer_request, parse_preference
 from hm3.run.config import migrate_stored_config, parse_two_level_config, stored_two_level_config
 from hm3.run.directory import read_front
-from hm3.run.two_level import run_two_level
+from hm3.run.two_level import check_depth, run_two_level
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
@@ -151,6 +151,8 @@ def test_rmm_paths_longer_than_a_fixed_depth_engine_are_refused_before_anything_
     with pytest.raises(ConfigError, match="rmm_max_steps <= 3"):
         run_two_level(parse_two_level_config(rmm), tmp_path / "rmm", progress=False)
     assert not (tmp_path / "rmm").exists()
+    capped = _config(models, rl=RL | {"mode": "rmm", "rmm_max_steps": 3}) | {"evaluation": evaluation}
+    check_depth(parse_two_level_config(capped))  # 3 steps on 2 layers: at most 2 blocks, which the engine runs
 
 
 def test_front_and_export_cli(finished, tmp_path, capsys):
