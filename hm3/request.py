@@ -18,8 +18,10 @@ How a request is answered, and why:
   predicted score (:func:`posterior_option`).
 * **Budget N > 0**: the pretrained policy is fine-tuned online for N episodes with λ fixed (the
   same machinery as the run's online stage); its greedy and best paths are then scored on the
-  whole validation plan (those 1-2 extra evaluations are reported beside the budget) and compete
-  with the front points on measured scores.
+  whole validation plan and compete with the front points on measured scores. The evaluations
+  reported are those the run store gained, counted there: an episode scores its path once per
+  transition scale, one already scored on its reward subset costs none, and the 1-2 whole-plan
+  scorings come on top of the budget.
 * **Refine M > 0** (``--refine M``): M whole-plan evaluations of λ-scalarised BO over the run's
   merge space (``df-merge``'s GP + log-EI on ``Σ_k λ_k f̂_k``), its GP warm-started with every merge
   the run (and earlier refinements) evaluated, so no initial design is spent. Why: a budget-0 answer
@@ -446,11 +448,11 @@ def _has_scores(session: EvaluationSession, candidate: Any) -> bool:
 def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np.ndarray, frame, budget: int,
                       run: FinishedRun, rl: Level2Config, log: Callable[[str], None]) -> tuple[list[Option], int]:
     """Fine-tune from the pretrained policy for ``budget`` episodes, then measure its paths in full;
-    returns (options, evaluations: the episodes plus the whole-plan scorings)."""
+    returns (options, evaluations: the run store's new ones, episodes' and whole-plan scorings)."""
     from hm3.arch.level2 import PathEvaluator
 
     layout = session.pool_layout()
-    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None
+    t_max = rl.max_path_hops(layout.num_layers)
     seed = int(content_hash({"lam": lam.round(6).tolist(), "budget": budget})[:8], 16)
     ev = PathEvaluator(session, base=run.base, ideal=run.ideal, dar=rl.dar, data_scale=rl.data_scale, seed=seed,
                        t_max=t_max)
@@ -459,20 +461,27 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
         layer_features=saved["layer_features"], config=rl, scorer=ev.scorer_for(lambda _lam: frame), lam=lam,
         seed=seed, policy_state=saved["policy"], lanes=episode_lanes(session),
     )
+    trainer.env.plan_episodes(budget)  # DAR's N: this fine-tuning's episodes, not the run's online count
     log(f"fine-tuning the pretrained policy for λ={np.round(lam, 3).tolist()} ({budget} episodes)")
+    first = len(session.store.evaluations())
     trainer.train(budget)
-    evaluations = budget
     paths = {trainer.greedy_path(lam)} | ({trainer.best[1]} if trainer.best is not None else set())
     paths = {p for p in paths if p.hops}  # RMM's greedy rollout may back out: no path
     measured = []
     for path in paths:
-        before = session.evaluated_examples
         raw = ev.raw_scores(path, frame, session.validation)
-        evaluations += int(session.evaluated_examples > before)
         measured.append(Option(weighted_normalised(lam, raw, run.base, run.ideal),
                                f"fine-tuned path ({len(path.hops)} hops)", PATH_KIND, raw, "measured",
                                recipe=path_recipe(path, frame, layout.experts)))
-    return measured, evaluations
+    return measured, _evaluations_since(session.store, first, len(saved["objectives"]))
+
+
+def _evaluations_since(store: RunStore, first: int, k: int) -> int:
+    """Evaluations the store gained after its first ``first`` rows: a candidate scored on one example set of
+    every objective (rows are per objective, in commit order). Counted, not assumed: an episode scores its
+    path once per transition scale, and a path already scored on its reward subset costs nothing."""
+    rows = store.evaluations()[first:]
+    return -(-len({(e.candidate_id, e.example_set) for e in rows}) // k)
 
 
 def _refresh_outputs(session: EvaluationSession, run: FinishedRun, log: Callable[[str], None]) -> str:

@@ -20,7 +20,7 @@ from hm3.errors import ConfigError
 from hm3.request import answer_request, parse_preference
 from hm3.run.config import migrate_stored_config, parse_two_level_config, stored_two_level_config
 from hm3.run.directory import read_front
-from hm3.run.two_level import run_two_level
+from hm3.run.two_level import check_depth, run_two_level
 from hm3.search.estimates import lower_bound, stored_estimate
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import non_dominated, normalise, protocol_hypervolume
@@ -143,6 +143,18 @@ def test_two_level_run_on_the_vllm_backend(models, tmp_path):
     assert not (tmp_path / "long").exists()
 
 
+def test_rmm_paths_longer_than_a_fixed_depth_engine_are_refused_before_anything_runs(models, tmp_path):
+    """RMM's back move re-takes blocks, so its paths can outgrow the models' depth, which vLLM's engine
+    cannot run: refused at the start unless the step cap keeps every path within the depth."""
+    evaluation = {"backend": "vllm", "validation_examples": 8, "test_examples": 8, "batch_size": 16}
+    rmm = _config(models, rl=RL | {"mode": "rmm"}) | {"evaluation": evaluation}
+    with pytest.raises(ConfigError, match="rmm_max_steps <= 3"):
+        run_two_level(parse_two_level_config(rmm), tmp_path / "rmm", progress=False)
+    assert not (tmp_path / "rmm").exists()
+    capped = _config(models, rl=RL | {"mode": "rmm", "rmm_max_steps": 3}) | {"evaluation": evaluation}
+    check_depth(parse_two_level_config(capped))  # 3 steps on 2 layers: at most 2 blocks, which the engine runs
+
+
 def test_front_and_export_cli(finished, tmp_path, capsys):
     run, _ = finished
     assert main(["front", str(run)]) == 0
@@ -236,6 +248,40 @@ def test_request_with_budget_fine_tunes_and_measures(finished, tmp_path):
     with RunStore.open(run, readonly=True) as store:
         assert len(store.evaluations()) > before
         assert store.events("request")
+
+
+def test_request_fine_tuning_smooths_rewards_over_its_own_budget(finished, tmp_path, monkeypatch):
+    """DAR's a_i = α·i/N plans N episodes: a request fine-tunes for its budget, not the run's online count."""
+    import hm3.request
+
+    run, summary = finished
+    names = summary["objectives"]
+    built, build = [], hm3.request.build_trainer
+
+    def keep(**kwargs):
+        built.append(build(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(hm3.request, "build_trainer", keep)
+    budget = RL["online_episodes"] + 2
+    answer_request(run, f"{names[0]}=0.3,{names[1]}=0.7", tmp_path / "tuned", budget=budget, progress=False)
+    (trainer,) = built
+    assert trainer.episode == budget and trainer.env.dar.n_episodes == budget
+
+
+def test_request_fine_tuning_counts_the_evaluations_it_made(models, tmp_path):
+    """With transition scales an episode scores its path once per scale (and a repeat on a subset already
+    scored costs nothing): the request reports what the store gained, not one evaluation per episode."""
+    run = tmp_path / "run"
+    summary = run_two_level(parse_two_level_config(_config(models, rl=RL | {"transition_scales": [0.5]})), run,
+                            progress=False)
+    names = summary["objectives"]
+    with RunStore.open(run, readonly=True) as store:
+        before = len(store.evaluations())
+    ans = answer_request(run, f"{names[0]}=0.5,{names[1]}=0.5", tmp_path / "tuned", budget=8, progress=False)
+    with RunStore.open(run, readonly=True) as store:
+        new = {(e.candidate_id, e.example_set) for e in store.evaluations()[before:]}
+    assert ans.evaluations == len(new) / len(names)  # one row per objective (bench_two_level counts alike)
 
 
 def test_request_refine_searches_merges_warm_started_from_the_run(finished, tmp_path, capsys):

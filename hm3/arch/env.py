@@ -243,7 +243,9 @@ class PathEnv(gym.Env):
 
     # --- rewards ----------------------------------------------------------------------------------
     def plan_episodes(self, n: int) -> None:
-        """Set DAR's planned episode count N (``a_i = α·i/N``), keeping its progress so far."""
+        """Set DAR's planned episode count N (``a_i = α·i/N``), keeping its progress so far (no-op without DAR)."""
+        if self.dar is None:
+            return
         state = {**self.dar.state_dict(), "n_episodes": n}
         self.dar = self._new_dar(n, state)
 

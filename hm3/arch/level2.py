@@ -142,8 +142,8 @@ class PathEvaluator:
         if layout.max_hops is not None and t_max is not None and t_max > layout.max_hops:
             raise ConfigError(
                 f"with the {layout.backend} backend level 2 runs paths in an engine of the models' depth "
-                f"({layout.max_hops} layers), so t_max must be <= {layout.max_hops}, got {t_max}; use the hf "
-                "backend for longer paths"
+                f"({layout.max_hops} layers), so t_max must be <= {layout.max_hops}, got {t_max} (rmm: the longest "
+                "path its step cap allows, Level2Config.max_path_hops); use the hf backend for longer paths"
             )
         self.session = session
         self.layout = layout

@@ -338,7 +338,9 @@ class PathPolicy(nn.Module):
         dist = torch.distributions.Normal(self._anchored(obs, delta), std)
         h_critic = self.critic_encoder.encode(obs, self.layer_features)
         # KL(π ‖ prior) of the proto-action, the prior being N(e(frame, n), σ): ½·Σ(Δ/σ)² (0 without it).
-        prior_kl = 0.5 * (delta / std).pow(2).sum(-1) if self.prior else torch.zeros(len(delta))
+        # σ is the prior's as well as π's, so it is held fixed here: differentiated, the penalty would fall
+        # as σ grows and pay the policy for noisier proto-actions, i.e. more edits of the frame's order.
+        prior_kl = 0.5 * (delta / std.detach()).pow(2).sum(-1) if self.prior else torch.zeros(len(delta))
         return {
             "prior_kl": prior_kl,
             "logp": dist.log_prob(samples).sum(-1),

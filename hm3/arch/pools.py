@@ -29,6 +29,19 @@ State = dict[str, torch.Tensor]
 def layer_features(states: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
                    num_layers: int) -> torch.Tensor:
     """φ(θ) for every pool layer: ``[pool, layers, 2 × tensors-per-layer]``, z-scored over the pool."""
+    return _zscore(layer_summaries(states, reference, num_layers))
+
+
+def _zscore(phi: torch.Tensor) -> torch.Tensor:
+    """Per-feature z-scores over every model and layer of ``phi`` [pool, layers, F]."""
+    mean = phi.mean(dim=(0, 1), keepdim=True)
+    std = phi.std(dim=(0, 1), keepdim=True).clamp_min(1e-6)
+    return (phi - mean) / std
+
+
+def layer_summaries(states: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
+                    num_layers: int) -> torch.Tensor:
+    """φ(θ) before normalisation: log RMS of each layer tensor and of its difference from ``reference``."""
     from hm3.checkpoint.layers import layer_tensor_names
 
     names = list(reference)
@@ -43,10 +56,7 @@ def layer_features(states: Sequence[Mapping[str, torch.Tensor]], reference: Mapp
                 feats.append(torch.log((w - ref).pow(2).mean().sqrt() + 1e-8))
             per_layer.append(torch.stack(feats))
         rows.append(torch.stack(per_layer))
-    phi = torch.stack(rows)
-    mean = phi.mean(dim=(0, 1), keepdim=True)
-    std = phi.std(dim=(0, 1), keepdim=True).clamp_min(1e-6)
-    return (phi - mean) / std
+    return torch.stack(rows)
 
 
 class LayerPools:
@@ -89,11 +99,9 @@ class LayerPools:
         return LayerPool.from_states(states, [self.config] * len(states), names)
 
     def features(self, frames: Sequence[FrameKey]) -> torch.Tensor:
-        """φ for experts + the mean over ``frames`` in the frame slot (module docstring)."""
-        expert_phi = None
-        frame_phis = []
-        for key in frames:
-            phi = layer_features([*self.experts, self.frame_state(key)], self.base, self.num_layers)
-            expert_phi = phi[:-1] if expert_phi is None else expert_phi
-            frame_phis.append(phi[-1])
-        return torch.cat([expert_phi, torch.stack(frame_phis).mean(0, keepdim=True)])
+        """φ for experts + the mean over ``frames`` in the frame slot (module docstring), z-scored together:
+        the frames are averaged in the same units as the experts' rows, whatever their order."""
+        experts = layer_summaries(self.experts, self.base, self.num_layers)
+        frame = torch.stack([layer_summaries([self.frame_state(key)], self.base, self.num_layers)[0]
+                             for key in frames]).mean(0, keepdim=True)
+        return _zscore(torch.cat([experts, frame]))

@@ -123,7 +123,11 @@ class Level2Config(BaseModel):
     epochs: int = Field(10, ge=1, description="PPO epochs per update, full batch [design; RMM code: 40]")
     episodes_per_update: int = Field(8, ge=1, description="episodes collected per PPO update [design; RMM: 4]")
     max_grad_norm: float = Field(0.5, gt=0, description="gradient-norm clip per step [design]")
-    normalize_advantages: bool = Field(True, description="standardise advantages over each update's batch [design]")
+    normalize_advantages: bool = Field(
+        True,
+        description="standardise advantages over each update's batch [design]; RMM's code instead standardises the "
+        "Monte-Carlo returns and fits its critic to them, so its advantages are normalised returns minus V",
+    )
 
     @field_validator("t_max")
     @classmethod
@@ -147,7 +151,8 @@ class Level2Config(BaseModel):
 
     @classmethod
     def rmm_defaults(cls, **overrides: object) -> Level2Config:
-        """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns."""
+        """RMM's published settings: 4 episodes per update, 40 epochs, entropy 1e-4, MC returns (standardised
+        advantages rather than RMM's standardised returns, ``normalize_advantages``)."""
         values: dict[str, object] = {
             "mode": "rmm",
             "episodes_per_update": 4,
@@ -165,6 +170,18 @@ class Level2Config(BaseModel):
     def resolved_rmm_max_steps(self, num_layers: int) -> int:
         """RMM's step cap for a pool whose models have ``num_layers`` layers."""
         return self.rmm_max_steps if self.rmm_max_steps is not None else 3 * num_layers
+
+    def max_path_hops(self, num_layers: int) -> int:
+        """The longest path an episode can build over models of ``num_layers`` layers: T_max (hm3), or
+        (rmm) the most blocks its step cap S allows. RMM's back move re-takes blocks, so that can exceed
+        the depth: walking to the last block and repeating (back, take) adds one hop per two steps,
+        ``L + (S − L) // 2`` for S ≥ L (min(S, L) when S ≤ L or L = 1, where a back from block 0 ends it)."""
+        if self.mode == "hm3":
+            return self.resolved_t_max(num_layers)
+        steps = self.resolved_rmm_max_steps(num_layers)
+        if steps <= num_layers or num_layers < 2:
+            return min(steps, num_layers)
+        return num_layers + (steps - num_layers) // 2
 
     def resolved_critic_margin(self) -> float:
         """Wolpertinger's critic margin (see ``critic_margin``)."""

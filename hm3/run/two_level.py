@@ -182,20 +182,26 @@ def check_state_files(run_dir: Path) -> None:
 
 
 def check_depth(cfg: TwoLevelConfig) -> None:
-    """Refuse T_max above the models' depth on a fixed-depth engine (vLLM) before anything runs."""
+    """Refuse paths longer than the models' depth on a fixed-depth engine (vLLM) before anything runs:
+    hm3's T_max, or RMM's step cap (its back move re-takes blocks, :meth:`Level2Config.max_path_hops`)."""
     from hm3.checkpoint.reader import open_checkpoint
 
     rl = cfg.level2.rl
-    if cfg.level1.evaluation.backend == "hf" or rl.mode != "hm3" or rl.t_max is None:
+    if cfg.level1.evaluation.backend == "hf" or (rl.mode == "hm3" and rl.t_max is None):
         return
     base = cfg.level1.models[cfg.level1.search_space.base_model]
     with open_checkpoint(base) as ckpt:
         depth = ckpt.num_layers
-    if rl.t_max > depth:
+    engine = (f"with the {cfg.level1.evaluation.backend} backend level 2 runs paths in an engine of the models' "
+              f"depth ({depth} layers, {base})")
+    if rl.mode == "hm3" and rl.t_max > depth:
+        raise ConfigError(f"level2.rl.t_max = {rl.t_max}: {engine}, so t_max must be <= {depth}; use the hf "
+                          "backend for longer paths")
+    if rl.mode == "rmm" and rl.max_path_hops(depth) > depth:
         raise ConfigError(
-            f"level2.rl.t_max = {rl.t_max}: with the {cfg.level1.evaluation.backend} backend level 2 runs paths "
-            f"in an engine of the models' depth ({depth} layers, {base}), so t_max must be <= {depth}; use the "
-            "hf backend for longer paths"
+            f"level2.rl.mode rmm: with rmm_max_steps = {rl.resolved_rmm_max_steps(depth)} a path can take up to "
+            f"{rl.max_path_hops(depth)} blocks (back re-takes them); {engine}, so set level2.rl.rmm_max_steps "
+            f"<= {depth + 1} or use the hf backend"
         )
 
 
@@ -247,7 +253,7 @@ def _run_stages(cfg: TwoLevelConfig, run: TwoLevelRun, store: RunStore, resume: 
     layout = session.pool_layout()
     features = session.layer_features(frames)
     rl = cfg.level2.rl
-    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None
+    t_max = rl.resolved_t_max(layout.num_layers) if rl.mode == "hm3" else None  # rmm: check_depth bounds it
     small = small_reward_subsets(session.validation, rl.data_scale) if rl.dar else {}
     if small:
         logger.warning("DAR rewards will use only " + ", ".join(f"{n} {name}" for name, n in small.items())

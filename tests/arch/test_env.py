@@ -7,7 +7,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from pydantic import ValidationError
 
-from hm3.arch.env import PathEnv
+from hm3.arch.env import PathEnv, PathState
 from hm3.arch.path import LayerPath
 from hm3.arch.rl_config import Level2Config
 from hm3.errors import ConfigError
@@ -173,3 +173,36 @@ def test_lambda_sampling_fixed_lambda_and_resume() -> None:
     assert np.array_equal(fixed.reset()[0]["lam"], [0.5, 0.5])  # scaled onto the simplex
     with pytest.raises(ConfigError, match="preference"):
         make_env(lam=(1.0, -1.0))
+
+
+def _most_hops(env: PathEnv, state: PathState, memo: dict) -> int:
+    """The most hops any action sequence from ``state`` ends with (exhaustive search over the env's moves)."""
+    if state.done:
+        return len(state.hops)
+    key = (state.position, state.steps, len(state.hops))
+    if key not in memo:
+        best = 0
+        for action in (0, env.skip_action, env.back_action):
+            nxt = PathState(hops=list(state.hops), position=state.position, steps=state.steps)
+            env.advance(nxt, action)
+            best = max(best, _most_hops(env, nxt, memo))
+        memo[key] = best
+    return memo[key]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 4])
+def test_rmm_longest_path_bound_is_what_take_skip_back_can_reach(num_layers: int) -> None:
+    """Backing and taking again repeats blocks, so an RMM path can be longer than the models' depth: a
+    fixed-depth engine needs the exact bound to refuse what it cannot run."""
+    for steps in range(1, 3 * num_layers + 3):
+        config = Level2Config(mode="rmm", dar=False, rmm_max_steps=steps)
+        env = PathEnv(pool_size=1, num_layers=num_layers, n_objectives=1, scorer=CountingScorer(), config=config)
+        assert config.max_path_hops(num_layers) == _most_hops(env, PathState(), {}), steps
+    assert Level2Config(t_max=3).max_path_hops(num_layers) == 3
+    assert Level2Config().max_path_hops(num_layers) == num_layers
+
+
+def test_planning_episodes_without_dar_changes_nothing() -> None:
+    env, _ = make_env()  # dar off
+    env.plan_episodes(5)
+    assert env.dar is None

@@ -160,3 +160,17 @@ def test_path_prior_settings() -> None:
     assert Level2Config(path_prior="frame-order", critic_margin=0.2).resolved_critic_margin() == 0.2
     with pytest.raises(ValueError, match="path_prior 'frame-order' applies to mode 'hm3' only"):
         Level2Config(mode="rmm", path_prior="frame-order")
+
+
+def test_the_prior_kl_holds_the_mean_and_does_not_pay_for_a_wider_proto_action() -> None:
+    """KL to the frame-order prior regularises Δ; were σ differentiated through ½·Σ(Δ/σ)², the penalty
+    would shrink as σ grows, so the regulariser meant to keep paths on the frame's order would reward
+    noisier proto-actions, i.e. more edits of it."""
+    env, policy = make(path_prior="frame-order")
+    obs, _ = env.reset()
+    with torch.no_grad():
+        policy.actor[-1].bias.fill_(0.3)  # Δ ≠ 0
+    kl = policy.evaluate(collate([obs]), torch.zeros(1, policy.action_dim))["prior_kl"].sum()
+    kl.backward()
+    assert float(kl) > 0 and policy.actor[-1].bias.grad.abs().sum() > 0
+    assert policy.log_std.grad is None or float(policy.log_std.grad.abs().sum()) == 0.0
