@@ -76,6 +76,9 @@ IN_MEMORY_TOKENIZER_SOURCES = ("base",)
 #: Full-size temporaries a merge method holds beside its inputs for one tensor (TIES: trimmed deltas,
 #: signs, the agreement mask, the result), so the workspace is (K + this) × the largest tensor.
 WORKSPACE_TENSORS = 4
+#: The dtype a search's candidates are merged in (:class:`InMemoryMerger`'s default dtype), which a recipe written for
+#: ``hm3 merge`` names when it names none (:func:`hm3.run.front.recipe_with_paths`).
+MERGE_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
