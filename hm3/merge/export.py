@@ -31,14 +31,10 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
         for k, v in params.items():
             if k == "fisher":
                 raise ConfigError(f"{where}.fisher: mergekit has no Fisher weighting")
-            if k == "rescale_mode":
-                if v == "inverse":
-                    raise ConfigError(
-                        f"{where}.rescale_mode: inverse (1/keep-probability) rescaling has no mergekit equivalent"
-                    )
-                out["rescale"] = v == "l1"
-                continue
-            out[k] = v
+            if k != "rescale_mode":
+                out.setdefault(k, v)  # a ``rescale`` beside ``rescale_mode`` gives way to it, as in hm3
+        if "rescale_mode" in params:
+            out["rescale"] = _rescale_setting(params["rescale_mode"], f"{where}.rescale_mode")
         return out
 
     if "parameters" in data:
@@ -53,6 +49,19 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
             if "parameters" in src:
                 src["parameters"] = translate(src["parameters"], f"slices[{i}].sources[{j}].parameters")
     return data
+
+
+def _rescale_setting(setting: Any, where: str) -> Any:
+    """hm3's ``rescale_mode`` setting as mergekit's ``rescale``, value by value: ``l1`` is true, ``none`` false,
+    and a list of ``{filter, value}`` keeps its filters; ``inverse`` has no mergekit equivalent."""
+    if isinstance(setting, list) and all(isinstance(c, dict) and "value" in c for c in setting):
+        return [{**c, "value": _rescale_setting(c["value"], where)} for c in setting]
+    if setting == "inverse":
+        raise ConfigError(f"{where}: inverse (1/keep-probability) rescaling has no mergekit equivalent")
+    if setting in ("l1", "none"):
+        return setting == "l1"
+    raise ConfigError(f"{where}: {setting!r} has no mergekit equivalent; give l1, none or a list of "
+                      "{filter, value} of them")
 
 
 def mergekit_notes(config: MergeConfig, exported_as: str) -> list[str]:
