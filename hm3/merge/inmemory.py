@@ -238,6 +238,12 @@ class InMemoryMerger:
                 f"the in-memory path merges over the models' own vocabulary (the live model's rows); a recipe with "
                 f"tokenizer source {recipe.vocabulary_source!r} is merged with hm3 merge"
             )
+        if self.tokenizer_source is None and recipe.tokenizer_source is not None:
+            raise ConfigError(
+                f"the recipe says tokenizer_source {recipe.tokenizer_source!r} but this merger merges over the models' "
+                "own rows, which hm3 merge would rearrange onto that tokenizer's; build the merger with "
+                f"tokenizer_source={recipe.tokenizer_source!r}"
+            )
         if self.tokenizer_source is not None and recipe.tokenizer_source != self.tokenizer_source:
             raise ConfigError(
                 f"this merger maps the models onto the base's vocabulary (tokenizer_source: {self.tokenizer_source}) "
