@@ -33,7 +33,7 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
                 raise ConfigError(f"{where}.fisher: mergekit has no Fisher weighting")
             if k != "rescale_mode":
                 out.setdefault(k, v)  # a ``rescale`` beside ``rescale_mode`` gives way to it, as in hm3
-        if "rescale_mode" in params:
+        if "rescale_mode" in params and method.param("rescale_mode") is not None:  # else hm3 ignores it too
             out["rescale"] = _rescale_setting(params["rescale_mode"], f"{where}.rescale_mode")
         return out
 

@@ -252,15 +252,17 @@ def test_exported_config_runs_in_mergekit(models, tmp_path):
     shutil.rmtree(mk_out)
 
 
-@pytest.mark.parametrize("parameters", [
-    {"rescale_mode": [{"filter": "mlp", "value": "l1"}, {"value": "none"}]},  # by module
-    {"rescale_mode": "l1", "rescale": False},  # both keys: hm3 takes rescale_mode
-    {"rescale": False, "rescale_mode": "l1"},
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"rescale_mode": [{"filter": "mlp", "value": "l1"}, {"value": "none"}]}),  # by module
+    ("ties", {"rescale_mode": "l1", "rescale": False}),  # both keys: hm3 takes rescale_mode
+    ("ties", {"rescale": False, "rescale_mode": "l1"}),
+    ("breadcrumbs", {"rescale_mode": "l1"}),  # not a breadcrumbs parameter: hm3 ignores it, with a warning
 ])
-def test_an_exported_rescale_mode_keeps_its_value_for_every_tensor(models, tmp_path, mergekit_merge, parameters):
+def test_an_exported_rescale_mode_keeps_its_value_for_every_tensor(models, tmp_path, mergekit_merge, method,
+                                                                  parameters):
     """``rescale_mode`` becomes mergekit's ``rescale`` tensor by tensor: a filtered one keeps its filters, and it
     wins over a ``rescale`` beside it as it does in hm3, so mergekit merges the exported config to hm3's tensors."""
-    recipe = _configs(models)["ties_no_normalize"]
+    recipe = _configs(models)["ties_no_normalize"] | {"merge_method": method}
     recipe["parameters"] = {"normalize": False, **parameters}
     src, exported = tmp_path / "hm3.yml", tmp_path / "mk.yml"
     src.write_text(yaml.safe_dump(recipe, sort_keys=False))  # the keys in the order given
