@@ -256,6 +256,7 @@ def test_exported_config_runs_in_mergekit(models, tmp_path):
     ("ties", {"rescale_mode": [{"filter": "mlp", "value": "l1"}, {"value": "none"}]}),  # by module
     ("ties", {"rescale_mode": "l1", "rescale": False}),  # both keys: hm3 takes rescale_mode
     ("ties", {"rescale": False, "rescale_mode": "l1"}),
+    ("ties", {"rescale_mode": [{"filter": "mlp", "value": "none"}], "rescale": True}),  # rescale where it misses
     ("breadcrumbs", {"rescale_mode": "l1"}),  # not a breadcrumbs parameter: hm3 ignores it, with a warning
 ])
 def test_an_exported_rescale_mode_keeps_its_value_for_every_tensor(models, tmp_path, mergekit_merge, method,

@@ -116,6 +116,22 @@ def test_slices_equal_mergekit(family, tmp_path, mergekit_merge, case):
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == depth
 
 
+@pytest.mark.mergekit
+def test_an_exported_slice_rescale_gives_way_to_the_recipes_rescale_mode(family, tmp_path, mergekit_merge):
+    """hm3 takes ``rescale_mode`` (here the recipe's, by module) before a slice's ``rescale``, which applies only
+    where its filters miss; mergekit reads the slice's ``rescale`` first, so the export must carry the recipe's
+    choice into it."""
+    ties = _oracle_recipes(family)["ties"]
+    recipe = ties | {"parameters": ties["parameters"] | {"rescale_mode": [{"filter": "mlp", "value": "none"}]},
+                     "slices": [ties["slices"][0] | {"parameters": {"rescale": True}}, ties["slices"][1]]}
+    ours = _merge(tmp_path, recipe)
+    assert main(["export-mergekit", str(_write(tmp_path / "hm3.yml", recipe)), str(tmp_path / "mk.yml")]) == 0
+    mergekit_merge(tmp_path / "mk.yml", tmp_path / "mk")
+    mine, theirs = _tensors(ours), _tensors(tmp_path / "mk")
+    worst = {n: (mine[n] - theirs[n]).abs().max().item() for n in mine}
+    assert max(worst.values()) <= 1e-6, {n: w for n, w in worst.items() if w > 1e-6}
+
+
 def test_a_depth_upscaled_model_loads_with_its_new_depth_and_finite_logits(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
