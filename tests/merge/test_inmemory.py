@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,7 @@ def test_a_front_point_of_bfloat16_models_merges_to_the_tensors_that_were_scored
     assert set(on_disk) == set(scored)
     for name, tensor in scored.items():
         assert torch.equal(on_disk[name], tensor), name
+    # and the config says so under every key a transformers version reads (5 writes "dtype", 4 "torch_dtype"),
+    # or dtype="auto" would load the float32 weights as bfloat16
+    config = json.loads((tmp_path / "point" / "config.json").read_text())
+    assert {config[k] for k in ("dtype", "torch_dtype") if k in config} == {"float32"}
