@@ -51,6 +51,7 @@ import torch
 from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
 from hm3.checkpoint.layers import is_vocabulary_tensor
 from hm3.config import MergeConfig
+from hm3.devices import dtype_name
 from hm3.errors import ConfigError
 from hm3.merge.methods import MERGE_METHODS, MergeMethod, TensorInputs, get_method
 from hm3.merge.plan import (
@@ -59,6 +60,7 @@ from hm3.merge.plan import (
     input_refs_for,
     mask_generator,
     output_vocabulary,
+    parse_dtype,
     resolve_jobs,
     vocabulary_config,
 )
@@ -250,6 +252,14 @@ class InMemoryMerger:
                 f"but the recipe says tokenizer_source {recipe.tokenizer_source!r}: hm3 merge would merge it "
                 f"differently; give the recipe tokenizer_source: {self.tokenizer_source}"
             )
+        for key in ("dtype", "out_dtype"):  # hm3 merge computes in ``dtype`` and writes ``out_dtype``
+            wanted = parse_dtype(getattr(recipe, key), key=key)
+            if wanted is not None and wanted != self.dtype:
+                raise ConfigError(
+                    f"the recipe's {key} {getattr(recipe, key)!r}: this merger merges in {dtype_name(self.dtype)}, "
+                    f"so hm3 merge would give other tensors than it scores; give {key}: {dtype_name(self.dtype)} "
+                    "or none"
+                )
         method = get_method(recipe.merge_method)
         refusal = in_memory_refusal(method)
         if refusal is not None:

@@ -110,6 +110,16 @@ def test_a_recipe_over_another_vocabulary_is_refused(models, merger, tokenizer):
         merger.merged_state(recipe)
 
 
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+def test_a_recipe_in_another_dtype_is_refused(models, merger, key):
+    """The merger computes and hands over float32 tensors; ``hm3 merge`` of a recipe that says bfloat16 would
+    compute or write others, so the merger must not score it as its own."""
+    recipe = parse_merge_config(_recipe(models, "ties").model_dump(exclude_none=True) | {key: "bfloat16"})
+    with pytest.raises(ConfigError, match=rf"recipe's {key} 'bfloat16'.*merges in float32"):
+        merger.merged_state(recipe)
+    assert merger.merged_state(parse_merge_config(recipe.model_dump(exclude_none=True) | {key: "float32"}))
+
+
 def _any_recipe(method: str):
     """A valid recipe of ``method`` over the merger's models, whatever parameters the method takes."""
     spec = MERGE_METHODS[method]
