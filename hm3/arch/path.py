@@ -405,12 +405,13 @@ def _hook_branch_scale(layer: nn.Module, scale: float) -> None:
 
 
 def mergekit_passthrough_config(
-    pool_dirs: Sequence[str | Path], path: LayerPath, dtype: str
+    pool_dirs: Sequence[str | Path], path: LayerPath, dtype: str | None
 ) -> dict[str, Any]:
     """mergekit's passthrough ``slices`` config building the same model as :func:`export_path`.
 
     mergekit takes embeddings from the first slice's model and final norm and LM head from the last
-    one's, so the path is framed by two empty slices (``layer_range: [0, 0]``) of the merge.
+    one's, so the path is framed by two empty slices (``layer_range: [0, 0]``) of the merge. ``dtype``
+    None (the pool's tensors differ in dtype): no ``dtype`` key, so each tensor stays in its own.
     """
     dirs = [str(Path(d).resolve()) for d in pool_dirs]
     slices: list[dict[str, Any]] = [_empty_slice(dirs[-1])]
@@ -421,7 +422,7 @@ def mergekit_passthrough_config(
             source["parameters"] = {"scale": [{"filter": f.rstrip("."), "value": w} for f in BRANCH_OUTPUTS]}
         slices.append({"sources": [source]})
     slices.append(_empty_slice(dirs[-1]))
-    return {"merge_method": "passthrough", "dtype": dtype, "slices": slices}
+    return {"merge_method": "passthrough", **({"dtype": dtype} if dtype is not None else {}), "slices": slices}
 
 
 def _empty_slice(model_dir: str) -> dict[str, Any]:
@@ -466,7 +467,10 @@ def _export(
     _check_scalable(path, merge.config.get("model_type"))
     plan = plan_path_tensors([c.tensor_names() for c in ckpts], path)
     layout = [(s.name, ckpts[s.model].shape(s.source), ckpts[s.model].dtype(s.source)) for s in plan]
-    dtype = str(merge.dtype(plan[0].source)).removeprefix("torch.")
+    # one dtype for the whole model only where its tensors share it (bfloat16 experts in a float32 frame do
+    # not): converting would change the expert layers, and a scaled one would no longer be rounded as here
+    dtypes = {dt for _, _, dt in layout if dt.is_floating_point}
+    dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
     extra = {
         MERGEKIT_CONFIG_FILE: yaml.safe_dump(
             mergekit_passthrough_config(names, path, dtype), sort_keys=False

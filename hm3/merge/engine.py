@@ -156,6 +156,9 @@ def merge_to_disk(
     out_dir = Path(out_dir)
     dev = check_device(device)  # before the models are opened
     plan = plan_merge(config, config_dir=config_dir, seed=seed)
+    # the recipe beside the model names the seed that drew its drop masks (``seed`` overrides the recipe's),
+    # so merging that file again gives the same model
+    recorded = config if seed is None else config.model_copy(update={"seed": seed})
     try:
         inputs += [c.path for c in plan.checkpoints]
         inputs += list(plan.fisher_files or [])
@@ -170,7 +173,7 @@ def merge_to_disk(
                 overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes,
                 tokenizer_from=tokenizer_from,
-                extra_files={"hm3_recipe.yml": config.to_yaml()},
+                extra_files={"hm3_recipe.yml": recorded.to_yaml()},
                 background=True,
                 force=force,
                 inputs=inputs,

@@ -26,33 +26,70 @@ def to_mergekit(config: MergeConfig) -> dict[str, Any]:
     data.pop("mask_rng", None)  # hm3's choice of mask generator: mergekit draws from torch's global one
     data["merge_method"] = method.mergekit_name
 
-    def translate(params: dict[str, Any], where: str) -> dict[str, Any]:
+    takes_mode = method.param("rescale_mode") is not None  # else hm3 ignores rescale_mode, and so may mergekit
+
+    def translate(params: dict[str, Any], where: str) -> tuple[dict[str, Any], Any]:
+        """``params`` without hm3's keys, and its ``rescale_mode`` as mergekit's ``rescale`` (None: not given)."""
         out = {}
         for k, v in params.items():
             if k == "fisher":
                 raise ConfigError(f"{where}.fisher: mergekit has no Fisher weighting")
-            if k == "rescale_mode":
-                if v == "inverse":
-                    raise ConfigError(
-                        f"{where}.rescale_mode: inverse (1/keep-probability) rescaling has no mergekit equivalent"
-                    )
-                out["rescale"] = v == "l1"
-                continue
-            out[k] = v
-        return out
+            if k != "rescale_mode":
+                out[k] = v
+        mode = params.get("rescale_mode") if takes_mode else None
+        return out, None if mode is None else _rescale_setting(mode, f"{where}.rescale_mode")
 
+    # hm3 asks rescale_mode before rescale, each scope's from the most specific out; mergekit asks only
+    # rescale, so each scope's rescale becomes the chain hm3 would ask from that scope on
+    top_mode = None
     if "parameters" in data:
-        data["parameters"] = translate(data["parameters"], "parameters")
+        data["parameters"], top_mode = translate(data["parameters"], "parameters")
+        _set_rescale(data["parameters"], top_mode, data["parameters"].get("rescale"))
     for i, m in enumerate(data.get("models", [])):
         if "parameters" in m:
-            m["parameters"] = translate(m["parameters"], f"models[{i}].parameters")
+            m["parameters"], mode = translate(m["parameters"], f"models[{i}].parameters")
+            _set_rescale(m["parameters"], mode, m["parameters"].get("rescale"))
     for i, s in enumerate(data.get("slices", [])):
         if "parameters" in s:
-            s["parameters"] = translate(s["parameters"], f"slices[{i}].parameters")
+            s["parameters"], mode = translate(s["parameters"], f"slices[{i}].parameters")
+            if mode is not None or "rescale" in s["parameters"]:
+                _set_rescale(s["parameters"], mode, top_mode, s["parameters"].get("rescale"))
         for j, src in enumerate(s["sources"]):
             if "parameters" in src:
-                src["parameters"] = translate(src["parameters"], f"slices[{i}].sources[{j}].parameters")
+                src["parameters"], mode = translate(src["parameters"], f"slices[{i}].sources[{j}].parameters")
+                _set_rescale(src["parameters"], mode, src["parameters"].get("rescale"))
     return data
+
+
+def _set_rescale(params: dict[str, Any], *chain: Any) -> None:
+    """Set ``params['rescale']`` to the settings of ``chain`` asked in turn (None: not given), if any is given."""
+    given = [c for c in chain if c is not None]
+    if not given:
+        return
+    conditions: list[Any] = []
+    for setting in given:
+        if not _is_conditions(setting):  # a plain value (or gradient) gives every tensor a value: the end
+            params["rescale"] = setting if not conditions else [*conditions, {"value": setting}]
+            return
+        conditions += setting
+    params["rescale"] = conditions
+
+
+def _is_conditions(setting: Any) -> bool:
+    return isinstance(setting, list) and all(isinstance(c, dict) and "value" in c for c in setting)
+
+
+def _rescale_setting(setting: Any, where: str) -> Any:
+    """hm3's ``rescale_mode`` setting as mergekit's ``rescale``, value by value: ``l1`` is true, ``none`` false,
+    and a list of ``{filter, value}`` keeps its filters; ``inverse`` has no mergekit equivalent."""
+    if _is_conditions(setting):
+        return [{**c, "value": _rescale_setting(c["value"], where)} for c in setting]
+    if setting == "inverse":
+        raise ConfigError(f"{where}: inverse (1/keep-probability) rescaling has no mergekit equivalent")
+    if setting in ("l1", "none"):
+        return setting == "l1"
+    raise ConfigError(f"{where}: {setting!r} has no mergekit equivalent; give l1, none or a list of "
+                      "{filter, value} of them")
 
 
 def mergekit_notes(config: MergeConfig, exported_as: str) -> list[str]:

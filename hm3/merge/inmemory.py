@@ -51,6 +51,7 @@ import torch
 from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
 from hm3.checkpoint.layers import is_vocabulary_tensor
 from hm3.config import MergeConfig
+from hm3.devices import dtype_name
 from hm3.errors import ConfigError
 from hm3.merge.methods import MERGE_METHODS, MergeMethod, TensorInputs, get_method
 from hm3.merge.plan import (
@@ -59,6 +60,7 @@ from hm3.merge.plan import (
     input_refs_for,
     mask_generator,
     output_vocabulary,
+    parse_dtype,
     resolve_jobs,
     vocabulary_config,
 )
@@ -76,6 +78,9 @@ IN_MEMORY_TOKENIZER_SOURCES = ("base",)
 #: Full-size temporaries a merge method holds beside its inputs for one tensor (TIES: trimmed deltas,
 #: signs, the agreement mask, the result), so the workspace is (K + this) × the largest tensor.
 WORKSPACE_TENSORS = 4
+#: The dtype a search's candidates are merged in (:class:`InMemoryMerger`'s default dtype), which a recipe written for
+#: ``hm3 merge`` names when it names none (:func:`hm3.run.front.recipe_with_paths`).
+MERGE_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
@@ -235,12 +240,26 @@ class InMemoryMerger:
                 f"the in-memory path merges over the models' own vocabulary (the live model's rows); a recipe with "
                 f"tokenizer source {recipe.vocabulary_source!r} is merged with hm3 merge"
             )
+        if self.tokenizer_source is None and recipe.tokenizer_source is not None:
+            raise ConfigError(
+                f"the recipe says tokenizer_source {recipe.tokenizer_source!r} but this merger merges over the models' "
+                "own rows, which hm3 merge would rearrange onto that tokenizer's; build the merger with "
+                f"tokenizer_source={recipe.tokenizer_source!r}"
+            )
         if self.tokenizer_source is not None and recipe.tokenizer_source != self.tokenizer_source:
             raise ConfigError(
                 f"this merger maps the models onto the base's vocabulary (tokenizer_source: {self.tokenizer_source}) "
                 f"but the recipe says tokenizer_source {recipe.tokenizer_source!r}: hm3 merge would merge it "
                 f"differently; give the recipe tokenizer_source: {self.tokenizer_source}"
             )
+        for key in ("dtype", "out_dtype"):  # hm3 merge computes in ``dtype`` and writes ``out_dtype``
+            wanted = parse_dtype(getattr(recipe, key), key=key)
+            if wanted is not None and wanted != self.dtype:
+                raise ConfigError(
+                    f"the recipe's {key} {getattr(recipe, key)!r}: this merger merges in {dtype_name(self.dtype)}, "
+                    f"so hm3 merge would give other tensors than it scores; give {key}: {dtype_name(self.dtype)} "
+                    "or none"
+                )
         method = get_method(recipe.merge_method)
         refusal = in_memory_refusal(method)
         if refusal is not None:

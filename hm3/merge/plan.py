@@ -340,8 +340,11 @@ def plan_merge(config: MergeConfig, *, config_dir: Path | None = None, seed: int
         for c in opened:
             c.close()
         raise
-    if out_dtype is not None:
-        output_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    if out_dtype is not None:  # under both keys: transformers 5 reads "dtype" (which it writes) first
+        name = str(out_dtype).removeprefix("torch.")
+        output_config["torch_dtype"] = name
+        if "dtype" in output_config:
+            output_config["dtype"] = name
     return MergePlan(
         config=config,
         method=method,

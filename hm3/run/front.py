@@ -28,6 +28,7 @@ import yaml
 from hm3.atomic import atomic_write_text
 from hm3.errors import StoreError
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, PathCandidate
+from hm3.merge.inmemory import MERGE_DTYPE
 from hm3.report import plot_front, write_csv
 from hm3.run.directory import (
     CANDIDATES_FILE,
@@ -190,8 +191,11 @@ def write_point_file(out_dir: Path, point: int, kind: str, recipe: dict[str, Any
 
 
 def recipe_with_paths(recipe: dict, models: Mapping[str, str]) -> dict:
-    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model paths)."""
+    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model paths), merged in
+    the dtype it was scored in: a search merges in float32 whatever the models' dtype, so a recipe that names
+    none gets ``dtype: float32`` (without it, models stored in bfloat16 would be merged in bfloat16)."""
     out = dict(recipe)
+    out.setdefault("dtype", MERGE_DTYPE)
     out["base_model"] = str(Path(models[recipe["base_model"]]).resolve())
     out["models"] = [m | {"model": str(Path(models[m["model"]]).resolve())} for m in recipe["models"]]
     return out

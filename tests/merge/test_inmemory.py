@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,16 @@ def test_a_recipe_over_another_vocabulary_is_refused(models, merger, tokenizer):
         merger.merged_state(recipe)
 
 
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+def test_a_recipe_in_another_dtype_is_refused(models, merger, key):
+    """The merger computes and hands over float32 tensors; ``hm3 merge`` of a recipe that says bfloat16 would
+    compute or write others, so the merger must not score it as its own."""
+    recipe = parse_merge_config(_recipe(models, "ties").model_dump(exclude_none=True) | {key: "bfloat16"})
+    with pytest.raises(ConfigError, match=rf"recipe's {key} 'bfloat16'.*merges in float32"):
+        merger.merged_state(recipe)
+    assert merger.merged_state(parse_merge_config(recipe.model_dump(exclude_none=True) | {key: "float32"}))
+
+
 def _any_recipe(method: str):
     """A valid recipe of ``method`` over the merger's models, whatever parameters the method takes."""
     spec = MERGE_METHODS[method]
@@ -150,3 +161,36 @@ def test_the_methods_the_merger_runs_are_the_task_vector_ones():
                                    "della_linear", "df_merge", "sce", "task_arithmetic", "ties"]
     # every method a search space can list is one the merger runs
     assert all(m.in_memory for m in MERGE_METHODS.values() if m.searched is not None)
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory) -> dict[str, Path]:
+    """A base and two experts stored in bfloat16, as most hub checkpoints are."""
+    root = tmp_path_factory.mktemp("bf16")
+    base = build_random_llama(root / "base", hidden_size=32, num_layers=2, vocab_size=64, seed=0,
+                              dtype=torch.bfloat16)
+    return {"base": base, **{f"m{i}": build_finetuned_variant(base, root / f"m{i}", seed=i, scale=0.05) for i in (1, 2)}}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_a_front_point_of_bfloat16_models_merges_to_the_tensors_that_were_scored(bf16_models, tmp_path, method):
+    """The merger computes in float32 whatever the models' dtype; the point file a run writes for a stored
+    recipe (which names no dtype) must make ``hm3 merge`` compute the same float32 tensors, not redo the
+    arithmetic in bfloat16."""
+    from hm3.run.front import recipe_with_paths
+
+    stored = {"merge_method": method, "base_model": "base",
+              "models": [{"model": "m1", "parameters": {"weight": 0.7, "density": 0.5}},
+                         {"model": "m2", "parameters": {"weight": 0.4, "density": 0.6}}], "seed": 3}
+    merger = InMemoryMerger(bf16_models["base"], [bf16_models["m1"], bf16_models["m2"]], base_ref="base",
+                            model_refs=["m1", "m2"])
+    scored = merger.merged_state(parse_merge_config(stored))
+    merge_to_disk(parse_merge_config(recipe_with_paths(stored, bf16_models)), tmp_path / "point")
+    on_disk = _load(tmp_path / "point")
+    assert set(on_disk) == set(scored)
+    for name, tensor in scored.items():
+        assert torch.equal(on_disk[name], tensor), name
+    # and the config says so under every key a transformers version reads (5 writes "dtype", 4 "torch_dtype"),
+    # or dtype="auto" would load the float32 weights as bfloat16
+    config = json.loads((tmp_path / "point" / "config.json").read_text())
+    assert {config[k] for k in ("dtype", "torch_dtype") if k in config} == {"float32"}

@@ -122,6 +122,20 @@ def test_the_recipe_must_say_the_mergers_tokenizer_source(family):
         _merger(family, tokenizer_source="union")
 
 
+def test_a_merger_without_a_tokenizer_source_refuses_a_recipe_that_names_one(tmp_path):
+    """A base with more embedding rows than tokens: ``hm3 merge`` with ``tokenizer_source: base`` writes one row
+    per token, a merger over the models' own rows keeps them all, so it must not take that recipe as its own."""
+    base = build_random_llama(tmp_path / "base", hidden_size=16, num_layers=2, num_heads=2, vocab_size=40, seed=0)
+    _save_tokenizer(base, TOKENS["base"])  # 32 tokens over 40 rows
+    m1 = build_random_llama(tmp_path / "m1", hidden_size=16, num_layers=2, num_heads=2, vocab_size=40, seed=1)
+    recipe = parse_merge_config(_recipe("ties", models=("m1",)))
+    merge_to_disk(recipe, tmp_path / "disk", config_dir=tmp_path)
+    assert _load(tmp_path / "disk")["model.embed_tokens.weight"].shape[0] == 32
+    merger = InMemoryMerger(base, [m1], base_ref="base", model_refs=["m1"])
+    with pytest.raises(ConfigError, match="tokenizer_source 'base'.*merges over the models' own rows"):
+        merger.merged_state(recipe)
+
+
 # --- a level-1 search over such experts ---------------------------------------------------------------
 
 

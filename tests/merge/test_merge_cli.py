@@ -90,6 +90,17 @@ def test_dare_same_seed_is_deterministic_and_different_seed_differs(zoo, tmp_pat
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_the_recipe_beside_a_merge_names_the_seed_given_on_the_command_line(zoo, tmp_path):
+    """``--seed`` overrides the recipe's; the recipe written beside the model must say the seed that drew its
+    masks, so merging that file again gives the same model."""
+    recipe = _write(tmp_path, _recipe(zoo, "dare_ties") | {"seed": 3})
+    assert main(["merge", str(recipe), str(tmp_path / "a"), "--seed", "4"]) == 0
+    assert yaml.safe_load((tmp_path / "a" / "hm3_recipe.yml").read_text())["seed"] == 4
+    assert main(["merge", str(tmp_path / "a" / "hm3_recipe.yml"), str(tmp_path / "again")]) == 0
+    a, again = _load(tmp_path / "a"), _load(tmp_path / "again")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
 def test_dare_kept_fraction_and_l1_norm(zoo, tmp_path):
     """dare_linear with one model, weight 1: output - base is the DARE'd task vector itself."""
     density = 0.3

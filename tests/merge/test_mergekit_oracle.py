@@ -252,6 +252,39 @@ def test_exported_config_runs_in_mergekit(models, tmp_path):
     shutil.rmtree(mk_out)
 
 
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"rescale_mode": [{"filter": "mlp", "value": "l1"}, {"value": "none"}]}),  # by module
+    ("ties", {"rescale_mode": "l1", "rescale": False}),  # both keys: hm3 takes rescale_mode
+    ("ties", {"rescale": False, "rescale_mode": "l1"}),
+    ("ties", {"rescale_mode": [{"filter": "mlp", "value": "none"}], "rescale": True}),  # rescale where it misses
+    ("breadcrumbs", {"rescale_mode": "l1"}),  # not a breadcrumbs parameter: hm3 ignores it, with a warning
+])
+def test_an_exported_rescale_mode_keeps_its_value_for_every_tensor(models, tmp_path, mergekit_merge, method,
+                                                                  parameters):
+    """``rescale_mode`` becomes mergekit's ``rescale`` tensor by tensor: a filtered one keeps its filters, and it
+    wins over a ``rescale`` beside it as it does in hm3, so mergekit merges the exported config to hm3's tensors."""
+    recipe = _configs(models)["ties_no_normalize"] | {"merge_method": method}
+    recipe["parameters"] = {"normalize": False, **parameters}
+    src, exported = tmp_path / "hm3.yml", tmp_path / "mk.yml"
+    src.write_text(yaml.safe_dump(recipe, sort_keys=False))  # the keys in the order given
+    assert main(["export-mergekit", str(src), str(exported)]) == 0
+    mergekit_merge(exported, tmp_path / "mk_out")
+    assert main(["merge", str(src), str(tmp_path / "hm3_out")]) == 0
+    ours, theirs = _load_dir(tmp_path / "hm3_out"), _load_dir(tmp_path / "mk_out")
+    worst = {k: (ours[k] - theirs[k]).abs().max().item() for k in ours}
+    assert max(worst.values()) <= 1e-6, {k: v for k, v in worst.items() if v > 1e-6}
+
+
+def test_an_exported_filtered_inverse_rescale_is_refused(models, tmp_path, capsys):
+    """``inverse`` has no mergekit equivalent under a filter too: refused, naming the key, and nothing written."""
+    recipe = _configs(models)["ties_no_normalize"] | {"merge_method": "dare_ties"}
+    recipe["parameters"] = {"rescale_mode": [{"filter": "mlp", "value": "inverse"}, {"value": "l1"}]}
+    src, exported = tmp_path / "hm3.yml", tmp_path / "mk.yml"
+    src.write_text(yaml.safe_dump(recipe))
+    assert main(["export-mergekit", str(src), str(exported)]) != 0
+    assert "parameters.rescale_mode: inverse" in capsys.readouterr().err and not exported.exists()
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
 def test_an_exported_random_merge_names_its_seed_and_the_command_that_repeats_it(models, tmp_path, method,
                                                                                  mergekit_merge):

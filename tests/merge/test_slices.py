@@ -116,6 +116,22 @@ def test_slices_equal_mergekit(family, tmp_path, mergekit_merge, case):
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == depth
 
 
+@pytest.mark.mergekit
+def test_an_exported_slice_rescale_gives_way_to_the_recipes_rescale_mode(family, tmp_path, mergekit_merge):
+    """hm3 takes ``rescale_mode`` (here the recipe's, by module) before a slice's ``rescale``, which applies only
+    where its filters miss; mergekit reads the slice's ``rescale`` first, so the export must carry the recipe's
+    choice into it."""
+    ties = _oracle_recipes(family)["ties"]
+    recipe = ties | {"parameters": ties["parameters"] | {"rescale_mode": [{"filter": "mlp", "value": "none"}]},
+                     "slices": [ties["slices"][0] | {"parameters": {"rescale": True}}, ties["slices"][1]]}
+    ours = _merge(tmp_path, recipe)
+    assert main(["export-mergekit", str(_write(tmp_path / "hm3.yml", recipe)), str(tmp_path / "mk.yml")]) == 0
+    mergekit_merge(tmp_path / "mk.yml", tmp_path / "mk")
+    mine, theirs = _tensors(ours), _tensors(tmp_path / "mk")
+    worst = {n: (mine[n] - theirs[n]).abs().max().item() for n in mine}
+    assert max(worst.values()) <= 1e-6, {n: w for n, w in worst.items() if w > 1e-6}
+
+
 def test_a_depth_upscaled_model_loads_with_its_new_depth_and_finite_logits(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -132,23 +148,29 @@ def test_a_depth_upscaled_model_loads_with_its_new_depth_and_finite_logits(famil
     assert torch.equal(mine["lm_head.weight"], base["lm_head.weight"])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed"])
 def test_an_exported_layer_path_merges_back_to_the_exported_tensors(family, tmp_path, dtype):
-    """Scales are folded in float32 on export and computed in the models' dtype by the merge: bfloat16 too."""
+    """Scales are folded in float32 on export and computed in the models' dtype by the merge: bfloat16 too,
+    and each tensor in its own model's dtype where they differ (bfloat16 experts in a float32 frame: a
+    search's merge, written in the float32 it was scored in)."""
     from hm3.arch.path import MERGEKIT_CONFIG_FILE, LayerPath, export_path
 
     pool = [family["m1"], family["m2"], family["base"]]  # the last is the frame: embeddings, norm and head
-    if dtype == "bfloat16":
+    if dtype != "float32":
         base = build_random_llama(tmp_path / "base", hidden_size=32, num_layers=4, vocab_size=64, seed=3,
                                   dtype=torch.bfloat16)
         pool = [build_finetuned_variant(base, tmp_path / f"m{i}", seed=i, scale=0.1) for i in (1, 2)] + [base]
+    if dtype == "mixed":
+        pool[-1] = build_random_llama(tmp_path / "frame", hidden_size=32, num_layers=4, vocab_size=64, seed=3)
     path = LayerPath(((0, 3), (2, 0), (1, 1), (0, 3), (1, 2)), scales=(1.0, 0.5, 1.0, 2.5, 0.75))
     exported = export_path(pool, path, tmp_path / "exported")
     assert main(["merge", str(exported / MERGEKIT_CONFIG_FILE), str(tmp_path / "back")]) == 0
     mine, theirs = _tensors(tmp_path / "back"), _tensors(exported)
     assert set(mine) == set(theirs)
     assert [n for n in mine if not torch.equal(mine[n], theirs[n])] == []
-    assert {t.dtype for t in mine.values()} == {getattr(torch, dtype)}
+    assert all(mine[n].dtype == theirs[n].dtype for n in mine)
+    assert {t.dtype for t in mine.values()} == ({torch.float32, torch.bfloat16} if dtype == "mixed"
+                                                else {getattr(torch, dtype)})
     assert json.loads((tmp_path / "back" / "config.json").read_text())["num_hidden_layers"] == 5
 
 
