@@ -916,15 +916,18 @@ def render_parallel(results: Results) -> str:
         parts += [f"**Worker idle time** (`bo-mo`, {i.get('budget')} evaluations, seed 0, 2 Ray workers of 1 CPU, "
                   f"{i.get('validation_examples')} validation examples per task; {zoo_text(i.get('zoo_build'))}; load "
                   f"average {i.get('load_average_start')[0]:g} at the start and {i.get('load_average_end')[0]:g} at "
-                  "the end). A worker waits while the driver proposes; with `async` it waits only for its own "
-                  "point, proposed while the other worker scores:",
+                  "the end). In `batch` mode a worker waits while the driver proposes the next batch; with `async` "
+                  "the next point is proposed in a thread of its own while the workers score, so a worker waits "
+                  "only when proposing takes longer than its share of the workers' turn:",
                   table(["proposals", "worker idle share", "evaluations / s", "s a worker is busy per evaluation",
                          "s per ask (the driver proposing)", "loop s"], rows),
                   f"With asynchronous proposals the workers wait **{share:.1%}** of their time "
                   f"(target < {i.get('target')['threshold']:.0%}). There an ask of `bo-mo` (fitting its GPs and "
                   f"optimising the acquisition) took {ask_ratio:.2f}× a worker's evaluation of a micro-zoo candidate, "
-                  "and one driver proposes for two workers; the share falls as evaluations get dearer against "
-                  "the asks (a real model's take minutes)."]
+                  "and one driver proposes for two workers (and shares the 2 cores with them); the share falls as "
+                  "evaluations get dearer against the asks (a real model's take minutes). `async` asks once per "
+                  f"point ({run['asks']} asks) where `batch` asks once per batch ({i.get('runs')['batch']['asks']}), "
+                  "so where the asks are the bottleneck, as here, it ends later."]
     found = [r for r in (t, h, i) if r is not None]
     if not found:
         return ""
