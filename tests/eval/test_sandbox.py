@@ -76,8 +76,16 @@ def _assert_evaluator_healthy() -> None:
     assert run_untrusted("print(6 * 7)").stdout == "42\n"
 
 
-def _assert_nothing_left(dirs_before: set[str]) -> None:
-    assert psutil.Process().children(recursive=True) == []
+def _present() -> tuple[set[str], set[int]]:
+    """The sandbox folders and this process's child processes before a run. Children that other tests
+    started can live as long as this process (a multiprocessing resource tracker, after an engine's worker
+    processes): a run must add none."""
+    return _sandbox_dirs(), {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _assert_nothing_left(before: tuple[set[str], set[int]]) -> None:
+    dirs_before, children_before = before
+    assert [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before] == []
     assert _live_sandbox_processes() == []
     assert _sandbox_dirs() <= dirs_before
 
@@ -227,7 +235,7 @@ def test_cpu_limit_kills_busy_program():
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_fork_bomb_is_contained_and_leaves_nothing_behind(mode):
-    before = _sandbox_dirs()
+    before = _present()
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     result = run_untrusted(bomb, timeout_s=2.0, max_processes=16, mode=mode)
     assert not result.passed and result.reason == "timeout"
@@ -405,7 +413,7 @@ def test_parent_environment_is_not_visible(monkeypatch):
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_workdir_is_home_and_nothing_is_left_afterwards(mode):
-    before = _sandbox_dirs()
+    before = _present()
     name = f"hm3-left-{uuid.uuid4().hex}"
     result = run_untrusted(PRINT_CWD + f"print(os.environ['HOME'])\nopen({name!r}, 'w').write('x')", mode=mode)
     workdir, home = result.stdout.split()
@@ -417,7 +425,7 @@ def test_workdir_is_home_and_nothing_is_left_afterwards(mode):
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_an_interrupted_run_leaves_no_process_behind(mode, monkeypatch):
-    before = _sandbox_dirs()
+    before = _present()
 
     def interrupt(seconds: float) -> None:  # Ctrl-C while the evaluator waits for the program
         raise KeyboardInterrupt
