@@ -178,6 +178,12 @@ def test_config_errors(name, options, budget, message):
         get_optimizer(name)(D, 2, seed=0, budget=budget, **options)
 
 
+def test_bo_mo_refuses_a_single_objective_before_any_evaluation():
+    """qLogNEHVI needs two outcomes or more: with one, the first model step would fail after the design."""
+    with pytest.raises(ConfigError, match="bo-mo: .*at least 2 objectives.*df-merge"):
+        get_optimizer("bo-mo")(D, 1, seed=0, budget=12, n_init=6)
+
+
 def test_unknown_optimizer_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown optimizer 'cma-es'; known: bo-mo"):
         get_optimizer("cma-es")
