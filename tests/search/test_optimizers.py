@@ -106,8 +106,18 @@ def test_tchebycheff_hand_cases():
     lam = torch.tensor([0.25, 0.75])
     # max(0.25·0.5, 0.75·0) = 0.125; max(0, 0.75) = 0.75; max(0.05, 0.3) = 0.3
     assert tchebycheff(Y, lam, ideal).tolist() == pytest.approx([0.125, 0.75, 0.3])
-    # |f − z*| also penalises overshooting the ideal point
-    assert tchebycheff(torch.tensor([[1.5, 1.0]]), lam, ideal).tolist() == pytest.approx([0.125])
+
+
+def test_tchebycheff_never_ranks_a_dominating_point_worse():
+    """A merge may beat the best expert (f̂ > z* = 1), and on an objective no expert beats the base, f̂ is in
+    raw units and may pass 1 by far: scoring higher there must not make the subproblem's value worse."""
+    ideal = torch.ones(2, dtype=torch.float64)
+    lam = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    at_ideal, beyond, far_beyond = torch.tensor([[1.0, 0.4], [1.5, 0.4], [3.0, 0.4]], dtype=torch.float64)
+    values = tchebycheff(torch.stack([at_ideal, beyond, far_beyond]), lam, ideal)
+    assert values[1] <= values[0] and values[2] <= values[1]
+    # and the worse axis still decides: max(0.5·(1 − 1.5), 0.5·(1 − 0.4)) = 0.3
+    assert values[1].item() == pytest.approx(0.3)
 
 
 def test_tcheby_assigns_lambdas_round_robin_after_the_design():
@@ -166,6 +176,12 @@ def test_df_merge_scalarises_with_given_weights():
 def test_config_errors(name, options, budget, message):
     with pytest.raises(ConfigError, match=message):
         get_optimizer(name)(D, 2, seed=0, budget=budget, **options)
+
+
+def test_bo_mo_refuses_a_single_objective_before_any_evaluation():
+    """qLogNEHVI needs two outcomes or more: with one, the first model step would fail after the design."""
+    with pytest.raises(ConfigError, match="bo-mo: .*at least 2 objectives.*df-merge"):
+        get_optimizer("bo-mo")(D, 1, seed=0, budget=12, n_init=6)
 
 
 def test_unknown_optimizer_lists_the_known_ones():

@@ -45,6 +45,9 @@ class BoMo(BayesOptimizer):
 
     def __init__(self, space_dim: int, n_objectives: int, *, seed: int, budget: int, **options: Any):
         super().__init__(space_dim, n_objectives, seed=seed, budget=budget, **options)
+        if n_objectives < 2:  # refused here, not at the first model step after the design is spent
+            raise ConfigError(f"bo-mo: hypervolume improvement needs at least 2 objectives, got {n_objectives}; "
+                              "for one objective use df-merge")
         ref = self.options.ref_point
         self.ref_point = (
             torch.zeros(n_objectives, dtype=DTYPE) if ref is None else torch.as_tensor(ref, dtype=DTYPE)

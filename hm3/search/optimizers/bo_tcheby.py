@@ -1,7 +1,11 @@
 """``bo-tcheby``: BO on HM3's Tchebycheff subproblems, one per preference vector.
 
 For preference λ and ideal point z* (the best expert score per task, HM3 Eq. 3) the
-subproblem is ``min_x max_k λ_k |f_k(x) − z*_k|``. Each λ gets its own single-output GP
+subproblem is ``min_x max_k λ_k (z*_k − f_k(x))``: signed where the paper writes
+``|f_k − z*_k|``, as level 2's frame choice is (docs/LEVEL2.md). z* is no true ideal: a merge
+can beat the best expert, and on an objective no expert beats the base the normalised score is
+in raw units and can pass z* = 1 by far; the absolute value would count that against the merge,
+so a dominated point could solve the subproblem. Each λ gets its own single-output GP
 on the negated scalarisation, but every GP is fitted on ALL evaluations so far: a point
 found for one λ informs the others at no extra cost.
 
@@ -30,8 +34,9 @@ with extra_imports("search", "the bo-tcheby optimiser"):
 
 
 def tchebycheff(Y: torch.Tensor, lam: torch.Tensor, ideal: torch.Tensor) -> torch.Tensor:
-    """``max_k λ_k |f_k − z*_k|`` per row of ``Y`` (n × k): lower is better."""
-    return (lam * (Y - ideal).abs()).amax(dim=-1)
+    """``max_k λ_k (z*_k − f_k)`` per row of ``Y`` (n × k): lower is better, and never worse for a point
+    that scores higher (module docstring)."""
+    return (lam * (ideal - Y)).amax(dim=-1)
 
 
 class BoTcheby(BayesOptimizer):

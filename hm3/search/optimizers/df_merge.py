@@ -2,8 +2,13 @@
 
 DF-Merge fits a Matérn-5/2 GP to the mean validation score and picks points by expected
 improvement after 10 random initial points. hm3 uses log-EI (numerically robust, same
-maximiser up to EI's ``xi``) and a scrambled Sobol design instead of uniform draws.
-The objective is the λ-weighted sum of the scores (uniform λ = DF-Merge's mean).
+maximiser up to EI's ``xi``) and a scrambled Sobol design instead of uniform draws -- or, when
+the driver's ``initial_design`` is ``auto`` and the weight bounds hold [0, 1] (the default), its
+preference design (weights λ ~ Dirichlet(1), :func:`hm3.search.level1.preference_design`), as
+for every BO method; ``initial_design: sobol`` keeps the space-filling start.
+The objective is the λ-weighted sum of the scores told, which the driver normalises by the HV
+protocol (base 0, best expert 1): uniform λ is DF-Merge's mean taken on that scale, so each task
+counts by its gain over the base relative to its best expert, not by its raw accuracy.
 Fisher weighting is not the optimiser's business: it lives in the search space
 (``fisher: true``, ``df_merge: true``) and the driver's Fisher cache.
 """
