@@ -381,6 +381,15 @@ def test_preference_parsing():
             parse_preference(bad, objs)
 
 
+def test_a_short_name_two_objectives_share_is_refused_not_given_to_the_first():
+    objs = ["gsm8k:/data/a.jsonl", "gsm8k:/data/b.jsonl", "zoo:math"]
+    with pytest.raises(ConfigError, match="gsm8k.*more than one objective.*gsm8k:/data/a.jsonl.*gsm8k:/data/b.jsonl"):
+        parse_preference("gsm8k=1", objs)
+    lam, notes = parse_preference("gsm8k:/data/b.jsonl=1,math=1", objs)  # full names, and unshared short ones
+    assert lam.tolist() == pytest.approx([0, 0.5, 0.5])
+    assert any("gsm8k:/data/a.jsonl" in n for n in notes)  # the objective assumed 0, by a name that says which
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("math=1e308,code=1e308", [0.5, 0.5, 0]),  # the sum overflows to inf: never λ = 0
     ("math=1.7e308,code=1.7e308,translation=1.7e308", [1 / 3] * 3),
