@@ -42,6 +42,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,15 +487,21 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
         measured.append(Option(weighted_normalised(lam, raw, run.base, run.ideal),
                                f"fine-tuned path ({len(path.hops)} hops)", PATH_KIND, raw, "measured",
                                recipe=path_recipe(path, frame, layout.experts)))
-    return measured, _evaluations_since(session.store, first, len(saved["objectives"]))
+    return measured, _evaluations_since(session.store, first)
 
 
-def _evaluations_since(store: RunStore, first: int, k: int) -> int:
+def _evaluations_since(store: RunStore, first: int) -> int:
     """Evaluations the store gained after its first ``first`` rows: a candidate scored on one example set of
-    every objective (rows are per objective, in commit order). Counted, not assumed: an episode scores its
-    path once per transition scale, and a path already scored on its reward subset costs nothing."""
+    every objective (rows are per objective, in commit order), so each candidate's new scorings are its most
+    new rows on any one objective -- not its distinct example sets, which two objectives drawing from one
+    task (``zoo:math``, ``zoo:math@1``) share. Counted, not assumed: an episode scores its path once per
+    transition scale, and a path already scored on its reward subset costs nothing."""
     rows = store.evaluations()[first:]
-    return -(-len({(e.candidate_id, e.example_set) for e in rows}) // k)
+    per_objective = Counter((e.candidate_id, e.objective) for e in rows)
+    scorings: dict[int, int] = {}
+    for (cid, _), n in per_objective.items():
+        scorings[cid] = max(scorings.get(cid, 0), n)
+    return sum(scorings.values())
 
 
 def _refresh_outputs(session: EvaluationSession, run: FinishedRun, log: Callable[[str], None]) -> str:
