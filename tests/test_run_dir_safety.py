@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -204,7 +205,7 @@ def test_zoo_build_and_demo_overwrite_refuse_foreign_directories(tmp_path, capsy
 
 @pytest.mark.parametrize("damage", ["summary not json", "summary without keys", "summary front size not a number",
                                     "summary base of another length", "front cut mid-row", "front row missing",
-                                    "front score not a number"])
+                                    "front score not a number", "front without its kind column"])
 def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damage):
     from hm3.cli import main
 
@@ -224,6 +225,8 @@ def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damag
         front.write_text("".join(lines)[:-7])
     elif damage == "front row missing":
         front.write_text("".join(lines[:-1]))
+    elif damage == "front without its kind column":
+        front.write_text(pd.read_csv(front).drop(columns="kind").to_csv(index=False))
     else:
         front.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
     damaged = summary if damage.startswith("summary") else front

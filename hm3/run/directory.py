@@ -291,7 +291,8 @@ def read_front_table(path: Path, *, rows: int, regenerate: str, columns: tuple[s
     table = list(csv.DictReader(text.splitlines()))
     legacy = bool(table) and "point" not in table[0] and "candidate" in table[0]
     id_column, file_column = ("candidate", "recipe") if legacy else ("point", "file")
-    problem = _table_problem(text, table, rows, (id_column, file_column, "level", *columns), id_column)
+    required = (id_column, file_column, "level", *(() if legacy else ("kind",)), *columns)
+    problem = _table_problem(text, table, rows, required, id_column)
     if problem:
         raise RunFileError(f"{path}: damaged front table ({problem}); {regenerate}")
     if legacy:
