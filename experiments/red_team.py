@@ -147,8 +147,10 @@ def case(group: str) -> Callable[[Callable[[Lab, Path], Trial]], Callable[[Lab, 
     return register
 
 
-def _request(run: Path, out: Path, prefer: str = "choice=1") -> list[str]:
-    return ["request", str(run), "--prefer", prefer, str(out), "--quiet"]
+def _request(lab: Lab, run: Path, out: Path, prefer: str | None = None) -> list[str]:
+    """``hm3 request`` of ``run``, by default for the first objective: by its full name, since the lab's two
+    objectives are both ``choice:...`` and their short name names neither."""
+    return ["request", str(run), "--prefer", prefer or f"{lab.objectives[0]}=1", str(out), "--quiet"]
 
 
 def _gadget_request(lab: Lab, tmp: Path, which: str, stem: str, suffix: str) -> Trial:
@@ -156,7 +158,7 @@ def _gadget_request(lab: Lab, tmp: Path, which: str, stem: str, suffix: str) -> 
     (run / f"{stem}.safetensors").unlink()
     marker = tmp / "pwned"
     plant(run / f"{stem}{suffix}", marker)
-    return Trial(_request(run, tmp / "out"), protect=[run], watch=[tmp], absent=[tmp / "out"], marker=marker)
+    return Trial(_request(lab, run, tmp / "out"), protect=[run], watch=[tmp], absent=[tmp / "out"], marker=marker)
 
 
 for _which, _stem, _suffix in [("two_level", "level1/posterior", ".pt"),
@@ -235,7 +237,7 @@ def zero_byte_store_two_level_resume(lab: Lab, tmp: Path) -> Trial:
 def zero_byte_store_request(lab: Lab, tmp: Path) -> Trial:
     run = lab.copy_run("two_level", tmp)
     _truncate(run / "hm3.sqlite")
-    return Trial(_request(run, tmp / "out"), protect=[run], watch=[tmp], absent=[tmp / "out"])
+    return Trial(_request(lab, run, tmp / "out"), protect=[run], watch=[tmp], absent=[tmp / "out"])
 
 
 @case("store")
@@ -321,12 +323,12 @@ def export_mergekit_over_its_recipe(lab: Lab, tmp: Path) -> Trial:
 @case("overwrite")
 def request_over_its_run_directory(lab: Lab, tmp: Path) -> Trial:
     run = lab.copy_run("two_level", tmp)
-    return Trial([*_request(run, run), "--overwrite", "--force"], protect=[run], watch=[tmp, run])
+    return Trial([*_request(lab, run, run), "--overwrite", "--force"], protect=[run], watch=[tmp, run])
 
 
 @case("overwrite")
 def request_over_a_model_of_the_run(lab: Lab, tmp: Path) -> Trial:
-    return Trial([*_request(lab.two_level_run, lab.models["m1"]), "--overwrite", "--force"],
+    return Trial([*_request(lab, lab.two_level_run, lab.models["m1"]), "--overwrite", "--force"],
                  protect=[lab.root / "models"], watch=[lab.root / "models"])
 
 
@@ -335,7 +337,7 @@ def request_overwrite_onto_a_foreign_directory(lab: Lab, tmp: Path) -> Trial:
     mine = tmp / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    return Trial([*_request(lab.two_level_run, mine), "--overwrite"], protect=[mine], watch=[tmp])
+    return Trial([*_request(lab, lab.two_level_run, mine), "--overwrite"], protect=[mine], watch=[tmp])
 
 
 @case("overwrite")
@@ -409,14 +411,15 @@ def merge_threads_minus_two(lab: Lab, tmp: Path) -> Trial:
 
 @case("flags")
 def request_threads_zero(lab: Lab, tmp: Path) -> Trial:
-    return Trial([*_request(lab.two_level_run, tmp / "out"), "--threads", "0"], watch=[tmp], absent=[tmp / "out"])
+    return Trial([*_request(lab, lab.two_level_run, tmp / "out"), "--threads", "0"], watch=[tmp], absent=[tmp / "out"])
 
 
 @case("flags")
 def prefer_weights_overflowing(lab: Lab, tmp: Path) -> Trial:
     """Must be answered with λ = (0.5, 0.5) -- before, the sum overflowed and λ was 0."""
-    return Trial(_request(lab.two_level_run, tmp / "out", "choice=1e308,choice:" + lab.objectives[1].split(":", 1)[1]
-                          + "=1e308"), protect=[lab.two_level_run], watch=[tmp], expect="=0.500, ")
+    prefer = f"{lab.objectives[0]}=1e308,{lab.objectives[1]}=1e308"
+    return Trial(_request(lab, lab.two_level_run, tmp / "out", prefer), protect=[lab.two_level_run], watch=[tmp],
+                 expect="=0.500, ")
 
 
 # --- damaged run files ----------------------------------------------------------------------------------
@@ -425,7 +428,7 @@ def prefer_weights_overflowing(lab: Lab, tmp: Path) -> Trial:
 def _damaged_file(lab: Lab, tmp: Path, rel: str, damage: Callable[[Path], None], command: str = "request") -> Trial:
     run = lab.copy_run("two_level", tmp)
     damage(run / rel)
-    argv = _request(run, tmp / "out") if command == "request" else ["front", str(run)]
+    argv = _request(lab, run, tmp / "out") if command == "request" else ["front", str(run)]
     return Trial(argv, protect=[run], watch=[tmp, run], absent=[tmp / "out"])
 
 

@@ -23,7 +23,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
-from hm3.request import budget_zero_choice, load_policy, parse_preference, short_name
+from hm3.request import budget_zero_choice, load_policy, parse_preference, preference_names
 from hm3.run.directory import FinishedRun
 from hm3.search.posterior import load_posterior
 from hm3.store import RunStore
@@ -57,12 +57,6 @@ def slider_steps(k: int, cap: int = MAX_DIRECTIONS) -> int:
 def directions(k: int, steps: int) -> list[tuple[int, ...]]:
     """Integer weight vectors in ``{0..steps}^k``, not all zero, each direction once (gcd 1)."""
     return [w for w in itertools.product(range(steps + 1), repeat=k) if any(w) and reduce(math.gcd, w) == 1]
-
-
-def preference_names(objectives: Sequence[str]) -> list[str]:
-    """What a user types in ``--prefer`` for each objective: its short name where that is unambiguous."""
-    shorts = [short_name(o) for o in objectives]
-    return [s if shorts.count(s) == 1 else o for s, o in zip(shorts, objectives, strict=True)]
 
 
 def prefer_text(objectives: Sequence[str], weights: Sequence[int]) -> str:

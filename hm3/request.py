@@ -42,6 +42,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,13 @@ def short_name(objective: str) -> str:
     return rest if prefix in ("zoo", "lm-eval") and rest else prefix
 
 
+def preference_names(objectives: Sequence[str]) -> list[str]:
+    """What a user types in ``--prefer`` for each objective: its short name where no other objective shares
+    it (``gsm8k:a.jsonl`` and ``gsm8k:b.jsonl`` are both ``gsm8k``), else its full name."""
+    shorts = [short_name(o) for o in objectives]
+    return [s if shorts.count(s) == 1 else o for s, o in zip(shorts, objectives, strict=True)]
+
+
 def lower_is_better(summary: Mapping[str, Any], names: Sequence[str]) -> dict[str, str]:
     """The objectives of a run whose raw metric is better when lower, each with the map its scores are
     (``1 - raw`` or ``-raw``: :func:`objectives.base.utility_map`)."""
@@ -103,11 +111,14 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
     Refused: unknown names, repeated names, non-numbers, negative weights, all-zero weights.
     Missing objectives get 0; weights not summing to 1 are normalised (both said in the notes).
     """
+    typed = preference_names(objectives)
     lookup: dict[str, int] = {}
-    for i, name in enumerate(objectives):
+    for i, (name, short) in enumerate(zip(objectives, typed, strict=True)):
         lookup[name] = i
-        lookup.setdefault(short_name(name), i)
-    known = ", ".join(dict.fromkeys(short_name(o) for o in objectives))
+        lookup.setdefault(short, i)
+    # a short name several objectives share names none of them: weighting the first would answer another preference
+    shared = {short_name(o) for o, t in zip(objectives, typed, strict=True) if t == o} - set(lookup)
+    known = ", ".join(typed)
     lam = np.zeros(len(objectives))
     seen: set[int] = set()
     notes: list[str] = []
@@ -119,6 +130,9 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
         if not m:
             raise ConfigError(f"--prefer: cannot read {item.strip()!r}; expected NAME=WEIGHT (objectives: {known})")
         name, value = m.groups()
+        if name in shared:
+            which = ", ".join(o for o in objectives if short_name(o) == name)
+            raise ConfigError(f"--prefer: {name!r} names more than one objective ({which}); give the full name")
         if name not in lookup:
             raise ConfigError(f"--prefer: unknown objective {name!r}; this run's objectives are: {known}")
         try:
@@ -139,7 +153,7 @@ def parse_preference(text: str, objectives: Sequence[str]) -> tuple[np.ndarray, 
     scaled = lam / lam.max()
     with np.errstate(over="ignore"):
         total = float(lam.sum())  # inf when it overflows: said so, never used to divide
-    missing = [short_name(objectives[i]) for i in range(len(objectives)) if i not in seen]
+    missing = [typed[i] for i in range(len(objectives)) if i not in seen]
     if missing:
         notes.append(f"weight 0 assumed for {', '.join(missing)}")
     if not math.isfinite(total) or abs(total - 1.0) > 1e-6:
@@ -473,15 +487,21 @@ def _tune_and_measure(session: EvaluationSession, saved: dict[str, Any], lam: np
         measured.append(Option(weighted_normalised(lam, raw, run.base, run.ideal),
                                f"fine-tuned path ({len(path.hops)} hops)", PATH_KIND, raw, "measured",
                                recipe=path_recipe(path, frame, layout.experts)))
-    return measured, _evaluations_since(session.store, first, len(saved["objectives"]))
+    return measured, _evaluations_since(session.store, first)
 
 
-def _evaluations_since(store: RunStore, first: int, k: int) -> int:
+def _evaluations_since(store: RunStore, first: int) -> int:
     """Evaluations the store gained after its first ``first`` rows: a candidate scored on one example set of
-    every objective (rows are per objective, in commit order). Counted, not assumed: an episode scores its
-    path once per transition scale, and a path already scored on its reward subset costs nothing."""
+    every objective (rows are per objective, in commit order), so each candidate's new scorings are its most
+    new rows on any one objective -- not its distinct example sets, which two objectives drawing from one
+    task (``zoo:math``, ``zoo:math@1``) share. Counted, not assumed: an episode scores its path once per
+    transition scale, and a path already scored on its reward subset costs nothing."""
     rows = store.evaluations()[first:]
-    return -(-len({(e.candidate_id, e.example_set) for e in rows}) // k)
+    per_objective = Counter((e.candidate_id, e.objective) for e in rows)
+    scorings: dict[int, int] = {}
+    for (cid, _), n in per_objective.items():
+        scorings[cid] = max(scorings.get(cid, 0), n)
+    return sum(scorings.values())
 
 
 def _refresh_outputs(session: EvaluationSession, run: FinishedRun, log: Callable[[str], None]) -> str:

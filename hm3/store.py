@@ -690,7 +690,7 @@ class RunStore:
             "SELECT id, kind, payload_json, created FROM events WHERE kind=? ORDER BY id DESC LIMIT 1",
             (kind,),
         )
-        return None if row is None else Event(row[0], row[1], json.loads(row[2]), row[3])
+        return None if row is None else Event(row[0], row[1], self._payload(row[2], row[0]), row[3])
 
     # ------------------------------------------------------------------ plumbing
 

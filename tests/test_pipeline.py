@@ -381,6 +381,29 @@ def test_preference_parsing():
             parse_preference(bad, objs)
 
 
+def test_a_short_name_two_objectives_share_is_refused_not_given_to_the_first():
+    objs = ["gsm8k:/data/a.jsonl", "gsm8k:/data/b.jsonl", "zoo:math"]
+    with pytest.raises(ConfigError, match="gsm8k.*more than one objective.*gsm8k:/data/a.jsonl.*gsm8k:/data/b.jsonl"):
+        parse_preference("gsm8k=1", objs)
+    lam, notes = parse_preference("gsm8k:/data/b.jsonl=1,math=1", objs)  # full names, and unshared short ones
+    assert lam.tolist() == pytest.approx([0, 0.5, 0.5])
+    assert any("gsm8k:/data/a.jsonl" in n for n in notes)  # the objective assumed 0, by a name that says which
+
+
+def test_a_request_counts_its_evaluations_when_two_objectives_share_example_ids(tmp_path):
+    # zoo:math and zoo:math@1 draw their examples from one task: the same ids, so the same example-set keys
+    from hm3.request import _evaluations_since
+
+    objectives = ["zoo:math", "zoo:math@1"]
+    with RunStore.open(tmp_path, config={"c": 1}, seed=0) as store:
+        path = store.add_candidate({"path": [1]}, PATH_KIND)
+        for subset in (["math-validation-0"], ["math-validation-1"], ["math-validation-0", "math-validation-1"]):
+            for objective in objectives:
+                store.record_evaluation(path, objective, "validation", subset, score=0.5, count=len(subset), seconds=0)
+        assert _evaluations_since(store, 0) == 3
+        assert _evaluations_since(store, 2) == 2
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("math=1e308,code=1e308", [0.5, 0.5, 0]),  # the sum overflows to inf: never λ = 0
     ("math=1.7e308,code=1.7e308,translation=1.7e308", [1 / 3] * 3),

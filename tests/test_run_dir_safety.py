@@ -8,6 +8,7 @@ was never created, the command failed with a one-line message naming the file, a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -49,6 +51,12 @@ def finished(tiny_family, tmp_path_factory):
     run_two_level(parse_two_level_config(data), root / "run", progress=False)
     (root / "cfg.yml").write_text(yaml.safe_dump(data))
     return root / "run", root / "cfg.yml"
+
+
+def _prefer(run: Path) -> str:
+    """``--prefer`` for the run's first objective, by its full name: the tiny family's two objectives are
+    both ``choice:...``, so their short name names neither."""
+    return f"{json.loads((run / 'summary.json').read_text())['objectives'][0]}=1"
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -94,7 +102,7 @@ def test_request_refuses_a_gadget_posterior_or_policy(finished, tmp_path, stem, 
     (run / f"{stem}.safetensors").unlink()
     marker = tmp_path / "pwned"
     plant(run / f"{stem}{suffix}", marker)
-    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    proc = hm3("request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert_refused(proc, marker, run / f"{stem}{suffix}")
     assert "resume" in proc.stderr  # says how to regenerate it
     assert not (tmp_path / "out").exists()
@@ -122,7 +130,7 @@ def test_an_older_runs_plain_pt_files_are_still_read(finished, tmp_path):
         value = load_posterior(run / "level1") if stem.startswith("level1") else load_policy(run)
         torch.save(value, run / f"{stem}.pt")
         (run / f"{stem}.safetensors").unlink()
-    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    proc = hm3("request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "config.json").is_file()
 
@@ -131,7 +139,7 @@ def test_corrupt_state_file_is_refused_naming_it(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
     path = run / "level1" / "posterior.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    proc = hm3("request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    proc = hm3("request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(path) in proc.stderr
 
@@ -154,7 +162,7 @@ def test_request_and_export_refuse_an_output_over_their_inputs(finished, tmp_pat
     out = {"run": run, "run/level1": run / "level1", "base model": base, "around the run": tmp_path}[target]
     before_run, before_base = _tree(run), _tree(base)
     point = (run / "front.csv").read_text().splitlines()[1].split(",")[0]
-    for argv in (["request", str(run), "--prefer", "choice=1", str(out), "--quiet"],
+    for argv in (["request", str(run), "--prefer", _prefer(finished[0]), str(out), "--quiet"],
                  ["export", str(run), "--point", point, str(out)]):
         assert main([*argv, "--overwrite", "--force"]) != 0
         err = capsys.readouterr().err
@@ -169,7 +177,7 @@ def test_request_replaces_only_a_directory_hm3_wrote(finished, tmp_path, capsys)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    argv = ["request", str(run), "--prefer", "choice=1", str(foreign), "--quiet", "--overwrite"]
+    argv = ["request", str(run), "--prefer", _prefer(finished[0]), str(foreign), "--quiet", "--overwrite"]
     assert main(argv) != 0
     assert "hm3 did not write" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
     assert main([*argv, "--force"]) == 0 and (foreign / ".hm3-output").is_file()
@@ -195,8 +203,9 @@ def test_zoo_build_and_demo_overwrite_refuse_foreign_directories(tmp_path, capsy
 # --- damaged run files: a message naming the file, never a traceback or a silent answer ---------------
 
 
-@pytest.mark.parametrize("damage", ["summary not json", "summary without keys", "front cut mid-row",
-                                    "front row missing", "front score not a number"])
+@pytest.mark.parametrize("damage", ["summary not json", "summary without keys", "summary front size not a number",
+                                    "summary base of another length", "front cut mid-row", "front row missing",
+                                    "front score not a number", "front without its kind column"])
 def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damage):
     from hm3.cli import main
 
@@ -207,14 +216,21 @@ def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damag
         summary.write_text(summary.read_text()[:50])
     elif damage == "summary without keys":
         summary.write_text("{}")
+    elif damage == "summary front size not a number":
+        summary.write_text(json.dumps(json.loads(summary.read_text()) | {"front_size": "three"}))
+    elif damage == "summary base of another length":
+        data = json.loads(summary.read_text())
+        summary.write_text(json.dumps(data | {"base_validation": data["base_validation"][:-1]}))
     elif damage == "front cut mid-row":
         front.write_text("".join(lines)[:-7])
     elif damage == "front row missing":
         front.write_text("".join(lines[:-1]))
+    elif damage == "front without its kind column":
+        front.write_text(pd.read_csv(front).drop(columns="kind").to_csv(index=False))
     else:
         front.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
     damaged = summary if damage.startswith("summary") else front
-    for argv in (["request", str(run), "--prefer", "choice=1", str(tmp_path / "out"), "--quiet"],
+    for argv in (["request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "--quiet"],
                  ["front", str(run)]):
         assert main(argv) != 0
         err = capsys.readouterr().err

@@ -378,3 +378,5 @@ def test_an_event_missing_a_field_is_refused(tmp_path: Path) -> None:
         conn.execute("UPDATE events SET payload_json='{not json' WHERE id=?", (bad.id,))
     with RunStore.open(tmp_path, readonly=True) as store, pytest.raises(StoreError, match="holds no valid JSON"):
         store.events()
+    with RunStore.open(tmp_path, readonly=True) as store, pytest.raises(StoreError, match="holds no valid JSON"):
+        store.last_event("level1_tell")  # what a resumed search reads its budget from

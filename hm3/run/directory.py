@@ -255,7 +255,28 @@ def read_summary(path: Path, *, keys: tuple[str, ...], regenerate: str) -> dict[
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
         raise RunFileError(f"{path}: corrupt run summary (no {', '.join(missing)}); {regenerate}")
+    if problem := _summary_problem(data):
+        raise RunFileError(f"{path}: corrupt run summary ({problem}); {regenerate}")
     return data
+
+
+def _summary_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the summary values readers compute with (objectives, front size, the HV
+    protocol's base and ideal), or None: a wrong type there would surface as a traceback far away."""
+    names = data.get("objectives")
+    if "objectives" in data and (not isinstance(names, list) or not names
+                                 or not all(isinstance(n, str) for n in names)):
+        return "objectives is not a list of names"
+    size = data.get("front_size")
+    if "front_size" in data and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        return f"front_size is {size!r}, not a count"
+    for key in ("base_validation", "ideal_validation"):
+        values = data.get(key)
+        if key in data and not (isinstance(values, list) and len(values) == len(names or [])
+                                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v) for v in values)):
+            return f"{key} is not one finite score per objective"
+    return None
 
 
 def read_front_table(path: Path, *, rows: int, regenerate: str, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
@@ -270,7 +291,8 @@ def read_front_table(path: Path, *, rows: int, regenerate: str, columns: tuple[s
     table = list(csv.DictReader(text.splitlines()))
     legacy = bool(table) and "point" not in table[0] and "candidate" in table[0]
     id_column, file_column = ("candidate", "recipe") if legacy else ("point", "file")
-    problem = _table_problem(text, table, rows, (id_column, file_column, "level", *columns), id_column)
+    required = (id_column, file_column, "level", *(() if legacy else ("kind",)), *columns)
+    problem = _table_problem(text, table, rows, required, id_column)
     if problem:
         raise RunFileError(f"{path}: damaged front table ({problem}); {regenerate}")
     if legacy:
