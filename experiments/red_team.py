@@ -5,7 +5,8 @@ Each case is a small function that prepares one bad input or fault in a scratch 
 returns the ``hm3`` command to run on it, with what must hold afterwards. Every case is judged on:
 
 * **exit**: non-zero (or, for cases whose right answer is a result, zero);
-* **message**: exactly one ``hm3: error:`` line (or the expected warning/answer) and no traceback;
+* **message**: exactly one error line (``hm3: error:``, or argparse's ``hm3 COMMAND: error:`` after the usage
+  block that a command-line mistake gets, exit 2) or the expected warning/answer, and no traceback;
 * **nothing lost**: the hashes of every protected file are unchanged;
 * **nothing left behind**: no hidden staging directory or temporary file, no half-written output;
 * **no code run**: a pickle gadget's marker file was never created.
@@ -592,6 +593,9 @@ def leftovers(dirs: list[Path]) -> list[str]:
     return found
 
 
+#: hm3's one error line; a command-line mistake is argparse's, named by the subcommand (exit 2, after the usage)
+ERROR_LINE = re.compile(r"hm3( [a-z-]+)*: error: ")
+
 def judge(case: Case, lab: Lab) -> dict:
     tmp = lab.scratch(case.name)
     trial = case.make(lab, tmp)
@@ -601,7 +605,7 @@ def judge(case: Case, lab: Lab) -> dict:
            else [sys.executable, "-m", "hm3.cli", *trial.argv])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp, timeout=600)
     seconds = time.perf_counter() - start
-    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("hm3: error:")]
+    err_lines = [line for line in proc.stderr.splitlines() if ERROR_LINE.match(line)]
     checks: dict[str, bool] = {"no traceback": "Traceback" not in proc.stderr}
     if trial.expect == "refuse":
         checks["non-zero exit"] = proc.returncode != 0
