@@ -150,7 +150,9 @@ def fewshot_examples(by_split: Mapping[str, Sequence[Example]], n: int, seed: in
 
     Shots come from the train split when it has any records (which keeps them), else from validation,
     where they are then removed from the scored examples. Which ``n`` is fixed by hashing (seed, id), like the split
-    rule: independent of file order, and stable when records are added.
+    rule: independent of file order, and stable when records are added. Copies of a shot (a repeated record:
+    same prompt and target under another id) leave validation and test too, so none is scored with its own
+    answer among the shots.
     """
     pool_split = "train" if by_split.get("train") else "validation"
     pool = list(by_split.get(pool_split, ()))
@@ -160,7 +162,9 @@ def fewshot_examples(by_split: Mapping[str, Sequence[Example]], n: int, seed: in
     ranked = sorted(pool, key=lambda e: hashlib.sha256(f"{seed}\0fewshot\0{e.id}".encode()).digest())
     shots = ranked[:n]
     chosen = {e.id for e in shots}
-    rest = {split: tuple(e for e in items if split != "validation" or e.id not in chosen)
+    solved = {(e.prompt, e.target, e.choices) for e in shots}
+    rest = {split: items if split == "train" else
+            tuple(e for e in items if e.id not in chosen and (e.prompt, e.target, e.choices) not in solved)
             for split, items in by_split.items()}
     return shots, rest
 

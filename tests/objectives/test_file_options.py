@@ -121,6 +121,20 @@ def test_fewshot_without_train_holds_shots_out_of_validation(write_jsonl):
         get_objective(f"gsm8k:{path},fewshot=6")
 
 
+def test_fewshot_holds_copies_of_a_shot_out_of_the_scored_splits(write_jsonl):
+    """A record repeated in the file (same question and answer, so the same hashed split) is one
+    example: when one copy becomes a shot, no other copy may be scored with that answer in its prompt."""
+    rows = [{"question": "2+2?", "answer": "#### 4"}] * 3 + [{"question": f"{i}?", "answer": f"#### {i}"}
+                                                            for i in range(6)]
+    path = write_jsonl("dup.jsonl", rows)
+    leaked = 0
+    for seed in range(8):
+        objective = get_objective(f"gsm8k:{path},fewshot=1@{seed}")
+        for split in ("validation", "test"):
+            leaked += sum(e.prompt.count("Question: 2+2?\nAnswer:") > 1 for e in objective.examples(split))
+    assert leaked == 0
+
+
 def test_fewshot_shot_format_of_choice_and_translation(write_jsonl):
     choice = write_jsonl("c.jsonl", [
         {"id": "a", "question": "sky?", "choices": ["blue", "red"], "answer": 0, "split": "train"},
