@@ -52,7 +52,8 @@ class Generate:
 
 @dataclass(frozen=True)
 class LogLikelihood:
-    """Pick the choice with the highest log-likelihood given the prompt."""
+    """Pick the choice with the highest log-likelihood given the prompt; ``length_normalized`` divides it by
+    the choice's length in characters first, as lm-eval's ``acc_norm`` (:func:`hm3.eval.evaluate.choice_length`)."""
 
     length_normalized: bool = False
 

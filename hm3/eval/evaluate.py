@@ -141,7 +141,9 @@ def choose_by_loglikelihood(
 
     Length normalisation divides by the choice's length in characters, as
     lm-evaluation-harness's ``acc_norm`` does: tokenizer-independent, so hf and
-    vLLM (and different models) normalise identically.
+    vLLM (and different models) normalise identically. Like ``acc_norm`` it counts
+    the choice without the target delimiter, the one leading space the continuation
+    carries (:func:`choice_length`).
     """
     requests: list[tuple[str, str]] = []
     for e in examples:
@@ -155,7 +157,13 @@ def choose_by_loglikelihood(
         choices = e.choices or ()
         values = scores[offset : offset + len(choices)]
         if length_normalized:
-            values = [v / max(len(c), 1) for v, c in zip(values, choices, strict=True)]
+            values = [v / choice_length(c) for v, c in zip(values, choices, strict=True)]
         chosen.append(choices[max(range(len(values)), key=values.__getitem__)])
         offset += len(choices)
     return chosen
+
+
+def choice_length(continuation: str) -> int:
+    """The characters ``acc_norm`` divides by: lm-eval scores ``delimiter + choice`` but normalises by
+    ``len(choice)``, so a leading space (the default delimiter) is not counted; at least 1."""
+    return max(len(continuation[1:] if continuation.startswith(" ") else continuation), 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pytest
 import torch
 from tiny_lm import build_tiny_lm
@@ -130,8 +131,8 @@ def test_loglikelihood_picks_argmax_and_length_normalises():
         Example(id="q2", prompt="P2", target=" b", choices=(" a", " b", " c")),
     ]
     loglik = {
-        ("P1", " no"): -3.0,  # per char -1.0
-        ("P1", " long answer"): -6.0,  # per char -0.5
+        ("P1", " no"): -3.0,  # per char of "no" -1.5
+        ("P1", " long answer"): -6.0,  # per char of "long answer" -0.55
         ("P2", " a"): -2.0,
         ("P2", " b"): -1.0,
         ("P2", " c"): -1.0,  # a tie: the first maximal choice wins
@@ -142,6 +143,19 @@ def test_loglikelihood_picks_argmax_and_length_normalises():
         FakeBackend(loglik=loglik), ListObjective(examples, LogLikelihood(length_normalized=True)), "test"
     )
     assert normed.outputs == (" long answer", " b") and normed.score == pytest.approx(1.0)
+
+
+def test_length_normalisation_is_lm_evals_acc_norm_over_the_choice_without_its_delimiter():
+    """lm-eval's acc_norm divides by ``len(choice)``, the text after the target delimiter (the leading space
+    the choices here carry, as :mod:`objectives.choice` writes them): ``-1.2/1 > -2.1/2`` picks " bb",
+    where dividing by the spaced lengths (``-1.2/2 > -2.1/3``) would pick " a"."""
+    examples = [Example(id="q", prompt="P", target=" bb", choices=(" a", " bb"))]
+    loglik = {("P", " a"): -1.2, ("P", " bb"): -2.1}
+    lls = np.array([loglik[("P", c)] for c in examples[0].choices])
+    acc_norm_pick = examples[0].choices[int(np.argmax(lls / np.array([len(c[1:]) for c in examples[0].choices])))]
+    result = evaluate_objective(FakeBackend(loglik=loglik),
+                                ListObjective(examples, LogLikelihood(length_normalized=True)), "test")
+    assert result.outputs == (acc_norm_pick,) == (" bb",)
 
 
 def test_real_choice_objective_with_hf_backend(tmp_path):
