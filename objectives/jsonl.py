@@ -126,7 +126,8 @@ def load_examples(
 
     ``to_example(example_id, data)`` raises :class:`RecordError` for a record whose fields are present
     but wrong; the message is reported with the file and line number. Duplicate ids get a ``#n``
-    suffix so every example id is unique, and keep the split of the first occurrence.
+    suffix so every example id is unique; the split hash reads the id without it, so records split by
+    hashing land with the first occurrence (a record's own ``split`` field still wins).
     """
     path = Path(path)
     by_split: dict[str, list[Example]] = {name: [] for name in SPLITS}
