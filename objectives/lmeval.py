@@ -20,7 +20,9 @@ hm3 takes from it:
   alone, in a subset or in the whole split, and on the documents lm-eval evaluates it is lm-eval's own.
   (A one-split task's documents are walked as one split, then divided.) Where the few-shot examples
   would be drawn from the validation documents being scored, a document is kept out of its own prompt,
-  as lm-eval does when its few-shot split is the evaluated one.
+  as lm-eval does when its few-shot split is the evaluated one. A one-split task keeps lm-eval's prompts
+  exactly, so where lm-eval leaves a document among its own few-shot examples (its few-shot split is the
+  evaluated one but is not named the test split) hm3 does too, in both halves.
 * the score: the chosen filter applied to the answers, the task's ``process_results`` per document,
   and the task's aggregation of the chosen metric over the examples asked for (so a corpus-level metric
   stays corpus-level).
