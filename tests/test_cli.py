@@ -203,3 +203,15 @@ def test_a_library_import_leaves_the_environment_alone_and_the_command_sets_open
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "None" and proc.stderr.strip().endswith("PASSIVE")
+
+
+@pytest.mark.parametrize("command", [["merge"], ["export-mergekit"], ["search", "param"], ["run"], ["check"]])
+def test_a_config_file_that_is_not_text_is_refused_naming_it(command, tmp_path, capsys):
+    config = tmp_path / "config.yml"
+    config.write_bytes(b"\xff\xfe models: [\x00]\n")  # e.g. a UTF-16 file or a binary saved as .yml
+    out = tmp_path / "out"
+    rest = {"merge": [str(out)], "export-mergekit": ["-"], "search": [str(out)], "run": [str(out)], "check": []}
+    assert main([*command, str(config), *rest[command[0]], "--json"]) == ExitCode.BAD_INPUT
+    captured = capsys.readouterr()
+    assert str(config) in captured.err + captured.out and "UTF-8" in captured.err + captured.out
+    assert not out.exists()
