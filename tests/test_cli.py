@@ -215,3 +215,17 @@ def test_a_config_file_that_is_not_text_is_refused_naming_it(command, tmp_path, 
     captured = capsys.readouterr()
     assert str(config) in captured.err + captured.out and "UTF-8" in captured.err + captured.out
     assert not out.exists()
+
+
+def test_json_output_of_a_failure_is_json_naming_it(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "missing.yml"
+    for argv, code, says in ((["merge", str(missing), str(tmp_path / "out")], ExitCode.BAD_INPUT, str(missing)),
+                             (["run", str(missing)], ExitCode.USAGE, "RUN_DIR is required")):
+        assert main([*argv, "--json"]) == code
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        assert result["exit_code"] == code and says in result["error"] and says in captured.err
+    monkeypatch.setattr(hm3.cli, "cmd_methods", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["methods", "--json"]) == ExitCode.INTERRUPTED
+    assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130}
+    assert main(["run", str(missing)]) == ExitCode.USAGE and capsys.readouterr().out == ""  # no --json: no stdout
