@@ -109,6 +109,9 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
     run_dir, request_dir, config_file = out / "run", out / "request-model", out / "config.yml"
     data = {"zoo": zoo_ref, **DEMO_CONFIG}
     cfg = parse_two_level_config(data, source="demo config")  # reads the zoo: a bad one is refused before OUT is touched
+    from hm3.outputs import check_not_input
+
+    check_not_input(out, [resolve_zoo(zoo_ref)])  # a run written into the zoo would change what it reads
     resume = False
     if run_dir.exists() and overwrite:
         shutil.rmtree(out)

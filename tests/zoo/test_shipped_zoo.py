@@ -109,3 +109,15 @@ def test_the_shipped_scores_reproduce_on_this_machine_and_meet_the_bar(micro_zoo
         assert merge_scores[t] == pytest.approx(best[t], abs=TOLERANCE), (t, merge_scores)
     bar = quality_bar(validation, merge_scores)
     assert bar["ok"], bar
+
+
+def test_no_output_is_written_into_the_shipped_zoo(zoo_copy, capsys):
+    """A copy or a demo into the shipped zoo would fail its hashes forever after (or copy it into itself)."""
+    assert main(["zoo", "copy", "micro", str(zoo_copy / "math" / "copy")]) == ExitCode.BAD_INPUT
+    assert "lies inside an input" in capsys.readouterr().err
+    assert main(["demo", "--out", str(zoo_copy)]) == ExitCode.BAD_INPUT
+    assert "is an input" in capsys.readouterr().err
+    assert main(["demo", "--zoo", str(zoo_copy), "--out", str(zoo_copy / "demo")]) == ExitCode.BAD_INPUT
+    assert "lies inside an input" in capsys.readouterr().err
+    shipped._verified.clear()
+    assert shipped.shipped_zoo("micro") == zoo_copy  # still complete, nothing added
