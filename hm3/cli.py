@@ -198,6 +198,8 @@ def _eval_sample_log(folder: str | None, model_dir: str | Path, objective_names:
     from hm3.samples import SampleLog
 
     check_not_input(folder, [model_dir])
+    if Path(folder).exists() and not Path(folder).is_dir():  # else found only after the scoring, at the write
+        raise OutputExistsError(f"--log-samples {folder}: a file, not a folder; choose a folder")
     return SampleLog(Path(folder), objective_names)
 
 
