@@ -112,6 +112,8 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
     from hm3.outputs import check_not_input
 
     check_not_input(out, [resolve_zoo(zoo_ref)])  # a run written into the zoo would change what it reads
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"demo output {out} is a file, not a folder; choose another --out")
     resume = False
     if run_dir.exists() and overwrite:
         shutil.rmtree(out)

@@ -57,6 +57,8 @@ def test_a_folder_of_ones_own_files_is_not_written_into_without_overwrite(tmp_pa
     assert "already exists" in capsys.readouterr().err
     assert (out / "config.yml").read_text() == "my: own config\n" and sorted(p.name for p in out.iterdir()) == [
         "config.yml"]
+    assert main(["demo", "--out", str(out / "config.yml")]) == 3  # a file: bad input, not the environment
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_overwrite_replaces_a_config_yml_left_without_a_run(tmp_path, monkeypatch):
