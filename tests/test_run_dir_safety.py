@@ -274,3 +274,25 @@ def test_a_full_disk_at_the_end_of_a_search_is_a_message(tiny_family, tmp_path, 
     err = capsys.readouterr().err
     assert "posterior.safetensors: No space left on device" in err and "Traceback" not in err
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_directory_in_or_over_a_model_is_refused(tiny_family, micro_zoo_dir, tmp_path, capsys):
+    """A run's store, tables and points would land among a model's files (or a shipped zoo's, which then
+    fails its hashes): refused before anything is written."""
+    from hm3.cli import main
+    from tests.search.test_level1 import _config as level1_config
+    from tests.test_cli import _two_level_yaml
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(level1_config(tiny_family, budget=2)))
+    model = Path(tiny_family[1]["m1"])
+    before = sorted(p.name for p in model.iterdir())
+    for run in (model, model / "run"):
+        assert main(["search", "param", str(cfg), str(run), "-q"]) == ExitCode.BAD_INPUT
+        assert "an input of this command" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
+    zoo = tmp_path / "zoo"
+    shutil.copytree(micro_zoo_dir, zoo)
+    assert main(["run", str(_two_level_yaml(tmp_path)), str(zoo), "--set", f"zoo={zoo}", "-q"]) == ExitCode.BAD_INPUT
+    assert "contains an input of this command" in capsys.readouterr().err
+    assert not (zoo / "hm3.sqlite").exists()
