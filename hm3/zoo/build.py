@@ -312,9 +312,16 @@ def _publish(built: Path, out: Path) -> None:
     """Move (or copy, from a cache) a finished zoo to ``out``: temp sibling, then rename."""
     tmp = out.parent / f".{out.name}.{time.time_ns()}.tmp"
     shutil.copytree(built, tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    _remove(out)
     tmp.rename(out)
+
+
+def _remove(path: Path) -> None:
+    """Clear the way for a finished zoo: a folder, or (with --force) a file or link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def build_zoo(
@@ -360,8 +367,7 @@ def build_zoo(
         manifest = replace(manifest, files=file_hashes(work))
         atomic_write_text(work / "zoo.json", manifest.to_json())
         share_files(work)  # save_pretrained writes its safetensors files 0o600
-        if target.exists():
-            shutil.rmtree(target)
+        _remove(target)
         work.rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -231,3 +231,16 @@ def test_specialist_items_of_each_task():
     assert specialist_item("translation", f"T {words[0]} {words[-1]}=")
     with pytest.raises(ConfigError, match="unknown zoo task"):
         specialist_item("poetry", "x")
+
+
+def test_overwrite_force_replaces_a_file_with_the_zoo(micro_zoo_dir, tmp_path, monkeypatch):
+    """--overwrite --force on a file: the finished zoo replaces it (the file was found in the way only
+    after the build, as an error that threw the build away)."""
+    from hm3.cli import main
+    from hm3.zoo import build
+
+    monkeypatch.setattr(build, "_build_into", lambda *a, **k: ZooManifest.read(micro_zoo_dir))
+    out = tmp_path / "zoo"
+    out.write_text("a file in the way\n")
+    assert main(["zoo", "build", str(out), "--overwrite", "--force", "-q"]) == 0
+    assert (out / "zoo.json").is_file()
