@@ -96,9 +96,31 @@ class ZooManifest:
                               f"rebuild it with 'hm3 zoo build {path.parent} --overwrite', or use the shipped "
                               "zoo (zoo: builtin:micro)")
         try:
-            return cls(**data)
+            manifest = cls(**data)
         except TypeError as e:
             raise ConfigError(f"{path}: not a zoo manifest of this hm3 version ({e})") from None
+        problem = manifest.shape_problem()
+        if problem:
+            raise ConfigError(f"{path}: not a usable zoo manifest: {problem}")
+        return manifest
+
+    def shape_problem(self) -> str | None:
+        """What is wrong with the entries a run config is filled from (``models``, ``experts``,
+        ``objectives``), or None: an edited or damaged zoo.json is named here, not met as a traceback."""
+        def names(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+        if not names(self.models) or not self.models:
+            return f"'models' must map model names to folders, got {self.models!r}"
+        if not names(self.experts) or not set(self.experts.values()) <= set(self.models):
+            return f"'experts' must map objectives to models of 'models', got {self.experts!r}"
+        if set(self.models) <= set(self.experts.values()):
+            return "'models' has no base model (every model is an expert)"
+        if not isinstance(self.objectives, list) or not all(isinstance(o, str) for o in self.objectives):
+            return f"'objectives' must be a list of objective names, got {self.objectives!r}"
+        if self.files is not None and not names(self.files):
+            return "'files' must map file paths to sha256 hashes"
+        return None
 
 
 # --- scoring ---------------------------------------------------------------------------------------

@@ -244,3 +244,23 @@ def test_overwrite_force_replaces_a_file_with_the_zoo(micro_zoo_dir, tmp_path, m
     out.write_text("a file in the way\n")
     assert main(["zoo", "build", str(out), "--overwrite", "--force", "-q"]) == 0
     assert (out / "zoo.json").is_file()
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("models", "base", "'models' must map model names to folders"),
+    ("experts", {"zoo:math": "nowhere"}, "'experts' must map objectives to models of 'models'"),
+    ("experts", {"zoo:math": "base", "zoo:code": "math", "zoo:translation": "code", "x": "translation"},
+     "no base model"),
+    ("objectives", "zoo:math", "'objectives' must be a list"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_entry(micro_zoo_dir, tmp_path, capsys, key, value, says):
+    """A zoo.json of the right format whose entries were edited: refused as bad input, naming the entry,
+    when a run config is filled from it (not a traceback)."""
+    from hm3.cli import main
+
+    data = json.loads((micro_zoo_dir / "zoo.json").read_text()) | {key: value}
+    (tmp_path / "zoo.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=says):
+        ZooManifest.read(tmp_path)
+    assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "demo")]) == 3
+    assert says in capsys.readouterr().err and not (tmp_path / "demo").exists()
