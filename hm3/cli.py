@@ -198,6 +198,8 @@ def _eval_sample_log(folder: str | None, model_dir: str | Path, objective_names:
     from hm3.samples import SampleLog
 
     check_not_input(folder, [model_dir])
+    if Path(folder).exists() and not Path(folder).is_dir():  # else found only after the scoring, at the write
+        raise OutputExistsError(f"--log-samples {folder}: a file, not a folder; choose a folder")
     return SampleLog(Path(folder), objective_names)
 
 
@@ -248,8 +250,7 @@ def cmd_run(args: argparse.Namespace) -> Outcome:
     if args.dry_run:  # the same as `hm3 check CONFIG`: nothing is written, RUN_DIR is not needed
         return cmd_check(args)
     if args.run_dir is None:
-        log.error("hm3 run: RUN_DIR is required (or --dry-run, to check the config on stand-ins)")
-        return Outcome("", {}, ExitCode.USAGE)
+        return _failed("hm3 run: RUN_DIR is required (or --dry-run, to check the config on stand-ins)", ExitCode.USAGE)
     _threads(args)
     cfg = load_config(args.config, parse_two_level_config, sets=args.set or (), preset=_executor_preset(args))
     with _run_log(args.run_dir, args.argv):
@@ -410,7 +411,7 @@ def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
                         **({"default": 0} if defaults else keep))
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress "
                         "bars (a run directory's hm3.log still gets everything)", **keep)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout", **keep)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout (a failure: {\"error\": ..., \"exit_code\": N})", **keep)
 
 
 def _threads_flag(parser: argparse.ArgumentParser) -> None:
@@ -625,8 +626,11 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _error(err: BaseException) -> None:
+def _failed(err: BaseException | str, code: ExitCode) -> Outcome:
+    """A known failure: its message on stderr; for ``--json``, the same as an object on stdout, so a
+    program reading the output always gets JSON (no text: a person reads stderr)."""
     logging.getLogger("hm3").error(str(err))
+    return Outcome("", {"error": str(err), "exit_code": int(code)}, code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -654,14 +658,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 require(*args.extras, what=f"hm3 {' '.join(a for a in (args.command, _subcommand(args)) if a)}")
             outcome = args.func(args)
     except Hm3Error as err:
-        _error(err)
-        return err.exit_code
+        outcome = _failed(err, err.exit_code)
     except KeyboardInterrupt:
-        logging.getLogger("hm3").error("interrupted")
-        return ExitCode.INTERRUPTED
+        outcome = _failed("interrupted", ExitCode.INTERRUPTED)
     except OSError as err:  # disk full, permissions: the user's environment, not an hm3 bug
-        _error(err)
-        return ExitCode.ENVIRONMENT
+        outcome = _failed(err, ExitCode.ENVIRONMENT)
     text = json.dumps(outcome.data, indent=2, default=_jsonable) if args.json else outcome.text
     try:
         if text:

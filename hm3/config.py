@@ -234,9 +234,11 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
     return parse_merge_config(data, source=str(p))
 
 

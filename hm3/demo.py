@@ -84,6 +84,18 @@ class DemoResult:
                 "scores": self.scores, "scores_are": self.scores_are, "seconds": self.seconds, "summary": self.summary}
 
 
+def _earlier_config(config_file: Path) -> Any:
+    """What an earlier demo wrote to ``config.yml`` (None: no file; a file that is not YAML reads as
+    itself, so it differs from every demo config)."""
+    if not config_file.is_file():
+        return None
+    text = config_file.read_text(errors="replace")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = False) -> DemoResult:
     """Run the demo into ``out`` on ``zoo`` (``builtin:NAME`` or a zoo directory)."""
     from hm3.request import answer_request
@@ -97,15 +109,20 @@ def run_demo(out: Path, *, zoo: str | Path = "builtin:micro", overwrite: bool = 
     run_dir, request_dir, config_file = out / "run", out / "request-model", out / "config.yml"
     data = {"zoo": zoo_ref, **DEMO_CONFIG}
     cfg = parse_two_level_config(data, source="demo config")  # reads the zoo: a bad one is refused before OUT is touched
+    from hm3.outputs import check_not_input
+
+    check_not_input(out, [resolve_zoo(zoo_ref)])  # a run written into the zoo would change what it reads
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"demo output {out} is a file, not a folder; choose another --out")
     resume = False
     if run_dir.exists() and overwrite:
         shutil.rmtree(out)
-    elif run_dir.exists():
-        earlier = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    elif run_dir.exists() or (config_file.exists() and not overwrite):  # a config.yml alone may be the user's
+        earlier = _earlier_config(config_file)
         if earlier != data:
             raise OutputExistsError(
                 f"demo output already exists: {out}, from another demo config ({config_file} "
-                f"{'differs' if earlier is not None else 'is missing'}); use --overwrite to replace it, "
+                f"{'is missing' if earlier is None else 'differs'}); use --overwrite to replace it, "
                 f"or --out for a new folder"
             )
         resume = (run_dir / STORE_FILE).is_file()  # else it stopped before its first evaluation

@@ -121,7 +121,8 @@ def invalid_config(err: ValidationError, source: str, what: str, *, prefix: str 
     distinct problem, ``key.path: what is wrong`` (pydantic reports one error per union branch)."""
     lines = []
     for e in err.errors():
-        loc = prefix + ".".join(str(p) for p in e["loc"] if not _VALIDATOR_STEP.match(str(p)))
+        keys = [str(p) for p in e["loc"] if not _VALIDATOR_STEP.match(str(p))]
+        loc = prefix + ".".join(keys) if keys else prefix.rstrip(".")  # no keys: the whole section is wrong
         if e["type"] == "extra_forbidden":
             problem = "unknown key"
         elif e["type"] == "missing":

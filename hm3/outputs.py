@@ -56,7 +56,14 @@ def _related(a: Path, b: Path) -> bool:
 def check_not_input(out: str | Path, inputs: Iterable[str | Path]) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (symlinks resolved):
     writing it would replace or change what the command reads."""
+    from hm3.zoo.shipped import SHIPPED_ROOT
+
     target = Path(out).resolve()
+    shipped = SHIPPED_ROOT.resolve()
+    if _related(target, shipped):  # every command reads them; a stray file fails their hashes forever after
+        how = "is" if target == shipped else "contains" if target in shipped.parents else "lies inside"
+        raise ConfigError(f"output {out} {how} the zoos shipped with hm3 ({SHIPPED_ROOT}); hm3 never writes "
+                          "there: choose another output path")
     for given in inputs:
         src = Path(given).resolve()
         if _related(target, src):

@@ -40,11 +40,25 @@ BASIS = {"measured": "stored, measured on the whole validation plan",
 
 def write_front_page(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the page for the finished run in ``run_dir`` to ``out`` (default ``RUN_DIR/front.html``)."""
+    if out is not None:
+        _check_not_a_run_file(Path(run_dir), Path(out))
     view, run = read_run_view(run_dir)
     steps = slider_steps(len(view.objectives))
     answers = budget_zero_answers(Path(run_dir), run, steps)
     page = front_page(view, answers, steps)
     return atomic_write_text(Path(out) if out is not None else Path(run_dir) / PAGE_FILE, page)
+
+
+
+def _check_not_a_run_file(run_dir: Path, out: Path) -> None:
+    """Refuse a page path that is one of the run's own files (its store, tables, summary): the page would
+    replace what the run holds. Its own page, ``RUN_DIR/front.html``, may be rewritten."""
+    from hm3.errors import OutputExistsError
+
+    target, run = out.resolve(), run_dir.resolve()
+    if target.exists() and run in target.parents and target != run / PAGE_FILE:
+        raise OutputExistsError(f"--html {out}: a file of the run {run_dir}; the page would replace it: "
+                                f"choose another file (default {run_dir / PAGE_FILE})")
 
 
 def front_page(view: RunView, answers: list[PreferenceAnswer], steps: int) -> str:

@@ -203,3 +203,29 @@ def test_a_library_import_leaves_the_environment_alone_and_the_command_sets_open
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "None" and proc.stderr.strip().endswith("PASSIVE")
+
+
+@pytest.mark.parametrize("command", [["merge"], ["export-mergekit"], ["search", "param"], ["run"], ["check"]])
+def test_a_config_file_that_is_not_text_is_refused_naming_it(command, tmp_path, capsys):
+    config = tmp_path / "config.yml"
+    config.write_bytes(b"\xff\xfe models: [\x00]\n")  # e.g. a UTF-16 file or a binary saved as .yml
+    out = tmp_path / "out"
+    rest = {"merge": [str(out)], "export-mergekit": ["-"], "search": [str(out)], "run": [str(out)], "check": []}
+    assert main([*command, str(config), *rest[command[0]], "--json"]) == ExitCode.BAD_INPUT
+    captured = capsys.readouterr()
+    assert str(config) in captured.err + captured.out and "UTF-8" in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_json_output_of_a_failure_is_json_naming_it(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "missing.yml"
+    for argv, code, says in ((["merge", str(missing), str(tmp_path / "out")], ExitCode.BAD_INPUT, str(missing)),
+                             (["run", str(missing)], ExitCode.USAGE, "RUN_DIR is required")):
+        assert main([*argv, "--json"]) == code
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        assert result["exit_code"] == code and says in result["error"] and says in captured.err
+    monkeypatch.setattr(hm3.cli, "cmd_methods", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["methods", "--json"]) == ExitCode.INTERRUPTED
+    assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130}
+    assert main(["run", str(missing)]) == ExitCode.USAGE and capsys.readouterr().out == ""  # no --json: no stdout

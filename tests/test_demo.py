@@ -47,3 +47,31 @@ def test_demo_runs_the_two_level_search_and_answers_a_request(micro_zoo_dir, tmp
     # another config in the same folder is refused before anything is built or run
     with pytest.raises(OutputExistsError, match="another demo config.*--overwrite"):
         run_demo(out, zoo=micro_zoo_dir)  # the same zoo named by its folder is another config
+
+
+def test_a_folder_of_ones_own_files_is_not_written_into_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.yml").write_text("my: own config\n")
+    assert main(["demo", "--out", str(out)]) == 3  # refused before anything is evaluated or written
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "config.yml").read_text() == "my: own config\n" and sorted(p.name for p in out.iterdir()) == [
+        "config.yml"]
+    assert main(["demo", "--out", str(out / "config.yml")]) == 3  # a file: bad input, not the environment
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_config_yml_left_without_a_run(tmp_path, monkeypatch):
+    import yaml
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "config.yml").write_bytes(b"\xff not: [yaml")  # not UTF-8, not YAML: e.g. a half-written file
+
+    def stop(cfg, run_dir, resume):  # the search itself is not what is tested: stop where it would start
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hm3.run.two_level.run_two_level", stop)
+    assert main(["demo", "--out", str(out)]) == 3  # refused naming it, not a traceback
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 130  # replaced, then the search was reached
+    assert yaml.safe_load((out / "config.yml").read_text())["zoo"] == "builtin:micro"

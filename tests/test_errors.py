@@ -57,3 +57,10 @@ def test_missing_keys_and_locations_without_pydantic_validator_steps():
 def test_many_problems_are_cut_with_a_count():
     text = str(invalid_config(_error({"inner": {"steps": "x", **{f"k{i}": 1 for i in range(9)}}}), "s", "w"))
     assert text.splitlines()[-1] == "  ... and 3 more" and len(text.splitlines()) == 10
+
+
+def test_a_whole_section_of_the_wrong_type_is_named_by_the_prefix():
+    with pytest.raises(ValidationError) as caught:
+        Inner.model_validate(5)
+    text = str(invalid_config(caught.value, "run.yml", "run config", prefix="level2."))
+    assert text.splitlines()[1].startswith("  level2: Input should be a valid dictionary"), text

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hm3.cli import main
+from hm3.errors import ExitCode
 from hm3.report import PROJECTION_NOTE, front_figure
 from hm3.report_html import BASIS
 from hm3.request import answer_request
@@ -196,3 +197,11 @@ def test_the_page_in_headless_chromium(runs, pages, tmp_path, kind):
     front_points = len(_front_ids(runs[kind]))
     assert red > 3 * front_points * 40  # each front point's marker and id label in each of the three panels
     assert answered - unanswered > 3 * 150  # the answer's star in each panel (the legend's star stays)
+
+
+def test_the_page_is_never_written_over_a_file_of_the_run(runs, capsys):
+    run = runs["level1"]
+    for name in ("hm3.sqlite", "summary.json"):
+        before = (run / name).read_bytes()
+        assert main(["front", str(run), "--html", str(run / name)]) == ExitCode.BAD_INPUT
+        assert f"{run / name}" in capsys.readouterr().err and (run / name).read_bytes() == before

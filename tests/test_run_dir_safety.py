@@ -274,3 +274,60 @@ def test_a_full_disk_at_the_end_of_a_search_is_a_message(tiny_family, tmp_path, 
     err = capsys.readouterr().err
     assert "posterior.safetensors: No space left on device" in err and "Traceback" not in err
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_directory_in_or_over_a_model_is_refused(tiny_family, micro_zoo_dir, tmp_path, capsys):
+    """A run's store, tables and points would land among a model's files (or a shipped zoo's, which then
+    fails its hashes): refused before anything is written."""
+    from hm3.cli import main
+    from tests.search.test_level1 import _config as level1_config
+    from tests.test_cli import _two_level_yaml
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(level1_config(tiny_family, budget=2)))
+    model = Path(tiny_family[1]["m1"])
+    before = sorted(p.name for p in model.iterdir())
+    for run in (model, model / "run"):
+        assert main(["search", "param", str(cfg), str(run), "-q"]) == ExitCode.BAD_INPUT
+        assert "an input of this command" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
+    zoo = tmp_path / "zoo"
+    shutil.copytree(micro_zoo_dir, zoo)
+    assert main(["run", str(_two_level_yaml(tmp_path)), str(zoo), "--set", f"zoo={zoo}", "-q"]) == ExitCode.BAD_INPUT
+    assert "contains an input of this command" in capsys.readouterr().err
+    assert not (zoo / "hm3.sqlite").exists()
+
+
+@pytest.mark.parametrize(("suffix", "damage"), [(".yml", "cut"), (".yml", "not a mapping")])
+def test_a_damaged_point_file_is_refused_naming_it(finished, tmp_path, capsys, suffix, damage):
+    """``hm3 export``: a front point's recipe or path file that was cut or edited is bad input, named."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    front = pd.read_csv(run / "front.csv")
+    row = front[front["file"].str.endswith(suffix)].iloc[0]  # the tiny run's front holds merges only
+    file = run / row["file"]
+    text = file.read_text()
+    if damage == "cut":
+        file.write_text(text[: len(text) // 2])
+    elif damage == "no hops":
+        data = json.loads(text)
+        file.write_text(json.dumps(data | {"path": {k: v for k, v in data["path"].items() if k != "hops"}}))
+    else:
+        file.write_text("[1, 2]\n")
+    assert main(["export", str(run), "--point", str(row["point"]), str(tmp_path / "out")]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(file) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_point_file_missing_an_entry_is_named():
+    from hm3.run.export import _path_point_problem
+
+    point = {"path": {"hops": [[0, 0]], "scales": None}, "experts": {"m1": "/m1"}, "frame": "base",
+             "frame_recipe": None, "base_model": "/base"}
+    assert _path_point_problem(point) is None
+    assert "hops" in _path_point_problem(point | {"path": {"scales": None}})
+    assert "experts" in _path_point_problem(point | {"experts": ["/m1"]})
+    assert "base_model" in _path_point_problem({k: v for k, v in point.items() if k != "base_model"})
+    assert "frame_recipe" in _path_point_problem(point | {"frame_recipe": "x"})

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hm3.cli import main
-from hm3.errors import RunFileError
+from hm3.errors import ExitCode, RunFileError
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.samples import SAMPLES_DIR, SampleLog, file_stems, read_samples
@@ -101,6 +101,21 @@ def test_records_are_the_evaluation_outputs_and_average_to_its_score(micro_zoo_d
         assert sum(r["score"] for r in math) / len(math) == pytest.approx(printed["zoo:math"], abs=1e-12)
     finally:
         backend.close()
+
+
+def test_a_log_samples_path_that_is_a_file_is_refused_before_the_model_is_scored(micro_zoo_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import hm3.eval.backend
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was opened before --log-samples was checked")
+
+    monkeypatch.setattr(hm3.eval.backend, "open_backend", no_model)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    assert main(["eval", str(micro_zoo_dir / "math"), "--objectives", "zoo:math", "--log-samples",
+                 str(taken)]) == ExitCode.BAD_INPUT
+    assert str(taken) in capsys.readouterr().err and taken.read_text() == "mine\n"
 
 
 def test_a_mean_objective_is_scored_once_per_example_to_the_same_score(tiny_family):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,11 +91,15 @@ def rewrite_hint(run_dir: Path, kind: RunKind) -> str:
 
 
 def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: bool,
-                   budget_may_grow: bool = False) -> RunStore:
+                   budget_may_grow: bool = False, inputs: Iterable[str | Path] = ()) -> RunStore:
     """The run's store, writable: a new run needs a fresh ``run_dir``, ``--resume`` an existing one
     recorded with the same ``config`` (a stored config of an older format is migrated before the two
     are compared). With ``budget_may_grow``, ``level1.optimizer.budget`` may differ: a level-1 search
-    is extended by resuming it with a larger budget."""
+    is extended by resuming it with a larger budget. A ``run_dir`` that is, holds or lies in one of
+    ``inputs`` (the run's models) is refused: the run's files would land among a model's."""
+    from hm3.outputs import check_not_input
+
+    check_not_input(run_dir, inputs)
     exists = (run_dir / STORE_FILE).exists()
     if exists and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new RUN_DIR")

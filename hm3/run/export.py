@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, Hm3Error, RunFileError
 from hm3.run.directory import read_finished_run
 
 
@@ -28,6 +28,32 @@ def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwr
     if not file.is_file():
         raise ConfigError(f"{run.run_dir}: the file of front point {point} is missing: {file}")
     kw = {"overwrite": overwrite, "force": force, "inputs": [run.run_dir]}
-    if file.suffix == ".json":
-        return write_path(json.loads(file.read_text()), out_dir, **kw)
-    return write_merge(yaml.safe_load(file.read_text()), out_dir, **kw)
+    damaged = f"{run.run_dir}: the file of front point {point}, {file}, is damaged"
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise RunFileError(f"{damaged} ({err})") from None
+    problem = "not a mapping" if not isinstance(data, dict) else _path_point_problem(data) if file.suffix == ".json" \
+        else None
+    if problem:
+        raise RunFileError(f"{damaged} ({problem})")
+    try:
+        return write_path(data, out_dir, **kw) if file.suffix == ".json" else write_merge(data, out_dir, **kw)
+    except Hm3Error as err:  # e.g. a recipe cut short: say which file the merge came from
+        raise type(err)(f"front point {point} ({file}): {err}") from None
+
+
+def _path_point_problem(data: dict) -> str | None:
+    """What a path point file (``points/point-N.json``) lacks of what :func:`hm3.materialise.write_path`
+    reads, or None."""
+    path, experts = data.get("path"), data.get("experts")
+    if not isinstance(path, dict) or not isinstance(path.get("hops"), list):
+        return "no 'path' with its 'hops'"
+    if not isinstance(experts, dict) or not all(isinstance(m, str) for m in experts.values()):
+        return "no 'experts' mapping objectives to models"
+    if not isinstance(data.get("base_model"), str):
+        return "no 'base_model'"
+    if "frame_recipe" not in data or not isinstance(data["frame_recipe"], dict | None):
+        return "no 'frame_recipe' (a recipe or null)"
+    return None

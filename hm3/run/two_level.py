@@ -161,7 +161,8 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
         check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
     # and a device this machine lacks, a missing Ray, a cluster too small for the workers
     with evaluation_executor(cfg.level1, log) as executor, \
-            open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume) as store:
+            open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume,
+                           inputs=cfg.level1.models.values()) as store:
         session = open_session(cfg.level1, store, log, executor)
         try:
             run = TwoLevelRun(cfg, run_dir, session, log, progress, optimizer)

@@ -213,7 +213,8 @@ def run_level1(
     log = stderr_logger(progress)
     # likewise a device this machine lacks, a missing Ray, a cluster too small (before the run directory is made)
     with evaluation_executor(cfg, log) as executor, \
-            open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True) as store:
+            open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True,
+                           inputs=cfg.models.values()) as store:
         initial = stored_config(store)["level1"]["optimizer"]["budget"]
         if initial != cfg.optimizer.budget:
             optimizer = _extended_optimizer(cfg, store, initial, log)

@@ -252,9 +252,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"run config not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a run config must be a mapping")
     return data

@@ -96,9 +96,31 @@ class ZooManifest:
                               f"rebuild it with 'hm3 zoo build {path.parent} --overwrite', or use the shipped "
                               "zoo (zoo: builtin:micro)")
         try:
-            return cls(**data)
+            manifest = cls(**data)
         except TypeError as e:
             raise ConfigError(f"{path}: not a zoo manifest of this hm3 version ({e})") from None
+        problem = manifest.shape_problem()
+        if problem:
+            raise ConfigError(f"{path}: not a usable zoo manifest: {problem}")
+        return manifest
+
+    def shape_problem(self) -> str | None:
+        """What is wrong with the entries a run config is filled from (``models``, ``experts``,
+        ``objectives``), or None: an edited or damaged zoo.json is named here, not met as a traceback."""
+        def names(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+        if not names(self.models) or not self.models:
+            return f"'models' must map model names to folders, got {self.models!r}"
+        if not names(self.experts) or not set(self.experts.values()) <= set(self.models):
+            return f"'experts' must map objectives to models of 'models', got {self.experts!r}"
+        if set(self.models) <= set(self.experts.values()):
+            return "'models' has no base model (every model is an expert)"
+        if not isinstance(self.objectives, list) or not all(isinstance(o, str) for o in self.objectives):
+            return f"'objectives' must be a list of objective names, got {self.objectives!r}"
+        if self.files is not None and not names(self.files):
+            return "'files' must map file paths to sha256 hashes"
+        return None
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -312,9 +334,16 @@ def _publish(built: Path, out: Path) -> None:
     """Move (or copy, from a cache) a finished zoo to ``out``: temp sibling, then rename."""
     tmp = out.parent / f".{out.name}.{time.time_ns()}.tmp"
     shutil.copytree(built, tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    _remove(out)
     tmp.rename(out)
+
+
+def _remove(path: Path) -> None:
+    """Clear the way for a finished zoo: a folder, or (with --force) a file or link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def build_zoo(
@@ -360,8 +389,7 @@ def build_zoo(
         manifest = replace(manifest, files=file_hashes(work))
         atomic_write_text(work / "zoo.json", manifest.to_json())
         share_files(work)  # save_pretrained writes its safetensors files 0o600
-        if target.exists():
-            shutil.rmtree(target)
+        _remove(target)
         work.rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

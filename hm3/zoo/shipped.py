@@ -90,9 +90,11 @@ def resolve_zoo(ref: str | Path, base_dir: Path | None = None) -> Path:
 def copy_shipped_zoo(name: str, dest: str | Path) -> Path:
     """Copy a shipped zoo to ``dest`` (which must not exist), staged like every output hm3 publishes."""
     from hm3.checkpoint.writer import StagedDirectory
+    from hm3.outputs import check_not_input
 
     source = shipped_zoo(name)
     dest = Path(dest)
+    check_not_input(dest, [source])  # a copy inside the zoo would copy itself, and break the zoo's hashes
     if dest.exists():
         raise OutputExistsError(f"{dest} already exists; choose a new directory")
     staged = StagedDirectory(dest, what="zoo")

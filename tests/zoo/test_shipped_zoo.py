@@ -109,3 +109,31 @@ def test_the_shipped_scores_reproduce_on_this_machine_and_meet_the_bar(micro_zoo
         assert merge_scores[t] == pytest.approx(best[t], abs=TOLERANCE), (t, merge_scores)
     bar = quality_bar(validation, merge_scores)
     assert bar["ok"], bar
+
+
+def test_no_output_is_written_into_the_shipped_zoo(zoo_copy, tmp_path, capsys):
+    """A copy or a demo into the shipped zoo would fail its hashes forever after (or copy it into itself);
+    a demo inside a zoo of one's own would change the zoo it reads."""
+    assert main(["zoo", "copy", "micro", str(zoo_copy / "math" / "copy")]) == ExitCode.BAD_INPUT
+    assert "lies inside the zoos shipped with hm3" in capsys.readouterr().err
+    assert main(["demo", "--out", str(zoo_copy)]) == ExitCode.BAD_INPUT
+    assert "lies inside the zoos shipped with hm3" in capsys.readouterr().err
+    shipped._verified.clear()
+    assert shipped.shipped_zoo("micro") == zoo_copy  # still complete, nothing added
+    own = tmp_path / "own"
+    shutil.copytree(zoo_copy, own)
+    assert main(["demo", "--zoo", str(own), "--out", str(own / "demo")]) == ExitCode.BAD_INPUT
+    assert "lies inside an input" in capsys.readouterr().err and not (own / "demo").exists()
+
+
+def test_no_merge_is_written_beside_the_shipped_models(zoo_copy, tmp_path, capsys):
+    """An output in the shipped zoos' folder that is no input of its command (a merge beside the models
+    it merges) is refused as well: the next use of the zoo would fail its hashes."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {zoo_copy / 'math'}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {zoo_copy / 'code'}\n    parameters: {{weight: 0.5}}\n")
+    assert main(["merge", str(recipe), str(zoo_copy / "merged")]) == ExitCode.BAD_INPUT
+    assert "the zoos shipped with hm3" in capsys.readouterr().err
+    assert main(["merge", str(recipe), str(tmp_path / "merged")]) == 0  # elsewhere: merged as usual
+    shipped._verified.clear()
+    assert shipped.shipped_zoo("micro") == zoo_copy

@@ -231,3 +231,36 @@ def test_specialist_items_of_each_task():
     assert specialist_item("translation", f"T {words[0]} {words[-1]}=")
     with pytest.raises(ConfigError, match="unknown zoo task"):
         specialist_item("poetry", "x")
+
+
+def test_overwrite_force_replaces_a_file_with_the_zoo(micro_zoo_dir, tmp_path, monkeypatch):
+    """--overwrite --force on a file: the finished zoo replaces it (the file was found in the way only
+    after the build, as an error that threw the build away)."""
+    from hm3.cli import main
+    from hm3.zoo import build
+
+    monkeypatch.setattr(build, "_build_into", lambda *a, **k: ZooManifest.read(micro_zoo_dir))
+    out = tmp_path / "zoo"
+    out.write_text("a file in the way\n")
+    assert main(["zoo", "build", str(out), "--overwrite", "--force", "-q"]) == 0
+    assert (out / "zoo.json").is_file()
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("models", "base", "'models' must map model names to folders"),
+    ("experts", {"zoo:math": "nowhere"}, "'experts' must map objectives to models of 'models'"),
+    ("experts", {"zoo:math": "base", "zoo:code": "math", "zoo:translation": "code", "x": "translation"},
+     "no base model"),
+    ("objectives", "zoo:math", "'objectives' must be a list"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_entry(micro_zoo_dir, tmp_path, capsys, key, value, says):
+    """A zoo.json of the right format whose entries were edited: refused as bad input, naming the entry,
+    when a run config is filled from it (not a traceback)."""
+    from hm3.cli import main
+
+    data = json.loads((micro_zoo_dir / "zoo.json").read_text()) | {key: value}
+    (tmp_path / "zoo.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=says):
+        ZooManifest.read(tmp_path)
+    assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "demo")]) == 3
+    assert says in capsys.readouterr().err and not (tmp_path / "demo").exists()
