@@ -66,6 +66,19 @@ def _live_sandbox_processes() -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(autouse=True, scope="module")
+def private_temporary_folder():
+    """The sandbox's folders are made in a temporary folder of this module's own: another pytest-xdist
+    worker's sandboxed runs (HumanEval objectives) make and remove theirs in the shared one meanwhile, which
+    the 'nothing left' checks would count. World-traversable, as the sandbox user must reach its folder."""
+    folder = tempfile.mkdtemp(prefix="hm3-test-tmp-")
+    os.chmod(folder, 0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", folder)
+        yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _sandbox_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("hm3-sandbox-*")}
 
