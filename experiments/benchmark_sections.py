@@ -916,33 +916,47 @@ def render_parallel(results: Results) -> str:
             parts.append(plot)
     i = results.one("bench_parallel", "idle")
     if i is not None:
-        rows = [[f"`{mode}`", f"{run['worker_idle_share']:.1%}" if "worker_idle_share" in run else "–",
-                 num(run["evaluations_per_second"], ".3f"), num(run["worker_busy_seconds"] / run["evaluations"], ".2f"),
-                 num(run["proposal_seconds"] / max(1, run["asks"]), ".2f"), num(run["loop_seconds"], ".0f")]
-                for mode, run in i.get("runs").items()]
-        share = i.get("target")["async_idle_share"]
-        run = i.get("runs")["async"]
-        ask_ratio = (run["proposal_seconds"] / max(1, run["asks"])) / (run["worker_busy_seconds"] / run["evaluations"])
-        parts += [f"**Worker idle time** (`bo-mo`, {i.get('budget')} evaluations, seed 0, 2 Ray workers of 1 CPU, "
-                  f"{i.get('validation_examples')} validation examples per task; {zoo_text(i.get('zoo_build'))}; load "
-                  f"average {i.get('load_average_start')[0]:g} at the start and {i.get('load_average_end')[0]:g} at "
-                  "the end). In `batch` mode a worker waits while the driver proposes the next batch; with `async` "
-                  "the next point is proposed in a thread of its own while the workers score, so a worker waits "
-                  "only when proposing takes longer than its share of the workers' turn:",
-                  table(["proposals", "worker idle share", "evaluations / s", "s a worker is busy per evaluation",
-                         "s per ask (the driver proposing)", "loop s"], rows),
-                  f"With asynchronous proposals the workers wait **{share:.1%}** of their time "
-                  f"(target < {i.get('target')['threshold']:.0%}). There an ask of `bo-mo` (fitting its GPs and "
-                  f"optimising the acquisition) took {ask_ratio:.2f}× a worker's evaluation of a micro-zoo candidate, "
-                  "and one driver proposes for two workers (and shares the 2 cores with them); the share falls as "
-                  "evaluations get dearer against the asks (a real model's take minutes). `async` asks once per "
-                  f"point ({run['asks']} asks) where `batch` asks once per batch ({i.get('runs')['batch']['asks']}), "
-                  "so where the asks are the bottleneck, as here, it ends later."]
-    found = [r for r in (t, h, i) if r is not None]
+        parts += idle_parts(i, f"{i.get('validation_examples')} validation examples per task; "
+                               f"{zoo_text(i.get('zoo_build'))}", "a micro-zoo candidate")
+    smol = results.one("bench_parallel", "idle-smollm2")
+    if smol is not None:
+        pool = smol.get("pool")
+        parts += idle_parts(smol, f"{smol.get('validation_examples')} validation examples per task; base "
+                               f"{pool['base']}, experts synthetic variants of it ({pool['experts']['math'].split(',')[0]}"
+                               ", …): their scores mean nothing, only what scoring a 135M-parameter model costs",
+                            "a SmolLM2 candidate")
+    found = [r for r in (t, h, i, smol) if r is not None]
     if not found:
         return ""
     parts.append(sources(found))
     return "\n\n".join(parts)
+
+
+def idle_parts(i: Result, setting: str, candidate: str) -> list[str]:
+    """The idle-share table of one ``bench_parallel --part idle`` result, and what it shows."""
+    rows = [[f"`{mode}`", f"{run['worker_idle_share']:.1%}" if "worker_idle_share" in run else "–",
+             num(run["evaluations_per_second"], ".3f"), num(run["worker_busy_seconds"] / run["evaluations"], ".2f"),
+             num(run["proposal_seconds"] / max(1, run["asks"]), ".2f"), num(run["loop_seconds"], ".0f")]
+            for mode, run in i.get("runs").items()]
+    share = i.get("target")["async_idle_share"]
+    run = i.get("runs")["async"]
+    ask_ratio = (run["proposal_seconds"] / max(1, run["asks"])) / (run["worker_busy_seconds"] / run["evaluations"])
+    bottleneck = ("so where the asks are the bottleneck, as here, it ends later" if ask_ratio >= 0.5 else
+                  "a cost that stays hidden while the asks are shorter than the workers' turns")
+    return [f"**Worker idle time** (`bo-mo`, {i.get('budget')} evaluations, seed 0, 2 Ray workers of 1 CPU, "
+            f"{setting}; load average {i.get('load_average_start')[0]:g} at the start and "
+            f"{i.get('load_average_end')[0]:g} at the end). In `batch` mode a worker waits while the driver proposes "
+            "the next batch; with `async` the next point is proposed in a thread of its own while the workers score, "
+            "so a worker waits only when proposing takes longer than its share of the workers' turn:",
+            table(["proposals", "worker idle share", "evaluations / s", "s a worker is busy per evaluation",
+                   "s per ask (the driver proposing)", "loop s"], rows),
+            f"With asynchronous proposals the workers wait **{share:.1%}** of their time "
+            f"(target < {i.get('target')['threshold']:.0%}). There an ask of `bo-mo` (fitting its GPs and "
+            f"optimising the acquisition) took {ask_ratio:.2f}× a worker's evaluation of {candidate}, "
+            "and one driver proposes for two workers (and shares the 2 cores with them); the share falls as "
+            "evaluations get dearer against the asks. `async` asks once per "
+            f"point ({run['asks']} asks) where `batch` asks once per batch ({i.get('runs')['batch']['asks']}), "
+            f"{bottleneck}."]
 
 
 def parallel_targets(results: Results) -> list[Target]:
@@ -960,8 +974,14 @@ def parallel_targets(results: Results) -> list[Target]:
     i = results.one("bench_parallel", "idle")
     if i is not None:
         target = i.get("target")
-        rows.append((f"Ray workers' idle share with asynchronous proposals < {target['threshold']:.0%}",
+        rows.append((f"Ray workers' idle share with asynchronous proposals < {target['threshold']:.0%} "
+                     "(micro zoo: an ask costs more than an evaluation)",
                      f"{target['async_idle_share']:.1%}", target["met"]))
+    smol = results.one("bench_parallel", "idle-smollm2")
+    if smol is not None:
+        target = smol.get("target")
+        rows.append((f"Ray workers' idle share with asynchronous proposals < {target['threshold']:.0%} "
+                     "(SmolLM2-135M pool, synthetic experts)", f"{target['async_idle_share']:.1%}", target["met"]))
     return rows
 
 

@@ -34,3 +34,20 @@ def test_the_hv_target_compares_the_q_batch_mean_at_the_budget_with_the_sequenti
     assert s["target"]["ratio_q_to_sequential"] == pytest.approx(0.55 / 0.6)
     assert s["target"]["met"] is False
     assert s["mean_hv_curves"]["1"] == pytest.approx([0.15, 0.35, 0.6])
+
+
+def test_the_smollm2_pool_path_makes_its_experts_and_runs_on_named_models(tmp_path, micro_zoo_dir):
+    # the micro zoo's base stands in for SmolLM2 (already there, so nothing is imported): the pool's code path
+    # makes one synthetic variant per task and the run config names those models instead of a zoo
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(micro_zoo_dir / "base", pool / "base")
+    record = bench_parallel.smollm2_pool(pool, lambda m: None)
+    assert sorted(record["experts"]) == ["code", "math", "translation"]
+    assert all((pool / task / "config.json").is_file() for task in record["experts"])
+    cfg = bench_parallel.run_config(micro_zoo_dir, "random", 2, 0, 2, pool=pool)
+    assert cfg.search_space.models == ["math", "code", "translation"]
+    assert cfg.models["math"] == str((pool / "math").resolve())
+    row = bench_parallel.timed_search(cfg, tmp_path / "run", 2, threads=1)
+    assert row["evaluations"] == 2
