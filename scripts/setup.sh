@@ -27,6 +27,17 @@ if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
         echo "[setup] could not install bubblewrap; the sandbox falls back to unshare (see docs/SECURITY.md)" >&2
     fi
 fi
+# The interactive front page is checked in a real headless browser (tests/test_front_html.py); install
+# chromium when we can, as bubblewrap above (HM3_NO_CHROMIUM=1 skips it; the test is then skipped).
+if [ -z "${HM3_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (the headless browser that checks the front page)" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; } \
+        >/dev/null 2>&1; then
+        echo "[setup] could not install chromium; the browser test of the front page is skipped" >&2
+    fi
+fi
 stamp=.venv/.hm3-installed
 want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-vllm$with_vllm"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
