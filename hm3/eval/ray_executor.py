@@ -394,9 +394,11 @@ class RayExecutor:
         self._ray.kill(worker.actor)
 
     def _any_worker(self) -> _Worker:
+        """An idle worker where there is one: an actor runs one call at a time, so a question given to a
+        worker that is scoring waits behind its whole evaluation."""
         if not self._live:
             raise RuntimeError("the Ray executor's workers are not started (RayExecutor.start)")
-        return self._live[0]
+        return self._idle[0] if self._idle else self._live[0]
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

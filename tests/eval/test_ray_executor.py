@@ -688,7 +688,7 @@ class _FakeActor:
     def __init__(self, ray, number: int):
         self.where = _Method(lambda: (1000 + number, "node"))
         self.start = _Method(lambda: ray.load_error or ({"device": "cpu"}, "hf"))
-        self.pool_layout = _Method(lambda: ray.die(ray.error()) or "layout")
+        self.pool_layout = _Method(lambda: ray.die(ray.error()) or ray.asked.append(number) or "layout")
         self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0)))
 
 
@@ -700,6 +700,7 @@ class _FakeRay:
 
         self.deaths, self.killed, self.started = deaths, [], 0
         self.error, self.load_error = error or RayActorError, load_error
+        self.asked: list[int] = []  # the actors that answered a pool question, by number
 
     def die(self, error):
         if self.deaths:
@@ -757,6 +758,23 @@ def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths
                            match=f"died computing the layer pool's layout.*{MAX_ATTEMPTS} workers have died"):
             executor.pool_layout()
         assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
+
+
+def test_a_pool_question_asked_while_a_worker_scores_goes_to_an_idle_one():
+    """An actor runs one call at a time: a question given to the worker that is scoring would wait behind its
+    whole evaluation, while another worker sits idle."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=2)
+    ray = _FakeRay(0)
+    executor = RayExecutor(ev, ray, started_ray=False, log=lambda message: None)
+    executor.start(SimpleNamespace(evaluation=ev))
+    executor.submit("a")  # to the first worker, the fake's actor 1
+    assert executor.pool_layout() == "layout" and ray.asked == [2]
 
 
 def _oom() -> Exception:
