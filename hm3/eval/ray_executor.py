@@ -55,6 +55,8 @@ RELEASE_GRACE_S = 10.0
 PLACEMENT_TIMEOUT_S = 120.0
 #: Seconds a given ``ray_address`` has to answer before it is refused (``ray.init`` itself retries for minutes).
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds a closing run waits for jobs still running before it commits those finished (:meth:`RayExecutor.drain`).
+DRAIN_TIMEOUT_S = 1.0
 #: Workers one job may be given: a job whose workers died this often is not re-queued again.
 MAX_ATTEMPTS = 3
 
@@ -322,6 +324,29 @@ class RayExecutor:
 
     def layer_features(self, frames: Sequence[FrameKey], recipes: Mapping[int, Mapping[str, Any]]) -> torch.Tensor:
         return self._ask("the layer features", lambda actor: actor.layer_features.remote(list(frames), dict(recipes)))
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> list[tuple[int, list[ObjectiveScore]]]:
+        """The jobs workers finished that :meth:`next_done` has not returned, as it would return them; those
+        still running are waited for at most ``timeout`` seconds (a result in transit, one about to finish)
+        and left, and a job that failed or whose worker died gives nothing (the run is stopping: nothing is
+        re-queued)."""
+        if not self._running:
+            return []
+        ready, _ = self._ray.wait(list(self._running), num_returns=len(self._running), timeout=timeout)
+        done = []
+        for ref in ready:
+            run = self._running.pop(ref)
+            self._pending -= 1  # returned here, or given up
+            try:
+                ticket, scores, busy = self._ray.get(ref)
+            except Exception as err:  # a RayTaskError, a dead worker's: its error is not the run's to raise now
+                self._log(f"{run.worker}'s last job gave no scores ({type(err).__name__}: {_first_line(err)})")
+                continue
+            self._busy += busy
+            self._last_done = time.perf_counter()
+            self._idle.append(run.worker)
+            done.append((ticket, scores))
+        return done
 
     def close(self) -> None:
         for worker in self._live:

@@ -559,6 +559,10 @@ class _ListExecutor:
         ticket, job = self.jobs.pop(0)
         return ticket, [ObjectiveScore(o, 0.5, len(job.plan.indices[o]), 0.0) for o in job.objectives]
 
+    def drain(self):
+        """Every job not yet returned: they all count as finished."""
+        return [_ListExecutor.next_done(self) for _ in range(len(self.jobs))]
+
     def close(self) -> None:
         pass
 
@@ -606,6 +610,45 @@ def test_an_async_run_resumed_with_its_budget_spent_leaves_the_points_in_flight_
         session = ExecutorSession(cfg, store, executor)
         propose_async(optimizer, session, base, ideal, lambda told: None, stop_after=None)
         assert executor.asked == [] and len(told_points(store)) == 2
+
+
+class _FailingExecutor(_ListExecutor):
+    """:class:`_ListExecutor` whose job for ``bad`` fails when collected (as a job whose every worker died, or
+    whose evaluation raised, does), the jobs after it finished and not yet collected."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def next_done(self):
+        if self.jobs[0][1].candidate == self.bad:
+            self.jobs.pop(0)
+            raise ExecutorError("a worker failed scoring it")
+        return super().next_done()
+
+
+def test_scores_finished_but_not_collected_when_a_run_stops_are_committed(tiny_family, tmp_path):
+    """A run that stops on an error (here one job's) while other workers have finished theirs commits those
+    (a resumed run then finds them stored), in a batch and in flight alike: their evaluations are not wasted."""
+    from hm3.eval.parallel import ExecutorSession
+
+    cfg = parse_run_config(_config(tiny_family))
+    bad, good = MergeCandidate(_recipe(0.9, 0.2)), MergeCandidate(_recipe(0.1, 0.8))
+    with RunStore.open(tmp_path / "batch") as store:
+        session = ExecutorSession(cfg, store, _FailingExecutor(bad))
+        with pytest.raises(ExecutorError, match="failed scoring"):
+            session.score_many([bad, good], session.validation)
+        good_ref = store.add_candidate(good.stored_recipe(), good.kind)
+        assert session.stored_scores(good_ref, session.validation) is not None
+        assert len(store.evaluations()) == len(session.objective_names)  # good's, not bad's
+    with RunStore.open(tmp_path / "in-flight") as store:
+        session = ExecutorSession(cfg, store, _FailingExecutor(bad))
+        (_, _), (good_ref, _) = session.submit(bad, session.validation), session.submit(good, session.validation)
+        with pytest.raises(ExecutorError, match="failed scoring"):
+            session.next_done()
+        session.close()
+        assert session.stored_scores(good_ref, session.validation) is not None
+        assert len(store.evaluations()) == len(session.objective_names)
 
 
 class _TimedExecutor(_ListExecutor):
@@ -675,10 +718,11 @@ class _Method:
 
 
 class _Ref:
-    """A call's object ref (hashable, as Ray's are): the answer, or the error its ``get`` raises."""
+    """A call's object ref (hashable, as Ray's are): the answer, or the error its ``get`` raises; a ``running``
+    one is never ready."""
 
-    def __init__(self, answer):
-        self.answer = answer
+    def __init__(self, answer, running: bool = False):
+        self.answer, self.running = answer, running
 
 
 class _FakeActor:
@@ -689,7 +733,8 @@ class _FakeActor:
         self.where = _Method(lambda: (1000 + number, "node"))
         self.start = _Method(lambda: ray.load_error or ({"device": "cpu"}, "hf"))
         self.pool_layout = _Method(lambda: ray.die(ray.error()) or ray.asked.append(number) or "layout")
-        self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0)))
+        self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0),
+                                                      running=job in ray.running))
 
 
 class _FakeRay:
@@ -701,6 +746,8 @@ class _FakeRay:
         self.deaths, self.killed, self.started = deaths, [], 0
         self.error, self.load_error = error or RayActorError, load_error
         self.asked: list[int] = []  # the actors that answered a pool question, by number
+        self.running: set[str] = set()  # the jobs whose score calls never finish
+        self.timeouts: list[float | None] = []  # of each wait
 
     def die(self, error):
         if self.deaths:
@@ -722,7 +769,9 @@ class _FakeRay:
         return Options()
 
     def wait(self, refs, num_returns, timeout=None):
-        return refs[:num_returns], refs[num_returns:]
+        self.timeouts.append(timeout)
+        ready = [r for r in refs if not getattr(r, "running", False)][:num_returns]
+        return ready, [r for r in refs if not any(r is done for done in ready)]
 
     def get(self, ref):
         if isinstance(ref, _Ref):
@@ -775,6 +824,29 @@ def test_a_pool_question_asked_while_a_worker_scores_goes_to_an_idle_one():
     executor.start(SimpleNamespace(evaluation=ev))
     executor.submit("a")  # to the first worker, the fake's actor 1
     assert executor.pool_layout() == "layout" and ray.asked == [2]
+
+
+@pytest.mark.parametrize("deaths", [0, 1])
+def test_jobs_finished_and_not_collected_are_drained_without_waiting_for_running_ones(deaths):
+    """What a closing run can still commit: the jobs workers finished that no next_done returned, each once;
+    one still running is left (waited for only briefly), and one whose worker died gives nothing."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=3)
+    ray = _FakeRay(deaths)
+    ray.running = {"c"}
+    executor = RayExecutor(ev, ray, started_ray=False, log=lambda message: None)
+    executor.start(SimpleNamespace(evaluation=ev))
+    for job in ("a", "b", "c"):
+        executor.submit(job)
+    drained = executor.drain()
+    assert drained == [(0, ["a by 1"]), (1, ["b by 2"])][deaths:]  # a's worker died when deaths == 1
+    assert ray.timeouts[-1] is not None and executor.drain() == []
+    assert executor.pending == 1  # c, still running
 
 
 def _oom() -> Exception:
