@@ -310,6 +310,39 @@ def test_an_unreachable_ray_address_is_refused_quickly_naming_it(tiny_family, tm
         check_reachable(f"127.0.0.1:{listening.getsockname()[1]}", timeout=3)
 
 
+def test_a_ray_address_other_than_the_cluster_this_process_joined_is_refused(tiny_family, monkeypatch):
+    """Ray already initialised in this process (by its caller) is the Ray the run uses: a ``ray_address`` that
+    names another cluster is refused naming both, not silently ignored; one naming the same cluster (this
+    node by its loopback name too) is used, and one that cannot be compared (auto, ray://) is said in the log."""
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started: the cluster is described
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="10.0.0.7:6379"))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("Ray is initialised already: not to be joined again"))
+
+    def connect(address: str | None) -> list[str]:
+        ev = parse_run_config(_config(tiny_family, executor="ray", ray_address=address)).evaluation
+        logs: list[str] = []
+        executor = RayExecutor.connect(ev, log=logs.append)
+        assert not executor._started_ray  # the caller's Ray: left running on close
+        return logs
+
+    for other in ("10.0.0.8:6379", "10.0.0.7:6380"):
+        with pytest.raises(ExecutorError, match=rf"evaluation.ray_address '{other}'.*already connected to the Ray "
+                                                r"cluster at 10.0.0.7:6379"):
+            connect(other)
+    assert connect("10.0.0.7:6379") == connect("127.0.0.1:6379") == connect(None) == []
+    for unchecked in ("auto", "ray://10.0.0.9:10001"):
+        (line,) = connect(unchecked)
+        assert unchecked in line and "10.0.0.7:6379" in line
+
+
 def test_hm3_refuses_an_unreachable_ray_address_and_writes_nothing(tiny_family, tmp_path, monkeypatch):
     from hm3.cli import main
     from hm3.eval import ray_executor
