@@ -1002,6 +1002,24 @@ def test_a_worker_killed_mid_evaluation_is_replaced_and_its_candidate_scored_onc
     assert _told(tmp_path / "run") == _told(tmp_path / "unbroken")
 
 
+@pytest.mark.slow
+def test_scores_ray_workers_finished_are_committed_when_the_session_closes_first(ray_cluster, tiny_family, tmp_path):
+    """On real workers: two candidates in flight, both finished and neither collected when the run stops --
+    closing the session commits both before the workers are stopped."""
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.search.level1 import evaluation_executor
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=2))
+    with evaluation_executor(cfg, lambda message: None) as executor, RunStore.open(tmp_path / "run") as store:
+        session = ExecutorSession(cfg, store, executor)
+        refs = [session.submit(MergeCandidate(_recipe(w, 1 - w)), session.validation)[0] for w in (0.3, 0.6)]
+        _, running = ray_cluster.wait(list(executor._running), num_returns=2, timeout=120)
+        assert not running
+        session.close()
+        assert executor.worker_pids() == []
+        assert all(session.stored_scores(ref, session.validation) is not None for ref in refs)
+
+
 def _validation_rows(run_dir: Path) -> int:
     """Validation scores stored so far in a run another process is writing (0 before its store exists)."""
     try:
