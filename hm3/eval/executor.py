@@ -15,6 +15,7 @@ scored, or runs level-2 episodes side by side, needs nothing more.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +24,8 @@ import torch
 
 from hm3.eval.session import Candidate, FrameKey, PoolLayout
 from hm3.search.scoring import SplitPlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class Executor(Protocol):
         """Wait for the next job to finish, whichever it is: its ticket and scores (one per objective asked)."""
         ...
 
+    def drain(self) -> list[tuple[int, list[ObjectiveScore]]]:
+        """The jobs that workers have finished and :meth:`next_done` has not returned (ticket and scores, as
+        it returns them), waiting at most briefly for the others: what a run that stops can still commit."""
+        ...
+
     def pool_layout(self) -> PoolLayout:
         """The layer pool's shape, from a worker's live model."""
         ...
@@ -99,15 +107,38 @@ class Executor(Protocol):
 def score_many(executor: Executor, jobs: Sequence[ScoreJob],
                on_done: Callable[[int, list[ObjectiveScore]], None] | None = None) -> list[list[ObjectiveScore]]:
     """Every job of a batch scored by ``executor``'s workers, in parallel: results in job order, while
-    ``on_done(index, scores)`` sees each job as it finishes (the session commits it there)."""
+    ``on_done(index, scores)`` sees each job as it finishes (the session commits it there). A batch that
+    fails (a job's error, an interrupt) first hands ``on_done`` the jobs other workers had finished, so
+    that their evaluations are kept."""
     if executor.pending:
         raise RuntimeError(f"score_many needs an idle executor, {executor.pending} job(s) are still pending")
     index = {executor.submit(job): i for i, job in enumerate(jobs)}
     results: list[list[ObjectiveScore] | None] = [None] * len(jobs)
-    while index:
-        ticket, scores = executor.next_done()
-        i = index.pop(ticket)
-        results[i] = scores
+    try:
+        while index:
+            ticket, scores = executor.next_done()
+            i = index.pop(ticket)
+            results[i] = scores
+            if on_done is not None:
+                on_done(i, scores)
+    except BaseException:
         if on_done is not None:
-            on_done(i, scores)
+            done = on_done
+
+            def commit(ticket: int, scores: list[ObjectiveScore]) -> None:
+                if ticket in index:
+                    done(index.pop(ticket), scores)
+
+            salvage(executor, commit)
+        raise
     return [r for r in results if r is not None]
+
+
+def salvage(executor: Executor, commit: Callable[[int, list[ObjectiveScore]], None]) -> None:
+    """``commit(ticket, scores)`` of each job the workers finished and no one collected, as a run stops on
+    an error; a failure here is logged, not raised, so that the error that stopped the run is the one seen."""
+    try:
+        for ticket, scores in executor.drain():
+            commit(ticket, scores)
+    except Exception as err:
+        logger.warning(f"finished evaluations could not be committed as the run stopped: {type(err).__name__}: {err}")

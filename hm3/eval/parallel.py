@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, score_many
+from hm3.eval.executor import Executor, ObjectiveScore, ScoreJob, salvage, score_many
 from hm3.eval.session import Candidate, FrameKey, PathCandidate, PoolLayout, Scored, plans_for
 from hm3.samples import SAMPLES_DIR, SampleLog
 from hm3.search.run_config import RunConfig
@@ -148,7 +148,17 @@ class ExecutorSession:
         return self.executor.layer_features(frames, recipes)
 
     def close(self) -> None:
-        self.executor.close()
+        """The workers stopped, after committing what they finished that :meth:`next_done` did not return
+        (a run stopped by an error while candidates were in flight: a resumed run finds those scores stored)."""
+        try:
+            salvage(self.executor, self._commit_submitted)
+        finally:
+            self.executor.close()
+
+    def _commit_submitted(self, ticket: int, scores: Sequence[ObjectiveScore]) -> None:
+        if ticket in self._submitted:
+            ref, plan, job = self._submitted.pop(ticket)
+            self._commit(ref, plan, job.objectives, scores)
 
     def _frame_recipes(self, candidate: Candidate) -> Mapping[int, Mapping[str, Any]]:
         if isinstance(candidate, PathCandidate) and candidate.frame != "base":

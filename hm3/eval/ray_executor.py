@@ -24,12 +24,14 @@ Before any actor is created the cluster's free resources are checked against ``w
 resources_per_worker``: an actor Ray cannot place waits for resources forever, so a config that
 asks for more than there is would hang instead of failing. Ray is started here (a local instance)
 only when ``ray_address`` is None and this process has not initialised Ray already; it is then
-shut down on close.
+shut down on close. Ray that this process initialised already (its caller did) is the Ray a run uses,
+so a ``ray_address`` that names another cluster is refused (:func:`joined_already`).
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 import math
 import socket
@@ -55,6 +57,8 @@ RELEASE_GRACE_S = 10.0
 PLACEMENT_TIMEOUT_S = 120.0
 #: Seconds a given ``ray_address`` has to answer before it is refused (``ray.init`` itself retries for minutes).
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds a closing run waits for jobs still running before it commits those finished (:meth:`RayExecutor.drain`).
+DRAIN_TIMEOUT_S = 1.0
 #: Workers one job may be given: a job whose workers died this often is not re-queued again.
 MAX_ATTEMPTS = 3
 
@@ -162,12 +166,16 @@ class RayExecutor:
     @classmethod
     def connect(cls, ev: EvaluationConfig, *, log: Callable[[str], None]) -> RayExecutor:
         """Ray, joined (``ray_address``) or started here, with room for ``ev.workers`` workers; refused,
-        before anything is created, when ray is not installed or the cluster lacks the resources."""
+        before anything is created, when ray is not installed, the cluster lacks the resources, or this
+        process is connected to another cluster than ``ray_address`` names."""
         require("ray", what="evaluation.executor: ray")
         import ray
 
         started = False
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            if ev.ray_address is not None:
+                joined_already(ev.ray_address, _gcs_address(ray), ray.util.get_node_ip_address(), log=log)
+        else:
             where = "a local Ray instance" if ev.ray_address is None else f"the Ray cluster at {ev.ray_address}"
             log(f"starting {where}" if ev.ray_address is None else f"joining {where}")
             check_reachable(ev.ray_address)
@@ -323,6 +331,29 @@ class RayExecutor:
     def layer_features(self, frames: Sequence[FrameKey], recipes: Mapping[int, Mapping[str, Any]]) -> torch.Tensor:
         return self._ask("the layer features", lambda actor: actor.layer_features.remote(list(frames), dict(recipes)))
 
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> list[tuple[int, list[ObjectiveScore]]]:
+        """The jobs workers finished that :meth:`next_done` has not returned, as it would return them; those
+        still running are waited for at most ``timeout`` seconds (a result in transit, one about to finish)
+        and left, and a job that failed or whose worker died gives nothing (the run is stopping: nothing is
+        re-queued)."""
+        if not self._running:
+            return []
+        ready, _ = self._ray.wait(list(self._running), num_returns=len(self._running), timeout=timeout)
+        done = []
+        for ref in ready:
+            run = self._running.pop(ref)
+            self._pending -= 1  # returned here, or given up
+            try:
+                ticket, scores, busy = self._ray.get(ref)
+            except Exception as err:  # a RayTaskError, a dead worker's: its error is not the run's to raise now
+                self._log(f"{run.worker}'s last job gave no scores ({type(err).__name__}: {_first_line(err)})")
+                continue
+            self._busy += busy
+            self._last_done = time.perf_counter()
+            self._idle.append(run.worker)
+            done.append((ticket, scores))
+        return done
+
     def close(self) -> None:
         for worker in self._live:
             self._ray.kill(worker.actor)
@@ -394,9 +425,11 @@ class RayExecutor:
         self._ray.kill(worker.actor)
 
     def _any_worker(self) -> _Worker:
+        """An idle worker where there is one: an actor runs one call at a time, so a question given to a
+        worker that is scoring waits behind its whole evaluation."""
         if not self._live:
             raise RuntimeError("the Ray executor's workers are not started (RayExecutor.start)")
-        return self._live[0]
+        return self._idle[0] if self._idle else self._live[0]
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -449,6 +482,57 @@ def _named(cause: BaseException, what: str) -> BaseException:
 
 def _free(available: Mapping[str, float]) -> str:
     return ", ".join(f"{available.get(k, 0.0):g} {k}(s)" for k in ("CPU", "GPU"))
+
+
+def joined_already(address: str, joined: str | None, node_ip: str, *, log: Callable[[str], None]) -> None:
+    """Ray initialised in this process already (by whoever called hm3) is the cluster a run uses: it cannot
+    join another without shutting its caller's Ray down. So a ``host:port`` ``ray_address`` that names
+    another cluster than ``joined`` (the GCS address this process is connected to) is refused, naming both;
+    one that cannot be compared with it (``auto``, ``local``, a Ray Client ``ray://`` address, or Ray not
+    saying its address: ``joined`` None) is logged."""
+    if joined is None or address in ("auto", "local") or address.startswith("ray://"):
+        at = joined or "an address Ray does not say"
+        log(f"Ray is initialised in this process already: the run uses its cluster, at {at}, for "
+            f"evaluation.ray_address {address!r}")
+        return
+    if not same_node_and_port(address, joined, node_ip):
+        raise ExecutorError(f"evaluation.ray_address {address!r}: this process is already connected to the Ray "
+                            f"cluster at {joined}, which the run would use instead: name that address, or none, or "
+                            "run hm3 in a process that has not initialised Ray")
+
+
+def same_node_and_port(address: str, joined: str, node_ip: str) -> bool:
+    """Whether ``host:port`` ``address`` names ``joined`` (``ip:port``): the same port, and a host that
+    resolves to its IP, or both on this node (``node_ip``, or a loopback name: Ray records a local cluster
+    by the node's IP, while a config may say ``127.0.0.1`` or ``localhost``)."""
+    host, _, port = address.rpartition(":")
+    joined_host, _, joined_port = joined.rpartition(":")
+    if port != joined_port:
+        return False
+    named, at = _resolved(host), _resolved(joined_host)
+    here = _resolved(node_ip)
+
+    def on_this_node(ips: set[str]) -> bool:
+        return bool(ips & here) or any(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+
+    return bool(named & at) or (on_this_node(named) and on_this_node(at))
+
+
+def _gcs_address(ray: Any) -> str | None:
+    """The GCS address of the cluster this process is connected to (None where Ray does not say, as a Ray
+    Client connection may not)."""
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # what a Ray Client's runtime context raises for it is not documented
+        return None
+
+
+def _resolved(host: str) -> set[str]:
+    """The IP addresses ``host`` names (none when it does not resolve)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+    except OSError:
+        return set()
 
 
 def check_reachable(address: str | None, *, timeout: float | None = None) -> None:

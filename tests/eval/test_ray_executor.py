@@ -310,6 +310,39 @@ def test_an_unreachable_ray_address_is_refused_quickly_naming_it(tiny_family, tm
         check_reachable(f"127.0.0.1:{listening.getsockname()[1]}", timeout=3)
 
 
+def test_a_ray_address_other_than_the_cluster_this_process_joined_is_refused(tiny_family, monkeypatch):
+    """Ray already initialised in this process (by its caller) is the Ray the run uses: a ``ray_address`` that
+    names another cluster is refused naming both, not silently ignored; one naming the same cluster (this
+    node by its loopback name too) is used, and one that cannot be compared (auto, ray://) is said in the log."""
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started: the cluster is described
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="10.0.0.7:6379"))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("Ray is initialised already: not to be joined again"))
+
+    def connect(address: str | None) -> list[str]:
+        ev = parse_run_config(_config(tiny_family, executor="ray", ray_address=address)).evaluation
+        logs: list[str] = []
+        executor = RayExecutor.connect(ev, log=logs.append)
+        assert not executor._started_ray  # the caller's Ray: left running on close
+        return logs
+
+    for other in ("10.0.0.8:6379", "10.0.0.7:6380"):
+        with pytest.raises(ExecutorError, match=rf"evaluation.ray_address '{other}'.*already connected to the Ray "
+                                                r"cluster at 10.0.0.7:6379"):
+            connect(other)
+    assert connect("10.0.0.7:6379") == connect("127.0.0.1:6379") == connect(None) == []
+    for unchecked in ("auto", "ray://10.0.0.9:10001"):
+        (line,) = connect(unchecked)
+        assert unchecked in line and "10.0.0.7:6379" in line
+
+
 def test_hm3_refuses_an_unreachable_ray_address_and_writes_nothing(tiny_family, tmp_path, monkeypatch):
     from hm3.cli import main
     from hm3.eval import ray_executor
@@ -559,6 +592,10 @@ class _ListExecutor:
         ticket, job = self.jobs.pop(0)
         return ticket, [ObjectiveScore(o, 0.5, len(job.plan.indices[o]), 0.0) for o in job.objectives]
 
+    def drain(self):
+        """Every job not yet returned: they all count as finished."""
+        return [_ListExecutor.next_done(self) for _ in range(len(self.jobs))]
+
     def close(self) -> None:
         pass
 
@@ -606,6 +643,45 @@ def test_an_async_run_resumed_with_its_budget_spent_leaves_the_points_in_flight_
         session = ExecutorSession(cfg, store, executor)
         propose_async(optimizer, session, base, ideal, lambda told: None, stop_after=None)
         assert executor.asked == [] and len(told_points(store)) == 2
+
+
+class _FailingExecutor(_ListExecutor):
+    """:class:`_ListExecutor` whose job for ``bad`` fails when collected (as a job whose every worker died, or
+    whose evaluation raised, does), the jobs after it finished and not yet collected."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def next_done(self):
+        if self.jobs[0][1].candidate == self.bad:
+            self.jobs.pop(0)
+            raise ExecutorError("a worker failed scoring it")
+        return super().next_done()
+
+
+def test_scores_finished_but_not_collected_when_a_run_stops_are_committed(tiny_family, tmp_path):
+    """A run that stops on an error (here one job's) while other workers have finished theirs commits those
+    (a resumed run then finds them stored), in a batch and in flight alike: their evaluations are not wasted."""
+    from hm3.eval.parallel import ExecutorSession
+
+    cfg = parse_run_config(_config(tiny_family))
+    bad, good = MergeCandidate(_recipe(0.9, 0.2)), MergeCandidate(_recipe(0.1, 0.8))
+    with RunStore.open(tmp_path / "batch") as store:
+        session = ExecutorSession(cfg, store, _FailingExecutor(bad))
+        with pytest.raises(ExecutorError, match="failed scoring"):
+            session.score_many([bad, good], session.validation)
+        good_ref = store.add_candidate(good.stored_recipe(), good.kind)
+        assert session.stored_scores(good_ref, session.validation) is not None
+        assert len(store.evaluations()) == len(session.objective_names)  # good's, not bad's
+    with RunStore.open(tmp_path / "in-flight") as store:
+        session = ExecutorSession(cfg, store, _FailingExecutor(bad))
+        (_, _), (good_ref, _) = session.submit(bad, session.validation), session.submit(good, session.validation)
+        with pytest.raises(ExecutorError, match="failed scoring"):
+            session.next_done()
+        session.close()
+        assert session.stored_scores(good_ref, session.validation) is not None
+        assert len(store.evaluations()) == len(session.objective_names)
 
 
 class _TimedExecutor(_ListExecutor):
@@ -675,10 +751,11 @@ class _Method:
 
 
 class _Ref:
-    """A call's object ref (hashable, as Ray's are): the answer, or the error its ``get`` raises."""
+    """A call's object ref (hashable, as Ray's are): the answer, or the error its ``get`` raises; a ``running``
+    one is never ready."""
 
-    def __init__(self, answer):
-        self.answer = answer
+    def __init__(self, answer, running: bool = False):
+        self.answer, self.running = answer, running
 
 
 class _FakeActor:
@@ -688,8 +765,9 @@ class _FakeActor:
     def __init__(self, ray, number: int):
         self.where = _Method(lambda: (1000 + number, "node"))
         self.start = _Method(lambda: ray.load_error or ({"device": "cpu"}, "hf"))
-        self.pool_layout = _Method(lambda: ray.die(ray.error()) or "layout")
-        self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0)))
+        self.pool_layout = _Method(lambda: ray.die(ray.error()) or ray.asked.append(number) or "layout")
+        self.score = _Method(lambda ticket, job: _Ref(ray.die(ray.error()) or (ticket, [f"{job} by {number}"], 0.0),
+                                                      running=job in ray.running))
 
 
 class _FakeRay:
@@ -700,6 +778,9 @@ class _FakeRay:
 
         self.deaths, self.killed, self.started = deaths, [], 0
         self.error, self.load_error = error or RayActorError, load_error
+        self.asked: list[int] = []  # the actors that answered a pool question, by number
+        self.running: set[str] = set()  # the jobs whose score calls never finish
+        self.timeouts: list[float | None] = []  # of each wait
 
     def die(self, error):
         if self.deaths:
@@ -721,7 +802,9 @@ class _FakeRay:
         return Options()
 
     def wait(self, refs, num_returns, timeout=None):
-        return refs[:num_returns], refs[num_returns:]
+        self.timeouts.append(timeout)
+        ready = [r for r in refs if not getattr(r, "running", False)][:num_returns]
+        return ready, [r for r in refs if not any(r is done for done in ready)]
 
     def get(self, ref):
         if isinstance(ref, _Ref):
@@ -757,6 +840,46 @@ def test_a_worker_dying_on_a_pool_question_is_replaced_up_to_max_attempts(deaths
                            match=f"died computing the layer pool's layout.*{MAX_ATTEMPTS} workers have died"):
             executor.pool_layout()
         assert len(ray.killed) == MAX_ATTEMPTS and executor.replaced == MAX_ATTEMPTS - 1
+
+
+def test_a_pool_question_asked_while_a_worker_scores_goes_to_an_idle_one():
+    """An actor runs one call at a time: a question given to the worker that is scoring would wait behind its
+    whole evaluation, while another worker sits idle."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=2)
+    ray = _FakeRay(0)
+    executor = RayExecutor(ev, ray, started_ray=False, log=lambda message: None)
+    executor.start(SimpleNamespace(evaluation=ev))
+    executor.submit("a")  # to the first worker, the fake's actor 1
+    assert executor.pool_layout() == "layout" and ray.asked == [2]
+
+
+@pytest.mark.parametrize("deaths", [0, 1])
+def test_jobs_finished_and_not_collected_are_drained_without_waiting_for_running_ones(deaths):
+    """What a closing run can still commit: the jobs workers finished that no next_done returned, each once;
+    one still running is left (waited for only briefly), and one whose worker died gives nothing."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from hm3.eval.ray_executor import RayExecutor
+    from hm3.search.run_config import EvaluationConfig
+
+    ev = EvaluationConfig(executor="ray", workers=3)
+    ray = _FakeRay(deaths)
+    ray.running = {"c"}
+    executor = RayExecutor(ev, ray, started_ray=False, log=lambda message: None)
+    executor.start(SimpleNamespace(evaluation=ev))
+    for job in ("a", "b", "c"):
+        executor.submit(job)
+    drained = executor.drain()
+    assert drained == [(0, ["a by 1"]), (1, ["b by 2"])][deaths:]  # a's worker died when deaths == 1
+    assert ray.timeouts[-1] is not None and executor.drain() == []
+    assert executor.pending == 1  # c, still running
 
 
 def _oom() -> Exception:
@@ -877,6 +1000,24 @@ def test_a_worker_killed_mid_evaluation_is_replaced_and_its_candidate_scored_onc
     monkeypatch.setattr(RayExecutor, "next_done", original)
     run_level1(cfg, tmp_path / "unbroken", progress=False)
     assert _told(tmp_path / "run") == _told(tmp_path / "unbroken")
+
+
+@pytest.mark.slow
+def test_scores_ray_workers_finished_are_committed_when_the_session_closes_first(ray_cluster, tiny_family, tmp_path):
+    """On real workers: two candidates in flight, both finished and neither collected when the run stops --
+    closing the session commits both before the workers are stopped."""
+    from hm3.eval.parallel import ExecutorSession
+    from hm3.search.level1 import evaluation_executor
+
+    cfg = parse_run_config(_config(tiny_family, executor="ray", workers=2))
+    with evaluation_executor(cfg, lambda message: None) as executor, RunStore.open(tmp_path / "run") as store:
+        session = ExecutorSession(cfg, store, executor)
+        refs = [session.submit(MergeCandidate(_recipe(w, 1 - w)), session.validation)[0] for w in (0.3, 0.6)]
+        _, running = ray_cluster.wait(list(executor._running), num_returns=2, timeout=120)
+        assert not running
+        session.close()
+        assert executor.worker_pids() == []
+        assert all(session.stored_scores(ref, session.validation) is not None for ref in refs)
 
 
 def _validation_rows(run_dir: Path) -> int:
