@@ -321,6 +321,29 @@ def test_a_damaged_point_file_is_refused_naming_it(finished, tmp_path, capsys, s
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["absolute", "up", "symlink"])
+def test_export_reads_no_point_file_outside_the_run(finished, tmp_path, capsys, where):
+    """front.csv's ``file`` column names a file in the run directory: one that leads out of it (an absolute
+    path, ``..``, a symlink) is refused naming the table, the column and the value, and nothing is read."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    front = pd.read_csv(run / "front.csv")
+    row = front.index[front["file"].str.endswith(".yml")][0]
+    outside = tmp_path / "elsewhere.yml"
+    shutil.copy(run / front.loc[row, "file"], outside)  # a recipe hm3 would merge if it read it
+    if where == "symlink":
+        (run / "points" / "link.yml").symlink_to(outside)
+    value = {"absolute": str(outside), "up": "../elsewhere.yml", "symlink": "points/link.yml"}[where]
+    front.loc[row, "file"] = value
+    front.to_csv(run / "front.csv", index=False)
+    point = str(front.loc[row, "point"])
+    assert main(["export", str(run), "--point", point, str(tmp_path / "out"), "-q"]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(run / "front.csv") in err and "'file'" in err and value in err and "outside" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_path_point_file_missing_an_entry_is_named():
     from hm3.run.export import _path_point_problem
 
