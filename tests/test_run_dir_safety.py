@@ -238,6 +238,26 @@ def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damag
     assert not (tmp_path / "out").exists()
 
 
+def test_a_front_table_newer_than_the_summary_is_refused_naming_both(finished, tmp_path, capsys):
+    """front.csv is written before summary.json: a rewrite of a run's outputs cut between the two (a full
+    disk, a kill during ``hm3 request --refine`` or ``--resume``) leaves a front the summary does not
+    describe. One of the same size passes every per-file check; readers must still refuse it."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    front, candidates = pd.read_csv(run / "front.csv"), pd.read_csv(run / "candidates.csv")
+    off_front = candidates.loc[~candidates["point"].isin(front["point"]), "point"].iloc[0]
+    front.loc[front.index[-1], "point"] = off_front  # another front of the same size, as a later write made it
+    front.to_csv(run / "front.csv", index=False)
+    for argv in (["request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "-q"],
+                 ["front", str(run)], ["export", str(run), "--point", str(front["point"].iloc[0]),
+                                       str(tmp_path / "out")]):
+        assert main(argv) == ExitCode.BAD_INPUT
+        err = capsys.readouterr().err
+        assert str(run / "front.csv") in err and str(run / "summary.json") in err and "--resume" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_while_saving_the_posterior_keeps_the_old_file(tmp_path, monkeypatch):
     import errno
 

@@ -7,7 +7,7 @@
       hm3.sqlite         the run store: config, every candidate and score, events (what resumes)
       front.csv          point, level, kind, <objective>_val..., <objective>_test..., file
       candidates.csv     point, level, kind, <objective>_val...: every candidate the front is chosen from
-      summary.json       objectives, hypervolumes, reference scores, the HV protocol's base and ideal, ...
+      summary.json       objectives, the front's point ids, hypervolumes, reference scores, the HV protocol's base and ideal, ...
       front.png          the front plot
       points/            one file per front point: point-N.yml (a merge recipe) or point-N.json (a path)
       fisher/            DF-Merge's Fisher tensors (Fisher-weighted searches)
@@ -194,12 +194,23 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
                             columns=tuple(f"{n}_val" for n in names))
     front = tuple(FrontPoint(int(r["point"]), int(r["level"]), r["kind"], np.array([float(r[f"{n}_val"]) for n in names]),
                              r["file"]) for r in rows)
+    _check_same_front(run_dir, [p.point for p in front], summary, rewrite_hint(run_dir, kind))
     if "base_validation" in summary and "ideal_validation" in summary:
         base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     else:  # a level-1 search written before the layout was shared
         refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
         base, ideal = protocol_points(refs, stored.level1.search_space)
     return FinishedRun(run_dir=run_dir, config=stored, summary=summary, front=front, base=base, ideal=ideal)
+
+
+def _check_same_front(run_dir: Path, points: list[int], summary: dict[str, Any], regenerate: str) -> None:
+    """Refuse a front.csv and summary.json from different writes of the run's outputs (the summary's
+    ``front_points``; a summary written before it recorded them is not checked)."""
+    recorded = summary.get("front_points")
+    if recorded is not None and sorted(points) != sorted(recorded):
+        raise RunFileError(f"{run_dir / FRONT_FILE} and {run_dir / SUMMARY_FILE} disagree: the table's front is "
+                           f"points {sorted(points)}, the summary's {sorted(recorded)} (a rewrite of the run's outputs "
+                           f"was cut short); {regenerate}")
 
 
 def _check_finished(run_dir: Path) -> tuple[StoredRun, RunKind]:
@@ -274,6 +285,9 @@ def _summary_problem(data: dict[str, Any]) -> str | None:
     size = data.get("front_size")
     if "front_size" in data and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         return f"front_size is {size!r}, not a count"
+    points = data.get("front_points")
+    if "front_points" in data and not (isinstance(points, list) and all(type(p) is int for p in points)):
+        return "front_points is not a list of point ids"
     for key in ("base_validation", "ideal_validation"):
         values = data.get(key)
         if key in data and not (isinstance(values, list) and len(values) == len(names or [])
