@@ -258,6 +258,35 @@ def test_a_front_table_newer_than_the_summary_is_refused_naming_both(finished, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["candidates cut mid-row", "candidates score not a number",
+                                    "candidates without its kind column", "candidates row missing",
+                                    "front without a test column"])
+def test_front_refuses_a_damaged_candidates_table_or_a_front_without_test_scores(finished, tmp_path, capsys, damage):
+    """``hm3 front`` (its plot and ``--html`` page) reads every candidate from candidates.csv and the front's
+    test scores: a damaged table is refused naming it, not plotted as it is nor a traceback."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    damaged = run / ("front.csv" if damage.startswith("front") else "candidates.csv")
+    lines = damaged.read_text().splitlines(keepends=True)
+    if damage == "candidates cut mid-row":
+        damaged.write_text("".join(lines)[:-7])
+    elif damage == "candidates score not a number":
+        damaged.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
+    elif damage == "candidates without its kind column":
+        pd.read_csv(damaged).drop(columns="kind").to_csv(damaged, index=False)
+    elif damage == "candidates row missing":
+        damaged.write_text("".join(lines[:-1]))
+    else:
+        table = pd.read_csv(damaged)
+        table.drop(columns=[c for c in table.columns if c.endswith("_test")][:1]).to_csv(damaged, index=False)
+    for argv in (["front", str(run)], ["front", str(run), "--html"]):
+        assert main(argv) == ExitCode.BAD_INPUT
+        err = capsys.readouterr().err
+        assert str(damaged) in err and "--resume" in err, err
+    assert not (run / "front.html").exists()
+
+
 def test_a_full_disk_while_saving_the_posterior_keeps_the_old_file(tmp_path, monkeypatch):
     import errno
 
