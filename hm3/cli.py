@@ -196,12 +196,14 @@ def _eval_sample_log(folder: str | None, model_dir: str | Path, objective_names:
     flag); DIR may not be, hold or lie in the evaluated model (checked before the model loads)."""
     if folder is None:
         return None
-    from hm3.outputs import check_not_input
+    from hm3.outputs import check_not_input, file_in_the_way
     from hm3.samples import SampleLog
 
     check_not_input(folder, [model_dir])
     if Path(folder).exists() and not Path(folder).is_dir():  # else found only after the scoring, at the write
         raise OutputExistsError(f"--log-samples {folder}: a file, not a folder; choose a folder")
+    if (blocking := file_in_the_way(folder)) is not None:
+        raise OutputExistsError(f"--log-samples {folder}: {blocking} is a file, not a folder; choose a folder")
     return SampleLog(Path(folder), objective_names)
 
 

@@ -116,6 +116,23 @@ def test_a_file_in_the_way_of_an_output_path_is_bad_input(tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("command", [["merge"], ["export-mergekit"], ["run"]])
+def test_a_folder_given_as_a_config_is_named_as_a_folder(command, tmp_path, capsys):
+    rest = {"merge": [str(tmp_path / "out")], "export-mergekit": ["-"], "run": [str(tmp_path / "out")]}
+    assert main([*command, str(tmp_path), *rest[command[0]], "--json"]) == ExitCode.BAD_INPUT
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert str(tmp_path) in error and "a folder, not a config file" in error, error
+
+
+def test_eval_log_samples_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    folder = tmp_path / "afile" / "samples"
+    argv = ["eval", str(tmp_path / "no-model"), "--objectives", "zoo:math", "--log-samples", str(folder)]
+    assert main(argv) == ExitCode.BAD_INPUT  # the missing model would be found only after this check
+    err = capsys.readouterr().err
+    assert str(folder) in err and "afile is a file, not a folder" in err, err
+
+
 @pytest.mark.parametrize(("where", "code"), [("given", ExitCode.BAD_INPUT), ("inside", ExitCode.BAD_INPUT),
                                              ("beside", ExitCode.BAD_INPUT), ("elsewhere", ExitCode.ENVIRONMENT)])
 def test_a_permission_error_is_bad_input_only_on_a_path_the_user_gave(where, code, tmp_path, monkeypatch, capsys):
