@@ -10,6 +10,7 @@ and, for commands that work in a run directory, to its ``hm3.log``. Known failur
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hm3.errors import ExitCode, Hm3Error, Hm3Warning, OutputExistsError
 
@@ -42,11 +43,12 @@ EXIT_CODES_HELP = """exit status:
   0    success
   1    an unexpected error (a bug in hm3: the traceback is shown)
   2    usage: the command line itself (an unknown flag, a missing argument)
-  3    bad input: a config, model, data file or run directory that cannot be used
+  3    bad input: a config, model, data file or run directory that cannot be used, or a path
+       given that cannot be (missing, a file where a folder must be, not permitted)
   4    a failed evaluation: a model that cannot be scored (e.g. non-finite logits), or
        'zoo build --require-bar' with a zoo below its quality bar
   5    the environment: an hm3 extra not installed, a device not present, a Ray cluster
-       without room for the workers, a full disk, no permission
+       without room for the workers, a full disk, no permission on a path hm3 chose
   130  interrupted (Ctrl-C)"""
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -194,12 +196,14 @@ def _eval_sample_log(folder: str | None, model_dir: str | Path, objective_names:
     flag); DIR may not be, hold or lie in the evaluated model (checked before the model loads)."""
     if folder is None:
         return None
-    from hm3.outputs import check_not_input
+    from hm3.outputs import check_not_input, file_in_the_way
     from hm3.samples import SampleLog
 
     check_not_input(folder, [model_dir])
     if Path(folder).exists() and not Path(folder).is_dir():  # else found only after the scoring, at the write
         raise OutputExistsError(f"--log-samples {folder}: a file, not a folder; choose a folder")
+    if (blocking := file_in_the_way(folder)) is not None:
+        raise OutputExistsError(f"--log-samples {folder}: {blocking} is a file, not a folder; choose a folder")
     return SampleLog(Path(folder), objective_names)
 
 
@@ -445,7 +449,7 @@ def _set_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hm3", description="Hierarchical multi-objective model merging",
+    p = _Parser(prog="hm3", description="Hierarchical multi-objective model merging",
                                 epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     from hm3 import __version__
 
@@ -633,6 +637,65 @@ def _failed(err: BaseException | str, code: ExitCode) -> Outcome:
     return Outcome("", {"error": str(err), "exit_code": int(code)}, code)
 
 
+#: errno values that say a path cannot be used (missing, a file where a folder must be or the reverse,
+#: not permitted), not that the machine cannot work (a full disk, an I/O error)
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
+                          errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def _given_path(err: OSError, argv: Sequence[str]) -> str | None:
+    """The path on the command line that ``err`` is about: the path itself, one in it or above it, or a
+    staging sibling hm3 writes it through (``.NAME.*``); None when it is about another path."""
+    failed = [Path(os.path.abspath(os.fsdecode(f))) for f in (err.filename, err.filename2) if f is not None]
+    words = [w for a in argv for w in (a, a.partition("=")[2]) if w and not w.startswith("-")]
+    found = []
+    for word in words:
+        given = Path(os.path.abspath(word))
+        if any(f == given or given in f.parents or f in given.parents
+               or (f.parent == given.parent and f.name.startswith(f".{given.name}.")) for f in failed):
+            found.append(word)
+    return max(found, key=lambda w: len(os.path.abspath(w)), default=None)  # the most specific
+
+
+def _os_failure(err: OSError, argv: Sequence[str]) -> Outcome:
+    """An OSError escaping a command: bad input (3) when it is about a path the user gave and says that
+    path cannot be used, the environment (5) otherwise (a full disk, a path hm3 chose)."""
+    given = _given_path(err, argv) if err.errno in _PATH_ERRNOS else None
+    if given is None:
+        return _failed(err, ExitCode.ENVIRONMENT)
+    from hm3.outputs import file_in_the_way
+
+    blocking = file_in_the_way(given)
+    if blocking is not None:
+        return _failed(f"{given}: {blocking} is a file, not a folder", ExitCode.BAD_INPUT)
+    where = "" if err.filename is None or os.fsdecode(err.filename) == given else f" ({os.fsdecode(err.filename)})"
+    return _failed(f"{given}: {err.strerror or err}{where}", ExitCode.BAD_INPUT)
+
+
+class _UsageError(Exception):
+    """A command line argparse refused (raised instead of argparse's exit, so ``--json`` can report it)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: {message}")
+        self.prog, self.message = prog, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose usage errors print the usage as argparse does and
+    raise :class:`_UsageError` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _UsageError(self.prog, message)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether a command line argparse refused asked for ``--json`` (as argparse would read it)."""
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("--json", action="store_true")
+    return flag.parse_known_args(argv)[0].json
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from hm3.log import configure
     from hm3.threads import prefer_sleeping_openmp_workers
@@ -642,10 +705,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help, --version, or a usage error argparse has already explained
+    except SystemExit as stop:  # --help, --version
         return int(stop.code or 0)
+    except _UsageError as err:  # argparse has printed the usage
+        sys.stderr.write(f"{err.prog}: error: {err.message}\n")  # as argparse writes it
+        if _wants_json(argv):
+            print(json.dumps({"error": str(err), "exit_code": int(ExitCode.USAGE)}, indent=2), flush=True)
+        return ExitCode.USAGE
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps({"error": "hm3: a command is required", "exit_code": int(ExitCode.USAGE)}, indent=2))
         return ExitCode.USAGE
     args.argv = argv
     configure(-1 if args.quiet else min(args.verbose or 0, 1))
@@ -661,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = _failed(err, err.exit_code)
     except KeyboardInterrupt:
         outcome = _failed("interrupted", ExitCode.INTERRUPTED)
-    except OSError as err:  # disk full, permissions: the user's environment, not an hm3 bug
-        outcome = _failed(err, ExitCode.ENVIRONMENT)
+    except OSError as err:  # a path given that cannot be used, or a full disk: not an hm3 bug
+        outcome = _os_failure(err, argv)
     text = json.dumps(outcome.data, indent=2, default=_jsonable) if args.json else outcome.text
     try:
         if text:

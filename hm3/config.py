@@ -232,7 +232,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     """Read a recipe file; errors name the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -22,9 +22,9 @@ class ExitCode(IntEnum):
     OK = 0
     BUG = 1  # an unexpected error, shown with its traceback: a bug in hm3
     USAGE = 2  # the command line itself (an unknown flag, a missing argument)
-    BAD_INPUT = 3  # a config, model, data file or run directory that cannot be used
+    BAD_INPUT = 3  # a config, model, data file, run directory or other path given that cannot be used
     EVALUATION_FAILED = 4  # a model could not be scored, or a zoo missed its quality bar (--require-bar)
-    ENVIRONMENT = 5  # a part not installed, a device not present, a full disk, no permission
+    ENVIRONMENT = 5  # a part not installed, a device not present, a full disk, no permission on a path hm3 chose
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hm3.errors import RunFileError
-from hm3.run.directory import CANDIDATES_FILE, FinishedRun, read_finished_run
+from hm3.run.directory import CANDIDATES_FILE, FinishedRun, check_candidates, read_finished_run
 from hm3.search.estimates import stored_estimate
 from hm3.search.level1 import told_points
 from hm3.store import RunStore
@@ -54,6 +54,7 @@ def read_run_view(run_dir: str | Path) -> tuple[RunView, FinishedRun]:
     """The :class:`RunView` of a finished run of either kind, and the :class:`FinishedRun` requests read."""
     run_dir = Path(run_dir)
     run = read_finished_run(run_dir)
+    check_candidates(run)  # every row is drawn
     summary = json.loads((run_dir / "summary.json").read_text())  # checked by read_finished_run
     two_level = run.kind == "two-level"
     front_test = _front_test_scores(run_dir / "front.csv", run.names)

@@ -72,6 +72,12 @@ def check_not_input(out: str | Path, inputs: Iterable[str | Path]) -> None:
                               "its own inputs: choose another output path")
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first folder of ``path`` that exists but is a file (``out/model`` with ``out`` a file), or None:
+    making ``path`` fails there with an errno (EEXIST, ENOTDIR) that does not say which part is wrong."""
+    return next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_output_dir(out: str | Path, *, overwrite: bool, force: bool = False, inputs: Iterable[str | Path] = ()) -> None:
     """The rules of the module docstring, checked before anything is read or written."""
     out = Path(out)

@@ -90,6 +90,67 @@ def test_usage_errors_exit_2(capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["methods", "--no-such-flag"], ["eval", "m", "--objectives", "x", "--threads", "0"],
+                                  ["search"], ["no-such-command"], []])
+def test_json_usage_errors_are_json_too(argv, capsys):
+    """A program reading ``--json`` output gets JSON for a usage error as for every other failure; a
+    person gets argparse's usage text on stderr either way, and no JSON without ``--json``."""
+    assert main([*argv, "--json"]) == ExitCode.USAGE
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["exit_code"] == ExitCode.USAGE and result["error"] and "usage:" in captured.err
+    assert main(argv) == ExitCode.USAGE
+    captured = capsys.readouterr()
+    assert "usage:" in captured.err + captured.out and not captured.out.startswith("{")
+
+
+def test_a_file_in_the_way_of_an_output_path_is_bad_input(tmp_path, capsys):
+    """A path the user gave that cannot be used (a file where a folder must be) is bad input (3), named;
+    not the environment (5)."""
+    (tmp_path / "afile").write_text("mine\n")
+    dest = tmp_path / "afile" / "zoo"
+    assert main(["zoo", "copy", "micro", str(dest), "--json"]) == ExitCode.BAD_INPUT
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["exit_code"] == ExitCode.BAD_INPUT
+    assert str(dest) in captured.err and "afile is a file, not a folder" in captured.err, captured.err
+    assert (tmp_path / "afile").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("command", [["merge"], ["export-mergekit"], ["run"]])
+def test_a_folder_given_as_a_config_is_named_as_a_folder(command, tmp_path, capsys):
+    rest = {"merge": [str(tmp_path / "out")], "export-mergekit": ["-"], "run": [str(tmp_path / "out")]}
+    assert main([*command, str(tmp_path), *rest[command[0]], "--json"]) == ExitCode.BAD_INPUT
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert str(tmp_path) in error and "a folder, not a config file" in error, error
+
+
+def test_eval_log_samples_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    folder = tmp_path / "afile" / "samples"
+    argv = ["eval", str(tmp_path / "no-model"), "--objectives", "zoo:math", "--log-samples", str(folder)]
+    assert main(argv) == ExitCode.BAD_INPUT  # the missing model would be found only after this check
+    err = capsys.readouterr().err
+    assert str(folder) in err and "afile is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize(("where", "code"), [("given", ExitCode.BAD_INPUT), ("inside", ExitCode.BAD_INPUT),
+                                             ("beside", ExitCode.BAD_INPUT), ("elsewhere", ExitCode.ENVIRONMENT)])
+def test_a_permission_error_is_bad_input_only_on_a_path_the_user_gave(where, code, tmp_path, monkeypatch, capsys):
+    import errno
+
+    given = tmp_path / "out"
+    denied = {"given": given, "inside": given / "sub" / "x.json", "beside": tmp_path / ".out.tmp-1-abcd1234",
+              "elsewhere": tmp_path / "cache" / "x"}[where]
+
+    def fail(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(denied))
+
+    monkeypatch.setattr(hm3.cli, "cmd_zoo_copy", fail)
+    assert main(["zoo", "copy", "micro", str(given)]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("hm3: error: ") and str(denied) in err and "Permission denied" in err, err
+
+
 def test_json_output_of_a_result_with_numpy_values(monkeypatch, capsys):
     import numpy as np
 

@@ -238,6 +238,55 @@ def test_a_damaged_summary_or_front_is_refused(finished, tmp_path, capsys, damag
     assert not (tmp_path / "out").exists()
 
 
+def test_a_front_table_newer_than_the_summary_is_refused_naming_both(finished, tmp_path, capsys):
+    """front.csv is written before summary.json: a rewrite of a run's outputs cut between the two (a full
+    disk, a kill during ``hm3 request --refine`` or ``--resume``) leaves a front the summary does not
+    describe. One of the same size passes every per-file check; readers must still refuse it."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    front, candidates = pd.read_csv(run / "front.csv"), pd.read_csv(run / "candidates.csv")
+    off_front = candidates.loc[~candidates["point"].isin(front["point"]), "point"].iloc[0]
+    front.loc[front.index[-1], "point"] = off_front  # another front of the same size, as a later write made it
+    front.to_csv(run / "front.csv", index=False)
+    for argv in (["request", str(run), "--prefer", _prefer(finished[0]), str(tmp_path / "out"), "-q"],
+                 ["front", str(run)], ["export", str(run), "--point", str(front["point"].iloc[0]),
+                                       str(tmp_path / "out")]):
+        assert main(argv) == ExitCode.BAD_INPUT
+        err = capsys.readouterr().err
+        assert str(run / "front.csv") in err and str(run / "summary.json") in err and "--resume" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["candidates cut mid-row", "candidates score not a number",
+                                    "candidates without its kind column", "candidates row missing",
+                                    "front without a test column"])
+def test_front_refuses_a_damaged_candidates_table_or_a_front_without_test_scores(finished, tmp_path, capsys, damage):
+    """``hm3 front`` (its plot and ``--html`` page) reads every candidate from candidates.csv and the front's
+    test scores: a damaged table is refused naming it, not plotted as it is nor a traceback."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    damaged = run / ("front.csv" if damage.startswith("front") else "candidates.csv")
+    lines = damaged.read_text().splitlines(keepends=True)
+    if damage == "candidates cut mid-row":
+        damaged.write_text("".join(lines)[:-7])
+    elif damage == "candidates score not a number":
+        damaged.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
+    elif damage == "candidates without its kind column":
+        pd.read_csv(damaged).drop(columns="kind").to_csv(damaged, index=False)
+    elif damage == "candidates row missing":
+        damaged.write_text("".join(lines[:-1]))
+    else:
+        table = pd.read_csv(damaged)
+        table.drop(columns=[c for c in table.columns if c.endswith("_test")][:1]).to_csv(damaged, index=False)
+    for argv in (["front", str(run)], ["front", str(run), "--html"]):
+        assert main(argv) == ExitCode.BAD_INPUT
+        err = capsys.readouterr().err
+        assert str(damaged) in err and "--resume" in err, err
+    assert not (run / "front.html").exists()
+
+
 def test_a_full_disk_while_saving_the_posterior_keeps_the_old_file(tmp_path, monkeypatch):
     import errno
 
@@ -318,6 +367,29 @@ def test_a_damaged_point_file_is_refused_naming_it(finished, tmp_path, capsys, s
     assert main(["export", str(run), "--point", str(row["point"]), str(tmp_path / "out")]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
     assert str(file) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["absolute", "up", "symlink"])
+def test_export_reads_no_point_file_outside_the_run(finished, tmp_path, capsys, where):
+    """front.csv's ``file`` column names a file in the run directory: one that leads out of it (an absolute
+    path, ``..``, a symlink) is refused naming the table, the column and the value, and nothing is read."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    front = pd.read_csv(run / "front.csv")
+    row = front.index[front["file"].str.endswith(".yml")][0]
+    outside = tmp_path / "elsewhere.yml"
+    shutil.copy(run / front.loc[row, "file"], outside)  # a recipe hm3 would merge if it read it
+    if where == "symlink":
+        (run / "points" / "link.yml").symlink_to(outside)
+    value = {"absolute": str(outside), "up": "../elsewhere.yml", "symlink": "points/link.yml"}[where]
+    front.loc[row, "file"] = value
+    front.to_csv(run / "front.csv", index=False)
+    point = str(front.loc[row, "point"])
+    assert main(["export", str(run), "--point", point, str(tmp_path / "out"), "-q"]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(run / "front.csv") in err and "'file'" in err and value in err and "outside" in err, err
     assert not (tmp_path / "out").exists()
 
 

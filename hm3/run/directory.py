@@ -7,7 +7,7 @@
       hm3.sqlite         the run store: config, every candidate and score, events (what resumes)
       front.csv          point, level, kind, <objective>_val..., <objective>_test..., file
       candidates.csv     point, level, kind, <objective>_val...: every candidate the front is chosen from
-      summary.json       objectives, hypervolumes, reference scores, the HV protocol's base and ideal, ...
+      summary.json       objectives, the front's point ids, hypervolumes, reference scores, the HV protocol's base and ideal, ...
       front.png          the front plot
       points/            one file per front point: point-N.yml (a merge recipe) or point-N.json (a path)
       fisher/            DF-Merge's Fisher tensors (Fisher-weighted searches)
@@ -191,15 +191,26 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
     summary = read_summary(run_dir / SUMMARY_FILE, keys=SUMMARY_KEYS[kind], regenerate=rewrite_hint(run_dir, kind))
     names = list(summary["objectives"])
     rows = read_front_table(run_dir / FRONT_FILE, rows=int(summary["front_size"]), regenerate=rewrite_hint(run_dir, kind),
-                            columns=tuple(f"{n}_val" for n in names))
+                            columns=tuple(f"{n}_{split}" for split in ("val", "test") for n in names))
     front = tuple(FrontPoint(int(r["point"]), int(r["level"]), r["kind"], np.array([float(r[f"{n}_val"]) for n in names]),
                              r["file"]) for r in rows)
+    _check_same_front(run_dir, [p.point for p in front], summary, rewrite_hint(run_dir, kind))
     if "base_validation" in summary and "ideal_validation" in summary:
         base, ideal = np.array(summary["base_validation"]), np.array(summary["ideal_validation"])
     else:  # a level-1 search written before the layout was shared
         refs = {name: np.array(v, dtype=float) for name, v in summary["reference_validation"].items()}
         base, ideal = protocol_points(refs, stored.level1.search_space)
     return FinishedRun(run_dir=run_dir, config=stored, summary=summary, front=front, base=base, ideal=ideal)
+
+
+def _check_same_front(run_dir: Path, points: list[int], summary: dict[str, Any], regenerate: str) -> None:
+    """Refuse a front.csv and summary.json from different writes of the run's outputs (the summary's
+    ``front_points``; a summary written before it recorded them is not checked)."""
+    recorded = summary.get("front_points")
+    if recorded is not None and sorted(points) != sorted(recorded):
+        raise RunFileError(f"{run_dir / FRONT_FILE} and {run_dir / SUMMARY_FILE} disagree: the table's front is "
+                           f"points {sorted(points)}, the summary's {sorted(recorded)} (a rewrite of the run's outputs "
+                           f"was cut short); {regenerate}")
 
 
 def _check_finished(run_dir: Path) -> tuple[StoredRun, RunKind]:
@@ -229,7 +240,30 @@ def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     import pandas as pd
 
     run = read_finished_run(run_dir)  # refuses an unfinished run, or a truncated or damaged table
+    check_candidates(run)
     return _current_columns(pd.read_csv(run.run_dir / FRONT_FILE)), run.summary
+
+
+def check_candidates(run: FinishedRun) -> None:
+    """Refuse a damaged candidates.csv (a finished run's plot and page draw every row of it), as
+    :func:`read_front_table` refuses a damaged front: it must hold the summary's ``candidates`` rows,
+    every field present, ids integers and scores finite. A run without the table has nothing to check."""
+    path = run.run_dir / CANDIDATES_FILE
+    if not path.is_file():
+        return
+    regenerate = rewrite_hint(run.run_dir, run.kind)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path}: cannot read the candidates table ({err}); {regenerate}") from None
+    table = list(csv.DictReader(text.splitlines()))
+    id_column = "candidate" if table and "point" not in table[0] and "candidate" in table[0] else "point"
+    count = run.summary.get("candidates")
+    rows = count if type(count) is int else len(table)  # a summary written before it counted them
+    required = (id_column, "level", *(("kind",) if id_column == "point" else ()), *(f"{n}_val" for n in run.names))
+    problem = _table_problem(text, table, rows, required, id_column, counted="candidates")
+    if problem:
+        raise RunFileError(f"{path}: damaged candidates table ({problem}); {regenerate}")
 
 
 def read_candidates(run_dir: Path) -> pd.DataFrame | None:
@@ -274,6 +308,9 @@ def _summary_problem(data: dict[str, Any]) -> str | None:
     size = data.get("front_size")
     if "front_size" in data and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         return f"front_size is {size!r}, not a count"
+    points = data.get("front_points")
+    if "front_points" in data and not (isinstance(points, list) and all(type(p) is int for p in points)):
+        return "front_points is not a list of point ids"
     for key in ("base_validation", "ideal_validation"):
         values = data.get(key)
         if key in data and not (isinstance(values, list) and len(values) == len(names or [])
@@ -305,12 +342,12 @@ def read_front_table(path: Path, *, rows: int, regenerate: str, columns: tuple[s
 
 
 def _table_problem(text: str, table: list[dict[str, str]], rows: int, required: tuple[str, ...],
-                   id_column: str) -> str | None:
-    """What is wrong with a front table, or None."""
+                   id_column: str, *, counted: str = "front points") -> str | None:
+    """What is wrong with a front (or candidates) table, or None."""
     if not text.endswith("\n"):
         return "it does not end with a newline: truncated"
     if len(table) != rows:
-        return f"it holds {len(table)} rows but the run's summary says its front has {rows}"
+        return f"it holds {len(table)} rows but the run's summary counts {rows} {counted}"
     if missing := [c for c in required if table and c not in table[0]]:
         return f"no column {missing[0]!r}"
     for i, row in enumerate(table, start=2):

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from hm3.errors import ConfigError, Hm3Error, RunFileError
-from hm3.run.directory import read_finished_run
+from hm3.run.directory import FRONT_FILE, read_finished_run
 
 
 def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwrite: bool = False,
@@ -25,6 +25,9 @@ def export_point(run_dir: str | Path, point: int, out_dir: str | Path, *, overwr
         raise ConfigError(f"{run.run_dir}: no front point {point}; front points: "
                           f"{', '.join(str(p.point) for p in run.front)}")
     file = run.run_dir / rows[0].file
+    if not file.resolve().is_relative_to(run.run_dir.resolve()):  # an absolute path, '..', a symlink out
+        raise RunFileError(f"{run.run_dir / FRONT_FILE}: front point {point}'s 'file' {rows[0].file!r} lies outside "
+                           "the run directory (hm3 writes every point file inside it): refusing to read it")
     if not file.is_file():
         raise ConfigError(f"{run.run_dir}: the file of front point {point} is missing: {file}")
     kw = {"overwrite": overwrite, "force": force, "inputs": [run.run_dir]}

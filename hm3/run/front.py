@@ -136,6 +136,8 @@ def write_front(session: EvaluationSession, cfg: RunConfig, out_dir: Path, rows:
         "objectives": names,
         "candidates": len(rows),
         "front_size": len(front),
+        # front.csv's point ids: front.csv is written first, so readers tell a rewrite cut between the two
+        "front_points": sorted(r.point for r in front),
         "front_levels": {str(lv): int(sum(r.level == lv for r in front)) for lv in (1, 2)},
         "hv_validation": protocol_hypervolume(Y, base, ideal),
         "hv_test_front": protocol_hypervolume(test_front, base_t, ideal_t) if len(test_front) else 0.0,

@@ -250,7 +250,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A run config file's YAML mapping (missing file, bad YAML and non-mappings named)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"run config not found: {p}")
+        raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"run config not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
