@@ -108,21 +108,31 @@ class HFBackend:
                 input_ids=input_ids.to(self.model.device),
                 attention_mask=mask.to(self.model.device),
                 generation_config=config,
-                stopping_criteria=self._stop_criteria(tuple(s for s in stop if s)),
+                stopping_criteria=self._stop_criteria(tuple(s for s in stop if s), input_ids.shape[1]),
                 logits_processor=_finite_logits_check(self.model_dir),
             )
         return [row[input_ids.shape[1] :].tolist() for row in out]
 
-    def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
-        """transformers' own stop-string criterion, built once per set of stop strings: building it reads the
-        whole vocabulary (about a second for a 49k-token tokenizer), which ``generate(stop_strings=...)``
-        would pay again for every batch of every candidate."""
-        from transformers import StoppingCriteriaList, StopStringCriteria
+    def _stop_criteria(self, stop: tuple[str, ...], prompt_width: int) -> Any:
+        """transformers' own stop-string criterion, built once per set of stop strings (building it reads the
+        whole vocabulary, about a second for a 49k-token tokenizer, which ``generate(stop_strings=...)``
+        would pay again for every batch of every candidate), shown only the tokens after the (padded)
+        prompt: on the whole sequence it also matches a stop string that begins in the prompt (a prompt
+        ending in "\\n", stop "\\n\\n"), ending an answer that vLLM and lm-eval's HFLM, which search the new
+        text only, would continue."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
+        if not stop:
+            return StoppingCriteriaList([])
         if stop not in self._stop_cache:
-            self._stop_cache[stop] = StoppingCriteriaList(
-                [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))] if stop else [])
-        return self._stop_cache[stop]
+            self._stop_cache[stop] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))
+        criterion = self._stop_cache[stop]
+
+        class NewTokensOnly(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                return criterion(input_ids[:, prompt_width:], scores, **kwargs)
+
+        return StoppingCriteriaList([NewTokensOnly()])
 
     # --- log-likelihood ---------------------------------------------------------------------------
 

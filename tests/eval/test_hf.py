@@ -67,6 +67,16 @@ def test_stop_strings_cut_output(backend_a):
     assert stopped[0] == full[0][: full[0].index(stop)]
 
 
+def test_a_stop_string_spanning_prompt_and_output_does_not_stop_generation(backend_a):
+    """Stop strings are searched in the new text only (as vLLM and lm-eval's HFLM do): a prompt ending in
+    "\\n" and a stop "\\n\\n" must not end an answer whose first token is "\\n"."""
+    full = backend_a.generate(PROMPTS, max_new_tokens=16)
+    stops = [p[-1] + o[0] for p, o in zip(PROMPTS, full, strict=True)]  # the prompt's last char + the first new one
+    for prompt, out, stop in zip(PROMPTS, full, stops, strict=True):
+        assert backend_a.generate([prompt], max_new_tokens=16, stop=[stop]) == [cut_at_stop(out, [stop])]
+    assert backend_a.generate(PROMPTS, max_new_tokens=16, stop=stops[:1]) == [cut_at_stop(o, stops[:1]) for o in full]
+
+
 def test_cut_at_stop_takes_earliest_stop():
     assert cut_at_stop("abcXdefYg", ["Y", "X"]) == "abc"
     assert cut_at_stop("abc", ["", "z"]) == "abc"
