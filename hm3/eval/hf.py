@@ -103,7 +103,7 @@ class HFBackend:
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), _greedy_defaults(self.model):
             out = self.model.generate(
                 input_ids=input_ids.to(self.model.device),
                 attention_mask=mask.to(self.model.device),
@@ -249,6 +249,22 @@ def _finite_logits_check(model_dir: Path) -> Any:
             return scores
 
     return LogitsProcessorList([FiniteLogits()])
+
+
+@contextmanager
+def _greedy_defaults(model: Any) -> Iterator[None]:
+    """The model with a blank generation config while it generates: transformers fills every setting the
+    config passed to ``generate`` leaves unset from the model's own generation_config.json, so a model
+    shipping sampling and penalty settings (Qwen2.5-Instruct: ``repetition_penalty`` 1.05) would have its
+    "greedy" answers penalised, unlike vLLM's. Only its EOS ids are read (:func:`generation_eos_ids`)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,18 @@ def test_a_stop_string_spanning_prompt_and_output_does_not_stop_generation(backe
     for prompt, out, stop in zip(PROMPTS, full, stops, strict=True):
         assert backend_a.generate([prompt], max_new_tokens=16, stop=[stop]) == [cut_at_stop(out, [stop])]
     assert backend_a.generate(PROMPTS, max_new_tokens=16, stop=stops[:1]) == [cut_at_stop(o, stops[:1]) for o in full]
+
+
+def test_generation_stays_greedy_whatever_the_models_generation_config_says(models, backend_a, tmp_path):
+    """A generation_config.json's sampling and penalty settings (Qwen2.5-Instruct ships do_sample and
+    repetition_penalty 1.05) must not change greedy answers: only its EOS ids are read, as vLLM reads it."""
+    model = shutil.copytree(models["a"], tmp_path / "a")
+    (model / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_k": 20,
+         "repetition_penalty": 5.0, "no_repeat_ngram_size": 2, "min_new_tokens": 4}))
+    configured = HFBackend.from_pretrained(model, batch_size=2)
+    assert configured.generate(PROMPTS, max_new_tokens=16) == backend_a.generate(PROMPTS, max_new_tokens=16)
+    assert configured.model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
 
 
 def test_cut_at_stop_takes_earliest_stop():
