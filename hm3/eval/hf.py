@@ -24,10 +24,9 @@ from hm3.eval.backend import (
     check_tokenizer_fits,
     decode_generated,
     encode_pair,
-    encode_prompt,
-    fit_generation_prompt,
     fit_loglikelihood_input,
     generation_eos_ids,
+    generation_prompt_ids,
     load_tokenizer,
     max_input_length,
     validate_state,
@@ -82,8 +81,7 @@ class HFBackend:
         """Greedy continuations of ``prompts`` (new text only, cut at the first stop string); a prompt too long
         for the model keeps its last ``max_length - max_new_tokens`` tokens."""
         check_generate_args(prompts, max_new_tokens)
-        encoded = [fit_generation_prompt(encode_prompt(self.tokenizer, p), self.max_length, max_new_tokens)
-                   for p in prompts]
+        encoded = [generation_prompt_ids(self.tokenizer, p, self.max_length, max_new_tokens) for p in prompts]
         outputs: list[str] = [""] * len(encoded)
         for batch in _length_sorted_batches([len(e) for e in encoded], self.batch_size):
             new_ids = self._generate_ids([encoded[i] for i in batch], max_new_tokens, stop)

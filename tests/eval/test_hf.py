@@ -258,6 +258,18 @@ def test_empty_request_lists_give_empty_answers(backend_a):
     assert backend_a.loglikelihood([]) == []
 
 
+def test_an_empty_prompt_is_conditioned_on_eos_alone_and_in_a_batch(tmp_path):
+    """With a tokenizer that adds no BOS (GPT-2's, Qwen's) an empty prompt has no tokens: alone it
+    crashed inside the model, in a batch it was answered from a fully masked row. Like an empty
+    log-likelihood context, it is conditioned on the EOS token (the BOS where there is one)."""
+    path = build_random_llama(tmp_path / "m", hidden_size=128, num_layers=2, num_heads=2, vocab_size=128, seed=0)
+    save_char_tokenizer(path, bos=False)
+    backend = HFBackend.from_pretrained(path, batch_size=4)
+    from_eos = backend.generate(["</s>"], max_new_tokens=6)
+    assert backend.generate([""], max_new_tokens=6) == from_eos
+    assert backend.generate(["", "a longer prompt"], max_new_tokens=6)[0] == from_eos[0]
+
+
 def _nan_model(models, tmp_path) -> Path:
     from safetensors.torch import save_file
 
