@@ -8,6 +8,7 @@ survive the rename and hide a run's outputs from the teammates a shared machine'
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -46,6 +47,28 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Put a directory's entries (names created or renamed in it) on disk; a file system that cannot
+    sync a directory (EINVAL) already keeps its names another way."""
+    try:
+        _fsync(directory)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+
+
+def fsync_tree(directory: Path) -> None:
+    """Put every file built under ``directory`` on disk, then the directories naming them, before the
+    tree is published by a rename: otherwise a power cut can leave the published name over files whose
+    data never reached the disk (a model's valid header over zeros)."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _fsync(path)
+    for sub in sorted((p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        fsync_dir(sub)
+    fsync_dir(directory)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from hm3.atomic import share_files
+from hm3.atomic import fsync_dir, fsync_tree, share_files
 from hm3.checkpoint.safetensors_format import (
     ShardLayout,
     TensorSlot,
@@ -87,8 +87,10 @@ class StagedDirectory:
         (self.tmp / OWNER_FILE).unlink(missing_ok=True)
         share_files(self.tmp)  # safetensors writes its shards 0o600
         (self.tmp / MARKER_FILE).write_text(marker_text(self.what))
+        fsync_tree(self.tmp)  # on disk before it has its name (hm3.atomic's rule for single files)
         if not self._exists(self.out_dir):
             os.rename(self.tmp, self.out_dir)
+            fsync_dir(self.out_dir.parent)
             return self.out_dir
         if not self.overwrite:
             self.abort()
@@ -100,6 +102,7 @@ class StagedDirectory:
         except OSError:
             os.rename(old, self.out_dir)
             raise
+        fsync_dir(self.out_dir.parent)
         _remove(old)
         return self.out_dir
 

@@ -194,6 +194,16 @@ def fit_generation_prompt(ids: list[int], max_length: int, max_new_tokens: int) 
     return ids[-room:] if room >= 1 else ids
 
 
+def generation_prompt_ids(tokenizer: Any, prompt: str, max_length: int, max_new_tokens: int) -> list[int]:
+    """The ids a generation starts from: the prompt's (:func:`encode_prompt`, :func:`fit_generation_prompt`),
+    or for a prompt that encodes to none (an empty one, under a tokenizer that adds no BOS) the BOS, else
+    EOS, token, as an empty log-likelihood context is conditioned (:func:`encode_pair`): a model cannot
+    start from nothing (transformers crashes on an empty row, and answers one padded into a batch from
+    a fully masked input)."""
+    ids = encode_prompt(tokenizer, prompt) or _fallback_prefix(tokenizer)
+    return fit_generation_prompt(ids, max_length, max_new_tokens)
+
+
 def fit_loglikelihood_input(context: list[int], continuation: list[int], max_length: int) -> list[int]:
     """The model's input for log p(``continuation`` | ``context``): ``context + continuation[:-1]`` (the last
     token is only predicted) keeping its last ``max_length`` tokens, HFLM's left truncation -- the

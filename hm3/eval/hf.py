@@ -24,10 +24,9 @@ from hm3.eval.backend import (
     check_tokenizer_fits,
     decode_generated,
     encode_pair,
-    encode_prompt,
-    fit_generation_prompt,
     fit_loglikelihood_input,
     generation_eos_ids,
+    generation_prompt_ids,
     load_tokenizer,
     max_input_length,
     validate_state,
@@ -82,8 +81,7 @@ class HFBackend:
         """Greedy continuations of ``prompts`` (new text only, cut at the first stop string); a prompt too long
         for the model keeps its last ``max_length - max_new_tokens`` tokens."""
         check_generate_args(prompts, max_new_tokens)
-        encoded = [fit_generation_prompt(encode_prompt(self.tokenizer, p), self.max_length, max_new_tokens)
-                   for p in prompts]
+        encoded = [generation_prompt_ids(self.tokenizer, p, self.max_length, max_new_tokens) for p in prompts]
         outputs: list[str] = [""] * len(encoded)
         for batch in _length_sorted_batches([len(e) for e in encoded], self.batch_size):
             new_ids = self._generate_ids([encoded[i] for i in batch], max_new_tokens, stop)
@@ -103,26 +101,36 @@ class HFBackend:
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), _greedy_defaults(self.model):
             out = self.model.generate(
                 input_ids=input_ids.to(self.model.device),
                 attention_mask=mask.to(self.model.device),
                 generation_config=config,
-                stopping_criteria=self._stop_criteria(tuple(s for s in stop if s)),
+                stopping_criteria=self._stop_criteria(tuple(s for s in stop if s), input_ids.shape[1]),
                 logits_processor=_finite_logits_check(self.model_dir),
             )
         return [row[input_ids.shape[1] :].tolist() for row in out]
 
-    def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
-        """transformers' own stop-string criterion, built once per set of stop strings: building it reads the
-        whole vocabulary (about a second for a 49k-token tokenizer), which ``generate(stop_strings=...)``
-        would pay again for every batch of every candidate."""
-        from transformers import StoppingCriteriaList, StopStringCriteria
+    def _stop_criteria(self, stop: tuple[str, ...], prompt_width: int) -> Any:
+        """transformers' own stop-string criterion, built once per set of stop strings (building it reads the
+        whole vocabulary, about a second for a 49k-token tokenizer, which ``generate(stop_strings=...)``
+        would pay again for every batch of every candidate), shown only the tokens after the (padded)
+        prompt: on the whole sequence it also matches a stop string that begins in the prompt (a prompt
+        ending in "\\n", stop "\\n\\n"), ending an answer that vLLM and lm-eval's HFLM, which search the new
+        text only, would continue."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
+        if not stop:
+            return StoppingCriteriaList([])
         if stop not in self._stop_cache:
-            self._stop_cache[stop] = StoppingCriteriaList(
-                [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))] if stop else [])
-        return self._stop_cache[stop]
+            self._stop_cache[stop] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))
+        criterion = self._stop_cache[stop]
+
+        class NewTokensOnly(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                return criterion(input_ids[:, prompt_width:], scores, **kwargs)
+
+        return StoppingCriteriaList([NewTokensOnly()])
 
     # --- log-likelihood ---------------------------------------------------------------------------
 
@@ -239,6 +247,22 @@ def _finite_logits_check(model_dir: Path) -> Any:
             return scores
 
     return LogitsProcessorList([FiniteLogits()])
+
+
+@contextmanager
+def _greedy_defaults(model: Any) -> Iterator[None]:
+    """The model with a blank generation config while it generates: transformers fills every setting the
+    config passed to ``generate`` leaves unset from the model's own generation_config.json, so a model
+    shipping sampling and penalty settings (Qwen2.5-Instruct: ``repetition_penalty`` 1.05) would have its
+    "greedy" answers penalised, unlike vLLM's. Only its EOS ids are read (:func:`generation_eos_ids`)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 @contextmanager

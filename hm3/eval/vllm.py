@@ -29,9 +29,8 @@ from hm3.eval.backend import (
     check_tokenizer_fits,
     decode_generated,
     encode_pair,
-    encode_prompt,
-    fit_generation_prompt,
     generation_eos_ids,
+    generation_prompt_ids,
     load_tokenizer,
     max_input_length,
     validate_state,
@@ -170,7 +169,7 @@ class VLLMBackend:
             stop_token_ids=sorted(self.eos_ids) or None,
             detokenize=bool(stop),  # vLLM needs text only to find stop strings
         )
-        results = self._run([fit_generation_prompt(encode_prompt(self.tokenizer, p), self.max_length, max_new_tokens)
+        results = self._run([generation_prompt_ids(self.tokenizer, p, self.max_length, max_new_tokens)
                              for p in prompts], params)
         return [decode_generated(self.tokenizer, r.outputs[0].token_ids, self.eos_ids, stop) for r in results]
 

@@ -115,6 +115,40 @@ def test_views_shared_storage_and_non_contiguous_tensors(tmp_path):
     assert all(torch.equal(got[n], t) for n, t in tensors.items())
 
 
+@pytest.mark.parametrize("layout", [False, True])
+def test_every_file_is_on_disk_before_the_model_gets_its_name(tiny_llama, tmp_path, monkeypatch, layout):
+    """A power cut after the rename must not leave a published model whose shards were never written
+    back (a valid header over zeros reads as a model): every file and the directory are fsynced first,
+    as :mod:`hm3.atomic` does for single files, and the parent after the rename."""
+    out = tmp_path / "out"
+    synced: list[Path] = []
+    at_publish: list[Path] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:
+        if Path(dst) == out:
+            at_publish.extend(synced)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    with open_checkpoint(tiny_llama) as ckpt:
+        spec = [(n, ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.tensor_names()] if layout else None
+        with CheckpointWriter(out, config=ckpt.config, max_shard_bytes=20_000, layout=spec,
+                              tokenizer_from=tiny_llama) as w:
+            for name in ckpt.tensor_names():
+                w.add(name, ckpt.get(name))
+    (tmp,) = {p.parent for p in at_publish if p.suffix == ".safetensors"}  # the staging directory
+    published = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert len(published) > 3 and published <= {p.relative_to(tmp) for p in at_publish if p.parent == tmp}
+    assert tmp in at_publish  # its entries too
+    assert tmp_path in synced[len(at_publish):]  # the parent holds the new name once the rename is done
+
+
 def test_existing_output_refused_before_any_work(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

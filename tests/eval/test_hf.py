@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,28 @@ def test_stop_strings_cut_output(backend_a):
     stopped = backend_a.generate(PROMPTS, max_new_tokens=16, stop=[stop, "\x00never"])
     assert stopped == [cut_at_stop(o, [stop]) for o in full]
     assert stopped[0] == full[0][: full[0].index(stop)]
+
+
+def test_a_stop_string_spanning_prompt_and_output_does_not_stop_generation(backend_a):
+    """Stop strings are searched in the new text only (as vLLM and lm-eval's HFLM do): a prompt ending in
+    "\\n" and a stop "\\n\\n" must not end an answer whose first token is "\\n"."""
+    full = backend_a.generate(PROMPTS, max_new_tokens=16)
+    stops = [p[-1] + o[0] for p, o in zip(PROMPTS, full, strict=True)]  # the prompt's last char + the first new one
+    for prompt, out, stop in zip(PROMPTS, full, stops, strict=True):
+        assert backend_a.generate([prompt], max_new_tokens=16, stop=[stop]) == [cut_at_stop(out, [stop])]
+    assert backend_a.generate(PROMPTS, max_new_tokens=16, stop=stops[:1]) == [cut_at_stop(o, stops[:1]) for o in full]
+
+
+def test_generation_stays_greedy_whatever_the_models_generation_config_says(models, backend_a, tmp_path):
+    """A generation_config.json's sampling and penalty settings (Qwen2.5-Instruct ships do_sample and
+    repetition_penalty 1.05) must not change greedy answers: only its EOS ids are read, as vLLM reads it."""
+    model = shutil.copytree(models["a"], tmp_path / "a")
+    (model / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_k": 20,
+         "repetition_penalty": 5.0, "no_repeat_ngram_size": 2, "min_new_tokens": 4}))
+    configured = HFBackend.from_pretrained(model, batch_size=2)
+    assert configured.generate(PROMPTS, max_new_tokens=16) == backend_a.generate(PROMPTS, max_new_tokens=16)
+    assert configured.model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
 
 
 def test_cut_at_stop_takes_earliest_stop():
@@ -233,6 +256,18 @@ def test_live_parameter_names_are_the_checkpoint_names(models, which):
 def test_empty_request_lists_give_empty_answers(backend_a):
     assert backend_a.generate([], max_new_tokens=4) == []
     assert backend_a.loglikelihood([]) == []
+
+
+def test_an_empty_prompt_is_conditioned_on_eos_alone_and_in_a_batch(tmp_path):
+    """With a tokenizer that adds no BOS (GPT-2's, Qwen's) an empty prompt has no tokens: alone it
+    crashed inside the model, in a batch it was answered from a fully masked row. Like an empty
+    log-likelihood context, it is conditioned on the EOS token (the BOS where there is one)."""
+    path = build_random_llama(tmp_path / "m", hidden_size=128, num_layers=2, num_heads=2, vocab_size=128, seed=0)
+    save_char_tokenizer(path, bos=False)
+    backend = HFBackend.from_pretrained(path, batch_size=4)
+    from_eos = backend.generate(["</s>"], max_new_tokens=6)
+    assert backend.generate([""], max_new_tokens=6) == from_eos
+    assert backend.generate(["", "a longer prompt"], max_new_tokens=6)[0] == from_eos[0]
 
 
 def _nan_model(models, tmp_path) -> Path:

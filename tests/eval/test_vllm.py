@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny_lm import VOCAB_SIZE, build_tiny_lm, save_char_tokenizer
 
 from hm3.errors import BackendError, CheckpointError
-from hm3.eval.backend import LM_HEAD, open_backend
+from hm3.eval.backend import LM_HEAD, cut_at_stop, open_backend
 from hm3.eval.evaluate import evaluate_objective
 from hm3.eval.hf import HFBackend
 from hm3.eval.vllm import CPU_HEAD_SIZES, VLLMBackend, check_head_dim, head_dim_of
@@ -101,6 +101,16 @@ def test_stop_strings_equal_hf(engine, hf):
     got = engine.generate(PROMPTS, max_new_tokens=16, stop=stop)
     assert got == hf["a"].generate(PROMPTS, max_new_tokens=16, stop=stop)
     assert got[0] == full[0][: full[0].index(stop[0])]
+
+
+def test_stop_strings_that_begin_in_the_prompt_equal_hf(engine, hf):
+    """vLLM searches stop strings in the new text only; so must hf (a prompt ending in "\\n" and a stop
+    "\\n\\n" must not end an answer whose first token is "\\n")."""
+    full = engine.generate(PROMPTS, max_new_tokens=16)
+    stop = [PROMPTS[0][-1] + full[0][0], PROMPTS[2][-1] + full[2][0]]
+    got = engine.generate(PROMPTS, max_new_tokens=16, stop=stop)
+    assert got == hf["a"].generate(PROMPTS, max_new_tokens=16, stop=stop)
+    assert got == [cut_at_stop(o, stop) for o in full]
 
 
 def test_loglikelihood_close_to_hf(engine, hf):

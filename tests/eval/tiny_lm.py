@@ -22,8 +22,9 @@ def _characters(n: int) -> list[str]:
     return (printable + extra)[:n]
 
 
-def save_char_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE) -> None:
-    """A fast tokenizer with BOS prepended, one token per character, saved into ``directory``."""
+def save_char_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE, *, bos: bool = True) -> None:
+    """A fast tokenizer with BOS prepended (or, ``bos=False``, none: as GPT-2's and Qwen's), one token per
+    character, saved into ``directory``."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -31,9 +32,10 @@ def save_char_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE) -> None:
     vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + chars)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>" if bos else None, eos_token="</s>"
     )
     fast.save_pretrained(str(directory))
 
