@@ -194,3 +194,18 @@ def test_a_front_point_of_bfloat16_models_merges_to_the_tensors_that_were_scored
     # or dtype="auto" would load the float32 weights as bfloat16
     config = json.loads((tmp_path / "point" / "config.json").read_text())
     assert {config[k] for k in ("dtype", "torch_dtype") if k in config} == {"float32"}
+
+
+def test_a_tied_model_that_also_stores_its_head_is_refused_naming_it(tmp_path):
+    # transformers ties such a model's head to its embedding (one tensor in the live model) while its files hold
+    # two: a merge would treat them as two tensors (apart under DARE's masks) and write one the live model lacks
+    from safetensors.torch import save_file
+
+    base, expert = tmp_path / "base", tmp_path / "expert"
+    build_random_llama(base, tie_word_embeddings=True, seed=0)
+    build_finetuned_variant(base, expert, seed=1)
+    state = load_file(expert / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, expert / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"expert.*lm_head\.weight.*tie_word_embeddings"):
+        InMemoryMerger(base, [expert])
