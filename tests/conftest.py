@@ -3,8 +3,10 @@ shipped micro zoo, and a real ``kill -9`` of an ``hm3`` command for the crash-an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import pytest
 from hypothesis import Phase, settings
 
 from hm3.threads import prefer_sleeping_openmp_workers
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose hm3 the tests' child processes run
 
 # Property tests: 40 examples each by default. HM3_HYPOTHESIS_PROFILE=mutation (scripts/mutation.py) runs 10
 # and reports the first counterexample without shrinking it: shrinking a failing property on model-building
@@ -57,28 +61,69 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: -slow_per_file[item.nodeid.split("::")[0]])  # stable: file order kept
 
 
+# The child of sigkill_hm3: ``hm3`` with one function (argv[1], "module:attribute.path") wrapped so that each
+# call first tells the parent (a byte on the pipe argv[2]) and waits for its answer (a byte on argv[3]).
+_PAUSING_HM3 = """
+import functools, importlib, os, sys
+from hm3.cli import main
+
+target, to_parent, from_parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+module, _, path = target.partition(":")
+*parents, name = path.split(".")
+owner = importlib.import_module(module)
+for parent in parents:
+    owner = getattr(owner, parent)
+original = getattr(owner, name)
+
+@functools.wraps(original)
+def paused(*args, **kwargs):
+    os.write(to_parent, b"p")
+    os.read(from_parent, 1)
+    return original(*args, **kwargs)
+
+setattr(owner, name, paused)
+sys.argv = ["hm3", *sys.argv[4:]]
+sys.exit(main())
+"""
+
+
 @pytest.fixture
 def sigkill_hm3() -> Callable[..., None]:
-    """``sigkill_hm3(args, ready, timeout)``: start ``hm3 *args`` in its own process group, poll
-    ``ready()`` until it holds, then SIGKILL the whole group (a real crash: no handler runs).
+    """``sigkill_hm3(args, ready, pause_at, timeout)``: start ``hm3 *args`` in its own process group, stopping it
+    at every call of ``pause_at`` ("module:attribute.path"); there, while it waits, check ``ready()`` and
+    SIGKILL the whole group once it holds (a real crash: no handler runs), else let it go on.
 
-    Fails the test if the command ends, or ``ready()`` never holds, before the kill.
+    The kill lands at a known point mid-run however fast the machine is: polling a free-running command
+    missed its end on a fast one. Fails the test if the command ends before ``ready()`` holds at a pause,
+    or the pause does not come within ``timeout`` seconds.
     """
 
-    def run(args: Sequence[str], ready: Callable[[], bool], timeout: float = 300) -> None:
-        hm3 = Path(sys.executable).parent / "hm3"
-        proc = subprocess.Popen([str(hm3), *args], start_new_session=True)
-        deadline = time.time() + timeout
-        reached = False
-        while time.time() < deadline and proc.poll() is None:
-            if ready():
-                reached = True
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the command finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert reached, f"the kill point was not reached within {timeout} s"
+    def run(args: Sequence[str], ready: Callable[[], bool], pause_at: str, timeout: float = 300) -> None:
+        to_parent, child_out = os.pipe()
+        child_in, from_parent = os.pipe()
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_HM3, pause_at, str(child_out), str(child_in),
+                                 *args], env=env, pass_fds=(child_out, child_in), start_new_session=True)
+        os.close(child_out)
+        os.close(child_in)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if not select.select([to_parent], [], [], 0.5)[0]:  # its forks may hold the pipe open: poll too
+                    assert proc.poll() is None, "the command finished before it could be killed"
+                    assert time.monotonic() < deadline, f"the command did not pause at {pause_at} within {timeout} s"
+                    continue
+                assert os.read(to_parent, 1) == b"p", "the command finished before it could be killed"
+                if ready():
+                    break
+                os.write(from_parent, b"c")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            os.close(to_parent)
+            os.close(from_parent)
+        assert proc.returncode == -signal.SIGKILL, "the command ended before the kill"
 
     return run
 

@@ -482,8 +482,10 @@ def test_killed_run_resumes_without_repeating_evaluations(models, tmp_path, sigk
     cfg_path.write_text(yaml.safe_dump(data))
     reference = run_two_level(parse_two_level_config(data), tmp_path / "reference", progress=False)
     run = tmp_path / "killed"
-    # killed during level-2 pretraining, after its first checkpoint
-    sigkill_hm3(["run", str(cfg_path), str(run), "--quiet"], lambda: (run / "level2" / "pretrain.safetensors").exists())
+    # killed during level-2 pretraining, as it saves a checkpoint after its first
+    sigkill_hm3(["run", str(cfg_path), str(run), "--quiet"], lambda: (run / "level2" / "pretrain.safetensors").exists(),
+                pause_at="hm3.run.two_level:save_state")
+    assert not (run / "level2" / "policy.safetensors").exists()  # pretraining had not ended
     with RunStore.open(run, readonly=True) as s:
         before = [(e.candidate_id, e.objective, e.split, e.example_set) for e in s.evaluations()]
     assert main(["run", str(cfg_path), str(run), "--resume", "--quiet"]) == 0

@@ -224,7 +224,10 @@ def test_kill_9_then_resume_leaves_exactly_one_file_per_stored_score(micro_zoo_d
         except Exception:  # no store yet, or its schema is still being written
             return False
 
-    sigkill_hm3(["search", "param", str(cfg), str(run), "--log-samples", "--quiet"], some_told, timeout=240)
+    # killed as a score is about to be stored, after two told points: its samples file is on disk, it is not
+    sigkill_hm3(["search", "param", str(cfg), str(run), "--log-samples", "--quiet"], some_told,
+                pause_at="hm3.store:RunStore.record_evaluation", timeout=240)
+    assert len(_files(run) - _expected_files(run)) == 1
     assert main(["search", "param", str(cfg), str(run), "--resume", "--log-samples", "--quiet"]) == 0
     assert _files(run) == _expected_files(run)
     assert len(list((run / SAMPLES_DIR).glob("*/*.jsonl"))) == len(_stored(run))

@@ -51,15 +51,32 @@ for obj in gc.get_objects():
 import ctypes  # refused by the hook (ctypes.dlopen) unless the bypass worked
 print("hook bypassed", flush=True)
 """
-_BOOTSTRAP_MARK = "The bootstrap that runs *inside* the sandbox"  # in the argv of every sandbox process
+_run_mark = ""  # set per test by own_sandbox_mark: in the argv of every sandbox process the test starts
+
+
+@pytest.fixture(autouse=True)
+def own_sandbox_mark():
+    """Every sandbox this test starts carries a mark of its own in its argv (a comment after the bootstrap's
+    source, which the sandbox passes with ``-c``), so the 'nothing left' checks count only this test's
+    processes: another pytest-xdist worker's sandboxed runs (HumanEval objectives) may be alive meanwhile.
+    A process that escapes its group and is reparented keeps its argv, so it is still found."""
+    global _run_mark
+    mark = f"hm3-test-sandbox-{uuid.uuid4().hex}"
+    source = sandbox._bootstrap_source()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sandbox, "_bootstrap_source", lambda: f"{source}\n# {mark}\n")
+        _run_mark = mark
+        yield mark
+    _run_mark = ""
 
 
 def _live_sandbox_processes() -> list[psutil.Process]:
-    """Processes still running sandbox code (the bootstrap is in their argv), zombies excluded."""
+    """Processes still running this test's sandbox code (its mark is in their argv), zombies excluded."""
+    assert _run_mark, "own_sandbox_mark is not active"
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and _BOOTSTRAP_MARK in " ".join(proc.cmdline()):
+            if proc.status() != psutil.STATUS_ZOMBIE and _run_mark in " ".join(proc.cmdline()):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

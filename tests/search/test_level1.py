@@ -154,9 +154,11 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(setup, tmp_path, sigkill_h
         except StoreError:  # the writer is still creating the schema
             return False
 
-    sigkill_hm3(["search", "param", str(cfg_path), str(run), "--quiet"], two_told, timeout=240)
+    sigkill_hm3(["search", "param", str(cfg_path), str(run), "--quiet"], two_told,
+                pause_at="hm3.store:RunStore.record_evaluation", timeout=240)
     with RunStore.open(run, readonly=True) as s:
         before = {(e.candidate_id, e.objective, e.split) for e in s.evaluations()}
+        assert len(s.events("level1_tell")) == 2  # killed mid-search, as the third point's first score was to be stored
     assert len(before) >= 2 * 2
     resumed = run_level1(parse_run_config(yaml.safe_load(cfg_path.read_text())), run, resume=True, progress=False)
     with RunStore.open(run, readonly=True) as s:
