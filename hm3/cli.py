@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help=FORCE_HELP)
     m.add_argument("--device", type=_device, default="cpu", help="device for the merge arithmetic: cpu (default), "
                    "cuda or cuda:N")
-    m.add_argument("--seed", type=int, default=None, help="seed for DARE's drop masks (overrides the recipe)")
+    m.add_argument("--seed", type=int, default=None,
+                   help="seed for DARE's and DELLA's drop masks (overrides the recipe's seed)")
     _threads_flag(m)
 
     e = command(sub, "export-mergekit", cmd_export_mergekit, "write an hm3 recipe as a mergekit config")
