@@ -86,7 +86,7 @@ def front_page(view: RunView, answers: list[PreferenceAnswer], steps: int) -> st
         summary=html.escape(
             f"{view.command}: {len(view.points)} candidates evaluated on the whole validation plan, front of "
             f"{front_size} (red, labelled by id; test scores measured for front points only). Hypervolume: "
-            f"validation {view.hv_validation:.4f}, test (front) {view.hv_test_front:.4f}."),
+            f"validation {view.hv_validation:.4f}, test (front) {view.hv_test_front:.4f} ({view.hv_protocol})."),
         caption=html.escape(caption + "Hover a point for its id, level, scores and recipe or layer path."),
         sliders="\n".join(
             f'<label class="weight"><span class="name">{html.escape(n)}</span>'
@@ -142,13 +142,13 @@ def front_figure(view: RunView):
             ), **where)
         for r, (name, scores) in enumerate(view.references.items()):
             fig.add_trace(go.Scatter(
-                x=[scores[i]], y=[scores[j]], mode="markers", name=f"reference: {name}", legendgroup=f"ref-{name}",
+                x=[scores[i]], y=[scores[j]], mode="markers", name=plotly_text(f"reference: {name}"), legendgroup=f"ref-{name}",
                 showlegend=n == 0, marker={"symbol": REFERENCE_SYMBOLS[r % len(REFERENCE_SYMBOLS)], "size": 11,
                                            "color": REFERENCE_COLOURS[r % len(REFERENCE_COLOURS)], "line": {"width": 1}},
-                hovertext=html.escape(f"reference model {name}: {_scores(view.objectives, scores)}"),
+                hovertext=plotly_text(f"reference model {name}: {_scores(view.objectives, scores)}"),
                 hoverinfo="text"), **where)
-        fig.update_xaxes(title_text=view.objectives[i], **where)
-        fig.update_yaxes(title_text=view.objectives[j], **where)
+        fig.update_xaxes(title_text=plotly_text(view.axis_labels[i]), **where)  # plotly reads titles as HTML
+        fig.update_yaxes(title_text=plotly_text(view.axis_labels[j]), **where)
     fig.update_layout(height=430 * rows, margin={"t": 30, "b": 50, "l": 60, "r": 20}, template="plotly_white",
                       legend={"orientation": "h", "y": -0.12 if rows == 1 else -0.06}, hovermode="closest")
     return fig, answer_traces
@@ -168,11 +168,17 @@ def hv_figure(trace: list[float]):
 
 def hover_text(view: RunView, point: EvaluatedPoint) -> str:
     """A point's hover text: plotly reads it as HTML, so everything from the run is escaped."""
-    head = f"<b>#{point.id}</b> level {point.level} {point.kind}{' (front)' if point.on_front else ''}"
+    head = f"<b>#{point.id}</b> " + plotly_text(f"level {point.level} {point.kind}{' (front)' if point.on_front else ''}")
     test = _scores(view.objectives, point.test) if point.test is not None else "not measured (front points only)"
     lines = [f"validation: {_scores(view.objectives, point.validation)}", f"test: {test}",
              *describe(point.recipe).splitlines()]
-    return "<br>".join([head, *(html.escape(line) for line in lines)])
+    return "<br>".join([head, *(plotly_text(line) for line in lines)])
+
+
+def plotly_text(text: str) -> str:
+    """``text`` as plotly shows it: plotly reads its labels as HTML (tags make bold text, links) and
+    decodes only a few entities (``&lt;``, ``&gt;``, ``&amp;``, not ``&quot;``), so only those are escaped."""
+    return html.escape(text, quote=False)
 
 
 def _scores(objectives: list[str], values) -> str:
@@ -184,12 +190,14 @@ def _answer_data(view: RunView, answer: PreferenceAnswer) -> dict[str, Any]:
     data = asdict(answer)
     return {k: data[k] for k in ("prefer", "lam", "source", "kind", "candidate", "scores", "score")} | {
         "basis": BASIS[answer.basis], "recipe": describe(answer.recipe),
-        "hover": "<b>budget-0 answer</b><br>" + html.escape(f"{answer.source}: {_scores(view.objectives, answer.scores)}")}
+        "hover": "<b>budget-0 answer</b><br>" + plotly_text(f"{answer.source}: {_scores(view.objectives, answer.scores)}")}
 
 
 def _script_json(data: Any) -> str:
-    """JSON safe inside a ``<script>`` element: ``</`` cannot end it early (``<\\/`` is the same JSON string)."""
-    return json.dumps(data, allow_nan=False).replace("</", "<\\/")
+    """JSON safe inside a ``<script>`` element: no ``<`` at all (``\\u003c`` is the same JSON string), so
+    neither ``</script>`` nor ``<!--<script>`` (after which the next ``</script>`` does not end the
+    element, and the page's own script never runs) can come from a run's strings."""
+    return json.dumps(data, allow_nan=False).replace("<", "\\u003c")
 
 
 PAGE_TEMPLATE = """<!DOCTYPE html>

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 
 from hm3.cli import main
 from hm3.errors import ExitCode
+from hm3.front_view import EvaluatedPoint, RunView
+from hm3.preference_answers import PreferenceAnswer
 from hm3.report import PROJECTION_NOTE, front_figure
-from hm3.report_html import BASIS
+from hm3.report_html import BASIS, front_page
 from hm3.request import answer_request
 from hm3.run.config import parse_two_level_config
 from hm3.run.two_level import run_two_level
@@ -205,3 +208,69 @@ def test_the_page_is_never_written_over_a_file_of_the_run(runs, capsys):
         before = (run / name).read_bytes()
         assert main(["front", str(run), "--html", str(run / name)]) == ExitCode.BAD_INPUT
         assert f"{run / name}" in capsys.readouterr().err and (run / name).read_bytes() == before
+
+
+def _hostile_page(tmp_path: Path) -> tuple[Path, list[str], str]:
+    """A page of a run whose every string is markup: objective, reference and model names, the point
+    kind, the answer's source and a run directory that holds ``<!--<script>`` (in a script element's
+    text it makes the next ``</script>`` not end it, so the page's own script never runs)."""
+    names = ['m<b>ath</b>', 'c<a href="http://example.com/">ode</a>']
+    recipe = {"merge_method": "ties", "base_model": "b</script><script>window.pwned=1</script>",
+              "models": [{"model": "x<img src=x onerror=window.pwned=2>", "parameters": {"weight": 0.5}}]}
+    points = [EvaluatedPoint(id=i, level=1, kind="merge", validation=(0.1 * i, 1 - 0.1 * i),
+                             test=(0.1 * i, 0.2) if i < 3 else None, on_front=i < 3, recipe=recipe) for i in range(5)]
+    view = RunView(run_dir=tmp_path / "run<!--<script>", command="hm3 run", objectives=names, points=points,
+                   references={"base<i>x</i>": [0.0, 0.0]}, base=[0.0, 0.0], ideal=[1.0, 1.0], hv_validation=0.5,
+                   hv_test_front=0.4, hv_trace=[0.1, 0.2], axis_labels=names, hv_protocol="reference point <b>0</b>")
+    source = "front point 1<img src=x onerror=window.pwned=3>"
+    answers = [PreferenceAnswer(weights=w, prefer="p", lam=[0.5, 0.5], source=source, kind="merge", candidate=1,
+                                scores=[0.1, 0.9], score=0.5, recipe=recipe, basis="measured")
+               for w in [(0, 1), (1, 0), (1, 1)]]
+    page = tmp_path / "page.html"
+    page.write_text(front_page(view, answers, 1))
+    return page, names, source
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(BINARY is None, reason="needs a real headless browser: chromium is not installed "
+                                           "(Debian: apt-get install -y chromium)")
+def test_strings_from_the_run_are_shown_as_text_never_read_as_markup_or_script(tmp_path):
+    page, names, source = _hostile_page(tmp_path)
+    with HeadlessChromium(tmp_path / "profile", timeout=90) as browser:
+        browser.open(page.as_uri(), ready=READY)  # the page's script ran to the end
+        assert browser.evaluate("String(window.pwned)") == "undefined"
+        assert browser.evaluate("document.querySelectorAll('a, img, b, i').length") == 0
+        titles = browser.evaluate("Array.from(document.querySelectorAll('#front-plot .xtitle, #front-plot .ytitle'))"
+                                  ".map((e) => e.textContent)")
+        legend = browser.evaluate("Array.from(document.querySelectorAll('.legendtext')).map((e) => e.textContent)")
+        assert browser.evaluate("document.getElementById('answer').textContent") == f"answer: {source} (merge)"
+        assert browser.evaluate("document.querySelectorAll('#front-plot tspan[style]').length") == 0
+        browser.evaluate("Plotly.Fx.hover('front-plot', [{curveNumber: 1, pointNumber: 0}])")  # an evaluated point
+        hover = browser.evaluate("document.querySelector('#front-plot .hovertext').textContent")
+    assert titles == names
+    assert "reference: base<i>x</i>" in legend
+    assert 'x<img src=x onerror=window.pwned=2>: weight 0.5' in hover and "b</script><script>" in hover
+
+
+def test_the_page_and_hm3_front_state_axis_directions_and_the_hv_protocol(runs, tmp_path, capsys):
+    """An objective whose raw metric is better when lower is scored as its utility: the page's axes say
+    so, as front.png's do; both ``hm3 front`` and the page state the hypervolume's normalisation and
+    reference point."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["level1"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    names = summary["objectives"]
+    summary["utility_maps"] = {n: "raw" for n in names} | {names[1]: "-raw"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["front", str(run), "--html"]) == 0
+    layout = page_data(run / "front.html")["front"]["layout"]
+    titles = [layout[a]["title"]["text"] for a in ("xaxis", "yaxis", "xaxis2", "yaxis2")]
+    assert titles == [names[0], f"{names[1]} (-raw; raw: lower is better)", names[0], names[2]]
+    text = (run / "front.html").read_text()
+    assert "reference point = base model (0)" in text and "(f - base) / (ideal - base)" in text
+    capsys.readouterr()
+    assert main(["front", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "reference point = base model (0)" in out and "(f - base) / (ideal - base)" in out
+    assert main(["--json", "front", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["hv_protocol"] == summary["hv_protocol"]
