@@ -280,17 +280,18 @@ def cmd_front(args: argparse.Namespace) -> Outcome:
     import pandas as pd
 
     from hm3.run.directory import read_front
-    from hm3.run.front import replot
+    from hm3.run.front import HV_PROTOCOL, replot
 
     df, summary = read_front(args.run_dir)
+    protocol = summary.get("hv_protocol", HV_PROTOCOL)
     png = replot(args.run_dir)
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.precision", 3):
         table = df.to_string(index=False)
     return Outcome(
-        f"{table}\nHV validation {summary['hv_validation']:.4f}, HV test (front) {summary['hv_test_front']:.4f}; "
-        f"plot -> {png}",
+        f"{table}\nHV validation {summary['hv_validation']:.4f}, HV test (front) {summary['hv_test_front']:.4f} "
+        f"({protocol}); plot -> {png}",
         {"front": json.loads(df.to_json(orient="records")), "hv_validation": summary["hv_validation"],
-         "hv_test_front": summary["hv_test_front"], "plot": str(png)},
+         "hv_test_front": summary["hv_test_front"], "hv_protocol": protocol, "plot": str(png)},
     )
 
 

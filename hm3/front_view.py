@@ -18,6 +18,7 @@ from typing import Any
 
 from hm3.errors import RunFileError
 from hm3.run.directory import CANDIDATES_FILE, FinishedRun, check_candidates, read_finished_run
+from hm3.run.front import HV_PROTOCOL, axis_labels
 from hm3.search.estimates import stored_estimate
 from hm3.search.level1 import told_points
 from hm3.store import RunStore
@@ -30,7 +31,7 @@ class EvaluatedPoint:
     id: int  # the run store's candidate id (front.csv's point/candidate column)
     level: int  # 1: a merge found by level 1; 2: a level-2 layer path
     kind: str  # "merge" or "path"
-    validation: tuple[float, ...]  # raw scores, one per objective
+    validation: tuple[float, ...]  # one per objective, as front.csv's <name>_val (utilities: higher is better)
     test: tuple[float, ...] | None  # measured for front points only
     on_front: bool
     recipe: dict[str, Any]  # as the store keys it (model refs, not paths)
@@ -41,6 +42,7 @@ class RunView:
     run_dir: Path
     command: str  # the command that made the run: "hm3 run" or "hm3 search param"
     objectives: list[str]
+    axis_labels: list[str]  # the objectives as plot axes: marked where the score is a lower-is-better metric's utility
     points: list[EvaluatedPoint]
     references: dict[str, list[float]]  # reference models' validation scores
     base: list[float]  # the hypervolume protocol's 0 and 1 (validation)
@@ -48,6 +50,7 @@ class RunView:
     hv_validation: float
     hv_test_front: float
     hv_trace: list[float]  # level 1's hypervolume after each evaluation ([] when level 1 was skipped)
+    hv_protocol: str  # how the hypervolumes are normalised and their reference point
 
 
 def read_run_view(run_dir: str | Path) -> tuple[RunView, FinishedRun]:
@@ -74,9 +77,10 @@ def read_run_view(run_dir: str | Path) -> tuple[RunView, FinishedRun]:
     trace = json.loads(trace_file.read_text()).get("hv_trace_validation", []) if trace_file.is_file() else []
     return RunView(
         run_dir=run_dir, command="hm3 run" if two_level else "hm3 search param", objectives=run.names,
+        axis_labels=axis_labels(summary),
         points=points, references=summary["reference_validation"], base=run.base.tolist(), ideal=run.ideal.tolist(),
         hv_validation=float(summary["hv_validation"]), hv_test_front=float(summary["hv_test_front"]),
-        hv_trace=[float(v) for v in trace],
+        hv_trace=[float(v) for v in trace], hv_protocol=str(summary.get("hv_protocol", HV_PROTOCOL)),
     ), run
 
 
