@@ -175,6 +175,46 @@ def test_front_and_export_cli(finished, tmp_path, capsys):
     assert "no front point 99999" in capsys.readouterr().err
 
 
+def _validation_utilities(checkpoint: Path, summary: dict, objectives: list) -> dict[str, float]:
+    """A written checkpoint loaded in transformers, scored on the run's validation plan (utilities)."""
+    from hm3.eval.evaluate import evaluate_objective
+    from hm3.eval.hf import HFBackend
+    from objectives.base import utility
+    from objectives.registry import get_objective
+
+    backend = HFBackend.from_pretrained(checkpoint, batch_size=16)
+    specs = {get_objective(o).name: o for o in objectives}
+    return {name: utility(evaluate_objective(backend, get_objective(specs[name]), "validation", list(range(8))).score,
+                          how) for name, how in summary["utility_maps"].items()}
+
+
+def test_exported_front_points_and_materialised_paths_score_what_the_run_stored(finished, models, tmp_path):
+    """``hm3 export`` of each front point, and each kept level-2 path written as a point file's checkpoint
+    (its frame merge written to disk first), loaded in transformers, score on the validation plan exactly
+    what the run stored for them."""
+    from hm3.materialise import write_path
+    from hm3.run.front import path_point_file
+
+    run, summary = finished
+    _, objectives = models
+    for _, row in pd.read_csv(run / "front.csv").iterrows():
+        dest = tmp_path / f"p{row['point']}"
+        assert main(["export", str(run), "--point", str(row["point"]), str(dest)]) == 0
+        scores = _validation_utilities(dest, summary, objectives)
+        assert scores == {n: pytest.approx(row[f"{n}_val"], abs=1e-9) for n in scores}, row["point"]
+    framed = 0
+    with RunStore.open(run, readonly=True) as store:
+        cfg = stored_two_level_config(store).level1
+        points = {int(c): path_point_file(store.candidate(int(c))[1], store, cfg) for c in summary["level2_paths"]}
+        stored = {c: {e.objective: e.score for e in store.evaluations(c) if e.split == "validation" and e.count == 8}
+                  for c in points}
+    for cid, point in points.items():
+        framed += point["frame_recipe"] is not None
+        scores = _validation_utilities(write_path(point, tmp_path / f"path{cid}"), summary, objectives)
+        assert stored[cid] and {n: scores[n] for n in stored[cid]} == pytest.approx(stored[cid], abs=1e-9), cid
+    assert framed  # a path over a merge frame is among them
+
+
 def test_request_budget_0_evaluates_nothing_and_is_fast(finished, tmp_path, capsys):
     run, summary = finished
     with RunStore.open(run, readonly=True) as store:
