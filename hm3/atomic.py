@@ -97,14 +97,15 @@ def atomic_path(path: str | Path, *, overwrite: bool = True, suffix: str = ".tmp
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w", *, overwrite: bool = True) -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "w", *, overwrite: bool = True,
+                encoding: str | None = None) -> Iterator[IO]:
     """A file object on a temporary sibling of ``path``; renamed onto ``path`` only if the block succeeds."""
-    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, mode, encoding=encoding) as f:
         yield f
 
 
-def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
-    with atomic_open(path, "w", overwrite=overwrite) as f:
+def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True, encoding: str | None = None) -> Path:
+    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace`` (``encoding``: the locale's by default)."""
+    with atomic_open(path, "w", overwrite=overwrite, encoding=encoding) as f:
         f.write(text)
     return Path(path)

@@ -46,7 +46,8 @@ def write_front_page(run_dir: str | Path, out: str | Path | None = None) -> Path
     steps = slider_steps(len(view.objectives))
     answers = budget_zero_answers(Path(run_dir), run, steps)
     page = front_page(view, answers, steps)
-    return atomic_write_text(Path(out) if out is not None else Path(run_dir) / PAGE_FILE, page)
+    # UTF-8 as the page declares, whatever the locale's encoding (plotly.js and the page hold non-ASCII text)
+    return atomic_write_text(Path(out) if out is not None else Path(run_dir) / PAGE_FILE, page, encoding="utf-8")
 
 
 

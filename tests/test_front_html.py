@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +277,17 @@ def test_the_page_and_hm3_front_state_axis_directions_and_the_hv_protocol(runs, 
     assert "reference point = base model (0)" in out and "(f - base) / (ideal - base)" in out
     assert main(["--json", "front", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["hv_protocol"] == summary["hv_protocol"]
+
+
+def test_the_page_is_written_as_the_utf_8_it_declares_whatever_the_locale(runs, tmp_path):
+    """The page says ``charset=utf-8`` and holds non-ASCII text (λ, →): it is written as UTF-8 under a
+    locale whose encoding is not (the C locale with Python's UTF-8 coercion off: ASCII)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k != "LANG"} | {
+        "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    page = tmp_path / "page.html"
+    proc = subprocess.run([sys.executable, "-m", "hm3.cli", "front", str(runs["two-level"]), "--html", str(page)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = page.read_bytes().decode("utf-8")
+    assert '<meta charset="utf-8">' in text and "λ" in text and "layer path, frame = " in text
