@@ -260,7 +260,7 @@ def test_a_front_table_newer_than_the_summary_is_refused_naming_both(finished, t
 
 @pytest.mark.parametrize("damage", ["candidates cut mid-row", "candidates score not a number",
                                     "candidates without its kind column", "candidates row missing",
-                                    "front without a test column"])
+                                    "candidates of a kind no page draws", "front without a test column"])
 def test_front_refuses_a_damaged_candidates_table_or_a_front_without_test_scores(finished, tmp_path, capsys, damage):
     """``hm3 front`` (its plot and ``--html`` page) reads every candidate from candidates.csv and the front's
     test scores: a damaged table is refused naming it, not plotted as it is nor a traceback."""
@@ -275,6 +275,8 @@ def test_front_refuses_a_damaged_candidates_table_or_a_front_without_test_scores
         damaged.write_text("".join(lines[:-1]) + lines[-1].replace(lines[-1].split(",")[3], "abc", 1))
     elif damage == "candidates without its kind column":
         pd.read_csv(damaged).drop(columns="kind").to_csv(damaged, index=False)
+    elif damage == "candidates of a kind no page draws":  # the page draws merges and paths: this row would vanish
+        damaged.write_text("".join(lines[:-1]) + lines[-1].replace(",merge,", ",Merge,").replace(",path,", ",Path,"))
     elif damage == "candidates row missing":
         damaged.write_text("".join(lines[:-1]))
     else:

@@ -247,7 +247,7 @@ def read_front(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 def check_candidates(run: FinishedRun) -> None:
     """Refuse a damaged candidates.csv (a finished run's plot and page draw every row of it), as
     :func:`read_front_table` refuses a damaged front: it must hold the summary's ``candidates`` rows,
-    every field present, ids integers and scores finite. A run without the table has nothing to check."""
+    every field present, ids integers, scores finite and kinds ``merge`` or ``path``. A run without the table has nothing to check."""
     path = run.run_dir / CANDIDATES_FILE
     if not path.is_file():
         return
@@ -261,7 +261,9 @@ def check_candidates(run: FinishedRun) -> None:
     count = run.summary.get("candidates")
     rows = count if type(count) is int else len(table)  # a summary written before it counted them
     required = (id_column, "level", *(("kind",) if id_column == "point" else ()), *(f"{n}_val" for n in run.names))
-    problem = _table_problem(text, table, rows, required, id_column, counted="candidates")
+    problem = _table_problem(text, table, rows, required, id_column, counted="candidates") or next(
+        (f"line {i}: kind {r['kind']!r} is neither 'merge' nor 'path'" for i, r in enumerate(table, start=2)
+         if id_column == "point" and r["kind"] not in ("merge", "path")), None)  # a page draws those two only
     if problem:
         raise RunFileError(f"{path}: damaged candidates table ({problem}); {regenerate}")
 
