@@ -17,6 +17,7 @@ import html
 import itertools
 import json
 import math
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,6 @@ def front_page(view: RunView, answers: list[PreferenceAnswer], steps: int) -> st
         "names": names,
         "steps": steps,
         "pairs": panel_pairs(len(view.objectives)),
-        "runDir": str(view.run_dir),
         "front": json.loads(figure.to_json()),
         "answerTraces": answer_traces,
         "hv": json.loads(hv_figure(view.hv_trace).to_json()) if view.hv_trace else None,
@@ -191,6 +191,8 @@ def _answer_data(view: RunView, answer: PreferenceAnswer) -> dict[str, Any]:
     data = asdict(answer)
     return {k: data[k] for k in ("prefer", "lam", "source", "kind", "candidate", "scores", "score")} | {
         "basis": BASIS[answer.basis], "recipe": describe(answer.recipe),
+        # shell-quoted here: a run directory with a space (or the page's own characters) must paste as one argument
+        "command": shlex.join(["hm3", "request", str(view.run_dir), "--prefer", answer.prefer, "OUT_DIR"]),
         "hover": "<b>budget-0 answer</b><br>" + plotly_text(f"{answer.source}: {_scores(view.objectives, answer.scores)}")}
 
 
@@ -285,8 +287,7 @@ PAGE_SCRIPT = r"""
     document.getElementById("answer-detail").textContent =
       "validation scores " + scores + " (" + a.basis + "); chosen by Σ λ·f̂ = " + a.score.toFixed(4);
     document.getElementById("answer-recipe").textContent = a.recipe;
-    document.getElementById("answer-command").textContent =
-      "hm3 request " + DATA.runDir + " --prefer " + a.prefer + " OUT_DIR";
+    document.getElementById("answer-command").textContent = a.command;
     Plotly.restyle("front-plot", {
       x: DATA.pairs.map((p) => [a.scores[p[0]]]),
       y: DATA.pairs.map((p) => [a.scores[p[1]]]),

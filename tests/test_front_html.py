@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,11 +223,11 @@ def _hostile_page(tmp_path: Path) -> tuple[Path, list[str], str]:
               "models": [{"model": "x<img src=x onerror=window.pwned=2>", "parameters": {"weight": 0.5}}]}
     points = [EvaluatedPoint(id=i, level=1, kind="merge", validation=(0.1 * i, 1 - 0.1 * i),
                              test=(0.1 * i, 0.2) if i < 3 else None, on_front=i < 3, recipe=recipe) for i in range(5)]
-    view = RunView(run_dir=tmp_path / "run<!--<script>", command="hm3 run", objectives=names, points=points,
+    view = RunView(run_dir=tmp_path / "my run<!--<script>", command="hm3 run", objectives=names, points=points,
                    references={"base<i>x</i>": [0.0, 0.0]}, base=[0.0, 0.0], ideal=[1.0, 1.0], hv_validation=0.5,
                    hv_test_front=0.4, hv_trace=[0.1, 0.2], axis_labels=names, hv_protocol="reference point <b>0</b>")
     source = "front point 1<img src=x onerror=window.pwned=3>"
-    answers = [PreferenceAnswer(weights=w, prefer="p", lam=[0.5, 0.5], source=source, kind="merge", candidate=1,
+    answers = [PreferenceAnswer(weights=w, prefer="m=1,c=2", lam=[0.5, 0.5], source=source, kind="merge", candidate=1,
                                 scores=[0.1, 0.9], score=0.5, recipe=recipe, basis="measured")
                for w in [(0, 1), (1, 0), (1, 1)]]
     page = tmp_path / "page.html"
@@ -250,9 +251,12 @@ def test_strings_from_the_run_are_shown_as_text_never_read_as_markup_or_script(t
         assert browser.evaluate("document.querySelectorAll('#front-plot tspan[style]').length") == 0
         browser.evaluate("Plotly.Fx.hover('front-plot', [{curveNumber: 1, pointNumber: 0}])")  # an evaluated point
         hover = browser.evaluate("document.querySelector('#front-plot .hovertext').textContent")
+        command = browser.evaluate("document.getElementById('answer-command').textContent")
     assert titles == names
     assert "reference: base<i>x</i>" in legend
     assert 'x<img src=x onerror=window.pwned=2>: weight 0.5' in hover and "b</script><script>" in hover
+    run_dir = str(tmp_path / "my run<!--<script>")  # the command shown runs as shown, in a shell
+    assert shlex.split(command) == ["hm3", "request", run_dir, "--prefer", "m=1,c=2", "OUT_DIR"]
 
 
 def test_the_page_and_hm3_front_state_axis_directions_and_the_hv_protocol(runs, tmp_path, capsys):
