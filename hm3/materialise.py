@@ -3,7 +3,8 @@
 A level-1 point is a merge recipe: :func:`hm3.merge.engine.merge_to_disk` writes it. A level-2
 point is a layer path over the experts and a frame (the level-1 merge it was found with, or the
 base): the frame is merged into a scratch directory first (beside the output, removed afterwards),
-then :func:`hm3.arch.path.export_path` writes the path with its mergekit passthrough config.
+then :func:`hm3.arch.path.export_path` writes the path with its mergekit passthrough config, which
+names the frame as the directory ``frame`` beside it, with the frame's recipe to write it there.
 Both writers publish their output directory only when it is complete.
 """
 
@@ -46,6 +47,7 @@ def write_path(point: Mapping[str, Any], out_dir: str | Path, *, overwrite: bool
     scratch = make_staging_dir(out_dir.parent, out_dir.name, "frame")  # removed by a later hm3 if killed
     try:
         frame_dir = write_merge(point["frame_recipe"], scratch / "frame")
-        return export_path([*experts, frame_dir], path, out_dir, overwrite=overwrite, force=force)
+        return export_path([*experts, frame_dir], path, out_dir, overwrite=overwrite, force=force,
+                           frame_recipe=dict(point["frame_recipe"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

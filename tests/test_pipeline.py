@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -215,12 +216,14 @@ def test_exported_front_points_and_materialised_paths_score_what_the_run_stored(
     assert framed  # a path over a merge frame is among them
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: hm3.materialise.write_path merges the frame into a scratch "
-                   "directory it removes afterwards, and the exported configs name that directory")
-def test_a_path_over_a_merge_frame_exports_a_mergekit_config_that_rebuilds_it(finished, tmp_path):
+def test_a_path_over_a_merge_frame_exports_configs_that_rebuild_it(finished, tmp_path):
     """The frame merge ``hm3 export`` makes for a level-2 path is scratch, removed once the path is
-    written: the exported path's ``mergekit_passthrough.yml`` and ``hm3_path.json`` must name no
-    directory that is gone, and ``hm3 merge`` of the config rebuilds the exported tensors."""
+    written: the exported path's ``mergekit_passthrough.yml`` and ``hm3_path.json`` name no directory
+    that is gone, but ``frame`` beside them, with the frame's recipe; ``hm3 merge`` of that recipe and then
+    of the config (copied elsewhere, as a user would run it) rebuilds the exported tensors."""
+    from safetensors.torch import load_file
+
+    from hm3.arch.path import FRAME_RECIPE_FILE
     from hm3.materialise import write_path
     from hm3.run.front import path_point_file
 
@@ -230,14 +233,18 @@ def test_a_path_over_a_merge_frame_exports_a_mergekit_config_that_rebuilds_it(fi
         points = [path_point_file(store.candidate(int(c))[1], store, cfg) for c in summary["level2_paths"]]
     point = next(p for p in points if p["frame_recipe"] is not None)
     out = write_path(point, tmp_path / "out" / "path")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["path"]  # the scratch frame is gone
     config = yaml.safe_load((out / "mergekit_passthrough.yml").read_text())
-    named = {s["model"] for sl in config["slices"] for s in sl["sources"]} | set(
-        json.loads((out / "hm3_path.json").read_text())["pool"])
-    assert all(Path(d).is_absolute() or (out / d).is_dir() for d in named)
-    assert all(Path(d).is_dir() for d in named if Path(d).is_absolute()), named
-    assert main(["merge", str(out / "mergekit_passthrough.yml"), str(tmp_path / "rebuilt")]) == 0
-    from safetensors.torch import load_file
-
+    pool = json.loads((out / "hm3_path.json").read_text())["pool"]
+    named = {s["model"] for sl in config["slices"] for s in sl["sources"]}
+    assert named <= set(pool) and pool == [*point["experts"].values(), "frame"]
+    assert yaml.safe_load((out / FRAME_RECIPE_FILE).read_text()) == point["frame_recipe"]
+    rebuild = tmp_path / "rebuild"
+    rebuild.mkdir()
+    shutil.copy(out / FRAME_RECIPE_FILE, rebuild)
+    shutil.copy(out / "mergekit_passthrough.yml", rebuild)
+    assert main(["merge", str(rebuild / FRAME_RECIPE_FILE), str(rebuild / "frame")]) == 0
+    assert main(["merge", str(rebuild / "mergekit_passthrough.yml"), str(tmp_path / "rebuilt")]) == 0
     rebuilt, exported = load_file(tmp_path / "rebuilt" / "model.safetensors"), load_file(out / "model.safetensors")
     assert rebuilt.keys() == exported.keys() and all(torch.equal(rebuilt[n], exported[n]) for n in exported)
 

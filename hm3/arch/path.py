@@ -61,6 +61,9 @@ from hm3.errors import ConfigError, IncompatibleModelsError
 
 MERGEKIT_CONFIG_FILE = "mergekit_passthrough.yml"
 PATH_FILE = "hm3_path.json"
+#: A path framed by a scratch merge: the recipe of that merge, and the directory the configs name for it.
+FRAME_RECIPE_FILE = "hm3_frame_recipe.yml"
+FRAME_DIR = "frame"
 # Config entries that fix the width of a layer: layers of models differing in any cannot be chained.
 WIDTH_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
 
@@ -412,8 +415,9 @@ def mergekit_passthrough_config(
     mergekit takes embeddings from the first slice's model and final norm and LM head from the last
     one's, so the path is framed by two empty slices (``layer_range: [0, 0]``) of the merge. ``dtype``
     None (the pool's tensors differ in dtype): no ``dtype`` key, so each tensor stays in its own.
+    Directories are named as given (the caller resolves them, or names one relative to the config).
     """
-    dirs = [str(Path(d).resolve()) for d in pool_dirs]
+    dirs = [str(d) for d in pool_dirs]
     slices: list[dict[str, Any]] = [_empty_slice(dirs[-1])]
     for t, (m, layer) in enumerate(path.hops):
         source: dict[str, Any] = {"model": dirs[m], "layer_range": [layer, layer + 1]}
@@ -438,18 +442,24 @@ def export_path(
     overwrite: bool = False,
     t_max: int | None = None,
     force: bool = False,
+    frame_recipe: dict[str, Any] | None = None,
 ) -> Path:
     """Write the path as a plain HF checkpoint (tokenizer from the merge, the last pool directory).
 
     Scales are folded into ``o_proj``/``down_proj`` (computed in float32, stored in the tensor's
     dtype). Beside the weights: ``mergekit_passthrough.yml`` and ``hm3_path.json`` (hops, scales,
     pool). Tensors stream one at a time; the directory appears only when complete.
+
+    ``frame_recipe``: the last pool directory is a scratch merge the caller removes afterwards, made by
+    this recipe. The configs then name it as the directory ``frame`` beside them, and the output holds
+    the recipe (:data:`FRAME_RECIPE_FILE`) that writes it: ``hm3 merge hm3_frame_recipe.yml frame``.
     """
     if not pool_dirs:
         raise ConfigError("empty layer pool: it needs at least the level-1 merge")
     ckpts = [open_checkpoint(d) for d in pool_dirs]
     try:
-        return _export(ckpts, path, Path(out_dir), overwrite=overwrite, t_max=t_max, force=force)
+        return _export(ckpts, path, Path(out_dir), overwrite=overwrite, t_max=t_max, force=force,
+                       frame_recipe=frame_recipe)
     finally:
         for c in ckpts:
             c.close()
@@ -457,7 +467,7 @@ def export_path(
 
 def _export(
     ckpts: list[Checkpoint], path: LayerPath, out_dir: Path, *, overwrite: bool, t_max: int | None,
-    force: bool = False,
+    force: bool = False, frame_recipe: dict[str, Any] | None = None,
 ) -> Path:
     names = [str(c.path) for c in ckpts]
     check_pool_widths([c.config for c in ckpts], names)
@@ -471,12 +481,17 @@ def _export(
     # not): converting would change the expert layers, and a scaled one would no longer be rounded as here
     dtypes = {dt for _, _, dt in layout if dt.is_floating_point}
     dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+    pool = [str(Path(n).resolve()) for n in names]
+    header, frame_files = "", {}
+    if frame_recipe is not None:  # the scratch frame is gone once the output is published: name what rebuilds it
+        pool[-1] = FRAME_DIR
+        header = (f"# {FRAME_DIR}: the merge this path is framed by; write it first, in this directory:\n"
+                  f"#   hm3 merge {FRAME_RECIPE_FILE} {FRAME_DIR}\n")
+        frame_files = {FRAME_RECIPE_FILE: yaml.safe_dump(frame_recipe, sort_keys=False)}
     extra = {
-        MERGEKIT_CONFIG_FILE: yaml.safe_dump(
-            mergekit_passthrough_config(names, path, dtype), sort_keys=False
-        ),
-        PATH_FILE: json.dumps({**path.to_json(), "pool": [str(Path(n).resolve()) for n in names]}, indent=2)
-        + "\n",
+        MERGEKIT_CONFIG_FILE: header + yaml.safe_dump(mergekit_passthrough_config(pool, path, dtype), sort_keys=False),
+        PATH_FILE: json.dumps({**path.to_json(), "pool": pool}, indent=2) + "\n",
+        **frame_files,
     }
     with CheckpointWriter(
         out_dir,
