@@ -18,7 +18,7 @@ from typing import Any
 
 from hm3.errors import RunFileError
 from hm3.run.directory import CANDIDATES_FILE, FinishedRun, check_candidates, read_finished_run
-from hm3.run.front import HV_PROTOCOL, axis_labels
+from hm3.run.front import HV_PROTOCOL, axis_labels, level1_trace
 from hm3.search.estimates import stored_estimate
 from hm3.search.level1 import told_points
 from hm3.store import RunStore
@@ -73,14 +73,13 @@ def read_run_view(run_dir: str | Path) -> tuple[RunView, FinishedRun]:
     if missing:
         raise RunFileError(f"{run_dir}: front point(s) {', '.join(map(str, missing))} are not among the run's "
                            "evaluated candidates; the run directory is inconsistent")
-    trace_file = run.level1_dir / "summary.json"
-    trace = json.loads(trace_file.read_text()).get("hv_trace_validation", []) if trace_file.is_file() else []
+    trace = level1_trace(run_dir, summary)  # refused, naming the file, when damaged
     return RunView(
         run_dir=run_dir, command="hm3 run" if two_level else "hm3 search param", objectives=run.names,
         axis_labels=axis_labels(summary),
         points=points, references=summary["reference_validation"], base=run.base.tolist(), ideal=run.ideal.tolist(),
         hv_validation=float(summary["hv_validation"]), hv_test_front=float(summary["hv_test_front"]),
-        hv_trace=[float(v) for v in trace], hv_protocol=str(summary.get("hv_protocol", HV_PROTOCOL)),
+        hv_trace=trace, hv_protocol=str(summary.get("hv_protocol", HV_PROTOCOL)),
     ), run
 
 

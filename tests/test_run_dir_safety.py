@@ -405,3 +405,21 @@ def test_a_path_point_file_missing_an_entry_is_named():
     assert "experts" in _path_point_problem(point | {"experts": ["/m1"]})
     assert "base_model" in _path_point_problem({k: v for k, v in point.items() if k != "base_model"})
     assert "frame_recipe" in _path_point_problem(point | {"frame_recipe": "x"})
+
+
+@pytest.mark.parametrize("damage", ["not json", "trace not numbers"])
+def test_front_refuses_a_damaged_level1_summary_naming_it(finished, tmp_path, capsys, damage):
+    """``hm3 front`` (plot and page) draws level 1's hypervolume trace from a two-level run's
+    level1/summary.json: a damaged one is refused naming it, not a traceback."""
+    from hm3.cli import main
+
+    run = _copy(finished[0], tmp_path)
+    damaged = run / "level1" / "summary.json"
+    data = json.loads(damaged.read_text())
+    assert data["hv_trace_validation"]  # the run has a trace to draw
+    damaged.write_text(damaged.read_text()[:40] if damage == "not json"
+                       else json.dumps(data | {"hv_trace_validation": ["high", None]}))
+    for argv in (["front", str(run)], ["front", str(run), "--html"]):
+        assert main(argv) == ExitCode.BAD_INPUT, argv
+        err = capsys.readouterr().err
+        assert str(damaged) in err and "Traceback" not in err, err

@@ -17,6 +17,7 @@ how (``higher_is_better``, ``utility_maps``, ``score_orientation``) and the plot
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import yaml
 
 from hm3.atomic import atomic_write_text
-from hm3.errors import StoreError
+from hm3.errors import RunFileError, StoreError
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, PathCandidate
 from hm3.merge.inmemory import MERGE_DTYPE
 from hm3.report import plot_front, write_csv
@@ -41,6 +42,8 @@ from hm3.run.directory import (
     SUMMARY_FILE,
     read_candidates,
     read_front,
+    read_summary,
+    rewrite_hint,
     summary_utility_maps,
 )
 from hm3.search.pareto import non_dominated, protocol_hypervolume
@@ -235,9 +238,17 @@ def level1_trace(run_dir: Path, summary: Mapping[str, Any]) -> list[float]:
     """Level 1's hypervolume after each evaluation: a level-1 search's own, a two-level run's level 1's
     ([] when level 1 was skipped)."""
     if "hv_trace_validation" in summary:
-        return list(summary["hv_trace_validation"])
-    file = run_dir / LEVEL1_DIR / SUMMARY_FILE
-    return json.loads(file.read_text()).get("hv_trace_validation", []) if file.is_file() else []
+        file, trace, kind = run_dir / SUMMARY_FILE, summary["hv_trace_validation"], "level1"
+    else:
+        file, kind = run_dir / LEVEL1_DIR / SUMMARY_FILE, "two-level"
+        if not file.is_file():
+            return []
+        trace = read_summary(file, keys=(), regenerate=rewrite_hint(run_dir, kind)).get("hv_trace_validation", [])
+    if not isinstance(trace, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in trace):
+        raise RunFileError(f"{file}: corrupt run summary (hv_trace_validation is not a list of finite numbers); "
+                           f"{rewrite_hint(run_dir, kind)}")
+    return [float(v) for v in trace]
 
 
 def plot_title(summary: Mapping[str, Any]) -> str:
