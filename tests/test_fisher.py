@@ -375,3 +375,31 @@ def test_merge_engine_refuses_a_fisher_file_whose_tensor_has_another_shape(dirs,
     recipe = {"merge_method": "df_merge", "base_model": str(dirs["base"]), "models": models}
     with pytest.raises(CheckpointError, match=rf"{name}.*bad.safetensors.*\(1, {cols}\)"):
         merge_to_disk(parse_merge_config(recipe), tmp_path / "out")
+
+
+def test_point_file_of_a_fisher_weighted_recipe_merges_from_any_directory(dirs, merger, tmp_path, monkeypatch):
+    """A search stores its Fisher files' paths as it wrote them (relative where RUN_DIR was given relative);
+    the point file names every input absolutely so that ``hm3 merge`` runs it anywhere, Fisher files too."""
+    from hm3.run.front import recipe_with_paths
+
+    monkeypatch.chdir(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    fishers = {ref: {n: torch.rand(merger.base[n].shape, generator=gen) for n in merger.tensor_names}
+               for ref in merger.model_refs}
+    paths = {ref: save_fisher(Path("run") / "fisher" / f"{ref}.safetensors", f) for ref, f in fishers.items()}
+    stored = {"merge_method": "df_merge", "base_model": "base",
+              "models": [{"model": ref, "parameters": {"weight": w, "fisher": str(paths[ref])}}
+                         for ref, w in (("m1", 0.6), ("m2", 0.3))]}
+    point = recipe_with_paths(stored, {ref: str(d) for ref, d in dirs.items()})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    merge_to_disk(parse_merge_config(point), tmp_path / "out")
+    merger.set_fishers(fishers)
+    try:
+        scored = merger.merged_state(parse_merge_config(stored))
+    finally:
+        merger.set_fishers(None)
+    on_disk = load_file(tmp_path / "out" / "model.safetensors")
+    for n in merger.tensor_names:
+        torch.testing.assert_close(on_disk[n], scored[n], rtol=1e-6, atol=1e-7)
