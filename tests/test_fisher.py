@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
 from hm3.config import parse_merge_config
-from hm3.errors import ConfigError, DataFileError, FisherError
+from hm3.errors import CheckpointError, ConfigError, DataFileError, FisherError
 from hm3.fisher import (
     FisherCache,
     FisherKey,
@@ -341,3 +341,65 @@ def test_fishers_set_on_the_in_memory_merger_give_df_merge(dirs, merger, tokeniz
     for n in merger.tensor_names:
         expected = ops.df_merge(merger.base[n], merger.deltas[n], [fishers["m1"][n], fishers["m2"][n]], lam)
         torch.testing.assert_close(merged[n], expected, rtol=1e-5, atol=1e-6)
+
+
+def _ones_with(merger: InMemoryMerger, name: str, tensor: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A uniform Fisher for every tensor of ``merger``, ``name``'s replaced by ``tensor`` (None: left out)."""
+    fisher = {n: torch.ones_like(merger.base[n]) for n in merger.tensor_names}
+    if tensor is None:
+        del fisher[name]
+    else:
+        fisher[name] = tensor
+    return fisher
+
+
+@pytest.mark.parametrize("bad", ["missing", "row", "vector"])
+def test_in_memory_merger_refuses_a_fisher_that_does_not_fit_its_tensors(merger, bad):
+    """A Fisher of another shape would broadcast silently against the task vectors (one row's
+    importance for every row), and a missing tensor is a bad Fisher, not an internal KeyError."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    rows, cols = merger.base[name].shape
+    wrong = {"missing": None, "row": torch.ones(1, cols), "vector": torch.ones(cols)}[bad]
+    fishers = {"m1": _ones_with(merger, name, torch.ones(rows, cols)), "m2": _ones_with(merger, name, wrong)}
+    with pytest.raises(FisherError, match=rf"'m2'.*{name}"):
+        merger.set_fishers(fishers)
+
+
+def test_merge_engine_refuses_a_fisher_file_whose_tensor_has_another_shape(dirs, merger, tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight"
+    good = save_fisher(tmp_path / "good.safetensors", _ones_with(merger, name, torch.ones_like(merger.base[name])))
+    cols = merger.base[name].shape[1]
+    bad = save_fisher(tmp_path / "bad.safetensors", _ones_with(merger, name, torch.ones(1, cols)))
+    models = [{"model": str(dirs[ref]), "parameters": {"weight": 0.5, "fisher": str(path)}}
+              for ref, path in (("m1", good), ("m2", bad))]
+    recipe = {"merge_method": "df_merge", "base_model": str(dirs["base"]), "models": models}
+    with pytest.raises(CheckpointError, match=rf"{name}.*bad.safetensors.*\(1, {cols}\)"):
+        merge_to_disk(parse_merge_config(recipe), tmp_path / "out")
+
+
+def test_point_file_of_a_fisher_weighted_recipe_merges_from_any_directory(dirs, merger, tmp_path, monkeypatch):
+    """A search stores its Fisher files' paths as it wrote them (relative where RUN_DIR was given relative);
+    the point file names every input absolutely so that ``hm3 merge`` runs it anywhere, Fisher files too."""
+    from hm3.run.front import recipe_with_paths
+
+    monkeypatch.chdir(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    fishers = {ref: {n: torch.rand(merger.base[n].shape, generator=gen) for n in merger.tensor_names}
+               for ref in merger.model_refs}
+    paths = {ref: save_fisher(Path("run") / "fisher" / f"{ref}.safetensors", f) for ref, f in fishers.items()}
+    stored = {"merge_method": "df_merge", "base_model": "base",
+              "models": [{"model": ref, "parameters": {"weight": w, "fisher": str(paths[ref])}}
+                         for ref, w in (("m1", 0.6), ("m2", 0.3))]}
+    point = recipe_with_paths(stored, {ref: str(d) for ref, d in dirs.items()})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    merge_to_disk(parse_merge_config(point), tmp_path / "out")
+    merger.set_fishers(fishers)
+    try:
+        scored = merger.merged_state(parse_merge_config(stored))
+    finally:
+        merger.set_fishers(None)
+    on_disk = load_file(tmp_path / "out" / "model.safetensors")
+    for n in merger.tensor_names:
+        torch.testing.assert_close(on_disk[n], scored[n], rtol=1e-6, atol=1e-7)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -50,12 +50,17 @@ class _FisherSource:
             except Exception as err:  # safetensors raises several private error types
                 raise CheckpointError(f"cannot read Fisher file {f}: {err}") from None
 
-    def get(self, name: str) -> list[torch.Tensor]:
+    def get(self, name: str, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+        """Each file's tensor ``name``, checked to have ``shapes[k]`` (its model's tensor as merged): the
+        merge is elementwise, so another shape would broadcast silently instead of failing."""
         out = []
-        for f, h in zip(self.files, self.handles, strict=True):
+        for f, h, shape in zip(self.files, self.handles, shapes, strict=True):
             if name not in h.keys():  # noqa: SIM118 (not a dict)
                 raise CheckpointError(f"Fisher file {f} has no tensor {name!r}")
             t = h.get(name).float()
+            if t.shape != shape:
+                raise CheckpointError(f"Fisher tensor {name!r} in {f} has shape {tuple(t.shape)}, "
+                                      f"the model's tensor {tuple(shape)}")
             if (t < 0).any() or not torch.isfinite(t).all():
                 raise CheckpointError(f"Fisher tensor {name!r} in {f} has negative or non-finite entries")
             out.append(t)
@@ -77,7 +82,7 @@ def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | No
         read = ([base] if base is not None else []) + tensors
         remapped = [r.to(t.dtype) for r, t in zip(remap_rows(job.rows, read), read, strict=True)]
         base, tensors = (remapped[0], remapped[1:]) if base is not None else (None, remapped)
-    fishers = [f.to(device) for f in fisher.get(job.name)] if fisher is not None else None
+    fishers = [f.to(device) for f in fisher.get(job.name, [t.shape for t in tensors])] if fisher is not None else None
     return base, tensors, fishers
 
 

@@ -53,7 +53,7 @@ from hm3.checkpoint.layers import is_vocabulary_tensor
 from hm3.checkpoint.reader import LM_HEAD, Checkpoint
 from hm3.config import MergeConfig
 from hm3.devices import dtype_name
-from hm3.errors import ConfigError
+from hm3.errors import ConfigError, FisherError
 from hm3.merge.methods import MERGE_METHODS, MergeMethod, TensorInputs, get_method
 from hm3.merge.plan import (
     DEFAULT_MASK_RNG,
@@ -232,7 +232,20 @@ class InMemoryMerger:
         missing = [r for r in self.model_refs if r not in fishers]
         if missing:
             raise ConfigError(f"Fisher tensors missing for models: {', '.join(missing)}")
+        for ref in self.model_refs:
+            self._check_fisher_fits(ref, fishers[ref])
         self._fishers = {r: {n: fishers[r][n].to(self._hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
+
+    def _check_fisher_fits(self, ref: str, fisher: Mapping[str, torch.Tensor]) -> None:
+        """Every tensor present with its tensor's shape: the merge multiplies them elementwise, so another
+        shape would broadcast silently (one row's importance for every row) instead of failing."""
+        for name in self.tensor_names:
+            f = fisher.get(name)
+            if f is None:
+                raise FisherError(f"Fisher tensors of model {ref!r}: no tensor {name!r}")
+            if tuple(f.shape) != tuple(self.base[name].shape):
+                raise FisherError(f"Fisher tensors of model {ref!r}: {name!r} has shape {tuple(f.shape)}, "
+                                  f"the model's tensor {tuple(self.base[name].shape)}")
 
     def _check_recipe(self, recipe: MergeConfig) -> tuple[list[int], Callable]:
         if recipe.slices is not None:

@@ -196,13 +196,24 @@ def write_point_file(out_dir: Path, point: int, kind: str, recipe: dict[str, Any
 
 
 def recipe_with_paths(recipe: dict, models: Mapping[str, str]) -> dict:
-    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model paths), merged in
-    the dtype it was scored in: a search merges in float32 whatever the models' dtype, so a recipe that names
-    none gets ``dtype: float32`` (without it, models stored in bfloat16 would be merged in bfloat16)."""
+    """A stored recipe (model refs) as a file ``hm3 merge`` runs anywhere (absolute model and Fisher file
+    paths: a search stores its Fisher files' paths as it wrote them, relative where RUN_DIR was given
+    relative), merged in the dtype it was scored in: a search merges in float32 whatever the models' dtype,
+    so a recipe that names none gets ``dtype: float32`` (without it, models stored in bfloat16 would be
+    merged in bfloat16)."""
     out = dict(recipe)
     out.setdefault("dtype", MERGE_DTYPE)
     out["base_model"] = str(Path(models[recipe["base_model"]]).resolve())
-    out["models"] = [m | {"model": str(Path(models[m["model"]]).resolve())} for m in recipe["models"]]
+    out["models"] = [_with_paths(m, models) for m in recipe["models"]]
+    return out
+
+
+def _with_paths(entry: dict[str, Any], models: Mapping[str, str]) -> dict[str, Any]:
+    """One ``models:`` entry with its model's absolute path, and its Fisher file's (if any)."""
+    out = entry | {"model": str(Path(models[entry["model"]]).resolve())}
+    params = entry.get("parameters") or {}
+    if isinstance(params.get("fisher"), str):
+        out["parameters"] = params | {"fisher": str(Path(params["fisher"]).resolve())}
     return out
 
 

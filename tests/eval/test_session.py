@@ -100,3 +100,42 @@ def test_a_path_over_other_experts_is_refused(tiny_family, tmp_path):
                 session.score(wrong, session.validation)
         finally:
             session.close()
+
+
+def test_a_fisher_weighted_recipe_names_the_fisher_of_each_scaled_expert(tiny_family, tmp_path):
+    """DF-Merge's F_i(λ_i): the Fisher of θ_base + λ_i τ_i at λ_i on the coefficient grid, on the first
+    ``fisher.examples`` validation examples of the objective the model is the expert of; the merge itself
+    keeps the exact λ_i. Checked against a Fisher of a scaled model built here from the checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    from hm3.fisher import diagonal_fisher, load_fisher
+    from objectives.registry import get_objective
+
+    _, models, objectives = tiny_family
+    data = _config(tiny_family)
+    data["search_space"] |= {"fisher": True, "df_merge": True}
+    data |= {"experts": {"m1": objectives[1], "m2": objectives[0]}, "fisher": {"examples": 5}}
+    cfg = parse_run_config(data)
+    with RunStore.open(tmp_path / "r") as store:
+        session = LiveModelSession(cfg, store, log=lambda m: None)
+        try:
+            recipe = session.merge_recipe(torch.tensor([0.31, 0.77], dtype=torch.float64))
+            tokenizer = session.backend.tokenizer
+            score = session.score(MergeCandidate(recipe), session.validation)
+        finally:
+            session.close()
+    assert recipe["merge_method"] == "df_merge" and np.isfinite(score.scores).all()
+    entries = recipe["models"]
+    assert [e["parameters"]["weight"] for e in entries] == [0.31, 0.77]
+    base = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32).state_dict()
+    for entry, grid_lam, spec in zip(entries, (0.30, 0.75), (objectives[1], objectives[0]), strict=True):
+        expert = AutoModelForCausalLM.from_pretrained(models[entry["model"]], dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                p.copy_(base[name] + grid_lam * (p - base[name]))
+        objective = get_objective(spec)
+        expected = diagonal_fisher(expert, tokenizer, list(objective.examples("validation"))[:5], objective.decoding)
+        got = load_fisher(entry["parameters"]["fisher"])
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-10, msg=name)
