@@ -149,6 +149,17 @@ def test_a_bad_set_is_refused_naming_it(micro_zoo_dir, tmp_path, capsys):
     assert not run.exists()  # refused before the run directory was made: no log file either
 
 
+@pytest.mark.parametrize("preferences", ["[[1.0]]", "0"])
+def test_bad_preferences_are_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys, preferences):
+    cfg = _two_level_yaml(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), str(run), "--set", f"zoo={micro_zoo_dir}",
+                 "--set", f"level2.preferences={preferences}"]) == 3
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "level2.preferences" in err
+    assert not run.exists()
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE
