@@ -160,6 +160,32 @@ def test_bad_preferences_are_refused_naming_the_file_and_the_key(micro_zoo_dir, 
     assert not run.exists()
 
 
+def test_a_config_read_from_a_relative_path_records_its_models_absolute(micro_zoo_dir, tmp_path, monkeypatch):
+    """The recorded config names the run's models for every later resume and reader (``hm3 front``, ``export``,
+    ``request``), which may run from another folder: a path relative to the CWD would name other files there.
+    A run that recorded relative paths (from its CWD) still resumes from that CWD."""
+    from hm3.run.config import stored_form
+    from hm3.run.directory import open_run_store
+    from hm3.search.run_config import parse_run_config
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "zoo").symlink_to(micro_zoo_dir)
+    (tmp_path / "configs" / "cfg.yml").write_text("zoo: zoo\nsearch_space: {}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/cfg.yml", parse_run_config)
+    assert cfg.models and all(Path(p).is_absolute() for p in cfg.models.values())
+    assert Path(cfg.models["base"]) == tmp_path / "configs" / "zoo" / "base"
+    recorded = parse_run_config(cfg.model_dump() | {"models": {
+        ref: os.path.relpath(p) for ref, p in cfg.models.items()}})  # as a run of an earlier hm3 recorded it
+    with open_run_store(tmp_path / "run", stored_form(recorded), 0, resume=False):
+        pass
+    with open_run_store(tmp_path / "run", stored_form(cfg), 0, resume=True):
+        pass
+    moved = cfg.model_dump() | {"models": cfg.models | {"base": str(tmp_path / "configs" / "zoo" / "math")}}
+    with pytest.raises(ConfigError, match="differing keys"):
+        open_run_store(tmp_path / "run", stored_form(parse_run_config(moved)), 0, resume=True)
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE

@@ -119,6 +119,7 @@ def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: 
             raise ConfigError(f"{run_dir} holds a {'level-1 search' if held == 'level1' else 'two-level run'} "
                               f"({COMMANDS[held]}); resume it with {COMMANDS[held]}")
         expected = config
+        recorded = _models_made_absolute(recorded, config)
         if budget_may_grow:
             budget = recorded["level1"]["optimizer"]["budget"]
             expected = config | {"level1": _with_budget(config["level1"], budget)}
@@ -127,6 +128,18 @@ def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: 
         store.close()
         raise
     return store
+
+
+def _models_made_absolute(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` with each model path it holds relative to the CWD replaced by the given config's path
+    where that is the same folder made absolute: runs recorded before model paths were made absolute resume
+    from the folder they ran in."""
+    held, wanted = recorded["level1"].get("models"), given["level1"].get("models")
+    if not isinstance(held, dict) or not isinstance(wanted, dict):
+        return recorded
+    models = {ref: wanted[ref] if isinstance(p, str) and not Path(p).is_absolute() and isinstance(wanted.get(ref), str)
+              and Path(p).absolute() == Path(wanted[ref]) else p for ref, p in held.items()}
+    return recorded | {"level1": recorded["level1"] | {"models": models}}
 
 
 def _with_budget(level1: dict[str, Any], budget: int) -> dict[str, Any]:

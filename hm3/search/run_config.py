@@ -218,18 +218,20 @@ def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
 def _model_dir(ref: str, value: Any, base_dir: Path, source: str) -> Any:
     """A model of a config file: a path as given (``~`` is the user's home, as in merge recipes and ``hm3
     check``; absolute, or existing relative to the CWD), else relative to the file's folder; a hub id that names no local directory becomes its snapshot directory in the HF
-    cache, so the stored config, a resume and every later read name the exact files the run used."""
+    cache, so the stored config, a resume and every later read name the exact files the run used. Either way
+    the path is made absolute (not resolved: symlinks stay as written)."""
     from hm3.checkpoint.hub import is_hub_name, resolve_model
 
     if not isinstance(value, str):
         return value  # pydantic names the wrong type
     if is_hub_name(value, base_dir):
         try:
-            return str(resolve_model(value, base_dir))
+            return str(resolve_model(value, base_dir).absolute())
         except ConfigError as err:
             raise ConfigError(f"{source}: models.{ref}: {err}") from None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() or p.exists() else base_dir / p)
+    # absolute: a resume or a reader (hm3 front, export, request) may run from another folder
+    return str((p if p.is_absolute() or p.exists() else base_dir / p).absolute())
 
 
 def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
