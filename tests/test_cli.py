@@ -186,6 +186,16 @@ def test_a_config_read_from_a_relative_path_records_its_models_absolute(micro_zo
         open_run_store(tmp_path / "run", stored_form(parse_run_config(moved)), 0, resume=True)
 
 
+def test_an_unknown_optimizer_is_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "optimizer": {"name": "bo-moo"}}))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "optimizer.name: unknown optimizer 'bo-moo'; known: bo-mo" in err
+    assert not run.exists()
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE

@@ -138,6 +138,16 @@ class OptimizerConfig(_Frozen):
     budget: int = Field(50, ge=1, description="candidate evaluations, initial design included")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        """An unknown name is refused with the config's file and key (the registry loads no optimiser module)."""
+        from hm3.search.optimizers import OPTIMIZERS
+
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+        return value
+
 
 class FisherConfig(_Frozen):
     examples: int = Field(30, ge=1, description="validation examples per task (DF-Merge: 30)")
