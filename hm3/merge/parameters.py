@@ -5,10 +5,10 @@ of ``{filter, value}`` conditions matched by tensor-name substring. Depth ``t``
 runs from 0 (first layer) to 1 (last layer); tensors outside the layers
 (embeddings, final norm, LM head) use ``t = 0``, as mergekit does.
 
-As in mergekit 0.1.5, each value (each end of a gradient) is first read by its parameter's type
-(``validate``): PyYAML reads ``1e-3`` (no dot) as a string and ``0``/``1`` as whole numbers, and
-mergekit merges such a recipe as the float or bool it means. A value the type does not accept is kept
-as given, so the parameter's own check names it.
+As in mergekit 0.1.5, each value (each end of a gradient) of a number parameter is first read by its
+type (``validate``): PyYAML reads ``1e-3`` (no dot) as a string, which mergekit merges as the float it
+means. A value the type does not accept is kept as given, so the parameter's own check names it; unlike
+mergekit, booleans and numbers are not read as one another (``normalize: 1``, ``weight: true`` are refused).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def validator(value_type: Any) -> Validate:
     adapter = TypeAdapter(value_type)
 
     def read(value: Any) -> Any:
+        if isinstance(value, bool):  # true/false are no numbers: the parameter's check refuses them by name
+            return value
         try:
             out = adapter.validate_python(value)
         except ValidationError:

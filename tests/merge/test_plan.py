@@ -125,8 +125,8 @@ def test_per_model_parameters_follow_tensor_filters():
 
 
 def test_values_are_read_by_their_parameters_types_as_mergekit_reads_them():
-    """PyYAML reads ``5e-1`` (no dot) as a string and ``0``/``1`` as whole numbers; mergekit 0.1.5 validates each
-    value (and each gradient end) by its parameter's type, so such a recipe merges there and means the same here."""
+    """PyYAML reads ``5e-1`` (no dot) as a string; mergekit 0.1.5 reads each value (and each gradient end) of a number
+    parameter as its type, so such a recipe merges there and means the same here."""
     import yaml
 
     from hm3.merge.methods import get_method
@@ -138,14 +138,14 @@ def test_values_are_read_by_their_parameters_types_as_mergekit_reads_them():
         models:
           - {model: m0, parameters: {weight: 5e-1, density: [1e-1, 0.5]}}
           - {model: m1, parameters: {weight: 1, density: "1"}}
-        parameters: {normalize: 0, int8_mask: "true", lambda: [2, 2]}
+        parameters: {lambda: [2, 2]}
     """))
     jobs = {j.name: j for j in resolve_jobs(config, get_method("ties"), tensor_names=NAMES, num_layers=3,
                                             input_refs=["m0", "m1"])}
     assert [jobs[n].model_params[0]["density"] for n in NAMES] == [0.1, 0.1, 0.1, 0.5, 0.5]
     assert all(jobs[n].model_params[0]["weight"] == 0.5 and jobs[n].model_params[1]["density"] == 1.0
                for n in NAMES)
-    assert all(jobs[n].params["normalize"] is False and jobs[n].params["int8_mask"] is True for n in NAMES)
+    assert all(jobs[n].params["lambda"] == 2.0 for n in NAMES)
     karcher = parse_merge_config({"merge_method": "karcher", "models": [{"model": "m0", "parameters": {"weight": 1}},
                                                                         {"model": "m1", "parameters": {"weight": 1}}],
                                   "parameters": {"max_iter": [5, 5], "tol": "1e-6"}})
