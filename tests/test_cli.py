@@ -196,6 +196,24 @@ def test_an_unknown_optimizer_is_refused_naming_the_file_and_the_key(micro_zoo_d
     assert not run.exists()
 
 
+@pytest.mark.parametrize(("change", "mentions"), [
+    ({"search_space": ["m1"]}, "search_space: Input should be a valid dictionary"),
+    ({"search_space": "dare"}, "search_space: Input should be a valid dictionary"),
+    ({"zoo": None}, "zoo: a zoo folder or builtin:NAME, got None"),
+    ({"zoo": 5}, "zoo: a zoo folder or builtin:NAME, got 5"),
+    ({"zoo": "not-a-zoo"}, "zoo: "),
+])
+def test_a_zoo_config_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys,
+                                                                                change, mentions):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "search_space": {}} | change))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}" in err and mentions in err
+    assert not run.exists()
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE

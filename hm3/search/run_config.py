@@ -205,23 +205,32 @@ class RunConfig(_Frozen):
         return json.loads(self.model_dump_json(exclude={"evaluation": left_out}))
 
 
-def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+def expand_zoo(data: dict[str, Any], base_dir: Path | None, source: str = "<config>") -> dict[str, Any]:
     """``zoo: DIR`` (or ``zoo: builtin:micro``, the shipped zoo) fills ``models``, ``objectives``, ``experts`` and the search space's model refs
-    from ``DIR/zoo.json``; keys given explicitly win."""
+    from ``DIR/zoo.json``; keys given explicitly win. A ``search_space`` that is not a mapping is left as given
+    for validation to refuse by name."""
     from hm3.zoo.build import ZooManifest
     from hm3.zoo.shipped import resolve_zoo
 
     data = dict(data)
-    zoo_dir = resolve_zoo(data.pop("zoo"), base_dir)
-    manifest = ZooManifest.read(zoo_dir)
+    ref = data.pop("zoo")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{source}: invalid run config:\n  zoo: a zoo folder or builtin:NAME, got {ref!r}")
+    try:
+        zoo_dir = resolve_zoo(ref, base_dir)
+        manifest = ZooManifest.read(zoo_dir)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: invalid run config:\n  zoo: {err}") from None
     experts = {model: objective for objective, model in manifest.experts.items()}
     data.setdefault("models", {name: str(zoo_dir / rel) for name, rel in manifest.models.items()})
     data.setdefault("objectives", list(manifest.objectives))
     data.setdefault("experts", experts)
-    space = dict(data.get("search_space") or {})
-    space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
-    space.setdefault("models", list(experts))
-    data["search_space"] = space
+    space = data.get("search_space")
+    if space is None or isinstance(space, dict):
+        space = dict(space or {})
+        space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
+        space.setdefault("models", list(experts))
+        data["search_space"] = space
     return data
 
 
@@ -249,7 +258,7 @@ def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | No
     hub ids resolved through the HF cache (both only for a config file, which gives ``base_dir``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a run config must be a mapping")
-    data = expand_zoo(data, base_dir) if "zoo" in data else dict(data)
+    data = expand_zoo(data, base_dir, source) if "zoo" in data else dict(data)
     if base_dir is not None and isinstance(data.get("models"), dict):
         data["models"] = {ref: _model_dir(ref, p, base_dir, source) for ref, p in data["models"].items()}
     try:
