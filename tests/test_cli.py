@@ -214,6 +214,17 @@ def test_a_zoo_config_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(
     assert not run.exists()
 
 
+def test_a_zoo_fills_only_what_agrees_with_the_keys_given(micro_zoo_dir):
+    """A search over some of a zoo's experts, or for some of its objectives, needs no `experts:` written out:
+    the zoo's fill-ins follow the keys given."""
+    from hm3.search.run_config import parse_run_config
+
+    some = parse_run_config({"zoo": str(micro_zoo_dir), "search_space": {"models": ["math", "code"]}}, source="c.yml")
+    assert some.experts == {"math": "zoo:math", "code": "zoo:code"} and len(some.objectives) == 3
+    two = parse_run_config({"zoo": str(micro_zoo_dir), "objectives": ["zoo:math", "zoo:code"]}, source="c.yml")
+    assert two.search_space.models == ["math", "code"] and two.experts == some.experts
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE

@@ -224,13 +224,17 @@ def expand_zoo(data: dict[str, Any], base_dir: Path | None, source: str = "<conf
     experts = {model: objective for objective, model in manifest.experts.items()}
     data.setdefault("models", {name: str(zoo_dir / rel) for name, rel in manifest.models.items()})
     data.setdefault("objectives", list(manifest.objectives))
-    data.setdefault("experts", experts)
     space = data.get("search_space")
     if space is None or isinstance(space, dict):
         space = dict(space or {})
         space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
-        space.setdefault("models", list(experts))
+        # the zoo's experts for the objectives searched; given models and objectives win
+        objectives = data["objectives"] if isinstance(data["objectives"], list) else list(manifest.objectives)
+        space.setdefault("models", [m for m, objective in experts.items() if objective in objectives] or list(experts))
         data["search_space"] = space
+        searched = space["models"] if isinstance(space["models"], list) else list(experts)
+        experts = {m: objective for m, objective in experts.items() if m in searched and objective in objectives}
+    data.setdefault("experts", experts)
     return data
 
 
