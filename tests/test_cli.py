@@ -25,7 +25,7 @@ from hm3.errors import (
     MissingExtraError,
     SandboxUnavailableError,
 )
-from hm3.overrides import load_config
+from hm3.overrides import apply_overrides, load_config, parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +223,29 @@ def test_a_zoo_fills_only_what_agrees_with_the_keys_given(micro_zoo_dir):
     assert some.experts == {"math": "zoo:math", "code": "zoo:code"} and len(some.objectives) == 3
     two = parse_run_config({"zoo": str(micro_zoo_dir), "objectives": ["zoo:math", "zoo:code"]}, source="c.yml")
     assert two.search_space.models == ["math", "code"] and two.experts == some.experts
+
+
+@pytest.mark.parametrize("key", ["level2.rl.rmm_back_penalty", "level2.rl.beta1", "level2.rl.max_grad_norm",
+                                 "evaluation.resources_per_worker.num_cpus"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_setting_that_is_not_a_finite_number_is_refused_naming_it(micro_zoo_dir, key, value):
+    """A NaN or infinite reward, penalty or resource would spoil a run without an error."""
+    from hm3.run.config import parse_two_level_config
+
+    data = {"zoo": str(micro_zoo_dir), "evaluation": {"executor": "ray"}}
+    with pytest.raises(ConfigError, match=rf"c\.yml: invalid run config:\n  {key}: Input should be a finite"):
+        parse_two_level_config(apply_overrides(data, [parse_assignment(f"{key}={value}")]), source="c.yml")
+
+
+@pytest.mark.parametrize("key", ["weight_bounds", "density_bounds"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_search_bound_that_is_not_finite_is_refused_naming_it(micro_zoo_dir, key, value):
+    """A NaN bound passes every range comparison: the search would decode NaN weights or densities."""
+    from hm3.search.run_config import parse_run_config
+
+    data = apply_overrides({"zoo": str(micro_zoo_dir)}, [parse_assignment(f"search_space.{key}=[{value}, 1]")])
+    with pytest.raises(ConfigError, match=rf"c\.yml: invalid run config:\n  search_space: {key} \[.*\] must be finite"):
+        parse_run_config(data, source="c.yml")
 
 
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):

@@ -38,7 +38,7 @@ RunKind = Literal["level1", "two-level"]
 class Level2Section(BaseModel):
     """The ``level2:`` section of a run config."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     pool: Literal["experts+merge", "experts"] = Field(
         "experts+merge",

@@ -23,7 +23,7 @@ from hm3.search.space import SearchSpace
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class VLLMEngineConfig(_Frozen):
