@@ -248,6 +248,19 @@ def test_a_search_bound_that_is_not_finite_is_refused_naming_it(micro_zoo_dir, k
         parse_run_config(data, source="c.yml")
 
 
+def test_fisher_weighting_on_vllm_is_refused_before_the_run_directory_is_made(micro_zoo_dir, tmp_path, capsys):
+    """Fisher tensors need gradients through the live hf model: refused from the config, not once the run's
+    store exists (a RUN_DIR holding a store the corrected config could neither start anew nor resume)."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "search_space": {"fisher": True, "dare": False},
+                                   "evaluation": {"backend": "vllm"}}))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}: invalid run config" in err and "fisher: true needs evaluation.backend: hf" in err
+    assert not run.exists()
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE

@@ -187,6 +187,8 @@ class RunConfig(_Frozen):
         if space.fisher and self.evaluation.executor == "ray":
             # DF-Merge's Fisher tensors are computed through a live model, which this process lacks with Ray
             raise ValueError("fisher: true needs evaluation.executor: local")
+        if space.fisher and self.evaluation.backend != "hf":
+            raise ValueError("fisher: true needs evaluation.backend: hf (gradients through the live model)")
         return self
 
     def canonical(self) -> dict[str, Any]:
