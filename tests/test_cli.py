@@ -261,6 +261,21 @@ def test_fisher_weighting_on_vllm_is_refused_before_the_run_directory_is_made(mi
     assert not run.exists()
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_run_refused_while_its_session_opens_leaves_no_run_behind(micro_zoo_dir, tmp_path, capsys, existing):
+    """An objective that does not resolve is found once the run's store exists: a store left behind, recording
+    the bad config, would make the corrected config refused in that RUN_DIR (neither new nor a resume)."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "objectives": ["nosuch-objective"],
+                                   "optimizer": {"name": "random", "budget": 2}}))
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    assert "unknown objective 'nosuch-objective'" in capsys.readouterr().err
+    assert run.exists() == existing and (not existing or not any(run.iterdir()))
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE
