@@ -276,6 +276,23 @@ def test_a_run_refused_while_its_session_opens_leaves_no_run_behind(micro_zoo_di
     assert run.exists() == existing and (not existing or not any(run.iterdir()))
 
 
+def test_a_key_given_twice_in_a_run_config_is_refused_naming_it(micro_zoo_dir, tmp_path, capsys):
+    """YAML keeps the last of two equal keys: the first section (here the evaluation's test_examples) would be
+    dropped without a word."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(f"zoo: {micro_zoo_dir}\nevaluation: {{test_examples: 100}}\noptimizer: {{budget: 4}}\n"
+                   "evaluation: {validation_examples: 8}\n")
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}: not valid YAML" in err and "'evaluation' is given twice (first on line 2)" in err and "line 4" in err
+    assert not run.exists()
+    from hm3.search.run_config import read_config_file
+
+    cfg.write_text("common: &c {batch_size: 8, test_examples: 10}\nevaluation:\n  <<: *c\n  batch_size: 4\n")
+    assert read_config_file(cfg)["evaluation"] == {"batch_size": 4, "test_examples": 10}  # a merge key overridden
+
+
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):
     from hm3.log import LOG_FILE, configure, run_log
     from hm3.store import STORE_FILE
