@@ -104,15 +104,16 @@ def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
     import yaml
 
     from hm3.atomic import atomic_write_text
-    from hm3.config import load_merge_config
+    from hm3.config import load_merge_config, naming
     from hm3.merge.export import mergekit_notes, to_mergekit
     from hm3.merge.plan import plan_merge
 
     config = load_merge_config(args.config)
-    data = to_mergekit(config)
-    # hm3 merge's own checks against the models (parameter ranges per tensor, model counts, shapes), so
-    # a config mergekit would refuse halfway through its merge is refused here, before anything is written
-    plan_merge(config, config_dir=Path(args.config).parent).close()
+    with naming(args.config):
+        data = to_mergekit(config)
+        # hm3 merge's own checks against the models (parameter ranges per tensor, model counts, shapes), so
+        # a config mergekit would refuse halfway through its merge is refused here, before anything is written
+        plan_merge(config, config_dir=Path(args.config).parent).close()
     notes = mergekit_notes(config, "CONFIG.yml" if args.output == "-" else args.output)
     text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":

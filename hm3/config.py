@@ -25,6 +25,8 @@ the run store, never mutated by the planner.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,6 +242,18 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text
         raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
     return parse_merge_config(data, source=str(p))
+
+
+@contextmanager
+def naming(source: str | None) -> Iterator[None]:
+    """A :class:`ConfigError` raised inside names ``source`` (the recipe file) first: checks against the
+    models (parameters per tensor, dtypes, model counts) find problems after the file was read."""
+    try:
+        yield
+    except ConfigError as err:
+        if source is None or str(err).startswith(f"{source}:"):
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _iter_numbers(setting: Any):

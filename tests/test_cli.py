@@ -25,7 +25,7 @@ from hm3.errors import (
     MissingExtraError,
     SandboxUnavailableError,
 )
-from hm3.overrides import load_config
+from hm3.overrides import apply_overrides, load_config, parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,6 +208,150 @@ def test_a_bad_set_is_refused_naming_it(micro_zoo_dir, tmp_path, capsys):
     assert main(["run", str(cfg), str(run), "--set", "optimizer.name.x=1"]) == 3
     assert "optimizer.name is a str, not a section" in capsys.readouterr().err
     assert not run.exists()  # refused before the run directory was made: no log file either
+
+
+@pytest.mark.parametrize("preferences", ["[[1.0]]", "0"])
+def test_bad_preferences_are_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys, preferences):
+    cfg = _two_level_yaml(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), str(run), "--set", f"zoo={micro_zoo_dir}",
+                 "--set", f"level2.preferences={preferences}"]) == 3
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "level2.preferences" in err
+    assert not run.exists()
+
+
+def test_a_config_read_from_a_relative_path_records_its_models_absolute(micro_zoo_dir, tmp_path, monkeypatch):
+    """The recorded config names the run's models for every later resume and reader (``hm3 front``, ``export``,
+    ``request``), which may run from another folder: a path relative to the CWD would name other files there.
+    A run that recorded relative paths (from its CWD) still resumes from that CWD."""
+    from hm3.run.config import stored_form
+    from hm3.run.directory import open_run_store
+    from hm3.search.run_config import parse_run_config
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "zoo").symlink_to(micro_zoo_dir)
+    (tmp_path / "configs" / "cfg.yml").write_text("zoo: zoo\nsearch_space: {}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/cfg.yml", parse_run_config)
+    assert cfg.models and all(Path(p).is_absolute() for p in cfg.models.values())
+    assert Path(cfg.models["base"]) == tmp_path / "configs" / "zoo" / "base"
+    recorded = parse_run_config(cfg.model_dump() | {"models": {
+        ref: os.path.relpath(p) for ref, p in cfg.models.items()}})  # as a run of an earlier hm3 recorded it
+    with open_run_store(tmp_path / "run", stored_form(recorded), 0, resume=False):
+        pass
+    with open_run_store(tmp_path / "run", stored_form(cfg), 0, resume=True):
+        pass
+    moved = cfg.model_dump() | {"models": cfg.models | {"base": str(tmp_path / "configs" / "zoo" / "math")}}
+    with pytest.raises(ConfigError, match="differing keys"):
+        open_run_store(tmp_path / "run", stored_form(parse_run_config(moved)), 0, resume=True)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "optimizer": {"name": "bo-moo"}}))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "optimizer.name: unknown optimizer 'bo-moo'; known: bo-mo" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(("change", "mentions"), [
+    ({"search_space": ["m1"]}, "search_space: Input should be a valid dictionary"),
+    ({"search_space": "dare"}, "search_space: Input should be a valid dictionary"),
+    ({"zoo": None}, "zoo: a zoo folder or builtin:NAME, got None"),
+    ({"zoo": 5}, "zoo: a zoo folder or builtin:NAME, got 5"),
+    ({"zoo": "not-a-zoo"}, "zoo: "),
+])
+def test_a_zoo_config_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(micro_zoo_dir, tmp_path, capsys,
+                                                                                change, mentions):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "search_space": {}} | change))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}" in err and mentions in err
+    assert not run.exists()
+
+
+def test_a_zoo_fills_only_what_agrees_with_the_keys_given(micro_zoo_dir):
+    """A search over some of a zoo's experts, or for some of its objectives, needs no `experts:` written out:
+    the zoo's fill-ins follow the keys given."""
+    from hm3.search.run_config import parse_run_config
+
+    some = parse_run_config({"zoo": str(micro_zoo_dir), "search_space": {"models": ["math", "code"]}}, source="c.yml")
+    assert some.experts == {"math": "zoo:math", "code": "zoo:code"} and len(some.objectives) == 3
+    two = parse_run_config({"zoo": str(micro_zoo_dir), "objectives": ["zoo:math", "zoo:code"]}, source="c.yml")
+    assert two.search_space.models == ["math", "code"] and two.experts == some.experts
+
+
+@pytest.mark.parametrize("key", ["level2.rl.rmm_back_penalty", "level2.rl.beta1", "level2.rl.max_grad_norm",
+                                 "evaluation.resources_per_worker.num_cpus"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_setting_that_is_not_a_finite_number_is_refused_naming_it(micro_zoo_dir, key, value):
+    """A NaN or infinite reward, penalty or resource would spoil a run without an error."""
+    from hm3.run.config import parse_two_level_config
+
+    data = {"zoo": str(micro_zoo_dir), "evaluation": {"executor": "ray"}}
+    with pytest.raises(ConfigError, match=rf"c\.yml: invalid run config:\n  {key}: Input should be a finite"):
+        parse_two_level_config(apply_overrides(data, [parse_assignment(f"{key}={value}")]), source="c.yml")
+
+
+@pytest.mark.parametrize("key", ["weight_bounds", "density_bounds"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_search_bound_that_is_not_finite_is_refused_naming_it(micro_zoo_dir, key, value):
+    """A NaN bound passes every range comparison: the search would decode NaN weights or densities."""
+    from hm3.search.run_config import parse_run_config
+
+    data = apply_overrides({"zoo": str(micro_zoo_dir)}, [parse_assignment(f"search_space.{key}=[{value}, 1]")])
+    with pytest.raises(ConfigError, match=rf"c\.yml: invalid run config:\n  search_space: {key} \[.*\] must be finite"):
+        parse_run_config(data, source="c.yml")
+
+
+def test_fisher_weighting_on_vllm_is_refused_before_the_run_directory_is_made(micro_zoo_dir, tmp_path, capsys):
+    """Fisher tensors need gradients through the live hf model: refused from the config, not once the run's
+    store exists (a RUN_DIR holding a store the corrected config could neither start anew nor resume)."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "search_space": {"fisher": True, "dare": False},
+                                   "evaluation": {"backend": "vllm"}}))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}: invalid run config" in err and "fisher: true needs evaluation.backend: hf" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_run_refused_while_its_session_opens_leaves_no_run_behind(micro_zoo_dir, tmp_path, capsys, existing):
+    """An objective that does not resolve is found once the run's store exists: a store left behind, recording
+    the bad config, would make the corrected config refused in that RUN_DIR (neither new nor a resume)."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"zoo": str(micro_zoo_dir), "objectives": ["nosuch-objective"],
+                                   "optimizer": {"name": "random", "budget": 2}}))
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    assert "unknown objective 'nosuch-objective'" in capsys.readouterr().err
+    assert run.exists() == existing and (not existing or not any(run.iterdir()))
+
+
+def test_a_key_given_twice_in_a_run_config_is_refused_naming_it(micro_zoo_dir, tmp_path, capsys):
+    """YAML keeps the last of two equal keys: the first section (here the evaluation's test_examples) would be
+    dropped without a word."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(f"zoo: {micro_zoo_dir}\nevaluation: {{test_examples: 100}}\noptimizer: {{budget: 4}}\n"
+                   "evaluation: {validation_examples: 8}\n")
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run)]) == 3
+    err = capsys.readouterr().err
+    assert f"{cfg}: not valid YAML" in err and "'evaluation' is given twice (first on line 2)" in err and "line 4" in err
+    assert not run.exists()
+    from hm3.search.run_config import read_config_file
+
+    cfg.write_text("common: &c {batch_size: 8, test_examples: 10}\nevaluation:\n  <<: *c\n  batch_size: 4\n")
+    assert read_config_file(cfg)["evaluation"] == {"batch_size": 4, "test_examples": 10}  # a merge key overridden
 
 
 def test_the_run_log_waits_for_the_run_store_and_keeps_every_record(tmp_path):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class Level2Config(BaseModel):
     """Environment, networks and PPO of the architecture-level search."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # a NaN penalty spoils rewards silently
 
     mode: Literal["hm3", "rmm"] = Field(
         "hm3",

@@ -172,7 +172,7 @@ def _check(path: Path, sets: tuple[str, ...], tmp: Path, report: CheckReport) ->
     # every key and value as `hm3 run` reads them, before any model is looked at (base_dir=None: no
     # model is resolved, so no hub id is downloaded)
     source = f"{path} (with --set {', '.join(sets)})" if sets else str(path)
-    data = expand_zoo(data, path.parent) if "zoo" in data else data
+    data = expand_zoo(data, path.parent, source) if "zoo" in data else data
     parsed = parse(copy.deepcopy(data), source=source)
     level1 = parsed.level1 if two_level else parsed
     kind = "two-level run: hm3 run" if two_level else "level-1 search: hm3 search param"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
-from hm3.config import MergeConfig, load_merge_config
+from hm3.config import MergeConfig, load_merge_config, naming
 from hm3.devices import check_device
 from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
@@ -154,13 +154,16 @@ def merge_to_disk(
     """
     start = time.perf_counter()
     inputs: list[Path] = []
+    source = None
     if not isinstance(config, MergeConfig):
         inputs.append(Path(config))
+        source = str(config)
         config_dir = Path(config).parent if config_dir is None else config_dir
         config = load_merge_config(config)
     out_dir = Path(out_dir)
     dev = check_device(device)  # before the models are opened
-    plan = plan_merge(config, config_dir=config_dir, seed=seed)
+    with naming(source):
+        plan = plan_merge(config, config_dir=config_dir, seed=seed)
     # the recipe beside the model names the seed that drew its drop masks (``seed`` overrides the recipe's),
     # so merging that file again gives the same model
     recorded = config if seed is None else config.model_copy(update={"seed": seed})

@@ -68,6 +68,9 @@ class ParamSpec:
     check: Callable[[Any], str | None]
     required: bool = False
     hm3_only: bool = False  # not part of mergekit's schema: blocks export to mergekit
+    #: the number type a value is read as before ``check``, as mergekit reads it (YAML's ``1e-3`` is the string
+    #: "1e-3", a float here; a gradient of whole numbers ends as one for ``int``); None (bools, strings): as given
+    value_type: Any = float
     #: the range a level-1 search explores by default (inside what ``check`` accepts); None: a search gives
     #: it no default range (weight and density take the search space's own per-model bounds)
     search_bounds: tuple[float, float] | None = None
@@ -155,11 +158,11 @@ def all_parameter_names() -> set[str]:
 
 WEIGHT = ParamSpec("weight", None, _check_weight, required=True)
 DENSITY = ParamSpec("density", 1.0, _check_density)
-FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True)
+FISHER = ParamSpec("fisher", None, _check_path, hm3_only=True, value_type=None)
 # search ranges: around mergekit's defaults (λ 1, γ 0.01, ε 0.15), within the values the methods' papers tune
 LAMBDA = ParamSpec("lambda", 1.0, _check_number, search_bounds=(0.5, 1.5))
-INT8_MASK = ParamSpec("int8_mask", False, _check_bool)  # mask dtype only: no effect on the result
-RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True)
+INT8_MASK = ParamSpec("int8_mask", False, _check_bool, value_type=None)  # mask dtype only: no effect on the result
+RESCALE_MODE = ParamSpec("rescale_mode", None, _check_rescale_mode, hm3_only=True, value_type=None)
 GAMMA = ParamSpec("gamma", 0.01, _check_density, search_bounds=(0.0, 0.1))  # breadcrumbs: the fraction of largest |τ| dropped
 EPSILON = ParamSpec("epsilon", 0.15, _check_density, search_bounds=(0.0, 0.2))  # della: the spread of keep probabilities around density
 
@@ -167,8 +170,8 @@ EPSILON = ParamSpec("epsilon", 0.15, _check_density, search_bounds=(0.0, 0.2))  
 def _gta_params(*, normalize: bool, rescale: bool, rescale_modes: bool = True) -> tuple[ParamSpec, ...]:
     """mergekit's generalized task arithmetic parameters; ``rescale_modes``: hm3's ``rescale_mode`` too."""
     return (
-        ParamSpec("normalize", normalize, _check_bool),
-        ParamSpec("rescale", rescale, _check_bool),
+        ParamSpec("normalize", normalize, _check_bool, value_type=None),
+        ParamSpec("rescale", rescale, _check_bool, value_type=None),
         LAMBDA,
         INT8_MASK,
     ) + ((RESCALE_MODE,) if rescale_modes else ())
@@ -283,7 +286,7 @@ def _passthrough(x: TensorInputs) -> torch.Tensor:
     "linear",
     needs_base=False,
     reference="https://arxiv.org/abs/2203.05482",
-    params=(ParamSpec("normalize", True, _check_bool),),
+    params=(ParamSpec("normalize", True, _check_bool, value_type=None),),
     model_params=(WEIGHT,),
     mergekit_name="linear",
 )
@@ -415,7 +418,7 @@ def _slerp(x: TensorInputs) -> torch.Tensor:
     "model_stock",
     needs_base=True,
     min_models=2,
-    params=(ParamSpec("filter_wise", False, _check_bool),),
+    params=(ParamSpec("filter_wise", False, _check_bool, value_type=None),),
     model_params=(),
     mergekit_name="model_stock",
     reference="https://arxiv.org/abs/2403.19522",
@@ -478,7 +481,8 @@ def _della_linear(x: TensorInputs) -> torch.Tensor:
     optional_base=True,
     min_models=2,
     max_models=2,
-    params=(ParamSpec("nuslerp_flatten", True, _check_bool), ParamSpec("nuslerp_row_wise", False, _check_bool)),
+    params=(ParamSpec("nuslerp_flatten", True, _check_bool, value_type=None),
+            ParamSpec("nuslerp_row_wise", False, _check_bool, value_type=None)),
     model_params=(WEIGHT,),
     mergekit_name="nuslerp",
     reference="https://github.com/arcee-ai/mergekit",
@@ -511,7 +515,7 @@ def _sce(x: TensorInputs) -> torch.Tensor:
 @merge_method(
     "karcher",
     needs_base=False,
-    params=(ParamSpec("max_iter", 10, _check_count), ParamSpec("tol", 1e-5, _check_positive)),
+    params=(ParamSpec("max_iter", 10, _check_count, value_type=int), ParamSpec("tol", 1e-5, _check_positive)),
     model_params=(),
     mergekit_name="karcher",
     reference="https://arxiv.org/abs/2603.04972",

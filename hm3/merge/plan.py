@@ -48,7 +48,7 @@ from hm3.config import MASK_RNGS, MergeConfig, TokenSetting, parameter_places
 from hm3.errors import ConfigError, IncompatibleModelsError
 from hm3.merge import ops
 from hm3.merge.methods import MergeMethod, ParamSpec, all_parameter_names, get_method
-from hm3.merge.parameters import layer_position, resolve_in
+from hm3.merge.parameters import layer_position, resolve_in, validator
 from hm3.merge.slices import SliceGroup, slice_groups
 from hm3.merge.tokenizer import OutputTokenizer, TokenizedModel, build_output_tokenizer, has_tokenizer
 from hm3.merge.vocab import MergedVocabulary, RowPlan, merged_vocabulary, row_plan
@@ -164,7 +164,8 @@ Scopes = list[dict[str, Any] | None]
 
 def _resolve_one(spec: ParamSpec, scopes: Scopes, *, tensor: str, t: float, where: str) -> Any:
     """One parameter's value for one tensor; ``where`` ('model 'm', ' or '') prefixes the tensor in messages."""
-    value = resolve_in(scopes, spec.name, tensor_name=tensor, t=t, default=spec.default)
+    value = resolve_in(scopes, spec.name, tensor_name=tensor, t=t, default=spec.default,
+                       validate=validator(spec.value_type))
     if value is None:
         if spec.required:
             raise ConfigError(f"missing required parameter '{spec.name}' ({where}tensor {tensor})")

@@ -38,7 +38,7 @@ RunKind = Literal["level1", "two-level"]
 class Level2Section(BaseModel):
     """The ``level2:`` section of a run config."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     pool: Literal["experts+merge", "experts"] = Field(
         "experts+merge",
@@ -98,7 +98,11 @@ def parse_two_level_config(data: Any, *, source: str = "<config>", base_dir: Pat
     except ValidationError as err:
         raise invalid_config(err, source, "run config", prefix="level2.") from None
     cfg = TwoLevelConfig(level1=level1, level2=level2)
-    cfg.preferences()  # wrong-length or non-normalised vectors: refused before anything runs
+    try:
+        cfg.preferences()  # wrong-length or non-normalised vectors: refused before anything runs
+    except ConfigError as err:
+        problem = str(err).removeprefix("level2.preferences ")
+        raise ConfigError(f"{source}: invalid run config:\n  level2.preferences: {problem}") from None
     return cfg
 
 

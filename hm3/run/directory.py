@@ -28,17 +28,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hm3.errors import ConfigError, RunFileError
+from hm3.errors import ConfigError, Hm3Error, RunFileError
+from hm3.log import LOG_FILE
 from hm3.run.config import RunKind, StoredRun, read_stored_run, stored_config
 from hm3.samples import SAMPLES_DIR
-from hm3.store import STORE_FILE, RunStore
+from hm3.store import LOCK_FILE, STORE_FILE, RunStore
 from objectives.base import utility_map
 
 if TYPE_CHECKING:  # pandas is imported where used: a preference request needs none of it
@@ -119,6 +121,7 @@ def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: 
             raise ConfigError(f"{run_dir} holds a {'level-1 search' if held == 'level1' else 'two-level run'} "
                               f"({COMMANDS[held]}); resume it with {COMMANDS[held]}")
         expected = config
+        recorded = _models_made_absolute(recorded, config)
         if budget_may_grow:
             budget = recorded["level1"]["optimizer"]["budget"]
             expected = config | {"level1": _with_budget(config["level1"], budget)}
@@ -127,6 +130,35 @@ def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: 
         store.close()
         raise
     return store
+
+
+@contextmanager
+def new_run_discarded_on_refusal(run_dir: Path, store: RunStore, *, new: bool, made: bool) -> Iterator[None]:
+    """A new run refused while its session opens (an objective that does not resolve, a model or backend that
+    refuses the config) leaves no run behind: its store would record the refused config, so the corrected
+    one could neither start anew in ``run_dir`` nor resume it. ``made``: this command made ``run_dir``."""
+    try:
+        yield
+    except Hm3Error:
+        if new:
+            store.close()
+            for name in (STORE_FILE, f"{STORE_FILE}-wal", f"{STORE_FILE}-shm", LOCK_FILE, LOG_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            if made and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+
+
+def _models_made_absolute(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` with each model path it holds relative to the CWD replaced by the given config's path
+    where that is the same folder made absolute: runs recorded before model paths were made absolute resume
+    from the folder they ran in."""
+    held, wanted = recorded["level1"].get("models"), given["level1"].get("models")
+    if not isinstance(held, dict) or not isinstance(wanted, dict):
+        return recorded
+    models = {ref: wanted[ref] if isinstance(p, str) and not Path(p).is_absolute() and isinstance(wanted.get(ref), str)
+              and Path(p).absolute() == Path(wanted[ref]) else p for ref, p in held.items()}
+    return recorded | {"level1": recorded["level1"] | {"models": models}}
 
 
 def _with_budget(level1: dict[str, Any], budget: int) -> dict[str, Any]:

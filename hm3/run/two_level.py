@@ -52,7 +52,15 @@ from hm3.errors import ConfigError, RunFileError
 from hm3.eval.session import MERGE_KIND, EvaluationSession
 from hm3.log import progress_bar
 from hm3.run.config import TwoLevelConfig
-from hm3.run.directory import LEVEL1_DIR, LEVEL2_DIR, POLICY_STEM, STAGE_EVENT, open_run_store, stages_done
+from hm3.run.directory import (
+    LEVEL1_DIR,
+    LEVEL2_DIR,
+    POLICY_STEM,
+    STAGE_EVENT,
+    new_run_discarded_on_refusal,
+    open_run_store,
+    stages_done,
+)
 from hm3.run.front import CandidateRow, write_front, write_summary
 from hm3.runfiles import find_state, read_state, save_state, state_path
 from hm3.search.estimates import lower_bound, stored_estimate
@@ -160,10 +168,12 @@ def run_two_level(cfg: TwoLevelConfig, run_dir: str | Path, *, resume: bool = Fa
     if resume:
         check_state_files(run_dir)  # a damaged or unsafe checkpoint: refused before any stage rewrites outputs
     # and a device this machine lacks, a missing Ray, a cluster too small for the workers
+    made = not run_dir.exists()
     with evaluation_executor(cfg.level1, log) as executor, \
             open_run_store(run_dir, cfg.canonical(), cfg.level1.seed, resume=resume,
                            inputs=cfg.level1.models.values()) as store:
-        session = open_session(cfg.level1, store, log, executor)
+        with new_run_discarded_on_refusal(run_dir, store, new=not resume, made=made):
+            session = open_session(cfg.level1, store, log, executor)
         try:
             run = TwoLevelRun(cfg, run_dir, session, log, progress, optimizer)
             return _run_stages(cfg, run, store, resume, start, log)

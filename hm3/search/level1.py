@@ -43,7 +43,7 @@ from hm3.eval.executor import Executor
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, Scored
 from hm3.log import progress_bar, progress_logger
 from hm3.run.config import stored_config, stored_form
-from hm3.run.directory import FRONT_FILE, open_run_store
+from hm3.run.directory import FRONT_FILE, new_run_discarded_on_refusal, open_run_store
 from hm3.run.front import CandidateRow, write_front, write_summary
 from hm3.search.optimizers import Optimizer, get_optimizer
 from hm3.search.optimizers.random import sobol_points
@@ -212,13 +212,15 @@ def run_level1(
     optimizer = make_optimizer(cfg)  # unknown optimiser or options: refused before anything is loaded
     log = stderr_logger(progress)
     # likewise a device this machine lacks, a missing Ray, a cluster too small (before the run directory is made)
+    made = not run_dir.exists()
     with evaluation_executor(cfg, log) as executor, \
             open_run_store(run_dir, stored_form(cfg), cfg.seed, resume=resume, budget_may_grow=True,
                            inputs=cfg.models.values()) as store:
         initial = stored_config(store)["level1"]["optimizer"]["budget"]
         if initial != cfg.optimizer.budget:
             optimizer = _extended_optimizer(cfg, store, initial, log)
-        session = open_session(cfg, store, log, executor)
+        with new_run_discarded_on_refusal(run_dir, store, new=not resume, made=made):
+            session = open_session(cfg, store, log, executor)
         try:
             return search_level1(cfg, session, run_dir, optimizer, resume=resume, progress=progress,
                                  stop_after=stop_after, start=start, log=log)

@@ -23,7 +23,7 @@ from hm3.search.space import SearchSpace
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class VLLMEngineConfig(_Frozen):
@@ -138,6 +138,16 @@ class OptimizerConfig(_Frozen):
     budget: int = Field(50, ge=1, description="candidate evaluations, initial design included")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        """An unknown name is refused with the config's file and key (the registry loads no optimiser module)."""
+        from hm3.search.optimizers import OPTIMIZERS
+
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+        return value
+
 
 class FisherConfig(_Frozen):
     examples: int = Field(30, ge=1, description="validation examples per task (DF-Merge: 30)")
@@ -177,6 +187,8 @@ class RunConfig(_Frozen):
         if space.fisher and self.evaluation.executor == "ray":
             # DF-Merge's Fisher tensors are computed through a live model, which this process lacks with Ray
             raise ValueError("fisher: true needs evaluation.executor: local")
+        if space.fisher and self.evaluation.backend != "hf":
+            raise ValueError("fisher: true needs evaluation.backend: hf (gradients through the live model)")
         return self
 
     def canonical(self) -> dict[str, Any]:
@@ -195,41 +207,56 @@ class RunConfig(_Frozen):
         return json.loads(self.model_dump_json(exclude={"evaluation": left_out}))
 
 
-def expand_zoo(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+def expand_zoo(data: dict[str, Any], base_dir: Path | None, source: str = "<config>") -> dict[str, Any]:
     """``zoo: DIR`` (or ``zoo: builtin:micro``, the shipped zoo) fills ``models``, ``objectives``, ``experts`` and the search space's model refs
-    from ``DIR/zoo.json``; keys given explicitly win."""
+    from ``DIR/zoo.json``; keys given explicitly win. A ``search_space`` that is not a mapping is left as given
+    for validation to refuse by name."""
     from hm3.zoo.build import ZooManifest
     from hm3.zoo.shipped import resolve_zoo
 
     data = dict(data)
-    zoo_dir = resolve_zoo(data.pop("zoo"), base_dir)
-    manifest = ZooManifest.read(zoo_dir)
+    ref = data.pop("zoo")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{source}: invalid run config:\n  zoo: a zoo folder or builtin:NAME, got {ref!r}")
+    try:
+        zoo_dir = resolve_zoo(ref, base_dir)
+        manifest = ZooManifest.read(zoo_dir)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: invalid run config:\n  zoo: {err}") from None
     experts = {model: objective for objective, model in manifest.experts.items()}
     data.setdefault("models", {name: str(zoo_dir / rel) for name, rel in manifest.models.items()})
     data.setdefault("objectives", list(manifest.objectives))
+    space = data.get("search_space")
+    if space is None or isinstance(space, dict):
+        space = dict(space or {})
+        space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
+        # the zoo's experts for the objectives searched; given models and objectives win
+        objectives = data["objectives"] if isinstance(data["objectives"], list) else list(manifest.objectives)
+        space.setdefault("models", [m for m, objective in experts.items() if objective in objectives] or list(experts))
+        data["search_space"] = space
+        searched = space["models"] if isinstance(space["models"], list) else list(experts)
+        experts = {m: objective for m, objective in experts.items() if m in searched and objective in objectives}
     data.setdefault("experts", experts)
-    space = dict(data.get("search_space") or {})
-    space.setdefault("base_model", next(m for m in manifest.models if m not in experts))
-    space.setdefault("models", list(experts))
-    data["search_space"] = space
     return data
 
 
 def _model_dir(ref: str, value: Any, base_dir: Path, source: str) -> Any:
     """A model of a config file: a path as given (``~`` is the user's home, as in merge recipes and ``hm3
     check``; absolute, or existing relative to the CWD), else relative to the file's folder; a hub id that names no local directory becomes its snapshot directory in the HF
-    cache, so the stored config, a resume and every later read name the exact files the run used."""
+    cache, so the stored config, a resume and every later read name the exact files the run used. Either way
+    the path is made absolute (not resolved: symlinks stay as written)."""
     from hm3.checkpoint.hub import is_hub_name, resolve_model
 
     if not isinstance(value, str):
         return value  # pydantic names the wrong type
     if is_hub_name(value, base_dir):
         try:
-            return str(resolve_model(value, base_dir))
+            return str(resolve_model(value, base_dir).absolute())
         except ConfigError as err:
             raise ConfigError(f"{source}: models.{ref}: {err}") from None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() or p.exists() else base_dir / p)
+    # absolute: a resume or a reader (hm3 front, export, request) may run from another folder
+    return str((p if p.is_absolute() or p.exists() else base_dir / p).absolute())
 
 
 def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
@@ -237,7 +264,7 @@ def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | No
     hub ids resolved through the HF cache (both only for a config file, which gives ``base_dir``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a run config must be a mapping")
-    data = expand_zoo(data, base_dir) if "zoo" in data else dict(data)
+    data = expand_zoo(data, base_dir, source) if "zoo" in data else dict(data)
     if base_dir is not None and isinstance(data.get("models"), dict):
         data["models"] = {ref: _model_dir(ref, p, base_dir, source) for ref, p in data["models"].items()}
     try:
@@ -246,13 +273,32 @@ def parse_run_config(data: Any, *, source: str = "<config>", base_dir: Path | No
         raise invalid_config(err, source, "run config") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base loader refuses it
+                continue
+            if line != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A run config file's YAML mapping (missing file, bad YAML and non-mappings named)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"run config not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text

@@ -102,6 +102,8 @@ def layer_group_filters(num_layers: int, granularity: int) -> list[list[str]]:
 
 def _check_bounds(name: str, bounds: Bounds, lo_limit: float, hi_limit: float) -> None:
     lo, hi = bounds
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN passes every comparison below
+        raise ValueError(f"{name} [{lo}, {hi}] must be finite")
     if lo > hi:
         raise ValueError(f"{name} [{lo}, {hi}] is reversed: the lower bound exceeds the upper")
     if lo < lo_limit or hi > hi_limit:

@@ -305,6 +305,22 @@ def test_unknown_parameter(zoo, tmp_path, capsys):
     _run_fail(capsys, tmp_path, _write(tmp_path, _recipe(zoo, densty=0.3)), "densty")
 
 
+@pytest.mark.parametrize("command", ["merge", "export-mergekit"])
+@pytest.mark.parametrize(("change", "mention"), [
+    ({"dtype": "flaot16"}, "'dtype': unknown dtype 'flaot16'"),
+    ({"parameters": {"densty": 0.3}}, "unknown parameter 'parameters.densty'"),
+    ({"parameters": {"normalize": "maybe"}}, "parameter 'normalize'"),
+    ({"base_model": "no-such-model"}, "no-such-model"),
+])
+def test_a_refusal_found_against_the_models_names_the_recipe(zoo, tmp_path, capsys, command, change, mention):
+    recipe = _write(tmp_path, _recipe(zoo) | change)
+    out = tmp_path / ("out" if command == "merge" else "out.yml")
+    assert main([command, str(recipe), str(out)]) == 3
+    err = capsys.readouterr().err
+    assert f"{recipe}: " in err and mention in err
+    assert not out.exists()
+
+
 def test_missing_weight(zoo, tmp_path, capsys):
     recipe = _recipe(zoo)
     del recipe["models"][0]["parameters"]["weight"]

@@ -124,6 +124,40 @@ def test_per_model_parameters_follow_tensor_filters():
     assert all(jobs[n].model_params[1]["weight"] == 0.5 for n in NAMES)
 
 
+def test_values_are_read_by_their_parameters_types_as_mergekit_reads_them():
+    """PyYAML reads ``5e-1`` (no dot) as a string; mergekit 0.1.5 reads each value (and each gradient end) of a number
+    parameter as its type, so such a recipe merges there and means the same here."""
+    import yaml
+
+    from hm3.merge.methods import get_method
+    from hm3.merge.plan import resolve_jobs
+
+    config = parse_merge_config(yaml.safe_load("""
+        merge_method: ties
+        base_model: b
+        models:
+          - {model: m0, parameters: {weight: 5e-1, density: [1e-1, 0.5]}}
+          - {model: m1, parameters: {weight: 1, density: "1"}}
+        parameters: {lambda: [2, 2]}
+    """))
+    jobs = {j.name: j for j in resolve_jobs(config, get_method("ties"), tensor_names=NAMES, num_layers=3,
+                                            input_refs=["m0", "m1"])}
+    assert [jobs[n].model_params[0]["density"] for n in NAMES] == [0.1, 0.1, 0.1, 0.5, 0.5]
+    assert all(jobs[n].model_params[0]["weight"] == 0.5 and jobs[n].model_params[1]["density"] == 1.0
+               for n in NAMES)
+    assert all(jobs[n].params["lambda"] == 2.0 for n in NAMES)
+    karcher = parse_merge_config({"merge_method": "karcher", "models": [{"model": "m0", "parameters": {"weight": 1}},
+                                                                        {"model": "m1", "parameters": {"weight": 1}}],
+                                  "parameters": {"max_iter": [5, 5], "tol": "1e-6"}})
+    job = resolve_jobs(karcher, get_method("karcher"), tensor_names=NAMES[:1], num_layers=3,
+                       input_refs=["m0", "m1"])[0]
+    assert job.params["max_iter"] == 5 and job.params["tol"] == 1e-6
+    with pytest.raises(ConfigError, match="parameter 'weight' .* must be a number, got 'half'"):
+        _jobs("linear", None, ["half", 1])
+    with pytest.raises(ConfigError, match="parameter 'lambda' .* must be a number, got 'nan'"):
+        _jobs("task_arithmetic", yaml.safe_load("lambda: nan"), [1, 1], base_model="b")  # finite numbers only
+
+
 def test_only_a_normalised_linear_merge_refuses_weights_that_sum_to_zero():
     with pytest.raises(ConfigError, match="^linear with normalize: the model weights sum to 0$"):
         _jobs("linear", None, [0.5, -0.5])
