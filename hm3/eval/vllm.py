@@ -166,6 +166,9 @@ class VLLMBackend:
             temperature=0.0,
             max_tokens=max_new_tokens,
             stop=stop or None,
+            # exactly hf's EOS set: vLLM would otherwise also stop at the tokenizer's EOS and add the generation
+            # config's ids itself, ending answers early where generation_config.json does not list the former
+            ignore_eos=True,
             stop_token_ids=sorted(self.eos_ids) or None,
             detokenize=bool(stop),  # vLLM needs text only to find stop strings
         )

@@ -219,6 +219,30 @@ def test_reload_into_a_tied_embedding_model_updates_the_head(tmp_path, engine):
         backend.close()
 
 
+
+def test_generation_stops_at_the_generation_config_eos_ids_only_as_hf(tmp_path, engine):
+    """EOS is the generation config's set (:func:`hm3.eval.backend.generation_eos_ids`) on both backends. vLLM
+    also stops at the tokenizer's own EOS unless told to ignore it, which would end answers early where a
+    model's generation_config.json lists other ids (here the tokenizer's EOS is a character the model writes,
+    the generation config keeps ``</s>``)."""
+    engine.close()  # one engine per process at a time
+    model = build_tiny_lm(tmp_path / "m", seed=0)
+    plain = HFBackend.from_pretrained(model, batch_size=4).generate(PROMPTS, max_new_tokens=24)
+    written = next(c for c in plain[0][2:] if c.strip())  # a visible character the model generates
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "eos_token": written}))
+    assert json.loads((model / "generation_config.json").read_text())["eos_token_id"] == 2
+    hf = HFBackend.from_pretrained(model, batch_size=4)
+    assert hf.tokenizer.eos_token == written and hf.eos_ids == {2}
+    want = hf.generate(PROMPTS, max_new_tokens=24)
+    backend = VLLMBackend(model, batch_size=8)
+    try:
+        assert backend.generate(PROMPTS, max_new_tokens=24) == want
+    finally:
+        backend.close()
+
+
 @pytest.mark.slow  # two engine worker processes start (~20 s)
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
 def test_a_weight_swap_reaches_every_tensor_parallel_worker(engine, models, hf, monkeypatch):
