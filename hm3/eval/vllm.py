@@ -156,10 +156,10 @@ class VLLMBackend:
             )
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
             head_dim = head_dim_of(ckpt.config)
-            #: the most tokens the engine reads (its max_model_len when given): longer generation prompts are
-            #: left-truncated as on the hf backend (:func:`hm3.eval.backend.fit_generation_prompt`)
-            self.max_length = min(max_input_length(ckpt.config, self.tokenizer),
-                                  int(engine_kw.get("max_model_len") or 2**62))
+            #: the most tokens the model reads (lm-eval's rule, as on the hf backend), bounded below by the
+            #: engine's max_model_len once it runs: longer generation prompts are left-truncated as on the hf
+            #: backend (:func:`hm3.eval.backend.fit_generation_prompt`)
+            self.max_length = max_input_length(ckpt.config, self.tokenizer)
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
         if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
             enforce_eager = not torch.cuda.is_available()
@@ -179,6 +179,9 @@ class VLLMBackend:
             )
         except (OSError, ValueError) as e:
             raise BackendError(f"{self.model_dir}: vLLM cannot load the model ({e})") from e
+        # the engine's own limit: max_model_len when given, else the smallest of the config's length keys
+        # (seq_length, max_seq_len, ... beside max_position_embeddings), which may be below lm-eval's reading
+        self.max_length = min(self.max_length, int(self.llm.model_config.max_model_len))
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         """Greedy continuations (new text only, cut at the first stop string)."""

@@ -263,6 +263,31 @@ def test_generation_stops_at_the_generation_config_eos_ids_only_as_hf(tmp_path, 
         backend.close()
 
 
+
+def test_the_engine_s_own_context_length_bounds_prompts(tmp_path, engine):
+    """vLLM takes a model's context length as the smallest of several config keys (``seq_length``,
+    ``max_seq_len``, ... beside ``max_position_embeddings``), where lm-eval's rule, which the backends
+    share, reads the first of three: a prompt longer than the engine reads must be left-truncated as any
+    long prompt is, not refused by the engine mid-evaluation."""
+    engine.close()  # one engine per process at a time
+    model = build_tiny_lm(tmp_path / "m", seed=0)
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["max_position_embeddings"] == 256
+    config_path.write_text(json.dumps({**config, "max_seq_len": 64}))
+    long = LONG_PROMPTS[0]
+    assert len(long) > 64
+    backend = VLLMBackend(model, batch_size=8)
+    try:
+        assert backend.max_length == 64
+        # one token per character: the last 56 characters (BOS and all before them cut) leave room for 8 new
+        assert backend.generate([long], max_new_tokens=8) == backend.generate([long[-56:]], max_new_tokens=8)
+        with pytest.raises(BackendError, match="reads at most 64 tokens"):
+            backend.loglikelihood([(long, " x")])
+    finally:
+        backend.close()
+
+
 @pytest.mark.slow  # two engine worker processes start (~20 s)
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
 def test_a_weight_swap_reaches_every_tensor_parallel_worker(engine, models, hf, monkeypatch):
