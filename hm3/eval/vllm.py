@@ -156,7 +156,7 @@ class VLLMBackend:
             )
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
             head_dim = head_dim_of(ckpt.config)
-            #: the most tokens the model reads (lm-eval's rule, as on the hf backend), bounded below by the
+            #: the most tokens the model reads (lm-eval's rule, as on the hf backend), capped at the
             #: engine's max_model_len once it runs: longer generation prompts are left-truncated as on the hf
             #: backend (:func:`hm3.eval.backend.fit_generation_prompt`)
             self.max_length = max_input_length(ckpt.config, self.tokenizer)
