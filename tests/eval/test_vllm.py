@@ -63,6 +63,26 @@ def test_unsupported_head_dim_is_refused_before_the_engine_starts(tmp_path):
         VLLMBackend(model)
 
 
+
+@needs_vllm
+@pytest.mark.parametrize("platform", ["none", "gpu"])
+def test_a_vllm_build_without_its_device_is_refused_before_the_engine_starts(tmp_path, monkeypatch, platform):
+    """A GPU build of vLLM where no GPU is visible (no driver: vLLM detects no platform; or a GPU hidden by
+    CUDA_VISIBLE_DEVICES, as Ray hides one from a worker that reserves none) fails deep inside the engine
+    with a bare RuntimeError; hm3 names the cause instead."""
+    import vllm.platforms
+    from vllm.platforms.interface import PlatformEnum, UnspecifiedPlatform
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    gpu_build = type("GPUBuild", (UnspecifiedPlatform,), {"_enum": PlatformEnum.CUDA, "device_type": "cuda"})
+    monkeypatch.setattr(vllm.platforms, "_current_platform",
+                        UnspecifiedPlatform() if platform == "none" else gpu_build())
+    model = build_tiny_lm(tmp_path / "m")
+    with pytest.raises(BackendError, match=r"vLLM .* GPU.*--backend hf"):
+        VLLMBackend(model)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("vllm")
@@ -215,6 +235,55 @@ def test_reload_into_a_tied_embedding_model_updates_the_head(tmp_path, engine):
             backend.load_state(state[swap_to])
             assert backend.generate(prompts, max_new_tokens=24) == texts[swap_to]
             assert backend.loglikelihood(REQUESTS) == pytest.approx(scores[swap_to], rel=1e-4, abs=1e-4)
+    finally:
+        backend.close()
+
+
+
+def test_generation_stops_at_the_generation_config_eos_ids_only_as_hf(tmp_path, engine):
+    """EOS is the generation config's set (:func:`hm3.eval.backend.generation_eos_ids`) on both backends. vLLM
+    also stops at the tokenizer's own EOS unless told to ignore it, which would end answers early where a
+    model's generation_config.json lists other ids (here the tokenizer's EOS is a character the model writes,
+    the generation config keeps ``</s>``)."""
+    engine.close()  # one engine per process at a time
+    model = build_tiny_lm(tmp_path / "m", seed=0)
+    plain = HFBackend.from_pretrained(model, batch_size=4).generate(PROMPTS, max_new_tokens=24)
+    written = next(c for c in plain[0][2:] if c.strip())  # a visible character the model generates
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "eos_token": written}))
+    assert json.loads((model / "generation_config.json").read_text())["eos_token_id"] == 2
+    hf = HFBackend.from_pretrained(model, batch_size=4)
+    assert hf.tokenizer.eos_token == written and hf.eos_ids == {2}
+    want = hf.generate(PROMPTS, max_new_tokens=24)
+    backend = VLLMBackend(model, batch_size=8)
+    try:
+        assert backend.generate(PROMPTS, max_new_tokens=24) == want
+    finally:
+        backend.close()
+
+
+
+def test_the_engine_s_own_context_length_bounds_prompts(tmp_path, engine):
+    """vLLM takes a model's context length as the smallest of several config keys (``seq_length``,
+    ``max_seq_len``, ... beside ``max_position_embeddings``), where lm-eval's rule, which the backends
+    share, reads the first of three: a prompt longer than the engine reads must be left-truncated as any
+    long prompt is, not refused by the engine mid-evaluation."""
+    engine.close()  # one engine per process at a time
+    model = build_tiny_lm(tmp_path / "m", seed=0)
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["max_position_embeddings"] == 256
+    config_path.write_text(json.dumps({**config, "max_seq_len": 64}))
+    long = LONG_PROMPTS[0]
+    assert len(long) > 64
+    backend = VLLMBackend(model, batch_size=8)
+    try:
+        assert backend.max_length == 64
+        # one token per character: the last 56 characters (BOS and all before them cut) leave room for 8 new
+        assert backend.generate([long], max_new_tokens=8) == backend.generate([long[-56:]], max_new_tokens=8)
+        with pytest.raises(BackendError, match="reads at most 64 tokens"):
+            backend.loglikelihood([(long, " x")])
     finally:
         backend.close()
 
