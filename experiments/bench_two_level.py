@@ -101,6 +101,22 @@ def level2_section(args: argparse.Namespace, pool: str, dar: bool, equivalents: 
                    "online_episodes": online, "episodes_per_update": 8, "epochs": 4, "t_max": args.t_max}}
 
 
+def level1_budget(args: argparse.Namespace) -> int:
+    """Merges the level-1 stage of a ``both`` arm runs: ``--level1-share`` of the budget, at least 16."""
+    return max(16, round(args.budget * args.level1_share))
+
+
+def arm_config(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
+    """The run config of arm ``name`` (module docstring) for ``seed``."""
+    if name == "level1":
+        return base_config(args, seed, args.budget)
+    pool = "experts" if name.startswith("level2-only") else "experts+merge"
+    dar = not name.endswith("nodar")
+    l1_budget = level1_budget(args)
+    equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
+    return base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
+
+
 def evaluations(run_dir: Path, k: int, per_objective: int) -> dict[str, float]:
     """Evaluation counts from the store (module docstring), all and level-2 paths only."""
     with RunStore.open(run_dir, readonly=True) as store:
@@ -457,20 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
     started = time.time()
-    l1_budget = max(16, round(args.budget * args.level1_share))
     results: dict[str, list[dict]] = {}
     req_rows: list[dict] = []
     for seed in seeds:
         for name in arms:
             print(f"[bench] seed {seed}: {name}", file=sys.stderr, flush=True)
-            if name == "level1":
-                results.setdefault(name, []).append(arm(args, name, seed, base_config(args, seed, args.budget), False))
-                continue
-            pool = "experts" if name.startswith("level2-only") else "experts+merge"
-            dar = not name.endswith("nodar")
-            equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
-            data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
-            results.setdefault(name, []).append(arm(args, name, seed, data, True))
+            results.setdefault(name, []).append(arm(args, name, seed, arm_config(args, name, seed), name != "level1"))
         if not args.no_requests:
             for run_name in (r for r in args.request_runs.split(",") if r):
                 if run_name not in arms:
