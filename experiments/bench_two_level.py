@@ -7,8 +7,9 @@ Every arm runs through the product's own entry points (``run_level1``, ``run_two
 
 Budget accounting. The budget ``--budget`` is in *full-evaluation equivalents*: validation examples
 run through the model divided by (objectives × ``--validation-examples``), i.e. what the budget would
-buy of whole-plan evaluations. Level 1 spends one per merge; a DAR reward costs ``data_scale`` of
-one, so with DAR level 2 runs ~1/s times more episodes for the same cost (RMM's point). Arms with
+buy of whole-plan evaluations. Level 1 spends one per merge; a DAR reward costs ``round(s·n)/n`` of
+one, so with DAR level 2 runs ~1/s times more episodes for the same cost (RMM's point). Every arm also
+scores the references (base and experts) once, outside the budget, as level 1 alone does. Arms with
 level 2 get their episode counts from the DAR cost (``level2_section``); the no-DAR arms run the
 *same* episodes, which cost ~1/s times more examples: that is the DAR ablation (equal episodes,
 examples and HV compared). All counts are read back from the run store (cache hits excluded) and
@@ -63,6 +64,7 @@ import numpy as np
 from zoo_bench import add_zoo_bench_args, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
+from hm3.eval.subsets import subset_size
 from hm3.report import save_figure
 from hm3.request import REQUEST_RECORD
 from hm3.run.config import parse_two_level_config, read_stored_run
@@ -89,11 +91,14 @@ def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict
 
 
 def level2_section(args: argparse.Namespace, pool: str, dar: bool, equivalents: float) -> dict[str, Any]:
-    """Level-2 settings spending ``equivalents`` full evaluations *with DAR*: E episodes at ``data_scale``
-    of the examples each, after the 2N whole-plan evaluations of the kept paths. A no-DAR arm runs the
-    same E episodes (so it pays ~1/s times the examples: the DAR ablation compares equal episodes)."""
+    """Level-2 settings spending ``equivalents`` full evaluations *with DAR*: E episodes of one DAR subset
+    each, after the 2N whole-plan evaluations of the kept paths. A subset holds ``round(s·n)`` examples
+    (the product's :func:`subset_size`), not ``s·n``: planning with ``s`` would leave level 2 short. A
+    no-DAR arm runs the same E episodes (so it pays ~1/s times the examples: the DAR ablation compares
+    equal episodes)."""
     n = args.preferences
-    episodes = max(16, round((equivalents - 2 * n) / args.data_scale))
+    per_episode = subset_size(args.validation_examples, args.data_scale) / args.validation_examples
+    episodes = max(16, round((equivalents - 2 * n) / per_episode))
     offline = episodes // 2
     online = max(1, (episodes - offline) // n)
     return {"pool": pool, "preferences": n,
@@ -113,7 +118,9 @@ def arm_config(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]
     pool = "experts" if name.startswith("level2-only") else "experts+merge"
     dar = not name.endswith("nodar")
     l1_budget = level1_budget(args)
-    equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
+    # level 1 alone pays its budget plus the references (base and experts); so does every arm here, which
+    # scores the same references: level 2 gets what the arm's own level-1 merges leave of the budget
+    equivalents = args.budget if pool == "experts" else args.budget - l1_budget
     return base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
 
 

@@ -1,0 +1,58 @@
+"""experiments/bench_two_level.py's equal-cost planning: every arm with level 2 is planned to cost what level 1
+alone does, counted the way the store counts it (examples actually scored)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import bench_two_level  # noqa: E402
+
+from hm3.eval.subsets import subset_size  # noqa: E402
+
+
+def bench_args(**over) -> argparse.Namespace:
+    args = dict(zoo=Path("zoo"), budget=80, level1_share=0.5, preferences=3, data_scale=0.05, t_max=4,
+                validation_examples=128, test_examples=200)
+    return argparse.Namespace(**(args | over))
+
+
+def planned_equivalents(data: dict, references: int, n: int) -> float:
+    """Full-evaluation equivalents a run of ``data`` scores on the validation plan if every episode and every
+    kept path (greedy and best per λ) is a new evaluation: the references, the level-1 merges, the level-2
+    episodes on their DAR subsets (the product's own subset size) and the kept paths on the whole plan."""
+    level2 = data.get("level2")
+    if level2 is None:
+        return references + data["optimizer"]["budget"]
+    rl = level2["rl"]
+    merges = 0 if level2["pool"] == "experts" else data["optimizer"]["budget"]
+    episodes = rl["offline_episodes"] + level2["preferences"] * rl["online_episodes"]
+    per_episode = subset_size(n, rl["data_scale"]) / n if rl["dar"] else 1.0
+    return references + merges + episodes * per_episode + 2 * level2["preferences"]
+
+
+@pytest.mark.parametrize("over", [{}, {"data_scale": 0.1, "validation_examples": 64}, {"level1_share": 0.75},
+                                  {"validation_examples": 100, "budget": 120}])
+@pytest.mark.parametrize("name", ["level2-only", "both"])
+def test_every_dar_arm_is_planned_at_the_cost_of_level1_alone(name, over):
+    # the references (base and experts) are scored by every arm alike, so their number must not matter
+    args = bench_args(**over)
+    n = args.validation_examples
+    for references in (4, 5):
+        level1 = planned_equivalents(bench_two_level.arm_config(args, "level1", 0), references, n)
+        arm = planned_equivalents(bench_two_level.arm_config(args, name, 0), references, n)
+        one_episode_per_preference = args.preferences * subset_size(n, args.data_scale) / n
+        assert arm == pytest.approx(level1, abs=one_episode_per_preference), (name, references)
+
+
+def test_the_no_dar_arms_run_the_dar_arms_episodes():
+    args = bench_args()
+    for dar, nodar in (("both", "both-nodar"), ("level2-only", "level2-only-nodar")):
+        a, b = (bench_two_level.arm_config(args, x, 0)["level2"] for x in (dar, nodar))
+        assert (a["rl"]["dar"], b["rl"]["dar"]) == (True, False)
+        assert {**a["rl"], "dar": None} == {**b["rl"], "dar": None} and a["pool"] == b["pool"]
