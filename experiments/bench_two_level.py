@@ -76,6 +76,9 @@ from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 
 REQUEST_PREFS = ([0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.34, 0.33, 0.33])
+#: how the arms' level-2 episodes are planned (results files without it were planned otherwise: level 2
+#: alone paid the references out of its budget and DAR episodes were costed at ``s``, not ``round(s·n)/n``)
+COST_PLANNING = "every arm at level 1 alone's cost: references outside the budget, DAR subsets at round(s*n)/n"
 
 
 def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict[str, Any]:
@@ -153,7 +156,7 @@ def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> di
     else:
         s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
-    out = {"arm": name, "seed": seed, "hv_validation": hv, "hv_test_front": hv_test,
+    out = {"arm": name, "seed": seed, "commit": harness.git_commit(), "hv_validation": hv, "hv_test_front": hv_test,
            **evaluations(run_dir, len(objectives), args.validation_examples),
            "wall_seconds": time.perf_counter() - start, "resumed": resume,
            "summary": {k: v for k, v in s.items() if k.startswith("hv") or k in ("front_size", "front_levels")}}
@@ -505,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     targets: dict[str, Any] = {}
     if "both" in table and "level1" in table:
         targets["two_levels_beat_level1_hv"] = table["both"]["hv_validation"] > table["level1"]["hv_validation"]
+        # what "equal cost" came to, as the stores counted it (kept paths that coincide, and repeats the store
+        # answered, leave a level-2 arm below its plan)
+        targets["both_cost_over_level1"] = (table["both"]["full_evaluation_equivalents"]
+                                            / table["level1"]["full_evaluation_equivalents"])
     for with_dar, without in (("both", "both-nodar"), ("level2-only", "level2-only-nodar")):
         if with_dar in table and without in table:
             a, b = table[with_dar], table[without]
@@ -521,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         **harness.provenance(argv),
         "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cost_planning": COST_PLANNING,
         "table": table, "targets": targets, "arms": results, "requests": req_rows,
         # this invocation only: arms finished by an earlier invocation are read back, not re-run
         "this_invocation_wall_seconds": time.time() - started,
