@@ -56,3 +56,18 @@ def test_the_no_dar_arms_run_the_dar_arms_episodes():
         a, b = (bench_two_level.arm_config(args, x, 0)["level2"] for x in (dar, nodar))
         assert (a["rl"]["dar"], b["rl"]["dar"]) == (True, False)
         assert {**a["rl"], "dar": None} == {**b["rl"], "dar": None} and a["pool"] == b["pool"]
+
+
+def test_the_page_says_a_result_planned_the_old_way_was_not_at_equal_cost():
+    from benchmark_report import Result
+    from benchmark_sections import cost_note
+
+    table = {"level1": {"full_evaluation_equivalents": 84.0}, "both": {"full_evaluation_equivalents": 80.8},
+             "both-nodar": {"full_evaluation_equivalents": 438.7}}
+    old = Result(Path("bench_two_level_2026-11-30_abcdef0_x.json"), "bench_two_level", "2026-11-30", "abcdef0", "x",
+                 {"table": table})
+    new = Result(old.path, "bench_two_level", "2026-11-30", "abcdef0", "x",
+                 {"table": table, "cost_planning": bench_two_level.COST_PLANNING})
+    assert "to be rerun" in cost_note(old) and "both levels 80.8 (0.96×)" in cost_note(old)
+    assert "no DAR" not in cost_note(old)  # the DAR ablation's arms run equal episodes, not equal cost
+    assert "rerun" not in cost_note(new) and "both levels 80.8 (0.96×)" in cost_note(new)
