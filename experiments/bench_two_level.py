@@ -156,7 +156,7 @@ def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> di
     else:
         s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
-    out = {"arm": name, "seed": seed, "commit": harness.git_commit(), "hv_validation": hv, "hv_test_front": hv_test,
+    out = {"arm": name, "seed": seed, "commit": harness.START_COMMIT, "hv_validation": hv, "hv_test_front": hv_test,
            **evaluations(run_dir, len(objectives), args.validation_examples),
            "wall_seconds": time.perf_counter() - start, "resumed": resume,
            "summary": {k: v for k, v in s.items() if k.startswith("hv") or k in ("front_size", "front_levels")}}
