@@ -35,8 +35,9 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, plot_hv_curves, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, check_reused, plot_hv_curves, prepare, zoo_record
 
+from hm3.run.config import stored_form
 from hm3.search.level1 import run_level1
 from hm3.search.run_config import parse_run_config
 
@@ -72,11 +73,12 @@ def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args,
     name = f"{optimizer}{'-fisher' if fisher else ''}{tag}-s{seed}-b{budget}"
     run_dir = work / name
     summary_file = run_dir / "summary.json"
+    cfg = parse_run_config(run_config(zoo, optimizer, seed, budget, args, fisher), source=name)
     if summary_file.is_file():
+        check_reused(run_dir, stored_form(cfg))
         summary = json.loads(summary_file.read_text())
         summary["reused"] = True
         return summary
-    cfg = parse_run_config(run_config(zoo, optimizer, seed, budget, args, fisher), source=name)
     start = time.perf_counter()
     result = run_level1(cfg, run_dir, resume=(run_dir / "hm3.sqlite").exists(), progress=not args.quiet)
     summary = dict(result.summary)

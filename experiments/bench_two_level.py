@@ -61,13 +61,13 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, check_reused, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
 from hm3.eval.subsets import subset_size
 from hm3.report import save_figure
 from hm3.request import REQUEST_RECORD
-from hm3.run.config import parse_two_level_config, read_stored_run
+from hm3.run.config import parse_two_level_config, read_stored_run, stored_form
 from hm3.run.two_level import run_two_level
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
@@ -146,15 +146,17 @@ def evaluations(run_dir: Path, k: int, per_objective: int) -> dict[str, float]:
 def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> dict[str, Any]:
     run_dir = args.work / f"{name}-s{seed}"
     done = run_dir / "bench.json"
-    if done.is_file():
+    cfg = parse_two_level_config(data, source=name) if two_level else parse_run_config(data, source=name)
+    if done.is_file():  # an arm of an earlier call: only if it ran this very config (e.g. these episode counts)
+        check_reused(run_dir, cfg.canonical() if two_level else stored_form(cfg))
         return json.loads(done.read_text())
     start = time.perf_counter()
     resume = (run_dir / "hm3.sqlite").exists()
     if two_level:
-        s = run_two_level(parse_two_level_config(data, source=name), run_dir, resume=resume, progress=not args.quiet)
+        s = run_two_level(cfg, run_dir, resume=resume, progress=not args.quiet)
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
     else:
-        s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
+        s = run_level1(cfg, run_dir, resume=resume, progress=not args.quiet).summary
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
     out = {"arm": name, "seed": seed, "commit": harness.START_COMMIT, "hv_validation": hv, "hv_test_front": hv_test,
            **evaluations(run_dir, len(objectives), args.validation_examples),

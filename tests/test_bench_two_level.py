@@ -71,3 +71,18 @@ def test_the_page_says_a_result_planned_the_old_way_was_not_at_equal_cost():
     assert "to be rerun" in cost_note(old) and "both levels 80.8 (0.96×)" in cost_note(old)
     assert "no DAR" not in cost_note(old)  # the DAR ablation's arms run equal episodes, not equal cost
     assert "rerun" not in cost_note(new) and "both levels 80.8 (0.96×)" in cost_note(new)
+
+
+def test_an_arm_of_an_earlier_call_is_read_back_only_if_it_ran_this_config(tmp_path, micro_zoo_dir):
+    # after a change of how arms are planned, an old --work must not pass its arms off as the new plan's
+    from hm3.errors import ConfigError
+
+    def level1_arm(args):  # the level-1 arm with random search, 2 merges: the shortest run of the script's
+        data = bench_two_level.arm_config(args, "level1", 0) | {"optimizer": {"name": "random", "budget": 2}}
+        return bench_two_level.arm(args, "level1", 0, data, False)
+
+    args = bench_args(zoo=micro_zoo_dir, work=tmp_path, validation_examples=8, test_examples=4, quiet=True)
+    first = level1_arm(args)
+    assert level1_arm(args) == first
+    with pytest.raises(ConfigError, match="validation_examples"):
+        level1_arm(bench_args(**{**vars(args), "validation_examples": 4}))
