@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": {k: [{"seed": s["seed"], "hv_trace_validation": s["hv_trace_validation"],
                       "hv_test_front": s["hv_test_front"], "evaluations": s["evaluations"],
-                      "wall_seconds": s["wall_seconds_this_process"]} for s in v] for k, v in runs.items()},
+                      "wall_seconds": s["wall_seconds_this_process"],
+                      # read back from --work: made by an earlier call, perhaps at another commit
+                      "reused": s["reused"]} for s in v] for k, v in runs.items()},
         # this invocation only: arms finished by an earlier invocation are read back, not re-run
         "this_invocation_wall_seconds": time.time() - started,
     }
