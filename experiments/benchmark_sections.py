@@ -636,6 +636,10 @@ def render_ceiling(results: Results) -> str:
         parts.append(f"Longer paths (`{r.label}`): {s['path_evaluations']} random paths of {s['hops'][0]}–{s['hops'][1]} "
                      f"hops ({s['per_frame']} per frame): {s['union_front_longer_paths']} reached the union front; HV "
                      f"{s['hv_union_with_longer']:.3f}.")
+    unequal = [f"`{r.label}`" for r in runs.values() if not r.get("cost_planning")]
+    if unequal:
+        parts.append(f"\"both: as run\" comes from {' and '.join(unequal)}, whose level-2 episodes were not planned "
+                     "at level 1 alone's cost (above); the level-1 merges the paths are framed by are unaffected.")
     commands = {f"share{s}_s{n}": (f"OMP_NUM_THREADS=1 .venv/bin/python experiments/level2_ceiling.py "
                                    f"runs/{'b2l_z4' if s == '050' else 'b2l_z4_s075'}/both-s{n} --t-max 2 --threads 1"
                                    + (" --longer 100 --longer-t-max 4" if (s, n) == ("050", 0) else ""))
