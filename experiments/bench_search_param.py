@@ -2,7 +2,8 @@
 
 Each (optimiser, seed) is one ordinary ``run_level1`` in its own run directory under ``--work``, so
 every score is in a run store and an interrupted benchmark resumes where it stopped (a finished
-run is read back from its ``summary.json``; an unfinished one is continued with ``resume=True``).
+run is read back from its ``summary.json`` if its store recorded the config asked for; an unfinished
+one is continued with ``resume=True``).
 
 Protocol (the same for every optimiser): the zoo's base and experts, the HV protocol of
 :mod:`hm3.search.pareto` (base = 0, best expert = 1 per task, reference point = the base), DARE-TIES

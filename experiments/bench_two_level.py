@@ -3,7 +3,7 @@ and budget-0 preference requests vs a dedicated search for the same λ.
 
 Every arm runs through the product's own entry points (``run_level1``, ``run_two_level``,
 ``answer_request``) in its own run directory under ``--work``; a finished arm is read back from its
-``summary.json``, so an interrupted benchmark resumes.
+``bench.json`` (only if its store recorded the config asked for), so an interrupted benchmark resumes.
 
 Budget accounting. The budget ``--budget`` is in *full-evaluation equivalents*: validation examples
 run through the model divided by (objectives × ``--validation-examples``), i.e. what the budget would
