@@ -247,9 +247,11 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
                                  "t_max": args.t_max}}
         resume = (ded_dir / "hm3.sqlite").exists()
         timing = ded_dir / "bench_seconds.json"  # the search's own wall time, kept for re-reads
-        if not (ded_dir / "summary.json").is_file():
-            run_two_level(parse_two_level_config(data, source="dedicated"), ded_dir, resume=resume,
-                          progress=not args.quiet)
+        ded_cfg = parse_two_level_config(data, source="dedicated")
+        if (ded_dir / "summary.json").is_file():  # an earlier call's: only if it searched as asked now
+            check_reused(ded_dir, ded_cfg.canonical())
+        else:
+            run_two_level(ded_cfg, ded_dir, resume=resume, progress=not args.quiet)
             atomic_write_text(timing, json.dumps({"seconds": time.perf_counter() - ded_start, "resumed": resume}))
         ded_seconds = json.loads(timing.read_text())["seconds"]
         ded_point = dedicated_answer(ded_dir, summary, lam)
