@@ -112,13 +112,19 @@ def lmeval_scores(model_dir: Path, task_manager, batch_size: int) -> tuple[dict[
 def scored_rows(candidates: list[Path], states: list[Any], rounds: int, ours: Callable[[Any], Scored],
                 theirs: Callable[[Path], Scored]) -> list[dict[str, Any]]:
     """Every candidate scored by hm3 (``ours``, from its weights) and by lm-eval (``theirs``, from its
-    directory), ``rounds`` times: one row each."""
+    directory), ``rounds`` times: one row each. The side that goes first alternates from candidate to
+    candidate and, for each candidate, from round to round, so the drift of a shared machine (and whatever
+    one side leaves warm for the other) hits both alike."""
     rows = []
     for rnd in range(rounds):
         for k, (path, state) in enumerate(zip(candidates, states, strict=True)):
-            (a, a_s, swap_s) = ours(state)
-            (b, b_s, reload_s) = theirs(path)
-            rows.append({"round": rnd, "candidate": k, "hm3": a, "lm_eval": b, "hm3_s": round(a_s, 3),
+            hm3_first = (rnd + k) % 2 == 0
+            if hm3_first:
+                (a, a_s, swap_s), (b, b_s, reload_s) = ours(state), theirs(path)
+            else:
+                (b, b_s, reload_s), (a, a_s, swap_s) = theirs(path), ours(state)
+            rows.append({"round": rnd, "candidate": k, "first": "hm3" if hm3_first else "lm-eval",
+                         "hm3": a, "lm_eval": b, "hm3_s": round(a_s, 3),
                          "lm_eval_s": round(b_s, 3), "hm3_swap_s": round(swap_s, 4),
                          "lm_eval_reload_s": round(reload_s, 3), "equal": a == b})
             print(f"round {rnd} candidate {k}: hm3 {a} in {a_s:.1f} s, lm-eval {b} in {b_s:.1f} s", file=sys.stderr)

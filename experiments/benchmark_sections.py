@@ -327,6 +327,10 @@ def render_lmeval(results: Results) -> str:
         f"Seconds per candidate: hm3 {num(s['hm3_s_per_candidate'], '.2f')}, lm-eval {num(s['lm_eval_s_per_candidate'], '.2f')}: "
         f"**{ratio(s['ratio'])}**; the model's swap against lm-eval's reload: {num(s['hm3_swap_s'] * 1e3, '.1f')} ms "
         f"against {num(s['lm_eval_reload_s'], '.2f')} s ({ratio(s['swap_to_reload_ratio'], '.4f')}).",
+        *([] if all("first" in x for x in r.get("rows")) else [
+            "**Order not alternated, to be rerun**: hm3 scored every candidate before lm-eval did, so any drift "
+            "of the shared machine or warmth one side leaves the other lands on one side only; the seconds' "
+            "ratio may carry that order. (The scores' equality is unaffected.)"]),
         sources([r]),
     ])
 
