@@ -481,8 +481,10 @@ def cost_note(r: Result) -> str:
     if any(a.startswith("level2-only") for a in t):
         flaws.insert(0, "charged level 2 alone the reference scores (base and experts) that level 1 alone gets "
                         "outside its budget")
+    ablation = (" The DAR ablation's arms run the same episodes with and without DAR, so its ratios are not "
+                "affected." if any(a.endswith("nodar") for a in t) else "")
     return (f"**Not at equal cost (`{r.label}`), to be rerun**: its level-2 episodes were planned with an earlier "
-            f"accounting, which {' and '.join(flaws)}; {spent}.")
+            f"accounting, which {' and '.join(flaws)}; {spent}.{ablation}")
 
 
 def render_two_level(results: Results) -> str:
