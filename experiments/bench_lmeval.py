@@ -29,6 +29,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ import harness  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
 import yaml
 
 TASKS = ("hm3_bench_mc", "hm3_bench_gen")
+#: what each side's scoring gives: (scores by task, seconds in all, seconds of the swap or the reload)
+Scored = tuple[dict[str, float], float, float]
 #: lm-eval's metric key of each task (metric,filter): what is compared with hm3's objective score
 METRIC = {"hm3_bench_mc": "acc,none", "hm3_bench_gen": "exact_match,number"}
 OPS = (("plus", lambda a, b: a + b), ("minus", lambda a, b: a - b), ("times", lambda a, b: a * b))
@@ -106,6 +109,28 @@ def lmeval_scores(model_dir: Path, task_manager, batch_size: int) -> tuple[dict[
     return {task: float(run["results"][task][METRIC[task]]) for task in TASKS}, seconds, loaded - start
 
 
+def scored_rows(candidates: list[Path], states: list[Any], rounds: int, ours: Callable[[Any], Scored],
+                theirs: Callable[[Path], Scored]) -> list[dict[str, Any]]:
+    """Every candidate scored by hm3 (``ours``, from its weights) and by lm-eval (``theirs``, from its
+    directory), ``rounds`` times: one row each. The side that goes first alternates from candidate to
+    candidate and, for each candidate, from round to round, so the drift of a shared machine (and whatever
+    one side leaves warm for the other) hits both alike."""
+    rows = []
+    for rnd in range(rounds):
+        for k, (path, state) in enumerate(zip(candidates, states, strict=True)):
+            hm3_first = (rnd + k) % 2 == 0
+            if hm3_first:
+                (a, a_s, swap_s), (b, b_s, reload_s) = ours(state), theirs(path)
+            else:
+                (b, b_s, reload_s), (a, a_s, swap_s) = theirs(path), ours(state)
+            rows.append({"round": rnd, "candidate": k, "first": "hm3" if hm3_first else "lm-eval",
+                         "hm3": a, "lm_eval": b, "hm3_s": round(a_s, 3),
+                         "lm_eval_s": round(b_s, 3), "hm3_swap_s": round(swap_s, 4),
+                         "lm_eval_reload_s": round(reload_s, 3), "equal": a == b})
+            print(f"round {rnd} candidate {k}: hm3 {a} in {a_s:.1f} s, lm-eval {b} in {b_s:.1f} s", file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smol-dir", type=Path, default=Path("runs/smollm2"))
@@ -152,16 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     backend = HFBackend.from_pretrained(args.smol_dir, batch_size=args.batch_size)
     load_s = time.perf_counter() - start
-    rows = []
-    for rnd in range(args.rounds):
-        for k, (path, state) in enumerate(zip(candidates, states, strict=True)):
-            ours, ours_s, swap_s = hm3_scores(backend, objectives, state)
-            theirs, theirs_s, reload_s = lmeval_scores(path, manager, args.batch_size)
-            rows.append({"round": rnd, "candidate": k, "hm3": ours, "lm_eval": theirs, "hm3_s": round(ours_s, 3),
-                         "lm_eval_s": round(theirs_s, 3), "hm3_swap_s": round(swap_s, 4),
-                         "lm_eval_reload_s": round(reload_s, 3), "equal": ours == theirs})
-            print(f"round {rnd} candidate {k}: hm3 {ours} in {ours_s:.1f} s, lm-eval {theirs} in {theirs_s:.1f} s",
-                  file=sys.stderr)
+    rows = scored_rows(candidates, states, args.rounds, lambda state: hm3_scores(backend, objectives, state),
+                       lambda path: lmeval_scores(path, manager, args.batch_size))
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows)
 

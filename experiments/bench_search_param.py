@@ -2,7 +2,8 @@
 
 Each (optimiser, seed) is one ordinary ``run_level1`` in its own run directory under ``--work``, so
 every score is in a run store and an interrupted benchmark resumes where it stopped (a finished
-run is read back from its ``summary.json``; an unfinished one is continued with ``resume=True``).
+run is read back from its ``summary.json`` if its store recorded the config asked for; an unfinished
+one is continued with ``resume=True``).
 
 Protocol (the same for every optimiser): the zoo's base and experts, the HV protocol of
 :mod:`hm3.search.pareto` (base = 0, best expert = 1 per task, reference point = the base), DARE-TIES
@@ -35,8 +36,9 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, plot_hv_curves, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, check_reused, plot_hv_curves, prepare, zoo_record
 
+from hm3.run.config import stored_form
 from hm3.search.level1 import run_level1
 from hm3.search.run_config import parse_run_config
 
@@ -72,11 +74,12 @@ def one_run(zoo: Path, work: Path, optimizer: str, seed: int, budget: int, args,
     name = f"{optimizer}{'-fisher' if fisher else ''}{tag}-s{seed}-b{budget}"
     run_dir = work / name
     summary_file = run_dir / "summary.json"
+    cfg = parse_run_config(run_config(zoo, optimizer, seed, budget, args, fisher), source=name)
     if summary_file.is_file():
+        check_reused(run_dir, stored_form(cfg))
         summary = json.loads(summary_file.read_text())
         summary["reused"] = True
         return summary
-    cfg = parse_run_config(run_config(zoo, optimizer, seed, budget, args, fisher), source=name)
     start = time.perf_counter()
     result = run_level1(cfg, run_dir, resume=(run_dir / "hm3.sqlite").exists(), progress=not args.quiet)
     summary = dict(result.summary)
@@ -163,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": {k: [{"seed": s["seed"], "hv_trace_validation": s["hv_trace_validation"],
                       "hv_test_front": s["hv_test_front"], "evaluations": s["evaluations"],
-                      "wall_seconds": s["wall_seconds_this_process"]} for s in v] for k, v in runs.items()},
+                      "wall_seconds": s["wall_seconds_this_process"],
+                      # read back from --work: made by an earlier call, perhaps at another commit
+                      "reused": s["reused"]} for s in v] for k, v in runs.items()},
         # this invocation only: arms finished by an earlier invocation are read back, not re-run
         "this_invocation_wall_seconds": time.time() - started,
     }

@@ -3,12 +3,13 @@ and budget-0 preference requests vs a dedicated search for the same λ.
 
 Every arm runs through the product's own entry points (``run_level1``, ``run_two_level``,
 ``answer_request``) in its own run directory under ``--work``; a finished arm is read back from its
-``summary.json``, so an interrupted benchmark resumes.
+``bench.json`` (only if its store recorded the config asked for), so an interrupted benchmark resumes.
 
 Budget accounting. The budget ``--budget`` is in *full-evaluation equivalents*: validation examples
 run through the model divided by (objectives × ``--validation-examples``), i.e. what the budget would
-buy of whole-plan evaluations. Level 1 spends one per merge; a DAR reward costs ``data_scale`` of
-one, so with DAR level 2 runs ~1/s times more episodes for the same cost (RMM's point). Arms with
+buy of whole-plan evaluations. Level 1 spends one per merge; a DAR reward costs ``round(s·n)/n`` of
+one, so with DAR level 2 runs ~1/s times more episodes for the same cost (RMM's point). Every arm also
+scores the references (base and experts) once, outside the budget, as level 1 alone does. Arms with
 level 2 get their episode counts from the DAR cost (``level2_section``); the no-DAR arms run the
 *same* episodes, which cost ~1/s times more examples: that is the DAR ablation (equal episodes,
 examples and HV compared). All counts are read back from the run store (cache hits excluded) and
@@ -60,12 +61,13 @@ from typing import Any
 
 import harness
 import numpy as np
-from zoo_bench import add_zoo_bench_args, prepare, zoo_record
+from zoo_bench import add_zoo_bench_args, check_reused, prepare, zoo_record
 
 from hm3.atomic import atomic_write_text
+from hm3.eval.subsets import subset_size
 from hm3.report import save_figure
 from hm3.request import REQUEST_RECORD
-from hm3.run.config import parse_two_level_config, read_stored_run
+from hm3.run.config import parse_two_level_config, read_stored_run, stored_form
 from hm3.run.two_level import run_two_level
 from hm3.search.level1 import run_level1
 from hm3.search.pareto import normalise
@@ -74,6 +76,9 @@ from hm3.search.run_config import parse_run_config
 from hm3.store import RunStore
 
 REQUEST_PREFS = ([0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.34, 0.33, 0.33])
+#: how the arms' level-2 episodes are planned (results files without it were planned otherwise: level 2
+#: alone paid the references out of its budget and DAR episodes were costed at ``s``, not ``round(s·n)/n``)
+COST_PLANNING = "every arm at level 1 alone's cost: references outside the budget, DAR subsets at round(s*n)/n"
 
 
 def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict[str, Any]:
@@ -89,16 +94,37 @@ def base_config(args: argparse.Namespace, seed: int, level1_budget: int) -> dict
 
 
 def level2_section(args: argparse.Namespace, pool: str, dar: bool, equivalents: float) -> dict[str, Any]:
-    """Level-2 settings spending ``equivalents`` full evaluations *with DAR*: E episodes at ``data_scale``
-    of the examples each, after the 2N whole-plan evaluations of the kept paths. A no-DAR arm runs the
-    same E episodes (so it pays ~1/s times the examples: the DAR ablation compares equal episodes)."""
+    """Level-2 settings spending ``equivalents`` full evaluations *with DAR*: E episodes of one DAR subset
+    each, after the 2N whole-plan evaluations of the kept paths. A subset holds ``round(s·n)`` examples
+    (the product's :func:`subset_size`), not ``s·n``: planning with ``s`` would leave level 2 short. A
+    no-DAR arm runs the same E episodes (so it pays ~1/s times the examples: the DAR ablation compares
+    equal episodes)."""
     n = args.preferences
-    episodes = max(16, round((equivalents - 2 * n) / args.data_scale))
+    per_episode = subset_size(args.validation_examples, args.data_scale) / args.validation_examples
+    episodes = max(16, round((equivalents - 2 * n) / per_episode))
     offline = episodes // 2
     online = max(1, (episodes - offline) // n)
     return {"pool": pool, "preferences": n,
             "rl": {"dar": dar, "data_scale": args.data_scale, "offline_episodes": offline,
                    "online_episodes": online, "episodes_per_update": 8, "epochs": 4, "t_max": args.t_max}}
+
+
+def level1_budget(args: argparse.Namespace) -> int:
+    """Merges the level-1 stage of a ``both`` arm runs: ``--level1-share`` of the budget, at least 16."""
+    return max(16, round(args.budget * args.level1_share))
+
+
+def arm_config(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
+    """The run config of arm ``name`` (module docstring) for ``seed``."""
+    if name == "level1":
+        return base_config(args, seed, args.budget)
+    pool = "experts" if name.startswith("level2-only") else "experts+merge"
+    dar = not name.endswith("nodar")
+    l1_budget = level1_budget(args)
+    # level 1 alone pays its budget plus the references (base and experts); so does every arm here, which
+    # scores the same references: level 2 gets what the arm's own level-1 merges leave of the budget
+    equivalents = args.budget if pool == "experts" else args.budget - l1_budget
+    return base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
 
 
 def evaluations(run_dir: Path, k: int, per_objective: int) -> dict[str, float]:
@@ -120,17 +146,19 @@ def evaluations(run_dir: Path, k: int, per_objective: int) -> dict[str, float]:
 def arm(args, name: str, seed: int, data: dict[str, Any], two_level: bool) -> dict[str, Any]:
     run_dir = args.work / f"{name}-s{seed}"
     done = run_dir / "bench.json"
-    if done.is_file():
+    cfg = parse_two_level_config(data, source=name) if two_level else parse_run_config(data, source=name)
+    if done.is_file():  # an arm of an earlier call: only if it ran this very config (e.g. these episode counts)
+        check_reused(run_dir, cfg.canonical() if two_level else stored_form(cfg))
         return json.loads(done.read_text())
     start = time.perf_counter()
     resume = (run_dir / "hm3.sqlite").exists()
     if two_level:
-        s = run_two_level(parse_two_level_config(data, source=name), run_dir, resume=resume, progress=not args.quiet)
+        s = run_two_level(cfg, run_dir, resume=resume, progress=not args.quiet)
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
     else:
-        s = run_level1(parse_run_config(data, source=name), run_dir, resume=resume, progress=not args.quiet).summary
+        s = run_level1(cfg, run_dir, resume=resume, progress=not args.quiet).summary
         hv, hv_test, objectives = s["hv_validation"], s["hv_test_front"], s["objectives"]
-    out = {"arm": name, "seed": seed, "hv_validation": hv, "hv_test_front": hv_test,
+    out = {"arm": name, "seed": seed, "commit": harness.START_COMMIT, "hv_validation": hv, "hv_test_front": hv_test,
            **evaluations(run_dir, len(objectives), args.validation_examples),
            "wall_seconds": time.perf_counter() - start, "resumed": resume,
            "summary": {k: v for k, v in s.items() if k.startswith("hv") or k in ("front_size", "front_levels")}}
@@ -219,9 +247,11 @@ def requests(args, seed: int, run_name: str) -> list[dict[str, Any]]:
                                  "t_max": args.t_max}}
         resume = (ded_dir / "hm3.sqlite").exists()
         timing = ded_dir / "bench_seconds.json"  # the search's own wall time, kept for re-reads
-        if not (ded_dir / "summary.json").is_file():
-            run_two_level(parse_two_level_config(data, source="dedicated"), ded_dir, resume=resume,
-                          progress=not args.quiet)
+        ded_cfg = parse_two_level_config(data, source="dedicated")
+        if (ded_dir / "summary.json").is_file():  # an earlier call's: only if it searched as asked now
+            check_reused(ded_dir, ded_cfg.canonical())
+        else:
+            run_two_level(ded_cfg, ded_dir, resume=resume, progress=not args.quiet)
             atomic_write_text(timing, json.dumps({"seconds": time.perf_counter() - ded_start, "resumed": resume}))
         ded_seconds = json.loads(timing.read_text())["seconds"]
         ded_point = dedicated_answer(ded_dir, summary, lam)
@@ -457,20 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
     started = time.time()
-    l1_budget = max(16, round(args.budget * args.level1_share))
     results: dict[str, list[dict]] = {}
     req_rows: list[dict] = []
     for seed in seeds:
         for name in arms:
             print(f"[bench] seed {seed}: {name}", file=sys.stderr, flush=True)
-            if name == "level1":
-                results.setdefault(name, []).append(arm(args, name, seed, base_config(args, seed, args.budget), False))
-                continue
-            pool = "experts" if name.startswith("level2-only") else "experts+merge"
-            dar = not name.endswith("nodar")
-            equivalents = args.budget - 4 if pool == "experts" else args.budget - l1_budget  # 4: reference scores
-            data = base_config(args, seed, l1_budget) | {"level2": level2_section(args, pool, dar, equivalents)}
-            results.setdefault(name, []).append(arm(args, name, seed, data, True))
+            results.setdefault(name, []).append(arm(args, name, seed, arm_config(args, name, seed), name != "level1"))
         if not args.no_requests:
             for run_name in (r for r in args.request_runs.split(",") if r):
                 if run_name not in arms:
@@ -490,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     targets: dict[str, Any] = {}
     if "both" in table and "level1" in table:
         targets["two_levels_beat_level1_hv"] = table["both"]["hv_validation"] > table["level1"]["hv_validation"]
+        # what "equal cost" came to, as the stores counted it (kept paths that coincide, and repeats the store
+        # answered, leave a level-2 arm below its plan)
+        targets["both_cost_over_level1"] = (table["both"]["full_evaluation_equivalents"]
+                                            / table["level1"]["full_evaluation_equivalents"])
     for with_dar, without in (("both", "both-nodar"), ("level2-only", "level2-only-nodar")):
         if with_dar in table and without in table:
             a, b = table[with_dar], table[without]
@@ -506,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         **harness.provenance(argv),
         "zoo": str(args.zoo), "zoo_build": zoo_record(args.zoo),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cost_planning": COST_PLANNING,
         "table": table, "targets": targets, "arms": results, "requests": req_rows,
         # this invocation only: arms finished by an earlier invocation are read back, not re-run
         "this_invocation_wall_seconds": time.time() - started,

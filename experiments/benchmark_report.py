@@ -170,8 +170,18 @@ def sources(results: Iterable[Result], recorded: dict[str, str] | None = None) -
 
     ``recorded`` gives, by label, the command of a file written before the scripts recorded their
     command line, as the page recorded it when the result was added."""
-    return "\n".join(f"- [`{r.name}`](../experiments/results/{r.name}): {r.date}, commit `{r.commit}`, "
-                     f"{machine_text(r.get('machine'))}; {command_text(r, recorded or {})}" for r in results)
+    return "\n".join(f"- [`{r.name}`](../experiments/results/{r.name}): {r.date}, commit `{r.commit}`"
+                     f"{commit_moved(r)}, {machine_text(r.get('machine'))}; {command_text(r, recorded or {})}"
+                     for r in results)
+
+
+def commit_moved(result: Result) -> str:
+    """A note when the file records a commit other than its name's (HEAD moved while the run went: an
+    earlier harness recorded the commit at the end), or one it reached by the end; else ""."""
+    name = result.commit
+    recorded = str(result.get("commit") or "")
+    later = [c[:7] for c in (recorded, str(result.get("commit_at_end") or "")) if c and not c.startswith(name)]
+    return f" (HEAD at `{later[-1]}` when it ended)" if later else ""
 
 
 def git_last_change(path: Path) -> tuple[str, str]:

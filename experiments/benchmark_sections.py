@@ -327,6 +327,10 @@ def render_lmeval(results: Results) -> str:
         f"Seconds per candidate: hm3 {num(s['hm3_s_per_candidate'], '.2f')}, lm-eval {num(s['lm_eval_s_per_candidate'], '.2f')}: "
         f"**{ratio(s['ratio'])}**; the model's swap against lm-eval's reload: {num(s['hm3_swap_s'] * 1e3, '.1f')} ms "
         f"against {num(s['lm_eval_reload_s'], '.2f')} s ({ratio(s['swap_to_reload_ratio'], '.4f')}).",
+        *([] if all("first" in x for x in r.get("rows")) else [
+            "**Order not alternated, to be rerun**: hm3 scored every candidate before lm-eval did, so any drift "
+            "of the shared machine or warmth one side leaves the other lands on one side only; the seconds' "
+            "ratio may carry that order. (The scores' equality is unaffected.)"]),
         sources([r]),
     ])
 
@@ -452,6 +456,37 @@ def request_rows(r: Result, run: str, label: str) -> list[list[str]]:
     return out
 
 
+def arm_costs(r: Result) -> str:
+    """Each DAR level-2 arm's full-evaluation equivalents against level 1 alone's in the same run, as the stores
+    counted them ("" without a level-1 arm). The no-DAR arms run the DAR arms' episodes by design."""
+    t = r.get("table")
+    if "level1" not in t:
+        return ""
+    l1 = t["level1"]["full_evaluation_equivalents"]
+    return ", ".join(f"{ARM_NAMES.get(a, a)} {x['full_evaluation_equivalents']:.1f} "
+                     f"({x['full_evaluation_equivalents'] / l1:.2f}×)" for a, x in t.items()
+                     if a != "level1" and not a.endswith("nodar"))
+
+
+def cost_note(r: Result) -> str:
+    """What a two-level result says about its arms' costs; for a file planned before the arms were costed
+    alike (no ``cost_planning`` in it), that the comparison was not at equal cost and must be rerun."""
+    t = r.get("table")
+    l1 = t.get("level1", {}).get("full_evaluation_equivalents")
+    spent = (f"the level-2 arms with DAR spent {arm_costs(r)} full-evaluation equivalents against level 1 alone's "
+             f"{l1:.1f}" if l1 else "this run has no level-1 arm: level 1 alone is another run's")
+    if r.get("cost_planning"):
+        return f"Costs (`{r.label}`): {spent}."
+    flaws = ["costed a DAR episode at the data scale s rather than at the round(s·n)/n of the examples it scores"]
+    if any(a.startswith("level2-only") for a in t):
+        flaws.insert(0, "charged level 2 alone the reference scores (base and experts) that level 1 alone gets "
+                        "outside its budget")
+    ablation = (" The DAR ablation's arms run the same episodes with and without DAR, so its ratios are not "
+                "affected." if any(a.endswith("nodar") for a in t) else "")
+    return (f"**Not at equal cost (`{r.label}`), to be rerun**: its level-2 episodes were planned with an earlier "
+            f"accounting, which {' and '.join(flaws)}; {spent}.{ablation}")
+
+
 def render_two_level(results: Results) -> str:
     found = [r for r in results.of("bench_two_level", r"share\d+")]
     if not found:
@@ -463,13 +498,17 @@ def render_two_level(results: Results) -> str:
              f"{found[0].get('args')['seeds']}."]
     rows = [row for r in found for row in arm_rows(r)]
     parts.append(table(ARM_HEADERS, rows))
-    level1 = next((r.get("table")["level1"]["hv_validation"] for r in found if "level1" in r.get("table")), None)
+    level1 = next(((r.get("table")["level1"]["hv_validation"], r) for r in found if "level1" in r.get("table")),
+                  None)
     for r in found:
         both = r.get("table").get("both")
         if both and level1 is not None:
+            hv1, own = level1
+            elsewhere = "" if own is r else f" (level 1 alone from `{own.label}`, another run: not side by side)"
             parts.append(f"Level-1 share {r.get('args')['level1_share']:g}: two levels reach HV {both['hv_validation']:.3f} "
-                         f"against {level1:.3f} for level 1 alone — two levels beating level 1 at equal cost: "
-                         f"{verdict(both['hv_validation'] > level1)}.")
+                         f"against {hv1:.3f} for level 1 alone{elsewhere} — two levels beating level 1 at equal cost: "
+                         f"{verdict(both['hv_validation'] > hv1)}.")
+        parts.append(cost_note(r))
     for r in found:
         plot = plot_of(r)
         if plot:
@@ -511,13 +550,19 @@ def render_two_level(results: Results) -> str:
 def two_level_targets(results: Results) -> list[Target]:
     rows = []
     found = results.of("bench_two_level", r"share\d+")
-    level1 = next((r.get("table")["level1"]["hv_validation"] for r in found if "level1" in r.get("table")), None)
+    level1 = next(((r.get("table")["level1"], r) for r in found if "level1" in r.get("table")), None)
     for r in found:
         both = r.get("table").get("both")
         if both and level1 is not None:
+            l1, own = level1
+            cost = both["full_evaluation_equivalents"] / l1["full_evaluation_equivalents"]
+            caveats = ([] if r.get("cost_planning") else [f"at {cost:.2f}× level 1's cost: rerun"]) + (
+                [] if own is r else [f"level 1 from `{own.label}`, another run"])
             rows.append((f"two levels beat level 1 alone at equal cost (micro zoo, level-1 share "
-                         f"{r.get('args')['level1_share']:g})", f"HV {both['hv_validation']:.3f} vs {level1:.3f}",
-                         both["hv_validation"] > level1))
+                         f"{r.get('args')['level1_share']:g})",
+                         f"HV {both['hv_validation']:.3f} vs {l1['hv_validation']:.3f}"
+                         + (f" ({'; '.join(caveats)})" if caveats else ""),
+                         both["hv_validation"] > l1["hv_validation"]))
     for r in found:
         for key, what in (("request", f"two-level run, share {r.get('args')['level1_share']:g}"),
                           ("request_level1_run", "level-1 search")):
@@ -537,7 +582,7 @@ def render_dar(results: Results) -> str:
     a = r.get("args")
     parts = [f"{zoo_text(r.get('zoo_build'))}; {a['validation_examples']} validation examples per task, DAR data "
              f"scale {a['data_scale']}, level-1 share {a['level1_share']:g}, budget {a['budget']} full-evaluation "
-             f"equivalents, seeds {a['seeds']}.", table(ARM_HEADERS, arm_rows(r))]
+             f"equivalents, seeds {a['seeds']}.", table(ARM_HEADERS, arm_rows(r)), cost_note(r)]
     for arm in ("both", "level2-only"):
         d = r.get("targets").get(f"dar_{arm}")
         if d:
@@ -597,6 +642,10 @@ def render_ceiling(results: Results) -> str:
         parts.append(f"Longer paths (`{r.label}`): {s['path_evaluations']} random paths of {s['hops'][0]}–{s['hops'][1]} "
                      f"hops ({s['per_frame']} per frame): {s['union_front_longer_paths']} reached the union front; HV "
                      f"{s['hv_union_with_longer']:.3f}.")
+    unequal = [f"`{r.label}`" for r in runs.values() if not r.get("cost_planning")]
+    if unequal:
+        parts.append(f"\"both: as run\" comes from {' and '.join(unequal)}, whose level-2 episodes were not planned "
+                     "at level 1 alone's cost (above); the level-1 merges the paths are framed by are unaffected.")
     commands = {f"share{s}_s{n}": (f"OMP_NUM_THREADS=1 .venv/bin/python experiments/level2_ceiling.py "
                                    f"runs/{'b2l_z4' if s == '050' else 'b2l_z4_s075'}/both-s{n} --t-max 2 --threads 1"
                                    + (" --longer 100 --longer-t-max 4" if (s, n) == ("050", 0) else ""))

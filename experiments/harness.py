@@ -49,6 +49,11 @@ def git_commit(repo: Path = REPO) -> str:
     return done.stdout.strip() if done.returncode == 0 else os.environ.get("HM3_COMMIT", "")
 
 
+#: HEAD when this process imported the harness (scripts import it first): the code a run loaded. A run's
+#: file is named by it and records it, even if HEAD moves before the run ends (a shared checkout).
+START_COMMIT = git_commit()
+
+
 def machine() -> dict[str, Any]:
     """The machine a result was measured on: CPU model and count, memory, OS, Python and torch versions,
     and the load averages at the time of the call (a shared machine's noise)."""
@@ -79,16 +84,23 @@ def command(argv: Sequence[str] | None = None) -> str:
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Date (UTC), commit, machine and command of a result: what the benchmark page quotes with it."""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-            "machine": machine(), "command": command(argv)}
+    """Date (UTC), commit, machine and command of a result: what the benchmark page quotes with it. The
+    commit is the one the run started at (:data:`START_COMMIT`); ``commit_at_end`` is added when HEAD has
+    moved since, so a reader knows the tree changed under the run."""
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": START_COMMIT,
+              "machine": machine(), "command": command(argv)}
+    end = git_commit()
+    if end != START_COMMIT:
+        record["commit_at_end"] = end
+    return record
 
 
 def results_path(benchmark: str, label: str | None = None, *, date: datetime | None = None,
                  commit: str | None = None) -> Path:
-    """``experiments/results/BENCHMARK_DATE_COMMIT[_LABEL].json`` for a run made now on this checkout."""
+    """``experiments/results/BENCHMARK_DATE_COMMIT[_LABEL].json`` for a run made now (by default at the commit
+    it started at)."""
     date = date or datetime.now(timezone.utc)
-    commit = (commit if commit is not None else git_commit())[:7] or "0000000"
+    commit = (commit if commit is not None else START_COMMIT)[:7] or "0000000"
     name = f"{benchmark}_{date:%Y-%m-%d}_{commit}" + (f"_{label}" if label else "") + ".json"
     if not RESULTS_NAME.match(name):
         raise ValueError(f"not a results file name: {name!r} (benchmark: a-z0-9_, label: letters, digits, _ and -)")

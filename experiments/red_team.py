@@ -15,7 +15,7 @@ A case is *handled* when all of its checks hold. The table goes to stdout and ev
 ``experiments/results/red_team_DATE_COMMIT.json`` (date, git commit, machine, command). To add cases (e.g. the
 sandbox's fake passes and escapes), append functions with :func:`case`; each gets a :class:`Lab`.
 
-    python experiments/red_team.py [--out FILE] [--only SUBSTRING]
+    python experiments/red_team.py [--out FILE] [--only SUBSTRING]  (with --only: label `only`)
 """
 
 from __future__ import annotations
@@ -658,12 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "red_team",
         **harness.provenance(argv),
+        # some cases only (--only): labelled apart, so the page's count of all cases is never a subset's
+        "only": args.only or None,
         "cases": len(rows), "handled": handled, "by_group": {g: {"handled": ok, "cases": n} for g, (ok, n) in
                                                              by_group.items()},
         "lab_seconds": round(lab_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
         "results": rows,
     }
-    out = harness.write_results(harness.out_path(args, "red_team"), result)
+    out = harness.write_results(harness.out_path(args, "red_team", "only" if args.only else None), result)
     print(f"-> {out}")
     return 0 if handled == len(rows) else 1
 

@@ -49,6 +49,18 @@ def prepare(args: argparse.Namespace) -> bool:
     return True
 
 
+def check_reused(run_dir: Path, stored: dict[str, Any]) -> None:
+    """Refuse to read a finished arm back from ``run_dir`` unless its store recorded ``stored`` (the arm's
+    config as :func:`hm3.run.config.stored_form` gives it): an arm's directory is named by a few of its
+    settings only (optimiser, seed, budget), so another call with the same ``--work`` and, say, another
+    ``--validation-examples`` would otherwise report the earlier call's numbers as its own."""
+    from hm3.run.config import stored_config
+    from hm3.store import RunStore
+
+    with RunStore.open(run_dir, readonly=True) as store:
+        store.check_config(stored, recorded=stored_config(store))
+
+
 def zoo_record(zoo: Path) -> dict[str, Any]:
     """What a result file must say about the zoo it ran on: its spec *and* this build's own scores.
 

@@ -95,3 +95,14 @@ def test_the_quick_suite_is_judged_against_three_minutes_and_each_command_shows_
         ("`scripts/test.sh` ≤ 0.5× the baseline's time", "0.75×", False),
         ("`scripts/demo.sh` ≤ 0.5× the baseline's time", "0.40×", True)])
     assert page(200)[1][1][2] is False and "≤ 180 s: **not met**" in page(200)[0]
+
+
+def test_a_run_records_the_commit_it_started_at_and_its_file_is_named_by_it(monkeypatch):
+    # HEAD moved while the run was going (a shared checkout): the file's name and its record must name one
+    # commit, the one whose code the run loaded; the later HEAD is recorded beside it
+    path = harness.results_path("bench_x")
+    moved = "b" * 40
+    monkeypatch.setattr(harness, "git_commit", lambda repo=harness.REPO: moved)
+    record = harness.provenance()
+    assert record["commit"] != moved and record["commit_at_end"] == moved
+    assert harness.RESULTS_NAME.match(path.name)["commit"] == record["commit"][:7]
