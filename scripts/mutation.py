@@ -152,6 +152,10 @@ def run_module(module: str, max_children: int, *, recheck_survivors: bool = Fals
     return result
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
@@ -173,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     command = (f"nice -n {niceness} " if niceness else "") + ".venv/bin/python scripts/mutation.py " + " ".join(
         [*args.modules, *(["--max-children", str(args.max_children)] if args.max_children != 2 else []),
          *(["--recheck"] if args.recheck else [])])
-    earlier = results.get("command") if results.get("date") == date else None  # one file, several calls
-    results |= {"date": date, "commit": commit, "mutmut": _mutmut_version(), "machine": _machine(),
+    same_day = str(results.get("date") or "").startswith(date)
+    earlier = results.get("command") if same_day else None  # one file, several calls
+    results |= {"date": _now(), "commit": commit, "mutmut": _mutmut_version(), "machine": _machine(),
                 "command": f"{earlier} && {command}" if earlier else command}
     for module in args.modules or list(MODULES):
         print(f"{module}: mutating against {', '.join(MODULES[module])}", flush=True)
         result = run_module(module, args.max_children, recheck_survivors=args.recheck)
         results["modules"][module] = result
         results["machine"] = _machine()  # its load average at the end of the latest module
+        results["date"] = _now()  # the page orders a day's files by this time (a commit hash says nothing of order)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")  # after each module: a long run keeps what it did
         print(f"  {result['killed']}/{result['killed'] + len(result['survived'])} killed "
