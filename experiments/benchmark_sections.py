@@ -982,8 +982,10 @@ def render_parallel(results: Results) -> str:
     if smol is not None:
         pool = smol.get("pool")
         parts += idle_parts(smol, f"{smol.get('validation_examples')} validation examples per task; base "
-                               f"{pool['base']}, experts synthetic variants of it ({pool['experts']['math'].split(',')[0]}"
-                               ", …): their scores mean nothing, only what scoring a 135M-parameter model costs",
+                               f"{pool['base']}, experts synthetic variants of it "
+                               f"({pool['experts']['math'].removeprefix('synthetic: ').rsplit(', seed', 1)[0]}, "
+                               "one seed each): their scores mean nothing, only what scoring a 135M-parameter model "
+                               "costs",
                             "a SmolLM2 candidate")
     found = [r for r in (t, h, i, smol) if r is not None]
     if not found:
