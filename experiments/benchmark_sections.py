@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -487,6 +488,14 @@ def cost_note(r: Result) -> str:
             f"accounting, which {' and '.join(flaws)}; {spent}.{ablation}")
 
 
+def level1_arm(r: Result, found: list[Result]) -> tuple[dict[str, Any], Result] | None:
+    """The level-1-alone row ``r`` is judged against, and the result it comes from: ``r``'s own when it has
+    that arm (side by side), else the first result that has one."""
+    own = [r] if "level1" in r.get("table") else []
+    source = next(iter(own + [x for x in found if "level1" in x.get("table")]), None)
+    return (source.get("table")["level1"], source) if source is not None else None
+
+
 def render_two_level(results: Results) -> str:
     found = [r for r in results.of("bench_two_level", r"share\d+")]
     if not found:
@@ -498,12 +507,11 @@ def render_two_level(results: Results) -> str:
              f"{found[0].get('args')['seeds']}."]
     rows = [row for r in found for row in arm_rows(r)]
     parts.append(table(ARM_HEADERS, rows))
-    level1 = next(((r.get("table")["level1"]["hv_validation"], r) for r in found if "level1" in r.get("table")),
-                  None)
     for r in found:
         both = r.get("table").get("both")
+        level1 = level1_arm(r, found)
         if both and level1 is not None:
-            hv1, own = level1
+            hv1, own = level1[0]["hv_validation"], level1[1]
             elsewhere = "" if own is r else f" (level 1 alone from `{own.label}`, another run: not side by side)"
             parts.append(f"Level-1 share {r.get('args')['level1_share']:g}: two levels reach HV {both['hv_validation']:.3f} "
                          f"against {hv1:.3f} for level 1 alone{elsewhere} — two levels beating level 1 at equal cost: "
@@ -550,9 +558,9 @@ def render_two_level(results: Results) -> str:
 def two_level_targets(results: Results) -> list[Target]:
     rows = []
     found = results.of("bench_two_level", r"share\d+")
-    level1 = next(((r.get("table")["level1"], r) for r in found if "level1" in r.get("table")), None)
     for r in found:
         both = r.get("table").get("both")
+        level1 = level1_arm(r, found)
         if both and level1 is not None:
             l1, own = level1
             cost = both["full_evaluation_equivalents"] / l1["full_evaluation_equivalents"]
@@ -642,6 +650,13 @@ def render_ceiling(results: Results) -> str:
         parts.append(f"Longer paths (`{r.label}`): {s['path_evaluations']} random paths of {s['hops'][0]}–{s['hops'][1]} "
                      f"hops ({s['per_frame']} per frame): {s['union_front_longer_paths']} reached the union front; HV "
                      f"{s['hv_union_with_longer']:.3f}.")
+    reruns = sorted({f"`{runs[split].get('args')['work']}`" for r in found
+                     for split in [r.label.split("_")[0]]
+                     if split in runs and Path(str(r.get("run"))).parent != Path(runs[split].get("args")["work"])})
+    if reruns:
+        parts.append(f"\"both: as run\" is from the current two-level results ({', '.join(reruns)}), which rerun "
+                     "the runs the bounds were computed on (the file names below) with level 2 planned at level 1 "
+                     "alone's cost; their level-1 merges, which frame the paths, are the same merges.")
     unequal = [f"`{r.label}`" for r in runs.values() if not r.get("cost_planning")]
     if unequal:
         parts.append(f"\"both: as run\" comes from {' and '.join(unequal)}, whose level-2 episodes were not planned "
