@@ -857,6 +857,15 @@ def compositional_seed_verdict(seed: str, arms: dict[str, Any]) -> str:
 CPU_FLOAT32 = {"device": "cpu", "dtype": "float32", "batch_size": 32}
 
 
+def level2_alone_short(arms: dict[str, Any]) -> bool:
+    """Whether a seed's level-2-alone arm ran the two-level run's episode counts (the plan before it was
+    given that run's whole cost: with no level-1 stage it then spent only the two-level run's level-2 share)."""
+    if not {"two_levels", "level2_alone"} <= set(arms):
+        return False
+    episodes = [arms[a]["config"]["level2"]["rl"]["offline_episodes"] for a in ("two_levels", "level2_alone")]
+    return episodes[0] == episodes[1] and arms["two_levels"]["level1_evaluations"] > 0
+
+
 def render_compositional(results: Results) -> str:
     """The build's score matrix, then each finished arm of the ablation (a partial report while it runs)."""
     found = results.of("compositional_ablation", "(partial)?")
@@ -878,10 +887,13 @@ def render_compositional(results: Results) -> str:
     if seconds:
         parts.append("Build cost: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in seconds.items())
                      + f" (`{build.get('command')}`, {build.get('date')}, commit `{build.get('commit', '')[:7]}`).")
-    rows = []
+    rows, short = [], []
     for seed, arms in r.get("per_seed").items():
+        if level2_alone_short(arms):
+            short.append(seed)
         for arm, a in arms.items():
-            rows.append([seed, arm.replace("_", " "), num(a["hv_validation"]), num(a["hv_test"]),
+            name = arm.replace("_", " ") + (" (†)" if arm == "level2_alone" and seed in short else "")
+            rows.append([seed, name, num(a["hv_validation"]), num(a["hv_test"]),
                          num(a["best_composite"]["validation"]), num(a["best_composite"]["test"]),
                          num(a["cost_equivalents"], ".1f")])
     if r.label == "partial":
@@ -892,6 +904,12 @@ def render_compositional(results: Results) -> str:
         parts.extend(compositional_seed_verdict(seed, r.get("per_seed")[seed]) for seed in done)
     parts.append(table(["seed", "arm", "HV validation", "HV test", "best composite, validation", "its test score",
                         "cost (full evaluations)"], rows))
+    if short:
+        parts.append("(†) **Not at equal cost, to be rerun**: level 2 alone ran the two-level run's episode counts, "
+                     "so with no level-1 stage it spent only that run's level-2 share of the budget (the cost column); "
+                     "it is now planned at the two-level run's whole cost. Rerun: remove `seed-S/level2_alone*` "
+                     "under `runs/compositional/ablation/`, then `python experiments/compositional/ablation.py "
+                     "--work runs/compositional --seeds 0,1,2`.")
     if r.label == "partial":
         swaps = next((arms["swaps"] for arms in r.get("per_seed").values() if "swaps" in arms), None)
         if swaps:

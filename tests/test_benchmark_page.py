@@ -106,3 +106,16 @@ def test_a_run_records_the_commit_it_started_at_and_its_file_is_named_by_it(monk
     record = harness.provenance()
     assert record["commit"] != moved and record["commit_at_end"] == moved
     assert harness.RESULTS_NAME.match(path.name)["commit"] == record["commit"][:7]
+
+
+def test_a_level2_alone_arm_that_ran_the_two_level_episode_counts_is_marked_unequal(tmp_path):
+    """Level 2 alone with the two-level run's episodes spends only that run's level-2 share: the page says so."""
+    source = EXPERIMENTS / "results" / "compositional_ablation_2026-12-04_9890cfa_partial.json"
+    record = json.loads(source.read_text())
+    section = [s for s in report_benchmarks.SECTIONS if s.title.startswith("The compositional")]
+    (tmp_path / source.name).write_text(json.dumps(record))
+    assert "(†) **Not at equal cost" in report_benchmarks.page(Results.read(tmp_path), section)
+    rl = record["per_seed"]["0"]["level2_alone"]["config"]["level2"]["rl"]
+    rl["offline_episodes"], rl["online_episodes"] = 60, 20  # as planned now: the whole two-level cost
+    (tmp_path / source.name).write_text(json.dumps(record))
+    assert "(†)" not in report_benchmarks.page(Results.read(tmp_path), section)

@@ -188,3 +188,38 @@ def test_a_failing_step_stops_the_campaign_and_is_named(tmp_path, monkeypatch):
     assert status["outcome"] == "failed: build" and status["steps"]["build"] == {"state": "failed", "rc": 3,
                                                                                  "seconds": status["steps"]["build"]["seconds"]}
     assert "never" not in status["steps"] and "report" not in status["steps"]  # no manifest: nothing to report
+
+
+def test_level2_alone_is_planned_at_the_two_level_runs_whole_cost(tmp_path, monkeypatch):
+    """Level 2 alone has no level-1 stage: at the two-level run's episode counts it would spend only that
+    run's level-2 share. Its episodes are scaled up to the whole cost, and a result of another plan is not reused."""
+    ablation = _module("ablation")
+    manifest = {"models": {"base": "b", "language": "l", "math": "m"}, "objectives": ["c", "m", "l"],
+                "evaluation": {"device": "cpu", "dtype": "float32", "batch_size": 32}}
+    s = {**ablation.REAL, "validation_examples": 64, "test_examples": 128}
+
+    def fake_hm3_arm(manifest, s, seed, run_dir, *, level2, budget=None):
+        config = ablation.run_config(manifest, {**s, "budget": budget or s["budget"]}, seed, level2=level2)
+        if level2 == "experts+merge":  # the measured costs of the SmolLM2 run's seed 0
+            return {"config": config, "cost_equivalents": 85.5, "path_equivalents": 69.5, "level1_evaluations": 16}
+        rl = config.get("level2", {}).get("rl", {})
+        per_episode = 69.5 / (48 + 2 * 16)  # that run's level-2 cost per episode
+        episodes = rl.get("offline_episodes", 0) + s["preferences"] * rl.get("online_episodes", 0)
+        return {"config": config, "cost_equivalents": budget or round(episodes * per_episode, 1)}
+
+    monkeypatch.setattr(ablation, "hm3_arm", fake_hm3_arm)
+    monkeypatch.setattr(ablation, "swap_arm", lambda *a: {"cost_equivalents": 6.0})
+    monkeypatch.setattr(ablation, "check_refs", lambda *a: None)
+    monkeypatch.setattr(ablation, "protocol_refs", lambda m: {})
+    arms = ablation.run_seed(manifest, s, 0, tmp_path, log=lambda m: None)
+    costs = {name: arms[name]["cost_equivalents"] for name in ("two_levels", "level1_alone", "level2_alone")}
+    assert costs["level1_alone"] == 86
+    assert costs["two_levels"] <= costs["level2_alone"] <= costs["two_levels"] * 1.03, costs
+    rl = arms["level2_alone"]["config"]["level2"]["rl"]
+    assert (rl["offline_episodes"], rl["online_episodes"]) == (60, 20)  # 48 and 16 times 85.5 / 69.5, rounded up
+
+    stale = json.loads((tmp_path / "seed-0" / "level2_alone.json").read_text())
+    stale["config"]["level2"]["rl"]["offline_episodes"] = 48
+    (tmp_path / "seed-0" / "level2_alone.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match="another config"):
+        ablation.run_seed(manifest, s, 0, tmp_path, log=lambda m: None)

@@ -12,7 +12,10 @@ objectives composite, math and language (:mod:`objectives.compositional`):
    equivalents (examples scored / (objectives × validation examples)), as
    ``experiments/real_model_ablation.py`` counts it;
 3. **level 2 alone** -- ``hm3 run`` with ``pool: experts`` (paths over the experts, framed by the
-   base), the same level-2 settings; its cost is reported beside;
+   base), the same level-2 settings with its episode counts scaled by the two-level run's whole cost over
+   its level-2 cost (rounded up), so that it spends the same budget with no level-1 stage
+   (:func:`level2_alone_settings`); its measured cost is reported beside (results files before this
+   plan ran it with the two-level run's episode counts: ~80% of the others' cost);
 4. **layer swaps** -- the published heuristic without search (Bandarkar et al. 2024): the math
    expert with the language expert's bottom k₁ and top k₂ layers, for each (k₁, k₂) of ``--swaps``;
    each swap costs one full evaluation.
@@ -66,6 +69,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -126,6 +130,12 @@ def run_config(manifest: dict[str, Any], s: dict[str, Any], seed: int, *, level2
     return config
 
 
+def arm_config(manifest: dict[str, Any], s: dict[str, Any], seed: int, *, level2: str | None,
+               budget: int | None = None) -> dict[str, Any]:
+    """An hm3 arm's run config: :func:`run_config` with the level-1 ``budget`` when given."""
+    return run_config(manifest, s if budget is None else {**s, "budget": budget}, seed, level2=level2)
+
+
 def front_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "front.csv") as f:
         return list(csv.DictReader(f))
@@ -142,6 +152,18 @@ def equivalents(cost: dict[str, Any], kinds: tuple[str, ...]) -> float:
     return round(sum(cost.get(k, {}).get("full_evaluation_equivalents", 0.0) for k in kinds), 2)
 
 
+def level2_alone_settings(s: dict[str, Any], two_levels: dict[str, Any]) -> dict[str, Any]:
+    """Level 2 alone's settings: the two-level run's, episodes scaled to that run's whole cost.
+
+    The two-level run spent ``cost_equivalents`` (level-1 merges plus level-2 paths, measured), of which
+    ``path_equivalents`` on level 2; with no level-1 stage, level 2 alone would spend only the latter at
+    the same episode counts. Scaling offline and online episodes by their ratio (rounded up) spends the
+    same budget; the arm's measured cost is reported beside, as every arm's is.
+    """
+    factor = two_levels["cost_equivalents"] / max(two_levels["path_equivalents"], 1e-9)
+    return {**s, **{k: math.ceil(s[k] * factor) for k in ("offline_episodes", "online_episodes")}}
+
+
 def hm3_arm(manifest: dict[str, Any], s: dict[str, Any], seed: int, run_dir: Path, *, level2: str | None,
             budget: int | None = None) -> dict[str, Any]:
     """Run (or resume) one hm3 arm in process and summarise it."""
@@ -150,7 +172,7 @@ def hm3_arm(manifest: dict[str, Any], s: dict[str, Any], seed: int, run_dir: Pat
     from hm3.search.level1 import run_level1
     from hm3.search.run_config import parse_run_config
 
-    config = run_config(manifest, s if budget is None else {**s, "budget": budget}, seed, level2=level2)
+    config = arm_config(manifest, s, seed, level2=level2, budget=budget)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir.parent / f"{run_dir.name}.yml", yaml.safe_dump(config, sort_keys=False))
     resume = (run_dir / "hm3.sqlite").exists()
@@ -256,10 +278,14 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
     seed_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
 
-    def arm(name: str, make) -> dict[str, Any]:
+    def arm(name: str, make, planned: dict[str, Any] | None = None) -> dict[str, Any]:
         file = seed_dir / f"{name}.json"
         if file.is_file():
-            return json.loads(file.read_text())
+            done = json.loads(file.read_text())
+            if planned is not None and done.get("config") != json.loads(json.dumps(planned)):
+                raise SystemExit(f"{file} ran another config than this plan's (other budgets or episode "
+                                 f"counts): remove it and {seed_dir / name} to run the arm again")
+            return done
         log(f"seed {seed}: arm {name}")
         result = make()
         atomic_write_text(file, json.dumps(result, indent=2))
@@ -268,12 +294,16 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
     refs = protocol_refs(manifest)
     out["swaps"] = arm("swaps", lambda: swap_arm(manifest, s, seed_dir, refs))
     out["two_levels"] = arm("two_levels", lambda: hm3_arm(manifest, s, seed, seed_dir / "two_levels",
-                                                          level2="experts+merge"))
+                                                          level2="experts+merge"),
+                            arm_config(manifest, s, seed, level2="experts+merge"))
     equal_budget = out["two_levels"]["level1_evaluations"] + round(out["two_levels"]["path_equivalents"])
     out["level1_alone"] = arm("level1_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level1_alone",
-                                                              level2=None, budget=equal_budget))
-    out["level2_alone"] = arm("level2_alone", lambda: hm3_arm(manifest, s, seed, seed_dir / "level2_alone",
-                                                              level2="experts"))
+                                                              level2=None, budget=equal_budget),
+                              arm_config(manifest, s, seed, level2=None, budget=equal_budget))
+    s2 = level2_alone_settings(s, out["two_levels"])
+    out["level2_alone"] = arm("level2_alone", lambda: hm3_arm(manifest, s2, seed, seed_dir / "level2_alone",
+                                                              level2="experts"),
+                              arm_config(manifest, s2, seed, level2="experts"))
     for name in ("two_levels", "level1_alone", "level2_alone"):
         check_refs(seed_dir / name, manifest)
     return out
