@@ -1222,8 +1222,9 @@ SECTIONS: list[Section] = [
         "pseudo-language, answered in digits), with a language expert and a math expert fine-tuned from "
         "SmolLM2-135M-Instruct, neither on the composite task (`experiments/compositional/`). Arms at equal "
         "cost: two levels (paths framed by the level-1 merge, transition scales and the swap prior), level 1 "
-        "alone with the two-level run's whole cost, level 2 alone over the experts, and the layer-swap heuristic "
-        "of Bandarkar et al. (no search). HV by the documented protocol, normalised per task between the base "
+        "alone with the two-level run's whole cost, level 2 alone over the experts with the same cost; beside "
+        "them, at its own much lower cost (one evaluation per swap, no search), the layer-swap heuristic of "
+        "Bandarkar et al. HV by the documented protocol, normalised per task between the base "
         "and the best expert.",
         render_compositional,
         pending="Built and tested at toy scale (`--toy`, and `tests/test_compositional_benchmark.py`); not yet run "

@@ -18,7 +18,8 @@ objectives composite, math and language (:mod:`objectives.compositional`):
    plan ran it with the two-level run's episode counts: ~80% of the others' cost);
 4. **layer swaps** -- the published heuristic without search (Bandarkar et al. 2024): the math
    expert with the language expert's bottom k₁ and top k₂ layers, for each (k₁, k₂) of ``--swaps``;
-   each swap costs one full evaluation.
+   each swap costs one full evaluation, so this arm is *not* at the others' cost (a fixed recipe, not a
+   search: ``bound.py`` scores a whole grid of swaps for what a swap search could reach).
 
 Reported per arm and seed: HV on validation (all candidates) and on test (the validation front
 re-scored), by the documented protocol (objectives normalised by the base and the best expert per
