@@ -119,3 +119,22 @@ def test_a_level2_alone_arm_that_ran_the_two_level_episode_counts_is_marked_uneq
     rl["offline_episodes"], rl["online_episodes"] = 60, 20  # as planned now: the whole two-level cost
     (tmp_path / source.name).write_text(json.dumps(record))
     assert "(†)" not in report_benchmarks.page(Results.read(tmp_path), section)
+
+
+def test_a_timing_whose_suite_failed_is_not_judged_against_its_target():
+    """A suite that fails (a crash, an error) stops early: its wall time is not the suite's, and a ratio
+    against it says nothing about the target."""
+    import benchmark_sections
+
+    runs = [{"round": 0, "kind": "suite", "checkout": "baseline", "seconds": 265.0, "exit_code": 1,
+             "summary": "3 failed, 645 passed"},
+            {"round": 0, "kind": "suite", "checkout": "current", "seconds": 377.0, "exit_code": 0,
+             "summary": "1717 passed"}]
+    data = {"date": "2026-12-04T09:00:00", "commits": {"baseline": "a" * 40, "current": "b" * 40}, "runs": runs,
+            "summary": {"suite": {"ratio": 1.423}}}
+    results = Results([Result(Path("bench_test_suite_2026-12-04_bbbbbbb.json"), "bench_test_suite", "2026-12-04",
+                              "bbbbbbb", "", data)])
+    text = benchmark_sections.render_test_suite(results)
+    assert "| 1.42× | not judged: 1 run failed (its time is not the suite's) |" in text
+    assert benchmark_sections.test_suite_targets(results) == [
+        ("`scripts/test.sh` ≤ 0.5× the baseline's time", "1.42×, 1 run failed", False)]
