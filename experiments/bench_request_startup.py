@@ -2,7 +2,8 @@
 
 A budget-0 answer takes well under a second inside a process; a user typing ``hm3 request`` also
 pays Python's and the libraries' start-up, which dominates on a small CPU. This times that whole
-command for both checkouts in alternation (so machine noise hits both alike) on finished runs,
+command for both checkouts in alternation, each going first in every other pair (so machine noise
+and the caches the first warms for the second hit both alike) on finished runs,
 checks that both give the same answer, and reports the ratio.
 
     git worktree add /tmp/hm3-before <commit>
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 for prefer in PREFERENCES:
                     row: dict = {"repeat": rep, "run": str(run), "prefer": prefer}
-                    for name, src in (("baseline", args.baseline), ("this", here)):
+                    for name, src in harness.alternated((("baseline", args.baseline), ("this", here)), len(rows)):
                         row[f"{name}_seconds"], row[f"{name}_answer"] = timed_request(
                             src, run, prefer, Path(tmp) / name)
                     row["same_answer"] = row["baseline_answer"] == row["this_answer"]

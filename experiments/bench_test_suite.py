@@ -2,8 +2,8 @@
 
 Each commit is cloned fresh (``git clone`` + checkout) into ``--work``, and its own ``scripts/setup.sh``
 builds its ``.venv`` once, untimed (the package installs are the same for both and come from the
-local pip cache). Then, ``--rounds`` times and alternating between the two clones so that machine
-noise hits both alike:
+local pip cache). Then, ``--rounds`` times and alternating between the two clones, each going first
+in every other round, so that machine noise hits both alike:
 
 * ``scripts/test.sh`` (ruff + the whole pytest suite, what CI runs), wall time and pytest's summary;
 * ``scripts/demo.sh --out DIR`` into a fresh folder, with the clone's ``runs/`` removed first, so a
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("suite", "demo", "quick"):
             if kind not in what:
                 continue
-            for name, src in clones.items():
+            for name, src in harness.alternated(list(clones.items()), r):
                 if kind == "quick" and name != "current":
                     continue
                 if kind in COMMANDS:
@@ -117,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "quick":
             mean_s = sum(x["seconds"] for x in result["runs"] if x["kind"] == kind) / args.rounds
             ratios[kind] = {"current_mean_s": round(mean_s, 1), "target_s": QUICK_TARGET_S,
-                            "met": mean_s <= QUICK_TARGET_S}
+                            "met": mean_s <= QUICK_TARGET_S,
+                            "failed_runs": sum(x["exit_code"] != 0 for x in result["runs"] if x["kind"] == kind)}
             continue
         mean = {n: sum(x["seconds"] for x in result["runs"] if x["kind"] == kind and x["checkout"] == n)
                 / args.rounds for n in clones}
         ratios[kind] = {"baseline_mean_s": round(mean["baseline"], 1), "current_mean_s": round(mean["current"], 1),
-                        "ratio": round(mean["current"] / mean["baseline"], 3)}
+                        "ratio": round(mean["current"] / mean["baseline"], 3),
+                        # a failing run stops early: its time is not the command's (the page does not judge it)
+                        "failed_runs": sum(x["exit_code"] != 0 for x in result["runs"] if x["kind"] == kind)}
     result["summary"] = ratios
     harness.write_results(out, result)
     print(json.dumps(ratios, indent=2))

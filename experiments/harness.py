@@ -122,3 +122,9 @@ def out_path(args: argparse.Namespace, benchmark: str, label: str | None = None)
 def write_results(path: Path, result: dict[str, Any]) -> Path:
     """Write ``result`` as indented JSON to ``path`` atomically (a reader never sees half a file)."""
     return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def alternated(items: Sequence[Any], i: int) -> list[Any]:
+    """``items`` in order for even ``i``, reversed for odd: whichever of two timed peers runs second
+    finds the OS caches (files, libraries) warmed by the first, so each must go first as often."""
+    return list(items) if i % 2 == 0 else list(reversed(items))
