@@ -223,3 +223,24 @@ def test_level2_alone_is_planned_at_the_two_level_runs_whole_cost(tmp_path, monk
     (tmp_path / "seed-0" / "level2_alone.json").write_text(json.dumps(stale))
     with pytest.raises(SystemExit, match="another config"):
         ablation.run_seed(manifest, s, 0, tmp_path, log=lambda m: None)
+
+
+def test_finished_arms_of_the_same_plan_are_reused_whatever_their_evaluation_keys(tmp_path, monkeypatch):
+    """Arms finished before the evaluation device was recorded (hours of SmolLM2 work) stay reusable."""
+    ablation = _module("ablation")
+    record = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "results" /
+                         "compositional_ablation_2026-12-04_9890cfa_partial.json").read_text())
+    arms = record["per_seed"]["0"]
+    manifest = {"models": arms["two_levels"]["config"]["models"], "objectives": arms["two_levels"]["config"]["objectives"]}
+    s = {**ablation.REAL, **record["settings"]}
+    seed_dir = tmp_path / "seed-0"
+    seed_dir.mkdir()
+    for name in ("swaps", "two_levels", "level1_alone"):
+        (seed_dir / f"{name}.json").write_text(json.dumps(arms[name]))
+    monkeypatch.setattr(ablation, "check_refs", lambda *a: None)
+    monkeypatch.setattr(ablation, "protocol_refs", lambda m: {})
+    ran = []
+    monkeypatch.setattr(ablation, "hm3_arm", lambda m, s, seed, run_dir, **k: ran.append(run_dir.name) or
+                        {"config": ablation.arm_config(m, s, seed, **k)})
+    out = ablation.run_seed(manifest, s, 0, tmp_path, log=lambda m: None)
+    assert ran == ["level2_alone"] and out["two_levels"] == arms["two_levels"]

@@ -137,6 +137,13 @@ def arm_config(manifest: dict[str, Any], s: dict[str, Any], seed: int, *, level2
     return run_config(manifest, s if budget is None else {**s, "budget": budget}, seed, level2=level2)
 
 
+def plan_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What an arm's cost was planned by: its level-1 optimizer and budget and its level-2 section. Results
+    made before evaluation devices were an option lack ``evaluation.device``/``dtype`` (cpu, float32:
+    :func:`check_refs` confirms the references), so the rest is not compared."""
+    return {"optimizer": config.get("optimizer"), "level2": config.get("level2")}
+
+
 def front_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "front.csv") as f:
         return list(csv.DictReader(f))
@@ -283,7 +290,7 @@ def run_seed(manifest: dict[str, Any], s: dict[str, Any], seed: int, work: Path,
         file = seed_dir / f"{name}.json"
         if file.is_file():
             done = json.loads(file.read_text())
-            if planned is not None and done.get("config") != json.loads(json.dumps(planned)):
+            if planned is not None and plan_of(done["config"]) != plan_of(json.loads(json.dumps(planned))):
                 raise SystemExit(f"{file} ran another config than this plan's (other budgets or episode "
                                  f"counts): remove it and {seed_dir / name} to run the arm again")
             return done
