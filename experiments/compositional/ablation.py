@@ -60,7 +60,7 @@ other work, ~0.3 s idle by this machine's earlier SmolLM2 runs): a full evaluati
 validation examples) is ~1 min idle. Per seed the two-level run costs ~16 merges + ~40-60 path
 equivalents (80 DAR episodes at data scale 0.25, up to 3 scale variants each, kept paths and swaps
 on the whole plan) + test re-scoring ≈ 1.3 h; level 1 alone the same budget ≈ 1.1 h; level 2 alone
-≈ 1 h; 6 swaps on validation and test ≈ 0.3 h: **~3.7 h per seed, ~11 CPU-hours for 3 seeds idle**,
+≈ 1.2 h at the same budget; 6 swaps on validation and test ≈ 0.3 h: **~3.9 h per seed, ~12 CPU-hours for 3 seeds idle**,
 up to ~2.5x that under the load measured.
 """
 
