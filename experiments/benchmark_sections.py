@@ -130,9 +130,23 @@ def _suite_results(results: Results) -> dict[str, Result]:
     return latest
 
 
+#: a pytest result line: a run that prints one ran every test it collected, failures included
+_PYTEST_RESULT = re.compile(r"\d+ (passed|failed)")
+
+
 def failed_runs(r: Result, kind: str) -> int:
-    """Runs of ``kind`` in ``r`` that exited non-zero: a failing suite stops early, so its time is not the suite's."""
-    return sum(x.get("exit_code", 0) != 0 for x in r.get("runs") if x["kind"] == kind)
+    """Runs of ``kind`` in ``r`` that did not run the whole command: exited non-zero with no pytest result line
+    (set-up, ruff or pytest itself stopped it early), so their time is not the command's. A suite with failing
+    tests still runs every test (no ``-x``): its time counts, and :func:`failing_tests` names it."""
+    return sum(x.get("exit_code", 0) != 0 and not (kind != "demo" and _PYTEST_RESULT.search(x.get("summary") or ""))
+               for x in r.get("runs") if x["kind"] == kind)
+
+
+def failing_tests(r: Result, kind: str) -> str:
+    """"baseline: 3 failed" for the complete runs of ``kind`` whose suite had failing tests, else ""."""
+    found = [f"{x['checkout']}: {m.group(0)}" for x in r.get("runs") if x["kind"] == kind and x.get("exit_code")
+             for m in [re.search(r"\d+ failed", x.get("summary") or "")] if m]
+    return "; ".join(found)
 
 
 def _failed(n: int) -> str:
@@ -155,12 +169,15 @@ def render_test_suite(results: Results) -> str:
         s = r.get("summary")[kind]
         current = f"`{commits['current']}`: " + " / ".join(f"{x['seconds']:.0f}" for x in runs["current"])
         failed = failed_runs(r, kind)
-        invalid = f"not judged: {_failed(failed)} (its time is not the suite's)" if failed else None
+        invalid = f"not judged: {_failed(failed)} (its time is not the command's)" if failed else None
+        failing = failing_tests(r, kind)
+        failing = f" (failing tests, every test run: {failing})" if failing else ""
         if kind == "quick":
-            rows.append([names[kind], "–", current, "–", invalid or f"≤ {s['target_s']:.0f} s: {verdict(s['met'])}"])
+            rows.append([names[kind], "–", current, "–",
+                         invalid or f"≤ {s['target_s']:.0f} s: {verdict(s['met'])}{failing}"])
         else:
             rows.append([names[kind], f"`{commits['baseline']}`: " + " / ".join(f"{x['seconds']:.0f}" for x in runs["baseline"]),
-                         current, ratio(s["ratio"]), invalid or f"≤ 0.50×: {verdict(s['ratio'] <= 0.5)}"])
+                         current, ratio(s["ratio"]), invalid or f"≤ 0.50×: {verdict(s['ratio'] <= 0.5)}{failing}"])
     used = sorted({r.name: r for r in latest.values()}.values(), key=lambda r: r.name)
     summaries = [f"`{r.commit}`: " + "; ".join(f"`{x['summary']}`" for x in r.get("runs") if x["kind"] in ("suite", "quick"))
                  for r in used if any(x["kind"] in ("suite", "quick") for x in r.get("runs"))]
