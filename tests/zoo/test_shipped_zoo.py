@@ -54,6 +54,15 @@ def test_a_missing_or_extra_file_is_refused(zoo_copy):
         shipped.shipped_zoo("micro")
 
 
+def test_an_edited_manifest_is_refused(zoo_copy):
+    """zoo.json says which folder plays which role: swapping two is as wrong as swapping their weights."""
+    manifest = json.loads((zoo_copy / "zoo.json").read_text())
+    manifest["models"]["base"], manifest["models"]["math"] = "math", "base"
+    (zoo_copy / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(ConfigError, match=r"zoo\.json: content does not match the shipped zoo's hash"):
+        shipped.shipped_zoo("micro")
+
+
 def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path):
     with pytest.raises(ConfigError, match="unknown shipped zoo 'nano'; shipped zoos: micro"):
         shipped.resolve_zoo("builtin:nano")
