@@ -65,6 +65,12 @@ def verify_files(zoo_dir: Path, expected: dict[str, str], hashed: dict[str, str]
         raise ConfigError(f"{zoo_dir / extra[0]}: not part of the shipped zoo; remove it")
 
 
+def _manifest_hash(zoo_dir: Path) -> dict[str, str]:
+    """``{"zoo.json": its sha256}``, or nothing when the zoo has no manifest."""
+    path = zoo_dir / "zoo.json"
+    return {"zoo.json": hashlib.sha256(path.read_bytes()).hexdigest()} if path.is_file() else {}
+
+
 def shipped_zoo(name: str) -> Path:
     """The verified folder of the shipped zoo ``name`` (checked once per process)."""
     from hm3.zoo.build import ZooManifest
@@ -74,11 +80,11 @@ def shipped_zoo(name: str) -> Path:
                           f"(name one as {BUILTIN_PREFIX}{SHIPPED_ZOOS[0]})")
     zoo_dir = SHIPPED_ROOT / name
     if zoo_dir not in _verified:
+        # the manifest's own digest first: an edited zoo.json is to be restored, whatever the edit
+        verify_files(zoo_dir, {"zoo.json": SHIPPED_MANIFEST_SHA256[name]}, hashed=_manifest_hash(zoo_dir))
         manifest = ZooManifest.read(zoo_dir)
         if not manifest.files:
             raise ConfigError(f"{zoo_dir / 'zoo.json'}: the shipped zoo's manifest lists no file hashes")
-        verify_files(zoo_dir, {"zoo.json": SHIPPED_MANIFEST_SHA256[name]}, hashed={
-            "zoo.json": hashlib.sha256((zoo_dir / "zoo.json").read_bytes()).hexdigest()})
         verify_files(zoo_dir, manifest.files)
         _verified.add(zoo_dir)
     return zoo_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -63,12 +64,19 @@ def test_an_edited_manifest_is_refused(zoo_copy):
         shipped.shipped_zoo("micro")
 
 
-def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path):
+def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown shipped zoo 'nano'; shipped zoos: micro"):
         shipped.resolve_zoo("builtin:nano")
     manifest = json.loads((zoo_copy / "zoo.json").read_text())
     manifest["format"] = 3
     (zoo_copy / "zoo.json").write_text(json.dumps(manifest))
+    # an edited manifest is told to be restored: hm3 never writes into the shipped zoo, so no rebuild
+    with pytest.raises(ConfigError, match="content does not match") as refused:
+        shipped.shipped_zoo("micro")
+    assert "reinstall hm3" in str(refused.value) and "zoo build" not in str(refused.value)
+    # a package whose shipped zoo predates its zoo format (the digest matches): the format is named
+    digest = hashlib.sha256((zoo_copy / "zoo.json").read_bytes()).hexdigest()
+    monkeypatch.setitem(shipped.SHIPPED_MANIFEST_SHA256, "micro", digest)
     with pytest.raises(ConfigError, match="a zoo of format 3"):
         shipped.shipped_zoo("micro")
     assert shipped.resolve_zoo("zoo", base_dir=tmp_path) == tmp_path / "zoo"
