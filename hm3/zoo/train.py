@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from hm3.errors import ConfigError
 from hm3.zoo.spec import ZooSpec
 from hm3.zoo.tokenizer import VOCAB_SIZE
 from objectives.base import Example
@@ -125,7 +126,9 @@ def expert_data(
     tasks, so the task vectors interfere less when merged — as with real experts
     fine-tuned from a strong base. ``replay_weights`` (task -> relative share, 1 when
     absent) splits the replay between the other tasks: replaying a task less keeps the
-    other experts from learning it, which is what its expert's margin needs.
+    other experts from learning it, which is what its expert's margin needs. A task whose
+    pool is smaller than its share is refused (:class:`ConfigError`): taking what there is
+    would replay less than the spec says.
     """
     own = list(train_sets[task])
     others = [t for t in train_sets if t != task]
@@ -136,4 +139,10 @@ def expert_data(
     weight_sum = sum(weights.values())
     if weight_sum <= 0:
         return own
-    return own + [x for t in others for x in list(train_sets[t])[: int(total * weights[t] / weight_sum)]]
+    quotas = {t: int(total * weights[t] / weight_sum) for t in others}
+    for t in others:
+        if quotas[t] > len(train_sets[t]):
+            raise ConfigError(f"the {task} expert's replay of {t!r} takes {quotas[t]} items but its pool holds "
+                              f"{len(train_sets[t])}: lower replay_fraction or {t}'s replay weight, or raise "
+                              f"{t}'s specialist_share")
+    return own + [x for t in others for x in list(train_sets[t])[: quotas[t]]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -54,12 +55,28 @@ def test_a_missing_or_extra_file_is_refused(zoo_copy):
         shipped.shipped_zoo("micro")
 
 
-def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path):
+def test_an_edited_manifest_is_refused(zoo_copy):
+    """zoo.json says which folder plays which role: swapping two is as wrong as swapping their weights."""
+    manifest = json.loads((zoo_copy / "zoo.json").read_text())
+    manifest["models"]["base"], manifest["models"]["math"] = "math", "base"
+    (zoo_copy / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(ConfigError, match=r"zoo\.json: content does not match the shipped zoo's hash"):
+        shipped.shipped_zoo("micro")
+
+
+def test_unknown_builtin_names_and_old_formats_are_refused(zoo_copy, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown shipped zoo 'nano'; shipped zoos: micro"):
         shipped.resolve_zoo("builtin:nano")
     manifest = json.loads((zoo_copy / "zoo.json").read_text())
     manifest["format"] = 3
     (zoo_copy / "zoo.json").write_text(json.dumps(manifest))
+    # an edited manifest is told to be restored: hm3 never writes into the shipped zoo, so no rebuild
+    with pytest.raises(ConfigError, match="content does not match") as refused:
+        shipped.shipped_zoo("micro")
+    assert "reinstall hm3" in str(refused.value) and "zoo build" not in str(refused.value)
+    # a package whose shipped zoo predates its zoo format (the digest matches): the format is named
+    digest = hashlib.sha256((zoo_copy / "zoo.json").read_bytes()).hexdigest()
+    monkeypatch.setitem(shipped.SHIPPED_MANIFEST_SHA256, "micro", digest)
     with pytest.raises(ConfigError, match="a zoo of format 3"):
         shipped.shipped_zoo("micro")
     assert shipped.resolve_zoo("zoo", base_dir=tmp_path) == tmp_path / "zoo"

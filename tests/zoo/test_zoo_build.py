@@ -152,6 +152,23 @@ def test_replay_weights_split_the_replay_between_the_other_tasks():
     assert expert_data(sets, "math", 0.5, {"code": 0, "translation": 0}) == sets["math"]
 
 
+def test_a_replay_its_pool_cannot_fill_is_refused_before_any_training(tmp_path, monkeypatch):
+    """Taking fewer items than the quota would fine-tune with less replay than the spec records."""
+    import hm3.zoo.train as zoo_train
+
+    sets = {t: [([i, j], 0) for j in range(100 if t == "math" else 30)] for i, t in enumerate(ZOO_TASKS)}
+    with pytest.raises(ConfigError, match="replay of 'code' takes 50 items but its pool holds 30"):
+        zoo_train.expert_data(sets, "math", 0.5)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the replay was checked")
+
+    monkeypatch.setattr(zoo_train, "train", no_training)
+    # without its specialist items, code keeps 507 general ones: fewer than the math expert's code quota
+    with pytest.raises(ConfigError, match="replay of 'code'"):
+        build_zoo(tmp_path / "zoo", progress=False, specialist_share={"code": 0.0}, **QUICK)
+
+
 def test_quality_bar_arithmetic_on_a_hand_matrix():
     matrix = {
         "base": {"math": 0.1, "code": 0.1, "translation": 0.4},
