@@ -49,8 +49,13 @@ def written_by_hm3(directory: Path) -> bool:
     return any((directory / f).exists() for f in (MARKER_FILE, *HM3_FILES))
 
 
-def _related(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+def _relation(target: Path, other: Path) -> str | None:
+    """How ``target`` stands to ``other``: "is", "contains", "lies inside", or None when unrelated."""
+    if target == other:
+        return "is"
+    if target in other.parents:
+        return "contains"
+    return "lies inside" if other in target.parents else None
 
 
 def check_not_input(out: str | Path, inputs: Iterable[str | Path]) -> None:
@@ -59,15 +64,12 @@ def check_not_input(out: str | Path, inputs: Iterable[str | Path]) -> None:
     from hm3.zoo.shipped import SHIPPED_ROOT
 
     target = Path(out).resolve()
-    shipped = SHIPPED_ROOT.resolve()
-    if _related(target, shipped):  # every command reads them; a stray file fails their hashes forever after
-        how = "is" if target == shipped else "contains" if target in shipped.parents else "lies inside"
+    # every command reads the shipped zoos; a stray file fails their hashes forever after
+    if how := _relation(target, SHIPPED_ROOT.resolve()):
         raise ConfigError(f"output {out} {how} the zoos shipped with hm3 ({SHIPPED_ROOT}); hm3 never writes "
                           "there: choose another output path")
     for given in inputs:
-        src = Path(given).resolve()
-        if _related(target, src):
-            how = "is" if target == src else "contains" if target in src.parents else "lies inside"
+        if how := _relation(target, Path(given).resolve()):
             raise ConfigError(f"output {out} {how} an input of this command ({given}); hm3 never writes over "
                               "its own inputs: choose another output path")
 
