@@ -230,18 +230,23 @@ def parse_merge_config(data: Any, *, source: str = "<config>") -> MergeConfig:
     return cfg
 
 
-def load_merge_config(path: str | Path) -> MergeConfig:
-    """Read a recipe file; errors name the file."""
+def read_yaml_file(path: str | Path, *, what: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """The YAML in a config file (a recipe, a run config), read with a safe ``loader``; a missing file, a
+    folder, bad YAML and text that is not UTF-8 are refused naming the file (``what``: "run config", ...)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"config file not found: {p}")
+        raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"{what} not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text
         raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
-    return parse_merge_config(data, source=str(p))
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read a recipe file; errors name the file."""
+    return parse_merge_config(read_yaml_file(path, what="config file"), source=str(Path(path)))
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hm3.config import read_yaml_file
 from hm3.devices import DEVICE_NAMES, EVALUATION_DEVICES, resolve_device, resolve_dtype
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.space import SearchSpace
@@ -294,15 +295,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A run config file's YAML mapping (missing file, bad YAML and non-mappings named)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: a folder, not a config file" if p.is_dir() else f"run config not found: {p}")
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    except UnicodeDecodeError as err:  # a binary or UTF-16 file: YAML configs are UTF-8 text
-        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
+    data = read_yaml_file(path, what="run config", loader=_UniqueKeyLoader)
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a run config must be a mapping")
+        raise ConfigError(f"{Path(path)}: a run config must be a mapping")
     return data
