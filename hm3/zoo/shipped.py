@@ -36,6 +36,10 @@ SHIPPED_MANIFEST_SHA256 = {
 _verified: set[Path] = set()
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def file_hashes(zoo_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of a zoo, by path relative to the zoo; not ``zoo.json`` (which holds them)
     nor the marker hm3 leaves in a folder it published (a copy made by :func:`copy_shipped_zoo`)."""
@@ -45,7 +49,7 @@ def file_hashes(zoo_dir: Path) -> dict[str, str]:
     for path in sorted(p for p in zoo_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(zoo_dir).as_posix()
         if rel not in ("zoo.json", MARKER_FILE):
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[rel] = _sha256(path)
     return out
 
 
@@ -68,7 +72,7 @@ def verify_files(zoo_dir: Path, expected: dict[str, str], hashed: dict[str, str]
 def _manifest_hash(zoo_dir: Path) -> dict[str, str]:
     """``{"zoo.json": its sha256}``, or nothing when the zoo has no manifest."""
     path = zoo_dir / "zoo.json"
-    return {"zoo.json": hashlib.sha256(path.read_bytes()).hexdigest()} if path.is_file() else {}
+    return {"zoo.json": _sha256(path)} if path.is_file() else {}
 
 
 def shipped_zoo(name: str) -> Path:
@@ -144,4 +148,4 @@ def ship_zoo(built: Path, name: str) -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified.discard(target)
-    return target, hashlib.sha256((target / "zoo.json").read_bytes()).hexdigest()
+    return target, _sha256(target / "zoo.json")
