@@ -302,9 +302,7 @@ class RayExecutor:
             except _WorkerDied as died:
                 self._replace(run, died.error)
                 continue
-            self._busy += busy
-            self._last_done = time.perf_counter()
-            self._idle.append(run.worker)
+            self._finished(run, busy)
             self._pending -= 1
             self._dispatch()
             return ticket, scores
@@ -348,11 +346,15 @@ class RayExecutor:
             except Exception as err:  # a RayTaskError, a dead worker's: its error is not the run's to raise now
                 self._log(f"{run.worker}'s last job gave no scores ({type(err).__name__}: {_first_line(err)})")
                 continue
-            self._busy += busy
-            self._last_done = time.perf_counter()
-            self._idle.append(run.worker)
+            self._finished(run, busy)
             done.append((ticket, scores))
         return done
+
+    def _finished(self, run: _Running, busy: float) -> None:
+        """A job's worker is idle again, and its seconds count toward :meth:`utilisation`."""
+        self._busy += busy
+        self._last_done = time.perf_counter()
+        self._idle.append(run.worker)
 
     def close(self) -> None:
         for worker in self._live:
