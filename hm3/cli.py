@@ -88,7 +88,11 @@ def _run_log(run_dir: str | Path | None, argv: Sequence[str]) -> Any:
 
 
 def cmd_merge(args: argparse.Namespace) -> Outcome:
-    from hm3.merge.engine import merge_to_disk
+    from hm3.process import frozen_imports, keep_freed_buffers
+
+    with frozen_imports():  # torch's objects are not re-scanned by each full collection of the merge loop
+        from hm3.merge.engine import merge_to_disk
+    keep_freed_buffers()  # each tensor's buffers are reused by the next instead of faulted in again
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

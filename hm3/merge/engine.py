@@ -10,13 +10,15 @@ intra-op threads (both cores) and optionally on a GPU (``device="cuda"``).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from hm3.devices import check_device
 from hm3.errors import CheckpointError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
+from hm3.merge.ops import DrawnAhead, MaskGenerator
 from hm3.merge.plan import MergePlan, SourceTensor, TensorJob, mask_generator, plan_merge
 from hm3.merge.vocab import remap_rows
 
@@ -86,8 +89,30 @@ def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | No
     return base, tensors, fishers
 
 
-def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers) -> torch.Tensor:
-    """Merge one tensor: the method's pure function on already-loaded inputs."""
+def _draw_ahead(plan: MergePlan, job: TensorJob, pool: ThreadPoolExecutor) -> list[Future[DrawnAhead]]:
+    """Start drawing each model's first mask values of ``job`` (one per output entry) on ``pool``."""
+    numel = math.prod(plan.output_shape(job))
+    return [
+        pool.submit(DrawnAhead, partial(mask_generator, plan.mask_rng, plan.seed, job.name, k), numel)
+        for k in range(len(job.inputs))
+    ]
+
+
+def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers,
+            ahead: Sequence[Future[DrawnAhead]] | None = None) -> torch.Tensor:
+    """Merge one tensor: the method's pure function on already-loaded inputs.
+
+    ``ahead``: model k's mask generator with its first draw made (:func:`_draw_ahead`); each model's
+    first call for a generator gets it, any later call a fresh generator, as without it.
+    """
+    taken: set[int] = set()
+
+    def generator(k: int) -> MaskGenerator:
+        if ahead is not None and k < len(ahead) and k not in taken:
+            taken.add(k)
+            return ahead[k].result()
+        return mask_generator(plan.mask_rng, plan.seed, job.name, k)
+
     inputs = TensorInputs(
         name=job.name,
         base=base,
@@ -95,9 +120,7 @@ def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers) -> torch.Te
         model_params=job.model_params,
         params=job.params,
         fishers=fishers,
-        generators=(lambda k: mask_generator(plan.mask_rng, plan.seed, job.name, k))
-        if plan.method.uses_randomness
-        else None,
+        generators=generator if plan.method.uses_randomness else None,
     )
     with torch.no_grad():
         return plan.method.fn(inputs)
@@ -109,13 +132,19 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu") -> Itera
     with ExitStack() as stack:
         fisher = _FisherSource(plan.fisher_files, stack) if plan.fisher_files else None
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-read"))
+        # random methods: each model's mask of the next tensor is drawn on its own thread (DrawnAhead)
+        drawer = (stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="hm3-draw"))
+                  if plan.method.uses_randomness else None)
         jobs = plan.jobs
         pending = reader.submit(_load_job_inputs, plan, jobs[0], fisher, dev) if jobs else None
+        drawing = _draw_ahead(plan, jobs[0], drawer) if jobs and drawer is not None else None
         for i, job in enumerate(jobs):
             base, tensors, fishers = pending.result()
+            ahead = drawing
             pending = reader.submit(_load_job_inputs, plan, jobs[i + 1], fisher, dev) if i + 1 < len(jobs) else None
-            out = run_job(plan, job, base, tensors, fishers)
-            del base, tensors, fishers
+            drawing = _draw_ahead(plan, jobs[i + 1], drawer) if i + 1 < len(jobs) and drawer is not None else None
+            out = run_job(plan, job, base, tensors, fishers, ahead)
+            del base, tensors, fishers, ahead
             if plan.out_dtype is not None:
                 out = out.to(plan.out_dtype)
             yield job.name, out

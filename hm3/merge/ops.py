@@ -27,7 +27,7 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -378,8 +378,9 @@ def match_l1_(kept: Tensor, original: Tensor) -> Tensor:
 
 
 #: A DARE/DELLA mask generator: torch's Mersenne Twister (``mask_rng: mt19937``) or numpy's SFC64 bit
-#: generator (``mask_rng: sfc64``); :func:`hm3.merge.plan.mask_generator` seeds either.
-MaskGenerator = torch.Generator | np.random.BitGenerator
+#: generator (``mask_rng: sfc64``); :func:`hm3.merge.plan.mask_generator` seeds either. A
+#: :class:`DrawnAhead` stands for either with its first draw already made.
+RawGenerator = torch.Generator | np.random.BitGenerator
 
 
 def _sfc64_words(generator: np.random.BitGenerator, n: int) -> np.ndarray:
@@ -389,10 +390,54 @@ def _sfc64_words(generator: np.random.BitGenerator, n: int) -> np.ndarray:
     return raw.view("<u4")[:n]
 
 
-def _sfc64_uniforms(delta: Tensor, generator: np.random.BitGenerator, out: Tensor | None) -> Tensor:
+def _first_draw(generator: RawGenerator, n: int) -> Tensor | np.ndarray:
+    """The values a mask of ``n`` entries draws first: float32 U(0, 1) from torch's generator (on its
+    device), 32-bit words from SFC64."""
+    if isinstance(generator, np.random.BitGenerator):
+        return _sfc64_words(generator, n)
+    return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+class DrawnAhead:
+    """A mask generator whose first draw of ``numel`` values was made when this was built: on another
+    thread, while the streaming engine merges the tensor before.
+
+    Why: both generators draw serially, on one core, a large share of a DARE merge's arithmetic; each
+    (tensor, model) mask has its own seeded generator, so its draw need not wait for the tensor's turn
+    and can use a core the merge leaves idle. The values a method gets are exactly its generator's: the first draw of
+    ``numel`` values is the one made ahead, and later draws continue the stream after it; a first draw
+    of another size starts the stream afresh from ``make()`` (nothing is drawn twice or skipped).
+    """
+
+    def __init__(self, make: Callable[[], RawGenerator], numel: int):
+        self._make = make
+        self._generator = make()
+        self._numel = numel
+        self._ahead: Tensor | np.ndarray | None = _first_draw(self._generator, numel)
+        self.draws_words = isinstance(self._generator, np.random.BitGenerator)
+
+    def take(self, numel: int) -> tuple[Tensor | np.ndarray | None, RawGenerator]:
+        """(The values drawn ahead, if this first draw is of their size, else None; the generator that
+        makes any further draw)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and numel != self._numel:
+            self._generator = self._make()  # a first draw of another size: the stream from its start
+            ahead = None
+        return ahead, self._generator
+
+
+MaskGenerator = RawGenerator | DrawnAhead
+
+
+def _take(generator: MaskGenerator, numel: int) -> tuple[Tensor | np.ndarray | None, RawGenerator]:
+    if isinstance(generator, DrawnAhead):
+        return generator.take(numel)
+    return None, generator
+
+
+def _sfc64_uniforms(words: np.ndarray, delta: Tensor, out: Tensor | None) -> Tensor:
     """``mask_rng: sfc64``'s U(0, 1) draws, float32: U = ⌊w / 2⁸⌋ · 2⁻²⁴ for the stream's 32-bit words w
     (torch.rand's float32 construction, on SFC64's words)."""
-    words = _sfc64_words(generator, delta.numel())
     high = torch.from_numpy(np.right_shift(words, 8).astype(np.int32)).reshape(delta.shape)
     draws = high.to(torch.float32).mul_(2.0**-24)
     if out is not None:
@@ -400,13 +445,26 @@ def _sfc64_uniforms(delta: Tensor, generator: np.random.BitGenerator, out: Tenso
     return draws.to(delta.device)
 
 
-def _sfc64_keep_mask(delta: Tensor, density: float, generator: np.random.BitGenerator) -> Tensor:
+def _draws_words(generator: MaskGenerator) -> bool:
+    """Whether ``generator`` draws SFC64's 32-bit words (else torch's float32 uniforms)."""
+    if isinstance(generator, DrawnAhead):
+        return generator.draws_words
+    return isinstance(generator, np.random.BitGenerator)
+
+
+def _words(generator: MaskGenerator, n: int) -> np.ndarray:
+    """The next ``n`` words of an SFC64 stream (drawn ahead or now)."""
+    ahead, raw = _take(generator, n)
+    return ahead if ahead is not None else _sfc64_words(raw, n)
+
+
+def _sfc64_keep_mask(delta: Tensor, density: float, generator: MaskGenerator) -> Tensor:
     """[U < ρ] for :func:`_sfc64_uniforms`'s U, computed on the words directly (bool, on ``delta``'s device).
 
     U < r (r = ρ rounded to float32, as ``lt_`` compares) ⇔ ⌊w / 2⁸⌋ < ⌈r · 2²⁴⌉ ⇔ w < ⌈r · 2²⁴⌉ · 2⁸:
     one integer comparison per entry instead of building the floats, and the same mask.
     """
-    words = _sfc64_words(generator, delta.numel())
+    words = _words(generator, delta.numel())
     threshold = math.ceil(float(np.float32(density)) * 2**24) << 8
     keep = np.ones(words.shape, dtype=bool) if threshold >= 1 << 32 else np.less(words, np.uint32(threshold))
     return torch.from_numpy(keep).reshape(delta.shape).to(delta.device)
@@ -417,9 +475,14 @@ def _uniforms(delta: Tensor, generator: MaskGenerator, *, out: Tensor | None = N
 
     Drawn on the generator's device and moved to ``delta``'s: torch refuses a CPU generator for a GPU
     draw, and drawing where the (CPU) generator lives gives a merge on a GPU the same masks as on a CPU.
+    ``out`` (float32, ``delta``'s shape) is a buffer the draws may be written to; the result is returned
+    either way (values drawn ahead are returned as they are, without a copy).
     """
-    if isinstance(generator, np.random.BitGenerator):
-        return _sfc64_uniforms(delta, generator, out)
+    if _draws_words(generator):
+        return _sfc64_uniforms(_words(generator, delta.numel()), delta, out)
+    ahead, generator = _take(generator, delta.numel())
+    if ahead is not None:
+        return ahead.reshape(delta.shape).to(delta.device)
     if generator.device == delta.device:
         return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32, out=out)
     draws = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=torch.float32)
@@ -480,7 +543,7 @@ def dare_(delta: Tensor, density: float, *, generator: MaskGenerator, rescale: R
         return delta.zero_()
     if delta.dtype != torch.float32:
         return delta.copy_(dare(delta, density, generator=generator, rescale=rescale))
-    if isinstance(generator, np.random.BitGenerator):
+    if _draws_words(generator):
         mask = _sfc64_keep_mask(delta, density, generator)
     else:
         mask = _uniforms(delta, generator, out=scratch).lt_(density)

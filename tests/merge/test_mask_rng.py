@@ -169,6 +169,81 @@ def test_sfc64_della_keeps_its_probabilities():
         assert abs(int(kept[part].sum()) - expected) < 5 * math.sqrt(n * 0.25)
 
 
+# --- draws made ahead (the streaming engine's DrawnAhead) ------------------------------------------------------
+
+
+def _fresh(rng: str, k: int = 0):
+    return lambda: mask_generator(rng, 7, NAME, k)
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_a_draw_made_ahead_and_the_draws_after_it_are_the_generators_own(rng):
+    tau = torch.zeros(9, 5)
+    ahead = ops.DrawnAhead(_fresh(rng), tau.numel())
+    plain = _fresh(rng)()
+    for _ in range(3):  # the first draw (made ahead), then the stream after it
+        assert torch.equal(ops._uniforms(tau, ahead), ops._uniforms(tau, plain))
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_a_first_draw_of_another_size_starts_the_stream_afresh(rng):
+    """Drawn ahead for 48 entries, asked for 45: the 45 are the stream's first 45 and the next draw continues
+    after them (not after the 48 drawn ahead: 24 raw SFC64 outputs against 23, 48 Mersenne draws against 45)."""
+    tau = torch.zeros(45)
+    ahead = ops.DrawnAhead(_fresh(rng), 48)
+    plain = _fresh(rng)()
+    assert torch.equal(ops._uniforms(tau, ahead), ops._uniforms(tau, plain))
+    assert torch.equal(ops._uniforms(tau, ahead), ops._uniforms(tau, plain))
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_a_random_merge_with_its_draws_made_ahead_is_bit_identical(rng, method):
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 20, generator=g)
+    thetas = [base + 0.1 * torch.randn(30, 20, generator=g) for _ in range(2)]
+    params = [{"weight": 0.6, "density": 0.4, "epsilon": 0.1}, {"weight": 0.4, "density": 0.7, "epsilon": 0.2}]
+
+    def merge(generators):
+        x = TensorInputs(name=NAME, base=base, tensors=thetas, model_params=params, generators=generators,
+                         params=GTA | {"rescale": True})
+        return methods.get_method(method).fn(x)
+
+    expected = merge(lambda k: mask_generator(rng, 7, NAME, k))
+    merged = merge(lambda k: ops.DrawnAhead(_fresh(rng, k), base.numel()))
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_path, rng):
+    """``hm3 merge`` draws each tensor's masks while the tensor before merges: every tensor it writes equals the
+    method run on the same inputs with the generators made on the spot (the order of models kept)."""
+    from safetensors.torch import load_file
+
+    from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
+    from hm3.merge.engine import _load_job_inputs, merge_to_disk, run_job
+    from hm3.merge.plan import plan_merge
+
+    base = build_random_llama(tmp_path / "base", hidden_size=32, num_layers=2, vocab_size=64, seed=0)
+    models = [build_finetuned_variant(base, tmp_path / f"m{i}", seed=i, scale=0.05) for i in (1, 2)]
+    recipe = parse_merge_config({
+        "merge_method": "dare_ties", "base_model": str(base), "seed": 3, "mask_rng": rng,
+        "models": [{"model": str(m), "parameters": {"weight": w, "density": d}}
+                   for m, w, d in zip(models, (0.7, 0.5), (0.3, 0.8), strict=True)],
+    })
+    merge_to_disk(recipe, tmp_path / "out")
+    written = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(f))
+    plan = plan_merge(recipe)
+    try:
+        for job in plan.jobs:
+            expected = run_job(plan, job, *_load_job_inputs(plan, job, None, torch.device("cpu")))
+            assert torch.equal(written[job.name], expected), job.name
+    finally:
+        plan.close()
+
+
 # --- recipes and export ----------------------------------------------------------------------------------------
 
 
