@@ -9,7 +9,8 @@ locally, then times, alternating A B A B … so machine noise hits both alike:
   ``mask_rng: sfc64`` (its faster mask draw; the recipe as given keeps the
   default ``mt19937`` draw), in the same rounds;
 * the floor: one process that reads the three models and writes one with a
-  single elementwise operation (hm3's reader/writer, no merge math);
+  single elementwise operation (hm3's reader/writer and ``hm3 merge``'s process
+  settings, :mod:`hm3.process`; no merge math);
 * the in-memory path: one candidate merged straight into a live model.
 
 Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--methods ties,dare_ties,...] [--work DIR] [--out FILE]
@@ -140,6 +141,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     paths = build_models(args.work)
     if args.floor_only:
+        # the process settings `hm3 merge` runs with, so that the floor stays a floor for it
+        import gc
+
+        from hm3.process import keep_freed_buffers
+
+        gc.freeze()
+        keep_freed_buffers()
         floor_job(paths, args.floor_only)
         return
 
