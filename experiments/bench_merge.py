@@ -19,6 +19,7 @@ Usage: .venv/bin/python experiments/bench_merge.py [--reps 3] [--methods ties,da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -28,8 +29,13 @@ import time
 from pathlib import Path
 
 import harness
-import torch
-import yaml
+
+from hm3.process import tensor_loop_process
+
+# the floor job runs with `hm3 merge`'s process settings (GC, malloc, BLAS threads), so that it stays a floor
+with tensor_loop_process() if "--floor-only" in sys.argv else contextlib.nullcontext():
+    import torch
+import yaml  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MODEL = dict(hidden_size=768, num_layers=12, intermediate_size=2048, vocab_size=24000, num_heads=12)
@@ -141,13 +147,6 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     paths = build_models(args.work)
     if args.floor_only:
-        # the process settings `hm3 merge` runs with, so that the floor stays a floor for it
-        import gc
-
-        from hm3.process import keep_freed_buffers
-
-        gc.freeze()
-        keep_freed_buffers()
         floor_job(paths, args.floor_only)
         return
 

@@ -1148,7 +1148,10 @@ SECTIONS: list[Section] = [
         "the same rounds. TIES needs only the k-th largest |τ|, so hm3 finds it by radix selection over the float32 "
         "bit patterns instead of sorting; DELLA needs each entry's rank in its row, which hm3 takes from one sort "
         "and its inverse permutation where mergekit sorts twice; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset) "
-        "overlap on separate threads.",
+        "overlap on separate threads, and the random methods draw each tensor's masks on two more threads while the "
+        "tensor before merges. `hm3 merge` freezes the objects its imports made out of Python's garbage collector's "
+        "scans and raises glibc's mmap and trim thresholds so that freed tensor buffers are reused "
+        "(`hm3/process.py`); the floor runs with the same settings.",
         render_merge, targets=merge_targets),
     Section(
         "Evaluators: transformers and vLLM, weight swap and reload",

@@ -88,11 +88,10 @@ def _run_log(run_dir: str | Path | None, argv: Sequence[str]) -> Any:
 
 
 def cmd_merge(args: argparse.Namespace) -> Outcome:
-    from hm3.process import frozen_imports, keep_freed_buffers
+    from hm3.process import tensor_loop_process
 
-    with frozen_imports():  # torch's objects are not re-scanned by each full collection of the merge loop
+    with tensor_loop_process():  # the GC, malloc and BLAS settings of a loop over large tensors
         from hm3.merge.engine import merge_to_disk
-    keep_freed_buffers()  # each tensor's buffers are reused by the next instead of faulted in again
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

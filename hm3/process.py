@@ -1,5 +1,5 @@
-"""How ``hm3 merge`` tunes its own process for a loop over large tensors: the garbage collector and
-glibc's malloc.
+"""How ``hm3 merge`` tunes its own process for a loop over large tensors: the garbage collector,
+glibc's malloc and numpy's BLAS threads.
 
 Python's cyclic garbage collector scans every object it tracks at each full collection, and
 importing torch leaves over a quarter of a million of them; the merge loop makes enough garbage to run
@@ -15,8 +15,15 @@ thresholds keeps the freed blocks in the heap for the next tensor: on the merge 
 (``experiments/bench_merge.py``) the process spends markedly less time in the kernel, for a somewhat
 higher peak RSS (docs/BENCHMARKS.md has the measurements).
 
+numpy's bundled OpenBLAS starts a thread per core when numpy is imported, and those threads spin
+while they wait for work that the merge never gives them (it calls no BLAS routine through numpy;
+torch has its own): a profile of the merge benchmark found about 3% of its CPU samples in them,
+taken from the merge's own threads on a machine with few cores. :func:`numpy_blas_single_threaded`
+asks for one thread before numpy is imported.
+
 Nothing here runs on import: a library import must not change the process's collector or allocator.
-The ``hm3 merge`` command applies both; a program using hm3 as a library decides for itself.
+The ``hm3 merge`` command applies them through :func:`tensor_loop_process`, in a process of its own
+only; a program using hm3 as a library (or calling the command's ``main`` in-process) decides for itself.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,3 +83,29 @@ def frozen_imports() -> Iterator[None]:
         gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def numpy_blas_single_threaded() -> bool:
+    """``OPENBLAS_NUM_THREADS=1`` unless the user set it; True when set here. Effective only before
+    numpy is first imported (OpenBLAS reads it once)."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return False
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    return True
+
+
+@contextmanager
+def tensor_loop_process() -> Iterator[bool]:
+    """Wrap a command's imports: yields True when the process is tuned (all of the above), False when not.
+
+    Tuned only where torch is not imported yet, that is where the command is the process's first work: a
+    process that already holds torch (a test run, a notebook calling the command in-process) has settings
+    and objects of its own that freezing or a changed environment would reach.
+    """
+    if "torch" in sys.modules:
+        yield False
+        return
+    numpy_blas_single_threaded()
+    with frozen_imports():
+        yield True
+    keep_freed_buffers()
