@@ -242,9 +242,10 @@ def render_merge(results: Results) -> str:
         table(["run", "wall s (rounds)", "median wall s", "median peak RSS MB"], rows),
         table(["hm3 / mergekit", "wall time", "≤ 0.25×", "peak RSS", "≤ 1×", "hm3 / floor wall time",
                "floor / mergekit wall time"], ratio_rows),
-        "The last column is the least wall-time ratio any hm3 merge can reach with this reader and writer: the "
-        "floor starts Python and torch, reads the three models and writes one, and only the merge math is left "
-        "to make faster. Where it is close to 0.25×, the target leaves the merge math almost no time.",
+        "The last column is the least wall-time ratio any hm3 merge of three models can reach with this reader "
+        "and writer: the floor starts Python and torch, reads the three models and writes one, and only the merge "
+        "math is left to make faster. Where it is close to 0.25×, the target leaves the merge math almost no time. "
+        "SLERP reads two models, not three, so it can finish below this floor.",
         f"In-memory path (a candidate merged into a live model, as the searches do): base and task vectors "
         f"loaded once in {inmem['load_once_s']:.2f} s, then per candidate **{per_candidate}**.",
         sources([r]),
@@ -1150,8 +1151,8 @@ SECTIONS: list[Section] = [
         "and its inverse permutation where mergekit sorts twice; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset) "
         "overlap on separate threads, and the random methods draw each tensor's masks on two more threads while the "
         "tensor before merges. `hm3 merge` freezes the objects its imports made out of Python's garbage collector's "
-        "scans and raises glibc's mmap and trim thresholds so that freed tensor buffers are reused "
-        "(`hm3/process.py`); the floor runs with the same settings.",
+        "scans, raises glibc's mmap and trim thresholds so that freed tensor buffers are reused, and keeps numpy's "
+        "BLAS (which it does not use) on one thread (`hm3/process.py`); the floor runs with the same settings.",
         render_merge, targets=merge_targets),
     Section(
         "Evaluators: transformers and vLLM, weight swap and reload",
