@@ -24,6 +24,14 @@ PROJECTION_NOTE = ("Each panel shows two of the objectives: a front point that l
                    "on an objective that panel does not show.")
 
 
+def _literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a pair of ``$`` would open math mode (``$x$ rate`` drawn
+    as an italic x and "rate") and a legend drops labels that start with ``_``; objective and model names
+    may hold either."""
+    text = text.replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def plot_front(path: Path, *args: Any, **kwargs: Any) -> Path:
     """:func:`front_figure` (same arguments) written as a PNG at ``path``."""
     return save_figure(front_figure(*args, **kwargs), path)
@@ -77,9 +85,10 @@ def front_figure(
                             color="tab:red", zorder=7)
         for name, scores in references.items():
             marker, colour = style[name]
-            ax.scatter([scores[i]], [scores[j]], marker=marker, c=colour, s=60, edgecolors="k", label=name, zorder=5)
-        ax.set_xlabel(objective_names[i])
-        ax.set_ylabel(objective_names[j])
+            ax.scatter([scores[i]], [scores[j]], marker=marker, c=colour, s=60, edgecolors="k", label=_literal(name),
+                       zorder=5)
+        ax.set_xlabel(_literal(objective_names[i]))
+        ax.set_ylabel(_literal(objective_names[j]))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     if len(hv_trace):
@@ -90,7 +99,7 @@ def front_figure(
         ax.set_title("hypervolume after each evaluation", fontsize=9)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_literal(title))
     fig.tight_layout()
     if k > 2:
         fig.text(0.5, 0.01, PROJECTION_NOTE, ha="center", va="bottom", fontsize=8, color="0.3")

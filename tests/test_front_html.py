@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -295,3 +296,16 @@ def test_the_page_is_written_as_the_utf_8_it_declares_whatever_the_locale(runs, 
     assert proc.returncode == 0, proc.stderr
     text = page.read_bytes().decode("utf-8")
     assert '<meta charset="utf-8">' in text and "λ" in text and "layer path, frame = " in text
+
+
+def test_names_with_dollars_or_a_leading_underscore_are_drawn_as_written():
+    """matplotlib reads ``$…$`` as math and hides legend labels that start with ``_``: objective and model names
+    are the user's, so each is drawn literally."""
+    names = ["cost$", "$x$ rate"]
+    fig = front_figure(names, np.random.default_rng(1).random((4, 2)), np.zeros((1, 2)), {"_base": np.zeros(2)},
+                       title="run $1")
+    fig.savefig(io.BytesIO(), format="png")  # renders every text (a bad escape would raise here)
+    ax = fig.axes[0]
+    assert [ax.get_xlabel(), ax.get_ylabel()] == [r"cost\$", r"\$x\$ rate"]  # escaped: shown as typed
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "\u200b_base" in legend  # shown, not dropped as a private label
