@@ -4,6 +4,7 @@ shipped micro zoo, and a real ``kill -9`` of an ``hm3`` command for the crash-an
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -59,6 +60,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("slow") is not None:
             slow_per_file[item.nodeid.split("::")[0]] += 1
     items.sort(key=lambda item: -slow_per_file[item.nodeid.split("::")[0]])  # stable: file order kept
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection left (the test modules and what they import: torch, transformers, …) out of the
+    garbage collector's scans (``gc.freeze``), as ``hm3 merge`` freezes its imports (:mod:`hm3.process`).
+
+    Those objects live as long as the run, and every full collection a test's garbage triggers re-scanned them
+    all: the in-process merge and search tests ran about a sixth faster frozen. Garbage made later is
+    collected as before.
+    """
+    gc.freeze()
 
 
 # The child of sigkill_hm3: ``hm3`` with one function (argv[1], "module:attribute.path") wrapped so that each
