@@ -197,6 +197,41 @@ def test_a_first_draw_of_another_size_starts_the_stream_afresh(rng):
 
 
 @pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_the_values_drawn_ahead_are_the_ones_used_not_drawn_again(rng):
+    """Drawing ahead exists to take the draw off the merge's path: the mask's first draw is the object made
+    ahead (no copy, no second draw from a fresh generator), for DARE's uniforms and sfc64's words alike."""
+    tau = torch.zeros(6, 7)
+    ahead = ops.DrawnAhead(_fresh(rng), tau.numel())
+    made = ahead._ahead
+    if rng == "sfc64":
+        assert ops._words(ahead, tau.numel()) is made
+    else:
+        assert ops._uniforms(tau, ahead).data_ptr() == made.data_ptr()
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
+def test_dare_into_a_buffer_gives_the_values_it_returns_otherwise(rng):
+    tau = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+    buffer = torch.empty_like(tau)
+    out = ops.dare(tau, 0.5, generator=mask_generator(rng, 2, NAME, 0), out=buffer)
+    assert out is buffer
+    assert torch.equal(out, ops.dare(tau, 0.5, generator=mask_generator(rng, 2, NAME, 0)))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_kept_l1_norm_of_exactly_the_threshold_is_still_rescaled(in_place):
+    """mergekit rescales unless a norm is *below* 1e-7 (compared in float32): with τ = (ε, ε), ε = float32(1e-7),
+    and one entry kept, ‖kept‖₁ is exactly the threshold and the kept entry doubles."""
+    eps = float(torch.tensor(ops.L1_RESCALE_EPS, dtype=torch.float32))
+    tau = torch.tensor([eps, eps])
+    seed = next(s for s in range(100) if int((torch.rand(2, generator=mask_generator("mt19937", s, NAME, 0)) < 0.5)
+                                             .sum()) == 1)
+    gen = mask_generator("mt19937", seed, NAME, 0)
+    kept = ops.dare_(tau.clone(), 0.5, generator=gen) if in_place else ops.dare(tau, 0.5, generator=gen)
+    assert sorted(kept.tolist()) == [0.0, float(torch.tensor(2 * eps, dtype=torch.float32))]
+
+
+@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
 def test_a_random_merge_with_its_draws_made_ahead_is_bit_identical(rng, method):
     g = torch.Generator().manual_seed(4)
