@@ -218,6 +218,17 @@ def test_dare_into_a_buffer_gives_the_values_it_returns_otherwise(rng):
     assert torch.equal(out, ops.dare(tau, 0.5, generator=mask_generator(rng, 2, NAME, 0)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_entry_drawn_exactly_at_the_density_is_dropped_in_every_dtype(dtype):
+    """m = [U < ρ]: a draw equal to ρ drops its entry, in the float32 path (``lt_``) and in the others alike
+    (the density is set to the first draw itself, so entry 0 sits exactly on the boundary)."""
+    tau = torch.randn(50, generator=torch.Generator().manual_seed(8)).to(dtype)
+    density = float(torch.rand(50, generator=mask_generator("mt19937", 4, NAME, 0))[0])
+    kept = ops.dare(tau, density, generator=mask_generator("mt19937", 4, NAME, 0), rescale="none") != 0
+    kept32 = ops.dare(tau.float(), density, generator=mask_generator("mt19937", 4, NAME, 0), rescale="none") != 0
+    assert not kept[0] and torch.equal(kept, kept32)
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_a_kept_l1_norm_of_exactly_the_threshold_is_still_rescaled(in_place):
     """mergekit rescales unless a norm is *below* 1e-7 (compared in float32): with τ = (ε, ε), ε = float32(1e-7),
