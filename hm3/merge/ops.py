@@ -604,18 +604,38 @@ def _row_ranks(rows: Tensor) -> Tensor:
 
     One stable sort and its inverse permutation by scatter (instead of arg-sorting the order again, which
     gives the same ranks at twice the cost). float32 and half-precision magnitudes are sorted as their
-    float32 bit patterns read as int32, which order like the numbers for x ≥ 0 and sort faster.
+    float32 bit patterns read as int32, which order like the numbers for x ≥ 0 and sort faster; on the
+    CPU, a 2-D tensor of them goes through :func:`_row_order_by_keys`.
     """
     magnitude = rows.abs()
     if magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()
     if magnitude.dtype == torch.float32:
         magnitude = magnitude.view(torch.int32)
-    order = torch.argsort(magnitude, dim=1, stable=True)
+    if magnitude.dtype == torch.int32 and magnitude.dim() == 2 and magnitude.device.type == "cpu":
+        order = _row_order_by_keys(magnitude)
+    else:
+        order = torch.argsort(magnitude, dim=1, stable=True)
     del magnitude
     axis = (1, rows.shape[1]) + (1,) * (rows.dim() - 2)
     positions = torch.arange(rows.shape[1], device=rows.device).reshape(axis).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def _row_order_by_keys(bits: Tensor) -> Tensor:
+    """``torch.argsort(bits, dim=1, stable=True)`` for non-negative int32 ``bits`` (a CPU matrix), by sorting
+    the keys ``bits · 2³² + column`` with numpy and reading the columns back from their low 32 bits.
+
+    Why: numpy sorts 64-bit integers with SIMD kernels (x86-simd-sort on AVX2 and AVX-512), about 4x faster
+    on one core than torch's stable argsort on two, and the sort is DELLA's whole cost. The keys are
+    distinct, so their order is the one order any sort gives, and it is the stable order of ``bits``
+    (equal bits by column): the ranks are bit for bit the argsort's.
+    """
+    keys = bits.numpy().astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(bits.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    return torch.from_numpy(keys).bitwise_and_(0xFFFFFFFF)
 
 
 def della(

@@ -337,6 +337,22 @@ def test_della_probabilities_ramp_from_density_minus_to_plus_epsilon_by_magnitud
     close(rows.double().mean(1), torch.full(rows.mean(1).shape, 0.4, dtype=torch.float64))  # the mean is the density
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_della_ranks_order_ties_by_index_and_extreme_magnitudes_by_size(dtype):
+    """The ranks behind DELLA's ramp (on the CPU a 2-D float tensor is ranked by one numpy sort of 64-bit keys):
+    equal magnitudes (zeros, -0.0, repeats) rank in index order, and subnormals, the largest finite value and
+    everything between rank by size, as the reference's stable sort ranks them."""
+    from hm3.merge import ops
+
+    tiny, huge = torch.finfo(dtype).smallest_normal / 4, torch.finfo(dtype).max
+    row = [0.0, -0.0, 1.5, -1.5, tiny, -tiny, huge, -huge, 0.25, 1.5, 0.0, -2.0, 3.0, tiny, 0.5, -0.25]
+    delta = torch.tensor([row, row[::-1], [v * 0.5 for v in row]], dtype=dtype)
+    delta = torch.cat([delta, torch.randn(5, len(row), generator=gen(4)).to(dtype)])
+    close(ops.della_probabilities(delta, 0.4, 0.1), ref.della_probabilities(delta.float(), 0.4, 0.1))
+    reference_ranks = torch.argsort(torch.argsort(delta.float().abs(), dim=1, stable=True), dim=1, stable=True)
+    assert torch.equal(ops._row_ranks(delta), reference_ranks)
+
+
 def test_della_with_epsilon_zero_is_dare_on_the_same_draws():
     base, models = random_models(34)
     for rescale_mode in ("l1", "inverse", "none"):
