@@ -5,7 +5,7 @@ locally, then times, alternating A B A B … so machine noise hits both alike:
 
 * ``hm3 merge`` vs ``mergekit-yaml`` on the same TIES, DARE-TIES, SLERP, DELLA
   and DELLA-linear recipes (median wall time, peak RSS of each process, and the
-  ratios); for the random methods hm3 also runs the recipe with
+  ratios), each writing a fresh directory (the last one removed first, untimed); for the random methods hm3 also runs the recipe with
   ``mask_rng: sfc64`` (its faster mask draw; the recipe as given keeps the
   default ``mt19937`` draw), in the same rounds;
 * the floor: one process that reads the three models and writes one with a
@@ -153,7 +153,10 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     load_before = list(os.getloadavg())  # the machine may be shared: the report says how busy it was
 
-    def record(key: str, cmd: list[str]) -> None:
+    def record(key: str, cmd: list[str], out: Path) -> None:
+        """Time ``cmd`` writing into ``out``, removed first and untimed: every tool writes a fresh directory
+        (replacing an existing output is work of its own, which none is asked to do here)."""
+        subprocess.run(["rm", "-rf", str(out)], check=True)
         wall, rss = run_timed(cmd)
         results.setdefault(key, {"wall_s": [], "peak_rss_mb": []})
         results[key]["wall_s"].append(wall)
@@ -168,23 +171,24 @@ def main() -> None:
     for method in methods:
         cfg = args.work / f"{method}.yml"
         cfg.write_text(yaml.safe_dump(recipe(paths, method)))
-        hm3_cmd = [str(BIN / "hm3"), "merge", str(cfg), str(args.work / f"hm3_{method}"), "--overwrite"]
+        hm3_out = args.work / f"hm3_{method}"
+        hm3_cmd = [str(BIN / "hm3"), "merge", str(cfg), str(hm3_out)]
         fast_cmd = None
         if method in RANDOM_METHODS:  # mergekit refuses hm3's keys, so the variant has its own recipe file
             fast_cfg = args.work / f"{method}_sfc64.yml"
             fast_cfg.write_text(yaml.safe_dump(recipe(paths, method) | {"mask_rng": "sfc64"}))
-            fast_cmd = [str(BIN / "hm3"), "merge", str(fast_cfg), str(args.work / f"hm3_{method}"), "--overwrite"]
+            fast_cmd = [str(BIN / "hm3"), "merge", str(fast_cfg), str(hm3_out)]
         mk_out = args.work / f"mk_{method}"
         mk_cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(mk_out), "--quiet"]
         print(f"{method}: warm-up, then {args.reps} rounds of hm3, mergekit, floor", flush=True)
+        subprocess.run(["rm", "-rf", str(hm3_out)], check=True)
         run_timed(hm3_cmd)  # warm the page cache
         for _ in range(args.reps):
-            record(f"hm3_{method}", hm3_cmd)
+            record(f"hm3_{method}", hm3_cmd, hm3_out)
             if fast_cmd is not None:
-                record(f"hm3_{method}_sfc64", fast_cmd)
-            subprocess.run(["rm", "-rf", str(mk_out)], check=True)
-            record(f"mergekit_{method}", mk_cmd)
-            record(f"floor_{method}_round", floor_cmd)  # the floor measured in the same rounds (same load)
+                record(f"hm3_{method}_sfc64", fast_cmd, hm3_out)
+            record(f"mergekit_{method}", mk_cmd, mk_out)
+            record(f"floor_{method}_round", floor_cmd, args.work / "floor")  # the floor measured in the same rounds (same load)
 
     print("in-memory path (per candidate, into a live LlamaForCausalLM):", flush=True)
     inmem = in_memory_timing(paths, args.reps)
