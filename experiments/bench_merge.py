@@ -5,7 +5,8 @@ locally, then times, alternating A B A B … so machine noise hits both alike:
 
 * ``hm3 merge`` vs ``mergekit-yaml`` on the same TIES, DARE-TIES, SLERP, DELLA
   and DELLA-linear recipes (median wall time, peak RSS of each process, and the
-  ratios), each writing a fresh directory (the last one removed first, untimed); for the random methods hm3 also runs the recipe with
+  ratios), each writing a fresh directory (the last one removed first,
+  untimed); for the random methods hm3 also runs the recipe with
   ``mask_rng: sfc64`` (its faster mask draw; the recipe as given keeps the
   default ``mt19937`` draw), in the same rounds;
 * the floor: one process that reads the three models and writes one with a
