@@ -28,12 +28,13 @@ from safetensors.torch import save_file
 
 from hm3.atomic import fsync_dir, fsync_tree, share_files
 from hm3.checkpoint.safetensors_format import (
+    DirectWrites,
     ShardLayout,
     TensorSlot,
     create_shard,
+    open_direct,
     plan_layout,
     tensor_bytes,
-    write_at,
 )
 from hm3.errors import CheckpointError, OutputExistsError
 from hm3.outputs import MARKER_FILE, OWNER_FILE, check_output_dir, make_staging_dir, marker_text, staging_name
@@ -149,9 +150,12 @@ class _PresizedShards:
         self.shards = shards
         self.slots = slots
         self.fds: list[int] = []
+        self.direct_fds: list[int | None] = []  # the same files, written past the page cache where they can be
+        self.direct = DirectWrites()
         try:
             for path, layout in zip(self.files, shards, strict=True):
                 self.fds.append(create_shard(path, layout))
+                self.direct_fds.append(open_direct(path))
         except CheckpointError:
             self.close()
             raise
@@ -174,20 +178,20 @@ class _PresizedShards:
         t = tensor.detach().cpu()
         if out_dtype is not None and t.is_floating_point():
             t = t.to(out_dtype)
-        write_at(
-            self.fds[slot.shard],
-            tensor_bytes(t),
-            slot.begin,
-            where=f"tensor {name} to {self.files[slot.shard]}",
+        shard = slot.shard
+        self.direct_fds[shard] = self.direct.write(
+            self.fds[shard], self.direct_fds[shard], tensor_bytes(t), slot.begin,
+            where=f"tensor {name} to {self.files[shard]}",
         )
 
     def weight_map(self) -> dict[str, str]:
         return {name: path.name for path, s in zip(self.files, self.shards, strict=True) for name in s.names}
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        for fd in [*self.fds, *self.direct_fds]:
+            if fd is not None:
+                os.close(fd)
+        self.fds, self.direct_fds = [], []
 
 
 def _stored_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:

@@ -125,13 +125,13 @@ def test_tensors_reach_disk_when_added(tmp_path):
 def test_background_queue_is_bounded(tmp_path, monkeypatch):
     """With the disk stalled, add() blocks once the queue is full instead of piling tensors up."""
     gate = threading.Event()
-    real_write = writer_module.write_at
+    real_write = writer_module.DirectWrites.write
 
     def stalled_write(*args, **kwargs):
         gate.wait(timeout=30)
-        real_write(*args, **kwargs)
+        return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "write_at", stalled_write)
+    monkeypatch.setattr(writer_module.DirectWrites, "write", stalled_write)
     n = writer_module._QUEUE_TENSORS + 1
     layout = [(f"t{i}", (2,), torch.float32) for i in range(n)]
     with CheckpointWriter(tmp_path / "out", config={}, layout=layout, background=True) as w:
@@ -206,7 +206,7 @@ def test_background_write_error_surfaces_and_cleans_up(tmp_path, monkeypatch):
     def failing_write(*args, where, **kwargs):
         raise CheckpointError(f"cannot write {where}: disk full")
 
-    monkeypatch.setattr(writer_module, "write_at", failing_write)
+    monkeypatch.setattr(writer_module.DirectWrites, "write", failing_write)
     layout = [(f"t{i}", (4,), torch.float32) for i in range(50)]
     with (
         pytest.raises(CheckpointError, match="tensor t0 to .*disk full"),
