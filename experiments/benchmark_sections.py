@@ -1149,8 +1149,8 @@ SECTIONS: list[Section] = [
         "the same rounds. TIES needs only the k-th largest |τ|, so hm3 finds it by radix selection over the float32 "
         "bit patterns instead of sorting; DELLA needs each entry's rank in its row, which hm3 takes from one sort "
         "(numpy's SIMD sort of 64-bit keys: magnitude bits, then column) and its inverse permutation where mergekit "
-        "argsorts twice; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset) "
-        "overlap on separate threads, and the random methods draw each tensor's masks on two more threads while the "
+        "argsorts twice; reading (pread, one tensor at a time), merging and writing (each tensor at its planned offset, its "
+        "page-aligned middle past the page cache with O_DIRECT) overlap on separate threads, and the random methods draw each tensor's masks on two more threads while the "
         "tensor before merges. `hm3 merge` freezes the objects its imports made out of Python's garbage collector's "
         "scans, raises glibc's mmap and trim thresholds so that freed tensor buffers are reused, and keeps numpy's "
         "BLAS (which it does not use) on one thread (`hm3/process.py`); the floor runs with the same settings.",
