@@ -337,7 +337,7 @@ def test_della_probabilities_ramp_from_density_minus_to_plus_epsilon_by_magnitud
     close(rows.double().mean(1), torch.full(rows.mean(1).shape, 0.4, dtype=torch.float64))  # the mean is the density
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_della_ranks_order_ties_by_index_and_extreme_magnitudes_by_size(dtype):
     """The ranks behind DELLA's ramp (on the CPU a 2-D float tensor is ranked by one numpy sort of 64-bit keys):
     equal magnitudes (zeros, -0.0, repeats) rank in index order, and subnormals, the largest finite value and
@@ -348,9 +348,28 @@ def test_della_ranks_order_ties_by_index_and_extreme_magnitudes_by_size(dtype):
     row = [0.0, -0.0, 1.5, -1.5, tiny, -tiny, huge, -huge, 0.25, 1.5, 0.0, -2.0, 3.0, tiny, 0.5, -0.25]
     delta = torch.tensor([row, row[::-1], [v * 0.5 for v in row]], dtype=dtype)
     delta = torch.cat([delta, torch.randn(5, len(row), generator=gen(4)).to(dtype)])
-    close(ops.della_probabilities(delta, 0.4, 0.1), ref.della_probabilities(delta.float(), 0.4, 0.1))
-    reference_ranks = torch.argsort(torch.argsort(delta.float().abs(), dim=1, stable=True), dim=1, stable=True)
+    close(ops.della_probabilities(delta, 0.4, 0.1), ref.della_probabilities(delta.double(), 0.4, 0.1))
+    reference_ranks = torch.argsort(torch.argsort(delta.double().abs(), dim=1, stable=True), dim=1, stable=True)
     assert torch.equal(ops._row_ranks(delta), reference_ranks)
+    stacked = torch.stack([delta, delta.flip(1)], dim=2)  # 3-D: ranked along axis 1 by torch's stable sort
+    assert torch.equal(ops._row_ranks(stacked)[..., 0], reference_ranks)
+    many_ties = torch.zeros(2, 5000, dtype=dtype)  # long rows of equal magnitudes: where an unstable sort reorders
+    many_ties[:, ::7] = 1.0
+    expected = torch.argsort(torch.argsort(many_ties.abs(), dim=1, stable=True), dim=1, stable=True)
+    assert torch.equal(ops._row_ranks(many_ties), expected)
+    assert torch.equal(ops._row_ranks(many_ties.unsqueeze(2))[..., 0], expected)
+
+
+def test_della_ranks_a_cpu_matrix_of_floats_without_torchs_argsort(monkeypatch):
+    """The numpy key sort is the one that ranks a float32 matrix on the CPU (torch's argsort took 4x longer)."""
+    from hm3.merge import ops
+
+    def argsort(*args, **kwargs):
+        raise AssertionError("torch.argsort used for a CPU float32 matrix")
+
+    monkeypatch.setattr(ops.torch, "argsort", argsort)
+    ranks = ops._row_ranks(torch.tensor([[3.0, -1.0, 2.0, 0.0]]))
+    assert ranks.tolist() == [[3, 1, 2, 0]]
 
 
 def test_della_with_epsilon_zero_is_dare_on_the_same_draws():
