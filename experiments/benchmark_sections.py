@@ -179,7 +179,8 @@ def render_test_suite(results: Results) -> str:
             rows.append([names[kind], f"`{commits['baseline']}`: " + " / ".join(f"{x['seconds']:.0f}" for x in runs["baseline"]),
                          current, ratio(s["ratio"]), invalid or f"≤ 0.50×: {verdict(s['ratio'] <= 0.5)}{failing}"])
     used = sorted({r.name: r for r in latest.values()}.values(), key=lambda r: r.name)
-    summaries = [f"`{r.commit}`: " + "; ".join(f"`{x['summary']}`" for x in r.get("runs") if x["kind"] in ("suite", "quick"))
+    summaries = ["; ".join(f"{x['kind']} at `{r.get('commits')[x['checkout']][:7]}`: `{x['summary']}`"
+                           for x in r.get("runs") if x["kind"] in ("suite", "quick"))
                  for r in used if any(x["kind"] in ("suite", "quick") for x in r.get("runs"))]
     return "\n\n".join([
         table(["command", "baseline (s, per round)", "measured commit (s, per round)", "ratio of means", "target"], rows),
