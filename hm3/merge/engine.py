@@ -1,7 +1,8 @@
 """Streaming executor: run a :class:`~hm3.merge.plan.MergePlan` tensor by tensor to disk.
 
 Peak memory is O(models × largest tensor): one tensor of every input is in
-memory at a time (and the next one being read ahead), and the writer streams
+memory at a time (and the next one being read ahead, with at most
+:data:`DRAW_AHEAD_BYTES` of its random masks' draws), and the writer streams
 each merged tensor to its place in the output file as it arrives. Reading, merging and writing overlap: a reader thread loads the next
 job's tensors while the main thread merges the current one, and the writer
 flushes shards on its own thread. The merge math itself runs on torch's
@@ -89,9 +90,17 @@ def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | No
     return base, tensors, fishers
 
 
-def _draw_ahead(plan: MergePlan, job: TensorJob, pool: ThreadPoolExecutor) -> list[Future[DrawnAhead]]:
-    """Start drawing each model's first mask values of ``job`` (one per output entry) on ``pool``."""
+#: The most bytes of mask draws (4 per entry and model) made ahead for one tensor: past it (a large model's
+#: embedding) the draws are made on the spot, so that drawing ahead never adds more than this to peak memory.
+DRAW_AHEAD_BYTES = 512 << 20
+
+
+def _draw_ahead(plan: MergePlan, job: TensorJob, pool: ThreadPoolExecutor) -> list[Future[DrawnAhead]] | None:
+    """Start drawing each model's first mask values of ``job`` (one per output entry) on ``pool``; None (draws on
+    the spot) when they would take more than :data:`DRAW_AHEAD_BYTES`."""
     numel = math.prod(plan.output_shape(job))
+    if 4 * numel * len(job.inputs) > DRAW_AHEAD_BYTES:
+        return None
     return [
         pool.submit(DrawnAhead, partial(mask_generator, plan.mask_rng, plan.seed, job.name, k), numel)
         for k in range(len(job.inputs))

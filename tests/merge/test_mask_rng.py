@@ -260,10 +260,23 @@ def test_a_random_merge_with_its_draws_made_ahead_is_bit_identical(rng, method):
     assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
 
 
-@pytest.mark.parametrize("rng", ["mt19937", "sfc64"])
-def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_path, rng):
+@pytest.mark.parametrize(("rng", "budget"), [("mt19937", None), ("sfc64", None), ("mt19937", 4096)])
+def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_path, monkeypatch, rng, budget):
     """``hm3 merge`` draws each tensor's masks while the tensor before merges: every tensor it writes equals the
-    method run on the same inputs with the generators made on the spot (the order of models kept)."""
+    method run on the same inputs with the generators made on the spot (the order of models kept). Tensors whose
+    draws exceed the memory budget are drawn on the spot, and only they."""
+    from hm3.merge import engine
+
+    made: list[int] = []
+    real_drawn_ahead = engine.DrawnAhead
+
+    def spy(make, numel):
+        made.append(numel)
+        return real_drawn_ahead(make, numel)
+
+    monkeypatch.setattr(engine, "DrawnAhead", spy)
+    if budget is not None:
+        monkeypatch.setattr(engine, "DRAW_AHEAD_BYTES", budget)
     from safetensors.torch import load_file
 
     from hm3.checkpoint.synthetic import build_finetuned_variant, build_random_llama
@@ -286,8 +299,12 @@ def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_pa
         for job in plan.jobs:
             expected = run_job(plan, job, *_load_job_inputs(plan, job, None, torch.device("cpu")))
             assert torch.equal(written[job.name], expected), job.name
+        sizes = [math.prod(plan.output_shape(job)) for job in plan.jobs]
     finally:
         plan.close()
+    limit = (budget if budget is not None else engine.DRAW_AHEAD_BYTES) // (4 * 2)  # entries, 2 models
+    assert sorted(made) == sorted(n for n in sizes for _ in range(2) if n <= limit)
+    assert budget is None or any(n > limit for n in sizes) and any(n <= limit for n in sizes)
 
 
 # --- recipes and export ----------------------------------------------------------------------------------------
