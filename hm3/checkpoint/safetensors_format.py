@@ -187,7 +187,7 @@ _DIRECT_CHUNK = 8 << 20
 
 def open_direct(path: Path) -> int | None:
     """A second descriptor of ``path`` whose writes bypass the page cache (``O_DIRECT``), or None where the OS or
-    the file system has none (macOS, tmpfs): writes then go through the page cache as before."""
+    the file system has none (macOS; tmpfs before Linux 6.6): writes then go through the page cache as before."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
@@ -200,7 +200,8 @@ def open_direct(path: Path) -> int | None:
 class DirectWrites:
     """Writes a tensor's page-aligned middle through an ``O_DIRECT`` descriptor, from a page-aligned staging
     buffer, and its unaligned ends (which share pages with the neighbouring tensors or the header) through the
-    page cache; every page of the file is thus written one way only.
+    page cache; every page of the file is thus written one way only, except after a short or refused direct
+    write, whose rest goes through the page cache (the kernel keeps the two coherent).
 
     Why: a merge's output is written once and synced to disk before it is published, so the page cache
     gains nothing from holding it, while copying it into freshly allocated cache pages was the largest
