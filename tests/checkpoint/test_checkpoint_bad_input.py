@@ -241,3 +241,49 @@ def test_index_pointing_outside_the_model_directory_is_refused(sharded, tmp_path
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the model directory"):
         open_checkpoint(sharded)
+
+
+def _raw_safetensors(directory, entries, data):
+    """A safetensors file written byte by byte: ``data`` is the data section, or its length in zero bytes."""
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    header = json.dumps(entries).encode()
+    data = b"\x00" * data if isinstance(data, int) else data
+    (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("entries", "data_bytes", "message"),
+    [
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24, "tensor b starts at byte 8 and so overlaps tensor a"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "tensor b starts at byte 0 and so overlaps tensor a"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}, 20, "tensor b .* leaves a gap after tensor a"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap after the start"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "end at byte 8 .* holds 12 bytes"),
+    ],
+    ids=["overlap", "aliased", "gap", "gap-at-start", "trailing-bytes"],
+)
+def test_header_whose_byte_ranges_do_not_tile_the_data_is_refused(tmp_path, entries, data_bytes, message):
+    """safetensors itself refuses each of these files; read as given, they would alias or skip bytes."""
+    d = _raw_safetensors(tmp_path / "crafted", entries, data_bytes)
+    with pytest.raises(Exception):  # noqa: B017 - the library's own verdict, whatever its error type
+        load_file(str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(d)
+
+
+def test_a_header_that_tiles_the_data_in_any_key_order_is_read(tmp_path):
+    entries = {"b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+               "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+               "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    d = _raw_safetensors(tmp_path / "fine", entries, torch.tensor([1.0, 2.0, 3.0, 4.0]).numpy().tobytes())
+    expected = load_file(str(d / "model.safetensors"))
+    with open_checkpoint(d) as ckpt:
+        assert ckpt.tensor_names() == ["a", "e", "b"]  # file order: by offset, the empty one before b
+        for name in ("a", "b", "e"):
+            assert torch.equal(ckpt.get(name), expected[name])
+    assert expected["b"].tolist() == [3.0, 4.0]
