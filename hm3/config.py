@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
+from hm3.config_model import ConfigModel
 from hm3.errors import ConfigError, invalid_config
 
 #: DARE/DELLA drop-mask generators a recipe may name (:func:`hm3.merge.plan.mask_generator`).
@@ -43,8 +44,8 @@ Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class _Frozen(ConfigModel):
+    pass
 
 
 class ConditionalParameter(_Frozen):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from hm3.config_model import ConfigModel
 
 
-class Level2Config(BaseModel):
+class Level2Config(ConfigModel):
     """Environment, networks and PPO of the architecture-level search."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # a NaN penalty spoils rewards silently

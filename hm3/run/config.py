@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from hm3.arch.rl_config import Level2Config
+from hm3.config_model import ConfigModel
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
@@ -35,7 +36,7 @@ CONFIG_FORMAT = 3
 RunKind = Literal["level1", "two-level"]
 
 
-class Level2Section(BaseModel):
+class Level2Section(ConfigModel):
     """The ``level2:`` section of a run config."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -67,7 +68,7 @@ class Level2Section(BaseModel):
     rl: Level2Config = Level2Config()
 
 
-class TwoLevelConfig(BaseModel):
+class TwoLevelConfig(ConfigModel):
     model_config = ConfigDict(frozen=True)
 
     level1: RunConfig

@@ -15,15 +15,16 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hm3.config import read_yaml_file
+from hm3.config_model import ConfigModel
 from hm3.devices import DEVICE_NAMES, EVALUATION_DEVICES, resolve_device, resolve_dtype
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.space import SearchSpace
 
 
-class _Frozen(BaseModel):
+class _Frozen(ConfigModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 

@@ -67,8 +67,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from hm3.config_model import ConfigModel
 from hm3.errors import ConfigError, invalid_config
 from hm3.merge.inmemory import in_memory_refusal
 from hm3.merge.methods import MERGE_METHODS, MergeMethod, ParamSpec
@@ -161,7 +162,7 @@ class Block:
         return len(self.bounds) * n_groups if self.per_model else 1
 
 
-class SearchSpace(BaseModel):
+class SearchSpace(ConfigModel):
     """What the level-1 search may vary, as declared under ``search_space:`` in a run config."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BeforeValidator, ConfigDict, ValidationError
 
+from hm3.config_model import ConfigModel
 from hm3.errors import ConfigError, invalid_config
 
 DTYPE = torch.float64
@@ -43,7 +44,7 @@ def _as_points(value: Any) -> torch.Tensor:
 Points = Annotated[torch.Tensor, BeforeValidator(_as_points)]
 
 
-class OptimizerOptions(BaseModel):
+class OptimizerOptions(ConfigModel):
     """The ``optimizer.options`` of a run config; each optimiser declares its own as ``Options``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
