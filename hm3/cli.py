@@ -220,7 +220,7 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
     from hm3.search.run_config import parse_run_config
 
     _threads(args)
-    preset = [(k, v) for k, v in (("optimizer.name", args.optimizer), ("optimizer.budget", args.budget))
+    preset = [(k, v) for k, v in ((("optimizer", "name"), args.optimizer), (("optimizer", "budget"), args.budget))
               if v is not None]
     cfg = load_config(args.config, parse_run_config, sets=args.set or (), preset=preset + _executor_preset(args))
     with _run_log(args.run_dir, args.argv):
@@ -233,13 +233,12 @@ def cmd_search_param(args: argparse.Namespace) -> Outcome:
     )
 
 
-def _executor_preset(args: argparse.Namespace) -> list[tuple[str, Any]]:
+def _executor_preset(args: argparse.Namespace) -> list[tuple[tuple[str, str], Any]]:
     """``--workers``, ``--ray-address``, ``--proposals`` and ``--log-samples`` as the config keys they set
     (``--set`` still wins)."""
-    return [(k, v) for k, v in (("evaluation.workers", args.workers), ("evaluation.ray_address", args.ray_address),
-                                ("evaluation.proposals", args.proposals),
-                                ("evaluation.log_samples", args.log_samples or None))
-            if v is not None]
+    given = {"workers": args.workers, "ray_address": args.ray_address, "proposals": args.proposals,
+             "log_samples": args.log_samples or None}
+    return [(("evaluation", key), value) for key, value in given.items() if value is not None]
 
 
 def cmd_check(args: argparse.Namespace) -> Outcome:

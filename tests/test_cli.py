@@ -434,3 +434,33 @@ def test_json_output_of_a_failure_is_json_naming_it(tmp_path, monkeypatch, capsy
     assert main(["methods", "--json"]) == ExitCode.INTERRUPTED
     assert json.loads(capsys.readouterr().out) == {"error": "interrupted", "exit_code": 130}
     assert main(["run", str(missing)]) == ExitCode.USAGE and capsys.readouterr().out == ""  # no --json: no stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "parts", "value"),
+    [
+        ("optimizer.budget=40", ("optimizer", "budget"), 40),
+        ('models."qwen2.5-math"=/models/q', ("models", "qwen2.5-math"), "/models/q"),
+        ('"a=b".c=x=y', ("a=b", "c"), "x=y"),
+        (' optimizer . budget =7', ("optimizer", "budget"), 7),
+        ('models."".x=1', ("models", "", "x"), 1),
+        ("zoo=", ("zoo",), ""),
+    ],
+)
+def test_a_set_key_splits_at_dots_outside_double_quotes(text, parts, value):
+    assert parse_assignment(text) == (parts, value)
+
+
+@pytest.mark.parametrize("text", ["optimizer", "=1", "a..b=1", "a.=1", '"a.b=1', 'a"b".c=1', '"a"b.c=1', ".a=1"])
+def test_a_set_key_that_is_not_a_dotted_path_is_refused(text):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment(text)
+
+
+def test_a_set_reaches_a_model_whose_name_holds_a_dot(tmp_path):
+    """A model ref such as qwen2.5 is a key with a dot: quoted, --set changes that model, not a section qwen2."""
+    data = {"models": {"qwen2.5": "/old", "base": "/b"}}
+    out = apply_overrides(data, [parse_assignment('models."qwen2.5"=/new')])
+    assert out == {"models": {"qwen2.5": "/new", "base": "/b"}} and data["models"]["qwen2.5"] == "/old"
+    with pytest.raises(ConfigError, match=r'--set models\."qwen2\.5"\.x: models\."qwen2\.5" is a str'):
+        apply_overrides(data, [parse_assignment('models."qwen2.5".x=1')])
