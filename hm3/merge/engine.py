@@ -15,12 +15,13 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,20 +96,29 @@ def _load_job_inputs(plan: MergePlan, job: TensorJob, fisher: _FisherSource | No
 DRAW_AHEAD_BYTES = 512 << 20
 
 
-def _draw_ahead(plan: MergePlan, job: TensorJob, pool: ThreadPoolExecutor) -> list[Future[DrawnAhead]] | None:
-    """Start drawing each model's first mask values of ``job`` (one per output entry) on ``pool``; None (draws on
-    the spot) when they would take more than :data:`DRAW_AHEAD_BYTES`."""
+def _draw_ahead(plan: MergePlan, job: TensorJob, pool: ThreadPoolExecutor) -> list[Future[DrawnAhead] | None] | None:
+    """Start drawing the first mask values of ``job`` (one per output entry) on ``pool`` for each model that
+    draws; None (draws on the spot) when they would take more than :data:`DRAW_AHEAD_BYTES`.
+
+    A model whose density is 1 or 0 draws nothing (DARE and DELLA keep or drop all of it), so nothing is
+    drawn ahead for it: the merge would otherwise wait for a draw of the whole tensor that it never uses.
+    """
     numel = math.prod(plan.output_shape(job))
-    if 4 * numel * len(job.inputs) > DRAW_AHEAD_BYTES:
+    draws = [_draws_a_mask(params) for params in job.model_params]
+    if 4 * numel * sum(draws) > DRAW_AHEAD_BYTES:
         return None
-    return [
-        pool.submit(DrawnAhead, partial(mask_generator, plan.mask_rng, plan.seed, job.name, k), numel)
-        for k in range(len(job.inputs))
-    ]
+    return [pool.submit(DrawnAhead, partial(mask_generator, plan.mask_rng, plan.seed, job.name, k), numel)
+            if draws[k] else None for k in range(len(job.inputs))]
+
+
+def _draws_a_mask(params: Mapping[str, Any]) -> bool:
+    """Whether a model with these (resolved) parameters draws a random mask: a density strictly inside (0, 1)."""
+    density = params.get("density", 1.0)
+    return not isinstance(density, (int, float)) or 0 < density < 1
 
 
 def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers,
-            ahead: Sequence[Future[DrawnAhead]] | None = None) -> torch.Tensor:
+            ahead: Sequence[Future[DrawnAhead] | None] | None = None) -> torch.Tensor:
     """Merge one tensor: the method's pure function on already-loaded inputs.
 
     ``ahead``: model k's mask generator with its first draw made (:func:`_draw_ahead`); each model's
@@ -117,7 +127,7 @@ def run_job(plan: MergePlan, job: TensorJob, base, tensors, fishers,
     taken: set[int] = set()
 
     def generator(k: int) -> MaskGenerator:
-        if ahead is not None and k < len(ahead) and k not in taken:
+        if ahead is not None and k < len(ahead) and ahead[k] is not None and k not in taken:
             taken.add(k)
             return ahead[k].result()
         return mask_generator(plan.mask_rng, plan.seed, job.name, k)

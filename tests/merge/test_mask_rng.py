@@ -260,11 +260,15 @@ def test_a_random_merge_with_its_draws_made_ahead_is_bit_identical(rng, method):
     assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
 
 
-@pytest.mark.parametrize(("rng", "budget"), [("mt19937", None), ("sfc64", None), ("mt19937", 4096)])
-def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_path, monkeypatch, rng, budget):
+@pytest.mark.parametrize(("rng", "budget", "densities"), [("mt19937", None, (0.3, 0.8)), ("sfc64", None, (0.3, 0.8)),
+                                                        ("mt19937", 4096, (0.3, 0.8)), ("mt19937", None, (0.3, 1.0)),
+                                                        ("sfc64", 4096, (0.0, 0.6))])
+def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_path, monkeypatch, rng, budget,
+                                                                         densities):
     """``hm3 merge`` draws each tensor's masks while the tensor before merges: every tensor it writes equals the
     method run on the same inputs with the generators made on the spot (the order of models kept). Tensors whose
-    draws exceed the memory budget are drawn on the spot, and only they."""
+    draws exceed the memory budget are drawn on the spot, and only they; a model of density 1 or 0 draws
+    nothing, so nothing is drawn ahead for it."""
     from hm3.merge import engine
 
     made: list[int] = []
@@ -288,7 +292,7 @@ def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_pa
     recipe = parse_merge_config({
         "merge_method": "dare_ties", "base_model": str(base), "seed": 3, "mask_rng": rng,
         "models": [{"model": str(m), "parameters": {"weight": w, "density": d}}
-                   for m, w, d in zip(models, (0.7, 0.5), (0.3, 0.8), strict=True)],
+                   for m, w, d in zip(models, (0.7, 0.5), densities, strict=True)],
     })
     merge_to_disk(recipe, tmp_path / "out")
     written = {}
@@ -302,8 +306,9 @@ def test_the_streaming_engine_merges_what_it_merges_without_drawing_ahead(tmp_pa
         sizes = [math.prod(plan.output_shape(job)) for job in plan.jobs]
     finally:
         plan.close()
-    limit = (budget if budget is not None else engine.DRAW_AHEAD_BYTES) // (4 * 2)  # entries, 2 models
-    assert sorted(made) == sorted(n for n in sizes for _ in range(2) if n <= limit)
+    drawing = sum(0 < d < 1 for d in densities)
+    limit = (budget if budget is not None else engine.DRAW_AHEAD_BYTES) // (4 * drawing)  # entries, models drawing
+    assert sorted(made) == sorted(n for n in sizes for _ in range(drawing) if n <= limit)
     assert budget is None or any(n > limit for n in sizes) and any(n <= limit for n in sizes)
 
 
