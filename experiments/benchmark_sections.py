@@ -87,7 +87,7 @@ def render_shipped_zoo(results: Results) -> str:
 # --- zoo recipe variants -------------------------------------------------------------------------------------
 
 
-ZOO_VARIANTS = ("default", "specialist", "cheaper")  # the recipe's seeds first, then what was tried beside it
+ZOO_VARIANTS = ("default", "specialist", "cheaper", "deep4", "deep4b", "wide4")  # the recipe's seeds first, then what was tried beside it
 
 
 def render_zoo_variants(results: Results) -> str:
@@ -114,6 +114,27 @@ def render_zoo_variants(results: Results) -> str:
                    "\"intermediate_size\": 128}, \"b32\": {\"batch_size\": 32}, \"steps67\": {\"base_steps\": 400, "
                    "\"expert_steps\": 170}, \"inter128\": {\"intermediate_size\": 128}}' "
                    "--out experiments/results/zoo_variants_cheaper.json"}))
+    return "\n\n".join(parts)
+
+
+def render_zoo_bar_noise(results: Results) -> str:
+    found = sorted(results.of("zoo_bar_noise"), key=lambda r: str(r.get("date") or r.date))
+    if not found:
+        return ""
+    latest = found[-1]
+    rows = latest.get("rows", [])
+    held = [x["bar_met_share"] for x in rows if x["bar_met"]]
+    parts = [f"{latest.get('resamples')} paired resamples of each build's validation examples "
+             f"({', '.join(sorted({str(x['examples']) for x in rows}))} per task). A build that meets the bar "
+             + (f"holds it in {min(held):.0%}-{max(held):.0%} of the resamples" if held else "(none here)")
+             + "; the standard errors (±) are the example choice's alone, before any seed's.",
+             table(["build", "seed", "bar", "holds in (resamples)", "margins, validation (m / c / t)",
+                    "merge keeps, validation", "margin ok (resamples)", "keeps ok (resamples)"],
+                   [[Path(x["zoo"]).name, x["seed"], verdict(x["bar_met"]), f"{x['bar_met_share']:.0%}",
+                     " / ".join(f"{x['margins'][t]:.2f} ± {x['margin_se'][t]:.2f}" for t in TASKS),
+                     " / ".join(f"{x['kept'][t]:.0%} ± {x['kept_se'][t]:.0%}" for t in TASKS),
+                     percent(x["margin_ok_share"]), percent(x["kept_ok_share"])] for x in rows]),
+             sources([latest])]
     return "\n\n".join(parts)
 
 
@@ -1133,6 +1154,14 @@ SECTIONS: list[Section] = [
         "base. Each row is a full `hm3 zoo build`; the bar is judged on validation, and the test columns show how "
         "it holds on examples the choice never saw. Build seconds depend on the load of a shared machine.",
         render_zoo_variants),
+    Section(
+        "How sure a zoo's quality-bar verdict is",
+        "The bar is judged on 200 validation examples per task. `experiments/zoo_bar_noise.py` scores a build's "
+        "base, experts and the bar's chosen merge on them again (the scores must equal its `zoo.json`), then "
+        "resamples the examples with replacement, the same draw for every model, and judges the bar on each "
+        "resample with the merge held fixed. What it measures is how much of a verdict the choice of examples "
+        "decides; how the weights vary with the seed is the variants' table above.",
+        render_zoo_bar_noise),
     Section(
         "The README's two commands",
         "`scripts/test.sh` and `scripts/demo.sh` timed for one commit against a baseline commit, each in a fresh "
