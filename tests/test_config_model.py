@@ -78,3 +78,13 @@ def test_a_merge_recipe_keeps_booleans_where_mergekit_takes_them_and_refuses_the
     assert parse_merge_config(recipe).parameters["normalize"] is True
     with pytest.raises(ConfigError, match="(?s)seed.*boolean"):
         parse_merge_config({**recipe, "seed": True}, source="recipe.yml")
+
+
+@pytest.mark.parametrize("section", [[], 0, "", False, "hm3"])
+def test_a_level2_section_that_is_not_a_mapping_is_refused_not_read_as_the_defaults(section):
+    with pytest.raises(ConfigError, match="(?s)two.yml.*level2: Input should be a valid dictionary"):
+        parse_two_level_config({**_level1(), "level2": section}, source="two.yml")
+
+
+def test_an_empty_level2_section_takes_every_default():
+    assert parse_two_level_config({**_level1(), "level2": None}) == parse_two_level_config(_level1())

@@ -92,7 +92,9 @@ def parse_two_level_config(data: Any, *, source: str = "<config>", base_dir: Pat
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a run config must be a mapping")
     data = dict(data)
-    raw_l2 = data.pop("level2", None) or {}
+    raw_l2 = data.pop("level2", None)
+    if raw_l2 is None:  # no section, or an empty one: every level-2 default
+        raw_l2 = {}
     level1 = parse_run_config(data, source=source, base_dir=base_dir)
     try:
         level2 = Level2Section.model_validate(raw_l2)
