@@ -37,8 +37,10 @@ def _split_key(text: str) -> tuple[tuple[str, ...], str]:
     part, quoted, was_quoted = "", False, False
     for i, char in enumerate(text):
         if char == '"':
-            if not quoted and part.strip():
-                break  # a quote inside a bare part
+            if not quoted and (part.strip() or was_quoted):
+                break  # a quote inside a bare part, or a second quoted string in one part
+            if not quoted:
+                part = ""  # the spaces before an opening quote are not the key's
             quoted, was_quoted = not quoted, True
         elif quoted:
             part += char
@@ -49,8 +51,9 @@ def _split_key(text: str) -> tuple[tuple[str, ...], str]:
             part, was_quoted = "", False
             if char == "=":
                 return tuple(parts), text[i + 1:]
-        elif was_quoted and not char.isspace():
-            break  # text after a closing quote
+        elif was_quoted:
+            if not char.isspace():
+                break  # text after a closing quote
         else:
             part += char
     raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted KEY, e.g. optimizer.budget=40 "

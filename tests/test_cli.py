@@ -444,6 +444,8 @@ def test_json_output_of_a_failure_is_json_naming_it(tmp_path, monkeypatch, capsy
         ('"a=b".c=x=y', ("a=b", "c"), "x=y"),
         (' optimizer . budget =7', ("optimizer", "budget"), 7),
         ('models."".x=1', ("models", "", "x"), 1),
+        ('models. "qwen2.5" = /new', ("models", "qwen2.5"), "/new"),  # spaces outside the quotes: not the key's
+        ('models." qwen 2.5 ".x=1', ("models", " qwen 2.5 ", "x"), 1),
         ("zoo=", ("zoo",), ""),
     ],
 )
@@ -451,7 +453,8 @@ def test_a_set_key_splits_at_dots_outside_double_quotes(text, parts, value):
     assert parse_assignment(text) == (parts, value)
 
 
-@pytest.mark.parametrize("text", ["optimizer", "=1", "a..b=1", "a.=1", '"a.b=1', 'a"b".c=1', '"a"b.c=1', ".a=1"])
+@pytest.mark.parametrize("text", ["optimizer", "=1", "a..b=1", "a.=1", '"a.b=1', 'a"b".c=1', '"a"b.c=1', ".a=1",
+                                  '"a""b".c=1', '"a" "b".c=1'])
 def test_a_set_key_that_is_not_a_dotted_path_is_refused(text):
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_assignment(text)
