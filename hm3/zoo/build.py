@@ -210,7 +210,7 @@ def quality_bar(matrix: Matrix, ties_scores: Mapping[str, float]) -> dict[str, A
 def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor]]]:
     """(tokenizer, model, state dict of every zoo model): the base on the mixture, then each expert."""
     from hm3.zoo.tokenizer import build_char_tokenizer
-    from hm3.zoo.train import encode_examples, expert_data, new_model, train
+    from hm3.zoo.train import encode_examples, expert_data, frozen_embeddings, new_model, train
 
     tokenizer = build_char_tokenizer()
     examples = {t: zoo_objective(t, seed=TASK_SEED).examples("train") for t in ZOO_TASKS}
@@ -229,8 +229,9 @@ def train_zoo(spec: ZooSpec, log: Callable[[str], None]) -> tuple[Any, Any, dict
     for i, task in enumerate(ZOO_TASKS):
         log(f"fine-tuning the {task} expert from the base ({spec.expert_steps} steps)")
         model.load_state_dict(states["base"])
-        train(model, expert_sets[task], steps=spec.expert_steps, lr=spec.expert_lr, seed=spec.seed * 1000 + i + 1,
-              **common)
+        with frozen_embeddings(model, spec.expert_frozen_embeddings):
+            train(model, expert_sets[task], steps=spec.expert_steps, lr=spec.expert_lr,
+                  seed=spec.seed * 1000 + i + 1, **common)
         states[task] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log(f"trained in {time.perf_counter() - t0:.1f} s")
     return tokenizer, model, states

@@ -45,14 +45,25 @@ class ZooSpec:
     # task -> the share of its specialist items (objectives.zoo.specialist_item) that the base pretrains
     # on and the other experts replay (1 when absent): below 1, mostly its own expert learns that skill
     specialist_share: dict[str, float] = field(default_factory=dict)
+    # the experts fine-tune the transformer layers only: the token embeddings and the output head stay the
+    # base's, so the digits that math and code share are not moved two ways
+    expert_frozen_embeddings: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def hash(self) -> str:
-        """16 hex digits of sha256 over the spec and ZOO_FORMAT (stable across runs and machines)."""
-        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        """16 hex digits of sha256 over the spec and ZOO_FORMAT (stable across runs and machines).
+
+        A setting added after a zoo shipped is left out at its default, so every earlier spec keeps its hash.
+        """
+        settings = {k: v for k, v in asdict(self).items() if not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+        blob = json.dumps({"format": ZOO_FORMAT, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: settings added to ZooSpec since ZOO_FORMAT was last bumped, with their defaults (what earlier specs meant)
+_ADDED_DEFAULTS: dict[str, Any] = {"expert_frozen_embeddings": False}
 
 
 # Why the micro recipe looks like this (docs/BENCHMARKS.md, "Zoo recipe variants", has the builds behind it):

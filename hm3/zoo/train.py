@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -112,6 +112,21 @@ def train(
             log(f"  step {step + 1}/{steps} loss {loss_value:.3f}")
     model.eval()
     return loss_value
+
+
+@contextlib.contextmanager
+def frozen_embeddings(model: torch.nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block the token embeddings and the output head take no gradient (so no update), when
+    ``frozen``; each parameter's ``requires_grad`` is restored after."""
+    params = [model.get_input_embeddings().weight, model.get_output_embeddings().weight] if frozen else []
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
 
 
 def expert_data(

@@ -137,7 +137,23 @@ def test_spec_hash_changes_with_any_setting():
     assert a.hash() == zoo_spec("micro", 0).hash()
     assert len({a.hash(), zoo_spec("micro", 1).hash(), zoo_spec("small", 0).hash(),
                 zoo_spec("micro", 0, expert_lr=1e-4).hash(),
-                zoo_spec("micro", 0, replay_weights={"code": 0.5}).hash()}) == 5
+                zoo_spec("micro", 0, replay_weights={"code": 0.5}).hash(),
+                zoo_spec("micro", 0, expert_frozen_embeddings=True).hash()}) == 6
+
+
+def test_a_setting_added_later_leaves_the_hash_of_every_spec_without_it_as_it_was():
+    """The shipped zoo names its build by the hash of a spec that had no expert_frozen_embeddings: at its
+    default the setting is left out of the hash, so that build is still found, and still named, as before."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from hm3.zoo.spec import ZOO_FORMAT
+
+    spec = zoo_spec("micro", 0)
+    before = {k: v for k, v in dataclasses.asdict(spec).items() if k != "expert_frozen_embeddings"}
+    blob = json.dumps({"format": ZOO_FORMAT, **before}, sort_keys=True)
+    assert spec.hash() == hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def test_replay_weights_split_the_replay_between_the_other_tasks():

@@ -41,3 +41,20 @@ def test_autocast_trains_in_bfloat16_and_keeps_float32_weights():
     mixed_step = torch.cat([(p - init[n]).flatten() for n, p in mixed.named_parameters()])
     assert torch.nn.functional.cosine_similarity(plain_step, mixed_step, dim=0) > 0.9
     assert abs(mixed_loss - plain_loss) < 0.1
+
+
+def test_frozen_embeddings_train_the_layers_only_and_restore_requires_grad():
+    from hm3.zoo.train import frozen_embeddings
+
+    init = {n: p.detach().clone() for n, p in _model().named_parameters()}
+    model = _model()
+    with frozen_embeddings(model):
+        train(model, ENCODED, steps=4, batch_size=4, lr=1e-2, seed=3, pad_id=0, warmup=1)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, init[n])}
+    assert "model.embed_tokens.weight" not in moved and "lm_head.weight" not in moved
+    assert moved == set(init) - {"model.embed_tokens.weight", "lm_head.weight"}  # every other tensor trains
+    assert all(p.requires_grad for p in model.parameters())
+    unfrozen = _model()
+    with frozen_embeddings(unfrozen, False):
+        train(unfrozen, ENCODED, steps=4, batch_size=4, lr=1e-2, seed=3, pad_id=0, warmup=1)
+    assert not torch.equal(unfrozen.lm_head.weight, init["lm_head.weight"])
