@@ -519,3 +519,18 @@ def test_encoding_for_a_method_list_refuses_another_method_and_a_short_coefficie
     with pytest.raises(ConfigError, match=rf"^got {(k + 1) * g} coefficient values; this search space has "
                                           rf"{2 * k * g} weights and densities$"):
         s.encode(weights, weights[:1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"weight_bounds": [0.0, float("inf")]}, r"weight_bounds \[0.0, inf\] must be finite"),
+        ({"weight_bounds": [float("nan"), 1.0]}, r"weight_bounds \[nan, 1.0\] must be finite"),
+        ({"density_bounds": [0.2, float("nan")]}, r"density_bounds \[0.2, nan\] must be finite"),
+        ({"weight_bounds": [[0, 1], [0, float("nan")], [0, 1]]}, r"weight_bounds of 'expert_b' \[0.0, nan\] must be finite"),
+    ],
+)
+def test_a_bound_that_is_not_finite_is_refused_whichever_end_it_is(extra, message):
+    """NaN passes every range comparison, and an infinite upper bound would be called out of range instead."""
+    with pytest.raises(ConfigError, match=message):
+        _space(**extra)
