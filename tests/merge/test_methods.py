@@ -864,3 +864,19 @@ def test_unknown_and_twice_registered_methods_are_refused():
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
                                      "nuslerp_row_wise", "select_topk", "max_iter", "tol", "scale"}
+
+
+@pytest.mark.parametrize(("key", "value", "written"), [("normalize", 0, "0"), ("rescale", "1", "'1'"),
+                                                       ("int8_mask", "true", "'true'"), ("normalize", 1.0, "1.0")])
+def test_a_switch_given_as_a_number_or_a_string_is_refused_as_written(key, value, written):
+    """Switches are not read by a number type (mergekit would take ``normalize: 0`` as false): the refusal names the
+    value as the recipe wrote it, not as a number it was read into."""
+    from hm3.config import parse_merge_config
+    from hm3.errors import ConfigError
+    from hm3.merge.plan import resolve_jobs
+
+    config = parse_merge_config({"merge_method": "dare_ties", "base_model": "b", "parameters": {key: value},
+                                 "models": [{"model": f"m{i}", "parameters": {"weight": 1.0, "density": 0.5}}
+                                            for i in range(2)]})
+    with pytest.raises(ConfigError, match=rf"parameter '{key}' \(tensor w\) must be true or false, got {written}$"):
+        resolve_jobs(config, get_method("dare_ties"), tensor_names=["w"], num_layers=1, input_refs=["m0", "m1"])
