@@ -217,3 +217,20 @@ def test_the_seed_is_the_callers_then_the_recipes_then_the_default(family):
     plan = _plan_of(family)
     assert plan.seed == DEFAULT_SEED
     plan.close()
+
+
+def test_an_unknown_parameter_is_refused_with_every_parameter_the_method_knows():
+    """A typo is named with the method's whole parameter list, so the user sees the right spelling."""
+    from hm3.merge.plan import plan_merge
+
+    for recipe, message in [
+        ({"merge_method": "linear", "models": [{"model": "m0", "parameters": {"weight": 1, "wieght": 2}}]},
+         "unknown parameter 'models[0] (m0).parameters.wieght' for merge_method 'linear'; known: normalize, weight"),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m0", "parameters": {"weight": 1}}],
+          "parameters": {"lamda": 1}},
+         "unknown parameter 'parameters.lamda' for merge_method 'ties'; known: density, fisher, int8_mask, lambda, "
+         "normalize, rescale, rescale_mode, weight"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            plan_merge(parse_merge_config(recipe))
+        assert str(err.value) == message
