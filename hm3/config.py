@@ -44,11 +44,7 @@ Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
 
 
-class _Frozen(ConfigModel):
-    pass
-
-
-class ConditionalParameter(_Frozen):
+class ConditionalParameter(ConfigModel):
     """A parameter value that applies only to tensors whose name contains ``filter``."""
 
     value: ScalarOrGradient
@@ -58,14 +54,14 @@ class ConditionalParameter(_Frozen):
 ParameterSetting = ConditionalParameter | list[ConditionalParameter] | ScalarOrGradient
 
 
-class InputModel(_Frozen):
+class InputModel(ConfigModel):
     """One entry of ``models:``."""
 
     model: str
     parameters: dict[str, ParameterSetting] | None = None
 
 
-class InputSlice(_Frozen):
+class InputSlice(ConfigModel):
     """One source of a slice: layers ``[start, end)`` of ``model`` (mergekit's ``InputSliceDefinition``)."""
 
     model: str
@@ -85,7 +81,7 @@ class InputSlice(_Frozen):
         return self.layer_range[1] - self.layer_range[0]
 
 
-class OutputSlice(_Frozen):
+class OutputSlice(ConfigModel):
     """One entry of ``slices:``: consecutive output layers merged from equally long ranges of its sources.
 
     ``base_model`` and ``parameters`` here win over the recipe's for this slice, as in mergekit.
@@ -103,7 +99,7 @@ class OutputSlice(_Frozen):
         return v
 
 
-class ModelTokenSource(_Frozen):
+class ModelTokenSource(ConfigModel):
     """A token's row taken from one row of a model's own embedding: by id, or by the token it has there."""
 
     kind: Literal["model_token"]
@@ -120,13 +116,13 @@ class ModelTokenSource(_Frozen):
         return self
 
 
-class ZeroTokenSource(_Frozen):
+class ZeroTokenSource(ConfigModel):
     """A token's row of zeros."""
 
     kind: Literal["zero"]
 
 
-class TokenSetting(_Frozen):
+class TokenSetting(ConfigModel):
     """One entry of ``tokenizer.tokens``: where the token's row comes from in a model that lacks it (every
     model with ``force``). ``source`` is a model (its row for the token), a model's row, or zeros."""
 
@@ -134,7 +130,7 @@ class TokenSetting(_Frozen):
     force: bool = False
 
 
-class TokenizerSettings(_Frozen):
+class TokenizerSettings(ConfigModel):
     """mergekit's ``tokenizer:`` block: the output vocabulary (``source``), tokens added to it or whose rows
     are chosen (``tokens``), and a row count rounded up to a multiple (``pad_to_multiple_of``)."""
 
@@ -150,7 +146,7 @@ class TokenizerSettings(_Frozen):
         return v
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(ConfigModel):
     """A merge recipe (mergekit's ``MergeConfiguration`` subset that hm3 executes).
 
     Exactly one of ``models`` (whole models merged tensor by tensor) and ``slices`` (an output

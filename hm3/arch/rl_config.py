@@ -17,7 +17,7 @@ from hm3.config_model import ConfigModel
 class Level2Config(ConfigModel):
     """Environment, networks and PPO of the architecture-level search."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # a NaN penalty spoils rewards silently
+    model_config = ConfigDict(allow_inf_nan=False)  # a NaN penalty spoils rewards silently
 
     mode: Literal["hm3", "rmm"] = Field(
         "hm3",

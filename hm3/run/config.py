@@ -39,7 +39,7 @@ RunKind = Literal["level1", "two-level"]
 class Level2Section(ConfigModel):
     """The ``level2:`` section of a run config."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
     pool: Literal["experts+merge", "experts"] = Field(
         "experts+merge",
@@ -69,8 +69,6 @@ class Level2Section(ConfigModel):
 
 
 class TwoLevelConfig(ConfigModel):
-    model_config = ConfigDict(frozen=True)
-
     level1: RunConfig
     level2: Level2Section
 

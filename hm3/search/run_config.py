@@ -25,7 +25,7 @@ from hm3.search.space import SearchSpace
 
 
 class _Frozen(ConfigModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class VLLMEngineConfig(_Frozen):

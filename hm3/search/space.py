@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import Field, ValidationError, model_serializer, model_validator
 
 from hm3.config_model import ConfigModel
 from hm3.errors import ConfigError, invalid_config
@@ -164,8 +164,6 @@ class Block:
 
 class SearchSpace(ConfigModel):
     """What the level-1 search may vary, as declared under ``search_space:`` in a run config."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: list[str] = Field(min_length=1, description="expert model refs (paths or zoo names)")
     base_model: str

@@ -47,7 +47,7 @@ Points = Annotated[torch.Tensor, BeforeValidator(_as_points)]
 class OptimizerOptions(ConfigModel):
     """The ``optimizer.options`` of a run config; each optimiser declares its own as ``Options``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
 
 def require_unit_cube(points: torch.Tensor, what: str) -> None:
