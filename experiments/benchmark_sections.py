@@ -90,12 +90,17 @@ def render_shipped_zoo(results: Results) -> str:
 ZOO_VARIANTS = ("default", "specialist", "cheaper", "deep4", "deep4b", "wide4")  # the recipe's seeds first, then what was tried beside it
 
 
+def _variant_rows(r: Result) -> list[dict[str, Any]]:
+    """A variants file's builds: the early files are a bare list of them."""
+    return r.data if isinstance(r.data, list) else r.get("rows", [])
+
+
 def render_zoo_variants(results: Results) -> str:
     found = sorted(results.of("zoo_variants"),
                    key=lambda r: (ZOO_VARIANTS.index(r.label) if r.label in ZOO_VARIANTS else len(ZOO_VARIANTS), r.label))
     parts = []
     for r in found:
-        rows = r.data if isinstance(r.data, list) else r.get("rows", [])
+        rows = _variant_rows(r)
         met = sum(x["bar_met"] for x in rows)
         parts.append(f"**{r.label}** ({met} of {len(rows)} builds meet the bar)" + (f": {r.get('note')}" if r.get("note")
                                                                                     else ""))
@@ -121,7 +126,7 @@ def zoo_recipe_targets(results: Results) -> list[Target]:
     """A recipe that meets the quality bar for at least 4 of seeds 0-4: the best recipe built for all five."""
     seeds: dict[str, dict[int, bool]] = {}
     for r in results.of("zoo_variants"):
-        for x in (r.data if isinstance(r.data, list) else r.get("rows", [])):
+        for x in _variant_rows(r):
             seeds.setdefault(f"{r.label}: {x['variant']}", {})[x["seed"]] = x["bar_met"]
     whole = {name: sum(met.values()) for name, met in seeds.items() if set(range(5)) <= set(met)}
     if not seeds:

@@ -22,7 +22,17 @@ from typing import Any
 import harness
 import numpy as np
 
-from hm3.zoo.build import MIN_EXPERT_MARGIN, MIN_TIES_GAIN_KEPT, MODELS, TASK_SEED, ZooManifest, ties_state
+from hm3.zoo.build import (
+    MIN_EXPERT_MARGIN,
+    MIN_TIES_GAIN_KEPT,
+    MODELS,
+    TASK_SEED,
+    ZooManifest,
+    expert_margin,
+    gain_kept,
+    quality_bar,
+    ties_state,
+)
 from objectives.zoo import ZOO_TASKS, zoo_objective
 
 MERGE = "merge"
@@ -55,14 +65,12 @@ def outputs_of(directory: Path, manifest: ZooManifest) -> tuple[dict[str, Any], 
 
 
 def bar_of(scores: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float], bool]:
-    """(margins, gains kept, verdict) of one score matrix with the merge's row, as :func:`hm3.zoo.build.quality_bar`."""
-    margins, kept, ok = {}, {}, True
-    for t in ZOO_TASKS:
-        margins[t] = scores[t][t] - max(scores[m][t] for m in MODELS if m != t)
-        gain = scores[t][t] - scores["base"][t]
-        kept[t] = (scores[MERGE][t] - scores["base"][t]) / gain if gain > 0 else 0.0
-        ok = ok and margins[t] >= MIN_EXPERT_MARGIN and gain > 0 and kept[t] >= MIN_TIES_GAIN_KEPT
-    return margins, kept, ok
+    """(margins, gains kept, verdict) of one score matrix with the merge's row, by the zoo build's own bar
+    (unrounded: :func:`hm3.zoo.build.quality_bar` rounds what it reports)."""
+    matrix = {m: scores[m] for m in MODELS}
+    margins = {t: expert_margin(matrix, t) for t in ZOO_TASKS}
+    kept = {t: gain_kept(matrix, scores[MERGE], t) for t in ZOO_TASKS}
+    return margins, kept, quality_bar(matrix, scores[MERGE])["ok"]
 
 
 def bootstrap(examples, outputs, resamples: int, seed: int) -> dict[str, Any]:

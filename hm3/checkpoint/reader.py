@@ -104,11 +104,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             f"section but the file holds only {data_len} data bytes (incomplete download or copy?)"
         )
     ordered = sorted(infos, key=lambda n: (infos[n].offset, ends[n]))
-    _check_tiling(path, ordered, {n: infos[n].offset for n in ordered}, ends, data_len)
+    _check_tiling(path, ordered, infos, ends, data_len)
     return {name: infos[name] for name in ordered}
 
 
-def _check_tiling(path: Path, ordered: list[str], begins: dict[str, int], ends: dict[str, int], data_len: int) -> None:
+def _check_tiling(path: Path, ordered: list[str], infos: dict[str, TensorInfo], ends: dict[str, int],
+                  data_len: int) -> None:
     """The tensors' byte ranges tile the data section: no overlap, no gap, nothing after the last.
 
     The format's own rule, which the safetensors library enforces on load: overlapping ranges
@@ -117,11 +118,12 @@ def _check_tiling(path: Path, ordered: list[str], begins: dict[str, int], ends: 
     """
     previous, at = None, 0
     for name in ordered:
-        if begins[name] != at:
-            what = "overlaps" if begins[name] < at else "leaves a gap after"
+        begin = infos[name].offset
+        if begin != at:
+            what = "overlaps" if begin < at else "leaves a gap after"
             after = f"tensor {previous}, which ends at byte {at}" if previous else "the start of the data section"
             raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} starts at byte "
-                                  f"{begins[name]} and so {what} {after}")
+                                  f"{begin} and so {what} {after}")
         previous, at = name, ends[name]
     if at != data_len:
         raise CheckpointError(f"{path}: corrupt safetensors file: the tensors end at byte {at} of the data section "
