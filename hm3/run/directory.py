@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hm3.errors import ConfigError, Hm3Error, RunFileError
+from hm3.errors import ConfigError, DeviceError, Hm3Error, RunFileError, StoreError
 from hm3.log import LOG_FILE
 from hm3.run.config import RunKind, StoredRun, read_stored_run, stored_config
 from hm3.samples import SAMPLES_DIR
@@ -68,6 +68,9 @@ RUN_FORMAT = 2
 STAGE_EVENT = "stage_done"
 #: A merge a preference request evaluated (``hm3 request --refine``): a candidate of the run's front.
 REFINE_EVENT = "request_merge"
+#: Where the run's scores were computed (device type and dtype, ``auto`` resolved), recorded when it first opens a
+#: session: a resume must compute its scores the same way.
+PLACEMENT_EVENT = "evaluation_placement"
 #: The command that makes (and resumes) each kind of run.
 COMMANDS: dict[RunKind, str] = {"level1": "hm3 search param", "two-level": "hm3 run"}
 #: What readers take from summary.json, per kind.
@@ -130,6 +133,31 @@ def open_run_store(run_dir: Path, config: dict[str, Any], seed: int, *, resume: 
         store.close()
         raise
     return store
+
+
+def check_placement(store: RunStore, placement: Mapping[str, str]) -> None:
+    """Record where the run's scores are computed, or refuse a resume that would compute them elsewhere.
+
+    The config check already refuses another ``evaluation.device`` or ``dtype`` as written; this one
+    catches ``auto``, which resolves anew on each machine: a run started on a GPU in bfloat16 and resumed
+    on a CPU in float32 would mix scores that are not comparable in one front. The device is compared by
+    type (``cuda:0`` and ``cuda:1`` compute alike); a run recorded before this check records on resume.
+    """
+    device = str(placement["device"]).split(":")[0]
+    found = {"device": device, "dtype": str(placement["dtype"])}
+    recorded = store.last_event(PLACEMENT_EVENT)
+    if recorded is None:
+        store.add_event(PLACEMENT_EVENT, found)
+        return
+    held = recorded.payload
+    if not isinstance(held, dict) or not {"device", "dtype"} <= set(held):
+        raise StoreError(f"run store {store.path} is corrupt: its {PLACEMENT_EVENT} event lacks device or dtype "
+                         f"(payload {held!r})")
+    if {k: held[k] for k in found} != found:
+        raise DeviceError(
+            f"{store.path.parent}: its scores were computed in {held['dtype']} on {held['device']}, and this "
+            f"machine resolves evaluation.device and evaluation.dtype to {found['dtype']} on {found['device']}; "
+            "scores computed otherwise are not comparable: resume it where they resolve as they did")
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from hm3.eval.executor import Executor
 from hm3.eval.session import MERGE_KIND, EvaluationSession, MergeCandidate, Scored
 from hm3.log import progress_bar, progress_logger
 from hm3.run.config import stored_config, stored_form
-from hm3.run.directory import FRONT_FILE, new_run_discarded_on_refusal, open_run_store
+from hm3.run.directory import FRONT_FILE, check_placement, new_run_discarded_on_refusal, open_run_store
 from hm3.run.front import CandidateRow, write_front, write_summary
 from hm3.search.optimizers import Optimizer, get_optimizer
 from hm3.search.optimizers.random import sobol_points
@@ -272,11 +272,18 @@ def open_session(cfg: RunConfig, store: RunStore, log: Callable[[str], None],
     if executor is None:
         from hm3.eval.live import LiveModelSession  # here: reading a finished run loads no model code
 
-        return LiveModelSession(cfg, store, log=log)
-    from hm3.eval.parallel import ExecutorSession
+        session: EvaluationSession = LiveModelSession(cfg, store, log=log)
+    else:
+        from hm3.eval.parallel import ExecutorSession
 
-    executor.start(cfg)
-    return ExecutorSession(cfg, store, executor)
+        executor.start(cfg)
+        session = ExecutorSession(cfg, store, executor)
+    try:
+        check_placement(store, session.placement)
+    except BaseException:
+        session.close()
+        raise
+    return session
 
 
 def stderr_logger(enabled: bool) -> Callable[[str], None]:

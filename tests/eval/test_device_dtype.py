@@ -136,6 +136,39 @@ def test_search_with_cuda_absent_stops_before_the_run_directory_exists(tiny_fami
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_with_auto_resumes_only_where_auto_resolves_as_it_did(tiny_family, tmp_path, monkeypatch, capsys):
+    """``auto`` passes the config check on any machine; the run records what it resolved to (float32 on the
+    CPU here) and a resume that would score in bfloat16 is refused before it evaluates or writes anything."""
+    import hm3.search.run_config as run_config
+    from hm3.cli import main
+    from hm3.run.directory import PLACEMENT_EVENT
+
+    cfg = tmp_path / "run.yml"
+    cfg.write_text(yaml.safe_dump(_config(tiny_family, dtype="auto") | {"optimizer": {"name": "random", "budget": 3}}))
+    run = tmp_path / "run"
+    assert main(["search", "param", str(cfg), str(run), "--quiet", "--budget", "2"]) == 0
+    with RunStore.open(run, readonly=True) as store:
+        assert [e.payload for e in store.events(PLACEMENT_EVENT)] == [{"device": "cpu", "dtype": "float32"}]
+        evaluations = len(store.evaluations())
+    written = {n: (run / n).read_bytes() for n in ("front.csv", "candidates.csv", "summary.json")}
+
+    real = run_config.resolve_dtype
+    monkeypatch.setattr(run_config, "resolve_dtype",  # a machine where auto means bfloat16, as on a GPU
+                        lambda name, device, *, key: torch.bfloat16 if name == "auto" else real(name, device, key=key))
+    capsys.readouterr()
+    assert main(["search", "param", str(cfg), str(run), "--quiet", "--resume", "--budget", "3"]) == ExitCode.ENVIRONMENT
+    err = capsys.readouterr().err
+    assert "its scores were computed in float32 on cpu" in err and "bfloat16 on cpu" in err
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) == evaluations and len(store.events(PLACEMENT_EVENT)) == 1
+    assert {n: (run / n).read_bytes() for n in written} == written
+
+    monkeypatch.setattr(run_config, "resolve_dtype", real)  # back where auto means float32: it resumes
+    assert main(["search", "param", str(cfg), str(run), "--quiet", "--resume", "--budget", "3"]) == 0
+    with RunStore.open(run, readonly=True) as store:
+        assert len(store.evaluations()) > evaluations and len(store.events(PLACEMENT_EVENT)) == 1
+
+
 # --- the merger's residency ------------------------------------------------------------------------
 
 
