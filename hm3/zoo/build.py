@@ -28,7 +28,7 @@ from hm3.atomic import atomic_write_text, share_files
 from hm3.errors import ConfigError, OutputExistsError
 from hm3.log import progress_logger
 from hm3.zoo.shipped import file_hashes
-from hm3.zoo.spec import ZOO_FORMAT, ZooSpec, zoo_spec
+from hm3.zoo.spec import DEFAULT_ZOO_SIZE, ZOO_FORMAT, ZooSpec, zoo_spec
 from objectives.zoo import ZOO_TASKS, specialist_item, zoo_objective
 
 logger = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def _remove(path: Path) -> None:
 def build_zoo(
     out_dir: str | Path,
     *,
-    size: str = "micro",
+    size: str = DEFAULT_ZOO_SIZE,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,

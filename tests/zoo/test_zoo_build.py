@@ -38,7 +38,8 @@ def test_layout_manifest_and_models_load_with_transformers(quick_zoo):
     assert ZooManifest.read(out) == manifest
     data = json.loads((out / "zoo.json").read_text())
     assert data["objectives"] == ["zoo:math", "zoo:code", "zoo:translation"]
-    assert data["spec_hash"] == zoo_spec("micro", 0, **QUICK).hash()
+    assert data["spec_hash"] == zoo_spec("deep", 0, **QUICK).hash()  # the default recipe, four layers
+    assert data["spec"]["size"] == "deep" and data["spec"]["num_layers"] == 4
     for split in ("scores_validation", "scores_test"):
         assert set(data[split]) == set(MODELS)
         assert all(set(row) == set(ZOO_TASKS) and all(0 <= v <= 1 for v in row.values()) for row in data[split].values())
@@ -115,7 +116,7 @@ def test_cache_dir_builds_once_and_copies_and_builds_are_deterministic(quick_zoo
 
 def test_other_content_is_refused_and_bad_specs_are_config_errors(quick_zoo, tmp_path):
     out, _ = quick_zoo
-    with pytest.raises(OutputExistsError, match="does not hold a micro zoo with seed 5"):
+    with pytest.raises(OutputExistsError, match="does not hold a deep zoo with seed 5"):
         build_zoo(out, seed=5, progress=False, **QUICK)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match=str(tmp_path)):
@@ -138,7 +139,7 @@ def test_spec_hash_changes_with_any_setting():
     assert len({a.hash(), zoo_spec("micro", 1).hash(), zoo_spec("small", 0).hash(),
                 zoo_spec("micro", 0, expert_lr=1e-4).hash(),
                 zoo_spec("micro", 0, replay_weights={"code": 0.5}).hash(),
-                zoo_spec("micro", 0, expert_frozen_embeddings=True).hash()}) == 6
+                zoo_spec("micro", 0, expert_frozen_embeddings=True).hash(), zoo_spec("deep", 0).hash()}) == 7
 
 
 def test_a_setting_added_later_leaves_the_hash_of_every_spec_without_it_as_it_was():
