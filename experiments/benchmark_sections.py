@@ -87,7 +87,7 @@ def render_shipped_zoo(results: Results) -> str:
 # --- zoo recipe variants -------------------------------------------------------------------------------------
 
 
-ZOO_VARIANTS = ("default", "specialist", "cheaper", "deep4", "deep4b", "wide4")  # the recipe's seeds first, then what was tried beside it
+ZOO_VARIANTS = ("deep", "default", "specialist", "cheaper", "deep4", "deep4b", "wide4", "lr4")  # the recipe's seeds first, then what was tried beside it
 
 
 def _variant_rows(r: Result) -> list[dict[str, Any]]:
@@ -156,6 +156,25 @@ def render_zoo_bar_noise(results: Results) -> str:
                      " / ".join(f"{x['margins'][t]:.2f} ± {x['margin_se'][t]:.2f}" for t in TASKS),
                      " / ".join(f"{x['kept'][t]:.0%} ± {x['kept_se'][t]:.0%}" for t in TASKS),
                      percent(x["margin_ok_share"]), percent(x["kept_ok_share"])] for x in rows]),
+             sources([latest])]
+    return "\n\n".join(parts)
+
+
+def render_zoo_gain_scaling(results: Results) -> str:
+    latest = results.one("zoo_gain_scaling")
+    if latest is None:
+        return ""
+    rows = latest.get("rows", [])
+    scales = [f"{a}" for a in latest.get("scales", [])]
+    at = {a: sorted(x["lone_kept"][t][a] for x in rows for t in TASKS) for a in scales}
+    summary = "; ".join(f"at {a}, {min(v):.0%} to {max(v):.0%} (median {v[len(v) // 2]:.0%})" for a, v in at.items())
+    parts = [f"Share of each expert's gain that the expert alone keeps at scale α, over {len(rows)} builds and "
+             f"their 3 tasks: {summary}.",
+             table(["build", "seed", "bar", "the merge's weights (m / c / t)", "lone expert at that weight",
+                    "the merge keeps", *(f"lone expert at {a}" for a in scales)],
+                   [[Path(x["zoo"]).name, x["seed"], verdict(x["bar_met"]), per_task(x["merge_weights"]),
+                     percent(x["lone_kept_at_merge_weight"]), percent(x["merge_kept"]),
+                     *(percent({t: x["lone_kept"][t][a] for t in TASKS}) for a in scales)] for x in rows]),
              sources([latest])]
     return "\n\n".join(parts)
 
@@ -1171,10 +1190,11 @@ SECTIONS: list[Section] = [
         render_shipped_zoo),
     Section(
         "Zoo recipe variants",
-        "How sensitive the micro recipe is: the same spec with other seeds, cheaper schedules (fewer steps, smaller "
-        "models or batches), and 4-layer variants in which each task's specialist skill is mostly left out of the "
-        "base. Each row is a full `hm3 zoo build`; the bar is judged on validation, and the test columns show how "
-        "it holds on examples the choice never saw. Build seconds depend on the load of a shared machine.",
+        "`hm3 zoo build`'s default recipe (`deep`) for seeds 0-4, then what was tried on the way: the shipped micro "
+        "recipe with other seeds, cheaper schedules (fewer steps, smaller models or batches), and 4-layer variants "
+        "in which each task's specialist skill is mostly left out of the base. Each row is a full `hm3 zoo build`; "
+        "the bar is judged on validation, and the test columns show how it holds on examples the choice never saw. "
+        "Build seconds depend on the load of a shared machine.",
         render_zoo_variants, targets=zoo_recipe_targets),
     Section(
         "How sure a zoo's quality-bar verdict is",
@@ -1184,6 +1204,14 @@ SECTIONS: list[Section] = [
         "resample with the merge held fixed. What it measures is how much of a verdict the choice of examples "
         "decides; how the weights vary with the seed is the variants' table above.",
         render_zoo_bar_noise),
+    Section(
+        "How an expert's gain grows with the scale of its task vector",
+        "The bar's grid gives each expert a weight of at most 0.55 and asks the merge to keep at least half of its "
+        "gain. `experiments/zoo_gain_scaling.py` scores each task's expert alone at scale α (θ_base + α·τ, the "
+        "bar's own TIES with one model) on the bar's validation examples. At the merge's own weight, the lone "
+        "expert is what the merge would keep with no other expert present; the merge's share beside it shows "
+        "what the other experts take away or add.",
+        render_zoo_gain_scaling),
     Section(
         "The README's two commands",
         "`scripts/test.sh` and `scripts/demo.sh` timed for one commit against a baseline commit, each in a fresh "
