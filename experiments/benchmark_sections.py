@@ -168,8 +168,10 @@ def render_zoo_gain_scaling(results: Results) -> str:
     scales = [f"{a}" for a in latest.get("scales", [])]
     at = {a: sorted(x["lone_kept"][t][a] for x in rows for t in TASKS) for a in scales}
     summary = "; ".join(f"at {a}, {min(v):.0%} to {max(v):.0%} (median {v[len(v) // 2]:.0%})" for a, v in at.items())
+    more = sum(x["merge_kept"][t] > x["lone_kept_at_merge_weight"][t] for x in rows for t in TASKS)
     parts = [f"Share of each expert's gain that the expert alone keeps at scale α, over {len(rows)} builds and "
-             f"their 3 tasks: {summary}.",
+             f"their 3 tasks: {summary}. The bar's merge keeps more than its expert alone at the same weight in "
+             f"{more} of the {len(rows) * len(TASKS)} cases.",
              table(["build", "seed", "bar", "the merge's weights (m / c / t)", "lone expert at that weight",
                     "the merge keeps", *(f"lone expert at {a}" for a in scales)],
                    [[Path(x["zoo"]).name, x["seed"], verdict(x["bar_met"]), per_task(x["merge_weights"]),
