@@ -28,6 +28,13 @@ class ConfigModel(BaseModel):
         return value
 
 
+class FiniteConfigModel(ConfigModel):
+    """A config model whose numbers must be finite: an inf or NaN budget, bound or penalty would spoil a
+    search silently (a NaN reward, a NaN coordinate) instead of being refused by key."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
 def misplaced_boolean(value: Any, annotation: Any) -> bool:
     """Whether ``value`` holds a bool where ``annotation`` takes a number but no bool."""
     return _bool_verdict(value, annotation) is True

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from hm3.config_model import ConfigModel
+from hm3.config_model import FiniteConfigModel
 
 
-class Level2Config(ConfigModel):
+class Level2Config(FiniteConfigModel):
     """Environment, networks and PPO of the architecture-level search."""
-
-    model_config = ConfigDict(allow_inf_nan=False)  # a NaN penalty spoils rewards silently
 
     mode: Literal["hm3", "rmm"] = Field(
         "hm3",

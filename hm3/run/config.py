@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from hm3.arch.rl_config import Level2Config
-from hm3.config_model import ConfigModel
+from hm3.config_model import ConfigModel, FiniteConfigModel
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.preferences import dirichlet_preferences, validate_preferences
 from hm3.search.run_config import RunConfig, parse_run_config, read_config_file
@@ -36,10 +36,8 @@ CONFIG_FORMAT = 3
 RunKind = Literal["level1", "two-level"]
 
 
-class Level2Section(ConfigModel):
+class Level2Section(FiniteConfigModel):
     """The ``level2:`` section of a run config."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
 
     pool: Literal["experts+merge", "experts"] = Field(
         "experts+merge",

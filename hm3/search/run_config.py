@@ -15,20 +15,16 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hm3.config import read_yaml_file
-from hm3.config_model import ConfigModel
+from hm3.config_model import FiniteConfigModel
 from hm3.devices import DEVICE_NAMES, EVALUATION_DEVICES, resolve_device, resolve_dtype
 from hm3.errors import ConfigError, invalid_config
 from hm3.search.space import SearchSpace
 
 
-class _Frozen(ConfigModel):
-    model_config = ConfigDict(allow_inf_nan=False)
-
-
-class VLLMEngineConfig(_Frozen):
+class VLLMEngineConfig(FiniteConfigModel):
     """Settings of the vLLM engine (``vllm.LLM``), for ``backend: vllm``; None leaves vLLM's default."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over")
@@ -38,7 +34,7 @@ class VLLMEngineConfig(_Frozen):
     max_model_len: int | None = Field(None, ge=1, description="context length (None: the model's own)")
 
 
-class WorkerResources(_Frozen):
+class WorkerResources(FiniteConfigModel):
     """What one Ray worker reserves (``evaluation.resources_per_worker``); Ray places workers by these."""
 
     num_cpus: float = Field(1, ge=0, description="CPU cores per worker (its torch threads: as many, at least 1)")
@@ -59,7 +55,7 @@ class WorkerResources(_Frozen):
 EXECUTOR_KEYS = frozenset({"executor", "workers", "ray_address", "resources_per_worker", "proposals"})
 
 
-class EvaluationConfig(_Frozen):
+class EvaluationConfig(FiniteConfigModel):
     backend: Literal["hf", "vllm"] = "hf"
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one live model in this process; ray: `workers` Ray actors, each with its own "
@@ -135,7 +131,7 @@ class EvaluationConfig(_Frozen):
         return device, resolve_dtype(self.dtype, device, key="evaluation.dtype")
 
 
-class OptimizerConfig(_Frozen):
+class OptimizerConfig(FiniteConfigModel):
     name: str = "bo-mo"
     budget: int = Field(50, ge=1, description="candidate evaluations, initial design included")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -151,14 +147,14 @@ class OptimizerConfig(_Frozen):
         return value
 
 
-class FisherConfig(_Frozen):
+class FisherConfig(FiniteConfigModel):
     examples: int = Field(30, ge=1, description="validation examples per task (DF-Merge: 30)")
     coefficient_step: float = Field(
         0.05, gt=0, le=1, description="Fisher of θ_base + λτ is cached on a λ grid of this step"
     )
 
 
-class RunConfig(_Frozen):
+class RunConfig(FiniteConfigModel):
     """Models, objectives, search space, optimiser and evaluation of one level-1 run."""
 
     models: dict[str, str] = Field(description="model ref -> local directory or hub id (base and experts)")
