@@ -30,6 +30,7 @@ from hm3.zoo.build import (
     ZooManifest,
     expert_margin,
     gain_kept,
+    load_zoo_states,
     quality_bar,
     ties_state,
 )
@@ -41,14 +42,13 @@ MERGE = "merge"
 def outputs_of(directory: Path, manifest: ZooManifest) -> tuple[dict[str, Any], dict[str, dict[str, list[str]]]]:
     """(task -> its scored examples, model -> task -> outputs) for the zoo's models and its bar merge."""
     import torch
-    from safetensors.torch import load_file
 
     from hm3.eval.evaluate import model_outputs
     from hm3.eval.hf import HFBackend
 
     torch.set_num_threads(2)
     n = manifest.spec["eval_examples"]
-    states = {m: load_file(str(directory / manifest.models[m] / "model.safetensors")) for m in MODELS}
+    states = load_zoo_states(directory, manifest)
     best = manifest.ties_best
     states[MERGE] = ties_state(states["base"], [states[t] for t in ZOO_TASKS], best["weights"], best["density"])
     objectives = {t: zoo_objective(t, seed=TASK_SEED) for t in ZOO_TASKS}
@@ -62,6 +62,16 @@ def outputs_of(directory: Path, manifest: ZooManifest) -> tuple[dict[str, Any], 
     finally:
         backend.close()
     return examples, outputs
+
+
+def require_recorded_scores(directory: Path, found: dict[str, dict[str, float]], recorded: dict[str, dict[str, float]],
+                            consequence: str) -> None:
+    """Exit unless the scores found here equal the ones ``zoo.json`` records for every model it records: on another
+    machine, or with other weights, a measurement would not be of the recorded build (``consequence`` says how)."""
+    drift = max(abs(found[m][t] - recorded[m][t]) for m in recorded for t in ZOO_TASKS)
+    if drift > 1e-9:
+        raise SystemExit(f"{directory}: the scores differ from its zoo.json by up to {drift:.4f} (another machine "
+                         f"or other weights): {consequence}")
 
 
 def bar_of(scores: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float], bool]:
@@ -130,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         found = bootstrap(examples, outputs, args.resamples, args.seed)
         recorded = {**manifest.scores_validation,
                     MERGE: {t: manifest.ties_best[t] for t in ZOO_TASKS}}
-        drift = max(abs(found["scores"][m][t] - recorded[m][t]) for m in recorded for t in ZOO_TASKS)
-        if drift > 1e-9:
-            raise SystemExit(f"{directory}: the scores differ from its zoo.json by up to {drift:.4f} (another machine "
-                             "or other weights): the bootstrap would not be of the recorded verdict")
+        require_recorded_scores(directory, found["scores"], recorded, "the bootstrap would not be of the recorded verdict")
         row = {"zoo": str(directory), "spec_hash": manifest.spec_hash, "seed": manifest.spec["seed"],
                "merge": manifest.ties_best["merge"], "examples": manifest.spec["eval_examples"],
                **{k: v for k, v in found.items() if k != "scores"}}

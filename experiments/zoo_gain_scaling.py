@@ -21,28 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import harness
+from zoo_bar_noise import require_recorded_scores
 
-from hm3.zoo.build import TIES_WEIGHTS, ZooManifest, gain_kept, score_models, ties_state
+from hm3.zoo.build import TIES_WEIGHTS, ZooManifest, gain_kept, load_zoo_states, score_models, ties_state
 from objectives.zoo import ZOO_TASKS
 
 
 def lone_expert_kept(directory: Path, manifest: ZooManifest, scales: list[float]) -> dict[str, dict[str, float]]:
     """task -> scale -> the share of its expert's gain that base + scale·τ keeps, on validation."""
     import torch
-    from safetensors.torch import load_file
 
     from hm3.eval.hf import HFBackend
 
     torch.set_num_threads(2)
     n = manifest.spec["eval_examples"]
-    states = {m: load_file(str(directory / f / "model.safetensors")) for m, f in manifest.models.items()}
+    states = load_zoo_states(directory, manifest)
     backend = HFBackend.from_pretrained(directory / manifest.models["base"], batch_size=n)
     try:
         found = score_models(backend, states, "validation", n)
-        drift = max(abs(found[m][t] - manifest.scores_validation[m][t]) for m in found for t in ZOO_TASKS)
-        if drift > 1e-9:
-            raise SystemExit(f"{directory}: the scores differ from its zoo.json by up to {drift:.4f} (another "
-                             "machine or other weights): the shares would not be of the recorded build")
+        require_recorded_scores(directory, found, manifest.scores_validation,
+                                "the shares would not be of the recorded build")
         kept: dict[str, dict[str, float]] = {}
         for task in ZOO_TASKS:
             scaled = {f"{a}": ties_state(states["base"], [states[task]], [a], 1.0) for a in scales}

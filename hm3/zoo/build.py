@@ -123,6 +123,14 @@ class ZooManifest:
         return None
 
 
+def load_zoo_states(directory: str | Path, manifest: ZooManifest) -> dict[str, dict[str, torch.Tensor]]:
+    """Every model of the zoo built in ``directory`` (the base and the experts, by the manifest's names) as a
+    state dict read whole: what the bar's merges and the experiments on a build start from."""
+    from safetensors.torch import load_file
+
+    return {m: load_file(str(Path(directory) / folder / "model.safetensors")) for m, folder in manifest.models.items()}
+
+
 # --- scoring ---------------------------------------------------------------------------------------
 
 
