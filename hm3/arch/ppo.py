@@ -17,7 +17,8 @@ Why hand-written rather than stable-baselines3:
   2n" and "train n, save, load, train n" differ. The driver checkpoints after every update and
   must resume exactly, so both modes share this trainer (one interface, one checkpoint format).
 
-What it does per update (``episodes_per_update`` whole episodes, full batch, ``epochs`` passes):
+What it does per update (``episodes_per_update`` whole episodes, or the fewer that end the training;
+full batch, ``epochs`` passes):
 per-step rewards are R/n on each of the episode's n decisions (hm3; n = T hops, plus one if the
 path ended with STOP, so the rewards sum to R) or R at the last step (rmm); GAE(γ, λ_GAE) with
 V = 0 after the terminal step; advantages standardised; loss
@@ -117,12 +118,19 @@ class PPOTrainer:
         return self._optimizer
 
     # --- training ---------------------------------------------------------------------------------
-    def train(self, episodes: int, *, on_update: Callable[[dict], None] | None = None) -> list[dict]:
+    def train(self, episodes: int, *, on_update: Callable[[dict], None] | None = None,
+              ends_training: bool = True) -> list[dict]:
         """Run ``episodes`` more episodes, updating every ``episodes_per_update``; per-episode records.
 
         Episodes are collected in groups of up to ``lanes`` (:meth:`_collect_group`), a group never
         crossing an update, so the episodes, their scores and the policy do not depend on ``lanes``.
         ``self.best`` keeps the best evaluated path by raw reward when the env's λ is fixed (online).
+
+        When these episodes end the training (``ends_training``, the default), a last batch smaller than
+        ``episodes_per_update`` is learned from as well: its paths were scored, and leaving them in the
+        buffer would pay for evaluations the policy never sees (100 episodes at 8 per update: 4). RMM's
+        code drops them [design]. A caller that trains in pieces passes False for all but the last, so
+        the updates fall where one call's would.
         """
         records = []
         left = episodes
@@ -146,7 +154,7 @@ class PPOTrainer:
                 ):
                     self.best = (info["raw_reward"], info["path"], info["scores"])
                 self.buffer.append(episode)
-            if len(self.buffer) >= self.config.episodes_per_update:
+            if len(self.buffer) >= self.config.episodes_per_update or (ends_training and left == 0 and self.buffer):
                 stats = self._update()
                 if on_update is not None:
                     on_update(stats)

@@ -121,7 +121,9 @@ class Level2Config(FiniteConfigModel):
     lr_policy: float = Field(3e-4, gt=0, description="Adam lr of the actor and the shared encoder [RMM code]")
     lr_value: float = Field(1e-3, gt=0, description="Adam lr of the critic heads [RMM code]")
     epochs: int = Field(10, ge=1, description="PPO epochs per update, full batch [design; RMM code: 40]")
-    episodes_per_update: int = Field(8, ge=1, description="episodes collected per PPO update [design; RMM: 4]")
+    episodes_per_update: int = Field(8, ge=1, description="episodes collected per PPO update [design; RMM: 4]; the "
+                                     "episodes that end a stage are learned from in a smaller last batch (RMM's code "
+                                     "drops them)")
     max_grad_norm: float = Field(0.5, gt=0, description="gradient-norm clip per step [design]")
     normalize_advantages: bool = Field(
         True,

@@ -95,16 +95,18 @@ def test_lambda_conditioning_changes_the_path() -> None:
 
 
 def test_resume_repeats_an_uninterrupted_run(tmp_path) -> None:
-    """train(2n) == train(n), save, load into fresh objects, train(n); n not a multiple of the update size."""
+    """train(2n) == train(n), save, load into fresh objects, train(n); neither n nor 2n a multiple of the
+    update size, so the first piece stops mid-batch and both runs end on a smaller last batch."""
     for config in (Level2Config(dar=True, episodes_per_update=4, epochs=2), Level2Config.rmm_defaults(epochs=2)):
-        n = 10
+        n = 5
         straight = make(config, Scorer(A, B), None)
         straight.env.plan_episodes(2 * n)
         expected = straight.train(2 * n)
 
         first = make(config, Scorer(A, B), None)
         first.env.plan_episodes(2 * n)
-        got = first.train(n)
+        got = first.train(n, ends_training=False)
+        assert len(first.buffer) == 1  # episode 5 waits for its batch
         first.save(tmp_path / f"{config.mode}.pt")
         resumed = make(config, Scorer(A, B), None, seed=0)
         torch.manual_seed(123)  # a different global RNG state must not matter
@@ -116,6 +118,29 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path) -> None:
         assert all(np.array_equal(a["lam"], b["lam"]) for a, b in zip(got, expected, strict=True))
         for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
+        assert resumed.updates == straight.updates == 3 and not resumed.buffer
+
+
+def test_the_episodes_that_end_the_training_are_learned_from_in_a_smaller_last_batch() -> None:
+    """10 episodes at 4 per update: updates after episodes 4, 8 and 10. The last update learns from
+    episodes 9 and 10 alone: a trainer that collected those two from the same state and updated on them
+    reaches the same policy; one that trained 8 and stopped does not."""
+    config = Level2Config(dar=False, episodes_per_update=4, epochs=2)
+    trainer = make(config, Scorer(A), np.array([1.0]))
+    updates: list[dict] = []
+    trainer.train(10, on_update=updates.append)
+    assert [u["episode"] for u in updates] == [4, 8, 10] and not trainer.buffer
+
+    stopped = make(config, Scorer(A), np.array([1.0]))
+    stopped.train(8)
+    assert stopped.updates == 2
+    two_more = make(config, Scorer(A), np.array([1.0]))
+    two_more.load_state_dict(stopped.state_dict())
+    two_more.config = config.model_copy(update={"episodes_per_update": 2})  # a batch of exactly those two
+    two_more.train(2)
+    params = list(trainer.policy.state_dict().items())
+    assert all(torch.equal(v, two_more.policy.state_dict()[k]) for k, v in params)
+    assert not all(torch.equal(v, stopped.policy.state_dict()[k]) for k, v in params)
 
 
 def test_frame_order_prior_gives_working_paths_where_a_random_start_gives_none() -> None:
