@@ -20,6 +20,7 @@ can hold one while the process that owns the store commits what it returns.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -103,6 +104,8 @@ class LiveModel:
         # model's own parameters, so they put it back first.
         self._live_model = getattr(self.backend, "model", None)
         self._frame_recipe = frame_recipe
+        self._log = log
+        self._fisher_files: dict[str, tuple[str, int, int] | None] | None = None  # the Fishers set, by file
         self._pools: LayerPools | None = None
 
     @property
@@ -170,9 +173,18 @@ class LiveModel:
         config = parse_merge_config(dict(recipe), source="candidate recipe")
         fisher_files = {m.model: (m.parameters or {}).get("fisher") for m in config.models or ()}
         if any(fisher_files.values()):
-            from hm3.fisher import load_fisher
+            # read once per session, not per candidate: a 1.5B model's Fisher is 6 GB a model in float32,
+            # read and checked finite; read again only if another file (or a rewritten one) is named
+            identity = {ref: _file_identity(path) for ref, path in fisher_files.items()}
+            if identity != self._fisher_files:
+                from hm3.fisher import load_fisher
 
-            self.merger.set_fishers({ref: load_fisher(path) for ref, path in fisher_files.items()})
+                self._fisher_files = None
+                self.merger.set_fishers({ref: load_fisher(path) for ref, path in fisher_files.items()})
+                self._fisher_files = identity
+                fishers = self.merger.fisher_residency
+                if fishers is not None and not fishers.resident:
+                    self._log(f"Fisher tensors streamed ({fishers.reason})")
         return config
 
     def _install_recipe(self, recipe: Mapping[str, Any]) -> None:
@@ -321,6 +333,17 @@ class LiveModelSession:
             key = FisherKey(ref, lam, obj.name, tuple(e.id for e in examples))
             paths.append(str(self._fisher_cache.path_for(key)))
         return space.to_recipe(x, fisher_paths=paths)
+
+
+def _file_identity(path: str | None) -> tuple[str, int, int] | None:
+    """A file by path, size and modification time: another value means another (or a rewritten) file."""
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (str(path), -1, -1)  # unreadable: load_fisher says why, naming the file
+    return (str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _fit_vocabulary(backend: Backend, merger: InMemoryMerger) -> None:

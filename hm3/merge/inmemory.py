@@ -22,7 +22,9 @@ and its results are the same either way.
 On a GPU the merger merges on the evaluation device. The base and the task vectors stay there
 (*resident*) when they fit in its free memory (:func:`choose_residency`); otherwise they are held
 in host memory and each tensor's inputs are copied to the device for its merge (*streamed*), which
-costs one host-to-device copy of the model per candidate instead of running out of memory. The
+costs one host-to-device copy of the model per candidate instead of running out of memory. Fisher
+tensors (one per expert, as large as its task vector) are decided for apart, when they are set, on the
+memory free beside the task vectors then. The
 arithmetic is float32 whatever the evaluation dtype: a task vector is a small difference of large
 weights, which bfloat16 would mostly round away; the result is cast once, when it is written into
 the live model.
@@ -101,16 +103,16 @@ def _gib(n: float) -> str:
 
 
 def choose_residency(device: torch.device, held_bytes: int, workspace_bytes: int,
-                     free_bytes: int | None) -> Residency:
-    """Resident when ``held_bytes`` (base + task vectors) plus ``workspace_bytes`` fit in
+                     free_bytes: int | None, *, held: str = "base + task vectors") -> Residency:
+    """Resident when ``held_bytes`` (what ``held`` names) plus ``workspace_bytes`` fit in
     :data:`RESIDENT_SHARE` of the device's ``free_bytes``; on the CPU always (host memory is the device's)."""
     if device.type == "cpu" or free_bytes is None:
-        return Residency(True, f"merging on {device}: the task vectors are in host memory")
+        return Residency(True, f"merging on {device}: {held} are in host memory")
     need, budget = held_bytes + workspace_bytes, int(RESIDENT_SHARE * free_bytes)
     share = f"{RESIDENT_SHARE:.0%} of {device}'s free {_gib(free_bytes)}"
     if need <= budget:
-        return Residency(True, f"base + task vectors and a merge workspace ({_gib(need)}) fit in {share}")
-    return Residency(False, f"base + task vectors and a merge workspace ({_gib(need)}) exceed {share}: "
+        return Residency(True, f"{held} and a merge workspace ({_gib(need)}) fit in {share}")
+    return Residency(False, f"{held} and a merge workspace ({_gib(need)}) exceed {share}: "
                             f"held in host memory, copied to {device} tensor by tensor")
 
 
@@ -133,8 +135,15 @@ def in_memory_refusal(method: MergeMethod) -> str | None:
 
 
 def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on a GPU (``torch.cuda.mem_get_info``); None for the CPU."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Bytes this process can still allocate on a GPU; None for the CPU.
+
+    What the driver reports free (``torch.cuda.mem_get_info``) plus what torch's caching allocator holds
+    reserved but unallocated: tensors freed in this process (Fishers replaced, a model closed) stay
+    reserved by the allocator, hidden from the driver's count, and are reused by the next allocation."""
+    if device.type != "cuda":
+        return None
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + max(0, cached)
 
 
 class InMemoryMerger:
@@ -196,10 +205,10 @@ class InMemoryMerger:
             self.config = vocabulary_config(dict(base_ckpt.config), vocabulary, self.tokenizer)
             sizes = [math.prod(base_ckpt.shape(n)) for n in self.tensor_names]
             itemsize = torch.empty((), dtype=dtype).element_size()
+            self._model_bytes = sum(sizes) * itemsize
+            self._workspace_bytes = (len(model_dirs) + WORKSPACE_TENSORS) * max(sizes, default=0) * itemsize
             self.residency = choose_residency(
-                self.device, len(ckpts) * sum(sizes) * itemsize,
-                (len(model_dirs) + WORKSPACE_TENSORS) * max(sizes, default=0) * itemsize,
-                free_device_memory(self.device),
+                self.device, len(ckpts) * self._model_bytes, self._workspace_bytes, free_device_memory(self.device)
             )
             log.debug("in-memory merger: task vectors %s (%s)", self.residency.mode, self.residency.reason)
             # where the tensors are held: on the device, or in host memory and copied over for each merge
@@ -215,6 +224,8 @@ class InMemoryMerger:
             for c in ckpts:
                 c.close()
         self._fishers: dict[str, dict[str, torch.Tensor]] | None = None
+        #: where the Fisher tensors are held and why (:meth:`set_fishers`); None before any are set
+        self.fisher_residency: Residency | None = None
 
     @property
     def vocabulary_rows(self) -> int | None:
@@ -234,7 +245,18 @@ class InMemoryMerger:
             raise ConfigError(f"Fisher tensors missing for models: {', '.join(missing)}")
         for ref in self.model_refs:
             self._check_fisher_fits(ref, fishers[ref])
-        self._fishers = {r: {n: fishers[r][n].to(self._hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
+        self._fishers = None  # Fishers set before free their memory for these
+        # One Fisher tensor per expert and tensor, as large as the task vectors: the task vectors' residency
+        # counted none, so the Fishers stay on the device only if they fit in what is free beside them now
+        # (the merge workspace not yet taken); otherwise they are held in host memory and copied over per
+        # tensor, as streamed task vectors are, rather than running the device out of memory.
+        self.fisher_residency = choose_residency(self.device, len(self.model_refs) * self._model_bytes,
+                                                 self._workspace_bytes, free_device_memory(self.device),
+                                                 held="the Fisher tensors")
+        if self.residency.resident and not self.fisher_residency.resident:
+            log.debug("in-memory merger: Fisher tensors streamed (%s)", self.fisher_residency.reason)
+        hold = self._hold if self.fisher_residency.resident else torch.device("cpu")
+        self._fishers = {r: {n: fishers[r][n].to(hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
 
     def _check_fisher_fits(self, ref: str, fisher: Mapping[str, torch.Tensor]) -> None:
         """Every tensor present with its tensor's shape: the merge multiplies them elementwise, so another

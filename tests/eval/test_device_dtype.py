@@ -183,6 +183,43 @@ def test_task_vectors_stay_on_a_gpu_only_when_they_fit_in_its_free_memory():
     assert choose_residency(torch.device("cpu"), 10**15, 10**15, free_bytes=None).resident
 
 
+def test_free_gpu_memory_counts_what_torchs_allocator_holds_unused(monkeypatch):
+    """Tensors freed in this process stay reserved by torch's caching allocator, which the driver counts as
+    used: they are free to this process, so they count."""
+    from hm3.merge.inmemory import free_device_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * GIB, 16 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * GIB)
+    assert free_device_memory(torch.device("cuda:0")) == 4 * GIB
+    assert free_device_memory(torch.device("cpu")) is None
+
+
+def test_fisher_tensors_stay_on_the_device_only_when_they_fit_beside_the_task_vectors(tiny_family, monkeypatch):
+    """The task vectors' residency counted no Fisher: set_fishers decides for them on what is free then,
+    holding them in host memory (copied over per tensor) when they do not fit. A device other than the
+    CPU is stood in for by "meta", whose tensors have shapes but no storage."""
+    from hm3.merge import inmemory
+
+    _, models, _ = tiny_family
+    free = {"bytes": 1 << 40}
+    monkeypatch.setattr(inmemory, "free_device_memory", lambda device: free["bytes"])
+    merger = inmemory.InMemoryMerger(models["base"], [models["m1"], models["m2"]], model_refs=["m1", "m2"],
+                                     device="meta")
+    assert merger.residency.resident and merger.fisher_residency is None
+    fishers = {r: {n: torch.ones_like(t, device="cpu") for n, t in merger.base.items()} for r in ("m1", "m2")}
+    two_models = 2 * sum(t.numel() * 4 for t in merger.base.values())
+    free["bytes"] = two_models  # the Fishers alone, without a workspace, would take all of it
+    merger.set_fishers(fishers)
+    assert not merger.fisher_residency.resident and "the Fisher tensors and a merge workspace" in \
+        merger.fisher_residency.reason
+    assert {t.device.type for f in merger._fishers.values() for t in f.values()} == {"cpu"}
+    free["bytes"] = 4 * two_models
+    merger.set_fishers(fishers)
+    assert merger.fisher_residency.resident
+    assert {t.device.type for f in merger._fishers.values() for t in f.values()} == {"meta"}
+
+
 # --- bfloat16 on the CPU -----------------------------------------------------------------------------
 
 

@@ -139,3 +139,44 @@ def test_a_fisher_weighted_recipe_names_the_fisher_of_each_scaled_expert(tiny_fa
         assert got.keys() == expected.keys()
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-10, msg=name)
+
+
+def test_fisher_files_are_read_once_per_session_and_again_only_when_they_change(tiny_family, tmp_path, monkeypatch):
+    """Candidates whose weights fall on the same point of the Fisher coefficient grid name the same Fisher
+    files: they are read and set on the merger for the first, not again for the next (a 1.5B model's are
+    gigabytes); a rewritten file is read again, and the merge then uses it."""
+    import shutil
+
+    from hm3 import fisher as fisher_module
+    from hm3.fisher import load_fisher, save_fisher
+
+    _, _, objectives = tiny_family
+    data = _config(tiny_family)
+    data["search_space"] |= {"fisher": True}
+    data |= {"experts": {"m1": objectives[1], "m2": objectives[0]}, "fisher": {"examples": 3}}
+    cfg = parse_run_config(data)
+    reads: list[str] = []
+    real = fisher_module.load_fisher
+    monkeypatch.setattr(fisher_module, "load_fisher", lambda path: reads.append(str(path)) or real(path))
+    with RunStore.open(tmp_path / "r") as store:
+        session = LiveModelSession(cfg, store, log=lambda m: None)
+        try:
+            first = session.merge_recipe(torch.tensor([0.3, 0.7, 0.5, 0.5], dtype=torch.float64))
+            second = session.merge_recipe(torch.tensor([0.3, 0.7, 0.9, 0.2], dtype=torch.float64))
+            files = [e["parameters"]["fisher"] for e in first["models"]]
+            assert files == [e["parameters"]["fisher"] for e in second["models"]] and all(files)
+            session.score(MergeCandidate(first), session.validation)
+            assert sorted(reads) == sorted(files)
+            session.score(MergeCandidate(second), session.validation)
+            assert sorted(reads) == sorted(files)  # not read again
+
+            # m1's Fisher rewritten as m2's (another file content): read again, and merged with
+            shutil.copy(files[1], tmp_path / "other.safetensors")
+            save_fisher(files[0], load_fisher(tmp_path / "other.safetensors"))
+            third = session.merge_recipe(torch.tensor([0.3, 0.7, 0.2, 0.9], dtype=torch.float64))
+            session.score(MergeCandidate(third), session.validation)
+            assert len(reads) == 2 * len(files)
+            held = session.merger._fishers["m1"]
+            assert all(torch.equal(held[n], t) for n, t in load_fisher(files[1]).items() if n in held)
+        finally:
+            session.close()
