@@ -499,6 +499,46 @@ def _nuslerp(x: TensorInputs) -> torch.Tensor:
 
 
 @merge_method(
+    "multislerp",
+    needs_base=False,
+    optional_base=True,
+    params=(ParamSpec("normalize_weights", True, _check_bool, value_type=None),
+            ParamSpec("eps", 1e-8, _check_positive)),
+    model_params=(WEIGHT,),
+    mergekit_name="multislerp",
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+)
+def _multislerp(x: TensorInputs) -> torch.Tensor:
+    """Multi-SLERP: the weighted spherical mean of the models' (with a base, their task vectors') directions, at their weighted norm."""
+    if x.base is not None and len(x.tensors) == 1:
+        return x.tensors[0]  # as mergekit: a lone model's own tensor, the base not involved
+    options = {"normalize_weights": x.params["normalize_weights"], "eps": float(x.params["eps"])}
+    try:
+        if x.base is None:
+            return ops.multislerp(x.tensors, _weights(x), **options)
+        return (x.base + ops.multislerp(_deltas(x), _weights(x), **options)).to(x.base.dtype)
+    except ConfigError as err:
+        raise ConfigError(f"tensor {x.name!r}: {err}") from None
+
+
+@merge_method(
+    "nearswap",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    params=(ParamSpec("t", None, _check_number, required=True),),
+    model_params=(),
+    mergekit_name="nearswap",
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+)
+def _nearswap(x: TensorInputs) -> torch.Tensor:
+    """θ = w·θ_1 + (1−w)·θ_base per entry, w = clamp(t / |θ_base − θ_1|, 0, 1): the other model where it is near the base."""
+    assert x.base is not None
+    (other,) = x.tensors
+    return ops.nearswap(float(x.params["t"]), x.base, other)
+
+
+@merge_method(
     "sce",
     needs_base=True,
     in_memory=True,

@@ -779,6 +779,71 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise:
     return merged.reshape(v0.shape).to(v0.dtype)
 
 
+# --- Multi-SLERP and NearSwap ---------------------------------------------------------------------------------
+
+
+def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], *, normalize_weights: bool = True,
+               eps: float = 1e-8) -> Tensor:
+    """Multi-SLERP: the weighted mean of the vectors' directions taken on the unit sphere, at their weighted norm.
+
+    With u_k = v_k / (‖v_k‖ + ε) and weights w (divided by Σ w when ``normalize_weights``): the mean
+    direction m = Σ w_k u_k / ‖Σ w_k u_k‖; each u_k is projected onto the plane tangent at m,
+    t_k = u_k − ⟨u_k, m⟩ m, and the weighted tangent T = Σ w_k t_k mapped back by the exponential map,
+    m cos‖T‖ + T sin‖T‖ / ‖T‖ (‖T‖ taken + ε), then scaled by Σ w_k ‖v_k‖. T vanishes up to rounding
+    (Σ w_k t_k = M − ⟨M, m⟩ m = 0 for M = Σ w_k u_k), so this is m · Σ w_k ‖v_k‖; the steps are kept so
+    that the roundings are mergekit's. The vectors are whole tensors (flattened). As mergekit: one vector is returned as it is; where ‖Σ w_k u_k‖ < ε two vectors are
+    mixed linearly (w_1 v_1 + w_2 v_2) and more are refused (no direction to interpolate around),
+    unless every vector is zero (task vectors of a tensor no model changed, such as biases left at
+    their initial zeros): that gives zero, where mergekit refuses the whole merge.
+    Computed in float32 (float64 for float64), returned in the first vector's dtype.
+    """
+    count = _require_same_length(vectors=vectors, weights=weights)
+    first = vectors[0]
+    if count == 1:
+        return first
+    dtype = _work_dtype(first)
+    flat = torch.stack([v.to(dtype).reshape(-1) for v in vectors])
+    w = torch.tensor([float(x) for x in weights], dtype=dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if not bool(norms.any()):  # [design] a tensor no model changed: mergekit refuses it with 3+ models
+            return torch.zeros_like(first)
+        if count != 2:
+            raise ConfigError(
+                "multislerp: the weighted mean of the models' directions is zero (models pointing in opposite "
+                "directions with weights that balance out), so there is no direction to interpolate around; "
+                "change the weights"
+            )
+        return (w[0] * flat[0] + w[1] * flat[1]).reshape(first.shape).to(first.dtype)
+    mean = mean / mean_norm
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
+    angle = torch.linalg.vector_norm(tangent) + eps
+    on_sphere = mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle)
+    return (on_sphere * (norms[:, 0] * w).sum()).reshape(first.shape).to(first.dtype)
+
+
+#: mergekit's NearSwap: differences smaller than this count as this (t / |Δ| stays finite).
+NEARSWAP_DIFF_EPS = 1e-6
+
+
+def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
+    """NearSwap: θ = w·θ_1 + (1−w)·θ_base entry by entry, w = clamp(t / max(|θ_base − θ_1|, 1e-6), 0, 1).
+
+    Entries where the two models differ by at most t take the other model's value; further apart, the
+    other model's share falls as t / |Δ|, so the base keeps what the other model changed most. Computed
+    in float32 (float64 for float64), returned in the base's dtype.
+    """
+    dtype = _work_dtype(base)
+    a, b = base.to(dtype), other.to(dtype)
+    share = (t / (a - b).abs().clamp(min=NEARSWAP_DIFF_EPS)).clamp(0, 1)
+    return (share * b + (1 - share) * a).to(base.dtype)
+
+
 # --- Model Stock ----------------------------------------------------------------------------------------------
 
 #: mergekit's Model Stock: a product of norms below this divides by it instead (so a zero task vector gives cos 0).

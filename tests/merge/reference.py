@@ -398,3 +398,30 @@ def karcher(thetas: Sequence[Tensor], max_iter: int = 10, tol: float = 1e-5) -> 
         if mu.norm() > tol:
             mu = mu / mu.norm()
     return (sum(norms) / len(thetas) * mu).reshape(thetas[0].shape)
+
+
+def multislerp(base: Tensor | None, thetas: Sequence[Tensor], weights: Sequence[float],
+               normalize_weights: bool = True) -> Tensor:
+    """Multi-SLERP, read off its geometry: v_k the models (or their task vectors over ``base``), w the weights
+    (÷ Σ w when normalising). The weighted mean of the unit directions, M = Σ w_k v_k/‖v_k‖, points where the
+    result points; tangent steps around M/‖M‖ sum to zero (Σ w_k (u_k − ⟨u_k, m⟩ m) = M − ‖M‖ m), so the
+    exponential map returns m itself. The length is the weighted mean norm Σ w_k ‖v_k‖. One model: itself."""
+    if len(thetas) == 1:
+        return thetas[0].double()
+    v = _f64(thetas) - (base.double() if base is not None else 0)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    flat = v.reshape(len(thetas), -1)
+    norms = flat.norm(dim=1)
+    mean = (w[:, None] * flat / norms[:, None]).sum(0)
+    merged = (mean / mean.norm() * (w * norms).sum()).reshape(thetas[0].shape)
+    return merged + (base.double() if base is not None else 0)
+
+
+def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
+    """NearSwap, entry by entry: the other model's value where it is within t of the base's; further out, a
+    mix whose share of the other model is t / |Δ| (|Δ| taken ≥ 1e-6), so the base wins where they differ most."""
+    a, b = base.double(), other.double()
+    share = torch.minimum(t / (a - b).abs().clamp(min=1e-6), torch.ones_like(a)).clamp(min=0)
+    return a + share * (b - a)

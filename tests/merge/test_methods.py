@@ -74,7 +74,8 @@ def test_every_registered_method_has_a_reference_here():
     """A method added to the registry without a reference would go untested by this file."""
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                                  "della_linear", "nuslerp", "sce", "karcher", "passthrough"}
+                                  "della_linear", "nuslerp", "sce", "karcher", "passthrough", "multislerp",
+                                  "nearswap"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -719,6 +720,71 @@ def test_karcher_equals_mergekit(case, max_iter, tol):
     torch.testing.assert_close(expected.double(), ref.karcher(models, max_iter, tol), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.mergekit
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("normalize_weights", [True, False])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_multislerp_equals_mergekit(with_base, normalize_weights, count):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = random_models(50, count=count)
+    w = [0.6, 0.25, 0.4][:count]
+    params = {"weight": {k + int(with_base): x for k, x in enumerate(w)}, "normalize_weights": normalize_weights}
+    if with_base:
+        expected = api.merge_tensors([base, *models], "multislerp", parameters=params, base_index=0)
+    else:
+        expected = api.merge_tensors(models, "multislerp", parameters=params)
+    out = run_method("multislerp", base if with_base else None, models, w, normalize_weights=normalize_weights)
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.multislerp(base if with_base else None, models, w, normalize_weights))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.05, 10.0])
+def test_nearswap_equals_mergekit(t):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, (other,) = random_models(51, count=1)
+    other = torch.where(torch.arange(other.numel()).reshape(other.shape) % 5 == 0, base, other)  # some Δ = 0
+    expected = api.merge_tensors([base, other], "nearswap", parameters={"t": t}, base_index=0)
+    out = run_method("nearswap", base, [other], t=t)
+    assert (out - expected).abs().max() <= 1e-6
+    close(expected, ref.nearswap(t, base, other))
+
+
+def test_multislerp_by_hand():
+    """Two orthogonal directions: the result points along their weighted mean, at the weighted mean norm."""
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
+    direction = torch.tensor([0.75, 0.25]) / torch.tensor([0.75, 0.25]).norm()
+    torch.testing.assert_close(run_method("multislerp", None, [a, b], [0.75, 0.25]), 2.5 * direction)
+    torch.testing.assert_close(run_method("multislerp", None, [a, b], [1.5, 0.5], normalize_weights=False),
+                               5.0 * direction)
+    base = torch.tensor([1.0, -1.0])
+    torch.testing.assert_close(run_method("multislerp", base, [a + base, b + base], [3.0, 1.0]),
+                               base + 2.5 * direction)
+
+
+def test_multislerp_without_a_mean_direction():
+    """Opposite directions whose weights balance: two models are mixed linearly, three are refused naming the
+    tensor; zero vectors (a tensor no model changed) give zero; one model is returned as it is."""
+    from hm3.errors import ConfigError
+
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])
+    torch.testing.assert_close(run_method("multislerp", None, [a, b], [1.0, 1.0]), torch.tensor([-1.0, 0.0]))
+    with pytest.raises(ConfigError, match="tensor 't': multislerp: the weighted mean of the models' directions"):
+        run_method("multislerp", None, [a, b, torch.zeros(2)], [1.0, 1.0, 1.0])
+    base = torch.tensor([0.5, 2.0])
+    assert torch.equal(run_method("multislerp", base, [base, base, base], [1.0, 2.0, 1.0]), base)
+    assert run_method("multislerp", base, [a], [0.3]) is a
+
+
+def test_nearswap_by_hand():
+    base = torch.zeros(4)
+    other = torch.tensor([0.001, 0.5, -2.0, 0.0])
+    torch.testing.assert_close(run_method("nearswap", base, [other], t=0.1), torch.tensor([0.001, 0.1, -0.1, 0.0]))
+    assert torch.equal(run_method("nearswap", base, [other], t=-1.0), base)  # a negative t keeps the base
+    half = run_method("nearswap", base.double(), [other.double()], t=0.1).dtype
+    assert half == torch.float64
+
+
 # --- DARE in expectation --------------------------------------------------------------------------------------
 
 
@@ -824,15 +890,17 @@ def test_defaults_and_flags_are_mergekits():
     assert {n for n, m in MERGE_METHODS.items() if m.supports_fisher} == {"task_arithmetic", "ties", "dare_ties",
                                                                          "dare_linear", "fisher", "df_merge"}
     assert {n for n, m in MERGE_METHODS.items() if not m.needs_base} == {"linear", "fisher", "nuslerp", "karcher",
-                                                                         "passthrough"}
+                                                                         "passthrough", "multislerp"}
     assert defaults["karcher"] == {"max_iter": 10, "tol": 1e-5}
-    assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp"}
+    assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp", "multislerp"}
+    assert defaults["multislerp"] == {"normalize_weights": True, "eps": 1e-8, "weight": None}
+    assert defaults["nearswap"] == {"t": None} and get_method("nearswap").param("t").required
     assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
                                                                                             "df_merge": None}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
-        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2), "passthrough": (1, 1)}
+        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2), "passthrough": (1, 1), "nearswap": (1, 1)}
     assert defaults["passthrough"] == {"scale": None}  # no scale: the tensor itself, not a product with 1
     assert defaults["model_stock"] == {"filter_wise": False}
     assert defaults["sce"] == {"select_topk": 1.0, "int8_mask": False}
@@ -856,14 +924,16 @@ def test_unknown_and_twice_registered_methods_are_refused():
 
     with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
-                                          "fisher, karcher, linear, model_stock, nuslerp, passthrough, sce, "
+                                          "fisher, karcher, linear, model_stock, multislerp, nearswap, nuslerp, "
+                                          "passthrough, sce, "
                                           "slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
         merge_method("ties", needs_base=True, params=(), model_params=())(lambda x: x.base)
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
-                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol", "scale"}
+                                     "nuslerp_row_wise", "select_topk", "max_iter", "tol", "scale",
+                                     "normalize_weights", "eps"}
 
 
 @pytest.mark.parametrize(("key", "value", "written"), [("normalize", 0, "0"), ("rescale", "1", "'1'"),
