@@ -538,6 +538,35 @@ def _nearswap(x: TensorInputs) -> torch.Tensor:
     return ops.nearswap(float(x.params["t"]), x.base, other)
 
 
+_RAM: dict[str, Any] = {"needs_base": True, "model_params": (), "reference": "https://arxiv.org/abs/2601.13572"}
+
+
+@merge_method("ram", params=(ParamSpec("epsilon", 1e-5, _check_positive),), mergekit_name="ram", **_RAM)
+def _ram(x: TensorInputs) -> torch.Tensor:
+    """RAM: θ = θ_base + Σ_k τ̃_k / max(c, 1), τ̃_k = τ_k where |τ_k| > ε, c the models that changed the entry."""
+    assert x.base is not None
+    return ops.ram(x.base, _deltas(x), epsilon=float(x.params["epsilon"]))
+
+
+@merge_method("ramplus_tl", mergekit_name="ramplus_tl",
+              params=(ParamSpec("r", 0.1, _check_number), ParamSpec("alpha", 0.2, _check_number),
+                      ParamSpec("epsilon", 1e-5, _check_positive)), **_RAM)
+def _ramplus_tl(x: TensorInputs) -> torch.Tensor:
+    """RAM+ (tensor-local): RAM, each model's unique changes scaled by 1 + r·min(ρ_k, α), ρ_k its shared/unique count."""
+    assert x.base is not None
+    return ops.ram_plus(x.base, _deltas(x), r=float(x.params["r"]), alpha=float(x.params["alpha"]),
+                        epsilon=float(x.params["epsilon"]))
+
+
+@merge_method("arcee_fusion", needs_base=True, min_models=1, max_models=1, params=(), model_params=(),
+              mergekit_name="arcee_fusion", reference="https://github.com/arcee-ai/mergekit")
+def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
+    """Arcee Fusion: θ_base + (θ_1 − θ_base) where |Δ|·KL(softmax θ_1 ‖ softmax θ_base) is an upper outlier, else θ_base."""
+    assert x.base is not None
+    (other,) = x.tensors
+    return ops.arcee_fusion(x.base, other)
+
+
 @merge_method(
     "sce",
     needs_base=True,

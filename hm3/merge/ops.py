@@ -844,6 +844,86 @@ def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
     return (share * b + (1 - share) * a).to(base.dtype)
 
 
+# --- RAM (Reinforced Agent Merging) -----------------------------------------------------------------------------
+
+
+def ram_kept(deltas: Sequence[Tensor], epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """RAM's inputs: the task vectors stacked ``[K, …]`` with every entry of magnitude ≤ ε set to 0, which
+    entries are kept, and per entry the count c of models whose entry is kept (0 where none is)."""
+    stacked = torch.stack(list(deltas))
+    kept = stacked.abs() > epsilon
+    return stacked * kept, kept, kept.sum(0)
+
+
+def ram(base: Tensor, deltas: Sequence[Tensor], *, epsilon: float = 1e-5) -> Tensor:
+    """RAM: θ = θ_base + Σ_k τ̃_k / max(c, 1), τ̃_k = τ_k where |τ_k| > ε (else 0), c the models with |τ_k| > ε.
+
+    An entry only one model changed takes that model's change whole; one that several changed, their
+    mean; the near-zero entries of a task vector do not dilute the others' (as a plain average would).
+    """
+    _require_same_length(deltas=deltas)
+    values, _, counts = ram_kept(deltas, epsilon)
+    return (base + (values / counts.clamp(min=1)).sum(0)).to(base.dtype)
+
+
+def ram_plus(base: Tensor, deltas: Sequence[Tensor], *, r: float = 0.1, alpha: float = 0.2,
+             epsilon: float = 1e-5) -> Tensor:
+    """RAM+ (tensor-local): RAM with each model's unique entries (c = 1) scaled up by λ_k = 1 + r·min(ρ_k, α).
+
+    ρ_k = (model k's kept entries that others also changed) / (its kept entries no other changed), counted
+    over this tensor (a count of 0 divides by ε): a model that shares much of what it changed has its
+    unique changes amplified, compensating for the averaging of the shared ones. Entries several models
+    changed take their mean, as in :func:`ram`. The terms are summed as mergekit sums them, so that the
+    roundings agree.
+    """
+    count = _require_same_length(deltas=deltas)
+    values, kept, counts = ram_kept(deltas, epsilon)
+    shared, unique = counts > 1, counts == 1
+    flat = kept.reshape(count, -1)
+    rho = (flat & shared.reshape(1, -1)).sum(1) / (flat & unique.reshape(1, -1)).sum(1).clamp(min=epsilon)
+    lam = (1 + r * rho.clamp(min=0, max=alpha)).reshape((-1,) + (1,) * base.dim())
+    return (base + (values * unique * lam + values * shared / counts.clamp(min=1)).sum(0)).to(base.dtype)
+
+
+# --- Arcee Fusion ----------------------------------------------------------------------------------------------
+
+#: mergekit's Arcee Fusion: added to both softmaxes before the KL divergence's logarithm.
+FUSION_SOFTMAX_EPS = 1e-8
+
+
+def fusion_importance(base: Tensor, other: Tensor) -> Tensor:
+    """Arcee Fusion's importance: |θ_1 − θ_base| times the KL divergence of softmax(θ_1) from softmax(θ_base)
+    over each row (the last axis), so a change counts more in a row whose output distribution it moves."""
+    p = torch.softmax(other, dim=-1) + FUSION_SOFTMAX_EPS
+    q = torch.softmax(base, dim=-1) + FUSION_SOFTMAX_EPS
+    return (other - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+
+
+def fusion_threshold(importance: Tensor) -> Tensor:
+    """median + 1.5 · (Q3 − Q1) of the importance (the outlier fence of a box plot), each quantile q the
+    entry at index ⌊q·(n−1)⌋ of the sorted values, as mergekit takes them.
+
+    [design] mergekit takes the quantiles of a random sample of 1M entries when a tensor has more (an
+    unseeded draw: its merges of such tensors differ run to run); here they are exact at every size, found
+    by selection (``kthvalue``) rather than a sort, so equal to mergekit's wherever mergekit's are exact."""
+    flat = importance.reshape(-1)
+    positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()  # float32 product, as mergekit's
+    q1, median, q3 = (flat.kthvalue(int(i) + 1).values for i in positions)
+    return median + 1.5 * (q3 - q1)
+
+
+def arcee_fusion(base: Tensor, other: Tensor) -> Tensor:
+    """Arcee Fusion: θ = θ_base + (θ_1 − θ_base) ⊙ [I ≥ median(I) + 1.5·IQR(I)], I = :func:`fusion_importance`.
+
+    Only the other model's most important changes (the importance's upper outliers) are taken; every other
+    entry keeps the base's value. Computed in float32 (float64 for float64), returned in the base's dtype.
+    """
+    dtype = _work_dtype(base)
+    a, b = base.to(dtype), other.to(dtype)
+    importance = fusion_importance(a, b)
+    return (a + (b - a) * (importance >= fusion_threshold(importance))).to(base.dtype)
+
+
 # --- Model Stock ----------------------------------------------------------------------------------------------
 
 #: mergekit's Model Stock: a product of norms below this divides by it instead (so a zero task vector gives cos 0).

@@ -425,3 +425,38 @@ def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
     a, b = base.double(), other.double()
     share = torch.minimum(t / (a - b).abs().clamp(min=1e-6), torch.ones_like(a)).clamp(min=0)
     return a + share * (b - a)
+
+
+def ram(base: Tensor, deltas: Sequence[Tensor], epsilon: float = 1e-5, r: float | None = None,
+        alpha: float = 0.2) -> Tensor:
+    """RAM, entry by entry: a task-vector entry counts when |τ_k| > ε; an entry one model changed takes its
+    change (times λ_k = 1 + r·min(ρ_k, α) for RAM+, when ``r`` is given: ρ_k = model k's counted entries
+    shared with another model / its counted entries no other has, ε when it has none), one that several
+    changed the mean of their changes."""
+    tau = _f64(deltas)
+    counted = tau.abs() > epsilon
+    c = counted.sum(0)
+    merged = torch.zeros_like(base, dtype=torch.float64)
+    for k in range(len(deltas)):
+        factor = 1.0
+        if r is not None:
+            shared = int((counted[k] & (c > 1)).sum())
+            unique = int((counted[k] & (c == 1)).sum())
+            factor = 1 + r * min(max(shared / (unique if unique else epsilon), 0.0), alpha)
+        merged += torch.where(counted[k] & (c == 1), factor * tau[k], 0.0)
+        merged += torch.where(counted[k] & (c > 1), tau[k] / c.clamp(min=1), 0.0)
+    return base.double() + merged
+
+
+def arcee_fusion(base: Tensor, other: Tensor) -> Tensor:
+    """Arcee Fusion: importance |Δ| · KL(p ‖ q) per row, p and q the softmaxes (+1e-8) of the other model's and
+    the base's rows; the change is taken where the importance reaches median + 1.5·(Q3 − Q1), each quantile
+    read off the sorted importances at index ⌊q·(n−1)⌋."""
+    a, b = base.double(), other.double()
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(a, dim=-1) + 1e-8
+    importance = (b - a).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    n = ordered.numel()
+    q1, median, q3 = (ordered[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+    return torch.where(importance >= median + 1.5 * (q3 - q1), b, a)

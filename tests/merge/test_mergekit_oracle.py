@@ -214,6 +214,25 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
             "base_model": b,
             "models": [{"model": b, "parameters": {"weight": 0.5}}, {"model": m3, "parameters": {"weight": 0.5}}],
         },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": b,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"epsilon": [{"filter": "mlp", "value": 0.002}, {"value": 1e-5}]},
+            "dtype": "float32",
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": b,
+            "models": [{"model": m1}, {"model": m2}],
+            "parameters": {"r": 0.3, "epsilon": 0.003},
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": b,
+            "models": [{"model": b}, {"model": m2}],
+            "dtype": "float32",
+        },
         "nearswap": {
             "merge_method": "nearswap",
             "base_model": b,
@@ -227,7 +246,8 @@ def _configs(m: dict[str, Path]) -> dict[str, dict]:
 #: the methods added with mergekit parity as their target are held to 1e-6
 TIGHT = {"slerp", "slerp_base_not_listed", "model_stock", "model_stock_filter_wise", "breadcrumbs", "breadcrumbs_ties",
          "nuslerp_base_row_wise", "nuslerp_no_base", "sce", "karcher", "karcher_defaults", "multislerp",
-         "multislerp_no_base", "multislerp_one_model", "nearswap"}
+         "multislerp_no_base", "multislerp_one_model", "nearswap", "ram", "ramplus_tl",
+         "arcee_fusion"}
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_normalize", "ties_no_normalize", "ties_defaults",

@@ -75,7 +75,7 @@ def test_every_registered_method_has_a_reference_here():
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "fisher",
                                   "df_merge", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
                                   "della_linear", "nuslerp", "sce", "karcher", "passthrough", "multislerp",
-                                  "nearswap"}
+                                  "nearswap", "ram", "ramplus_tl", "arcee_fusion"}
 
 
 # --- production kernels against the references ------------------------------------------------------------
@@ -750,6 +750,78 @@ def test_nearswap_equals_mergekit(t):
     close(expected, ref.nearswap(t, base, other))
 
 
+def ram_case(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Three task vectors that each leave about half their entries at the base (some within ε of it), so
+    entries are changed by no model, by one, or by several."""
+    base, models = random_models(seed)
+    g = gen(seed + 1)
+    out = []
+    for m in models:
+        keep = torch.rand(m.shape, generator=g) < 0.5
+        near = torch.rand(m.shape, generator=g) < 0.1
+        out.append(torch.where(keep, m, torch.where(near, base + 1e-6, base)))
+    return base, out
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize(("method", "params"), [("ram", {}), ("ram", {"epsilon": 0.01}), ("ramplus_tl", {}),
+                                                ("ramplus_tl", {"r": 0.5, "alpha": 0.6, "epsilon": 1e-3})])
+def test_ram_equals_mergekit(method, params):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, models = ram_case(52)
+    expected = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    assert (run_method(method, base, models, **params) - expected).abs().max() <= 1e-6
+    options = {"epsilon": params.get("epsilon", 1e-5)}
+    if method == "ramplus_tl":
+        options |= {"r": params.get("r", 0.1), "alpha": params.get("alpha", 0.2)}
+    close(expected, ref.ram(base, [m - base for m in models], **options))
+
+
+def test_ram_by_hand():
+    """Entry 0 changed by model 1 alone, entry 1 by both, entry 2 by neither beyond ε. RAM+: model 1 changed
+    one entry alone and one shared (ρ = 1, capped at α), model 2 none alone (ρ = 1 / ε, capped)."""
+    base = torch.zeros(3)
+    m1, m2 = torch.tensor([0.4, 0.2, 1e-6]), torch.tensor([0.0, 0.6, -1e-6])
+    torch.testing.assert_close(run_method("ram", base, [m1, m2]), torch.tensor([0.4, 0.4, 0.0]))
+    torch.testing.assert_close(run_method("ramplus_tl", base, [m1, m2], r=0.5, alpha=0.2),
+                               torch.tensor([0.4 * 1.1, 0.4, 0.0]))
+    torch.testing.assert_close(run_method("ramplus_tl", base, [m1, m2], r=0.5, alpha=2.0),
+                               torch.tensor([0.4 * 1.5, 0.4, 0.0]))
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("shape", [SHAPE, (7,), (3, 4, 5)])
+def test_arcee_fusion_equals_mergekit(shape):
+    api = pytest.importorskip("mergekit.merge_methods")
+    base, (other,) = random_models(53, count=1, shape=shape)
+    expected = api.merge_tensors([base, other], "arcee_fusion", parameters={}, base_index=0)
+    out = run_method("arcee_fusion", base, [other])
+    assert (out - expected).abs().max() <= 1e-6
+    taken = out != base
+    assert 0 < int(taken.sum()) < base.numel() or base.numel() < 10  # some changes taken, not all
+    torch.testing.assert_close(out.double(), ref.arcee_fusion(base, other), rtol=0, atol=1e-7)
+
+
+def test_arcee_fusion_takes_exact_quantiles_of_a_tensor_larger_than_mergekits_sample():
+    """Over 1M entries mergekit samples them (unseeded); hm3's threshold is the exact one, read off the whole
+    sorted tensor at mergekit's indices."""
+    from hm3.merge import ops
+
+    importance = torch.rand(1100, 1000, generator=gen(54)) ** 3
+    ordered = importance.reshape(-1).sort().values
+    n = ordered.numel()
+    q1, median, q3 = (ordered[int(torch.tensor(f) * (n - 1))] for f in (0.25, 0.5, 0.75))
+    assert torch.equal(ops.fusion_threshold(importance), median + 1.5 * (q3 - q1))
+
+
+def test_arcee_fusion_by_hand():
+    """One row: the KL factor is a common scale, so the change kept is the one whose |Δ| is an outlier among
+    the row's |Δ| (fence = median + 1.5 IQR of 0, 0, 0, 0.1, 2 → 0 + 1.5 · 0.1)."""
+    base = torch.zeros(1, 5)
+    other = torch.tensor([[0.0, 0.0, 0.0, 0.1, 2.0]])
+    assert torch.equal(run_method("arcee_fusion", base, [other]), torch.tensor([[0.0, 0.0, 0.0, 0.0, 2.0]]))
+
+
 def test_multislerp_by_hand():
     """Two orthogonal directions: the result points along their weighted mean, at the weighted mean norm."""
     a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -895,12 +967,15 @@ def test_defaults_and_flags_are_mergekits():
     assert {n for n, m in MERGE_METHODS.items() if m.optional_base} == {"nuslerp", "multislerp"}
     assert defaults["multislerp"] == {"normalize_weights": True, "eps": 1e-8, "weight": None}
     assert defaults["nearswap"] == {"t": None} and get_method("nearswap").param("t").required
+    assert defaults["arcee_fusion"] == {}
+    assert defaults["ram"] == {"epsilon": 1e-5} and defaults["ramplus_tl"] == {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
     assert defaults["nuslerp"] == {"nuslerp_flatten": True, "nuslerp_row_wise": False, "weight": None}
     assert {n: m.mergekit_name for n, m in MERGE_METHODS.items() if m.mergekit_name != n} == {"fisher": None,
                                                                                             "df_merge": None}
     assert defaults["slerp"] == {"t": None} and get_method("slerp").param("t").required
     assert {n: (m.min_models, m.max_models) for n, m in MERGE_METHODS.items() if m.max_models or m.min_models > 1} \
-        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2), "passthrough": (1, 1), "nearswap": (1, 1)}
+        == {"slerp": (1, 1), "model_stock": (2, None), "nuslerp": (2, 2), "passthrough": (1, 1), "nearswap": (1, 1),
+            "arcee_fusion": (1, 1)}
     assert defaults["passthrough"] == {"scale": None}  # no scale: the tensor itself, not a product with 1
     assert defaults["model_stock"] == {"filter_wise": False}
     assert defaults["sce"] == {"select_topk": 1.0, "int8_mask": False}
@@ -922,10 +997,10 @@ def test_unknown_and_twice_registered_methods_are_refused():
     from hm3.errors import ConfigError
     from hm3.merge.methods import all_parameter_names, merge_method
 
-    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: breadcrumbs, "
+    with pytest.raises(ConfigError, match="^unknown merge_method 'frankenmerge'; known methods: arcee_fusion, breadcrumbs, "
                                           "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, df_merge, "
                                           "fisher, karcher, linear, model_stock, multislerp, nearswap, nuslerp, "
-                                          "passthrough, sce, "
+                                          "passthrough, ram, ramplus_tl, sce, "
                                           "slerp, task_arithmetic, ties$"):
         get_method("frankenmerge")
     with pytest.raises(RuntimeError, match="^merge method 'ties' registered twice$"):
@@ -933,7 +1008,7 @@ def test_unknown_and_twice_registered_methods_are_refused():
     assert all_parameter_names() == {"weight", "density", "fisher", "normalize", "rescale", "lambda", "int8_mask",
                                      "rescale_mode", "t", "filter_wise", "gamma", "epsilon", "nuslerp_flatten",
                                      "nuslerp_row_wise", "select_topk", "max_iter", "tol", "scale",
-                                     "normalize_weights", "eps"}
+                                     "normalize_weights", "eps", "r", "alpha"}
 
 
 @pytest.mark.parametrize(("key", "value", "written"), [("normalize", 0, "0"), ("rescale", "1", "'1'"),
