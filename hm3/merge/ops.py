@@ -782,8 +782,7 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise:
 # --- Multi-SLERP and NearSwap ---------------------------------------------------------------------------------
 
 
-def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], *, normalize_weights: bool = True,
-               eps: float = 1e-8) -> Tensor:
+def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], *, normalize_weights: bool, eps: float) -> Tensor:
     """Multi-SLERP: the weighted mean of the vectors' directions taken on the unit sphere, at their weighted norm.
 
     With u_k = v_k / (‖v_k‖ + ε) and weights w (divided by Σ w when ``normalize_weights``): the mean
@@ -855,7 +854,7 @@ def ram_kept(deltas: Sequence[Tensor], epsilon: float) -> tuple[Tensor, Tensor, 
     return stacked * kept, kept, kept.sum(0)
 
 
-def ram(base: Tensor, deltas: Sequence[Tensor], *, epsilon: float = 1e-5) -> Tensor:
+def ram(base: Tensor, deltas: Sequence[Tensor], *, epsilon: float) -> Tensor:
     """RAM: θ = θ_base + Σ_k τ̃_k / max(c, 1), τ̃_k = τ_k where |τ_k| > ε (else 0), c the models with |τ_k| > ε.
 
     An entry only one model changed takes that model's change whole; one that several changed, their
@@ -863,11 +862,10 @@ def ram(base: Tensor, deltas: Sequence[Tensor], *, epsilon: float = 1e-5) -> Ten
     """
     _require_same_length(deltas=deltas)
     values, _, counts = ram_kept(deltas, epsilon)
-    return (base + (values / counts.clamp(min=1)).sum(0)).to(base.dtype)
+    return base + (values / counts.clamp(min=1)).sum(0)  # in the inputs' dtype, as mergekit computes it
 
 
-def ram_plus(base: Tensor, deltas: Sequence[Tensor], *, r: float = 0.1, alpha: float = 0.2,
-             epsilon: float = 1e-5) -> Tensor:
+def ram_plus(base: Tensor, deltas: Sequence[Tensor], *, r: float, alpha: float, epsilon: float) -> Tensor:
     """RAM+ (tensor-local): RAM with each model's unique entries (c = 1) scaled up by λ_k = 1 + r·min(ρ_k, α).
 
     ρ_k = (model k's kept entries that others also changed) / (its kept entries no other changed), counted

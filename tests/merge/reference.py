@@ -401,11 +401,12 @@ def karcher(thetas: Sequence[Tensor], max_iter: int = 10, tol: float = 1e-5) -> 
 
 
 def multislerp(base: Tensor | None, thetas: Sequence[Tensor], weights: Sequence[float],
-               normalize_weights: bool = True) -> Tensor:
+               normalize_weights: bool = True, eps: float = 1e-8) -> Tensor:
     """Multi-SLERP, read off its geometry: v_k the models (or their task vectors over ``base``), w the weights
     (÷ Σ w when normalising). The weighted mean of the unit directions, M = Σ w_k v_k/‖v_k‖, points where the
     result points; tangent steps around M/‖M‖ sum to zero (Σ w_k (u_k − ⟨u_k, m⟩ m) = M − ‖M‖ m), so the
-    exponential map returns m itself. The length is the weighted mean norm Σ w_k ‖v_k‖. One model: itself."""
+    exponential map returns m itself. The length is the weighted mean norm Σ w_k ‖v_k‖. One model: itself.
+    (mergekit divides by ‖v_k‖ + ε: kept here, so that float64 results agree beyond ε's relative size.)"""
     if len(thetas) == 1:
         return thetas[0].double()
     v = _f64(thetas) - (base.double() if base is not None else 0)
@@ -414,7 +415,7 @@ def multislerp(base: Tensor | None, thetas: Sequence[Tensor], weights: Sequence[
         w = w / w.sum()
     flat = v.reshape(len(thetas), -1)
     norms = flat.norm(dim=1)
-    mean = (w[:, None] * flat / norms[:, None]).sum(0)
+    mean = (w[:, None] * flat / (norms[:, None] + eps)).sum(0)
     merged = (mean / mean.norm() * (w * norms).sum()).reshape(thetas[0].shape)
     return merged + (base.double() if base is not None else 0)
 

@@ -734,7 +734,7 @@ def test_multislerp_equals_mergekit(with_base, normalize_weights, count):
     else:
         expected = api.merge_tensors(models, "multislerp", parameters=params)
     out = run_method("multislerp", base if with_base else None, models, w, normalize_weights=normalize_weights)
-    assert (out - expected).abs().max() <= 1e-6
+    assert torch.equal(out, expected)  # bit for bit: the same steps in the same order
     close(expected, ref.multislerp(base if with_base else None, models, w, normalize_weights))
 
 
@@ -775,6 +775,66 @@ def test_ram_equals_mergekit(method, params):
     if method == "ramplus_tl":
         options |= {"r": params.get("r", 0.1), "alpha": params.get("alpha", 0.2)}
     close(expected, ref.ram(base, [m - base for m in models], **options))
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl"])
+def test_the_new_methods_in_bfloat16_and_float64(method):
+    """bfloat16 inputs: the spherical, swap and fusion methods compute in float32 and return bfloat16, the float32
+    result rounded once (multislerp without a base here: with one, its task vectors are bfloat16 differences, as
+    nuslerp's); RAM computes in the inputs' dtype as mergekit does (RAM+ too, until its float32 factors
+    promote). float64 inputs stay float64: the reference's values to float64 precision, but for RAM+'s
+    factors, float32 as mergekit's."""
+    base, models = ram_case(55)
+    models = models[:1] if method in ("nearswap", "arcee_fusion") else models
+    params = {"t": 0.05} if method == "nearswap" else {}
+    weights = [0.6, 0.3, 0.5] if method == "multislerp" else None
+    if method == "multislerp":
+        half = run_method(method, None, [m.bfloat16() for m in models], weights)
+        assert half.dtype == torch.bfloat16
+        assert torch.equal(half, run_method(method, None, [m.bfloat16().float() for m in models], weights).bfloat16())
+    half = run_method(method, base.bfloat16(), [m.bfloat16() for m in models], weights, **params)
+    assert half.dtype == torch.bfloat16
+    if method in ("ram", "ramplus_tl"):
+        api = pytest.importorskip("mergekit.merge_methods")
+        expected = api.merge_tensors([base.bfloat16(), *(m.bfloat16() for m in models)], method, parameters={},
+                                     base_index=0)
+        assert torch.equal(half, expected.to(torch.bfloat16))
+    elif method != "multislerp":
+        upcast = run_method(method, base.bfloat16().float(), [m.bfloat16().float() for m in models], weights, **params)
+        assert torch.equal(half, upcast.to(torch.bfloat16))
+    wide = run_method(method, base.double(), [m.double() for m in models], weights, **params)
+    assert wide.dtype == torch.float64
+    deltas = [m.double() - base.double() for m in models]
+    expected = {"multislerp": lambda: ref.multislerp(base, models, weights),
+                "nearswap": lambda: ref.nearswap(0.05, base, models[0]),
+                "arcee_fusion": lambda: ref.arcee_fusion(base, models[0]),
+                "ram": lambda: ref.ram(base, deltas),
+                "ramplus_tl": lambda: ref.ram(base, deltas, r=0.1, alpha=0.2)}[method]()
+    tolerance = 1e-6 if method == "ramplus_tl" else 1e-12
+    torch.testing.assert_close(wide, expected, rtol=tolerance, atol=1e-12)
+
+
+def test_multislerp_refuses_weights_that_do_not_match_its_models():
+    from hm3.errors import ConfigError
+    from hm3.merge import ops
+
+    with pytest.raises(ConfigError, match="disagree on the number of models"):
+        ops.multislerp([torch.ones(2), torch.zeros(2)], [1.0], normalize_weights=True, eps=1e-8)
+    with pytest.raises(ConfigError, match="disagree on the number of models"):
+        ops.multislerp([torch.ones(2)], [1.0, 2.0], normalize_weights=True, eps=1e-8)
+
+
+def test_ramplus_by_hand():
+    """Model 1 changed entries 0-3 alone and entry 4 with model 2: ρ_1 = 1/4; model 2 changed entry 5 alone and
+    entry 4: ρ_2 = 1; model 3 changed nothing (ρ = 0). With r = 1, α = 2: λ = 1.25, 2, 1; entry 4 takes the mean."""
+    base = torch.zeros(6)
+    m1 = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.25, 0.0])
+    m2 = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.75, 0.5])
+    out = run_method("ramplus_tl", base, [m1, m2, base.clone()], r=1.0, alpha=2.0)
+    assert torch.equal(out, torch.tensor([0.625, 0.625, 0.625, 0.625, 0.5, 1.0]))
+    # an entry exactly at ε is unchanged (> ε counts): with ε = 0.25, model 1's entry 4 drops out
+    out = run_method("ram", base, [m1, m2], epsilon=0.25)
+    assert torch.equal(out, torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 0.5]))
 
 
 def test_ram_by_hand():
@@ -841,7 +901,9 @@ def test_multislerp_without_a_mean_direction():
 
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])
     torch.testing.assert_close(run_method("multislerp", None, [a, b], [1.0, 1.0]), torch.tensor([-1.0, 0.0]))
-    with pytest.raises(ConfigError, match="tensor 't': multislerp: the weighted mean of the models' directions"):
+    with pytest.raises(ConfigError, match="^tensor 't': multislerp: the weighted mean of the models' directions is zero "
+                                          r"\(models pointing in opposite directions with weights that balance out\), "
+                                          "so there is no direction to interpolate around; change the weights$"):
         run_method("multislerp", None, [a, b, torch.zeros(2)], [1.0, 1.0, 1.0])
     base = torch.tensor([0.5, 2.0])
     assert torch.equal(run_method("multislerp", base, [base, base, base], [1.0, 2.0, 1.0]), base)

@@ -97,6 +97,43 @@ def test_merges_are_invariant_to_the_order_of_the_models(data, draw, method, nor
 
 
 @PROPERTY
+@given(models(count=st.integers(2, 4)), st.data(), st.sampled_from(["ram", "ramplus_tl", "multislerp"]))
+def test_merges_without_sign_election_are_invariant_to_the_order_of_the_models(data, draw, method):
+    """RAM (each entry: the mean of the changes above ε), RAM+ (its per-model factors follow the models) and
+    Multi-SLERP (a weighted mean of directions) do not depend on the order the models are listed in."""
+    from hm3.errors import ConfigError
+
+    base, thetas = data
+    m = len(thetas)
+    weights = draw.draw(st.lists(positive_weights, min_size=m, max_size=m)) if method == "multislerp" else None
+    order = draw.draw(st.permutations(range(m)))
+
+    def merged(idx: Sequence[int]) -> torch.Tensor:
+        return run_method(method, base, [thetas[i] for i in idx], None if weights is None else [weights[i] for i in idx])
+
+    try:
+        expected = merged(range(m))
+    except ConfigError:  # multislerp: directions that cancel out (refused in any order)
+        assume(False)
+    torch.testing.assert_close(merged(order), expected, rtol=1e-5, atol=1e-6)
+
+
+@PROPERTY
+@given(models(count=st.integers(2, 4)), st.data(), st.floats(0.01, 100.0))
+def test_multislerp_with_normalised_weights_is_invariant_to_scaling_them(data, draw, factor):
+    from hm3.errors import ConfigError
+
+    base, thetas = data
+    weights = draw.draw(st.lists(positive_weights, min_size=len(thetas), max_size=len(thetas)))
+    try:
+        expected = run_method("multislerp", base, thetas, weights)
+    except ConfigError:
+        assume(False)
+    torch.testing.assert_close(run_method("multislerp", base, thetas, [w * factor for w in weights]), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+@PROPERTY
 @given(models(count=st.integers(1, 3)), st.data(), st.sampled_from(["fisher", "df_merge"]))
 def test_fisher_merges_are_invariant_to_the_order_of_the_models(data, draw, method):
     base, thetas = data
