@@ -786,7 +786,7 @@ def test_the_new_methods_in_bfloat16_and_float64(method):
     factors, float32 as mergekit's."""
     base, models = ram_case(55)
     models = models[:1] if method in ("nearswap", "arcee_fusion") else models
-    params = {"t": 0.05} if method == "nearswap" else {}
+    params = {"t": 0.001} if method == "nearswap" else {}  # on the order of |Δ|: shares strictly inside (0, 1)
     weights = [0.6, 0.3, 0.5] if method == "multislerp" else None
     if method == "multislerp":
         half = run_method(method, None, [m.bfloat16() for m in models], weights)
@@ -806,7 +806,7 @@ def test_the_new_methods_in_bfloat16_and_float64(method):
     assert wide.dtype == torch.float64
     deltas = [m.double() - base.double() for m in models]
     expected = {"multislerp": lambda: ref.multislerp(base, models, weights),
-                "nearswap": lambda: ref.nearswap(0.05, base, models[0]),
+                "nearswap": lambda: ref.nearswap(0.001, base, models[0]),
                 "arcee_fusion": lambda: ref.arcee_fusion(base, models[0]),
                 "ram": lambda: ref.ram(base, deltas),
                 "ramplus_tl": lambda: ref.ram(base, deltas, r=0.1, alpha=0.2)}[method]()
@@ -880,6 +880,9 @@ def test_arcee_fusion_by_hand():
     base = torch.zeros(1, 5)
     other = torch.tensor([[0.0, 0.0, 0.0, 0.1, 2.0]])
     assert torch.equal(run_method("arcee_fusion", base, [other]), torch.tensor([[0.0, 0.0, 0.0, 0.0, 2.0]]))
+    # a change exactly at the fence (1.5 · IQR of 0, 0, 0, 1, 1.5 = 1.5) is taken
+    at_fence = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.5]])
+    assert torch.equal(run_method("arcee_fusion", base, [at_fence]), torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.5]]))
 
 
 def test_multislerp_by_hand():
@@ -901,6 +904,10 @@ def test_multislerp_without_a_mean_direction():
 
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])
     torch.testing.assert_close(run_method("multislerp", None, [a, b], [1.0, 1.0]), torch.tensor([-1.0, 0.0]))
+    mixed = run_method("multislerp", None, [a.bfloat16(), b.bfloat16()], [1.0, 1.0])
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, torch.tensor([-1.0, 0.0], dtype=torch.bfloat16))
+    # a weight of 0 on the only direction: none is left, and the linear mix gives the zero model its whole weight
+    assert torch.equal(run_method("multislerp", None, [a, torch.zeros(2)], [0.0, 1.0]), torch.zeros(2))
     with pytest.raises(ConfigError, match="^tensor 't': multislerp: the weighted mean of the models' directions is zero "
                                           r"\(models pointing in opposite directions with weights that balance out\), "
                                           "so there is no direction to interpolate around; change the weights$"):
