@@ -73,7 +73,48 @@ def _stage(module: str, tests: list[str], work: Path) -> str:
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
     pyproject = _git("show", f"{commit}:pyproject.toml")
     (work / "pyproject.toml").write_text(pyproject + "\n" + "\n".join(lines) + "\n")
+    source = work / module
+    source.write_text(undecorate(source.read_text()))
     return commit
+
+
+#: decorators whose functions are mutated all the same, as the plain calls they stand for (:func:`undecorate`)
+UNDECORATED = frozenset({"merge_method"})
+
+
+def undecorate(source: str) -> str:
+    """``@merge_method(...)`` on a module-level function rewritten as ``f = merge_method(...)(f)`` after it.
+
+    Why: mutmut leaves every decorated function unmutated (a decorator runs at definition time, and mutating
+    one's arguments could raise there), so the bodies of the registered merge methods were never mutated.
+    The assignment is what the decorator syntax means (the registry sees the same functions in the same
+    order), and it lets mutmut reach the bodies; the decorator's own arguments stay mutated by ``--recheck``.
+    """
+    import libcst as cst
+
+    class Rewrite(cst.CSTTransformer):
+        def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+            body: list[cst.BaseStatement] = []
+            for stmt in updated.body:
+                names = [_decorator_name(d) for d in stmt.decorators] if isinstance(stmt, cst.FunctionDef) else []
+                if not names or not set(names) <= UNDECORATED:
+                    body.append(stmt)
+                    continue
+                wrapped: cst.BaseExpression = stmt.name
+                for decorator in reversed(stmt.decorators):
+                    wrapped = cst.Call(func=decorator.decorator, args=[cst.Arg(wrapped)])
+                body += [stmt.with_changes(decorators=[]),
+                         cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(stmt.name)], wrapped)])]
+            return updated.with_changes(body=body)
+
+    return cst.parse_module(source).visit(Rewrite()).code
+
+
+def _decorator_name(decorator) -> str | None:
+    import libcst as cst
+
+    target = decorator.decorator.func if isinstance(decorator.decorator, cst.Call) else decorator.decorator
+    return target.value if isinstance(target, cst.Name) else None
 
 
 def _statuses(work: Path, module: str) -> dict[str, int | None]:
