@@ -188,7 +188,7 @@ class RayExecutor:
         executor = cls(ev, ray, started_ray=started, log=log)
         try:
             check_node_sizes(ev, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
-            wait_until_free(ev, ray.available_resources)
+            wait_until_free(ev, ray.available_resources, grace=RELEASE_GRACE_S)  # read now: a test shortens it
         except BaseException:
             executor.close()
             raise

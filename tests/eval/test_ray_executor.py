@@ -214,9 +214,13 @@ def test_resources_being_released_are_waited_for_briefly(tiny_family):
 
 @pytest.mark.slow  # the Ray instance's start
 @pytest.mark.timeout(120)
-def test_more_workers_than_free_cpus_are_refused_not_left_waiting(ray_cluster, tiny_family, tmp_path):
-    """An actor Ray cannot place would wait forever: the run is refused before any is created."""
+def test_more_workers_than_free_cpus_are_refused_not_left_waiting(ray_cluster, tiny_family, tmp_path, monkeypatch):
+    """An actor Ray cannot place would wait forever: the run is refused before any is created (after the grace
+    for resources being released, shortened here from its 10 s)."""
+    from hm3.eval import ray_executor
     from hm3.search.level1 import run_level1
+
+    monkeypatch.setattr(ray_executor, "RELEASE_GRACE_S", 1.0)
 
     cfg = parse_run_config(_config(tiny_family, executor="ray", workers=CPUS + 1))
     with pytest.raises(ExecutorError, match=rf"{CPUS + 1} worker\(s\).*need {CPUS + 1} CPU\(s\); the Ray "

@@ -1,0 +1,88 @@
+"""scripts/mutation.py's staging rewrite: registered merge methods mutated as the plain calls their decorator means."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mutation_script():
+    pytest.importorskip("libcst")  # mutmut's dependency (the mutation extra)
+    spec = importlib.util.spec_from_file_location("hm3_mutation_script", ROOT / "scripts" / "mutation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+SOURCE = '''import functools
+
+
+@merge_method("a", needs_base=True)
+def _a(x):
+    """A."""
+    return x
+
+
+@functools.cache
+def _cached(x):
+    return x
+
+
+@merge_method("b")
+@merge_method("c")
+def _b(x):
+    return 2 * x
+
+
+class Holder:
+    @merge_method("d")
+    def method(self):
+        return 1
+'''
+
+
+def test_registered_methods_become_assignments_and_other_decorators_stay(mutation_script):
+    out = mutation_script.undecorate(SOURCE)
+    assert '@merge_method("a"' not in out and '_a = merge_method("a", needs_base=True)(_a)' in out
+    assert out.index("def _a(x):") < out.index("_a = merge_method(")  # defined, then registered, in place
+    assert '_b = merge_method("b")(merge_method("c")(_b))' in out  # nested as stacked decorators apply
+    assert "@functools.cache\ndef _cached" in out  # another decorator: left as it is
+    assert '    @merge_method("d")' in out  # only module-level functions
+
+
+def test_the_rewritten_methods_module_registers_the_same_methods(mutation_script, tmp_path, monkeypatch):
+    """The staged methods.py, imported as hm3.merge.methods would be, registers every method with the same
+    specification, in the same order, and functions that compute the same docstring and result."""
+    import torch
+
+    from hm3.merge import methods
+
+    source = mutation_script.undecorate((ROOT / "hm3" / "merge" / "methods.py").read_text())
+    assert "@merge_method" not in source
+    path = tmp_path / "staged_methods.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("hm3.merge.staged_methods", path)
+    staged = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, staged)  # dataclasses look their module up there
+    spec.loader.exec_module(staged)
+    assert list(staged.MERGE_METHODS) == list(methods.MERGE_METHODS)
+    def spec_of(method) -> tuple:  # functions compared by name: each module made its own
+        params = [(p.name, p.default, p.required, p.hm3_only, p.value_type, p.search_bounds, p.check.__name__)
+                  for p in (*method.params, *method.model_params)]
+        return method.doc, method.fn.__name__, params, method.needs_base, method.mergekit_name, method.in_memory
+
+    for name, method in methods.MERGE_METHODS.items():
+        assert spec_of(staged.MERGE_METHODS[name]) == spec_of(method), name
+    base, model = torch.zeros(3), torch.tensor([0.5, -0.25, 1.0])
+    x = methods.TensorInputs(name="t", base=base, tensors=[model], model_params=[{"weight": 0.5, "density": 1.0}],
+                             params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False,
+                                     "rescale_mode": None})
+    assert torch.equal(staged.MERGE_METHODS["task_arithmetic"].fn(x), methods.MERGE_METHODS["task_arithmetic"].fn(x))
