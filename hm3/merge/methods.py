@@ -394,7 +394,7 @@ def _fisher(x: TensorInputs) -> torch.Tensor:
 def _df_merge(x: TensorInputs) -> torch.Tensor:
     """DF-Merge: θ_base + M Σ_i F_i(λ_i) λ_i τ_i / Σ_i F_i(λ_i), with λ_i = the model's weight."""
     assert x.fishers is not None
-    return ops.df_merge(x.base, _deltas(x), x.fishers, _weights(x)).to(x.base.dtype)
+    return ops.df_merge(x.base, _deltas(x), x.fishers, _weights(x))  # in the base's dtype
 
 
 @merge_method(

@@ -814,6 +814,26 @@ def test_the_new_methods_in_bfloat16_and_float64(method):
     torch.testing.assert_close(wide, expected, rtol=tolerance, atol=1e-12)
 
 
+def test_dare_ties_over_models_of_another_dtype_than_the_base_merges_as_over_the_same_values():
+    """Models in bfloat16 over a float32 base take the per-model path that keeps torch's promotion (the task
+    vectors are float32): the same masks and the same tensor, bit for bit, as the models given in float32."""
+    base, models = random_models(56)
+    half = [m.bfloat16() for m in models]
+    mixed = run_method("dare_ties", base, half, WEIGHTS, DENSITIES, seeds=[3, 4, 5])
+    same = run_method("dare_ties", base, [m.float() for m in half], WEIGHTS, DENSITIES, seeds=[3, 4, 5])
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, same)
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp", "df_merge"])
+def test_task_vector_methods_over_a_bfloat16_base_return_bfloat16(method):
+    """float32 models over a bfloat16 base: float32 task vectors, merged, added to the base and written in the
+    base's dtype (as every method with a base returns)."""
+    base, models = random_models(57, count=2)
+    fishers = [torch.rand(SHAPE, generator=gen(58)) + 0.1 for _ in models] if method == "df_merge" else None
+    out = run_method(method, base.bfloat16(), models, [0.4, 0.7], fishers=fishers)
+    assert out.dtype == torch.bfloat16
+
+
 def test_multislerp_refuses_weights_that_do_not_match_its_models():
     from hm3.errors import ConfigError
     from hm3.merge import ops
