@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,39 +79,56 @@ def _stage(module: str, tests: list[str], work: Path) -> str:
     return commit
 
 
-#: decorators whose functions are mutated all the same, as the plain calls they stand for (:func:`undecorate`)
-UNDECORATED = frozenset({"merge_method"})
+#: decorators left in place: mutmut mutates the functions under them itself
+KEPT_DECORATORS = frozenset({"staticmethod", "classmethod"})
 
 
 def undecorate(source: str) -> str:
-    """``@merge_method(...)`` on a module-level function rewritten as ``f = merge_method(...)(f)`` after it.
+    """Each decorated function (module level or in a class) rewritten as ``f = d(f)`` right after it.
 
     Why: mutmut leaves every decorated function unmutated (a decorator runs at definition time, and mutating
-    one's arguments could raise there), so the bodies of the registered merge methods were never mutated.
-    The assignment is what the decorator syntax means (the registry sees the same functions in the same
-    order), and it lets mutmut reach the bodies; the decorator's own arguments stay mutated by ``--recheck``.
+    one's arguments could raise there), so the bodies of the registered merge methods, of the search space's
+    validators and of properties were never mutated. The assignment is what the decorator syntax means (the
+    same objects, registered in the same order), and it lets mutmut reach the bodies; the decorators' own
+    arguments stay mutated by ``--recheck``. ``staticmethod`` and ``classmethod`` directly above a ``def``
+    stay (mutmut handles those), as do decorators that are not a plain name or a call of one
+    (``@x.setter`` would rebind ``x`` to the bare function first).
     """
     import libcst as cst
 
+    def rewrite(body: Sequence) -> list:
+        out: list = []
+        for stmt in body:
+            if not isinstance(stmt, cst.FunctionDef) or not stmt.decorators:
+                out.append(stmt)
+                continue
+            names = [_decorator_name(d) for d in stmt.decorators]
+            kept = 0  # the staticmethod/classmethod decorators nearest the def
+            while kept < len(names) and names[len(names) - 1 - kept] in KEPT_DECORATORS:
+                kept += 1
+            moved = stmt.decorators[:len(names) - kept]
+            if not moved or any(_decorator_name(d) is None for d in moved):
+                out.append(stmt)
+                continue
+            wrapped: cst.BaseExpression = stmt.name
+            for decorator in reversed(moved):
+                wrapped = cst.Call(func=decorator.decorator, args=[cst.Arg(wrapped)])
+            out += [stmt.with_changes(decorators=stmt.decorators[len(moved):]),
+                    cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(stmt.name)], wrapped)])]
+        return out
+
     class Rewrite(cst.CSTTransformer):
+        def leave_IndentedBlock(self, original: cst.IndentedBlock, updated: cst.IndentedBlock) -> cst.IndentedBlock:
+            return updated.with_changes(body=rewrite(updated.body))
+
         def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
-            body: list[cst.BaseStatement] = []
-            for stmt in updated.body:
-                names = [_decorator_name(d) for d in stmt.decorators] if isinstance(stmt, cst.FunctionDef) else []
-                if not names or not set(names) <= UNDECORATED:
-                    body.append(stmt)
-                    continue
-                wrapped: cst.BaseExpression = stmt.name
-                for decorator in reversed(stmt.decorators):
-                    wrapped = cst.Call(func=decorator.decorator, args=[cst.Arg(wrapped)])
-                body += [stmt.with_changes(decorators=[]),
-                         cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(stmt.name)], wrapped)])]
-            return updated.with_changes(body=body)
+            return updated.with_changes(body=rewrite(updated.body))
 
     return cst.parse_module(source).visit(Rewrite()).code
 
 
 def _decorator_name(decorator) -> str | None:
+    """``d`` of ``@d`` or ``@d(...)``; None for anything else (``@x.setter``, ``@mod.d``)."""
     import libcst as cst
 
     target = decorator.decorator.func if isinstance(decorator.decorator, cst.Call) else decorator.decorator

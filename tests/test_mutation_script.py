@@ -43,19 +43,34 @@ def _b(x):
 
 
 class Holder:
-    @merge_method("d")
-    def method(self):
+    @property
+    def value(self):
         return 1
+
+    @value.setter
+    def value(self, v):
+        pass
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before(cls, data):
+        return data
+
+    @staticmethod
+    def plain():
+        return 0
 '''
 
 
-def test_registered_methods_become_assignments_and_other_decorators_stay(mutation_script):
+def test_decorated_functions_become_assignments_where_mutmut_would_skip_them(mutation_script):
     out = mutation_script.undecorate(SOURCE)
     assert '@merge_method("a"' not in out and '_a = merge_method("a", needs_base=True)(_a)' in out
     assert out.index("def _a(x):") < out.index("_a = merge_method(")  # defined, then registered, in place
     assert '_b = merge_method("b")(merge_method("c")(_b))' in out  # nested as stacked decorators apply
-    assert "@functools.cache\ndef _cached" in out  # another decorator: left as it is
-    assert '    @merge_method("d")' in out  # only module-level functions
+    assert "_cached = functools.cache(_cached)" not in out and "@functools.cache\ndef _cached" in out  # not a name
+    assert "    value = property(value)" in out and "    @value.setter" in out  # a setter would rebind value
+    assert '    @classmethod\n    def _before' in out and '    _before = model_validator(mode="before")(_before)' in out
+    assert "    @staticmethod\n    def plain" in out  # mutmut's own business
 
 
 def test_the_rewritten_methods_module_registers_the_same_methods(mutation_script, tmp_path, monkeypatch):
@@ -86,3 +101,30 @@ def test_the_rewritten_methods_module_registers_the_same_methods(mutation_script
                              params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False,
                                      "rescale_mode": None})
     assert torch.equal(staged.MERGE_METHODS["task_arithmetic"].fn(x), methods.MERGE_METHODS["task_arithmetic"].fn(x))
+
+
+def test_the_rewritten_search_space_validates_and_dumps_as_the_original(mutation_script, tmp_path, monkeypatch):
+    """space.py's pydantic validators and serializer, registered by assignment, run as the decorated ones do."""
+    import pydantic
+
+    from hm3.search import space
+
+    source = mutation_script.undecorate((ROOT / "hm3" / "search" / "space.py").read_text())
+    assert "@model_validator" not in source and "@property" not in source
+    path = tmp_path / "staged_space.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("hm3.search.staged_space", path)
+    staged = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, staged)
+    spec.loader.exec_module(staged)
+    good = {"base_model": "base", "models": ["m1", "m2"], "dare": True}
+    ours, theirs = staged.SearchSpace(**good), space.SearchSpace(**good)
+    assert ours.model_dump() == theirs.model_dump() and ours.dim == theirs.dim
+    assert ours.method_names == theirs.method_names
+    for bad in ({**good, "models": ["m1", "m1"]}, {**good, "models": ["base", "m1"]},
+                {"models": ["m1"], "methods": ["ties"]}):
+        with pytest.raises(pydantic.ValidationError) as expected:
+            space.SearchSpace(**bad)
+        with pytest.raises(pydantic.ValidationError) as got:
+            staged.SearchSpace(**bad)
+        assert [e["msg"] for e in got.value.errors()] == [e["msg"] for e in expected.value.errors()]
