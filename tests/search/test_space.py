@@ -534,3 +534,63 @@ def test_a_bound_that_is_not_finite_is_refused_whichever_end_it_is(extra, messag
     """NaN passes every range comparison, and an infinite upper bound would be called out of range instead."""
     with pytest.raises(ConfigError, match=message):
         _space(**extra)
+
+
+# --- the validators, property by property (what mutation testing found unchecked) ---------------------------
+
+TWO = {"models": ["a", "b"], "base_model": "base"}
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ({"models": ["a", "a"]}, "models lists a model twice: ['a', 'a']"),
+    ({"models": ["base", "a"]}, "base_model 'base' is also listed under models"),
+    ({"density": 1.5}, "density must lie in (0, 1], got 1.5"),
+    ({"layer_granularity": 2}, "layer_granularity needs num_layers (the base model's layer count)"),
+    ({"df_merge": True}, "df_merge needs fisher: true and dare: false (DF-Merge has no drop step)"),
+    ({"df_merge": True, "fisher": True, "dare": True},
+     "df_merge needs fisher: true and dare: false (DF-Merge has no drop step)"),
+    ({"weight_bounds": [-10.5, 1.0]}, "weight_bounds [-10.5, 1.0] must lie within [-10.0, 10.0]"),
+    ({"weight_bounds": [0.0, 10.5]}, "weight_bounds [0.0, 10.5] must lie within [-10.0, 10.0]"),
+])
+def test_each_refusal_says_exactly_what_is_wrong(extra, problem):
+    with pytest.raises(ConfigError) as err:
+        parse_search_space({**TWO, **extra})
+    assert str(err.value) == f"<config>: invalid search_space:\n  {problem}"
+
+
+def test_a_method_list_without_a_base_is_refused_naming_the_methods():
+    with pytest.raises(ConfigError) as err:
+        parse_search_space({"models": ["a"], "methods": ["ties", "della"]})
+    assert str(err.value) == ("<config>: invalid search_space:\n  base_model is missing: ties, della merge task "
+                              "vectors over a base model; name it (a model of 'models' in the run config, not one "
+                              "of search_space.models)")
+
+
+def test_the_bounds_limits_themselves_are_accepted():
+    assert parse_search_space({**TWO, "weight_bounds": [-10.0, 10.0]}).weight_bounds == (-10.0, 10.0)
+    assert parse_search_space({**TWO, "density": 1.0}).density == 1.0
+
+
+def test_input_that_is_not_a_mapping_is_a_validation_error():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="valid dictionary or instance of SearchSpace"):
+        SearchSpace.model_validate("x")
+
+
+def test_a_dump_may_leave_out_the_keys_it_drops_while_unset():
+    dumped = parse_search_space(TWO).model_dump(exclude={"methods", "mask_rng", "tokenizer_source", "param_bounds"})
+    assert {"methods", "mask_rng", "tokenizer_source", "param_bounds"}.isdisjoint(dumped) and dumped["models"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(("bounds", "holds"), [((0.0, 1.0), True), ((-1.0, 2.0), True), ((0.0, 0.9), False),
+                                               ((0.1, 1.0), False), ([[0.0, 1.0], [0.1, 1.0]], False)])
+def test_holds_simplex_when_every_models_weight_bounds_hold_zero_to_one(bounds, holds):
+    assert parse_search_space({**TWO, "weight_bounds": bounds}).holds_simplex is holds
+
+
+def test_a_space_of_two_methods_has_no_single_merge_method():
+    s = parse_search_space({**TWO, "methods": ["ties", "della"]})
+    with pytest.raises(ConfigError) as err:
+        _ = s.merge_method
+    assert str(err.value) == "this search space searches 2 methods (ties, della): a point's method is method_of(x)"
