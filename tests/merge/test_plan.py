@@ -234,3 +234,14 @@ def test_an_unknown_parameter_is_refused_with_every_parameter_the_method_knows()
         with pytest.raises(ConfigError) as err:
             plan_merge(parse_merge_config(recipe))
         assert str(err.value) == message
+
+
+def test_a_jobs_lead_is_its_base_else_its_first_input():
+    """The output takes the lead's shape and dtype (with no dtype in the recipe): the base where the method has
+    one, even when the first model is stored in another dtype, else the first model."""
+    from hm3.merge.plan import TensorJob
+
+    base, first, second = SourceTensor(0, "w"), SourceTensor(1, "w"), SourceTensor(2, "w")
+    with_base = TensorJob(name="w", layer=None, params={}, model_params=({}, {}), base=base, inputs=(first, second))
+    without = TensorJob(name="w", layer=None, params={}, model_params=({}, {}), inputs=(first, second))
+    assert with_base.lead == base and without.lead == first
