@@ -1356,8 +1356,9 @@ SECTIONS: list[Section] = [
         "test fails or times out. mutmut switches mutants on at call time in test processes forked after the "
         "package is imported, so `--recheck` runs each survivor again in a fresh interpreter with the mutant "
         "written into the source: that is how mutants of import-time code (the merge-method registry's "
-        "decorators) can be killed at all. Not part of the suite; `scripts/mutation.py`'s docstring says how "
-        "to run it.",
+        "decorators) can be killed at all. mutmut also leaves every decorated function unmutated, so the script "
+        "stages each one (a registered merge method, a validator, a property) as the assignment its decorator "
+        "stands for. Not part of the suite; `scripts/mutation.py`'s docstring says how to run it.",
         render_mutation, targets=mutation_targets,
         pending="`nice -n 15 .venv/bin/python scripts/mutation.py --recheck` (needs the `mutation` extra)."),
 ]

@@ -8,6 +8,8 @@ Each module is mutated alone, in its own staging copy of the commit checked out 
 for ``cd .mutation/<name> && mutmut show|browse``), and each mutant runs only the tests that cover it:
 those listed for the module below, narrowed by mutmut to the tests that call the mutated function.
 The score is killed / (every mutant that ran); a mutant no listed test reaches counts as a survivor.
+mutmut does not mutate decorated functions, so the staged module has each written as the assignment its
+decorator stands for (:func:`undecorate`).
 Per-module scores go to ``experiments/results/mutation_<date>_<commit>.json``. Needs the ``mutation``
 extra (``pip install -e '.[dev,mutation]'``); it is not part of the test suite: it reruns tests per
 mutant and takes minutes to an hour per module on a 2-core machine.
