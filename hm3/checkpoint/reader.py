@@ -164,6 +164,23 @@ class Checkpoint:
         self._tensors = tensors
         self._handles: dict[Path, Any] = {}  # shard -> _ShardFile or mmapped .bin state dict
         self._lock = threading.Lock()  # the engine may read from a prefetch thread
+        self._hide_a_head_stored_beside_its_tie()
+
+    def _hide_a_head_stored_beside_its_tie(self) -> None:
+        """A config that ties the head to the embedding, and files that also store the head, equal to it: the
+        head is read as not stored, as a tied model's usually is not.
+
+        transformers ties such a model (one tensor in the live model, both stored values loaded into it), so
+        every consumer (merges on disk and in memory, Fisher, layer paths) must see one tensor: merged apart,
+        two copies could differ (DARE draws each tensor's own mask) and a merged head would have nowhere to go
+        in the live model. A stored head that differs from the embedding is left visible, and merges as any
+        tensor. The check reads both tensors once, when the checkpoint is opened, only in this case.
+        """
+        embedding = self.input_embedding_name
+        if self.config.get("tie_word_embeddings") is not True or LM_HEAD not in self._tensors or embedding is None:
+            return
+        if self.shape(LM_HEAD) == self.shape(embedding) and torch.equal(self.get(LM_HEAD), self.get(embedding)):
+            del self._tensors[LM_HEAD]
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._tensors)} tensors, {self.format})"

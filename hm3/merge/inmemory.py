@@ -52,7 +52,6 @@ import torch
 
 from hm3.checkpoint import check_compatible, check_finite, open_checkpoint
 from hm3.checkpoint.layers import is_vocabulary_tensor
-from hm3.checkpoint.reader import LM_HEAD, Checkpoint
 from hm3.config import MergeConfig
 from hm3.devices import dtype_name
 from hm3.errors import ConfigError, FisherError
@@ -187,8 +186,6 @@ class InMemoryMerger:
         ckpts = [open_checkpoint(base_dir)] + [open_checkpoint(d) for d in model_dirs]
         try:
             refs = [self.base_ref, *self.model_refs]
-            for ckpt, ref in zip(ckpts, refs, strict=True):
-                _refuse_a_head_stored_beside_its_tie(ckpt, ref)
             if tokenizer_source is None:
                 check_same_vocabulary(ckpts, refs, remedy="Set tokenizer_source: base (search_space.tokenizer_source "
                                       "in a run config) to merge them over the base model's vocabulary, as hm3 "
@@ -360,26 +357,6 @@ class InMemoryMerger:
         """The merged model as a new state dict (for backends that take weights by value, e.g. vLLM), in the
         merger's dtype on its device."""
         return dict(self.iter_merged(recipe, seed=seed))
-
-
-def _refuse_a_head_stored_beside_its_tie(ckpt: Checkpoint, ref: str) -> None:
-    """Refuse a model whose config ties its head to the embedding while its files also store an equal head.
-
-    transformers ties such a head (the live model has one tensor for both), while the files hold two: merged
-    apart (DARE draws each tensor's own mask), they would differ, and the merged head has no tensor in the
-    live model to go to. A stored head that differs from the embedding is kept untied by transformers, and
-    merges as any other tensor.
-    """
-    embedding = ckpt.input_embedding_name
-    if ckpt.config.get("tie_word_embeddings") is not True or not ckpt.has(LM_HEAD) or embedding is None:
-        return
-    if torch.equal(ckpt.get(LM_HEAD), ckpt.get(embedding)):
-        raise ConfigError(
-            f"model {ref!r} ({ckpt.path}): its config ties the output head to the embedding "
-            f"(tie_word_embeddings: true) and its files also store {LM_HEAD}, equal to {embedding}; "
-            f"searches cannot merge that model yet: remove {LM_HEAD} from its files (it is the embedding) or "
-            "set tie_word_embeddings: false in its config.json"
-        )
 
 
 def _read_tensor(ckpts: Sequence, name: str, vocabulary: MergedVocabulary | None) -> list[torch.Tensor]:

@@ -196,16 +196,53 @@ def test_a_front_point_of_bfloat16_models_merges_to_the_tensors_that_were_scored
     assert {config[k] for k in ("dtype", "torch_dtype") if k in config} == {"float32"}
 
 
-def test_a_tied_model_that_also_stores_its_head_is_refused_naming_it(tmp_path):
-    # transformers ties such a model's head to its embedding (one tensor in the live model) while its files hold
-    # two: a merge would treat them as two tensors (apart under DARE's masks) and write one the live model lacks
+def test_a_tied_model_that_also_stores_its_head_merges_as_one_that_does_not(tmp_path):
+    """transformers ties such a model's head to its embedding (one tensor in the live model) while its files hold
+    two. The reader sees one tensor, so a DARE-TIES merge in memory and on disk gives exactly the tensors of the
+    same expert saved without the copy (the head is not merged apart under its own mask), and no head."""
     from safetensors.torch import save_file
 
-    base, expert = tmp_path / "base", tmp_path / "expert"
-    build_random_llama(base, tie_word_embeddings=True, seed=0)
-    build_finetuned_variant(base, expert, seed=1)
-    state = load_file(expert / "model.safetensors")
-    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    save_file(state, expert / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"expert.*lm_head\.weight.*tie_word_embeddings"):
-        InMemoryMerger(base, [expert])
+    from hm3.checkpoint import open_checkpoint
+
+    family = {}
+    for name in ("plain", "stored"):
+        base = build_random_llama(tmp_path / name / "base", tie_word_embeddings=True, seed=0)
+        family[name] = (base, build_finetuned_variant(base, tmp_path / name / "expert", seed=1))
+    for path in family["stored"]:  # base and expert both saved with the copy
+        state = load_file(path / "model.safetensors")
+        assert "lm_head.weight" not in state
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        with open_checkpoint(path) as ckpt:
+            assert not ckpt.has("lm_head.weight") and "lm_head.weight" not in ckpt.tensor_names()
+            assert torch.equal(ckpt.get("lm_head.weight"), state["model.embed_tokens.weight"])  # the tie, as before
+
+    def recipe(name: str) -> dict:
+        base, expert = family[name]
+        return {"merge_method": "dare_ties", "base_model": str(base), "seed": 3,
+                "models": [{"model": str(expert), "parameters": {"weight": 0.8, "density": 0.5}}]}
+
+    merged = {name: InMemoryMerger(family[name][0], [family[name][1]], base_ref=str(family[name][0]),
+                                   model_refs=[str(family[name][1])]).merged_state(parse_merge_config(recipe(name)))
+              for name in family}
+    assert merged["plain"].keys() == merged["stored"].keys() and "lm_head.weight" not in merged["stored"]
+    assert all(torch.equal(merged["plain"][k], merged["stored"][k]) for k in merged["plain"])
+    for name in family:
+        merge_to_disk(parse_merge_config(recipe(name)), tmp_path / f"out-{name}")
+    ours, reference = load_file(tmp_path / "out-stored" / "model.safetensors"), load_file(tmp_path / "out-plain" /
+                                                                                       "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_a_tied_config_whose_stored_head_differs_keeps_the_head(tmp_path):
+    """A stored head that differs from the embedding is a tensor of its own: the reader shows it."""
+    from safetensors.torch import save_file
+
+    from hm3.checkpoint import open_checkpoint
+
+    base = build_random_llama(tmp_path / "base", tie_word_embeddings=True, seed=0)
+    state = load_file(base / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] * 2
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(base) as ckpt:
+        assert ckpt.has("lm_head.weight") and torch.equal(ckpt.get("lm_head.weight"), state["lm_head.weight"])
