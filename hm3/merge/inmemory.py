@@ -247,11 +247,14 @@ class InMemoryMerger:
         # counted none, so the Fishers stay on the device only if they fit in what is free beside them now
         # (the merge workspace not yet taken); otherwise they are held in host memory and copied over per
         # tensor, as streamed task vectors are, rather than running the device out of memory.
-        self.fisher_residency = choose_residency(self.device, len(self.model_refs) * self._model_bytes,
-                                                 self._workspace_bytes, free_device_memory(self.device),
-                                                 held="the Fisher tensors")
-        if self.residency.resident and not self.fisher_residency.resident:
-            log.debug("in-memory merger: Fisher tensors streamed (%s)", self.fisher_residency.reason)
+        if self.residency.resident:
+            self.fisher_residency = choose_residency(self.device, len(self.model_refs) * self._model_bytes,
+                                                     self._workspace_bytes, free_device_memory(self.device),
+                                                     held="the Fisher tensors")
+        else:  # the task vectors did not fit: the Fishers, as large, stay in host memory with them
+            self.fisher_residency = Residency(False, f"the task vectors are streamed to {self.device}: the Fisher "
+                                                     "tensors are held in host memory with them")
+        log.debug("in-memory merger: Fisher tensors %s (%s)", self.fisher_residency.mode, self.fisher_residency.reason)
         hold = self._hold if self.fisher_residency.resident else torch.device("cpu")
         self._fishers = {r: {n: fishers[r][n].to(hold, self.dtype) for n in self.tensor_names} for r in self.model_refs}
 

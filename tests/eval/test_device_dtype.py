@@ -218,6 +218,15 @@ def test_fisher_tensors_stay_on_the_device_only_when_they_fit_beside_the_task_ve
     merger.set_fishers(fishers)
     assert merger.fisher_residency.resident
     assert {t.device.type for f in merger._fishers.values() for t in f.values()} == {"meta"}
+    # task vectors that did not fit: the Fishers stay in host memory with them, and say so, however much is free
+    free["bytes"] = 1
+    streamed = inmemory.InMemoryMerger(models["base"], [models["m1"], models["m2"]], model_refs=["m1", "m2"],
+                                       device="meta")
+    assert not streamed.residency.resident
+    free["bytes"] = 1 << 40
+    streamed.set_fishers(fishers)
+    assert not streamed.fisher_residency.resident and "task vectors are streamed" in streamed.fisher_residency.reason
+    assert {t.device.type for f in streamed._fishers.values() for t in f.values()} == {"cpu"}
 
 
 # --- bfloat16 on the CPU -----------------------------------------------------------------------------
