@@ -11,15 +11,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _import(name: str, path: Path):
+    """The module at ``path`` imported as ``name`` (registered in sys.modules first: dataclasses look their
+    module up there); the caller removes it."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def mutation_script():
     pytest.importorskip("libcst")  # mutmut's dependency (the mutation extra)
-    spec = importlib.util.spec_from_file_location("hm3_mutation_script", ROOT / "scripts" / "mutation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield _import("hm3_mutation_script", ROOT / "scripts" / "mutation.py")
+    del sys.modules["hm3_mutation_script"]
+
+
+def _staged(mutation_script, module: Path, name: str, tmp_path: Path, monkeypatch):
+    """``module`` as scripts/mutation.py stages it, imported as ``name`` for this test."""
+    path = tmp_path / module.name
+    path.write_text(mutation_script.undecorate(module.read_text()))
+    monkeypatch.setitem(sys.modules, name, None)  # so that the module is removed again when the test ends
+    return _import(name, path)
 
 
 SOURCE = '''import functools
@@ -80,14 +94,9 @@ def test_the_rewritten_methods_module_registers_the_same_methods(mutation_script
 
     from hm3.merge import methods
 
-    source = mutation_script.undecorate((ROOT / "hm3" / "merge" / "methods.py").read_text())
-    assert "@merge_method" not in source
-    path = tmp_path / "staged_methods.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("hm3.merge.staged_methods", path)
-    staged = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, staged)  # dataclasses look their module up there
-    spec.loader.exec_module(staged)
+    staged = _staged(mutation_script, ROOT / "hm3" / "merge" / "methods.py", "hm3.merge.staged_methods", tmp_path,
+                     monkeypatch)
+    assert "@merge_method" not in (tmp_path / "methods.py").read_text()
     assert list(staged.MERGE_METHODS) == list(methods.MERGE_METHODS)
     def spec_of(method) -> tuple:  # functions compared by name: each module made its own
         params = [(p.name, p.default, p.required, p.hm3_only, p.value_type, p.search_bounds, p.check.__name__)
@@ -109,14 +118,10 @@ def test_the_rewritten_search_space_validates_and_dumps_as_the_original(mutation
 
     from hm3.search import space
 
-    source = mutation_script.undecorate((ROOT / "hm3" / "search" / "space.py").read_text())
+    staged = _staged(mutation_script, ROOT / "hm3" / "search" / "space.py", "hm3.search.staged_space", tmp_path,
+                     monkeypatch)
+    source = (tmp_path / "space.py").read_text()
     assert "@model_validator" not in source and "@property" not in source
-    path = tmp_path / "staged_space.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("hm3.search.staged_space", path)
-    staged = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, staged)
-    spec.loader.exec_module(staged)
     good = {"base_model": "base", "models": ["m1", "m2"], "dare": True}
     ours, theirs = staged.SearchSpace(**good), space.SearchSpace(**good)
     assert ours.model_dump() == theirs.model_dump() and ours.dim == theirs.dim
