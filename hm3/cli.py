@@ -117,8 +117,12 @@ def cmd_export_mergekit(args: argparse.Namespace) -> Outcome:
         data = to_mergekit(config)
         # hm3 merge's own checks against the models (parameter ranges per tensor, model counts, shapes), so
         # a config mergekit would refuse halfway through its merge is refused here, before anything is written
-        plan_merge(config, config_dir=Path(args.config).parent).close()
-    notes = mergekit_notes(config, "CONFIG.yml" if args.output == "-" else args.output)
+        plan = plan_merge(config, config_dir=Path(args.config).parent)
+        try:
+            copies = [str(c.path) for c in plan.checkpoints if c.stored_head_read_as_tied]
+        finally:
+            plan.close()
+    notes = mergekit_notes(config, "CONFIG.yml" if args.output == "-" else args.output, tied_head_copies=copies)
     text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(data, sort_keys=False)
     if args.output == "-":
         return Outcome(text.rstrip("\n"), {"mergekit_config": data, "notes": notes})

@@ -164,6 +164,8 @@ class Checkpoint:
         self._tensors = tensors
         self._handles: dict[Path, Any] = {}  # shard -> _ShardFile or mmapped .bin state dict
         self._lock = threading.Lock()  # the engine may read from a prefetch thread
+        #: the files store a head equal to the tied embedding, read as not stored (mergekit merges it apart)
+        self.stored_head_read_as_tied = False
         self._hide_a_head_stored_beside_its_tie()
 
     def _hide_a_head_stored_beside_its_tie(self) -> None:
@@ -181,6 +183,7 @@ class Checkpoint:
             return
         if self.shape(LM_HEAD) == self.shape(embedding) and torch.equal(self.get(LM_HEAD), self.get(embedding)):
             del self._tensors[LM_HEAD]
+            self.stored_head_read_as_tied = True
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._tensors)} tensors, {self.format})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from hm3.config import MergeConfig
@@ -92,21 +93,32 @@ def _rescale_setting(setting: Any, where: str) -> Any:
                       "{filter, value} of them")
 
 
-def mergekit_notes(config: MergeConfig, exported_as: str) -> list[str]:
-    """What the exported YAML cannot say, as comment lines: for a random method (DARE, DELLA) the seed.
+def mergekit_notes(config: MergeConfig, exported_as: str, *, tied_head_copies: Sequence[str] = ()) -> list[str]:
+    """What the exported YAML cannot say, as comment lines: for a random method (DARE, DELLA) the seed, and
+    the models whose files store a copy of their tied head (``tied_head_copies``).
 
     mergekit 0.1.5 has no config key for a seed; ``mergekit-yaml --random-seed N`` seeds torch's
     global generator, which makes mergekit's own merge repeatable. Its drop masks still differ from
     hm3's (one generator per tensor and model), so the note says so instead of promising hm3's tensors.
+    hm3 reads a stored copy of a tied head as the tied tensor it is (:class:`~hm3.checkpoint.reader.Checkpoint`);
+    mergekit merges the copy apart, under its own drop mask, so its merged head and embedding differ and a tied
+    model loads only one of them: the note names the models, as nothing in the YAML can change that.
     """
     if not get_method(config.merge_method).uses_randomness:
         return []
     seed = config.seed if config.seed is not None else DEFAULT_SEED
     rng = config.mask_rng or DEFAULT_MASK_RNG
-    return [
+    notes = [
         f"hm3 draws {config.merge_method}'s drop masks with seed {seed} and mask_rng {rng} (hm3 merge --seed "
         "overrides the seed). mergekit has",
         "no config key for a seed; this command makes its merge repeatable, with mergekit's own masks:",
         f"  mergekit-yaml {exported_as} OUTPUT_DIR --random-seed {seed}",
         "Its tensors differ from hm3's: mergekit draws from torch's global generator, hm3 one per tensor and model.",
     ]
+    if tied_head_copies:
+        notes += [
+            f"These models tie their head to the embedding and also store it: {', '.join(tied_head_copies)}.",
+            "hm3 merges the two as one tensor; mergekit merges the stored head apart, under a drop mask of its own,",
+            "so its merged head differs from its merged embedding, and a tied model loads only one of the two.",
+        ]
+    return notes

@@ -457,3 +457,27 @@ def test_nuslerp_with_three_models_is_refused(zoo, tmp_path, capsys):
     recipe = {"merge_method": "nuslerp",
               "models": [{"model": str(zoo[m]), "parameters": {"weight": 1.0}} for m in ("base", "m1", "m2")]}
     _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "'nuslerp' merges exactly 2 models;", "'models' lists 3:")
+
+
+def test_export_mergekit_names_the_models_that_store_a_copy_of_their_tied_head(tmp_path, capsys):
+    """hm3 merges a stored copy of a tied head as the one tensor it is; mergekit merges it apart under its own
+    drop mask. The exported config says so, naming the model that stores it, for a method with drop masks only
+    (without one, mergekit's head is merged exactly as its embedding)."""
+    base = build_random_llama(tmp_path / "base", hidden_size=32, num_layers=2, vocab_size=64, seed=0,
+                              tie_word_embeddings=True)
+    plain = build_finetuned_variant(base, tmp_path / "plain", seed=1)
+    stored = build_finetuned_variant(base, tmp_path / "stored", seed=2)
+    state = load_file(stored / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, stored / "model.safetensors", metadata={"format": "pt"})
+
+    def exported(method: str, expert: Path) -> str:
+        recipe = {"merge_method": method, "base_model": str(base),
+                  "models": [{"model": str(expert), "parameters": {"weight": 0.5, "density": 0.5}}]}
+        assert main(["export-mergekit", str(_write(tmp_path, recipe)), "-"]) == ExitCode.OK
+        return capsys.readouterr().out
+
+    text = exported("dare_ties", stored)
+    assert f"also store it: {stored}." in text and "its merged head differs from its merged embedding" in text
+    assert "also store it" not in exported("dare_ties", plain)
+    assert "also store it" not in exported("ties", stored)
