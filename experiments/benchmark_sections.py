@@ -995,8 +995,11 @@ def render_compositional(results: Results) -> str:
                          num(a["cost_equivalents"], ".1f")])
     if r.label == "partial":
         done = [seed for seed, arms in r.get("per_seed").items() if {"two_levels", "level1_alone"} <= set(arms)]
-        parts.append("**The ablation is still running** (it resumes per arm and per evaluation): the arms finished "
-                     f"so far. The targets ask for 3 of 3 seeds; {len(done)} "
+        # a partial record is a snapshot: the page cannot know whether the ablation still runs, only when it was taken
+        parts.append(f"**The ablation is unfinished**: the arms it had finished by {r.date} "
+                     "(it resumes per arm and per evaluation: `python experiments/compositional/ablation.py "
+                     "--work runs/compositional --seeds 0,1,2`). "
+                     f"The targets ask for 3 of 3 seeds; {len(done)} "
                      f"{'has' if len(done) == 1 else 'have'} both two levels and level 1 alone.")
         parts.extend(compositional_seed_verdict(seed, r.get("per_seed")[seed]) for seed in done)
     parts.append(table(["seed", "arm", "HV validation", "HV test", "best composite, validation", "its test score",
