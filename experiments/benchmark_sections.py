@@ -243,14 +243,42 @@ def render_test_suite(results: Results) -> str:
             rows.append([names[kind], f"`{commits['baseline']}`: " + " / ".join(f"{x['seconds']:.0f}" for x in runs["baseline"]),
                          current, ratio(s["ratio"]), invalid or f"≤ 0.50×: {verdict(s['ratio'] <= 0.5)}{failing}"])
     used = sorted({r.name: r for r in latest.values()}.values(), key=lambda r: r.name)
+    floor = suite_cpu_floor(latest)
     summaries = ["; ".join(f"{x['kind']} at `{r.get('commits')[x['checkout']][:7]}`: `{x['summary']}`"
                            for x in r.get("runs") if x["kind"] in ("suite", "quick"))
                  for r in used if any(x["kind"] in ("suite", "quick") for x in r.get("runs"))]
     return "\n\n".join([
         table(["command", "baseline (s, per round)", "measured commit (s, per round)", "ratio of means", "target"], rows),
+        *([floor] if floor else []),
         "pytest's summaries, in order: " + " — ".join(summaries),
         sources(used),
     ])
+
+
+def suite_cpu_floor(latest: dict[str, Result]) -> str:
+    """What the suite's CPU time says of its wall-time target, where the newest suite timing recorded it: the
+    machine's CPU time per run (every process: pytest's workers, Ray's actors, vLLM engines, subprocesses)
+    spread over its cores is the least wall time in which that work can finish there."""
+    r = latest.get("suite")
+    cpu = r.get("summary")["suite"].get("cpu") if r else None
+    if not cpu:
+        return ""
+    cores = r.get("cores")
+    baseline_mean = sum(x["seconds"] for x in r.get("runs") if x["kind"] == "suite" and x["checkout"] == "baseline")
+    baseline_mean /= sum(1 for x in r.get("runs") if x["kind"] == "suite" and x["checkout"] == "baseline")
+    commits = {k: v[:7] for k, v in r.get("commits").items()}
+    text = (f"CPU time the whole machine used per run of the suite (mean): `{commits['baseline']}` "
+            f"{cpu['baseline']['mean_busy_core_s']:.0f} core-seconds, `{commits['current']}` "
+            f"{cpu['current']['mean_busy_core_s']:.0f}. Spread over the {cores} cores, the measured suite's work "
+            f"cannot finish in less than {cpu['current']['floor_s']:.0f} s, "
+            f"{cpu['current']['floor_s'] / baseline_mean:.2f}× the baseline's mean wall time (the target: 0.50×, "
+            f"{0.5 * baseline_mean:.0f} s)")
+    quick = latest.get("quick")
+    quick_cpu = quick.get("summary")["quick"].get("cpu") if quick and quick.name == r.name else None
+    if quick_cpu:
+        text += (f"; the tests not marked slow alone use {quick_cpu['current']['mean_busy_core_s']:.0f} "
+                 f"core-seconds, at least {quick_cpu['current']['floor_s']:.0f} s")
+    return text + "."
 
 
 # --- merge engine -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,11 @@ def test_each_clone_goes_first_in_every_other_round_and_failures_are_counted(tmp
     monkeypatch.setattr(bench_test_suite, "clone", lambda commit, dest: dest)
 
     def fake_timed(cmd, cwd: Path, log: Path) -> dict:
-        return {"seconds": 100.0, "exit_code": int(cwd.name == "baseline"), "load_at_start": 0.0, "summary": ""}
+        busy = 300.0 if cwd.name == "baseline" else next(current_busy)
+        return {"seconds": 100.0, "busy_core_seconds": busy, "exit_code": int(cwd.name == "baseline"),
+                "load_at_start": 0.0, "summary": ""}
+
+    current_busy = iter([500.0, 700.0])
 
     monkeypatch.setattr(bench_test_suite, "timed", fake_timed)
     out = tmp_path / "out.json"
@@ -27,3 +32,8 @@ def test_each_clone_goes_first_in_every_other_round_and_failures_are_counted(tmp
     assert [(x["round"], x["checkout"]) for x in result["runs"]] == [
         (0, "baseline"), (0, "current"), (1, "current"), (1, "baseline")]
     assert result["summary"]["suite"]["failed_runs"] == 2
+    # each commit's mean CPU time, and that spread over the machine's cores
+    cores = result["cores"]
+    assert cores == os.cpu_count() and result["summary"]["suite"]["cpu"] == {
+        "baseline": {"mean_busy_core_s": 300.0, "floor_s": round(300.0 / cores, 1)},
+        "current": {"mean_busy_core_s": 600.0, "floor_s": round(600.0 / cores, 1)}}

@@ -133,6 +133,28 @@ def _suite_timing(baseline_summary: str) -> Results:
                             "bbbbbbb", "", data)])
 
 
+def test_the_suite_s_cpu_time_is_told_as_the_least_wall_time_its_work_needs():
+    """Where a timing recorded the machine's CPU time per run, the page spreads it over the cores: the suite's
+    work cannot finish sooner there, and the page sets that against the target (half the baseline's mean)."""
+    import benchmark_sections
+
+    results = _suite_timing("647 passed")
+    data = results.of("bench_test_suite")[0].data
+    data["runs"].append({"round": 0, "kind": "quick", "checkout": "current", "seconds": 130.0, "exit_code": 0,
+                         "summary": "1900 passed"})
+    data["cores"] = 2
+    data["summary"]["suite"]["cpu"] = {"baseline": {"mean_busy_core_s": 420.0, "floor_s": 210.0},
+                                       "current": {"mean_busy_core_s": 700.0, "floor_s": 350.0}}
+    data["summary"]["quick"] = {"current_mean_s": 130.0, "target_s": 180.0, "met": True, "failed_runs": 0,
+                                "cpu": {"current": {"mean_busy_core_s": 212.0, "floor_s": 106.0}}}
+    text = benchmark_sections.render_test_suite(results)
+    assert ("`aaaaaaa` 420 core-seconds, `bbbbbbb` 700. Spread over the 2 cores, the measured suite's work cannot "
+            "finish in less than 350 s, 1.32× the baseline's mean wall time (the target: 0.50×, 132 s); the tests "
+            "not marked slow alone use 212 core-seconds, at least 106 s.") in text
+    del data["summary"]["suite"]["cpu"]  # older timings recorded no CPU time: nothing is said
+    assert "core-seconds" not in benchmark_sections.render_test_suite(results)
+
+
 def test_a_timing_whose_suite_stopped_early_is_not_judged_against_its_target():
     """A run that stops before pytest reports (set-up or ruff failed, pytest interrupted) did not run the suite:
     its wall time is not the suite's, and a ratio against it says nothing about the target."""
