@@ -210,7 +210,7 @@ def failing_tests(r: Result, kind: str) -> str:
     """"baseline: 3 failed" for the complete runs of ``kind`` whose suite had failing tests, else ""."""
     found = [f"{x['checkout']}: {m.group(0)}" for x in r.get("runs") if x["kind"] == kind and x.get("exit_code")
              for m in [re.search(r"\d+ failed", x.get("summary") or "")] if m]
-    return "; ".join(found)
+    return "; ".join(dict.fromkeys(found))  # once, however many rounds it failed in
 
 
 def _failed(n: int) -> str:
@@ -269,8 +269,9 @@ def suite_cpu_floor(latest: dict[str, Result]) -> str:
     commits = {k: v[:7] for k, v in r.get("commits").items()}
     text = (f"CPU time the whole machine used per run of the suite (mean): `{commits['baseline']}` "
             f"{cpu['baseline']['mean_busy_core_s']:.0f} core-seconds, `{commits['current']}` "
-            f"{cpu['current']['mean_busy_core_s']:.0f}. Spread over the {cores} cores, the measured suite's work "
-            f"cannot finish in less than {cpu['current']['floor_s']:.0f} s, "
+            f"{cpu['current']['mean_busy_core_s']:.0f}. Spread over the {cores} cores, the baseline's work needs at "
+            f"least {cpu['baseline']['floor_s']:.0f} s and the measured suite's cannot finish in less than "
+            f"{cpu['current']['floor_s']:.0f} s, "
             f"{cpu['current']['floor_s'] / baseline_mean:.2f}× the baseline's mean wall time (the target: 0.50×, "
             f"{0.5 * baseline_mean:.0f} s)")
     quick = latest.get("quick")

@@ -148,8 +148,8 @@ def test_the_suite_s_cpu_time_is_told_as_the_least_wall_time_its_work_needs():
     data["summary"]["quick"] = {"current_mean_s": 130.0, "target_s": 180.0, "met": True, "failed_runs": 0,
                                 "cpu": {"current": {"mean_busy_core_s": 212.0, "floor_s": 106.0}}}
     text = benchmark_sections.render_test_suite(results)
-    assert ("`aaaaaaa` 420 core-seconds, `bbbbbbb` 700. Spread over the 2 cores, the measured suite's work cannot "
-            "finish in less than 350 s, 1.32× the baseline's mean wall time (the target: 0.50×, 132 s); the tests "
+    assert ("`aaaaaaa` 420 core-seconds, `bbbbbbb` 700. Spread over the 2 cores, the baseline's work needs at least "
+            "210 s and the measured suite's cannot finish in less than 350 s, 1.32× the baseline's mean wall time (the target: 0.50×, 132 s); the tests "
             "not marked slow alone use 212 core-seconds, at least 106 s.") in text
     del data["summary"]["suite"]["cpu"]  # older timings recorded no CPU time: nothing is said
     assert "core-seconds" not in benchmark_sections.render_test_suite(results)
