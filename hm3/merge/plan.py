@@ -204,10 +204,16 @@ def _job(
             )
         model_params.append(values)
     job = TensorJob(name=name, layer=layer, params=params, model_params=tuple(model_params))
-    weights = [float(mp["weight"]) for mp in job.model_params] if method.name == "linear" else []
-    if params.get("normalize") and weights and abs(sum(weights)) < 1e-8:
-        raise ConfigError(f"{prefix}linear with normalize: the model weights sum to 0")
+    weights = [float(mp["weight"]) for mp in job.model_params] if method.name in _NORMALIZING else []
+    if weights and params.get(_NORMALIZING[method.name]) and abs(sum(weights)) < 1e-8:
+        raise ConfigError(f"{prefix}{method.name} with {_NORMALIZING[method.name]}: the model weights sum to 0 "
+                          f"(tensor {name})")  # weights may be gradients: the tensor names the depth
     return job
+
+
+#: the methods that divide the models' weights by their sum, and the parameter that asks them to: a sum of 0
+#: would make every merged tensor inf or NaN, so it is refused while planning
+_NORMALIZING = {"linear": "normalize", "multislerp": "normalize_weights"}
 
 
 def resolve_jobs(

@@ -481,3 +481,12 @@ def test_export_mergekit_names_the_models_that_store_a_copy_of_their_tied_head(t
     assert f"also store it: {stored}." in text and "its merged head differs from its merged embedding" in text
     assert "also store it" not in exported("dare_ties", plain)
     assert "also store it" not in exported("ties", stored)
+
+
+def test_multislerp_weights_that_sum_to_zero_are_refused_before_writing(zoo, tmp_path, capsys):
+    """Normalising weights that sum to 0 divides by 0: every tensor would be NaN, so nothing is written."""
+    recipe = {"merge_method": "multislerp", "base_model": str(zoo["base"]),
+              "models": [{"model": str(zoo["m1"]), "parameters": {"weight": 1.0}},
+                         {"model": str(zoo["m2"]), "parameters": {"weight": -1.0}}]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "recipe.yml", "multislerp with normalize_weights",
+              "the model weights sum to 0")

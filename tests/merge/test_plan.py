@@ -159,10 +159,18 @@ def test_values_are_read_by_their_parameters_types_as_mergekit_reads_them():
 
 
 def test_only_a_normalised_linear_merge_refuses_weights_that_sum_to_zero():
-    with pytest.raises(ConfigError, match="^linear with normalize: the model weights sum to 0$"):
+    with pytest.raises(ConfigError, match=r"^linear with normalize: the model weights sum to 0 \(tensor model\.embed_tokens\.weight\)$"):
         _jobs("linear", None, [0.5, -0.5])
     assert _jobs("linear", {"normalize": False}, [0.5, -0.5])  # nothing divides by the sum
     assert _jobs("task_arithmetic", {"normalize": True}, [0.5, -0.5], base_model="b")  # not a linear merge
+
+
+def test_multislerp_with_normalized_weights_refuses_weights_that_sum_to_zero():
+    """Dividing the weights by a zero sum makes every merged tensor NaN: refused by tensor and depth."""
+    with pytest.raises(ConfigError, match="^multislerp with normalize_weights: the model weights sum to 0 "
+                                          r"\(tensor model\.layers\.2\.mlp\.up_proj\.weight\)$"):
+        _jobs("multislerp", None, [1.0, [0.0, -1.0]], base_model="b")
+    assert _jobs("multislerp", {"normalize_weights": False}, [0.5, -0.5])  # nothing divides by the sum
 
 
 # --- plan_merge: dtypes, tokenizer source, seed, inputs ---------------------------------------------------------
