@@ -145,10 +145,14 @@ class MergePlan:
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
     known_here = {p.name for p in (*method.params, *method.model_params)}
+    per_model = {p.name for p in method.model_params}
     known_anywhere = all_parameter_names()
     for where, params in parameter_places(config):
         for name in params:
             if name in known_here:
+                if "(" in where and name not in per_model:  # a model's place: parameter_places names the model
+                    log.warning(f"{where}.{name} is not used per model by merge_method {method.name!r}: it is "
+                                "read from the recipe's (or a slice's) parameters only")
                 continue
             if name in known_anywhere:
                 log.warning(f"{where}.{name} is not used by merge_method {method.name!r}")

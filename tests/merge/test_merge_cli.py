@@ -490,3 +490,17 @@ def test_multislerp_weights_that_sum_to_zero_are_refused_before_writing(zoo, tmp
                          {"model": str(zoo["m2"]), "parameters": {"weight": -1.0}}]}
     _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "recipe.yml", "multislerp with normalize_weights",
               "the model weights sum to 0")
+
+
+@pytest.mark.parametrize(("method", "name", "extra"), [("ramplus_tl", "r", {}), ("nearswap", "t", {"t": 0.01})])
+def test_a_method_wide_parameter_set_per_model_is_named_as_unused(zoo, tmp_path, capsys, method, name, extra):
+    """A method reads ``r`` or ``t`` from the recipe's (or a slice's) parameters only: set on a model it changes
+    nothing, so the merge says so rather than ignoring it in silence."""
+    models = ["m1", "m2"] if method == "ramplus_tl" else ["m1"]
+    recipe = {"merge_method": method, "base_model": str(zoo["base"]), "parameters": extra,
+              "models": [{"model": str(zoo[m])} for m in models]}
+    recipe["models"][-1]["parameters"] = {name: 0.5}
+    assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "out")]) == ExitCode.OK
+    err = capsys.readouterr().err
+    where = f"models[{len(models) - 1}] ({zoo[models[-1]]}).parameters.{name}"
+    assert f"{where} is not used per model by merge_method {method!r}" in err, err
