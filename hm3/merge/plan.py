@@ -161,6 +161,11 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
                 f"unknown parameter '{where}.{name}' for merge_method {method.name!r}; "
                 f"known: {', '.join(sorted(known_here))}"
             )
+    if takes_base(config, method):  # the base is dropped from the merged models (mergekit's rule), with its settings
+        for i, m in enumerate(config.models or ()):
+            if m.model == config.base_model and m.parameters:
+                log.warning(f"models[{i}] ({m.model}) is base_model, which merge_method {method.name!r} does not "
+                            f"merge as a model: its parameters ({', '.join(m.parameters)}) are not used")
 
 
 Scopes = list[dict[str, Any] | None]

@@ -504,3 +504,17 @@ def test_a_method_wide_parameter_set_per_model_is_named_as_unused(zoo, tmp_path,
     err = capsys.readouterr().err
     where = f"models[{len(models) - 1}] ({zoo[models[-1]]}).parameters.{name}"
     assert f"{where} is not used per model by merge_method {method!r}" in err, err
+
+
+def test_parameters_given_to_the_base_listed_among_the_models_are_named_as_unused(zoo, tmp_path, capsys):
+    """A method that takes a base drops it from the models it merges (mergekit's rule), so a weight set on it
+    changes nothing: the merge names it. Listing the base with no parameters stays quiet (mergekit's idiom)."""
+    recipe = {"merge_method": "multislerp", "base_model": str(zoo["base"]),
+              "models": [{"model": str(zoo[m]), "parameters": {"weight": 0.5}} for m in ("base", "m1", "m2")]}
+    assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "a")]) == ExitCode.OK
+    err = capsys.readouterr().err
+    assert (f"models[0] ({zoo['base']}) is base_model, which merge_method 'multislerp' does not merge as a model: "
+            "its parameters (weight) are not used") in err, err
+    del recipe["models"][0]["parameters"]
+    assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "b")]) == ExitCode.OK
+    assert "is base_model" not in capsys.readouterr().err
