@@ -814,9 +814,9 @@ def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], *, normalize
             return torch.zeros_like(first)
         if count != 2:
             raise ConfigError(
-                "multislerp: the weighted mean of the models' directions is zero (models pointing in opposite "
-                "directions with weights that balance out), so there is no direction to interpolate around; "
-                "change the weights"
+                f"multislerp: the weighted mean of the models' directions has norm {float(mean_norm):.3g}, below eps "
+                f"{eps:g} (models pointing in opposite directions with weights that balance out, or an eps not small "
+                "against the vectors' norms), so there is no direction to interpolate around; change the weights or eps"
             )
         return (w[0] * flat[0] + w[1] * flat[1]).reshape(first.shape).to(first.dtype)
     mean = mean / mean_norm

@@ -518,3 +518,13 @@ def test_parameters_given_to_the_base_listed_among_the_models_are_named_as_unuse
     del recipe["models"][0]["parameters"]
     assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "b")]) == ExitCode.OK
     assert "is base_model" not in capsys.readouterr().err
+
+
+def test_multislerp_with_an_eps_as_large_as_the_directions_names_eps(zoo, tmp_path, capsys):
+    """An eps far above the task vectors' norms shrinks their unit directions below eps: the refusal names eps and
+    its value as a cause, not only the weights, and the half-written output is removed."""
+    third = build_finetuned_variant(zoo["base"], tmp_path / "m3", seed=3, scale=0.05)
+    recipe = {"merge_method": "multislerp", "base_model": str(zoo["base"]), "parameters": {"eps": 1000.0},
+              "models": [{"model": str(m), "parameters": {"weight": 0.3}} for m in (zoo["m1"], zoo["m2"], third)]}
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "tensor 'lm_head.weight'", "below eps 1000",
+              "change the weights or eps")

@@ -928,9 +928,10 @@ def test_multislerp_without_a_mean_direction():
     assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, torch.tensor([-1.0, 0.0], dtype=torch.bfloat16))
     # a weight of 0 on the only direction: none is left, and the linear mix gives the zero model its whole weight
     assert torch.equal(run_method("multislerp", None, [a, torch.zeros(2)], [0.0, 1.0]), torch.zeros(2))
-    with pytest.raises(ConfigError, match="^tensor 't': multislerp: the weighted mean of the models' directions is zero "
-                                          r"\(models pointing in opposite directions with weights that balance out\), "
-                                          "so there is no direction to interpolate around; change the weights$"):
+    with pytest.raises(ConfigError, match="^tensor 't': multislerp: the weighted mean of the models' directions has "
+                                          r"norm 0, below eps 1e-08 \(models pointing in opposite directions with "
+                                          "weights that balance out, or an eps not small against the vectors' norms"
+                                          r"\), so there is no direction to interpolate around; change the weights or eps$"):
         run_method("multislerp", None, [a, b, torch.zeros(2)], [1.0, 1.0, 1.0])
     base = torch.tensor([0.5, 2.0])
     assert torch.equal(run_method("multislerp", base, [base, base, base], [1.0, 2.0, 1.0]), base)
