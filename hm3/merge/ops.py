@@ -862,7 +862,8 @@ def ram(base: Tensor, deltas: Sequence[Tensor], *, epsilon: float) -> Tensor:
     """
     _require_same_length(deltas=deltas)
     values, _, counts = ram_kept(deltas, epsilon)
-    return base + (values / counts.clamp(min=1)).sum(0)  # in the inputs' dtype, as mergekit computes it
+    # computed in the inputs' dtype, as mergekit computes it; returned in the base's, as every method with a base
+    return (base + (values / counts.clamp(min=1)).sum(0)).to(base.dtype)
 
 
 def ram_plus(base: Tensor, deltas: Sequence[Tensor], *, r: float, alpha: float, epsilon: float) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -528,3 +529,25 @@ def test_multislerp_with_an_eps_as_large_as_the_directions_names_eps(zoo, tmp_pa
               "models": [{"model": str(m), "parameters": {"weight": 0.3}} for m in (zoo["m1"], zoo["m2"], third)]}
     _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "tensor 'lm_head.weight'", "below eps 1000",
               "change the weights or eps")
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nearswap", "ram", "ramplus_tl", "arcee_fusion"])
+def test_a_bfloat16_base_under_float32_models_merges_to_the_bases_dtype(zoo, tmp_path, method):
+    """Experts saved in float32 over a base stored in bfloat16 (no ``dtype``): the writer expects each tensor in
+    its lead input's dtype, the base's, so every method with a base returns that dtype."""
+    base = tmp_path / "base_bf16"
+    shutil.copytree(zoo["base"], base)
+    state = load_file(base / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in state.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    single = method in ("nearswap", "arcee_fusion")
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(zoo[m]), "parameters": {"weight": 0.5}} for m in (["m1"] if single else ["m1", "m2"])]}
+    if method != "multislerp":
+        for m in recipe["models"]:
+            del m["parameters"]
+    if method == "nearswap":
+        recipe["parameters"] = {"t": 0.01}
+    assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "out")]) == ExitCode.OK
+    merged = _load(tmp_path / "out")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(t).all() for t in merged.values())
