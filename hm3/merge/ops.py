@@ -26,6 +26,7 @@ here. Inputs are assumed finite and of equal shapes: the caller validates them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -325,8 +326,10 @@ def sign_consensus_merge(
 
 
 def _trimmed_stack(base: Tensor, deltas: Sequence[Tensor], densities: Sequence[float]) -> Tensor:
-    """``[M, …]`` buffer whose row k is ``trim(τ_k, ρ_k)``, written in place (no list + stack copy)."""
-    stacked = base.new_empty((len(deltas), *base.shape))
+    """``[M, …]`` buffer whose row k is ``trim(τ_k, ρ_k)``, written in place (no list + stack copy); in the task
+    vectors' promoted dtype, which is the base's unless the models' is wider (float32 experts over a bfloat16 base)."""
+    dtype = functools.reduce(torch.promote_types, (d.dtype for d in deltas), base.dtype)
+    stacked = base.new_empty((len(deltas), *base.shape), dtype=dtype)
     for k, (delta, density) in enumerate(zip(deltas, densities, strict=True)):
         trim(delta, density, out=stacked[k])
     return stacked

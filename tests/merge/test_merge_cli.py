@@ -531,7 +531,11 @@ def test_multislerp_with_an_eps_as_large_as_the_directions_names_eps(zoo, tmp_pa
               "change the weights or eps")
 
 
-@pytest.mark.parametrize("method", ["multislerp", "nearswap", "ram", "ramplus_tl", "arcee_fusion"])
+_OWN_PARAMETERS = {"multislerp": {"weight": 0.5}, "ties": {"weight": 0.5, "density": 0.5},
+                   "dare_ties": {"weight": 0.5, "density": 0.5}}
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nearswap", "ram", "ramplus_tl", "arcee_fusion", "ties", "dare_ties"])
 def test_a_bfloat16_base_under_float32_models_merges_to_the_bases_dtype(zoo, tmp_path, method):
     """Experts saved in float32 over a base stored in bfloat16 (no ``dtype``): the writer expects each tensor in
     its lead input's dtype, the base's, so every method with a base returns that dtype."""
@@ -539,12 +543,9 @@ def test_a_bfloat16_base_under_float32_models_merges_to_the_bases_dtype(zoo, tmp
     shutil.copytree(zoo["base"], base)
     state = load_file(base / "model.safetensors")
     save_file({k: v.bfloat16() for k, v in state.items()}, base / "model.safetensors", metadata={"format": "pt"})
-    single = method in ("nearswap", "arcee_fusion")
+    experts = ["m1"] if method in ("nearswap", "arcee_fusion") else ["m1", "m2"]
     recipe = {"merge_method": method, "base_model": str(base),
-              "models": [{"model": str(zoo[m]), "parameters": {"weight": 0.5}} for m in (["m1"] if single else ["m1", "m2"])]}
-    if method != "multislerp":
-        for m in recipe["models"]:
-            del m["parameters"]
+              "models": [{"model": str(zoo[m]), "parameters": _OWN_PARAMETERS.get(method, {})} for m in experts]}
     if method == "nearswap":
         recipe["parameters"] = {"t": 0.01}
     assert main(["merge", "-q", str(_write(tmp_path, recipe)), str(tmp_path / "out")]) == ExitCode.OK
