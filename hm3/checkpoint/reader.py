@@ -554,13 +554,18 @@ def check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
     allocated ~2.5 bytes per float32 entry and took 25x longer). Only a non-finite sum (a bad
     entry, or finite entries whose sum overflowed) pays for the exact, chunked count.
     """
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        return
-    if tensor.dtype.itemsize > 1 and bool(torch.isfinite(tensor.sum())):  # float8 has no sum kernel
-        return
-    n_nan, n_inf = _count_non_finite(tensor)
+    n_nan, n_inf = non_finite_counts(tensor)
     if n_nan or n_inf:
         raise CheckpointError(f"NaN/Inf in tensor {name} of model {source} ({n_nan} NaN, {n_inf} Inf values)")
+
+
+def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """A tensor's NaN and Inf counts, (0, 0) at the cost of one sum in the common, finite case (:func:`check_finite`)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0, 0
+    if tensor.dtype.itemsize > 1 and bool(torch.isfinite(tensor.sum())):  # float8 has no sum kernel
+        return 0, 0
+    return _count_non_finite(tensor)
 
 
 _FINITE_CHECK_CHUNK = 1 << 20  # entries per chunk: bounds the boolean temporaries to ~1 MB

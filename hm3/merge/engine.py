@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from hm3.checkpoint import CheckpointWriter, SafetensorsFile, check_finite
+from hm3.checkpoint.reader import non_finite_counts
 from hm3.config import MergeConfig, load_merge_config, naming
 from hm3.devices import check_device
-from hm3.errors import CheckpointError, Hm3Warning
+from hm3.errors import CheckpointError, ConfigError, Hm3Warning
 from hm3.log import progress_bar
 from hm3.merge.methods import TensorInputs
 from hm3.merge.ops import DrawnAhead, MaskGenerator
@@ -166,7 +167,17 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu") -> Itera
             del base, tensors, fishers, ahead
             if plan.out_dtype is not None:
                 out = out.to(plan.out_dtype)
+            _check_merged(plan, job.name, out)
             yield job.name, out
+
+
+def _check_merged(plan: MergePlan, name: str, out: torch.Tensor) -> None:
+    """Refuse a merged tensor holding NaN or Inf, as its inputs are refused: finite inputs and parameters can
+    still overflow it (RAM+'s factor 1 + r·ρ, weights normalised by a sum near 0, a float16 ``dtype``)."""
+    n_nan, n_inf = non_finite_counts(out)
+    if n_nan or n_inf:
+        raise ConfigError(f"merge_method {plan.method.name!r} gave NaN/Inf in tensor {name} ({n_nan} NaN, {n_inf} "
+                          f"Inf values, in {out.dtype}): its parameters or dtype overflow it; change them")
 
 
 def warn_without_tokenizer(source: Path, out_dir: Path) -> None:
@@ -245,7 +256,7 @@ def merge_to_disk(
                 ],
             ) as writer:
                 n = 0
-                with progress_bar(progress, total=len(plan.jobs), desc="merge", unit="tensor") as bar:
+                with progress_bar(progress, total=len(plan.jobs), desc="merge", unit="tensor") as bar, naming(source):
                     for name, tensor in iter_merged(plan, device=dev):
                         writer.add(name, tensor.cpu())
                         n += 1

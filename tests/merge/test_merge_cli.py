@@ -527,7 +527,7 @@ def test_multislerp_with_an_eps_as_large_as_the_directions_names_eps(zoo, tmp_pa
     third = build_finetuned_variant(zoo["base"], tmp_path / "m3", seed=3, scale=0.05)
     recipe = {"merge_method": "multislerp", "base_model": str(zoo["base"]), "parameters": {"eps": 1000.0},
               "models": [{"model": str(m), "parameters": {"weight": 0.3}} for m in (zoo["m1"], zoo["m2"], third)]}
-    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "tensor 'lm_head.weight'", "below eps 1000",
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "recipe.yml: tensor 'lm_head.weight'", "below eps 1000",
               "change the weights or eps")
 
 
@@ -552,3 +552,12 @@ def test_a_bfloat16_base_under_float32_models_merges_to_the_bases_dtype(zoo, tmp
     merged = _load(tmp_path / "out")
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+@pytest.mark.parametrize(("recipe_change", "dtype"), [({"r": 1e40, "alpha": 1.0}, None), ({"r": 1e7, "alpha": 1.0}, "float16")])
+def test_a_merge_whose_parameters_overflow_a_tensor_is_refused_naming_it(zoo, tmp_path, capsys, recipe_change, dtype):
+    """Finite inputs and finite parameters can still overflow (RAM+'s factor 1 + r·ρ past float32's range, or
+    past float16's once rounded): the tensor is named and nothing is written, as for NaN or Inf in an input."""
+    recipe = {"merge_method": "ramplus_tl", "base_model": str(zoo["base"]), "parameters": recipe_change,
+              "models": [{"model": str(zoo[m])} for m in ("m1", "m2")]} | ({"dtype": dtype} if dtype else {})
+    _run_fail(capsys, tmp_path, _write(tmp_path, recipe), "recipe.yml", "merge_method 'ramplus_tl' gave NaN/Inf in tensor")
