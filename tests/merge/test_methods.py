@@ -824,6 +824,18 @@ def test_dare_ties_over_models_of_another_dtype_than_the_base_merges_as_over_the
     assert mixed.dtype == torch.float32 and torch.equal(mixed, same)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_sign_merges_over_a_bfloat16_base_keep_the_float32_task_vectors(method):
+    """float32 experts over a bfloat16 base: their task vectors are float32 (torch's promotion), and the sign
+    merge keeps them so, rounding once to the base's dtype at the end; the same as over the base's values given
+    in float32 (weights exact in bfloat16, which the weights are rounded to)."""
+    base, models = random_models(59)
+    weights, densities = [0.5, 0.75, 0.25], [0.5, 0.5, 0.5]
+    half = run_method(method, base.bfloat16(), models, weights, densities, seeds=[1, 2, 3])
+    wide = run_method(method, base.bfloat16().float(), models, weights, densities, seeds=[1, 2, 3])
+    assert half.dtype == torch.bfloat16 and torch.equal(half, wide.bfloat16())
+
+
 @pytest.mark.parametrize("method", ["multislerp", "nuslerp", "df_merge"])
 def test_task_vector_methods_over_a_bfloat16_base_return_bfloat16(method):
     """float32 models over a bfloat16 base: float32 task vectors, merged, added to the base and written in the
