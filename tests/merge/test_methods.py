@@ -881,6 +881,17 @@ def test_ram_by_hand():
                                torch.tensor([0.4 * 1.5, 0.4, 0.0]))
 
 
+
+def test_ram_over_a_bfloat16_base_returns_the_bases_dtype():
+    """Float32 task vectors over a bfloat16 base: the sum is computed in float32 and the merged tensor is the
+    base's dtype, which the output's layout holds for it (a float32 tensor stopped the merge's writer)."""
+    from hm3.merge import ops
+
+    base = torch.zeros(3, dtype=torch.bfloat16)
+    out = ops.ram(base, [torch.tensor([0.4, 0.2, 0.0]), torch.tensor([0.0, 0.6, 0.0])], epsilon=1e-5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.tensor([0.4, 0.4, 0.0]).to(torch.bfloat16))
+
 @pytest.mark.mergekit
 @pytest.mark.parametrize("shape", [SHAPE, (7,), (3, 4, 5)])
 def test_arcee_fusion_equals_mergekit(shape):
