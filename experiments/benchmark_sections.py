@@ -263,9 +263,7 @@ def suite_cpu_floor(latest: dict[str, Result]) -> str:
     cpu = r.get("summary")["suite"].get("cpu") if r else None
     if not cpu:
         return ""
-    cores = r.get("cores")
-    baseline_mean = sum(x["seconds"] for x in r.get("runs") if x["kind"] == "suite" and x["checkout"] == "baseline")
-    baseline_mean /= sum(1 for x in r.get("runs") if x["kind"] == "suite" and x["checkout"] == "baseline")
+    cores, baseline_mean = r.get("cores"), r.get("summary")["suite"]["baseline_mean_s"]
     commits = {k: v[:7] for k, v in r.get("commits").items()}
     text = (f"CPU time the whole machine used per run of the suite (mean): `{commits['baseline']}` "
             f"{cpu['baseline']['mean_busy_core_s']:.0f} core-seconds, `{commits['current']}` "
